@@ -1,0 +1,49 @@
+"""edgefleet: edge ML inference runtime and fleet agent.
+
+Three packages ship from this one distribution; each extra installs what one of them needs,
+so a gateway can install the agent without the server's or the compressor's dependencies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+# Shared by every part: the bundle format and device profiles are pure Python on top of these.
+_CORE = ["numpy>=1.26", "cryptography>=42", "tuf>=6,<8"]
+# ai-edge-litert is the maintained LiteRT runtime; tflite-runtime is only an import fallback
+# (see docs/architecture.md, "TFLite runtime").
+_RUNTIMES = ["onnxruntime>=1.20", "ai-edge-litert>=2.0"]
+
+EXTRAS = {
+    "agent": [*_CORE, *_RUNTIMES, "paho-mqtt>=2.0", "psutil>=5.9"],
+    "compressor": [*_CORE, *_RUNTIMES, "onnx>=1.17"],
+    "server": [*_CORE, "paho-mqtt>=2.0"],
+    "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "mypy>=1.11", "pytest-timeout>=2.3"],
+}
+EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+# Only for regenerating the committed reference models (scripts in models/); not part of "all"
+# because torch is large and nothing at run or test time needs it.
+EXTRAS["models"] = ["torch==2.13.0", "scikit-learn>=1.4", "onnx>=1.17", "onnxscript>=0.1"]
+
+setup(
+    name="edgefleet",
+    version="0.1.0",
+    description="Compress, sign, distribute and serve ML models on fleets of edge devices",
+    long_description=Path("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["agent*", "compressor*", "fleet_server*", "bundle*",
+                                    "firmware_profiles*"]),
+    package_data={"firmware_profiles": ["profiles/*.toml", "py.typed"]},
+    install_requires=[],
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "edge-agent=agent.cli:main",
+            "edge-compress=compressor.cli:main",
+            "fleet=fleet_server.cli:main",
+        ]
+    },
+)
