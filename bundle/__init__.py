@@ -1,7 +1,23 @@
-"""The edgefleet bundle format: one signed file holding a model's artifacts and manifest.
+"""The edgefleet bundle format: one signed file carrying a model and everything about it.
 
-Shared by the fleet server (writes) and the agent (reads and verifies). Pure: it imports
-nothing else from the project, so both sides can depend on it.
+Shared by the fleet server (writes, :mod:`bundle.signing`) and the agent (reads and
+verifies, :mod:`bundle.trust`). Pure: standard library, cryptography and python-tuf only.
+docs/bundle-format.md describes the format; docs/security.md the trust model.
 """
 
 from __future__ import annotations
+
+from .archive import Limits
+from .errors import BundleError
+from .manifest import Manifest
+from .trust import InstalledVersion, TrustedState, VerifiedBundle, verify_bundle
+
+__all__ = [
+    "BundleError",
+    "InstalledVersion",
+    "Limits",
+    "Manifest",
+    "TrustedState",
+    "VerifiedBundle",
+    "verify_bundle",
+]

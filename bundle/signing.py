@@ -1,0 +1,213 @@
+"""Server side: TUF root management and building signed bundles.
+
+Pure functions over python-tuf's Metadata API: keys come in as securesystemslib ``Key`` and
+``Signer`` objects, metadata and bundles go out as bytes. Reading key files and keeping the
+repository's state on disk is the fleet server's job (``fleet_server.keys``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from securesystemslib.signer import Key, Signer  # type: ignore[attr-defined]
+from tuf.api.exceptions import RepositoryError
+from tuf.api.metadata import (  # type: ignore[attr-defined]  # tuf re-exports implicitly
+    Metadata,
+    MetaFile,
+    Role,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization import SerializationError
+from tuf.api.serialization.json import JSONSerializer
+
+from . import crypto
+from ._layout import MANIFEST_PATH, METADATA_DIR, ONLINE_ROLES, TARGETS_DIR, TOP_LEVEL_ROLES
+from .archive import write_archive
+from .errors import BundleError, SigningError
+from .manifest import ArtifactVariant, Manifest, SelfTestCase, TensorSpec, manifest_to_json
+
+__all__ = [
+    "ArtifactInput",
+    "BundleSpec",
+    "build_bundle",
+    "make_root",
+    "rotate_root",
+    "sign_metadata",
+]
+
+@dataclass(frozen=True)
+class ArtifactInput:
+    """One artifact to put in a bundle, before hashing (and optional encryption)."""
+
+    file_name: str
+    data: bytes
+    format: str
+    dtype: str
+    profile: str | None = None
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """Everything the operator decides about a bundle; digests are computed on build."""
+
+    name: str
+    version: int
+    profiles: tuple[str, ...]
+    artifacts: tuple[ArtifactInput, ...]
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    self_test: tuple[SelfTestCase, ...] = ()
+    baseline: Mapping[str, Any] = field(default_factory=dict)
+    compression_report: Mapping[str, Any] = field(default_factory=dict)
+
+
+def make_root(keys: Mapping[str, Sequence[Key]], *, expires: datetime,
+              thresholds: Mapping[str, int] | None = None) -> Metadata[Root]:
+    """Version 1 of root, delegating each top-level role to ``keys[role]`` (unsigned).
+
+    ``thresholds`` defaults to 1 per role. ``consistent_snapshot`` is off: a bundle holds
+    exactly one version of each metadata file, so versioned file names would add nothing.
+    """
+    root = Root(expires=expires, consistent_snapshot=False)
+    for role in TOP_LEVEL_ROLES:
+        role_keys = keys.get(role, ())
+        threshold = (thresholds or {}).get(role, 1)
+        if not 1 <= threshold <= len(role_keys):
+            raise SigningError(f"role {role} has {len(role_keys)} key(s) and threshold "
+                               f"{threshold}; give at least as many keys as the threshold")
+        for key in role_keys:
+            root.add_key(key, role)
+        root.roles[role].threshold = threshold
+    return Metadata(root)
+
+
+def rotate_root(current: bytes, *, role: str, new_keys: Sequence[Key], expires: datetime,
+                threshold: int | None = None) -> Metadata[Root]:
+    """The next root version, with ``role`` delegated to ``new_keys`` only (unsigned).
+
+    The old keys of ``role`` are revoked. For a root-key rotation the result must be signed
+    by a threshold of the old root keys *and* of the new ones (:func:`sign_metadata` with
+    both), which is what lets devices walk the chain from the root they trust.
+    """
+    if role not in TOP_LEVEL_ROLES:
+        raise SigningError(f"unknown role {role!r}; use one of {', '.join(TOP_LEVEL_ROLES)}")
+    md = _parse_root(current)
+    root = md.signed
+    old = Role(list(root.roles[role].keyids), root.roles[role].threshold)
+    for keyid in old.keyids:
+        root.revoke_key(keyid, role)
+    for key in new_keys:
+        root.add_key(key, role)
+    root.roles[role].threshold = threshold if threshold is not None else old.threshold
+    if not 1 <= root.roles[role].threshold <= len(new_keys):
+        raise SigningError(f"role {role}: threshold {root.roles[role].threshold} needs at "
+                           f"least that many keys, got {len(new_keys)}")
+    root.version += 1
+    root.expires = expires
+    return Metadata(root)
+
+
+def sign_metadata(md: Metadata[Any], signers: Iterable[Signer]) -> bytes:
+    """Sign ``md`` with every signer (replacing older signatures) and serialize it."""
+    md.signatures.clear()
+    for signer in signers:
+        md.sign(signer, append=True)
+    try:
+        return md.to_bytes(JSONSerializer(compact=True))
+    except SerializationError as exc:
+        raise SigningError(f"cannot serialize {md.signed.type} metadata: {exc}") from exc
+
+
+def build_bundle(spec: BundleSpec, *, root_chain: Sequence[bytes],
+                 signers: Mapping[str, Sequence[Signer]], metadata_version: int,
+                 expires: datetime, recipients: Sequence[X25519PublicKey] = ()) -> bytes:
+    """Build and sign a bundle file.
+
+    ``root_chain`` is every root version a device may still trust, oldest first, ending with
+    the current root; ``signers`` maps each online role to its signers; ``metadata_version``
+    becomes the version of targets, snapshot and timestamp and must exceed the previous
+    build's. With ``recipients`` the artifacts are encrypted (see :mod:`bundle.crypto`).
+    The signatures are checked against the current root before returning, so a build with
+    stale keys fails here instead of on every device.
+    """
+    if not root_chain:
+        raise SigningError("root_chain is empty; run 'fleet keys init' first")
+    roots = [_parse_root(data) for data in root_chain]
+    target_files = _target_files(spec, recipients)
+
+    targets = Targets(version=metadata_version, expires=expires, targets={
+        path: TargetFile.from_data(path, data, ["sha256"]) for path, data in target_files})
+    snapshot = Snapshot(version=metadata_version, expires=expires,
+                        meta={"targets.json": MetaFile(metadata_version)})
+    timestamp = Timestamp(version=metadata_version, expires=expires,
+                          snapshot_meta=MetaFile(metadata_version))
+    signed = {role: sign_metadata(Metadata(payload), signers.get(role, ()))
+              for role, payload in zip(ONLINE_ROLES, (targets, snapshot, timestamp),
+                                       strict=True)}
+    _check_signed(roots[-1].signed, signed)
+
+    entries = [(f"{METADATA_DIR}/{md.signed.version}.root.json", data)
+               for md, data in zip(roots, root_chain, strict=True)]
+    entries += [(f"{METADATA_DIR}/{role}.json", signed[role])
+                for role in ("timestamp", "snapshot", "targets")]
+    entries += [(f"{TARGETS_DIR}/{path}", data) for path, data in target_files]
+    return write_archive(entries)
+
+
+def _target_files(spec: BundleSpec, recipients: Sequence[X25519PublicKey],
+                  ) -> list[tuple[str, bytes]]:
+    """``manifest.json`` and the stored artifacts, as (TUF target path, bytes)."""
+    content_key = crypto.new_content_key() if recipients else None
+    variants: list[ArtifactVariant] = []
+    files: list[tuple[str, bytes]] = []
+    for art in spec.artifacts:
+        path = f"artifacts/{art.file_name}"
+        stored, encryption = art.data, None
+        if content_key is not None:
+            stored, encryption = crypto.encrypt_artifact(content_key, path, art.data)
+        variants.append(ArtifactVariant(
+            path=path, format=art.format, dtype=art.dtype, profile=art.profile,
+            sha256=hashlib.sha256(stored).hexdigest(), size=len(stored),
+            encryption=encryption))
+        files.append((path, stored))
+    try:
+        manifest = Manifest(
+            name=spec.name, version=spec.version, profiles=spec.profiles,
+            artifacts=tuple(variants), inputs=spec.inputs, outputs=spec.outputs,
+            self_test=spec.self_test, baseline=spec.baseline,
+            compression_report=spec.compression_report,
+            key_wrap=(crypto.wrap_content_key(content_key, recipients)
+                      if content_key is not None else None))
+    except BundleError as exc:
+        raise SigningError(f"invalid bundle contents: {exc}") from exc
+    return [(MANIFEST_PATH, manifest_to_json(manifest)), *files]
+
+
+def _check_signed(root: Root, signed: Mapping[str, bytes]) -> None:
+    for role, data in signed.items():
+        md: Metadata[Any] = Metadata.from_bytes(data)
+        result = root.get_verification_result(role, md.signed_bytes, md.signatures)
+        if not result.verified:
+            raise SigningError(
+                f"{role} metadata has {len(result.signed)} valid signature(s) from keys the "
+                f"current root (v{root.version}) trusts, threshold {result.threshold}; use "
+                "the online keys of that root or rotate them with 'fleet keys rotate'")
+
+
+def _parse_root(data: bytes) -> Metadata[Root]:
+    try:
+        md: Metadata[Any] = Metadata.from_bytes(data)
+    except (RepositoryError, ValueError) as exc:
+        raise SigningError(f"cannot parse root metadata: {exc}") from exc
+    if not isinstance(md.signed, Root):
+        raise SigningError(f"expected root metadata, got {md.signed.type}")
+    return md

@@ -1,0 +1,360 @@
+"""Device side: verify a bundle against the device's trusted TUF state.
+
+:func:`verify_bundle` is the whole client workflow for one bundle file. It takes bytes, the
+device's :class:`TrustedState` and the current time, and returns a :class:`VerifiedBundle`
+(including the updated trusted state to persist) or raises a :class:`~bundle.errors.BundleError`
+subclass naming the reason. How it works:
+
+1. :func:`bundle.archive.read_archive` checks the frame checksum and indexes the entries.
+2. python-tuf's ``ngclient.Updater`` runs the TUF client workflow (walk the root chain,
+   then timestamp, snapshot, targets: signatures, thresholds, versions, expiry) with a
+   :class:`~tuf.ngclient.FetcherInterface` that serves the bundle's ``metadata/`` entries, and
+   the device's trusted metadata as its local cache. The Updater needs a metadata directory;
+   a private temporary one is used, so callers see no I/O. tuf's errors are translated into
+   ours with the detail the Updater does not give (which key, which role, which version).
+3. python-tuf reads the system clock for expiry and has no public way to pass a time, so
+   every trusted role is checked again against ``now``: a device whose clock is unset (no
+   RTC) passes a trusted lower bound and still rejects expired metadata, and tests control
+   time without patching.
+4. Targets (``manifest.json``, then each artifact) are checked against the signed target
+   info: size before reading (endless data), then length and sha256.
+5. Policy: the manifest must list the device's profile, and its version must not be lower
+   than the version of that model the device already trusted (rollback).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tuf.api import exceptions as tuf_errors
+from tuf.api.metadata import (  # type: ignore[attr-defined]  # tuf re-exports implicitly
+    Metadata,
+    Root,
+    Signed,
+    TargetFile,
+    Timestamp,
+)
+from tuf.ngclient.config import UpdaterConfig
+from tuf.ngclient.fetcher import FetcherInterface
+from tuf.ngclient.updater import Updater
+
+from ._layout import MANIFEST_PATH, METADATA_DIR, TARGETS_DIR
+from .archive import Archive, Limits, read_archive
+from .errors import (
+    ArtifactMismatchError,
+    BundleError,
+    ExpiredError,
+    FreezeError,
+    MalformedBundleError,
+    MixAndMatchError,
+    OversizeError,
+    RollbackError,
+    TamperedError,
+    ThresholdError,
+    TrustError,
+    UntrustedSignatureError,
+    WrongProfileError,
+)
+from .manifest import Manifest, manifest_from_json
+
+__all__ = ["InstalledVersion", "TrustedState", "VerifiedBundle", "verify_bundle"]
+
+log = logging.getLogger(__name__)
+
+_SCHEME = "bundle:/"
+_METADATA_NAME = re.compile(r"(?:[1-9][0-9]{0,8}\.root|timestamp|snapshot|targets)\.json")
+_ROLE_OF = re.compile(r"(?:[0-9]+\.)?(root|timestamp|snapshot|targets)\.json")
+_CHUNK = 64 * 1024
+_DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class InstalledVersion:
+    """The last version of one model a device trusted, and its manifest's sha256."""
+
+    version: int
+    manifest_sha256: str
+
+
+@dataclass(frozen=True)
+class TrustedState:
+    """What a device trusts: current TUF metadata (bytes, as signed) and installed versions.
+
+    A fresh device has only the pinned ``root``; the other roles appear after the first
+    successful verification.
+    """
+
+    root: bytes
+    timestamp: bytes | None = None
+    snapshot: bytes | None = None
+    targets: bytes | None = None
+    installed: Mapping[str, InstalledVersion] = field(default_factory=dict)
+
+    def with_installed(self, name: str, version: int, manifest_sha256: str) -> TrustedState:
+        """A copy recording that ``version`` of model ``name`` is now trusted."""
+        installed = {**self.installed, name: InstalledVersion(version, manifest_sha256)}
+        return replace(self, installed=installed)
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A bundle that passed every check, and the trusted state to persist afterwards."""
+
+    manifest: Manifest
+    manifest_sha256: str
+    artifacts: Mapping[str, bytes]
+    trusted: TrustedState
+    root_version: int
+    metadata_version: int
+    expires: datetime
+
+
+def verify_bundle(data: bytes, trusted: TrustedState, *, now: datetime,
+                  profile: str | None = None, limits: Limits = _DEFAULT_LIMITS) -> VerifiedBundle:
+    """Verify bundle ``data`` for a device in state ``trusted`` at time ``now`` (aware UTC).
+
+    ``profile`` is the device's firmware profile; ``None`` skips that check (server-side
+    verification, which has no device). Raises a ``BundleError`` subclass, never anything
+    else for bad input.
+    """
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware (UTC)")
+    archive = read_archive(data, limits)
+    _check_metadata_names(archive)
+    with tempfile.TemporaryDirectory(prefix="edgefleet-tuf-") as tmp:
+        metadata_dir = Path(tmp)
+        _seed(metadata_dir, trusted)
+        fetcher = _ArchiveFetcher(archive)
+        try:
+            updater = Updater(str(metadata_dir), _SCHEME + METADATA_DIR + "/",
+                              fetcher=fetcher, config=UpdaterConfig(), bootstrap=trusted.root)
+        except tuf_errors.RepositoryError as exc:
+            raise TrustError(f"the device's trusted root is invalid ({exc}); re-provision "
+                             "it with the fleet's root.json") from exc
+        try:
+            updater.refresh()
+            target_infos = _target_infos(updater, archive)
+        except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:
+            raise _translate(exc, fetcher.last, archive, metadata_dir) from exc
+        new_state = _read_state(metadata_dir, trusted)
+    roles = _check_expiry(new_state, now)
+
+    manifest_bytes = _read_target(archive, target_infos[MANIFEST_PATH])
+    manifest = manifest_from_json(manifest_bytes)
+    manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
+    _check_policy(manifest, manifest_sha256, trusted, profile)
+    artifacts = _read_artifacts(archive, manifest, target_infos)
+    log.info("bundle %s v%d verified (root v%d, metadata v%d)", manifest.name,
+             manifest.version, roles["root"].version, roles["timestamp"].version)
+    return VerifiedBundle(
+        manifest=manifest, manifest_sha256=manifest_sha256, artifacts=artifacts,
+        trusted=new_state, root_version=roles["root"].version,
+        metadata_version=roles["timestamp"].version,
+        expires=min(md.expires for md in roles.values()))
+
+
+class _ArchiveFetcher(FetcherInterface):
+    """Serves ``bundle:/NAME`` from the archive's entry NAME; absent entries are a 404."""
+
+    def __init__(self, archive: Archive) -> None:
+        self._archive = archive
+        self.last = ""
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        name = url.removeprefix(_SCHEME)
+        self.last = name
+        if name not in self._archive.index:
+            raise tuf_errors.DownloadHTTPError(f"{name} is not in the bundle", 404)
+        offset, size = self._archive.index[name]
+        view = memoryview(self._archive.payload)[offset:offset + size]
+        # Chunks let tuf stop reading as soon as an entry exceeds its length limit.
+        return (bytes(view[i:i + _CHUNK]) for i in range(0, size, _CHUNK))
+
+
+def _check_metadata_names(archive: Archive) -> None:
+    for name in archive.index:
+        top, _, rest = name.partition("/")
+        if top == METADATA_DIR and not _METADATA_NAME.fullmatch(rest):
+            raise MalformedBundleError(f"unexpected metadata entry {name!r}; bundles carry "
+                                       "only N.root.json, timestamp, snapshot and targets")
+
+
+def _seed(metadata_dir: Path, trusted: TrustedState) -> None:
+    # The Updater treats these as its local cache: the versions it must not go back from.
+    for role, data in (("timestamp", trusted.timestamp), ("snapshot", trusted.snapshot),
+                       ("targets", trusted.targets)):
+        if data is not None:
+            (metadata_dir / f"{role}.json").write_bytes(data)
+
+
+def _read_state(metadata_dir: Path, trusted: TrustedState) -> TrustedState:
+    def read(role: str) -> bytes:
+        return (metadata_dir / f"{role}.json").read_bytes()
+
+    return TrustedState(root=read("root"), timestamp=read("timestamp"),
+                        snapshot=read("snapshot"), targets=read("targets"),
+                        installed=trusted.installed)
+
+
+def _target_infos(updater: Updater, archive: Archive) -> dict[str, TargetFile]:
+    """Signed target info for every ``targets/`` entry; each entry must be signed."""
+    infos: dict[str, TargetFile] = {}
+    for name in archive.index:
+        top, _, path = name.partition("/")
+        if top != TARGETS_DIR:
+            continue
+        info = updater.get_targetinfo(path)
+        if info is None:
+            raise ArtifactMismatchError(f"entry {name!r} is not listed in the signed targets "
+                                        "metadata; the bundle was modified after signing")
+        infos[path] = info
+    if MANIFEST_PATH not in infos:
+        raise MalformedBundleError(f"bundle has no {TARGETS_DIR}/{MANIFEST_PATH}")
+    return infos
+
+
+def _read_target(archive: Archive, info: TargetFile) -> bytes:
+    name = f"{TARGETS_DIR}/{info.path}"
+    size = archive.size(name)
+    if size > info.length:
+        # Refuse before reading a byte of it: the endless-data attack.
+        raise OversizeError(f"{name} is {size} bytes but the signed targets metadata says "
+                            f"{info.length}; refusing to read it (endless-data attack)")
+    data = archive.read(name)
+    try:
+        info.verify_length_and_hashes(data)
+    except tuf_errors.LengthOrHashMismatchError as exc:
+        raise ArtifactMismatchError(f"{name} does not match the signed targets metadata "
+                                    f"({exc}); the bundle was modified after signing") from exc
+    return data
+
+
+def _read_artifacts(archive: Archive, manifest: Manifest,
+                    infos: Mapping[str, TargetFile]) -> dict[str, bytes]:
+    listed = {a.path for a in manifest.artifacts} | {MANIFEST_PATH}
+    if set(infos) != listed:
+        raise MixAndMatchError(
+            f"the manifest lists {sorted(listed - {MANIFEST_PATH})} but the bundle holds "
+            f"{sorted(set(infos) - {MANIFEST_PATH})}; the files come from different builds")
+    artifacts = {}
+    for art in manifest.artifacts:
+        info = infos[art.path]
+        if info.length != art.size or info.hashes.get("sha256") != art.sha256:
+            raise ArtifactMismatchError(f"manifest entry {art.path!r} (size {art.size}) "
+                                        "disagrees with the signed targets metadata "
+                                        f"(size {info.length}); rebuild the bundle")
+        artifacts[art.path] = _read_target(archive, info)
+    return artifacts
+
+
+def _check_expiry(state: TrustedState, now: datetime) -> dict[str, Signed]:
+    roles: dict[str, Signed] = {}
+    for role in ("root", "timestamp", "snapshot", "targets"):
+        data = getattr(state, role)
+        signed = _parse(data).signed
+        if signed.is_expired(now):
+            raise ExpiredError(f"{role} metadata v{signed.version} expired at "
+                               f"{signed.expires:%Y-%m-%dT%H:%M:%SZ} (now "
+                               f"{now:%Y-%m-%dT%H:%M:%SZ}); rebuild the bundle so it carries "
+                               "fresh metadata, or check the device clock")
+        roles[role] = signed
+    return roles
+
+
+def _check_policy(manifest: Manifest, manifest_sha256: str, trusted: TrustedState,
+                  profile: str | None) -> None:
+    previous = trusted.installed.get(manifest.name)
+    if previous is not None and (
+            manifest.version < previous.version
+            or (manifest.version == previous.version
+                and manifest_sha256 != previous.manifest_sha256)):
+        raise RollbackError(f"{manifest.name} v{manifest.version} is not newer than the "
+                            f"trusted v{previous.version} (rollback); build a bundle with a "
+                            "higher --version")
+    if profile is not None and profile not in manifest.profiles:
+        raise WrongProfileError(f"bundle {manifest.name} v{manifest.version} targets profiles "
+                                f"{list(manifest.profiles)}, not this device's {profile!r}; "
+                                "build it with --profile for this device kind")
+
+
+# --- translating python-tuf's errors ------------------------------------------------------
+
+def _translate(exc: Exception, entry: str, archive: Archive,  # noqa: PLR0911  (a dispatch)
+               metadata_dir: Path) -> BundleError:
+    match = _ROLE_OF.fullmatch(entry.removeprefix(METADATA_DIR + "/"))
+    role = match.group(1) if match else "metadata"
+    if isinstance(exc, tuf_errors.ExpiredMetadataError):
+        return ExpiredError(f"{exc} (checked by the system clock); rebuild the bundle so it "
+                            "carries fresh metadata, or check the device clock")
+    if isinstance(exc, tuf_errors.UnsignedMetadataError):
+        return _signature_error(role, archive.read(entry), metadata_dir)
+    if isinstance(exc, tuf_errors.BadVersionNumberError):
+        return _version_error(role, archive.read(entry), metadata_dir, exc)
+    if isinstance(exc, tuf_errors.LengthOrHashMismatchError):
+        return MixAndMatchError(f"{entry} does not match what the trusted metadata says of "
+                                f"it ({exc}); the metadata files come from different builds")
+    if isinstance(exc, tuf_errors.DownloadLengthMismatchError):
+        return OversizeError(f"{entry} is larger than tuf allows for {role} metadata; "
+                             "refusing to read it (endless-data attack)")
+    if isinstance(exc, tuf_errors.DownloadHTTPError):
+        return MalformedBundleError(f"bundle has no {entry}; it is incomplete")
+    return MalformedBundleError(f"{entry or 'bundle metadata'} is invalid ({exc})")
+
+
+def _parse(data: bytes) -> Metadata[Any]:
+    # Only called on bytes python-tuf has already parsed successfully.
+    md: Metadata[Any] = Metadata.from_bytes(data)
+    return md
+
+
+def _trusted_root(metadata_dir: Path) -> Root:
+    return Metadata[Root].from_bytes((metadata_dir / "root.json").read_bytes()).signed
+
+
+def _signature_error(role: str, data: bytes, metadata_dir: Path) -> BundleError:
+    """Say which of the three ways a signature check fails applies, and for which key."""
+    md = _parse(data)
+    delegators = [_trusted_root(metadata_dir)]
+    if isinstance(md.signed, Root):  # a new root must also be signed by its own keys
+        delegators.append(md.signed)
+    for root in delegators:
+        result = root.get_verification_result(role, md.signed_bytes, md.signatures)
+        if result.verified:
+            continue
+        who = f"{role} v{md.signed.version} (checked against root v{root.version})"
+        invalid = sorted(k for k in result.unsigned if k in md.signatures)
+        unknown = sorted(k for k in md.signatures if k not in root.roles[role].keyids)
+        if invalid:
+            return TamperedError(f"{who}: signature by key {invalid[0][:16]} does not match "
+                                 "the content; the metadata was modified after signing")
+        if unknown:
+            return UntrustedSignatureError(
+                f"{who} is signed by key(s) {', '.join(k[:16] for k in unknown)} not trusted "
+                f"for {role}; sign with the current keys or rotate them via root")
+        return ThresholdError(f"{who} has {len(result.signed)} valid signature(s), threshold "
+                              f"is {result.threshold}; sign it with more {role} keys")
+    return TrustError(f"{role} v{md.signed.version}: signatures do not verify")
+
+
+def _version_error(role: str, data: bytes, metadata_dir: Path,
+                   exc: tuf_errors.BadVersionNumberError) -> BundleError:
+    if role == "timestamp":
+        return FreezeError(f"timestamp: {exc}; this bundle replays metadata older than the "
+                           "device already trusts (freeze): rebuild it on the fleet server")
+    if role == "snapshot":
+        version = _parse(data).signed.version
+        timestamp = Metadata[Timestamp].from_bytes(
+            (metadata_dir / "timestamp.json").read_bytes()).signed
+        if version == timestamp.snapshot_meta.version:
+            return FreezeError(f"snapshot: {exc}; it rolls targets back behind what the "
+                               "device already trusts (freeze): rebuild the bundle")
+    return MixAndMatchError(f"{role}: {exc}; the metadata files come from different "
+                            "repository versions (mix-and-match): rebuild the bundle")
