@@ -32,6 +32,8 @@ __all__ = [
     "canonical_json",
     "manifest_from_json",
     "manifest_to_json",
+    "self_tests_from_obj",
+    "tensor_specs_from_obj",
 ]
 
 #: The manifest layout this code writes; readers reject a higher one (fields may be added
@@ -322,6 +324,16 @@ def _self_test(obj: Any, where: str) -> SelfTestCase:
                         atol=_float(d, "atol", where, 1e-4), rtol=_float(d, "rtol", where, 1e-3))
 
 
+def tensor_specs_from_obj(obj: Any, where: str) -> tuple[TensorSpec, ...]:
+    """Parse a JSON array of tensor specs (as in ``inputs``); used for report.json too."""
+    return tuple(_spec(s, f"{where}[{i}]") for i, s in enumerate(_as_list(obj, where)))
+
+
+def self_tests_from_obj(obj: Any, where: str) -> tuple[SelfTestCase, ...]:
+    """Parse a JSON array of self-test cases (as in ``self_test``); used for report.json too."""
+    return tuple(_self_test(c, f"{where}[{i}]") for i, c in enumerate(_as_list(obj, where)))
+
+
 _VARIANT_KEYS = {"path", "format", "dtype", "profile", "sha256", "size", "encryption"}
 
 
@@ -374,12 +386,9 @@ def _manifest_from_dict(d: dict[str, Any]) -> Manifest:
         profiles=tuple(profiles),
         artifacts=tuple(_variant(a, f"artifacts[{i}]")
                         for i, a in enumerate(_as_list(d.get("artifacts"), "artifacts"))),
-        inputs=tuple(_spec(s, f"inputs[{i}]")
-                     for i, s in enumerate(_as_list(d.get("inputs", []), "inputs"))),
-        outputs=tuple(_spec(s, f"outputs[{i}]")
-                      for i, s in enumerate(_as_list(d.get("outputs", []), "outputs"))),
-        self_test=tuple(_self_test(c, f"self_test[{i}]")
-                        for i, c in enumerate(_as_list(d.get("self_test", []), "self_test"))),
+        inputs=tensor_specs_from_obj(d.get("inputs", []), "inputs"),
+        outputs=tensor_specs_from_obj(d.get("outputs", []), "outputs"),
+        self_test=self_tests_from_obj(d.get("self_test", []), "self_test"),
         baseline=_as_dict(d.get("baseline", {}), "baseline"),
         compression_report=_as_dict(d.get("compression_report", {}), "compression_report"),
         key_wrap=_key_wrap(d.get("key_wrap")),

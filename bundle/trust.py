@@ -116,6 +116,30 @@ class VerifiedBundle:
     metadata_version: int
     expires: datetime
 
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready description (what ``--json`` prints)."""
+        m = self.manifest
+        return {
+            "name": m.name, "version": m.version, "profiles": list(m.profiles),
+            "manifest_sha256": self.manifest_sha256, "root_version": self.root_version,
+            "metadata_version": self.metadata_version,
+            "expires": f"{self.expires:%Y-%m-%dT%H:%M:%SZ}",
+            "artifacts": [{"path": a.path, "format": a.format, "dtype": a.dtype,
+                           "profile": a.profile, "size": a.size, "sha256": a.sha256,
+                           "encrypted": a.encryption is not None} for a in m.artifacts],
+        }
+
+    def describe(self) -> str:
+        """A short human-readable summary, one artifact per line."""
+        m = self.manifest
+        lines = [f"OK {m.name} v{m.version} for profiles {', '.join(m.profiles)}",
+                 f"  trusted root v{self.root_version}, metadata v{self.metadata_version}, "
+                 f"expires {self.expires:%Y-%m-%dT%H:%M:%SZ}"]
+        lines += [f"  {a.path}  {a.format} {a.dtype} profile={a.profile or 'any'} "
+                  f"{a.size} bytes sha256={a.sha256[:16]}"
+                  f"{' encrypted' if a.encryption else ''}" for a in m.artifacts]
+        return "\n".join(lines)
+
 
 def verify_bundle(data: bytes, trusted: TrustedState, *, now: datetime,
                   profile: str | None = None, limits: Limits = _DEFAULT_LIMITS) -> VerifiedBundle:

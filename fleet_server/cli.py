@@ -6,11 +6,19 @@ Exit codes: 0 success, 1 the command failed (one line on stderr says why), 2 bad
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bundle.errors import BundleError
+from bundle.trust import TrustedState, verify_bundle
 
 from . import __version__
-from .errors import FleetError
+from .bundles import BuildRequest, build
+from .errors import BundleInputError, FleetError
+from .keys import ROLES, KeyStore, init_keys, rotate_keys
 
 __all__ = ["build_parser", "main"]
 
@@ -27,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (-v info, -vv debug)")
-    parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_keys(subparsers)
+    _add_bundle(subparsers)
     return parser
 
 
@@ -41,7 +51,122 @@ def main(argv: list[str] | None = None) -> int:
     except FleetError as exc:
         print(f"fleet: error: {exc}", file=sys.stderr)
         return 1
+    except BundleError as exc:
+        # The class name is the machine-readable reason (e.g. ExpiredError).
+        print(f"fleet: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _log_level(verbosity: int) -> int:
     return {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+
+
+# --- fleet keys ---------------------------------------------------------------------------
+
+def _add_keys(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = subparsers.add_parser("keys", help="create and rotate the fleet's signing keys")
+    actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+
+    init = actions.add_parser("init", help="create an offline root key, online keys and "
+                              "root.json v1 (the file devices pin)")
+    init.add_argument("--dir", type=Path, required=True, metavar="KEYS")
+    init.add_argument("--root-keys", type=int, default=1, metavar="N",
+                      help="number of root keys (default 1)")
+    init.add_argument("--root-threshold", type=int, default=1, metavar="T",
+                      help="root signatures required (default 1)")
+    init.add_argument("--expires-days", type=int, default=365, metavar="DAYS",
+                      help="root validity (default 365)")
+    init.set_defaults(handler=_keys_init)
+
+    rotate = actions.add_parser("rotate", help="replace a role's keys via a new root version")
+    rotate.add_argument("--dir", type=Path, required=True, metavar="KEYS")
+    rotate.add_argument("--role", choices=ROLES, required=True)
+    rotate.add_argument("--offline-dir", type=Path, metavar="DIR",
+                        help="where the offline root keys are (default KEYS/offline)")
+    rotate.add_argument("--keys", type=int, metavar="N", help="number of new keys "
+                        "(default: as many as now)")
+    rotate.add_argument("--threshold", type=int, metavar="T",
+                        help="new threshold (default: unchanged)")
+    rotate.add_argument("--expires-days", type=int, default=365, metavar="DAYS")
+    rotate.set_defaults(handler=_keys_rotate)
+
+
+def _keys_init(args: argparse.Namespace) -> int:
+    store = KeyStore.at(args.dir)
+    root = init_keys(store, root_keys=args.root_keys, root_threshold=args.root_threshold,
+                     expires_days=args.expires_days)
+    print(f"created root v{root.version} ({root.roles['root'].threshold} of "
+          f"{len(root.roles['root'].keyids)} root keys) and online keys for targets, "
+          f"snapshot, timestamp\n"
+          f"  pin on devices: {store.root_path}\n"
+          f"  OFFLINE root keys: {store.offline_dir} (move to offline storage)")
+    return 0
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    store = KeyStore.at(args.dir, args.offline_dir)
+    root = rotate_keys(store, args.role, count=args.keys, threshold=args.threshold,
+                       expires_days=args.expires_days)
+    print(f"rotated {args.role} keys: root is now v{root.version}; old {args.role} keys "
+          f"moved to retired/ and no longer trusted\n"
+          f"  new bundles carry root v{root.version}; devices adopt it on their next verify")
+    return 0
+
+
+# --- fleet bundle -------------------------------------------------------------------------
+
+def _add_bundle(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bundle = subparsers.add_parser("bundle", help="build and verify signed model bundles")
+    actions = bundle.add_subparsers(dest="bundle_command", required=True, metavar="ACTION")
+
+    b = actions.add_parser("build", help="build and sign a bundle")
+    b.add_argument("--name", required=True)
+    b.add_argument("--version", type=int, required=True, metavar="N",
+                   help="model version; must exceed every earlier build of NAME")
+    source = b.add_mutually_exclusive_group(required=True)
+    source.add_argument("--artifacts", type=Path, metavar="DIR",
+                        help="edge-compress output directory")
+    source.add_argument("--model", type=Path, metavar="FILE", help="a single model file")
+    b.add_argument("--keys", type=Path, required=True, metavar="KEYS")
+    b.add_argument("--out", type=Path, required=True, metavar="FILE")
+    b.add_argument("--profile", action="append", default=[], metavar="NAME",
+                   help="target firmware profile (repeatable)")
+    b.add_argument("--encrypt-for", action="append", default=[], type=Path,
+                   metavar="PUBKEY", help="X25519 public key (PEM) of a device or group "
+                   "that may decrypt the artifacts (repeatable)")
+    b.add_argument("--valid-days", type=int, default=30, metavar="DAYS",
+                   help="metadata validity; devices refuse the bundle after it (default 30)")
+    b.set_defaults(handler=_bundle_build)
+
+    v = actions.add_parser("verify", help="verify a bundle against a root.json")
+    v.add_argument("file", type=Path, metavar="FILE")
+    v.add_argument("--root", type=Path, required=True, metavar="ROOT.json")
+    v.add_argument("--profile", metavar="NAME", help="also require this target profile")
+    v.add_argument("--json", action="store_true", help="print the summary as JSON")
+    v.set_defaults(handler=_bundle_verify)
+
+
+def _bundle_build(args: argparse.Namespace) -> int:
+    spec = build(BuildRequest(
+        name=args.name, version=args.version, keys_dir=args.keys, out=args.out,
+        artifacts_dir=args.artifacts, model=args.model, profiles=tuple(args.profile),
+        encrypt_for=tuple(args.encrypt_for), valid_days=args.valid_days))
+    print(f"built {args.out}: {spec.name} v{spec.version}, {len(spec.artifacts)} artifact(s) "
+          f"for {', '.join(spec.profiles)}"
+          f"{', encrypted' if args.encrypt_for else ''}")
+    return 0
+
+
+def _bundle_verify(args: argparse.Namespace) -> int:
+    data, root = _read(args.file), _read(args.root)
+    verified = verify_bundle(data, TrustedState(root=root), now=datetime.now(timezone.utc),
+                             profile=args.profile)
+    print(json.dumps(verified.summary(), indent=2) if args.json else verified.describe())
+    return 0
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise BundleInputError(f"cannot read {path} ({exc.strerror})") from exc
