@@ -6,15 +6,26 @@ Exit codes: 0 success, 1 the command failed (one line on stderr says why), 2 bad
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bundle.archive import Limits
+from bundle.errors import BundleError
+from bundle.trust import verify_bundle
 
 from . import __version__
-from .errors import AgentError
+from .errors import AgentError, BundleRejectedError, TrustStoreError
+from .trust_store import TrustStore
 
-__all__ = ["build_parser", "main"]
+__all__ = ["DEFAULT_STATE_DIR", "build_parser", "main"]
 
 log = logging.getLogger(__name__)
+
+#: Where the agent keeps its state unless told otherwise.
+DEFAULT_STATE_DIR = Path("/var/lib/edgefleet/agent")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (-v info, -vv debug)")
-    parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_verify(subparsers)
     return parser
 
 
@@ -45,3 +57,55 @@ def main(argv: list[str] | None = None) -> int:
 
 def _log_level(verbosity: int) -> int:
     return {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+
+
+def _add_verify(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "verify", help="verify a bundle against this device's trusted state",
+        description="Verify BUNDLE with the trusted TUF metadata and installed versions in "
+        "the state directory, and remember the newer metadata. Installs nothing.")
+    p.add_argument("bundle", type=Path, metavar="BUNDLE")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
+                   help=f"agent state directory (default {DEFAULT_STATE_DIR})")
+    p.add_argument("--root", type=Path, metavar="ROOT.json",
+                   help="the fleet's root.json to pin; used only when DIR has no trusted "
+                   "state yet")
+    p.add_argument("--profile", metavar="NAME",
+                   help="this device's firmware profile; the bundle must target it")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(handler=_verify)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    store = TrustStore(args.state_dir / "trust")
+    if store.exists():
+        if args.root is not None:
+            log.info("%s already holds trusted state; ignoring --root", store.path)
+        trusted = store.load()
+    elif args.root is not None:
+        trusted = store.initialise(_read(args.root, Limits().max_bundle_bytes))
+    else:
+        raise TrustStoreError(f"no trusted state in {args.state_dir}; pass --root ROOT.json "
+                              "once to pin the fleet's root")
+    data = _read(args.bundle, Limits().max_bundle_bytes)
+    try:
+        verified = verify_bundle(data, trusted, now=datetime.now(timezone.utc),
+                                 profile=args.profile)
+    except BundleError as exc:
+        raise BundleRejectedError(type(exc).__name__, str(exc)) from exc
+    # Newer verified metadata raises the floor for replay and rollback of later bundles.
+    store.save(verified.trusted)
+    print(json.dumps(verified.summary(), indent=2) if args.json else verified.describe())
+    return 0
+
+
+def _read(path: Path, limit: int) -> bytes:
+    """Read ``path`` after checking its size, so a huge file is refused unread."""
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise BundleRejectedError("OversizeError", f"{path} is {size} bytes, over the "
+                                      f"limit of {limit}; refusing to read it")
+        return path.read_bytes()
+    except OSError as exc:
+        raise AgentError(f"cannot read {path} ({exc.strerror})") from exc
