@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -22,13 +22,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import DecryptionError, SigningError
-from .manifest import ArtifactEncryption, KeyWrap, Recipient
+from .manifest import ArtifactEncryption, KeyWrap, Manifest, Recipient
 
 __all__ = [
     "decrypt_artifact",
     "encrypt_artifact",
     "key_id",
     "new_content_key",
+    "open_artifacts",
     "private_key_from_bytes",
     "public_key_from_bytes",
     "unwrap_content_key",
@@ -97,6 +98,20 @@ def decrypt_artifact(content_key: bytes, path: str, ciphertext: bytes,
         raise DecryptionError(f"artifact {path!r} decrypted to data that does not match the "
                               "manifest's plaintext size and sha256")
     return plaintext
+
+
+def open_artifacts(manifest: Manifest, artifacts: Mapping[str, bytes],
+                   private_key: X25519PrivateKey | None) -> dict[str, bytes]:
+    """Plaintext of every verified artifact; ``private_key`` is needed only if encrypted."""
+    if not any(a.encryption for a in manifest.artifacts):
+        return dict(artifacts)
+    if manifest.key_wrap is None or private_key is None:
+        raise DecryptionError(f"{manifest.name} v{manifest.version} is encrypted; give this "
+                              "device's X25519 private key")
+    content_key = unwrap_content_key(manifest.key_wrap, private_key)
+    return {a.path: artifacts[a.path] if a.encryption is None
+            else decrypt_artifact(content_key, a.path, artifacts[a.path], a.encryption)
+            for a in manifest.artifacts}
 
 
 def public_key_from_bytes(data: bytes) -> X25519PublicKey:

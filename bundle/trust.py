@@ -40,7 +40,6 @@ from tuf.api.metadata import (  # type: ignore[attr-defined]  # tuf re-exports i
     Root,
     Signed,
     TargetFile,
-    Timestamp,
 )
 from tuf.ngclient.config import UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
@@ -321,7 +320,7 @@ def _translate(exc: Exception, entry: str, archive: Archive,  # noqa: PLR0911  (
     if isinstance(exc, tuf_errors.UnsignedMetadataError):
         return _signature_error(role, archive.read(entry), metadata_dir)
     if isinstance(exc, tuf_errors.BadVersionNumberError):
-        return _version_error(role, archive.read(entry), metadata_dir, exc)
+        return _version_error(role, archive.read(entry), metadata_dir)
     if isinstance(exc, tuf_errors.LengthOrHashMismatchError):
         return MixAndMatchError(f"{entry} does not match what the trusted metadata says of "
                                 f"it ({exc}); the metadata files come from different builds")
@@ -368,17 +367,43 @@ def _signature_error(role: str, data: bytes, metadata_dir: Path) -> BundleError:
     return TrustError(f"{role} v{md.signed.version}: signatures do not verify")
 
 
-def _version_error(role: str, data: bytes, metadata_dir: Path,
-                   exc: tuf_errors.BadVersionNumberError) -> BundleError:
+def _version_error(role: str, data: bytes, metadata_dir: Path) -> BundleError:
+    """Freeze (older than trusted) or mix-and-match (not the version its parent names)."""
+    new = _parse(data).signed
+    freeze = "the bundle replays metadata older than the device trusts (freeze attack)"
+    mix = "its metadata files come from different builds (mix-and-match)"
     if role == "timestamp":
-        return FreezeError(f"timestamp: {exc}; this bundle replays metadata older than the "
-                           "device already trusts (freeze): rebuild it on the fleet server")
+        old = _trusted(metadata_dir, "timestamp")
+        if new.version < old.version:
+            return FreezeError(f"timestamp v{new.version} is older than the trusted "
+                               f"v{old.version}: {freeze}; rebuild the bundle")
+        return FreezeError(f"timestamp v{new.version} names snapshot "
+                           f"v{new.snapshot_meta.version}, older than the trusted "
+                           f"v{old.snapshot_meta.version}: {freeze}; rebuild the bundle")
     if role == "snapshot":
-        version = _parse(data).signed.version
-        timestamp = Metadata[Timestamp].from_bytes(
-            (metadata_dir / "timestamp.json").read_bytes()).signed
-        if version == timestamp.snapshot_meta.version:
-            return FreezeError(f"snapshot: {exc}; it rolls targets back behind what the "
-                               "device already trusts (freeze): rebuild the bundle")
-    return MixAndMatchError(f"{role}: {exc}; the metadata files come from different "
-                            "repository versions (mix-and-match): rebuild the bundle")
+        timestamp = _trusted(metadata_dir, "timestamp")
+        if new.version != timestamp.snapshot_meta.version:
+            return MixAndMatchError(f"snapshot v{new.version} is not the v"
+                                    f"{timestamp.snapshot_meta.version} that timestamp "
+                                    f"v{timestamp.version} names: {mix}; rebuild the bundle")
+        old = _trusted(metadata_dir, "snapshot")
+        return FreezeError(f"snapshot v{new.version} lists targets "
+                           f"v{_targets_version(new)}, older than the trusted "
+                           f"v{_targets_version(old)}: {freeze}; rebuild the bundle")
+    if role == "targets":
+        snapshot = _trusted(metadata_dir, "snapshot")
+        return MixAndMatchError(f"targets v{new.version} is not the v"
+                                f"{_targets_version(snapshot)} that snapshot "
+                                f"v{snapshot.version} names: {mix}; rebuild the bundle")
+    return MalformedBundleError(f"root file holds root v{new.version}, not the version its "
+                                "name says; rebuild the bundle")
+
+
+def _trusted(metadata_dir: Path, role: str) -> Any:
+    """The role's metadata the Updater currently trusts (its local copy)."""
+    return _parse((metadata_dir / f"{role}.json").read_bytes()).signed
+
+
+def _targets_version(snapshot: Any) -> int | str:
+    meta = snapshot.meta.get("targets.json")
+    return "?" if meta is None else int(meta.version)
