@@ -63,15 +63,16 @@ class Repo:
         """Root v1: what a device pins when provisioned."""
         return self.root_chain[0]
 
-    def rotate(self, role: str, *, signed_by: Sequence[Signer] | None = None) -> None:
-        """New key for ``role`` in a new root version, signed old+new as TUF requires."""
-        new: list[Signer] = [CryptoSigner.generate_ed25519()]
+    def rotate(self, role: str, *, count: int = 1,
+               signed_by: Sequence[Signer] | None = None) -> None:
+        """New key(s) for ``role`` in a new root version, signed by the current root keys
+        (or ``signed_by``) and, for a root rotation, by the new root keys too."""
+        new: list[Signer] = [CryptoSigner.generate_ed25519() for _ in range(count)]
         md = rotate_root(self.root_chain[-1], role=role, new_keys=[s.public_key for s in new],
                          expires=NOW + timedelta(days=365))
-        vouching = signed_by if signed_by is not None else (
-            self.signers["root"] + (new if role == "root" else []))
-        self.root_chain.append(sign_metadata(md, vouching))
-        self.signers[role] = list(new)
+        vouching = list(self.signers["root"] if signed_by is None else signed_by)
+        self.root_chain.append(sign_metadata(md, vouching + (new if role == "root" else [])))
+        self.signers[role] = new
 
     def build(self, bundle_spec: BundleSpec | None = None, *, expires: datetime = VALID,
               recipients: Sequence[X25519PublicKey] = ()) -> bytes:
