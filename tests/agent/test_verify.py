@@ -1,0 +1,106 @@
+"""``edge-agent verify`` with the device's persisted trusted state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.errors import TrustStoreError
+from agent.trust_store import TrustStore
+from bundle.trust import TrustedState
+from tests.bundle.repo import Repo, spec
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def repo() -> Repo:
+    return Repo()
+
+
+@pytest.fixture
+def device(tmp_path: Path, repo: Repo) -> tuple[Path, Path]:
+    """(state dir, pinned root.json)."""
+    root = tmp_path / "root.json"
+    root.write_bytes(repo.root)
+    return tmp_path / "state", root
+
+
+def _write(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def test_first_use_needs_a_pinned_root(tmp_path: Path, repo: Repo,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = _write(tmp_path, "b.efb", repo.build())
+    code, _, err = _run(capsys, "verify", bundle, "--state-dir", tmp_path / "state")
+    assert code == 1
+    assert "pass --root ROOT.json" in err
+
+
+def test_verify_pins_root_and_remembers_metadata(tmp_path: Path, repo: Repo,
+                                                 device: tuple[Path, Path],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    state_dir, root = device
+    bundle = _write(tmp_path, "b.efb", repo.build())
+    code, out, err = _run(capsys, "verify", bundle, "--state-dir", state_dir, "--root", root,
+                          "--profile", "x86-avx2")
+    assert code == 0, err
+    assert out.startswith("OK digits v1")
+    trusted = TrustStore(state_dir / "trust").load()
+    assert trusted.timestamp is not None
+    # Running again is fine: same metadata, nothing older.
+    assert _run(capsys, "verify", bundle, "--state-dir", state_dir, "--json")[0] == 0
+
+
+@pytest.mark.parametrize(("second", "reason"), [
+    ("older_metadata", "FreezeError"),
+    ("lower_version", "RollbackError"),
+    ("other_profile", "WrongProfileError"),
+])
+def test_rejections_name_the_reason(tmp_path: Path, repo: Repo, device: tuple[Path, Path],
+                                    capsys: pytest.CaptureFixture[str], *, second: str,
+                                    reason: str) -> None:
+    state_dir, root = device
+    old = repo.build(spec(version=1))
+    new = repo.build(spec(version=5))
+    assert _run(capsys, "verify", _write(tmp_path, "new.efb", new), "--state-dir", state_dir,
+                "--root", root)[0] == 0
+    store = TrustStore(state_dir / "trust")
+    store.save(store.load().with_installed("digits", 5, "0" * 64))  # as the installer would
+    bundle = {"older_metadata": old,
+              "lower_version": repo.build(spec(version=4)),
+              "other_profile": repo.build(spec(version=6, profiles=("rpi4",)))}[second]
+    code, out, err = _run(capsys, "verify", _write(tmp_path, "b.efb", bundle), "--state-dir",
+                          state_dir, "--profile", "x86-avx2")
+    assert code == 1
+    assert out == ""
+    assert err.count("\n") == 1
+    assert err.startswith(f"edge-agent: error: {reason}: ")
+
+
+def test_trust_store_round_trip_and_corruption(tmp_path: Path, repo: Repo) -> None:
+    store = TrustStore(tmp_path / "trust")
+    state = TrustedState(root=repo.root, timestamp=b"ts").with_installed("m", 3, "ab" * 32)
+    store.save(state)
+    assert store.load() == state
+    assert not list(store.directory.glob(".trust.json.*"))  # no temp file left behind
+    with pytest.raises(TrustStoreError, match="already exists"):
+        store.initialise(repo.root)
+    raw = json.loads(store.path.read_text())
+    raw["root"] = "!!"
+    store.path.write_text(json.dumps(raw))
+    with pytest.raises(TrustStoreError, match="corrupt"):
+        store.load()
+    store.path.write_text("{")
+    with pytest.raises(TrustStoreError, match="unreadable"):
+        store.load()
