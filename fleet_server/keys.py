@@ -10,8 +10,8 @@ Layout (docs/security.md explains the roles)::
       online/                  keys the server uses for every bundle
         targets-<keyid16>.pem  (and snapshot-, timestamp-), mode 0600
         retired/
+      root.json                the current root: pin it on new devices
       repository/
-        root.json              the current root: pin it on new devices
         root_history/N.root.json   every root version; bundles embed the chain
         state.json             last metadata version, last bundle version per model
 
@@ -84,7 +84,7 @@ class KeyStore:
     @property
     def root_path(self) -> Path:
         """The current ``root.json``, the file devices pin."""
-        return self.repository_dir / "root.json"
+        return self.root_dir / "root.json"
 
     def root_chain(self) -> list[bytes]:
         """Every root version, oldest first."""

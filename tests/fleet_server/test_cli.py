@@ -58,7 +58,7 @@ def test_keys_init_layout(keys: Path) -> None:
     for key in [*root_keys, *(keys / "online").glob("*.pem")]:
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert "OFFLINE" in (keys / "offline" / "README.txt").read_text()
-    assert json.loads((keys / "repository" / "root.json").read_bytes())["signed"]["version"] == 1
+    assert json.loads((keys / "root.json").read_bytes())["signed"]["version"] == 1
 
 
 def test_keys_init_refuses_existing_dir(keys: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -74,7 +74,7 @@ def test_build_then_verify(keys: Path, model: Path, tmp_path: Path,
     code, stdout, err = _build(capsys, keys, out, "--model", model, "--profile", "x86-avx2")
     assert code == 0, err
     assert "digits v1" in stdout
-    root = keys / "repository" / "root.json"
+    root = keys / "root.json"
     code, stdout, _ = _run(capsys, "bundle", "verify", out, "--root", root)
     assert code == 0
     assert stdout.startswith("OK digits v1 for profiles x86-avx2")
@@ -93,7 +93,7 @@ def test_verify_failure_is_one_line(keys: Path, model: Path, tmp_path: Path,
     _build(capsys, keys, out, "--model", model, "--profile", "x86-avx2")
     out.write_bytes(mangle(out.read_bytes()))
     code, stdout, err = _run(capsys, "bundle", "verify", out, "--root",
-                             keys / "repository" / "root.json", "--profile", "rpi4")
+                             keys / "root.json", "--profile", "rpi4")
     assert code == 1
     assert stdout == ""
     assert err.count("\n") == 1
@@ -130,7 +130,7 @@ def test_artifacts_dir_with_report(keys: Path, tmp_path: Path,
     code, _, err = _build(capsys, keys, out, "--artifacts", art)
     assert code == 0, err
     verified = verify_bundle(out.read_bytes(), TrustedState(
-        root=(keys / "repository" / "root.json").read_bytes()), now=NOW, profile="rpi4")
+        root=(keys / "root.json").read_bytes()), now=NOW, profile="rpi4")
     m = verified.manifest
     assert m.profiles == ("rpi4", "x86-avx2")
     assert [(a.format, a.dtype, a.profile) for a in m.artifacts] == [
@@ -149,11 +149,11 @@ def test_artifacts_dir_without_report_infers_formats(keys: Path, tmp_path: Path,
     out = tmp_path / "b.efb"
     assert _build(capsys, keys, out, "--artifacts", art, "--profile", "x86")[0] == 0
     code, stdout, _ = _run(capsys, "bundle", "verify", out, "--root",
-                           keys / "repository" / "root.json")
+                           keys / "root.json")
     assert code == 0
     assert "artifacts/m.onnx  onnx fp32" in stdout
     verified = verify_bundle(out.read_bytes(), TrustedState(
-        root=(keys / "repository" / "root.json").read_bytes()), now=NOW)
+        root=(keys / "root.json").read_bytes()), now=NOW)
     # No report.json: the signature was read from the ONNX model itself.
     assert [(s.name, s.shape) for s in verified.manifest.outputs] == [("y", ("batch", 4))]
 
@@ -180,7 +180,7 @@ def test_rotate_root_with_threshold_2_of_3(tmp_path: Path,
                 "--root-threshold", "2")[0] == 0
     code, _, err = _run(capsys, "keys", "rotate", "--dir", keys, "--role", "root")
     assert code == 0, err
-    root = json.loads((keys / "repository" / "root.json").read_bytes())
+    root = json.loads((keys / "root.json").read_bytes())
     assert root["signed"]["roles"]["root"]["threshold"] == 2
     assert len(root["signatures"]) == 6  # three old keys vouch, three new keys prove
 
@@ -206,7 +206,7 @@ def test_encrypt_for_device(keys: Path, model: Path, tmp_path: Path,
     assert code == 0, err
     assert "encrypted" in stdout
     code, stdout, _ = _run(capsys, "bundle", "verify", out, "--root",
-                           keys / "repository" / "root.json")
+                           keys / "root.json")
     assert code == 0
     assert " encrypted" in stdout
 
