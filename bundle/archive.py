@@ -20,7 +20,7 @@ import tarfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .errors import MalformedBundleError, OversizeError, TamperedError, UnsafePathError
+from .errors import ChecksumError, MalformedBundleError, OversizeError, UnsafePathError
 
 __all__ = ["MAGIC", "Archive", "Limits", "frame", "read_archive", "write_archive"]
 
@@ -87,7 +87,7 @@ def read_archive(data: bytes, limits: Limits | None = None) -> Archive:
         raise MalformedBundleError(f"file is {len(data)} bytes, too short to be a bundle")
     # The checksum comes first so that any corruption, even of the framing, reads as such.
     if hashlib.sha256(data[:-_DIGEST_LEN]).digest() != data[-_DIGEST_LEN:]:
-        raise TamperedError("bundle checksum mismatch: the file was corrupted or modified "
+        raise ChecksumError("bundle checksum mismatch: the file was corrupted or modified "
                             "after it was built; fetch it again from the fleet server")
     magic, length = _HEADER.unpack_from(data)
     if magic != MAGIC:

@@ -2,13 +2,15 @@
 
 Only these escape the package: errors of tuf, securesystemslib, json, tarfile and
 cryptography are translated where they occur. Every message says what was wrong and what to
-do about it. The tree::
+do about it, and ``transient`` says whether fetching the same bundle again may help (only a
+checksum mismatch: corruption in transit). The tree::
 
     BundleError
     ├── MalformedBundleError       not a bundle, or not one this reader understands
     │   ├── UnsafePathError        an archive entry that could escape a directory
     │   └── OversizeError          more data than a limit or the signed length allows
     ├── TamperedError              bytes do not match their checksum or signature
+    │   ├── ChecksumError          the file checksum: corrupted in transit (transient)
     │   └── ArtifactMismatchError  a target's size or sha256 differs from the signed one
     ├── TrustError                 validly signed, but trust policy says no
     │   ├── UntrustedSignatureError  signed by a key the trusted root does not know
@@ -24,9 +26,12 @@ do about it. The tree::
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 __all__ = [
     "ArtifactMismatchError",
     "BundleError",
+    "ChecksumError",
     "DecryptionError",
     "ExpiredError",
     "FreezeError",
@@ -47,6 +52,9 @@ __all__ = [
 class BundleError(Exception):
     """Root of every error the bundle package raises on purpose."""
 
+    #: True if fetching the bundle again may succeed; False if these bytes will never pass.
+    transient: ClassVar[bool] = False
+
 
 class MalformedBundleError(BundleError):
     """The data is not a bundle this reader understands (bad framing, JSON or fields)."""
@@ -62,6 +70,12 @@ class OversizeError(MalformedBundleError):
 
 class TamperedError(BundleError):
     """Bytes do not match their checksum or their signature."""
+
+
+class ChecksumError(TamperedError):
+    """The file's checksum does not match: corrupted in transit or storage."""
+
+    transient = True
 
 
 class ArtifactMismatchError(TamperedError):

@@ -9,7 +9,7 @@ import tarfile
 import pytest
 
 from bundle.archive import Limits, frame, read_archive, write_archive
-from bundle.errors import MalformedBundleError, OversizeError, TamperedError, UnsafePathError
+from bundle.errors import ChecksumError, MalformedBundleError, OversizeError, UnsafePathError
 from tests.bundle.repo import rebuild
 
 
@@ -27,9 +27,9 @@ def test_writer_refuses_unsafe_names() -> None:
 
 @pytest.mark.parametrize(("data", "limits", "error", "fragment"), [
     (b"short", Limits(), MalformedBundleError, "too short"),
-    (frame(b"x" * 512)[:-32] + b"\0" * 32, Limits(), TamperedError, "checksum"),
+    (frame(b"x" * 512)[:-32] + b"\0" * 32, Limits(), ChecksumError, "checksum"),
     (b"\0" * 100, Limits(max_bundle_bytes=50), OversizeError, "over the limit"),
-    (frame(b"\0" * 1024).replace(b"\x89EFB", b"\x89EFC"), Limits(), TamperedError, "checksum"),
+    (frame(b"\0" * 1024).replace(b"\x89EFB", b"\x89EFC"), Limits(), ChecksumError, "checksum"),
     (rebuild({f"targets/{i}": b"" for i in range(5)}), Limits(max_entries=4), OversizeError,
      "more than 4 entries"),
     (rebuild({"other/x": b""}), Limits(), MalformedBundleError, "unexpected entry"),

@@ -20,6 +20,7 @@ from tuf.api.metadata import MetaFile  # type: ignore[attr-defined]
 from bundle.errors import (
     ArtifactMismatchError,
     BundleError,
+    ChecksumError,
     ExpiredError,
     FreezeError,
     MixAndMatchError,
@@ -205,7 +206,7 @@ def endless_metadata(repo: Repo) -> Attack:
 
 
 ATTACKS: list[tuple[Callable[[Repo], Attack], type[BundleError], str]] = [
-    (flipped_byte, TamperedError, "checksum mismatch"),
+    (flipped_byte, ChecksumError, "checksum mismatch"),
     (flipped_byte_in_signed_metadata, TamperedError, "does not match the content"),
     (flipped_byte_in_artifact, ArtifactMismatchError, "does not match the signed targets"),
     (artifact_size_differs, ArtifactMismatchError, "does not match the signed targets"),
@@ -256,8 +257,14 @@ def test_flipped_byte_anywhere_is_tampered(position: int) -> None:
     repo = Repo()
     data = bytearray(repo.build())
     data[position] ^= 0x80
-    with pytest.raises(TamperedError, match="checksum mismatch"):
+    with pytest.raises(ChecksumError, match="checksum mismatch"):
         verify_bundle(bytes(data), TrustedState(root=repo.root), now=NOW)
+
+
+def test_only_a_checksum_mismatch_is_worth_refetching() -> None:
+    assert ChecksumError.transient
+    assert not TamperedError.transient
+    assert not ArtifactMismatchError.transient
 
 
 def test_reverify_same_bundle_is_idempotent() -> None:

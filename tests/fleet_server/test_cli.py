@@ -83,7 +83,7 @@ def test_build_then_verify(keys: Path, model: Path, tmp_path: Path,
 
 
 @pytest.mark.parametrize(("mangle", "reason"), [
-    (lambda data: data[:100] + bytes([data[100] ^ 1]) + data[101:], "TamperedError"),
+    (lambda data: data[:100] + bytes([data[100] ^ 1]) + data[101:], "ChecksumError"),
     (lambda data: data, "WrongProfileError"),
 ])
 def test_verify_failure_is_one_line(keys: Path, model: Path, tmp_path: Path,
