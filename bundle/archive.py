@@ -28,6 +28,8 @@ __all__ = ["MAGIC", "Archive", "Limits", "frame", "read_archive", "write_archive
 MAGIC = b"\x89EFB\r\n\x1a\n"
 _HEADER = struct.Struct(">8sQ")
 _DIGEST_LEN = 32
+#: End-of-archive blocks plus padding to tar's 10240-byte record, with room to spare.
+_MAX_TRAILER = 2 * tarfile.RECORDSIZE
 #: Every entry lives under one of these directories.
 _TOP_LEVEL = ("metadata", "targets")
 
@@ -43,9 +45,9 @@ class Limits:
 
 @dataclass(frozen=True)
 class Archive:
-    """A parsed container: entry names mapped to ``(offset, size)`` in ``payload``."""
+    """A parsed container: entry names mapped to ``(offset, size)`` in the file ``data``."""
 
-    payload: bytes
+    data: bytes
     index: Mapping[str, tuple[int, int]]
 
     def size(self, name: str) -> int:
@@ -55,7 +57,7 @@ class Archive:
     def read(self, name: str) -> bytes:
         """The bytes of entry ``name``; ``KeyError`` if absent."""
         offset, size = self.index[name]
-        return self.payload[offset:offset + size]
+        return self.data[offset:offset + size]
 
 
 def write_archive(entries: Iterable[tuple[str, bytes]]) -> bytes:
@@ -86,7 +88,8 @@ def read_archive(data: bytes, limits: Limits | None = None) -> Archive:
     if len(data) < _HEADER.size + _DIGEST_LEN:
         raise MalformedBundleError(f"file is {len(data)} bytes, too short to be a bundle")
     # The checksum comes first so that any corruption, even of the framing, reads as such.
-    if hashlib.sha256(data[:-_DIGEST_LEN]).digest() != data[-_DIGEST_LEN:]:
+    # memoryview: hash and parse in place, a bundle may be most of a device's free memory.
+    if hashlib.sha256(memoryview(data)[:-_DIGEST_LEN]).digest() != data[-_DIGEST_LEN:]:
         raise ChecksumError("bundle checksum mismatch: the file was corrupted or modified "
                             "after it was built; fetch it again from the fleet server")
     magic, length = _HEADER.unpack_from(data)
@@ -95,26 +98,38 @@ def read_archive(data: bytes, limits: Limits | None = None) -> Archive:
     if length != len(data) - _HEADER.size - _DIGEST_LEN:
         raise MalformedBundleError(f"payload length field says {length} bytes but the file "
                                    f"holds {len(data) - _HEADER.size - _DIGEST_LEN}")
-    payload = data[_HEADER.size:-_DIGEST_LEN]
-    return Archive(payload=payload, index=_index(payload, limits))
+    return Archive(data=data, index=_index(data, limits))
 
 
-def _index(payload: bytes, limits: Limits) -> dict[str, tuple[int, int]]:
+def _index(data: bytes, limits: Limits) -> dict[str, tuple[int, int]]:
+    """Entry offsets, absolute in ``data``. tarfile starts at the payload (offset 16) and
+    stops at the end-of-archive blocks; a header running into the trailing checksum is
+    truncated, which ends the walk, and data running into it fails the bounds check."""
     index: dict[str, tuple[int, int]] = {}
+    payload_end = len(data) - _DIGEST_LEN
+    fileobj = io.BytesIO(data)  # shares the bytes object's buffer until written to
+    fileobj.seek(_HEADER.size)
     try:
-        with tarfile.open(fileobj=io.BytesIO(payload), mode="r:") as tar:
+        with tarfile.open(fileobj=fileobj, mode="r:") as tar:
             while (member := tar.next()) is not None:
                 if len(index) >= limits.max_entries:
                     raise OversizeError(f"bundle has more than {limits.max_entries} entries")
                 _check_member(member, limits)
                 if member.name in index:
                     raise MalformedBundleError(f"entry {member.name!r} appears twice")
-                end = member.offset_data + member.size
-                if end > len(payload):
+                if member.offset_data + member.size > payload_end:
                     raise MalformedBundleError(f"entry {member.name!r} is truncated")
                 index[member.name] = (member.offset_data, member.size)
+            end_of_entries = tar.offset
     except (tarfile.TarError, EOFError, ValueError, OverflowError, UnicodeError) as exc:
         raise MalformedBundleError(f"bundle archive is unreadable ({exc})") from exc
+    # tarfile quietly stops at the first header it cannot parse; only the end-of-archive
+    # zero blocks and record padding may follow the last entry.
+    rest = memoryview(data)[end_of_entries:payload_end]
+    if len(rest) > _MAX_TRAILER or rest != bytes(len(rest)):
+        raise MalformedBundleError(f"bundle archive is unreadable: {len(rest)} bytes after "
+                                   f"its last valid entry ({len(index)} entries) are not the "
+                                   "end-of-archive marker")
     return index
 
 

@@ -197,7 +197,7 @@ class _ArchiveFetcher(FetcherInterface):
         if name not in self._archive.index:
             raise tuf_errors.DownloadHTTPError(f"{name} is not in the bundle", 404)
         offset, size = self._archive.index[name]
-        view = memoryview(self._archive.payload)[offset:offset + size]
+        view = memoryview(self._archive.data)[offset:offset + size]
         # Chunks let tuf stop reading as soon as an entry exceeds its length limit.
         return (bytes(view[i:i + _CHUNK]) for i in range(0, size, _CHUNK))
 

@@ -12,6 +12,8 @@ from bundle.archive import Limits, frame, read_archive, write_archive
 from bundle.errors import ChecksumError, MalformedBundleError, OversizeError, UnsafePathError
 from tests.bundle.repo import rebuild
 
+_TAR = write_archive([("targets/x", b"x" * 20000)])[16:-32]
+
 
 def test_round_trip() -> None:
     data = write_archive([("metadata/a.json", b"{}"), ("targets/x", b"123")])
@@ -34,6 +36,8 @@ def test_writer_refuses_unsafe_names() -> None:
      "more than 4 entries"),
     (rebuild({"other/x": b""}), Limits(), MalformedBundleError, "unexpected entry"),
     (frame(b"not a tar" * 100), Limits(), MalformedBundleError, "unreadable"),
+    (frame(_TAR + b"junk" * 200), Limits(), MalformedBundleError, "after its last valid entry"),
+    (frame(_TAR[:-12000]), Limits(), MalformedBundleError, "truncated"),
 ])
 def test_bad_containers(data: bytes, limits: Limits, error: type[Exception],
                         fragment: str) -> None:
