@@ -70,7 +70,10 @@ def build(request: BuildRequest) -> BundleSpec:
         microsecond=0)
     data = build_bundle(spec, root_chain=store.root_chain(), signers=online,
                         metadata_version=version, expires=expires, recipients=recipients)
-    atomic_write(request.out, data)
+    try:
+        atomic_write(request.out, data)
+    except OSError as exc:
+        raise BundleInputError(f"cannot write {request.out} ({exc.strerror})") from exc
     store.save_state(RepositoryState(version, {**state.models, request.name: request.version}))
     log.info("built %s v%d (%d bytes, metadata v%d)", spec.name, spec.version, len(data),
              version)
@@ -79,6 +82,9 @@ def build(request: BuildRequest) -> BundleSpec:
 
 def load_artifacts(directory: Path) -> tuple[tuple[ArtifactInput, ...], dict[str, Any]]:
     """Artifacts and report of an ``edge-compress`` output directory."""
+    if not directory.is_dir():
+        raise BundleInputError(f"{directory} is not a directory; point --artifacts at "
+                               "edge-compress output")
     report_path = directory / "report.json"
     if not report_path.exists():
         files = sorted(p for p in directory.iterdir() if p.suffix in FORMATS_BY_SUFFIX)
@@ -103,15 +109,13 @@ def load_artifacts(directory: Path) -> tuple[tuple[ArtifactInput, ...], dict[str
 
 
 def _gather(request: BuildRequest) -> _Inputs:
-    if (request.artifacts_dir is None) == (request.model is None):
-        raise BundleInputError("give exactly one of --artifacts DIR or --model FILE")
-    if request.model is not None:
+    if request.model is not None and request.artifacts_dir is None:
         suffix = request.model.suffix
         fmt = FORMATS_BY_SUFFIX.get(suffix, suffix.lstrip(".") or "bin")
         return _Inputs((_artifact(request.model, fmt, "fp32", None),), {})
-    assert request.artifacts_dir is not None  # checked above; narrows the type for mypy
-    artifacts, report = load_artifacts(request.artifacts_dir)
-    return _Inputs(artifacts, report)
+    if request.artifacts_dir is not None and request.model is None:
+        return _Inputs(*load_artifacts(request.artifacts_dir))
+    raise BundleInputError("give exactly one of --artifacts DIR or --model FILE")
 
 
 def _spec(request: BuildRequest, inputs: _Inputs) -> BundleSpec:

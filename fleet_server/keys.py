@@ -33,6 +33,7 @@ from bundle.errors import BundleError
 from bundle.signing import make_root, rotate_root, sign_metadata
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner, Signer  # type: ignore[attr-defined]
+from tuf.api.exceptions import RepositoryError
 from tuf.api.metadata import Metadata, Root  # type: ignore[attr-defined]
 
 from .errors import KeyStoreError
@@ -101,7 +102,11 @@ class KeyStore:
 
     def current_root(self) -> Root:
         """The current root metadata (last of the chain)."""
-        md: Metadata[Root] = Metadata.from_bytes(self.root_chain()[-1])
+        try:
+            md: Metadata[Root] = Metadata.from_bytes(self.root_chain()[-1])
+        except RepositoryError as exc:
+            raise KeyStoreError(f"the current root in {self.repository_dir} does not parse "
+                                f"({exc}); restore it from backup") from exc
         return md.signed
 
     def signers(self, role: str) -> list[Signer]:
@@ -131,8 +136,13 @@ class KeyStore:
     def save_state(self, state: RepositoryState) -> None:
         """Persist ``state`` atomically."""
         data = {"metadata_version": state.metadata_version, "models": dict(state.models)}
-        atomic_write(self.repository_dir / "state.json",
-                     json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))
+        try:
+            atomic_write(self.repository_dir / "state.json",
+                         json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))
+        except OSError as exc:
+            raise KeyStoreError(f"cannot save {self.repository_dir / 'state.json'} ({exc}); "
+                                "the bundle was written but the next build may reuse its "
+                                "metadata version: fix and rebuild") from exc
 
 
 def init_keys(store: KeyStore, *, root_keys: int = 1, root_threshold: int = 1,
@@ -149,13 +159,17 @@ def init_keys(store: KeyStore, *, root_keys: int = 1, root_threshold: int = 1,
     except BundleError as exc:
         raise KeyStoreError(f"{exc}") from exc
     root_bytes = sign_metadata(root_md, signers["root"])
-    _private_dir(store.offline_dir)
-    (store.offline_dir / "README.txt").write_text(_OFFLINE_README, encoding="utf-8")
-    _private_dir(store.online_dir)
-    for role, ss in signers.items():
-        for signer in ss:
-            _write_key(store.offline_dir if role == "root" else store.online_dir, role, signer)
-    _publish_root(store, root_bytes, 1)
+    try:
+        _private_dir(store.offline_dir)
+        (store.offline_dir / "README.txt").write_text(_OFFLINE_README, encoding="utf-8")
+        _private_dir(store.online_dir)
+        for role, ss in signers.items():
+            for signer in ss:
+                _write_key(store.offline_dir if role == "root" else store.online_dir, role,
+                           signer)
+        _publish_root(store, root_bytes, 1)
+    except OSError as exc:
+        raise KeyStoreError(f"cannot write keys to {store.root_dir} ({exc})") from exc
     log.info("created keys and root v1 in %s", store.root_dir)
     root: Root = root_md.signed
     return root
@@ -189,10 +203,13 @@ def rotate_keys(store: KeyStore, role: str, *, count: int | None = None,
     root_bytes = sign_metadata(new_md, vouching)
     directory = store.offline_dir if role == "root" else store.online_dir
     old_keyids = set(current.roles[role].keyids)
-    for signer in new_signers:
-        _write_key(directory, role, signer)
-    _publish_root(store, root_bytes, new_md.signed.version)
-    _retire(directory, role, old_keyids)
+    try:
+        for signer in new_signers:
+            _write_key(directory, role, signer)
+        _publish_root(store, root_bytes, new_md.signed.version)
+        _retire(directory, role, old_keyids)
+    except OSError as exc:
+        raise KeyStoreError(f"cannot write the rotated keys to {store.root_dir} ({exc})") from exc
     log.info("rotated %s keys: root is now v%d", role, new_md.signed.version)
     rotated: Root = new_md.signed
     return rotated

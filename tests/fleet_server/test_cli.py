@@ -211,6 +211,30 @@ def test_encrypt_for_device(keys: Path, model: Path, tmp_path: Path,
     assert " encrypted" in stdout
 
 
+@pytest.mark.parametrize(("args", "fragment"), [
+    (("--artifacts", "missing-dir", "--profile", "p"), "is not a directory"),
+    (("--model", "missing.onnx", "--profile", "p"), "cannot read"),
+    (("--model", "{model}"), "no target profile"),
+])
+def test_build_input_errors(keys: Path, model: Path, tmp_path: Path,
+                            capsys: pytest.CaptureFixture[str], *, args: tuple[str, ...],
+                            fragment: str) -> None:
+    argv = [str(model) if a == "{model}" else str(tmp_path / a) if "missing" in a else a
+            for a in args]
+    code, _, err = _build(capsys, keys, tmp_path / "b.efb", *argv)
+    assert code == 1
+    assert err.count("\n") == 1
+    assert fragment in err
+
+
+def test_build_without_keys_says_run_init(model: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _build(capsys, tmp_path / "nokeys", tmp_path / "b.efb", "--model", model,
+                          "--profile", "p")
+    assert code == 1
+    assert "run 'fleet keys init' first" in err
+
+
 def test_bad_usage_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["bundle", "build", "--name", "x"])
