@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bundle.archive import Limits
 from bundle.errors import BundleError
-from bundle.trust import verify_bundle
+from bundle.trust import TrustedState, verify_bundle
 
 from . import __version__
 from .errors import AgentError, BundleRejectedError, TrustStoreError
@@ -83,7 +83,9 @@ def _verify(args: argparse.Namespace) -> int:
             log.info("%s already holds trusted state; ignoring --root", store.path)
         trusted = store.load()
     elif args.root is not None:
-        trusted = store.initialise(_read(args.root, Limits().max_bundle_bytes))
+        # Pinned on disk only once a bundle verified against it, so a wrong file given
+        # here does not leave the device trusting it.
+        trusted = TrustedState(root=_read(args.root, Limits().max_bundle_bytes))
     else:
         raise TrustStoreError(f"no trusted state in {args.state_dir}; pass --root ROOT.json "
                               "once to pin the fleet's root")

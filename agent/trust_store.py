@@ -48,15 +48,6 @@ class TrustStore:
         """Whether the device has been initialised with a pinned root."""
         return self.path.exists()
 
-    def initialise(self, root: bytes) -> TrustedState:
-        """Pin ``root`` (the fleet's root.json) as the only trusted metadata."""
-        if self.exists():
-            raise TrustStoreError(f"{self.path} already exists; the device trusts a root "
-                                  "already (delete the file only to re-provision the device)")
-        state = TrustedState(root=root)
-        self.save(state)
-        return state
-
     def load(self) -> TrustedState:
         """Read the trusted state."""
         try:

@@ -88,14 +88,25 @@ def test_rejections_name_the_reason(tmp_path: Path, repo: Repo, device: tuple[Pa
     assert err.startswith(f"edge-agent: error: {reason}: ")
 
 
+def test_root_is_pinned_only_after_a_successful_verify(tmp_path: Path, repo: Repo,
+                                                       device: tuple[Path, Path],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    state_dir, root = device
+    bad_root = _write(tmp_path, "bad.json", b"{}")
+    bundle = _write(tmp_path, "b.efb", repo.build())
+    code, _, err = _run(capsys, "verify", bundle, "--state-dir", state_dir, "--root", bad_root)
+    assert code == 1
+    assert "TrustError: the device's trusted root is invalid" in err
+    assert not TrustStore(state_dir / "trust").exists()
+    assert _run(capsys, "verify", bundle, "--state-dir", state_dir, "--root", root)[0] == 0
+
+
 def test_trust_store_round_trip_and_corruption(tmp_path: Path, repo: Repo) -> None:
     store = TrustStore(tmp_path / "trust")
     state = TrustedState(root=repo.root, timestamp=b"ts").with_installed("m", 3, "ab" * 32)
     store.save(state)
     assert store.load() == state
     assert not list(store.directory.glob(".trust.json.*"))  # no temp file left behind
-    with pytest.raises(TrustStoreError, match="already exists"):
-        store.initialise(repo.root)
     raw = json.loads(store.path.read_text())
     raw["root"] = "!!"
     store.path.write_text(json.dumps(raw))
