@@ -157,7 +157,7 @@ def init_keys(store: KeyStore, *, root_keys: int = 1, root_threshold: int = 1,
         root_md = make_root({role: [s.public_key for s in ss] for role, ss in signers.items()},
                             thresholds={"root": root_threshold}, expires=_days(expires_days))
     except BundleError as exc:
-        raise KeyStoreError(f"{exc}") from exc
+        raise KeyStoreError(str(exc)) from exc
     root_bytes = sign_metadata(root_md, signers["root"])
     try:
         _private_dir(store.offline_dir)
@@ -197,7 +197,7 @@ def rotate_keys(store: KeyStore, role: str, *, count: int | None = None,
                              new_keys=[s.public_key for s in new_signers],
                              threshold=threshold, expires=_days(expires_days))
     except BundleError as exc:
-        raise KeyStoreError(f"{exc}") from exc
+        raise KeyStoreError(str(exc)) from exc
     # Root rotation: old keys vouch for the new root, new keys prove they are held.
     vouching: list[Signer] = [*old_signers, *(new_signers if role == "root" else [])]
     root_bytes = sign_metadata(new_md, vouching)

@@ -23,6 +23,7 @@ from bundle.errors import (
     ChecksumError,
     ExpiredError,
     FreezeError,
+    MalformedBundleError,
     MixAndMatchError,
     OversizeError,
     RollbackError,
@@ -259,6 +260,22 @@ def test_flipped_byte_anywhere_is_tampered(position: int) -> None:
     data[position] ^= 0x80
     with pytest.raises(ChecksumError, match="checksum mismatch"):
         verify_bundle(bytes(data), TrustedState(root=repo.root), now=NOW)
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    (lambda e: e.pop(TS), "bundle has no metadata/timestamp.json"),
+    (lambda e: e.pop("targets/manifest.json"), "bundle has no targets/manifest.json"),
+    (lambda e: e.update({"metadata/2.root.json": e["metadata/1.root.json"]}),
+     "holds root v1, not the version its name says"),
+    (lambda e: e.update({"metadata/notes.json": b"{}"}), "unexpected metadata entry"),
+    (lambda e: e.update({TS: b"{"}), "metadata/timestamp.json is invalid"),
+])
+def test_incomplete_or_inconsistent_bundles_are_malformed(change, fragment: str) -> None:
+    repo = Repo()
+    items = entries(repo.build())
+    change(items)
+    with pytest.raises(MalformedBundleError, match=fragment):
+        verify_bundle(rebuild(items), TrustedState(root=repo.root), now=NOW)
 
 
 def test_only_a_checksum_mismatch_is_worth_refetching() -> None:
