@@ -36,8 +36,6 @@ from typing import Any
 
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import (  # type: ignore[attr-defined]  # tuf re-exports implicitly
-    Metadata,
-    Root,
     Signed,
     TargetFile,
 )
@@ -46,20 +44,16 @@ from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
 from ._layout import MANIFEST_PATH, METADATA_DIR, TARGETS_DIR
+from ._tuf_errors import parse_metadata, translate
 from .archive import Archive, Limits, read_archive
 from .errors import (
     ArtifactMismatchError,
-    BundleError,
     ExpiredError,
-    FreezeError,
     MalformedBundleError,
     MixAndMatchError,
     OversizeError,
     RollbackError,
-    TamperedError,
-    ThresholdError,
     TrustError,
-    UntrustedSignatureError,
     WrongProfileError,
 )
 from .manifest import Manifest, manifest_from_json
@@ -70,7 +64,6 @@ log = logging.getLogger(__name__)
 
 _SCHEME = "bundle:/"
 _METADATA_NAME = re.compile(r"(?:[1-9][0-9]{0,8}\.root|timestamp|snapshot|targets)\.json")
-_ROLE_OF = re.compile(r"(?:[0-9]+\.)?(root|timestamp|snapshot|targets)\.json")
 _CHUNK = 64 * 1024
 _DEFAULT_LIMITS = Limits()
 
@@ -166,7 +159,7 @@ def verify_bundle(data: bytes, trusted: TrustedState, *, now: datetime,
             updater.refresh()
             target_infos = _target_infos(updater, archive)
         except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:
-            raise _translate(exc, fetcher.last, archive, metadata_dir) from exc
+            raise translate(exc, fetcher.last, archive, metadata_dir) from exc
         new_state = _read_state(metadata_dir, trusted)
     roles = _check_expiry(new_state, now)
 
@@ -282,7 +275,7 @@ def _check_expiry(state: TrustedState, now: datetime) -> dict[str, Signed]:
     roles: dict[str, Signed] = {}
     for role in ("root", "timestamp", "snapshot", "targets"):
         data = getattr(state, role)
-        signed = _parse(data).signed
+        signed = parse_metadata(data).signed
         if signed.is_expired(now):
             raise ExpiredError(f"{role} metadata v{signed.version} expired at "
                                f"{signed.expires:%Y-%m-%dT%H:%M:%SZ} (now "
@@ -306,104 +299,3 @@ def _check_policy(manifest: Manifest, manifest_sha256: str, trusted: TrustedStat
         raise WrongProfileError(f"bundle {manifest.name} v{manifest.version} targets profiles "
                                 f"{list(manifest.profiles)}, not this device's {profile!r}; "
                                 "build it with --profile for this device kind")
-
-
-# --- translating python-tuf's errors ------------------------------------------------------
-
-def _translate(exc: Exception, entry: str, archive: Archive,  # noqa: PLR0911  (a dispatch)
-               metadata_dir: Path) -> BundleError:
-    match = _ROLE_OF.fullmatch(entry.removeprefix(METADATA_DIR + "/"))
-    role = match.group(1) if match else "metadata"
-    if isinstance(exc, tuf_errors.ExpiredMetadataError):
-        return ExpiredError(f"{exc} (checked by the system clock); rebuild the bundle so it "
-                            "carries fresh metadata, or check the device clock")
-    if isinstance(exc, tuf_errors.UnsignedMetadataError):
-        return _signature_error(role, archive.read(entry), metadata_dir)
-    if isinstance(exc, tuf_errors.BadVersionNumberError):
-        return _version_error(role, archive.read(entry), metadata_dir)
-    if isinstance(exc, tuf_errors.LengthOrHashMismatchError):
-        return MixAndMatchError(f"{entry} does not match what the trusted metadata says of "
-                                f"it ({exc}); the metadata files come from different builds")
-    if isinstance(exc, tuf_errors.DownloadLengthMismatchError):
-        return OversizeError(f"{entry} is larger than tuf allows for {role} metadata; "
-                             "refusing to read it (endless-data attack)")
-    if isinstance(exc, tuf_errors.DownloadHTTPError):
-        return MalformedBundleError(f"bundle has no {entry}; it is incomplete")
-    return MalformedBundleError(f"{entry or 'bundle metadata'} is invalid ({exc})")
-
-
-def _parse(data: bytes) -> Metadata[Any]:
-    # Only called on bytes python-tuf has already parsed successfully.
-    md: Metadata[Any] = Metadata.from_bytes(data)
-    return md
-
-
-def _trusted_root(metadata_dir: Path) -> Root:
-    return Metadata[Root].from_bytes((metadata_dir / "root.json").read_bytes()).signed
-
-
-def _signature_error(role: str, data: bytes, metadata_dir: Path) -> BundleError:
-    """Say which of the three ways a signature check fails applies, and for which key."""
-    md = _parse(data)
-    delegators = [_trusted_root(metadata_dir)]
-    if isinstance(md.signed, Root):  # a new root must also be signed by its own keys
-        delegators.append(md.signed)
-    for root in delegators:
-        result = root.get_verification_result(role, md.signed_bytes, md.signatures)
-        if result.verified:
-            continue
-        who = f"{role} v{md.signed.version} (checked against root v{root.version})"
-        invalid = sorted(k for k in result.unsigned if k in md.signatures)
-        unknown = sorted(k for k in md.signatures if k not in root.roles[role].keyids)
-        if invalid:
-            return TamperedError(f"{who}: signature by key {invalid[0][:16]} does not match "
-                                 "the content; the metadata was modified after signing")
-        if unknown:
-            return UntrustedSignatureError(
-                f"{who} is signed by key(s) {', '.join(k[:16] for k in unknown)} not trusted "
-                f"for {role}; sign with the current keys or rotate them via root")
-        return ThresholdError(f"{who} has {len(result.signed)} valid signature(s), threshold "
-                              f"is {result.threshold}; sign it with more {role} keys")
-    return TrustError(f"{role} v{md.signed.version}: signatures do not verify")
-
-
-def _version_error(role: str, data: bytes, metadata_dir: Path) -> BundleError:
-    """Freeze (older than trusted) or mix-and-match (not the version its parent names)."""
-    new = _parse(data).signed
-    freeze = "the bundle replays metadata older than the device trusts (freeze attack)"
-    mix = "its metadata files come from different builds (mix-and-match)"
-    if role == "timestamp":
-        old = _trusted(metadata_dir, "timestamp")
-        if new.version < old.version:
-            return FreezeError(f"timestamp v{new.version} is older than the trusted "
-                               f"v{old.version}: {freeze}; rebuild the bundle")
-        return FreezeError(f"timestamp v{new.version} names snapshot "
-                           f"v{new.snapshot_meta.version}, older than the trusted "
-                           f"v{old.snapshot_meta.version}: {freeze}; rebuild the bundle")
-    if role == "snapshot":
-        timestamp = _trusted(metadata_dir, "timestamp")
-        if new.version != timestamp.snapshot_meta.version:
-            return MixAndMatchError(f"snapshot v{new.version} is not the v"
-                                    f"{timestamp.snapshot_meta.version} that timestamp "
-                                    f"v{timestamp.version} names: {mix}; rebuild the bundle")
-        old = _trusted(metadata_dir, "snapshot")
-        return FreezeError(f"snapshot v{new.version} lists targets "
-                           f"v{_targets_version(new)}, older than the trusted "
-                           f"v{_targets_version(old)}: {freeze}; rebuild the bundle")
-    if role == "targets":
-        snapshot = _trusted(metadata_dir, "snapshot")
-        return MixAndMatchError(f"targets v{new.version} is not the v"
-                                f"{_targets_version(snapshot)} that snapshot "
-                                f"v{snapshot.version} names: {mix}; rebuild the bundle")
-    return MalformedBundleError(f"root file holds root v{new.version}, not the version its "
-                                "name says; rebuild the bundle")
-
-
-def _trusted(metadata_dir: Path, role: str) -> Any:
-    """The role's metadata the Updater currently trusts (its local copy)."""
-    return _parse((metadata_dir / f"{role}.json").read_bytes()).signed
-
-
-def _targets_version(snapshot: Any) -> int | str:
-    meta = snapshot.meta.get("targets.json")
-    return "?" if meta is None else int(meta.version)
