@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tuf.api import exceptions as tuf_errors
-from tuf.api.metadata import Metadata, Root  # type: ignore[attr-defined]
+from tuf.api.metadata import Metadata, Root
 
 from ._layout import METADATA_DIR
 from .archive import Archive

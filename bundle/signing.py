@@ -14,9 +14,9 @@ from datetime import datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-from securesystemslib.signer import Key, Signer  # type: ignore[attr-defined]
+from securesystemslib.signer import Key, Signer
 from tuf.api.exceptions import RepositoryError
-from tuf.api.metadata import (  # type: ignore[attr-defined]  # tuf re-exports implicitly
+from tuf.api.metadata import (
     Metadata,
     MetaFile,
     Role,

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from tuf.api import exceptions as tuf_errors
-from tuf.api.metadata import (  # type: ignore[attr-defined]  # tuf re-exports implicitly
+from tuf.api.metadata import (
     Signed,
     TargetFile,
 )

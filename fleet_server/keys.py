@@ -32,9 +32,9 @@ from pathlib import Path
 from bundle.errors import BundleError
 from bundle.signing import make_root, rotate_root, sign_metadata
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from securesystemslib.signer import CryptoSigner, Signer  # type: ignore[attr-defined]
+from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api.exceptions import RepositoryError
-from tuf.api.metadata import Metadata, Root  # type: ignore[attr-defined]
+from tuf.api.metadata import Metadata, Root
 
 from .errors import KeyStoreError
 

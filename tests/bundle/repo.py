@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-from securesystemslib.signer import CryptoSigner, Signer  # type: ignore[attr-defined]
+from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api.metadata import Metadata
 from tuf.api.serialization.json import JSONSerializer
 

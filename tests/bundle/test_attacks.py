@@ -14,8 +14,8 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from securesystemslib.signer import CryptoSigner  # type: ignore[attr-defined]
-from tuf.api.metadata import MetaFile  # type: ignore[attr-defined]
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import MetaFile
 
 from bundle.errors import (
     ArtifactMismatchError,
