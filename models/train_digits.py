@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 SEED = 0
 
 
-class DigitsCNN(nn.Module):  # type: ignore[misc]
+class DigitsCNN(nn.Module):
     """Two 3x3 convolutions, a 2x2 max-pool and two dense layers (about 38k parameters)."""
 
     def __init__(self) -> None:
@@ -48,7 +48,7 @@ class DigitsCNN(nn.Module):  # type: ignore[misc]
             nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))  # type: ignore[no-any-return]
+        return self.classifier(self.features(x))
 
 
 def split_digits() -> dict[str, np.ndarray]:
