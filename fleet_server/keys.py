@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from bundle.errors import BundleError
-from bundle.signing import make_root, rotate_root, sign_metadata
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api.exceptions import RepositoryError
 from tuf.api.metadata import Metadata, Root
+
+from bundle.errors import BundleError
+from bundle.signing import make_root, rotate_root, sign_metadata
 
 from .errors import KeyStoreError
 
