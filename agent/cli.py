@@ -15,6 +15,8 @@ from pathlib import Path
 from bundle.archive import Limits
 from bundle.errors import BundleError
 from bundle.trust import TrustedState, verify_bundle
+from firmware_profiles import ProfileError, load_profiles, match_profiles, probe_host
+from firmware_profiles.describe import host_summary, host_to_json, match_to_json, matches_table
 
 from . import __version__
 from .errors import AgentError, BundleRejectedError, TrustStoreError
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="more log output (-v info, -vv debug)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_verify(subparsers)
+    _add_probe(subparsers)
     return parser
 
 
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args))
-    except AgentError as exc:
+    except (AgentError, ProfileError) as exc:
         print(f"edge-agent: error: {exc}", file=sys.stderr)
         return 1
 
@@ -111,3 +114,29 @@ def _read(path: Path, limit: int) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise AgentError(f"cannot read {path} ({exc.strerror})") from exc
+
+
+def _add_probe(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "probe", help="show this device's capabilities and its best firmware profile",
+        description="Probe CPU features, memory, onnxruntime execution providers and "
+        "loadable LiteRT delegates, and rank the firmware profiles against them.")
+    p.add_argument("--profiles-dir", type=Path, metavar="DIR",
+                   help="profiles to match against (default: the packaged profiles)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_probe)
+
+
+def _probe(args: argparse.Namespace) -> int:
+    profiles = load_profiles(args.profiles_dir)
+    host = probe_host(profiles)
+    matches = match_profiles(host, profiles)
+    best = matches[0].profile.name if matches[0].fits else None
+    if args.json:
+        print(json.dumps({"host": host_to_json(host), "best_profile": best,
+                          "matches": [match_to_json(m) for m in matches]}, indent=2))
+        return 0
+    print(host_summary(host))
+    print(f"best profile: {best or 'none fits (see the FITS column)'}\n")
+    print(matches_table(matches))
+    return 0
