@@ -17,6 +17,7 @@ from bundle.trust import TrustedState, verify_bundle
 
 from . import __version__
 from .bundles import BuildRequest, build
+from .demo import run_demo
 from .errors import BundleInputError, FleetError
 from .keys import ROLES, KeyStore, init_keys, rotate_keys
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_keys(subparsers)
     _add_bundle(subparsers)
+    _add_demo(subparsers)
     return parser
 
 
@@ -170,3 +172,15 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise BundleInputError(f"cannot read {path} ({exc.strerror})") from exc
+
+
+# --- fleet demo ---------------------------------------------------------------------------
+
+def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = subparsers.add_parser(
+        "demo", help="run the product's main job end to end on this machine",
+        description="Probe this host, compress the reference model for its profile, build "
+        "and sign a bundle, verify it on the device side, and show a tampered copy rejected.")
+    demo.add_argument("--workdir", type=Path, metavar="DIR",
+                      help="keep the demo's files here (default: a temporary directory)")
+    demo.set_defaults(handler=lambda args: run_demo(args.workdir))
