@@ -58,7 +58,7 @@ def upsample(images: np.ndarray) -> np.ndarray:
     """8x8 digits to 16x16 by bilinear interpolation, still NCHW float32 in 0..1."""
     resized = nn.functional.interpolate(torch.from_numpy(images), size=(SIDE, SIDE),
                                         mode="bilinear", align_corners=False)
-    return resized.numpy().astype(np.float32)
+    return np.asarray(resized.numpy(), dtype=np.float32)
 
 
 def train(model: DigitsViT, x: np.ndarray, y: np.ndarray, epochs: int) -> None:
