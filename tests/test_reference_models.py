@@ -17,7 +17,8 @@ def test_data_file_arrays() -> None:
         assert data["calib_x"].shape == (189, 1, 8, 8)
         assert data["eval_x"].shape == (540, 1, 8, 8)
         assert data["eval_x"].dtype == np.float32
-        assert 0.0 <= data["eval_x"].min() and data["eval_x"].max() <= 1.0
+        assert data["eval_x"].min() >= 0.0
+        assert data["eval_x"].max() <= 1.0
         assert sorted(set(data["eval_y"].tolist())) == list(range(10))
 
 
