@@ -1,0 +1,12 @@
+"""Compression passes, one concept per module (see ``base`` for the interface)."""
+
+from __future__ import annotations
+
+from .base import ModelPass, PassContext, PassError, PassResult
+from .fp16 import ConvertFp16
+from .optimize import OptimizeGraph
+from .prune import MagnitudePrune
+from .quantize import QuantizeDynamic, QuantizeStatic
+
+__all__ = ["ConvertFp16", "MagnitudePrune", "ModelPass", "OptimizeGraph", "PassContext",
+           "PassError", "PassResult", "QuantizeDynamic", "QuantizeStatic"]

@@ -1,0 +1,80 @@
+"""The pure choice rules: accuracy gate, never slower than fp32, smallest then fastest."""
+
+from __future__ import annotations
+
+import pytest
+
+from compressor.choose import Measured, accuracy_drop, choose
+
+FP32 = Measured("fp32", "fp32", 4_000_000, 8.0, 9.0, accuracy=94.0, agreement=1.0)
+
+
+def cand(name: str, size: int, p50: float, accuracy: float | None = 94.0,
+         agreement: float = 1.0) -> Measured:
+    return Measured(name, "int8", size, p50, p50 * 1.2, accuracy, agreement)
+
+
+def test_smallest_within_budget_and_faster_wins() -> None:
+    dyn = cand("int8-dynamic", 1_000_000, 3.0)
+    static = cand("int8-static", 1_020_000, 2.5, accuracy=93.5)
+    decision = choose([FP32, dyn, static], FP32, max_drop=1.0)
+    assert decision.chosen is static  # within 10% of the smallest size, and faster
+    reasons = {r.name: r.reason for r in decision.rejected}
+    assert reasons["int8-dynamic"].startswith("slower than int8-static")
+    assert reasons["fp32"].startswith("larger")
+
+
+def test_over_budget_is_rejected_with_the_numbers() -> None:
+    bad = cand("int8-static", 1_000_000, 2.0, accuracy=91.5)
+    decision = choose([bad], FP32, max_drop=1.0)
+    assert decision.chosen is FP32
+    assert decision.rejected[0].reason == "accuracy drop 2.50 points is over the budget of 1"
+
+
+def test_int8_slower_than_fp32_is_never_chosen_silently() -> None:
+    slow = cand("int8-dynamic", 1_000_000, 9.5)
+    decision = choose([slow], FP32, max_drop=1.0)
+    assert decision.chosen is FP32
+    assert decision.rejected[0].reason.startswith("slower than fp32: p50 9.500 ms vs 8.000 ms")
+
+
+def test_latency_within_tolerance_still_counts_as_not_slower() -> None:
+    same = cand("int8-dynamic", 1_000_000, 8.3)
+    assert choose([same], FP32, max_drop=1.0, latency_tolerance=0.05).chosen is same
+
+
+def test_clearly_smaller_beats_faster() -> None:
+    fp16 = Measured("fp16", "fp16", 2_000_000, 1.0, 1.1, 94.0, 1.0)
+    int8 = cand("int8-dynamic", 1_000_000, 3.0)
+    assert choose([fp16, int8], FP32, max_drop=1.0).chosen is int8
+
+
+def test_unlabelled_data_uses_top1_disagreement() -> None:
+    reference = Measured("fp32", "fp32", 4_000_000, 8.0, 9.0, accuracy=None, agreement=1.0)
+    close = cand("a", 1_000_000, 3.0, accuracy=None, agreement=0.995)
+    far = cand("b", 1_000_000, 2.0, accuracy=None, agreement=0.97)
+    assert accuracy_drop(close, reference) == pytest.approx(0.5)
+    decision = choose([close, far], reference, max_drop=1.0)
+    assert decision.chosen is close
+    assert "3.00 points" in decision.rejected[0].reason
+
+
+def test_impossible_budget_leaves_only_the_reference() -> None:
+    decision = choose([cand("x", 1, 1.0, accuracy=93.99)], FP32, max_drop=0.0)
+    assert decision.chosen is FP32
+
+
+def test_int8_only_profile_with_unmet_budget_gets_no_artifact() -> None:
+    decision = choose([FP32, cand("int8-static", 1_000_000, 2.0, accuracy=90.0)], FP32,
+                      max_drop=1.0, dtypes=("int8",))
+    assert decision.chosen is None
+    assert [r.name for r in decision.rejected] == ["fp32", "int8-static"]
+    assert decision.rejected[0].reason == "fp32 is not among the profile's dtypes (int8)"
+    assert "over the budget" in decision.rejected[1].reason
+
+
+def test_dtype_outside_profile_is_rejected() -> None:
+    fp16 = Measured("fp16", "fp16", 2_000_000, 1.0, 1.1, 94.0, 1.0)
+    decision = choose([fp16], FP32, max_drop=1.0, dtypes=("int8", "fp32"))
+    assert decision.chosen is FP32
+    assert decision.rejected[0].reason.startswith("fp16 is not among")
