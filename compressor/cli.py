@@ -10,9 +10,11 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from firmware_profiles import (
     ProfileError,
+    get_profile,
     load_profile,
     load_profiles,
     match_profiles,
@@ -23,6 +25,7 @@ from firmware_profiles.describe import match_to_json, matches_table
 from . import __version__
 from .errors import CompressorError
 from .evaluate import accuracy, load_eval_data, measure_latency, open_runner, predict
+from .pipeline import CompressOptions, NoArtifactError, compress
 
 __all__ = ["build_parser", "main"]
 
@@ -35,11 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edge-compress",
         description="Turn a trained model (ONNX, TFLite) into device-specific artifacts, "
         "accuracy-gated and measured, for the firmware profiles of a fleet.",
+        epilog="Compress: edge-compress MODEL --profile NAME [--profile NAME ...] --out DIR "
+        "[--calibration DATA.npz] [--eval DATA.npz] [--max-accuracy-drop 1.0] [--json] "
+        "(the same as 'edge-compress compress MODEL ...'; see 'edge-compress compress -h').",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (-v info, -vv debug)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_compress(subparsers)
     _add_profiles(subparsers)
     _add_evaluate(subparsers)
     return parser
@@ -47,7 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``edge-compress``; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # `edge-compress MODEL ...` is the main job: the word `compress` may be left out.
+    commands = set(_subcommands(parser))
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first is not None and first not in commands and not {"-h", "--help", "--version"} & set(
+            argv[:argv.index(first)]):
+        argv.insert(argv.index(first), "compress")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=_log_level(args.verbose),
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -55,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CompressorError, ProfileError) as exc:
         print(f"edge-compress: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> list[str]:
+    return [name for action in parser._subparsers._group_actions  # type: ignore[union-attr]
+            if isinstance(action, argparse._SubParsersAction) for name in action.choices]
 
 
 def _log_level(verbosity: int) -> int:
@@ -122,3 +142,69 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:
         print("\n".join(f"{key:15} {value}" for key, value in result.items()))
     return 0
+
+
+# --- edge-compress [compress] MODEL -------------------------------------------------------
+
+def _add_compress(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "compress", help="compress MODEL for firmware profiles (the default command)",
+        description="Build candidate artifacts of MODEL (fp32 optimised, int8 dynamic and "
+        "static, fp16 where the profile runs it), measure accuracy on the evaluation data and "
+        "latency on this machine, and keep per profile the smallest artifact within the "
+        "accuracy budget that is not slower than fp32. Writes the artifacts and report.json "
+        "into DIR, atomically: on any error DIR is left untouched.")
+    p.add_argument("model", type=Path, metavar="MODEL", help="trained model (.onnx)")
+    p.add_argument("--profile", action="append", required=True, metavar="NAME",
+                   help="target firmware profile (repeatable; see 'edge-compress profiles')")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="output directory (must not exist or be empty)")
+    p.add_argument("--calibration", type=Path, metavar="DATA.npz",
+                   help="representative inputs (calib_x or x) for static quantization")
+    p.add_argument("--eval", type=Path, metavar="DATA.npz",
+                   help="evaluation inputs and labels (eval_x, eval_y); without labels, "
+                   "agreement with the fp32 model is used")
+    p.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
+                   help="largest accepted accuracy loss in points (default 1.0)")
+    p.add_argument("--profiles-dir", type=Path, metavar="DIR",
+                   help="read profiles from DIR (default: the packaged profiles)")
+    p.add_argument("--json", action="store_true", help="print report.json instead of a table")
+    p.set_defaults(handler=_compress)
+
+
+def _compress(args: argparse.Namespace) -> int:
+    profiles = [get_profile(name, args.profiles_dir) for name in args.profile]
+    options = CompressOptions(max_accuracy_drop=args.max_accuracy_drop)
+    try:
+        report = compress(args.model, profiles, args.out, calibration=args.calibration,
+                          evaluation=args.eval, options=options, progress=_progress)
+    except NoArtifactError:
+        print(_report_table(json.loads((args.out / "report.json").read_text("utf-8"))))
+        raise
+    print(json.dumps(report, indent=1) if args.json else _report_table(report))
+    return 0
+
+
+def _progress(step: int, total: int, what: str) -> None:
+    width = 24
+    done = width * step // total
+    end = "\n" if step == total else ""
+    print(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{total} {what:<45}", end=end,
+          file=sys.stderr, flush=True)
+
+
+def _report_table(report: dict[str, Any]) -> str:
+    candidates, decisions = report["candidates"], report["decisions"]
+    rows = [("CANDIDATE", "SIZE", "ACCURACY", "DROP", "P50 MS", "P99 MS")]
+    rows += [(c["name"], f"{c['size_bytes'] / 1024:.0f} KiB",
+              "-" if c["accuracy"] is None else f"{c['accuracy']:.2f}%",
+              f"{c['accuracy_drop']:+.2f}", f"{c['latency_p50_ms']:.3f}",
+              f"{c['latency_p99_ms']:.3f}") for c in candidates]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    for decision in decisions:
+        lines.append(f"\n{decision['profile']}: "
+                     f"{decision['chosen'] or 'NO ARTIFACT within the accuracy budget'}")
+        lines += [f"  rejected {r['candidate']}: {r['reason']}" for r in decision["rejected"]]
+    return "\n".join(lines)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,8 +34,10 @@ __all__ = [
     "agreement",
     "load_eval_data",
     "measure_latency",
+    "measure_latency_interleaved",
     "open_runner",
     "predict",
+    "read_npz",
     "summarize_latency",
 ]
 
@@ -90,7 +92,7 @@ class ModelRunner(Protocol):
 
 def load_eval_data(path: Path) -> EvalData:
     """Read evaluation inputs and labels from an ``.npz`` file."""
-    arrays = _read_npz(path)
+    arrays = read_npz(path)
     x = arrays.get("eval_x", arrays.get("x"))
     if x is None:
         raise DatasetError(f"{path}: no 'eval_x' (or 'x') array; found {sorted(arrays)}. "
@@ -102,7 +104,8 @@ def load_eval_data(path: Path) -> EvalData:
     return EvalData(x=x, y=y)
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array in an ``.npz`` file, with one-line errors for missing or bad files."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
@@ -243,3 +246,24 @@ def measure_latency(runner: ModelRunner, sample: np.ndarray, warmup: int = 20,
         runner.run(sample)
         durations.append(time.perf_counter() - start)
     return summarize_latency(durations)
+
+
+def measure_latency_interleaved(runners: Mapping[str, ModelRunner], sample: np.ndarray,
+                                rounds: int = 5, iterations: int = 20,
+                                warmup: int = 10) -> dict[str, LatencyStats]:
+    """Time several models in alternating rounds so machine noise hits them all alike.
+
+    Comparing candidates measured one after another lets a burst of load elsewhere decide
+    the winner; interleaving rounds and taking percentiles over all of them does not.
+    """
+    for runner in runners.values():
+        for _ in range(warmup):
+            runner.run(sample)
+    durations: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            for _ in range(iterations):
+                start = time.perf_counter()
+                runner.run(sample)
+                durations[name].append(time.perf_counter() - start)
+    return {name: summarize_latency(values) for name, values in durations.items()}

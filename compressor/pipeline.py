@@ -1,0 +1,392 @@
+"""``compress()``: one trained ONNX model in, the best artifact per firmware profile out.
+
+The flow: check inputs (model loads, data fits the model's input, every profile can run an
+ONNX artifact and none of the model's ops is one it must avoid); optimise the graph (the fp32
+reference); build the candidates the profiles' dtypes call for; measure each candidate's
+quality against the reference on the evaluation data and all latencies interleaved; for a
+static-int8 candidate over budget, keep its first and last weight layers in float and try
+again; choose per profile (``compressor.choose``); write artifacts and ``report.json``.
+
+Everything is built in a scratch directory beside ``out_dir`` and renamed into place at the
+end, so a failure at any point leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from firmware_profiles import Profile
+
+from .choose import Decision, Measured, accuracy_drop, choose
+from .errors import CompressorError
+from .evaluate import (
+    DatasetError,
+    EvalData,
+    ModelLoadError,
+    ModelRunner,
+    accuracy,
+    agreement,
+    load_eval_data,
+    measure_latency_interleaved,
+    open_runner,
+    predict,
+    read_npz,
+)
+from .passes import (
+    ConvertFp16,
+    ModelPass,
+    OptimizeGraph,
+    PassContext,
+    QuantizeDynamic,
+    QuantizeStatic,
+)
+from .report import input_baseline, self_test_cases, tool_versions
+
+__all__ = ["CompressOptions", "NoArtifactError", "UnsupportedTargetError", "compress"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+
+
+class UnsupportedTargetError(CompressorError):
+    """A profile cannot run this model (format, or an op it must avoid)."""
+
+
+class NoArtifactError(CompressorError):
+    """For some profile no candidate met the accuracy budget; report.json says why."""
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    """Tunables of one compression run; defaults suit models up to tens of MB here."""
+
+    max_accuracy_drop: float = 1.0  # top-1 points (or disagreement points without labels)
+    calibration_samples: int = 128
+    self_test_samples: int = 4
+    latency_rounds: int = 5
+    latency_iterations: int = 20
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    name: str
+    dtype: str
+    path: Path
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Reference:
+    outputs: np.ndarray
+    quality: tuple[float | None, float]
+
+
+@dataclass(frozen=True)
+class _ModelIO:
+    input_name: str
+    input_shape: tuple[int | str | None, ...]
+    output_name: str
+    ops: frozenset[str]
+    signature: dict[str, list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class _Job:
+    model: Path
+    profiles: list[Profile]
+    io: _ModelIO
+    calib: np.ndarray
+    eval_data: EvalData
+    options: CompressOptions
+    progress: Progress
+
+
+def _read_model_io(model: Path) -> _ModelIO:
+    import onnx
+
+    if model.suffix.lower() != ".onnx":
+        raise ModelLoadError(f"{model}: the compressor takes an ONNX model (.onnx); export "
+                             "the model to ONNX first.")
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, OSError and others for bad files
+        raise ModelLoadError(f"{model}: not a readable ONNX model ({exc}).") from exc
+    initializers = {init.name for init in proto.graph.initializer}
+    graph_inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if len(graph_inputs) != 1 or len(proto.graph.output) < 1:
+        raise ModelLoadError(f"{model}: the compressor handles models with exactly one input; "
+                             f"this one has {len(graph_inputs)}.")
+
+    def spec(value: Any) -> dict[str, Any]:
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                for d in tensor.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+        return {"name": value.name, "dtype": dtype, "shape": dims}
+
+    inputs = [spec(graph_inputs[0])]
+    outputs = [spec(o) for o in proto.graph.output]
+    return _ModelIO(input_name=graph_inputs[0].name, input_shape=tuple(inputs[0]["shape"]),
+                    output_name=proto.graph.output[0].name,
+                    ops=frozenset(n.op_type for n in proto.graph.node),
+                    signature={"inputs": inputs, "outputs": outputs})
+
+
+def _check_shape(data: np.ndarray, io: _ModelIO, source: str) -> None:
+    expected = io.input_shape
+    fits = data.ndim == len(expected) and all(
+        not isinstance(want, int) or want <= 0 or want == got
+        for want, got in zip(expected[1:], data.shape[1:], strict=True))
+    if not fits:
+        shown = [d if isinstance(d, int) and d > 0 else "batch" for d in expected]
+        raise DatasetError(f"{source}: inputs have shape {list(data.shape)} but model input "
+                           f"'{io.input_name}' expects {shown}; reshape the data to match.")
+    if data.dtype != np.float32:
+        raise DatasetError(f"{source}: inputs are {data.dtype}, model input "
+                           f"'{io.input_name}' expects float32; convert with astype.")
+
+
+def _check_profiles(profiles: list[Profile], io: _ModelIO) -> None:
+    for profile in profiles:
+        if "onnx" not in profile.formats:
+            raise UnsupportedTargetError(
+                f"profile {profile.name} runs only {', '.join(profile.formats)} artifacts, and "
+                "this compressor emits ONNX artifacts only; drop that --profile.")
+        avoided = sorted(io.ops & set(profile.avoid_ops))
+        if avoided:
+            raise UnsupportedTargetError(
+                f"the model uses {', '.join(avoided)}, which profile {profile.name} cannot run "
+                "(its avoid_ops); change the model or target another profile.")
+
+
+def _load_calibration(path: Path | None, evaluation: EvalData | None,
+                      limit: int) -> np.ndarray:
+    if path is None:
+        if evaluation is None:
+            raise DatasetError("no data: pass --calibration DATA.npz and/or --eval DATA.npz "
+                               "so candidates can be calibrated and checked for accuracy.")
+        return evaluation.x[:limit]
+    arrays = read_npz(path)
+    x = arrays.get("calib_x", arrays.get("x"))
+    if x is None:
+        raise DatasetError(f"{path}: no 'calib_x' (or 'x') array; found {sorted(arrays)}.")
+    return x[:limit]
+
+
+def _candidate_passes(profile: Profile) -> list[ModelPass]:
+    passes: list[ModelPass] = []
+    if "int8" in profile.dtypes:
+        passes += [QuantizeDynamic(), QuantizeStatic()]
+    if "fp16" in profile.dtypes:
+        passes.append(ConvertFp16())
+    return passes
+
+
+def _weight_nodes(model: Path) -> list[str]:
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type in {"Conv", "Gemm", "MatMul"} and n.name]
+
+
+def compress(model: Path, profiles: list[Profile], out_dir: Path, *,
+             calibration: Path | None = None, evaluation: Path | None = None,
+             options: CompressOptions = CompressOptions(),
+             progress: Progress | None = None) -> dict[str, Any]:
+    """Compress ``model`` for ``profiles`` into ``out_dir``; returns the report written there.
+
+    Raises :class:`NoArtifactError` (after writing ``report.json`` and the artifacts of the
+    profiles that did get one) when some profile gets no artifact within the budget.
+    """
+    if not profiles:
+        raise CompressorError("no profile given; pass --profile NAME (see edge-compress "
+                              "profiles).")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CompressorError(f"{out_dir} exists and is not empty; choose a new --out "
+                              "directory or remove it.")
+    io = _read_model_io(model)
+    eval_data = load_eval_data(evaluation) if evaluation else None
+    calib = _load_calibration(calibration, eval_data, options.calibration_samples)
+    eval_data = eval_data or EvalData(x=calib, y=None)
+    _check_shape(calib, io, str(calibration or evaluation))
+    _check_shape(eval_data.x, io, str(evaluation or calibration))
+    _check_profiles(profiles, io)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        job = _Job(model, profiles, io, calib, eval_data, options,
+                   progress or (lambda step, total, what: None))
+        report = _run(job, scratch)
+        final = scratch / "out"
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        os.replace(final, out_dir)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    missing = [d["profile"] for d in report["decisions"] if d["chosen"] is None]
+    if missing:
+        raise NoArtifactError(f"no artifact within the accuracy budget of "
+                              f"{options.max_accuracy_drop:g} for {', '.join(missing)}; "
+                              f"{out_dir / 'report.json'} lists every candidate and why it "
+                              "was rejected.")
+    return report
+
+
+def _run(job: _Job, scratch: Path) -> dict[str, Any]:
+    model, profiles, io, eval_data, options = (job.model, job.profiles, job.io, job.eval_data,
+                                               job.options)
+    work = scratch / "work"
+    work.mkdir()
+    # Candidates depend on the profiles' dtypes and on reduce_range (CPUs without VNNI or
+    # dotprod); each distinct (pass, reduce_range) is built once and shared by the profiles.
+    reduce_ranges = sorted({not p.cpu.fast_int8 for p in profiles})
+    plan: list[tuple[ModelPass, bool]] = []
+    for rr in reduce_ranges:
+        passes: dict[str, ModelPass] = {}
+        for profile in profiles:
+            if (not profile.cpu.fast_int8) == rr:
+                passes.update((p.name, p) for p in _candidate_passes(profile))
+        plan += [(p, rr) for p in passes.values()]
+    total, step = len(plan) + 3, 1
+
+    job.progress(step, total, "optimising the fp32 graph")
+    base_ctx = PassContext(workdir=work, input_name=io.input_name, calibration=job.calib)
+    optimised = OptimizeGraph().run(model, base_ctx)
+    reference = _Candidate("fp32", "fp32", optimised.model, optimised.notes)
+    runners: dict[str, ModelRunner] = {"fp32": open_runner(reference.path, options.threads)}
+    ref_out = predict(runners["fp32"], eval_data.x)
+    quality = {"fp32": _quality(ref_out, ref_out, eval_data)}
+    ref = _Reference(ref_out, quality["fp32"])
+    candidates = {"fp32": reference}
+    profile_candidates: dict[bool, list[str]] = {rr: ["fp32"] for rr in reduce_ranges}
+
+    for model_pass, rr in plan:
+        step += 1
+        job.progress(step, total, f"building {model_pass.name}{'-rr' if rr else ''}")
+        ctx = replace(base_ctx, fast_int8=not rr)
+        candidate, outputs = _build(job, model_pass, optimised.model, ctx, ref)
+        candidates[candidate.name] = candidate
+        runners[candidate.name] = open_runner(candidate.path, options.threads)
+        quality[candidate.name] = _quality(outputs, ref_out, eval_data)
+        profile_candidates[rr].append(candidate.name)
+
+    step += 1
+    job.progress(step, total, f"measuring latency of {len(runners)} candidates")
+    latency = measure_latency_interleaved(runners, eval_data.x[:1], options.latency_rounds,
+                                          options.latency_iterations)
+    measured = {name: Measured(name, c.dtype, c.path.stat().st_size, latency[name].p50_ms,
+                               latency[name].p99_ms, *quality[name])
+                for name, c in candidates.items()}
+
+    step += 1
+    job.progress(step, total, "choosing and writing artifacts")
+    final = scratch / "out"
+    final.mkdir()
+    decisions = {p.name: choose([measured[n] for n in profile_candidates[not p.cpu.fast_int8]],
+                                measured["fp32"], options.max_accuracy_drop, p.dtypes)
+                 for p in profiles}
+    variants = _write_variants(model, decisions, candidates, measured, final)
+    chosen_outputs = [predict(runners[d.chosen.name], eval_data.x[:options.self_test_samples])
+                      for d in decisions.values() if d.chosen]
+    golden = eval_data.x[:options.self_test_samples]
+    deviation = max((float(np.max(np.abs(o - ref_out[:len(golden)]))) for o in chosen_outputs),
+                    default=0.0)
+    report: dict[str, Any] = {
+        "format_version": 1,
+        "model": {"file": model.name, "size_bytes": model.stat().st_size},
+        "profiles": [p.name for p in profiles],
+        "max_accuracy_drop": options.max_accuracy_drop,
+        "variants": variants,
+        "decisions": [_decision_json(name, d) for name, d in decisions.items()],
+        "candidates": [_measured_json(m, measured["fp32"], candidates[m.name].notes)
+                       for m in measured.values()],
+        **io.signature,
+        # Tolerance: twice the largest deviation any chosen artifact showed on these samples,
+        # so each passes its own self-test and a wrong or corrupted model does not.
+        "self_test": self_test_cases(io.input_name, io.output_name, golden,
+                                     ref_out[:len(golden)], max(1e-4, 2 * deviation)),
+        "baseline": input_baseline(io.input_name, job.calib),
+        "tools": tool_versions(),
+    }
+    (final / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return report
+
+
+def _build(job: _Job, model_pass: ModelPass, source: Path, ctx: PassContext,
+           ref: _Reference) -> tuple[_Candidate, np.ndarray]:
+    """Run one candidate pass; for static int8 over budget, keep sensitive layers in float."""
+    options, eval_data = job.options, job.eval_data
+    result = model_pass.run(source, ctx)
+    dtype = "fp16" if isinstance(model_pass, ConvertFp16) else "int8"
+    outputs = predict(open_runner(result.model, options.threads), eval_data.x)
+    if isinstance(model_pass, QuantizeStatic):
+        weights = _weight_nodes(source)
+        for keep in (1, 2):
+            drop = _drop(outputs, ref, eval_data)
+            if drop <= options.max_accuracy_drop or len(weights) <= 2 * keep:
+                break
+            # The first and last weight layers are the usual int8 casualties (raw inputs, and
+            # logits whose small margins decide the top-1); keep them in float and retry.
+            exclude = (*weights[:keep], *weights[-keep:])
+            log.info("int8-static drop %.2f over budget; keeping %s in float", drop, exclude)
+            result = replace(model_pass, exclude=exclude).run(source, ctx)
+            outputs = predict(open_runner(result.model, options.threads), eval_data.x)
+    name = f"{model_pass.name}{'' if ctx.fast_int8 else '-rr'}"
+    return _Candidate(name, dtype, result.model, result.notes), outputs
+
+
+def _quality(outputs: np.ndarray, ref_out: np.ndarray,
+             eval_data: EvalData) -> tuple[float | None, float]:
+    acc = accuracy(outputs, eval_data.y) if eval_data.y is not None else None
+    return acc, agreement(outputs, ref_out).top1
+
+
+def _drop(outputs: np.ndarray, ref: _Reference, eval_data: EvalData) -> float:
+    acc, agree = _quality(outputs, ref.outputs, eval_data)
+    probe = Measured("", "", 0, 0.0, 0.0, acc, agree)
+    return accuracy_drop(probe, Measured("", "", 0, 0.0, 0.0, *ref.quality))
+
+
+def _write_variants(model: Path, decisions: dict[str, Decision],
+                    candidates: dict[str, _Candidate], measured: dict[str, Measured],
+                    final: Path) -> list[dict[str, Any]]:
+    variants = []
+    for profile, decision in decisions.items():
+        if decision.chosen is None:
+            continue
+        chosen = decision.chosen
+        file = f"{model.stem}.{profile}.{chosen.name}.onnx"
+        shutil.copyfile(candidates[chosen.name].path, final / file)
+        variants.append({"file": file, "format": "onnx", "dtype": chosen.dtype,
+                         "profile": profile, "candidate": chosen.name,
+                         **_measured_json(chosen, measured["fp32"], ())})
+    return variants
+
+
+def _measured_json(m: Measured, reference: Measured, notes: tuple[str, ...]) -> dict[str, Any]:
+    return {"name": m.name, "dtype": m.dtype, "size_bytes": m.size_bytes,
+            "accuracy": None if m.accuracy is None else round(m.accuracy, 2),
+            "accuracy_drop": round(accuracy_drop(m, reference), 2),
+            "top1_agreement": round(m.agreement, 4),
+            "latency_p50_ms": round(m.latency_p50_ms, 4),
+            "latency_p99_ms": round(m.latency_p99_ms, 4),
+            "sparsity": 0.0, "notes": list(notes)}
+
+
+def _decision_json(profile: str, decision: Decision) -> dict[str, Any]:
+    return {"profile": profile,
+            "chosen": decision.chosen.name if decision.chosen else None,
+            "rejected": [{"candidate": r.name, "reason": r.reason} for r in decision.rejected]}
