@@ -1,0 +1,130 @@
+"""Compression benchmark: fp32 vs ``quantize_dynamic`` defaults vs edgefleet's choice.
+
+For each model (the committed digits CNN, and the ViT benchmark model built on demand by
+``models/build_bench_model.py``), in one run on this machine:
+
+- **fp32**: the trained model as exported;
+- **quantize_dynamic**: ``onnxruntime.quantization.quantize_dynamic(model, out)`` with its
+  defaults, the baseline a user would reach for;
+- **edgefleet**: what ``edge-compress MODEL --profile P`` chooses for this host's profile.
+
+All three are timed interleaved (single sample, one thread) and evaluated on the same data;
+figures are printed as ratios against fp32 and against quantize_dynamic, with the targets
+from the design brief. Run::
+
+    .venv/bin/pip install -e '.[models]'       # once, to build the ViT model (PyTorch)
+    .venv/bin/python benchmarks/compress_bench.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from compressor.evaluate import (
+    ModelRunner,
+    accuracy,
+    load_eval_data,
+    measure_latency_interleaved,
+    open_runner,
+    predict,
+)
+from compressor.pipeline import CompressOptions, compress
+from firmware_profiles import best_profile, load_profiles, probe_host
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One artifact's figures."""
+
+    name: str
+    size_bytes: int
+    accuracy: float
+    p50_ms: float
+    p99_ms: float
+
+
+def ensure_bench_model() -> tuple[Path, Path]:
+    """The ViT model and its data, built (about 80 s, needs PyTorch) if missing."""
+    model = MODELS / "generated" / "digits_vit.onnx"
+    data = MODELS / "generated" / "digits_vit_data.npz"
+    if not model.is_file() or not data.is_file():
+        print("building the benchmark model (models/build_bench_model.py)...", flush=True)
+        subprocess.run([sys.executable, str(MODELS / "build_bench_model.py")], check=True)
+    return model, data
+
+
+def bench(model: Path, data_path: Path, profile_name: str, rounds: int) -> list[Row]:
+    """Measure fp32, quantize_dynamic defaults and edgefleet's choice for one model."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    profiles = {p.name: p for p in load_profiles()}
+    data = load_eval_data(data_path)
+    assert data.y is not None, "benchmark data must be labelled"
+    with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
+        baseline = Path(tmp) / "quantize_dynamic.onnx"
+        quantize_dynamic(str(model), str(baseline))
+        started = time.monotonic()
+        report = compress(model, [profiles[profile_name]], Path(tmp) / "edgefleet",
+                          calibration=data_path, evaluation=data_path, options=CompressOptions())
+        print(f"  edge-compress took {time.monotonic() - started:.1f} s; chose "
+              f"{report['variants'][0]['candidate']}", flush=True)
+        chosen = Path(tmp) / "edgefleet" / report["variants"][0]["file"]
+        paths = {"fp32": model, "quantize_dynamic": baseline,
+                 f"edgefleet ({report['variants'][0]['candidate']})": chosen}
+        runners: dict[str, ModelRunner] = {name: open_runner(p) for name, p in paths.items()}
+        latency = measure_latency_interleaved(runners, data.x[:1], rounds=rounds,
+                                              iterations=50)
+        return [Row(name, path.stat().st_size, accuracy(predict(runners[name], data.x), data.y),
+                    latency[name].p50_ms, latency[name].p99_ms)
+                for name, path in paths.items()]
+
+
+def print_table(title: str, rows: list[Row]) -> None:
+    """The figures, then ratios against fp32 and against quantize_dynamic."""
+    fp32, baseline = rows[0], rows[1]
+    print(f"\n{title}")
+    print(f"{'artifact':<28}{'size':>10}{'accuracy':>10}{'p50 ms':>9}{'p99 ms':>9}"
+          f"{'size x':>8}{'speed x':>9}{'drop':>7}{'vs qd: speed x':>16}{'acc':>7}")
+    for row in rows:
+        print(f"{row.name:<28}{row.size_bytes / 2**20:>8.2f}MB{row.accuracy:>9.2f}%"
+              f"{row.p50_ms:>9.3f}{row.p99_ms:>9.3f}{fp32.size_bytes / row.size_bytes:>8.2f}"
+              f"{fp32.p50_ms / row.p50_ms:>9.2f}{fp32.accuracy - row.accuracy:>7.2f}"
+              f"{baseline.p50_ms / row.p50_ms:>16.2f}{row.accuracy - baseline.accuracy:>+7.2f}")
+
+
+def main() -> None:
+    """Run the benchmark on both models and print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="interleaved timing rounds of 50 calls each (default 10)")
+    args = parser.parse_args()
+    profiles = load_profiles()
+    profile = best_profile(probe_host(profiles), profiles)
+    if profile is None:
+        raise SystemExit("no firmware profile fits this host; see 'edge-agent probe'")
+    print(f"host profile: {profile.name}; numpy {np.__version__}")
+    started = time.monotonic()
+    vit_model, vit_data = ensure_bench_model()
+    for title, model, data in (
+            ("digits CNN (models/digits_cnn.onnx)", MODELS / "digits_cnn.onnx",
+             MODELS / "digits_data.npz"),
+            ("ViT encoder (models/generated/digits_vit.onnx)", vit_model, vit_data)):
+        print(f"\n== {title}", flush=True)
+        print_table(title, bench(model, data, profile.name, args.rounds))
+    print(f"\ntargets (larger model): drop <= 1 point, size >= 3.5x, speed >= 1.5x, and at "
+          f"least quantize_dynamic's accuracy and speed\ntotal {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
