@@ -186,6 +186,9 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _progress(step: int, total: int, what: str) -> None:
+    if not sys.stderr.isatty():  # logs and pipes get one plain line per step
+        print(f"[{step}/{total}] {what}", file=sys.stderr, flush=True)
+        return
     width = 24
     done = width * step // total
     end = "\n" if step == total else ""

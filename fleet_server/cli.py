@@ -179,9 +179,9 @@ def _read(path: Path) -> bytes:
 def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = subparsers.add_parser(
         "demo", help="run the product's main job end to end on this machine",
-        description="Probe this host and pick its profile, measure the reference model's "
-        "artifacts, build and sign a bundle for the profile, verify it on the device side, "
-        "and show a tampered copy rejected.")
+        description="Probe this host and pick its profile, compress the reference model for "
+        "it, build and sign a bundle from the result, verify it on the device side, and "
+        "show a tampered copy rejected.")
     demo.add_argument("--workdir", type=Path, metavar="DIR",
                       help="keep the demo's files here (default: a temporary directory)")
     demo.set_defaults(handler=lambda args: run_demo(args.workdir))

@@ -4,10 +4,10 @@ The demo drives the real command-line tools as separate processes, exactly as an
 and a device would run them, so it exercises the installed product rather than library
 internals (and keeps ``fleet_server`` free of imports of the agent or the compressor).
 
-Today's slice: probe this host and pick its firmware profile, measure the reference model's
-ONNX and TFLite artifacts on this machine, create the fleet's keys, build and sign a bundle
-for the host's profile, verify it on the device side, then show that a copy with one flipped
-bit is rejected with its reason.
+Today's slice: probe this host and pick its firmware profile, compress the reference model
+for it (candidates measured here, accuracy-gated), create the fleet's keys, build and sign a
+bundle from the compressor's output, verify it on the device side, then show that a copy with
+one flipped bit is rejected with its reason.
 """
 
 from __future__ import annotations
@@ -85,17 +85,17 @@ def run_demo(workdir: Path | None = None, models: Path = REPO_MODELS) -> int:
         raise DemoError("no firmware profile fits this host (run 'edge-agent probe' to see "
                         "why); the demo needs one to target its bundle at")
     print(f"    best profile for this host: {profile}")
-    keys, bundle = workdir / "keys", workdir / "digits-1.efb"
+    artifacts, keys = workdir / "artifacts", workdir / "keys"
+    bundle = workdir / "digits-1.efb"
     steps: Sequence[_Step] = [
-        *(_Step(f"Measure the reference {artifact.suffix[1:].upper()} artifact on this host",
-                [_tool("edge-compress"), "evaluate", str(artifact), "--data", str(data)])
-          for artifact in (model, models / "digits_cnn.tflite")),
+        _Step(f"Compress the reference model for {profile} (accuracy-gated, measured here)",
+              [_tool("edge-compress"), str(model), "--profile", profile, "--calibration",
+               str(data), "--eval", str(data), "--out", str(artifacts)]),
         _Step("Create the fleet's keys (offline root, online signing keys)",
               [_tool("fleet"), "keys", "init", "--dir", str(keys)]),
-        _Step(f"Build and sign bundle digits v1 for {profile}",
+        _Step("Build and sign bundle digits v1 from the compressor's output",
               [_tool("fleet"), "bundle", "build", "--name", "digits", "--version", "1",
-               "--model", str(model), "--profile", profile, "--keys", str(keys),
-               "--out", str(bundle)]),
+               "--artifacts", str(artifacts), "--keys", str(keys), "--out", str(bundle)]),
         _Step("Device side: verify the bundle against the pinned root of trust",
               [_tool("edge-agent"), "verify", str(bundle), "--state-dir",
                str(workdir / "device"), "--root", str(keys / "root.json"),

@@ -23,6 +23,10 @@ from .base import PassContext, PassError, PassResult
 __all__ = ["CALIBRATION_METHODS", "QuantizeDynamic", "QuantizeStatic"]
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+# Static int8 pays off where the arithmetic is; quantizing normalisation or element-wise ops
+# adds quantize/dequantize pairs and error for no speed (and LayerNorm's rank-1 weights have
+# no channel axis to quantize per channel).
+STATIC_OP_TYPES = ("Conv", "MatMul", "Gemm")
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,8 @@ class QuantizeStatic:
                             quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             reduce_range=not ctx.fast_int8, calibrate_method=method,
-                            nodes_to_exclude=list(self.exclude))
+                            nodes_to_exclude=list(self.exclude),
+                            op_types_to_quantize=list(STATIC_OP_TYPES))
         except Exception as exc:  # calibration and quantization raise assorted errors
             raise PassError(f"{model}: static quantization failed: {exc}") from exc
         notes = [f"calibration={self.method} on {len(ctx.calibration)} samples",
