@@ -18,7 +18,8 @@ _RUNTIMES = ["onnxruntime>=1.20", "ai-edge-litert>=2.0"]
 
 EXTRAS = {
     "agent": [*_CORE, *_RUNTIMES, "paho-mqtt>=2.0", "psutil>=5.9"],
-    "compressor": [*_CORE, *_RUNTIMES, "onnx>=1.17"],
+    # sympy: onnxruntime's symbolic shape inference, run before quantization.
+    "compressor": [*_CORE, *_RUNTIMES, "onnx>=1.17", "sympy>=1.12"],
     "server": [*_CORE, "paho-mqtt>=2.0"],
     "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "mypy>=1.11", "pytest-timeout>=2.3"],
 }
