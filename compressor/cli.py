@@ -166,6 +166,10 @@ def _add_compress(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
                    "agreement with the fp32 model is used")
     p.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
                    help="largest accepted accuracy loss in points (default 1.0)")
+    p.add_argument("--prune-channels", type=float, metavar="RATIO",
+                   help="also try structured pruning: remove this share (0-1) of hidden "
+                   "units/channels, alone and with int8 (no retraining; the accuracy gate "
+                   "decides)")
     p.add_argument("--profiles-dir", type=Path, metavar="DIR",
                    help="read profiles from DIR (default: the packaged profiles)")
     p.add_argument("--json", action="store_true", help="print report.json instead of a table")
@@ -174,7 +178,8 @@ def _add_compress(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
 
 def _compress(args: argparse.Namespace) -> int:
     profiles = [get_profile(name, args.profiles_dir) for name in args.profile]
-    options = CompressOptions(max_accuracy_drop=args.max_accuracy_drop)
+    options = CompressOptions(max_accuracy_drop=args.max_accuracy_drop,
+                              prune_channels=args.prune_channels)
     try:
         report = compress(args.model, profiles, args.out, calibration=args.calibration,
                           evaluation=args.eval, options=options, progress=_progress)

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from .passes import (
     ModelPass,
     OptimizeGraph,
     PassContext,
+    PruneChannels,
     QuantizeDynamic,
     QuantizeStatic,
 )
@@ -77,6 +78,9 @@ class CompressOptions:
     latency_rounds: int = 5
     latency_iterations: int = 20
     threads: int = 1
+    # Share of hidden units/channels structured pruning removes; None builds no pruned
+    # candidates (pruning without retraining costs accuracy, so it is opt-in).
+    prune_channels: float | None = None
 
 
 @dataclass(frozen=True)
@@ -245,79 +249,119 @@ def compress(model: Path, profiles: list[Profile], out_dir: Path, *,
     return report
 
 
-def _run(job: _Job, scratch: Path) -> dict[str, Any]:
-    model, profiles, io, eval_data, options = (job.model, job.profiles, job.io, job.eval_data,
-                                               job.options)
-    work = scratch / "work"
-    work.mkdir()
+@dataclass
+class _Pool:
+    """The candidates built so far, their loaded runners and measured quality."""
+
+    reference_outputs: np.ndarray
+    candidates: dict[str, _Candidate] = field(default_factory=dict)
+    runners: dict[str, ModelRunner] = field(default_factory=dict)
+    quality: dict[str, tuple[float | None, float]] = field(default_factory=dict)
+    by_reduce_range: dict[bool, list[str]] = field(default_factory=dict)
+
+    def add(self, candidate: _Candidate, runner: ModelRunner, outputs: np.ndarray,
+            eval_data: EvalData, reduce_ranges: list[bool]) -> None:
+        self.candidates[candidate.name] = candidate
+        self.runners[candidate.name] = runner
+        self.quality[candidate.name] = _quality(outputs, self.reference_outputs, eval_data)
+        for rr in reduce_ranges:
+            self.by_reduce_range.setdefault(rr, []).append(candidate.name)
+
+
+def _plan(job: _Job) -> tuple[list[bool], list[tuple[ModelPass, bool, bool]]]:
+    """Which passes to build: (pass, reduce_range, on the pruned model), each once."""
     # Candidates depend on the profiles' dtypes and on reduce_range (CPUs without VNNI or
     # dotprod); each distinct (pass, reduce_range) is built once and shared by the profiles.
-    reduce_ranges = sorted({not p.cpu.fast_int8 for p in profiles})
-    plan: list[tuple[ModelPass, bool]] = []
+    reduce_ranges = sorted({not p.cpu.fast_int8 for p in job.profiles})
+    plan: list[tuple[ModelPass, bool, bool]] = []
     for rr in reduce_ranges:
         passes: dict[str, ModelPass] = {}
-        for profile in profiles:
+        for profile in job.profiles:
             if (not profile.cpu.fast_int8) == rr:
                 passes.update((p.name, p) for p in _candidate_passes(profile))
-        plan += [(p, rr) for p in passes.values()]
-    total, step = len(plan) + 3, 1
+        plan += [(p, rr, False) for p in passes.values()]
+        if job.options.prune_channels and "int8-dynamic" in passes:
+            plan.append((QuantizeDynamic(), rr, True))
+    return reduce_ranges, plan
 
+
+def _run(job: _Job, scratch: Path) -> dict[str, Any]:
+    options, eval_data = job.options, job.eval_data
+    work = scratch / "work"
+    work.mkdir()
+    reduce_ranges, plan = _plan(job)
+    total, step = len(plan) + 3 + bool(options.prune_channels), 1
     job.progress(step, total, "optimising the fp32 graph")
-    base_ctx = PassContext(workdir=work, input_name=io.input_name, calibration=job.calib)
-    optimised = OptimizeGraph().run(model, base_ctx)
-    reference = _Candidate("fp32", "fp32", optimised.model, optimised.notes)
-    runners: dict[str, ModelRunner] = {"fp32": open_runner(reference.path, options.threads)}
-    ref_out = predict(runners["fp32"], eval_data.x)
-    quality = {"fp32": _quality(ref_out, ref_out, eval_data)}
-    ref = _Reference(ref_out, quality["fp32"])
-    candidates = {"fp32": reference}
-    profile_candidates: dict[bool, list[str]] = {rr: ["fp32"] for rr in reduce_ranges}
-
-    for model_pass, rr in plan:
+    base_ctx = PassContext(workdir=work, input_name=job.io.input_name, calibration=job.calib)
+    optimised = OptimizeGraph().run(job.model, base_ctx)
+    runner = open_runner(optimised.model, options.threads)
+    pool = _Pool(reference_outputs=predict(runner, eval_data.x))
+    pool.add(_Candidate("fp32", "fp32", optimised.model, optimised.notes), runner,
+             pool.reference_outputs, eval_data, reduce_ranges)
+    ref = _Reference(pool.reference_outputs, pool.quality["fp32"])
+    sources = {False: optimised.model}
+    if options.prune_channels:
         step += 1
-        job.progress(step, total, f"building {model_pass.name}{'-rr' if rr else ''}")
-        ctx = replace(base_ctx, fast_int8=not rr)
-        candidate, outputs = _build(job, model_pass, optimised.model, ctx, ref)
-        candidates[candidate.name] = candidate
-        runners[candidate.name] = open_runner(candidate.path, options.threads)
-        quality[candidate.name] = _quality(outputs, ref_out, eval_data)
-        profile_candidates[rr].append(candidate.name)
+        pruner = PruneChannels(options.prune_channels)
+        job.progress(step, total, f"building {_pruned_name(options)}")
+        pruned = pruner.run(optimised.model, base_ctx)
+        sources[True] = pruned.model
+        runner = open_runner(pruned.model, options.threads)
+        pool.add(_Candidate(_pruned_name(options), "fp32", pruned.model, pruned.notes), runner,
+                 predict(runner, eval_data.x), eval_data, reduce_ranges)
+
+    for model_pass, rr, on_pruned in plan:
+        step += 1
+        prefix = f"{_pruned_name(options)}+" if on_pruned else ""
+        job.progress(step, total, f"building {prefix}{model_pass.name}{'-rr' if rr else ''}")
+        candidate, outputs = _build(job, model_pass, sources[on_pruned],
+                                    replace(base_ctx, fast_int8=not rr), ref)
+        if on_pruned:
+            pruning_notes = pool.candidates[_pruned_name(options)].notes
+            candidate = replace(candidate, name=prefix + candidate.name,
+                                notes=(*pruning_notes, *candidate.notes))
+        pool.add(candidate, open_runner(candidate.path, options.threads), outputs, eval_data,
+                 [rr])
 
     step += 1
-    job.progress(step, total, f"measuring latency of {len(runners)} candidates")
-    latency = measure_latency_interleaved(runners, eval_data.x[:1], options.latency_rounds,
+    job.progress(step, total, f"measuring latency of {len(pool.runners)} candidates")
+    latency = measure_latency_interleaved(pool.runners, eval_data.x[:1], options.latency_rounds,
                                           options.latency_iterations)
     measured = {name: Measured(name, c.dtype, c.path.stat().st_size, latency[name].p50_ms,
-                               latency[name].p99_ms, *quality[name])
-                for name, c in candidates.items()}
+                               latency[name].p99_ms, *pool.quality[name])
+                for name, c in pool.candidates.items()}
+    job.progress(total, total, "choosing and writing artifacts")
+    return _finish(job, pool, measured, scratch / "out")
 
-    step += 1
-    job.progress(step, total, "choosing and writing artifacts")
-    final = scratch / "out"
+
+def _finish(job: _Job, pool: _Pool, measured: dict[str, Measured],
+            final: Path) -> dict[str, Any]:
+    """Choose per profile, then write the chosen artifacts and report.json into ``final``."""
+    options, io = job.options, job.io
     final.mkdir()
-    decisions = {p.name: choose([measured[n] for n in profile_candidates[not p.cpu.fast_int8]],
+    decisions = {p.name: choose([measured[n] for n in pool.by_reduce_range[not p.cpu.fast_int8]],
                                 measured["fp32"], options.max_accuracy_drop, p.dtypes)
-                 for p in profiles}
-    variants = _write_variants(model, decisions, candidates, measured, final)
-    chosen_outputs = [predict(runners[d.chosen.name], eval_data.x[:options.self_test_samples])
-                      for d in decisions.values() if d.chosen]
-    golden = eval_data.x[:options.self_test_samples]
-    deviation = max((float(np.max(np.abs(o - ref_out[:len(golden)]))) for o in chosen_outputs),
-                    default=0.0)
+                 for p in job.profiles}
+    variants = _write_variants(job.model, decisions, pool.candidates, measured, final)
+    golden = job.eval_data.x[:options.self_test_samples]
+    expected = pool.reference_outputs[:len(golden)]
+    deviation = max((float(np.max(np.abs(predict(pool.runners[d.chosen.name], golden)
+                                         - expected)))
+                     for d in decisions.values() if d.chosen), default=0.0)
     report: dict[str, Any] = {
         "format_version": 1,
-        "model": {"file": model.name, "size_bytes": model.stat().st_size},
-        "profiles": [p.name for p in profiles],
+        "model": {"file": job.model.name, "size_bytes": job.model.stat().st_size},
+        "profiles": [p.name for p in job.profiles],
         "max_accuracy_drop": options.max_accuracy_drop,
         "variants": variants,
         "decisions": [_decision_json(name, d) for name, d in decisions.items()],
-        "candidates": [_measured_json(m, measured["fp32"], candidates[m.name].notes)
+        "candidates": [_measured_json(m, measured["fp32"], pool.candidates[m.name].notes)
                        for m in measured.values()],
         **io.signature,
         # Tolerance: twice the largest deviation any chosen artifact showed on these samples,
         # so each passes its own self-test and a wrong or corrupted model does not.
-        "self_test": self_test_cases(io.input_name, io.output_name, golden,
-                                     ref_out[:len(golden)], max(1e-4, 2 * deviation)),
+        "self_test": self_test_cases(io.input_name, io.output_name, golden, expected,
+                                     max(1e-4, 2 * deviation)),
         "baseline": input_baseline(io.input_name, job.calib),
         "tools": tool_versions(),
     }
@@ -346,6 +390,10 @@ def _build(job: _Job, model_pass: ModelPass, source: Path, ctx: PassContext,
             outputs = predict(open_runner(result.model, options.threads), eval_data.x)
     name = f"{model_pass.name}{'' if ctx.fast_int8 else '-rr'}"
     return _Candidate(name, dtype, result.model, result.notes), outputs
+
+
+def _pruned_name(options: CompressOptions) -> str:
+    return f"{PruneChannels.name}{int((options.prune_channels or 0) * 100)}"
 
 
 def _quality(outputs: np.ndarray, ref_out: np.ndarray,

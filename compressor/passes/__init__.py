@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from .base import ModelPass, PassContext, PassError, PassResult
+from .channel_prune import PruneChannels
 from .fp16 import ConvertFp16
 from .optimize import OptimizeGraph
 from .prune import MagnitudePrune
 from .quantize import QuantizeDynamic, QuantizeStatic
 
 __all__ = ["ConvertFp16", "MagnitudePrune", "ModelPass", "OptimizeGraph", "PassContext",
-           "PassError", "PassResult", "QuantizeDynamic", "QuantizeStatic"]
+           "PassError", "PassResult", "PruneChannels", "QuantizeDynamic", "QuantizeStatic"]

@@ -16,9 +16,11 @@ from compressor.passes import (
     OptimizeGraph,
     PassContext,
     PassError,
+    PruneChannels,
     QuantizeDynamic,
     QuantizeStatic,
 )
+from compressor.passes.channel_prune import unit_scores
 from compressor.passes.prune import prune_array
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -131,3 +133,63 @@ def test_magnitude_pruning_zeros_weights_and_model_still_works(ctx: PassContext)
     assert result.notes[0].startswith("sparsity 50.0% over 4 weight tensors")
     assert DATA.y is not None
     assert accuracy(outputs(result.model), DATA.y) >= 90.0
+
+
+def test_unit_scores_rank_by_signal_through_each_unit() -> None:
+    w1 = np.array([[1.0, 0.0, 2.0], [1.0, 0.1, 2.0]]).T  # 3 units, 2 inputs each
+    w2 = np.array([[1.0], [5.0], [0.4]])  # scores: 2 * 1, 0.1 * 5, 4 * 0.4
+    assert list(np.argsort(unit_scores(w1, w2))) == [1, 2, 0]
+
+
+def test_channel_pruning_really_removes_conv_channels(ctx: PassContext) -> None:
+    result = PruneChannels(ratio=0.5).run(MODEL, ctx)
+    assert result.notes == ("removed 8 of 16 hidden units/channels in 1 layer pairs",)
+    graph = onnx.load(str(result.model)).graph
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    assert weights[convs[0].input[1]].shape == (8, 1, 3, 3)
+    assert weights[convs[0].input[2]].shape == (8,)
+    assert weights[convs[1].input[1]].shape == (32, 8, 3, 3)
+    assert DATA.y is not None
+    assert accuracy(outputs(result.model), DATA.y) >= 90.0
+
+
+def test_channel_pruning_needs_a_pair_and_a_sane_ratio(ctx: PassContext, tmp_path: Path) -> None:
+    with pytest.raises(PassError, match=r"ratio must be in \(0, 1\)"):
+        PruneChannels(ratio=1.0).run(MODEL, ctx)
+    single = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(np.ones((4, 3), np.float32), "w")]))
+    path = tmp_path / "single.onnx"
+    onnx.save(single, str(path))
+    with pytest.raises(PassError, match="no prunable layer pairs"):
+        PruneChannels().run(path, ctx)
+
+
+def test_channel_pruning_through_a_gelu_dag(ctx: PassContext, tmp_path: Path) -> None:
+    # MatMul -> Add(bias) -> GELU as exported (x * 0.5 * (1 + erf(x / sqrt2))) -> MatMul
+    h = onnx.helper
+    rng = np.random.default_rng(0)
+    consts = {"w1": rng.normal(size=(4, 8)), "b1": rng.normal(size=8), "w2": rng.normal(
+        size=(8, 3)), "s2": np.array(1.4142135), "one": np.array(1.0), "half": np.array(0.5)}
+    nodes = [h.make_node("MatMul", ["x", "w1"], ["a"]), h.make_node("Add", ["a", "b1"], ["z"]),
+             h.make_node("Div", ["z", "s2"], ["d"]), h.make_node("Erf", ["d"], ["e"]),
+             h.make_node("Add", ["e", "one"], ["f"]), h.make_node("Mul", ["z", "f"], ["g"]),
+             h.make_node("Mul", ["g", "half"], ["act"]), h.make_node("MatMul", ["act", "w2"],
+                                                                      ["y"])]
+    model = h.make_model(h.make_graph(
+        nodes, "ffn", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in consts.items()]))
+    path = tmp_path / "ffn.onnx"
+    onnx.save(model, str(path))
+    result = PruneChannels(ratio=0.25).run(path, ctx)
+    graph = onnx.load(str(result.model)).graph
+    pruned = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    assert pruned["w1"].shape == (4, 6)
+    assert pruned["b1"].shape == (6,)
+    assert pruned["w2"].shape == (6, 3)
+    out = open_runner(result.model).run(np.ones((2, 4), np.float32))
+    assert out.shape == (2, 3)

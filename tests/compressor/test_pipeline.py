@@ -158,3 +158,16 @@ def test_cli_implicit_compress_and_one_line_errors(tmp_path: Path,
     assert capsys.readouterr().err == (
         f"edge-compress: error: {missing}: not a readable ONNX model "
         f"([Errno 2] No such file or directory: '{missing}').\n")
+
+
+def test_structured_pruning_candidates_go_through_the_gate(tmp_path: Path) -> None:
+    options = CompressOptions(latency_rounds=1, latency_iterations=3, calibration_samples=16,
+                              prune_channels=0.5)
+    report = compress(MODEL, [get_profile("x86-64-vnni")], tmp_path / "out", calibration=DATA,
+                      evaluation=DATA, options=options)
+    by_name = {c["name"]: c for c in report["candidates"]}
+    assert {"prune-channels50", "prune-channels50+int8-dynamic"} <= set(by_name)
+    assert by_name["prune-channels50"]["notes"][0].startswith("removed 8 of 16")
+    assert by_name["prune-channels50"]["size_bytes"] < by_name["fp32"]["size_bytes"]
+    rejected = {r["candidate"] for r in report["decisions"][0]["rejected"]}
+    assert rejected | {report["decisions"][0]["chosen"]} == set(by_name)
