@@ -56,12 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``edge-compress``; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # `edge-compress MODEL ...` is the main job: the word `compress` may be left out.
-    commands = set(_subcommands(parser))
-    first = next((a for a in argv if not a.startswith("-")), None)
-    if first is not None and first not in commands and not {"-h", "--help", "--version"} & set(
-            argv[:argv.index(first)]):
-        argv.insert(argv.index(first), "compress")
+    # `edge-compress MODEL ...` is the main job: the word `compress` may be left out. After
+    # the top-level -v flags, anything that is not a subcommand or help starts one.
+    start = 0
+    while start < len(argv) and argv[start] in {"-v", "-vv", "-vvv", "--verbose"}:
+        start += 1
+    if start < len(argv) and argv[start] not in {*_subcommands(parser), "-h", "--help",
+                                                 "--version"}:
+        argv.insert(start, "compress")
     args = parser.parse_args(argv)
     logging.basicConfig(level=_log_level(args.verbose),
                         format="%(levelname)s %(name)s: %(message)s")

@@ -171,3 +171,17 @@ def test_structured_pruning_candidates_go_through_the_gate(tmp_path: Path) -> No
     assert by_name["prune-channels50"]["size_bytes"] < by_name["fp32"]["size_bytes"]
     rejected = {r["candidate"] for r in report["decisions"][0]["rejected"]}
     assert rejected | {report["decisions"][0]["chosen"]} == set(by_name)
+
+
+@pytest.mark.parametrize("argv", [
+    ["MODEL", "--profile", "rpi9", "--out", "OUT"],
+    ["--profile", "rpi9", "MODEL", "--out", "OUT"],
+    ["-v", "MODEL", "--out", "OUT", "--profile", "rpi9"],
+    ["compress", "MODEL", "--profile", "rpi9", "--out", "OUT"],
+])
+def test_cli_compress_word_is_optional_in_any_order(argv: list[str], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [str(tmp_path / "out") if a == "OUT" else str(MODEL) if a == "MODEL" else a
+            for a in argv]
+    assert main(argv) == 1  # parsed as compress; fails on the unknown profile, not on usage
+    assert "no profile named 'rpi9'" in capsys.readouterr().err
