@@ -71,8 +71,6 @@ def bench(model: Path, data_path: Path, profile_name: str, rounds: int) -> list[
     from onnxruntime.quantization import quantize_dynamic
 
     profiles = {p.name: p for p in load_profiles()}
-    data = load_eval_data(data_path)
-    assert data.y is not None, "benchmark data must be labelled"
     with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
         baseline = Path(tmp) / "quantize_dynamic.onnx"
         quantize_dynamic(str(model), str(baseline))
@@ -82,33 +80,31 @@ def bench(model: Path, data_path: Path, profile_name: str, rounds: int) -> list[
         print(f"  edge-compress took {time.monotonic() - started:.1f} s; chose "
               f"{report['variants'][0]['candidate']}", flush=True)
         chosen = Path(tmp) / "edgefleet" / report["variants"][0]["file"]
-        paths = {"fp32": model, "quantize_dynamic": baseline,
-                 f"edgefleet ({report['variants'][0]['candidate']})": chosen}
-        runners: dict[str, ModelRunner] = {name: open_runner(p) for name, p in paths.items()}
-        latency = measure_latency_interleaved(runners, data.x[:1], rounds=rounds,
-                                              iterations=50)
-        return [Row(name, path.stat().st_size, accuracy(predict(runners[name], data.x), data.y),
-                    latency[name].p50_ms, latency[name].p99_ms)
-                for name, path in paths.items()]
+        return measure_rows({"fp32": model, "quantize_dynamic": baseline,
+                             f"edgefleet ({report['variants'][0]['candidate']})": chosen},
+                            data_path, rounds)
 
 
 def bench_pruning(model: Path, data_path: Path, ratios: tuple[float, ...],
                   rounds: int) -> list[Row]:
     """fp32 (optimised) against the same graph with structured pruning at each ratio."""
-    data = load_eval_data(data_path)
-    assert data.y is not None, "benchmark data must be labelled"
     with tempfile.TemporaryDirectory(prefix="prune-bench-") as tmp:
         ctx = PassContext(workdir=Path(tmp), input_name="input")
         base = OptimizeGraph().run(model, ctx).model
         paths = {"fp32": base}
         for ratio in ratios:
             paths[f"channels -{ratio:.0%}"] = PruneChannels(ratio).run(base, ctx).model
-        runners: dict[str, ModelRunner] = {name: open_runner(p) for name, p in paths.items()}
-        latency = measure_latency_interleaved(runners, data.x[:1], rounds=rounds,
-                                              iterations=50)
-        return [Row(name, path.stat().st_size, accuracy(predict(runners[name], data.x), data.y),
-                    latency[name].p50_ms, latency[name].p99_ms)
-                for name, path in paths.items()]
+        return measure_rows(paths, data_path, rounds)
+
+
+def measure_rows(paths: dict[str, Path], data_path: Path, rounds: int) -> list[Row]:
+    """Accuracy of each model file, and latency timed interleaved across all of them."""
+    data = load_eval_data(data_path)
+    assert data.y is not None, "benchmark data must be labelled"
+    runners: dict[str, ModelRunner] = {name: open_runner(p) for name, p in paths.items()}
+    latency = measure_latency_interleaved(runners, data.x[:1], rounds=rounds, iterations=50)
+    return [Row(name, path.stat().st_size, accuracy(predict(runners[name], data.x), data.y),
+                latency[name].p50_ms, latency[name].p99_ms) for name, path in paths.items()]
 
 
 def print_table(title: str, rows: list[Row]) -> None:
