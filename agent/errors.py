@@ -4,12 +4,20 @@ Every message says what was wrong and what to do about it. The tree::
 
     AgentError
     ├── TrustStoreError       the trusted state on disk is missing, unreadable or corrupt
-    └── BundleRejectedError   a bundle failed verification; ``reason`` names the check
+    ├── BundleRejectedError   a bundle failed verification; ``reason`` names the check
+    ├── InstallError          an install could not finish; ``reason`` is a stable code
+    ├── ModelLoadError        no runtime on this device could open the model
+    ├── ModelNotFoundError    no model of that name is being served
+    └── InvalidInputError     an inference request does not match the model's signature
+
+``InvalidInputError`` and ``ModelNotFoundError`` are the caller's fault (HTTP 400 and 404);
+the agent never stops serving because of them.
 """
 
 from __future__ import annotations
 
-__all__ = ["AgentError", "BundleRejectedError", "TrustStoreError"]
+__all__ = ["AgentError", "BundleRejectedError", "InstallError", "InvalidInputError",
+           "ModelLoadError", "ModelNotFoundError", "TrustStoreError"]
 
 
 class AgentError(Exception):
@@ -27,3 +35,24 @@ class BundleRejectedError(AgentError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
+
+
+class InstallError(AgentError):
+    """An install did not complete. ``reason`` is a stable code for the fleet server
+    (``self_test_failed``, ``no_variant``, ``load_failed``, ``rejected:<check>``...)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ModelLoadError(AgentError):
+    """No runtime on this device could open the model file."""
+
+
+class ModelNotFoundError(AgentError):
+    """No model of the requested name (or version) is being served."""
+
+
+class InvalidInputError(AgentError):
+    """An inference request's tensors do not match the model's input signature."""

@@ -1,7 +1,7 @@
 """The device's trusted state on disk: TUF metadata it trusts and model versions it installed.
 
-One file, ``trust.json`` in the state directory, replaced atomically (temp file, fsync,
-``os.replace``, fsync of the directory) so power loss leaves the old or the new state, never
+One file, ``trust.json`` in the state directory, replaced atomically
+(:func:`bundle.atomic.write_atomic`) so power loss leaves the old or the new state, never
 a mix of metadata versions. Format::
 
     {"format": 1,
@@ -17,12 +17,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bundle.atomic import write_atomic
 from bundle.trust import InstalledVersion, TrustedState
 
 from .errors import TrustStoreError
@@ -68,23 +67,7 @@ class TrustStore:
         """Replace the trusted state atomically and durably."""
         data = json.dumps(_to_dict(state), indent=1, sort_keys=True).encode("utf-8")
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".trust.json.")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            # The rename itself must reach the disk too.
-            dir_fd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            write_atomic(self.path, data)
         except OSError as exc:
             raise TrustStoreError(f"cannot write {self.path} ({exc.strerror}); check the "
                                   "state directory's permissions and free space") from exc

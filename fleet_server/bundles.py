@@ -16,13 +16,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from bundle.atomic import write_atomic
 from bundle.crypto import public_key_from_bytes
 from bundle.errors import BundleError
 from bundle.manifest import TensorSpec, self_tests_from_obj, tensor_specs_from_obj
 from bundle.signing import ArtifactInput, BundleSpec, build_bundle
 
 from .errors import BundleInputError
-from .keys import KeyStore, RepositoryState, atomic_write
+from .keys import KeyStore, RepositoryState
 
 __all__ = ["BuildRequest", "build", "load_artifacts"]
 
@@ -71,7 +72,7 @@ def build(request: BuildRequest) -> BundleSpec:
     data = build_bundle(spec, root_chain=store.root_chain(), signers=online,
                         metadata_version=version, expires=expires, recipients=recipients)
     try:
-        atomic_write(request.out, data)
+        write_atomic(request.out, data)
     except OSError as exc:
         raise BundleInputError(f"cannot write {request.out} ({exc.strerror})") from exc
     store.save_state(RepositoryState(version, {**state.models, request.name: request.version}))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -34,6 +33,7 @@ from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api.exceptions import RepositoryError
 from tuf.api.metadata import Metadata, Root
 
+from bundle.atomic import write_atomic
 from bundle.errors import BundleError
 from bundle.signing import make_root, rotate_root, sign_metadata
 
@@ -138,7 +138,7 @@ class KeyStore:
         """Persist ``state`` atomically."""
         data = {"metadata_version": state.metadata_version, "models": dict(state.models)}
         try:
-            atomic_write(self.repository_dir / "state.json",
+            write_atomic(self.repository_dir / "state.json",
                          json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))
         except OSError as exc:
             raise KeyStoreError(f"cannot save {self.repository_dir / 'state.json'} ({exc}); "
@@ -216,22 +216,6 @@ def rotate_keys(store: KeyStore, role: str, *, count: int | None = None,
     return rotated
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` so a crash leaves the old or the new file, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _days(n: int) -> datetime:
     return (datetime.now(timezone.utc) + timedelta(days=n)).replace(microsecond=0)
 
@@ -262,8 +246,8 @@ def _load_signers(directory: Path, role: str) -> list[CryptoSigner]:
 
 
 def _publish_root(store: KeyStore, root_bytes: bytes, version: int) -> None:
-    atomic_write(store.repository_dir / "root_history" / f"{version}.root.json", root_bytes)
-    atomic_write(store.root_path, root_bytes)
+    write_atomic(store.repository_dir / "root_history" / f"{version}.root.json", root_bytes)
+    write_atomic(store.root_path, root_bytes)
 
 
 def _retire(directory: Path, role: str, keyids: set[str]) -> None:

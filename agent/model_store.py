@@ -1,0 +1,192 @@
+"""The model store on disk: versioned slots per model and an atomically flipped active pointer.
+
+Layout under the store directory::
+
+    {name}/{version}/model.onnx|model.tflite   the artifact this device runs (plaintext)
+    {name}/{version}/manifest.json             the verified bundle manifest
+    {name}/{version}/slot.json                 which variant, its sha256, when installed
+    {name}/active.json                         {"version": 3, "previous": 2}
+
+A slot is written into a hidden staging directory, fsynced and renamed into place, so a slot
+directory either is complete or does not exist. ``active.json`` is replaced atomically, so it
+always names a complete slot. The previous version's slot is kept until the next commit:
+it is the known-good model to go back to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bundle.atomic import fsync_dir, write_atomic
+from bundle.errors import BundleError
+from bundle.manifest import ArtifactVariant, Manifest, manifest_from_json, manifest_to_json
+
+from .errors import AgentError
+
+__all__ = ["ActivePointer", "ModelStore", "StoredModel"]
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass(frozen=True)
+class ActivePointer:
+    """Which version of a model serves, and which one to go back to."""
+
+    version: int
+    previous: int | None
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """One complete slot."""
+
+    name: str
+    version: int
+    path: Path
+    format: str
+    dtype: str
+    sha256: str
+    manifest: Manifest
+    manifest_sha256: str
+
+    def intact(self) -> bool:
+        """Whether the model file still hashes to what was installed (bit rot, tampering)."""
+        try:
+            return _sha256_file(self.path) == self.sha256
+        except OSError:
+            return False
+
+
+class ModelStore:
+    """The slots under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def names(self) -> list[str]:
+        """Models that have an active version."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.root.glob("*/active.json"))
+
+    def active(self, name: str) -> ActivePointer | None:
+        """The active pointer of ``name``, or None if it was never activated."""
+        path = self._dir(name) / "active.json"
+        try:
+            raw = json.loads(path.read_bytes())
+            previous = raw["previous"]
+            return ActivePointer(int(raw["version"]), None if previous is None else int(previous))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise AgentError(f"{path} is corrupt ({exc!r}); reinstall the model's bundle") from exc
+
+    def versions(self, name: str) -> list[int]:
+        """Versions with a complete slot."""
+        directory = self._dir(name)
+        if not directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+    def slot(self, name: str, version: int) -> StoredModel:
+        """Read a slot's records. Raises AgentError when it is missing or corrupt."""
+        directory = self._dir(name) / str(version)
+        try:
+            info = json.loads((directory / "slot.json").read_bytes())
+            manifest_bytes = (directory / "manifest.json").read_bytes()
+            return StoredModel(
+                name=name, version=version, path=directory / info["file"],
+                format=info["format"], dtype=info["dtype"], sha256=info["sha256"],
+                manifest=manifest_from_json(manifest_bytes),
+                manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest())
+        except (OSError, ValueError, KeyError, TypeError, BundleError) as exc:
+            raise AgentError(f"slot {directory} is missing or corrupt ({exc}); reinstall "
+                             f"{name} v{version}") from exc
+
+    def stage(self, manifest: Manifest, variant: ArtifactVariant, model_bytes: bytes,
+              installed_at: float) -> StoredModel:
+        """Write the slot for ``manifest``'s ``variant`` (plaintext ``model_bytes``) durably.
+
+        Replaces an earlier slot of the same version (a resumed install) unless it is active.
+        """
+        name, version = _check_name(manifest.name), manifest.version
+        pointer = self.active(name)
+        if pointer is not None and pointer.version == version:
+            return self.slot(name, version)
+        model_dir = self._dir(name)
+        staging = model_dir / f".staging-{version}"
+        final = model_dir / str(version)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        manifest_bytes = manifest_to_json(manifest)
+        file_name = f"model.{variant.format}"
+        info: dict[str, Any] = {
+            "file": file_name, "format": variant.format, "dtype": variant.dtype,
+            "variant": variant.path, "sha256": hashlib.sha256(model_bytes).hexdigest(),
+            "size": len(model_bytes), "installed_at": installed_at}
+        for file, data in ((file_name, model_bytes), ("manifest.json", manifest_bytes),
+                           ("slot.json", json.dumps(info, indent=1).encode())):
+            with open(staging / file, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        fsync_dir(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        fsync_dir(model_dir)
+        return self.slot(name, version)
+
+    def set_active(self, name: str, version: int, previous: int | None) -> None:
+        """Flip the active pointer atomically."""
+        data = json.dumps({"version": version, "previous": previous}).encode()
+        write_atomic(self._dir(name) / "active.json", data)
+
+    def deactivate(self, name: str) -> None:
+        """Stop serving ``name`` from the store (its first version failed probation)."""
+        path = self._dir(name) / "active.json"
+        path.unlink(missing_ok=True)
+        if path.parent.is_dir():
+            fsync_dir(path.parent)
+
+    def prune(self, name: str) -> None:
+        """Delete every slot but the active and previous ones, and stale staging dirs."""
+        pointer = self.active(name)
+        keep = set() if pointer is None else {pointer.version, pointer.previous}
+        directory = self._dir(name)
+        for path in directory.iterdir() if directory.is_dir() else ():
+            if path.is_dir() and (path.name.startswith(".staging-")
+                                  or (path.name.isdigit() and int(path.name) not in keep)):
+                shutil.rmtree(path, ignore_errors=True)
+
+    def remove(self, name: str, version: int) -> None:
+        """Delete one slot (a version that failed), never the active one."""
+        pointer = self.active(name)
+        if pointer is not None and pointer.version == version:
+            raise AgentError(f"refusing to delete the active slot {name} v{version}")
+        shutil.rmtree(self._dir(name) / str(version), ignore_errors=True)
+
+    def _dir(self, name: str) -> Path:
+        return self.root / _check_name(name)
+
+
+def _check_name(name: str) -> str:
+    # Model names become directory names; refuse anything that could escape the store.
+    if not _NAME.fullmatch(name):
+        raise AgentError(f"model name {name!r} is not allowed; use letters, digits, '.', '_' "
+                         "and '-' (up to 128, not starting with a dot)")
+    return name
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

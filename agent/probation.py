@@ -1,0 +1,59 @@
+"""Probation: after a swap, is the new model healthy enough to keep? A pure judgement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ProbationPolicy", "Verdict", "judge"]
+
+
+@dataclass(frozen=True)
+class ProbationPolicy:
+    """Thresholds for rolling back a freshly activated model."""
+
+    window_s: float = 60.0  # how long the new model is watched before it is committed
+    min_requests: int = 20  # fewer requests than this say nothing about rates or p99
+    max_error_rate: float = 0.05
+    max_latency_ratio: float = 2.0  # new p99 over the previous model's p99
+    # Absolute slack so a sub-millisecond model is not rolled back for scheduler noise.
+    latency_slack_ms: float = 1.0
+    # A p99 over fewer latencies is dominated by the swap's own hiccup (warm caches, the
+    # loader thread): judge latency only on this many samples or more.
+    min_latency_samples: int = 200
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``commit``, ``roll_back`` or ``wait``, and why."""
+
+    decision: str
+    reason: str
+
+
+def judge(policy: ProbationPolicy, elapsed_s: float, *, requests: int, errors: int,
+          p99_ms: float | None, baseline_p99_ms: float | None,
+          latency_samples: int = 0) -> Verdict:
+    """The verdict on a model after ``elapsed_s`` of probation with these request figures.
+
+    ``baseline_p99_ms`` is the previous model's p99 (None when it had too little traffic to
+    tell, which skips the latency check); ``p99_ms`` is measured over ``latency_samples``.
+    Breaches roll back as soon as there are enough requests to judge; a model with no breach
+    is committed when the window ends, traffic or not (it already passed its self-test).
+    """
+    if requests >= policy.min_requests:
+        rate = errors / requests
+        if rate > policy.max_error_rate:
+            return Verdict("roll_back", f"error rate {rate:.1%} over {policy.max_error_rate:.1%} "
+                           f"({errors} of {requests} requests failed)")
+        if (p99_ms is not None and baseline_p99_ms is not None
+                and latency_samples >= policy.min_latency_samples):
+            limit = max(baseline_p99_ms * policy.max_latency_ratio,
+                        baseline_p99_ms + policy.latency_slack_ms)
+            if p99_ms > limit:
+                return Verdict("roll_back", f"p99 latency {p99_ms:.2f} ms over the limit "
+                               f"{limit:.2f} ms (previous model {baseline_p99_ms:.2f} ms)")
+    if elapsed_s >= policy.window_s:
+        p99 = "n/a" if p99_ms is None else f"{p99_ms:.2f} ms"
+        return Verdict("commit", f"healthy for {policy.window_s:g} s: {requests} requests, "
+                       f"{errors} errors, p99 {p99}")
+    return Verdict("wait", f"{elapsed_s:.1f} of {policy.window_s:g} s")
