@@ -91,6 +91,9 @@ class OnnxSession:
                                  "extra (pip install 'edgefleet[agent]')") from exc
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        # Worker threads that spin after each run burn a core on an idle gateway and
+        # steal it from the API threads between requests.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # Fatal only: load failures, fallbacks and request errors all surface as our exceptions
         # and log lines, so onnxruntime's own stderr output would only repeat them.
         options.log_severity_level = 4
