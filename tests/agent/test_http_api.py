@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -122,11 +122,11 @@ def _post(path: str, body: bytes, *headers: str) -> bytes:
     return "\r\n".join(lines).encode() + b"\r\n\r\n" + body
 
 
-def _infer_json(*tensors: dict[str, object]) -> bytes:
+def _infer_json(*tensors: Mapping[str, object]) -> bytes:
     return json.dumps({"inputs": list(tensors)}).encode()
 
 
-GOOD = {"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8],
+GOOD: dict[str, object] = {"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8],
         "data": samples(1).ravel().tolist()}
 
 
