@@ -6,12 +6,17 @@ bundle was refused, and the CLI prints them the same way. The tree::
 
     FleetError
     ├── KeyStoreError       the keys directory is missing, incomplete or inconsistent
-    └── BundleInputError    the artifacts, model or report given to `fleet bundle build`
+    ├── BundleInputError    the artifacts, model or report given to `fleet bundle build`
+    ├── RegistryError       the registry refused a request (unknown device, used token, ...)
+    ├── CAError             the fleet CA directory is unusable, or a name cannot be issued
+    ├── CSRError            a device's certificate signing request is refused
+    └── BrokerError         the MQTT broker cannot be configured or started
 """
 
 from __future__ import annotations
 
-__all__ = ["BundleInputError", "FleetError", "KeyStoreError"]
+__all__ = ["BrokerError", "BundleInputError", "CAError", "CSRError", "FleetError",
+           "KeyStoreError", "RegistryError"]
 
 
 class FleetError(Exception):
@@ -24,3 +29,27 @@ class KeyStoreError(FleetError):
 
 class BundleInputError(FleetError):
     """The artifacts directory, model file or report.json cannot be used for a bundle."""
+
+
+class RegistryError(FleetError):
+    """The registry refused a request: unknown device or group, a used, expired or unknown
+    enrollment token, a bundle clash, nothing to roll back, an unusable database URL.
+
+    Failures of the database itself (disk full, connection lost) are not wrapped: they
+    surface as the driver's own errors (:class:`sqlite3.Error`, :class:`psycopg.Error`), so a
+    caller can tell "refused" (the client's fault) from "broken" (the server's)."""
+
+
+class CAError(FleetError):
+    """The fleet CA directory is missing, incomplete or inconsistent, or an identity name
+    cannot be issued (invalid, or reserved for another kind of identity)."""
+
+
+class CSRError(FleetError):
+    """A device's CSR cannot be signed: not a CSR, a signature that does not verify, an
+    unsupported key, or an invalid or reserved device id. The device should make a new
+    CSR (bad data) or the operator pick another id; signing it again as is cannot work."""
+
+
+class BrokerError(FleetError):
+    """The MQTT broker cannot be configured or started (the message carries its log)."""
