@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,8 +27,9 @@ __all__ = ["DEFAULT_STATE_DIR", "build_parser", "main"]
 
 log = logging.getLogger(__name__)
 
-#: Where the agent keeps its state unless told otherwise.
-DEFAULT_STATE_DIR = Path("/var/lib/edgefleet/agent")
+#: Where the agent keeps its state unless told otherwise (or EDGEFLEET_STATE_DIR).
+DEFAULT_STATE_DIR = Path(os.environ.get("EDGEFLEET_STATE_DIR", "/var/lib/edgefleet/agent"))
+DEFAULT_PORT = 8470
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (-v info, -vv debug)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(subparsers)
+    _add_install(subparsers)
+    _add_status(subparsers)
+    _add_predict(subparsers)
     _add_verify(subparsers)
     _add_probe(subparsers)
     return parser
@@ -56,10 +62,203 @@ def main(argv: list[str] | None = None) -> int:
     except (AgentError, ProfileError) as exc:
         print(f"edge-agent: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 def _log_level(verbosity: int) -> int:
     return {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+
+
+def _state_dir_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
+                   help=f"agent state directory (default {DEFAULT_STATE_DIR}, or "
+                   "$EDGEFLEET_STATE_DIR)")
+
+
+def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve models over the local inference API (offline, no fleet)",
+        description="Serve the models installed in the state directory, plus any --model "
+        "given: a model file (.onnx, .tflite; served as is, not persisted) or a signed "
+        "bundle (verified and installed into the state directory first). The API speaks the "
+        "Open Inference Protocol v2 on localhost; its bearer token is in DIR/api-token.")
+    p.add_argument("--model", action="append", default=[], type=Path, metavar="PATH",
+                   help="model file or bundle to serve (repeatable)")
+    p.add_argument("--name", action="append", default=[], metavar="NAME",
+                   help="name for the matching --model file (default: the file's stem)")
+    _state_dir_option(p)
+    p.add_argument("--root", type=Path, metavar="ROOT.json",
+                   help="the fleet's root.json, pinned if DIR trusts nothing yet")
+    p.add_argument("--profile", metavar="NAME",
+                   help="this device's firmware profile (default: probe the host)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                   "127.0.0.1: the API is for apps on this device)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("--unix-socket", type=Path, metavar="PATH", help="also listen here")
+    p.add_argument("--token-file", type=Path, metavar="FILE",
+                   help="API token file, created 0600 if missing (default DIR/api-token)")
+    p.add_argument("--no-auth", action="store_true",
+                   help="accept requests without a token (throwaway tests only)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="inference threads per model (default 0: the runtime decides)")
+    p.add_argument("--probation", type=float, default=60.0, metavar="SECONDS",
+                   help="how long a newly installed model is watched before it is "
+                   "committed (default 60)")
+    p.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .daemon import AgentProcess, pin_root, resolve_profile
+    from .http_api import ApiSettings
+    from .probation import ProbationPolicy
+    from .runtime import Runtime
+
+    if len(args.name) > len(args.model):
+        raise AgentError("more --name than --model options; give one name per model file")
+    state_dir: Path = args.state_dir
+    if args.root is not None:
+        pin_root(state_dir, args.root)
+    profile = resolve_profile(args.profile)
+    runtime = Runtime(state_dir, profile, policy=ProbationPolicy(window_s=args.probation),
+                      threads=args.threads)
+    for problem in runtime.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    for index, model in enumerate(args.model):
+        name = args.name[index] if index < len(args.name) else None
+        if model.suffix.lower() in (".onnx", ".tflite"):
+            runtime.load_file(model, name)
+        else:
+            record = runtime.install(model)
+            if record.reason is not None:
+                raise AgentError(f"{model}: install failed: {record.reason}: {record.detail}")
+    token, token_file = (None, None) if args.no_auth else AgentProcess.token(state_dir,
+                                                                             args.token_file)
+    settings = ApiSettings(host=args.host, port=args.port, unix_socket=args.unix_socket,
+                           token=token)
+    process = AgentProcess(runtime, settings, state_dir)
+    process.start(token_file)
+    models = ", ".join(f"{m.name} v{m.version or '-'} ({m.backend})" for m in runtime.models())
+    print(f"edge-agent serving {models or 'no models yet'} on "
+          f"{process.server.url or settings.unix_socket}"
+          f"{f'; token in {token_file}' if token_file else ' without authentication'}"
+          f"; profile {profile.name if profile else 'generic CPU'}", flush=True)
+    process.wait()
+    return 0
+
+
+def _add_install(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "install", help="install a bundle into the running agent or its state directory",
+        description="Verify and install BUNDLE. With an agent running from DIR, it is sent "
+        "to that agent, which hot-swaps it in; otherwise it is installed into DIR and "
+        "served the next time the agent starts.")
+    p.add_argument("bundle", type=Path, metavar="BUNDLE")
+    _state_dir_option(p)
+    p.add_argument("--root", type=Path, metavar="ROOT.json",
+                   help="the fleet's root.json, pinned if DIR trusts nothing yet")
+    p.add_argument("--profile", metavar="NAME",
+                   help="this device's firmware profile (default: probe the host)")
+    p.add_argument("--json", action="store_true", help="print the install record as JSON")
+    p.set_defaults(handler=_install)
+
+
+def _install(args: argparse.Namespace) -> int:
+    from .daemon import find_running, pin_root, resolve_profile
+    from .runtime import Runtime
+
+    if args.root is not None:
+        pin_root(args.state_dir, args.root)
+    running = find_running(args.state_dir)
+    if running is not None:
+        with running.client(timeout=600) as client:
+            record = client.install(args.bundle)
+    else:
+        runtime = Runtime(args.state_dir, resolve_profile(args.profile))
+        r = runtime.install(args.bundle)
+        record = {"id": r.install_id, "model": r.model, "version": r.version,
+                  "state": r.state.value, "reason": r.reason, "detail": r.detail}
+    if args.json:
+        print(json.dumps(record, indent=2))
+    elif record["reason"] is None:
+        where = "the running agent" if running else f"{args.state_dir} (served at next start)"
+        print(f"installed {record['model']} v{record['version']} into {where}: "
+              f"{record['state']}")
+    else:
+        print(f"edge-agent: install failed: {record['reason']}: {record['detail']}",
+              file=sys.stderr)
+    return 0 if record["reason"] is None else 1
+
+
+def _add_status(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "status", help="models served, their figures, recent installs",
+        description="Ask the agent running from DIR, or read DIR when none is running.")
+    _state_dir_option(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_status)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .daemon import find_running
+    from .status import offline_status, status_table
+
+    running = find_running(args.state_dir)
+    if running is not None:
+        with running.client() as client:
+            status = {"running": True, **client.status()}
+    else:
+        status = {"running": False, **offline_status(args.state_dir)}
+    print(json.dumps(status, indent=2) if args.json else status_table(status))
+    return 0
+
+
+def _add_predict(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "predict", help="run one inference through the running agent's API",
+        description="Send the arrays in .npy files to model NAME of the running agent and "
+        "print the outputs (or save them with --output).")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--input", action="append", required=True, metavar="[TENSOR=]FILE.npy",
+                   help="an input array; TENSOR defaults to the model's first input")
+    p.add_argument("--output", type=Path, metavar="FILE.npz", help="save outputs here")
+    _state_dir_option(p)
+    p.add_argument("--json", action="store_true", help="print outputs as JSON")
+    p.set_defaults(handler=_predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .daemon import find_running
+
+    running = find_running(args.state_dir)
+    if running is None:
+        raise AgentError(f"no agent is running from {args.state_dir}; start one with "
+                         "`edge-agent serve` (or pass its --state-dir)")
+    with running.client() as client:
+        metadata = client.model_metadata(args.name)
+        inputs = {}
+        for spec in args.input:
+            tensor, sep, file = spec.rpartition("=")
+            tensor = tensor if sep else metadata["inputs"][0]["name"]
+            try:
+                inputs[tensor] = np.load(file, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise AgentError(f"cannot read {file} as a .npy array ({exc})") from exc
+        outputs = client.infer(args.name, inputs)
+    if args.output is not None:
+        np.savez(args.output, **outputs)  # type: ignore[arg-type]  # numpy stub: allow_pickle
+    if args.json:
+        print(json.dumps({k: v.tolist() for k, v in outputs.items()}))
+    else:
+        for name, value in outputs.items():
+            top = (f"  argmax per row: {value.argmax(axis=-1).tolist()}"
+                   if value.ndim >= 1 and value.dtype.kind == "f" else "")
+            print(f"{name}: {value.dtype}{list(value.shape)}{top}")
+            print(np.array2string(value, precision=4, threshold=40))
+    return 0
 
 
 def _add_verify(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -68,8 +267,7 @@ def _add_verify(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         description="Verify BUNDLE with the trusted TUF metadata and installed versions in "
         "the state directory, and remember the newer metadata. Installs nothing.")
     p.add_argument("bundle", type=Path, metavar="BUNDLE")
-    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
-                   help=f"agent state directory (default {DEFAULT_STATE_DIR})")
+    _state_dir_option(p)
     p.add_argument("--root", type=Path, metavar="ROOT.json",
                    help="the fleet's root.json to pin; used only when DIR has no trusted "
                    "state yet")

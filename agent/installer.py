@@ -180,12 +180,16 @@ class Installer:
                                                         verified.manifest_sha256))
         record = self.move(record, InstallState.STAGED, model=manifest.name,
                            version=manifest.version)
-        self._bundle_path(record).unlink(missing_ok=True)
+        self.drop_bundle(record)
         return record, stored
+
+    def drop_bundle(self, record: InstallRecord) -> None:
+        """Delete the fetched bundle file: once staged, the slot holds all that is needed."""
+        self._bundle_path(record).unlink(missing_ok=True)
 
     def discard(self, record: InstallRecord) -> None:
         """Drop what a failed install left behind (fetched bundle, non-active slot)."""
-        self._bundle_path(record).unlink(missing_ok=True)
+        self.drop_bundle(record)
         if record.model is not None and record.version is not None:
             pointer = self.store.active(record.model)
             if pointer is None or pointer.version != record.version:

@@ -278,6 +278,13 @@ class Runtime:
         assert name is not None, "staged records know their model"
         assert version is not None, "staged records know their version"
         store = installer.store
+        installer.drop_bundle(record)  # left behind if the agent died right after staging
+        probation = self._probations.get(name)
+        if probation is not None and probation.record.install_id != record.install_id:
+            left = self.policy.window_s - (time.monotonic() - probation.started)
+            raise InstallError("busy", f"{name} v{probation.record.version} is still in "
+                               f"probation ({max(left, 0):.0f} s left); install "
+                               f"v{version} again once it is committed or rolled back")
         if record.state is InstallState.STAGED:
             pointer = store.active(name)
             previous_version = None if pointer is None else (

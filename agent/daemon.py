@@ -1,0 +1,157 @@
+"""The running agent process: runtime + local API + the file that tells other commands where.
+
+``edge-agent serve`` builds an :class:`AgentProcess` and blocks in :meth:`run`; the other
+commands (``install``, ``status``, ``predict``) find it through ``agent.json`` in the state
+directory and talk to its API, or work on the state directory directly when it is not
+running.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bundle.atomic import write_atomic
+from bundle.trust import TrustedState
+from firmware_profiles import get_profile, load_profiles, probe_host
+from firmware_profiles.matching import best_profile
+from firmware_profiles.model import Profile
+
+from .client import AgentClient
+from .errors import AgentError
+from .http_api import ApiServer, ApiSettings, load_or_create_token
+from .installer import StateDirs
+from .runtime import Runtime
+from .trust_store import TrustStore
+
+__all__ = ["AgentProcess", "RunningAgent", "find_running", "pin_root", "resolve_profile"]
+
+log = logging.getLogger(__name__)
+_RUN_FILE = "agent.json"
+_TOKEN_FILE = "api-token"
+
+
+@dataclass(frozen=True)
+class RunningAgent:
+    """Where a running agent listens, from its ``agent.json``."""
+
+    pid: int
+    url: str | None
+    unix_socket: str | None
+    token_file: str | None
+
+    def client(self, timeout: float = 30.0) -> AgentClient:
+        """A client for this agent's API."""
+        token_file = Path(self.token_file) if self.token_file else None
+        if self.url is not None:
+            return AgentClient(self.url, token_file=token_file, timeout=timeout)
+        return AgentClient(unix_socket=Path(self.unix_socket or ""), token_file=token_file,
+                           timeout=timeout)
+
+
+def find_running(state_dir: Path) -> RunningAgent | None:
+    """The agent serving from ``state_dir``, if one is running."""
+    try:
+        raw = json.loads((state_dir / _RUN_FILE).read_bytes())
+        agent = RunningAgent(int(raw["pid"]), raw.get("url"), raw.get("unix_socket"),
+                             raw.get("token_file"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        os.kill(agent.pid, 0)
+    except ProcessLookupError:
+        return None  # a stale file left by a killed agent
+    except PermissionError:
+        pass  # alive, owned by another user
+    return agent
+
+
+def resolve_profile(name: str | None, profiles_dir: Path | None = None) -> Profile | None:
+    """The named profile, or the best match for this host (None: generic CPU)."""
+    if name is not None:
+        return get_profile(name, profiles_dir)
+    profiles = load_profiles(profiles_dir)
+    return best_profile(probe_host(profiles), profiles)
+
+
+def pin_root(state_dir: Path, root: Path) -> None:
+    """Trust ``root`` (the fleet's root.json) if the device trusts nothing yet.
+
+    Once a root is pinned, newer roots arrive only inside bundles, signed by the old one.
+    """
+    store = TrustStore(StateDirs(state_dir).trust)
+    if store.exists():
+        log.info("%s already holds trusted state; ignoring %s", store.path, root)
+        return
+    try:
+        data = root.read_bytes()
+    except OSError as exc:
+        raise AgentError(f"cannot read root metadata {root} ({exc.strerror})") from exc
+    store.save(TrustedState(root=data))
+
+
+class AgentProcess:
+    """The agent serving its models over the local API until stopped."""
+
+    def __init__(self, runtime: Runtime, settings: ApiSettings, state_dir: Path | None) -> None:
+        self.runtime = runtime
+        self.settings = settings
+        self.state_dir = state_dir
+        self.server = ApiServer(runtime, settings)
+        self._stop = threading.Event()
+
+    @staticmethod
+    def token(state_dir: Path | None, token_file: Path | None) -> tuple[str, Path]:
+        """The API token and its file (default: ``api-token`` in the state directory)."""
+        if token_file is None:
+            if state_dir is None:
+                raise AgentError("give --token-file or --state-dir so the API token can be "
+                                 "kept somewhere private (or --no-auth for a throwaway test)")
+            token_file = state_dir / _TOKEN_FILE
+        return load_or_create_token(token_file), token_file
+
+    def start(self, token_file: Path | None) -> None:
+        """Start serving and announce it in ``agent.json`` for the other commands."""
+        self.server.start()
+        self.runtime.start()
+        if self.state_dir is not None:
+            self._write_run_file(token_file)
+
+    def wait(self) -> None:
+        """Serve until SIGINT/SIGTERM or :meth:`stop`, then shut down."""
+        previous = {sig: signal.signal(sig, self._on_signal)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self._stop.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.server.stop()
+            self.runtime.close()
+            if self.state_dir is not None:
+                (self.state_dir / _RUN_FILE).unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        """Ask :meth:`wait` to return."""
+        self._stop.set()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: stopping", signum)
+        self._stop.set()
+
+    def _write_run_file(self, token_file: Path | None) -> None:
+        assert self.state_dir is not None
+        info: dict[str, Any] = {
+            "pid": os.getpid(), "url": self.server.url,
+            "unix_socket": None if self.settings.unix_socket is None
+            else str(self.settings.unix_socket.absolute()),
+            "token_file": None if token_file is None else str(token_file.absolute())}
+        write_atomic(self.state_dir / _RUN_FILE, json.dumps(info).encode())
+
