@@ -714,21 +714,24 @@ class Registry:
     def put_bundle(self, data: bytes, name: str, version: int) -> BundleRecord:
         """Store a bundle file as ``<blob_dir>/<sha256>.efb`` and record it.
 
-        Idempotent: the same bytes again return the existing record (and restore a blob file
-        that went missing). Raises RegistryError when another bundle already has this name
-        and version, or when the same bytes were stored under another name or version."""
+        Idempotent: the same bytes again return the existing record (and restore its blob
+        file if it went missing or was damaged). Raises RegistryError when another bundle
+        already has this name and version, or when the same bytes were stored under another
+        name or version."""
         blob_dir = self._require_blob_dir()
         _check_label("bundle name", name)
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise RegistryError(f"bundle version must be a positive integer, got {version!r}")
         sha = hashlib.sha256(data).hexdigest()
-        path = blob_dir / f"{sha}.efb"
         # Check before writing the blob (a clash should not leave a file behind), write it
         # outside the transaction (fsync of a large file should not hold the write lock),
         # then record it, checking again. A crash in between leaves an unrecorded file whose
         # name is its hash: harmless, and the next put of the same bytes reuses it.
         with self._tx() as tx:
-            _check_bundle_clash(tx, sha, name, version)
+            known = _check_bundle_clash(tx, sha, name, version)
+        # A known bundle is repaired where its record points, even if that is another
+        # (earlier) blob directory.
+        path = known.path if known is not None else blob_dir / f"{sha}.efb"
         if not _blob_intact(path, sha):
             try:
                 write_atomic(path, data)

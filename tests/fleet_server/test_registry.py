@@ -8,6 +8,7 @@ backend.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -54,12 +55,9 @@ def _with_search_path(url: str, schema: str) -> str:
     return f"{url}{separator}options=-csearch_path%3D{schema}"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database URL for an empty registry."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fleet.db'}"  # absolute path: sqlite:////tmp/...
-        return
+@contextlib.contextmanager
+def _postgres_schema() -> Iterator[tuple[str, psycopg.Connection[Any]]]:
+    """A URL whose search_path is a fresh schema (dropped on exit), and an admin connection."""
     schema = f"t_{secrets.token_hex(6)}"
     try:
         admin = psycopg.connect(PG_URL, autocommit=True)
@@ -69,9 +67,19 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     with admin:
         admin.execute(f"CREATE SCHEMA {schema}")
         try:
-            yield _with_search_path(PG_URL, schema)
+            yield _with_search_path(PG_URL, schema), admin
         finally:
             admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database URL for an empty registry."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fleet.db'}"  # absolute path: sqlite:////tmp/...
+        return
+    with _postgres_schema() as (url, _):
+        yield url
 
 
 @pytest.fixture
@@ -274,6 +282,17 @@ def test_put_bundle_is_idempotent_and_content_addressed(reg: Registry, tmp_path:
     assert record.path.read_bytes() == data
     assert reg.list_bundles() == [record]
     assert _kinds(reg) == ["bundle.stored"]
+
+
+def test_put_bundle_repairs_the_recorded_blob(reg: Registry, db_url: str,
+                                              tmp_path: Path) -> None:
+    """A registry opened with another blob_dir still repairs the file the record names."""
+    record = reg.put_bundle(b"bytes", "digits", 1)
+    record.path.unlink()
+    with open_registry(db_url, blob_dir=tmp_path / "elsewhere") as other:
+        assert other.put_bundle(b"bytes", "digits", 1) == record
+    assert record.path.read_bytes() == b"bytes"
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_put_bundle_refuses_clashes(reg: Registry, tmp_path: Path) -> None:
@@ -578,6 +597,20 @@ def test_unreachable_postgres_names_the_url_without_password() -> None:
                 r"\?connect_timeout=2 \(connection failed: [^\n]*\); check that PostgreSQL")
     with pytest.raises(RegistryError, match=expected):
         open_registry("postgresql://fleet:s3cret@127.0.0.1:1/fleet?connect_timeout=2")
+
+
+@pytest.mark.integration
+def test_postgres_reconnects_after_losing_its_connection() -> None:
+    name = f"edgefleet-test-{secrets.token_hex(4)}"  # kill this registry's session only
+    with (_postgres_schema() as (url, admin),
+          open_registry(f"{url}&application_name={name}") as reg):
+        _enroll(reg, "gw-0")
+        killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE application_name = %s", (name,)).fetchall()
+        assert killed == [(True,)]
+        with pytest.raises(psycopg.OperationalError):  # the call that finds it dead fails
+            reg.list_devices()
+        assert [d.id for d in reg.list_devices()] == ["gw-0"]  # and the next one reconnects
 
 
 # --- property: desired-state changes and rollbacks behave like a stack --------------------
