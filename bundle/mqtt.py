@@ -1,0 +1,174 @@
+"""MQTT connection setup shared by the fleet server and the agent.
+
+One place decides how an edgefleet party talks to the broker, so the server and every
+device agree: the topic tree (and which part of it a device may use, which the broker's
+ACL enforces), mutual TLS with the fleet CA, client id = certificate CN, and a persistent
+session (QoS 1 messages published while a client is away wait for it on the broker).
+docs/transport.md describes the protocol this module sets up.
+
+Unlike the rest of :mod:`bundle`, this module needs paho-mqtt; the agent and server extras
+install it, and nothing else in :mod:`bundle` imports this module.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from paho.mqtt.client import Client
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from .identity import certificate_common_name
+
+__all__ = [
+    "DEFAULT_PORT",
+    "DEVICE_READS",
+    "DEVICE_WRITES",
+    "BrokerAddress",
+    "ClientSettings",
+    "TLSIdentity",
+    "create_client",
+    "device_topic",
+    "fleet_topic_filter",
+    "tls_context",
+]
+
+#: IANA port of MQTT over TLS.
+DEFAULT_PORT = 8883
+
+#: Topic leaves under ``edgefleet/{fleet}/devices/{device}/`` a device may subscribe to
+#: (server -> device) and publish to (device -> server); the broker's ACL grants exactly
+#: these, with the device's certificate CN as ``{device}``.
+DEVICE_READS = ("desired", "inbox/#")
+DEVICE_WRITES = ("reported", "telemetry", "events", "outbox/#")
+
+
+def device_topic(fleet: str, device_id: str, leaf: str) -> str:
+    """The topic (or filter, if ``leaf`` has wildcards) ``leaf`` of one device."""
+    return f"edgefleet/{fleet}/devices/{device_id}/{leaf}"
+
+
+def fleet_topic_filter(fleet: str) -> str:
+    """The filter matching every topic of a fleet (what the fleet server may use)."""
+    return f"edgefleet/{fleet}/#"
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where the broker listens for TLS connections."""
+
+    host: str
+    port: int = DEFAULT_PORT
+
+    @classmethod
+    def from_url(cls, url: str) -> BrokerAddress:
+        """Parse ``mqtts://host[:port]`` (port 8883 by default; IPv6 as ``[::1]``).
+
+        Raises ValueError for anything else, plain ``mqtt://`` included: devices prove who
+        they are with their TLS client certificate, so there is no useful plain-text port.
+        """
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"broker URL {url!r} has an invalid port ({exc}); use "
+                             "mqtts://host:port with a port from 1 to 65535") from exc
+        if parts.scheme != "mqtts" or not parts.hostname:
+            raise ValueError(f"broker URL {url!r} is not mqtts://host[:port]; edgefleet "
+                             "needs TLS with client certificates, so use mqtts://")
+        if parts.username or parts.password or parts.path.strip("/") or parts.query:
+            raise ValueError(f"broker URL {url!r} has a user, path or query; clients "
+                             "authenticate with certificates: use only mqtts://host[:port]")
+        return cls(parts.hostname, port or DEFAULT_PORT)
+
+    @property
+    def url(self) -> str:
+        """The ``mqtts://`` URL of this address (parses back to an equal address)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"mqtts://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TLSIdentity:
+    """The files of one mutual-TLS party: the CA it trusts, its certificate and its key.
+
+    ``ca_file`` is the CA that signed the *other* side's certificate: for a client, the CA
+    of the broker's server certificate (the fleet CA for the embedded broker).
+    """
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    def common_name(self) -> str:
+        """The CN of ``cert_file``: the broker uses it as user name and client id.
+
+        Raises OSError if the file cannot be read, ValueError if it is not a certificate.
+        """
+        return certificate_common_name(self.cert_file.read_bytes())
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """How one client connects: where, as whom, and how long its session outlives it."""
+
+    broker: BrokerAddress
+    identity: TLSIdentity
+    #: MQTT 5 by default; MQTTv311 for brokers without MQTT 5.
+    protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5
+    #: Seconds the broker keeps the session (subscriptions, queued QoS 1 messages) after a
+    #: disconnect (MQTT 5 only; a 3.1.1 session lasts as long as the broker's configuration
+    #: allows). A week covers a weekend outage without keeping dead devices' queues forever.
+    session_expiry: int = 7 * 24 * 3600
+    keepalive: int = 60
+
+
+def tls_context(identity: TLSIdentity) -> ssl.SSLContext:
+    """A client TLS context: TLS 1.2 or later, the broker verified against
+    ``identity.ca_file`` (certificate and host name), ``identity``'s certificate presented.
+
+    Raises OSError (ssl.SSLError included) if a file cannot be read or the key does not
+    match the certificate.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_verify_locations(cafile=identity.ca_file)
+    context.load_cert_chain(identity.cert_file, identity.key_file)
+    return context
+
+
+def create_client(settings: ClientSettings) -> Client:
+    """A paho-mqtt client for ``settings``, configured but not connected.
+
+    The client id is the certificate's CN; the session is persistent (MQTT 5:
+    clean_start=False with a session expiry; 3.1.1: clean_session=False). Host, port and
+    those session options are stored in the client (``connect_async``), so every connection
+    it makes, reconnects included, resumes the same session: call ``client.reconnect()`` to
+    connect now (blocking) or ``client.loop_start()`` to connect and reconnect in the
+    background. Do not call ``client.connect(...)``, whose defaults start a clean session.
+
+    Raises OSError if a file of the identity cannot be read or the key does not match the
+    certificate, ValueError if the certificate is not a PEM certificate with one CN.
+    """
+    client_id = settings.identity.common_name()
+    context = tls_context(settings.identity)
+    address = settings.broker
+    if settings.protocol == MQTTProtocolVersion.MQTTv5:
+        client = Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                        protocol=MQTTProtocolVersion.MQTTv5)
+        client.tls_set_context(context)
+        # paho's Properties has no annotations on __init__.
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = settings.session_expiry
+        client.connect_async(address.host, address.port, settings.keepalive,
+                             clean_start=False, properties=properties)
+    else:
+        client = Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
+                        protocol=settings.protocol)
+        client.tls_set_context(context)
+        client.connect_async(address.host, address.port, settings.keepalive)
+    return client
