@@ -1,0 +1,354 @@
+"""The fleet certificate authority: the X.509 identities of the broker, the server and devices.
+
+Layout of a CA directory (mode 0700)::
+
+    CA/
+      ca.key     EC P-256 private key, PKCS#8 PEM, mode 0600: whoever holds it can mint
+                 device identities, so back it up like the online signing keys
+      ca.crt     the self-signed fleet CA certificate: every device and the broker trust it
+      ca.json    fleet name and the names of service identities (see below)
+
+What the CA issues (docs/transport.md, "TLS identity"):
+
+- a **server certificate** for the broker (serverAuth, SAN with the given host names and
+  addresses plus localhost, 127.0.0.1 and ::1);
+- **client certificates** for service identities such as the fleet server's own MQTT
+  connection (clientAuth, CN = the identity name); their names are recorded in ca.json and
+  never given to a device, because the broker's ACL grants by CN;
+- **device certificates** from a CSR made on the device (:func:`bundle.identity.
+  make_device_key_and_csr`), so the device's key never leaves it. The certificate's subject
+  is set by the CA from ``device_id`` alone: the CSR's own subject and extensions are
+  ignored (a differing CN is logged), because the device id comes from the enrollment
+  record, not from the device, and copying requested fields would let a device ask for
+  another identity or extra key usages. The CSR only proves possession of the key.
+
+Keys are EC P-256: every TLS stack in the fleet (OpenSSL in Mosquitto, Python's ssl on the
+devices) accepts it for TLS 1.2 and 1.3, which is not true of Ed25519.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from bundle.atomic import write_atomic
+from bundle.identity import certificate_fingerprint, check_name
+from bundle.mqtt import TLSIdentity
+
+from .errors import CAError, CSRError
+
+__all__ = [
+    "CA_VALIDITY_DAYS",
+    "DEVICE_VALIDITY_DAYS",
+    "SERVICE_VALIDITY_DAYS",
+    "FleetCA",
+    "IssuedIdentity",
+    "certificate_fingerprint",
+]
+
+log = logging.getLogger(__name__)
+
+CA_VALIDITY_DAYS = 20 * 365
+#: Devices may stay offline for years and have no renewal path yet besides re-enrollment.
+DEVICE_VALIDITY_DAYS = 10 * 365
+#: Broker and server certificates live on the server, where re-issuing them is cheap.
+SERVICE_VALIDITY_DAYS = 825
+#: Certificates start this long before "now", so a device or broker whose clock is a little
+#: behind does not reject a certificate that was just issued.
+_BACKDATE = timedelta(hours=1)
+_EC_CURVES = (ec.SECP256R1, ec.SECP384R1)
+_MIN_RSA_BITS = 2048
+
+
+@dataclass(frozen=True)
+class IssuedIdentity:
+    """A certificate and the private key made for it by the CA, both PEM."""
+
+    common_name: str
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 hex of the certificate's DER (see :func:`certificate_fingerprint`)."""
+        return certificate_fingerprint(self.cert_pem)
+
+
+class FleetCA:
+    """One fleet's certificate authority, backed by a CA directory."""
+
+    def __init__(self, directory: Path, fleet: str, key: ec.EllipticCurvePrivateKey,
+                 certificate: x509.Certificate, service_identities: Iterable[str]) -> None:
+        """Use :meth:`create` or :meth:`load`; this only assembles loaded parts."""
+        self.directory = directory
+        self.fleet = fleet
+        self.certificate = certificate
+        self._key = key
+        self._services = set(service_identities)
+
+    @classmethod
+    def create(cls, directory: Path, fleet_name: str, *,
+               validity_days: int = CA_VALIDITY_DAYS) -> FleetCA:
+        """Make a new CA key and self-signed certificate for ``fleet_name`` in ``directory``.
+
+        Refuses a directory that already holds a CA: replacing it would lock out every
+        enrolled device.
+        """
+        try:
+            check_name(fleet_name, "fleet name")
+        except ValueError as exc:
+            raise CAError(str(exc)) from exc
+        if (directory / "ca.key").exists() or (directory / "ca.crt").exists():
+            raise CAError(f"{directory} already holds a fleet CA; load it with FleetCA.load, "
+                          "or choose an empty directory (a new CA invalidates every device "
+                          "certificate of the old one)")
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgefleet"),
+                          x509.NameAttribute(NameOID.COMMON_NAME,
+                                             f"edgefleet fleet {fleet_name} CA")])
+        now = datetime.now(timezone.utc)
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _BACKDATE)
+            .not_valid_after(now + timedelta(days=validity_days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False,
+                                         decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        ca = cls(directory, fleet_name, key, certificate, ())
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            directory.chmod(0o700)
+            write_atomic(directory / "ca.key", _key_pem(key), 0o600)
+            write_atomic(directory / "ca.crt", ca.cert_pem)
+            ca._save_metadata()
+        except OSError as exc:
+            raise CAError(f"cannot write the fleet CA to {directory} ({exc}); fix the "
+                          "directory, delete what was written and run again") from exc
+        log.info("created the fleet CA for %s in %s", fleet_name, directory)
+        return ca
+
+    @classmethod
+    def load(cls, directory: Path) -> FleetCA:
+        """The CA in ``directory``, checked for consistency (the key matches the certificate)."""
+        try:
+            key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+            certificate = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+            meta = json.loads((directory / "ca.json").read_text(encoding="utf-8"))
+            fleet = str(meta["fleet"])
+            services = [str(s) for s in meta["service_identities"]]
+        except FileNotFoundError as exc:
+            raise CAError(f"{directory} is not a complete fleet CA ({exc.filename} is "
+                          "missing); restore it from backup, or create one with "
+                          "FleetCA.create in an empty directory") from exc
+        except (OSError, ValueError, KeyError, TypeError, UnsupportedAlgorithm) as exc:
+            raise CAError(f"the fleet CA in {directory} is unreadable ({exc}); restore it "
+                          "from backup") from exc
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or (
+                key.public_key() != certificate.public_key()):
+            raise CAError(f"{directory / 'ca.key'} is not the key of {directory / 'ca.crt'}; "
+                          "restore the pair from the same backup")
+        return cls(directory, fleet, key, certificate, services)
+
+    @property
+    def cert_path(self) -> Path:
+        """The CA certificate file: what the broker and every client trust."""
+        return self.directory / "ca.crt"
+
+    @property
+    def cert_pem(self) -> bytes:
+        """The CA certificate, PEM."""
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def service_identities(self) -> frozenset[str]:
+        """Names issued with :meth:`issue_client_cert`; no device may take them."""
+        return frozenset(self._services)
+
+    def issue_server_cert(self, hosts: Iterable[str] = (), *,
+                          common_name: str = "edgefleet-broker",
+                          validity_days: int = SERVICE_VALIDITY_DAYS) -> IssuedIdentity:
+        """A key and server certificate for the broker, valid for ``hosts`` (names or IP
+        addresses clients connect to) and always for localhost, 127.0.0.1 and ::1.
+
+        The certificate has only the serverAuth key usage, so the broker refuses it as a
+        client certificate: it cannot be used to log in as a user named ``common_name``.
+        """
+        names: list[x509.GeneralName] = []
+        for host in ["localhost", "127.0.0.1", "::1", *hosts]:
+            try:
+                entry: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+            except ValueError:
+                entry = x509.DNSName(host)
+            if entry not in names:
+                names.append(entry)
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (self._leaf(common_name, key.public_key(), validity_days,
+                              ExtendedKeyUsageOID.SERVER_AUTH)
+                   .add_extension(x509.SubjectAlternativeName(names), critical=False))
+        return IssuedIdentity(common_name, self._sign(builder), _key_pem(key))
+
+    def issue_client_cert(self, common_name: str, *,
+                          validity_days: int = SERVICE_VALIDITY_DAYS) -> IssuedIdentity:
+        """A key and client certificate for a service identity (e.g. ``fleet-server``).
+
+        The name is recorded as a service identity first, so :meth:`sign_device_csr` will
+        never issue it to a device.
+        """
+        try:
+            check_name(common_name, "identity name")
+        except ValueError as exc:
+            raise CAError(str(exc)) from exc
+        if common_name not in self._services:
+            self._services.add(common_name)
+            try:
+                self._save_metadata()
+            except OSError as exc:
+                self._services.discard(common_name)
+                raise CAError(f"cannot record {common_name!r} in {self.directory / 'ca.json'} "
+                              f"({exc}); fix the directory and issue it again") from exc
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = self._leaf(common_name, key.public_key(), validity_days,
+                             ExtendedKeyUsageOID.CLIENT_AUTH)
+        return IssuedIdentity(common_name, self._sign(builder), _key_pem(key))
+
+    def sign_device_csr(self, csr_pem: bytes, device_id: str,
+                        validity_days: int = DEVICE_VALIDITY_DAYS) -> bytes:
+        """Check a device's CSR and return its client certificate (PEM) with CN = ``device_id``.
+
+        Only the CSR's public key is used, after its signature is verified; the subject and
+        extensions are the CA's (module docstring). Raises CSRError for a CSR that does not
+        parse or verify, an unsupported key (EC P-256/P-384 and RSA >= 2048 are accepted),
+        or a ``device_id`` that is invalid or a service identity's name.
+        """
+        try:
+            check_name(device_id)
+        except ValueError as exc:
+            raise CSRError(str(exc)) from exc
+        if device_id in self._services:
+            raise CSRError(f"device id {device_id!r} is the name of a service identity of "
+                           "this fleet and would get its broker permissions; enroll the "
+                           "device under another id")
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError as exc:
+            raise CSRError(f"the enrollment request does not carry a PEM CSR ({exc}); make "
+                           "one with bundle.identity.make_device_key_and_csr") from exc
+        if not csr.is_signature_valid:
+            raise CSRError("the CSR's signature does not verify: it was altered or not "
+                           "signed by the key it carries; generate a new key and CSR")
+        public_key = _device_key(csr.public_key())
+        requested = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if [a.value for a in requested] != [device_id]:
+            log.warning("CSR for device %s asked for subject %r; issuing CN=%s as enrolled",
+                        device_id, csr.subject.rfc4514_string(), device_id)
+        certificate = self._sign(self._leaf(device_id, public_key, validity_days,
+                                            ExtendedKeyUsageOID.CLIENT_AUTH))
+        log.info("issued a device certificate for %s (%s)", device_id,
+                 certificate_fingerprint(certificate)[:16])
+        return certificate
+
+    def write_identity(self, identity: IssuedIdentity, directory: Path,
+                       name: str | None = None) -> TLSIdentity:
+        """Write ``identity`` as ``NAME.key`` (mode 0600) and ``NAME.crt``, and the CA
+        certificate as ``ca.crt``, into ``directory`` (NAME defaults to the common name).
+
+        The directory is then self-contained: copy it to the host that uses the identity
+        (e.g. an external broker). Returns the paths, ready for :mod:`bundle.mqtt`.
+        """
+        stem = name or identity.common_name
+        files = TLSIdentity(directory / "ca.crt", directory / f"{stem}.crt",
+                            directory / f"{stem}.key")
+        try:
+            write_atomic(files.key_file, identity.key_pem, 0o600)
+            write_atomic(files.cert_file, identity.cert_pem)
+            write_atomic(files.ca_file, self.cert_pem)
+        except OSError as exc:
+            raise CAError(f"cannot write the {stem} identity to {directory} ({exc}); fix "
+                          "the directory and issue it again") from exc
+        return files
+
+    def _leaf(self, common_name: str, public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+              validity_days: int, usage: x509.ObjectIdentifier) -> x509.CertificateBuilder:
+        now = datetime.now(timezone.utc)
+        not_after = now + timedelta(days=validity_days)
+        if validity_days <= 0 or not_after > self.certificate.not_valid_after_utc:
+            raise CAError(f"validity of {validity_days} days is outside the CA's lifetime "
+                          f"(it expires {self.certificate.not_valid_after_utc:%Y-%m-%d}); "
+                          "choose a shorter positive validity")
+        issuer_ski = self.certificate.extensions.get_extension_for_class(
+            x509.SubjectKeyIdentifier).value
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"edgefleet fleet {self.fleet}"),
+                x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self.certificate.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _BACKDATE)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=True, content_commitment=False,
+                # RSA key exchange (TLS 1.2 without ECDHE) encrypts with the key.
+                key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
+                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
+                           critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski),
+                critical=False)
+        )
+
+    def _sign(self, builder: x509.CertificateBuilder) -> bytes:
+        return builder.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    def _save_metadata(self) -> None:
+        meta = {"fleet": self.fleet, "service_identities": sorted(self._services)}
+        write_atomic(self.directory / "ca.json",
+                     json.dumps(meta, indent=2, sort_keys=True).encode("utf-8"))
+
+
+def _device_key(public_key: object) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        if isinstance(public_key.curve, _EC_CURVES):
+            return public_key
+        what = f"EC key on {public_key.curve.name}"
+    elif isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size >= _MIN_RSA_BITS:
+            return public_key
+        what = f"{public_key.key_size}-bit RSA key"
+    else:
+        what = f"{type(public_key).__name__}"
+    raise CSRError(f"the CSR carries a {what}, which the fleet does not accept for TLS client "
+                   "certificates; use EC P-256 (make_device_key_and_csr does), EC P-384 or "
+                   f"RSA of at least {_MIN_RSA_BITS} bits")
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
