@@ -26,6 +26,7 @@ __all__ = ["LiteRTSession", "OnnxSession", "Session", "TensorInfo", "open_sessio
 
 log = logging.getLogger(__name__)
 
+_SMALL_MODEL_BYTES = 1 << 20
 _ORT_DTYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
     "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int16)": "int16",
@@ -67,8 +68,8 @@ def open_session(path: Path, fmt: str, accelerators: Sequence[Accelerator] = (),
                  threads: int = 0) -> Session:
     """Open ``path`` (format ``onnx`` or ``tflite``) preferring ``accelerators`` of its runtime.
 
-    ``threads`` = 0 lets the runtime choose. Raises ModelLoadError when no runtime here can
-    open the file at all.
+    ``threads`` = 0 lets the runtime choose (one thread for a model under 1 MB). Raises
+    ModelLoadError when no runtime here can open the file at all.
     """
     if fmt == "onnx":
         return OnnxSession(path, [a for a in accelerators if a.runtime == "onnxruntime"],
@@ -90,10 +91,14 @@ class OnnxSession:
             raise ModelLoadError(f"{path}: onnxruntime is not installed; install the agent "
                                  "extra (pip install 'edgefleet[agent]')") from exc
         options = ort.SessionOptions()
+        if threads == 0 and path.stat().st_size < _SMALL_MODEL_BYTES:
+            # A tiny graph runs in tens of microseconds: splitting it across threads costs
+            # more in hand-offs than it saves, and the pool's spinning workers would steal
+            # the core the API threads need between requests (docs/benchmarks.md).
+            threads = 1
         options.intra_op_num_threads = threads
-        # Worker threads that spin after each run burn a core on an idle gateway and
-        # steal it from the API threads between requests.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        #: Intra-op threads asked of onnxruntime (0: one per core).
+        self.threads = threads
         # Fatal only: load failures, fallbacks and request errors all surface as our exceptions
         # and log lines, so onnxruntime's own stderr output would only repeat them.
         options.log_severity_level = 4
@@ -126,10 +131,16 @@ class OnnxSession:
         self.inputs = tuple(_ort_info(i) for i in session.get_inputs())
         self.outputs = tuple(_ort_info(o) for o in session.get_outputs())
         self._session = session
+        self._output_names = [o.name for o in self.outputs]
+        # The public InferenceSession.run re-derives the output names and re-checks the
+        # feeds in Python on every call, about 1.5 us: a tenth of a small model's whole run.
+        # Its C++ session (same arguments) checks the feeds itself, so call that when this
+        # onnxruntime has it (docs/benchmarks.md, agent overhead).
+        self._run = getattr(session, "_sess", session).run
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run the model; onnxruntime itself checks names, dtypes and shapes."""
-        return self._session.run(None, feeds)  # type: ignore[no-any-return]
+        return self._run(self._output_names, feeds, None)  # type: ignore[no-any-return]
 
 
 def _ort_info(arg: Any) -> TensorInfo:
