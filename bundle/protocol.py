@@ -1,0 +1,319 @@
+"""The fleet protocol: what the server and the agents say to each other over MQTT.
+
+Topics are :mod:`bundle.mqtt`'s (docs/transport.md); this module fixes the payloads, shared
+by both sides so they cannot drift apart. All are JSON objects with ``"protocol": 1``
+except bundle chunks, which are binary frames. Decoders validate and raise ProtocolError;
+unknown extra fields are ignored so either side can be upgraded first.
+
+=============  ==================  ========================================================
+topic leaf     direction           payload
+=============  ==================  ========================================================
+desired        server -> device    :class:`Desired` (retained): per model, the bundle to run
+reported       device -> server    :class:`Reported`: what runs, and each model's last install
+events         device -> server    :class:`Event`: one install transition, rejection, error
+telemetry      device -> server    :class:`Telemetry`: one sample; ``seq`` orders and dedupes
+outbox/chunks  device -> server    :class:`ChunkRequest`: bytes [offset, offset+length)
+inbox/chunks   server -> device    :class:`Chunk` frame: header + data, or an error
+=============  ==================  ========================================================
+
+Bundles travel by pull: the device asks for the chunks it lacks, a few at a time, and
+checks each one's sha256 before writing it, so a dropped connection resumes at the first
+missing byte and a corrupted chunk is asked for again (docs/transport.md, "Bundle
+transfer").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ProtocolError
+
+__all__ = [
+    "CHUNK_LEAF",
+    "CHUNK_REQUEST_LEAF",
+    "DEFAULT_CHUNK_BYTES",
+    "PROTOCOL_VERSION",
+    "Chunk",
+    "ChunkRequest",
+    "Desired",
+    "DesiredModel",
+    "Event",
+    "InstallReport",
+    "ModelReport",
+    "Reported",
+    "Telemetry",
+    "decode_chunk",
+    "decode_chunk_request",
+    "decode_desired",
+    "decode_event",
+    "decode_reported",
+    "decode_telemetry",
+    "encode",
+    "encode_chunk",
+]
+
+PROTOCOL_VERSION = 1
+CHUNK_LEAF = "inbox/chunks"
+CHUNK_REQUEST_LEAF = "outbox/chunks"
+DEFAULT_CHUNK_BYTES = 256 * 1024
+_MAX_CHUNK_BYTES = 4 * 1024 * 1024
+_MAGIC = b"EFC1"
+_HEADER = struct.Struct(">4sI")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class DesiredModel:
+    """One model a device should run: the bundle (by sha256) holding that version."""
+
+    version: int
+    bundle_sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Desired:
+    """Everything a device should run; models absent here are left as they are."""
+
+    models: Mapping[str, DesiredModel]
+    issued_at: float
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    """A model the device serves."""
+
+    version: int
+    bundle_sha256: str | None  # None for a model installed outside the fleet
+    state: str  # "committed" or "probation"
+
+
+@dataclass(frozen=True)
+class InstallReport:
+    """The latest install of one model, finished or not."""
+
+    version: int | None
+    bundle_sha256: str | None
+    state: str  # an agent.install_state value, or "downloading" progress
+    reason: str | None = None
+    detail: str | None = None
+    progress: float | None = None  # fraction of the bundle fetched, while downloading
+
+
+@dataclass(frozen=True)
+class Reported:
+    """What a device runs and how its latest installs went."""
+
+    profile: str | None
+    agent_version: str
+    models: Mapping[str, ModelReport]
+    installs: Mapping[str, InstallReport] = field(default_factory=dict)
+    at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened on a device, for the server's event log."""
+
+    kind: str
+    at: float
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    """One telemetry sample; ``seq`` is unique per device and increases with time."""
+
+    seq: int
+    at: float
+    metrics: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ChunkRequest:
+    """Bytes ``[offset, offset + length)`` of the bundle with this sha256, please."""
+
+    bundle_sha256: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """An answer to a ChunkRequest: ``data`` of a bundle ``total`` bytes long, or ``error``."""
+
+    bundle_sha256: str
+    offset: int
+    total: int
+    data: bytes
+    error: str | None = None
+
+
+def encode(message: Desired | Reported | Event | Telemetry | ChunkRequest) -> bytes:
+    """The JSON payload of any message but a chunk."""
+    return json.dumps({"protocol": PROTOCOL_VERSION, **asdict(message)},
+                      separators=(",", ":"), sort_keys=True).encode()
+
+
+def encode_chunk(chunk: Chunk) -> bytes:
+    """A chunk frame: magic, header length, JSON header (with the data's sha256), data."""
+    header = json.dumps({"bundle_sha256": chunk.bundle_sha256, "offset": chunk.offset,
+                         "total": chunk.total, "length": len(chunk.data),
+                         "sha256": hashlib.sha256(chunk.data).hexdigest(),
+                         "error": chunk.error}, separators=(",", ":")).encode()
+    return _HEADER.pack(_MAGIC, len(header)) + header + chunk.data
+
+
+def decode_chunk(payload: bytes) -> Chunk:
+    """Parse a chunk frame and check its data against the sha256 in its header."""
+    if len(payload) < _HEADER.size:
+        raise ProtocolError(f"chunk frame of {len(payload)} bytes is too short")
+    magic, length = _HEADER.unpack_from(payload)
+    if magic != _MAGIC or _HEADER.size + length > len(payload):
+        raise ProtocolError("not a chunk frame (bad magic or header length)")
+    header = _object(payload[_HEADER.size:_HEADER.size + length], "chunk header")
+    data = payload[_HEADER.size + length:]
+    chunk = Chunk(bundle_sha256=_sha(header, "bundle_sha256"), offset=_int(header, "offset"),
+                  total=_int(header, "total"), data=data, error=_opt_str(header, "error"))
+    if chunk.error is None:
+        if _int(header, "length") != len(data):
+            raise ProtocolError(f"chunk at {chunk.offset} carries {len(data)} bytes, its "
+                                f"header says {header['length']}")
+        if hashlib.sha256(data).hexdigest() != _sha(header, "sha256"):
+            raise ProtocolError(f"chunk at {chunk.offset} does not match its sha256 "
+                                "(corrupted in transit)")
+        if chunk.offset + len(data) > chunk.total:
+            raise ProtocolError(f"chunk at {chunk.offset} runs past the bundle's "
+                                f"{chunk.total} bytes")
+    return chunk
+
+
+def decode_desired(payload: bytes) -> Desired:
+    """Parse a ``desired`` message."""
+    obj = _message(payload, "desired")
+    models = _dict(obj, "models")
+    return Desired(models={_name(name): DesiredModel(
+        version=_int(_as_dict(m, f"models.{name}"), "version"),
+        bundle_sha256=_sha(m, "bundle_sha256"), size=_int(m, "size"))
+        for name, m in models.items()}, issued_at=_float(obj, "issued_at"))
+
+
+def decode_reported(payload: bytes) -> Reported:
+    """Parse a ``reported`` message."""
+    obj = _message(payload, "reported")
+    models = {_name(n): ModelReport(
+        version=_int(_as_dict(m, f"models.{n}"), "version"),
+        bundle_sha256=_opt_sha(m, "bundle_sha256"), state=_str(m, "state"))
+        for n, m in _dict(obj, "models").items()}
+    installs = {}
+    for n, raw in _dict(obj, "installs").items():
+        i = _as_dict(raw, f"installs.{n}")
+        progress = i.get("progress")
+        installs[_name(n)] = InstallReport(
+            version=_opt_int(i, "version"), bundle_sha256=_opt_sha(i, "bundle_sha256"),
+            state=_str(i, "state"), reason=_opt_str(i, "reason"),
+            detail=_opt_str(i, "detail"),
+            progress=None if progress is None else _float(i, "progress"))
+    return Reported(profile=_opt_str(obj, "profile"), agent_version=_str(obj, "agent_version"),
+                    models=models, installs=installs, at=_float(obj, "at"))
+
+
+def decode_event(payload: bytes) -> Event:
+    """Parse an ``events`` message."""
+    obj = _message(payload, "event")
+    return Event(kind=_str(obj, "kind"), at=_float(obj, "at"), detail=_dict(obj, "detail"))
+
+
+def decode_telemetry(payload: bytes) -> Telemetry:
+    """Parse a ``telemetry`` message."""
+    obj = _message(payload, "telemetry")
+    return Telemetry(seq=_int(obj, "seq"), at=_float(obj, "at"), metrics=_dict(obj, "metrics"))
+
+
+def decode_chunk_request(payload: bytes) -> ChunkRequest:
+    """Parse a chunk request; the length must be 1 byte to 4 MiB."""
+    obj = _message(payload, "chunk request")
+    request = ChunkRequest(bundle_sha256=_sha(obj, "bundle_sha256"),
+                           offset=_int(obj, "offset"), length=_int(obj, "length"))
+    if not 0 < request.length <= _MAX_CHUNK_BYTES:
+        raise ProtocolError(f"chunk length {request.length} is outside 1..{_MAX_CHUNK_BYTES}")
+    return request
+
+
+def _message(payload: bytes, what: str) -> dict[str, Any]:
+    obj = _object(payload, what)
+    version = obj.get("protocol")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"{what} has protocol version {version!r}; this side speaks "
+                            f"{PROTOCOL_VERSION}: upgrade the older of agent and server")
+    return obj
+
+
+def _object(payload: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"{what} is not JSON ({exc})") from None
+    return _as_dict(obj, what)
+
+
+def _as_dict(obj: Any, where: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{where} must be a JSON object")
+    return obj
+
+
+def _dict(obj: Mapping[str, Any], key: str) -> dict[str, Any]:
+    return _as_dict(obj.get(key, {}), key)
+
+
+def _int(obj: Mapping[str, Any], key: str) -> int:
+    value = obj.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ProtocolError(f"field {key!r} must be a non-negative integer, not {value!r}")
+    return value
+
+
+def _opt_int(obj: Mapping[str, Any], key: str) -> int | None:
+    return None if obj.get(key) is None else _int(obj, key)
+
+
+def _float(obj: Mapping[str, Any], key: str) -> float:
+    value = obj.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ProtocolError(f"field {key!r} must be a number, not {value!r}")
+    return float(value)
+
+
+def _str(obj: Mapping[str, Any], key: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(f"field {key!r} must be a non-empty string, not {value!r}")
+    return value
+
+
+def _opt_str(obj: Mapping[str, Any], key: str) -> str | None:
+    return None if obj.get(key) is None else _str(obj, key)
+
+
+def _sha(obj: Mapping[str, Any], key: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise ProtocolError(f"field {key!r} must be 64 lowercase hex digits")
+    return value
+
+
+def _opt_sha(obj: Mapping[str, Any], key: str) -> str | None:
+    return None if obj.get(key) is None else _sha(obj, key)
+
+
+def _name(name: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,127}", name):
+        raise ProtocolError(f"model name {name!r} is not valid")
+    return name
