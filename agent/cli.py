@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (-v info, -vv debug)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_enroll(subparsers)
+    _add_run(subparsers)
     _add_serve(subparsers)
     _add_install(subparsers)
     _add_status(subparsers)
@@ -74,6 +76,92 @@ def _state_dir_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
                    help=f"agent state directory (default {DEFAULT_STATE_DIR}, or "
                    "$EDGEFLEET_STATE_DIR)")
+
+
+def _add_enroll(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "enroll", help="join a fleet with a one-time token",
+        description="Create this device's key pair, get its certificate from the fleet "
+        "server with TOKEN (from `fleet enroll-token`), pin the fleet's root of trust and "
+        "write DIR/agent.toml for `edge-agent run`.")
+    p.add_argument("--server", required=True, metavar="URL",
+                   help="the fleet server's API, e.g. http://fleet.example:8480")
+    p.add_argument("--token", required=True, metavar="TOKEN")
+    p.add_argument("--device-id", metavar="ID",
+                   help="this device's id in the fleet (default: the host name)")
+    _state_dir_option(p)
+    p.add_argument("--profile", metavar="NAME",
+                   help="this device's firmware profile (default: probe the host)")
+    p.add_argument("--tag", action="append", default=[], metavar="TAG",
+                   help="a tag for fleet targeting (repeatable)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"the local API's port (default {DEFAULT_PORT})")
+    p.set_defaults(handler=_enroll)
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from .daemon import resolve_profile
+    from .enroll import CONFIG_NAME, EnrollRequest, default_device_id, enroll
+
+    profile = resolve_profile(args.profile)
+    config = enroll(EnrollRequest(
+        server_url=args.server, token=args.token,
+        device_id=args.device_id or default_device_id(), state_dir=args.state_dir,
+        profile=profile.name if profile else None, tags=tuple(args.tag),
+        api_port=args.port))
+    assert config.fleet is not None
+    print(f"enrolled {config.fleet.device_id} in fleet {config.fleet.name} "
+          f"(broker {config.fleet.broker_url}, profile {config.profile or 'generic CPU'}); "
+          f"start it with: edge-agent run --config {args.state_dir / CONFIG_NAME}")
+    return 0
+
+
+def _add_run(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "run", help="the agent daemon: serve models and follow the fleet",
+        description="Serve the installed models on the local API and keep them as the fleet "
+        "server wants them: fetch, verify and hot-swap new bundles, report every change, "
+        "send telemetry (buffered on disk while the broker is unreachable).")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help=f"agent config (default {DEFAULT_STATE_DIR / 'agent.toml'})")
+    p.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .daemon import AgentProcess, resolve_profile
+    from .fleet_link import FleetLink
+    from .http_api import ApiSettings
+    from .probation import ProbationPolicy
+    from .runtime import Runtime
+
+    config = load_config(args.config or DEFAULT_STATE_DIR / "agent.toml")
+    profile = resolve_profile(config.profile)
+    runtime = Runtime(config.state_dir, profile,
+                      policy=ProbationPolicy(window_s=config.probation_s),
+                      threads=config.threads)
+    for problem in runtime.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    token, token_file = AgentProcess.token(config.state_dir, None)
+    process = AgentProcess(runtime, ApiSettings(host=config.api_host, port=config.api_port,
+                                                unix_socket=config.unix_socket, token=token),
+                           config.state_dir)
+    process.start(token_file)
+    link = None
+    if config.fleet is not None:
+        link = FleetLink(runtime, config.fleet)
+        link.start()
+    models = ", ".join(f"{m.name} v{m.version}" for m in runtime.models())
+    fleet = (f"fleet {config.fleet.name} as {config.fleet.device_id} via "
+             f"{config.fleet.broker_url}" if config.fleet else "no fleet (offline)")
+    print(f"edge-agent running: {models or 'no models yet'} on "
+          f"{process.server.url or config.unix_socket}; {fleet}", flush=True)
+    try:
+        process.wait()
+    finally:
+        if link is not None:
+            link.stop()
+    return 0
 
 
 def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

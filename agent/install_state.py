@@ -80,6 +80,7 @@ class InstallRecord:
     detail: str | None = None
     restarts: int = 0
     history: tuple[tuple[str, float], ...] = ()
+    bundle_sha256: str | None = None  # of the bundle file, once fetched
 
     @property
     def done(self) -> bool:
@@ -96,7 +97,7 @@ def new_install(install_id: str, source: str, now: float) -> InstallRecord:
 def advance(record: InstallRecord, to: InstallState, now: float, *,
             model: str | None = None, version: int | None = None,
             previous_version: int | None = None, reason: str | None = None,
-            detail: str | None = None) -> InstallRecord:
+            detail: str | None = None, bundle_sha256: str | None = None) -> InstallRecord:
     """``record`` moved to state ``to``; raises ValueError for a transition the machine lacks.
 
     ``failed`` and ``rolled_back`` need a ``reason``; the identity fields, once set, stay.
@@ -113,6 +114,7 @@ def advance(record: InstallRecord, to: InstallState, now: float, *,
         previous_version=(record.previous_version if previous_version is None
                           else previous_version),
         reason=reason, detail=detail,
+        bundle_sha256=record.bundle_sha256 if bundle_sha256 is None else bundle_sha256,
         history=(*record.history, (to.value, now)))
 
 

@@ -35,7 +35,7 @@ from firmware_profiles.model import Profile
 
 from .errors import AgentError, InstallError
 from .install_state import InstallRecord, InstallState, advance, new_install
-from .model_store import ModelStore, StoredModel
+from .model_store import ModelStore, StoredModel, sha256_file
 from .trust_store import TrustStore
 from .variants import choose_variant
 
@@ -85,6 +85,8 @@ class Installer:
         self.clock = clock
         self.store = ModelStore(dirs.models)
         self.trust = TrustStore(dirs.trust)
+        #: Called with every persisted record (the fleet link reports them).
+        self.listeners: list[Callable[[InstallRecord], None]] = []
 
     # -- records -------------------------------------------------------------------------
 
@@ -92,6 +94,11 @@ class Installer:
         """Advance ``record`` to ``to`` and persist it before anything else happens."""
         moved = advance(record, to, self.clock(), **changes)  # type: ignore[arg-type]
         self.save(moved)
+        for listener in self.listeners:
+            try:
+                listener(moved)
+            except Exception:  # a reporting failure must not fail the install
+                log.exception("install listener failed")
         if to in (InstallState.FAILED, InstallState.ROLLED_BACK):
             log.warning("install %s of %s: %s (%s)", moved.install_id, moved.source,
                         to.value, moved.detail or moved.reason)
@@ -152,11 +159,12 @@ class Installer:
             self.dirs.incoming.mkdir(parents=True, exist_ok=True)
             partial = target.with_suffix(".part")
             shutil.copyfile(source, partial)
+            digest = sha256_file(partial)
             os.replace(partial, target)
         except OSError as exc:
             raise InstallError("download_failed", f"cannot read bundle {source} "
                                f"({exc.strerror}); check the path") from exc
-        return self.move(record, InstallState.VERIFYING)
+        return self.move(record, InstallState.VERIFYING, bundle_sha256=digest)
 
     def verify_and_stage(self, record: InstallRecord) -> tuple[InstallRecord, StoredModel]:
         """Verify the fetched bundle, choose this device's variant, write its slot: staged.
@@ -173,7 +181,8 @@ class Installer:
             plain = open_artifacts(manifest, verified.artifacts, self._device_key())
         except BundleError as exc:
             raise InstallError(f"rejected:{type(exc).__name__}", str(exc)) from exc
-        stored = self.store.stage(manifest, variant, plain[variant.path], self.clock())
+        stored = self.store.stage(manifest, variant, plain[variant.path], self.clock(),
+                                  record.bundle_sha256)
         # The version floor rises once the bundle is verified and kept, so an older signed
         # bundle cannot be replayed even if this install later rolls back.
         self.trust.save(verified.trusted.with_installed(manifest.name, manifest.version,

@@ -30,7 +30,7 @@ from bundle.manifest import ArtifactVariant, Manifest, manifest_from_json, manif
 
 from .errors import AgentError
 
-__all__ = ["ActivePointer", "ModelStore", "StoredModel"]
+__all__ = ["ActivePointer", "ModelStore", "StoredModel", "sha256_file"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -55,11 +55,12 @@ class StoredModel:
     sha256: str
     manifest: Manifest
     manifest_sha256: str
+    bundle_sha256: str | None = None  # of the bundle file it came from
 
     def intact(self) -> bool:
         """Whether the model file still hashes to what was installed (bit rot, tampering)."""
         try:
-            return _sha256_file(self.path) == self.sha256
+            return sha256_file(self.path) == self.sha256
         except OSError:
             return False
 
@@ -105,13 +106,14 @@ class ModelStore:
                 name=name, version=version, path=directory / info["file"],
                 format=info["format"], dtype=info["dtype"], sha256=info["sha256"],
                 manifest=manifest_from_json(manifest_bytes),
-                manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest())
+                manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
+                bundle_sha256=info.get("bundle_sha256"))
         except (OSError, ValueError, KeyError, TypeError, BundleError) as exc:
             raise AgentError(f"slot {directory} is missing or corrupt ({exc}); reinstall "
                              f"{name} v{version}") from exc
 
     def stage(self, manifest: Manifest, variant: ArtifactVariant, model_bytes: bytes,
-              installed_at: float) -> StoredModel:
+              installed_at: float, bundle_sha256: str | None = None) -> StoredModel:
         """Write the slot for ``manifest``'s ``variant`` (plaintext ``model_bytes``) durably.
 
         Replaces an earlier slot of the same version (a resumed install) unless it is active.
@@ -130,7 +132,8 @@ class ModelStore:
         info: dict[str, Any] = {
             "file": file_name, "format": variant.format, "dtype": variant.dtype,
             "variant": variant.path, "sha256": hashlib.sha256(model_bytes).hexdigest(),
-            "size": len(model_bytes), "installed_at": installed_at}
+            "size": len(model_bytes), "installed_at": installed_at,
+            "bundle_sha256": bundle_sha256}
         for file, data in ((file_name, model_bytes), ("manifest.json", manifest_bytes),
                            ("slot.json", json.dumps(info, indent=1).encode())):
             with open(staging / file, "wb") as f:
@@ -184,7 +187,8 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

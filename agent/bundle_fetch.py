@@ -1,0 +1,143 @@
+"""Fetching one bundle in chunks over the fleet link: resumable, flow-controlled, checked.
+
+The agent asks for the bytes it lacks (:class:`~bundle.protocol.ChunkRequest`), at most
+``window`` chunks at a time, and appends each arriving chunk to ``{sha256}.part`` in order
+(chunks that overtake others wait in memory). The file's length is therefore always the
+resume point: after a dropped connection, or a restart of the agent, fetching continues at
+the first missing byte rather than from zero. A request unanswered for ``timeout_s`` is
+sent again. Each chunk's own sha256 is checked on arrival (:func:`bundle.protocol
+.decode_chunk`) and the whole file's against the desired one at the end; a mismatch there
+discards the file and starts over. No I/O but the file: the link moves the messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bundle.protocol import DEFAULT_CHUNK_BYTES, Chunk, ChunkRequest
+
+from .errors import AgentError
+
+__all__ = ["BundleFetch", "FetchError"]
+
+log = logging.getLogger(__name__)
+
+
+class FetchError(AgentError):
+    """The server cannot supply the bundle, or what arrived does not hash to it."""
+
+
+class BundleFetch:
+    """The bundle ``sha256`` of ``size`` bytes, assembled in ``directory``."""
+
+    def __init__(self, directory: Path, sha256: str, size: int, *,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, window: int = 4,
+                 timeout_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.sha256 = sha256
+        self.size = size
+        self.chunk_bytes = chunk_bytes
+        self.window = window
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self.part = directory / f"{sha256}.part"
+        self.path = directory / f"{sha256}.efb"
+        directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._early: dict[int, bytes] = {}  # chunks that arrived ahead of the file's end
+        self._asked: dict[int, float] = {}  # offset -> when it was requested
+        self._have = self.part.stat().st_size if self.part.exists() else 0
+        if self._have:
+            log.info("resuming bundle %s at byte %d of %d", sha256[:12], self._have, size)
+        #: Bytes that had to be fetched again (resumes and timeouts), for telemetry.
+        self.refetched = 0
+
+    @property
+    def done(self) -> bool:
+        """Whether the verified bundle is at :attr:`path`."""
+        return self.path.exists()
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the bundle on disk."""
+        return 1.0 if self.done else self._have / self.size if self.size else 0.0
+
+    def requests(self) -> list[ChunkRequest]:
+        """Chunks to ask for now: the window after the file's end, minus what is on its way
+        (a request unanswered for ``timeout_s`` is not on its way any more)."""
+        with self._lock:
+            if self.done:
+                return []
+            now = self.clock()
+            end = min(self.size, self._have + self.window * self.chunk_bytes)
+            wanted = []
+            for offset in range(self._have, end, self.chunk_bytes):
+                asked = self._asked.get(offset)
+                if offset in self._early or (asked is not None and now - asked <= self.timeout_s):
+                    continue
+                length = min(self.chunk_bytes, self.size - offset)
+                if asked is not None:
+                    self.refetched += length
+                wanted.append(ChunkRequest(self.sha256, offset, length))
+                self._asked[offset] = now
+            return wanted
+
+    def forget_requests(self) -> None:
+        """The connection dropped: answers to earlier requests will not come."""
+        with self._lock:
+            self._asked.clear()
+
+    def receive(self, chunk: Chunk) -> bool:
+        """Take one chunk; True when the bundle is complete and verified.
+
+        Raises FetchError if the server reports an error or the finished file does not
+        hash to ``sha256`` (the partial file is then discarded).
+        """
+        if chunk.error is not None:
+            raise FetchError(f"the fleet server cannot send bundle {self.sha256[:12]}: "
+                             f"{chunk.error}")
+        if chunk.total != self.size:
+            raise FetchError(f"bundle {self.sha256[:12]} is {chunk.total} bytes on the "
+                             f"server, {self.size} in the desired state; the desired state "
+                             "is stale")
+        with self._lock:
+            self._asked.pop(chunk.offset, None)
+            if chunk.offset >= self._have and chunk.offset % self.chunk_bytes == 0:
+                self._early[chunk.offset] = chunk.data
+            appended = []
+            while self._have in self._early:
+                appended.append(self._early.pop(self._have))
+                self._asked.pop(self._have, None)
+                self._have += len(appended[-1])
+            if appended:
+                with open(self.part, "ab") as f:
+                    f.write(b"".join(appended))
+                    f.flush()
+                    os.fsync(f.fileno())
+            if self._have < self.size:
+                return False
+            return self._finish()
+
+    def _finish(self) -> bool:
+        digest = hashlib.sha256()
+        with open(self.part, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != self.sha256:
+            self.part.unlink(missing_ok=True)
+            self._have = 0
+            self._early.clear()
+            raise FetchError(f"bundle {self.sha256[:12]} arrived complete but hashes to "
+                             f"{digest.hexdigest()[:12]}; fetching it again")
+        os.replace(self.part, self.path)
+        return True
+
+    def discard(self) -> None:
+        """Delete the partial and finished files."""
+        self.part.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,349 @@
+"""The agent's link to its fleet: desired state in, bundles fetched, installs reported.
+
+One MQTT connection (mutual TLS, persistent session, QoS 1; :mod:`bundle.mqtt`) and one
+worker thread. The worker compares the retained desired state with what the runtime
+serves; for a model that differs it fetches the desired bundle in chunks
+(:class:`~agent.bundle_fetch.BundleFetch`, resumable), installs it with the runtime (the
+same verified, self-tested hot-swap as a local install) and reports every install
+transition as an event plus a fresh ``reported`` state. A bundle that failed is not
+retried until the desired state names another one, so a bad bundle costs one attempt, not
+a loop. Telemetry samples go through a durable buffer and are acknowledged only once the
+broker has them.
+
+The broker being down changes nothing for apps on the device: the runtime and its local
+API do not depend on this link. paho reconnects with back-off; on every connect the link
+re-subscribes, re-reports and resumes any fetch where its file ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from bundle.errors import ProtocolError
+from bundle.mqtt import BrokerAddress, ClientSettings, TLSIdentity, create_client, device_topic
+from bundle.protocol import (
+    CHUNK_LEAF,
+    CHUNK_REQUEST_LEAF,
+    DEFAULT_CHUNK_BYTES,
+    Desired,
+    Event,
+    InstallReport,
+    ModelReport,
+    Reported,
+    Telemetry,
+    decode_chunk,
+    decode_desired,
+    encode,
+)
+
+from . import __version__
+from .bundle_fetch import BundleFetch, FetchError
+from .config import FleetSettings
+from .install_state import InstallRecord
+from .runtime import Runtime
+
+__all__ = ["FleetLink", "TelemetrySource"]
+
+log = logging.getLogger(__name__)
+_TICK_S = 0.25
+
+
+class TelemetrySource(Protocol):
+    """Where telemetry samples come from and wait until the broker has them."""
+
+    def sample(self) -> None:
+        """Take one sample into the durable buffer."""
+        ...
+
+    def pending(self, limit: int) -> list[Telemetry]:
+        """Buffered samples, oldest first."""
+        ...
+
+    def ack(self, up_to_seq: int) -> None:
+        """Forget samples up to and including ``up_to_seq``: the broker has them."""
+        ...
+
+
+class FleetLink:
+    """Connects ``runtime`` to its fleet as configured in ``settings``."""
+
+    def __init__(self, runtime: Runtime, settings: FleetSettings, *,
+                 telemetry: TelemetrySource | None = None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 clock: Callable[[], float] = time.time) -> None:
+        if runtime.installer is None:
+            raise ValueError("the fleet link needs a runtime with a state directory")
+        self.runtime = runtime
+        self.settings = settings
+        self.telemetry = telemetry
+        self.chunk_bytes = chunk_bytes
+        self.clock = clock
+        self.installer = runtime.installer
+        self.fetch_dir = self.installer.dirs.root / "fetch"
+        self._client = create_client(ClientSettings(
+            BrokerAddress.from_url(settings.broker_url),
+            TLSIdentity(settings.ca_file, settings.cert_file, settings.key_file)))
+        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._desired: Desired | None = None
+        self._fetch: BundleFetch | None = None
+        self._fetch_model: str | None = None
+        self._given_up: dict[str, str] = {}  # model -> bundle sha256 that failed
+        # The fleet's installs by the model they were fetched for: one rejected before its
+        # manifest was read does not know its model itself.
+        self._attempts: dict[str, InstallRecord] = {}
+        self._next_sample = 0.0
+        self._thread: threading.Thread | None = None
+        self.installer.listeners.append(self._on_install_change)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker connection is up."""
+        return self._connected.is_set()
+
+    def start(self) -> None:
+        """Connect (in the background, retrying) and start the worker."""
+        self._client.loop_start()
+        self._thread = threading.Thread(target=self._work, name="edgefleet-fleet-link",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Disconnect and stop the worker."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._client.disconnect()
+        self._client.loop_stop()
+        if self._on_install_change in self.installer.listeners:
+            self.installer.listeners.remove(self._on_install_change)
+
+    # -- MQTT callbacks (paho's network thread) ---------------------------------------------
+
+    def _topic(self, leaf: str) -> str:
+        return device_topic(self.settings.name, self.settings.device_id, leaf)
+
+    def _on_connect(self, client: Client, userdata: Any, flags: ConnectFlags,
+                    reason: ReasonCode, properties: Properties | None) -> None:
+        if reason.is_failure:
+            log.warning("broker refused the connection: %s", reason)
+            return
+        log.info("connected to %s as %s", self.settings.broker_url, self.settings.device_id)
+        client.subscribe([(self._topic("desired"), 1), (self._topic(CHUNK_LEAF), 1)])
+        with self._lock:
+            if self._fetch is not None:
+                self._fetch.forget_requests()
+        self._connected.set()
+        self._wake.set()
+
+    def _on_disconnect(self, client: Client, userdata: Any, flags: DisconnectFlags,
+                       reason: ReasonCode, properties: Properties | None) -> None:
+        if self._connected.is_set():
+            log.warning("lost the broker (%s); serving on, reconnecting", reason)
+        self._connected.clear()
+
+    def _on_message(self, client: Client, userdata: Any, message: MQTTMessage) -> None:
+        try:
+            if message.topic == self._topic("desired"):
+                desired = decode_desired(bytes(message.payload))
+                with self._lock:
+                    self._desired = desired
+                log.info("desired state: %s", {n: m.version for n, m in desired.models.items()})
+            elif message.topic == self._topic(CHUNK_LEAF):
+                self._on_chunk(bytes(message.payload))
+        except ProtocolError as exc:
+            log.error("ignoring a bad message on %s: %s", message.topic, exc)
+            self._event("protocol_error", {"topic": message.topic, "error": str(exc)})
+        self._wake.set()
+
+    def _on_chunk(self, payload: bytes) -> None:
+        chunk = decode_chunk(payload)
+        with self._lock:
+            fetch = self._fetch
+        if fetch is None or chunk.bundle_sha256 != fetch.sha256:
+            return  # an answer to a fetch that was abandoned
+        try:
+            fetch.receive(chunk)
+        except FetchError as exc:
+            log.error("%s", exc)
+            self._fetch_failed(str(exc))
+            return
+        self._request_chunks()
+
+    # -- the worker -------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(_TICK_S)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self._step()
+            except Exception:  # the link must outlive any one failure
+                log.exception("fleet link step failed")
+
+    def _step(self) -> None:
+        now = self.clock()
+        if self.telemetry is not None and now >= self._next_sample:
+            self._next_sample = now + self.settings.telemetry_interval_s
+            self.telemetry.sample()
+            self._report()
+        if not self._connected.is_set():
+            return
+        self._flush_telemetry()
+        with self._lock:
+            fetch = self._fetch
+        if fetch is None:
+            self._start_next_fetch()
+        elif fetch.done:
+            self._install_fetched(fetch)
+        else:
+            self._request_chunks()
+
+    def _start_next_fetch(self) -> None:
+        with self._lock:
+            desired = self._desired
+        if desired is None:
+            return
+        for name, want in sorted(desired.models.items()):
+            current = self._served_bundle(name)
+            if current == want.bundle_sha256 or self._given_up.get(name) == want.bundle_sha256:
+                continue
+            fetch = BundleFetch(self.fetch_dir, want.bundle_sha256, want.size,
+                                chunk_bytes=self.chunk_bytes)
+            with self._lock:
+                self._fetch, self._fetch_model = fetch, name
+            log.info("fetching %s v%d (bundle %s, %d bytes)", name, want.version,
+                     want.bundle_sha256[:12], want.size)
+            self._event("fetch.started", {"model": name, "version": want.version,
+                                          "bundle_sha256": want.bundle_sha256,
+                                          "resume_at": round(fetch.progress * want.size)})
+            self._report()
+            self._request_chunks()
+            return
+
+    def _served_bundle(self, name: str) -> str | None:
+        try:
+            stored = self.runtime.served(name).stored
+        except Exception:  # not served (yet)
+            return None
+        return None if stored is None else stored.bundle_sha256
+
+    def _request_chunks(self) -> None:
+        with self._lock:
+            fetch = self._fetch
+        if fetch is None or not self._connected.is_set():
+            return
+        for request in fetch.requests():
+            self._client.publish(self._topic(CHUNK_REQUEST_LEAF), encode(request), qos=1)
+
+    def _install_fetched(self, fetch: BundleFetch) -> None:
+        name = self._fetch_model
+        record = self.runtime.install(fetch.path)
+        if record.reason == "busy":
+            return  # the previous version is still in probation: try again next tick
+        with self._lock:
+            self._fetch = self._fetch_model = None
+        fetch.discard()
+        if name is not None:
+            self._attempts[name] = record
+            if record.reason is not None:
+                self._given_up[name] = fetch.sha256
+        self._report()
+
+    def _fetch_failed(self, reason: str) -> None:
+        with self._lock:
+            fetch, name = self._fetch, self._fetch_model
+            self._fetch = self._fetch_model = None
+        if fetch is not None and name is not None:
+            fetch.discard()
+            self._event("fetch.failed", {"model": name, "bundle_sha256": fetch.sha256,
+                                         "reason": reason})
+            if "cannot send" in reason:  # the server will not have it: do not loop
+                self._given_up[name] = fetch.sha256
+        self._report()
+
+    # -- reporting --------------------------------------------------------------------------
+
+    def _on_install_change(self, record: InstallRecord) -> None:
+        self._event(f"install.{record.state.value}", {
+            "install_id": record.install_id, "model": record.model,
+            "version": record.version, "bundle_sha256": record.bundle_sha256,
+            "reason": record.reason, "detail": record.detail})
+        self._report()
+
+    def _event(self, kind: str, detail: dict[str, Any]) -> None:
+        if self._connected.is_set():
+            self._client.publish(self._topic("events"),
+                                 encode(Event(kind, self.clock(), detail)), qos=1)
+
+    def _report(self) -> None:
+        if not self._connected.is_set():
+            return
+        self._client.publish(self._topic("reported"), encode(self.reported()), qos=1)
+
+    def reported(self) -> Reported:
+        """What this device runs and how its latest installs went."""
+        models = {}
+        for info in self.runtime.models():
+            if info.version is None:
+                continue  # a model file served outside the fleet
+            models[info.name] = ModelReport(info.version, self._served_bundle(info.name),
+                                            "probation" if info.state == "probation"
+                                            else "committed")
+        latest: dict[str, InstallRecord] = {}
+        for record in self.installer.records():  # newest first
+            if record.model is not None and record.model not in latest:
+                latest[record.model] = record
+        for name, attempt in self._attempts.items():
+            known = latest.get(name)
+            if known is None or known.history[-1][1] <= attempt.history[-1][1]:
+                latest[name] = attempt
+        installs = {name: InstallReport(r.version, r.bundle_sha256, r.state.value, r.reason,
+                                        r.detail) for name, r in latest.items()}
+        with self._lock:
+            fetch, fetching = self._fetch, self._fetch_model
+        if fetch is not None and fetching is not None and not fetch.done:
+            installs[fetching] = InstallReport(None, fetch.sha256, "downloading",
+                                           progress=round(fetch.progress, 4))
+        profile = self.runtime.profile.name if self.runtime.profile else None
+        return Reported(profile, __version__, models, installs, at=self.clock())
+
+    def _flush_telemetry(self) -> None:
+        """Send buffered samples in order; forget each only once the broker has it."""
+        if self.telemetry is None:
+            return
+        sent = []
+        for sample in self.telemetry.pending(100):
+            info = self._client.publish(self._topic("telemetry"), encode(sample), qos=1)
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+            sent.append((sample.seq, info))
+        acked = None
+        for seq, info in sent:
+            try:
+                info.wait_for_publish(timeout=5.0)
+            except RuntimeError:  # the connection dropped meanwhile
+                break
+            if not info.is_published():
+                break
+            acked = seq
+        if acked is not None:
+            self.telemetry.ack(acked)

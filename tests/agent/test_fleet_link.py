@@ -1,0 +1,204 @@
+"""The agent's fleet link against a real Mosquitto (TLS, ACL), with the test as the server.
+
+The server side here is a plain MQTT client with the server's certificate that publishes a
+desired state and answers chunk requests from bundles it holds: enough to drive the link
+through fetch, install, report, a broker outage mid-transfer, and a rejected bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from paho.mqtt.client import Client, MQTTMessage
+
+from agent.config import FleetSettings
+from agent.fleet_link import FleetLink
+from agent.probation import ProbationPolicy
+from agent.runtime import Runtime
+from bundle.protocol import (
+    CHUNK_LEAF,
+    CHUNK_REQUEST_LEAF,
+    Chunk,
+    Desired,
+    DesiredModel,
+    decode_chunk_request,
+    decode_event,
+    decode_reported,
+    encode,
+    encode_chunk,
+)
+from firmware_profiles.model import Profile
+from fleet_server.broker import Broker
+from tests.agent.bundles import digits_spec, samples
+from tests.bundle.repo import Repo
+from tests.mqtt_broker import TestFleet, mosquitto_or_skip
+
+DEVICE = "gw-1"
+
+
+@dataclass
+class FakeServer:
+    """Desired state out, chunk answers and reports in."""
+
+    client: Client
+    fleet: TestFleet
+    bundles: dict[str, bytes] = field(default_factory=dict)
+    served_bytes: int = 0
+    requests: list[int] = field(default_factory=list)
+    reports: list[bytes] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+    answer: Callable[[int], bool] = lambda offset: True
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def topic(self, leaf: str) -> str:
+        return self.fleet.topic(DEVICE, leaf)
+
+    def on_message(self, client: Client, userdata: object, message: MQTTMessage) -> None:
+        if message.topic == self.topic(CHUNK_REQUEST_LEAF):
+            request = decode_chunk_request(bytes(message.payload))
+            with self.lock:
+                self.requests.append(request.offset)
+            if not self.answer(request.offset):
+                return
+            data = self.bundles[request.bundle_sha256]
+            piece = data[request.offset:request.offset + request.length]
+            with self.lock:
+                self.served_bytes += len(piece)
+            client.publish(self.topic(CHUNK_LEAF), encode_chunk(
+                Chunk(request.bundle_sha256, request.offset, len(data), piece)), qos=1)
+        elif message.topic == self.topic("reported"):
+            self.reports.append(bytes(message.payload))
+        elif message.topic == self.topic("events"):
+            self.events.append(decode_event(bytes(message.payload)).kind)
+
+    def want(self, version: int, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        self.bundles[sha] = data
+        desired = Desired({"digits": DesiredModel(version, sha, len(data))}, time.time())
+        self.client.publish(self.topic("desired"), encode(desired), qos=1, retain=True)
+        return sha
+
+    def last_report(self) -> dict[str, object] | None:
+        if not self.reports:
+            return None
+        reported = decode_reported(self.reports[-1])
+        return {name: (m.version, m.bundle_sha256, m.state)
+                for name, m in reported.models.items()}
+
+
+def wait(condition: Callable[[], object], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> TestFleet:
+    mosquitto_or_skip()
+    return TestFleet.create(tmp_path / "pki")
+
+
+@pytest.fixture
+def broker(fleet: TestFleet, tmp_path: Path) -> Iterator[Broker]:
+    with Broker.embedded(fleet.broker_config(tmp_path / "broker")) as broker:
+        yield broker
+
+
+@pytest.fixture
+def server(fleet: TestFleet, broker: Broker) -> Iterator[FakeServer]:
+    client = broker.client(fleet.server_identity())
+    fake = FakeServer(client, fleet)
+    client.on_message = fake.on_message
+    client.on_connect = lambda c, *a: c.subscribe(fleet.topic("+", "#"), qos=1)
+    client.loop_start()
+    wait(client.is_connected, "the server client to connect")
+    yield fake
+    client.disconnect()
+    client.loop_stop()
+
+
+@pytest.fixture
+def link_factory(fleet: TestFleet, broker: Broker, state_dir: Path,
+                 x86: Profile) -> Iterator[Callable[..., FleetLink]]:
+    made: list[tuple[FleetLink, Runtime]] = []
+    identity = fleet.device_identity(DEVICE)
+
+    def make(chunk_bytes: int = 16 * 1024) -> FleetLink:
+        runtime = Runtime(state_dir, x86, policy=ProbationPolicy(window_s=0.0))
+        runtime.start(interval_s=0.1)
+        settings = FleetSettings(fleet.ca.fleet, DEVICE, broker.address.url,
+                                 identity.ca_file, identity.cert_file, identity.key_file)
+        link = FleetLink(runtime, settings, chunk_bytes=chunk_bytes)
+        link.start()
+        made.append((link, runtime))
+        return link
+
+    yield make
+    for link, runtime in made:
+        link.stop()
+        runtime.close()
+
+
+def test_desired_bundle_is_fetched_installed_and_reported(
+        server: FakeServer, repo: Repo, link_factory: Callable[..., FleetLink]) -> None:
+    link = link_factory()
+    sha1 = server.want(1, repo.build(digits_spec(1)))
+    wait(lambda: server.last_report() == {"digits": (1, sha1, "committed")}, "v1 committed")
+    assert link.runtime.infer("digits", {"input": samples(1)})["logits"].shape == (1, 10)
+    sha2 = server.want(2, repo.build(digits_spec(2)))
+    wait(lambda: server.last_report() == {"digits": (2, sha2, "committed")}, "v2 committed")
+    assert "install.probation" in server.events
+    assert "install.committed" in server.events
+    assert "fetch.started" in server.events
+
+
+def test_a_broker_outage_mid_transfer_resumes_where_it_broke(
+        server: FakeServer, broker: Broker, repo: Repo,
+        link_factory: Callable[..., FleetLink]) -> None:
+    data = repo.build(digits_spec(1))
+    chunk = 16 * 1024
+    assert len(data) > 6 * chunk
+    # The server answers only the first three chunks, then the broker goes down.
+    server.answer = lambda offset: offset < 3 * chunk
+    link = link_factory(chunk_bytes=chunk)
+    sha = server.want(1, data)
+    wait(lambda: (link.fetch_dir / f"{sha}.part").exists()
+         and (link.fetch_dir / f"{sha}.part").stat().st_size == 3 * chunk, "3 chunks on disk")
+    broker.stop()
+    wait(lambda: not link.connected, "the link to notice")
+    server.answer = lambda offset: True
+    with server.lock:
+        server.requests.clear()
+    broker.start()
+    wait(lambda: server.last_report() == {"digits": (1, sha, "committed")}, "v1 committed")
+    assert min(server.requests) == 3 * chunk  # resumed, not restarted
+    assert server.served_bytes < len(data) + 4 * chunk
+
+
+def test_a_rejected_bundle_is_reported_and_not_retried(
+        server: FakeServer, repo: Repo, link_factory: Callable[..., FleetLink]) -> None:
+    link = link_factory()
+    sha1 = server.want(1, repo.build(digits_spec(1)))
+    wait(lambda: server.last_report() == {"digits": (1, sha1, "committed")}, "v1 committed")
+    good = repo.build(digits_spec(2))
+    server.want(2, good[:-50] + bytes(50))  # tampered in transit or at rest
+    wait(lambda: "install.failed" in server.events, "the install to fail")
+    reported = decode_reported(server.reports[-1])
+    assert reported.models["digits"].version == 1
+    install = reported.installs["digits"]
+    assert install.state == "failed"
+    assert install.reason is not None
+    assert install.reason.startswith("rejected:")
+    fetches = server.events.count("fetch.started")
+    time.sleep(1.0)
+    assert server.events.count("fetch.started") == fetches  # given up on that bundle
+    assert link.runtime.model("digits").version == 1
