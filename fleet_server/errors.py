@@ -10,13 +10,16 @@ bundle was refused, and the CLI prints them the same way. The tree::
     ├── RegistryError       the registry refused a request (unknown device, used token, ...)
     ├── CAError             the fleet CA directory is unusable, or a name cannot be issued
     ├── CSRError            a device's certificate signing request is refused
-    └── BrokerError         the MQTT broker cannot be configured or started
+    ├── BrokerError         the MQTT broker cannot be configured or started
+    ├── ServiceError        `fleet serve` cannot start: data directory, keys, configuration
+    ├── EnrollmentError     an enrollment token was refused (unknown, used or expired)
+    └── ApiError            the operator API refused a request, or cannot be reached
 """
 
 from __future__ import annotations
 
-__all__ = ["BrokerError", "BundleInputError", "CAError", "CSRError", "FleetError",
-           "KeyStoreError", "RegistryError"]
+__all__ = ["ApiError", "BrokerError", "BundleInputError", "CAError", "CSRError",
+           "EnrollmentError", "FleetError", "KeyStoreError", "RegistryError", "ServiceError"]
 
 
 class FleetError(Exception):
@@ -53,3 +56,24 @@ class CSRError(FleetError):
 
 class BrokerError(FleetError):
     """The MQTT broker cannot be configured or started (the message carries its log)."""
+
+
+class ServiceError(FleetError):
+    """The fleet service cannot start or run as configured: an unusable data directory, a
+    missing root.json, a fleet name that differs from the CA's, a broker it cannot reach."""
+
+
+class EnrollmentError(FleetError):
+    """An enrollment was refused because of its token (unknown, already used, expired): the
+    installer needs a new token from the operator. Bad CSRs are :class:`CSRError`."""
+
+
+class ApiError(FleetError):
+    """The operator API answered with an error, or the server cannot be reached.
+
+    ``status`` is the HTTP status (0 when no answer came), so scripts can tell a refusal
+    (4xx) from a broken server (5xx) or one that is not running (0)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status

@@ -827,6 +827,29 @@ class Registry:
             tx.many("DELETE FROM desired_history WHERE id = ?", popped)
             return changes
 
+    def was_desired(self, device_id: str, bundle_sha256: str) -> bool:
+        """Whether this bundle is, or at some time was, in the device's desired state.
+
+        The fleet server serves a device only such bundles, so a device cannot fetch blobs it
+        was never asked to run. "Was" comes from the ``desired.*`` events, which record
+        every value a change set (``after``), so it survives rollbacks popping the history.
+        """
+        sha = bundle_sha256.lower()
+        if not _SHA256_HEX.fullmatch(sha):
+            return False
+        with self._tx() as tx:
+            row = tx.one("SELECT desired FROM devices WHERE id = ?", (device_id,))
+            if row is None:
+                return False
+            if any(d.bundle_sha256 == sha for d in _desired_from_text(row[0]).values()):
+                return True
+            # A hex digest has no LIKE wildcards; the LIKE only narrows, the JSON decides.
+            rows = tx.all("SELECT detail FROM events WHERE device_id = ? AND kind IN "
+                          "('desired.set', 'desired.rolled_back') AND detail LIKE ?",
+                          (device_id, f"%{sha}%"))
+        return any((json.loads(r[0]).get("after") or {}).get("bundle_sha256") == sha
+                   for r in rows)
+
     # --- events ---
 
     def add_event(self, kind: str, *, device: str | None = None,

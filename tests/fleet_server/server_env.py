@@ -1,0 +1,154 @@
+"""A fleet service for tests: real Mosquitto, real registry (SQLite or PostgreSQL), a TUF
+root from the in-memory test repository, and simulated devices that enroll through the
+service and talk to it with real paho clients and their own certificates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from bundle import protocol
+from bundle.atomic import write_atomic
+from bundle.identity import make_device_key_and_csr
+from bundle.mqtt import BrokerAddress, ClientSettings, TLSIdentity, create_client, device_topic
+from fleet_server.service import Enrollment, FleetService, ServiceConfig
+from tests.bundle.repo import Repo
+from tests.mqtt_broker import TIMEOUT, Recorder, mosquitto_or_skip
+
+PG_URL = os.environ.get("EDGEFLEET_TEST_POSTGRES_URL",
+                        "postgresql://postgres@127.0.0.1:5432/test")
+PROFILE = "x86-avx2"
+
+
+@contextlib.contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A URL whose search_path is a fresh schema, dropped on exit (as test_registry does)."""
+    schema = f"t_{secrets.token_hex(6)}"
+    try:
+        admin = psycopg.connect(PG_URL, autocommit=True)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {PG_URL} ({exc}); start it or set "
+                    "EDGEFLEET_TEST_POSTGRES_URL")
+    with admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+        try:
+            separator = "&" if "?" in PG_URL else "?"
+            yield f"{PG_URL}{separator}options=-csearch_path%3D{schema}"
+        finally:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def protocol_bytes(n: int) -> bytes:
+    """``n`` bytes that do not compress or repeat in chunk-sized blocks."""
+    return (secrets.token_bytes(4096) * (n // 4096 + 1))[:n]
+
+
+def write_keys(directory: Path, repo: Repo) -> Path:
+    """A keys directory holding only root.json: all the server reads of it."""
+    write_atomic(directory / "root.json", repo.root)
+    return directory
+
+
+def service_config(data_dir: Path, keys_dir: Path, db_url: str, **options: Any) -> ServiceConfig:
+    """A service on loopback with a free MQTT port (kept across restarts in data_dir)."""
+    mosquitto_or_skip()
+    return ServiceConfig(data_dir=data_dir, keys_dir=keys_dir, fleet="testfleet",
+                         db_url=db_url, mqtt_port=0, mqtt_bind="127.0.0.1",
+                         connect_timeout=TIMEOUT, **options)
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
+    """Poll ``condition`` until it returns something truthy (returned), or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@dataclass
+class SimDevice:
+    """A device enrolled through the service, with its key, certificate and enrollment."""
+
+    id: str
+    enrollment: Enrollment
+    identity: TLSIdentity
+    fleet: str
+
+    def topic(self, leaf: str) -> str:
+        return device_topic(self.fleet, self.id, leaf)
+
+    def client(self) -> Recorder:
+        """A connected recorder (MQTT 5, persistent session) as this device."""
+        address = BrokerAddress.from_url(self.enrollment.broker_url)
+        recorder = Recorder(create_client(ClientSettings(address, self.identity)))
+        recorder.connect()
+        return recorder
+
+
+def enroll(service: FleetService, directory: Path, device_id: str, *, group: str = "lab",
+           tags: tuple[str, ...] = ()) -> SimDevice:
+    """Enroll a device the way the agent does: key and CSR made here, token from the
+    registry, certificate from the service; files written under ``directory``."""
+    key_pem, csr_pem = make_device_key_and_csr(device_id)
+    token = service.registry.issue_token(group, 600)
+    enrollment = service.enroll(token, device_id, csr_pem, PROFILE, tags)
+    home = directory / "devices" / device_id
+    write_atomic(home / "device.key", key_pem, 0o600)
+    write_atomic(home / "device.crt", enrollment.certificate_pem)
+    write_atomic(home / "ca.crt", enrollment.ca_certificate_pem)
+    identity = TLSIdentity(home / "ca.crt", home / "device.crt", home / "device.key")
+    return SimDevice(device_id, enrollment, identity, enrollment.fleet)
+
+
+def desired_messages(recorder: Recorder, device: SimDevice) -> list[protocol.Desired]:
+    """Every desired message the device received, decoded, oldest first."""
+    with recorder._changed:
+        payloads = [m.payload for m in recorder.messages if m.topic == device.topic("desired")]
+    return [protocol.decode_desired(bytes(p)) for p in payloads]
+
+
+def fetch_bundle(recorder: Recorder, device: SimDevice, sha256: str, size: int,
+                 chunk: int = 256 * 1024) -> bytes:
+    """Pull a bundle chunk by chunk as an agent does (one request at a time), checking each
+    chunk's hash (decode_chunk does) and that the whole matches ``sha256``."""
+    recorder.subscribe(device.topic("inbox/#"))
+    data = bytearray()
+    while len(data) < size:
+        answer = request_chunk(recorder, device, sha256, len(data), chunk)
+        assert answer.error is None, answer.error
+        assert answer.total == size
+        data += answer.data
+    return bytes(data)
+
+
+def request_chunk(recorder: Recorder, device: SimDevice, sha256: str, offset: int,
+                  length: int) -> protocol.Chunk:
+    """Send one chunk request and return the decoded answer (the device must be subscribed
+    to its inbox)."""
+    topic = device.topic(protocol.CHUNK_LEAF)
+    with recorder._changed:
+        before = sum(1 for m in recorder.messages if m.topic == topic)
+    recorder.publish(device.topic(protocol.CHUNK_REQUEST_LEAF), protocol.encode(
+        protocol.ChunkRequest(sha256, offset, length)))
+
+    def answered() -> bool:
+        return sum(1 for m in recorder.messages if m.topic == topic) > before
+
+    recorder.wait(answered, f"the chunk at {offset}")
+    with recorder._changed:
+        payload = [m.payload for m in recorder.messages if m.topic == topic][before]
+    return protocol.decode_chunk(bytes(payload))

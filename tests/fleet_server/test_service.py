@@ -1,0 +1,313 @@
+"""FleetService end to end over a real Mosquitto, on SQLite and on PostgreSQL.
+
+Devices are real paho clients with certificates obtained through ``service.enroll``; they
+can only use their own topics (the broker's ACL), exactly like agents. Negative checks use
+a sentinel instead of sleeping: the server's messages reach the broker in the order it sent
+them, and the broker delivers in order, so once a later message arrived an earlier stray one
+would have too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from bundle import protocol
+from bundle.errors import ChecksumError, UntrustedSignatureError
+from bundle.identity import certificate_fingerprint, make_device_key_and_csr
+from bundle.mqtt import BrokerAddress
+from fleet_server.errors import CSRError, EnrollmentError, RegistryError
+from fleet_server.service import PROTOCOL_ERROR, FleetService, ServiceConfig
+from tests.bundle.repo import Repo
+from tests.fleet_server.server_env import (
+    PROFILE,
+    SimDevice,
+    desired_messages,
+    enroll,
+    fetch_bundle,
+    request_chunk,
+    service_config,
+    wait_until,
+    write_keys,
+)
+from tests.mqtt_broker import Recorder
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def config(tmp_path: Path, db_url: str, repo: Repo) -> ServiceConfig:
+    return service_config(tmp_path / "server", write_keys(tmp_path / "keys", repo), db_url)
+
+
+@pytest.fixture
+def service(config: ServiceConfig) -> Iterator[FleetService]:
+    with FleetService(config) as started:
+        yield started
+
+
+@pytest.fixture
+def clients() -> Iterator[list[Recorder]]:
+    """Recorders to close at the end of the test (append them)."""
+    made: list[Recorder] = []
+    yield made
+    for recorder in made:
+        recorder.close()
+
+
+def _connect(device: SimDevice, clients: list[Recorder], *leaves: str) -> Recorder:
+    recorder = device.client()
+    clients.append(recorder)
+    if leaves:
+        recorder.subscribe(*(device.topic(leaf) for leaf in leaves))
+    return recorder
+
+
+def _wait_desired(recorder: Recorder, device: SimDevice, count: int) -> protocol.Desired:
+    """Wait for the device's ``count``-th desired message; returns the newest."""
+    recorder.wait(lambda: len(desired_messages(recorder, device)) >= count,
+                  f"desired message #{count} of {device.id}")
+    return desired_messages(recorder, device)[-1]
+
+
+def _reported(sha: str | None, version: int, state: str = "committed") -> bytes:
+    return protocol.encode(protocol.Reported(
+        profile=PROFILE, agent_version="0.1.0",
+        models={"digits": protocol.ModelReport(version, sha, state)}, at=1.0))
+
+
+# --- enrollment ---------------------------------------------------------------------------
+
+def test_enroll_returns_identity_broker_and_root(service: FleetService, tmp_path: Path,
+                                                 repo: Repo) -> None:
+    device = enroll(service, tmp_path, "gw-1", group="lab", tags=("canary",))
+    e = device.enrollment
+    cert = x509.load_pem_x509_certificate(e.certificate_pem)
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "gw-1"
+    assert (e.fleet, e.group, e.root_json) == ("testfleet", "lab", repo.root)
+    assert e.ca_certificate_pem == service.ca.cert_pem
+    assert BrokerAddress.from_url(e.broker_url) == BrokerAddress("127.0.0.1",
+                                                                 service.broker.address.port)
+    record = service.registry.get_device("gw-1")
+    assert record is not None
+    assert (record.group, record.profile, record.tags) == ("lab", PROFILE, ("canary",))
+    assert record.cert_fingerprint == certificate_fingerprint(e.certificate_pem)
+
+
+def test_enroll_refusals_keep_the_token_unless_it_was_used(service: FleetService) -> None:
+    token = service.registry.issue_token("lab", 600)
+    _, csr = make_device_key_and_csr("gw-2")
+    with pytest.raises(CSRError, match="does not carry a PEM CSR"):
+        service.enroll(token, "gw-2", b"not a csr", PROFILE)
+    with pytest.raises(CSRError, match="service identity"):
+        service.enroll(token, "fleet-server", csr, PROFILE)
+    with pytest.raises(RegistryError, match="invalid profile"):
+        service.enroll(token, "gw-2", csr, " padded ")
+    service.enroll(token, "gw-2", csr, PROFILE)  # the token survived every refusal
+    with pytest.raises(EnrollmentError, match="already used by device 'gw-2'"):
+        service.enroll(token, "gw-3", make_device_key_and_csr("gw-3")[1], PROFILE)
+    with pytest.raises(EnrollmentError, match="unknown enrollment token"):
+        service.enroll("nope", "gw-3", make_device_key_and_csr("gw-3")[1], PROFILE)
+
+
+# --- (a) publishing -----------------------------------------------------------------------
+
+def test_publish_to_group_reaches_exactly_that_group(
+        service: FleetService, tmp_path: Path, bundles: dict[str, bytes],
+        clients: list[Recorder]) -> None:
+    a1, a2 = (enroll(service, tmp_path, d, group="lab") for d in ("a1", "a2"))
+    b1 = enroll(service, tmp_path, "b1", group="field")
+    r_a1, r_b1 = _connect(a1, clients, "desired"), _connect(b1, clients, "desired")
+    # Enrollment published an empty desired state, retained: a fresh device gets it at once.
+    for recorder, device in ((r_a1, a1), (r_b1, b1)):
+        _wait_desired(recorder, device, 1)
+        assert desired_messages(recorder, device)[0].models == {}
+
+    record = service.add_bundle(bundles["v1"])
+    result = service.publish(record.sha256, group="lab")
+    assert result.devices == ("a1", "a2")
+    assert [c.device for c in result.changes] == ["a1", "a2"]
+    want = {"digits": protocol.DesiredModel(1, record.sha256, len(bundles["v1"]))}
+    assert _wait_desired(r_a1, a1, 2).models == want
+    # a2 connects afterwards: the retained message is there for it.
+    r_a2 = _connect(a2, clients, "desired")
+    assert _wait_desired(r_a2, a2, 1).models == want
+
+    # Sentinel: b1's own publish comes after the group's; b1 gets only that one.
+    service.publish(record.sha256, devices=["b1"])
+    _wait_desired(r_b1, b1, 2)
+    assert [m.models for m in desired_messages(r_b1, b1)] == [{}, want]
+    assert r_b1.topics() == {b1.topic("desired")}
+
+
+def test_rollback_publishes_the_previous_state(
+        service: FleetService, tmp_path: Path, bundles: dict[str, bytes],
+        clients: list[Recorder]) -> None:
+    device = enroll(service, tmp_path, "gw-1")
+    v1, v2 = service.add_bundle(bundles["v1"]), service.add_bundle(bundles["v2"])
+    service.publish(v1.sha256, group="lab")
+    service.publish(v2.sha256, devices=["gw-1"])
+    result = service.rollback(group="lab", model="digits")
+    assert [(c.before and c.before.version, c.after and c.after.version)
+            for c in result.changes] == [(2, 1)]
+    recorder = _connect(device, clients, "desired")
+    assert _wait_desired(recorder, device, 1).models["digits"].version == 1
+    service.rollback(devices=["gw-1"])  # back to nothing: an empty desired is published
+    recorder.wait(lambda: desired_messages(recorder, device)[-1].models == {},
+                  "the empty desired state")
+    with pytest.raises(RegistryError, match="nothing to roll back"):
+        service.rollback(devices=["gw-1"])
+
+
+def test_bad_bundles_are_refused_with_the_reason(service: FleetService,
+                                                 bundles: dict[str, bytes]) -> None:
+    tampered = bytearray(bundles["v1"])
+    tampered[len(tampered) // 2] ^= 1
+    with pytest.raises(ChecksumError):
+        service.add_bundle(bytes(tampered))
+    with pytest.raises(UntrustedSignatureError):
+        service.add_bundle(Repo().build())  # signed by keys this fleet does not trust
+    assert service.registry.list_bundles() == []
+
+
+# --- (b) chunks ---------------------------------------------------------------------------
+
+def test_chunks_are_served_for_desired_bundles_only(
+        service: FleetService, tmp_path: Path, bundles: dict[str, bytes],
+        clients: list[Recorder]) -> None:
+    device = enroll(service, tmp_path, "gw-1")
+    big, v1, v2 = (service.add_bundle(bundles[k]) for k in ("big", "v1", "v2"))
+    service.publish(big.sha256, devices=["gw-1"])
+    recorder = _connect(device, clients)
+
+    data = fetch_bundle(recorder, device, big.sha256, big.size)
+    assert hashlib.sha256(data).hexdigest() == big.sha256
+    assert len(recorder.messages) == -(-big.size // protocol.DEFAULT_CHUNK_BYTES)
+
+    # Stored but never desired for this device, and not stored at all: the same refusal.
+    for sha in (v1.sha256, "0" * 64):
+        answer = request_chunk(recorder, device, sha, 0, 1024)
+        assert answer.data == b""
+        assert answer.error == (f"bundle {sha} is not available to device gw-1; only "
+                                "bundles in its desired state can be fetched")
+    past = request_chunk(recorder, device, big.sha256, big.size, 10)
+    assert past.error is not None
+    assert "past the end" in past.error
+
+    # Once desired, always fetchable (a device may still be finishing an older download).
+    service.publish(v2.sha256, devices=["gw-1"])
+    service.publish(v1.sha256, devices=["gw-1"])
+    assert fetch_bundle(recorder, device, v2.sha256, v2.size) == bundles["v2"]
+
+
+# --- (c) ingest ---------------------------------------------------------------------------
+
+def test_reported_events_and_telemetry_land_in_the_registry(
+        service: FleetService, tmp_path: Path, bundles: dict[str, bytes],
+        clients: list[Recorder]) -> None:
+    device = enroll(service, tmp_path, "gw-1")
+    v1 = service.add_bundle(bundles["v1"])
+    service.publish(v1.sha256, group="lab")
+    recorder = _connect(device, clients)
+    registry = service.registry
+
+    recorder.publish(device.topic("reported"), _reported(v1.sha256, 1))
+    stored = wait_until(lambda: (d := registry.get_device("gw-1")) and d.reported and d,
+                        "the reported state")
+    assert stored.online
+    assert stored.converged
+    assert stored.reported["models"]["digits"] == {"version": 1, "bundle_sha256": v1.sha256,
+                                                   "state": "committed"}
+
+    recorder.publish(device.topic("events"), protocol.encode(protocol.Event(
+        "install.committed", 12.5, {"version": 1})))
+    event = wait_until(lambda: [e for e in registry.events(device="gw-1")
+                                if e.kind == "install.committed"], "the event")[0]
+    assert event.detail == {"version": 1, "device_at": 12.5}
+
+    def telemetry(seq: int) -> bytes:
+        return protocol.encode(protocol.Telemetry(seq, 100.0 + seq, {"latency_ms": seq}))
+
+    for seq in (1, 2, 1, 2, 3):  # 1 and 2 re-sent after a lost acknowledgement
+        recorder.publish(device.topic("telemetry"), telemetry(seq))
+    wait_until(lambda: len(registry.telemetry("gw-1")) == 3, "three telemetry samples")
+    assert [(t.seq, t.payload) for t in registry.telemetry("gw-1")] == [
+        (1, {"latency_ms": 1}), (2, {"latency_ms": 2}), (3, {"latency_ms": 3})]
+
+    recorder.publish(device.topic("events"), protocol.encode(protocol.Event("offline", 13.0)))
+    wait_until(lambda: not registry.get_device("gw-1").online,  # type: ignore[union-attr]
+               "the device marked offline")
+
+
+def test_malformed_messages_are_recorded_and_ingest_goes_on(
+        service: FleetService, tmp_path: Path, clients: list[Recorder]) -> None:
+    device = enroll(service, tmp_path, "gw-1")
+    recorder = _connect(device, clients)
+    garbage = {"reported": b"\xff not json", "events": b'{"protocol": 1}',
+               "telemetry": b'{"protocol": 99, "seq": 1}', "outbox/chunks": b"[]",
+               "outbox/other": b"{}"}
+    for leaf, payload in garbage.items():
+        recorder.publish(device.topic(leaf), payload)
+    recorder.publish(device.topic("telemetry"),
+                     protocol.encode(protocol.Telemetry(7, 1.0, {"ok": True})))
+    wait_until(lambda: service.registry.telemetry("gw-1"), "the valid sample after garbage")
+    errors = [e for e in service.registry.events(device="gw-1") if e.kind == PROTOCOL_ERROR]
+    assert [e.detail["topic"] for e in errors] == list(garbage)
+    assert "protocol version 99" in errors[2].detail["error"]
+    assert service.connected
+
+
+# --- (d) restart --------------------------------------------------------------------------
+
+def test_restart_keeps_state_and_republishes_desired(
+        config: ServiceConfig, tmp_path: Path, bundles: dict[str, bytes],
+        clients: list[Recorder]) -> None:
+    with FleetService(config) as service:
+        device = enroll(service, tmp_path, "gw-1")
+        v1 = service.add_bundle(bundles["v1"])
+        service.publish(v1.sha256, group="lab")
+        url = service.broker_url
+        events = len(service.registry.events())
+    # A broker crash can lose retained messages: wipe its database to prove the re-publish.
+    shutil.rmtree(config.data_dir / "broker" / "persistence")
+
+    with FleetService(config) as service:
+        assert service.broker_url == url  # the same port: enrolled devices find it
+        record = service.registry.get_device("gw-1")
+        assert record is not None
+        assert record.desired["digits"].bundle_sha256 == v1.sha256
+        assert [b.sha256 for b in service.registry.list_bundles()] == [v1.sha256]
+        assert len(service.registry.events()) >= events
+        recorder = _connect(device, clients, "desired")
+        assert _wait_desired(recorder, device, 1).models["digits"].version == 1
+        assert fetch_bundle(recorder, device, v1.sha256, v1.size) == bundles["v1"]
+        recorder.close()  # before its broker goes, or it waits out a reconnect attempt
+
+
+def test_service_reconnects_after_a_broker_restart(
+        tmp_path: Path, repo: Repo, bundles: dict[str, bytes],
+        clients: list[Recorder]) -> None:
+    config = service_config(tmp_path / "server", write_keys(tmp_path / "keys", repo),
+                            f"sqlite:///{tmp_path / 'fleet.db'}")
+    with FleetService(config) as service:
+        device = enroll(service, tmp_path, "gw-1")
+        service.broker.stop()
+        wait_until(lambda: not service.connected, "the service to notice")
+        shutil.rmtree(config.data_dir / "broker" / "persistence")
+        service.broker.start()
+        wait_until(lambda: service.connected, "the service to reconnect", timeout=10)
+        # Re-subscribed (the broker lost the session) and re-published the desired state.
+        recorder = _connect(device, clients, "desired")
+        _wait_desired(recorder, device, 1)
+        v1 = service.add_bundle(bundles["v1"])
+        service.publish(v1.sha256, devices=["gw-1"])
+        recorder.publish(device.topic("reported"), _reported(v1.sha256, 1))
+        wait_until(lambda: service.registry.get_device("gw-1").converged,  # type: ignore[union-attr]
+                   "the report after the reconnect")
+        recorder.close()
