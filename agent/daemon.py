@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = ["AgentProcess", "RunningAgent", "find_running", "pin_root", "resolve_
 
 log = logging.getLogger(__name__)
 _RUN_FILE = "agent.json"
+_SWITCH_INTERVAL_S = 0.0005
 _TOKEN_FILE = "api-token"
 
 
@@ -119,6 +121,10 @@ class AgentProcess:
 
     def start(self, token_file: Path | None) -> None:
         """Start serving and announce it in ``agent.json`` for the other commands."""
+        # An install's Python work (verification, staging) would otherwise hold the GIL for
+        # up to the default 5 ms at a time while requests wait on it; 0.5 ms bounds that
+        # wait during a hot-swap at a negligible cost in switching (docs/benchmarks.md).
+        sys.setswitchinterval(_SWITCH_INTERVAL_S)
         self.server.start()
         self.runtime.start()
         if self.state_dir is not None:

@@ -17,10 +17,12 @@ old model stays loaded through probation, so a rollback is as instant as the swa
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ __all__ = ["ModelInfo", "RequestStats", "Runtime", "ServedModel"]
 log = logging.getLogger(__name__)
 _FORMATS_BY_SUFFIX = {".onnx": "onnx", ".tflite": "tflite"}
 _WARMUP_RUNS = 3
+_INSTALL_NICE = 10
 # A p99 from fewer samples than this is noise, not a baseline.
 _BASELINE_SAMPLES = 200
 
@@ -154,6 +157,12 @@ class Runtime:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Installs run on one worker at a lower OS priority: verifying, staging and loading
+        # a model are CPU work that must not take a core from the requests being served
+        # meanwhile (hot-swap latency, docs/benchmarks.md).
+        self._install_worker = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="edgefleet-install",
+            initializer=_lower_thread_priority)
         #: Problems found while restoring models at start-up, for status reports.
         self.problems: list[str] = []
         self.installer: Installer | None = None
@@ -241,6 +250,10 @@ class Runtime:
         Returns the record once the new model serves in probation, or failed (the serving
         model untouched; ``record.reason`` says why). Probation ends in :meth:`check_probation`.
         """
+        self._require_installer()
+        return self._install_worker.submit(self._install_now, bundle).result()
+
+    def _install_now(self, bundle: Path) -> InstallRecord:
         installer = self._require_installer()
         with self._lock:
             record = installer.begin(bundle)
@@ -472,11 +485,20 @@ class Runtime:
         self._thread.start()
 
     def close(self) -> None:
-        """Stop the background thread."""
+        """Stop the background threads."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._install_worker.shutdown()
+
+
+def _lower_thread_priority() -> None:
+    # Linux gives each thread its own nice value; elsewhere this is a no-op.
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _INSTALL_NICE)
+    except (OSError, AttributeError) as exc:
+        log.debug("cannot lower the install thread's priority: %s", exc)
 
 
 def _self_test(session: Session, manifest: Manifest) -> dict[str, np.ndarray] | None:

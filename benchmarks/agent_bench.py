@@ -233,22 +233,28 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--swaps", type=int, default=5)
+    parser.add_argument("--parts", default="latency,hot-swap,resources",
+                        help="comma-separated subset of latency, hot-swap, resources")
     parser.add_argument("--loadgen", nargs=3, metavar=("STATE", "SECONDS", "OUT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.loadgen:
         loadgen(Path(args.loadgen[0]), float(args.loadgen[1]), Path(args.loadgen[2]))
         return
-    digits_x = np.load(DIGITS_DATA)["eval_x"][:1]
-    bench_latency("digits CNN", DIGITS, digits_x, args.rounds, args.iterations)
-    vit, vit_data = ensure_bench_model()
-    bench_latency("ViT benchmark model", vit, np.load(vit_data)["eval_x"][:1], args.rounds,
-                  max(20, args.iterations // 10))
-    from agent.daemon import resolve_profile
+    parts = set(args.parts.split(","))
+    if "latency" in parts:
+        digits_x = np.load(DIGITS_DATA)["eval_x"][:1]
+        bench_latency("digits CNN", DIGITS, digits_x, args.rounds, args.iterations)
+        vit, vit_data = ensure_bench_model()
+        bench_latency("ViT benchmark model", vit, np.load(vit_data)["eval_x"][:1],
+                      args.rounds, max(20, args.iterations // 10))
+    if "hot-swap" in parts:
+        from agent.daemon import resolve_profile
 
-    profile = resolve_profile(None)
-    bench_hot_swap(args.swaps, profile.name if profile else "x86-64-avx2")
-    bench_resources()
+        profile = resolve_profile(None)
+        bench_hot_swap(args.swaps, profile.name if profile else "x86-64-avx2")
+    if "resources" in parts:
+        bench_resources()
 
 
 if __name__ == "__main__":
