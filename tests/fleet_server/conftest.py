@@ -8,8 +8,14 @@ from pathlib import Path
 import pytest
 
 from bundle.signing import ArtifactInput
+from fleet_server.service import FleetService, ServiceConfig
 from tests.bundle.repo import Repo, spec
-from tests.fleet_server.server_env import postgres_schema, protocol_bytes
+from tests.fleet_server.server_env import (
+    postgres_schema,
+    protocol_bytes,
+    service_config,
+    write_keys,
+)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
@@ -39,3 +45,16 @@ def bundles(repo: Repo) -> dict[str, bytes]:
         "big": repo.build(spec("speech", 1, artifacts=[
             ArtifactInput("model.onnx", big, "onnx", "fp32")])),
     }
+
+
+@pytest.fixture
+def config(tmp_path: Path, db_url: str, repo: Repo) -> ServiceConfig:
+    """A service in tmp_path/server on the test's database, trusting ``repo``'s root."""
+    return service_config(tmp_path / "server", write_keys(tmp_path / "keys", repo), db_url)
+
+
+@pytest.fixture
+def service(config: ServiceConfig) -> Iterator[FleetService]:
+    """A started service (broker included), stopped after the test."""
+    with FleetService(config) as started:
+        yield started

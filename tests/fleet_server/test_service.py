@@ -42,17 +42,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def config(tmp_path: Path, db_url: str, repo: Repo) -> ServiceConfig:
-    return service_config(tmp_path / "server", write_keys(tmp_path / "keys", repo), db_url)
-
-
-@pytest.fixture
-def service(config: ServiceConfig) -> Iterator[FleetService]:
-    with FleetService(config) as started:
-        yield started
-
-
-@pytest.fixture
 def clients() -> Iterator[list[Recorder]]:
     """Recorders to close at the end of the test (append them)."""
     made: list[Recorder] = []

@@ -1,0 +1,498 @@
+"""The operator HTTP API: JSON over the standard library's threading HTTP server.
+
+Routes are :data:`ROUTES`; their description is :data:`fleet_server.api_spec.OPENAPI`,
+served at ``GET /api/openapi.json``. Every route but ``/api/enroll`` (authenticated by the
+one-time enrollment token it carries) and the spec needs ``Authorization: Bearer TOKEN``
+with the admin token, a file made 0600 in the data directory on first start
+(:func:`load_admin_token`). Errors are ``{"error": "..."}`` with a 4xx status for a refused
+request and 500 for a server fault (logged, details not sent).
+
+It binds 127.0.0.1 by default: the operator's CLI runs on the server. Put a TLS reverse
+proxy in front of it to reach it from elsewhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from bundle.archive import Limits
+from bundle.atomic import write_atomic
+from bundle.errors import BundleError
+
+from . import __version__
+from .api_spec import OPENAPI
+from .errors import ApiError, CSRError, EnrollmentError, FleetError, RegistryError
+from .registry import BundleRecord, DesiredChange, Device, Event
+from .service import Enrollment, FleetService, PublishResult
+
+__all__ = [
+    "GENERIC_PROFILE",
+    "ROUTES",
+    "ApiServer",
+    "Route",
+    "bundle_json",
+    "device_json",
+    "enrollment_json",
+    "event_json",
+    "load_admin_token",
+]
+
+log = logging.getLogger(__name__)
+
+#: JSON request bodies are small; anything larger is a mistake or an attack.
+_MAX_JSON_BYTES = 1 << 20
+#: Bundle uploads: the bundle reader's own limit.
+_MAX_BUNDLE_BYTES = Limits().max_bundle_bytes
+_MAX_EVENTS = 10_000
+_DEFAULT_TTL_S = 24 * 3600.0
+_DEFAULT_GROUP = "default"
+#: The profile recorded for a device that enrolls without one.
+GENERIC_PROFILE = "generic"
+
+
+# --- JSON shapes (also used by the CLI's --json output) ----------------------------------
+
+def device_json(device: Device) -> dict[str, Any]:
+    """A device as the API shows it (OpenAPI schema ``Device``)."""
+    return {"id": device.id, "group": device.group, "tags": list(device.tags),
+            "profile": device.profile, "cert_fingerprint": device.cert_fingerprint,
+            "enrolled_at": device.enrolled_at, "last_seen": device.last_seen,
+            "online": device.online, "desired": device.desired_json(),
+            "reported": dict(device.reported), "reported_at": device.reported_at,
+            "converged": device.converged}
+
+
+def bundle_json(record: BundleRecord) -> dict[str, Any]:
+    """A stored bundle (schema ``Bundle``); the blob's path stays private."""
+    return {"sha256": record.sha256, "name": record.name, "version": record.version,
+            "size": record.size, "created_at": record.created_at}
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    """An event of the log (schema ``Event``)."""
+    return {"id": event.id, "at": event.at, "device": event.device, "kind": event.kind,
+            "detail": dict(event.detail)}
+
+
+def change_json(change: DesiredChange) -> dict[str, Any]:
+    """A desired-state change (schema ``Change``)."""
+    return {"device": change.device, "model": change.model,
+            "before": None if change.before is None else change.before.to_json(),
+            "after": None if change.after is None else change.after.to_json()}
+
+
+def publish_json(result: PublishResult) -> dict[str, Any]:
+    """The answer of publish and rollback (schema ``PublishResult``)."""
+    return {"devices": list(result.devices),
+            "changes": [change_json(c) for c in result.changes]}
+
+
+def enrollment_json(enrollment: Enrollment) -> dict[str, Any]:
+    """An enrollment (schema ``Enrollment``): PEM strings, root.json in base64."""
+    return {"device_id": enrollment.device_id, "fleet": enrollment.fleet,
+            "group": enrollment.group,
+            "certificate": enrollment.certificate_pem.decode("ascii"),
+            "ca_certificate": enrollment.ca_certificate_pem.decode("ascii"),
+            "broker_url": enrollment.broker_url,
+            "root": base64.b64encode(enrollment.root_json).decode("ascii")}
+
+
+# --- admin token --------------------------------------------------------------------------
+
+def load_admin_token(path: Path) -> str:
+    """The admin token in ``path``, created (256 random bits, mode 0600) if missing."""
+    try:
+        token = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        token = ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ApiError(f"cannot read the admin token {path} ({exc}); fix its permissions or "
+                       "delete it to make a new one") from exc
+    if token:
+        return token
+    token = secrets.token_urlsafe(32)
+    try:
+        write_atomic(path, (token + "\n").encode("ascii"), 0o600)
+    except OSError as exc:
+        raise ApiError(f"cannot write the admin token {path} ({exc.strerror}); check that the "
+                       "data directory is writable") from exc
+    log.info("created the admin token %s", path)
+    return token
+
+
+# --- requests and routes ------------------------------------------------------------------
+
+class _HttpError(Exception):
+    """Answer with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class Request:
+    """One request, as handlers see it."""
+
+    method: str
+    path: str
+    params: dict[str, str]
+    query: dict[str, list[str]]
+    #: Header names in lower case.
+    headers: Mapping[str, str]
+    _read: Callable[[int], bytes] = field(repr=False)
+
+    def body(self, limit: int) -> bytes:
+        """The body, refused (413) beyond ``limit`` bytes before any of it is read."""
+        try:
+            length = int(self.headers.get("content-length", "0"))
+        except ValueError:
+            raise _HttpError(400, "Content-Length is not a number") from None
+        if length < 0:
+            raise _HttpError(400, "Content-Length is negative")
+        if length > limit:
+            raise _HttpError(413, f"the body has {length} bytes, more than the {limit} this "
+                             "route accepts")
+        return self._read(length)
+
+    def json(self) -> dict[str, Any]:
+        """The body as a JSON object (400 if it is not one)."""
+        raw = self.body(_MAX_JSON_BYTES)
+        try:
+            obj = json.loads(raw or b"{}")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _HttpError(400, f"the body is not JSON ({exc}); send a JSON object") from None
+        if not isinstance(obj, dict):
+            raise _HttpError(400, "the body must be a JSON object")
+        return obj
+
+    def arg(self, name: str) -> str | None:
+        """A query parameter (the last one if repeated), or None."""
+        values = self.query.get(name)
+        return values[-1] if values else None
+
+    def int_arg(self, name: str, default: int, low: int, high: int) -> int:
+        """An integer query parameter within [low, high] (400 otherwise)."""
+        text = self.arg(name)
+        if text is None:
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            raise _HttpError(400, f"query parameter {name}={text!r} is not an integer") \
+                from None
+        if not low <= value <= high:
+            raise _HttpError(400, f"query parameter {name}={value} is outside {low}..{high}")
+        return value
+
+
+Handler = Callable[[FleetService, Request], tuple[int, Any]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One operation: ``path`` is the OpenAPI template (``/api/devices/{id}``)."""
+
+    method: str
+    path: str
+    handler: Handler
+    admin: bool = True
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        """The path as a regular expression with one named group per ``{param}``."""
+        return re.compile("^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)",
+                                       re.escape(self.path)) + "$")
+
+
+def _openapi(_service: FleetService, _request: Request) -> tuple[int, Any]:
+    return 200, OPENAPI
+
+
+def _status(service: FleetService, _request: Request) -> tuple[int, Any]:
+    return 200, {"fleet": service.fleet, "broker_url": service.broker_url,
+                 "mqtt_connected": service.connected, "version": __version__,
+                 "devices": len(service.registry.list_devices())}
+
+
+def _devices(service: FleetService, request: Request) -> tuple[int, Any]:
+    devices = service.registry.list_devices(group=request.arg("group"),
+                                            tag=request.arg("tag"))
+    return 200, {"devices": [device_json(d) for d in devices]}
+
+
+def _device(service: FleetService, request: Request) -> tuple[int, Any]:
+    device = service.registry.get_device(request.params["id"])
+    if device is None:
+        raise _HttpError(404, f"no device {request.params['id']!r} is enrolled; list them "
+                         "with GET /api/devices")
+    return 200, device_json(device)
+
+
+def _bundles(service: FleetService, _request: Request) -> tuple[int, Any]:
+    return 200, {"bundles": [bundle_json(b) for b in service.registry.list_bundles()]}
+
+
+def _upload(service: FleetService, request: Request) -> tuple[int, Any]:
+    data = request.body(_MAX_BUNDLE_BYTES)
+    if not data:
+        raise _HttpError(400, "the body is empty; send the bundle file's bytes")
+    try:
+        record = service.add_bundle(data)
+    except BundleError as exc:
+        reason = type(exc).__name__
+        raise _HttpError(400, f"bundle refused: {reason}: {exc}", reason) from exc
+    except RegistryError as exc:
+        raise _HttpError(409, str(exc)) from exc
+    return 201, bundle_json(record)
+
+
+def _selection(body: Mapping[str, Any]) -> tuple[list[str] | None, str | None]:
+    devices, group = body.get("devices"), body.get("group")
+    if (devices is None) == (group is None):
+        raise _HttpError(400, 'give either "devices" (a list of ids) or "group", not both and '
+                         "not neither")
+    if devices is not None and (not isinstance(devices, list) or not devices
+                                or not all(isinstance(d, str) for d in devices)):
+        raise _HttpError(400, '"devices" must be a non-empty list of device ids')
+    if group is not None and not isinstance(group, str):
+        raise _HttpError(400, '"group" must be a string')
+    return devices, group
+
+
+def _publish(service: FleetService, request: Request) -> tuple[int, Any]:
+    body = request.json()
+    sha = body.get("bundle_sha256")
+    if not isinstance(sha, str):
+        raise _HttpError(400, '"bundle_sha256" (a string) is required')
+    if service.registry.get_bundle(sha) is None:
+        raise _HttpError(404, f"no stored bundle has sha256 {sha!r}; upload it with POST "
+                         "/api/bundles and use the sha256 it returns")
+    devices, group = _selection(body)
+    return 200, publish_json(service.publish(sha, devices=devices, group=group))
+
+
+def _rollback(service: FleetService, request: Request) -> tuple[int, Any]:
+    body = request.json()
+    devices, group = _selection(body)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _HttpError(400, '"model" must be a string')
+    return 200, publish_json(service.rollback(devices=devices, group=group, model=model))
+
+
+def _events(service: FleetService, request: Request) -> tuple[int, Any]:
+    events = service.registry.events(
+        request.int_arg("since", 0, 0, 2**63 - 1), device=request.arg("device"),
+        limit=request.int_arg("limit", 1000, 1, _MAX_EVENTS))
+    return 200, {"events": [event_json(e) for e in events]}
+
+
+def _token(service: FleetService, request: Request) -> tuple[int, Any]:
+    body = request.json()
+    group = body.get("group", _DEFAULT_GROUP)
+    ttl = body.get("ttl_s", _DEFAULT_TTL_S)
+    if not isinstance(group, str):
+        raise _HttpError(400, '"group" must be a string')
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise _HttpError(400, '"ttl_s" must be a number of seconds')
+    issued_at = time.time()  # the registry's clock is the wall clock too
+    token = service.registry.issue_token(group, float(ttl))
+    return 201, {"token": token, "group": group, "expires_at": issued_at + float(ttl)}
+
+
+def _enroll(service: FleetService, request: Request) -> tuple[int, Any]:
+    body = request.json()
+    fields = {}
+    for name in ("token", "device_id", "csr"):
+        value = body.get(name)
+        if not isinstance(value, str) or not value:
+            raise _HttpError(400, f'"{name}" (a non-empty string) is required')
+        fields[name] = value
+    # An agent that matched no firmware profile runs the generic CPU variants.
+    profile = body.get("profile") or GENERIC_PROFILE
+    if not isinstance(profile, str):
+        raise _HttpError(400, '"profile" must be a string')
+    tags = body.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise _HttpError(400, '"tags" must be a list of strings')
+    try:
+        enrollment = service.enroll(fields["token"], fields["device_id"],
+                                    fields["csr"].encode("utf-8"), profile, tags)
+    except EnrollmentError as exc:
+        raise _HttpError(403, str(exc)) from exc
+    return 200, enrollment_json(enrollment)
+
+
+#: Every operation of the API; :data:`OPENAPI` describes exactly these.
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/api/openapi.json", _openapi, admin=False),
+    Route("GET", "/api/status", _status),
+    Route("GET", "/api/devices", _devices),
+    Route("GET", "/api/devices/{id}", _device),
+    Route("GET", "/api/bundles", _bundles),
+    Route("POST", "/api/bundles", _upload),
+    Route("POST", "/api/publish", _publish),
+    Route("POST", "/api/rollback", _rollback),
+    Route("GET", "/api/events", _events),
+    Route("POST", "/api/enroll-tokens", _token),
+    Route("POST", "/api/enroll", _enroll, admin=False),
+)
+
+
+# --- the server ---------------------------------------------------------------------------
+
+class ApiServer:
+    """The API on ``host:port`` (port 0 picks a free one), served from a background thread.
+
+    ``start()`` / ``stop()`` or a context manager; the service must be started first.
+    """
+
+    def __init__(self, service: FleetService, admin_token: str, *, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        self.service = service
+        self._token = admin_token.encode("utf-8")
+        self._host = host
+        self._port = port
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` of the listening server."""
+        if self._httpd is None:
+            raise RuntimeError("the API server is not started")
+        host, port = self._httpd.server_address[:2]
+        host = str(host)
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def start(self) -> None:
+        """Bind and serve in a background thread. ApiError if the address is unusable."""
+        handler = type("_BoundHandler", (_Handler,), {"api": self})
+        try:
+            httpd = ThreadingHTTPServer((self._host, self._port), handler)
+        except OSError as exc:
+            raise ApiError(f"cannot listen on {self._host}:{self._port} ({exc.strerror}); "
+                           "choose another --port or stop what uses it") from exc
+        httpd.daemon_threads = True
+        self._httpd = httpd
+        # A short poll interval: stop() waits up to one for the serving loop to notice.
+        self._thread = threading.Thread(target=httpd.serve_forever, args=(0.05,),
+                                        name="fleet-api", daemon=True)
+        self._thread.start()
+        log.info("operator API on %s", self.url)
+
+    def stop(self) -> None:
+        """Stop serving and close the socket. Idempotent."""
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.server_close()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> ApiServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def authorized(self, header: str | None) -> bool:
+        """Whether an Authorization header carries the admin token (constant time)."""
+        scheme, _, token = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode("utf-8"), self._token)
+
+    def handle(self, method: str, target: str, headers: Mapping[str, str],
+               read: Callable[[int], bytes]) -> tuple[int, Any, dict[str, str]]:
+        """Route one request; returns (status, JSON body, extra headers)."""
+        parts = urlsplit(target)
+        path = unquote(parts.path)
+        allowed = []
+        for route in ROUTES:
+            match = route.pattern.match(path)
+            if match is None:
+                continue
+            allowed.append(route.method)
+            if route.method != method:
+                continue
+            if route.admin and not self.authorized(headers.get("authorization")):
+                return 401, {"error": "missing or wrong admin token: send 'Authorization: "
+                             "Bearer TOKEN' with the token in the server's admin.token "
+                             "file"}, {"WWW-Authenticate": "Bearer"}
+            request = Request(method, path, match.groupdict(), parse_qs(parts.query),
+                              headers, read)
+            return self._call(route, request)
+        if allowed:
+            return 405, {"error": f"{method} is not supported on {path}; use "
+                         f"{' or '.join(allowed)}"}, {"Allow": ", ".join(allowed)}
+        return 404, {"error": f"no route {path}; see GET /api/openapi.json"}, {}
+
+    def _call(self, route: Route, request: Request) -> tuple[int, Any, dict[str, str]]:
+        try:
+            status, body = route.handler(self.service, request)
+        except _HttpError as exc:
+            error: dict[str, Any] = {"error": str(exc)}
+            if exc.reason:
+                error["reason"] = exc.reason
+            return exc.status, error, {}
+        except (CSRError, RegistryError) as exc:
+            return 400, {"error": str(exc)}, {}
+        except FleetError as exc:
+            log.error("%s %s failed: %s", request.method, request.path, exc)
+            return 500, {"error": str(exc)}, {}
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return 500, {"error": "internal error; the server's log has the details"}, {}
+        return status, body, {}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Glue between http.server and :meth:`ApiServer.handle`."""
+
+    api: ApiServer
+    server_version = f"edgefleet/{__version__}"
+
+    def do_GET(self) -> None:
+        self._respond("GET")
+
+    def do_POST(self) -> None:
+        self._respond("POST")
+
+    def do_PUT(self) -> None:
+        self._respond("PUT")
+
+    def do_DELETE(self) -> None:
+        self._respond("DELETE")
+
+    def _respond(self, method: str) -> None:
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        status, body, extra = self.api.handle(method, self.path, headers, self.rfile.read)
+        data = json.dumps(body, indent=None, separators=(",", ":")).encode("utf-8")
+        self.send_response(status, HTTPStatus(status).phrase)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in extra.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)

@@ -1,0 +1,223 @@
+"""The OpenAPI 3 description of the operator HTTP API: the one place it is written.
+
+``GET /api/openapi.json`` serves :data:`OPENAPI` as is, and ``tests/fleet_server/
+test_api.py`` checks that every operation here is a route of :mod:`fleet_server.api` and
+every route is described here, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["OPENAPI"]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {400: "the request is malformed or refused (the error says why)",
+            401: "missing or wrong bearer token",
+            403: "the enrollment token is unknown, used or expired",
+            404: "no such device or bundle",
+            409: "conflicts with what is stored (e.g. another bundle has this name and "
+                 "version)",
+            413: "the body is too large"}
+    return {str(c): _json(_ref("Error"), text[c]) for c in codes}
+
+
+_SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_DESIRED_MODEL = {"type": "object", "required": ["version", "bundle_sha256"],
+                  "properties": {"version": {"type": "integer", "minimum": 1},
+                                 "bundle_sha256": _SHA256}}
+_SELECTION = {
+    "devices": {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                "description": "device ids; give this or group"},
+    "group": {"type": "string", "description": "every device of this group; give this or "
+              "devices"},
+}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {
+        "title": "edgefleet operator API",
+        "version": "1",
+        "description": "Devices, bundles, desired state and events of one fleet "
+        "(docs/fleet-server.md). Every operation but /api/enroll and /api/openapi.json needs "
+        "the admin token (DATA/admin.token) as a bearer token. Errors are "
+        '{"error": "what was wrong and what to do"}.',
+    },
+    "security": [{"admin": []}],
+    "paths": {
+        "/api/openapi.json": {"get": {
+            "summary": "This description", "security": [],
+            "responses": {"200": _json({"type": "object"}, "the OpenAPI document")}}},
+        "/api/status": {"get": {
+            "summary": "The server: fleet, broker URL, whether its MQTT link is up",
+            "responses": {"200": _json(_ref("Status"), "status"), **_errors(401)}}},
+        "/api/devices": {"get": {
+            "summary": "Enrolled devices, in id order",
+            "parameters": [
+                {"name": "group", "in": "query", "schema": {"type": "string"},
+                 "description": "only this group's devices"},
+                {"name": "tag", "in": "query", "schema": {"type": "string"},
+                 "description": "only devices with this tag"}],
+            "responses": {"200": _json({"type": "object", "required": ["devices"],
+                                        "properties": {"devices": {
+                                            "type": "array", "items": _ref("Device")}}},
+                                       "the devices"), **_errors(401)}}},
+        "/api/devices/{id}": {"get": {
+            "summary": "One device",
+            "parameters": [{"name": "id", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": _json(_ref("Device"), "the device"), **_errors(401, 404)}}},
+        "/api/bundles": {
+            "get": {"summary": "Stored bundles, by name then version",
+                    "responses": {"200": _json({"type": "object", "required": ["bundles"],
+                                                "properties": {"bundles": {
+                                                    "type": "array",
+                                                    "items": _ref("Bundle")}}},
+                                               "the bundles"), **_errors(401)}},
+            "post": {
+                "summary": "Upload a signed bundle",
+                "description": "The body is the bundle file. It is verified against the "
+                "fleet's root.json (signatures, hashes, expiry) and stored under the name "
+                "and version of its signed manifest. The same bytes again return the stored "
+                "record.",
+                "requestBody": {"required": True, "content": {"application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"}}}},
+                "responses": {"201": _json(_ref("Bundle"), "stored"),
+                              **_errors(400, 401, 409, 413)}}},
+        "/api/publish": {"post": {
+            "summary": "Make a stored bundle desired for devices or a group",
+            "description": "Records the desired state, then publishes each selected "
+            "device's full desired state (retained) on MQTT.",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["bundle_sha256"],
+                "properties": {"bundle_sha256": _SHA256, **_SELECTION}}}}},
+            "responses": {"200": _json(_ref("PublishResult"), "published"),
+                          **_errors(400, 401, 404)}}},
+        "/api/rollback": {"post": {
+            "summary": "Undo the last desired-state change of devices or a group",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object",
+                "properties": {**_SELECTION, "model": {
+                    "type": "string", "description": "only changes of this model"}}}}}},
+            "responses": {"200": _json(_ref("PublishResult"), "rolled back and published"),
+                          **_errors(400, 401)}}},
+        "/api/events": {"get": {
+            "summary": "The event log, oldest first; poll with since = the last id seen",
+            "parameters": [
+                {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0},
+                 "description": "only events with a greater id (default 0)"},
+                {"name": "device", "in": "query", "schema": {"type": "string"},
+                 "description": "only this device's events"},
+                {"name": "limit", "in": "query",
+                 "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
+                 "description": "at most this many (default 1000)"}],
+            "responses": {"200": _json({"type": "object", "required": ["events"],
+                                        "properties": {"events": {
+                                            "type": "array", "items": _ref("Event")}}},
+                                       "the events"), **_errors(400, 401)}}},
+        "/api/enroll-tokens": {"post": {
+            "summary": "Issue a one-time enrollment token",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object",
+                "properties": {"group": {"type": "string", "default": "default"},
+                               "ttl_s": {"type": "number", "default": 86400,
+                                         "description": "lifetime in seconds"}}}}}},
+            "responses": {"201": _json({
+                "type": "object", "required": ["token", "group", "expires_at"],
+                "properties": {"token": {"type": "string"}, "group": {"type": "string"},
+                               "expires_at": {"type": "number"}}}, "the token (shown once)"),
+                **_errors(400, 401)}}},
+        "/api/enroll": {"post": {
+            "summary": "Enroll a device (authenticated by its one-time token)",
+            "security": [],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": _ref("EnrollRequest")}}},
+            "responses": {"200": _json(_ref("Enrollment"), "enrolled"),
+                          **_errors(400, 403)}}},
+    },
+    "components": {
+        "securitySchemes": {"admin": {"type": "http", "scheme": "bearer",
+                                      "description": "the contents of DATA/admin.token"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["error"],
+                      "properties": {"error": {"type": "string"},
+                                     "reason": {"type": "string", "description":
+                                                "for a refused bundle: the bundle error "
+                                                "class, e.g. SignatureError"}}},
+            "Status": {"type": "object",
+                       "properties": {"fleet": {"type": "string"},
+                                      "broker_url": {"type": "string"},
+                                      "mqtt_connected": {"type": "boolean"},
+                                      "version": {"type": "string"},
+                                      "devices": {"type": "integer"}}},
+            "Device": {"type": "object", "properties": {
+                "id": {"type": "string"}, "group": {"type": "string"},
+                "tags": {"type": "array", "items": {"type": "string"}},
+                "profile": {"type": "string"}, "cert_fingerprint": _SHA256,
+                "enrolled_at": {"type": "number"},
+                "last_seen": {"type": "number", "nullable": True},
+                "online": {"type": "boolean"},
+                "desired": {"type": "object", "additionalProperties": _DESIRED_MODEL,
+                            "description": "model name -> what the device should run"},
+                "reported": {"type": "object", "description": "the device's last report, "
+                             "as sent (bundle.protocol.Reported)"},
+                "reported_at": {"type": "number", "nullable": True},
+                "converged": {"type": "boolean", "description": "reports every desired "
+                              "model at its desired version, committed"}}},
+            "Bundle": {"type": "object", "properties": {
+                "sha256": _SHA256, "name": {"type": "string"},
+                "version": {"type": "integer"}, "size": {"type": "integer"},
+                "created_at": {"type": "number"}}},
+            "Event": {"type": "object", "properties": {
+                "id": {"type": "integer"}, "at": {"type": "number"},
+                "device": {"type": "string", "nullable": True}, "kind": {"type": "string"},
+                "detail": {"type": "object"}}},
+            "Change": {"type": "object", "properties": {
+                "device": {"type": "string"}, "model": {"type": "string"},
+                "before": {**_DESIRED_MODEL, "nullable": True},
+                "after": {**_DESIRED_MODEL, "nullable": True}}},
+            "PublishResult": {"type": "object", "required": ["devices", "changes"],
+                              "properties": {
+                                  "devices": {"type": "array", "items": {"type": "string"},
+                                              "description": "devices whose desired state "
+                                              "was published"},
+                                  "changes": {"type": "array", "items": _ref("Change"),
+                                              "description": "what changed (devices "
+                                              "already there are not listed)"}}},
+            "EnrollRequest": {"type": "object",
+                              "required": ["token", "device_id", "csr"],
+                              "properties": {
+                                  "token": {"type": "string"},
+                                  "device_id": {"type": "string",
+                                                "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+                                  "csr": {"type": "string", "description": "PEM CSR made on "
+                                          "the device (bundle.identity)"},
+                                  "profile": {"type": "string", "nullable": True,
+                                              "description": "the device's firmware "
+                                              "profile; absent or null: generic"},
+                                  "tags": {"type": "array", "items": {"type": "string"},
+                                           "default": []}}},
+            "Enrollment": {"type": "object", "required": [
+                "device_id", "fleet", "group", "certificate", "ca_certificate", "broker_url",
+                "root"], "properties": {
+                    "device_id": {"type": "string"}, "fleet": {"type": "string"},
+                    "group": {"type": "string"},
+                    "certificate": {"type": "string", "description": "the device's "
+                                    "certificate, PEM"},
+                    "ca_certificate": {"type": "string", "description": "the fleet CA, PEM: "
+                                       "trust it for the broker"},
+                    "broker_url": {"type": "string", "description": "mqtts://host:port"},
+                    "root": {"type": "string", "format": "byte", "description":
+                                  "the fleet's TUF root.json, base64: pin it"}}},
+        },
+    },
+}

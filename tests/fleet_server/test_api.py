@@ -1,0 +1,253 @@
+"""The operator HTTP API over a real socket, in front of a real service (Mosquitto and the
+registry on SQLite and PostgreSQL): routes against the OpenAPI spec, authentication, errors,
+and the enrollment, upload, publish and rollback flows.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import stat
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from bundle.identity import make_device_key_and_csr
+from fleet_server.api import ROUTES, ApiServer, load_admin_token
+from fleet_server.api_spec import OPENAPI
+from fleet_server.service import FleetService
+from tests.bundle.repo import NOW, Repo, spec
+from tests.fleet_server.server_env import PROFILE
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def token(service: FleetService) -> str:
+    return load_admin_token(service.config.data_dir / "admin.token")
+
+
+@pytest.fixture
+def api(service: FleetService, token: str) -> Iterator[ApiServer]:
+    with ApiServer(service, token) as started:
+        yield started
+
+
+class Caller:
+    """Requests to the API; one connection per request, closed after it."""
+
+    def __init__(self, api: ApiServer, token: str) -> None:
+        self.api = api
+        self.token = token
+
+    def __call__(self, method: str, path: str, body: Any = None, *, data: bytes | None = None,
+                 token: str | None = "admin", headers: dict[str, str] | None = None,
+                 ) -> tuple[int, Any]:
+        host, port = self.api.url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            sent = dict(headers or {})
+            if token is not None:
+                sent["Authorization"] = f"Bearer {self.token if token == 'admin' else token}"
+            if body is not None:
+                data = json.dumps(body).encode()
+                sent["Content-Type"] = "application/json"
+            conn.request(method, path, body=data, headers=sent)
+            response = conn.getresponse()
+            self.last_headers = dict(response.getheaders())
+            return response.status, json.loads(response.read())
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def call(api: ApiServer, token: str) -> Caller:
+    return Caller(api, token)
+
+
+def _enroll(call: Caller, device_id: str, group: str = "lab") -> dict[str, Any]:
+    status, answer = call("POST", "/api/enroll-tokens", {"group": group, "ttl_s": 600})
+    assert status == 201, answer
+    _, csr = make_device_key_and_csr(device_id)
+    status, enrollment = call("POST", "/api/enroll", {
+        "token": answer["token"], "device_id": device_id, "csr": csr.decode(),
+        "profile": PROFILE, "tags": ["canary"]}, token=None)
+    assert status == 200, enrollment
+    return dict(enrollment)
+
+
+# --- the spec and the routes --------------------------------------------------------------
+
+def test_openapi_describes_exactly_the_routes(call: Caller) -> None:
+    described = {(method.upper(), path) for path, ops in OPENAPI["paths"].items()
+                 for method in ops}
+    assert described == {(r.method, r.path) for r in ROUTES}
+    for route in ROUTES:
+        operation = OPENAPI["paths"][route.path][route.method.lower()]
+        assert (operation.get("security") != []) == route.admin, route.path
+
+    assert call("GET", "/api/openapi.json", token=None) == (200, OPENAPI)
+    # Every described operation is served: the router finds it (a handler may still refuse
+    # the empty request, but never with the router's 404 or 405).
+    for route in ROUTES:
+        status, body = call(route.method, route.path.replace("{id}", "nope"), {})
+        assert status != 405, route
+        assert not str(body.get("error", "")).startswith("no route"), route
+
+
+def test_unknown_routes_and_methods(call: Caller) -> None:
+    status, body = call("GET", "/api/nothing")
+    assert status == 404
+    assert body["error"].startswith("no route /api/nothing")
+    status, body = call("DELETE", "/api/bundles")
+    assert status == 405
+    assert call.last_headers["Allow"] == "GET, POST"
+
+
+def test_operator_routes_need_the_admin_token(call: Caller, service: FleetService,
+                                              token: str) -> None:
+    path = service.config.data_dir / "admin.token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_admin_token(path) == token  # made once, then reused
+    for bad in (None, "wrong", ""):
+        status, body = call("GET", "/api/devices", token=bad)
+        assert status == 401
+        assert "admin token" in body["error"]
+    assert call.last_headers["WWW-Authenticate"] == "Bearer"
+    status, body = call("GET", "/api/devices", token=None,
+                        headers={"Authorization": f"Basic {token}"})
+    assert status == 401
+    status, body = call("GET", "/api/status")
+    assert status == 200
+    assert body["fleet"] == "testfleet"
+    assert body["mqtt_connected"] is True
+    assert body["broker_url"] == service.broker_url
+
+
+def test_malformed_requests_are_refused_with_reasons(call: Caller) -> None:
+    cases: list[tuple[str, str, dict[str, Any], int, str]] = [
+        ("POST", "/api/publish", {"group": "lab"}, 400, '"bundle_sha256"'),
+        ("POST", "/api/publish", {"bundle_sha256": "ab" * 32, "group": "lab"}, 404,
+         "no stored bundle"),
+        ("POST", "/api/rollback", {}, 400, 'either "devices"'),
+        ("POST", "/api/rollback", {"devices": "gw-1"}, 400, "non-empty list"),
+        ("POST", "/api/rollback", {"group": "lab", "devices": ["x"]}, 400, "not both"),
+        ("POST", "/api/enroll-tokens", {"ttl_s": "soon"}, 400, '"ttl_s"'),
+        ("POST", "/api/enroll-tokens", {"ttl_s": -1}, 400, "positive"),
+        ("POST", "/api/enroll", {"token": "t"}, 400, '"device_id"'),
+        ("GET", "/api/events?limit=0", {}, 400, "outside 1..10000"),
+        ("GET", "/api/events?since=x", {}, 400, "not an integer"),
+        ("GET", "/api/devices/gw-9", {}, 404, "no device 'gw-9'"),
+    ]
+    for method, path, body, status, message in cases:
+        got, answer = call(method, path, body if method == "POST" else None)
+        assert (got, message in answer["error"]) == (status, True), (path, answer)
+    status, answer = call("POST", "/api/publish", data=b"{not json",
+                          headers={"Content-Type": "application/json"})
+    assert status == 400
+    assert "not JSON" in answer["error"]
+    status, answer = call("POST", "/api/bundles", data=b"",
+                          headers={"Content-Length": str(1 << 40)})
+    assert status == 413
+
+
+# --- flows --------------------------------------------------------------------------------
+
+def test_enroll_over_http(call: Caller, service: FleetService, repo: Repo) -> None:
+    enrollment = _enroll(call, "gw-1")
+    assert enrollment["device_id"] == "gw-1"
+    assert enrollment["fleet"] == "testfleet"
+    assert enrollment["group"] == "lab"
+    assert enrollment["broker_url"] == service.broker_url
+    assert enrollment["ca_certificate"] == service.ca.cert_pem.decode()
+    assert enrollment["certificate"].startswith("-----BEGIN CERTIFICATE-----")
+    assert base64.b64decode(enrollment["root"]) == repo.root
+    status, device = call("GET", "/api/devices/gw-1")
+    assert status == 200
+    assert (device["group"], device["tags"], device["online"]) == ("lab", ["canary"], False)
+
+    _, answer = call("POST", "/api/enroll-tokens", {})
+    assert answer["group"] == "default"
+    token = answer["token"]
+    _, csr = make_device_key_and_csr("gw-2")
+    status, body = call("POST", "/api/enroll", {"token": token, "device_id": "gw-2",
+                                                "csr": "garbage"}, token=None)
+    assert status == 400
+    assert "PEM CSR" in body["error"]
+    # No profile: recorded as generic. The token survived the refused attempt.
+    status, body = call("POST", "/api/enroll", {"token": token, "device_id": "gw-2",
+                                                "csr": csr.decode()}, token=None)
+    assert status == 200, body
+    assert call("GET", "/api/devices/gw-2")[1]["profile"] == "generic"
+    status, body = call("POST", "/api/enroll", {"token": token, "device_id": "gw-3",
+                                                "csr": csr.decode()}, token=None)
+    assert status == 403
+    assert "already used" in body["error"]
+
+
+def test_upload_publish_rollback_and_events(call: Caller, repo: Repo,
+                                            bundles: dict[str, bytes]) -> None:
+    _enroll(call, "gw-1", "lab")
+    _enroll(call, "gw-2", "field")
+    status, v1 = call("POST", "/api/bundles", data=bundles["v1"])
+    assert status == 201, v1
+    assert (v1["name"], v1["version"], v1["size"]) == ("digits", 1, len(bundles["v1"]))
+    assert call("POST", "/api/bundles", data=bundles["v1"]) == (201, v1)  # idempotent
+    _, v2 = call("POST", "/api/bundles", data=bundles["v2"])
+    assert call("GET", "/api/bundles")[1] == {"bundles": [v1, v2]}
+
+    status, result = call("POST", "/api/publish", {"bundle_sha256": v1["sha256"],
+                                                   "group": "lab"})
+    assert status == 200
+    assert result == {"devices": ["gw-1"], "changes": [{
+        "device": "gw-1", "model": "digits", "before": None,
+        "after": {"version": 1, "bundle_sha256": v1["sha256"]}}]}
+    call("POST", "/api/publish", {"bundle_sha256": v2["sha256"], "devices": ["gw-1", "gw-2"]})
+    status, devices = call("GET", "/api/devices?group=lab")
+    assert [d["desired"]["digits"]["version"] for d in devices["devices"]] == [2]
+    assert devices["devices"][0]["converged"] is False
+    assert [d["id"] for d in call("GET", "/api/devices?tag=canary")[1]["devices"]] == [
+        "gw-1", "gw-2"]
+
+    status, result = call("POST", "/api/rollback", {"devices": ["gw-1"], "model": "digits"})
+    assert status == 200
+    assert [(c["before"]["version"], c["after"]["version"]) for c in result["changes"]] == [
+        (2, 1)]
+    status, body = call("POST", "/api/rollback", {"group": "nowhere"})
+    assert status == 400
+    assert "has no devices" in body["error"]
+
+    _, events = call("GET", "/api/events?device=gw-1")
+    kinds = [e["kind"] for e in events["events"]]
+    assert kinds[-3:] == ["desired.set", "desired.set", "desired.rolled_back"]
+    last = events["events"][-2]["id"]
+    _, later = call("GET", f"/api/events?since={last}&device=gw-1")
+    assert [e["kind"] for e in later["events"]] == ["desired.rolled_back"]
+    _, limited = call("GET", "/api/events?limit=2")
+    assert len(limited["events"]) == 2
+
+
+def test_bad_bundles_are_refused_with_the_reason(call: Caller, repo: Repo,
+                                                 bundles: dict[str, bytes]) -> None:
+    tampered = bytearray(bundles["v1"])
+    tampered[len(tampered) // 2] ^= 1
+    expired = repo.build(spec("digits", 7), expires=NOW - timedelta(days=1))
+    cases = {
+        "ChecksumError": bytes(tampered),
+        "UntrustedSignatureError": Repo().build(),
+        "ExpiredError": expired,
+    }
+    for reason, data in cases.items():
+        status, body = call("POST", "/api/bundles", data=data)
+        assert (status, body.get("reason")) == (400, reason), body
+        assert body["error"].startswith(f"bundle refused: {reason}: ")
+    # Another bundle under a stored name and version: a conflict, not a bad bundle.
+    call("POST", "/api/bundles", data=bundles["v1"])
+    clash = repo.build(spec("digits", 1, profiles=("arm64",)))
+    status, body = call("POST", "/api/bundles", data=clash)
+    assert status == 409
+    assert "versions are immutable" in body["error"]
+    assert [b["version"] for b in call("GET", "/api/bundles")[1]["bundles"]] == [1]
