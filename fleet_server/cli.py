@@ -20,6 +20,7 @@ from .bundles import BuildRequest, build
 from .demo import run_demo
 from .errors import BundleInputError, FleetError
 from .keys import ROLES, KeyStore, init_keys, rotate_keys
+from .server_cli import add_server_commands
 
 __all__ = ["build_parser", "main"]
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_keys(subparsers)
     _add_bundle(subparsers)
     _add_demo(subparsers)
+    add_server_commands(subparsers)
     return parser
 
 

@@ -1,0 +1,405 @@
+"""The ``fleet`` commands of a running fleet: ``serve`` and the operator's commands that talk
+to it over the operator API (``enroll-token``, ``devices``, ``device show``, ``bundles``,
+``publish``, ``rollback``, ``events``). :mod:`fleet_server.cli` registers them.
+
+Every command but ``serve`` finds the server with ``--server URL`` or ``--data DIR``
+(default ``$EDGEFLEET_SERVER_DIR`` or ``~/.local/share/edgefleet/server``), see
+:mod:`fleet_server.api_client`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bundle.atomic import write_atomic
+
+from .api import ApiServer, load_admin_token
+from .api_client import ADMIN_TOKEN_FILE, SERVER_FILE, ServerClient, default_data_dir, locate
+from .errors import BundleInputError
+from .service import DEFAULT_MQTT_PORT, FleetService, ServiceConfig
+
+__all__ = ["DEFAULT_API_PORT", "add_server_commands"]
+
+DEFAULT_API_PORT = 8780
+
+def add_server_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``serve`` and the operator commands to ``fleet``'s subparsers."""
+    _add_serve(subparsers)
+    where = argparse.ArgumentParser(add_help=False)
+    group = where.add_argument_group("which server")
+    group.add_argument("--server", metavar="URL",
+                       help="the operator API, e.g. http://127.0.0.1:8780 (admin token from "
+                       "$EDGEFLEET_ADMIN_TOKEN or DIR/admin.token)")
+    group.add_argument("--data", type=Path, metavar="DIR",
+                       help="the server's data directory, to find it through DIR/server.json "
+                       "(default $EDGEFLEET_SERVER_DIR or ~/.local/share/edgefleet/server)")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    token = subparsers.add_parser(
+        "enroll-token", parents=[where, as_json], help="issue a one-time enrollment token",
+        description="Issue a one-time enrollment token for a group and print it (alone, so "
+        "TOKEN=$(fleet enroll-token --group lab) works). Give it to the installer: "
+        "edge-agent enroll --server URL --token TOKEN.")
+    token.add_argument("--group", default="default", help="group the device joins "
+                       "(default: default)")
+    token.add_argument("--ttl", type=float, default=24 * 3600.0, metavar="SECONDS",
+                       help="how long the token is valid (default 86400)")
+    token.set_defaults(handler=_enroll_token)
+
+    devices = subparsers.add_parser(
+        "devices", parents=[where, as_json], help="list devices and their convergence",
+        description="One line per device: group, profile, online, desired and reported "
+        "versions, install state, whether it converged, when it was last seen.")
+    devices.add_argument("--group", help="only this group")
+    devices.add_argument("--tag", help="only devices with this tag")
+    devices.set_defaults(handler=_devices)
+
+    device = subparsers.add_parser("device", help="one device in detail")
+    actions = device.add_subparsers(dest="device_command", required=True, metavar="ACTION")
+    show = actions.add_parser("show", parents=[where, as_json],
+                              help="a device's state, installs and recent events")
+    show.add_argument("device_id", metavar="ID")
+    show.set_defaults(handler=_device_show)
+
+    bundles = subparsers.add_parser("bundles", parents=[where, as_json],
+                                    help="list the bundles stored on the server")
+    bundles.set_defaults(handler=_bundles)
+
+    publish = subparsers.add_parser(
+        "publish", parents=[where, as_json], help="upload a bundle and make it desired",
+        description="Upload BUNDLE_FILE (the server verifies it against the fleet's "
+        "root.json; the same file again is fine) and make it the desired version of its "
+        "model for a group or for devices. Devices pick it up at once (retained MQTT "
+        "message) or when they next connect.")
+    _add_selection(publish)
+    publish.add_argument("bundle_file", type=Path, metavar="BUNDLE_FILE")
+    publish.set_defaults(handler=_publish)
+
+    rollback = subparsers.add_parser(
+        "rollback", parents=[where, as_json], help="undo the last desired-state change",
+        description="Give each selected device back the desired state it had before the "
+        "last change (of MODEL only, with --model). Twice undoes two changes.")
+    _add_selection(rollback)
+    rollback.add_argument("--model", help="only changes of this model")
+    rollback.set_defaults(handler=_rollback)
+
+    events = subparsers.add_parser(
+        "events", parents=[where, as_json], help="the event log",
+        description="Events oldest first: enrollments, desired-state changes, devices' "
+        "install transitions and errors. Follow with --since LAST_ID.")
+    events.add_argument("--since", type=int, default=0, metavar="ID",
+                        help="only events after this id")
+    events.add_argument("--device", metavar="ID", help="only this device's events")
+    events.add_argument("--limit", type=int, default=1000, metavar="N",
+                        help="at most N events (default 1000)")
+    events.set_defaults(handler=_events)
+
+
+def _add_selection(parser: argparse.ArgumentParser) -> None:
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--group", help="every device of this group")
+    target.add_argument("--device", action="append", metavar="ID", dest="devices",
+                        help="this device (repeatable)")
+
+
+def _client(args: argparse.Namespace) -> ServerClient:
+    return locate(args.server, args.data)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+# --- fleet serve --------------------------------------------------------------------------
+
+def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="run the fleet server: broker, MQTT service and operator API",
+        description="Start the embedded Mosquitto (or use --broker-url), the fleet service "
+        "and the operator API; run until SIGINT or SIGTERM, then stop them all. Writes "
+        "DIR/server.json so the other fleet commands find the server. docs/fleet-server.md "
+        "has the details.")
+    serve.add_argument("--data", type=Path, metavar="DIR",
+                       help="data directory (default $EDGEFLEET_SERVER_DIR or "
+                       "~/.local/share/edgefleet/server)")
+    serve.add_argument("--keys", type=Path, metavar="KEYS",
+                       help="the fleet's keys directory; only KEYS/root.json is read "
+                       "(default DIR/keys)")
+    serve.add_argument("--db", metavar="URL", help="registry database: a SQLite path or "
+                       "postgresql://... (default DIR/fleet.db)")
+    serve.add_argument("--fleet", metavar="NAME", help="fleet name, fixed when the data "
+                       "directory is first used (default: default)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address of the operator API (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=DEFAULT_API_PORT, metavar="P",
+                       help=f"port of the operator API (default {DEFAULT_API_PORT}; 0 picks "
+                       "a free one)")
+    broker = serve.add_argument_group("broker")
+    broker.add_argument("--broker-url", metavar="mqtts://HOST[:PORT]",
+                        help="use this external broker instead of the embedded Mosquitto")
+    broker.add_argument("--mqtt-port", type=int, default=DEFAULT_MQTT_PORT, metavar="P",
+                        help=f"port of the embedded broker (default {DEFAULT_MQTT_PORT}; 0 "
+                        "picks a free one and keeps it)")
+    broker.add_argument("--mqtt-bind", default="", metavar="ADDRESS",
+                        help="address the embedded broker listens on (default: all)")
+    broker.add_argument("--broker-host", action="append", default=[], metavar="HOST",
+                        help="name or address devices use to reach the embedded broker "
+                        "(repeatable; the first is handed out at enrollment; default "
+                        "127.0.0.1, for devices on this machine only)")
+    serve.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    data: Path = (args.data or default_data_dir()).absolute()
+    config = ServiceConfig(
+        data_dir=data, keys_dir=(args.keys or data / "keys").absolute(), fleet=args.fleet,
+        db_url=args.db, broker_url=args.broker_url, mqtt_port=args.mqtt_port,
+        mqtt_bind=args.mqtt_bind, broker_hosts=tuple(args.broker_host))
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    service = FleetService(config)
+    api: ApiServer | None = None
+    server_file = data / SERVER_FILE
+    try:
+        service.start()
+        token_file = data / ADMIN_TOKEN_FILE
+        api = ApiServer(service, load_admin_token(token_file), host=args.host,
+                        port=args.port)
+        api.start()
+        write_atomic(server_file, json.dumps({
+            "api_url": api.url, "pid": os.getpid(), "admin_token_file": str(token_file),
+            "broker_url": service.broker_url, "fleet": service.fleet,
+            "data_dir": str(data)}, indent=2).encode("utf-8"))
+        print(f"fleet {service.fleet}: API {api.url} (admin token {token_file}), MQTT "
+              f"{service.broker_url}, data {data}; Ctrl-C stops", flush=True)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        server_file.unlink(missing_ok=True)
+        if api is not None:
+            api.stop()
+        service.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    print("fleet server stopped", flush=True)
+    return 0
+
+
+# --- operator commands --------------------------------------------------------------------
+
+def _enroll_token(args: argparse.Namespace) -> int:
+    answer = _client(args).post("/api/enroll-tokens", {"group": args.group,
+                                                       "ttl_s": args.ttl})
+    if args.json:
+        _print_json(answer)
+    else:
+        print(answer["token"])
+    return 0
+
+
+def _devices(args: argparse.Namespace) -> int:
+    devices = _client(args).get("/api/devices", {"group": args.group, "tag": args.tag})
+    if args.json:
+        _print_json(devices["devices"])
+        return 0
+    now = time.time()
+    rows = [[d["id"], d["group"], d["profile"], "yes" if d["online"] else "no",
+             _desired_text(d["desired"]) or "-", _reported_text(d["reported"]) or "-",
+             "yes" if d["converged"] else "no", _ago(d["last_seen"], now)]
+            for d in devices["devices"]]
+    _table(["DEVICE", "GROUP", "PROFILE", "ONLINE", "DESIRED", "REPORTED", "CONVERGED",
+            "LAST SEEN"], rows, "no devices enrolled yet; issue a token with `fleet "
+            "enroll-token` and run `edge-agent enroll` on the device")
+    return 0
+
+
+def _device_show(args: argparse.Namespace) -> int:
+    client = _client(args)
+    device = client.get(f"/api/devices/{args.device_id}")
+    events = client.get("/api/events", {"device": args.device_id, "limit": 10_000})["events"]
+    if args.json:
+        _print_json({**device, "events": events[-20:]})
+        return 0
+    now = time.time()
+    lines = [
+        f"device     {device['id']}",
+        f"group      {device['group']}" + (f"   tags {', '.join(device['tags'])}"
+                                           if device["tags"] else ""),
+        f"profile    {device['profile']}",
+        f"online     {'yes' if device['online'] else 'no'}, last seen "
+        f"{_ago(device['last_seen'], now)}, enrolled {_ago(device['enrolled_at'], now)}",
+        f"cert       sha256 {device['cert_fingerprint']}",
+        f"desired    {_desired_text(device['desired'], sha=True) or 'nothing'}",
+        f"reported   {_reported_text(device['reported'], sha=True) or 'nothing yet'}",
+        f"converged  {'yes' if device['converged'] else 'no'}",
+    ]
+    installs = device["reported"].get("installs") or {}
+    for name, install in sorted(installs.items()) if isinstance(installs, dict) else ():
+        lines.append(f"install    {name} {_install_text(install)}")
+    if events:
+        lines.append("events (latest last):")
+        lines += [f"  {_event_line(e)}" for e in events[-10:]]
+    print("\n".join(lines))
+    return 0
+
+
+def _bundles(args: argparse.Namespace) -> int:
+    bundles = _client(args).get("/api/bundles")["bundles"]
+    if args.json:
+        _print_json(bundles)
+        return 0
+    rows = [[b["name"], str(b["version"]), _size(b["size"]), b["sha256"][:16],
+             _utc(b["created_at"])] for b in bundles]
+    _table(["NAME", "VERSION", "SIZE", "SHA256", "STORED"], rows,
+           "no bundles stored yet; `fleet publish BUNDLE_FILE --group G` uploads one")
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    try:
+        data = args.bundle_file.read_bytes()
+    except OSError as exc:
+        raise BundleInputError(f"cannot read {args.bundle_file} ({exc.strerror})") from exc
+    client = _client(args)
+    bundle = client.post("/api/bundles", data=data)
+    result = client.post("/api/publish", {"bundle_sha256": bundle["sha256"],
+                                          **_selection_body(args)})
+    if args.json:
+        _print_json({"bundle": bundle, **result})
+        return 0
+    target = f"group {args.group}" if args.group else "the given devices"
+    print(f"published {bundle['name']} v{bundle['version']} (sha256 {bundle['sha256'][:16]}) "
+          f"to {len(result['devices'])} device(s) of {target}; "
+          f"{len(result['changes'])} changed, the others already had it")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    body = {**_selection_body(args), **({"model": args.model} if args.model else {})}
+    result = _client(args).post("/api/rollback", body)
+    if args.json:
+        _print_json(result)
+        return 0
+    print(f"rolled back {len(result['changes'])} device(s):")
+    for change in result["changes"]:
+        print(f"  {change['device']}: {change['model']} {_version(change['before'])} -> "
+              f"{_version(change['after'])}")
+    return 0
+
+
+def _events(args: argparse.Namespace) -> int:
+    events = _client(args).get("/api/events", {"since": args.since, "device": args.device,
+                                               "limit": args.limit})["events"]
+    if args.json:
+        _print_json(events)
+        return 0
+    for event in events:
+        print(_event_line(event))
+    return 0
+
+
+def _selection_body(args: argparse.Namespace) -> dict[str, Any]:
+    return {"group": args.group} if args.group else {"devices": list(args.devices)}
+
+
+# --- formatting ---------------------------------------------------------------------------
+
+def _desired_text(desired: Mapping[str, Any], *, sha: bool = False) -> str:
+    return ", ".join(f"{name} v{want['version']}"
+                     + (f" (bundle {want['bundle_sha256'][:12]})" if sha else "")
+                     for name, want in sorted(desired.items()))
+
+
+def _reported_text(reported: Mapping[str, Any], *, sha: bool = False) -> str:
+    """Models served with their state, and installs in progress or failed beside them."""
+    models = _object(reported.get("models"))
+    installs = _object(reported.get("installs"))
+    parts = []
+    for name in sorted({*models, *installs}):
+        model, install = models.get(name), installs.get(name)
+        text = name
+        if isinstance(model, dict):
+            text += f" v{model.get('version')} {model.get('state', '')}".rstrip()
+            if sha and model.get("bundle_sha256"):
+                text += f" (bundle {str(model['bundle_sha256'])[:12]})"
+        if isinstance(install, dict) and not (
+                isinstance(model, dict) and install.get("version") == model.get("version")
+                and install.get("state") == model.get("state")):
+            text += f" [{_install_text(install)}]"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _install_text(install: Any) -> str:
+    if not isinstance(install, dict):
+        return "?"
+    text = f"v{install.get('version')} {install.get('state')}"
+    if isinstance(install.get("progress"), (int, float)):
+        text += f" {install['progress'] * 100:.0f}%"
+    if install.get("reason"):
+        text += f": {install['reason']}"
+    return text
+
+
+def _version(value: Mapping[str, Any] | None) -> str:
+    return "nothing" if value is None else f"v{value['version']}"
+
+
+def _event_line(event: Mapping[str, Any]) -> str:
+    detail = json.dumps(event["detail"], sort_keys=True, separators=(",", ":"))
+    return (f"{event['id']:>6}  {_utc(event['at'])}  {event['device'] or '-':<16}  "
+            f"{event['kind']:<20}  {detail}")
+
+
+def _utc(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at))
+
+
+def _ago(at: float | None, now: float) -> str:
+    if at is None:
+        return "never"
+    seconds = max(0.0, now - at)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = n / 1024
+    for unit in ("KB", "MB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], empty: str) -> None:
+    if not rows:
+        print(empty, file=sys.stderr)
+        return
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    for row in [headers, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True))
+              .rstrip())

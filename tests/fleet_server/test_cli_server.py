@@ -1,0 +1,206 @@
+"""``fleet serve`` as a real process (embedded Mosquitto, SQLite or PostgreSQL) driven by the
+operator commands, with a device enrolled over HTTP and connected over MQTT as an agent
+would be.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bundle import protocol
+from bundle.atomic import write_atomic
+from bundle.identity import make_device_key_and_csr
+from bundle.mqtt import BrokerAddress, ClientSettings, TLSIdentity, create_client, device_topic
+from fleet_server.api_client import ServerClient
+from fleet_server.cli import main
+from tests.bundle.repo import Repo
+from tests.fleet_server.server_env import PROFILE, wait_until, write_keys
+from tests.mqtt_broker import Recorder, mosquitto_or_skip
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMANDS = ["serve", "enroll-token", "devices", "device show", "bundles", "publish",
+            "rollback", "events"]
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def server(tmp_path: Path, db_url: str,
+           repo: Repo) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+    """``fleet serve`` in a child process; its data directory and the process."""
+    mosquitto_or_skip()
+    data, keys = tmp_path / "server", write_keys(tmp_path / "keys", repo)
+    log = (tmp_path / "serve.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fleet_server", "serve", "--data", str(data), "--keys",
+         str(keys), "--db", db_url, "--fleet", "clifleet", "--port", "0", "--mqtt-port", "0",
+         "--mqtt-bind", "127.0.0.1"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    try:
+        wait_until(lambda: (data / "server.json").exists() or process.poll() is not None,
+                   "fleet serve to start", timeout=20)
+        assert process.poll() is None, (tmp_path / "serve.log").read_text()
+        yield data, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def _device(data: Path, tmp_path: Path, token: str) -> tuple[Recorder, dict[str, Any]]:
+    """Enroll gw-1 over HTTP as edge-agent does, then connect it as a device."""
+    info = json.loads((data / "server.json").read_text())
+    key, csr = make_device_key_and_csr("gw-1")
+    api = ServerClient(info["api_url"], "")
+    answer = api.post("/api/enroll", {"token": token, "device_id": "gw-1",
+                                      "csr": csr.decode(), "profile": PROFILE})
+    home = tmp_path / "gw-1"
+    write_atomic(home / "device.key", key, 0o600)
+    write_atomic(home / "device.crt", answer["certificate"].encode())
+    write_atomic(home / "ca.crt", answer["ca_certificate"].encode())
+    identity = TLSIdentity(home / "ca.crt", home / "device.crt", home / "device.key")
+    recorder = Recorder(create_client(ClientSettings(
+        BrokerAddress.from_url(answer["broker_url"]), identity)))
+    recorder.connect()
+    return recorder, answer
+
+
+def test_serve_and_operate_a_fleet(server: tuple[Path, subprocess.Popen[bytes]],
+                                   tmp_path: Path, bundles: dict[str, bytes],
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    data, process = server
+    where = ("--data", data)
+    info = json.loads((data / "server.json").read_text())
+    assert info["pid"] == process.pid
+    assert info["fleet"] == "clifleet"
+
+    code, token, _ = _run(capsys, "enroll-token", *where, "--group", "lab")
+    assert code == 0
+    token = token.strip()
+    assert len(token) >= 40
+    assert "\n" not in token
+    recorder, enrollment = _device(data, tmp_path, token)
+    try:
+        desired = device_topic("clifleet", "gw-1", "desired")
+        recorder.subscribe(desired)
+        recorder.wait(lambda: len(recorder.messages) == 1, "the initial desired state")
+
+        bundle = tmp_path / "digits-v1.efb"
+        bundle.write_bytes(bundles["v1"])
+        code, out, err = _run(capsys, "publish", bundle, "--group", "lab", *where)
+        assert code == 0, err
+        assert out.startswith("published digits v1 (sha256 ")
+        assert "to 1 device(s) of group lab; 1 changed" in out
+        recorder.wait(lambda: len(recorder.messages) == 2, "the published desired state")
+        want = protocol.decode_desired(bytes(recorder.messages[1].payload)).models["digits"]
+        assert (want.version, want.size) == (1, len(bundles["v1"]))
+
+        code, out, _ = _run(capsys, "devices", *where)
+        assert code == 0
+        header, row = out.splitlines()
+        assert header.split() == ["DEVICE", "GROUP", "PROFILE", "ONLINE", "DESIRED",
+                                  "REPORTED", "CONVERGED", "LAST", "SEEN"]
+        assert row.split()[:8] == ["gw-1", "lab", PROFILE, "no", "digits", "v1", "-", "no"]
+
+        recorder.publish(device_topic("clifleet", "gw-1", "reported"), protocol.encode(
+            protocol.Reported(PROFILE, "0.1.0", {"digits": protocol.ModelReport(
+                1, want.bundle_sha256, "committed")}, at=1.0)))
+
+        def listed() -> list[dict[str, Any]]:
+            code, out, _ = _run(capsys, "devices", *where, "--json")
+            assert code == 0
+            return list(json.loads(out))
+
+        wait_until(lambda: listed()[0]["converged"], "the device to converge")
+        code, out, _ = _run(capsys, "devices", *where, "--group", "lab")
+        assert out.splitlines()[1].split()[3:10] == [
+            "yes", "digits", "v1", "digits", "v1", "committed", "yes"]
+
+        code, out, _ = _run(capsys, "device", "show", "gw-1", *where)
+        assert code == 0
+        assert "converged  yes" in out
+        assert "desired.set" in out
+        code, out, _ = _run(capsys, "bundles", *where)
+        assert out.splitlines()[1].split()[:2] == ["digits", "1"]
+
+        code, out, _ = _run(capsys, "rollback", "--device", "gw-1", *where)
+        assert code == 0
+        assert out.splitlines() == ["rolled back 1 device(s):", "  gw-1: digits v1 -> nothing"]
+        recorder.wait(lambda: len(recorder.messages) == 3, "the rolled-back desired state")
+        assert protocol.decode_desired(bytes(recorder.messages[2].payload)).models == {}
+
+        code, out, _ = _run(capsys, "events", *where, "--device", "gw-1", "--json")
+        kinds = [e["kind"] for e in json.loads(out)]
+        assert kinds[:2] == ["token.redeemed", "device.enrolled"]
+        assert kinds[-1] == "desired.rolled_back"
+        code, out, _ = _run(capsys, "events", *where, "--since", "3", "--limit", "1")
+        assert len(out.splitlines()) == 1
+        assert out.split()[0] == "4"
+
+        # Failures: one line on stderr, exit 1.
+        tampered = tmp_path / "tampered.efb"
+        tampered.write_bytes(bundles["v1"][:-1] + bytes([bundles["v1"][-1] ^ 1]))
+        for argv, message in [
+                (("publish", tampered, "--group", "lab"), "bundle refused: ChecksumError"),
+                (("publish", tmp_path / "missing.efb", "--group", "lab"), "cannot read"),
+                (("publish", bundle, "--group", "nowhere"), "has no devices"),
+                (("device", "show", "gw-9"), "no device 'gw-9'")]:
+            code, _, err = _run(capsys, *argv, *where)
+            assert code == 1
+            assert err.count("\n") == 1
+            assert message in err
+    finally:
+        recorder.close()
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=20) == 0
+    assert not (data / "server.json").exists()
+    lines = (tmp_path / "serve.log").read_text().splitlines()
+    assert lines[0].startswith(f"fleet clifleet: API {info['api_url']} (admin token ")
+    assert f"MQTT {enrollment['broker_url']}" in lines[0]
+    assert lines[-1] == "fleet server stopped"
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(
+            ("127.0.0.1", BrokerAddress.from_url(enrollment["broker_url"]).port), timeout=1):
+        pass  # the embedded broker stopped with the server
+    code, _, err = _run(capsys, "devices", *where)
+    assert code == 1
+    assert "no fleet server runs" in err
+
+
+def test_commands_without_a_server(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEFLEET_SERVER_DIR", str(tmp_path / "nothing"))
+    code, _, err = _run(capsys, "devices")
+    assert code == 1
+    assert f"no fleet server runs with data directory {tmp_path / 'nothing'}" in err
+    monkeypatch.setenv("EDGEFLEET_ADMIN_TOKEN", "t")
+    code, _, err = _run(capsys, "bundles", "--server", "http://127.0.0.1:9")
+    assert code == 1
+    assert "cannot reach the fleet server at http://127.0.0.1:9" in err
+    code, _, err = _run(capsys, "serve", "--data", tmp_path / "d", "--keys", tmp_path / "no",
+                        "--port", "0", "--mqtt-port", "0")
+    assert code == 1
+    assert "fleet keys init" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["rollback", "--data", str(tmp_path)])
+    assert exit_info.value.code == 2  # neither --group nor --device
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command.split(), "--help"])
+        assert exit_info.value.code == 0
+    capsys.readouterr()
