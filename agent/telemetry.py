@@ -1,9 +1,10 @@
-"""Telemetry's durable outbox: samples kept on disk until the broker has acknowledged them.
+"""Telemetry: samples of the device and its models, kept in a durable outbox until sent.
 
-Used by the agent's sampler and its fleet link::
+Two parts, used together by the agent's sampler and its fleet link::
 
     buffer = TelemetryBuffer(state_dir / TelemetryBuffer.FILE_NAME)
-    buffer.append(time.time(), metrics)                  # the sampler thread, every N s
+    collector = TelemetryCollector(runtime)
+    buffer.append(time.time(), collector.collect())     # the sampler thread, every N s
     for sample in buffer.pending(100):                   # the MQTT thread, when connected
         publish(encode(sample))                          # QoS 1
     buffer.ack(last_puback_seq)                          # after the broker's PUBACK
@@ -13,39 +14,63 @@ Used by the agent's sampler and its fleet link::
 what ``append`` returned is on disk, survives ``kill -9`` and power loss, and is handed out
 oldest first until acknowledged. When full it drops the oldest samples, and says so: the
 next sample carries ``"dropped": N``. ``seq`` never repeats for a device (see
-:meth:`TelemetryBuffer.append`).
+:meth:`TelemetryBuffer.append` and docs/telemetry.md).
+
+:class:`TelemetryCollector` builds one sample's metrics from a :class:`~agent.runtime.Runtime`
+and psutil. The arithmetic (counter deltas across model swaps, histograms, formatting) is in
+pure functions (:func:`counter_delta`, :func:`new_latencies`, :func:`latency_histogram`,
+:func:`model_metrics`, :func:`system_metrics`); the collector only reads and remembers.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bundle.atomic import fsync_dir, write_atomic
 from bundle.protocol import Telemetry
 
-from .errors import AgentError
+from .errors import AgentError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    from .runtime import RequestStats, Runtime
 
 __all__ = [
+    "DEFAULT_BUCKETS_MS",
     "DEFAULT_MAX_ROWS",
     "RESERVED_KEYS",
+    "Counts",
+    "ModelReading",
+    "SystemReading",
     "TelemetryBuffer",
+    "TelemetryCollector",
     "TelemetryError",
+    "counter_delta",
+    "latency_histogram",
+    "model_metrics",
+    "new_latencies",
+    "read_system",
+    "system_metrics",
 ]
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 DEFAULT_MAX_ROWS = 100_000
+#: Upper edges (ms) of the latency histogram's buckets; one more bucket counts the rest.
+DEFAULT_BUCKETS_MS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100,
+                                          250, 1000)
 #: Metric keys the buffer itself sets; a caller's metrics may not use them.
 RESERVED_KEYS = frozenset({"dropped", "buffer_reset"})
 _KEEP_CORRUPT = 3  # set-aside corrupt files kept, newest first
@@ -456,3 +481,260 @@ def _to_json(obj: Mapping[str, Any]) -> str:
         return json.dumps(obj, separators=(",", ":"), sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"telemetry metrics must be plain JSON ({exc})") from None
+
+
+# -- collecting: pure parts ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Counts:
+    """A model's cumulative request and error counters at one moment."""
+
+    requests: int = 0
+    errors: int = 0
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(self.requests + other.requests, self.errors + other.errors)
+
+
+def counter_delta(before: Counts | None, now: Counts) -> Counts:
+    """Requests and errors counted between two readings of the same counters.
+
+    ``before`` None (counters never read) or a counter lower than before (they restarted
+    from zero) means everything ``now`` counts is new.
+    """
+    if before is None or now.requests < before.requests or now.errors < before.errors:
+        return now
+    return Counts(now.requests - before.requests, now.errors - before.errors)
+
+
+def new_latencies(before: Counts | None, now: Counts,
+                  recent: Sequence[float]) -> Sequence[float]:
+    """The latencies of the successful requests between two readings.
+
+    ``recent`` is the counters' latency record at ``now`` (oldest first, bounded): every
+    successful request appends one, a failed one none. If more requests succeeded than
+    ``recent`` holds, only the newest ``len(recent)`` are known.
+    """
+    delta = counter_delta(before, now)
+    succeeded = delta.requests - delta.errors
+    return recent[len(recent) - min(succeeded, len(recent)):] if succeeded > 0 else ()
+
+
+def latency_histogram(latencies_ms: Sequence[float],
+                      edges_ms: Sequence[float] = DEFAULT_BUCKETS_MS) -> list[int]:
+    """Counts per bucket: ``(edges[i-1], edges[i]]`` for each edge, then ``> edges[-1]``."""
+    counts = [0] * (len(edges_ms) + 1)
+    for value in latencies_ms:
+        counts[bisect.bisect_left(edges_ms, value)] += 1
+    return counts
+
+
+@dataclass(frozen=True)
+class ModelReading:
+    """What the runtime says about one served model, besides its counters."""
+
+    version: int | None
+    state: str  # "serving", "probation", or "unloaded" (gone since the previous sample)
+    backend: str
+    fallback: str | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+
+
+def model_metrics(reading: ModelReading, delta: Counts, latencies_s: Sequence[float],
+                  edges_ms: Sequence[float] = DEFAULT_BUCKETS_MS) -> dict[str, Any]:
+    """One model's entry in a sample: identity, counts since the previous sample, latency.
+
+    ``p50_ms``/``p99_ms`` are the runtime's figures (its recent requests, the same the
+    probation judge uses); ``latency_hist`` counts this interval's successful requests.
+    """
+    entry: dict[str, Any] = {
+        "version": reading.version, "state": reading.state, "backend": reading.backend,
+        "requests": delta.requests, "errors": delta.errors,
+        "p50_ms": _round(reading.p50_ms, 3), "p99_ms": _round(reading.p99_ms, 3),
+        "latency_hist": latency_histogram([s * 1e3 for s in latencies_s], edges_ms),
+    }
+    if reading.fallback is not None:
+        entry["fallback"] = reading.fallback
+    return entry
+
+
+@dataclass(frozen=True)
+class SystemReading:
+    """Raw system figures; None (or empty) for whatever this platform cannot tell."""
+
+    cpu_percent: float | None = None  # whole system, since the previous reading
+    process_cpu_percent: float | None = None  # this process; 100 = one core
+    rss_bytes: int | None = None
+    memory_percent: float | None = None  # system memory in use
+    load_avg: tuple[float, float, float] | None = None
+    temperatures_c: Mapping[str, float] | None = None  # sensor -> current reading
+
+
+def system_metrics(reading: SystemReading) -> dict[str, Any]:
+    """The ``system`` part of a sample: rounded, with absent figures left out.
+
+    ``temp_c`` is the hottest sensor's reading (and ``temp_sensor`` its name)."""
+    out: dict[str, Any] = {}
+    for key, value in (("cpu_percent", reading.cpu_percent),
+                       ("process_cpu_percent", reading.process_cpu_percent),
+                       ("memory_percent", reading.memory_percent)):
+        if value is not None and math.isfinite(value):
+            out[key] = round(value, 1)
+    if reading.rss_bytes is not None:
+        out["rss_bytes"] = int(reading.rss_bytes)
+    if reading.load_avg is not None and all(math.isfinite(v) for v in reading.load_avg):
+        out["load_avg"] = [round(v, 2) for v in reading.load_avg]
+    temperatures = {name: value for name, value in (reading.temperatures_c or {}).items()
+                    if math.isfinite(value)}
+    if temperatures:
+        sensor = max(temperatures, key=lambda name: temperatures[name])
+        out["temp_c"] = round(temperatures[sensor], 1)
+        out["temp_sensor"] = sensor
+    return out
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(value, digits)
+
+
+# -- collecting: the edge ----------------------------------------------------------------
+
+
+def read_system(process: Any = None) -> SystemReading:
+    """Read the system with psutil; ``process`` is a ``psutil.Process`` kept between calls
+    (CPU percentages are measured since its previous call). Never raises."""
+    import psutil
+
+    def attempt(read: Callable[[], _T]) -> _T | None:
+        try:
+            return read()
+        except (psutil.Error, OSError, AttributeError, NotImplementedError):
+            return None
+
+    process = process or psutil.Process()
+    load = attempt(psutil.getloadavg)
+    memory = attempt(psutil.virtual_memory)
+    rss = attempt(lambda: process.memory_info().rss)
+    return SystemReading(
+        cpu_percent=attempt(lambda: psutil.cpu_percent(interval=None)),
+        process_cpu_percent=attempt(lambda: process.cpu_percent(interval=None)),
+        rss_bytes=rss, memory_percent=None if memory is None else memory.percent,
+        load_avg=None if load is None else (load[0], load[1], load[2]),
+        temperatures_c=attempt(_temperatures))
+
+
+def _temperatures() -> dict[str, float]:
+    import psutil
+
+    sensors = getattr(psutil, "sensors_temperatures", None)  # absent on some platforms
+    found: dict[str, float] = {}
+    for chip, entries in (sensors() if sensors else {}).items():
+        for number, entry in enumerate(entries):
+            if entry.current is not None:
+                found[f"{chip}/{entry.label or number}"] = float(entry.current)
+    return found
+
+
+def _psutil_reader() -> Callable[[], SystemReading]:
+    import psutil
+
+    process = psutil.Process()
+
+    def read() -> SystemReading:
+        return read_system(process)
+
+    read()  # CPU percentages count from here
+    return read
+
+
+def _read_stats(stats: RequestStats) -> tuple[Counts, Sequence[float]]:
+    """Counters and recent latencies (seconds) read together, so they agree.
+
+    RequestStats has no public way to read both at once, so this takes its lock and copies
+    its latency record; without those attributes, no latencies (no histogram)."""
+    lock = getattr(stats, "_lock", None)
+    record = getattr(stats, "_latencies", None)
+    if lock is None or record is None:
+        figures = stats.snapshot()
+        return Counts(figures["requests"], figures["errors"]), ()
+    with lock:
+        return Counts(stats.requests, stats.errors), tuple(record)
+
+
+class TelemetryCollector:
+    """Builds the metrics of one sample from a runtime and the system.
+
+    Counts are per interval: each :meth:`collect` reports the requests and errors since the
+    previous one (the first: since each model was loaded). A model swapped in (install,
+    rollback) brings new counters; the collector reads the outgoing model's counters until
+    they go quiet, so requests still finishing on the old session are counted too.
+
+    ``system`` reads the system (default: :func:`read_system` with psutil); tests pass a
+    fake. Not thread-safe: call :meth:`collect` from one thread.
+    """
+
+    def __init__(self, runtime: Runtime, *, system: Callable[[], SystemReading] | None = None,
+                 buckets_ms: Sequence[float] = DEFAULT_BUCKETS_MS,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.runtime = runtime
+        self.buckets_ms = tuple(buckets_ms)
+        self._monotonic = monotonic
+        self._previous: float | None = None
+        self._system = system or _psutil_reader()
+        # Counters as last read, per RequestStats object (a model swapped back in keeps its
+        # old counters), and per model name the objects still to read.
+        self._seen: weakref.WeakKeyDictionary[RequestStats, Counts] = (
+            weakref.WeakKeyDictionary())
+        self._tracked: dict[str, tuple[ModelReading, list[RequestStats]]] = {}
+
+    def collect(self) -> dict[str, Any]:
+        """The metrics of one sample (see docs/telemetry.md for the fields)."""
+        now = self._monotonic()
+        interval = None if self._previous is None else round(now - self._previous, 3)
+        self._previous = now
+        models: dict[str, Any] = {}
+        tracked: dict[str, tuple[ModelReading, list[RequestStats]]] = {}
+        for info in self.runtime.models():
+            try:
+                stats = self.runtime.served(info.name).stats
+            except ModelNotFoundError:
+                continue  # unloaded since models(); the next sample reports it
+            figures = stats.snapshot()
+            reading = ModelReading(info.version, info.state, info.backend, info.fallback,
+                                   figures["p50_ms"], figures["p99_ms"])
+            previous = self._tracked.pop(info.name, (reading, []))[1]
+            delta, latencies, keep = self._read(stats, previous)
+            models[info.name] = model_metrics(reading, delta, latencies, self.buckets_ms)
+            tracked[info.name] = (reading, keep)
+        for name, (last, previous) in self._tracked.items():  # no longer served
+            delta, latencies, keep = self._read(None, previous)
+            if delta.requests:
+                gone = ModelReading(last.version, "unloaded", last.backend, last.fallback)
+                models[name] = model_metrics(gone, delta, latencies, self.buckets_ms)
+            if keep:
+                tracked[name] = (last, keep)
+        self._tracked = tracked
+        return {"interval_s": interval, "system": system_metrics(self._system()),
+                "models": models, "latency_buckets_ms": list(self.buckets_ms)}
+
+    def _read(self, current: RequestStats | None, previous: list[RequestStats],
+              ) -> tuple[Counts, list[float], list[RequestStats]]:
+        """Sum the counters of ``current`` and the outgoing objects in ``previous``; keep
+        reading an outgoing one while its counters still move."""
+        total = Counts()
+        latencies: list[float] = []
+        keep = [] if current is None else [current]
+        for stats in ([] if current is None else [current]) + [
+                s for s in previous if s is not current]:
+            counts, recent = _read_stats(stats)
+            before = self._seen.get(stats)
+            delta = counter_delta(before, counts)
+            latencies.extend(new_latencies(before, counts, recent))
+            self._seen[stats] = counts
+            total += delta
+            if stats is not current and delta.requests:
+                keep.append(stats)
+        return total, latencies, keep
+

@@ -1,7 +1,9 @@
-"""Telemetry: the durable outbox (unit, state-machine and kill -9 tests)."""
+"""Telemetry: the durable outbox (unit, state-machine and kill -9 tests) and the collector
+(pure functions directly, then a real Runtime serving the digits model)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -14,10 +16,11 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -27,10 +30,26 @@ from hypothesis.stateful import (
     rule,
 )
 
-from agent.telemetry import TelemetryBuffer, TelemetryError
+from agent.errors import ModelNotFoundError
+from agent.runtime import ModelInfo, RequestStats, Runtime
+from agent.telemetry import (
+    DEFAULT_BUCKETS_MS,
+    Counts,
+    ModelReading,
+    SystemReading,
+    TelemetryBuffer,
+    TelemetryCollector,
+    TelemetryError,
+    counter_delta,
+    latency_histogram,
+    model_metrics,
+    new_latencies,
+    system_metrics,
+)
 from bundle.protocol import decode_telemetry, encode
 
 ROOT = Path(__file__).resolve().parents[2]
+DIGITS = ROOT / "models" / "digits_cnn.onnx"
 # Fast scratch space for the many small fsyncs of the property tests, when there is one.
 SCRATCH = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 T0 = 1_700_000_000.0
@@ -479,3 +498,201 @@ def test_kill_9_right_after_append_loses_nothing(tmp_path: Path, appends: int) -
         assert found == sorted(found)
         assert len(found) <= len(printed) + 1  # at most one committed and not yet printed
         assert buffer.append(0.0, {}).seq == found[-1] + 1
+
+
+# -- the collector: pure parts ---------------------------------------------------------
+
+
+def test_counter_delta_subtracts_and_treats_a_drop_as_a_restart() -> None:
+    assert counter_delta(None, Counts(5, 1)) == Counts(5, 1)
+    assert counter_delta(Counts(5, 1), Counts(9, 1)) == Counts(4, 0)
+    assert counter_delta(Counts(5, 1), Counts(3, 0)) == Counts(3, 0)
+    assert counter_delta(Counts(5, 2), Counts(7, 1)) == Counts(7, 1)
+
+
+def test_new_latencies_are_the_tail_of_the_successful_requests() -> None:
+    recent = [0.1, 0.2, 0.3, 0.4]
+    assert list(new_latencies(Counts(2, 0), Counts(4, 0), recent)) == [0.3, 0.4]
+    assert list(new_latencies(Counts(2, 0), Counts(5, 1), recent)) == [0.3, 0.4]  # 1 failed
+    assert list(new_latencies(Counts(0, 0), Counts(99, 0), recent)) == recent  # capped
+    assert list(new_latencies(Counts(4, 0), Counts(4, 0), recent)) == []
+    assert list(new_latencies(Counts(4, 0), Counts(5, 1), recent)) == []
+    assert list(new_latencies(None, Counts(1, 0), recent)) == [0.4]
+
+
+@given(st.lists(st.floats(0, 5000, allow_nan=False)))
+def test_latency_histogram_puts_each_value_in_its_bucket(values: list[float]) -> None:
+    counts = latency_histogram(values)
+    assert len(counts) == len(DEFAULT_BUCKETS_MS) + 1
+    assert sum(counts) == len(values)
+    edges = [0.0, *DEFAULT_BUCKETS_MS, math.inf]
+    for i, count in enumerate(counts):
+        low = -math.inf if i == 0 else edges[i]
+        assert count == sum(low < v <= edges[i + 1] for v in values)
+
+
+def test_model_metrics() -> None:
+    reading = ModelReading(version=3, state="probation", backend="onnxruntime:CPU",
+                           fallback="OpenVINO failed", p50_ms=0.123456, p99_ms=None)
+    entry = model_metrics(reading, Counts(10, 2), [0.0004, 0.003, 0.003], edges_ms=(1, 5))
+    assert entry == {"version": 3, "state": "probation", "backend": "onnxruntime:CPU",
+                     "fallback": "OpenVINO failed", "requests": 10, "errors": 2,
+                     "p50_ms": 0.123, "p99_ms": None, "latency_hist": [1, 2, 0]}
+    plain = model_metrics(ModelReading(None, "serving", "onnxruntime"), Counts(), [])
+    assert "fallback" not in plain
+    assert plain["latency_hist"] == [0] * (len(DEFAULT_BUCKETS_MS) + 1)
+
+
+def test_system_metrics_rounds_and_leaves_out_what_is_unknown() -> None:
+    full = SystemReading(cpu_percent=12.345, process_cpu_percent=0.04, rss_bytes=50_000_000,
+                         memory_percent=41.25, load_avg=(0.111, 0.5, 1.0),
+                         temperatures_c={"coretemp/Core 0": 48.0, "acpitz/0": 51.26,
+                                         "bad/0": math.nan})
+    assert system_metrics(full) == {"cpu_percent": 12.3, "process_cpu_percent": 0.0,
+                                    "rss_bytes": 50_000_000, "memory_percent": 41.2,
+                                    "load_avg": [0.11, 0.5, 1.0], "temp_c": 51.3,
+                                    "temp_sensor": "acpitz/0"}
+    assert system_metrics(SystemReading()) == {}
+    assert system_metrics(SystemReading(temperatures_c={})) == {}
+
+
+# -- the collector on runtimes -----------------------------------------------------------
+
+
+def _fixed_system() -> SystemReading:
+    return SystemReading(cpu_percent=1.0)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class _Served:
+    stats: RequestStats
+
+
+class _FakeRuntime:
+    """Just what the collector reads: models() and served(name).stats, swappable."""
+
+    def __init__(self) -> None:
+        self.serving: dict[str, tuple[int, RequestStats]] = {}
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(name, version, "onnxruntime", None, (), (), "test", "serving")
+                for name, (version, _) in sorted(self.serving.items())]
+
+    def served(self, name: str) -> _Served:
+        if name not in self.serving:
+            raise ModelNotFoundError(name)
+        return _Served(self.serving[name][1])
+
+
+def _requests(stats: RequestStats, ok: int, failed: int = 0) -> None:
+    for _ in range(ok):
+        stats.record(0.003)
+    for _ in range(failed):
+        stats.record_error()
+
+
+def _collector(runtime: Any, clock: _Clock | None = None) -> TelemetryCollector:
+    return TelemetryCollector(runtime, system=_fixed_system,
+                              monotonic=clock or _Clock())
+
+
+def test_counts_are_per_interval_across_swaps_rollbacks_and_unloads() -> None:
+    runtime = _FakeRuntime()
+    v1, v2 = RequestStats(), RequestStats()
+    runtime.serving["m"] = (1, v1)
+    collector = _collector(runtime)
+    _requests(v1, 5, 1)
+
+    def m(metrics: dict[str, Any]) -> tuple[Any, ...] | None:
+        entry = metrics["models"].get("m")
+        return None if entry is None else (entry["version"], entry["state"],
+                                           entry["requests"], entry["errors"],
+                                           sum(entry["latency_hist"]))
+
+    assert m(collector.collect()) == (1, "serving", 6, 1, 5)  # since load
+    assert m(collector.collect()) == (1, "serving", 0, 0, 0)
+    _requests(v1, 2)
+    runtime.serving["m"] = (2, v2)  # install: new counters
+    _requests(v2, 3)
+    _requests(v1, 1)  # a request that was in flight on the old session
+    assert m(collector.collect()) == (2, "serving", 6, 0, 6)
+    _requests(v1, 1)  # still finishing on the old one
+    assert m(collector.collect()) == (2, "serving", 1, 0, 1)
+    runtime.serving["m"] = (1, v1)  # rollback: the old counters are back, not new
+    _requests(v1, 4, 2)
+    _requests(v2, 1)
+    assert m(collector.collect()) == (1, "serving", 7, 2, 5)
+    del runtime.serving["m"]
+    _requests(v1, 2)
+    assert m(collector.collect()) == (1, "unloaded", 2, 0, 2)  # its last requests
+    assert m(collector.collect()) is None
+
+
+def test_interval_and_layout() -> None:
+    clock = _Clock()
+    collector = _collector(_FakeRuntime(), clock)
+    first = collector.collect()
+    clock.now += 10.5
+    second = collector.collect()
+    assert first == {"interval_s": None, "system": {"cpu_percent": 1.0}, "models": {},
+                     "latency_buckets_ms": list(DEFAULT_BUCKETS_MS)}
+    assert second["interval_s"] == 10.5
+
+
+def test_collecting_from_a_real_runtime_serving_digits(tmp_path: Path,
+                                                        request: pytest.FixtureRequest) -> None:
+    runtime = Runtime()
+    request.addfinalizer(runtime.close)
+    runtime.load_file(DIGITS, "digits")
+    x = np.load(ROOT / "models" / "digits_data.npz")["eval_x"][:1]
+    collector = TelemetryCollector(runtime)  # psutil
+    for _ in range(20):
+        runtime.infer("digits", {"input": x})
+    metrics = collector.collect()
+
+    digits = metrics["models"]["digits"]
+    assert (digits["version"], digits["state"], digits["requests"], digits["errors"]) == (
+        None, "serving", 20, 0)
+    assert sum(digits["latency_hist"]) == 20
+    assert 0 < digits["p50_ms"] <= digits["p99_ms"] < 1000
+    assert digits["backend"] == runtime.model("digits").backend
+    system = metrics["system"]
+    assert {"cpu_percent", "process_cpu_percent", "rss_bytes", "memory_percent"} <= set(system)
+    assert system["rss_bytes"] > 10_000_000
+    if hasattr(os, "getloadavg"):
+        assert len(system["load_avg"]) == 3
+    assert ("temp_c" in system) == ("temp_sensor" in system)
+
+    runtime.load_file(DIGITS, "digits")  # hot-swap: counters restart on the new model
+    runtime.infer("digits", {"input": x})
+    assert collector.collect()["models"]["digits"]["requests"] == 1
+
+    with _open(tmp_path / "telemetry.db") as buffer:  # the sample stores and goes on the wire
+        sample = buffer.append(T0, metrics)
+        assert decode_telemetry(encode(sample)).metrics == json.loads(json.dumps(metrics))
+        assert len(encode(sample)) < 2000
+
+
+def test_counters_without_a_latency_record_still_count() -> None:
+    """If RequestStats stops exposing its lock and latency record, counts still work and
+    the histogram is empty (the collector reads those private attributes)."""
+
+    class Bare:
+        requests, errors = 4, 1
+
+        def snapshot(self) -> dict[str, Any]:
+            return {"requests": self.requests, "errors": self.errors, "samples": 0,
+                    "p50_ms": None, "p99_ms": None}
+
+    runtime = _FakeRuntime()
+    runtime.serving["m"] = (1, cast("RequestStats", Bare()))
+    entry = _collector(runtime).collect()["models"]["m"]
+    assert (entry["requests"], entry["errors"], sum(entry["latency_hist"])) == (4, 1, 0)
