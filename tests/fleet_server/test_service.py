@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import socket
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,9 @@ from bundle import protocol
 from bundle.errors import ChecksumError, UntrustedSignatureError
 from bundle.identity import certificate_fingerprint, make_device_key_and_csr
 from bundle.mqtt import BrokerAddress
-from fleet_server.errors import CSRError, EnrollmentError, RegistryError
+from fleet_server.broker import Broker, BrokerConfig
+from fleet_server.ca import FleetCA
+from fleet_server.errors import BrokerError, CSRError, EnrollmentError, RegistryError
 from fleet_server.service import PROTOCOL_ERROR, FleetService, ServiceConfig
 from tests.bundle.repo import Repo
 from tests.fleet_server.server_env import (
@@ -300,3 +305,41 @@ def test_service_reconnects_after_a_broker_restart(
         wait_until(lambda: service.registry.get_device("gw-1").converged,  # type: ignore[union-attr]
                    "the report after the reconnect")
         recorder.close()
+
+
+def test_external_broker_by_url(tmp_path: Path, repo: Repo, clients: list[Recorder]) -> None:
+    """A broker the service does not run (here a Mosquitto started beside it, trusting the
+    fleet CA in the data directory): the service connects to it and hands its URL out."""
+    data = tmp_path / "server"
+    ca = FleetCA.create(data / "ca", "testfleet")
+    tls = ca.write_identity(ca.issue_server_cert(), tmp_path / "broker-tls", "broker")
+    with Broker.embedded(BrokerConfig("testfleet", tmp_path / "broker", tls,
+                                      bind_address="127.0.0.1")) as broker:
+        config = replace(service_config(data, write_keys(tmp_path / "keys", repo),
+                                        f"sqlite:///{tmp_path / 'fleet.db'}"),
+                         broker_url=broker.address.url)
+        with FleetService(config) as service:
+            assert service.broker_url == broker.address.url
+            device = enroll(service, tmp_path, "gw-1")
+            assert device.enrollment.broker_url == broker.address.url
+            recorder = _connect(device, clients, "desired")
+            assert _wait_desired(recorder, device, 1).models == {}
+            recorder.close()
+        assert broker.running  # not the service's to stop
+
+
+def test_unreachable_broker_fails_start_with_a_reason(tmp_path: Path, repo: Repo) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = replace(service_config(tmp_path / "server", write_keys(tmp_path / "keys", repo),
+                                    f"sqlite:///{tmp_path / 'fleet.db'}"),
+                     broker_url=f"mqtts://127.0.0.1:{port}", connect_timeout=1.0)
+    service = FleetService(config)
+    started = time.monotonic()
+    with pytest.raises(BrokerError, match=f"could not connect to the broker at "
+                       f"mqtts://127.0.0.1:{port} as fleet-server within 1 s"):
+        service.start()
+    assert time.monotonic() - started < 4
+    with pytest.raises(RuntimeError, match="not started"):
+        service.registry  # noqa: B018 (everything was closed again)
