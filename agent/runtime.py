@@ -84,6 +84,11 @@ class RequestStats:
             self.requests += 1
             self.errors += 1
 
+    def read(self) -> tuple[int, int, tuple[float, ...]]:
+        """Requests, errors and the recent latencies (seconds), read together so they agree."""
+        with self._lock:
+            return self.requests, self.errors, tuple(self._latencies)
+
     def snapshot(self) -> dict[str, Any]:
         """Requests, errors and p50/p99 in milliseconds (None without samples)."""
         with self._lock:

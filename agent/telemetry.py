@@ -56,6 +56,7 @@ __all__ = [
     "TelemetryBuffer",
     "TelemetryCollector",
     "TelemetryError",
+    "TelemetryFeed",
     "counter_delta",
     "latency_histogram",
     "model_metrics",
@@ -650,17 +651,9 @@ def _psutil_reader() -> Callable[[], SystemReading]:
 
 
 def _read_stats(stats: RequestStats) -> tuple[Counts, Sequence[float]]:
-    """Counters and recent latencies (seconds) read together, so they agree.
-
-    RequestStats has no public way to read both at once, so this takes its lock and copies
-    its latency record; without those attributes, no latencies (no histogram)."""
-    lock = getattr(stats, "_lock", None)
-    record = getattr(stats, "_latencies", None)
-    if lock is None or record is None:
-        figures = stats.snapshot()
-        return Counts(figures["requests"], figures["errors"]), ()
-    with lock:
-        return Counts(stats.requests, stats.errors), tuple(record)
+    """Counters and recent latencies (seconds) read together, so they agree."""
+    requests, errors, latencies = stats.read()
+    return Counts(requests, errors), latencies
 
 
 class TelemetryCollector:
@@ -738,3 +731,25 @@ class TelemetryCollector:
                 keep.append(stats)
         return total, latencies, keep
 
+
+
+class TelemetryFeed:
+    """Samples from a collector into a buffer: the fleet link's telemetry source."""
+
+    def __init__(self, collector: TelemetryCollector, buffer: TelemetryBuffer,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.collector = collector
+        self.buffer = buffer
+        self.clock = clock
+
+    def sample(self) -> None:
+        """Take one sample into the durable buffer."""
+        self.buffer.append(self.clock(), self.collector.collect())
+
+    def pending(self, limit: int) -> list[Telemetry]:
+        """Buffered samples, oldest first."""
+        return self.buffer.pending(limit)
+
+    def ack(self, up_to_seq: int) -> None:
+        """The broker has every sample up to ``up_to_seq``."""
+        self.buffer.ack(up_to_seq)
