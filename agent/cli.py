@@ -95,7 +95,11 @@ def _add_enroll(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--tag", action="append", default=[], metavar="TAG",
                    help="a tag for fleet targeting (repeatable)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT,
-                   help=f"the local API's port (default {DEFAULT_PORT})")
+                   help=f"the local API's port (default {DEFAULT_PORT}; 0: a free one)")
+    p.add_argument("--probation", type=float, default=60.0, metavar="SECONDS",
+                   help="how long a new model is watched before it is committed (default 60)")
+    p.add_argument("--telemetry-interval", type=float, default=30.0, metavar="SECONDS",
+                   help="seconds between telemetry samples (default 30)")
     p.set_defaults(handler=_enroll)
 
 
@@ -108,7 +112,8 @@ def _enroll(args: argparse.Namespace) -> int:
         server_url=args.server, token=args.token,
         device_id=args.device_id or default_device_id(), state_dir=args.state_dir,
         profile=profile.name if profile else None, tags=tuple(args.tag),
-        api_port=args.port))
+        api_port=args.port, probation_s=args.probation,
+        telemetry_interval_s=args.telemetry_interval))
     assert config.fleet is not None
     print(f"enrolled {config.fleet.device_id} in fleet {config.fleet.name} "
           f"(broker {config.fleet.broker_url}, profile {config.profile or 'generic CPU'}); "

@@ -47,6 +47,8 @@ class EnrollRequest:
     profile: str | None = None
     tags: tuple[str, ...] = ()
     api_port: int = 8470
+    probation_s: float = 60.0
+    telemetry_interval_s: float = 30.0
 
 
 def default_device_id() -> str:
@@ -87,10 +89,11 @@ def enroll(request: EnrollRequest, timeout: float = 30.0) -> AgentConfig:
     trust.save(TrustedState(root=root))
     config = AgentConfig(
         state_dir=request.state_dir.absolute(), profile=request.profile,
-        api_port=request.api_port,
+        api_port=request.api_port, probation_s=request.probation_s,
         fleet=FleetSettings(name=fleet, device_id=device_id, broker_url=broker_url,
                             ca_file=Path("keys/ca.crt"), cert_file=Path("keys/device.crt"),
-                            key_file=Path("keys/device.key"), server_url=request.server_url))
+                            key_file=Path("keys/device.key"), server_url=request.server_url,
+                            telemetry_interval_s=request.telemetry_interval_s))
     write_config(request.state_dir / CONFIG_NAME, config)
     log.info("enrolled %s in fleet %s", device_id, fleet)
     return config

@@ -93,6 +93,10 @@ class FleetLink:
             BrokerAddress.from_url(settings.broker_url),
             TLSIdentity(settings.ca_file, settings.cert_file, settings.key_file)))
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        # The broker announces an unexpected disconnect for us, so the fleet sees the
+        # device go offline without waiting for a missed report.
+        self._client.will_set(self._topic("events"), encode(Event("offline", clock(), {})),
+                              qos=1)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
