@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
 from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
@@ -107,6 +108,7 @@ class FleetLink:
         self._desired: Desired | None = None
         self._fetch: BundleFetch | None = None
         self._fetch_model: str | None = None
+        self._fetch_version: int | None = None
         self._given_up: dict[str, str] = {}  # model -> bundle sha256 that failed
         # The fleet's installs by the model they were fetched for: one rejected before its
         # manifest was read does not know its model itself.
@@ -234,6 +236,7 @@ class FleetLink:
                                 chunk_bytes=self.chunk_bytes)
             with self._lock:
                 self._fetch, self._fetch_model = fetch, name
+                self._fetch_version = want.version
             log.info("fetching %s v%d (bundle %s, %d bytes)", name, want.version,
                      want.bundle_sha256[:12], want.size)
             self._event("fetch.started", {"model": name, "version": want.version,
@@ -267,7 +270,10 @@ class FleetLink:
             self._fetch = self._fetch_model = None
         fetch.discard()
         if name is not None:
-            self._attempts[name] = record
+            # A bundle rejected before its manifest was read does not know its version;
+            # the desired state it was fetched for does.
+            self._attempts[name] = (record if record.version is not None
+                                    else replace(record, version=self._fetch_version))
             if record.reason is not None:
                 self._given_up[name] = fetch.sha256
         self._report()

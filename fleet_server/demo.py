@@ -1,44 +1,52 @@
 """``fleet demo``: the product's main job, end to end, on this machine.
 
 The demo drives the real command-line tools as separate processes, exactly as an operator
-and a device would run them, so it exercises the installed product rather than library
-internals (and keeps ``fleet_server`` free of imports of the agent or the compressor).
+and devices would run them, so it exercises the installed product rather than library
+internals (and keeps ``fleet_server`` free of imports of the agent or the compressor):
 
-Today's slice: probe this host and pick its firmware profile, compress the reference model
-for it (candidates measured here, accuracy-gated), create the fleet's keys, build and sign a
-bundle from the compressor's output, verify it on the device side, then show that a copy with
-one flipped bit is rejected with its reason.
+1. probe this host, pick its firmware profile and a second one;
+2. compress the reference model for both profiles (measured, accuracy-gated);
+3. create the fleet's keys and sign bundles v1 and v2 from the compressor's output;
+4. start ``fleet serve`` (embedded Mosquitto with mutual TLS and per-device ACLs);
+5. enroll three agents with one-time tokens and start them (separate processes, state
+   directories and API ports; the third on the other profile, so it runs another variant);
+6. publish v1 to the group, wait until every device reports it committed, and serve
+   inferences through each agent's local API;
+7. publish v2: every agent fetches, verifies, self-tests and hot-swaps it;
+8. a v3 tampered after signing, planted in the server's bundle store as a compromised
+   server would: every agent fetches it, rejects it with the reason, and keeps serving v2.
+
+The fleet table is printed after each step. Exit 0 when every expectation held.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from .api_client import ServerClient, locate
 from .errors import FleetError
+from .registry import open_registry
 
 __all__ = ["DemoError", "run_demo"]
 
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
+_GROUP = "demo"
+_DEVICES = ("gw-1", "gw-2", "gw-3")
+_WAIT_S = 60.0
 
 
 class DemoError(FleetError):
     """A demo step did not behave as the demo expects."""
-
-
-@dataclass(frozen=True)
-class _Step:
-    title: str
-    argv: list[str]
-    expect_success: bool = True
-    show_output: bool = True  # False for machine-readable output the demo summarises itself
 
 
 def _tool(name: str) -> str:
@@ -47,21 +55,66 @@ def _tool(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def _run(step: _Step, number: int, out: list[str]) -> subprocess.CompletedProcess[str]:
-    shown = [Path(step.argv[0]).name, *step.argv[1:]]
-    print(f"\n[{number}] {step.title}\n    $ {shlex.join(shown)}")
-    started = time.monotonic()
-    result = subprocess.run(step.argv, capture_output=True, text=True, check=False)
-    shown_output = result.stdout + result.stderr if step.show_output else result.stderr
-    for line in shown_output.rstrip().splitlines():
-        print(f"    {line}")
-    print(f"    (exit {result.returncode}, {time.monotonic() - started:.1f} s)")
-    if (result.returncode == 0) != step.expect_success:
-        wanted = "succeed" if step.expect_success else "fail"
-        raise DemoError(f"step {number} ({step.title}) was expected to {wanted} but exited "
-                        f"{result.returncode}; re-run it by hand to see why.")
-    out.append(step.title)
-    return result
+class _Demo:
+    def __init__(self, workdir: Path, models: Path) -> None:
+        self.workdir = workdir
+        self.models = models
+        self.step = 0
+        self.started = time.monotonic()
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def title(self, text: str) -> None:
+        self.step += 1
+        print(f"\n[{self.step}] {text}", flush=True)
+
+    def run(self, argv: list[str], *, expect_success: bool = True, show: bool = True,
+            ) -> subprocess.CompletedProcess[str]:
+        print(f"    $ {shlex.join([Path(argv[0]).name, *argv[1:]])}", flush=True)
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        for line in (result.stdout + result.stderr if show else result.stderr).splitlines():
+            print(f"    {line}")
+        if (result.returncode == 0) != expect_success:
+            raise DemoError(f"step {self.step}: `{shlex.join(argv)}` exited "
+                            f"{result.returncode}, which the demo did not expect; see above")
+        return result
+
+    def start(self, argv: list[str], log: Path, ready: Callable[[], bool], what: str) -> None:
+        """Start a long-running process and wait until ``ready``."""
+        print(f"    $ {shlex.join([Path(argv[0]).name, *argv[1:]])} &  (log: {log.name})",
+              flush=True)
+        with log.open("wb") as out:
+            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        self.processes.append(process)
+        self.wait(lambda: process.poll() is None and ready(), what,
+                  lambda: f"its log {log} says:\n{log.read_text(errors='replace')[-2000:]}")
+
+    def wait(self, condition: Callable[[], bool], what: str,
+             explain: Callable[[], str] = lambda: "", timeout: float = _WAIT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            time.sleep(0.2)
+        raise DemoError(f"step {self.step}: timed out after {timeout:.0f} s waiting for "
+                        f"{what}. {explain()}")
+
+    def stop_all(self) -> None:
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in reversed(self.processes):
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@dataclass(frozen=True)
+class _Agent:
+    device: str
+    profile: str
+    state_dir: Path
 
 
 def run_demo(workdir: Path | None = None, models: Path = REPO_MODELS) -> int:
@@ -75,42 +128,224 @@ def run_demo(workdir: Path | None = None, models: Path = REPO_MODELS) -> int:
         if not needed.is_file():
             raise DemoError(f"{needed} is missing; run the demo from a full checkout of the "
                             "repository (the reference models are committed there).")
-    done: list[str] = []
-    started = time.monotonic()
+    demo = _Demo(workdir, models)
+    try:
+        _main(demo, model, data)
+    finally:
+        demo.stop_all()
+    print(f"\ndemo passed: {demo.step} steps in {time.monotonic() - demo.started:.1f} s")
+    return 0
 
-    probe = _run(_Step("Probe this host and match it to a firmware profile",
-                       [_tool("edge-agent"), "probe", "--json"], show_output=False), 1, done)
+
+def _main(demo: _Demo, model: Path, data: Path) -> None:
+    profile, other, bundles = _prepare(demo, model, data)
+    api, fleet, agents = _start_fleet(demo, profile, other)
+    x = demo.workdir / "digits.npy"
+    _write_samples(data, x)
+
+    demo.title("Publish v1 to the group; every agent fetches, verifies and installs it")
+    demo.run([_tool("fleet"), "publish", str(bundles[1]), "--group", _GROUP, *fleet])
+    _converged(demo, api, 1)
+    _table(demo, fleet)
+    demo.title("Serve inferences through each agent's local API (Open Inference Protocol)")
+    for agent in agents:
+        _predict(demo, agent, x)
+
+    demo.title("Publish v2 while gw-1 serves a steady stream of requests: each agent "
+               "hot-swaps it (self-tested), no request dropped")
+    load = _Load(demo, agents[0], x)
+    demo.run([_tool("fleet"), "publish", str(bundles[2]), "--group", _GROUP, *fleet])
+    _converged(demo, api, 2)
+    load.finish()
+    _table(demo, fleet)
+
+    _tampered(demo, api, fleet, bundles[3])
+    demo.title("v2 keeps serving on every agent")
+    for agent in agents:
+        status = demo.run([_tool("edge-agent"), "status", "--json", "--state-dir",
+                           str(agent.state_dir)], show=False)
+        served = json.loads(status.stdout)["models"][0]
+        if served["version"] != 2:
+            raise DemoError(f"{agent.device} serves v{served['version']}, not v2")
+        _predict(demo, agent, x)
+
+
+def _prepare(demo: _Demo, model: Path, data: Path) -> tuple[str, str, dict[int, Path]]:
+    """Profiles, compressed artifacts, keys and signed bundles v1..v3."""
+    workdir = demo.workdir
+    demo.title("Probe this host and match it to a firmware profile")
+    probe = demo.run([_tool("edge-agent"), "probe", "--json"], show=False)
     profile = json.loads(probe.stdout)["best_profile"]
     if profile is None:
         raise DemoError("no firmware profile fits this host (run 'edge-agent probe' to see "
-                        "why); the demo needs one to target its bundle at")
-    print(f"    best profile for this host: {profile}")
-    artifacts, keys = workdir / "artifacts", workdir / "keys"
-    bundle = workdir / "digits-1.efb"
-    steps: Sequence[_Step] = [
-        _Step(f"Compress the reference model for {profile} (accuracy-gated, measured here)",
-              [_tool("edge-compress"), str(model), "--profile", profile, "--calibration",
-               str(data), "--eval", str(data), "--out", str(artifacts)]),
-        _Step("Create the fleet's keys (offline root, online signing keys)",
-              [_tool("fleet"), "keys", "init", "--dir", str(keys)]),
-        _Step("Build and sign bundle digits v1 from the compressor's output",
-              [_tool("fleet"), "bundle", "build", "--name", "digits", "--version", "1",
-               "--artifacts", str(artifacts), "--keys", str(keys), "--out", str(bundle)]),
-        _Step("Device side: verify the bundle against the pinned root of trust",
-              [_tool("edge-agent"), "verify", str(bundle), "--state-dir",
-               str(workdir / "device"), "--root", str(keys / "root.json"),
-               "--profile", profile]),
-    ]
-    for number, step in enumerate(steps, start=2):
-        _run(step, number, done)
+                        "why); the demo needs one to target its bundles at")
+    other = "x86-64-avx2" if profile != "x86-64-avx2" else "x86-64-vnni"
+    print(f"    this host: {profile}; the third device will claim {other}")
 
-    tampered = workdir / "digits-1-tampered.efb"
-    payload = bytearray(bundle.read_bytes())
-    payload[len(payload) // 2] ^= 0x01
-    tampered.write_bytes(bytes(payload))
-    _run(_Step("Device side: a bundle with one flipped bit is rejected, with the reason",
-               [_tool("edge-agent"), "verify", str(tampered), "--state-dir",
-                str(workdir / "device"), "--root", str(keys / "root.json"),
-                "--profile", profile], expect_success=False), len(steps) + 2, done)
-    print(f"\ndemo passed: {len(done)} steps in {time.monotonic() - started:.1f} s")
-    return 0
+    artifacts, keys = workdir / "artifacts", workdir / "keys"
+    demo.title(f"Compress the reference model for {profile} and {other} "
+               "(every candidate measured here, accuracy-gated)")
+    demo.run([_tool("edge-compress"), str(model), "--profile", profile, "--profile", other,
+              "--calibration", str(data), "--eval", str(data), "--out", str(artifacts)])
+
+    demo.title("Create the fleet's keys and sign bundles v1, v2 (and a v3 to tamper with)")
+    demo.run([_tool("fleet"), "keys", "init", "--dir", str(keys)])
+    bundles = {}
+    for version in (1, 2, 3):
+        bundles[version] = workdir / f"digits-{version}.efb"
+        demo.run([_tool("fleet"), "bundle", "build", "--name", "digits", "--version",
+                  str(version), "--artifacts", str(artifacts), "--keys", str(keys), "--out",
+                  str(bundles[version])], show=version == 1)
+    return profile, other, bundles
+
+
+def _start_fleet(demo: _Demo, profile: str, other: str,
+                 ) -> tuple[ServerClient, list[str], list[_Agent]]:
+    """``fleet serve`` and three enrolled, running agents."""
+    workdir = demo.workdir
+    server_dir = workdir / "server"
+    demo.title("Start the fleet server (embedded Mosquitto, mutual TLS, per-device ACLs)")
+    demo.start([_tool("fleet"), "serve", "--data", str(server_dir), "--keys",
+                str(workdir / "keys"), "--fleet", "demo", "--port", "0", "--mqtt-port", "0"],
+               workdir / "server.log", (server_dir / "server.json").exists,
+               "fleet serve to start")
+    api = locate(None, server_dir)
+    fleet = ["--data", str(server_dir)]
+
+    demo.title("Enroll three agents with one-time tokens and start them")
+    agents = [_Agent(device, other if index == 2 else profile, workdir / device)
+              for index, device in enumerate(_DEVICES)]
+    for agent in agents:
+        token = demo.run([_tool("fleet"), "enroll-token", "--group", _GROUP, *fleet],
+                         show=False).stdout.strip()
+        demo.run([_tool("edge-agent"), "enroll", "--server", api.url, "--token", token,
+                  "--device-id", agent.device, "--state-dir", str(agent.state_dir),
+                  "--profile", agent.profile, "--port", "0", "--probation", "2",
+                  "--telemetry-interval", "2"])
+        demo.start([_tool("edge-agent"), "run", "--config",
+                    str(agent.state_dir / "agent.toml")], workdir / f"{agent.device}.log",
+                   (agent.state_dir / "agent.json").exists, f"agent {agent.device} to start")
+
+    def online() -> bool:
+        devices = _devices(api)
+        return len(devices) == len(agents) and all(d["online"] for d in devices)
+
+    demo.wait(online, "all three devices to come online")
+    _table(demo, fleet)
+    return api, fleet, agents
+
+
+def _tampered(demo: _Demo, api: ServerClient, fleet: list[str], bundle: Path) -> None:
+    demo.title("A compromised server stores and publishes v3 tampered after signing")
+    tampered = bytearray(bundle.read_bytes())
+    tampered[len(tampered) // 2] ^= 0x01
+    sha = _plant(demo.workdir / "server", bytes(tampered))
+    print(f"    planted digits v3 (sha256 {sha[:16]}) in the server's bundle store, "
+          "bypassing the upload check")
+    api.post("/api/publish", {"bundle_sha256": sha, "group": _GROUP})
+
+    def rejected() -> bool:
+        return all(_install_of(d).get("state") == "failed"
+                   and _install_of(d).get("bundle_sha256") == sha for d in _devices(api))
+
+    demo.wait(rejected, "every agent to reject v3",
+              lambda: json.dumps([_install_of(d) for d in _devices(api)], indent=1))
+    for device in _devices(api):
+        install = _install_of(device)
+        print(f"    {device['id']}: v3 {install['state']}: {install['reason']}")
+    _table(demo, fleet)
+
+
+def _predict(demo: _Demo, agent: _Agent, x: Path) -> None:
+    result = demo.run([_tool("edge-agent"), "predict", "digits", "--input", str(x),
+                       "--state-dir", str(agent.state_dir)], show=False)
+    print(f"    {agent.device}: {result.stdout.splitlines()[0]}")
+
+
+# A closed loop of requests through one agent's API, as an app on the device would send them,
+# run with the agent's own client in its own process; it stops when the stop file appears
+# and prints what it saw as JSON.
+_LOAD_SCRIPT = """
+import json, pathlib, sys, time
+import numpy
+from agent.daemon import find_running
+state, x_file, stop = pathlib.Path(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3])
+x = numpy.load(x_file)[:1]
+ok = failed = 0
+versions = []
+with find_running(state).client(timeout=10) as client:
+    while not stop.exists():
+        try:
+            client.infer("digits", {"input": x})
+            ok += 1
+        except Exception:
+            failed += 1
+        if (ok + failed) % 50 == 0:
+            version = client.model_metadata("digits")["versions"][0]
+            if not versions or versions[-1] != version:
+                versions.append(version)
+print(json.dumps({"ok": ok, "failed": failed, "versions": versions}))
+"""
+
+
+class _Load:
+    """Requests to one agent for as long as a step takes."""
+
+    def __init__(self, demo: _Demo, agent: _Agent, x: Path) -> None:
+        self.demo, self.agent = demo, agent
+        self.stop = demo.workdir / "load.stop"
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _LOAD_SCRIPT, str(agent.state_dir), str(x), str(self.stop)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def finish(self) -> None:
+        self.stop.touch()
+        out, _ = self.process.communicate(timeout=30)
+        try:
+            seen = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise DemoError(f"the load on {self.agent.device} failed: {out[-2000:]}") from None
+        print(f"    {self.agent.device} answered {seen['ok']} requests during the rollout, "
+              f"{seen['failed']} failed; versions serving: "
+              f"{' -> '.join('v' + v for v in seen['versions'])}")
+        if seen["failed"]:
+            raise DemoError(f"{seen['failed']} requests failed during the hot-swap")
+
+
+def _devices(api: ServerClient) -> list[dict[str, Any]]:
+    devices: list[dict[str, Any]] = api.get("/api/devices", {"group": _GROUP})["devices"]
+    return devices
+
+
+def _install_of(device: dict[str, Any]) -> dict[str, Any]:
+    installs: dict[str, Any] = (device.get("reported") or {}).get("installs", {})
+    install: dict[str, Any] = installs.get("digits", {})
+    return install
+
+
+def _converged(demo: _Demo, api: ServerClient, version: int) -> None:
+    def done() -> bool:
+        devices = _devices(api)
+        return bool(devices) and all(
+            d["converged"] and d["desired"]["digits"]["version"] == version for d in devices)
+
+    demo.wait(done, f"every device to report v{version} committed",
+              lambda: json.dumps([(d["id"], d.get("reported")) for d in _devices(api)]))
+
+
+def _table(demo: _Demo, fleet: list[str]) -> None:
+    demo.run([_tool("fleet"), "devices", *fleet])
+
+
+def _plant(server_dir: Path, data: bytes) -> str:
+    """Store ``data`` as digits v3 directly in the server's registry, as an attacker with
+    write access to the server would (the API would have refused it)."""
+    with open_registry(server_dir / "fleet.db", blob_dir=server_dir / "bundles") as registry:
+        return registry.put_bundle(data, "digits", 3).sha256
+
+
+def _write_samples(data: Path, out: Path) -> None:
+    """Three eval images as a .npy file, without importing numpy into the server."""
+    subprocess.run([sys.executable, "-c", "import numpy, sys; numpy.save(sys.argv[2], "
+                    "numpy.load(sys.argv[1])['eval_x'][:3])", str(data), str(out)], check=True)
+

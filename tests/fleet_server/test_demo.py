@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,17 @@ def test_demo_passes_and_keeps_its_files(tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "demo passed: 6 steps" in out
-    assert "OK digits v1" in out
-    assert "ChecksumError" in out
+    assert "demo passed: 10 steps" in out
+    # v1, then v2 hot-swapped under load without a failed request...
+    assert re.search(r"gw-1 answered \d+ requests during the rollout, 0 failed; versions "
+                     r"serving: v1 -> v2", out)
+    # ...then every agent rejects the tampered v3 and keeps serving v2.
+    for device in ("gw-1", "gw-2", "gw-3"):
+        assert f"{device}: v3 failed: rejected:ChecksumError" in out
+        assert re.search(rf"{device} +demo +x86-64-\w+ +yes +digits v3 +digits v2 committed "
+                         r"\[v3 failed: rejected:ChecksumError\] +no", out)
     assert (tmp_path / "keys" / "root.json").is_file()
-    assert (tmp_path / "digits-1.efb").is_file()
     assert (tmp_path / "artifacts" / "report.json").is_file()
+    assert (tmp_path / "server" / "fleet.db").is_file()
+    assert not (tmp_path / "server" / "server.json").exists()  # the server was stopped
+    assert not (tmp_path / "gw-1" / "agent.json").exists()  # and the agents
