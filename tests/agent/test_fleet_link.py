@@ -10,26 +10,30 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from paho.mqtt.client import Client, MQTTMessage
 
 from agent.config import FleetSettings
-from agent.fleet_link import FleetLink
+from agent.fleet_link import FleetLink, TelemetrySource
 from agent.probation import ProbationPolicy
 from agent.runtime import Runtime
+from agent.telemetry import TelemetryBuffer, TelemetryCollector, TelemetryFeed
 from bundle.protocol import (
     CHUNK_LEAF,
     CHUNK_REQUEST_LEAF,
     Chunk,
     Desired,
     DesiredModel,
+    Telemetry,
     decode_chunk_request,
     decode_event,
     decode_reported,
+    decode_telemetry,
     encode,
     encode_chunk,
 )
@@ -53,6 +57,7 @@ class FakeServer:
     requests: list[int] = field(default_factory=list)
     reports: list[bytes] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
+    telemetry: list[int] = field(default_factory=list)
     answer: Callable[[int], bool] = lambda offset: True
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -76,6 +81,8 @@ class FakeServer:
             self.reports.append(bytes(message.payload))
         elif message.topic == self.topic("events"):
             self.events.append(decode_event(bytes(message.payload)).kind)
+        elif message.topic == self.topic("telemetry"):
+            self.telemetry.append(decode_telemetry(bytes(message.payload)).seq)
 
     def want(self, version: int, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()
@@ -132,12 +139,15 @@ def link_factory(fleet: TestFleet, broker: Broker, state_dir: Path,
     made: list[tuple[FleetLink, Runtime]] = []
     identity = fleet.device_identity(DEVICE)
 
-    def make(chunk_bytes: int = 16 * 1024) -> FleetLink:
+    def make(chunk_bytes: int = 16 * 1024, telemetry: Callable[[Runtime], TelemetrySource]
+             | None = None) -> FleetLink:
         runtime = Runtime(state_dir, x86, policy=ProbationPolicy(window_s=0.0))
         runtime.start(interval_s=0.1)
         settings = FleetSettings(fleet.ca.fleet, DEVICE, broker.address.url,
-                                 identity.ca_file, identity.cert_file, identity.key_file)
-        link = FleetLink(runtime, settings, chunk_bytes=chunk_bytes)
+                                 identity.ca_file, identity.cert_file, identity.key_file,
+                                 telemetry_interval_s=0.2)
+        link = FleetLink(runtime, settings, chunk_bytes=chunk_bytes,
+                         telemetry=telemetry(runtime) if telemetry else None)
         link.start()
         made.append((link, runtime))
         return link
@@ -202,3 +212,36 @@ def test_a_rejected_bundle_is_reported_and_not_retried(
     time.sleep(1.0)
     assert server.events.count("fetch.started") == fetches  # given up on that bundle
     assert link.runtime.model("digits").version == 1
+
+
+def test_telemetry_survives_a_broker_outage_in_order_and_complete(
+        server: FakeServer, broker: Broker, tmp_path: Path,
+        link_factory: Callable[..., FleetLink]) -> None:
+    appended: list[int] = []
+
+    class Recording(TelemetryBuffer):
+        def append(self, at: float, metrics: Mapping[str, Any]) -> Telemetry:
+            sample = super().append(at, metrics)
+            appended.append(sample.seq)
+            return sample
+
+    buffer = Recording(tmp_path / "telemetry.db")
+    link = link_factory(telemetry=lambda runtime: TelemetryFeed(TelemetryCollector(runtime),
+                                                                buffer))
+    wait(lambda: len(server.telemetry) >= 3, "telemetry to flow")
+    broker.stop()
+    wait(lambda: not link.connected, "the link to notice")
+    during = len(appended)
+    time.sleep(1.5)  # samples pile up in the buffer meanwhile
+    assert len(appended) >= during + 4
+    assert len(buffer) >= 4
+    broker.start()
+    last = appended[-1]
+    wait(lambda: last in server.telemetry, "the buffered samples to arrive")
+    received = [seq for seq in server.telemetry if seq <= last]
+    # Everything sampled reached the server, first arrivals in order. A sample whose PUBACK
+    # was lost with the connection is sent again (the server ignores a seq it has).
+    assert sorted(set(received)) == [seq for seq in appended if seq <= last]
+    first_arrivals = list(dict.fromkeys(received))
+    assert first_arrivals == sorted(first_arrivals)
+    buffer.close()
