@@ -264,8 +264,6 @@ class FleetLink:
     def _install_fetched(self, fetch: BundleFetch) -> None:
         name = self._fetch_model
         record = self.runtime.install(fetch.path)
-        if record.reason == "busy":
-            return  # the previous version is still in probation: try again next tick
         with self._lock:
             self._fetch = self._fetch_model = None
         fetch.discard()

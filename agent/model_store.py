@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,10 +159,12 @@ class ModelStore:
         if path.parent.is_dir():
             fsync_dir(path.parent)
 
-    def prune(self, name: str) -> None:
-        """Delete every slot but the active and previous ones, and stale staging dirs."""
+    def prune(self, name: str, also_keep: Collection[int] = ()) -> None:
+        """Delete every slot but the active and previous ones (and ``also_keep``: installs
+        under way), and stale staging dirs."""
         pointer = self.active(name)
-        keep = set() if pointer is None else {pointer.version, pointer.previous}
+        keep = set(also_keep) | (set() if pointer is None else {pointer.version,
+                                                               pointer.previous})
         directory = self._dir(name)
         for path in directory.iterdir() if directory.is_dir() else ():
             if path.is_dir() and (path.name.startswith(".staging-")

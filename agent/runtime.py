@@ -299,10 +299,10 @@ class Runtime:
         installer.drop_bundle(record)  # left behind if the agent died right after staging
         probation = self._probations.get(name)
         if probation is not None and probation.record.install_id != record.install_id:
-            left = self.policy.window_s - (time.monotonic() - probation.started)
-            raise InstallError("busy", f"{name} v{probation.record.version} is still in "
-                               f"probation ({max(left, 0):.0f} s left); install "
-                               f"v{version} again once it is committed or rolled back")
+            # The newest install wins: the one in probation is judged now on what it has
+            # served (committed if healthy, so it becomes the rollback target; rolled back
+            # if not), then the new one goes through its own probation.
+            self._conclude(name, probation, superseded_by=version)
         if record.state is InstallState.STAGED:
             pointer = store.active(name)
             previous_version = None if pointer is None else (
@@ -367,23 +367,36 @@ class Runtime:
         concluded = []
         with self._lock:
             for name, probation in list(self._probations.items()):
-                figures = self._serving[name].stats.snapshot()
-                verdict = judge(self.policy, time.monotonic() - probation.started,
-                                requests=figures["requests"], errors=figures["errors"],
-                                p99_ms=figures["p99_ms"],
-                                baseline_p99_ms=probation.baseline_p99_ms,
-                                latency_samples=figures["samples"])
-                if verdict.decision == "commit":
-                    concluded.append(self._commit(name, probation, verdict.reason))
-                elif verdict.decision == "roll_back":
-                    concluded.append(self._roll_back(probation.record, verdict.reason))
+                record = self._conclude(name, probation)
+                if record is not None:
+                    concluded.append(record)
         return concluded
 
-    def _commit(self, name: str, probation: _Probation, reason: str) -> InstallRecord:
+    def _conclude(self, name: str, probation: _Probation,
+                  superseded_by: int | None = None) -> InstallRecord | None:
+        """Judge one probation; with ``superseded_by`` the window counts as over."""
+        figures = self._serving[name].stats.snapshot()
+        elapsed = time.monotonic() - probation.started
+        verdict = judge(self.policy, self.policy.window_s if superseded_by else elapsed,
+                        requests=figures["requests"], errors=figures["errors"],
+                        p99_ms=figures["p99_ms"], baseline_p99_ms=probation.baseline_p99_ms,
+                        latency_samples=figures["samples"])
+        reason = verdict.reason
+        if superseded_by is not None:
+            reason = f"superseded by v{superseded_by} after {elapsed:.0f} s: {reason}"
+        if verdict.decision == "commit":
+            return self._commit(name, probation, reason,
+                                keep=() if superseded_by is None else (superseded_by,))
+        if verdict.decision == "roll_back":
+            return self._roll_back(probation.record, reason)
+        return None
+
+    def _commit(self, name: str, probation: _Probation, reason: str,
+                keep: tuple[int, ...] = ()) -> InstallRecord:
         installer = self._require_installer()
         del self._probations[name]
         record = installer.move(probation.record, InstallState.COMMITTED, detail=reason)
-        installer.store.prune(name)
+        installer.store.prune(name, keep)
         installer.forget_old()
         return record
 

@@ -148,7 +148,8 @@ def test_serving_agent_killed_during_a_hot_swap_comes_back_serving(
         assert running is not None
         with running.client() as client:
             assert client.install(v1)["state"] == "probation"
-            assert client.install(v2)["reason"] == "busy"  # v1 is still in probation
+            second = client.install(v2)
+            assert second["state"] == "probation", (second["reason"], second["detail"])
         agent.send_signal(signal.SIGKILL)
         agent.wait(timeout=30)
         agent = serve()
@@ -157,8 +158,10 @@ def test_serving_agent_killed_during_a_hot_swap_comes_back_serving(
         assert running.pid == agent.pid
         with running.client() as client:
             status = client.status()
-            assert status["models"][0]["version"] == 1
+            assert status["models"][0]["version"] == 2
             assert status["models"][0]["state"] == "probation"  # resumed, not skipped
+            assert status["installs"][1]["state"] == "committed"
+            assert "superseded by v2" in status["installs"][1]["detail"]
             assert client.infer("digits", {"input": samples(1)})["logits"].shape == (1, 10)
     finally:
         agent.terminate()

@@ -274,3 +274,26 @@ def test_restart_serves_the_active_version_and_falls_back_when_it_is_damaged(
 def test_a_runtime_without_state_cannot_install(tmp_path: Path) -> None:
     with pytest.raises(AgentError, match="no state directory"):
         Runtime().install(tmp_path / "b.efb")
+
+
+def test_a_newer_install_supersedes_one_in_probation(state_dir: Path, repo: Repo,
+                                                    tmp_path: Path, x86: Profile) -> None:
+    runtime = Runtime(state_dir, x86, policy=LONG)
+    assert runtime.install(write_bundle(repo, tmp_path, digits_spec(1))).state is S.PROBATION
+    # v2 is unhealthy in its probation: superseding it judges it, and rolls it back.
+    runtime.install(write_bundle(repo, tmp_path, digits_spec(2, batch_one_only())))
+    for _ in range(12):
+        with pytest.raises(AgentError):
+            runtime.infer("digits", {"input": samples(2)})
+    third = runtime.install(write_bundle(repo, tmp_path, digits_spec(3)))
+    assert third.state is S.PROBATION
+    assert third.previous_version == 1
+    assert runtime.installer is not None
+    by_version = {r.version: r for r in runtime.installer.records()}
+    assert by_version[1].state is S.COMMITTED
+    assert "superseded by v2" in (by_version[1].detail or "")
+    assert by_version[2].state is S.ROLLED_BACK
+    assert "superseded by v3" in (by_version[2].detail or "")
+    assert "error rate 100.0%" in (by_version[2].detail or "")
+    assert runtime.model("digits").version == 3
+    assert ModelStore(state_dir / "models").versions("digits") == [1, 3]
