@@ -30,7 +30,14 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bundle.errors import ProtocolError
-from bundle.mqtt import BrokerAddress, ClientSettings, TLSIdentity, create_client, device_topic
+from bundle.mqtt import (
+    BrokerAddress,
+    ClientSettings,
+    TLSIdentity,
+    close_client,
+    create_client,
+    device_topic,
+)
 from bundle.protocol import (
     CHUNK_LEAF,
     CHUNK_REQUEST_LEAF,
@@ -135,8 +142,7 @@ class FleetLink:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
-        self._client.disconnect()
-        self._client.loop_stop()
+        close_client(self._client)
         if self._on_install_change in self.installer.listeners:
             self.installer.listeners.remove(self._on_install_change)
 

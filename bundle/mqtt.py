@@ -31,6 +31,7 @@ __all__ = [
     "BrokerAddress",
     "ClientSettings",
     "TLSIdentity",
+    "close_client",
     "create_client",
     "device_topic",
     "fleet_topic_filter",
@@ -172,3 +173,16 @@ def create_client(settings: ClientSettings) -> Client:
         client.tls_set_context(context)
         client.connect_async(address.host, address.port, settings.keepalive)
     return client
+
+
+def close_client(client: Client) -> None:
+    """Disconnect ``client``, stop its network thread and release its sockets now.
+
+    paho keeps the socket pair that wakes its network loop open until the client object is
+    garbage-collected, which for a client in a reference cycle (callbacks bound to an
+    object that holds the client) is whenever the cycle collector runs; paho 2.x has no
+    public call to release it, so this one uses its internal reset.
+    """
+    client.disconnect()
+    client.loop_stop()
+    client._reset_sockets()  # private, see the docstring

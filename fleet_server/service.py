@@ -39,6 +39,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -55,7 +56,7 @@ from bundle import protocol
 from bundle.atomic import write_atomic
 from bundle.errors import ProtocolError
 from bundle.identity import certificate_fingerprint
-from bundle.mqtt import BrokerAddress, TLSIdentity, device_topic
+from bundle.mqtt import BrokerAddress, TLSIdentity, close_client, device_topic
 from bundle.trust import TrustedState, verify_bundle
 
 from .broker import SERVER_IDENTITY, Broker, BrokerConfig
@@ -101,6 +102,10 @@ _PROTOCOL_ERRORS_PER_MINUTE = 10
 _RENEW_BEFORE = timedelta(days=30)
 _RECONNECT_MIN_S = 1
 _RECONNECT_MAX_S = 30
+#: Encoded chunk frames kept in memory (least recently used dropped beyond this): in a
+#: rollout every device asks for the same chunks, which are then read, hashed and framed
+#: once instead of once per device.
+_FRAME_CACHE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -178,6 +183,12 @@ class FleetService:
         self._desired_lock = threading.Lock()
         self._sizes: dict[str, int] = {}
         self._error_budget: dict[str, tuple[float, int]] = {}
+        # Chunk serving, on the network thread: stored bundles by sha256 (immutable and never
+        # deleted), (device, sha256) pairs known to be fetchable (was_desired only ever turns
+        # true), and encoded frames.
+        self._bundles: dict[str, BundleRecord] = {}
+        self._fetchable: set[tuple[str, str]] = set()
+        self._frames = _FrameCache(_FRAME_CACHE_BYTES)
 
     # --- life cycle ---
 
@@ -197,8 +208,7 @@ class FleetService:
         """Disconnect, stop an embedded broker and close the registry. Idempotent."""
         client, self._client = self._client, None
         if client is not None:
-            client.disconnect()
-            client.loop_stop()
+            close_client(client)
         self._connected.clear()
         broker, self._broker = self._broker, None
         if broker is not None:
@@ -539,20 +549,54 @@ class FleetService:
 
     def _serve_chunk(self, device: str, payload: bytes) -> None:
         request = protocol.decode_chunk_request(payload)
-        chunk = self._read_chunk(device, request)
+        self._publish(device, protocol.CHUNK_LEAF, self._chunk_frame(device, request))
+
+    def _chunk_frame(self, device: str, request: protocol.ChunkRequest) -> bytes:
+        """The encoded answer to ``request``: the bundle's bytes if ``device`` may fetch it
+        (from the frame cache, else read from the blob and cached), or a refusal."""
+        sha = request.bundle_sha256
+        record = self._bundle_record(sha)
+        fetchable = record is not None and self._may_fetch(device, sha)
+        key = (sha, request.offset, request.length)
+        if fetchable:
+            frame = self._frames.get(key)
+            if frame is not None:
+                return frame
+        chunk = self._read_chunk(device, request, record if fetchable else None)
+        frame = protocol.encode_chunk(chunk)
         if chunk.error is not None:
             log.info("chunk request of %s refused: %s", device, chunk.error)
-        self._publish(device, protocol.CHUNK_LEAF, protocol.encode_chunk(chunk))
+        else:
+            self._frames.put(key, frame)
+        return frame
 
-    def _read_chunk(self, device: str, request: protocol.ChunkRequest) -> protocol.Chunk:
+    def _bundle_record(self, sha256: str) -> BundleRecord | None:
+        record = self._bundles.get(sha256)
+        if record is None:
+            record = self.registry.get_bundle(sha256)
+            if record is not None:  # unknown ones are asked again: they may be uploaded
+                self._bundles[sha256] = record
+        return record
+
+    def _may_fetch(self, device: str, sha256: str) -> bool:
+        if (device, sha256) in self._fetchable:
+            return True
+        if not self.registry.was_desired(device, sha256):
+            return False
+        self._fetchable.add((device, sha256))
+        return True
+
+    def _read_chunk(self, device: str, request: protocol.ChunkRequest,
+                    record: BundleRecord | None) -> protocol.Chunk:
+        """The chunk of ``record``'s blob, or a refusal; ``record`` is None for a bundle
+        that is unknown or not available to ``device``."""
         sha = request.bundle_sha256
 
         def refuse(error: str, total: int = 0) -> protocol.Chunk:
             return protocol.Chunk(sha, request.offset, total, b"", error)
 
-        record = self.registry.get_bundle(sha)
         # Unknown and not-for-you get one answer, so a device cannot probe what is stored.
-        if record is None or not self.registry.was_desired(device, sha):
+        if record is None:
             return refuse(f"bundle {sha} is not available to device {device}; only bundles "
                           "in its desired state can be fetched")
         if request.offset >= record.size:
@@ -585,6 +629,35 @@ class FleetService:
             self.registry.add_event(PROTOCOL_ERROR, device=device, detail=detail)
         except Exception:
             log.exception("could not record a protocol error of %s", device)
+
+
+class _FrameCache:
+    """Encoded chunk frames by (bundle sha256, offset, length), at most ``max_bytes`` of them;
+    the least recently used go first. Bundles are immutable, so a frame never goes stale."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._frames: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int, int]) -> bytes | None:
+        with self._lock:
+            frame = self._frames.get(key)
+            if frame is not None:
+                self._frames.move_to_end(key)
+            return frame
+
+    def put(self, key: tuple[str, int, int], frame: bytes) -> None:
+        if len(frame) > self.max_bytes:
+            return
+        with self._lock:
+            old = self._frames.pop(key, None)
+            self._bytes += len(frame) - (0 if old is None else len(old))
+            self._frames[key] = frame
+            while self._bytes > self.max_bytes:
+                _, dropped = self._frames.popitem(last=False)
+                self._bytes -= len(dropped)
 
 
 def _check_text(what: str, value: object) -> None:

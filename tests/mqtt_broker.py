@@ -24,7 +24,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from bundle.atomic import write_atomic
 from bundle.identity import make_device_key_and_csr
-from bundle.mqtt import TLSIdentity, device_topic
+from bundle.mqtt import TLSIdentity, close_client, device_topic
 from fleet_server.broker import Broker, BrokerConfig, find_mosquitto
 from fleet_server.ca import FleetCA
 
@@ -155,7 +155,7 @@ class Recorder:
             self.client.disconnect()
             # Once on_disconnect ran, DISCONNECT is sent and the socket closed.
             self.wait(lambda: len(self.disconnects) > before, "the disconnect")
-        self.client.loop_stop()
+        close_client(self.client)
 
     def _notify(self, update: Callable[[], None]) -> None:
         with self._changed:

@@ -23,6 +23,7 @@ from agent.fleet_link import FleetLink, TelemetrySource
 from agent.probation import ProbationPolicy
 from agent.runtime import Runtime
 from agent.telemetry import TelemetryBuffer, TelemetryCollector, TelemetryFeed
+from bundle.mqtt import close_client
 from bundle.protocol import (
     CHUNK_LEAF,
     CHUNK_REQUEST_LEAF,
@@ -129,8 +130,7 @@ def server(fleet: TestFleet, broker: Broker) -> Iterator[FakeServer]:
     client.loop_start()
     wait(client.is_connected, "the server client to connect")
     yield fake
-    client.disconnect()
-    client.loop_stop()
+    close_client(client)
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ from bundle.signing import ArtifactInput
 from fleet_server.service import FleetService, ServiceConfig
 from tests.bundle.repo import Repo, spec
 from tests.fleet_server.server_env import (
-    postgres_schema,
     protocol_bytes,
     service_config,
     write_keys,
 )
+from tests.postgres import postgres_schema
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
@@ -24,7 +24,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'fleet.db'}"
         return
-    with postgres_schema() as url:
+    with postgres_schema() as (url, _):
         yield url
 
 

@@ -5,17 +5,12 @@ service and talk to it with real paho clients and their own certificates.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import psycopg
-import pytest
 
 from bundle import protocol
 from bundle.atomic import write_atomic
@@ -25,27 +20,7 @@ from fleet_server.service import Enrollment, FleetService, ServiceConfig
 from tests.bundle.repo import Repo
 from tests.mqtt_broker import TIMEOUT, Recorder, mosquitto_or_skip
 
-PG_URL = os.environ.get("EDGEFLEET_TEST_POSTGRES_URL",
-                        "postgresql://postgres@127.0.0.1:5432/test")
 PROFILE = "x86-avx2"
-
-
-@contextlib.contextmanager
-def postgres_schema() -> Iterator[str]:
-    """A URL whose search_path is a fresh schema, dropped on exit (as test_registry does)."""
-    schema = f"t_{secrets.token_hex(6)}"
-    try:
-        admin = psycopg.connect(PG_URL, autocommit=True)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {PG_URL} ({exc}); start it or set "
-                    "EDGEFLEET_TEST_POSTGRES_URL")
-    with admin:
-        admin.execute(f"CREATE SCHEMA {schema}")
-        try:
-            separator = "&" if "?" in PG_URL else "?"
-            yield f"{PG_URL}{separator}options=-csearch_path%3D{schema}"
-        finally:
-            admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def protocol_bytes(n: int) -> bytes:

@@ -8,9 +8,7 @@ backend.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import secrets
 import sqlite3
 import threading
@@ -33,9 +31,8 @@ from fleet_server.registry import (
     is_converged,
     open_registry,
 )
+from tests.postgres import postgres_schema
 
-PG_URL = os.environ.get("EDGEFLEET_TEST_POSTGRES_URL",
-                        "postgresql://postgres@127.0.0.1:5432/test")
 FINGERPRINT = "ab" * 32
 DAY = 86400.0
 
@@ -48,38 +45,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def _with_search_path(url: str, schema: str) -> str:
-    separator = "&" if "?" in url else "?"
-    return f"{url}{separator}options=-csearch_path%3D{schema}"
-
-
-@contextlib.contextmanager
-def _postgres_schema() -> Iterator[tuple[str, psycopg.Connection[Any]]]:
-    """A URL whose search_path is a fresh schema (dropped on exit), and an admin connection."""
-    schema = f"t_{secrets.token_hex(6)}"
-    try:
-        admin = psycopg.connect(PG_URL, autocommit=True)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {PG_URL} ({exc}); start it or set "
-                    "EDGEFLEET_TEST_POSTGRES_URL")
-    with admin:
-        admin.execute(f"CREATE SCHEMA {schema}")
-        try:
-            yield _with_search_path(PG_URL, schema), admin
-        finally:
-            admin.execute(f"DROP SCHEMA {schema} CASCADE")
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database URL for an empty registry."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fleet.db'}"  # absolute path: sqlite:////tmp/...
-        return
-    with _postgres_schema() as (url, _):
-        yield url
 
 
 @pytest.fixture
@@ -602,7 +567,7 @@ def test_unreachable_postgres_names_the_url_without_password() -> None:
 @pytest.mark.integration
 def test_postgres_reconnects_after_losing_its_connection() -> None:
     name = f"edgefleet-test-{secrets.token_hex(4)}"  # kill this registry's session only
-    with (_postgres_schema() as (url, admin),
+    with (postgres_schema() as (url, admin),
           open_registry(f"{url}&application_name={name}") as reg):
         _enroll(reg, "gw-0")
         killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
