@@ -78,3 +78,58 @@ def test_dtype_outside_profile_is_rejected() -> None:
     decision = choose([fp16], FP32, max_drop=1.0, dtypes=("int8", "fp32"))
     assert decision.chosen is FP32
     assert decision.rejected[0].reason.startswith("fp16 is not among")
+
+
+def tfl(name: str, dtype: str, size: int, p50: float, accuracy: float = 94.0) -> Measured:
+    return Measured(name, dtype, size, p50, p50 * 1.2, accuracy, 1.0, format="tflite")
+
+
+TFL_FP32 = tfl("tflite-fp32", "fp32", 4_000_000, 6.0)
+
+
+def test_preferred_format_wins_even_when_the_other_is_smaller_and_faster() -> None:
+    onnx_int8 = cand("int8-static", 1_000_000, 1.0)
+    tfl_int8 = tfl("tflite-int8-dynamic", "int8", 1_100_000, 4.0)
+    decision = choose([FP32, onnx_int8, TFL_FP32, tfl_int8], FP32, max_drop=1.0,
+                      formats=("tflite", "onnx"), baselines={"tflite": TFL_FP32})
+    assert decision.chosen is tfl_int8
+    reasons = {r.name: r.reason for r in decision.rejected}
+    assert reasons["int8-static"] == ("onnx: the profile prefers tflite (formats tflite, onnx) "
+                                      "and tflite-int8-dynamic qualifies")
+    assert reasons["tflite-fp32"].startswith("larger")
+
+
+def test_next_format_when_the_preferred_has_no_qualifying_candidate() -> None:
+    lossy = tfl("tflite-fp32", "fp32", 4_000_000, 6.0, accuracy=90.0)
+    decision = choose([FP32, lossy], FP32, max_drop=1.0, formats=("tflite", "onnx"),
+                      baselines={"tflite": lossy})
+    assert decision.chosen is FP32  # the conversion lost accuracy: ONNX fp32 is the fallback
+    assert decision.rejected[0].reason == "accuracy drop 4.00 points is over the budget of 1"
+
+
+def test_format_outside_profile_is_rejected() -> None:
+    decision = choose([FP32, TFL_FP32], FP32, max_drop=1.0, formats=("onnx",))
+    assert decision.chosen is FP32
+    assert decision.rejected[0].reason == "tflite is not among the profile's formats (onnx)"
+
+
+def test_latency_bar_is_the_fp32_of_the_same_format() -> None:
+    # 7.0 ms beats ONNX fp32 (8.0) but not tflite-fp32 (6.0): int8 must beat its own runtime.
+    slow = tfl("tflite-int8-dynamic", "int8", 1_000_000, 7.0)
+    decision = choose([TFL_FP32, slow], FP32, max_drop=1.0, formats=("tflite",),
+                      baselines={"tflite": TFL_FP32})
+    assert decision.chosen is TFL_FP32
+    reasons = {r.name: r.reason for r in decision.rejected}
+    assert reasons["tflite-int8-dynamic"] == ("slower than tflite-fp32: p50 7.000 ms vs "
+                                              "6.000 ms on this CPU")
+
+
+def test_profile_without_fp32_keeps_a_slower_candidate_and_says_so() -> None:
+    full = tfl("tflite-int8-full", "int8-full", 1_000_000, 7.0)
+    decision = choose([FP32, TFL_FP32, full], FP32, max_drop=1.0, dtypes=("int8-full",),
+                      formats=("tflite",), baselines={"tflite": TFL_FP32})
+    assert decision.chosen is full
+    assert decision.notes == ("tflite-int8-full is slower than tflite-fp32 (p50 7.000 ms vs "
+                              "6.000 ms on this CPU) but qualifies: the profile runs no fp32 "
+                              "artifact",)
+    assert {r.name for r in decision.rejected} == {"fp32", "tflite-fp32"}
