@@ -37,6 +37,7 @@ __all__ = [
     "measure_latency_interleaved",
     "open_runner",
     "predict",
+    "quantize",
     "read_npz",
     "summarize_latency",
 ]
@@ -167,10 +168,16 @@ class _TfliteRunner:
         except (ValueError, RuntimeError) as exc:
             raise ModelLoadError(f"{path}: LiteRT cannot load it: {exc}") from exc
         detail = self._interpreter.get_input_details()[0]
+        output = self._interpreter.get_output_details()[0]
         self._input_index: int = detail["index"]
         self._input_shape = tuple(int(d) for d in detail["shape"])
-        self._output_index: int = self._interpreter.get_output_details()[0]["index"]
+        self._output_index: int = output["index"]
         self._batch = self._input_shape[0]
+        # Full-integer models (int8-full) take and return integers: float inputs are
+        # quantized with the input tensor's (scale, zero_point) and integer outputs
+        # dequantized with the output's, as a device's runtime must do (docs/compressor.md).
+        self._quantize = _Affine.of(detail)
+        self._dequantize = _Affine.of(output)
 
     @property
     def input_shape(self) -> tuple[int | str | None, ...]:
@@ -178,6 +185,8 @@ class _TfliteRunner:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         batch = _to_layout(batch, self._input_shape)
+        if self._quantize is not None and batch.dtype.kind == "f":
+            batch = self._quantize.quantize(batch)
         if batch.shape[0] != self._batch:
             # TFLite tensors have a fixed batch; resizing re-plans the interpreter's memory,
             # so it is done only when the batch size really changes.
@@ -186,7 +195,62 @@ class _TfliteRunner:
             self._batch = batch.shape[0]
         self._interpreter.set_tensor(self._input_index, batch)
         self._interpreter.invoke()
-        return np.array(self._interpreter.get_tensor(self._output_index))
+        result = self._interpreter.get_tensor(self._output_index)
+        if self._dequantize is not None:
+            return self._dequantize.dequantize(result)
+        return np.array(result)
+
+
+@dataclass(frozen=True)
+class _Affine:
+    """TFLite's affine quantization of one integer tensor: real = scale * (q - zero_point)."""
+
+    scale: np.float32
+    zero_point: np.float32
+    low: np.float32  # the integer dtype's range, for saturation
+    high: np.float32
+    dtype: np.dtype[Any]
+
+    @classmethod
+    def of(cls, detail: Mapping[str, Any]) -> _Affine | None:
+        """The mapping of an integer tensor with a scale; None for float tensors."""
+        dtype = np.dtype(detail["dtype"])
+        scale, zero_point = detail.get("quantization", (0.0, 0))
+        if dtype.kind not in "iu" or not scale:
+            return None
+        info = np.iinfo(dtype)
+        return cls(np.float32(scale), np.float32(zero_point), np.float32(info.min),
+                   np.float32(info.max), dtype)
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        """q = clip(round(x / scale) + zero_point): ties to even, saturated to the dtype."""
+        # In-place ufuncs and precomputed scalars: np.clip, np.iinfo and temporaries cost
+        # microseconds per call, which on a 10 µs model would count as the model's latency.
+        q: np.ndarray = np.divide(x, self.scale, dtype=np.float32)
+        np.rint(q, out=q)
+        q += self.zero_point
+        np.maximum(q, self.low, out=q)
+        np.minimum(q, self.high, out=q)
+        return q.astype(self.dtype)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        """x = (q - zero_point) * scale, in float32."""
+        x = q.astype(np.float32)
+        x -= self.zero_point
+        x *= self.scale
+        return x
+
+
+def quantize(x: np.ndarray, scale: float, zero_point: int, dtype: str) -> np.ndarray:
+    """Float values as an integer tensor with TFLite's affine quantization (scale, zero point).
+
+    The rule a runtime must apply to feed float data to an int8-full model:
+    ``q = clip(round_half_to_even(x / scale) + zero_point, dtype range)``.
+    """
+    affine = _Affine.of({"dtype": np.dtype(dtype), "quantization": (scale, zero_point)})
+    if affine is None:
+        raise ValueError(f"cannot quantize to {dtype} with scale {scale}")
+    return affine.quantize(np.asarray(x, dtype=np.float32))
 
 
 def _to_layout(batch: np.ndarray, declared: tuple[int, ...]) -> np.ndarray:

@@ -16,6 +16,7 @@ from compressor.evaluate import (
     measure_latency,
     open_runner,
     predict,
+    quantize,
     summarize_latency,
 )
 
@@ -118,3 +119,14 @@ def test_runners_on_reference_model(model: str) -> None:
     assert accuracy(outputs, data.y) >= 95.0
     latency = measure_latency(runner, data.x[:1], warmup=2, iterations=10)
     assert 0 < latency.p50_ms <= latency.p99_ms
+
+
+def test_quantize_rounds_half_to_even_and_saturates() -> None:
+    x = np.array([0.0, 0.25, 0.75, 1.0, -1.0, 100.0, -100.0], np.float32)
+    # scale 0.5, zero point 3: x / 0.5 = 0, 0.5, 1.5, 2, -2, 200, -200 -> ties to even, + 3.
+    q = quantize(x, 0.5, 3, "int8")
+    assert q.dtype == np.int8
+    assert q.tolist() == [3, 3, 5, 5, 1, 127, -128]
+    assert quantize(x, 0.5, 3, "uint8").tolist() == [3, 3, 5, 5, 1, 203, 0]
+    with pytest.raises(ValueError, match="cannot quantize to float32"):
+        quantize(x, 0.5, 0, "float32")
