@@ -151,11 +151,13 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _add_compress(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "compress", help="compress MODEL for firmware profiles (the default command)",
-        description="Build candidate artifacts of MODEL (fp32 optimised, int8 dynamic and "
-        "static, fp16 where the profile runs it), measure accuracy on the evaluation data and "
-        "latency on this machine, and keep per profile the smallest artifact within the "
-        "accuracy budget that is not slower than fp32. Writes the artifacts and report.json "
-        "into DIR, atomically: on any error DIR is left untouched.")
+        description="Build candidate artifacts of MODEL (ONNX: fp32 optimised, int8 dynamic "
+        "and static, fp16 where the profile runs it; TFLite, for profiles that prefer or need "
+        "it: fp32, fp16, int8 dynamic-range and static, int8-full, which needs the "
+        "edgefleet[tflite] extra), measure accuracy on the evaluation data and latency on this "
+        "machine, and keep per profile the smallest artifact of its preferred format within "
+        "the accuracy budget that is not slower than fp32. Writes the artifacts and "
+        "report.json into DIR, atomically: on any error DIR is left untouched.")
     p.add_argument("model", type=Path, metavar="MODEL", help="trained model (.onnx)")
     p.add_argument("--profile", action="append", required=True, metavar="NAME",
                    help="target firmware profile (repeatable; see 'edge-compress profiles')")
@@ -216,5 +218,10 @@ def _report_table(report: dict[str, Any]) -> str:
     for decision in decisions:
         lines.append(f"\n{decision['profile']}: "
                      f"{decision['chosen'] or 'NO ARTIFACT within the accuracy budget'}")
+        lines += [f"  note: {note}" for note in decision.get("notes", [])]
         lines += [f"  rejected {r['candidate']}: {r['reason']}" for r in decision["rejected"]]
+    notes = report.get("notes", [])
+    if notes:
+        lines.append("")
+        lines += [f"note: {note}" for note in notes]
     return "\n".join(lines)

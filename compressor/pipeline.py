@@ -1,11 +1,13 @@
 """``compress()``: one trained ONNX model in, the best artifact per firmware profile out.
 
-The flow: check inputs (model loads, data fits the model's input, every profile can run an
-ONNX artifact and none of the model's ops is one it must avoid); optimise the graph (the fp32
-reference); build the candidates the profiles' dtypes call for; measure each candidate's
-quality against the reference on the evaluation data and all latencies interleaved; for a
-static-int8 candidate over budget, keep its first and last weight layers in float and try
-again; choose per profile (``compressor.choose``); write artifacts and ``report.json``.
+The flow: check inputs (model loads, data fits the model's input, every profile runs a format
+the compressor can build here and none of the model's ops is one it must avoid); optimise the
+graph (the fp32 reference); build the ONNX candidates the profiles' dtypes call for, and for
+profiles that prefer or need TFLite the TFLite variants (``passes.tflite``, when TensorFlow and
+onnx2tf are installed; otherwise a note says so); measure each candidate's quality against the
+reference on the evaluation data and all latencies interleaved; for a static-int8 candidate
+over budget, keep its first and last weight layers in float and try again; choose per profile
+(``compressor.choose``); write artifacts and ``report.json``.
 
 Everything is built in a scratch directory beside ``out_dir`` and renamed into place at the
 end, so a failure at any point leaves no partial output.
@@ -40,20 +42,25 @@ from .evaluate import (
     measure_latency_interleaved,
     open_runner,
     predict,
+    quantize,
     read_npz,
 )
 from .passes import (
     ConvertFp16,
+    ConvertTflite,
     ModelPass,
     OptimizeGraph,
     PassContext,
+    PassError,
     PruneChannels,
     QuantizeDynamic,
     QuantizeStatic,
 )
+from .passes.tflite import TFLITE_VARIANTS, tflite_unavailable
 from .report import input_baseline, self_test_cases, tool_versions
 
-__all__ = ["CompressOptions", "NoArtifactError", "UnsupportedTargetError", "compress"]
+__all__ = ["CompressOptions", "NoArtifactError", "UnsupportedTargetError", "compress",
+           "wants_tflite"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +96,10 @@ class _Candidate:
     dtype: str
     path: Path
     notes: tuple[str, ...]
+    format: str = "onnx"
+    # int8-full TFLite: each input's/output's dtype, scale and zero point (a runtime quantizes
+    # float inputs and dequantizes outputs with them).
+    io_quantization: dict[str, list[dict[str, Any]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +126,7 @@ class _Job:
     eval_data: EvalData
     options: CompressOptions
     progress: Progress
+    tflite_missing: str | None  # why TFLite candidates cannot be built here, if they cannot
 
 
 def _read_model_io(model: Path) -> _ModelIO:
@@ -162,12 +174,28 @@ def _check_shape(data: np.ndarray, io: _ModelIO, source: str) -> None:
                            f"'{io.input_name}' expects float32; convert with astype.")
 
 
-def _check_profiles(profiles: list[Profile], io: _ModelIO) -> None:
+def wants_tflite(profile: Profile) -> bool:
+    """Whether TFLite candidates are built for ``profile``.
+
+    They are when the profile prefers TFLite to ONNX (or runs no ONNX), or needs int8-full,
+    which only TFLite makes. A profile listing tflite after onnx would never get a TFLite
+    artifact (the chooser takes the preferred format when it has a qualifying candidate, and
+    ONNX fp32 always qualifies), so converting for it would only cost time.
+    """
+    formats = profile.formats
+    if "tflite" not in formats:
+        return False
+    return ("onnx" not in formats or formats.index("tflite") < formats.index("onnx")
+            or "int8-full" in profile.dtypes)
+
+
+def _check_profiles(profiles: list[Profile], io: _ModelIO, tflite_missing: str | None) -> None:
     for profile in profiles:
-        if "onnx" not in profile.formats:
+        if "onnx" not in profile.formats and tflite_missing is not None:
             raise UnsupportedTargetError(
                 f"profile {profile.name} runs only {', '.join(profile.formats)} artifacts, and "
-                "this compressor emits ONNX artifacts only; drop that --profile.")
+                f"the TFLite converter is missing here: {tflite_missing} (or drop that "
+                "--profile).")
         avoided = sorted(io.ops & set(profile.avoid_ops))
         if avoided:
             raise UnsupportedTargetError(
@@ -226,13 +254,15 @@ def compress(model: Path, profiles: list[Profile], out_dir: Path, *,
     eval_data = eval_data or EvalData(x=calib, y=None)
     _check_shape(calib, io, str(calibration or evaluation))
     _check_shape(eval_data.x, io, str(evaluation or calibration))
-    _check_profiles(profiles, io)
+    tflite_missing = (tflite_unavailable() if any(wants_tflite(p) for p in profiles)
+                      else None)
+    _check_profiles(profiles, io, tflite_missing)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         job = _Job(model, profiles, io, calib, eval_data, options,
-                   progress or (lambda step, total, what: None))
+                   progress or (lambda step, total, what: None), tflite_missing)
         report = _run(job, scratch)
         final = scratch / "out"
         if out_dir.exists():
@@ -258,6 +288,8 @@ class _Pool:
     runners: dict[str, ModelRunner] = field(default_factory=dict)
     quality: dict[str, tuple[float | None, float]] = field(default_factory=dict)
     by_reduce_range: dict[bool, list[str]] = field(default_factory=dict)
+    tflite: list[str] = field(default_factory=list)  # for the profiles that want TFLite
+    notes: list[str] = field(default_factory=list)  # for report.json and the CLI
 
     def add(self, candidate: _Candidate, runner: ModelRunner, outputs: np.ndarray,
             eval_data: EvalData, reduce_ranges: list[bool]) -> None:
@@ -266,6 +298,13 @@ class _Pool:
         self.quality[candidate.name] = _quality(outputs, self.reference_outputs, eval_data)
         for rr in reduce_ranges:
             self.by_reduce_range.setdefault(rr, []).append(candidate.name)
+        if candidate.format == "tflite":
+            self.tflite.append(candidate.name)
+
+    def candidates_for(self, profile: Profile) -> list[str]:
+        """The candidates built for ``profile``: ONNX ones for its reduce_range, TFLite."""
+        names = self.by_reduce_range[not profile.cpu.fast_int8]
+        return names + (self.tflite if wants_tflite(profile) else [])
 
 
 def _plan(job: _Job) -> tuple[list[bool], list[tuple[ModelPass, bool, bool]]]:
@@ -290,12 +329,14 @@ def _run(job: _Job, scratch: Path) -> dict[str, Any]:
     work = scratch / "work"
     work.mkdir()
     reduce_ranges, plan = _plan(job)
-    total, step = len(plan) + 3 + bool(options.prune_channels), 1
+    tflite_profiles, pool_notes = _tflite_plan(job)
+    total = len(plan) + 3 + bool(options.prune_channels) + bool(tflite_profiles)
+    step = 1
     job.progress(step, total, "optimising the fp32 graph")
     base_ctx = PassContext(workdir=work, input_name=job.io.input_name, calibration=job.calib)
     optimised = OptimizeGraph().run(job.model, base_ctx)
     runner = open_runner(optimised.model, options.threads)
-    pool = _Pool(reference_outputs=predict(runner, eval_data.x))
+    pool = _Pool(reference_outputs=predict(runner, eval_data.x), notes=pool_notes)
     pool.add(_Candidate("fp32", "fp32", optimised.model, optimised.notes), runner,
              pool.reference_outputs, eval_data, reduce_ranges)
     ref = _Reference(pool.reference_outputs, pool.quality["fp32"])
@@ -323,12 +364,18 @@ def _run(job: _Job, scratch: Path) -> dict[str, Any]:
         pool.add(candidate, open_runner(candidate.path, options.threads), outputs, eval_data,
                  [rr])
 
+    if tflite_profiles:
+        step += 1
+        variants = _tflite_variants(tflite_profiles)
+        job.progress(step, total, f"converting to TFLite: {len(variants)} variants")
+        _add_tflite(job, pool, ConvertTflite(variants), optimised.model, base_ctx)
+
     step += 1
     job.progress(step, total, f"measuring latency of {len(pool.runners)} candidates")
     latency = measure_latency_interleaved(pool.runners, eval_data.x[:1], options.latency_rounds,
                                           options.latency_iterations)
     measured = {name: Measured(name, c.dtype, c.path.stat().st_size, latency[name].p50_ms,
-                               latency[name].p99_ms, *pool.quality[name])
+                               latency[name].p99_ms, *pool.quality[name], format=c.format)
                 for name, c in pool.candidates.items()}
     job.progress(total, total, "choosing and writing artifacts")
     return _finish(job, pool, measured, scratch / "out")
@@ -339,15 +386,30 @@ def _finish(job: _Job, pool: _Pool, measured: dict[str, Measured],
     """Choose per profile, then write the chosen artifacts and report.json into ``final``."""
     options, io = job.options, job.io
     final.mkdir()
-    decisions = {p.name: choose([measured[n] for n in pool.by_reduce_range[not p.cpu.fast_int8]],
-                                measured["fp32"], options.max_accuracy_drop, p.dtypes)
+    # Each format's latency bar is its own fp32 artifact: int8 LiteRT against float LiteRT.
+    baselines = {fmt: measured[name] for fmt, name in (("onnx", "fp32"),
+                                                       ("tflite", "tflite-fp32"))
+                 if name in measured}
+    decisions = {p.name: choose([measured[n] for n in pool.candidates_for(p)],
+                                measured["fp32"], options.max_accuracy_drop, p.dtypes,
+                                formats=p.formats, baselines=baselines)
                  for p in job.profiles}
     variants = _write_variants(job.model, decisions, pool.candidates, measured, final)
     golden = job.eval_data.x[:options.self_test_samples]
     expected = pool.reference_outputs[:len(golden)]
-    deviation = max((float(np.max(np.abs(predict(pool.runners[d.chosen.name], golden)
-                                         - expected)))
-                     for d in decisions.values() if d.chosen), default=0.0)
+    chosen = {d.chosen.name for d in decisions.values() if d.chosen}
+    deviations = {name: float(np.max(np.abs(predict(pool.runners[name], golden) - expected)))
+                  for name in chosen}
+    deviation = max(deviations.values(), default=0.0)
+    for variant in variants:
+        # Each artifact's own tolerance, for a runtime that checks it alone; the shared
+        # self_test below must pass every chosen artifact, so it takes the largest.
+        variant["self_test_atol"] = max(1e-4, 2 * deviations[variant["candidate"]])
+        quantization = pool.candidates[variant["candidate"]].io_quantization
+        if quantization is not None:
+            variant["self_test"] = _integer_self_test(io, quantization, golden, expected,
+                                                      predict(pool.runners[variant["candidate"]],
+                                                              golden))
     report: dict[str, Any] = {
         "format_version": 1,
         "model": {"file": job.model.name, "size_bytes": job.model.stat().st_size},
@@ -355,8 +417,9 @@ def _finish(job: _Job, pool: _Pool, measured: dict[str, Measured],
         "max_accuracy_drop": options.max_accuracy_drop,
         "variants": variants,
         "decisions": [_decision_json(name, d) for name, d in decisions.items()],
-        "candidates": [_measured_json(m, measured["fp32"], pool.candidates[m.name].notes)
+        "candidates": [_measured_json(m, measured["fp32"], pool.candidates[m.name])
                        for m in measured.values()],
+        "notes": pool.notes,
         **io.signature,
         # Tolerance: twice the largest deviation any chosen artifact showed on these samples,
         # so each passes its own self-test and a wrong or corrupted model does not.
@@ -415,26 +478,101 @@ def _write_variants(model: Path, decisions: dict[str, Decision],
     for profile, decision in decisions.items():
         if decision.chosen is None:
             continue
-        chosen = decision.chosen
-        file = f"{model.stem}.{profile}.{chosen.name}.onnx"
-        shutil.copyfile(candidates[chosen.name].path, final / file)
-        variants.append({"file": file, "format": "onnx", "dtype": chosen.dtype,
-                         "profile": profile, "candidate": chosen.name,
-                         **_measured_json(chosen, measured["fp32"], ())})
+        chosen = candidates[decision.chosen.name]
+        file = f"{model.stem}.{profile}.{chosen.name}.{chosen.format}"
+        shutil.copyfile(chosen.path, final / file)
+        entry = {"file": file, "format": chosen.format, "dtype": chosen.dtype,
+                 "profile": profile, "candidate": chosen.name,
+                 **_measured_json(decision.chosen, measured["fp32"], replace(chosen, notes=()))}
+        variants.append(entry)
     return variants
 
 
-def _measured_json(m: Measured, reference: Measured, notes: tuple[str, ...]) -> dict[str, Any]:
-    return {"name": m.name, "dtype": m.dtype, "size_bytes": m.size_bytes,
-            "accuracy": None if m.accuracy is None else round(m.accuracy, 2),
-            "accuracy_drop": round(accuracy_drop(m, reference), 2),
-            "top1_agreement": round(m.agreement, 4),
-            "latency_p50_ms": round(m.latency_p50_ms, 4),
-            "latency_p99_ms": round(m.latency_p99_ms, 4),
-            "sparsity": 0.0, "notes": list(notes)}
+def _measured_json(m: Measured, reference: Measured, candidate: _Candidate) -> dict[str, Any]:
+    out = {"name": m.name, "format": m.format, "dtype": m.dtype, "size_bytes": m.size_bytes,
+           "accuracy": None if m.accuracy is None else round(m.accuracy, 2),
+           "accuracy_drop": round(accuracy_drop(m, reference), 2),
+           "top1_agreement": round(m.agreement, 4),
+           "latency_p50_ms": round(m.latency_p50_ms, 4),
+           "latency_p99_ms": round(m.latency_p99_ms, 4),
+           "sparsity": 0.0, "notes": list(candidate.notes)}
+    if candidate.io_quantization is not None:
+        out["io_quantization"] = candidate.io_quantization
+    return out
 
 
 def _decision_json(profile: str, decision: Decision) -> dict[str, Any]:
     return {"profile": profile,
             "chosen": decision.chosen.name if decision.chosen else None,
-            "rejected": [{"candidate": r.name, "reason": r.reason} for r in decision.rejected]}
+            "rejected": [{"candidate": r.name, "reason": r.reason} for r in decision.rejected],
+            "notes": list(decision.notes)}
+
+
+def _integer_self_test(io: _ModelIO, quantization: dict[str, list[dict[str, Any]]],
+                       golden: np.ndarray, expected: np.ndarray,
+                       outputs: np.ndarray) -> list[dict[str, Any]]:
+    """Golden cases in an int8-full artifact's own integer I/O, for runtimes that feed it raw.
+
+    Inputs are the float golden inputs quantized with the input's parameters; expected
+    outputs are the fp32 reference's outputs quantized with the output's, and the tolerance,
+    in quantization steps, is twice the largest difference the artifact showed (at least 1).
+    """
+    (inp,), (out, *_) = quantization["inputs"], quantization["outputs"]
+    q_in = quantize(golden, inp["scale"], inp["zero_point"], inp["dtype"])
+    q_expected = quantize(expected, out["scale"], out["zero_point"], out["dtype"])
+    q_got = quantize(outputs, out["scale"], out["zero_point"], out["dtype"])
+    steps = int(np.max(np.abs(q_got.astype(np.int32) - q_expected.astype(np.int32))))
+    return self_test_cases(io.input_name, io.output_name, q_in, q_expected,
+                           float(max(1, 2 * steps)))
+
+
+def _tflite_plan(job: _Job) -> tuple[list[Profile], list[str]]:
+    """The profiles to convert to TFLite for, and a note when the converter is missing."""
+    profiles = [p for p in job.profiles if wants_tflite(p)]
+    if not profiles or job.tflite_missing is None:
+        return profiles, []
+    note = (f"no TFLite candidates for {', '.join(p.name for p in profiles)}: "
+            f"{job.tflite_missing}")
+    log.warning("%s", note)
+    return [], [note]
+
+
+def _tflite_variants(profiles: list[Profile]) -> tuple[str, ...]:
+    """The TFLite variants the profiles' dtypes call for; fp32 always (the latency bar)."""
+    dtypes = {d for p in profiles for d in p.dtypes}
+    return tuple(v for v, d in TFLITE_VARIANTS.items() if v == "tflite-fp32" or d in dtypes)
+
+
+def _add_tflite(job: _Job, pool: _Pool, converter: ConvertTflite, source: Path,
+                ctx: PassContext) -> None:
+    """Convert, then evaluate each TFLite variant into the pool; failures become notes."""
+    try:
+        built = converter.build(source, ctx, (job.io.output_name,))
+    except PassError as exc:  # TfliteUnavailableError included: a note, never a crash
+        pool.notes.append(f"no TFLite candidates: {exc}")
+        log.warning("no TFLite candidates: %s", exc)
+        return
+    if not built.artifacts:
+        pool.notes.append("no TFLite candidates: every variant failed to convert")
+    pool.notes += [f"{name} not built: {reason}" for name, reason in built.skipped.items()]
+    for artifact in built.artifacts:
+        try:
+            runner = open_runner(artifact.path, job.options.threads)
+            outputs = predict(runner, job.eval_data.x)
+        except (ModelLoadError, RuntimeError, ValueError) as exc:
+            # The converter can emit models LiteRT then refuses or fails on (say, a quantized
+            # division whose divisor rounds to zero): not a candidate, and the note says why.
+            pool.notes.append(f"{artifact.name} not offered: LiteRT cannot run it "
+                              f"({str(exc).splitlines()[0][:200]})")
+            continue
+        if outputs.shape != pool.reference_outputs.shape:
+            # onnx2tf moves 3-D+ outputs to channels-last; a runtime would hand callers a
+            # tensor in another layout than the ONNX model's, so the variant is not offered.
+            pool.notes.append(f"{artifact.name} not offered: its output has shape "
+                              f"{list(outputs.shape[1:])} per sample where the ONNX model's "
+                              f"has {list(pool.reference_outputs.shape[1:])} (layout changed "
+                              "by the converter)")
+            continue
+        candidate = _Candidate(artifact.name, artifact.dtype, artifact.path, artifact.notes,
+                               "tflite", artifact.io_quantization)
+        pool.add(candidate, runner, outputs, job.eval_data, [])

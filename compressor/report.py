@@ -18,7 +18,7 @@ import numpy as np
 
 __all__ = ["input_baseline", "self_test_cases", "tensor_json", "tool_versions"]
 
-_TOOLS = ("edgefleet", "onnx", "onnxruntime", "numpy", "ai-edge-litert")
+_TOOLS = ("edgefleet", "onnx", "onnxruntime", "numpy", "ai-edge-litert", "tensorflow", "onnx2tf")
 
 
 def tool_versions() -> dict[str, str]:

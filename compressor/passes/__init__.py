@@ -8,6 +8,8 @@ from .fp16 import ConvertFp16
 from .optimize import OptimizeGraph
 from .prune import MagnitudePrune
 from .quantize import QuantizeDynamic, QuantizeStatic
+from .tflite import ConvertTflite
 
-__all__ = ["ConvertFp16", "MagnitudePrune", "ModelPass", "OptimizeGraph", "PassContext",
-           "PassError", "PassResult", "PruneChannels", "QuantizeDynamic", "QuantizeStatic"]
+__all__ = ["ConvertFp16", "ConvertTflite", "MagnitudePrune", "ModelPass", "OptimizeGraph",
+           "PassContext", "PassError", "PassResult", "PruneChannels", "QuantizeDynamic",
+           "QuantizeStatic"]

@@ -101,7 +101,8 @@ def test_budget_no_candidate_meets_gives_no_artifact_and_a_report(tmp_path: Path
 @pytest.mark.parametrize("case", ["unreadable_model", "tflite_model", "wrong_shape",
                                   "wrong_dtype", "no_data", "avoided_op", "tflite_only_profile",
                                   "out_not_empty"])
-def test_bad_input_leaves_nothing(tmp_path: Path, case: str) -> None:
+def test_bad_input_leaves_nothing(tmp_path: Path, case: str,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     model, calibration, profile = MODEL, DATA, get_profile("x86-64-vnni")
     out = tmp_path / "out"
     expected: type[Exception] = DatasetError
@@ -126,8 +127,12 @@ def test_bad_input_leaves_nothing(tmp_path: Path, case: str) -> None:
                                               **{"avoid_ops = []": 'avoid_ops = ["Conv"]'}))
         expected, message = UnsupportedTargetError, "uses Conv, which profile no-conv cannot run"
     elif case == "tflite_only_profile":
+        # As on a machine without the tflite extra (test_tflite.py covers it installed).
+        monkeypatch.setattr("compressor.pipeline.tflite_unavailable",
+                            lambda: "install edgefleet[tflite] for TFLite artifacts")
         profile = get_profile("coral-edgetpu")
-        expected, message = UnsupportedTargetError, "runs only tflite artifacts"
+        expected, message = UnsupportedTargetError, ("runs only tflite artifacts, and the "
+                                                     "TFLite converter is missing here")
     else:
         out.mkdir()
         (out / "keep.txt").write_text("mine")
