@@ -11,10 +11,13 @@ For each model (the committed digits CNN, and the ViT benchmark model built on d
 All three are timed interleaved (single sample, one thread) and evaluated on the same data;
 figures are printed as ratios against fp32 and against quantize_dynamic, with the targets
 from the design brief. Then structured pruning alone (no retraining) at several ratios on
-the ViT: measured latency gain against accuracy loss. Run::
+the ViT: measured latency gain against accuracy loss. Last, when the ``tflite`` extra is
+installed, the TFLite variants of both models beside the ONNX ones (size, accuracy, latency in
+LiteRT vs onnxruntime, all timed interleaved in one pool). Run::
 
     .venv/bin/pip install -e '.[models]'       # once, to build the ViT model (PyTorch)
-    .venv/bin/python benchmarks/compress_bench.py
+    .venv/bin/pip install -e '.[tflite]'       # for the TFLite section
+    .venv/bin/python benchmarks/compress_bench.py [--tflite-only]
 """
 
 from __future__ import annotations
@@ -37,7 +40,16 @@ from compressor.evaluate import (
     open_runner,
     predict,
 )
-from compressor.passes import OptimizeGraph, PassContext, PruneChannels
+from compressor.passes import (
+    ConvertFp16,
+    ConvertTflite,
+    OptimizeGraph,
+    PassContext,
+    PruneChannels,
+    QuantizeDynamic,
+    QuantizeStatic,
+)
+from compressor.passes.tflite import tflite_unavailable
 from compressor.pipeline import CompressOptions, compress
 from firmware_profiles import best_profile, load_profiles, probe_host
 
@@ -107,6 +119,44 @@ def measure_rows(paths: dict[str, Path], data_path: Path, rounds: int) -> list[R
                 latency[name].p50_ms, latency[name].p99_ms) for name, path in paths.items()]
 
 
+def bench_tflite(model: Path, data_path: Path, rounds: int) -> list[Row]:
+    """ONNX candidates and every TFLite variant of one model, timed in one interleaved pool."""
+    with tempfile.TemporaryDirectory(prefix="tflite-bench-") as tmp:
+        calib = np.load(data_path)["calib_x"][:128]
+        ctx = PassContext(workdir=Path(tmp), input_name="input", calibration=calib)
+        base = OptimizeGraph().run(model, ctx).model
+        paths = {"onnx fp32": base}
+        for name, onnx_pass in (("onnx int8-dynamic", QuantizeDynamic()),
+                                ("onnx int8-static", QuantizeStatic()),
+                                ("onnx fp16", ConvertFp16())):
+            paths[name] = onnx_pass.run(base, ctx).model
+        started = time.monotonic()
+        built = ConvertTflite().build(base, ctx, ("logits",))
+        print(f"  TFLite conversion ({len(built.artifacts)} variants) took "
+              f"{time.monotonic() - started:.1f} s"
+              + "".join(f"; {n} failed: {r}" for n, r in built.skipped.items()), flush=True)
+        x = load_eval_data(data_path).x
+        for artifact in built.artifacts:
+            try:  # as the compressor does: a variant LiteRT cannot run is not offered
+                predict(open_runner(artifact.path), x)
+            except RuntimeError as exc:
+                print(f"  {artifact.name}: LiteRT cannot run it: {str(exc).splitlines()[0]}")
+                continue
+            paths[artifact.name] = artifact.path
+        return measure_rows(paths, data_path, rounds)
+
+
+def print_format_table(rows: list[Row]) -> None:
+    """Size, accuracy and latency of each artifact, with ratios against ONNX fp32."""
+    fp32 = rows[0]
+    print(f"{'artifact':<22}{'size':>10}{'accuracy':>10}{'p50 ms':>9}{'p99 ms':>9}"
+          f"{'size x':>8}{'speed x':>9}")
+    for row in rows:
+        print(f"{row.name:<22}{row.size_bytes / 2**10:>7.0f}KiB{row.accuracy:>9.2f}%"
+              f"{row.p50_ms:>9.4f}{row.p99_ms:>9.4f}{fp32.size_bytes / row.size_bytes:>8.2f}"
+              f"{fp32.p50_ms / row.p50_ms:>9.2f}")
+
+
 def print_table(title: str, rows: list[Row]) -> None:
     """The figures, then ratios against fp32 and against quantize_dynamic."""
     fp32, baseline = rows[0], rows[1]
@@ -125,7 +175,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=10,
                         help="interleaved timing rounds of 50 calls each (default 10)")
+    parser.add_argument("--tflite-only", action="store_true",
+                        help="run only the TFLite section")
     args = parser.parse_args()
+    if args.tflite_only:
+        tflite_section(args.rounds)
+        return
     profiles = load_profiles()
     profile = best_profile(probe_host(profiles), profiles)
     if profile is None:
@@ -149,6 +204,28 @@ def main() -> None:
               f"{fp32.p50_ms / row.p50_ms:>9.2f}")
     print(f"\ntargets (larger model): drop <= 1 point, size >= 3.5x, speed >= 1.5x, and at "
           f"least quantize_dynamic's accuracy and speed\ntotal {time.monotonic() - started:.0f} s")
+    tflite_section(args.rounds)
+
+
+def tflite_section(rounds: int) -> None:
+    """TFLite variants beside ONNX ones, for both models; skipped without the extra."""
+    missing = tflite_unavailable()
+    if missing is not None:
+        print(f"\n== TFLite variants: skipped ({missing})")
+        return
+    vit_model, vit_data = ensure_bench_model()
+    for title, model, data in (
+            ("digits CNN", MODELS / "digits_cnn.onnx", MODELS / "digits_data.npz"),
+            ("ViT encoder", vit_model, vit_data)):
+        print(f"\n== TFLite vs ONNX variants: {title} (LiteRT {_version('ai-edge-litert')}, "
+              f"onnxruntime {_version('onnxruntime')}; one thread)", flush=True)
+        print_format_table(bench_tflite(model, data, rounds))
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
 
 
 if __name__ == "__main__":
