@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from bundle.quantization import Affine
 from firmware_profiles.model import Accelerator
 from firmware_profiles.runtimes import import_litert
 
@@ -184,8 +185,16 @@ class LiteRTSession:
         self._interpreter = interpreter
         self._input_details = interpreter.get_input_details()
         self._output_details = interpreter.get_output_details()
-        self.inputs = tuple(_litert_info(d) for d in self._input_details)
-        self.outputs = tuple(_litert_info(d) for d in self._output_details)
+        # A full-integer model (int8-full, for NPUs and the Edge TPU) takes and returns
+        # integers; it is served as float, quantized on the way in and dequantized on the
+        # way out, so apps, the bundle's signature and the self-test see one float model.
+        self._quantize = [Affine.of(d) for d in self._input_details]
+        self._dequantize = [Affine.of(d) for d in self._output_details]
+        self.inputs = tuple(_litert_info(d, q is not None)
+                            for d, q in zip(self._input_details, self._quantize, strict=True))
+        self.outputs = tuple(_litert_info(d, q is not None)
+                             for d, q in zip(self._output_details, self._dequantize,
+                                             strict=True))
         self._lock = threading.Lock()
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -207,10 +216,15 @@ class LiteRTSession:
                 self._interpreter.allocate_tensors()
                 self._input_details = self._interpreter.get_input_details()
                 self._output_details = self._interpreter.get_output_details()
-            for detail, info in zip(self._input_details, self.inputs, strict=True):
-                self._interpreter.set_tensor(detail["index"], feeds[info.name])
+            for detail, info, affine in zip(self._input_details, self.inputs, self._quantize,
+                                            strict=True):
+                value = feeds[info.name]
+                self._interpreter.set_tensor(detail["index"], value if affine is None
+                                             else affine.quantize(value))
             self._interpreter.invoke()
-            return [self._interpreter.get_tensor(d["index"]) for d in self._output_details]
+            return [self._interpreter.get_tensor(d["index"]) if affine is None
+                    else affine.dequantize(self._interpreter.get_tensor(d["index"]))
+                    for d, affine in zip(self._output_details, self._dequantize, strict=True)]
 
 
 def _interpreter(module: Any, path: Path, delegates: list[Any], threads: int) -> Any:
@@ -235,7 +249,8 @@ def _load_delegate(module: Any, acc: Accelerator) -> tuple[Any, str]:
         return None, f"{acc.provider} delegate {acc.library} failed to load ({exc})"
 
 
-def _litert_info(detail: Mapping[str, Any]) -> TensorInfo:
+def _litert_info(detail: Mapping[str, Any], served_as_float: bool) -> TensorInfo:
     signature = detail.get("shape_signature", detail["shape"])
     shape = tuple(None if int(d) < 0 else int(d) for d in signature)
-    return TensorInfo(str(detail["name"]), np.dtype(detail["dtype"]).name, shape)
+    dtype = "float32" if served_as_float else np.dtype(detail["dtype"]).name
+    return TensorInfo(str(detail["name"]), dtype, shape)

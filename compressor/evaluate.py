@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from bundle.quantization import Affine
 from firmware_profiles.runtimes import import_litert
 
 from .errors import CompressorError
@@ -176,8 +177,8 @@ class _TfliteRunner:
         # Full-integer models (int8-full) take and return integers: float inputs are
         # quantized with the input tensor's (scale, zero_point) and integer outputs
         # dequantized with the output's, as a device's runtime must do (docs/compressor.md).
-        self._quantize = _Affine.of(detail)
-        self._dequantize = _Affine.of(output)
+        self._quantize = Affine.of(detail)
+        self._dequantize = Affine.of(output)
 
     @property
     def input_shape(self) -> tuple[int | str | None, ...]:
@@ -201,53 +202,13 @@ class _TfliteRunner:
         return np.array(result)
 
 
-@dataclass(frozen=True)
-class _Affine:
-    """TFLite's affine quantization of one integer tensor: real = scale * (q - zero_point)."""
-
-    scale: np.float32
-    zero_point: np.float32
-    low: np.float32  # the integer dtype's range, for saturation
-    high: np.float32
-    dtype: np.dtype[Any]
-
-    @classmethod
-    def of(cls, detail: Mapping[str, Any]) -> _Affine | None:
-        """The mapping of an integer tensor with a scale; None for float tensors."""
-        dtype = np.dtype(detail["dtype"])
-        scale, zero_point = detail.get("quantization", (0.0, 0))
-        if dtype.kind not in "iu" or not scale:
-            return None
-        info = np.iinfo(dtype)
-        return cls(np.float32(scale), np.float32(zero_point), np.float32(info.min),
-                   np.float32(info.max), dtype)
-
-    def quantize(self, x: np.ndarray) -> np.ndarray:
-        """q = clip(round(x / scale) + zero_point): ties to even, saturated to the dtype."""
-        # In-place ufuncs and precomputed scalars: np.clip, np.iinfo and temporaries cost
-        # microseconds per call, which on a 10 µs model would count as the model's latency.
-        q: np.ndarray = np.divide(x, self.scale, dtype=np.float32)
-        np.rint(q, out=q)
-        q += self.zero_point
-        np.maximum(q, self.low, out=q)
-        np.minimum(q, self.high, out=q)
-        return q.astype(self.dtype)
-
-    def dequantize(self, q: np.ndarray) -> np.ndarray:
-        """x = (q - zero_point) * scale, in float32."""
-        x = q.astype(np.float32)
-        x -= self.zero_point
-        x *= self.scale
-        return x
-
-
 def quantize(x: np.ndarray, scale: float, zero_point: int, dtype: str) -> np.ndarray:
     """Float values as an integer tensor with TFLite's affine quantization (scale, zero point).
 
     The rule a runtime must apply to feed float data to an int8-full model:
     ``q = clip(round_half_to_even(x / scale) + zero_point, dtype range)``.
     """
-    affine = _Affine.of({"dtype": np.dtype(dtype), "quantization": (scale, zero_point)})
+    affine = Affine.of({"dtype": np.dtype(dtype), "quantization": (scale, zero_point)})
     if affine is None:
         raise ValueError(f"cannot quantize to {dtype} with scale {scale}")
     return affine.quantize(np.asarray(x, dtype=np.float32))
