@@ -96,6 +96,13 @@ class BrokerConfig:
     #: (Mosquitto's default is 1000). The fleet server's own session queues the whole
     #: fleet's telemetry while the server restarts, hence the larger bound.
     max_queued_messages: int = 10_000
+    #: QoS 1 messages sent to a client and not yet acknowledged, at most (0: no limit;
+    #: Mosquitto's default is 20). Mosquitto 2.0.11 queues the messages beyond the limit
+    #: and may then deliver them out of order: a device's newer ``reported`` state could
+    #: reach the fleet server before an older one, which would then overwrite it. Without
+    #: a limit nothing is queued for a connected client and its messages arrive in order;
+    #: TCP's flow control still paces a slow reader.
+    max_inflight_messages: int = 0
 
 
 def render_acl(fleet: str, server_identity: str = SERVER_IDENTITY) -> str:
@@ -146,6 +153,7 @@ persistence true
 persistence_location {paths["persistence_location"]}/
 autosave_interval {config.autosave_interval}
 max_queued_messages {config.max_queued_messages}
+max_inflight_messages {config.max_inflight_messages}
 # Chunked transfers are request/response: Nagle's algorithm would delay each answer.
 set_tcp_nodelay true
 

@@ -209,6 +209,22 @@ def test_persistent_session_queues_qos1_messages_while_away(
     assert (message.payload, message.qos) == (b"while away", 1)
 
 
+def test_unacknowledged_messages_are_not_held_back(
+        fleet: TestFleet, ids: dict[str, TLSIdentity], connect: Connect) -> None:
+    """No limit on messages in flight to a client (BrokerConfig.max_inflight_messages):
+    Mosquitto 2.0.11 queues those over its default limit of 20 and may then deliver them out
+    of order, which at 1,000 devices let a device's older report overwrite its newer one at
+    the fleet server (benchmarks/fleet_bench.py)."""
+    server = connect(ids["server"])
+    server.client.manual_ack_set(True)  # acknowledges nothing, like a server still storing
+    server.subscribe(fleet.topic("+", "events"))
+    dev1 = connect(ids["dev1"])
+    for i in range(50):
+        dev1.client.publish(fleet.topic("dev1", "events"), str(i).encode(), qos=1)
+    server.wait(lambda: len(server.messages) == 50, "50 messages, none acknowledged")
+    assert [int(m.payload) for m in server.messages] == list(range(50))
+
+
 def test_persistent_session_with_mqtt_311(
         fleet: TestFleet, ids: dict[str, TLSIdentity], connect: Connect) -> None:
     server = connect(ids["server"])
