@@ -251,6 +251,25 @@ class _Tx:
     def __init__(self, cursor: _Cursor, dialect: _Dialect) -> None:
         self._cur = cursor
         self.dialect = dialect
+        self._savepoints = 0
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[_Tx]:
+        """A nested transaction: what the block changed is undone if it raises. If undoing
+        fails (the database itself failed), that error is raised instead."""
+        self._savepoints += 1
+        name = f"sp{self._savepoints}"
+        self._cur.execute(f"SAVEPOINT {name}", ())
+        try:
+            yield self
+        except BaseException:
+            self._cur.execute(f"ROLLBACK TO SAVEPOINT {name}", ())
+            self._cur.execute(f"RELEASE SAVEPOINT {name}", ())
+            raise
+        else:
+            self._cur.execute(f"RELEASE SAVEPOINT {name}", ())
+        finally:
+            self._savepoints -= 1
 
     def _sql(self, sql: str) -> str:
         # No statement of this module has a literal '?' or '%', so this is a plain rewrite.
@@ -522,6 +541,7 @@ class Registry:
         """Wrap an open backend; :func:`open_registry` is the public way in."""
         self._backend: _Backend | None = backend
         self._lock = threading.RLock()
+        self._batch: _Tx | None = None  # the open batch() transaction, if any
         self._clock = clock
         self.blob_dir = None if blob_dir is None else blob_dir.resolve()
         self.dialect = backend.dialect.name
@@ -540,8 +560,36 @@ class Registry:
                 self._backend = None
 
     @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Make the calls in the block one write transaction: one commit (on SQLite, one
+        fsync) for all of them instead of one each.
+
+        Each call inside still succeeds or fails as a whole (it runs in a savepoint), so a
+        refused call (RegistryError) changes nothing and the batch goes on. Everything is
+        committed together when the block ends, or nothing if the block raises or the
+        commit fails. Other threads' calls wait until the batch ends; batches do not nest.
+        """
+        with self._lock:
+            if self._batch is not None:
+                raise RuntimeError("Registry.batch() does not nest")
+            if self._backend is None:
+                raise RegistryError("the registry is closed; open it again with "
+                                    "open_registry()")
+            with self._backend.transaction(write=True) as tx:
+                self._batch = tx
+                try:
+                    yield
+                finally:
+                    self._batch = None
+
+    @contextlib.contextmanager
     def _tx(self, *, write: bool = False) -> Iterator[_Tx]:
         with self._lock:
+            if self._batch is not None:
+                # Inside this thread's batch (the lock is held by it): one call = a savepoint.
+                with self._batch.savepoint() as tx:
+                    yield tx
+                return
             if self._backend is None:
                 raise RegistryError("the registry is closed; open it again with "
                                     "open_registry()")

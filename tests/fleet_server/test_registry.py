@@ -487,6 +487,80 @@ def test_one_registry_shared_by_threads(reg: Registry) -> None:
     assert _kinds(reg).count("tick") == 100
 
 
+# --- batches ------------------------------------------------------------------------------
+
+def _model_report(version: int) -> dict[str, Any]:
+    return {"models": {"digits": {"version": version, "state": "committed"}}}
+
+
+def test_batch_commits_its_calls_together(opener: Callable[[], Registry]) -> None:
+    """The fleet service stores a burst of device messages as one transaction."""
+    reg, other = opener(), opener()  # other: a second connection, as another process
+    for i in range(3):
+        _enroll(reg, f"gw-{i}")
+    with reg.batch():
+        for i in range(3):
+            reg.set_reported(f"gw-{i}", _model_report(i))
+            reg.add_event("install.committed", device=f"gw-{i}")
+        assert reg.get_device("gw-2").reported == _model_report(2)  # type: ignore[union-attr]
+        # Not committed yet: another connection still sees the state before the batch.
+        assert all(not d.reported for d in other.list_devices())
+    assert [d.reported for d in other.list_devices()] == [_model_report(i) for i in range(3)]
+    assert _kinds(other).count("install.committed") == 3
+
+
+def test_a_refused_call_in_a_batch_changes_nothing_and_the_batch_goes_on(
+        reg: Registry) -> None:
+    _enroll(reg, "gw-1")
+    with reg.batch():
+        with pytest.raises(RegistryError, match="unknown device 'gw-9'"):
+            reg.set_reported("gw-9", _model_report(1))
+        # Refused half-way: the group was already changed when the tags were found bad.
+        with pytest.raises(RegistryError, match="tag"):
+            reg.update_device("gw-1", group="field", tags=["bad\ntag"])
+        reg.set_reported("gw-1", _model_report(1))
+    device = reg.get_device("gw-1")
+    assert device is not None
+    assert (device.group, device.reported) == ("lab", _model_report(1))
+    assert "device.updated" not in _kinds(reg)
+
+
+def test_a_batch_that_raises_is_undone_whole(reg: Registry) -> None:
+    _enroll(reg, "gw-1")
+    events = len(reg.events())
+    class DatabaseFailed(Exception):
+        pass
+
+    def store_then_fail() -> None:
+        with reg.batch():
+            reg.set_reported("gw-1", _model_report(1))
+            reg.add_event("install.committed", device="gw-1")
+            raise DatabaseFailed
+
+    with pytest.raises(DatabaseFailed):
+        store_then_fail()
+    assert reg.get_device("gw-1").reported == {}  # type: ignore[union-attr]
+    assert len(reg.events()) == events
+    reg.set_reported("gw-1", _model_report(2))  # the registry is usable afterwards
+    assert reg.get_device("gw-1").reported == _model_report(2)  # type: ignore[union-attr]
+
+
+def test_other_threads_wait_for_a_batch_and_batches_do_not_nest(reg: Registry) -> None:
+    _enroll(reg, "gw-1")
+    seen: list[Any] = []
+    reader = threading.Thread(
+        target=lambda: seen.append(reg.get_device("gw-1").reported))  # type: ignore[union-attr]
+    with reg.batch():
+        reg.set_reported("gw-1", _model_report(1))
+        reader.start()
+        reader.join(0.3)
+        assert reader.is_alive()  # waiting for the batch, not reading half of it
+        with pytest.raises(RuntimeError, match="does not nest"), reg.batch():
+            pass
+    reader.join(5)
+    assert seen == [_model_report(1)]
+
+
 # --- restart, opening, closing ------------------------------------------------------------
 
 def test_restart_keeps_all_state(opener: Callable[[], Registry]) -> None:
