@@ -6,4 +6,7 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+# Guarded: the agent's verifier runs in spawned child processes, which import the parent's
+# main module (this one, under ``python -m agent``) and must not start the CLI again.
+if __name__ == "__main__":
+    sys.exit(main())
