@@ -40,7 +40,7 @@ from bundle.protocol import (
 )
 from firmware_profiles.model import Profile
 from fleet_server.broker import Broker
-from tests.agent.bundles import digits_spec, samples
+from tests.agent.bundles import DIGITS, digits_spec, samples
 from tests.bundle.repo import Repo
 from tests.mqtt_broker import TestFleet, mosquitto_or_skip
 
@@ -228,9 +228,12 @@ def test_telemetry_survives_a_broker_outage_in_order_and_complete(
     buffer = Recording(tmp_path / "telemetry.db")
     link = link_factory(telemetry=lambda runtime: TelemetryFeed(TelemetryCollector(runtime),
                                                                 buffer))
+    link.runtime.load_file(DIGITS, "digits")
     wait(lambda: len(server.telemetry) >= 3, "telemetry to flow")
     broker.stop()
     wait(lambda: not link.connected, "the link to notice")
+    # Apps on the device do not notice: the runtime serves on.
+    assert link.runtime.infer("digits", {"input": samples(2)})["logits"].shape == (2, 10)
     during = len(appended)
     time.sleep(1.5)  # samples pile up in the buffer meanwhile
     assert len(appended) >= during + 4
