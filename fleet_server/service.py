@@ -14,9 +14,14 @@ default, or an external one by URL) and one MQTT client with the server's identi
 - enrolls devices: checks the CSR, redeems the one-time token, records the device and
   returns what the device needs (:class:`Enrollment`).
 
-A malformed message is logged and recorded as a ``protocol_error`` event; nothing a device
-sends stops the service. The MQTT client keeps a persistent session (messages sent while
-the server is down wait on the broker) and reconnects with back-off by itself.
+Chunk requests are answered on paho's network thread (each chunk read and framed once, then
+served from memory); everything to store goes to one ingest thread, which writes up to
+:data:`_INGEST_BATCH` messages per transaction and acknowledges them to the broker only
+once committed, so a message is never lost between receipt and storage (the broker
+delivers an unacknowledged one again). A malformed message is logged and recorded as a
+``protocol_error`` event; nothing a device sends stops the service. The MQTT client keeps a
+persistent session (messages sent while the server is down wait on the broker) and
+reconnects with back-off by itself.
 
 Layout of the data directory (``fleet serve --data DIR``)::
 
@@ -37,11 +42,12 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import TracebackType
@@ -106,6 +112,10 @@ _RECONNECT_MAX_S = 30
 #: rollout every device asks for the same chunks, which are then read, hashed and framed
 #: once instead of once per device.
 _FRAME_CACHE_BYTES = 64 * 1024 * 1024
+#: What devices send to be stored (reports, events, telemetry) is written by one ingest
+#: thread, up to this many messages per transaction (one commit, on SQLite one fsync, instead
+#: of one per message), and acknowledged to the broker once committed.
+_INGEST_BATCH = 200
 
 
 @dataclass(frozen=True)
@@ -189,6 +199,11 @@ class FleetService:
         self._bundles: dict[str, BundleRecord] = {}
         self._fetchable: set[tuple[str, str]] = set()
         self._frames = _FrameCache(_FRAME_CACHE_BYTES)
+        self._inbox: queue.SimpleQueue[_Inbound | None] = queue.SimpleQueue()
+        self._ingest_thread: threading.Thread | None = None
+        # Counts connections, so a message is not acknowledged on a later connection than
+        # the one it came on (the broker re-sends unacknowledged ones after a reconnect).
+        self._generation = 0
 
     # --- life cycle ---
 
@@ -205,7 +220,14 @@ class FleetService:
             raise
 
     def stop(self) -> None:
-        """Disconnect, stop an embedded broker and close the registry. Idempotent."""
+        """Disconnect, stop an embedded broker and close the registry. Idempotent.
+
+        Messages received so far are stored and acknowledged first; any arriving meanwhile
+        stay unacknowledged, and the broker delivers them again on the next start."""
+        ingest, self._ingest_thread = self._ingest_thread, None
+        if ingest is not None:
+            self._inbox.put(None)
+            ingest.join()
         client, self._client = self._client, None
         if client is not None:
             close_client(client)
@@ -244,7 +266,13 @@ class FleetService:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.reconnect_delay_set(_RECONNECT_MIN_S, _RECONNECT_MAX_S)
+        # Stored messages are acknowledged by the ingest thread once committed.
+        client.manual_ack_set(True)
         self._client = client
+        self._inbox = queue.SimpleQueue()
+        self._ingest_thread = threading.Thread(target=self._ingest_loop, args=(self._inbox,),
+                                               name="fleet-ingest", daemon=True)
+        self._ingest_thread.start()
         client.loop_start()
         if not self._connected.wait(self.config.connect_timeout):
             why = self._connect_failure or "no answer"
@@ -487,6 +515,7 @@ class FleetService:
             log.warning("broker refused the connection: %s", reason)
             return
         self._connect_failure = None
+        self._generation += 1
         client.subscribe([(device_topic(self.fleet, "+", leaf), 1) for leaf in _INGEST_LEAVES])
         try:
             self.republish_all()
@@ -511,26 +540,88 @@ class FleetService:
     def _on_message(self, _client: Client, _userdata: object, message: MQTTMessage) -> None:
         prefix = device_topic(self.fleet, "", "")[:-1]  # "edgefleet/{fleet}/devices/"
         device, _, leaf = message.topic.removeprefix(prefix).partition("/")
-        payload = bytes(message.payload)
+        inbound = _Inbound(device, leaf, bytes(message.payload), message.mid, message.qos,
+                           self._generation)
+        if leaf != protocol.CHUNK_REQUEST_LEAF:
+            self._inbox.put(inbound)  # stored, then acknowledged, by the ingest thread
+            return
+        # Chunk requests are answered here, at once: nothing to store.
         try:
+            self._serve_chunk(device, inbound.payload)
+        except (ProtocolError, RegistryError) as exc:
+            self._inbox.put(replace(inbound, error=exc))  # to record as a protocol error
+            return
+        except Exception:
+            # The database is down, or a bug: log it and keep serving the other devices.
+            log.exception("failed to answer a chunk request of %s", device)
+        self._ack(inbound)
+
+    def _ack(self, inbound: _Inbound) -> None:
+        client = self._client
+        if client is not None and inbound.generation == self._generation:
+            client.ack(inbound.mid, inbound.qos)
+
+    # --- ingest (the ingest thread) ---
+
+    def _ingest_loop(self, inbox: queue.SimpleQueue[_Inbound | None]) -> None:
+        """Store what devices send, in batches, until None arrives."""
+        while True:
+            item = inbox.get()
+            batch: list[_Inbound] = []
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= _INGEST_BATCH:
+                    break
+                try:
+                    item = inbox.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._ingest_batch(batch)
+            if item is None:
+                return
+
+    def _ingest_batch(self, batch: list[_Inbound]) -> None:
+        """Store ``batch`` in one transaction, then acknowledge it. Should the transaction
+        fail (the database, not a message, is at fault), each message is handled alone."""
+        # By device (stable: each device's messages keep their order), so rows are locked
+        # in id order as everywhere else in the registry.
+        batch = sorted(batch, key=lambda item: item.device)
+        try:
+            with self.registry.batch():
+                for item in batch:
+                    self._ingest(item, in_batch=True)
+        except Exception:
+            log.warning("could not store %d device message(s) in one transaction; storing "
+                        "them one by one", len(batch), exc_info=True)
+            for item in batch:
+                self._ingest(item, in_batch=False)
+        for item in batch:
+            self._ack(item)
+
+    def _ingest(self, item: _Inbound, *, in_batch: bool) -> None:
+        """Store one message. A bad message is recorded as a protocol error; any other
+        failure is raised in a batch (which is then undone), else logged."""
+        device, leaf, payload = item.device, item.leaf, item.payload
+        try:
+            if item.error is not None:
+                raise item.error
             if leaf == "reported":
                 self._ingest_reported(device, payload)
             elif leaf == "events":
                 self._ingest_event(device, payload)
             elif leaf == "telemetry":
                 self._ingest_telemetry(device, payload)
-            elif leaf == protocol.CHUNK_REQUEST_LEAF:
-                self._serve_chunk(device, payload)
             else:
-                raise ProtocolError(f"unexpected topic {message.topic}; this server "
-                                    "answers outbox/chunks only")
+                raise ProtocolError(f"unexpected topic {device_topic(self.fleet, device, leaf)}; "
+                                    "this server answers outbox/chunks only")
         except (ProtocolError, RegistryError) as exc:
-            self._protocol_error(device, leaf, payload, exc)
+            self._protocol_error(device, leaf, payload, exc, in_batch=in_batch)
         except Exception:
+            if in_batch:
+                raise
             # The database is down, or a bug: log it and keep serving the other devices.
             log.exception("failed to handle %s from %s", leaf, device)
-
-    # --- ingest ---
 
     def _ingest_reported(self, device: str, payload: bytes) -> None:
         protocol.decode_reported(payload)  # validates; the registry keeps the JSON as sent
@@ -614,7 +705,7 @@ class FleetService:
         return protocol.Chunk(sha, request.offset, record.size, data)
 
     def _protocol_error(self, device: str, leaf: str, payload: bytes,
-                        exc: Exception) -> None:
+                        exc: Exception, *, in_batch: bool = False) -> None:
         log.warning("unusable %s message from %s: %s", leaf, device, exc)
         now = time.monotonic()
         start, count = self._error_budget.get(device, (now, 0))
@@ -628,7 +719,24 @@ class FleetService:
         try:
             self.registry.add_event(PROTOCOL_ERROR, device=device, detail=detail)
         except Exception:
+            if in_batch:
+                raise  # the batch is undone and its messages handled one by one
             log.exception("could not record a protocol error of %s", device)
+
+
+@dataclass(frozen=True)
+class _Inbound:
+    """A message from a device, with what its acknowledgement needs."""
+
+    device: str
+    leaf: str
+    payload: bytes
+    mid: int
+    qos: int
+    #: The connection it came on (FleetService._generation).
+    generation: int
+    #: A chunk request that could not be answered: the error to record.
+    error: Exception | None = None
 
 
 class _FrameCache:

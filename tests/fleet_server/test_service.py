@@ -9,13 +9,17 @@ would have too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -41,7 +45,7 @@ from tests.fleet_server.server_env import (
     wait_until,
     write_keys,
 )
-from tests.mqtt_broker import Recorder
+from tests.mqtt_broker import TIMEOUT, Recorder
 
 pytestmark = pytest.mark.integration
 
@@ -200,6 +204,29 @@ def test_chunks_are_served_for_desired_bundles_only(
     assert fetch_bundle(recorder, device, v2.sha256, v2.size) == bundles["v2"]
 
 
+def test_cached_chunks_go_only_to_devices_they_are_desired_for(
+        service: FleetService, tmp_path: Path, bundles: dict[str, bytes],
+        clients: list[Recorder]) -> None:
+    """Chunks are read and framed once, then served from memory: still only to devices the
+    bundle is or was desired for."""
+    a1, b1 = enroll(service, tmp_path, "a1"), enroll(service, tmp_path, "b1")
+    big = service.add_bundle(bundles["big"])
+    service.publish(big.sha256, devices=["a1"])
+    r_a1, r_b1 = _connect(a1, clients, "inbox/#"), _connect(b1, clients, "inbox/#")
+    size = protocol.DEFAULT_CHUNK_BYTES
+    first = request_chunk(r_a1, a1, big.sha256, 0, size)
+    assert (first.error, first.data) == (None, bundles["big"][:size])
+
+    refused = request_chunk(r_b1, b1, big.sha256, 0, size)  # the very bytes in the cache
+    assert (refused.data, refused.error) == (b"", f"bundle {big.sha256} is not available to "
+                                             "device b1; only bundles in its desired state "
+                                             "can be fetched")
+    big.path.unlink()  # from memory now; bytes not read before need the blob
+    assert request_chunk(r_a1, a1, big.sha256, 0, size) == first
+    assert request_chunk(r_a1, a1, big.sha256, size, size).error == (
+        "the server cannot read this bundle right now; retry later")
+
+
 # --- (c) ingest ---------------------------------------------------------------------------
 
 def test_reported_events_and_telemetry_land_in_the_registry(
@@ -255,6 +282,107 @@ def test_malformed_messages_are_recorded_and_ingest_goes_on(
     assert [e.detail["topic"] for e in errors] == list(garbage)
     assert "protocol version 99" in errors[2].detail["error"]
     assert service.connected
+
+
+def _event(kind: str, step: int) -> bytes:
+    return protocol.encode(protocol.Event(kind, float(step), {"step": step}))
+
+
+def _steps(service: FleetService, device: str, kind: str) -> list[int]:
+    return [e.detail["step"] for e in service.registry.events(device=device) if e.kind == kind]
+
+
+def test_a_burst_is_stored_in_batches_each_device_in_order(
+        service: FleetService, tmp_path: Path, bundles: dict[str, bytes],
+        clients: list[Recorder], monkeypatch: pytest.MonkeyPatch) -> None:
+    devices = [enroll(service, tmp_path, f"gw-{i}") for i in range(3)]
+    v1 = service.add_bundle(bundles["v1"])
+    service.publish(v1.sha256, group="lab")
+    recorders = [_connect(d, clients) for d in devices]
+    sizes: list[int] = []
+    release = threading.Event()
+    store = service._ingest_batch
+
+    def counted(batch: list[Any]) -> None:
+        sizes.append(len(batch))
+        if len(sizes) == 1:
+            release.wait(TIMEOUT)  # the first batch waits until the whole burst has arrived
+        store(batch)
+
+    monkeypatch.setattr(service, "_ingest_batch", counted)
+    steps = 40
+    total = 2 * steps * len(devices)
+    for step in range(steps):
+        for recorder, device in zip(recorders, devices, strict=True):
+            recorder.client.publish(device.topic("events"), _event("tick", step), qos=1)
+            state = "committed" if step == steps - 1 else "probation"
+            recorder.client.publish(device.topic("reported"), _reported(v1.sha256, 1, state),
+                                    qos=1)
+    wait_until(lambda: sizes and sizes[0] + service._inbox.qsize() == total,
+               "the burst to reach the service")
+    release.set()
+    wait_until(lambda: all(d.converged for d in service.registry.list_devices()),
+               "the last reports stored")
+    for device in devices:
+        assert _steps(service, device.id, "tick") == list(range(steps))
+    assert sum(sizes) == total
+    assert len(sizes) <= 3  # what arrived while the first waited: at most 200 per batch
+
+
+def test_messages_are_acknowledged_only_once_stored(
+        service: FleetService, tmp_path: Path, clients: list[Recorder],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message the service received but had not stored when its connection broke is
+    delivered again by the broker (the service had not acknowledged it)."""
+    device = enroll(service, tmp_path, "gw-1")
+    recorder = _connect(device, clients)
+    holding, release = threading.Event(), threading.Event()
+    original = service.registry.batch
+
+    @contextlib.contextmanager
+    def held() -> Iterator[None]:
+        holding.set()
+        release.wait(TIMEOUT)
+        with original():
+            yield
+
+    monkeypatch.setattr(service.registry, "batch", held)
+    recorder.publish(device.topic("events"), _event("install.committed", 1))
+    assert holding.wait(TIMEOUT)  # received, not stored
+    recorder.close()
+    service.broker.stop()  # saves the service's session: the unacknowledged message in it
+    service.broker.start()
+    wait_until(lambda: service.connected, "the service to reconnect", timeout=10)
+    release.set()
+    # Stored twice: as received first, and as delivered again after the reconnect.
+    wait_until(lambda: _steps(service, "gw-1", "install.committed") == [1, 1],
+               "the message delivered again")
+
+
+def test_when_a_batch_fails_each_message_is_stored_alone(
+        service: FleetService, tmp_path: Path, clients: list[Recorder],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    device = enroll(service, tmp_path, "gw-1")
+    recorder = _connect(device, clients)
+    original = service.registry.batch
+    failed: list[int] = []
+
+    @contextlib.contextmanager
+    def commit_fails_once() -> Iterator[None]:
+        with original():
+            yield
+            if not failed:
+                failed.append(1)
+                raise OSError("disk I/O error")  # as a failing commit would: all undone
+
+    monkeypatch.setattr(service.registry, "batch", commit_fails_once)
+    with caplog.at_level(logging.WARNING, logger="fleet_server.service"):
+        recorder.publish(device.topic("events"), _event("install.committed", 1))
+        recorder.publish(device.topic("events"), _event("install.committed", 2))
+        wait_until(lambda: _steps(service, "gw-1", "install.committed") == [1, 2],
+                   "both events stored")
+    assert failed == [1]
+    assert "storing them one by one" in caplog.text
 
 
 # --- (d) restart --------------------------------------------------------------------------
