@@ -201,7 +201,12 @@ def test_a_rejected_bundle_is_reported_and_not_retried(
     wait(lambda: server.last_report() == {"digits": (1, sha1, "committed")}, "v1 committed")
     good = repo.build(digits_spec(2))
     server.want(2, good[:-50] + bytes(50))  # tampered in transit or at rest
-    wait(lambda: "install.failed" in server.events, "the install to fail")
+    def failed_reported() -> bool:
+        install = decode_reported(server.reports[-1]).installs.get("digits")
+        return install is not None and install.state == "failed"
+
+    wait(lambda: "install.failed" in server.events and failed_reported(),
+         "the install to fail and be reported")
     reported = decode_reported(server.reports[-1])
     assert reported.models["digits"].version == 1
     install = reported.installs["digits"]
