@@ -14,6 +14,7 @@ from compressor.errors import CompressorError
 from compressor.evaluate import DatasetError, ModelLoadError
 from compressor.pipeline import CompressOptions, NoArtifactError, UnsupportedTargetError, compress
 from firmware_profiles import PROFILES_DIR, get_profile, load_profile
+from tests.compressor.signing import sign_and_verify
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 MODEL, DATA = MODELS / "digits_cnn.onnx", MODELS / "digits_data.npz"
@@ -58,21 +59,10 @@ def test_compress_writes_artifacts_and_report(tmp_path: Path) -> None:
 
 
 def test_report_feeds_a_signed_bundle(tmp_path: Path) -> None:
-    from bundle.trust import TrustedState, verify_bundle
-    from fleet_server.cli import main as fleet
-
     out = tmp_path / "out"
     compress(MODEL, [get_profile("x86-64-vnni")], out, calibration=DATA, evaluation=DATA,
              options=FAST)
-    assert fleet(["keys", "init", "--dir", str(tmp_path / "keys")]) == 0
-    assert fleet(["bundle", "build", "--name", "digits", "--version", "1", "--artifacts",
-                  str(out), "--keys", str(tmp_path / "keys"), "--out",
-                  str(tmp_path / "b.efb")]) == 0
-    from datetime import datetime, timezone
-
-    verified = verify_bundle((tmp_path / "b.efb").read_bytes(),
-                             TrustedState(root=(tmp_path / "keys/root.json").read_bytes()),
-                             now=datetime.now(timezone.utc), profile="x86-64-vnni")
+    verified = sign_and_verify(out, tmp_path, "x86-64-vnni")
     assert verified.manifest.profiles == ("x86-64-vnni",)
     assert len(verified.manifest.self_test) == 4
     assert verified.manifest.artifacts[0].profile == "x86-64-vnni"

@@ -24,6 +24,7 @@ from compressor.passes.tflite import TFLITE_VARIANTS, TfliteBuild, tflite_unavai
 from compressor.pipeline import CompressOptions, UnsupportedTargetError, compress
 from firmware_profiles import get_profile
 from firmware_profiles.runtimes import import_litert
+from tests.compressor.signing import sign_and_verify
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 MODEL, DATA = MODELS / "digits_cnn.onnx", MODELS / "digits_data.npz"
@@ -270,19 +271,9 @@ def decode(tensor: dict[str, Any]) -> np.ndarray:
 @needs_tf
 def test_bundle_builds_from_tflite_artifacts(compressed: tuple[Path, dict[str, Any]],
                                              tmp_path: Path) -> None:
-    from datetime import datetime, timezone
-
-    from bundle.trust import TrustedState, verify_bundle
-    from fleet_server.cli import main as fleet
 
     out, _ = compressed
-    assert fleet(["keys", "init", "--dir", str(tmp_path / "keys")]) == 0
-    assert fleet(["bundle", "build", "--name", "digits", "--version", "1", "--artifacts",
-                  str(out), "--keys", str(tmp_path / "keys"), "--out",
-                  str(tmp_path / "b.efb")]) == 0
-    verified = verify_bundle((tmp_path / "b.efb").read_bytes(),
-                             TrustedState(root=(tmp_path / "keys/root.json").read_bytes()),
-                             now=datetime.now(timezone.utc), profile="coral-edgetpu")
+    verified = sign_and_verify(out, tmp_path, "coral-edgetpu")
     formats = {a.profile: (a.format, a.dtype) for a in verified.manifest.artifacts}
     assert formats["coral-edgetpu"] == ("tflite", "int8-full")
     assert formats["rpi4"][0] == "tflite"
