@@ -5,9 +5,11 @@ The agent asks for the bytes it lacks (:class:`~bundle.protocol.ChunkRequest`), 
 (chunks that overtake others wait in memory). The file's length is therefore always the
 resume point: after a dropped connection, or a restart of the agent, fetching continues at
 the first missing byte rather than from zero. A request unanswered for ``timeout_s`` is
-sent again. Each chunk's own sha256 is checked on arrival (:func:`bundle.protocol
-.decode_chunk`) and the whole file's against the desired one at the end; a mismatch there
-discards the file and starts over. No I/O but the file: the link moves the messages.
+sent again, and the timeout doubles (up to a minute, back to ``timeout_s`` once chunks
+flow) so a busy server is not flooded. Each chunk's own sha256 is checked on arrival
+(:func:`bundle.protocol.decode_chunk`) and the whole file's against the desired one at
+the end; a mismatch there discards the file and starts over. No I/O but the file: the
+link moves the messages.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .errors import AgentError
 __all__ = ["BundleFetch", "FetchError"]
 
 log = logging.getLogger(__name__)
+_MAX_TIMEOUT_S = 60.0
 
 
 class FetchError(AgentError):
@@ -44,6 +47,7 @@ class BundleFetch:
         self.chunk_bytes = chunk_bytes
         self.window = window
         self.timeout_s = timeout_s
+        self._base_timeout_s = timeout_s
         self.clock = clock
         self.part = directory / f"{sha256}.part"
         self.path = directory / f"{sha256}.efb"
@@ -76,6 +80,7 @@ class BundleFetch:
             now = self.clock()
             end = min(self.size, self._have + self.window * self.chunk_bytes)
             wanted = []
+            timed_out = False
             for offset in range(self._have, end, self.chunk_bytes):
                 asked = self._asked.get(offset)
                 if offset in self._early or (asked is not None and now - asked <= self.timeout_s):
@@ -83,8 +88,13 @@ class BundleFetch:
                 length = min(self.chunk_bytes, self.size - offset)
                 if asked is not None:
                     self.refetched += length
+                    timed_out = True
                 wanted.append(ChunkRequest(self.sha256, offset, length))
                 self._asked[offset] = now
+            if timed_out:
+                # A server too busy to answer in time (a rollout to a large fleet) gets
+                # more time, not more requests: back off, up to a minute.
+                self.timeout_s = min(self.timeout_s * 2, _MAX_TIMEOUT_S)
             return wanted
 
     def forget_requests(self) -> None:
@@ -107,6 +117,7 @@ class BundleFetch:
                              "is stale")
         with self._lock:
             self._asked.pop(chunk.offset, None)
+            self.timeout_s = self._base_timeout_s  # the server answers again
             if chunk.offset >= self._have and chunk.offset % self.chunk_bytes == 0:
                 self._early[chunk.offset] = chunk.data
             appended = []

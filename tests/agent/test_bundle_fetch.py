@@ -78,6 +78,11 @@ def test_lost_requests_are_asked_again_after_the_timeout(tmp_path: Path) -> None
     clock.now = 5.1
     assert [r.offset for r in fetch.requests()] == [0, 1000, 2000]
     assert fetch.refetched == 3000
+    # The server is slow: the next re-request waits twice as long.
+    clock.now = 5.1 + 9.9
+    assert fetch.requests() == []
+    clock.now = 5.1 + 10.1
+    assert len(fetch.requests()) == 3
 
 
 def test_resume_after_a_restart_continues_at_the_first_missing_byte(tmp_path: Path) -> None:
@@ -132,6 +137,8 @@ def test_any_delivery_order_with_losses_completes(tmp_path_factory: pytest.TempP
             request = in_transit.pop()
             if rng.random() >= loss:
                 fetch.receive(_answer(request))
-        clock.now += 1.0
+            clock.now += 1.0
+        else:  # everything asked was lost: nothing happens until the timeout
+            clock.now += fetch.timeout_s + 0.1
     assert fetch.done
     assert fetch.path.read_bytes() == DATA
