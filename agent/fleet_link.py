@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -43,6 +43,7 @@ from bundle.protocol import (
     CHUNK_REQUEST_LEAF,
     DEFAULT_CHUNK_BYTES,
     Desired,
+    DesiredModel,
     Event,
     InstallReport,
     ModelReport,
@@ -59,7 +60,7 @@ from .config import FleetSettings
 from .install_state import InstallRecord
 from .runtime import Runtime
 
-__all__ = ["FleetLink", "TelemetrySource"]
+__all__ = ["FleetLink", "TelemetrySource", "next_fetch"]
 
 log = logging.getLogger(__name__)
 _TICK_S = 0.25
@@ -79,6 +80,22 @@ class TelemetrySource(Protocol):
     def ack(self, up_to_seq: int) -> None:
         """Forget samples up to and including ``up_to_seq``: the broker has them."""
         ...
+
+
+def next_fetch(desired: Desired | None, served: Mapping[str, str | None],
+               given_up: Mapping[str, str]) -> tuple[str, DesiredModel] | None:
+    """The model whose desired bundle to fetch next, or None when the device is in line.
+
+    ``served`` maps model names to the bundle sha256 serving now (None: not from the fleet
+    or not served); ``given_up`` maps them to a bundle that failed, which is not fetched
+    again until the desired state names another one. Models in name order, one at a time.
+    """
+    if desired is None:
+        return None
+    for name, want in sorted(desired.models.items()):
+        if want.bundle_sha256 not in (served.get(name), given_up.get(name)):
+            return name, want
+    return None
 
 
 class FleetLink:
@@ -232,25 +249,23 @@ class FleetLink:
     def _start_next_fetch(self) -> None:
         with self._lock:
             desired = self._desired
-        if desired is None:
+        served = {name: self._served_bundle(name) for name in desired.models} if desired else {}
+        chosen = next_fetch(desired, served, self._given_up)
+        if chosen is None:
             return
-        for name, want in sorted(desired.models.items()):
-            current = self._served_bundle(name)
-            if current == want.bundle_sha256 or self._given_up.get(name) == want.bundle_sha256:
-                continue
-            fetch = BundleFetch(self.fetch_dir, want.bundle_sha256, want.size,
-                                chunk_bytes=self.chunk_bytes)
-            with self._lock:
-                self._fetch, self._fetch_model = fetch, name
-                self._fetch_version = want.version
-            log.info("fetching %s v%d (bundle %s, %d bytes)", name, want.version,
-                     want.bundle_sha256[:12], want.size)
-            self._event("fetch.started", {"model": name, "version": want.version,
-                                          "bundle_sha256": want.bundle_sha256,
-                                          "resume_at": round(fetch.progress * want.size)})
-            self._report()
-            self._request_chunks()
-            return
+        name, want = chosen
+        fetch = BundleFetch(self.fetch_dir, want.bundle_sha256, want.size,
+                            chunk_bytes=self.chunk_bytes)
+        with self._lock:
+            self._fetch, self._fetch_model = fetch, name
+            self._fetch_version = want.version
+        log.info("fetching %s v%d (bundle %s, %d bytes)", name, want.version,
+                 want.bundle_sha256[:12], want.size)
+        self._event("fetch.started", {"model": name, "version": want.version,
+                                      "bundle_sha256": want.bundle_sha256,
+                                      "resume_at": round(fetch.progress * want.size)})
+        self._report()
+        self._request_chunks()
 
     def _served_bundle(self, name: str) -> str | None:
         try:

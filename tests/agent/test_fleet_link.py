@@ -19,7 +19,7 @@ import pytest
 from paho.mqtt.client import Client, MQTTMessage
 
 from agent.config import FleetSettings
-from agent.fleet_link import FleetLink, TelemetrySource
+from agent.fleet_link import FleetLink, TelemetrySource, next_fetch
 from agent.probation import ProbationPolicy
 from agent.runtime import Runtime
 from agent.telemetry import TelemetryBuffer, TelemetryCollector, TelemetryFeed
@@ -42,7 +42,7 @@ from firmware_profiles.model import Profile
 from fleet_server.broker import Broker
 from tests.agent.bundles import DIGITS, digits_spec, samples
 from tests.bundle.repo import Repo
-from tests.mqtt_broker import TestFleet, mosquitto_or_skip
+from tests.mqtt_broker import TestFleet, require_mosquitto
 
 DEVICE = "gw-1"
 
@@ -111,7 +111,7 @@ def wait(condition: Callable[[], object], what: str, timeout: float = 20.0) -> N
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> TestFleet:
-    mosquitto_or_skip()
+    require_mosquitto()
     return TestFleet.create(tmp_path / "pki")
 
 
@@ -253,3 +253,15 @@ def test_telemetry_survives_a_broker_outage_in_order_and_complete(
     first_arrivals = list(dict.fromkeys(received))
     assert first_arrivals == sorted(first_arrivals)
     buffer.close()
+
+
+def test_next_fetch_decides_without_a_broker() -> None:
+    a, b = ("a" * 64, "b" * 64)
+    desired = Desired({"zeta": DesiredModel(2, b, 10), "alpha": DesiredModel(1, a, 10)}, 0.0)
+    assert next_fetch(None, {}, {}) is None
+    assert next_fetch(desired, {}, {}) == ("alpha", desired.models["alpha"])  # name order
+    assert next_fetch(desired, {"alpha": a}, {}) == ("zeta", desired.models["zeta"])
+    assert next_fetch(desired, {"alpha": a, "zeta": b}, {}) is None  # in line
+    assert next_fetch(desired, {"alpha": a}, {"zeta": b}) is None  # failed: not again
+    newer = Desired({"zeta": DesiredModel(3, "c" * 64, 10)}, 1.0)
+    assert next_fetch(newer, {}, {"zeta": b}) == ("zeta", newer.models["zeta"])
