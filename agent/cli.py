@@ -274,9 +274,7 @@ def _install(args: argparse.Namespace) -> int:
             record = client.install(args.bundle)
     else:
         runtime = Runtime(args.state_dir, resolve_profile(args.profile))
-        r = runtime.install(args.bundle)
-        record = {"id": r.install_id, "model": r.model, "version": r.version,
-                  "state": r.state.value, "reason": r.reason, "detail": r.detail}
+        record = runtime.install(args.bundle).summary()
     if args.json:
         print(json.dumps(record, indent=2))
     elif record["reason"] is None:

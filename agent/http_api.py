@@ -184,10 +184,7 @@ class _Api:
         finally:
             Path(tmp).unlink(missing_ok=True)
         status = HTTPStatus.OK if record.reason is None else HTTPStatus.UNPROCESSABLE_ENTITY
-        return Response(status, _json({"id": record.install_id, "model": record.model,
-                                       "version": record.version,
-                                       "state": record.state.value, "reason": record.reason,
-                                       "detail": record.detail}))
+        return Response(status, _json(record.summary()))
 
 
 _FIXED_ROUTES: dict[tuple[str, str], Callable[[_Api, Request], Response]] = {

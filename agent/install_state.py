@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, replace
+from typing import Any
 
 __all__ = ["MAX_RESTARTS", "TERMINAL", "TRANSITIONS", "InstallRecord", "InstallState",
            "Step", "advance", "new_install", "plan_resume"]
@@ -86,6 +87,12 @@ class InstallRecord:
     def done(self) -> bool:
         """Whether the install reached a terminal state."""
         return self.state in TERMINAL
+
+    def summary(self) -> dict[str, Any]:
+        """The record as the API, ``status`` and ``install`` show it (JSON-ready)."""
+        return {"id": self.install_id, "model": self.model, "version": self.version,
+                "state": self.state.value, "reason": self.reason, "detail": self.detail,
+                "source": self.source, "at": self.history[-1][1]}
 
 
 def new_install(install_id: str, source: str, now: float) -> InstallRecord:

@@ -480,10 +480,7 @@ class Runtime:
                            "backend": info.backend, "fallback": info.fallback,
                            "source": info.source, **figures})
         installs = [] if self.installer is None else [
-            {"id": r.install_id, "model": r.model, "version": r.version,
-             "state": r.state.value, "reason": r.reason, "detail": r.detail,
-             "source": r.source, "at": r.history[-1][1]}
-            for r in self.installer.records()[:10]]
+            r.summary() for r in self.installer.records()[:10]]
         return {"models": models, "installs": installs, "problems": list(self.problems),
                 "profile": self.profile.name if self.profile else None}
 

@@ -24,9 +24,7 @@ def offline_status(state_dir: Path) -> dict[str, Any]:
                        "previous": pointer.previous, "format": slot.format,
                        "dtype": slot.dtype})
     installer = Installer(dirs, None, ())
-    installs = [{"id": r.install_id, "model": r.model, "version": r.version,
-                 "state": r.state.value, "reason": r.reason, "detail": r.detail,
-                 "source": r.source, "at": r.history[-1][1]} for r in installer.records()[:10]]
+    installs = [r.summary() for r in installer.records()[:10]]
     return {"models": models, "installs": installs, "problems": []}
 
 
