@@ -14,7 +14,6 @@ link moves the messages.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -25,6 +24,7 @@ from pathlib import Path
 from bundle.protocol import DEFAULT_CHUNK_BYTES, Chunk, ChunkRequest
 
 from .errors import AgentError
+from .model_store import sha256_file
 
 __all__ = ["BundleFetch", "FetchError"]
 
@@ -135,16 +135,13 @@ class BundleFetch:
             return self._finish()
 
     def _finish(self) -> bool:
-        digest = hashlib.sha256()
-        with open(self.part, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != self.sha256:
+        digest = sha256_file(self.part)
+        if digest != self.sha256:
             self.part.unlink(missing_ok=True)
             self._have = 0
             self._early.clear()
             raise FetchError(f"bundle {self.sha256[:12]} arrived complete but hashes to "
-                             f"{digest.hexdigest()[:12]}; fetching it again")
+                             f"{digest[:12]}; fetching it again")
         os.replace(self.part, self.path)
         return True
 

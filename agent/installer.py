@@ -12,11 +12,11 @@ use it to prove that ``kill -9`` in every state leaves a serving agent after res
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
 import os
-import shutil
 import signal
 import time
 import uuid
@@ -37,7 +37,7 @@ from firmware_profiles.model import Profile
 
 from .errors import AgentError, InstallError
 from .install_state import InstallRecord, InstallState, advance, new_install
-from .model_store import ModelStore, StoredModel, sha256_file
+from .model_store import ModelStore, StoredModel
 from .trust_store import TrustStore
 from .variants import choose_variant
 
@@ -160,8 +160,7 @@ class Installer:
                                    f"the bundle limit of {limit}")
             self.dirs.incoming.mkdir(parents=True, exist_ok=True)
             partial = target.with_suffix(".part")
-            shutil.copyfile(source, partial)
-            digest = sha256_file(partial)
+            digest = _copy_and_hash(source, partial)
             os.replace(partial, target)
         except OSError as exc:
             raise InstallError("download_failed", f"cannot read bundle {source} "
@@ -222,6 +221,16 @@ class Installer:
 
     def _bundle_path(self, record: InstallRecord) -> Path:
         return self.dirs.incoming / f"{record.install_id}.bundle"
+
+
+def _copy_and_hash(source: Path, target: Path) -> str:
+    """Copy ``source`` to ``target`` and return its sha256, reading it once."""
+    digest = hashlib.sha256()
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        for block in iter(lambda: src.read(1 << 20), b""):
+            digest.update(block)
+            dst.write(block)
+    return digest.hexdigest()
 
 
 def _verify_elsewhere(data: bytes, trusted: TrustedState, now: datetime,
