@@ -19,7 +19,7 @@ import numpy as np
 
 from bundle.quantization import Affine
 from firmware_profiles.model import Accelerator
-from firmware_profiles.runtimes import import_litert
+from firmware_profiles.runtimes import LiteRT, import_litert, load_delegate
 
 from .errors import ModelLoadError
 
@@ -159,7 +159,7 @@ class LiteRTSession:
                                  "ai-edge-litert (or tflite-runtime)")
         delegates, reasons, names = [], [], []
         for acc in accelerators:
-            delegate, reason = _load_delegate(litert.interpreter, acc)
+            delegate, reason = _load_delegate(litert, acc)
             if delegate is None:
                 reasons.append(reason)
             else:
@@ -234,19 +234,12 @@ def _interpreter(module: Any, path: Path, delegates: list[Any], threads: int) ->
     return interpreter
 
 
-def _load_delegate(module: Any, acc: Accelerator) -> tuple[Any, str]:
+def _load_delegate(litert: LiteRT, acc: Accelerator) -> tuple[Any, str]:
     """The loaded delegate, or None and why not."""
     if not acc.library:
         return None, f"{acc.provider} has no delegate library to load"
-    import ctypes
-
-    # Opening the library first avoids LiteRT's half-built Delegate objects, which fail
-    # noisily in __del__ when the library is missing (docs/architecture.md).
-    try:
-        ctypes.CDLL(acc.library)
-        return module.load_delegate(acc.library), ""
-    except (OSError, ValueError, RuntimeError) as exc:
-        return None, f"{acc.provider} delegate {acc.library} failed to load ({exc})"
+    delegate, reason = load_delegate(litert, acc.library)
+    return delegate, f"{acc.provider} delegate {reason}"
 
 
 def _litert_info(detail: Mapping[str, Any], served_as_float: bool) -> TensorInfo:

@@ -12,8 +12,10 @@ import importlib
 import sys
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
-__all__ = ["LiteRT", "delegate_loadable", "import_litert", "is_android", "onnxruntime_providers"]
+__all__ = ["LiteRT", "delegate_loadable", "import_litert", "is_android", "load_delegate",
+           "onnxruntime_providers"]
 
 # Distribution and module, in order of preference.
 _LITERT_MODULES = (("ai-edge-litert", "ai_edge_litert.interpreter"),
@@ -48,19 +50,20 @@ def onnxruntime_providers() -> tuple[str, ...]:
     return tuple(onnxruntime.get_available_providers())
 
 
-def delegate_loadable(litert: LiteRT, library: str) -> bool:
-    """Whether the LiteRT delegate in shared library ``library`` loads on this host."""
+def load_delegate(litert: LiteRT, library: str) -> tuple[Any, str]:
+    """The LiteRT delegate in shared library ``library``, or None and why it did not load."""
     # Opening the library first avoids LiteRT's half-built Delegate objects, which fail noisily
     # in __del__ when the library is missing (see docs/architecture.md).
     try:
         ctypes.CDLL(library)
-    except OSError:
-        return False
-    try:
-        litert.interpreter.load_delegate(library)
-    except (OSError, ValueError, RuntimeError):
-        return False
-    return True
+        return litert.interpreter.load_delegate(library), ""
+    except (OSError, ValueError, RuntimeError) as exc:
+        return None, f"{library} failed to load ({exc})"
+
+
+def delegate_loadable(litert: LiteRT, library: str) -> bool:
+    """Whether the LiteRT delegate in shared library ``library`` loads on this host."""
+    return load_delegate(litert, library)[0] is not None
 
 
 def is_android() -> bool:
