@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import ProtocolError
+from .manifest import MODEL_NAME
 
 __all__ = [
     "CHUNK_LEAF",
@@ -314,6 +315,6 @@ def _opt_sha(obj: Mapping[str, Any], key: str) -> str | None:
 
 
 def _name(name: str) -> str:
-    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,127}", name):
+    if not MODEL_NAME.fullmatch(name):
         raise ProtocolError(f"model name {name!r} is not valid")
     return name
