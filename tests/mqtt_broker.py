@@ -33,11 +33,13 @@ FLEET = "testfleet"
 TIMEOUT = 5.0
 
 
-def mosquitto_or_skip() -> str:
-    """The mosquitto executable; skips the test where it is not installed."""
+def require_mosquitto() -> str:
+    """The mosquitto executable. Its absence fails the test: the transport is proved only
+    against a real broker (scripts/install.sh installs it)."""
     executable = find_mosquitto()
     if executable is None:
-        pytest.skip("mosquitto is not installed")
+        pytest.fail("mosquitto is not installed; run scripts/install.sh (apt-get install "
+                    "mosquitto)")
     return executable
 
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from fleet_server.registry import open_registry
-from tests.mqtt_broker import mosquitto_or_skip
+from tests.mqtt_broker import require_mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
 
 
 def test_fleet_bench_runs_a_small_rollout(tmp_path: Path) -> None:
-    mosquitto_or_skip()
+    require_mosquitto()
     kept = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-W", "error", str(ROOT / "benchmarks" / "fleet_bench.py"),

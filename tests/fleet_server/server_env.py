@@ -18,7 +18,7 @@ from bundle.identity import make_device_key_and_csr
 from bundle.mqtt import BrokerAddress, ClientSettings, TLSIdentity, create_client, device_topic
 from fleet_server.service import Enrollment, FleetService, ServiceConfig
 from tests.bundle.repo import Repo
-from tests.mqtt_broker import TIMEOUT, Recorder, mosquitto_or_skip
+from tests.mqtt_broker import TIMEOUT, Recorder, require_mosquitto
 
 PROFILE = "x86-avx2"
 
@@ -36,7 +36,7 @@ def write_keys(directory: Path, repo: Repo) -> Path:
 
 def service_config(data_dir: Path, keys_dir: Path, db_url: str, **options: Any) -> ServiceConfig:
     """A service on loopback with a free MQTT port (kept across restarts in data_dir)."""
-    mosquitto_or_skip()
+    require_mosquitto()
     return ServiceConfig(data_dir=data_dir, keys_dir=keys_dir, fleet="testfleet",
                          db_url=db_url, mqtt_port=0, mqtt_bind="127.0.0.1",
                          connect_timeout=TIMEOUT, **options)

@@ -27,8 +27,8 @@ from tests.mqtt_broker import (
     Recorder,
     TestFleet,
     connection_outcome,
-    mosquitto_or_skip,
     recorders,
+    require_mosquitto,
 )
 
 pytestmark = pytest.mark.integration
@@ -51,7 +51,7 @@ def ids(fleet: TestFleet) -> dict[str, TLSIdentity]:
 
 @pytest.fixture
 def broker(fleet: TestFleet, tmp_path: Path) -> Iterator[Broker]:
-    mosquitto_or_skip()
+    require_mosquitto()
     with Broker.embedded(fleet.broker_config(tmp_path / "broker")) as started:
         yield started
 
@@ -263,7 +263,7 @@ def test_restart_keeps_retained_messages_and_sessions(
 
 
 def test_start_failure_reports_the_log(fleet: TestFleet, tmp_path: Path) -> None:
-    mosquitto_or_skip()
+    require_mosquitto()
     config = fleet.broker_config(tmp_path / "broker")
     # The CA's key is not the key of the broker's certificate.
     bad = replace(config, tls=replace(config.tls, key_file=fleet.ca.directory / "ca.key"))
@@ -275,7 +275,7 @@ def test_start_failure_reports_the_log(fleet: TestFleet, tmp_path: Path) -> None
 
 
 def test_port_in_use_is_reported(fleet: TestFleet, tmp_path: Path) -> None:
-    mosquitto_or_skip()
+    require_mosquitto()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         config = replace(fleet.broker_config(tmp_path / "broker"),
@@ -285,7 +285,7 @@ def test_port_in_use_is_reported(fleet: TestFleet, tmp_path: Path) -> None:
 
 
 def test_broker_certificate_from_another_ca_is_refused(fleet: TestFleet, tmp_path: Path) -> None:
-    mosquitto_or_skip()
+    require_mosquitto()
     config = fleet.broker_config(tmp_path / "broker")
     other = FleetCA.create(tmp_path / "other-ca", FLEET)
     # Mosquitto starts (it trusts the other CA for clients), but clients of this fleet

@@ -24,7 +24,7 @@ from fleet_server.api_client import ServerClient
 from fleet_server.cli import main
 from tests.bundle.repo import Repo
 from tests.fleet_server.server_env import PROFILE, wait_until, write_keys
-from tests.mqtt_broker import Recorder, mosquitto_or_skip
+from tests.mqtt_broker import Recorder, require_mosquitto
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, st
 def server(tmp_path: Path, db_url: str,
            repo: Repo) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
     """``fleet serve`` in a child process; its data directory and the process."""
-    mosquitto_or_skip()
+    require_mosquitto()
     data, keys = tmp_path / "server", write_keys(tmp_path / "keys", repo)
     log = (tmp_path / "serve.log").open("wb")
     process = subprocess.Popen(
