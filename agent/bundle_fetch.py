@@ -1,13 +1,13 @@
 """Fetching one bundle in chunks over the fleet link: resumable, flow-controlled, checked.
 
-The agent asks for the bytes it lacks (:class:`~bundle.protocol.ChunkRequest`), at most
+The agent asks for the bytes it lacks (:class:`~protocol.messages.ChunkRequest`), at most
 ``window`` chunks at a time, and appends each arriving chunk to ``{sha256}.part`` in order
 (chunks that overtake others wait in memory). The file's length is therefore always the
 resume point: after a dropped connection, or a restart of the agent, fetching continues at
 the first missing byte rather than from zero. A request unanswered for ``timeout_s`` is
 sent again, and the timeout doubles (up to a minute, back to ``timeout_s`` once chunks
 flow) so a busy server is not flooded. Each chunk's own sha256 is checked on arrival
-(:func:`bundle.protocol.decode_chunk`) and the whole file's against the desired one at
+(:func:`protocol.messages.decode_chunk`) and the whole file's against the desired one at
 the end; a mismatch there discards the file and starts over. No I/O but the file: the
 link moves the messages.
 """
@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bundle.protocol import DEFAULT_CHUNK_BYTES, Chunk, ChunkRequest
+from protocol.messages import DEFAULT_CHUNK_BYTES, Chunk, ChunkRequest
 
 from .errors import AgentError
 from .model_store import sha256_file

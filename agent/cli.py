@@ -16,8 +16,10 @@ from pathlib import Path
 from bundle.archive import Limits
 from bundle.errors import BundleError
 from bundle.trust import TrustedState, verify_bundle
+from common.cli import new_parser, run
 from firmware_profiles import ProfileError, load_profiles, match_profiles, probe_host
 from firmware_profiles.describe import host_summary, host_to_json, match_to_json, matches_table
+from protocol.defaults import AGENT_API_PORT, SERVER_API_PORT
 
 from . import __version__
 from .errors import AgentError, BundleRejectedError, TrustStoreError
@@ -29,20 +31,13 @@ log = logging.getLogger(__name__)
 
 #: Where the agent keeps its state unless told otherwise (or EDGEFLEET_STATE_DIR).
 DEFAULT_STATE_DIR = Path(os.environ.get("EDGEFLEET_STATE_DIR", "/var/lib/edgefleet/agent"))
-DEFAULT_PORT = 8470
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for ``edge-agent`` and all its subcommands."""
-    parser = argparse.ArgumentParser(
-        prog="edge-agent",
-        description="On-device daemon: verify and install model bundles, serve inference "
-        "locally (offline-capable), report to the fleet server.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output (-v info, -vv debug)")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser, subparsers = new_parser(
+        "edge-agent", "On-device daemon: verify and install model bundles, serve inference "
+        "locally (offline-capable), report to the fleet server.", __version__)
     _add_enroll(subparsers)
     _add_run(subparsers)
     _add_serve(subparsers)
@@ -56,20 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``edge-agent``; returns the process exit code."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=_log_level(args.verbose),
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.handler(args))
-    except (AgentError, ProfileError) as exc:
-        print(f"edge-agent: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-
-
-def _log_level(verbosity: int) -> int:
-    return {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    return run(build_parser(), argv, expected=(AgentError, ProfileError))
 
 
 def _state_dir_option(p: argparse.ArgumentParser) -> None:
@@ -85,7 +67,7 @@ def _add_enroll(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         "server with TOKEN (from `fleet enroll-token`), pin the fleet's root of trust and "
         "write DIR/agent.toml for `edge-agent run`.")
     p.add_argument("--server", required=True, metavar="URL",
-                   help="the fleet server's API, e.g. http://fleet.example:8480")
+                   help=f"the fleet server's API, e.g. http://fleet.example:{SERVER_API_PORT}")
     p.add_argument("--token", required=True, metavar="TOKEN")
     p.add_argument("--device-id", metavar="ID",
                    help="this device's id in the fleet (default: the host name)")
@@ -94,8 +76,8 @@ def _add_enroll(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
                    help="this device's firmware profile (default: probe the host)")
     p.add_argument("--tag", action="append", default=[], metavar="TAG",
                    help="a tag for fleet targeting (repeatable)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT,
-                   help=f"the local API's port (default {DEFAULT_PORT}; 0: a free one)")
+    p.add_argument("--port", type=int, default=AGENT_API_PORT,
+                   help=f"the local API's port (default {AGENT_API_PORT}; 0: a free one)")
     p.add_argument("--probation", type=float, default=60.0, metavar="SECONDS",
                    help="how long a new model is watched before it is committed (default 60)")
     p.add_argument("--telemetry-interval", type=float, default=30.0, metavar="SECONDS",
@@ -192,8 +174,8 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                    help="this device's firmware profile (default: probe the host)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
                    "127.0.0.1: the API is for apps on this device)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT,
-                   help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("--port", type=int, default=AGENT_API_PORT,
+                   help=f"TCP port (default {AGENT_API_PORT}; 0 picks a free one)")
     p.add_argument("--unix-socket", type=Path, metavar="PATH", help="also listen here")
     p.add_argument("--token-file", type=Path, metavar="FILE",
                    help="API token file, created 0600 if missing (default DIR/api-token)")

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from protocol.defaults import AGENT_API_PORT
+
 from .errors import AgentError
 from .tensors import DATATYPE_OF, DTYPE_OF
 
@@ -114,7 +116,7 @@ class _Closed(Exception):
 class AgentClient:
     """Talks to one agent at ``url`` (``http://host:port``) or over ``unix_socket``."""
 
-    def __init__(self, url: str = "http://127.0.0.1:8470", *, token: str | None = None,
+    def __init__(self, url: str = f"http://127.0.0.1:{AGENT_API_PORT}", *, token: str | None = None,
                  token_file: Path | None = None, unix_socket: Path | None = None,
                  timeout: float = 30.0) -> None:
         if token is None and token_file is not None:
@@ -126,7 +128,8 @@ class AgentClient:
         else:
             parts = urlsplit(url)
             if parts.scheme != "http" or not parts.hostname:
-                raise AgentError(f"agent URL {url!r} must look like http://127.0.0.1:8470")
+                raise AgentError(f"agent URL {url!r} must look like "
+                                 f"http://127.0.0.1:{AGENT_API_PORT}")
             self._transport = _Transport((parts.hostname, parts.port or 80), timeout)
             self.where = url
 

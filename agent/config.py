@@ -15,7 +15,7 @@ Example (every key but ``state_dir`` optional; an agent without ``[fleet]`` runs
     [fleet]
     name = "factory-7"
     device_id = "gw-0042"
-    server_url = "http://fleet.example:8480"
+    server_url = "http://fleet.example:8780"
     broker_url = "mqtts://fleet.example:8883"
     ca_file = "keys/ca.crt"              # relative paths are relative to state_dir
     cert_file = "keys/device.crt"
@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bundle.atomic import write_atomic
+from common.atomic import write_atomic
+from protocol.defaults import AGENT_API_PORT
 
 from .errors import AgentError
 
@@ -64,7 +65,7 @@ class AgentConfig:
     state_dir: Path
     profile: str | None = None
     api_host: str = "127.0.0.1"
-    api_port: int | None = 8470
+    api_port: int | None = AGENT_API_PORT
     unix_socket: Path | None = None
     threads: int = 0
     probation_s: float = 60.0
@@ -100,7 +101,8 @@ def load_config(path: Path) -> AgentConfig:
     return AgentConfig(
         state_dir=state_dir, profile=reader.text("profile", required=False),
         api_host=api.text("host", required=False) or "127.0.0.1",
-        api_port=int(api.number("port", 8470)), unix_socket=Path(socket) if socket else None,
+        api_port=int(api.number("port", AGENT_API_PORT)),
+        unix_socket=Path(socket) if socket else None,
         threads=int(api.number("threads", 0)), probation_s=api.number("probation_s", 60.0),
         fleet=fleet)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bundle.atomic import write_atomic
 from bundle.trust import TrustedState
+from common.atomic import write_atomic
 from firmware_profiles import get_profile, load_profiles, probe_host
 from firmware_profiles.matching import best_profile
 from firmware_profiles.model import Profile

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bundle.atomic import write_atomic
-from bundle.identity import check_name, make_device_key_and_csr
 from bundle.trust import TrustedState
+from common.atomic import write_atomic
+from protocol.defaults import AGENT_API_PORT
+from protocol.names import check_name
+from transport.x509 import make_device_key_and_csr
 
 from .config import AgentConfig, FleetSettings, write_config
 from .errors import AgentError
@@ -46,7 +48,7 @@ class EnrollRequest:
     state_dir: Path
     profile: str | None = None
     tags: tuple[str, ...] = ()
-    api_port: int = 8470
+    api_port: int = AGENT_API_PORT
     probation_s: float = 60.0
     telemetry_interval_s: float = 30.0
 

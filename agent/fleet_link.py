@@ -1,6 +1,6 @@
 """The agent's link to its fleet: desired state in, bundles fetched, installs reported.
 
-One MQTT connection (mutual TLS, persistent session, QoS 1; :mod:`bundle.mqtt`) and one
+One MQTT connection (mutual TLS, persistent session, QoS 1; :mod:`transport.mqtt`) and one
 worker thread. The worker compares the retained desired state with what the runtime
 serves; for a model that differs it fetches the desired bundle in chunks
 (:class:`~agent.bundle_fetch.BundleFetch`, resumable), installs it with the runtime (the
@@ -29,18 +29,8 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from bundle.errors import ProtocolError
-from bundle.mqtt import (
-    BrokerAddress,
-    ClientSettings,
-    TLSIdentity,
-    close_client,
-    create_client,
-    device_topic,
-)
-from bundle.protocol import (
-    CHUNK_LEAF,
-    CHUNK_REQUEST_LEAF,
+from protocol.errors import ProtocolError
+from protocol.messages import (
     DEFAULT_CHUNK_BYTES,
     Desired,
     DesiredModel,
@@ -53,6 +43,8 @@ from bundle.protocol import (
     decode_desired,
     encode,
 )
+from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF, device_topic
+from transport.mqtt import BrokerAddress, ClientSettings, TLSIdentity, close_client, create_client
 
 from . import __version__
 from .bundle_fetch import BundleFetch, FetchError

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from protocol.defaults import AGENT_API_PORT
+
 from . import __version__
 from .errors import AgentError, InvalidInputError, ModelNotFoundError
 from .http_server import HttpError, HttpServer, Request, Response
@@ -64,7 +66,7 @@ class ApiSettings:
     """How the API listens and whom it lets in."""
 
     host: str = "127.0.0.1"
-    port: int | None = 8470  # None: no TCP listener (Unix socket only)
+    port: int | None = AGENT_API_PORT  # None: no TCP listener (Unix socket only)
     unix_socket: Path | None = None
     token: str | None = None  # None: no authentication (only for tests and demos)
     max_body_bytes: int = 64 * 1024 * 1024

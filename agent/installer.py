@@ -29,10 +29,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from bundle.archive import Limits
-from bundle.atomic import write_atomic
 from bundle.crypto import open_artifacts
 from bundle.errors import BundleError
 from bundle.trust import TrustedState, VerifiedBundle, verify_bundle
+from common.atomic import write_atomic
 from firmware_profiles.model import Profile
 
 from .errors import AgentError, InstallError

@@ -18,22 +18,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bundle.atomic import fsync_dir, write_atomic
 from bundle.errors import BundleError
 from bundle.manifest import ArtifactVariant, Manifest, manifest_from_json, manifest_to_json
+from common.atomic import fsync_dir, write_atomic
+from protocol.names import InvalidNameError, check_name
 
 from .errors import AgentError
 
 __all__ = ["ActivePointer", "ModelStore", "StoredModel", "sha256_file"]
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -184,10 +183,10 @@ class ModelStore:
 
 def _check_name(name: str) -> str:
     # Model names become directory names; refuse anything that could escape the store.
-    if not _NAME.fullmatch(name):
-        raise AgentError(f"model name {name!r} is not allowed; use letters, digits, '.', '_' "
-                         "and '-' (up to 128, not starting with a dot)")
-    return name
+    try:
+        return check_name(name, "model name")
+    except InvalidNameError as exc:
+        raise AgentError(str(exc)) from None
 
 
 def sha256_file(path: Path) -> str:

@@ -10,7 +10,7 @@ Two parts, used together by the agent's sampler and its fleet link::
     buffer.ack(last_puback_seq)                          # after the broker's PUBACK
 
 :class:`TelemetryBuffer` is a bounded, ordered, crash-safe queue of
-:class:`bundle.protocol.Telemetry` messages in one SQLite file (WAL, ``synchronous=FULL``):
+:class:`protocol.messages.Telemetry` messages in one SQLite file (WAL, ``synchronous=FULL``):
 what ``append`` returned is on disk, survives ``kill -9`` and power loss, and is handed out
 oldest first until acknowledged. When full it drops the oldest samples, and says so: the
 next sample carries ``"dropped": N``. ``seq`` never repeats for a device (see
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from bundle.atomic import fsync_dir, write_atomic
-from bundle.protocol import Telemetry
+from common.atomic import fsync_dir, write_atomic
+from protocol.messages import Telemetry
 
 from .errors import AgentError, ModelNotFoundError
 

@@ -1,7 +1,7 @@
 """The device's trusted state on disk: TUF metadata it trusts and model versions it installed.
 
 One file, ``trust.json`` in the state directory, replaced atomically
-(:func:`bundle.atomic.write_atomic`) so power loss leaves the old or the new state, never
+(:func:`common.atomic.write_atomic`) so power loss leaves the old or the new state, never
 a mix of metadata versions. Format::
 
     {"format": 1,
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bundle.atomic import write_atomic
 from bundle.trust import InstalledVersion, TrustedState
+from common.atomic import write_atomic
 
 from .errors import TrustStoreError
 

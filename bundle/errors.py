@@ -21,8 +21,7 @@ checksum mismatch: corruption in transit). The tree::
     │   └── MixAndMatchError         metadata files from different repository versions
     ├── WrongProfileError          the bundle does not target this device's profile
     ├── DecryptionError            an encrypted artifact cannot be opened with this key
-    ├── SigningError               building or signing a bundle failed (server side)
-    └── ProtocolError              a fleet protocol message that does not parse
+    └── SigningError               building or signing a bundle failed (server side)
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ __all__ = [
     "MalformedBundleError",
     "MixAndMatchError",
     "OversizeError",
-    "ProtocolError",
     "RollbackError",
     "SigningError",
     "TamperedError",
@@ -122,7 +120,3 @@ class DecryptionError(BundleError):
 
 class SigningError(BundleError):
     """Building or signing a bundle failed (bad input or keys)."""
-
-
-class ProtocolError(BundleError):
-    """A fleet protocol message (:mod:`bundle.protocol`) that does not parse or validate."""

@@ -30,8 +30,8 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from bundle.archive import Limits
-from bundle.atomic import write_atomic
 from bundle.errors import BundleError
+from common.atomic import write_atomic
 
 from . import __version__
 from .api_spec import OPENAPI

@@ -169,7 +169,7 @@ OPENAPI: dict[str, Any] = {
                 "desired": {"type": "object", "additionalProperties": _DESIRED_MODEL,
                             "description": "model name -> what the device should run"},
                 "reported": {"type": "object", "description": "the device's last report, "
-                             "as sent (bundle.protocol.Reported)"},
+                             "as sent (protocol.messages.Reported)"},
                 "reported_at": {"type": "number", "nullable": True},
                 "converged": {"type": "boolean", "description": "reports every desired "
                               "model at its desired version, committed"}}},
@@ -200,7 +200,7 @@ OPENAPI: dict[str, Any] = {
                                   "device_id": {"type": "string",
                                                 "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
                                   "csr": {"type": "string", "description": "PEM CSR made on "
-                                          "the device (bundle.identity)"},
+                                          "the device (transport.x509)"},
                                   "profile": {"type": "string", "nullable": True,
                                               "description": "the device's firmware "
                                               "profile; absent or null: generic"},

@@ -35,17 +35,9 @@ from types import TracebackType
 from paho.mqtt.client import Client
 from paho.mqtt.enums import MQTTProtocolVersion
 
-from bundle.identity import check_name
-from bundle.mqtt import (
-    DEVICE_READS,
-    DEVICE_WRITES,
-    BrokerAddress,
-    ClientSettings,
-    TLSIdentity,
-    create_client,
-    device_topic,
-    fleet_topic_filter,
-)
+from protocol.names import check_name
+from protocol.topics import DEVICE_READS, DEVICE_WRITES, device_topic, fleet_topic_filter
+from transport.mqtt import BrokerAddress, ClientSettings, TLSIdentity, create_client
 
 from .errors import BrokerError
 
@@ -242,7 +234,7 @@ class Broker:
 
     def client(self, identity: TLSIdentity,
                protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5) -> Client:
-        """A paho-mqtt client of this broker for ``identity`` (:func:`bundle.mqtt.create_client`),
+        """A paho-mqtt client of this broker for ``identity`` (``create_client``),
         not connected yet."""
         try:
             return create_client(ClientSettings(self.address, identity, protocol=protocol))

@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 from bundle.errors import BundleError
 from bundle.trust import TrustedState, verify_bundle
+from common.cli import new_parser, run
 
 from . import __version__
 from .bundles import BuildRequest, build
@@ -29,15 +29,9 @@ log = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for ``fleet`` and all its subcommands."""
-    parser = argparse.ArgumentParser(
-        prog="fleet",
-        description="Operator tools: keys and signed bundles, device registry, publishing "
-        "and rollouts to a fleet of edge devices.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output (-v info, -vv debug)")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser, subparsers = new_parser(
+        "fleet", "Operator tools: keys and signed bundles, device registry, publishing "
+        "and rollouts to a fleet of edge devices.", __version__)
     _add_keys(subparsers)
     _add_bundle(subparsers)
     _add_demo(subparsers)
@@ -47,22 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``fleet``; returns the process exit code."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=_log_level(args.verbose),
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.handler(args))
-    except FleetError as exc:
-        print(f"fleet: error: {exc}", file=sys.stderr)
-        return 1
-    except BundleError as exc:
-        # The class name is the machine-readable reason (e.g. ExpiredError).
-        print(f"fleet: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    return run(build_parser(), argv, expected=(FleetError, BundleError), describe=_describe)
 
 
-def _log_level(verbosity: int) -> int:
-    return {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+def _describe(exc: BaseException) -> str:
+    # A bundle error's class name is the machine-readable reason (e.g. ExpiredError).
+    return f"{type(exc).__name__}: {exc}" if isinstance(exc, BundleError) else str(exc)
 
 
 # --- fleet keys ---------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from bundle.atomic import write_atomic
+from common.atomic import write_atomic
+from protocol.names import InvalidNameError, check_name
 
 from .errors import RegistryError
 
@@ -55,11 +56,6 @@ log = logging.getLogger(__name__)
 #: Version of the table layout; stored in ``schema_version``. Bump it with a migration.
 SCHEMA_VERSION = 1
 
-#: Device ids are MQTT client ids, certificate CNs and one topic level
-#: (``edgefleet/{fleet}/devices/{id}/...``): no ``/``, ``+``, ``#``, spaces or controls.
-#: The same rule as the device identity code's (bundle.identity.NAME_PATTERN): a device the
-#: CA can certify is one the registry accepts, and the reverse.
-_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _MAX_LABEL = 128
 #: SQLite allows 32766 host parameters per statement (999 before 3.32); stay well below.
@@ -1173,10 +1169,11 @@ def _token_digest(token: str) -> str:
 
 
 def _check_device_id(device_id: str) -> None:
-    if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
-        raise RegistryError(f"invalid device id {device_id!r}: use 1 to 64 letters, digits, "
-                            "'.', '_' or '-', starting with a letter or digit (it is also the "
-                            "MQTT client id, a topic level and the certificate's common name)")
+    # Device ids are MQTT client ids, certificate CNs and topic levels: the one name rule.
+    try:
+        check_name(device_id)
+    except InvalidNameError as exc:
+        raise RegistryError(str(exc)) from None
 
 
 def _check_label(what: str, value: str) -> None:

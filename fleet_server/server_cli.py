@@ -21,16 +21,16 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bundle.atomic import write_atomic
+from common.atomic import write_atomic
+from protocol.defaults import MQTTS_PORT, SERVER_API_PORT
 
 from .api import ApiServer, load_admin_token
 from .api_client import ADMIN_TOKEN_FILE, SERVER_FILE, ServerClient, default_data_dir, locate
 from .errors import BundleInputError
-from .service import DEFAULT_MQTT_PORT, FleetService, ServiceConfig
+from .service import FleetService, ServiceConfig
 
-__all__ = ["DEFAULT_API_PORT", "add_server_commands"]
+__all__ = ["add_server_commands"]
 
-DEFAULT_API_PORT = 8780
 
 def add_server_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``serve`` and the operator commands to ``fleet``'s subparsers."""
@@ -38,8 +38,8 @@ def add_server_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     where = argparse.ArgumentParser(add_help=False)
     group = where.add_argument_group("which server")
     group.add_argument("--server", metavar="URL",
-                       help="the operator API, e.g. http://127.0.0.1:8780 (admin token from "
-                       "$EDGEFLEET_ADMIN_TOKEN or DIR/admin.token)")
+                       help=f"the operator API, e.g. http://127.0.0.1:{SERVER_API_PORT} "
+                       "(admin token from $EDGEFLEET_ADMIN_TOKEN or DIR/admin.token)")
     group.add_argument("--data", type=Path, metavar="DIR",
                        help="the server's data directory, to find it through DIR/server.json "
                        "(default $EDGEFLEET_SERVER_DIR or ~/.local/share/edgefleet/server)")
@@ -142,14 +142,14 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                        "directory is first used (default: default)")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address of the operator API (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=DEFAULT_API_PORT, metavar="P",
-                       help=f"port of the operator API (default {DEFAULT_API_PORT}; 0 picks "
+    serve.add_argument("--port", type=int, default=SERVER_API_PORT, metavar="P",
+                       help=f"port of the operator API (default {SERVER_API_PORT}; 0 picks "
                        "a free one)")
     broker = serve.add_argument_group("broker")
     broker.add_argument("--broker-url", metavar="mqtts://HOST[:PORT]",
                         help="use this external broker instead of the embedded Mosquitto")
-    broker.add_argument("--mqtt-port", type=int, default=DEFAULT_MQTT_PORT, metavar="P",
-                        help=f"port of the embedded broker (default {DEFAULT_MQTT_PORT}; 0 "
+    broker.add_argument("--mqtt-port", type=int, default=MQTTS_PORT, metavar="P",
+                        help=f"port of the embedded broker (default {MQTTS_PORT}; 0 "
                         "picks a free one and keeps it)")
     broker.add_argument("--mqtt-bind", default="", metavar="ADDRESS",
                         help="address the embedded broker listens on (default: all)")

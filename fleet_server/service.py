@@ -4,7 +4,7 @@
 default, or an external one by URL) and one MQTT client with the server's identity
 (``fleet-server``). It
 
-- ingests what devices send (:mod:`bundle.protocol`): ``reported`` state, ``events`` and
+- ingests what devices send (:mod:`protocol.messages`): ``reported`` state, ``events`` and
   ``telemetry`` go to the registry; ``outbox/chunks`` requests are answered with chunks of
   the requested bundle on the device's ``inbox/chunks``, for bundles that are or were
   desired for that device only;
@@ -58,12 +58,14 @@ from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from bundle import protocol
-from bundle.atomic import write_atomic
-from bundle.errors import ProtocolError
-from bundle.identity import certificate_fingerprint
-from bundle.mqtt import BrokerAddress, TLSIdentity, close_client, device_topic
 from bundle.trust import TrustedState, verify_bundle
+from common.atomic import write_atomic
+from protocol import messages
+from protocol.defaults import MQTTS_PORT
+from protocol.errors import ProtocolError
+from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF, device_topic
+from transport.mqtt import BrokerAddress, TLSIdentity, close_client
+from transport.x509 import certificate_fingerprint
 
 from .broker import SERVER_IDENTITY, Broker, BrokerConfig
 from .ca import FleetCA
@@ -79,7 +81,6 @@ from .registry import (
 
 __all__ = [
     "DEFAULT_FLEET",
-    "DEFAULT_MQTT_PORT",
     "OFFLINE_EVENT",
     "PROTOCOL_ERROR",
     "Enrollment",
@@ -91,7 +92,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_FLEET = "default"
-DEFAULT_MQTT_PORT = 8883
 #: Event kind recorded for a message a device sent that could not be used.
 PROTOCOL_ERROR = "protocol_error"
 #: An ``events`` message of this kind (the agent's MQTT will, for example) marks the device
@@ -135,7 +135,7 @@ class ServiceConfig:
     #: ``mqtts://host[:port]`` of an external broker; None runs the embedded Mosquitto.
     broker_url: str | None = None
     #: Port of the embedded broker. 0 picks a free port once and keeps it in state.json.
-    mqtt_port: int = DEFAULT_MQTT_PORT
+    mqtt_port: int = MQTTS_PORT
     #: Address the embedded broker listens on; "" is every interface (devices are other
     #: machines).
     mqtt_bind: str = ""
@@ -481,10 +481,10 @@ class FleetService:
 
     def _send_desired(self, device: Device) -> None:
         """Queue ``device``'s desired state, retained (call with _desired_lock held)."""
-        models = {name: protocol.DesiredModel(want.version, want.bundle_sha256,
+        models = {name: messages.DesiredModel(want.version, want.bundle_sha256,
                                               self._bundle_size(want.bundle_sha256))
                   for name, want in sorted(device.desired.items())}
-        payload = protocol.encode(protocol.Desired(models=models, issued_at=time.time()))
+        payload = messages.encode(messages.Desired(models=models, issued_at=time.time()))
         self._publish(device.id, "desired", payload, retain=True)
 
     def _bundle_size(self, sha256: str) -> int:
@@ -542,7 +542,7 @@ class FleetService:
         device, _, leaf = message.topic.removeprefix(prefix).partition("/")
         inbound = _Inbound(device, leaf, bytes(message.payload), message.mid, message.qos,
                            self._generation)
-        if leaf != protocol.CHUNK_REQUEST_LEAF:
+        if leaf != CHUNK_REQUEST_LEAF:
             self._inbox.put(inbound)  # stored, then acknowledged, by the ingest thread
             return
         # Chunk requests are answered here, at once: nothing to store.
@@ -624,25 +624,25 @@ class FleetService:
             log.exception("failed to handle %s from %s", leaf, device)
 
     def _ingest_reported(self, device: str, payload: bytes) -> None:
-        protocol.decode_reported(payload)  # validates; the registry keeps the JSON as sent
+        messages.decode_reported(payload)  # validates; the registry keeps the JSON as sent
         self.registry.set_reported(device, json.loads(payload))
 
     def _ingest_event(self, device: str, payload: bytes) -> None:
-        event = protocol.decode_event(payload)
+        event = messages.decode_event(payload)
         detail: dict[str, Any] = {**event.detail, "device_at": event.at}
         self.registry.add_event(event.kind, device=device, detail=detail)
         self.registry.set_online(device, event.kind != OFFLINE_EVENT)
 
     def _ingest_telemetry(self, device: str, payload: bytes) -> None:
-        sample = protocol.decode_telemetry(payload)
+        sample = messages.decode_telemetry(payload)
         self.registry.add_telemetry(device, [TelemetrySample(sample.seq, sample.at,
                                                              sample.metrics)])
 
     def _serve_chunk(self, device: str, payload: bytes) -> None:
-        request = protocol.decode_chunk_request(payload)
-        self._publish(device, protocol.CHUNK_LEAF, self._chunk_frame(device, request))
+        request = messages.decode_chunk_request(payload)
+        self._publish(device, CHUNK_LEAF, self._chunk_frame(device, request))
 
-    def _chunk_frame(self, device: str, request: protocol.ChunkRequest) -> bytes:
+    def _chunk_frame(self, device: str, request: messages.ChunkRequest) -> bytes:
         """The encoded answer to ``request``: the bundle's bytes if ``device`` may fetch it
         (from the frame cache, else read from the blob and cached), or a refusal."""
         sha = request.bundle_sha256
@@ -654,7 +654,7 @@ class FleetService:
             if frame is not None:
                 return frame
         chunk = self._read_chunk(device, request, record if fetchable else None)
-        frame = protocol.encode_chunk(chunk)
+        frame = messages.encode_chunk(chunk)
         if chunk.error is not None:
             log.info("chunk request of %s refused: %s", device, chunk.error)
         else:
@@ -677,14 +677,14 @@ class FleetService:
         self._fetchable.add((device, sha256))
         return True
 
-    def _read_chunk(self, device: str, request: protocol.ChunkRequest,
-                    record: BundleRecord | None) -> protocol.Chunk:
+    def _read_chunk(self, device: str, request: messages.ChunkRequest,
+                    record: BundleRecord | None) -> messages.Chunk:
         """The chunk of ``record``'s blob, or a refusal; ``record`` is None for a bundle
         that is unknown or not available to ``device``."""
         sha = request.bundle_sha256
 
-        def refuse(error: str, total: int = 0) -> protocol.Chunk:
-            return protocol.Chunk(sha, request.offset, total, b"", error)
+        def refuse(error: str, total: int = 0) -> messages.Chunk:
+            return messages.Chunk(sha, request.offset, total, b"", error)
 
         # Unknown and not-for-you get one answer, so a device cannot probe what is stored.
         if record is None:
@@ -702,7 +702,7 @@ class FleetService:
                       record.path, exc)
             return refuse("the server cannot read this bundle right now; retry later",
                           record.size)
-        return protocol.Chunk(sha, request.offset, record.size, data)
+        return messages.Chunk(sha, request.offset, record.size, data)
 
     def _protocol_error(self, device: str, leaf: str, payload: bytes,
                         exc: Exception, *, in_batch: bool = False) -> None:

@@ -22,11 +22,12 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from bundle.atomic import write_atomic
-from bundle.identity import make_device_key_and_csr
-from bundle.mqtt import TLSIdentity, close_client, device_topic
+from common.atomic import write_atomic
 from fleet_server.broker import Broker, BrokerConfig, find_mosquitto
 from fleet_server.ca import FleetCA
+from protocol.topics import device_topic
+from transport.mqtt import TLSIdentity, close_client
+from transport.x509 import make_device_key_and_csr
 
 FLEET = "testfleet"
 #: Long enough for a loaded CI machine, short enough that a hang fails the test quickly.

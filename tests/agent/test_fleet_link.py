@@ -23,10 +23,9 @@ from agent.fleet_link import FleetLink, TelemetrySource, next_fetch
 from agent.probation import ProbationPolicy
 from agent.runtime import Runtime
 from agent.telemetry import TelemetryBuffer, TelemetryCollector, TelemetryFeed
-from bundle.mqtt import close_client
-from bundle.protocol import (
-    CHUNK_LEAF,
-    CHUNK_REQUEST_LEAF,
+from firmware_profiles.model import Profile
+from fleet_server.broker import Broker
+from protocol.messages import (
     Chunk,
     Desired,
     DesiredModel,
@@ -38,11 +37,11 @@ from bundle.protocol import (
     encode,
     encode_chunk,
 )
-from firmware_profiles.model import Profile
-from fleet_server.broker import Broker
+from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF
 from tests.agent.bundles import DIGITS, digits_spec, samples
 from tests.bundle.repo import Repo
 from tests.mqtt_broker import TestFleet, require_mosquitto
+from transport.mqtt import close_client
 
 DEVICE = "gw-1"
 

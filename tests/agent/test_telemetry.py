@@ -46,7 +46,7 @@ from agent.telemetry import (
     new_latencies,
     system_metrics,
 )
-from bundle.protocol import decode_telemetry, encode
+from protocol.messages import decode_telemetry, encode
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "models" / "digits_cnn.onnx"

@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from bundle.identity import make_device_key_and_csr
 from fleet_server.api import ROUTES, ApiServer, load_admin_token
 from fleet_server.api_spec import OPENAPI
 from fleet_server.service import FleetService
 from tests.bundle.repo import NOW, Repo, spec
 from tests.fleet_server.server_env import PROFILE
+from transport.x509 import make_device_key_and_csr
 
 pytestmark = pytest.mark.integration
 

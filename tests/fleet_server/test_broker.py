@@ -18,10 +18,10 @@ import pytest
 from paho.mqtt.client import Client
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from bundle.mqtt import BrokerAddress, TLSIdentity, fleet_topic_filter, tls_context
 from fleet_server.broker import Broker, render_acl
 from fleet_server.ca import FleetCA
 from fleet_server.errors import BrokerError
+from protocol.topics import fleet_topic_filter
 from tests.mqtt_broker import (
     FLEET,
     Recorder,
@@ -30,6 +30,7 @@ from tests.mqtt_broker import (
     recorders,
     require_mosquitto,
 )
+from transport.mqtt import BrokerAddress, TLSIdentity, tls_context
 
 pytestmark = pytest.mark.integration
 

@@ -16,15 +16,16 @@ from typing import Any
 
 import pytest
 
-from bundle import protocol
-from bundle.atomic import write_atomic
-from bundle.identity import make_device_key_and_csr
-from bundle.mqtt import BrokerAddress, ClientSettings, TLSIdentity, create_client, device_topic
+from common.atomic import write_atomic
 from fleet_server.api_client import ServerClient
 from fleet_server.cli import main
+from protocol import messages
+from protocol.topics import device_topic
 from tests.bundle.repo import Repo
 from tests.fleet_server.server_env import PROFILE, wait_until, write_keys
 from tests.mqtt_broker import Recorder, require_mosquitto
+from transport.mqtt import BrokerAddress, ClientSettings, TLSIdentity, create_client
+from transport.x509 import make_device_key_and_csr
 
 pytestmark = pytest.mark.integration
 
@@ -107,7 +108,7 @@ def test_serve_and_operate_a_fleet(server: tuple[Path, subprocess.Popen[bytes]],
         assert out.startswith("published digits v1 (sha256 ")
         assert "to 1 device(s) of group lab; 1 changed" in out
         recorder.wait(lambda: len(recorder.messages) == 2, "the published desired state")
-        want = protocol.decode_desired(bytes(recorder.messages[1].payload)).models["digits"]
+        want = messages.decode_desired(bytes(recorder.messages[1].payload)).models["digits"]
         assert (want.version, want.size) == (1, len(bundles["v1"]))
 
         code, out, _ = _run(capsys, "devices", *where)
@@ -117,8 +118,8 @@ def test_serve_and_operate_a_fleet(server: tuple[Path, subprocess.Popen[bytes]],
                                   "REPORTED", "CONVERGED", "LAST", "SEEN"]
         assert row.split()[:8] == ["gw-1", "lab", PROFILE, "no", "digits", "v1", "-", "no"]
 
-        recorder.publish(device_topic("clifleet", "gw-1", "reported"), protocol.encode(
-            protocol.Reported(PROFILE, "0.1.0", {"digits": protocol.ModelReport(
+        recorder.publish(device_topic("clifleet", "gw-1", "reported"), messages.encode(
+            messages.Reported(PROFILE, "0.1.0", {"digits": messages.ModelReport(
                 1, want.bundle_sha256, "committed")}, at=1.0)))
 
         def listed() -> list[dict[str, Any]]:
@@ -142,7 +143,7 @@ def test_serve_and_operate_a_fleet(server: tuple[Path, subprocess.Popen[bytes]],
         assert code == 0
         assert out.splitlines() == ["rolled back 1 device(s):", "  gw-1: digits v1 -> nothing"]
         recorder.wait(lambda: len(recorder.messages) == 3, "the rolled-back desired state")
-        assert protocol.decode_desired(bytes(recorder.messages[2].payload)).models == {}
+        assert messages.decode_desired(bytes(recorder.messages[2].payload)).models == {}
 
         code, out, _ = _run(capsys, "events", *where, "--device", "gw-1", "--json")
         kinds = [e["kind"] for e in json.loads(out)]

@@ -25,14 +25,12 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from bundle import protocol
 from bundle.errors import ChecksumError, UntrustedSignatureError
-from bundle.identity import certificate_fingerprint, make_device_key_and_csr
-from bundle.mqtt import BrokerAddress
 from fleet_server.broker import Broker, BrokerConfig
 from fleet_server.ca import FleetCA
 from fleet_server.errors import BrokerError, CSRError, EnrollmentError, RegistryError
 from fleet_server.service import PROTOCOL_ERROR, FleetService, ServiceConfig
+from protocol import messages
 from tests.bundle.repo import Repo
 from tests.fleet_server.server_env import (
     PROFILE,
@@ -46,6 +44,8 @@ from tests.fleet_server.server_env import (
     write_keys,
 )
 from tests.mqtt_broker import TIMEOUT, Recorder
+from transport.mqtt import BrokerAddress
+from transport.x509 import certificate_fingerprint, make_device_key_and_csr
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +67,7 @@ def _connect(device: SimDevice, clients: list[Recorder], *leaves: str) -> Record
     return recorder
 
 
-def _wait_desired(recorder: Recorder, device: SimDevice, count: int) -> protocol.Desired:
+def _wait_desired(recorder: Recorder, device: SimDevice, count: int) -> messages.Desired:
     """Wait for the device's ``count``-th desired message; returns the newest."""
     recorder.wait(lambda: len(desired_messages(recorder, device)) >= count,
                   f"desired message #{count} of {device.id}")
@@ -75,9 +75,9 @@ def _wait_desired(recorder: Recorder, device: SimDevice, count: int) -> protocol
 
 
 def _reported(sha: str | None, version: int, state: str = "committed") -> bytes:
-    return protocol.encode(protocol.Reported(
+    return messages.encode(messages.Reported(
         profile=PROFILE, agent_version="0.1.0",
-        models={"digits": protocol.ModelReport(version, sha, state)}, at=1.0))
+        models={"digits": messages.ModelReport(version, sha, state)}, at=1.0))
 
 
 # --- enrollment ---------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def test_publish_to_group_reaches_exactly_that_group(
     result = service.publish(record.sha256, group="lab")
     assert result.devices == ("a1", "a2")
     assert [c.device for c in result.changes] == ["a1", "a2"]
-    want = {"digits": protocol.DesiredModel(1, record.sha256, len(bundles["v1"]))}
+    want = {"digits": messages.DesiredModel(1, record.sha256, len(bundles["v1"]))}
     assert _wait_desired(r_a1, a1, 2).models == want
     # a2 connects afterwards: the retained message is there for it.
     r_a2 = _connect(a2, clients, "desired")
@@ -186,7 +186,7 @@ def test_chunks_are_served_for_desired_bundles_only(
 
     data = fetch_bundle(recorder, device, big.sha256, big.size)
     assert hashlib.sha256(data).hexdigest() == big.sha256
-    assert len(recorder.messages) == -(-big.size // protocol.DEFAULT_CHUNK_BYTES)
+    assert len(recorder.messages) == -(-big.size // messages.DEFAULT_CHUNK_BYTES)
 
     # Stored but never desired for this device, and not stored at all: the same refusal.
     for sha in (v1.sha256, "0" * 64):
@@ -213,7 +213,7 @@ def test_cached_chunks_go_only_to_devices_they_are_desired_for(
     big = service.add_bundle(bundles["big"])
     service.publish(big.sha256, devices=["a1"])
     r_a1, r_b1 = _connect(a1, clients, "inbox/#"), _connect(b1, clients, "inbox/#")
-    size = protocol.DEFAULT_CHUNK_BYTES
+    size = messages.DEFAULT_CHUNK_BYTES
     first = request_chunk(r_a1, a1, big.sha256, 0, size)
     assert (first.error, first.data) == (None, bundles["big"][:size])
 
@@ -246,14 +246,14 @@ def test_reported_events_and_telemetry_land_in_the_registry(
     assert stored.reported["models"]["digits"] == {"version": 1, "bundle_sha256": v1.sha256,
                                                    "state": "committed"}
 
-    recorder.publish(device.topic("events"), protocol.encode(protocol.Event(
+    recorder.publish(device.topic("events"), messages.encode(messages.Event(
         "install.committed", 12.5, {"version": 1})))
     event = wait_until(lambda: [e for e in registry.events(device="gw-1")
                                 if e.kind == "install.committed"], "the event")[0]
     assert event.detail == {"version": 1, "device_at": 12.5}
 
     def telemetry(seq: int) -> bytes:
-        return protocol.encode(protocol.Telemetry(seq, 100.0 + seq, {"latency_ms": seq}))
+        return messages.encode(messages.Telemetry(seq, 100.0 + seq, {"latency_ms": seq}))
 
     for seq in (1, 2, 1, 2, 3):  # 1 and 2 re-sent after a lost acknowledgement
         recorder.publish(device.topic("telemetry"), telemetry(seq))
@@ -261,7 +261,7 @@ def test_reported_events_and_telemetry_land_in_the_registry(
     assert [(t.seq, t.payload) for t in registry.telemetry("gw-1")] == [
         (1, {"latency_ms": 1}), (2, {"latency_ms": 2}), (3, {"latency_ms": 3})]
 
-    recorder.publish(device.topic("events"), protocol.encode(protocol.Event("offline", 13.0)))
+    recorder.publish(device.topic("events"), messages.encode(messages.Event("offline", 13.0)))
     wait_until(lambda: not registry.get_device("gw-1").online,  # type: ignore[union-attr]
                "the device marked offline")
 
@@ -276,7 +276,7 @@ def test_malformed_messages_are_recorded_and_ingest_goes_on(
     for leaf, payload in garbage.items():
         recorder.publish(device.topic(leaf), payload)
     recorder.publish(device.topic("telemetry"),
-                     protocol.encode(protocol.Telemetry(7, 1.0, {"ok": True})))
+                     messages.encode(messages.Telemetry(7, 1.0, {"ok": True})))
     wait_until(lambda: service.registry.telemetry("gw-1"), "the valid sample after garbage")
     errors = [e for e in service.registry.events(device="gw-1") if e.kind == PROTOCOL_ERROR]
     assert [e.detail["topic"] for e in errors] == list(garbage)
@@ -285,7 +285,7 @@ def test_malformed_messages_are_recorded_and_ingest_goes_on(
 
 
 def _event(kind: str, step: int) -> bytes:
-    return protocol.encode(protocol.Event(kind, float(step), {"step": step}))
+    return messages.encode(messages.Event(kind, float(step), {"step": step}))
 
 
 def _steps(service: FleetService, device: str, kind: str) -> list[int]:

@@ -1,6 +1,6 @@
 """The fleet protocol: what the server and the agents say to each other over MQTT.
 
-Topics are :mod:`bundle.mqtt`'s (docs/transport.md); this module fixes the payloads, shared
+Topics are :mod:`protocol.topics`' (docs/transport.md); this module fixes the payloads, shared
 by both sides so they cannot drift apart. All are JSON objects with ``"protocol": 1``
 except bundle chunks, which are binary frames. Decoders validate and raise ProtocolError;
 unknown extra fields are ignored so either side can be upgraded first.
@@ -33,11 +33,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import ProtocolError
-from .manifest import MODEL_NAME
+from .names import is_valid_name
 
 __all__ = [
-    "CHUNK_LEAF",
-    "CHUNK_REQUEST_LEAF",
     "DEFAULT_CHUNK_BYTES",
     "PROTOCOL_VERSION",
     "Chunk",
@@ -60,8 +58,6 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
-CHUNK_LEAF = "inbox/chunks"
-CHUNK_REQUEST_LEAF = "outbox/chunks"
 DEFAULT_CHUNK_BYTES = 256 * 1024
 _MAX_CHUNK_BYTES = 4 * 1024 * 1024
 _MAGIC = b"EFC1"
@@ -315,6 +311,6 @@ def _opt_sha(obj: Mapping[str, Any], key: str) -> str | None:
 
 
 def _name(name: str) -> str:
-    if not MODEL_NAME.fullmatch(name):
+    if not is_valid_name(name):
         raise ProtocolError(f"model name {name!r} is not valid")
     return name

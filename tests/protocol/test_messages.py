@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bundle.errors import ProtocolError
-from bundle.protocol import (
+from protocol.errors import ProtocolError
+from protocol.messages import (
     Chunk,
     ChunkRequest,
     Desired,
