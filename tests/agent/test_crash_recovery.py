@@ -35,6 +35,8 @@ from tests.agent.bundles import (
 )
 from tests.bundle.repo import Repo
 
+pytestmark = pytest.mark.integration
+
 S = InstallState
 QUICK = ProbationPolicy(window_s=0.0)
 

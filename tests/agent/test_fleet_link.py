@@ -43,6 +43,8 @@ from tests.bundle.repo import Repo
 from tests.mqtt_broker import TestFleet, require_mosquitto
 from transport.mqtt import close_client
 
+pytestmark = pytest.mark.integration
+
 DEVICE = "gw-1"
 
 
