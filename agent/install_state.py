@@ -18,22 +18,11 @@ import enum
 from dataclasses import dataclass, replace
 from typing import Any
 
+# The state names are the protocol's: the agent reports them and the fleet server reads them.
+from protocol.install_states import InstallState
+
 __all__ = ["MAX_RESTARTS", "TERMINAL", "TRANSITIONS", "InstallRecord", "InstallState",
            "Step", "advance", "new_install", "plan_resume"]
-
-
-class InstallState(str, enum.Enum):
-    """Where one install is."""
-
-    IDLE = "idle"
-    DOWNLOADING = "downloading"
-    VERIFYING = "verifying"
-    STAGED = "staged"
-    ACTIVATING = "activating"
-    PROBATION = "probation"
-    COMMITTED = "committed"
-    ROLLED_BACK = "rolled_back"
-    FAILED = "failed"
 
 
 S = InstallState
