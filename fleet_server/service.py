@@ -605,7 +605,7 @@ class FleetService:
             log.exception("failed to handle %s from %s", leaf, device)
 
     def _ingest_reported(self, device: str, payload: bytes) -> None:
-        self.registry.set_reported(device, messages.decode_reported(payload))
+        self.registry.set_reported(device, payload)  # parsed there, once
 
     def _ingest_event(self, device: str, payload: bytes) -> None:
         event = messages.decode_event(payload)

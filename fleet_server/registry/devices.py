@@ -1,30 +1,33 @@
 """Devices: enrollment, group and tags, online state, and what each one reports running.
 
-A device's report is parsed once, by the protocol's decoder, before it gets here: the models
-it runs go to ``reported_models`` (typed: what convergence reads), the whole report to
-``devices.reported`` as JSON, for display.
+A device's report is parsed once, here, by the protocol's decoder: the models it runs go to
+``reported_models`` (typed: what convergence reads), and the report itself, the JSON object
+the device sent, to ``devices.reported`` for display.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict
 from typing import Any
 
 from fleet_server.errors import RegistryError
-from protocol.messages import DesiredModel, ModelReport, Reported
+from protocol.errors import ProtocolError
+from protocol.messages import DesiredModel, ModelReport, decode_reported
 
 from .database import Tx
 from .events import log_event
 from .records import Device
-from .values import SHA256_HEX, check_device_id, check_label, clean_tags, dumps
+from .values import SHA256_HEX, check_device_id, check_label, clean_tags
 
-__all__ = ["desired_by_device", "device_filter", "enroll_device", "load_devices", "lock_device",
-           "mark_seen", "set_online", "set_reported", "update_device"]
+__all__ = ["desired_by_device", "device_filter", "enroll_device", "load_device", "load_devices",
+           "lock_device", "mark_seen", "set_online", "set_reported", "update_device"]
 
 _COLUMNS = ("id, group_name, profile, cert_fingerprint, enrolled_at, last_seen, online, "
             "reported, reported_at")
+#: A desired model is a row of desired_models with its bundle's version and size.
+_DESIRED_COLUMNS = "device_id, model, version, sha256, size"
+_DESIRED_FROM = "desired_models JOIN bundles ON sha256 = bundle_sha256"
 
 
 def enroll_device(tx: Tx, now: float, device_id: str, *, group: str, profile: str,
@@ -49,7 +52,9 @@ def enroll_device(tx: Tx, now: float, device_id: str, *, group: str, profile: st
     log_event(tx, now, device_id, "device.enrolled",
               {"group": group, "profile": profile, "cert_fingerprint": fingerprint,
                "tags": list(tag_list), "again": known})
-    return load_devices(tx, "WHERE id = ?", (device_id,))[0]
+    device = load_device(tx, device_id)
+    assert device is not None  # written in this transaction
+    return device
 
 
 def update_device(tx: Tx, now: float, device_id: str, *, group: str | None,
@@ -66,7 +71,9 @@ def update_device(tx: Tx, now: float, device_id: str, *, group: str | None,
         changes["tags"] = list(_replace_tags(tx, device_id, clean_tags(tags)))
     if changes:
         log_event(tx, now, device_id, "device.updated", changes)
-    return load_devices(tx, "WHERE id = ?", (device_id,))[0]
+    device = load_device(tx, device_id)
+    assert device is not None  # written in this transaction
+    return device
 
 
 def set_online(tx: Tx, now: float, device_id: str, online: bool) -> None:
@@ -86,9 +93,15 @@ def mark_seen(tx: Tx, now: float, device_id: str) -> None:
     set_online(tx, now, device_id, True)
 
 
-def set_reported(tx: Tx, now: float, device_id: str, report: Reported) -> None:
-    """Replace the device's report; it is online and seen now."""
-    document = dumps(asdict(report), "reported state")
+def set_reported(tx: Tx, now: float, device_id: str, payload: bytes) -> None:
+    """Replace the device's report with ``payload`` (its ``reported`` message); it is online
+    and seen now. RegistryError if the payload is not a valid report."""
+    try:
+        report = decode_reported(payload)
+    except ProtocolError as exc:
+        raise RegistryError(f"the report of device {device_id!r} is refused: {exc}") from exc
+    # Stored as sent (a JSON object: decode_reported checked it), for display.
+    document = payload.decode()
     if not lock_device(tx, device_id):
         log_event(tx, now, device_id, "device.online", {})
     tx.run("UPDATE devices SET online = ?, last_seen = ?, reported = ?, reported_at = ? "
@@ -126,24 +139,43 @@ def device_filter(*, group: str | None, tag: str | None,
     return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
 
 
+def load_device(tx: Tx, device_id: str) -> Device | None:
+    """The device with this id, or None."""
+    found = _load(tx, "WHERE id = ?", "WHERE device_id = ?", (device_id,), one_query=True)
+    return found[0] if found else None
+
+
 def load_devices(tx: Tx, where: str, params: Sequence[Any]) -> list[Device]:
     """The devices ``where`` selects (a WHERE clause over ``devices``), in id order."""
+    # The other tables' rows of the same devices: all of them when none is filtered out.
+    among = f"WHERE device_id IN (SELECT id FROM devices {where})" if where else ""
+    return _load(tx, where, among, params, one_query=False)
+
+
+def _load(tx: Tx, where: str, among: str, params: Sequence[Any], *,
+          one_query: bool) -> list[Device]:
     rows = tx.all(f"SELECT {_COLUMNS} FROM devices {where} ORDER BY id", params)
     if not rows:
         return []
-    # Rows of the other tables for the same devices: all of them when none is filtered out.
-    among = f"WHERE device_id IN (SELECT id FROM devices {where})" if where else ""
+    # Tags, desired and reported models: for one device in one query (a round trip saved);
+    # for many, a query each (a UNION of many rows costs more than the round trips).
+    parts = [f"SELECT 't', device_id, tag, NULL, NULL, NULL, NULL FROM device_tags {among}",
+             f"SELECT 'd', {_DESIRED_COLUMNS}, NULL FROM {_DESIRED_FROM} {among}",
+             "SELECT 'r', device_id, model, version, bundle_sha256, NULL, state "
+             f"FROM reported_models {among}"]
+    related = (tx.all(" UNION ALL ".join(parts), (*params, *params, *params)) if one_query
+               else [row for part in parts for row in tx.all(part, params)])
     tags: dict[str, list[str]] = {}
-    for device_id, tag in tx.all(f"SELECT device_id, tag FROM device_tags {among} "
-                                 "ORDER BY device_id, tag", params):
-        tags.setdefault(device_id, []).append(tag)
-    desired = desired_by_device(tx, among, params)
+    desired: dict[str, dict[str, DesiredModel]] = {}
     running: dict[str, dict[str, ModelReport]] = {}
-    for device_id, model, version, sha, state in tx.all(
-            "SELECT device_id, model, version, bundle_sha256, state FROM reported_models "
-            f"{among}", params):
-        running.setdefault(device_id, {})[model] = ModelReport(int(version), sha, state)
-    return [Device(id=r[0], group=r[1], tags=tuple(tags.get(r[0], ())), profile=r[2],
+    for kind, device_id, name, version, sha, size, state in related:
+        if kind == "t":
+            tags.setdefault(device_id, []).append(name)
+        elif kind == "d":
+            desired.setdefault(device_id, {})[name] = DesiredModel(int(version), sha, int(size))
+        else:
+            running.setdefault(device_id, {})[name] = ModelReport(int(version), sha, state)
+    return [Device(id=r[0], group=r[1], tags=tuple(sorted(tags.get(r[0], ()))), profile=r[2],
                    cert_fingerprint=r[3], enrolled_at=float(r[4]),
                    last_seen=None if r[5] is None else float(r[5]), online=bool(r[6]),
                    desired=desired.get(r[0], {}), running=running.get(r[0], {}),
@@ -158,8 +190,7 @@ def desired_by_device(tx: Tx, where: str, params: Sequence[Any],
     ``desired_models``), by device id; a model's version and size are its bundle's."""
     desired: dict[str, dict[str, DesiredModel]] = {}
     for device_id, model, version, sha, size in tx.all(
-            "SELECT device_id, model, version, sha256, size FROM desired_models "
-            f"JOIN bundles ON sha256 = bundle_sha256 {where}", params):
+            f"SELECT {_DESIRED_COLUMNS} FROM {_DESIRED_FROM} {where}", params):
         desired.setdefault(device_id, {})[model] = DesiredModel(int(version), sha, int(size))
     return desired
 

@@ -10,7 +10,7 @@ the event log's ids.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,9 @@ class TelemetryRecord:
 
 def desired_json(model: DesiredModel) -> dict[str, Any]:
     """A desired model as JSON: as the device receives it in its ``desired`` message."""
-    return asdict(model)
+    # Spelled out rather than dataclasses.asdict, which deep-copies and is ten times slower:
+    # a group rollout writes two of these per device into its events.
+    return {"version": model.version, "bundle_sha256": model.bundle_sha256, "size": model.size}
 
 
 def is_converged(desired: Mapping[str, DesiredModel],

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet_server.errors import RegistryError
-from protocol.messages import Reported, Telemetry
+from protocol.messages import Telemetry
 
 from . import bundles, desired, devices, events, telemetry, tokens
 from .bundle_store import BundleStore
@@ -120,8 +120,7 @@ class Registry:
     def get_device(self, device_id: str) -> Device | None:
         """The device, or None if it never enrolled."""
         with self._tx() as tx:
-            found = devices.load_devices(tx, "WHERE id = ?", (device_id,))
-        return found[0] if found else None
+            return devices.load_device(tx, device_id)
 
     def list_devices(self, *, group: str | None = None, tag: str | None = None,
                      online: bool | None = None) -> list[Device]:
@@ -140,12 +139,13 @@ class Registry:
         with self._tx(write=True) as tx:
             devices.set_online(tx, now, device_id, online)
 
-    def set_reported(self, device_id: str, reported: Reported) -> None:
-        """Store the report the device sent (parsed by ``protocol.messages``), replacing
-        the previous one, and mark the device seen and online."""
+    def set_reported(self, device_id: str, payload: bytes) -> None:
+        """Store the report the device sent (its ``reported`` message, parsed here once by
+        ``protocol.messages``), replacing the previous one, and mark the device seen and
+        online. RegistryError for an unknown device or a payload that is not a report."""
         now = self._clock()
         with self._tx(write=True) as tx:
-            devices.set_reported(tx, now, device_id, reported)
+            devices.set_reported(tx, now, device_id, payload)
 
     # --- enrollment tokens ---
 

@@ -55,9 +55,10 @@ def migrate(database: Database) -> int:
             raise RegistryError(
                 f"the database has registry schema v{found}, newer than this edgefleet "
                 f"understands (v{SCHEMA_VERSION}); upgrade edgefleet on this machine")
+        if 0 < found < SCHEMA_VERSION:
+            log.info("upgrading the registry schema from v%d to v%d", found, SCHEMA_VERSION)
         for version in range(found + 1, SCHEMA_VERSION + 1):
-            log.info("registry schema: migrating to v%d (%s)", version,
-                     MIGRATIONS[version - 1].__module__.rsplit(".", 1)[-1])
+            log.debug("registry schema: applying %s", MIGRATIONS[version - 1].__module__)
             MIGRATIONS[version - 1](tx)
         if row is None:
             tx.run("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))

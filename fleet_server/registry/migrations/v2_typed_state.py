@@ -10,7 +10,7 @@
   could forge a ``desired.set`` event of its own; it is filled from the server's own
   ``desired.*`` events (a device's events carry ``device_at`` in their detail, the server's
   never do).
-- ``devices.reported`` stays, the last report as parsed, for display.
+- ``devices.reported`` stays: the last report as the device sent it, for display.
 
 Each stored report is parsed with the protocol's decoder. One that does not parse (v1 kept
 any JSON object it was given) stays for display with no running models: the device counts
@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 
 from fleet_server.errors import RegistryError
 from fleet_server.registry.database import Tx
-from fleet_server.registry.values import dumps
 from protocol.errors import ProtocolError
 from protocol.messages import decode_reported
 
@@ -110,7 +108,6 @@ def _stored_sha(value: dict[str, object], stored: set[str], device_id: str) -> s
 
 def _parse_reports(tx: Tx) -> None:
     models = []
-    documents = []
     for device_id, text in tx.all("SELECT id, reported FROM devices WHERE reported <> '{}' "
                                   "ORDER BY id"):
         try:
@@ -119,10 +116,8 @@ def _parse_reports(tx: Tx) -> None:
             log.warning("device %s: its stored report does not parse (%s); it counts as not "
                         "converged until it reports again", device_id, exc)
             continue
-        documents.append((dumps(asdict(report), "reported state"), device_id))
         models += [(device_id, name, m.version, m.bundle_sha256, m.state)
                    for name, m in sorted(report.models.items())]
-    tx.many("UPDATE devices SET reported = ? WHERE id = ?", documents)
     # Written out here, not shared with the registry's own insert: a migration must keep
     # doing what it did when it was released, whatever later versions change.
     tx.many("INSERT INTO reported_models (device_id, model, version, bundle_sha256, state) "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fleet_server.registry import Registry
 from protocol.install_states import InstallState
-from protocol.messages import ModelReport, Reported
+from protocol.messages import ModelReport, Reported, encode
 
 FINGERPRINT = "ab" * 32
 DAY = 86400.0
@@ -36,7 +36,7 @@ def kinds(reg: Registry, device: str | None = None) -> list[str]:
 
 
 def report(version: int, sha: str | None = None,
-           state: InstallState = InstallState.COMMITTED, model: str = "digits") -> Reported:
-    """A device's report: it runs ``model`` at ``version``."""
-    return Reported(profile="x86_64-avx2", agent_version="0.1.0",
-                    models={model: ModelReport(version, sha, state.value)}, at=1.0)
+           state: InstallState = InstallState.COMMITTED, model: str = "digits") -> bytes:
+    """A device's ``reported`` message: it runs ``model`` at ``version``."""
+    return encode(Reported(profile="x86_64-avx2", agent_version="0.1.0",
+                           models={model: ModelReport(version, sha, state.value)}, at=1.0))

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from fleet_server.errors import RegistryError
@@ -220,16 +221,16 @@ def test_unreachable_postgres_names_the_url_without_password() -> None:
 
 
 @pytest.mark.integration
-def test_postgres_replaces_connections_it_lost() -> None:
-    name = f"edgefleet-test-{secrets.token_hex(4)}"  # kill this registry's sessions only
+def test_postgres_replaces_a_connection_it_lost() -> None:
+    name = f"edgefleet-test-{secrets.token_hex(4)}"  # kill this registry's session only
     with (postgres_schema() as (url, admin),
           open_registry(f"{url}&application_name={name}") as reg):
-        enroll(reg, "gw-0")
+        enroll(reg, "gw-0")  # one call at a time: the pool holds one connection
         killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                                "WHERE application_name = %s", (name,)).fetchall()
-        assert killed
-        assert all(k == (True,) for k in killed)
-        # The pool checks a connection before handing it out: the dead one is replaced.
-        assert [d.id for d in reg.list_devices()] == ["gw-0"]
+        assert killed == [(True,)]
+        with pytest.raises(psycopg.OperationalError):  # the call that finds it dead fails
+            reg.list_devices()
+        assert [d.id for d in reg.list_devices()] == ["gw-0"]  # the pool replaced it
         enroll(reg, "gw-1")
         assert [d.id for d in reg.list_devices()] == ["gw-0", "gw-1"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import json
 from typing import Any
 
 import pytest
@@ -10,7 +10,7 @@ import pytest
 from fleet_server.errors import RegistryError
 from fleet_server.registry import Registry
 from protocol.install_states import InstallState
-from protocol.messages import DesiredModel, InstallReport, ModelReport, Reported
+from protocol.messages import DesiredModel, InstallReport, ModelReport, Reported, encode
 from tests.fleet_server.registry.helpers import (
     FINGERPRINT,
     Clock,
@@ -102,20 +102,22 @@ def test_online_and_last_seen(reg: Registry, clock: Clock) -> None:
         reg.set_online("gw-9", True)
 
 
-def test_reports_are_stored_typed_and_whole(reg: Registry, clock: Clock) -> None:
+def test_reports_are_parsed_once_and_kept_as_sent(reg: Registry, clock: Clock) -> None:
     enroll(reg, "gw-0")
     clock.now += 1
     sent = Reported(profile="x86_64-avx2", agent_version="0.2.0",
                     models={"digits": ModelReport(2, "a" * 64, "probation"),
                             "local": ModelReport(7, None, "committed")},
                     installs={"digits": InstallReport(2, "a" * 64, "probation")}, at=5.0)
-    reg.set_reported("gw-0", sent)
+    # A newer agent's extra field is kept for display, and ignored.
+    payload = json.dumps({**json.loads(encode(sent)), "newer": [1]}).encode()
+    reg.set_reported("gw-0", payload)
     device = reg.get_device("gw-0")
     assert device is not None
     assert (device.online, device.last_seen, device.reported_at) == (True, clock.now,
                                                                       clock.now)
     assert device.running == sent.models
-    assert device.reported == asdict(sent)
+    assert device.reported == json.loads(payload)
     assert kinds(reg, "gw-0") == ["device.enrolled", "device.online"]
     # A new report replaces the old one whole: models it no longer names are gone.
     reg.set_reported("gw-0", report(3, "b" * 64))
@@ -123,8 +125,25 @@ def test_reports_are_stored_typed_and_whole(reg: Registry, clock: Clock) -> None
     assert device is not None
     assert device.running == {"digits": ModelReport(3, "b" * 64, "committed")}
     assert device.reported["installs"] == {}
+
+
+@pytest.mark.parametrize(("payload", "message"), [
+    (b"not json", "the report of device 'gw-0' is refused: reported is not JSON"),
+    (b'{"protocol": 1, "agent_version": "x", "at": 1, "models": {"digits": {}}}',
+     "refused: field 'version' must be a non-negative integer"),
+    (b'{"protocol": 2}', "refused: reported has protocol version 2"),
+])
+def test_a_report_that_does_not_parse_is_refused_and_changes_nothing(
+        reg: Registry, payload: bytes, message: str) -> None:
+    enroll(reg, "gw-0")
+    reg.set_reported("gw-0", report(1))
+    with pytest.raises(RegistryError, match=message):
+        reg.set_reported("gw-0", payload)
+    device = reg.get_device("gw-0")
+    assert device is not None
+    assert device.running["digits"].version == 1
     with pytest.raises(RegistryError, match="unknown device 'gw-9'"):
-        reg.set_reported("gw-9", sent)
+        reg.set_reported("gw-9", report(1))
 
 
 def test_desired_reported_and_convergence(reg: Registry) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+
 import pytest
 
-from fleet_server.registry import is_converged
+from fleet_server.registry import desired_json, is_converged
 from protocol.install_states import InstallState
-from protocol.messages import DesiredModel, ModelReport
+from protocol.messages import Desired, DesiredModel, ModelReport, encode
 
 WANT = {"digits": DesiredModel(2, "a" * 64, 100)}
 
@@ -33,3 +36,10 @@ def test_only_the_committed_state_converges(state: InstallState) -> None:
     assert not is_converged(WANT, {"digits": ModelReport(2, "a" * 64, state.value)})
     assert is_converged(WANT, {"digits": ModelReport(2, "a" * 64,
                                                      InstallState.COMMITTED.value)})
+
+
+def test_desired_json_is_the_desired_message_form() -> None:
+    model = DesiredModel(2, "a" * 64, 100)
+    assert desired_json(model) == asdict(model)
+    sent = json.loads(encode(Desired({"digits": model}, issued_at=1.0)))
+    assert sent["models"]["digits"] == desired_json(model)
