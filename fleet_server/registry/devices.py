@@ -98,10 +98,10 @@ def set_reported(tx: Tx, now: float, device_id: str, payload: bytes) -> None:
     and seen now. RegistryError if the payload is not a valid report."""
     try:
         report = decode_reported(payload)
-    except ProtocolError as exc:
+        # Kept as sent, for display: a JSON object (decode_reported checked it) in UTF-8.
+        document = payload.decode()
+    except (ProtocolError, UnicodeDecodeError) as exc:
         raise RegistryError(f"the report of device {device_id!r} is refused: {exc}") from exc
-    # Stored as sent (a JSON object: decode_reported checked it), for display.
-    document = payload.decode()
     if not lock_device(tx, device_id):
         log_event(tx, now, device_id, "device.online", {})
     tx.run("UPDATE devices SET online = ?, last_seen = ?, reported = ?, reported_at = ? "

@@ -132,6 +132,8 @@ def test_reports_are_parsed_once_and_kept_as_sent(reg: Registry, clock: Clock) -
     (b'{"protocol": 1, "agent_version": "x", "at": 1, "models": {"digits": {}}}',
      "refused: field 'version' must be a non-negative integer"),
     (b'{"protocol": 2}', "refused: reported has protocol version 2"),
+    (json.dumps({"protocol": 1, "agent_version": "x", "at": 1}).encode("utf-16"),
+     "refused: 'utf-8' codec can't decode"),  # JSON, but not the UTF-8 MQTT carries
 ])
 def test_a_report_that_does_not_parse_is_refused_and_changes_nothing(
         reg: Registry, payload: bytes, message: str) -> None:
