@@ -18,11 +18,11 @@ __all__ = ["V1_COMMIT", "load_v1_registry"]
 ROOT = Path(__file__).resolve().parent.parent
 #: The last commit whose fleet_server/registry.py had schema v1 (before the registry/ package).
 V1_COMMIT = "bd2462a2bc575c94232ec4ba8d05c280b1d667ee"
-_NAME = "registry_v1"
+_NAME = "fleet_registry_v1"
 
 
 def load_v1_registry() -> ModuleType:
-    """``fleet_server/registry.py`` at :data:`V1_COMMIT`, as the module ``registry_v1``.
+    """``fleet_server/registry.py`` at :data:`V1_COMMIT`, as the module ``fleet_registry_v1``.
 
     Raises RuntimeError when git or that commit is not available (a shallow clone)."""
     if _NAME in sys.modules:
