@@ -109,6 +109,20 @@ def test_versions_only_go_up(keys: Path, model: Path, tmp_path: Path,
     assert "use --version 3 or higher" in err
 
 
+@pytest.mark.parametrize("days", ["-5", "0", "99999", "soon"])
+def test_validity_is_checked_before_the_version_is_used(
+        days: str, keys: Path, model: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _build(capsys, keys, tmp_path / "1.efb", "--model", model, "--profile", "p",
+               "--valid-days", days)
+    assert exit_info.value.code == 2
+    assert "not a number of days from 1 to 3650" in capsys.readouterr().err
+    assert not (tmp_path / "1.efb").exists()
+    code, _, err = _build(capsys, keys, tmp_path / "1.efb", "--model", model, "--profile", "p")
+    assert code == 0, err  # version 1 is still free
+
+
 def test_artifacts_dir_with_report(keys: Path, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     art = tmp_path / "compressed"
