@@ -7,6 +7,7 @@ import io
 import tarfile
 from datetime import timedelta
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from hypothesis import given, settings
@@ -79,7 +80,8 @@ def test_duplicate_and_directory_entries() -> None:
         read_archive(rebuild({"targets/x": b"x"}, add_dup))
 
 
-def _raw_header(name: str, kind: bytes, size: int, fmt: int = tarfile.GNU_FORMAT) -> bytes:
+def _raw_header(name: str, kind: bytes, size: int,
+                fmt: Literal[0, 1, 2] = tarfile.GNU_FORMAT) -> bytes:
     """One tar header block of type ``kind`` announcing ``size`` bytes of data."""
     info = tarfile.TarInfo(name)
     info.type = kind
@@ -139,7 +141,7 @@ _KINDS = [tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
                                                                 tarfile.USTAR_FORMAT])),
                 min_size=1, max_size=6))
 def test_deeply_chained_headers_only_ever_give_a_bundle_error(
-        runs: list[tuple[bytes, int, int, int]]) -> None:
+        runs: list[tuple[bytes, int, int, Literal[0, 1, 2]]]) -> None:
     # Runs of headers of one kind, thousands deep, each announcing some data: whatever the
     # mix, reading ends with a BundleError (or a valid index) and never recurses.
     payload = b""
