@@ -127,9 +127,10 @@ class InstallDriver:
         return self._call(lambda: self._start(self.installer.begin(str(bundle.absolute()))))
 
     def fetch(self, model: str, version: int, bundle_sha256: str,
-              size: int) -> InstallRecord:
+              size: int) -> InstallRecord | None:
         """Start (or resume) installing the fleet bundle ``bundle_sha256`` of ``model``:
-        the record enters ``downloading`` and the fetcher is asked for the bytes."""
+        the record enters ``downloading`` and the fetcher is asked for the bytes. None if
+        that bundle was given up meanwhile."""
         return self._call(lambda: self._fetch(model, version, bundle_sha256, size))
 
     def fetched(self, install_id: str) -> Future[object]:
@@ -187,8 +188,11 @@ class InstallDriver:
     def _start(self, record: InstallRecord) -> InstallRecord:
         return self._run(record, InstallEvent(T.START))
 
-    def _fetch(self, model: str, version: int, sha256: str, size: int) -> InstallRecord:
+    def _fetch(self, model: str, version: int, sha256: str,
+               size: int) -> InstallRecord | None:
         source = FLEET_SOURCE + sha256
+        if self.installer.given_up().get(model) == sha256:
+            return None  # it failed after the fetcher asked (a failure still queued then)
         for pending in self.installer.pending():
             if pending.source == source and pending.state is S.DOWNLOADING:
                 return self._perform_all(pending, (A.FETCH,))

@@ -21,6 +21,8 @@ from paho.mqtt.client import Client, MQTTMessage
 from agent.config import FleetSettings
 from agent.fleet_link import FleetLink, TelemetrySource, next_fetch
 from agent.install_state import InstallState
+from agent.trust_store import TrustStore
+from bundle.trust import TrustedState
 from agent.probation import ProbationPolicy
 from agent.runtime import Runtime
 from agent.telemetry import TelemetryBuffer, TelemetryCollector, TelemetryFeed
@@ -40,6 +42,7 @@ from protocol.messages import (
 )
 from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF
 from tests.agent.bundles import DIGITS, digits_spec, samples
+from tests.agent.conftest import fill_disk, small_disk  # noqa: F401 - a fixture
 from tests.bundle.repo import Repo
 from tests.mqtt_broker import TestFleet, require_mosquitto
 from transport.mqtt import close_client
@@ -143,8 +146,8 @@ def link_factory(fleet: TestFleet, broker: Broker, state_dir: Path,
     identity = fleet.device_identity(DEVICE)
 
     def make(chunk_bytes: int = 16 * 1024, telemetry: Callable[[Runtime], TelemetrySource]
-             | None = None) -> FleetLink:
-        runtime = Runtime(state_dir, x86, policy=ProbationPolicy(window_s=0.0))
+             | None = None, state: Path | None = None) -> FleetLink:
+        runtime = Runtime(state or state_dir, x86, policy=ProbationPolicy(window_s=0.0))
         runtime.start(interval_s=0.1)
         settings = FleetSettings(fleet.ca.fleet, DEVICE, broker.address.url,
                                  identity.ca_file, identity.cert_file, identity.key_file,
@@ -311,3 +314,42 @@ def test_next_fetch_decides_without_a_broker() -> None:
     assert next_fetch(desired, {"alpha": a}, {"zeta": b}) is None  # failed: not again
     newer = Desired({"zeta": DesiredModel(3, "c" * 64, 10)}, 1.0)
     assert next_fetch(newer, {}, {"zeta": b}) == ("zeta", newer.models["zeta"])
+
+
+def test_a_disk_that_fills_during_a_fetch_fails_the_install_and_the_link_lives_on(
+        server: FakeServer, repo: Repo, small_disk: Path,
+        link_factory: Callable[..., FleetLink]) -> None:
+    # issue 10 item 2: ENOSPC escaped bundle_fetch.receive into paho's thread, which died;
+    # the server saw "downloading 23%" forever and the agent never reconnected.
+    state = small_disk / "state"
+    TrustStore(state / "trust").save(TrustedState(root=repo.root))
+    link = link_factory(state=state)
+    sha1 = server.want(1, repo.build(digits_spec(1)))
+    wait(lambda: server.last_report() == {"digits": (1, sha1, "committed")}, "v1 committed")
+    chunk = 16 * 1024
+    filled: list[Path] = []
+
+    def fill_after_two_chunks(offset: int) -> bool:
+        if offset >= 2 * chunk and not filled:
+            filled.append(fill_disk(small_disk, 0))  # something else takes the last byte
+        return True
+
+    server.answer = fill_after_two_chunks
+    data2 = repo.build(digits_spec(2))
+    sha2 = server.want(2, data2)
+
+    def failed_disk_full() -> bool:
+        install = decode_reported(server.reports[-1]).installs.get("digits")
+        return install is not None and install.state == "failed" and (
+            install.reason == "disk_full")
+
+    wait(failed_disk_full, "the install to fail on the full disk")
+    assert server.events.count("install.failed") == 1
+    assert link.connected
+    assert link.runtime.model("digits").version == 1
+    assert not list(link.installer.dirs.incoming.iterdir())  # the partial file reclaimed
+    link.in_line.clear()
+    assert link.in_line.wait(20)  # waits for room rather than failing again
+    assert server.events.count("install.failed") == 1
+    filled[0].unlink()
+    wait(lambda: server.last_report() == {"digits": (2, sha2, "committed")}, "v2 committed")
