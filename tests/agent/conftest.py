@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -55,9 +56,6 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def fill_disk(disk: Path, leave: int) -> Path:
     """Fill the file system of ``disk`` until at most ``leave`` bytes are free."""
     filler = disk / "filler"
-    with open(filler, "wb") as f:
-        try:
-            f.write(bytes(max(0, shutil.disk_usage(disk).free - leave)))
-        except OSError:
-            pass  # full: as intended
+    with open(filler, "wb") as f, contextlib.suppress(OSError):  # full: as intended
+        f.write(bytes(max(0, shutil.disk_usage(disk).free - leave)))
     return filler
