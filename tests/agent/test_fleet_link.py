@@ -21,11 +21,11 @@ from paho.mqtt.client import Client, MQTTMessage
 from agent.config import FleetSettings
 from agent.fleet_link import FleetLink, TelemetrySource, next_fetch
 from agent.install_state import InstallState
-from agent.trust_store import TrustStore
-from bundle.trust import TrustedState
 from agent.probation import ProbationPolicy
 from agent.runtime import Runtime
 from agent.telemetry import TelemetryBuffer, TelemetryCollector, TelemetryFeed
+from agent.trust_store import TrustStore
+from bundle.trust import TrustedState
 from firmware_profiles.model import Profile
 from fleet_server.broker import Broker
 from protocol.messages import (
