@@ -42,7 +42,7 @@ from protocol.messages import (
 )
 from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF
 from tests.agent.bundles import DIGITS, digits_spec, samples
-from tests.agent.conftest import fill_disk, small_disk  # noqa: F401 - a fixture
+from tests.agent.conftest import fill_disk
 from tests.bundle.repo import Repo
 from tests.mqtt_broker import TestFleet, require_mosquitto
 from transport.mqtt import close_client

@@ -113,7 +113,8 @@ def test_requests_are_answered_while_an_install_is_held_in_verification(
             assert _served_version(runtime) == 1
         assert runtime.status()["models"][0]["version"] == 1
         assert runtime.load_file(DIGITS, "other").name == "other"
-        assert not done and installing.is_alive()
+        assert not done
+        assert installing.is_alive()
     finally:
         release.set()
         installing.join(120)
