@@ -28,11 +28,11 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.trust_store import TrustStore  # noqa: E402
-from bundle.signing import ArtifactInput, BundleSpec  # noqa: E402
-from bundle.trust import TrustedState  # noqa: E402
-from tests.agent.bundles import PROFILE, digits_spec  # noqa: E402
-from tests.bundle.repo import Repo  # noqa: E402
+from agent.trust_store import TrustStore
+from bundle.signing import ArtifactInput, BundleSpec
+from bundle.trust import TrustedState
+from tests.agent.bundles import PROFILE, digits_spec
+from tests.bundle.repo import Repo
 
 _CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 _CGROUP_V2 = Path("/sys/fs/cgroup")
@@ -62,11 +62,12 @@ def _install(bundle: Path, state: Path, limit: int) -> tuple[int, float, str]:
     group = _cgroup(limit)
     try:
         started = time.perf_counter()
+        # The shell joins the cgroup, then becomes the agent (exec), so it starts inside.
         process = subprocess.Popen(
-            [sys.executable, "-m", "agent", "install", str(bundle), "--state-dir", str(state),
+            ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(group / "cgroup.procs"),
+             sys.executable, "-m", "agent", "install", str(bundle), "--state-dir", str(state),
              "--profile", PROFILE],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         watched = psutil.Process(process.pid)
         peak = 0
         while process.poll() is None:
