@@ -158,9 +158,13 @@ def _bundle_build(args: argparse.Namespace) -> int:
 
 
 def _bundle_verify(args: argparse.Namespace) -> int:
-    data, root = _read(args.file), _read(args.root)
-    verified = verify_bundle(data, TrustedState(root=root), now=datetime.now(timezone.utc),
-                             profile=args.profile)
+    root = _read(args.root)
+    try:
+        # From the path: the size is checked first and the file read in bounded blocks.
+        verified = verify_bundle(Path(args.file), TrustedState(root=root),
+                                 now=datetime.now(timezone.utc), profile=args.profile)
+    except OSError as exc:
+        raise BundleInputError(f"cannot read {args.file} ({exc.strerror})") from exc
     print(json.dumps(verified.summary(), indent=2) if args.json else verified.describe())
     return 0
 

@@ -254,3 +254,22 @@ def test_bad_usage_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
         main(["bundle", "build", "--name", "x"])
     assert exc.value.code == 2
     capsys.readouterr()
+
+
+def test_verify_checks_the_size_before_reading_the_file(
+        keys: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # issue 9 item 11: a 600 MB file was read whole (657 MB RSS) before the size check.
+    import tracemalloc
+
+    huge = tmp_path / "huge.efb"
+    with open(huge, "wb") as f:
+        f.truncate(600 * 1024 * 1024)  # sparse: no disk used
+    tracemalloc.start()
+    try:
+        code, _, err = _run(capsys, "bundle", "verify", huge, "--root", keys / "root.json")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert code == 1
+    assert err.startswith("fleet: error: OversizeError: ")
+    assert peak < 16 * 1024 * 1024
