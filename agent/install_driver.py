@@ -114,6 +114,9 @@ class InstallDriver:
         self.fetcher: Fetcher | None = None
         self._probations: dict[str, _Probation] = {}
         self._standby: dict[str, ServedLike | None] = {}  # previous model, activate -> watch
+        # Models swapped in whose probation is not registered yet (activate -> watch): they
+        # serve on trial already, and must be reported so.
+        self._swapping: set[str] = set()
         self._queue: queue.SimpleQueue[tuple[Callable[[], object], Future[object]] | None] = (
             queue.SimpleQueue())
         self._worker = threading.Thread(target=self._work, name="edgefleet-install",
@@ -154,7 +157,7 @@ class InstallDriver:
 
     def in_probation(self, name: str) -> bool:
         """Whether ``name`` serves a model still in probation."""
-        return name in self._probations
+        return name in self._probations or name in self._swapping
 
     def close(self) -> None:
         """Stop the worker after the step under way (never waits for a whole install)."""
@@ -353,6 +356,7 @@ class InstallDriver:
         if current is None and record.previous_version is not None:
             current = self._load_previous(name, record.previous_version)
         self._standby[name] = current
+        self._swapping.add(name)
         self.table.swap(name, new)  # the swap
         return InstallEvent(T.ACTIVATED)
 
@@ -361,6 +365,7 @@ class InstallDriver:
         assert name is not None
         served = self.table.serving(name)
         if served is None or served.version != record.version:
+            self._swapping.discard(name)
             return InstallEvent(T.FAILED, reason="probation_failed", detail=(
                 "the new model could not be restored after a restart during probation"))
         if name in self._standby:
@@ -377,6 +382,7 @@ class InstallDriver:
         self._probations[name] = _Probation(record, self.monotonic(),
                                             baseline if isinstance(baseline, float) else None,
                                             previous)
+        self._swapping.discard(name)
         log.info("%s v%s serving in probation for %g s", name, record.version,
                  self.policy.window_s)
         return None
@@ -387,6 +393,7 @@ class InstallDriver:
             return
         probation = self._probations.pop(name, None)
         standby = self._standby.pop(name, None)
+        self._swapping.discard(name)
         store = self.installer.store
         try:
             pointer = store.active(name)
