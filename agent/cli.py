@@ -141,6 +141,8 @@ def _run(args: argparse.Namespace) -> int:
         link = FleetLink(runtime, config.fleet,
                          telemetry=TelemetryFeed(TelemetryCollector(runtime), buffer))
         link.start()
+    # Serving already; interrupted installs resume behind it, reported through the link.
+    runtime.resume_installs(wait=False)
     models = ", ".join(f"{m.name} v{m.version}" for m in runtime.models())
     fleet = (f"fleet {config.fleet.name} as {config.fleet.device_id} via "
              f"{config.fleet.broker_url}" if config.fleet else "no fleet (offline)")
@@ -219,6 +221,7 @@ def _serve(args: argparse.Namespace) -> int:
                            token=token)
     process = AgentProcess(runtime, settings, state_dir)
     process.start(token_file)
+    runtime.resume_installs(wait=False)  # behind the models already served
     models = ", ".join(f"{m.name} v{m.version or '-'} ({m.backend})" for m in runtime.models())
     print(f"edge-agent serving {models or 'no models yet'} on "
           f"{process.server.url or settings.unix_socket}"
@@ -256,6 +259,7 @@ def _install(args: argparse.Namespace) -> int:
             record = client.install(args.bundle)
     else:
         runtime = Runtime(args.state_dir, resolve_profile(args.profile))
+        runtime.resume_installs()  # an earlier one a stop interrupted goes first
         record = runtime.install(args.bundle).summary()
     if args.json:
         print(json.dumps(record, indent=2))

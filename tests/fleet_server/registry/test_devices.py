@@ -130,7 +130,7 @@ def test_reports_are_parsed_once_and_kept_as_sent(reg: Registry, clock: Clock) -
 @pytest.mark.parametrize(("payload", "message"), [
     (b"not json", "the report of device 'gw-0' is refused: reported is not JSON"),
     (b'{"protocol": 1, "agent_version": "x", "at": 1, "models": {"digits": {}}}',
-     "refused: field 'version' must be a non-negative integer"),
+     "refused: field 'version' must be an integer from 0"),
     (b'{"protocol": 2}', "refused: reported has protocol version 2"),
     (json.dumps({"protocol": 1, "agent_version": "x", "at": 1}).encode("utf-16"),
      "refused: 'utf-8' codec can't decode"),  # JSON, but not the UTF-8 MQTT carries
