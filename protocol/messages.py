@@ -10,7 +10,8 @@ topic leaf     direction           payload
 =============  ==================  ========================================================
 desired        server -> device    :class:`Desired` (retained): per model, the bundle to run
 reported       device -> server    :class:`Reported`: what runs, and each model's last install
-events         device -> server    :class:`Event`: one install transition, rejection, error
+events         device -> server    :class:`Event`: one install transition, rejection, error;
+                                   ``seq`` (if set) orders and dedupes, as for telemetry
 telemetry      device -> server    :class:`Telemetry`: one sample; ``seq`` orders and dedupes
 outbox/chunks  device -> server    :class:`ChunkRequest`: bytes [offset, offset+length)
 inbox/chunks   server -> device    :class:`Chunk` frame: header + data, or an error
@@ -63,6 +64,7 @@ _MAX_CHUNK_BYTES = 4 * 1024 * 1024
 _MAGIC = b"EFC1"
 _HEADER = struct.Struct(">4sI")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_MAX_SEQ = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -116,11 +118,17 @@ class Reported:
 
 @dataclass(frozen=True)
 class Event:
-    """Something that happened on a device, for the server's event log."""
+    """Something that happened on a device, for the server's event log.
+
+    ``seq`` numbers the device's outgoing messages, telemetry and events alike (unique per
+    device, increasing): the server stores an event whose (device, seq) it already has only
+    once. None for an event sent outside that sequence (the MQTT will, an older agent).
+    """
 
     kind: str
     at: float
     detail: Mapping[str, Any] = field(default_factory=dict)
+    seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -224,13 +232,15 @@ def decode_reported(payload: bytes) -> Reported:
 def decode_event(payload: bytes) -> Event:
     """Parse an ``events`` message."""
     obj = _message(payload, "event")
-    return Event(kind=_str(obj, "kind"), at=_float(obj, "at"), detail=_dict(obj, "detail"))
+    seq = obj.get("seq")
+    return Event(kind=_str(obj, "kind"), at=_float(obj, "at"), detail=_dict(obj, "detail"),
+                 seq=None if seq is None else _seq(obj, "seq"))
 
 
 def decode_telemetry(payload: bytes) -> Telemetry:
     """Parse a ``telemetry`` message."""
     obj = _message(payload, "telemetry")
-    return Telemetry(seq=_int(obj, "seq"), at=_float(obj, "at"), metrics=_dict(obj, "metrics"))
+    return Telemetry(seq=_seq(obj, "seq"), at=_float(obj, "at"), metrics=_dict(obj, "metrics"))
 
 
 def decode_chunk_request(payload: bytes) -> ChunkRequest:
@@ -274,6 +284,14 @@ def _int(obj: Mapping[str, Any], key: str) -> int:
     value = obj.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ProtocolError(f"field {key!r} must be a non-negative integer, not {value!r}")
+    return value
+
+
+def _seq(obj: Mapping[str, Any], key: str) -> int:
+    """A sequence number: stored as a signed 64-bit integer on both databases."""
+    value = _int(obj, key)
+    if value > _MAX_SEQ:
+        raise ProtocolError(f"field {key!r} must be below 2**63, not {value}")
     return value
 
 
