@@ -630,7 +630,7 @@ class FleetService:
     def _ingest_event(self, device: str, payload: bytes) -> None:
         event = messages.decode_event(payload)
         detail: dict[str, Any] = {**event.detail, "device_at": event.at}
-        self.registry.add_event(event.kind, device=device, detail=detail)
+        self.registry.add_event(event.kind, device=device, detail=detail, seq=event.seq)
         self.registry.set_online(device, event.kind != OFFLINE_EVENT)
 
     def _ingest_telemetry(self, device: str, payload: bytes) -> None:
