@@ -121,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
     from .http_api import ApiSettings
     from .probation import ProbationPolicy
     from .runtime import Runtime
-    from .telemetry import TelemetryBuffer, TelemetryCollector, TelemetryFeed
+    from .telemetry import TelemetryCollector
 
     config = load_config(args.config or DEFAULT_STATE_DIR / "agent.toml")
     profile = resolve_profile(config.profile)
@@ -135,11 +135,9 @@ def _run(args: argparse.Namespace) -> int:
                                                 unix_socket=config.unix_socket, token=token),
                            config.state_dir)
     process.start(token_file)
-    link, buffer = None, None
+    link = None
     if config.fleet is not None:
-        buffer = TelemetryBuffer(config.state_dir / TelemetryBuffer.FILE_NAME)
-        link = FleetLink(runtime, config.fleet,
-                         telemetry=TelemetryFeed(TelemetryCollector(runtime), buffer))
+        link = FleetLink(runtime, config.fleet, telemetry=TelemetryCollector(runtime))
         link.start()
     models = ", ".join(f"{m.name} v{m.version}" for m in runtime.models())
     fleet = (f"fleet {config.fleet.name} as {config.fleet.device_id} via "
@@ -151,8 +149,6 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         if link is not None:
             link.stop()
-        if buffer is not None:
-            buffer.close()
     return 0
 
 
