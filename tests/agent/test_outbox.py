@@ -714,6 +714,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("adds", [1, 100_000])
 def test_kill_9_right_after_an_add_loses_nothing(tmp_path: Path, adds: int) -> None:
     """The child prints each seq as soon as the add returned it; SIGKILL lands after the
@@ -788,6 +789,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.integration
 def test_samples_lost_to_a_full_disk_are_counted_across_a_kill_9(small_disk: Path) -> None:
     path = small_disk / "outbox.db"
     child = subprocess.Popen([sys.executable, "-c", _FULL_DISK_CHILD, str(path)], cwd=ROOT,
