@@ -139,6 +139,8 @@ def _run(args: argparse.Namespace) -> int:
     if config.fleet is not None:
         link = FleetLink(runtime, config.fleet, telemetry=TelemetryCollector(runtime))
         link.start()
+    # Serving already; interrupted installs resume behind it, reported through the link.
+    runtime.resume_installs(wait=False)
     models = ", ".join(f"{m.name} v{m.version}" for m in runtime.models())
     fleet = (f"fleet {config.fleet.name} as {config.fleet.device_id} via "
              f"{config.fleet.broker_url}" if config.fleet else "no fleet (offline)")
@@ -215,6 +217,7 @@ def _serve(args: argparse.Namespace) -> int:
                            token=token)
     process = AgentProcess(runtime, settings, state_dir)
     process.start(token_file)
+    runtime.resume_installs(wait=False)  # behind the models already served
     models = ", ".join(f"{m.name} v{m.version or '-'} ({m.backend})" for m in runtime.models())
     print(f"edge-agent serving {models or 'no models yet'} on "
           f"{process.server.url or settings.unix_socket}"
@@ -252,6 +255,7 @@ def _install(args: argparse.Namespace) -> int:
             record = client.install(args.bundle)
     else:
         runtime = Runtime(args.state_dir, resolve_profile(args.profile))
+        runtime.resume_installs()  # an earlier one a stop interrupted goes first
         record = runtime.install(args.bundle).summary()
     if args.json:
         print(json.dumps(record, indent=2))

@@ -37,7 +37,13 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from common.atomic import fsync_dir, write_atomic
-from protocol.messages import Event, Telemetry
+from protocol.messages import (
+    DEVICE_EVENT_KIND,
+    MAX_EVENT_BYTES,
+    MAX_TELEMETRY_BYTES,
+    Event,
+    Telemetry,
+)
 
 from .errors import AgentError
 from .loss_counter import LossCounter, Tally
@@ -65,9 +71,13 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 #: Below any broker's message size limit: a message the broker refuses by closing the
 #: connection would be sent again on every reconnect.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
+# What the protocol adds to a stored body on the wire (protocol, seq, at; a sample's
+# announcements): bodies stay this far below the server's limit per message kind.
+_ENVELOPE = 256
 #: Metric keys the outbox itself sets on samples; a caller's metrics may not use them.
 RESERVED_KEYS = frozenset({"dropped", "dropped_events", "buffer_reset"})
 _SAMPLE, _EVENT = "telemetry", "events"  # the topic leaf each kind is published on
+_WIRE_LIMITS = {_SAMPLE: MAX_TELEMETRY_BYTES - _ENVELOPE, _EVENT: MAX_EVENT_BYTES - _ENVELOPE}
 _KEEP_CORRUPT = 3  # set-aside corrupt files kept, newest first
 _WARN_EVERY_S = 60.0
 # How far ahead of the seq in use the reservation file is moved: about one write an hour.
@@ -135,10 +145,12 @@ class Outbox:
     file: the counts are kept in memory (other processes may read the file, not write it).
 
     At most ``max_rows`` messages and ``max_bytes`` bytes of bodies are kept; a message
-    over ``max_message_bytes`` is refused. A file SQLite finds corrupt (at open or later)
-    is renamed ``<name>.<unix time>.corrupt`` (with its ``-wal``), an error is logged and a
-    fresh file is used; nothing raises. Other database failures (a full disk, an
-    unwritable directory) raise :class:`OutboxError`.
+    over ``max_message_bytes``, or that the server would not take (an event over about
+    16 KiB, :data:`protocol.messages.MAX_EVENT_BYTES`, or of a kind a device may not
+    send), is refused. A file SQLite finds
+    corrupt (at open or later) is renamed ``<name>.<unix time>.corrupt`` (with its
+    ``-wal``), an error is logged and a fresh file is used; nothing raises. Other
+    database failures (a full disk, an unwritable directory) raise :class:`OutboxError`.
     """
 
     FILE_NAME = "outbox.db"
@@ -232,6 +244,10 @@ class Outbox:
         events that raised OutboxError with a mark are not counted as dropped: the mark
         says they were not announced, so the caller announces them again from its own
         record."""
+        for kind, _, _ in events:
+            if not DEVICE_EVENT_KIND.fullmatch(kind):
+                raise ValueError(f"event kind {kind!r} is not one the fleet server takes "
+                                 "from a device (protocol.messages.DEVICE_EVENT_KIND)")
         rows = [self._row(_EVENT, at, {"kind": kind, "detail": dict(detail)})
                 for kind, at, detail in events]
         if not rows:
@@ -334,9 +350,10 @@ class Outbox:
         if not (math.isfinite(at) and at >= 0):
             raise ValueError(f"at must be a finite, non-negative Unix time, not {at!r}")
         text = _to_json(body)  # refuse what cannot be stored before anything changes
-        if len(text.encode()) > self.max_message_bytes:
+        limit = min(self.max_message_bytes, _WIRE_LIMITS[topic])
+        if len(text.encode()) > limit:
             raise ValueError(f"a {topic} message of {len(text.encode())} bytes is over the "
-                             f"outbox's limit of {self.max_message_bytes}")
+                             f"outbox's limit of {limit}")
         return _Row(topic, at, body, text)
 
     def _add(self, rows: list[_Row], mark: tuple[str, int] | None) -> list[Message]:

@@ -24,11 +24,13 @@ from paho.mqtt.client import Client, MQTTMessage
 
 from agent.config import FleetSettings
 from agent.fleet_link import FleetLink, install_events, next_fetch
-from agent.install_state import InstallRecord, InstallState, new_install
+from agent.install_state import InstallRecord, InstallState
 from agent.outbox import Outbox
 from agent.probation import ProbationPolicy
 from agent.runtime import Runtime
 from agent.telemetry import TelemetryCollector, TelemetrySource
+from agent.trust_store import TrustStore
+from bundle.trust import TrustedState
 from firmware_profiles.model import Profile
 from fleet_server.broker import Broker
 from protocol.messages import (
@@ -46,6 +48,7 @@ from protocol.messages import (
 )
 from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF
 from tests.agent.bundles import DIGITS, digits_spec, samples
+from tests.agent.conftest import fill_disk
 from tests.bundle.repo import Repo
 from tests.mqtt_broker import TestFleet, require_mosquitto
 from transport.mqtt import close_client
@@ -53,6 +56,7 @@ from transport.mqtt import close_client
 pytestmark = pytest.mark.integration
 
 DEVICE = "gw-1"
+S = InstallState
 
 
 @dataclass
@@ -151,8 +155,9 @@ def link_factory(fleet: TestFleet, broker: Broker, state_dir: Path,
     identity = fleet.device_identity(DEVICE)
 
     def make(chunk_bytes: int = 16 * 1024, telemetry: Callable[[Runtime], TelemetrySource]
-             | None = None, outbox: Outbox | None = None) -> FleetLink:
-        runtime = Runtime(state_dir, x86, policy=ProbationPolicy(window_s=0.0))
+             | None = None, outbox: Outbox | None = None,
+             state: Path | None = None) -> FleetLink:
+        runtime = Runtime(state or state_dir, x86, policy=ProbationPolicy(window_s=0.0))
         runtime.start(interval_s=0.1)
         settings = FleetSettings(fleet.ca.fleet, DEVICE, broker.address.url,
                                  identity.ca_file, identity.cert_file, identity.key_file,
@@ -192,8 +197,7 @@ def test_a_broker_outage_mid_transfer_resumes_where_it_broke(
     server.answer = lambda offset: offset < 3 * chunk
     link = link_factory(chunk_bytes=chunk)
     sha = server.want(1, data)
-    wait(lambda: (link.fetch_dir / f"{sha}.part").exists()
-         and (link.fetch_dir / f"{sha}.part").stat().st_size == 3 * chunk, "3 chunks on disk")
+    wait(lambda: _partial_size(link) == 3 * chunk, "3 chunks on disk")
     broker.stop()
     wait(lambda: not link.connected, "the link to notice")
     server.answer = lambda offset: True
@@ -203,6 +207,40 @@ def test_a_broker_outage_mid_transfer_resumes_where_it_broke(
     wait(lambda: server.last_report() == {"digits": (1, sha, "committed")}, "v1 committed")
     assert min(server.requests) == 3 * chunk  # resumed, not restarted
     assert server.served_bytes < len(data) + 4 * chunk
+
+
+def _partial_size(link: FleetLink) -> int:
+    parts = list(link.installer.dirs.incoming.glob("*.part"))
+    return parts[0].stat().st_size if parts else -1
+
+
+def test_a_fetch_resumes_across_an_agent_restart_from_the_last_whole_chunk(
+        server: FakeServer, repo: Repo, link_factory: Callable[..., FleetLink]) -> None:
+    # issue 10 item 3: a partial file cut mid-chunk (a short write) stayed at 81% forever;
+    # issue 11: downloading is the real fetch, its record resumed after a restart.
+    data = repo.build(digits_spec(1))
+    chunk = 16 * 1024
+    server.answer = lambda offset: offset < 3 * chunk
+    link = link_factory(chunk_bytes=chunk)
+    sha = server.want(1, data)
+    wait(lambda: _partial_size(link) == 3 * chunk, "3 chunks on disk")
+    pending = link.installer.pending()
+    assert [(r.state, r.bundle_sha256) for r in pending] == [(S.DOWNLOADING, sha)]
+    link.stop()
+    link.runtime.close()
+    part = next(link.installer.dirs.incoming.glob("*.part"))
+    with part.open("ab") as f:
+        f.write(b"half a chunk" * 100)  # as a write cut short by a full disk leaves it
+    server.answer = lambda offset: True
+    with server.lock:
+        server.requests.clear()
+    restarted = link_factory(chunk_bytes=chunk)
+    restarted.runtime.resume_installs()
+    wait(lambda: server.last_report() == {"digits": (1, sha, "committed")}, "v1 committed")
+    assert min(server.requests) == 3 * chunk  # resumed at the last whole chunk
+    latest = restarted.installer.records()[0]
+    assert (latest.install_id, latest.state) == (pending[0].install_id, S.COMMITTED)
+    assert not list(restarted.installer.dirs.incoming.iterdir())
 
 
 def test_a_rejected_bundle_is_reported_and_not_retried(
@@ -225,9 +263,20 @@ def test_a_rejected_bundle_is_reported_and_not_retried(
     assert install.reason is not None
     assert install.reason.startswith("rejected:")
     fetches = server.events.count("fetch.started")
-    time.sleep(1.0)
-    assert server.events.count("fetch.started") == fetches  # given up on that bundle
+    # The link's worker looks again and decides there is nothing to fetch: given up on
+    # that bundle, also by a restarted agent (the failed record says so).
+    link.in_line.clear()
+    assert link.in_line.wait(20)
+    assert server.events.count("fetch.started") == fetches
     assert link.runtime.model("digits").version == 1
+    link.stop()
+    link.runtime.close()
+    restarted = link_factory()
+    restarted.runtime.resume_installs()
+    assert restarted.in_line.wait(20)
+    assert server.events.count("fetch.started") == fetches
+    assert restarted.runtime.model("digits").version == 1
+    assert not list(restarted.installer.dirs.incoming.iterdir())  # nothing left behind
 
 
 class Recording(Outbox):
@@ -344,7 +393,8 @@ def test_transitions_persisted_while_no_link_listened_are_announced_once(
     """Issue 10 item 4: transitions made before the link listened (a resume at start-up,
     or the one persisted just before a kill) were never sent."""
     record = offline_install
-    link = link_factory(**_sampling(recording))  # resumes the probation, then commits
+    link = link_factory(**_sampling(recording))
+    link.runtime.resume_installs()  # as edge-agent run does: the probation, then a commit
     wait(lambda: any(e.kind == "install.committed" for e in server.event_log),
          "the install's events")
     [final] = [r for r in link.installer.records() if r.install_id == record.install_id]
@@ -362,21 +412,14 @@ def test_transitions_persisted_while_no_link_listened_are_announced_once(
 
 
 def test_install_events_cover_the_history_after_what_was_announced() -> None:
-    record = new_install("a1", "/b.efb", 10.0)
-    for state, at in ((InstallState.DOWNLOADING, 11.0), (InstallState.VERIFYING, 12.0)):
-        record = _advance(record, state, at)
-    failed = _advance(record, InstallState.FAILED, 13.0, reason="rejected:BadSignature")
+    failed = InstallRecord("a1", "/b.efb", InstallState.FAILED, model="m", version=2,
+                           reason="rejected:BadSignature", history=(
+                               ("idle", 10.0), ("downloading", 11.0), ("verifying", 12.0),
+                               ("failed", 13.0)))
     assert install_events(failed, 0) == install_events(failed, 1)  # idle is not announced
     assert [(kind, at, detail["reason"]) for kind, at, detail in install_events(failed, 2)] == [
         ("install.verifying", 12.0, None), ("install.failed", 13.0, "rejected:BadSignature")]
     assert install_events(failed, 4) == []
-
-
-def _advance(record: InstallRecord, state: InstallState, at: float,
-             reason: str | None = None) -> InstallRecord:
-    from agent.install_state import advance
-
-    return advance(record, state, at, reason=reason)
 
 
 def _broker_process(broker_dir: Path) -> psutil.Process:
@@ -413,17 +456,18 @@ def test_sampling_keeps_its_schedule_while_an_install_runs(
         server: FakeServer, repo: Repo, recording: Recording,
         link_factory: Callable[..., FleetLink], monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 10 item 6: the link's worker sampled between installs, so an install stopped
-    sampling for as long as it ran. Here the install waits until the test lets it go."""
+    sampling for as long as it ran. Here the install's verification waits until the test
+    lets it go."""
     link = link_factory(**_sampling(recording))
     entered, release = threading.Event(), threading.Event()
-    install = link.runtime.install
+    verify_and_stage = link.installer.verify_and_stage
 
-    def held_install(bundle: Path) -> InstallRecord:
+    def held(record: InstallRecord) -> Any:
         entered.set()
         release.wait(30)
-        return install(bundle)
+        return verify_and_stage(record)
 
-    monkeypatch.setattr(link.runtime, "install", held_install)
+    monkeypatch.setattr(link.installer, "verify_and_stage", held)
     sha = server.want(1, repo.build(digits_spec(1)))
     try:
         assert entered.wait(20), "the install did not start"
@@ -466,3 +510,42 @@ def test_next_fetch_decides_without_a_broker() -> None:
     assert next_fetch(desired, {"alpha": a}, {"zeta": b}) is None  # failed: not again
     newer = Desired({"zeta": DesiredModel(3, "c" * 64, 10)}, 1.0)
     assert next_fetch(newer, {}, {"zeta": b}) == ("zeta", newer.models["zeta"])
+
+
+def test_a_disk_that_fills_during_a_fetch_fails_the_install_and_the_link_lives_on(
+        server: FakeServer, repo: Repo, small_disk: Path,
+        link_factory: Callable[..., FleetLink]) -> None:
+    # issue 10 item 2: ENOSPC escaped bundle_fetch.receive into paho's thread, which died;
+    # the server saw "downloading 23%" forever and the agent never reconnected.
+    state = small_disk / "state"
+    TrustStore(state / "trust").save(TrustedState(root=repo.root))
+    link = link_factory(state=state)
+    sha1 = server.want(1, repo.build(digits_spec(1)))
+    wait(lambda: server.last_report() == {"digits": (1, sha1, "committed")}, "v1 committed")
+    chunk = 16 * 1024
+    filled: list[Path] = []
+
+    def fill_after_two_chunks(offset: int) -> bool:
+        if offset >= 2 * chunk and not filled:
+            filled.append(fill_disk(small_disk, 0))  # something else takes the last byte
+        return True
+
+    server.answer = fill_after_two_chunks
+    data2 = repo.build(digits_spec(2))
+    sha2 = server.want(2, data2)
+
+    def failed_disk_full() -> bool:
+        install = decode_reported(server.reports[-1]).installs.get("digits")
+        return install is not None and install.state == "failed" and (
+            install.reason == "disk_full")
+
+    wait(failed_disk_full, "the install to fail on the full disk")
+    assert server.events.count("install.failed") == 1
+    assert link.connected
+    assert link.runtime.model("digits").version == 1
+    assert not list(link.installer.dirs.incoming.iterdir())  # the partial file reclaimed
+    link.in_line.clear()
+    assert link.in_line.wait(20)  # waits for room rather than failing again
+    assert server.events.count("install.failed") == 1
+    filled[0].unlink()
+    wait(lambda: server.last_report() == {"digits": (2, sha2, "committed")}, "v2 committed")

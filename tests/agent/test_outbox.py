@@ -31,7 +31,14 @@ from hypothesis.stateful import (
 
 from agent.loss_counter import Tally
 from agent.outbox import Outbox, OutboxError
-from protocol.messages import Event, Telemetry, decode_event, decode_telemetry, encode
+from protocol.messages import (
+    MAX_EVENT_BYTES,
+    Event,
+    Telemetry,
+    decode_event,
+    decode_telemetry,
+    encode,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 # Fast scratch space for the many small fsyncs of the property tests, when there is one.
@@ -75,7 +82,7 @@ def test_seq_is_microseconds_bumped_past_the_last_when_the_clock_stalls_or_steps
         tmp_path: Path) -> None:
     with _open(tmp_path / "outbox.db") as outbox:
         first = outbox.add_sample(T0, {}).seq
-        same = outbox.add_event("x", T0, {}).seq
+        same = outbox.add_event("fetch.failed", T0, {}).seq
         back = outbox.add_sample(T0 - 3600, {}).seq
         later = outbox.add_sample(T0 + 1, {}).seq
     assert (same, back) == (first + 1, first + 2)
@@ -147,8 +154,9 @@ def test_events_outlive_samples_when_full_and_are_evicted_last(tmp_path: Path) -
         kinds = [getattr(m, "kind", "sample") for m in outbox.pending(10)]
         assert kinds == ["install.staged", "install.activating", "sample"]
         for i in range(3):  # events only, then: the oldest event goes
-            outbox.add_event(f"e{i}", T0 + 4 + i, {})
-        assert [getattr(m, "kind", "sample") for m in outbox.pending(10)] == ["e0", "e1", "e2"]
+            outbox.add_event(f"install.step_{'abc'[i]}", T0 + 4 + i, {})
+        assert [getattr(m, "kind", "sample") for m in outbox.pending(10)] == [
+            "install.step_a", "install.step_b", "install.step_c"]
         assert early not in outbox.pending(10)
         assert outbox.dropped() == Tally(2, 2)
         announced = outbox.add_sample(T0 + 9, {}).metrics  # and one more event makes room
@@ -164,9 +172,16 @@ def test_the_bytes_bound_holds_and_a_message_over_the_limit_is_refused(tmp_path:
         assert len(outbox) == outbox.size() // 300 < 20
         assert outbox.dropped().samples == 20 - len(outbox)
         with pytest.raises(ValueError, match="over the outbox's limit of 600"):
-            outbox.add_event("big", T0, {"pad": "y" * 600})
+            outbox.add_event("fetch.failed", T0, {"pad": "y" * 600})
     with pytest.raises(ValueError, match="at most max_bytes"):
         Outbox(tmp_path / "other.db", max_bytes=10, max_message_bytes=11)
+    with Outbox(tmp_path / "third.db") as outbox:  # what the server would refuse, it refuses
+        with pytest.raises(ValueError, match="events message of"):
+            outbox.add_event("install.failed", T0, {"detail": "x" * MAX_EVENT_BYTES})
+        event = outbox.add_event("install.failed", T0, {"detail": "x" * 16_000})
+        assert len(encode(event)) <= MAX_EVENT_BYTES
+        with pytest.raises(ValueError, match="not one the fleet server takes"):
+            outbox.add_event("device.enrolled", T0, {})
 
 
 def test_smaller_bounds_on_reopening_drop_down_to_them(tmp_path: Path) -> None:
@@ -219,7 +234,7 @@ def test_after_the_file_is_deleted_seq_starts_above_the_reservation(tmp_path: Pa
         # The clock is a day behind (no RTC, no NTP yet): seq still does not repeat.
         after = outbox.add_sample(T0 - 86_400, {}).seq
         assert after == old[0] + 3600 * 1_000_000
-        assert outbox.add_event("x", T0 - 86_400, {}).seq == after + 1
+        assert outbox.add_event("fetch.failed", T0 - 86_400, {}).seq == after + 1
         # A clock past the reservation moves it on before the seq is used.
         later = outbox.add_sample(T0 + 7200, {}).seq
         assert int(outbox.seq_path.read_text()) == later + 3600 * 1_000_000
@@ -249,7 +264,7 @@ def test_a_corrupt_file_is_set_aside_and_the_next_sample_says_so(
     path.write_bytes(b"\x13not a database" * 500)
     with caplog.at_level(logging.ERROR, "agent.outbox"), _open(path) as outbox:
         assert len(outbox) == 0
-        assert outbox.add_event("x", T0 + 1, {}).detail == {}  # events carry nothing
+        assert outbox.add_event("fetch.failed", T0 + 1, {}).detail == {}  # events carry nothing
         sample = outbox.add_sample(T0 + 1, {"i": 1})
         assert sample.metrics == {"i": 1, "buffer_reset": "corrupt"}
         assert "buffer_reset" not in outbox.add_sample(T0 + 2, {}).metrics
@@ -270,7 +285,8 @@ def test_corruption_found_while_running_keeps_seq_and_counts_the_lost(tmp_path: 
     path = tmp_path / "outbox.db"
     with _open(path) as outbox:
         sent = [outbox.add_sample(T0 + i, {"pad": "x" * 2000}).seq for i in range(38)]
-        sent += [outbox.add_event("e", T0 + 50, {"pad": "x" * 2000}).seq or 0 for _ in range(2)]
+        sent += [outbox.add_event("fetch.started", T0 + 50, {"pad": "x" * 2000}).seq or 0
+                 for _ in range(2)]
         outbox.ack(sent[:10])
         # Damage the file under the open connection, and make SQLite read it again.
         outbox._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -290,7 +306,7 @@ def test_an_unreadable_row_is_dropped_and_counted(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     with _open(path) as outbox:
         first = outbox.add_sample(T0, {"i": 0})
-        event = outbox.add_event("x", T0, {})
+        event = outbox.add_event("fetch.failed", T0, {})
         second = outbox.add_sample(T0 + 1, {"i": 1})
         db = sqlite3.connect(path)
         with db:
@@ -336,7 +352,7 @@ def test_events_added_with_a_mark_are_not_counted_lost_they_are_announced_again(
         outbox.add_events([("install.staged", T0, {}), ("install.activating", T0, {})],
                           mark=("install/a", 4))
         assert outbox.mark("install/a") == 4
-        outbox.add_events([("e", T0, {})], mark=("install/b", 2))
+        outbox.add_events([("fetch.started", T0, {})], mark=("install/b", 2))
         assert outbox.add_events([], mark=("install/c", 1)) == []
         assert outbox.mark("install/c") == 0
         assert outbox.forget_marks("install/", keep={"install/b"}) == 1
@@ -348,7 +364,7 @@ def test_count_lost_is_announced_once(tmp_path: Path) -> None:
         outbox.count_lost(Tally(samples=3))
         outbox.count_lost(Tally())
         assert outbox.dropped() == Tally(3, 0)
-        assert outbox.add_event("e", T0, {}).detail == {}
+        assert outbox.add_event("fetch.started", T0, {}).detail == {}
         assert outbox.add_sample(T0, {}).metrics == {"dropped": 3}
         assert outbox.add_sample(T0, {}).metrics == {}
     with _open(tmp_path / "outbox.db") as outbox:
@@ -419,7 +435,7 @@ def test_adding_and_acknowledging_from_three_threads(tmp_path: Path) -> None:
                 else:
                     added.append(outbox.add_event(kind, T0, {"i": i}).seq or 0)
 
-        threads = [threading.Thread(target=add, args=(k,)) for k in ("sample", "e")]
+        threads = [threading.Thread(target=add, args=(k,)) for k in ("sample", "fetch.started")]
         for thread in threads:
             thread.start()
         while any(t.is_alive() for t in threads) or len(outbox):
@@ -546,7 +562,8 @@ class OutboxMachine(RuleBasedStateMachine):
                                    model.reset))
         model.unreported, model.reset = Tally(), False
 
-    @rule(step=st.integers(-1_000_000, 1_000_000), kind=st.sampled_from(["a", "b.c"]))
+    @rule(step=st.integers(-1_000_000, 1_000_000),
+          kind=st.sampled_from(["fetch.started", "install.staged"]))
     def add_event(self, step: int, kind: str) -> None:
         at = self._tick(step)
         event = self.live.add_event(kind, at, {"k": kind})
@@ -674,24 +691,23 @@ def test_the_bounds_hold_and_every_message_is_kept_or_counted(
         with _open(directory / "outbox.db", max_rows, max_bytes=max_bytes,
                    max_message_bytes=500) as outbox:
             added = Tally()
-            announced = Tally()
             for i, (is_sample, pad) in enumerate(adds):
+                events_dropped = outbox.dropped().events
                 if is_sample:
-                    metrics = outbox.add_sample(T0 + i, {"pad": "x" * pad}).metrics
-                    announced += Tally(metrics.get("dropped", 0), metrics.get("dropped_events", 0))
+                    outbox.add_sample(T0 + i, {"pad": "x" * pad})
                     added += Tally(1, 0)
                 else:
-                    outbox.add_event("e", T0 + i, {"pad": "x" * pad})
+                    outbox.add_event("fetch.started", T0 + i, {"pad": "x" * pad})
                     added += Tally(0, 1)
                 assert len(outbox) <= max_rows
                 assert outbox.size() <= max_bytes
-            seqs = _seqs(outbox)
-            assert _is_sorted(seqs)
+                # Samples are evicted first: an add evicts an event only when no sample is
+                # left but the one it adds.
+                if outbox.dropped().events > events_dropped:
+                    assert outbox.waiting().samples <= int(is_sample)
+            assert _is_sorted(_seqs(outbox))
             # Nothing is lost without being counted, per kind.
             assert outbox.waiting() + outbox.dropped() == added
-            # Samples are evicted first: an event is gone only if no sample is waiting.
-            if outbox.dropped().events:
-                assert outbox.waiting().samples <= 1
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -706,7 +722,7 @@ from agent.outbox import Outbox
 outbox = Outbox(Path(sys.argv[1]))
 for i in range(int(sys.argv[2])):
     if i % 3 == 2:
-        print(outbox.add_event("tick", time.time(), {"i": i}).seq, flush=True)
+        print(outbox.add_event("fetch.started", time.time(), {"i": i}).seq, flush=True)
     else:
         print(outbox.add_sample(time.time(), {"i": i}).seq, flush=True)
 print("done", flush=True)
@@ -780,7 +796,7 @@ for i in range(5):
     except OutboxError:
         failed += 1
 try:
-    outbox.add_event("install.failed", time.time(), {"pad": "y" * 20000})
+    outbox.add_event("install.failed", time.time(), {"pad": "y" * 10000})
 except OutboxError:
     failed += 100
 outbox.count_lost(Tally(samples=2))  # e.g. slots the sampler missed meanwhile

@@ -75,7 +75,7 @@ def _running(outbox: Outbox, client: FakeClient, window: int = 100,
 def test_messages_go_out_in_seq_order_and_are_deleted_once_acknowledged(
         outbox: Outbox) -> None:
     client = FakeClient()
-    added = [outbox.add_sample(T0, {"i": 0}).seq, outbox.add_event("e", T0, {}).seq,
+    added = [outbox.add_sample(T0, {"i": 0}).seq, outbox.add_event("fetch.started", T0, {}).seq,
              outbox.add_sample(T0 + 1, {"i": 1}).seq]
     with _running(outbox, client) as publisher:
         publisher.connected()
