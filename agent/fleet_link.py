@@ -69,6 +69,9 @@ _TICK_S = 0.25
 _MAX_CORRUPT = 2
 #: Outbox marks of install announcements: this prefix, then the install id.
 _INSTALL_MARK = "install/"
+#: Characters of a text kept in an event's detail (an error message can be long): a few
+#: of them stay well within the server's limit for an event (MAX_EVENT_BYTES).
+_MAX_TEXT = 2000
 
 
 def next_fetch(desired: Desired | None, served: Mapping[str, str | None],
@@ -103,9 +106,13 @@ def install_events(record: InstallRecord, announced: int,
         events.append((f"install.{state}", at, {
             "install_id": record.install_id, "model": record.model,
             "version": record.version, "bundle_sha256": record.bundle_sha256,
-            "reason": record.reason if index == last else None,
-            "detail": record.detail if index == last else None}))
+            "reason": _clip(record.reason) if index == last else None,
+            "detail": _clip(record.detail) if index == last else None}))
     return events
+
+
+def _clip(text: str | None) -> str | None:
+    return text if text is None or len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "..."
 
 
 class FleetLink:
@@ -413,8 +420,10 @@ class FleetLink:
 
     def _event(self, kind: str, detail: dict[str, Any]) -> None:
         """Queue an event for the fleet; sent in order once the broker is reachable."""
+        clipped = {key: _clip(value) if isinstance(value, str) else value
+                   for key, value in detail.items()}
         try:
-            self.outbox.add_event(kind, self.clock(), detail)
+            self.outbox.add_event(kind, self.clock(), clipped)
         except OutboxError as exc:  # counted by the outbox, announced by the next sample
             log.error("event %s lost (counted as dropped): %s", kind, exc)
             return

@@ -420,6 +420,10 @@ def test_install_events_cover_the_history_after_what_was_announced() -> None:
     assert [(kind, at, detail["reason"]) for kind, at, detail in install_events(failed, 2)] == [
         ("install.verifying", 12.0, None), ("install.failed", 13.0, "rejected:BadSignature")]
     assert install_events(failed, 4) == []
+    long = InstallRecord("a2", "/b.efb", InstallState.FAILED, reason="load_failed",
+                         detail="x" * 100_000, history=(("idle", 1.0), ("failed", 2.0)))
+    [(_, _, detail)] = install_events(long, 0)
+    assert len(detail["detail"]) < 2100  # an event fits the server's limit whatever it says
 
 
 def _broker_process(broker_dir: Path) -> psutil.Process:
