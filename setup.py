@@ -17,7 +17,8 @@ _CORE = ["numpy>=1.26", "cryptography>=42", "tuf>=6,<8", "tomli>=2; python_versi
 _RUNTIMES = ["onnxruntime>=1.20", "ai-edge-litert>=2.0"]
 
 EXTRAS = {
-    "agent": [*_CORE, *_RUNTIMES, "paho-mqtt>=2.0", "psutil>=5.9"],
+    # tomli-w: agent.toml is written with a TOML writer (edge-agent enroll).
+    "agent": [*_CORE, *_RUNTIMES, "paho-mqtt>=2.0", "psutil>=5.9", "tomli-w>=1.0"],
     # sympy: onnxruntime's symbolic shape inference, run before quantization.
     "compressor": [*_CORE, *_RUNTIMES, "onnx>=1.17", "sympy>=1.12"],
     # psycopg: PostgreSQL for the registry (fleet serve --db postgresql://...); SQLite is stdlib.
