@@ -132,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
     from .http_api import ApiSettings
     from .probation import ProbationPolicy
     from .runtime import Runtime
-    from .startup import check_fleet_files, start_agent, usable_state_dir
+    from .startup import check_fleet_files, usable_state_dir
     from .telemetry import TelemetryBuffer, TelemetryCollector, TelemetryFeed
 
     config = load_config(args.config or DEFAULT_STATE_DIR / "agent.toml")
@@ -150,13 +150,15 @@ def _run(args: argparse.Namespace) -> int:
                                                 unix_socket=api.unix_socket, token=token,
                                                 limits=api.limits),
                            config.state_dir)
-    start_agent(process, token_file)
+    process.start(token_file)
     link, buffer = None, None
     if config.fleet is not None:
         buffer = TelemetryBuffer(config.state_dir / TelemetryBuffer.FILE_NAME)
         link = FleetLink(runtime, config.fleet,
                          telemetry=TelemetryFeed(TelemetryCollector(runtime), buffer))
         link.start()
+    # Serving already; interrupted installs resume behind it, reported through the link.
+    runtime.resume_installs(wait=False)
     models = ", ".join(f"{m.name} v{m.version}" for m in runtime.models())
     fleet = (f"fleet {config.fleet.name} as {config.fleet.device_id} via "
              f"{config.fleet.broker_url}" if config.fleet else "no fleet (offline)")
@@ -207,7 +209,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .http_api import ApiSettings
     from .probation import ProbationPolicy
     from .runtime import Runtime
-    from .startup import start_agent, usable_state_dir
+    from .startup import usable_state_dir
 
     if len(args.name) > len(args.model):
         raise AgentError("more --name than --model options; give one name per model file")
@@ -234,7 +236,8 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ApiSettings(host=args.host, port=args.port, unix_socket=args.unix_socket,
                            token=token, limits=ApiLimits(max_batch=args.max_batch))
     process = AgentProcess(runtime, settings, state_dir)
-    start_agent(process, token_file)
+    process.start(token_file)
+    runtime.resume_installs(wait=False)  # behind the models already served
     models = ", ".join(f"{m.name} v{m.version or '-'} ({m.backend})" for m in runtime.models())
     print(f"edge-agent serving {models or 'no models yet'} on "
           f"{process.server.url or settings.unix_socket}"
@@ -274,6 +277,7 @@ def _install(args: argparse.Namespace) -> int:
             record = client.install(args.bundle)
     else:
         runtime = Runtime(usable_state_dir(args.state_dir), resolve_profile(args.profile))
+        runtime.resume_installs()  # an earlier one a stop interrupted goes first
         record = runtime.install(args.bundle).summary()
     if args.json:
         print(json.dumps(record, indent=2))

@@ -109,7 +109,12 @@ class AgentProcess:
         self.server.start()
         self.runtime.start()
         if self.state_dir is not None:
-            self._write_run_file(token_file)
+            try:
+                self._write_run_file(token_file)
+            except OSError as exc:  # a full disk must not stop the serving
+                log.warning("cannot write %s (%s): the other edge-agent commands will not "
+                            "find this agent; it serves on", self.state_dir / _RUN_FILE,
+                            exc.strerror)
 
     def wait(self) -> None:
         """Serve until SIGINT/SIGTERM or :meth:`stop`, then shut down."""

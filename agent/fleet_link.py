@@ -20,8 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import replace
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
 from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
@@ -49,13 +48,16 @@ from transport.mqtt import BrokerAddress, ClientSettings, TLSIdentity, close_cli
 from . import __version__
 from .bundle_fetch import BundleFetch, FetchError
 from .config import FleetSettings
-from .install_state import InstallRecord
+from .install_state import InstallRecord, InstallState
+from .installer import is_disk_full
 from .runtime import Runtime
 
 __all__ = ["FleetLink", "TelemetrySource", "next_fetch"]
 
 log = logging.getLogger(__name__)
 _TICK_S = 0.25
+#: Whole bundles that may arrive hashing wrong before the server is not asked again.
+_MAX_CORRUPT = 2
 
 
 class TelemetrySource(Protocol):
@@ -75,17 +77,20 @@ class TelemetrySource(Protocol):
 
 
 def next_fetch(desired: Desired | None, served: Mapping[str, str | None],
-               given_up: Mapping[str, str]) -> tuple[str, DesiredModel] | None:
+               given_up: Mapping[str, str],
+               busy: Collection[str] = ()) -> tuple[str, DesiredModel] | None:
     """The model whose desired bundle to fetch next, or None when the device is in line.
 
     ``served`` maps model names to the bundle sha256 serving now (None: not from the fleet
     or not served); ``given_up`` maps them to a bundle that failed, which is not fetched
-    again until the desired state names another one. Models in name order, one at a time.
+    again until the desired state names another one; ``busy`` models have an install being
+    verified or activated, to be finished first. Models in name order, one at a time.
     """
     if desired is None:
         return None
     for name, want in sorted(desired.models.items()):
-        if want.bundle_sha256 not in (served.get(name), given_up.get(name)):
+        if name not in busy and want.bundle_sha256 not in (served.get(name),
+                                                            given_up.get(name)):
             return name, want
     return None
 
@@ -105,15 +110,16 @@ class FleetLink:
         self.chunk_bytes = chunk_bytes
         self.clock = clock
         self.installer = runtime.installer
-        self.fetch_dir = self.installer.dirs.root / "fetch"
+        assert runtime.installs is not None
+        self.installs = runtime.installs
         self._client = create_client(ClientSettings(
             BrokerAddress.from_url(settings.broker_url),
             TLSIdentity(settings.ca_file, settings.cert_file, settings.key_file)))
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         # The broker announces an unexpected disconnect for us, so the fleet sees the
-        # device go offline without waiting for a missed report.
-        self._client.will_set(self._topic("events"), encode(Event("offline", clock(), {})),
-                              qos=1)
+        # device go offline without waiting for a missed report. Set before every connect,
+        # so it carries the time of the connection it ends, not of the agent's start.
+        self._client.on_pre_connect = self._set_will
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -125,10 +131,10 @@ class FleetLink:
         self._fetch: BundleFetch | None = None
         self._fetch_model: str | None = None
         self._fetch_version: int | None = None
-        self._given_up: dict[str, str] = {}  # model -> bundle sha256 that failed
-        # The fleet's installs by the model they were fetched for: one rejected before its
-        # manifest was read does not know its model itself.
-        self._attempts: dict[str, InstallRecord] = {}
+        self._fetch_install: str | None = None
+        #: Set whenever the worker found nothing to fetch (the device is in line with its
+        #: desired state, or gave up on what it names); tests wait on it.
+        self.in_line = threading.Event()
         self._next_sample = 0.0
         self._thread: threading.Thread | None = None
         self.installer.listeners.append(self._on_install_change)
@@ -140,6 +146,7 @@ class FleetLink:
 
     def start(self) -> None:
         """Connect (in the background, retrying) and start the worker."""
+        self.installs.fetcher = self
         self._client.loop_start()
         self._thread = threading.Thread(target=self._work, name="edgefleet-fleet-link",
                                         daemon=True)
@@ -152,6 +159,8 @@ class FleetLink:
         if self._thread is not None:
             self._thread.join()
         close_client(self._client)
+        if self.installs.fetcher is self:
+            self.installs.fetcher = None
         if self._on_install_change in self.installer.listeners:
             self.installer.listeners.remove(self._on_install_change)
 
@@ -159,6 +168,11 @@ class FleetLink:
 
     def _topic(self, leaf: str) -> str:
         return device_topic(self.settings.name, self.settings.device_id, leaf)
+
+    def _set_will(self, client: Client, userdata: Any) -> None:
+        at = self.clock()
+        client.will_set(self._topic("events"),
+                        encode(Event("offline", at, {"connected_at": at})), qos=1)
 
     def _on_connect(self, client: Client, userdata: Any, flags: ConnectFlags,
                     reason: ReasonCode, properties: Properties | None) -> None:
@@ -203,7 +217,12 @@ class FleetLink:
             fetch.receive(chunk)
         except FetchError as exc:
             log.error("%s", exc)
-            self._fetch_failed(str(exc))
+            if not exc.transient or fetch.corrupted > _MAX_CORRUPT:
+                self._fetch_failed(exc)
+                return
+        except OSError as exc:  # a full disk: the install fails, the link lives on
+            log.error("cannot write bundle %s: %s", fetch.sha256[:12], exc)
+            self._fetch_failed(exc)
             return
         self._request_chunks()
 
@@ -242,22 +261,41 @@ class FleetLink:
         with self._lock:
             desired = self._desired
         served = {name: self._served_bundle(name) for name in desired.models} if desired else {}
-        chosen = next_fetch(desired, served, self._given_up)
+        working = (InstallState.VERIFYING, InstallState.STAGED, InstallState.ACTIVATING)
+        busy = {r.model for r in self.installer.pending()
+                if r.model is not None and r.state in working}
+        chosen = next_fetch(desired, served, self.installer.given_up(), busy)
         if chosen is None:
+            self.in_line.set()
             return
+        self.in_line.clear()
         name, want = chosen
-        fetch = BundleFetch(self.fetch_dir, want.bundle_sha256, want.size,
-                            chunk_bytes=self.chunk_bytes)
-        with self._lock:
-            self._fetch, self._fetch_model = fetch, name
-            self._fetch_version = want.version
-        log.info("fetching %s v%d (bundle %s, %d bytes)", name, want.version,
-                 want.bundle_sha256[:12], want.size)
-        self._event("fetch.started", {"model": name, "version": want.version,
-                                      "bundle_sha256": want.bundle_sha256,
-                                      "resume_at": round(fetch.progress * want.size)})
+        # The install record comes first, in downloading; it asks for the bytes through
+        # start_fetch (or fails at once, e.g. without the room for the bundle).
+        self.installs.fetch(name, want.version, want.bundle_sha256, want.size)
         self._report()
-        self._request_chunks()
+
+    def start_fetch(self, record: InstallRecord) -> None:
+        """Fetch the bundle of the fleet install ``record`` in chunks (the install driver's
+        :class:`~agent.install_driver.Fetcher`); resumes from its partial file."""
+        assert record.bundle_sha256 is not None
+        assert record.size is not None
+        assert record.model is not None
+        assert record.version is not None
+        with self._lock:
+            if self._fetch_install == record.install_id:
+                return  # already under way
+            fetch = BundleFetch(self.installer.dirs.incoming, record.bundle_sha256,
+                                record.size, chunk_bytes=self.chunk_bytes,
+                                name=record.install_id)
+            self._fetch, self._fetch_model = fetch, record.model
+            self._fetch_version, self._fetch_install = record.version, record.install_id
+        log.info("fetching %s v%d (bundle %s, %d bytes)", record.model, record.version,
+                 record.bundle_sha256[:12], record.size)
+        self._event("fetch.started", {"model": record.model, "version": record.version,
+                                      "bundle_sha256": record.bundle_sha256,
+                                      "resume_at": round(fetch.progress * record.size)})
+        self._wake.set()
 
     def _served_bundle(self, name: str) -> str | None:
         try:
@@ -275,30 +313,32 @@ class FleetLink:
             self._client.publish(self._topic(CHUNK_REQUEST_LEAF), encode(request), qos=1)
 
     def _install_fetched(self, fetch: BundleFetch) -> None:
-        name = self._fetch_model
-        record = self.runtime.install(fetch.path)
+        """The bundle is whole: the install goes on (verify, stage, swap) on the install
+        worker, while this link goes on with the next model."""
         with self._lock:
-            self._fetch = self._fetch_model = None
-        fetch.discard()
-        if name is not None:
-            # A bundle rejected before its manifest was read does not know its version;
-            # the desired state it was fetched for does.
-            self._attempts[name] = (record if record.version is not None
-                                    else replace(record, version=self._fetch_version))
-            if record.reason is not None:
-                self._given_up[name] = fetch.sha256
+            install_id = self._fetch_install
+            self._fetch = self._fetch_model = self._fetch_install = None
+        if install_id is not None:
+            self.installs.fetched(install_id)
         self._report()
 
-    def _fetch_failed(self, reason: str) -> None:
+    def _fetch_failed(self, error: FetchError | OSError) -> None:
         with self._lock:
-            fetch, name = self._fetch, self._fetch_model
-            self._fetch = self._fetch_model = None
-        if fetch is not None and name is not None:
-            fetch.discard()
-            self._event("fetch.failed", {"model": name, "bundle_sha256": fetch.sha256,
-                                         "reason": reason})
-            if "cannot send" in reason:  # the server will not have it: do not loop
-                self._given_up[name] = fetch.sha256
+            fetch, name, install_id = self._fetch, self._fetch_model, self._fetch_install
+            self._fetch = self._fetch_model = self._fetch_install = None
+        if fetch is None or name is None or install_id is None:
+            return
+        self._event("fetch.failed", {"model": name, "bundle_sha256": fetch.sha256,
+                                     "reason": str(error)})
+        if is_disk_full(error):
+            # Reclaimed by the failed install; retried once there is room again.
+            self.installs.fail(install_id, "disk_full", f"disk full while fetching bundle "
+                               f"{fetch.sha256[:12]}: {error}; free some space under "
+                               f"{self.installer.dirs.root}", retry=True)
+        else:
+            # The server will not have it (or keeps sending other bytes): given up until
+            # the desired state names another bundle, so a bad bundle costs one attempt.
+            self.installs.fail(install_id, "fetch_failed", str(error))
         self._report()
 
     # -- reporting --------------------------------------------------------------------------
@@ -333,10 +373,6 @@ class FleetLink:
         for record in self.installer.records():  # newest first
             if record.model is not None and record.model not in latest:
                 latest[record.model] = record
-        for name, attempt in self._attempts.items():
-            known = latest.get(name)
-            if known is None or known.history[-1][1] <= attempt.history[-1][1]:
-                latest[name] = attempt
         installs = {name: InstallReport(r.version, r.bundle_sha256, r.state.value, r.reason,
                                         r.detail) for name, r in latest.items()}
         with self._lock:

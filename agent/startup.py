@@ -1,8 +1,8 @@
-"""What ``edge-agent serve`` and ``run`` check and do at start, failing in one line.
+"""What ``edge-agent`` commands check before they start, failing in one line.
 
-A state directory the agent cannot use, TLS files its broker connection could not load and
-a full disk when it announces itself each end the command with one line on stderr saying
-what to do (exit 1), before anything is served and with nothing left half-written.
+A state directory the agent cannot use and TLS files its broker connection could not load
+each end the command with one line on stderr saying what to do (exit 1), before anything is
+served or written.
 """
 
 from __future__ import annotations
@@ -10,17 +10,13 @@ from __future__ import annotations
 import os
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from transport.x509 import certificate_common_name
 
 from .config import FleetSettings
 from .errors import AgentError
 
-if TYPE_CHECKING:  # the daemon imports the runtimes: only the commands that serve need it
-    from .daemon import AgentProcess
-
-__all__ = ["check_fleet_files", "start_agent", "usable_state_dir"]
+__all__ = ["check_fleet_files", "usable_state_dir"]
 
 _REENROLL = "re-enroll the device (edge-agent enroll) or fix the path in agent.toml"
 
@@ -67,16 +63,3 @@ def check_fleet_files(fleet: FleetSettings) -> None:
         raise AgentError(f"fleet.key_file {fleet.key_file} is not the (unencrypted) private "
                          f"key of {fleet.cert_file} ({exc.reason or exc}); "
                          f"{_REENROLL}") from exc
-
-
-def start_agent(process: AgentProcess, token_file: Path | None) -> None:
-    """Start ``process``; if it cannot announce itself (a full disk, say), stop it again
-    and raise AgentError."""
-    try:
-        process.start(token_file)
-    except OSError as exc:
-        process.server.stop()
-        process.runtime.close()
-        raise AgentError(f"cannot write the run file agent.json in {process.state_dir} "
-                         f"({exc.strerror}); free space there or fix its permissions, then "
-                         "start again") from exc

@@ -32,6 +32,8 @@ def _errors(*codes: int) -> dict[str, Any]:
 
 
 _SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+#: A time (seconds since the epoch) something started, null if it is not the case now.
+_SINCE = {"type": "number", "nullable": True}
 _DESIRED_MODEL = {"type": "object", "required": ["version", "bundle_sha256"],
                   "properties": {"version": {"type": "integer", "minimum": 1},
                                  "bundle_sha256": _SHA256}}
@@ -68,8 +70,14 @@ OPENAPI: dict[str, Any] = {
                 {"name": "tag", "in": "query", "schema": {"type": "string"},
                  "description": "only devices with this tag"}],
             "responses": {"200": _json({"type": "object", "required": ["devices"],
-                                        "properties": {"devices": {
-                                            "type": "array", "items": _ref("Device")}}},
+                                        "properties": {
+                                            "devices": {"type": "array",
+                                                        "items": _ref("Device")},
+                                            "broker_connected": {
+                                                "type": "boolean", "description":
+                                                "false: the server cannot see devices now; "
+                                                "their state is as last reported"},
+                                            "disconnected_since": _SINCE}},
                                        "the devices"), **_errors(401)}}},
         "/api/devices/{id}": {"get": {
             "summary": "One device",
@@ -157,6 +165,12 @@ OPENAPI: dict[str, Any] = {
                        "properties": {"fleet": {"type": "string"},
                                       "broker_url": {"type": "string"},
                                       "mqtt_connected": {"type": "boolean"},
+                                      "disconnected_since": _SINCE,
+                                      "broker": {"type": "object", "properties": {
+                                          "embedded": {"type": "boolean"},
+                                          "running": {"type": "boolean"},
+                                          "restarts": {"type": "integer"},
+                                          "down_since": _SINCE}},
                                       "version": {"type": "string"},
                                       "devices": {"type": "integer"}}},
             "Device": {"type": "object", "properties": {
@@ -165,7 +179,8 @@ OPENAPI: dict[str, Any] = {
                 "profile": {"type": "string"}, "cert_fingerprint": _SHA256,
                 "enrolled_at": {"type": "number"},
                 "last_seen": {"type": "number", "nullable": True},
-                "online": {"type": "boolean"},
+                "online": {"type": "boolean", "nullable": True, "description":
+                           "null while the server has no broker connection (unknown)"},
                 "desired": {"type": "object", "additionalProperties": _DESIRED_MODEL,
                             "description": "model name -> what the device should run"},
                 "reported": {"type": "object", "description": "the device's last report, "
@@ -192,7 +207,10 @@ OPENAPI: dict[str, Any] = {
                                               "was published"},
                                   "changes": {"type": "array", "items": _ref("Change"),
                                               "description": "what changed (devices "
-                                              "already there are not listed)"}}},
+                                              "already there are not listed)"},
+                                  "delivered": {"type": "boolean", "description": "false: "
+                                                "stored, but the server has no broker "
+                                                "connection; sent when it returns"}}},
             "EnrollRequest": {"type": "object",
                               "required": ["token", "device_id", "csr"],
                               "properties": {

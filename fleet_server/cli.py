@@ -44,6 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     return run(build_parser(), argv, expected=(FleetError, BundleError), describe=_describe)
 
 
+def _valid_days(text: str) -> int:
+    # Checked by argparse, before a build could use up the model's version number.
+    try:
+        days = int(text)
+    except ValueError:
+        days = 0
+    if not 1 <= days <= 3650:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days from 1 to 3650")
+    return days
+
+
 def _describe(exc: BaseException) -> str:
     # A bundle error's class name is the machine-readable reason (e.g. ExpiredError).
     return f"{type(exc).__name__}: {exc}" if isinstance(exc, BundleError) else str(exc)
@@ -122,8 +133,9 @@ def _add_bundle(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     b.add_argument("--encrypt-for", action="append", default=[], type=Path,
                    metavar="PUBKEY", help="X25519 public key (PEM) of a device or group "
                    "that may decrypt the artifacts (repeatable)")
-    b.add_argument("--valid-days", type=int, default=30, metavar="DAYS",
-                   help="metadata validity; devices refuse the bundle after it (default 30)")
+    b.add_argument("--valid-days", type=_valid_days, default=30, metavar="DAYS",
+                   help="metadata validity, 1 to 3650 days; devices refuse the bundle after "
+                   "it (default 30)")
     b.set_defaults(handler=_bundle_build)
 
     v = actions.add_parser("verify", help="verify a bundle against a root.json")
@@ -146,9 +158,13 @@ def _bundle_build(args: argparse.Namespace) -> int:
 
 
 def _bundle_verify(args: argparse.Namespace) -> int:
-    data, root = _read(args.file), _read(args.root)
-    verified = verify_bundle(data, TrustedState(root=root), now=datetime.now(timezone.utc),
-                             profile=args.profile)
+    root = _read(args.root)
+    try:
+        # From the path: the size is checked first and the file read in bounded blocks.
+        verified = verify_bundle(Path(args.file), TrustedState(root=root),
+                                 now=datetime.now(timezone.utc), profile=args.profile)
+    except OSError as exc:
+        raise BundleInputError(f"cannot read {args.file} ({exc.strerror})") from exc
     print(json.dumps(verified.summary(), indent=2) if args.json else verified.describe())
     return 0
 

@@ -218,7 +218,12 @@ def _devices(args: argparse.Namespace) -> int:
         _print_json(devices["devices"])
         return 0
     now = time.time()
-    rows = [[d["id"], d["group"], d["profile"], "yes" if d["online"] else "no",
+    if not devices.get("broker_connected", True):
+        since = devices.get("disconnected_since")
+        print("fleet: warning: the server has no broker connection"
+              + (f" (lost {_ago(since, now)})" if since else "")
+              + ": ONLINE is unknown and states are as last reported", file=sys.stderr)
+    rows = [[d["id"], d["group"], d["profile"], _online_text(d["online"]),
              _desired_text(d["desired"]) or "-", _reported_text(d["reported"]) or "-",
              "yes" if d["converged"] else "no", _ago(d["last_seen"], now)]
             for d in devices["devices"]]
@@ -241,7 +246,7 @@ def _device_show(args: argparse.Namespace) -> int:
         f"group      {device['group']}" + (f"   tags {', '.join(device['tags'])}"
                                            if device["tags"] else ""),
         f"profile    {device['profile']}",
-        f"online     {'yes' if device['online'] else 'no'}, last seen "
+        f"online     {_online_text(device['online'])}, last seen "
         f"{_ago(device['last_seen'], now)}, enrolled {_ago(device['enrolled_at'], now)}",
         f"cert       sha256 {device['cert_fingerprint']}",
         f"desired    {_desired_text(device['desired'], sha=True) or 'nothing'}",
@@ -281,12 +286,12 @@ def _publish(args: argparse.Namespace) -> int:
                                           **_selection_body(args)})
     if args.json:
         _print_json({"bundle": bundle, **result})
-        return 0
+        return _delivery(result)
     target = f"group {args.group}" if args.group else "the given devices"
     print(f"published {bundle['name']} v{bundle['version']} (sha256 {bundle['sha256'][:16]}) "
           f"to {len(result['devices'])} device(s) of {target}; "
           f"{len(result['changes'])} changed, the others already had it")
-    return 0
+    return _delivery(result)
 
 
 def _rollback(args: argparse.Namespace) -> int:
@@ -294,12 +299,26 @@ def _rollback(args: argparse.Namespace) -> int:
     result = _client(args).post("/api/rollback", body)
     if args.json:
         _print_json(result)
-        return 0
+        return _delivery(result)
     print(f"rolled back {len(result['changes'])} device(s):")
     for change in result["changes"]:
         print(f"  {change['device']}: {change['model']} {_version(change['before'])} -> "
               f"{_version(change['after'])}")
-    return 0
+    return _delivery(result)
+
+
+def _delivery(result: Mapping[str, Any]) -> int:
+    """Exit code 1, with why, when the desired state is stored but could not be sent."""
+    if result.get("delivered", True):
+        return 0
+    print("fleet: error: the desired state is stored but not delivered: the server has no "
+          "broker connection (see `fleet devices`, the server's log); it is sent to the "
+          "devices when the connection returns", file=sys.stderr)
+    return 1
+
+
+def _online_text(online: bool | None) -> str:
+    return "?" if online is None else "yes" if online else "no"
 
 
 def _events(args: argparse.Namespace) -> int:

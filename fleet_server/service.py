@@ -40,8 +40,10 @@ Layout of the data directory (``fleet serve --data DIR``)::
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -51,12 +53,19 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 from cryptography import x509
-from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
+from paho.mqtt.client import (
+    Client,
+    ConnectFlags,
+    DisconnectFlags,
+    MQTTMessage,
+    MQTTMessageInfo,
+)
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bundle.trust import TrustedState, verify_bundle
 from common.atomic import write_atomic
@@ -70,6 +79,7 @@ from transport.x509 import certificate_fingerprint
 from .broker import SERVER_IDENTITY, Broker, BrokerConfig
 from .ca import FleetCA
 from .errors import BrokerError, EnrollmentError, RegistryError, ServiceError
+from .rate_limit import TokenBuckets
 from .registry import (
     BundleRecord,
     DesiredChange,
@@ -81,6 +91,7 @@ from .registry import (
 
 __all__ = [
     "DEFAULT_FLEET",
+    "DEVICE_EVENT_PREFIX",
     "OFFLINE_EVENT",
     "PROTOCOL_ERROR",
     "Enrollment",
@@ -116,6 +127,13 @@ _FRAME_CACHE_BYTES = 64 * 1024 * 1024
 #: thread, up to this many messages per transaction (one commit, on SQLite one fsync, instead
 #: of one per message), and acknowledged to the broker once committed.
 _INGEST_BATCH = 200
+#: Device messages waiting for the ingest thread, at most. When the database falls behind,
+#: the MQTT network thread waits for room: the broker then holds (and bounds, with its
+#: per-client limits) what would otherwise pile up in this process's memory.
+_INGEST_QUEUE = 10_000
+#: Event kinds devices send are stored under this prefix (``agent.install.committed``): a
+#: device cannot write an event that reads as one of the server's own.
+DEVICE_EVENT_PREFIX = "agent."
 
 
 @dataclass(frozen=True)
@@ -145,6 +163,11 @@ class ServiceConfig:
     broker_hosts: tuple[str, ...] = ()
     #: Seconds to wait for the broker connection at start.
     connect_timeout: float = 10.0
+    #: Bundle bytes per second one device may fetch, after a burst of ``chunk_burst_bytes``;
+    #: chunk requests beyond it go unanswered (the agent asks again after its back-off), so
+    #: a device asking for chunks faster than it reads them cannot flood the broker.
+    chunk_rate_bytes: float = 8 * 1024 * 1024
+    chunk_burst_bytes: float = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -169,6 +192,9 @@ class PublishResult:
 
     changes: tuple[DesiredChange, ...]
     devices: tuple[str, ...]
+    #: False if the server had no broker connection: the desired states are stored and
+    #: will be sent when the connection returns, but nobody has them yet.
+    delivered: bool = True
 
 
 class FleetService:
@@ -199,8 +225,12 @@ class FleetService:
         self._bundles: dict[str, BundleRecord] = {}
         self._fetchable: set[tuple[str, str]] = set()
         self._frames = _FrameCache(_FRAME_CACHE_BYTES)
-        self._inbox: queue.SimpleQueue[_Inbound | None] = queue.SimpleQueue()
+        self._inbox: queue.Queue[_Inbound | None] = queue.Queue(_INGEST_QUEUE)
+        self._chunk_budget = TokenBuckets(config.chunk_rate_bytes, config.chunk_burst_bytes)
+        #: When (time.time()) the connection to the broker was lost; None while connected.
+        self.disconnected_since: float | None = None
         self._ingest_thread: threading.Thread | None = None
+        self._lock_file: IO[str] | None = None
         # Counts connections, so a message is not acknowledged on a later connection than
         # the one it came on (the broker re-sends unacknowledged ones after a reconnect).
         self._generation = 0
@@ -230,6 +260,7 @@ class FleetService:
             ingest.join()
         client, self._client = self._client, None
         if client is not None:
+            _flush(client, f"edgefleet/{self._ca.fleet}/server/flush" if self._ca else None)
             close_client(client)
         self._connected.clear()
         broker, self._broker = self._broker, None
@@ -238,6 +269,9 @@ class FleetService:
         registry, self._registry = self._registry, None
         if registry is not None:
             registry.close()
+        lock, self._lock_file = self._lock_file, None
+        if lock is not None:
+            lock.close()  # releases the data directory
 
     def __enter__(self) -> FleetService:
         self.start()
@@ -254,6 +288,7 @@ class FleetService:
         except OSError as exc:
             raise ServiceError(f"cannot create the data directory {data} ({exc.strerror}); "
                                "choose a writable --data directory") from exc
+        self._lock_file = _lock_data_dir(data)
         self.root_json()  # fail at start, not at the first enrollment
         self._ca = self._load_ca()
         self._registry = open_registry(self.config.db_url or data / "fleet.db",
@@ -269,7 +304,7 @@ class FleetService:
         # Stored messages are acknowledged by the ingest thread once committed.
         client.manual_ack_set(True)
         self._client = client
-        self._inbox = queue.SimpleQueue()
+        self._inbox = queue.Queue(_INGEST_QUEUE)
         self._ingest_thread = threading.Thread(target=self._ingest_loop, args=(self._inbox,),
                                                name="fleet-ingest", daemon=True)
         self._ingest_thread.start()
@@ -477,7 +512,11 @@ class FleetService:
                 selected = [d for d in found if d is not None]
             for device in selected:
                 self._send_desired(device)
-        return PublishResult(tuple(changes), tuple(d.id for d in selected))
+        delivered = self.connected
+        if not delivered:
+            log.warning("desired state of %d device(s) stored but not sent: no broker "
+                        "connection; it is sent when the connection returns", len(selected))
+        return PublishResult(tuple(changes), tuple(d.id for d in selected), delivered)
 
     def _send_desired(self, device: Device) -> None:
         """Queue ``device``'s desired state, retained (call with _desired_lock held)."""
@@ -516,7 +555,14 @@ class FleetService:
             return
         self._connect_failure = None
         self._generation += 1
-        client.subscribe([(device_topic(self.fleet, "+", leaf), 1) for leaf in _INGEST_LEAVES])
+        self.disconnected_since = None
+        # No-local: the server's own publishes (clearing a device's retained message) must
+        # not come back to it as if a device had sent them. Retain-as-published: a device's
+        # retained message arrives marked retained also when the server is subscribed
+        # already, so it can be refused (_refuse_retained).
+        options = SubscribeOptions(qos=1, noLocal=True, retainAsPublished=True)
+        client.subscribe([(device_topic(self.fleet, "+", leaf), options)
+                          for leaf in _INGEST_LEAVES])
         try:
             self.republish_all()
         except Exception:
@@ -534,6 +580,8 @@ class FleetService:
                        reason: ReasonCode, _properties: Properties | None) -> None:
         was = self._connected.is_set()
         self._connected.clear()
+        if was:
+            self.disconnected_since = time.time()
         if was and self._client is not None:
             log.warning("lost the broker connection (%s); reconnecting", reason)
 
@@ -542,6 +590,9 @@ class FleetService:
         device, _, leaf = message.topic.removeprefix(prefix).partition("/")
         inbound = _Inbound(device, leaf, bytes(message.payload), message.mid, message.qos,
                            self._generation)
+        if message.retain:
+            self._refuse_retained(message.topic, inbound)
+            return
         if leaf != CHUNK_REQUEST_LEAF:
             self._inbox.put(inbound)  # stored, then acknowledged, by the ingest thread
             return
@@ -556,6 +607,16 @@ class FleetService:
             log.exception("failed to answer a chunk request of %s", device)
         self._ack(inbound)
 
+    def _refuse_retained(self, topic: str, inbound: _Inbound) -> None:
+        """Devices never publish retained messages: one would stay on the broker (and come
+        back at every subscription) however large. Clear it and record why."""
+        client = self._client
+        clearing = None
+        if client is not None and inbound.payload:
+            clearing = client.publish(topic, b"", qos=1, retain=True)
+        error = ProtocolError("devices must not publish retained messages; it was cleared")
+        self._inbox.put(replace(inbound, error=error, clearing=clearing))
+
     def _ack(self, inbound: _Inbound) -> None:
         client = self._client
         if client is not None and inbound.generation == self._generation:
@@ -563,7 +624,7 @@ class FleetService:
 
     # --- ingest (the ingest thread) ---
 
-    def _ingest_loop(self, inbox: queue.SimpleQueue[_Inbound | None]) -> None:
+    def _ingest_loop(self, inbox: queue.Queue[_Inbound | None]) -> None:
         """Store what devices send, in batches, until None arrives."""
         while True:
             item = inbox.get()
@@ -597,7 +658,9 @@ class FleetService:
             for item in batch:
                 self._ingest(item, in_batch=False)
         for item in batch:
-            self._ack(item)
+            if item.clearing is None or _published(item.clearing):
+                self._ack(item)
+            # else: unacknowledged, the broker delivers it again and it is cleared then
 
     def _ingest(self, item: _Inbound, *, in_batch: bool) -> None:
         """Store one message. A bad message is recorded as a protocol error; any other
@@ -630,7 +693,8 @@ class FleetService:
     def _ingest_event(self, device: str, payload: bytes) -> None:
         event = messages.decode_event(payload)
         detail: dict[str, Any] = {**event.detail, "device_at": event.at}
-        self.registry.add_event(event.kind, device=device, detail=detail)
+        self.registry.add_event(DEVICE_EVENT_PREFIX + event.kind, device=device,
+                                detail=detail)
         self.registry.set_online(device, event.kind != OFFLINE_EVENT)
 
     def _ingest_telemetry(self, device: str, payload: bytes) -> None:
@@ -640,6 +704,9 @@ class FleetService:
 
     def _serve_chunk(self, device: str, payload: bytes) -> None:
         request = messages.decode_chunk_request(payload)
+        if not self._chunk_budget.take(device, request.length, time.monotonic()):
+            log.debug("chunk request of %s over its rate; not answered", device)
+            return
         self._publish(device, CHUNK_LEAF, self._chunk_frame(device, request))
 
     def _chunk_frame(self, device: str, request: messages.ChunkRequest) -> bytes:
@@ -737,6 +804,9 @@ class _Inbound:
     generation: int
     #: A chunk request that could not be answered: the error to record.
     error: Exception | None = None
+    #: A refused retained message: the publish that clears it from the broker, which must
+    #: have gone out before the message is acknowledged.
+    clearing: MQTTMessageInfo | None = None
 
 
 class _FrameCache:
@@ -766,6 +836,50 @@ class _FrameCache:
             while self._bytes > self.max_bytes:
                 _, dropped = self._frames.popitem(last=False)
                 self._bytes -= len(dropped)
+
+
+def _flush(client: Client, topic: str | None) -> None:
+    """Make sure the broker has processed everything sent before (acknowledgements above
+    all): it handles a connection's packets in order, so once it has answered a QoS 1
+    publish sent last, it has read the rest. An embedded broker stopped right after a
+    disconnect could otherwise die before reading them, and deliver again on the next
+    start what was already stored."""
+    if topic is not None and client.is_connected():
+        _published(client.publish(topic, b"", qos=1))
+
+
+def _published(info: MQTTMessageInfo) -> bool:
+    """Wait for a QoS 1 publish to be acknowledged by the broker (at most 10 s)."""
+    try:
+        info.wait_for_publish(timeout=10.0)
+    except (RuntimeError, ValueError):  # never queued: the connection was gone
+        return False
+    return info.is_published()
+
+
+def _lock_data_dir(data: Path) -> IO[str]:
+    """Hold ``DATA/serve.lock`` (an exclusive flock, released when the file is closed or
+    the process dies): two servers on one data directory would share a broker, a registry
+    and server.json, and each would undo the other."""
+    path = data / "serve.lock"
+    try:
+        lock = path.open("a+", encoding="ascii")
+    except OSError as exc:
+        raise ServiceError(f"cannot open {path} ({exc.strerror}); choose a writable --data "
+                           "directory") from exc
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise ServiceError(f"another fleet server (pid {holder}) is running on {data}; stop "
+                           "it first, or give this one another --data directory") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
 
 
 def _check_text(what: str, value: object) -> None:

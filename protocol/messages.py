@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 from collections.abc import Mapping
@@ -37,6 +38,11 @@ from .names import is_valid_name
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "DEVICE_EVENT_KIND",
+    "MAX_CHUNK_REQUEST_BYTES",
+    "MAX_EVENT_BYTES",
+    "MAX_REPORTED_BYTES",
+    "MAX_TELEMETRY_BYTES",
     "PROTOCOL_VERSION",
     "Chunk",
     "ChunkRequest",
@@ -60,6 +66,20 @@ __all__ = [
 PROTOCOL_VERSION = 1
 DEFAULT_CHUNK_BYTES = 256 * 1024
 _MAX_CHUNK_BYTES = 4 * 1024 * 1024
+#: The largest payload each device -> server message may have; decoders refuse bigger ones
+#: before parsing, and senders must stay below. Reports and events are small records;
+#: telemetry carries histograms (a few KiB per model); a chunk request is one line.
+MAX_REPORTED_BYTES = 64 * 1024
+MAX_EVENT_BYTES = 16 * 1024
+MAX_TELEMETRY_BYTES = 256 * 1024
+MAX_CHUNK_REQUEST_BYTES = 4 * 1024
+#: Integers travel as JSON numbers and are stored as SQL BIGINT: at most 2**63 - 1.
+_MAX_INT = 2**63 - 1
+#: Kinds of event a device may send (docs/transport.md). The server stores them under its
+#: own ``agent.`` namespace, so a device can never write an event that reads as the
+#: server's (``device.enrolled``, ``desired.set``).
+DEVICE_EVENT_KIND = re.compile(
+    r"offline|protocol_error|fetch\.(?:started|failed)|install\.[a-z_]{1,32}")
 _MAGIC = b"EFC1"
 _HEADER = struct.Struct(">4sI")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -203,7 +223,7 @@ def decode_desired(payload: bytes) -> Desired:
 
 def decode_reported(payload: bytes) -> Reported:
     """Parse a ``reported`` message."""
-    obj = _message(payload, "reported")
+    obj = _message(payload, "reported", MAX_REPORTED_BYTES)
     models = {_name(n): ModelReport(
         version=_int(_as_dict(m, f"models.{n}"), "version"),
         bundle_sha256=_opt_sha(m, "bundle_sha256"), state=_str(m, "state"))
@@ -222,20 +242,24 @@ def decode_reported(payload: bytes) -> Reported:
 
 
 def decode_event(payload: bytes) -> Event:
-    """Parse an ``events`` message."""
-    obj = _message(payload, "event")
-    return Event(kind=_str(obj, "kind"), at=_float(obj, "at"), detail=_dict(obj, "detail"))
+    """Parse an ``events`` message; its kind must be one a device may send
+    (:data:`DEVICE_EVENT_KIND`)."""
+    obj = _message(payload, "event", MAX_EVENT_BYTES)
+    kind = _str(obj, "kind")
+    if not DEVICE_EVENT_KIND.fullmatch(kind):
+        raise ProtocolError(f"event kind {kind[:64]!r} is not one a device may send")
+    return Event(kind=kind, at=_float(obj, "at"), detail=_dict(obj, "detail"))
 
 
 def decode_telemetry(payload: bytes) -> Telemetry:
     """Parse a ``telemetry`` message."""
-    obj = _message(payload, "telemetry")
+    obj = _message(payload, "telemetry", MAX_TELEMETRY_BYTES)
     return Telemetry(seq=_int(obj, "seq"), at=_float(obj, "at"), metrics=_dict(obj, "metrics"))
 
 
 def decode_chunk_request(payload: bytes) -> ChunkRequest:
     """Parse a chunk request; the length must be 1 byte to 4 MiB."""
-    obj = _message(payload, "chunk request")
+    obj = _message(payload, "chunk request", MAX_CHUNK_REQUEST_BYTES)
     request = ChunkRequest(bundle_sha256=_sha(obj, "bundle_sha256"),
                            offset=_int(obj, "offset"), length=_int(obj, "length"))
     if not 0 < request.length <= _MAX_CHUNK_BYTES:
@@ -243,7 +267,10 @@ def decode_chunk_request(payload: bytes) -> ChunkRequest:
     return request
 
 
-def _message(payload: bytes, what: str) -> dict[str, Any]:
+def _message(payload: bytes, what: str, max_bytes: int | None = None) -> dict[str, Any]:
+    if max_bytes is not None and len(payload) > max_bytes:
+        raise ProtocolError(f"{what} of {len(payload)} bytes exceeds the {max_bytes // 1024} "
+                            "KiB limit of its kind")
     obj = _object(payload, what)
     version = obj.get("protocol")
     if version != PROTOCOL_VERSION:
@@ -257,6 +284,8 @@ def _object(payload: bytes, what: str) -> dict[str, Any]:
         obj = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"{what} is not JSON ({exc})") from None
+    except RecursionError:
+        raise ProtocolError(f"{what} nests JSON too deeply") from None
     return _as_dict(obj, what)
 
 
@@ -272,8 +301,9 @@ def _dict(obj: Mapping[str, Any], key: str) -> dict[str, Any]:
 
 def _int(obj: Mapping[str, Any], key: str) -> int:
     value = obj.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ProtocolError(f"field {key!r} must be a non-negative integer, not {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_INT:
+        raise ProtocolError(f"field {key!r} must be an integer from 0 to 2**63 - 1, not "
+                            f"{value!r}"[:200])
     return value
 
 
@@ -283,9 +313,14 @@ def _opt_int(obj: Mapping[str, Any], key: str) -> int | None:
 
 def _float(obj: Mapping[str, Any], key: str) -> float:
     value = obj.get(key)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ProtocolError(f"field {key!r} must be a number, not {value!r}")
-    return float(value)
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(
+            value, bool) else math.nan
+    except OverflowError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise ProtocolError(f"field {key!r} must be a finite number, not {value!r}"[:200])
+    return number
 
 
 def _str(obj: Mapping[str, Any], key: str) -> str:

@@ -11,8 +11,10 @@ packages that imports paho-mqtt (the agent and server extras install it).
 from __future__ import annotations
 
 import ssl
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from paho.mqtt.client import Client
@@ -150,8 +152,13 @@ def create_client(settings: ClientSettings) -> Client:
     return client
 
 
-def close_client(client: Client) -> None:
-    """Disconnect ``client``, stop its network thread and drop its callbacks.
+def close_client(client: Client, timeout: float = 5.0) -> None:
+    """Disconnect ``client`` cleanly, stop its network thread and drop its callbacks.
+
+    Waits (at most ``timeout`` seconds) until the DISCONNECT is on the wire: paho sends what
+    is queued (acknowledgements included) only from its network thread, and stopping that
+    thread at once would drop them, so the broker would deliver acknowledged messages
+    again and treat the clean stop as a lost connection. Do not call it from a callback.
 
     paho keeps the socket pair that wakes its network loop open until the client object is
     freed. A client whose callbacks are bound methods of the object that holds it sits in a
@@ -159,7 +166,20 @@ def close_client(client: Client) -> None:
     Dropping the callbacks breaks that cycle, so the client's sockets close as soon as its
     owner lets go of it; paho 2.x has no public call that closes them directly.
     """
-    client.disconnect()
+    sent = threading.Event()
+    if client.is_connected():
+        previous = client.on_disconnect
+
+        def on_disconnect(*args: Any) -> None:
+            sent.set()
+            if previous is not None:
+                previous(*args)
+
+        client.on_disconnect = on_disconnect
+        client.disconnect()
+        sent.wait(timeout)
+    else:
+        client.disconnect()
     client.loop_stop()
     for callback in _CALLBACKS:
         setattr(client, callback, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -12,6 +13,10 @@ from hypothesis import strategies as st
 
 from protocol.errors import ProtocolError
 from protocol.messages import (
+    MAX_CHUNK_REQUEST_BYTES,
+    MAX_EVENT_BYTES,
+    MAX_REPORTED_BYTES,
+    MAX_TELEMETRY_BYTES,
     Chunk,
     ChunkRequest,
     Desired,
@@ -78,7 +83,7 @@ def test_a_corrupted_chunk_is_refused() -> None:
     (json.dumps({"protocol": 1, "models": {"Bad/Name": {}}, "issued_at": 1}).encode(),
      "model name 'Bad/Name' is not valid"),
     (json.dumps({"protocol": 1, "models": {"m": {"version": -1}}, "issued_at": 1}).encode(),
-     "'version' must be a non-negative integer"),
+     "'version' must be an integer from 0"),
     (json.dumps({"protocol": 1, "models": {"m": {"version": 1, "bundle_sha256": "ab",
                                                  "size": 1}}, "issued_at": 1}).encode(),
      "64 lowercase hex"),
@@ -101,3 +106,50 @@ def test_decoders_raise_only_protocol_errors(payload: bytes) -> None:
                    decode_chunk_request, decode_chunk):
         with contextlib.suppress(ProtocolError):
             decode(payload)
+
+
+_DECODERS = (decode_desired, decode_reported, decode_event, decode_telemetry,
+             decode_chunk_request)
+
+
+@pytest.mark.parametrize("decode", _DECODERS)
+def test_deep_nesting_is_a_protocol_error(decode: Callable[[bytes], object]) -> None:
+    deep = b'{"protocol": 1, "x": ' + b"[" * 1500 + b"]" * 1500 + b"}"
+    with pytest.raises(ProtocolError, match="nests JSON too deeply"):
+        decode(deep)
+
+
+@pytest.mark.parametrize(("decode", "limit"), [
+    (decode_reported, MAX_REPORTED_BYTES), (decode_event, MAX_EVENT_BYTES),
+    (decode_telemetry, MAX_TELEMETRY_BYTES), (decode_chunk_request, MAX_CHUNK_REQUEST_BYTES)])
+def test_each_kind_has_a_size_limit(decode: Callable[[bytes], object], limit: int) -> None:
+    payload = b'{"protocol": 1, "pad": "' + b"x" * limit + b'"}'
+    with pytest.raises(ProtocolError, match="exceeds the"):
+        decode(payload)
+
+
+@pytest.mark.parametrize("seq", [2**63, 2**70, -1])
+def test_integers_fit_a_bigint(seq: int) -> None:
+    payload = json.dumps({"protocol": 1, "seq": seq, "at": 1.0, "metrics": {}}).encode()
+    with pytest.raises(ProtocolError, match="2\\*\\*63"):
+        decode_telemetry(payload)
+
+
+@pytest.mark.parametrize("at", ["1e999", "NaN", "Infinity", str(10**400)])
+def test_times_are_finite(at: str) -> None:
+    payload = f'{{"protocol": 1, "kind": "offline", "at": {at}, "detail": {{}}}}'.encode()
+    with pytest.raises(ProtocolError, match="finite number"):
+        decode_event(payload)
+
+
+@pytest.mark.parametrize("kind", ["device.enrolled", "desired.set", "install", "INSTALL.x",
+                                  "install.committed\n", "rollout.halted", ""])
+def test_devices_send_only_device_event_kinds(kind: str) -> None:
+    with pytest.raises(ProtocolError):
+        decode_event(encode(Event(kind, 1.0, {})))
+
+
+@pytest.mark.parametrize("kind", ["offline", "protocol_error", "fetch.started", "fetch.failed",
+                                  "install.committed", "install.rolled_back"])
+def test_device_event_kinds(kind: str) -> None:
+    assert decode_event(encode(Event(kind, 1.0, {}))).kind == kind
