@@ -24,8 +24,9 @@ EXTRAS = {
     # psycopg: PostgreSQL for the registry (fleet serve --db postgresql://...); SQLite is stdlib.
     "server": [*_CORE, "paho-mqtt>=2.0", "psycopg[binary]>=3.1"],
     # tritonclient: an existing Open Inference Protocol client, to prove the agent's API.
+    # h11: only benchmarks/http_parse_bench.py, which measures it against the agent's parser.
     "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "mypy>=1.11", "pytest-timeout>=2.3",
-            "tritonclient[http]>=2.40"],
+            "tritonclient[http]>=2.40", "h11>=0.14"],
 }
 # TFLite artifacts in the compressor (compressor/passes/tflite.py): onnx2tf turns the ONNX model
 # into a TensorFlow SavedModel, TensorFlow's converter makes the .tflite variants. Pinned
