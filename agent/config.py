@@ -412,7 +412,9 @@ def config_reference() -> str:
         *textwrap.wrap(
             "`edge-agent enroll` writes `agent.toml` into the state directory; `edge-agent "
             "run --config FILE` reads it (default `/var/lib/edgefleet/agent/agent.toml`). "
-            "Every key but `state_dir` may be left out. A key the agent does not know, or a "
+            "Every key marked required here must be given (`state_dir`, and in a `[fleet]` "
+            "table the keys that say so); the others may be left out. A key the agent does "
+            "not know, or a "
             "value of the wrong type or out of range, is refused at start with the key's "
             "name and its line in the file. Relative paths in `[fleet]` are taken relative "
             "to `state_dir`. `edge-agent config --config FILE` checks a file and prints its "
