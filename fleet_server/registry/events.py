@@ -25,10 +25,15 @@ def log_event(tx: Tx, now: float, device: str | None, kind: str,
 
 
 def add_event(tx: Tx, now: float, kind: str, device: str | None,
-              detail: Mapping[str, Any] | None) -> int:
-    """Append an event from outside (an agent's, for example); returns its id."""
+              detail: Mapping[str, Any] | None, *, seq: int | None = None) -> int:
+    """Append an event from outside (an agent's, for example); returns its id. An event the
+    device numbered (``seq``) is stored once per (device, seq): a re-send returns 0."""
     check_label("event kind", kind)
     text = dumps(detail or {}, "event detail")
+    if seq is not None and not tx.run("INSERT INTO device_event_seqs (device_id, seq) "
+                                      "VALUES (?, ?) ON CONFLICT (device_id, seq) DO NOTHING",
+                                      (device, seq)):
+        return 0
     return tx.insert_id(EVENT_INSERT, (now, device, kind, text))
 
 

@@ -247,12 +247,13 @@ class Registry:
     # --- events ---
 
     def add_event(self, kind: str, *, device: str | None = None,
-                  detail: Mapping[str, Any] | None = None) -> int:
+                  detail: Mapping[str, Any] | None = None, seq: int | None = None) -> int:
         """Append an event; returns its id. ``device`` need not be enrolled (a refused
-        connection is worth logging too)."""
+        connection is worth logging too). An event a device numbered (``seq``, unique per
+        device) is stored once: sent again, it is skipped and 0 is returned."""
         now = self._clock()
         with self._tx(write=True) as tx:
-            return events.add_event(tx, now, kind, device, detail)
+            return events.add_event(tx, now, kind, device, detail, seq=seq)
 
     def events(self, since_id: int = 0, *, device: str | None = None,
                limit: int = 1000) -> list[EventRecord]:

@@ -11,6 +11,9 @@
   ``desired.*`` events (a device's events carry ``device_at`` in their detail, the server's
   never do).
 - ``devices.reported`` stays: the last report as the device sent it, for display.
+- ``device_event_seqs (device_id, seq)``, the numbered device events stored: the last v1
+  code created it at open without changing the version, so a v1 database may have it
+  (rows kept) or not (created).
 
 Each stored report is parsed with the protocol's decoder. One that does not parse (v1 kept
 any JSON object it was given) stays for display with no running models: the device counts
@@ -47,6 +50,10 @@ def upgrade(tx: Tx) -> None:
         bundle_sha256 TEXT,
         state TEXT NOT NULL,
         PRIMARY KEY (device_id, model))""")
+    tx.run("""CREATE TABLE IF NOT EXISTS device_event_seqs (
+        device_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        PRIMARY KEY (device_id, seq))""")
     tx.run("""CREATE TABLE ever_desired (
         device_id TEXT NOT NULL REFERENCES devices (id),
         bundle_sha256 TEXT NOT NULL REFERENCES bundles (sha256),

@@ -31,3 +31,13 @@ def test_events_order_since_id_device_and_limit(reg: Registry, clock: Clock) -> 
         reg.add_event("x", detail={"nan": float("nan")})
     with pytest.raises(RegistryError, match="invalid event kind"):
         reg.add_event("")
+
+
+def test_an_event_a_device_numbered_is_stored_once(reg: Registry) -> None:
+    first = reg.add_event("install.staged", device="gw-0", detail={"n": 1}, seq=5)
+    assert first > 0
+    assert reg.add_event("install.staged", device="gw-0", detail={"n": 2}, seq=5) == 0
+    assert reg.add_event("install.staged", device="gw-1", seq=5) > first  # per device
+    assert reg.add_event("install.staged", device="gw-0", seq=6) > first
+    assert [(e.device, e.detail) for e in reg.events()] == [
+        ("gw-0", {"n": 1}), ("gw-1", {}), ("gw-0", {})]
