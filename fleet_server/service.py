@@ -80,14 +80,7 @@ from .broker import SERVER_IDENTITY, Broker, BrokerConfig
 from .ca import FleetCA
 from .errors import BrokerError, EnrollmentError, RegistryError, ServiceError
 from .rate_limit import TokenBuckets
-from .registry import (
-    BundleRecord,
-    DesiredChange,
-    Device,
-    Registry,
-    TelemetrySample,
-    open_registry,
-)
+from .registry import BundleRecord, DesiredChange, Device, Registry, open_registry
 
 __all__ = [
     "DEFAULT_FLEET",
@@ -217,7 +210,6 @@ class FleetService:
         # Held from reading a device's desired state to queueing its message, so the last
         # message queued for a device is always the newest state (paho sends in order).
         self._desired_lock = threading.Lock()
-        self._sizes: dict[str, int] = {}
         self._error_budget: dict[str, tuple[float, int]] = {}
         # Chunk serving, on the network thread: stored bundles by sha256 (immutable and never
         # deleted), (device, sha256) pairs known to be fetchable (was_desired only ever turns
@@ -520,20 +512,9 @@ class FleetService:
 
     def _send_desired(self, device: Device) -> None:
         """Queue ``device``'s desired state, retained (call with _desired_lock held)."""
-        models = {name: messages.DesiredModel(want.version, want.bundle_sha256,
-                                              self._bundle_size(want.bundle_sha256))
-                  for name, want in sorted(device.desired.items())}
+        models = dict(sorted(device.desired.items()))
         payload = messages.encode(messages.Desired(models=models, issued_at=time.time()))
         self._publish(device.id, "desired", payload, retain=True)
-
-    def _bundle_size(self, sha256: str) -> int:
-        size = self._sizes.get(sha256)
-        if size is None:
-            record = self.registry.get_bundle(sha256)
-            # set_desired only accepts stored bundles, and bundles are never deleted.
-            size = 0 if record is None else record.size
-            self._sizes[sha256] = size
-        return size
 
     def _publish(self, device_id: str, leaf: str, payload: bytes, *,
                  retain: bool = False) -> None:
@@ -687,8 +668,7 @@ class FleetService:
             log.exception("failed to handle %s from %s", leaf, device)
 
     def _ingest_reported(self, device: str, payload: bytes) -> None:
-        messages.decode_reported(payload)  # validates; the registry keeps the JSON as sent
-        self.registry.set_reported(device, json.loads(payload))
+        self.registry.set_reported(device, payload)  # parsed there, once
 
     def _ingest_event(self, device: str, payload: bytes) -> None:
         event = messages.decode_event(payload)
@@ -699,8 +679,7 @@ class FleetService:
 
     def _ingest_telemetry(self, device: str, payload: bytes) -> None:
         sample = messages.decode_telemetry(payload)
-        self.registry.add_telemetry(device, [TelemetrySample(sample.seq, sample.at,
-                                                             sample.metrics)])
+        self.registry.add_telemetry(device, [sample])
 
     def _serve_chunk(self, device: str, payload: bytes) -> None:
         request = messages.decode_chunk_request(payload)

@@ -267,7 +267,7 @@ def test_reported_events_and_telemetry_land_in_the_registry(
     for seq in (1, 2, 1, 2, 3):  # 1 and 2 re-sent after a lost acknowledgement
         recorder.publish(device.topic("telemetry"), telemetry(seq))
     wait_until(lambda: len(registry.telemetry("gw-1")) == 3, "three telemetry samples")
-    assert [(t.seq, t.payload) for t in registry.telemetry("gw-1")] == [
+    assert [(t.sample.seq, t.sample.metrics) for t in registry.telemetry("gw-1")] == [
         (1, {"latency_ms": 1}), (2, {"latency_ms": 2}), (3, {"latency_ms": 3})]
 
     recorder.publish(device.topic("events"), messages.encode(messages.Event("offline", 13.0)))
