@@ -67,6 +67,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from bundle.errors import InvalidRootError
+from bundle.root import check_root
 from bundle.trust import TrustedState, verify_bundle
 from common.atomic import write_atomic
 from protocol import messages
@@ -418,14 +420,20 @@ class FleetService:
 
     def root_json(self) -> bytes:
         """The fleet's current TUF root (``KEYS/root.json``), read afresh so a key rotation
-        takes effect without a restart."""
+        takes effect without a restart, and checked: a garbage root handed to enrolling
+        devices would make them refuse every bundle."""
         path = self.config.keys_dir / "root.json"
         try:
-            return path.read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
             raise ServiceError(f"cannot read the fleet's root {path} ({exc.strerror}); create "
                                "the keys with `fleet keys init --dir KEYS` and pass --keys "
                                "KEYS") from exc
+        try:
+            check_root(data, str(path))
+        except InvalidRootError as exc:
+            raise ServiceError(str(exc)) from exc
+        return data
 
     # --- operations ---
 

@@ -42,6 +42,12 @@ class SqliteBackend:
                 f"the registry needs SQLite {'.'.join(map(str, MIN_SQLITE_VERSION))} or newer, "
                 f"this Python has {sqlite3.sqlite_version}; use a newer Python build or "
                 "PostgreSQL (--db postgresql://...)")
+        # SQLite takes an empty file for an empty database: a registry truncated to zero
+        # bytes (a full disk, a bad copy) would come up as a new, empty fleet.
+        if path.is_file() and path.stat().st_size == 0:
+            raise RegistryError(f"the registry {path} is an empty file (0 bytes), not a "
+                                "database: restore it from a backup, or delete it to start a "
+                                "new, empty registry")
         self._path = path
         self._max = max_connections
         self._cond = threading.Condition()

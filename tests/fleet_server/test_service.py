@@ -610,3 +610,14 @@ def test_a_second_server_on_the_same_data_directory_is_refused(
     with pytest.raises(ServiceError, match=f"another fleet server \\(pid {os.getpid()}\\)"):
         FleetService(config).start()
     assert service.connected  # the first one is untouched
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"garbage", "is not TUF metadata"),
+    (b"", "is not TUF metadata"),
+])
+def test_a_root_that_is_not_a_root_is_refused_at_start(
+        config: ServiceConfig, content: bytes, message: str) -> None:
+    (config.keys_dir / "root.json").write_bytes(content)
+    with pytest.raises(ServiceError, match=message):
+        FleetService(config).start()

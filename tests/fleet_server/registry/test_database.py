@@ -197,6 +197,13 @@ def test_sqlite_that_cannot_be_opened_is_named(tmp_path: Path) -> None:
         open_registry(tmp_path / "fleet.db")
 
 
+def test_an_empty_sqlite_file_is_not_a_new_registry(tmp_path: Path) -> None:
+    (tmp_path / "fleet.db").write_bytes(b"")
+    with pytest.raises(RegistryError, match=r"fleet\.db is an empty file \(0 bytes\)"):
+        open_registry(tmp_path / "fleet.db")
+    assert (tmp_path / "fleet.db").stat().st_size == 0  # left for the operator to look at
+
+
 @pytest.mark.parametrize("size", [0, 65, True])
 def test_pool_size_is_bounded(tmp_path: Path, size: int) -> None:
     with pytest.raises(RegistryError, match="max_connections must be 1 to 64"):
