@@ -163,6 +163,10 @@ class ServiceConfig:
     #: a device asking for chunks faster than it reads them cannot flood the broker.
     chunk_rate_bytes: float = 8 * 1024 * 1024
     chunk_burst_bytes: float = 32 * 1024 * 1024
+    #: A device not heard from for this long counts as offline, whatever its last word (a
+    #: will lost while the server was down would leave it online forever). Agents send
+    #: telemetry every 30 s by default; a few missed samples are tolerated.
+    offline_after_s: float = 180.0
 
 
 @dataclass(frozen=True)
