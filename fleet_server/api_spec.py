@@ -50,8 +50,9 @@ OPENAPI: dict[str, Any] = {
         "title": "edgefleet operator API",
         "version": "1",
         "description": "Devices, bundles, desired state and events of one fleet "
-        "(docs/fleet-server.md). Every operation but /api/enroll and /api/openapi.json needs "
-        "the admin token (DATA/admin.token) as a bearer token. Errors are "
+        "(docs/fleet-server.md), over HTTPS with a certificate from the fleet CA. Every "
+        "operation but /api/fleet, /api/enroll and /api/openapi.json needs the admin token "
+        "(DATA/admin.token) as a bearer token. Errors are "
         '{"error": "what was wrong and what to do"}.',
     },
     "security": [{"admin": []}],
@@ -139,11 +140,22 @@ OPENAPI: dict[str, Any] = {
                 "properties": {"group": {"type": "string", "default": "default"},
                                "ttl_s": {"type": "number", "default": 86400,
                                          "description": "lifetime in seconds"}}}}}},
-            "responses": {"201": _json({
-                "type": "object", "required": ["token", "group", "expires_at"],
-                "properties": {"token": {"type": "string"}, "group": {"type": "string"},
-                               "expires_at": {"type": "number"}}}, "the token (shown once)"),
-                **_errors(400, 401)}}},
+            "responses": {"201": _json(_ref("EnrollmentToken"), "the token (shown once)"),
+                          **_errors(400, 401)}}},
+        "/api/fleet": {"get": {
+            "summary": "What a device checks against its token's pins before enrolling",
+            "security": [],
+            "description": "Public: the fleet CA certificate and root.json are what every "
+            "device trusts anyway. A device fetches them without verifying the server (it "
+            "has no CA yet), compares their SHA-256 with the pins in its token, and only "
+            "then talks to the server over TLS verified with this CA.",
+            "responses": {"200": _json({
+                "type": "object", "required": ["fleet", "ca_certificate", "root"],
+                "properties": {"fleet": {"type": "string"},
+                               "ca_certificate": {"type": "string", "description": "PEM"},
+                               "root": {"type": "string", "format": "byte",
+                                        "description": "root.json, base64"}}},
+                "the fleet's trust anchors")}}},
         "/api/enroll": {"post": {
             "summary": "Enroll a device (authenticated by its one-time token)",
             "security": [],
@@ -211,6 +223,14 @@ OPENAPI: dict[str, Any] = {
                                   "delivered": {"type": "boolean", "description": "false: "
                                                 "stored, but the server has no broker "
                                                 "connection; sent when it returns"}}},
+            "EnrollmentToken": {"type": "object", "required": ["token", "group", "expires_at"],
+                                "properties": {
+                                    "token": {"type": "string", "pattern":
+                                              "^eft1(\\.[A-Za-z0-9_-]{43}){3}$",
+                                              "description": "eft1.<secret>.<CA pin>.<root "
+                                              "pin> (protocol.enrollment)"},
+                                    "group": {"type": "string"},
+                                    "expires_at": {"type": "number"}}},
             "EnrollRequest": {"type": "object",
                               "required": ["token", "device_id", "csr"],
                               "properties": {

@@ -38,8 +38,9 @@ def add_server_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     where = argparse.ArgumentParser(add_help=False)
     group = where.add_argument_group("which server")
     group.add_argument("--server", metavar="URL",
-                       help=f"the operator API, e.g. http://127.0.0.1:{SERVER_API_PORT} "
-                       "(admin token from $EDGEFLEET_ADMIN_TOKEN or DIR/admin.token)")
+                       help=f"the operator API, e.g. https://127.0.0.1:{SERVER_API_PORT} "
+                       "(admin token from $EDGEFLEET_ADMIN_TOKEN or DIR/admin.token; its "
+                       "certificate checked against $EDGEFLEET_SERVER_CA or DIR/ca/ca.crt)")
     group.add_argument("--data", type=Path, metavar="DIR",
                        help="the server's data directory, to find it through DIR/server.json "
                        "(default $EDGEFLEET_SERVER_DIR or ~/.local/share/edgefleet/server)")
@@ -145,6 +146,10 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     serve.add_argument("--port", type=int, default=SERVER_API_PORT, metavar="P",
                        help=f"port of the operator API (default {SERVER_API_PORT}; 0 picks "
                        "a free one)")
+    serve.add_argument("--api-host", action="append", default=[], metavar="HOST",
+                       help="name or address devices use to reach the operator API "
+                       "(repeatable; it goes into the API's TLS certificate; default: the "
+                       "--broker-host names)")
     broker = serve.add_argument_group("broker")
     broker.add_argument("--broker-url", metavar="mqtts://HOST[:PORT]",
                         help="use this external broker instead of the embedded Mosquitto")
@@ -178,13 +183,15 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         service.start()
         token_file = data / ADMIN_TOKEN_FILE
-        api = ApiServer(service, load_admin_token(token_file), host=args.host,
-                        port=args.port)
+        hosts = [*(args.api_host or args.broker_host),
+                 *([args.host] if args.host not in ("", "0.0.0.0", "::") else [])]
+        api = ApiServer(service, load_admin_token(token_file), service.api_identity(hosts),
+                        host=args.host, port=args.port)
         api.start()
         write_atomic(server_file, json.dumps({
             "api_url": api.url, "pid": os.getpid(), "admin_token_file": str(token_file),
-            "broker_url": service.broker_url, "fleet": service.fleet,
-            "data_dir": str(data)}, indent=2).encode("utf-8"))
+            "ca_file": str(service.ca.cert_path), "broker_url": service.broker_url,
+            "fleet": service.fleet, "data_dir": str(data)}, indent=2).encode("utf-8"))
         print(f"fleet {service.fleet}: API {api.url} (admin token {token_file}), MQTT "
               f"{service.broker_url}, data {data}; Ctrl-C stops", flush=True)
         while not stop.wait(1.0):

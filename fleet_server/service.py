@@ -33,6 +33,7 @@ Layout of the data directory (``fleet serve --data DIR``)::
       broker/          the embedded Mosquitto: mosquitto.conf, acl, mosquitto.log,
                        persistence/
       broker-tls/      the broker's server certificate, re-issued at every start
+      api-tls/         the operator API's server certificate, re-issued at every start
       state.json       the embedded broker's port when it was chosen automatically
       admin.token      the operator API's bearer token (0600; fleet_server.api)
       server.json      while `fleet serve` runs: its API URL, pid, token file
@@ -71,6 +72,13 @@ from bundle.trust import TrustedState, verify_bundle
 from common.atomic import write_atomic
 from protocol import messages
 from protocol.defaults import MQTTS_PORT
+from protocol.enrollment import (
+    EnrollmentToken,
+    TokenError,
+    parse_token,
+    pin_of,
+    root_version,
+)
 from protocol.errors import ProtocolError
 from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF, device_topic
 from transport.mqtt import BrokerAddress, TLSIdentity, close_client
@@ -90,12 +98,14 @@ from .registry import (
 )
 
 __all__ = [
+    "API_IDENTITY",
     "DEFAULT_FLEET",
     "DEVICE_EVENT_PREFIX",
     "OFFLINE_EVENT",
     "PROTOCOL_ERROR",
     "Enrollment",
     "FleetService",
+    "IssuedToken",
     "PublishResult",
     "ServiceConfig",
 ]
@@ -103,6 +113,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_FLEET = "default"
+#: CN of the operator API's server certificate.
+API_IDENTITY = "edgefleet-api"
 #: Event kind recorded for a message a device sent that could not be used.
 PROTOCOL_ERROR = "protocol_error"
 #: An ``events`` message of this kind (the agent's MQTT will, for example) marks the device
@@ -183,6 +195,15 @@ class Enrollment:
     broker_url: str
     #: The fleet's TUF root (``KEYS/root.json``), for the device to pin.
     root_json: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """An enrollment token as the operator gets it."""
+
+    token: str = field(repr=False)
+    group: str
+    expires_at: float
 
 
 @dataclass(frozen=True)
@@ -357,7 +378,7 @@ class FleetService:
 
         def config(port: int) -> BrokerConfig:
             return BrokerConfig(ca.fleet, data / "broker", tls, port=port,
-                                bind_address=self.config.mqtt_bind)
+                                bind_address=self.config.mqtt_bind, crl_file=ca.crl_path)
 
         broker = Broker.embedded(config(port))
         try:
@@ -424,6 +445,13 @@ class FleetService:
         """Whether the service's MQTT client is connected right now."""
         return self._connected.is_set()
 
+    def api_identity(self, hosts: Sequence[str] = ()) -> TLSIdentity:
+        """The operator API's TLS certificate and key, issued by the fleet CA for ``hosts``
+        (and localhost) into ``DATA/api-tls`` (re-issued at every start, so a new name takes
+        effect on restart, as the broker's does)."""
+        issued = self.ca.issue_server_cert(hosts, common_name=API_IDENTITY)
+        return self.ca.write_identity(issued, self.config.data_dir / "api-tls", "api")
+
     def root_json(self) -> bytes:
         """The fleet's current TUF root (``KEYS/root.json``), read afresh so a key rotation
         takes effect without a restart."""
@@ -437,33 +465,97 @@ class FleetService:
 
     # --- operations ---
 
+    def issue_token(self, group: str, ttl: float) -> IssuedToken:
+        """A one-time enrollment token for ``group``, valid ``ttl`` seconds, carrying the
+        pins of the fleet CA and the current root.json (:mod:`protocol.enrollment`)."""
+        issued_at = time.time()  # the registry's clock is the wall clock too
+        secret = self.registry.issue_token(group, ttl)
+        token = EnrollmentToken(secret, self.ca_pin, pin_of(self.root_json()))
+        return IssuedToken(token.encode(), group, issued_at + ttl)
+
+    @property
+    def ca_pin(self) -> bytes:
+        """The pin of the fleet CA certificate: SHA-256 of its DER (while started)."""
+        return bytes.fromhex(certificate_fingerprint(self.ca.cert_pem))
+
     def enroll(self, token: str, device_id: str, csr_pem: bytes, profile: str,
                tags: Sequence[str] = ()) -> Enrollment:
-        """Enroll a device: sign its CSR, use up the token, record the device, publish its
-        desired state (kept from an earlier enrollment, else empty).
+        """Enroll a device: check the token's pins, sign its CSR, use up the token, record
+        the device, revoke the certificate it replaces, publish its desired state (kept
+        from an earlier enrollment, else empty).
 
         Everything that can be checked is checked before the token is used, so a bad CSR,
-        profile or tag leaves the token valid. Raises CSRError (bad CSR or device id),
-        RegistryError (bad profile or tags), EnrollmentError (token refused)."""
+        profile, tag or a token of another root leaves the token valid. Raises CSRError
+        (bad CSR or device id), RegistryError (bad profile or tags), EnrollmentError (token
+        refused)."""
         _check_text("profile", profile)
         if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
             raise RegistryError(f"tags must be a list of strings, got {tags!r}")
         for tag in tags:
             _check_text("tag", tag)
+        parsed = self._check_token(token)
         certificate = self.ca.sign_device_csr(csr_pem, device_id)
+        before = self.registry.get_device(device_id)
         try:
-            group = self.registry.redeem_token(token, device_id)
+            group = self.registry.redeem_token(parsed.secret, device_id)
         except RegistryError as exc:
             raise EnrollmentError(str(exc)) from exc
         device = self.registry.upsert_device(
             device_id, group=group, profile=profile,
             cert_fingerprint=certificate_fingerprint(certificate), tags=tags)
+        if before is not None and before.cert_fingerprint != device.cert_fingerprint:
+            self._revoke(device_id, before.cert_fingerprint, "replaced by a new enrollment")
         with self._desired_lock:
             self._send_desired(device)
         log.info("enrolled %s into group %s (profile %s)", device_id, group, profile)
         return Enrollment(device_id=device_id, fleet=self.fleet, group=group,
                           certificate_pem=certificate, ca_certificate_pem=self.ca.cert_pem,
                           broker_url=self.broker_url, root_json=self.root_json())
+
+    def _check_token(self, text: str) -> EnrollmentToken:
+        """The parsed token if it was issued by this fleet for its current root; else
+        EnrollmentError saying why (before anything is used up)."""
+        try:
+            token = parse_token(text)
+        except TokenError as exc:
+            raise EnrollmentError(str(exc)) from exc
+        if token.ca_pin != self.ca_pin:
+            raise EnrollmentError("this enrollment token was issued by another fleet (its CA "
+                                  "pin does not match this server's CA); use a token from "
+                                  "this fleet's `fleet enroll-token`")
+        root = self.root_json()
+        if token.root_pin != pin_of(root):
+            earlier = self._root_version_of(token.root_pin)
+            when = (f"for root v{earlier}, and the fleet's root is now v{root_version(root)}"
+                    " (its keys were rotated since)" if earlier is not None
+                    else "for a root.json this server does not have")
+            raise EnrollmentError(f"this enrollment token was issued {when}; issue a new "
+                                  "token with `fleet enroll-token` (the old one stays unused)")
+        return token
+
+    def _root_version_of(self, pin: bytes) -> str | None:
+        """The version of the earlier root of this fleet whose pin is ``pin``, if the keys
+        directory keeps the root history (``fleet keys`` does)."""
+        history = self.config.keys_dir / "repository" / "root_history"
+        for path in sorted(history.glob("*.root.json")) if history.is_dir() else ():
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            if pin_of(data) == pin:
+                return root_version(data)
+        return None
+
+    def _revoke(self, device_id: str, fingerprint: str, reason: str) -> None:
+        """Revoke a certificate of ``device_id`` and make the broker refuse it from now on."""
+        if not self.ca.revoke(fingerprint, reason):
+            self.registry.add_event("certificate.not_revoked", device=device_id, detail={
+                "cert_fingerprint": fingerprint, "reason": "the CA has no record of it "
+                "(issued by an older edgefleet); it stays valid until it expires"})
+            return
+        self.broker.reload_crl()
+        self.registry.add_event("certificate.revoked", device=device_id, detail={
+            "cert_fingerprint": fingerprint, "reason": reason})
 
     def add_bundle(self, data: bytes) -> BundleRecord:
         """Verify an uploaded bundle against the fleet's root and store it under the name

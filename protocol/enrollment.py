@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from .errors import ProtocolError
 
 __all__ = ["TOKEN_PREFIX", "EnrollmentToken", "TokenError", "new_secret", "parse_token",
-           "pin_of"]
+           "pin_of", "root_version"]
 
 #: Every token starts with this (a letter first: never read as a command-line option).
 TOKEN_PREFIX = "eft1."
@@ -75,6 +76,14 @@ def new_secret() -> str:
 def pin_of(data: bytes) -> bytes:
     """The pin of ``data`` (a CA certificate's DER, or root.json's bytes): its SHA-256."""
     return hashlib.sha256(data).digest()
+
+
+def root_version(root_json: bytes) -> str:
+    """The version a root.json states, for messages about pins ("?" if it does not parse)."""
+    try:
+        return str(int(json.loads(root_json)["signed"]["version"]))
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return "?"
 
 
 def parse_token(text: str) -> EnrollmentToken:

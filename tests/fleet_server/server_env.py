@@ -80,7 +80,7 @@ def enroll(service: FleetService, directory: Path, device_id: str, *, group: str
     """Enroll a device the way the agent does: key and CSR made here, token from the
     registry, certificate from the service; files written under ``directory``."""
     key_pem, csr_pem = make_device_key_and_csr(device_id)
-    token = service.registry.issue_token(group, 600)
+    token = service.issue_token(group, 600).token
     enrollment = service.enroll(token, device_id, csr_pem, PROFILE, tags)
     home = directory / "devices" / device_id
     write_atomic(home / "device.key", key_pem, 0o600)

@@ -9,6 +9,7 @@ import base64
 import http.client
 import json
 import socket
+import ssl
 import stat
 from collections.abc import Iterator
 from datetime import timedelta
@@ -33,8 +34,15 @@ def token(service: FleetService) -> str:
 
 @pytest.fixture
 def api(service: FleetService, token: str) -> Iterator[ApiServer]:
-    with ApiServer(service, token) as started:
+    with ApiServer(service, token, service.api_identity()) as started:
         yield started
+
+
+def https(api: ApiServer, timeout: float = 10) -> http.client.HTTPSConnection:
+    """A connection to the API that verifies its certificate with the fleet CA."""
+    host, port = api.url.removeprefix("https://").split(":")
+    context = ssl.create_default_context(cafile=str(api.service.ca.cert_path))
+    return http.client.HTTPSConnection(host, int(port), timeout=timeout, context=context)
 
 
 class Caller:
@@ -47,8 +55,7 @@ class Caller:
     def __call__(self, method: str, path: str, body: Any = None, *, data: bytes | None = None,
                  token: str | None = "admin", headers: dict[str, str] | None = None,
                  ) -> tuple[int, Any]:
-        host, port = self.api.url.removeprefix("http://").split(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn = https(self.api)
         try:
             sent = dict(headers or {})
             if token is not None:
@@ -267,14 +274,16 @@ def test_deeply_nested_json_is_a_400(call: Caller) -> None:
 
 def test_idle_connections_are_closed_and_extra_ones_refused(
         service: FleetService, token: str) -> None:
-    """Connections that say nothing are dropped after the timeout, and beyond the cap new
-    ones get a 503 at once; the API answers again as soon as slots free up."""
-    with ApiServer(service, token, connection_timeout=0.5, max_connections=4) as api:
-        host, port = api.url.removeprefix("http://").split(":")
+    """Connections that say nothing (not even a TLS handshake) are dropped after the
+    timeout, and beyond the cap new ones are closed at once; the API answers again as soon
+    as slots free up."""
+    with ApiServer(service, token, service.api_identity(), connection_timeout=0.5,
+                   max_connections=4) as api:
+        host, port = api.url.removeprefix("https://").split(":")
         idle = [socket.create_connection((host, int(port))) for _ in range(4)]
         try:
             with socket.create_connection((host, int(port)), timeout=10) as extra:
-                assert extra.recv(200).startswith(b"HTTP/1.1 503")
+                assert extra.recv(200) == b""  # closed without a handshake
             for sock in idle:  # each is closed by the server: recv sees the end
                 sock.settimeout(10)
                 assert sock.recv(1) == b""
@@ -282,3 +291,24 @@ def test_idle_connections_are_closed_and_extra_ones_refused(
             for sock in idle:
                 sock.close()
         assert Caller(api, token)("GET", "/api/status")[0] == 200
+
+
+def test_the_api_speaks_tls_only_with_a_fleet_ca_certificate(
+        api: ApiServer, service: FleetService) -> None:
+    host, port = api.url.removeprefix("https://").split(":")
+    plain = http.client.HTTPConnection(host, int(port), timeout=10)
+    plain.request("GET", "/api/status")
+    with pytest.raises((ConnectionError, http.client.RemoteDisconnected)):
+        plain.getresponse()
+    plain.close()
+    stranger = ssl.create_default_context()  # the system's CAs: the fleet CA is not one
+    conn = http.client.HTTPSConnection(host, int(port), timeout=10, context=stranger)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        conn.request("GET", "/api/status")
+    conn.close()
+    conn = https(api)
+    conn.request("GET", "/api/fleet")
+    fleet = json.loads(conn.getresponse().read())
+    conn.close()
+    assert fleet == {"fleet": "testfleet", "ca_certificate": service.ca.cert_pem.decode(),
+                     "root": base64.b64encode(service.root_json()).decode()}

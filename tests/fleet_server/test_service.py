@@ -39,6 +39,7 @@ from fleet_server.errors import (
 )
 from fleet_server.service import DEVICE_EVENT_PREFIX, PROTOCOL_ERROR, FleetService, ServiceConfig
 from protocol import messages
+from protocol.enrollment import EnrollmentToken, new_secret, pin_of
 from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF
 from tests.bundle.repo import Repo
 from tests.fleet_server.server_env import (
@@ -108,7 +109,7 @@ def test_enroll_returns_identity_broker_and_root(service: FleetService, tmp_path
 
 
 def test_enroll_refusals_keep_the_token_unless_it_was_used(service: FleetService) -> None:
-    token = service.registry.issue_token("lab", 600)
+    token = service.issue_token("lab", 600).token
     _, csr = make_device_key_and_csr("gw-2")
     with pytest.raises(CSRError, match="does not carry a PEM CSR"):
         service.enroll(token, "gw-2", b"not a csr", PROFILE)
@@ -119,8 +120,11 @@ def test_enroll_refusals_keep_the_token_unless_it_was_used(service: FleetService
     service.enroll(token, "gw-2", csr, PROFILE)  # the token survived every refusal
     with pytest.raises(EnrollmentError, match="already used by device 'gw-2'"):
         service.enroll(token, "gw-3", make_device_key_and_csr("gw-3")[1], PROFILE)
-    with pytest.raises(EnrollmentError, match="unknown enrollment token"):
+    with pytest.raises(EnrollmentError, match="not an enrollment token"):
         service.enroll("nope", "gw-3", make_device_key_and_csr("gw-3")[1], PROFILE)
+    unknown = EnrollmentToken(new_secret(), service.ca_pin, pin_of(service.root_json()))
+    with pytest.raises(EnrollmentError, match="unknown enrollment token"):
+        service.enroll(unknown.encode(), "gw-3", make_device_key_and_csr("gw-3")[1], PROFILE)
 
 
 # --- (a) publishing -----------------------------------------------------------------------
