@@ -39,7 +39,7 @@ from transport.mqtt import TLSIdentity
 
 from . import __version__
 from .api_spec import OPENAPI
-from .errors import ApiError, CSRError, EnrollmentError, FleetError, RegistryError
+from .errors import ApiError, CSRError, EnrollmentError, FleetError, RegistryError, ReleaseError
 from .registry import BundleRecord, DesiredChange, Device, Event
 from .service import Enrollment, FleetService, IssuedToken, PublishResult
 
@@ -88,13 +88,15 @@ def device_json(device: Device, *, broker_connected: bool = True) -> dict[str, A
             "online": device.online if broker_connected else None,
             "desired": device.desired_json(),
             "reported": dict(device.reported), "reported_at": device.reported_at,
-            "converged": device.converged}
+            "converged": device.converged, "encryption_key": device.encryption_key,
+            "reset_at": device.reset_at}
 
 
 def bundle_json(record: BundleRecord) -> dict[str, Any]:
     """A stored bundle (schema ``Bundle``); the blob's path stays private."""
     return {"sha256": record.sha256, "name": record.name, "version": record.version,
-            "size": record.size, "created_at": record.created_at}
+            "size": record.size, "created_at": record.created_at,
+            "metadata_version": record.metadata_version, "rollback_of": record.rollback_of}
 
 
 def event_json(event: Event) -> dict[str, Any]:
@@ -114,12 +116,14 @@ def publish_json(result: PublishResult) -> dict[str, Any]:
     """The answer of publish and rollback (schema ``PublishResult``)."""
     return {"devices": list(result.devices),
             "changes": [change_json(c) for c in result.changes],
-            "delivered": result.delivered}
+            "delivered": result.delivered,
+            "released": [bundle_json(b) for b in result.released]}
 
 
 def token_json(issued: IssuedToken) -> dict[str, Any]:
     """An issued enrollment token (schema ``EnrollmentToken``)."""
-    return {"token": issued.token, "group": issued.group, "expires_at": issued.expires_at}
+    return {"token": issued.token, "group": issued.group, "expires_at": issued.expires_at,
+            "device": issued.device}
 
 
 def enrollment_json(enrollment: Enrollment) -> dict[str, Any]:
@@ -314,7 +318,12 @@ def _publish(service: FleetService, request: Request) -> tuple[int, Any]:
         raise _HttpError(404, f"no stored bundle has sha256 {sha!r}; upload it with POST "
                          "/api/bundles and use the sha256 it returns")
     devices, group = _selection(body)
-    return 200, publish_json(service.publish(sha, devices=devices, group=group))
+    encrypt_for = body.get("encrypt_for", [])
+    if not isinstance(encrypt_for, list) or not all(isinstance(e, str) for e in encrypt_for):
+        raise _HttpError(400, '"encrypt_for" must be a list of selectors (device:ID, group:G, '
+                         "profile:P)")
+    return 200, publish_json(service.publish(sha, devices=devices, group=group,
+                                             encrypt_for=encrypt_for))
 
 
 def _rollback(service: FleetService, request: Request) -> tuple[int, Any]:
@@ -335,7 +344,14 @@ def _events(service: FleetService, request: Request) -> tuple[int, Any]:
 
 def _token(service: FleetService, request: Request) -> tuple[int, Any]:
     body = request.json()
-    group = body.get("group", _DEFAULT_GROUP)
+    device = body.get("device")
+    if device is not None and not isinstance(device, str):
+        raise _HttpError(400, '"device" must be a device id')
+    group = body.get("group")
+    if group is None:
+        # A token to re-enroll a device keeps it in its group unless told otherwise.
+        known = service.registry.get_device(device) if device is not None else None
+        group = known.group if known is not None else _DEFAULT_GROUP
     ttl = body.get("ttl_s", _DEFAULT_TTL_S)
     if not isinstance(group, str):
         raise _HttpError(400, '"group" must be a string')
@@ -343,7 +359,15 @@ def _token(service: FleetService, request: Request) -> tuple[int, Any]:
             or not 0 < ttl <= _MAX_TTL_S):
         raise _HttpError(400, f'"ttl_s" must be a number of seconds from 1 to {_MAX_TTL_S:.0f} '
                          "(30 days); issue a new token when one expires")
-    return 201, token_json(service.issue_token(group, float(ttl)))
+    return 201, token_json(service.issue_token(group, float(ttl), device))
+
+
+def _reset(service: FleetService, request: Request) -> tuple[int, Any]:
+    device_id = request.params["id"]
+    if service.registry.get_device(device_id) is None:
+        raise _HttpError(404, f"no device {device_id!r} is enrolled")
+    device = service.reset_device(device_id)
+    return 200, device_json(device, broker_connected=service.connected)
 
 
 def _fleet(service: FleetService, _request: Request) -> tuple[int, Any]:
@@ -366,9 +390,13 @@ def _enroll(service: FleetService, request: Request) -> tuple[int, Any]:
     tags = body.get("tags", [])
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise _HttpError(400, '"tags" must be a list of strings')
+    encryption_key = body.get("encryption_key")
+    if encryption_key is not None and not isinstance(encryption_key, str):
+        raise _HttpError(400, '"encryption_key" must be base64 of an X25519 public key')
     try:
         enrollment = service.enroll(fields["token"], fields["device_id"],
-                                    fields["csr"].encode("utf-8"), profile, tags)
+                                    fields["csr"].encode("utf-8"), profile, tags,
+                                    encryption_key=encryption_key)
     except EnrollmentError as exc:
         raise _HttpError(403, str(exc)) from exc
     return 200, enrollment_json(enrollment)
@@ -380,6 +408,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/status", _status),
     Route("GET", "/api/devices", _devices),
     Route("GET", "/api/devices/{id}", _device),
+    Route("POST", "/api/devices/{id}/reset", _reset),
     Route("GET", "/api/bundles", _bundles),
     Route("POST", "/api/bundles", _upload),
     Route("POST", "/api/publish", _publish),
@@ -512,6 +541,8 @@ class ApiServer:
             return exc.status, error, {}
         except (CSRError, RegistryError) as exc:
             return 400, {"error": str(exc)}, {}
+        except ReleaseError as exc:
+            return 409, {"error": str(exc)}, {}
         except FleetError as exc:
             log.error("%s %s failed: %s", request.method, request.path, exc)
             return 500, {"error": str(exc)}, {}

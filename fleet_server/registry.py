@@ -43,6 +43,7 @@ __all__ = [
     "DesiredChange",
     "DesiredModel",
     "Device",
+    "Enrolled",
     "Event",
     "Registry",
     "TelemetryRecord",
@@ -54,9 +55,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Version of the table layout; stored in ``schema_version``. Bump it with a migration.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_X25519_B64 = re.compile(r"[A-Za-z0-9+/]{43}=")
 _MAX_LABEL = 128
 #: SQLite allows 32766 host parameters per statement (999 before 3.32); stay well below.
 _IN_CHUNK = 500
@@ -108,6 +110,12 @@ class Device:
     desired: Mapping[str, DesiredModel]
     reported: Mapping[str, Any]
     reported_at: float | None
+    #: The public half of the device's X25519 key (base64 of 32 raw bytes), which bundles
+    #: are encrypted for; None for a device enrolled without one.
+    encryption_key: str | None = None
+    #: When the operator reset the device (its certificate revoked, its id free for any
+    #: token); None once it enrolled again, or if it never was.
+    reset_at: float | None = None
 
     @property
     def converged(self) -> bool:
@@ -141,6 +149,20 @@ class BundleRecord:
     size: int
     path: Path
     created_at: float
+    #: The version of the bundle's TUF timestamp, snapshot and targets metadata (0: stored
+    #: before the registry recorded it).
+    metadata_version: int = 0
+    #: For a re-release (a rollback): the version whose contents it carries.
+    rollback_of: int | None = None
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    """What an enrollment did: the device as now recorded, and the certificate it replaced
+    (its fingerprint; None for a new or a reset device), which must be revoked."""
+
+    device: Device
+    replaced_fingerprint: str | None
 
 
 @dataclass(frozen=True)
@@ -483,6 +505,17 @@ def _schema(d: _Dialect) -> list[str]:
     ]
 
 
+#: Schema v2 (docs/registry.md): device encryption keys and resets, tokens bound to one
+#: device id, and each bundle's TUF metadata version and the version it re-releases.
+_V2_TRUST = (
+    "ALTER TABLE devices ADD COLUMN encryption_key TEXT",
+    "ALTER TABLE devices ADD COLUMN reset_at DOUBLE PRECISION",
+    "ALTER TABLE enrollment_tokens ADD COLUMN device_id TEXT",
+    "ALTER TABLE bundles ADD COLUMN metadata_version BIGINT NOT NULL DEFAULT 0",
+    "ALTER TABLE bundles ADD COLUMN rollback_of BIGINT",
+)
+
+
 # --- opening ------------------------------------------------------------------------------
 
 def open_registry(url: str | Path, *, blob_dir: Path | None = None,
@@ -600,44 +633,89 @@ class Registry:
             for statement in _schema(tx.dialect):
                 tx.run(statement)
             row = tx.one("SELECT version FROM schema_version")
+            found = 1 if row is None else int(row[0])  # the CREATEs above are v1
+            if found > SCHEMA_VERSION:
+                raise RegistryError(
+                    f"the database has registry schema v{found}, newer than this edgefleet "
+                    f"understands (v{SCHEMA_VERSION}); upgrade edgefleet on this machine")
+            if found < 2:
+                for statement in _V2_TRUST:
+                    tx.run(statement)
             if row is None:
                 tx.run("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif int(row[0]) > SCHEMA_VERSION:
-                raise RegistryError(
-                    f"the database has registry schema v{row[0]}, newer than this edgefleet "
-                    f"understands (v{SCHEMA_VERSION}); upgrade edgefleet on this machine")
-            # Older versions would be migrated here; v1 is the first.
+            elif found != SCHEMA_VERSION:
+                tx.run("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
     # --- devices ---
 
     def upsert_device(self, device_id: str, *, group: str, profile: str,
-                      cert_fingerprint: str, tags: Iterable[str] = ()) -> Device:
+                      cert_fingerprint: str, tags: Iterable[str] = (),
+                      encryption_key: str | None = None) -> Device:
         """Record an enrollment: a new device, or a known one enrolling again (new
-        certificate). Group, profile, fingerprint, tags and ``enrolled_at`` are replaced;
-        desired and reported state are kept, so a re-imaged device gets its models back."""
+        certificate). Group, profile, fingerprint, tags, encryption key and ``enrolled_at``
+        are replaced, a reset is cleared; desired and reported state are kept, so a
+        re-imaged device gets its models back. :meth:`enroll_device` is the checked way
+        (token and take-over rule in the same transaction)."""
         _check_device_id(device_id)
-        _check_label("group", group)
-        _check_label("profile", profile)
-        fingerprint = cert_fingerprint.lower()
-        if not _SHA256_HEX.fullmatch(fingerprint):
-            raise RegistryError(f"certificate fingerprint {cert_fingerprint!r} is not a "
-                                "SHA-256 hex digest (64 hex digits)")
-        tag_list = _clean_tags(tags)
+        fields = _enrollment_fields(group, profile, cert_fingerprint, tags, encryption_key)
         now = self._clock()
         with self._tx(write=True) as tx:
             known = tx.one("SELECT id FROM devices WHERE id = ?", (device_id,)) is not None
-            tx.run("INSERT INTO devices (id, group_name, profile, cert_fingerprint, "
-                   "enrolled_at, last_seen, online, desired, reported, reported_at) "
-                   "VALUES (?, ?, ?, ?, ?, NULL, ?, '{}', '{}', NULL) "
-                   "ON CONFLICT (id) DO UPDATE SET group_name = excluded.group_name, "
-                   "profile = excluded.profile, cert_fingerprint = excluded.cert_fingerprint, "
-                   "enrolled_at = excluded.enrolled_at",
-                   (device_id, group, profile, fingerprint, now, False))
-            _replace_tags(tx, device_id, tag_list)
-            _log(tx, now, device_id, "device.enrolled",
-                 {"group": group, "profile": profile, "cert_fingerprint": fingerprint,
-                  "tags": list(tag_list), "again": known})
-            return _one_device(tx, device_id)
+            return _upsert_device(tx, now, device_id, known, fields)
+
+    def enroll_device(self, token: str, device_id: str, *, profile: str,
+                      cert_fingerprint: str, tags: Iterable[str] = (),
+                      encryption_key: str | None = None) -> Enrolled:
+        """Redeem ``token`` for ``device_id`` and record the device, in one transaction.
+
+        A device id that is enrolled already is taken only with a token issued for that id
+        (``issue_token(..., device=ID)``) or after :meth:`reset_device`: a token for a group
+        cannot take over an existing device. RegistryError (and nothing changed, the token
+        still valid) for an unknown, used, expired or unfitting token."""
+        _check_device_id(device_id)
+        digest = _token_digest(token)
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            lock = tx.dialect.for_update
+            row = tx.one("SELECT group_name, expires_at, used_at, used_by, device_id "
+                         f"FROM enrollment_tokens WHERE token_sha256 = ?{lock}", (digest,))
+            _check_token(row, device_id, now)
+            assert row is not None
+            group, bound = str(row[0]), row[4]
+            current = tx.one(f"SELECT cert_fingerprint, reset_at FROM devices WHERE id = ?{lock}",
+                             (device_id,))
+            if current is not None and current[1] is None and bound != device_id:
+                raise RegistryError(
+                    f"device {device_id!r} is enrolled already, and this token is for group "
+                    f"{group!r}, not for that device: a token cannot take over an enrolled "
+                    f"device. To enroll it again (a re-imaged or replaced device), issue a "
+                    f"token for it (`fleet enroll-token --device {device_id}`) or reset it "
+                    f"first (`fleet device reset {device_id}`)")
+            fields = _enrollment_fields(group, profile, cert_fingerprint, tags,
+                                        encryption_key)
+            tx.run("UPDATE enrollment_tokens SET used_at = ?, used_by = ? "
+                   "WHERE token_sha256 = ?", (now, device_id, digest))
+            _log(tx, now, device_id, "token.redeemed", {"token": digest[:12], "group": group,
+                                                        "device": bound})
+            device = _upsert_device(tx, now, device_id, current is not None, fields)
+        # A reset device's certificate was revoked by the reset already.
+        replaced = None if (current is None or current[1] is not None
+                            or current[0] == device.cert_fingerprint) else str(current[0])
+        return Enrolled(device, replaced)
+
+    def reset_device(self, device_id: str) -> Device:
+        """Mark the device reset by the operator: any valid token may now enroll its id
+        again (its group, tags and desired state are kept until then). Returns the device
+        as it was enrolled, whose certificate the caller revokes. RegistryError if unknown."""
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            _require_device(tx, device_id)
+            tx.run("UPDATE devices SET reset_at = ?, online = ? WHERE id = ?",
+                   (now, False, device_id))
+            device = _one_device(tx, device_id)
+            _log(tx, now, device_id, "device.reset",
+                 {"cert_fingerprint": device.cert_fingerprint})
+            return device
 
     def update_device(self, device_id: str, *, group: str | None = None,
                       tags: Iterable[str] | None = None, profile: str | None = None) -> Device:
@@ -701,12 +779,16 @@ class Registry:
 
     # --- enrollment tokens ---
 
-    def issue_token(self, group: str, ttl: float) -> str:
-        """A new one-time enrollment token for ``group``, valid for ``ttl`` seconds.
+    def issue_token(self, group: str, ttl: float, device: str | None = None) -> str:
+        """A new one-time enrollment token for ``group``, valid for ``ttl`` seconds; with
+        ``device``, only for that device id, which it may take even if it is enrolled
+        (the operator's consent to re-enroll it).
 
         The plaintext is returned here only; the registry keeps its SHA-256 (a plain hash is
         enough: the token is 256 random bits, so there is nothing to brute-force)."""
         _check_label("group", group)
+        if device is not None:
+            _check_device_id(device)
         if not ttl > 0:
             raise RegistryError(f"token lifetime must be positive seconds, got {ttl!r}")
         token = secrets.token_urlsafe(32)
@@ -714,10 +796,11 @@ class Registry:
         now = self._clock()
         with self._tx(write=True) as tx:
             tx.run("INSERT INTO enrollment_tokens (token_sha256, group_name, created_at, "
-                   "expires_at, used_at, used_by) VALUES (?, ?, ?, ?, NULL, NULL)",
-                   (digest, group, now, now + ttl))
-            _log(tx, now, None, "token.issued",
-                 {"token": digest[:12], "group": group, "expires_at": now + ttl})
+                   "expires_at, used_at, used_by, device_id) "
+                   "VALUES (?, ?, ?, ?, NULL, NULL, ?)",
+                   (digest, group, now, now + ttl, device))
+            _log(tx, now, device, "token.issued", {"token": digest[:12], "group": group,
+                                                   "expires_at": now + ttl, "device": device})
         return token
 
     def redeem_token(self, token: str, device_id: str) -> str:
@@ -725,38 +808,29 @@ class Registry:
 
         Atomic: of any number of concurrent redeems of one token (threads, processes, server
         replicas) exactly one succeeds. Raises RegistryError for an unknown, used or expired
-        token; a refused redeem changes nothing."""
+        token, or one issued for another device; a refused redeem changes nothing. (Whether
+        ``device_id`` may be taken is :meth:`enroll_device`'s business.)"""
         _check_device_id(device_id)
         digest = _token_digest(token)
         now = self._clock()
         with self._tx(write=True) as tx:
-            # The conditional UPDATE is the atomic test-and-set; the SELECT after it only
-            # explains a refusal. On PostgreSQL a racing UPDATE waits for the winner's row
-            # lock, then re-checks "used_at IS NULL" against the committed row and matches 0.
-            won = tx.run("UPDATE enrollment_tokens SET used_at = ?, used_by = ? "
-                         "WHERE token_sha256 = ? AND used_at IS NULL AND expires_at > ?",
-                         (now, device_id, digest, now))
-            row = tx.one("SELECT group_name, expires_at, used_at, used_by "
-                         "FROM enrollment_tokens WHERE token_sha256 = ?", (digest,))
-            if won == 1 and row is not None:
-                _log(tx, now, device_id, "token.redeemed",
-                     {"token": digest[:12], "group": row[0]})
-                return str(row[0])
-        if row is None:
-            raise RegistryError("unknown enrollment token; check for typos or ask the operator "
-                                "for a new one (fleet issues them)")
-        group, expires_at, used_at, used_by = row
-        if used_at is not None:
-            raise RegistryError(f"enrollment token already used by device {used_by!r} at "
-                                f"{_iso(used_at)}; tokens work once, ask the operator for a "
-                                "new one")
-        raise RegistryError(f"enrollment token for group {group!r} expired at "
-                            f"{_iso(expires_at)}; ask the operator for a new one")
+            row = tx.one("SELECT group_name, expires_at, used_at, used_by, device_id FROM "
+                         f"enrollment_tokens WHERE token_sha256 = ?{tx.dialect.for_update}",
+                         (digest,))
+            _check_token(row, device_id, now)
+            assert row is not None
+            tx.run("UPDATE enrollment_tokens SET used_at = ?, used_by = ? "
+                   "WHERE token_sha256 = ?", (now, device_id, digest))
+            _log(tx, now, device_id, "token.redeemed",
+                 {"token": digest[:12], "group": row[0], "device": row[4]})
+            return str(row[0])
 
     # --- bundles ---
 
-    def put_bundle(self, data: bytes, name: str, version: int) -> BundleRecord:
-        """Store a bundle file as ``<blob_dir>/<sha256>.efb`` and record it.
+    def put_bundle(self, data: bytes, name: str, version: int, *, metadata_version: int = 0,
+                   rollback_of: int | None = None) -> BundleRecord:
+        """Store a bundle file as ``<blob_dir>/<sha256>.efb`` and record it, with the
+        version of its TUF metadata and, for a re-release, the version it restores.
 
         Idempotent: the same bytes again return the existing record (and restore its blob
         file if it went missing or was damaged). Raises RegistryError when another bundle
@@ -787,11 +861,15 @@ class Registry:
             existing = _check_bundle_clash(tx, sha, name, version)
             if existing is not None:
                 return existing
-            tx.run("INSERT INTO bundles (sha256, name, version, size, path, created_at) "
-                   "VALUES (?, ?, ?, ?, ?, ?)", (sha, name, version, len(data), str(path), now))
+            tx.run("INSERT INTO bundles (sha256, name, version, size, path, created_at, "
+                   "metadata_version, rollback_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   (sha, name, version, len(data), str(path), now, metadata_version,
+                    rollback_of))
             _log(tx, now, None, "bundle.stored",
-                 {"sha256": sha, "name": name, "version": version, "size": len(data)})
-            return BundleRecord(sha, name, version, len(data), path, now)
+                 {"sha256": sha, "name": name, "version": version, "size": len(data),
+                  "metadata_version": metadata_version, "rollback_of": rollback_of})
+            return BundleRecord(sha, name, version, len(data), path, now, metadata_version,
+                                rollback_of)
 
     def get_bundle(self, sha256: str) -> BundleRecord | None:
         """The bundle with this content hash, or None."""
@@ -799,6 +877,15 @@ class Registry:
             rows = tx.all(f"SELECT {_BUNDLE_COLUMNS} FROM bundles WHERE sha256 = ?",
                           (sha256.lower(),))
         return _bundle(rows[0]) if rows else None
+
+    def release_versions(self, name: str) -> tuple[int, int]:
+        """The highest version of model ``name`` stored (0: none) and the highest metadata
+        version of any stored bundle (0: none): a new release must exceed both."""
+        with self._tx() as tx:
+            row = tx.one("SELECT (SELECT MAX(version) FROM bundles WHERE name = ?), "
+                         "(SELECT MAX(metadata_version) FROM bundles)", (name,))
+        assert row is not None
+        return int(row[0] or 0), int(row[1] or 0)
 
     def list_bundles(self, name: str | None = None) -> list[BundleRecord]:
         """Stored bundles by name then version, optionally of one model only."""
@@ -838,14 +925,19 @@ class Registry:
                                    target=None, kind="desired.cleared")
 
     def rollback(self, *, devices: Sequence[str] | None = None, group: str | None = None,
-                 model: str | None = None) -> list[DesiredChange]:
+                 model: str | None = None, dry_run: bool = False,
+                 substitute: Mapping[str, DesiredModel] | None = None) -> list[DesiredChange]:
         """Undo the last desired-state change of each device (of ``model`` only, if given),
         for the given devices or every device of ``group``, in one transaction.
 
         Changes form a stack per device and model: rolling back twice undoes two changes.
-        Devices with nothing to undo are skipped; RegistryError if none had anything."""
+        Devices with nothing to undo are skipped; RegistryError if none had anything.
+        ``dry_run`` returns the changes without making them. ``substitute`` maps the sha256
+        of a bundle to restore onto what to desire instead (its re-release under a new
+        version, which is how devices accept it); RegistryError, and nothing changed, if a
+        bundle to restore has no substitute then (the history moved since the dry run)."""
         now = self._clock()
-        with self._tx(write=True) as tx:
+        with self._tx(write=not dry_run) as tx:
             targets = _lock_targets(tx, devices, group)
             model_filter = " AND model = ?" if model is not None else ""
             changes: list[DesiredChange] = []
@@ -861,12 +953,19 @@ class Registry:
                 before = desired.get(entry_model)
                 after = None if previous is None else DesiredModel.from_json(
                     json.loads(previous))
+                if substitute is not None and after is not None:
+                    if after.bundle_sha256 not in substitute:
+                        raise RegistryError(f"the desired state of {device_id} changed while "
+                                            "the rollback was prepared; roll back again")
+                    after = substitute[after.bundle_sha256]
                 changes.append(DesiredChange(device_id, entry_model, before, after))
                 popped.append((entry_id,))
             if not changes:
                 what = f"model {model!r} of " if model is not None else ""
                 raise RegistryError(f"nothing to roll back: {what}the selected devices have "
                                     "no earlier desired state")
+            if dry_run:
+                return changes
             _write_desired(tx, now, targets, changes, "desired.rolled_back")
             tx.many("DELETE FROM desired_history WHERE id = ?", popped)
             return changes
@@ -971,8 +1070,9 @@ class Registry:
 # --- transaction helpers (module level: they need a _Tx, not the Registry) ------------------
 
 _DEVICE_COLUMNS = ("id, group_name, profile, cert_fingerprint, enrolled_at, last_seen, online, "
-                   "desired, reported, reported_at")
-_BUNDLE_COLUMNS = "sha256, name, version, size, path, created_at"
+                   "desired, reported, reported_at, encryption_key, reset_at")
+_BUNDLE_COLUMNS = ("sha256, name, version, size, path, created_at, metadata_version, "
+                   "rollback_of")
 
 
 def _load_devices(tx: _Tx, where: str, params: Sequence[Any]) -> list[Device]:
@@ -986,8 +1086,71 @@ def _load_devices(tx: _Tx, where: str, params: Sequence[Any]) -> list[Device]:
                    cert_fingerprint=r[3], enrolled_at=float(r[4]),
                    last_seen=None if r[5] is None else float(r[5]), online=bool(r[6]),
                    desired=_desired_from_text(r[7]), reported=json.loads(r[8]),
-                   reported_at=None if r[9] is None else float(r[9]))
+                   reported_at=None if r[9] is None else float(r[9]), encryption_key=r[10],
+                   reset_at=None if r[11] is None else float(r[11]))
             for r in rows]
+
+
+@dataclass(frozen=True)
+class _EnrollmentFields:
+    group: str
+    profile: str
+    fingerprint: str
+    tags: tuple[str, ...]
+    encryption_key: str | None
+
+
+def _enrollment_fields(group: str, profile: str, cert_fingerprint: str, tags: Iterable[str],
+                       encryption_key: str | None) -> _EnrollmentFields:
+    """The enrollment's values, checked."""
+    _check_label("group", group)
+    _check_label("profile", profile)
+    fingerprint = cert_fingerprint.lower()
+    if not _SHA256_HEX.fullmatch(fingerprint):
+        raise RegistryError(f"certificate fingerprint {cert_fingerprint!r} is not a "
+                            "SHA-256 hex digest (64 hex digits)")
+    if encryption_key is not None and not _X25519_B64.fullmatch(encryption_key):
+        raise RegistryError("the encryption key must be an X25519 public key: 32 bytes in "
+                            "base64 (44 characters)")
+    return _EnrollmentFields(group, profile, fingerprint, _clean_tags(tags), encryption_key)
+
+
+def _upsert_device(tx: _Tx, now: float, device_id: str, known: bool,
+                   f: _EnrollmentFields) -> Device:
+    tx.run("INSERT INTO devices (id, group_name, profile, cert_fingerprint, enrolled_at, "
+           "last_seen, online, desired, reported, reported_at, encryption_key, reset_at) "
+           "VALUES (?, ?, ?, ?, ?, NULL, ?, '{}', '{}', NULL, ?, NULL) "
+           "ON CONFLICT (id) DO UPDATE SET group_name = excluded.group_name, "
+           "profile = excluded.profile, cert_fingerprint = excluded.cert_fingerprint, "
+           "enrolled_at = excluded.enrolled_at, encryption_key = excluded.encryption_key, "
+           "reset_at = NULL",
+           (device_id, f.group, f.profile, f.fingerprint, now, False, f.encryption_key))
+    _replace_tags(tx, device_id, f.tags)
+    _log(tx, now, device_id, "device.enrolled",
+         {"group": f.group, "profile": f.profile, "cert_fingerprint": f.fingerprint,
+          "tags": list(f.tags), "again": known,
+          "encryption_key": f.encryption_key is not None})
+    return _one_device(tx, device_id)
+
+
+def _check_token(row: tuple[Any, ...] | None, device_id: str, now: float) -> None:
+    """RegistryError unless the token ``row`` (group, expires_at, used_at, used_by,
+    device_id) may enroll ``device_id`` now."""
+    if row is None:
+        raise RegistryError("unknown enrollment token; check for typos or ask the operator "
+                            "for a new one (fleet issues them)")
+    group, expires_at, used_at, used_by, bound = row
+    if used_at is not None:
+        raise RegistryError(f"enrollment token already used by device {used_by!r} at "
+                            f"{_iso(used_at)}; tokens work once, ask the operator for a new "
+                            "one")
+    if expires_at <= now:
+        raise RegistryError(f"enrollment token for group {group!r} expired at "
+                            f"{_iso(expires_at)}; ask the operator for a new one")
+    if bound is not None and bound != device_id:
+        raise RegistryError(f"this enrollment token was issued for device {bound!r}, not "
+                            f"{device_id!r}; enroll with --device-id {bound} or ask for a "
+                            "token for this device")
 
 
 def _one_device(tx: _Tx, device_id: str) -> Device:
@@ -1127,7 +1290,9 @@ def _log(tx: _Tx, now: float, device: str | None, kind: str, detail: Mapping[str
 
 def _bundle(row: tuple[Any, ...]) -> BundleRecord:
     return BundleRecord(sha256=row[0], name=row[1], version=int(row[2]), size=int(row[3]),
-                        path=Path(row[4]), created_at=float(row[5]))
+                        path=Path(row[4]), created_at=float(row[5]),
+                        metadata_version=int(row[6]),
+                        rollback_of=None if row[7] is None else int(row[7]))
 
 
 def _telemetry(row: tuple[Any, ...]) -> TelemetryRecord:

@@ -213,7 +213,8 @@ def test_upload_publish_rollback_and_events(call: Caller, repo: Repo,
     assert status == 200
     assert result == {"devices": ["gw-1"], "changes": [{
         "device": "gw-1", "model": "digits", "before": None,
-        "after": {"version": 1, "bundle_sha256": v1["sha256"]}}], "delivered": True}
+        "after": {"version": 1, "bundle_sha256": v1["sha256"]}}], "delivered": True,
+        "released": []}
     call("POST", "/api/publish", {"bundle_sha256": v2["sha256"], "devices": ["gw-1", "gw-2"]})
     status, devices = call("GET", "/api/devices?group=lab")
     assert [d["desired"]["digits"]["version"] for d in devices["devices"]] == [2]
@@ -222,9 +223,18 @@ def test_upload_publish_rollback_and_events(call: Caller, repo: Repo,
         "gw-1", "gw-2"]
 
     status, result = call("POST", "/api/rollback", {"devices": ["gw-1"], "model": "digits"})
-    assert status == 200
-    assert [(c["before"]["version"], c["after"]["version"]) for c in result["changes"]] == [
-        (2, 1)]
+    assert status == 200, result
+    # v1 comes back re-released as v3 (issue 9.13): devices refuse anything below v2.
+    [v3] = result["released"]
+    assert (v3["name"], v3["version"], v3["rollback_of"]) == ("digits", 3, 1)
+    assert v3["metadata_version"] > v2["metadata_version"]
+    assert [(c["before"]["version"], c["after"]) for c in result["changes"]] == [
+        (2, {"version": 3, "bundle_sha256": v3["sha256"]})]
+    status, body = call("POST", "/api/publish", {"bundle_sha256": v1["sha256"],
+                                                 "devices": ["gw-1"]})
+    assert status == 409
+    assert "digits v1 is older than v3, which gw-1 has" in body["error"]
+    assert "fleet rollback" in body["error"]
     status, body = call("POST", "/api/rollback", {"group": "nowhere"})
     assert status == 400
     assert "has no devices" in body["error"]
