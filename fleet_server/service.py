@@ -41,6 +41,7 @@ Layout of the data directory (``fleet serve --data DIR``)::
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -72,13 +73,7 @@ from bundle.trust import TrustedState, verify_bundle
 from common.atomic import write_atomic
 from protocol import messages
 from protocol.defaults import MQTTS_PORT
-from protocol.enrollment import (
-    EnrollmentToken,
-    TokenError,
-    parse_token,
-    pin_of,
-    root_version,
-)
+from protocol.enrollment import EnrollmentToken, pin_of
 from protocol.errors import ProtocolError
 from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF, device_topic
 from transport.mqtt import BrokerAddress, TLSIdentity, close_client
@@ -86,6 +81,7 @@ from transport.x509 import certificate_fingerprint
 
 from .broker import SERVER_IDENTITY, Broker, BrokerConfig
 from .ca import FleetCA
+from .enrollment import check_token
 from .errors import BrokerError, EnrollmentError, RegistryError, ServiceError
 from .rate_limit import TokenBuckets
 from .recipients import Candidate, Recipients, select_recipients
@@ -525,7 +521,8 @@ class FleetService:
             raise RegistryError(f"tags must be a list of strings, got {tags!r}")
         for tag in tags:
             _check_text("tag", tag)
-        parsed = self._check_token(token)
+        parsed = check_token(token, ca_pin=self.ca_pin, root=self.root_json(),
+                             earlier_roots=self._earlier_roots())
         certificate = self.ca.sign_device_csr(csr_pem, device_id)
         try:
             enrolled = self.registry.enroll_device(
@@ -560,39 +557,14 @@ class FleetService:
         log.info("reset %s: certificate %s revoked", device_id, device.cert_fingerprint[:16])
         return device
 
-    def _check_token(self, text: str) -> EnrollmentToken:
-        """The parsed token if it was issued by this fleet for its current root; else
-        EnrollmentError saying why (before anything is used up)."""
-        try:
-            token = parse_token(text)
-        except TokenError as exc:
-            raise EnrollmentError(str(exc)) from exc
-        if token.ca_pin != self.ca_pin:
-            raise EnrollmentError("this enrollment token was issued by another fleet (its CA "
-                                  "pin does not match this server's CA); use a token from "
-                                  "this fleet's `fleet enroll-token`")
-        root = self.root_json()
-        if token.root_pin != pin_of(root):
-            earlier = self._root_version_of(token.root_pin)
-            when = (f"for root v{earlier}, and the fleet's root is now v{root_version(root)}"
-                    " (its keys were rotated since)" if earlier is not None
-                    else "for a root.json this server does not have")
-            raise EnrollmentError(f"this enrollment token was issued {when}; issue a new "
-                                  "token with `fleet enroll-token` (the old one stays unused)")
-        return token
-
-    def _root_version_of(self, pin: bytes) -> str | None:
-        """The version of the earlier root of this fleet whose pin is ``pin``, if the keys
-        directory keeps the root history (``fleet keys`` does)."""
+    def _earlier_roots(self) -> list[bytes]:
+        """Every root version the keys directory keeps (``fleet keys`` keeps them)."""
         history = self.config.keys_dir / "repository" / "root_history"
+        roots = []
         for path in sorted(history.glob("*.root.json")) if history.is_dir() else ():
-            try:
-                data = path.read_bytes()
-            except OSError:
-                continue
-            if pin_of(data) == pin:
-                return root_version(data)
-        return None
+            with contextlib.suppress(OSError):
+                roots.append(path.read_bytes())
+        return roots
 
     def _revoke(self, device_id: str, fingerprint: str, reason: str) -> None:
         """Revoke a certificate of ``device_id`` and make the broker refuse it from now on."""
