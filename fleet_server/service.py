@@ -551,8 +551,8 @@ class FleetService:
         self._revoke(device_id, device.cert_fingerprint, "device reset by the operator")
         self._fetchable = {pair for pair in self._fetchable if pair[0] != device_id}
         # Mosquitto 2.0 cannot drop one client: a restart drops all, who reconnect (the
-        # revoked one cannot). Only needed when it may be connected.
-        if device.online or device.last_seen is not None:
+        # revoked one cannot). Not needed for a device that never connected.
+        if device.last_seen is not None:
             self.broker.restart()
         log.info("reset %s: certificate %s revoked", device_id, device.cert_fingerprint[:16])
         return device
@@ -607,12 +607,14 @@ class FleetService:
         if record is None:
             raise RegistryError(f"no stored bundle has sha256 {bundle_sha256!r}; upload it "
                                 "first")
+        # Checked before a re-release uses up a version: if devices would take the bundle,
+        # they take its re-release (a higher version, newer metadata) too.
+        check_publishable(record, self._selected(devices, group), self.registry.get_bundle)
         released: tuple[BundleRecord, ...] = ()
         if encrypt_for:
             recipients = self.recipients(encrypt_for)
             record = self.releaser.rerelease(record, recipients=recipients.keys)
             released = (record,)
-        check_publishable(record, self._selected(devices, group), self.registry.get_bundle)
         changes = self.registry.set_desired(record.sha256, devices=devices, group=group)
         return replace(self._publish_selected(changes, devices, group), released=released)
 
