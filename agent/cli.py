@@ -12,18 +12,20 @@ import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from bundle.archive import Limits
 from bundle.errors import BundleError
-from bundle.trust import TrustedState, verify_bundle
+from bundle.trust import verify_bundle
 from common.cli import new_parser, run
 from firmware_profiles import ProfileError, load_profiles, match_profiles, probe_host
 from firmware_profiles.describe import host_summary, host_to_json, match_to_json, matches_table
-from protocol.defaults import AGENT_API_PORT, SERVER_API_PORT
+from protocol.defaults import SERVER_API_PORT
 
 from . import __version__
+from .config import DEFAULT_API_HOST, ApiConfig, ApiLimits, FleetSettings, option_type
 from .errors import AgentError, BundleRejectedError, TrustStoreError
-from .trust_store import TrustStore
+from .trust_store import TrustStore, resolve_root
 
 __all__ = ["DEFAULT_STATE_DIR", "build_parser", "main"]
 
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(subparsers)
     _add_verify(subparsers)
     _add_probe(subparsers)
+    _add_config(subparsers)
     return parser
 
 
@@ -79,23 +82,31 @@ def _add_enroll(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
                    help="this device's firmware profile (default: probe the host)")
     p.add_argument("--tag", action="append", default=[], metavar="TAG",
                    help="a tag for fleet targeting (repeatable)")
-    p.add_argument("--port", type=int, default=AGENT_API_PORT,
-                   help=f"the local API's port (default {AGENT_API_PORT}; 0: a free one)")
-    p.add_argument("--probation", type=float, default=60.0, metavar="SECONDS",
-                   help="how long a new model is watched before it is committed (default 60)")
-    p.add_argument("--telemetry-interval", type=float, default=30.0, metavar="SECONDS",
-                   help="seconds between telemetry samples (default 30)")
+    _option(p, "--port", ApiConfig, "port")
+    _option(p, "--probation", ApiConfig, "probation_s", metavar="SECONDS")
+    _option(p, "--telemetry-interval", FleetSettings, "telemetry_interval_s",
+            metavar="SECONDS")
     p.set_defaults(handler=_enroll)
+
+
+def _option(p: argparse.ArgumentParser, flag: str, table: type[Any], key: str,
+            metavar: str | None = None) -> None:
+    """A flag for config key ``key`` of ``table``: its default, bounds and meaning."""
+    kind, default, meaning = option_type(table, key)
+    p.add_argument(flag, type=kind, default=default, metavar=metavar,
+                   help=f"{meaning} (default {default})")
 
 
 def _enroll(args: argparse.Namespace) -> int:
     from .daemon import resolve_profile
     from .enroll import CONFIG_NAME, EnrollRequest, default_device_id, enroll
+    from .startup import usable_state_dir
 
+    state_dir = usable_state_dir(args.state_dir)
     profile = resolve_profile(args.profile)
     config = enroll(EnrollRequest(
         server_url=args.server, token=args.token,
-        device_id=args.device_id or default_device_id(), state_dir=args.state_dir,
+        device_id=args.device_id or default_device_id(), state_dir=state_dir,
         profile=profile.name if profile else None, tags=tuple(args.tag),
         api_port=args.port, probation_s=args.probation,
         telemetry_interval_s=args.telemetry_interval))
@@ -124,18 +135,23 @@ def _run(args: argparse.Namespace) -> int:
     from .http_api import ApiSettings
     from .probation import ProbationPolicy
     from .runtime import Runtime
+    from .startup import check_fleet_files, usable_state_dir
     from .telemetry import TelemetryBuffer, TelemetryCollector, TelemetryFeed
 
     config = load_config(args.config or DEFAULT_STATE_DIR / "agent.toml")
+    usable_state_dir(config.state_dir)
+    if config.fleet is not None:
+        check_fleet_files(config.fleet)
     profile = resolve_profile(config.profile)
+    api = config.api
     runtime = Runtime(config.state_dir, profile,
-                      policy=ProbationPolicy(window_s=config.probation_s),
-                      threads=config.threads)
+                      policy=ProbationPolicy(window_s=api.probation_s), threads=api.threads)
     for problem in runtime.problems:
         print(f"warning: {problem}", file=sys.stderr)
     token, token_file = AgentProcess.token(config.state_dir, None)
-    process = AgentProcess(runtime, ApiSettings(host=config.api_host, port=config.api_port,
-                                                unix_socket=config.unix_socket, token=token),
+    process = AgentProcess(runtime, ApiSettings(host=api.host, port=api.port,
+                                                unix_socket=api.unix_socket, token=token,
+                                                limits=api.limits),
                            config.state_dir)
     process.start(token_file)
     link, buffer = None, None
@@ -150,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
     fleet = (f"fleet {config.fleet.name} as {config.fleet.device_id} via "
              f"{config.fleet.broker_url}" if config.fleet else "no fleet (offline)")
     print(f"edge-agent running: {models or 'no models yet'} on "
-          f"{process.server.url or config.unix_socket}; {fleet}", flush=True)
+          f"{process.server.url or api.unix_socket}; {fleet}", flush=True)
     try:
         process.wait()
     finally:
@@ -177,34 +193,34 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                    help="the fleet's root.json, pinned if DIR trusts nothing yet")
     p.add_argument("--profile", metavar="NAME",
                    help="this device's firmware profile (default: probe the host)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
-                   "127.0.0.1: the API is for apps on this device)")
-    p.add_argument("--port", type=int, default=AGENT_API_PORT,
-                   help=f"TCP port (default {AGENT_API_PORT}; 0 picks a free one)")
+    p.add_argument("--host", default=DEFAULT_API_HOST, help="address to listen on (default "
+                   f"{DEFAULT_API_HOST}: the API is for apps on this device)")
+    _option(p, "--port", ApiConfig, "port")
     p.add_argument("--unix-socket", type=Path, metavar="PATH", help="also listen here")
     p.add_argument("--token-file", type=Path, metavar="FILE",
                    help="API token file, created 0600 if missing (default DIR/api-token)")
     p.add_argument("--no-auth", action="store_true",
                    help="accept requests without a token (throwaway tests only)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="inference threads per model (default 0: the runtime decides)")
-    p.add_argument("--probation", type=float, default=60.0, metavar="SECONDS",
-                   help="how long a newly installed model is watched before it is "
-                   "committed (default 60)")
+    _option(p, "--threads", ApiConfig, "threads")
+    _option(p, "--probation", ApiConfig, "probation_s", metavar="SECONDS")
+    _option(p, "--max-batch", ApiLimits, "max_batch", metavar="N")
     p.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .daemon import AgentProcess, pin_root, resolve_profile
+    from .daemon import AgentProcess, resolve_profile
     from .http_api import ApiSettings
     from .probation import ProbationPolicy
     from .runtime import Runtime
+    from .startup import usable_state_dir
 
     if len(args.name) > len(args.model):
         raise AgentError("more --name than --model options; give one name per model file")
-    state_dir: Path = args.state_dir
-    if args.root is not None:
-        pin_root(state_dir, args.root)
+    for model in args.model:
+        if not model.is_file():
+            raise AgentError(f"{model}: no such model or bundle file")
+    _pin_root(args.state_dir, args.root)
+    state_dir = usable_state_dir(args.state_dir)
     profile = resolve_profile(args.profile)
     runtime = Runtime(state_dir, profile, policy=ProbationPolicy(window_s=args.probation),
                       threads=args.threads)
@@ -221,7 +237,7 @@ def _serve(args: argparse.Namespace) -> int:
     token, token_file = (None, None) if args.no_auth else AgentProcess.token(state_dir,
                                                                              args.token_file)
     settings = ApiSettings(host=args.host, port=args.port, unix_socket=args.unix_socket,
-                           token=token)
+                           token=token, limits=ApiLimits(max_batch=args.max_batch))
     process = AgentProcess(runtime, settings, state_dir)
     process.start(token_file)
     runtime.resume_installs(wait=False)  # behind the models already served
@@ -251,17 +267,19 @@ def _add_install(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _install(args: argparse.Namespace) -> int:
-    from .daemon import find_running, pin_root, resolve_profile
+    from .daemon import find_running, resolve_profile
     from .runtime import Runtime
+    from .startup import usable_state_dir
 
-    if args.root is not None:
-        pin_root(args.state_dir, args.root)
+    if not args.bundle.is_file():
+        raise AgentError(f"{args.bundle}: no such bundle file")
+    _pin_root(args.state_dir, args.root)
     running = find_running(args.state_dir)
     if running is not None:
         with running.client(timeout=600) as client:
             record = client.install(args.bundle)
     else:
-        runtime = Runtime(args.state_dir, resolve_profile(args.profile))
+        runtime = Runtime(usable_state_dir(args.state_dir), resolve_profile(args.profile))
         runtime.resume_installs()  # an earlier one a stop interrupted goes first
         record = runtime.install(args.bundle).summary()
     if args.json:
@@ -293,6 +311,8 @@ def _status(args: argparse.Namespace) -> int:
     if running is not None:
         with running.client() as client:
             status = {"running": True, **client.status()}
+    elif args.state_dir.exists() and not args.state_dir.is_dir():
+        raise AgentError(f"{args.state_dir} is not a directory; pass the agent's --state-dir")
     else:
         status = {"running": False, **offline_status(args.state_dir)}
     print(json.dumps(status, indent=2) if args.json else status_table(status))
@@ -362,17 +382,26 @@ def _add_verify(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     p.set_defaults(handler=_verify)
 
 
+def _pin_root(state_dir: Path, root: Path | None) -> None:
+    """Pin ``root`` if the device trusts nothing yet; refuse one that differs from the pin.
+
+    Once a root is pinned, newer roots arrive only inside bundles, signed by the old one.
+    """
+    from .startup import usable_state_dir
+
+    store = TrustStore(state_dir / "trust")
+    trusted = resolve_root(store, root)  # checks ``root`` before anything is written
+    if trusted is not None and not store.exists():
+        usable_state_dir(state_dir)
+        store.save(trusted)
+
+
 def _verify(args: argparse.Namespace) -> int:
     store = TrustStore(args.state_dir / "trust")
-    if store.exists():
-        if args.root is not None:
-            log.info("%s already holds trusted state; ignoring --root", store.path)
-        trusted = store.load()
-    elif args.root is not None:
-        # Pinned on disk only once a bundle verified against it, so a wrong file given
-        # here does not leave the device trusting it.
-        trusted = TrustedState(root=_read(args.root, Limits().max_bundle_bytes))
-    else:
+    # Pinned on disk only once a bundle verified against it, so a wrong file given here does
+    # not leave the device trusting it.
+    trusted = resolve_root(store, args.root)
+    if trusted is None:
         raise TrustStoreError(f"no trusted state in {args.state_dir}; pass --root ROOT.json "
                               "once to pin the fleet's root")
     data = _read(args.bundle, Limits().max_bundle_bytes)
@@ -422,4 +451,26 @@ def _probe(args: argparse.Namespace) -> int:
     print(host_summary(host))
     print(f"best profile: {best or 'none fits (see the FITS column)'}\n")
     print(matches_table(matches))
+    return 0
+
+
+def _add_config(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "config", help="check an agent config file, or print the reference of its keys",
+        description="Check FILE as `edge-agent run` would and print its values with every "
+        "default filled in; with --doc, print the reference of every key instead (the "
+        "source of docs/agent-config.md).")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help=f"agent config (default {DEFAULT_STATE_DIR / 'agent.toml'})")
+    p.add_argument("--doc", action="store_true", help="print the reference (Markdown)")
+    p.set_defaults(handler=_config)
+
+
+def _config(args: argparse.Namespace) -> int:
+    from .config import config_reference, config_to_toml, load_config
+
+    if args.doc:
+        print(config_reference(), end="")
+        return 0
+    print(config_to_toml(load_config(args.config or DEFAULT_STATE_DIR / "agent.toml")), end="")
     return 0

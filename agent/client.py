@@ -120,7 +120,11 @@ class AgentClient:
                  token_file: Path | None = None, unix_socket: Path | None = None,
                  timeout: float = 30.0) -> None:
         if token is None and token_file is not None:
-            token = token_file.read_text(encoding="ascii").strip()
+            try:
+                token = token_file.read_text(encoding="ascii").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise AgentError(f"cannot read the agent's API token from {token_file} "
+                                 f"({exc}); run as the agent's user") from exc
         self._headers = {} if token is None else {"Authorization": f"Bearer {token}"}
         if unix_socket is not None:
             self._transport = _Transport(str(unix_socket), timeout)
@@ -202,7 +206,11 @@ class AgentClient:
 
     def install(self, bundle: Path) -> dict[str, Any]:
         """Send a bundle file to the running agent to install; the install record."""
-        status, _, body = self._request("POST", "/v2/edgefleet/install", bundle.read_bytes(),
+        try:
+            data = bundle.read_bytes()
+        except OSError as exc:
+            raise AgentError(f"cannot read bundle {bundle} ({exc.strerror})") from exc
+        status, _, body = self._request("POST", "/v2/edgefleet/install", data,
                                         {"Content-Type": "application/octet-stream"},
                                         check=False)
         record: dict[str, Any] = json.loads(body)

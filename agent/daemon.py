@@ -19,7 +19,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bundle.trust import TrustedState
 from common.atomic import write_atomic
 from firmware_profiles import get_profile, load_profiles, probe_host
 from firmware_profiles.matching import best_profile
@@ -28,11 +27,9 @@ from firmware_profiles.model import Profile
 from .client import AgentClient
 from .errors import AgentError
 from .http_api import ApiServer, ApiSettings, load_or_create_token
-from .installer import StateDirs
 from .runtime import Runtime
-from .trust_store import TrustStore
 
-__all__ = ["AgentProcess", "RunningAgent", "find_running", "pin_root", "resolve_profile"]
+__all__ = ["AgentProcess", "RunningAgent", "find_running", "resolve_profile"]
 
 log = logging.getLogger(__name__)
 _RUN_FILE = "agent.json"
@@ -81,22 +78,6 @@ def resolve_profile(name: str | None, profiles_dir: Path | None = None) -> Profi
         return get_profile(name, profiles_dir)
     profiles = load_profiles(profiles_dir)
     return best_profile(probe_host(profiles), profiles)
-
-
-def pin_root(state_dir: Path, root: Path) -> None:
-    """Trust ``root`` (the fleet's root.json) if the device trusts nothing yet.
-
-    Once a root is pinned, newer roots arrive only inside bundles, signed by the old one.
-    """
-    store = TrustStore(StateDirs(state_dir).trust)
-    if store.exists():
-        log.info("%s already holds trusted state; ignoring %s", store.path, root)
-        return
-    try:
-        data = root.read_bytes()
-    except OSError as exc:
-        raise AgentError(f"cannot read root metadata {root} ({exc.strerror})") from exc
-    store.save(TrustedState(root=data))
 
 
 class AgentProcess:

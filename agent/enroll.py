@@ -44,7 +44,7 @@ from protocol.enrollment import EnrollmentToken, TokenError, parse_token, pin_of
 from protocol.names import check_name
 from transport.x509 import certificate_fingerprint, make_device_key_and_csr
 
-from .config import AgentConfig, FleetSettings, write_config
+from .config import AgentConfig, ApiConfig, FleetSettings, write_config
 from .errors import AgentError
 from .installer import StateDirs
 from .trust_store import TrustStore
@@ -163,7 +163,7 @@ def enroll(request: EnrollRequest, timeout: float = 30.0) -> AgentConfig:
     trust.save(TrustedState(root=offered.root))
     config = AgentConfig(
         state_dir=request.state_dir.absolute(), profile=request.profile,
-        api_port=request.api_port, probation_s=request.probation_s,
+        api=ApiConfig(port=request.api_port, probation_s=request.probation_s),
         fleet=FleetSettings(name=fleet, device_id=device_id, broker_url=broker_url,
                             ca_file=Path("keys/ca.crt"), cert_file=Path("keys/device.crt"),
                             key_file=Path("keys/device.key"), server_url=base,

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-__all__ = ["Subcommands", "new_parser", "run"]
+__all__ = ["Subcommands", "describe_os_error", "new_parser", "run"]
 
 Subcommands = argparse._SubParsersAction  # argparse's type for add_subparsers()' result
 
@@ -39,10 +39,13 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
     """Parse ``argv``, configure logging and call the chosen subcommand's ``handler``.
 
     An ``expected`` error ends the command with ``PROG: error: MESSAGE`` (``describe``
-    makes the message) and exit code 1; Ctrl-C with 130; a closed output pipe quietly with
-    1. ``default_command`` is ``(subcommands, name)``: when the first argument after the
-    ``-v`` flags is neither a subcommand nor a help or version flag, ``name`` is inserted
-    before it, so the main job can be run without naming it.
+    makes the message) and exit code 1, and so does an OSError no command translated (a file
+    it names that cannot be read or written: ``PROG: error: FILE: REASON``); Ctrl-C ends it
+    with 130; a closed output pipe quietly with 1.
+
+    ``default_command`` is ``(subcommands, name)``: when the first argument after the ``-v``
+    flags is neither a subcommand nor a help or version flag, ``name`` is inserted before
+    it, so the main job can be run without naming it.
     """
     args_in = list(sys.argv[1:] if argv is None else argv)
     if default_command is not None:
@@ -68,6 +71,19 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
         # stdout at exit must not print a traceback either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as exc:
+        # The user's environment, not a bug: a file or directory that cannot be used.
+        print(f"{parser.prog}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for ``exc``: the file it concerns (if any) and the system's reason."""
+    reason = exc.strerror or str(exc)
+    if exc.filename is None:
+        return reason
+    second = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+    return f"{exc.filename}{second}: {reason}"
 
 
 def _log_level(verbosity: int) -> int:
