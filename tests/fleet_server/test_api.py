@@ -13,12 +13,16 @@ import ssl
 import stat
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fleet_server.api import ROUTES, ApiServer, load_admin_token
+from fleet_server.api_client import ServerClient
 from fleet_server.api_spec import OPENAPI
+from fleet_server.ca import FleetCA
+from fleet_server.errors import ApiError
 from fleet_server.service import FleetService
 from tests.bundle.repo import NOW, Repo, spec
 from tests.fleet_server.server_env import PROFILE
@@ -322,3 +326,12 @@ def test_the_api_speaks_tls_only_with_a_fleet_ca_certificate(
     conn.close()
     assert fleet == {"fleet": "testfleet", "ca_certificate": service.ca.cert_pem.decode(),
                      "root": base64.b64encode(service.root_json()).decode()}
+
+
+def test_the_cli_client_verifies_the_server_with_the_fleet_ca(
+        api: ApiServer, token: str, tmp_path: Path) -> None:
+    assert ServerClient(api.url, token, api.service.ca.cert_path).get("/api/status")[
+        "fleet"] == "testfleet"
+    other = FleetCA.create(tmp_path / "other", "testfleet")
+    with pytest.raises(ApiError, match=r"is not the one the CA .* vouches for"):
+        ServerClient(api.url, token, other.cert_path).get("/api/status")
