@@ -408,10 +408,12 @@ class Broker:
         if self._config is None:
             return
         with self._lock:
-            process, self._process = self._process, None
-        self._restarting.set()
-        if process is not None:
-            _terminate(process, timeout)
+            process = self._process
+            if process is None or process.poll() is not None:
+                return  # down already: the supervisor starts it, and it reads the CRL then
+            self._process = None
+            self._restarting.set()
+        _terminate(process, timeout)
         if not self._restarted.wait(timeout * 2):
             raise BrokerError(f"mosquitto did not start again within {timeout * 2:.0f} s; "
                               f"its log:\n{self.log_tail()}")
