@@ -136,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
     from .probation import ProbationPolicy
     from .runtime import Runtime
     from .startup import check_fleet_files, usable_state_dir
-    from .telemetry import TelemetryBuffer, TelemetryCollector, TelemetryFeed
+    from .telemetry import TelemetryCollector
 
     config = load_config(args.config or DEFAULT_STATE_DIR / "agent.toml")
     usable_state_dir(config.state_dir)
@@ -154,11 +154,9 @@ def _run(args: argparse.Namespace) -> int:
                                                 limits=api.limits),
                            config.state_dir)
     process.start(token_file)
-    link, buffer = None, None
+    link = None
     if config.fleet is not None:
-        buffer = TelemetryBuffer(config.state_dir / TelemetryBuffer.FILE_NAME)
-        link = FleetLink(runtime, config.fleet,
-                         telemetry=TelemetryFeed(TelemetryCollector(runtime), buffer))
+        link = FleetLink(runtime, config.fleet, telemetry=TelemetryCollector(runtime))
         link.start()
     # Serving already; interrupted installs resume behind it, reported through the link.
     runtime.resume_installs(wait=False)
@@ -172,8 +170,6 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         if link is not None:
             link.stop()
-        if buffer is not None:
-            buffer.close()
     return 0
 
 

@@ -7,8 +7,14 @@ serves; for a model that differs it fetches the desired bundle in chunks
 same verified, self-tested hot-swap as a local install) and reports every install
 transition as an event plus a fresh ``reported`` state. A bundle that failed is not
 retried until the desired state names another one, so a bad bundle costs one attempt, not
-a loop. Telemetry samples go through a durable buffer and are acknowledged only once the
-broker has them.
+a loop.
+
+Events and telemetry samples go through the durable :class:`~agent.outbox.Outbox`, which a
+:class:`~agent.publisher.Publisher` drains on its own thread; a
+:class:`~agent.telemetry.TelemetrySampler` samples on its own schedule. Install transitions
+are announced from the install records themselves (each record's history, with a mark in
+the outbox of how far it was announced), so a transition persisted while the link was not
+listening (before it started, or just before a kill) is sent when it starts.
 
 The broker being down changes nothing for apps on the device: the runtime and its local
 API do not depend on this link. paho reconnects with back-off; on every connect the link
@@ -21,7 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
 from paho.mqtt.enums import MQTTErrorCode
@@ -37,7 +43,6 @@ from protocol.messages import (
     InstallReport,
     ModelReport,
     Reported,
-    Telemetry,
     decode_chunk,
     decode_desired,
     encode,
@@ -50,30 +55,23 @@ from .bundle_fetch import BundleFetch, FetchError
 from .config import FleetSettings
 from .install_state import InstallRecord, InstallState
 from .installer import is_disk_full
+from .loss_counter import Tally
+from .outbox import Outbox, OutboxError
+from .publisher import Publisher
 from .runtime import Runtime
+from .telemetry import TelemetrySampler, TelemetrySource
 
-__all__ = ["FleetLink", "TelemetrySource", "next_fetch"]
+__all__ = ["FleetLink", "install_events", "next_fetch"]
 
 log = logging.getLogger(__name__)
 _TICK_S = 0.25
 #: Whole bundles that may arrive hashing wrong before the server is not asked again.
 _MAX_CORRUPT = 2
-
-
-class TelemetrySource(Protocol):
-    """Where telemetry samples come from and wait until the broker has them."""
-
-    def sample(self) -> None:
-        """Take one sample into the durable buffer."""
-        ...
-
-    def pending(self, limit: int) -> list[Telemetry]:
-        """Buffered samples, oldest first."""
-        ...
-
-    def ack(self, up_to_seq: int) -> None:
-        """Forget samples up to and including ``up_to_seq``: the broker has them."""
-        ...
+#: Outbox marks of install announcements: this prefix, then the install id.
+_INSTALL_MARK = "install/"
+#: Characters of a text kept in an event's detail (an error message can be long): a few
+#: of them stay well within the server's limit for an event (MAX_EVENT_BYTES).
+_MAX_TEXT = 2000
 
 
 def next_fetch(desired: Desired | None, served: Mapping[str, str | None],
@@ -95,23 +93,59 @@ def next_fetch(desired: Desired | None, served: Mapping[str, str | None],
     return None
 
 
+def install_events(record: InstallRecord, announced: int,
+                   ) -> list[tuple[str, float, dict[str, Any]]]:
+    """The events announcing ``record``'s transitions after the first ``announced`` entries
+    of its history (the first entry, ``idle``, is never announced): ``(kind, at, detail)``,
+    oldest first, each at the time of its transition. Only the latest carries the record's
+    ``reason`` and ``detail``, which belong to its current state."""
+    events = []
+    last = len(record.history) - 1
+    for index in range(max(announced, 1), last + 1):
+        state, at = record.history[index]
+        events.append((f"install.{state}", at, {
+            "install_id": record.install_id, "model": record.model,
+            "version": record.version, "bundle_sha256": record.bundle_sha256,
+            "reason": _clip(record.reason) if index == last else None,
+            "detail": _clip(record.detail) if index == last else None}))
+    return events
+
+
+def _clip(text: str | None) -> str | None:
+    return text if text is None or len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "..."
+
+
 class FleetLink:
-    """Connects ``runtime`` to its fleet as configured in ``settings``."""
+    """Connects ``runtime`` to its fleet as configured in ``settings``.
+
+    ``telemetry`` (a :class:`~agent.telemetry.TelemetryCollector`, say) is sampled every
+    ``settings.telemetry_interval_s``; None sends no telemetry. ``outbox`` holds events and
+    samples until the broker has them; by default the link opens (and closes) the one in
+    the runtime's state directory.
+    """
 
     def __init__(self, runtime: Runtime, settings: FleetSettings, *,
-                 telemetry: TelemetrySource | None = None,
+                 telemetry: TelemetrySource | None = None, outbox: Outbox | None = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  clock: Callable[[], float] = time.time) -> None:
         if runtime.installer is None:
             raise ValueError("the fleet link needs a runtime with a state directory")
         self.runtime = runtime
         self.settings = settings
-        self.telemetry = telemetry
         self.chunk_bytes = chunk_bytes
         self.clock = clock
         self.installer = runtime.installer
         assert runtime.installs is not None
         self.installs = runtime.installs
+        self._owns_outbox = outbox is None
+        if outbox is None:
+            outbox = Outbox.open_in(self.installer.dirs.root)
+        self.outbox = outbox
+        self._publisher = Publisher(self.outbox, self._send, self._encode_report)
+        self.sampler = None if telemetry is None else TelemetrySampler(
+            telemetry, self.outbox, settings.telemetry_interval_s, clock=clock,
+            on_sample=lambda sample: self._sampled())
+        self._announcing = threading.Lock()
         self._client = create_client(ClientSettings(
             BrokerAddress.from_url(settings.broker_url),
             TLSIdentity(settings.ca_file, settings.cert_file, settings.key_file)))
@@ -123,6 +157,7 @@ class FleetLink:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -135,7 +170,6 @@ class FleetLink:
         #: Set whenever the worker found nothing to fetch (the device is in line with its
         #: desired state, or gave up on what it names); tests wait on it.
         self.in_line = threading.Event()
-        self._next_sample = 0.0
         self._thread: threading.Thread | None = None
         self.installer.listeners.append(self._on_install_change)
 
@@ -145,24 +179,35 @@ class FleetLink:
         return self._connected.is_set()
 
     def start(self) -> None:
-        """Connect (in the background, retrying) and start the worker."""
+        """Announce install transitions not sent yet, then connect (in the background,
+        retrying), sample, publish and start the worker."""
         self.installs.fetcher = self
+        self._announce_installs()
+        self._publisher.start()
+        if self.sampler is not None:
+            self.sampler.start()
         self._client.loop_start()
         self._thread = threading.Thread(target=self._work, name="edgefleet-fleet-link",
                                         daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Disconnect and stop the worker."""
+        """Stop sampling and the worker, disconnect, stop publishing (what is not
+        acknowledged stays in the outbox for the next start)."""
+        if self.sampler is not None:
+            self.sampler.stop()
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
         close_client(self._client)
+        self._publisher.stop()
         if self.installs.fetcher is self:
             self.installs.fetcher = None
         if self._on_install_change in self.installer.listeners:
             self.installer.listeners.remove(self._on_install_change)
+        if self._owns_outbox:
+            self.outbox.close()
 
     # -- MQTT callbacks (paho's network thread) ---------------------------------------------
 
@@ -185,6 +230,7 @@ class FleetLink:
             if self._fetch is not None:
                 self._fetch.forget_requests()
         self._connected.set()
+        self._publisher.connected()
         self._wake.set()
 
     def _on_disconnect(self, client: Client, userdata: Any, flags: DisconnectFlags,
@@ -192,6 +238,11 @@ class FleetLink:
         if self._connected.is_set():
             log.warning("lost the broker (%s); serving on, reconnecting", reason)
         self._connected.clear()
+        self._publisher.disconnected()
+
+    def _on_publish(self, client: Client, userdata: Any, mid: int, reason: ReasonCode,
+                    properties: Properties | None) -> None:
+        self._publisher.acknowledged(mid, refused=reason.is_failure)
 
     def _on_message(self, client: Client, userdata: Any, message: MQTTMessage) -> None:
         try:
@@ -240,14 +291,8 @@ class FleetLink:
                 log.exception("fleet link step failed")
 
     def _step(self) -> None:
-        now = self.clock()
-        if self.telemetry is not None and now >= self._next_sample:
-            self._next_sample = now + self.settings.telemetry_interval_s
-            self.telemetry.sample()
-            self._report()
         if not self._connected.is_set():
             return
-        self._flush_telemetry()
         with self._lock:
             fetch = self._fetch
         if fetch is None:
@@ -344,21 +389,68 @@ class FleetLink:
     # -- reporting --------------------------------------------------------------------------
 
     def _on_install_change(self, record: InstallRecord) -> None:
-        self._event(f"install.{record.state.value}", {
-            "install_id": record.install_id, "model": record.model,
-            "version": record.version, "bundle_sha256": record.bundle_sha256,
-            "reason": record.reason, "detail": record.detail})
+        self._announce_install(record)
         self._report()
 
+    def _announce_installs(self) -> None:
+        """Announce what every install record kept says and was not announced yet (oldest
+        first), and forget the marks of records that are gone."""
+        records = self.installer.records()
+        for record in reversed(records):
+            self._announce_install(record)
+        with self._announcing:
+            self.outbox.forget_marks(_INSTALL_MARK, keep={
+                _INSTALL_MARK + record.install_id for record in records})
+
+    def _announce_install(self, record: InstallRecord) -> None:
+        """Put ``record``'s transitions not yet announced into the outbox, with the mark
+        that says so, in one transaction. If that fails they are announced later, from
+        the record, with its next transition or at the next start."""
+        key = _INSTALL_MARK + record.install_id
+        with self._announcing:
+            try:
+                events = install_events(record, self.outbox.mark(key))
+                if events:
+                    self.outbox.add_events(events, mark=(key, len(record.history)))
+            except (OutboxError, ValueError) as exc:
+                log.error("install %s: cannot queue its events (%s); they are sent later, "
+                          "from its record", record.install_id, exc)
+                return
+        self._publisher.wake()
+
     def _event(self, kind: str, detail: dict[str, Any]) -> None:
-        if self._connected.is_set():
-            self._client.publish(self._topic("events"),
-                                 encode(Event(kind, self.clock(), detail)), qos=1)
+        """Queue an event for the fleet; sent in order once the broker is reachable."""
+        clipped = {key: _clip(value) if isinstance(value, str) else value
+                   for key, value in detail.items()}
+        try:
+            self.outbox.add_event(kind, self.clock(), clipped)
+        except OutboxError as exc:  # counted by the outbox, announced by the next sample
+            log.error("event %s lost (counted as dropped): %s", kind, exc)
+            return
+        except ValueError as exc:
+            log.error("event %s lost (counted as dropped): %s", kind, exc)
+            self.outbox.count_lost(Tally(events=1))
+            return
+        self._publisher.wake()
 
     def _report(self) -> None:
-        if not self._connected.is_set():
-            return
-        self._client.publish(self._topic("reported"), encode(self.reported()), qos=1)
+        """Publish the reported state soon (on the publisher's thread, once connected)."""
+        self._publisher.request_report()
+
+    def _sampled(self) -> None:
+        """A sample is in the outbox: send it, and the reported state with it."""
+        self._publisher.wake()
+        self._report()
+
+    def _send(self, leaf: str, payload: bytes) -> int | None:
+        info = self._client.publish(self._topic(leaf), payload, qos=1)
+        # Taken while the connection drops (NO_CONN), paho sends it after reconnecting.
+        if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            return info.mid
+        return None
+
+    def _encode_report(self) -> bytes:
+        return encode(self.reported())
 
     def reported(self) -> Reported:
         """What this device runs and how its latest installs went."""
@@ -382,25 +474,3 @@ class FleetLink:
                                            progress=round(fetch.progress, 4))
         profile = self.runtime.profile.name if self.runtime.profile else None
         return Reported(profile, __version__, models, installs, at=self.clock())
-
-    def _flush_telemetry(self) -> None:
-        """Send buffered samples in order; forget each only once the broker has it."""
-        if self.telemetry is None:
-            return
-        sent = []
-        for sample in self.telemetry.pending(100):
-            info = self._client.publish(self._topic("telemetry"), encode(sample), qos=1)
-            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                break
-            sent.append((sample.seq, info))
-        acked = None
-        for seq, info in sent:
-            try:
-                info.wait_for_publish(timeout=5.0)
-            except RuntimeError:  # the connection dropped meanwhile
-                break
-            if not info.is_published():
-                break
-            acked = seq
-        if acked is not None:
-            self.telemetry.ack(acked)

@@ -495,6 +495,11 @@ def _schema(d: _Dialect) -> list[str]:
             kind TEXT NOT NULL,
             detail TEXT NOT NULL)""",
         "CREATE INDEX IF NOT EXISTS events_device ON events (device_id, id)",
+        # The seqs of device events stored (add_event with seq): a re-send is skipped.
+        """CREATE TABLE IF NOT EXISTS device_event_seqs (
+            device_id TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            PRIMARY KEY (device_id, seq))""",
         """CREATE TABLE IF NOT EXISTS telemetry (
             device_id TEXT NOT NULL REFERENCES devices (id),
             seq BIGINT NOT NULL,
@@ -996,13 +1001,18 @@ class Registry:
     # --- events ---
 
     def add_event(self, kind: str, *, device: str | None = None,
-                  detail: Mapping[str, Any] | None = None) -> int:
+                  detail: Mapping[str, Any] | None = None, seq: int | None = None) -> int:
         """Append an event; returns its id. ``device`` need not be enrolled (a refused
-        connection is worth logging too)."""
+        connection is worth logging too). An event a device numbered (``seq``, unique per
+        device) is stored once: sent again, it is skipped and 0 is returned."""
         _check_label("event kind", kind)
         text = _dumps(detail or {}, "event detail")
         now = self._clock()
         with self._tx(write=True) as tx:
+            if seq is not None and not tx.run(
+                    "INSERT INTO device_event_seqs (device_id, seq) VALUES (?, ?) "
+                    "ON CONFLICT (device_id, seq) DO NOTHING", (device, seq)):
+                return 0
             return tx.insert_id("INSERT INTO events (at, device_id, kind, detail) "
                                 "VALUES (?, ?, ?, ?)", (now, device, kind, text))
 

@@ -851,7 +851,7 @@ class FleetService:
         event = messages.decode_event(payload)
         detail: dict[str, Any] = {**event.detail, "device_at": event.at}
         self.registry.add_event(DEVICE_EVENT_PREFIX + event.kind, device=device,
-                                detail=detail)
+                                detail=detail, seq=event.seq)
         self.registry.set_online(device, event.kind != OFFLINE_EVENT)
 
     def _ingest_telemetry(self, device: str, payload: bytes) -> None:

@@ -10,7 +10,8 @@ topic leaf     direction           payload
 =============  ==================  ========================================================
 desired        server -> device    :class:`Desired` (retained): per model, the bundle to run
 reported       device -> server    :class:`Reported`: what runs, and each model's last install
-events         device -> server    :class:`Event`: one install transition, rejection, error
+events         device -> server    :class:`Event`: one install transition, rejection, error;
+                                   ``seq`` (if set) orders and dedupes, as for telemetry
 telemetry      device -> server    :class:`Telemetry`: one sample; ``seq`` orders and dedupes
 outbox/chunks  device -> server    :class:`ChunkRequest`: bytes [offset, offset+length)
 inbox/chunks   server -> device    :class:`Chunk` frame: header + data, or an error
@@ -136,11 +137,17 @@ class Reported:
 
 @dataclass(frozen=True)
 class Event:
-    """Something that happened on a device, for the server's event log."""
+    """Something that happened on a device, for the server's event log.
+
+    ``seq`` numbers the device's outgoing messages, telemetry and events alike (unique per
+    device, increasing): the server stores an event whose (device, seq) it already has only
+    once. None for an event sent outside that sequence (the MQTT will, an older agent).
+    """
 
     kind: str
     at: float
     detail: Mapping[str, Any] = field(default_factory=dict)
+    seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -248,7 +255,8 @@ def decode_event(payload: bytes) -> Event:
     kind = _str(obj, "kind")
     if not DEVICE_EVENT_KIND.fullmatch(kind):
         raise ProtocolError(f"event kind {kind[:64]!r} is not one a device may send")
-    return Event(kind=kind, at=_float(obj, "at"), detail=_dict(obj, "detail"))
+    return Event(kind=kind, at=_float(obj, "at"), detail=_dict(obj, "detail"),
+                 seq=_opt_int(obj, "seq"))
 
 
 def decode_telemetry(payload: bytes) -> Telemetry:

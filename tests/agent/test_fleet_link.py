@@ -2,28 +2,33 @@
 
 The server side here is a plain MQTT client with the server's certificate that publishes a
 desired state and answers chunk requests from bundles it holds: enough to drive the link
-through fetch, install, report, a broker outage mid-transfer, and a rejected bundle.
+through fetch, install, report, a broker outage mid-transfer, and a rejected bundle; and
+the outbox's events and telemetry through outages, a half-open link (the broker stopped
+with SIGSTOP), restarts, and installs or reports that hold a thread up.
 """
 
 from __future__ import annotations
 
 import hashlib
+import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from paho.mqtt.client import Client, MQTTMessage
 
 from agent.config import FleetSettings
-from agent.fleet_link import FleetLink, TelemetrySource, next_fetch
-from agent.install_state import InstallState
+from agent.fleet_link import FleetLink, install_events, next_fetch
+from agent.install_state import InstallRecord, InstallState
+from agent.outbox import Outbox
 from agent.probation import ProbationPolicy
 from agent.runtime import Runtime
-from agent.telemetry import TelemetryBuffer, TelemetryCollector, TelemetryFeed
+from agent.telemetry import TelemetryCollector, TelemetrySource
 from agent.trust_store import TrustStore
 from bundle.trust import TrustedState
 from firmware_profiles.model import Profile
@@ -32,6 +37,7 @@ from protocol.messages import (
     Chunk,
     Desired,
     DesiredModel,
+    Event,
     Telemetry,
     decode_chunk_request,
     decode_event,
@@ -64,6 +70,7 @@ class FakeServer:
     requests: list[int] = field(default_factory=list)
     reports: list[bytes] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
+    event_log: list[Event] = field(default_factory=list)
     telemetry: list[int] = field(default_factory=list)
     answer: Callable[[int], bool] = lambda offset: True
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -87,7 +94,9 @@ class FakeServer:
         elif message.topic == self.topic("reported"):
             self.reports.append(bytes(message.payload))
         elif message.topic == self.topic("events"):
-            self.events.append(decode_event(bytes(message.payload)).kind)
+            event = decode_event(bytes(message.payload))
+            self.event_log.append(event)
+            self.events.append(event.kind)
         elif message.topic == self.topic("telemetry"):
             self.telemetry.append(decode_telemetry(bytes(message.payload)).seq)
 
@@ -146,13 +155,14 @@ def link_factory(fleet: TestFleet, broker: Broker, state_dir: Path,
     identity = fleet.device_identity(DEVICE)
 
     def make(chunk_bytes: int = 16 * 1024, telemetry: Callable[[Runtime], TelemetrySource]
-             | None = None, state: Path | None = None) -> FleetLink:
+             | None = None, outbox: Outbox | None = None,
+             state: Path | None = None) -> FleetLink:
         runtime = Runtime(state or state_dir, x86, policy=ProbationPolicy(window_s=0.0))
         runtime.start(interval_s=0.1)
         settings = FleetSettings(fleet.ca.fleet, DEVICE, broker.address.url,
                                  identity.ca_file, identity.cert_file, identity.key_file,
                                  telemetry_interval_s=0.2)
-        link = FleetLink(runtime, settings, chunk_bytes=chunk_bytes,
+        link = FleetLink(runtime, settings, chunk_bytes=chunk_bytes, outbox=outbox,
                          telemetry=telemetry(runtime) if telemetry else None)
         link.start()
         made.append((link, runtime))
@@ -269,39 +279,229 @@ def test_a_rejected_bundle_is_reported_and_not_retried(
     assert not list(restarted.installer.dirs.incoming.iterdir())  # nothing left behind
 
 
+class Recording(Outbox):
+    """The outbox, telling the test what was added to it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.samples: list[int] = []
+        self.added = threading.Condition()
+
+    def add_sample(self, at: float, metrics: Mapping[str, Any]) -> Telemetry:
+        sample = super().add_sample(at, metrics)
+        with self.added:
+            self.samples.append(sample.seq)
+            self.added.notify_all()
+        return sample
+
+    def wait_samples(self, count: int, what: str, timeout: float = 15.0) -> None:
+        """Wait until ``count`` more samples than now have been added."""
+        with self.added:
+            target = len(self.samples) + count
+            assert self.added.wait_for(lambda: len(self.samples) >= target, timeout), (
+                f"{count} samples were not taken within {timeout} s {what}")
+
+
+@pytest.fixture
+def recording(tmp_path: Path) -> Iterator[Recording]:
+    outbox = Recording(tmp_path / "outbox.db")
+    yield outbox
+    outbox.close()
+
+
+def _sampling(recording: Recording) -> dict[str, Any]:
+    return {"telemetry": TelemetryCollector, "outbox": recording}
+
+
+def _in_order_and_complete(received: Sequence[int], sent: Sequence[int]) -> None:
+    """Everything sent reached the server, first arrivals in order. A message whose PUBACK
+    was lost with the connection is sent again (the server ignores a seq it has)."""
+    last = sent[-1]
+    arrived = [seq for seq in received if seq <= last]
+    assert sorted(set(arrived)) == sorted(sent)
+    first_arrivals = list(dict.fromkeys(arrived))
+    assert first_arrivals == sorted(first_arrivals)
+
+
 def test_telemetry_survives_a_broker_outage_in_order_and_complete(
-        server: FakeServer, broker: Broker, tmp_path: Path,
+        server: FakeServer, broker: Broker, recording: Recording,
         link_factory: Callable[..., FleetLink]) -> None:
-    appended: list[int] = []
-
-    class Recording(TelemetryBuffer):
-        def append(self, at: float, metrics: Mapping[str, Any]) -> Telemetry:
-            sample = super().append(at, metrics)
-            appended.append(sample.seq)
-            return sample
-
-    buffer = Recording(tmp_path / "telemetry.db")
-    link = link_factory(telemetry=lambda runtime: TelemetryFeed(TelemetryCollector(runtime),
-                                                                buffer))
+    link = link_factory(**_sampling(recording))
     link.runtime.load_file(DIGITS, "digits")
     wait(lambda: len(server.telemetry) >= 3, "telemetry to flow")
     broker.stop()
     wait(lambda: not link.connected, "the link to notice")
     # Apps on the device do not notice: the runtime serves on.
     assert link.runtime.infer("digits", {"input": samples(2)})["logits"].shape == (2, 10)
-    during = len(appended)
-    wait(lambda: len(appended) >= during + 4, "samples to pile up in the buffer meanwhile")
-    assert len(buffer) >= 4
+    recording.wait_samples(4, "while the broker is down")  # they pile up in the outbox
+    assert len(recording) >= 4
     broker.start()
-    last = appended[-1]
-    wait(lambda: last in server.telemetry, "the buffered samples to arrive")
-    received = [seq for seq in server.telemetry if seq <= last]
-    # Everything sampled reached the server, first arrivals in order. A sample whose PUBACK
-    # was lost with the connection is sent again (the server ignores a seq it has).
-    assert sorted(set(received)) == [seq for seq in appended if seq <= last]
-    first_arrivals = list(dict.fromkeys(received))
-    assert first_arrivals == sorted(first_arrivals)
-    buffer.close()
+    sent = list(recording.samples)
+    wait(lambda: sent[-1] in server.telemetry, "the buffered samples to arrive")
+    _in_order_and_complete(server.telemetry, sent)
+
+
+def _install_log(server: FakeServer, install_id: str) -> list[tuple[str, float]]:
+    return [(e.kind, e.at) for e in server.event_log
+            if e.detail.get("install_id") == install_id]
+
+
+def _bundle_file(repo: Repo, tmp_path: Path, version: int) -> Path:
+    path = tmp_path / f"digits-{version}.efb"
+    path.write_bytes(repo.build(digits_spec(version)))
+    return path
+
+
+def test_events_while_the_broker_is_down_arrive_in_order_once_it_is_back(
+        server: FakeServer, broker: Broker, repo: Repo, tmp_path: Path,
+        link_factory: Callable[..., FleetLink]) -> None:
+    """Issue 9 item 17: events were published only while connected, so an install done
+    during an outage (here a local one) left the server without its transitions."""
+    link = link_factory()
+    wait(lambda: server.reports, "the link to report")
+    broker.stop()
+    wait(lambda: not link.connected, "the link to notice")
+    record = link.runtime.install(_bundle_file(repo, tmp_path, 1))
+    wait(lambda: link.runtime.model("digits").state == "serving", "v1 committed")
+    broker.start()
+    [final] = [r for r in link.installer.records() if r.install_id == record.install_id]
+    assert final.state is InstallState.COMMITTED
+    wait(lambda: ("install.committed", final.history[-1][1])
+         in _install_log(server, record.install_id), "the install's events")
+    assert _install_log(server, record.install_id) == [
+        (f"install.{state}", at) for state, at in final.history[1:]]
+    # Every event but the MQTT will (sent by the broker) is numbered, in order.
+    seqs = [e.seq for e in server.event_log if e.kind != "offline"]
+    assert None not in seqs
+    assert seqs == sorted(seqs)  # type: ignore[type-var]
+
+
+@pytest.fixture
+def offline_install(state_dir: Path, x86: Profile, repo: Repo, tmp_path: Path,
+                    ) -> InstallRecord:
+    """v1 installed with no fleet link, left in probation (no watchdog ran)."""
+    offline = Runtime(state_dir, x86)
+    record = offline.install(_bundle_file(repo, tmp_path, 1))
+    offline.close()
+    assert record.state is InstallState.PROBATION
+    return record
+
+
+def test_transitions_persisted_while_no_link_listened_are_announced_once(
+        server: FakeServer, offline_install: InstallRecord, recording: Recording,
+        link_factory: Callable[..., FleetLink]) -> None:
+    """Issue 10 item 4: transitions made before the link listened (a resume at start-up,
+    or the one persisted just before a kill) were never sent."""
+    record = offline_install
+    link = link_factory(**_sampling(recording))
+    link.runtime.resume_installs()  # as edge-agent run does: the probation, then a commit
+    wait(lambda: any(e.kind == "install.committed" for e in server.event_log),
+         "the install's events")
+    [final] = [r for r in link.installer.records() if r.install_id == record.install_id]
+    expected = [(f"install.{state}", at) for state, at in final.history[1:]]
+    assert _install_log(server, record.install_id) == expected
+    # Restarted: nothing is announced twice. The outbox is in order, so once a sample taken
+    # after the start arrives, anything the start announced would have arrived before it.
+    link.stop()
+    link.runtime.close()
+    again = link_factory(**_sampling(recording))
+    after = recording.samples[-1] if recording.samples else 0
+    wait(lambda: any(seq > after for seq in server.telemetry), "a sample from the restart")
+    assert again.connected
+    assert _install_log(server, record.install_id) == expected
+
+
+def test_install_events_cover_the_history_after_what_was_announced() -> None:
+    failed = InstallRecord("a1", "/b.efb", InstallState.FAILED, model="m", version=2,
+                           reason="rejected:BadSignature", history=(
+                               ("idle", 10.0), ("downloading", 11.0), ("verifying", 12.0),
+                               ("failed", 13.0)))
+    assert install_events(failed, 0) == install_events(failed, 1)  # idle is not announced
+    assert [(kind, at, detail["reason"]) for kind, at, detail in install_events(failed, 2)] == [
+        ("install.verifying", 12.0, None), ("install.failed", 13.0, "rejected:BadSignature")]
+    assert install_events(failed, 4) == []
+    long = InstallRecord("a2", "/b.efb", InstallState.FAILED, reason="load_failed",
+                         detail="x" * 100_000, history=(("idle", 1.0), ("failed", 2.0)))
+    [(_, _, detail)] = install_events(long, 0)
+    assert len(detail["detail"]) < 2100  # an event fits the server's limit whatever it says
+
+
+def _broker_process(broker_dir: Path) -> psutil.Process:
+    """The test's Mosquitto (a child of this process started with that directory's
+    configuration)."""
+    conf = str(broker_dir / "mosquitto.conf")
+    [found] = [p for p in psutil.Process().children() if conf in p.cmdline()]
+    return found
+
+
+def test_sampling_keeps_its_schedule_on_a_half_open_link(
+        server: FakeServer, recording: Recording, tmp_path: Path,
+        link_factory: Callable[..., FleetLink]) -> None:
+    """Issue 10 item 6: on a link that looks up but answers nothing, each flush waited 5 s
+    for a PUBACK in the sampling thread (one sample per 5.3 s instead of every interval).
+    Here the broker is stopped with SIGSTOP: TCP stays up, nothing is acknowledged."""
+    link = link_factory(**_sampling(recording))
+    wait(lambda: len(server.telemetry) >= 2, "telemetry to flow")
+    mosquitto = _broker_process(tmp_path / "broker")
+    mosquitto.send_signal(signal.SIGSTOP)
+    try:
+        assert link.connected
+        # At 0.2 s an interval, 12 samples take 2.4 s; stalled by 5 s waits, a minute.
+        recording.wait_samples(12, "with the broker stopped")
+        assert link.connected  # still half-open: the samples were not taken offline
+    finally:
+        mosquitto.send_signal(signal.SIGCONT)
+    sent = list(recording.samples)
+    wait(lambda: sent[-1] in server.telemetry, "the samples once the broker answers")
+    _in_order_and_complete(server.telemetry, sent)
+
+
+def test_sampling_keeps_its_schedule_while_an_install_runs(
+        server: FakeServer, repo: Repo, recording: Recording,
+        link_factory: Callable[..., FleetLink], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10 item 6: the link's worker sampled between installs, so an install stopped
+    sampling for as long as it ran. Here the install's verification waits until the test
+    lets it go."""
+    link = link_factory(**_sampling(recording))
+    entered, release = threading.Event(), threading.Event()
+    verify_and_stage = link.installer.verify_and_stage
+
+    def held(record: InstallRecord) -> Any:
+        entered.set()
+        release.wait(30)
+        return verify_and_stage(record)
+
+    monkeypatch.setattr(link.installer, "verify_and_stage", held)
+    sha = server.want(1, repo.build(digits_spec(1)))
+    try:
+        assert entered.wait(20), "the install did not start"
+        recording.wait_samples(8, "while an install runs")
+    finally:
+        release.set()
+    wait(lambda: server.last_report() == {"digits": (1, sha, "committed")}, "v1 committed")
+
+
+def test_sampling_keeps_its_schedule_while_the_reported_state_is_slow(
+        server: FakeServer, recording: Recording, link_factory: Callable[..., FleetLink],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10 item 6 / the reported state: building and publishing ``reported`` happened
+    in the sampling thread, so a report that took long held the samples up."""
+    link = link_factory(**_sampling(recording))
+    wait(lambda: server.reports, "a first report")
+    entered, release = threading.Event(), threading.Event()
+    reported = link.reported
+
+    def held_report() -> Any:
+        entered.set()
+        release.wait(30)
+        return reported()
+
+    monkeypatch.setattr(link, "reported", held_report)
+    try:
+        assert entered.wait(20), "no report was built"
+        recording.wait_samples(8, "while a report is being built")
+    finally:
+        release.set()
 
 
 def test_next_fetch_decides_without_a_broker() -> None:

@@ -443,6 +443,16 @@ def test_events_order_since_id_device_and_limit(reg: Registry, clock: Clock) -> 
         reg.add_event("x", detail={"nan": float("nan")})
 
 
+def test_an_event_a_device_numbered_is_stored_once(reg: Registry) -> None:
+    first = reg.add_event("install.staged", device="gw-0", detail={"n": 1}, seq=5)
+    assert first > 0
+    assert reg.add_event("install.staged", device="gw-0", detail={"n": 2}, seq=5) == 0
+    assert reg.add_event("install.staged", device="gw-1", seq=5) > first  # per device
+    assert reg.add_event("install.staged", device="gw-0", seq=6) > first
+    assert [(e.device, e.detail) for e in reg.events()] == [
+        ("gw-0", {"n": 1}), ("gw-1", {}), ("gw-0", {})]
+
+
 def test_telemetry_insert_is_idempotent(reg: Registry, clock: Clock) -> None:
     _enroll(reg, "gw-0")
     _enroll(reg, "gw-1")

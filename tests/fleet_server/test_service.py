@@ -317,6 +317,32 @@ def test_reported_events_and_telemetry_land_in_the_registry(
                "the device marked offline")
 
 
+def test_an_event_a_device_numbered_is_stored_once_however_often_it_is_sent(
+        service: FleetService, tmp_path: Path, clients: list[Recorder]) -> None:
+    device = enroll(service, tmp_path, "gw-1")
+    recorder = _connect(device, clients)
+
+    def event(kind: str, seq: int | None) -> bytes:
+        return messages.encode(messages.Event(kind, 1.0, {"n": seq}, seq=seq))
+
+    # The agent's outbox sends again whatever lacked a PUBACK when its link broke; an
+    # older agent (or the MQTT will) sends no seq, and is stored as sent.
+    for kind, seq in (("install.staged", 5), ("install.staged", 5), ("install.activating", 6),
+                      ("install.staged", 5), ("fetch.started", None), ("fetch.started", None),
+                      ("install.committed", 7)):
+        recorder.publish(device.topic("events"), event(kind, seq))
+    wait_until(lambda: [e for e in service.registry.events(device="gw-1")
+                        if e.kind == "agent.install.committed"], "the last event")
+    assert [e.kind for e in service.registry.events(device="gw-1")
+            if e.kind.startswith("agent.")] == [
+        "agent.install.staged", "agent.install.activating", "agent.fetch.started",
+        "agent.fetch.started", "agent.install.committed"]
+    other = enroll(service, tmp_path, "gw-2")  # seq is per device
+    _connect(other, clients).publish(other.topic("events"), event("install.staged", 5))
+    wait_until(lambda: [e for e in service.registry.events(device="gw-2")
+                        if e.kind == "agent.install.staged"], "the other device's event")
+
+
 def test_malformed_messages_are_recorded_and_ingest_goes_on(
         service: FleetService, tmp_path: Path, clients: list[Recorder]) -> None:
     device = enroll(service, tmp_path, "gw-1")

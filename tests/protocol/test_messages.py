@@ -48,6 +48,8 @@ def test_round_trips() -> None:
     assert decode_reported(encode(reported)) == reported
     event = Event("install.failed", 3.0, {"model": "digits"})
     assert decode_event(encode(event)) == event
+    numbered = Event("install.failed", 3.0, {"model": "digits"}, seq=2**63 - 1)
+    assert decode_event(encode(numbered)) == numbered
     sample = Telemetry(17, 3.5, {"cpu": 1.5})
     assert decode_telemetry(encode(sample)) == sample
     request = ChunkRequest(SHA, 0, 4096)
@@ -98,6 +100,15 @@ def test_chunk_request_limits() -> None:
         decode_chunk_request(encode(ChunkRequest(SHA, 0, 0)))
     with pytest.raises(ProtocolError, match="outside"):
         decode_chunk_request(encode(ChunkRequest(SHA, 0, 5 * 2**20)))
+
+
+def test_an_event_seq_is_optional_and_must_fit_a_signed_64_bit_integer() -> None:
+    with pytest.raises(ProtocolError, match="2\\*\\*63 - 1"):
+        decode_event(encode(Event("install.staged", 1.0, {}, seq=2**70)))
+    with pytest.raises(ProtocolError, match="integer"):
+        decode_event(b'{"protocol": 1, "kind": "offline", "at": 1, "seq": "5"}')
+    # An event from an agent before seq existed, or the MQTT will.
+    assert decode_event(b'{"protocol": 1, "kind": "offline", "at": 1}').seq is None
 
 
 @given(st.binary(max_size=200))
