@@ -21,8 +21,9 @@ EXTRAS = {
     "agent": [*_CORE, *_RUNTIMES, "paho-mqtt>=2.0", "psutil>=5.9", "tomli-w>=1.0"],
     # sympy: onnxruntime's symbolic shape inference, run before quantization.
     "compressor": [*_CORE, *_RUNTIMES, "onnx>=1.17", "sympy>=1.12"],
-    # psycopg: PostgreSQL for the registry (fleet serve --db postgresql://...); SQLite is stdlib.
-    "server": [*_CORE, "paho-mqtt>=2.0", "psycopg[binary]>=3.1"],
+    # psycopg and its pool: PostgreSQL for the registry (fleet serve --db postgresql://...);
+    # SQLite is stdlib. Why not SQLAlchemy: docs/registry.md, "Database layer".
+    "server": [*_CORE, "paho-mqtt>=2.0", "psycopg[binary]>=3.1", "psycopg-pool>=3.2"],
     # tritonclient: an existing Open Inference Protocol client, to prove the agent's API.
     # h11: only benchmarks/http_parse_bench.py, which measures it against the agent's parser.
     "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "mypy>=1.11", "pytest-timeout>=2.3",

@@ -25,26 +25,15 @@ import enum
 from dataclasses import dataclass, replace
 from typing import Any
 
+# The state names are the protocol's: the agent reports them and the fleet server reads them.
+from protocol.install_states import InstallState
+
 __all__ = ["MAX_RESTARTS", "RECORD_VERSION", "TABLE", "TERMINAL", "Action", "InstallEvent",
            "InstallRecord", "InstallState", "InvalidTransition", "Trigger", "new_install",
            "step"]
 
 #: Version of the persisted record's layout (``record_version`` in the JSON).
 RECORD_VERSION = 2
-
-
-class InstallState(str, enum.Enum):
-    """Where one install is."""
-
-    IDLE = "idle"
-    DOWNLOADING = "downloading"
-    VERIFYING = "verifying"
-    STAGED = "staged"
-    ACTIVATING = "activating"
-    PROBATION = "probation"
-    COMMITTED = "committed"
-    ROLLED_BACK = "rolled_back"
-    FAILED = "failed"
 
 
 class Trigger(str, enum.Enum):

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuf.api.exceptions import RepositoryError
 from tuf.api.metadata import Metadata, Root
 
+from bundle import root as bundle_root
+from bundle.errors import InvalidRootError
 from bundle.trust import InstalledVersion, TrustedState
 from common.atomic import write_atomic
 
@@ -110,22 +111,11 @@ def _from_dict(raw: dict[str, Any]) -> TrustedState:
 
 
 def check_root(data: bytes, source: str) -> Metadata[Root]:
-    """The root metadata in ``data`` (from ``source``, for messages) if it is signed by a
-    threshold of its own root keys; TrustStoreError says what it is instead."""
+    """:func:`bundle.root.check_root`, its error as a TrustStoreError (the agent's tree)."""
     try:
-        md: Metadata[Any] = Metadata.from_bytes(data)
-    except RepositoryError as exc:
-        raise TrustStoreError(f"{source} is not TUF metadata ({exc}); pass the fleet's "
-                              "root.json (the fleet server keeps it as keys/root.json)") from exc
-    if not isinstance(md.signed, Root):
-        raise TrustStoreError(f"{source} is {md.signed.type} metadata, not root; pass the "
-                              "fleet's root.json")
-    result = md.signed.get_verification_result(Root.type, md.signed_bytes, md.signatures)
-    if not result.verified:
-        raise TrustStoreError(f"{source} is not signed by its own root keys ({len(result.signed)}"
-                              f" valid of threshold {result.threshold}); it is damaged or "
-                              "forged: copy root.json from the fleet server again")
-    return md
+        return bundle_root.check_root(data, source)
+    except InvalidRootError as exc:
+        raise TrustStoreError(str(exc)) from exc
 
 
 def resolve_root(store: TrustStore, root: Path | None) -> TrustedState | None:

@@ -175,11 +175,18 @@ def _read(reader: _BytesReader | _FileReader, limits: Limits) -> dict[str, tuple
                             f"{limits.max_bundle_bytes}; refusing to read it")
     if size < _HEADER.size + _DIGEST_LEN:
         raise MalformedBundleError(f"file is {size} bytes, too short to be a bundle")
-    # The checksum comes first so that any corruption, even of the framing, reads as such.
+    magic, length = _HEADER.unpack(reader.pread(0, _HEADER.size))
+    # A file of another kind (a model given where a bundle is due) is told apart from a
+    # damaged bundle by its first bytes (a damaged bundle still has most of the magic); then
+    # the checksum comes before anything else, so that any corruption, even of the framing
+    # or of a magic byte, reads as such.
+    if sum(a == b for a, b in zip(magic, MAGIC, strict=True)) < len(MAGIC) // 2:
+        raise MalformedBundleError(
+            "not an edgefleet bundle (it does not start with the bundle magic): give a .efb "
+            "file made by `fleet bundle build` (a model file must be built into one first)")
     if reader.hash_prefix(size - _DIGEST_LEN) != reader.pread(size - _DIGEST_LEN, _DIGEST_LEN):
         raise ChecksumError("bundle checksum mismatch: the file was corrupted or modified "
                             "after it was built; fetch it again from the fleet server")
-    magic, length = _HEADER.unpack(reader.pread(0, _HEADER.size))
     if magic != MAGIC:
         raise MalformedBundleError("not an edgefleet bundle (bad magic bytes)")
     if length != size - _HEADER.size - _DIGEST_LEN:

@@ -18,7 +18,8 @@ checksum mismatch: corruption in transit). The tree::
     │   ├── ExpiredError             metadata past its expiry date
     │   ├── RollbackError            a model version lower than one already trusted
     │   ├── FreezeError              replayed metadata older than already trusted
-    │   └── MixAndMatchError         metadata files from different repository versions
+    │   ├── MixAndMatchError         metadata files from different repository versions
+    │   └── InvalidRootError         a root.json that is not a root signed by its own keys
     ├── WrongProfileError          the bundle does not target this device's profile
     ├── DecryptionError            an encrypted artifact cannot be opened with this key
     └── SigningError               building or signing a bundle failed (server side)
@@ -35,6 +36,7 @@ __all__ = [
     "DecryptionError",
     "ExpiredError",
     "FreezeError",
+    "InvalidRootError",
     "MalformedBundleError",
     "MixAndMatchError",
     "OversizeError",
@@ -120,3 +122,7 @@ class DecryptionError(BundleError):
 
 class SigningError(BundleError):
     """Building or signing a bundle failed (bad input or keys)."""
+
+
+class InvalidRootError(TrustError):
+    """A root.json that is not TUF root metadata signed by a threshold of its own keys."""

@@ -40,7 +40,7 @@ from transport.mqtt import TLSIdentity
 from . import __version__
 from .api_spec import OPENAPI
 from .errors import ApiError, CSRError, EnrollmentError, FleetError, RegistryError, ReleaseError
-from .registry import BundleRecord, DesiredChange, Device, Event
+from .registry import BundleRecord, DesiredChange, Device, EventRecord, desired_json
 from .service import Enrollment, FleetService, IssuedToken, PublishResult
 
 __all__ = [
@@ -99,7 +99,7 @@ def bundle_json(record: BundleRecord) -> dict[str, Any]:
             "metadata_version": record.metadata_version, "rollback_of": record.rollback_of}
 
 
-def event_json(event: Event) -> dict[str, Any]:
+def event_json(event: EventRecord) -> dict[str, Any]:
     """An event of the log (schema ``Event``)."""
     return {"id": event.id, "at": event.at, "device": event.device, "kind": event.kind,
             "detail": dict(event.detail)}
@@ -108,8 +108,8 @@ def event_json(event: Event) -> dict[str, Any]:
 def change_json(change: DesiredChange) -> dict[str, Any]:
     """A desired-state change (schema ``Change``)."""
     return {"device": change.device, "model": change.model,
-            "before": None if change.before is None else change.before.to_json(),
-            "after": None if change.after is None else change.after.to_json()}
+            "before": None if change.before is None else desired_json(change.before),
+            "after": None if change.after is None else desired_json(change.after)}
 
 
 def publish_json(result: PublishResult) -> dict[str, Any]:

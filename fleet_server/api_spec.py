@@ -35,9 +35,10 @@ def _errors(*codes: int) -> dict[str, Any]:
 _SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 #: A time (seconds since the epoch) something started, null if it is not the case now.
 _SINCE = {"type": "number", "nullable": True}
-_DESIRED_MODEL = {"type": "object", "required": ["version", "bundle_sha256"],
+_DESIRED_MODEL = {"type": "object", "required": ["version", "bundle_sha256", "size"],
                   "properties": {"version": {"type": "integer", "minimum": 1},
-                                 "bundle_sha256": _SHA256}}
+                                 "bundle_sha256": _SHA256,
+                                 "size": {"type": "integer", "description": "bytes"}}}
 _SELECTION = {
     "devices": {"type": "array", "items": {"type": "string"}, "minItems": 1,
                 "description": "device ids; give this or group"},

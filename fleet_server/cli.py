@@ -17,7 +17,7 @@ from common.cli import new_parser, run
 
 from . import __version__
 from .api_client import locate
-from .bundles import BuildRequest, build
+from .bundle_builder import BuildRequest, build
 from .demo import run_demo
 from .errors import BundleInputError, FleetError
 from .keys import ROLES, KeyStore, init_keys, rotate_keys

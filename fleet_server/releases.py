@@ -72,25 +72,14 @@ def check_publishable(bundle: BundleRecord, devices: Sequence[Device],
 
 def _versions_of(device: Device, model: str) -> list[int]:
     """Versions of ``model`` the device is asked to run or reports running."""
-    versions = []
-    want = device.desired.get(model)
-    if want is not None:
-        versions.append(want.version)
-    models = device.reported.get("models")
-    running = models.get(model) if isinstance(models, dict) else None
-    if isinstance(running, dict) and isinstance(running.get("version"), int):
-        versions.append(int(running["version"]))
-    return versions
+    return [m.version for m in (device.desired.get(model), device.running.get(model))
+            if m is not None]
 
 
 def _bundles_of(device: Device) -> set[str]:
     """Bundles (sha256) the device is asked to run or reports running, of any model."""
-    shas = {d.bundle_sha256 for d in device.desired.values()}
-    models = device.reported.get("models")
-    for report in models.values() if isinstance(models, dict) else ():
-        if isinstance(report, dict) and isinstance(report.get("bundle_sha256"), str):
-            shas.add(report["bundle_sha256"])
-    return shas
+    return ({d.bundle_sha256 for d in device.desired.values()}
+            | {r.bundle_sha256 for r in device.running.values() if r.bundle_sha256})
 
 
 class Releaser:

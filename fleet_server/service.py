@@ -69,6 +69,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from bundle.errors import InvalidRootError
+from bundle.root import check_root
 from bundle.trust import TrustedState, verify_bundle
 from common.atomic import write_atomic
 from protocol import messages
@@ -85,15 +87,7 @@ from .enrollment import check_token
 from .errors import BrokerError, EnrollmentError, RegistryError, ServiceError
 from .rate_limit import TokenBuckets
 from .recipients import Candidate, Recipients, select_recipients
-from .registry import (
-    BundleRecord,
-    DesiredChange,
-    DesiredModel,
-    Device,
-    Registry,
-    TelemetrySample,
-    open_registry,
-)
+from .registry import BundleRecord, DesiredChange, Device, Registry, open_registry
 from .releases import Releaser, check_publishable
 
 __all__ = [
@@ -247,7 +241,6 @@ class FleetService:
         # Held from reading a device's desired state to queueing its message, so the last
         # message queued for a device is always the newest state (paho sends in order).
         self._desired_lock = threading.Lock()
-        self._sizes: dict[str, int] = {}
         self._error_budget: dict[str, tuple[float, int]] = {}
         # Chunk serving, on the network thread: stored bundles by sha256 (immutable and never
         # deleted), (device, sha256) pairs known to be fetchable (was_desired only ever turns
@@ -478,14 +471,20 @@ class FleetService:
 
     def root_json(self) -> bytes:
         """The fleet's current TUF root (``KEYS/root.json``), read afresh so a key rotation
-        takes effect without a restart."""
+        takes effect without a restart, and checked: a garbage root handed to enrolling
+        devices would make them refuse every bundle."""
         path = self.config.keys_dir / "root.json"
         try:
-            return path.read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
             raise ServiceError(f"cannot read the fleet's root {path} ({exc.strerror}); create "
                                "the keys with `fleet keys init --dir KEYS` and pass --keys "
                                "KEYS") from exc
+        try:
+            check_root(data, str(path))
+        except InvalidRootError as exc:
+            raise ServiceError(str(exc)) from exc
+        return data
 
     # --- operations ---
 
@@ -627,7 +626,7 @@ class FleetService:
         nothing can be undone, ReleaseError if this server cannot sign."""
         plan = self.registry.rollback(devices=devices, group=group, model=model,
                                       dry_run=True)
-        substitute: dict[str, DesiredModel] = {}
+        substitute: dict[str, messages.DesiredModel] = {}
         released = []
         for sha in sorted({c.after.bundle_sha256 for c in plan if c.after is not None}):
             source = self.registry.get_bundle(sha)
@@ -635,7 +634,7 @@ class FleetService:
                 raise RegistryError(f"bundle {sha} to roll back to is not stored")
             record = self.releaser.rerelease(source, rollback_of=source.version)
             released.append(record)
-            substitute[sha] = DesiredModel(record.version, record.sha256)
+            substitute[sha] = record.desired
         changes = self.registry.rollback(devices=devices, group=group, model=model,
                                          substitute=substitute)
         return replace(self._publish_selected(changes, devices, group),
@@ -677,20 +676,9 @@ class FleetService:
 
     def _send_desired(self, device: Device) -> None:
         """Queue ``device``'s desired state, retained (call with _desired_lock held)."""
-        models = {name: messages.DesiredModel(want.version, want.bundle_sha256,
-                                              self._bundle_size(want.bundle_sha256))
-                  for name, want in sorted(device.desired.items())}
+        models = dict(sorted(device.desired.items()))
         payload = messages.encode(messages.Desired(models=models, issued_at=time.time()))
         self._publish(device.id, "desired", payload, retain=True)
-
-    def _bundle_size(self, sha256: str) -> int:
-        size = self._sizes.get(sha256)
-        if size is None:
-            record = self.registry.get_bundle(sha256)
-            # set_desired only accepts stored bundles, and bundles are never deleted.
-            size = 0 if record is None else record.size
-            self._sizes[sha256] = size
-        return size
 
     def _publish(self, device_id: str, leaf: str, payload: bytes, *,
                  retain: bool = False) -> None:
@@ -844,8 +832,7 @@ class FleetService:
             log.exception("failed to handle %s from %s", leaf, device)
 
     def _ingest_reported(self, device: str, payload: bytes) -> None:
-        messages.decode_reported(payload)  # validates; the registry keeps the JSON as sent
-        self.registry.set_reported(device, json.loads(payload))
+        self.registry.set_reported(device, payload)  # parsed there, once
 
     def _ingest_event(self, device: str, payload: bytes) -> None:
         event = messages.decode_event(payload)
@@ -856,8 +843,7 @@ class FleetService:
 
     def _ingest_telemetry(self, device: str, payload: bytes) -> None:
         sample = messages.decode_telemetry(payload)
-        self.registry.add_telemetry(device, [TelemetrySample(sample.seq, sample.at,
-                                                             sample.metrics)])
+        self.registry.add_telemetry(device, [sample])
 
     def _serve_chunk(self, device: str, payload: bytes) -> None:
         request = messages.decode_chunk_request(payload)

@@ -109,7 +109,7 @@ class ModelReport:
 
     version: int
     bundle_sha256: str | None  # None for a model installed outside the fleet
-    state: str  # "committed" or "probation"
+    state: str  # an InstallState value: "committed", or "probation" while on trial
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class InstallReport:
 
     version: int | None
     bundle_sha256: str | None
-    state: str  # an agent.install_state value, or "downloading" progress
+    state: str  # an InstallState value (protocol.install_states)
     reason: str | None = None
     detail: str | None = None
     progress: float | None = None  # fraction of the bundle fetched, while downloading

@@ -43,6 +43,8 @@ def test_writer_refuses_unsafe_names() -> None:
     (frame(b"x" * 512)[:-32] + b"\0" * 32, Limits(), ChecksumError, "checksum"),
     (b"\0" * 100, Limits(max_bundle_bytes=50), OversizeError, "over the limit"),
     (frame(b"\0" * 1024).replace(b"\x89EFB", b"\x89EFC"), Limits(), ChecksumError, "checksum"),
+    (b"\x08\x07\x12\x07pytorch" + b"\0" * 200, Limits(), MalformedBundleError,
+     "a model file must be built into one first"),
     (rebuild({f"targets/{i}": b"" for i in range(5)}), Limits(max_entries=4), OversizeError,
      "more than 4 entries"),
     (rebuild({"other/x": b""}), Limits(), MalformedBundleError, "unexpected entry"),
@@ -59,7 +61,7 @@ def test_bad_containers(data: bytes, limits: Limits, error: type[Exception],
 def test_wrong_magic_with_valid_checksum_is_malformed() -> None:
     good = frame(b"\0" * 1024)
     head = b"NOTABNDL" + good[8:-32]
-    with pytest.raises(MalformedBundleError, match="bad magic"):
+    with pytest.raises(MalformedBundleError, match="not an edgefleet bundle"):
         read_archive(head + hashlib.sha256(head).digest())
 
 

@@ -217,8 +217,8 @@ def test_upload_publish_rollback_and_events(call: Caller, repo: Repo,
     assert status == 200
     assert result == {"devices": ["gw-1"], "changes": [{
         "device": "gw-1", "model": "digits", "before": None,
-        "after": {"version": 1, "bundle_sha256": v1["sha256"]}}], "delivered": True,
-        "released": []}
+        "after": {"version": 1, "bundle_sha256": v1["sha256"], "size": v1["size"]}}],
+        "delivered": True, "released": []}
     call("POST", "/api/publish", {"bundle_sha256": v2["sha256"], "devices": ["gw-1", "gw-2"]})
     status, devices = call("GET", "/api/devices?group=lab")
     assert [d["desired"]["digits"]["version"] for d in devices["devices"]] == [2]
@@ -233,7 +233,7 @@ def test_upload_publish_rollback_and_events(call: Caller, repo: Repo,
     assert (v3["name"], v3["version"], v3["rollback_of"]) == ("digits", 3, 1)
     assert v3["metadata_version"] > v2["metadata_version"]
     assert [(c["before"]["version"], c["after"]) for c in result["changes"]] == [
-        (2, {"version": 3, "bundle_sha256": v3["sha256"]})]
+        (2, {"version": 3, "bundle_sha256": v3["sha256"], "size": v3["size"]})]
     status, body = call("POST", "/api/publish", {"bundle_sha256": v1["sha256"],
                                                  "devices": ["gw-1"]})
     assert status == 409

@@ -309,7 +309,7 @@ def test_reported_events_and_telemetry_land_in_the_registry(
     for seq in (1, 2, 1, 2, 3):  # 1 and 2 re-sent after a lost acknowledgement
         recorder.publish(device.topic("telemetry"), telemetry(seq))
     wait_until(lambda: len(registry.telemetry("gw-1")) == 3, "three telemetry samples")
-    assert [(t.seq, t.payload) for t in registry.telemetry("gw-1")] == [
+    assert [(t.sample.seq, t.sample.metrics) for t in registry.telemetry("gw-1")] == [
         (1, {"latency_ms": 1}), (2, {"latency_ms": 2}), (3, {"latency_ms": 3})]
 
     recorder.publish(device.topic("events"), messages.encode(messages.Event("offline", 13.0)))
@@ -652,3 +652,14 @@ def test_a_second_server_on_the_same_data_directory_is_refused(
     with pytest.raises(ServiceError, match=f"another fleet server \\(pid {os.getpid()}\\)"):
         FleetService(config).start()
     assert service.connected  # the first one is untouched
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"garbage", "is not TUF metadata"),
+    (b"", "is not TUF metadata"),
+])
+def test_a_root_that_is_not_a_root_is_refused_at_start(
+        config: ServiceConfig, content: bytes, message: str) -> None:
+    (config.keys_dir / "root.json").write_bytes(content)
+    with pytest.raises(ServiceError, match=message):
+        FleetService(config).start()
