@@ -23,6 +23,7 @@ re-subscribes, re-reports and resumes any fetch where its file ends.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -65,6 +66,8 @@ __all__ = ["FleetLink", "install_events", "next_fetch"]
 
 log = logging.getLogger(__name__)
 _TICK_S = 0.25
+#: How long a clean stop waits for the broker to take its offline event.
+_OFFLINE_TIMEOUT_S = 2.0
 #: Whole bundles that may arrive hashing wrong before the server is not asked again.
 _MAX_CORRUPT = 2
 #: Outbox marks of install announcements: this prefix, then the install id.
@@ -200,6 +203,7 @@ class FleetLink:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
+        self._say_offline()
         close_client(self._client)
         self._publisher.stop()
         if self.installs.fetcher is self:
@@ -208,6 +212,17 @@ class FleetLink:
             self.installer.listeners.remove(self._on_install_change)
         if self._owns_outbox:
             self.outbox.close()
+
+    def _say_offline(self) -> None:
+        """A clean stop sends what the broker's will says on a lost connection: the server
+        shows the device offline at once, not once its last-seen time runs out."""
+        if not self._client.is_connected():
+            return
+        info = self._client.publish(self._topic("events"),
+                                    encode(Event("offline", self.clock(), {"clean": True})),
+                                    qos=1)
+        with contextlib.suppress(RuntimeError, ValueError):
+            info.wait_for_publish(timeout=_OFFLINE_TIMEOUT_S)
 
     # -- MQTT callbacks (paho's network thread) ---------------------------------------------
 

@@ -24,6 +24,7 @@ import re
 import secrets
 import ssl
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -79,13 +80,13 @@ GENERIC_PROFILE = "generic"
 
 # --- JSON shapes (also used by the CLI's --json output) ----------------------------------
 
-def device_json(device: Device, *, broker_connected: bool = True) -> dict[str, Any]:
-    """A device as the API shows it (OpenAPI schema ``Device``); without a broker
-    connection the server cannot tell whether a device is online (``null``)."""
+def device_json(device: Device, *, online: bool | None) -> dict[str, Any]:
+    """A device as the API shows it (OpenAPI schema ``Device``); ``online`` is None when
+    the server cannot tell (no broker connection)."""
     return {"id": device.id, "group": device.group, "tags": list(device.tags),
             "profile": device.profile, "cert_fingerprint": device.cert_fingerprint,
             "enrolled_at": device.enrolled_at, "last_seen": device.last_seen,
-            "online": device.online if broker_connected else None,
+            "online": online,
             "desired": device.desired_json(),
             "reported": dict(device.reported), "reported_at": device.reported_at,
             "converged": device.converged, "encryption_key": device.encryption_key,
@@ -265,7 +266,7 @@ def _devices(service: FleetService, request: Request) -> tuple[int, Any]:
     devices = service.registry.list_devices(group=request.arg("group"),
                                             tag=request.arg("tag"))
     connected = service.connected
-    return 200, {"devices": [device_json(d, broker_connected=connected) for d in devices],
+    return 200, {"devices": [device_json(d, online=_online(service, d)) for d in devices],
                  "broker_connected": connected,
                  "disconnected_since": service.disconnected_since}
 
@@ -275,7 +276,13 @@ def _device(service: FleetService, request: Request) -> tuple[int, Any]:
     if device is None:
         raise _HttpError(404, f"no device {request.params['id']!r} is enrolled; list them "
                          "with GET /api/devices")
-    return 200, device_json(device, broker_connected=service.connected)
+    return 200, device_json(device, online=_online(service, device))
+
+
+def _online(service: FleetService, device: Device) -> bool | None:
+    if not service.connected:
+        return None
+    return device.online_at(time.time(), service.config.offline_after_s)
 
 
 def _bundles(service: FleetService, _request: Request) -> tuple[int, Any]:
@@ -336,9 +343,13 @@ def _rollback(service: FleetService, request: Request) -> tuple[int, Any]:
 
 
 def _events(service: FleetService, request: Request) -> tuple[int, Any]:
+    order = request.arg("order") or "oldest"
+    if order not in ("oldest", "newest"):
+        raise _HttpError(400, f"order={order!r}: use oldest (to follow the log with since) "
+                         "or newest")
     events = service.registry.events(
         request.int_arg("since", 0, 0, 2**63 - 1), device=request.arg("device"),
-        limit=request.int_arg("limit", 1000, 1, _MAX_EVENTS))
+        limit=request.int_arg("limit", 1000, 1, _MAX_EVENTS), newest=order == "newest")
     return 200, {"events": [event_json(e) for e in events]}
 
 
@@ -367,7 +378,7 @@ def _reset(service: FleetService, request: Request) -> tuple[int, Any]:
     if service.registry.get_device(device_id) is None:
         raise _HttpError(404, f"no device {device_id!r} is enrolled")
     device = service.reset_device(device_id)
-    return 200, device_json(device, broker_connected=service.connected)
+    return 200, device_json(device, online=_online(service, device))
 
 
 def _fleet(service: FleetService, _request: Request) -> tuple[int, Any]:

@@ -144,7 +144,7 @@ OPENAPI: dict[str, Any] = {
             "responses": {"200": _json(_ref("PublishResult"), "rolled back and published"),
                           **_errors(400, 401, 409)}}},
         "/api/events": {"get": {
-            "summary": "The event log, oldest first; poll with since = the last id seen",
+            "summary": "The event log in id order; poll with since = the last id seen",
             "parameters": [
                 {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0},
                  "description": "only events with a greater id (default 0)"},
@@ -152,7 +152,12 @@ OPENAPI: dict[str, Any] = {
                  "description": "only this device's events"},
                 {"name": "limit", "in": "query",
                  "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
-                 "description": "at most this many (default 1000)"}],
+                 "description": "at most this many (default 1000)"},
+                {"name": "order", "in": "query",
+                 "schema": {"type": "string", "enum": ["oldest", "newest"]},
+                 "description": "which events to keep when there are more than limit: "
+                 "the oldest (default; to follow the log) or the newest; either way "
+                 "they are returned in id order"}],
             "responses": {"200": _json({"type": "object", "required": ["events"],
                                         "properties": {"events": {
                                             "type": "array", "items": _ref("Event")}}},

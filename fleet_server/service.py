@@ -178,6 +178,10 @@ class ServiceConfig:
     #: Days the metadata of a re-release the server signs stays valid (as ``fleet bundle
     #: build --valid-days``).
     release_valid_days: int = 30
+    #: A device not heard from for this long counts as offline, whatever its last word (a
+    #: will lost while the server was down would leave it online forever). Agents send
+    #: telemetry every 30 s by default; a few missed samples are tolerated.
+    offline_after_s: float = 180.0
 
 
 @dataclass(frozen=True)

@@ -37,13 +37,16 @@ def add_event(tx: Tx, now: float, kind: str, device: str | None,
     return tx.insert_id(EVENT_INSERT, (now, device, kind, text))
 
 
-def list_events(tx: Tx, since_id: int, device: str | None, limit: int) -> list[EventRecord]:
-    """Events with id greater than ``since_id``, in id order, at most ``limit``."""
+def list_events(tx: Tx, since_id: int, device: str | None, limit: int,
+                newest: bool = False) -> list[EventRecord]:
+    """Events with id greater than ``since_id``, in id order, at most ``limit``: the oldest
+    of them, or with ``newest`` the newest."""
     if limit < 1:
         raise RegistryError(f"limit must be at least 1, got {limit}")
     where = "WHERE id > ?" + (" AND device_id = ?" if device is not None else "")
     params = (since_id, device) if device is not None else (since_id,)
     rows = tx.all(f"SELECT id, at, device_id, kind, detail FROM events {where} "
-                  "ORDER BY id LIMIT ?", (*params, limit))
-    return [EventRecord(int(r[0]), float(r[1]), r[2], str(r[3]), json.loads(r[4]))
-            for r in rows]
+                  f"ORDER BY id {'DESC' if newest else ''} LIMIT ?", (*params, limit))
+    found = [EventRecord(int(r[0]), float(r[1]), r[2], str(r[3]), json.loads(r[4]))
+             for r in rows]
+    return found[::-1] if newest else found

@@ -51,8 +51,17 @@ class Device:
 
     @property
     def converged(self) -> bool:
-        """Whether the device reports running everything it is asked to run."""
-        return is_converged(self.desired, self.running)
+        """Whether the device reports running everything it is asked to run. A device that
+        never reported has not converged, even to an empty desired state: nothing says it
+        runs what it should."""
+        return self.reported_at is not None and is_converged(self.desired, self.running)
+
+    def online_at(self, now: float, offline_after_s: float) -> bool:
+        """Whether the device counts as online at ``now``: connected by its last word and
+        heard from within ``offline_after_s`` (a lost will or a server that was down could
+        otherwise leave it online forever)."""
+        return (self.online and self.last_seen is not None
+                and now - self.last_seen <= offline_after_s)
 
     def desired_json(self) -> dict[str, dict[str, Any]]:
         """The desired models as the JSON object published to the device."""

@@ -300,11 +300,12 @@ class Registry:
             return events.add_event(tx, now, kind, device, detail, seq=seq)
 
     def events(self, since_id: int = 0, *, device: str | None = None,
-               limit: int = 1000) -> list[EventRecord]:
-        """Events with id greater than ``since_id`` in id order, at most ``limit`` of them,
-        optionally of one device only. Poll with the last id seen to follow the log."""
+               limit: int = 1000, newest: bool = False) -> list[EventRecord]:
+        """Events with id greater than ``since_id`` in id order, at most ``limit`` of them
+        (the oldest ones, or with ``newest`` the newest), optionally of one device only.
+        Poll with the last id seen to follow the log."""
         with self._tx() as tx:
-            return events.list_events(tx, since_id, device, limit)
+            return events.list_events(tx, since_id, device, limit, newest)
 
     # --- telemetry ---
 

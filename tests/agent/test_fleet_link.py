@@ -553,3 +553,15 @@ def test_a_disk_that_fills_during_a_fetch_fails_the_install_and_the_link_lives_o
     assert server.events.count("install.failed") == 1
     filled[0].unlink()
     wait(lambda: server.last_report() == {"digits": (2, sha2, "committed")}, "v2 committed")
+
+
+def test_a_clean_stop_says_offline_at_once(
+        server: FakeServer, link_factory: Callable[..., FleetLink]) -> None:
+    """The broker sends the will only for a lost connection: a clean stop must say so
+    itself, or the server shows the device online until its last-seen time runs out."""
+    link = link_factory()
+    wait(lambda: link.connected and server.reports, "the link's first report")
+    link.stop()
+    wait(lambda: "offline" in server.events, "the offline event")
+    offline = next(e for e in server.event_log if e.kind == "offline")
+    assert offline.detail == {"clean": True}

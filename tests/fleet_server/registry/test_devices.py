@@ -153,11 +153,13 @@ def test_desired_reported_and_convergence(reg: Registry) -> None:
         enroll(reg, f"gw-{i}")
     sha = bundle(reg, version=2)
     reg.set_desired(sha, devices=["gw-0", "gw-1"])
-    assert [d.id for d in reg.unconverged()] == ["gw-0", "gw-1"]
+    # gw-2 is asked for nothing but never reported: nothing says it runs what it should.
+    assert [d.id for d in reg.unconverged()] == ["gw-0", "gw-1", "gw-2"]
     reg.set_reported("gw-0", report(2, sha, InstallState.PROBATION))
-    assert [d.id for d in reg.unconverged()] == ["gw-0", "gw-1"]
+    assert [d.id for d in reg.unconverged()] == ["gw-0", "gw-1", "gw-2"]
     reg.set_reported("gw-0", report(2, sha))
     reg.set_reported("gw-1", report(2, "f" * 64))  # the right version of another bundle
+    reg.set_reported("gw-2", report(1, sha))  # runs a model nobody asked of it: converged
     assert [d.id for d in reg.unconverged()] == ["gw-1"]
     assert [d.id for d in reg.unconverged(group="elsewhere")] == []
     stored = reg.get_device("gw-0")

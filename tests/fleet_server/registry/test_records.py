@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import pytest
 
-from fleet_server.registry import desired_json, is_converged
+from fleet_server.registry import Device, desired_json, is_converged
 from protocol.install_states import InstallState
 from protocol.messages import Desired, DesiredModel, ModelReport, encode
 
@@ -43,3 +43,30 @@ def test_desired_json_is_the_desired_message_form() -> None:
     assert desired_json(model) == asdict(model)
     sent = json.loads(encode(Desired({"digits": model}, issued_at=1.0)))
     assert sent["models"]["digits"] == desired_json(model)
+
+
+def _device(**fields: object) -> Device:
+    base: dict[str, object] = {
+        "id": "gw-1", "group": "lab", "tags": (), "profile": "p", "cert_fingerprint": "f" * 64,
+        "enrolled_at": 0.0, "last_seen": None, "online": False, "desired": {}, "running": {},
+        "reported": {}, "reported_at": None}
+    return Device(**{**base, **fields})  # type: ignore[arg-type]
+
+
+def test_a_device_that_never_reported_has_not_converged() -> None:
+    assert not _device().converged
+    assert _device(reported_at=5.0).converged  # reported, and asked for nothing
+    assert not _device(reported_at=5.0, desired=WANT).converged
+
+
+@pytest.mark.parametrize(("online", "last_seen", "now", "expected"), [
+    (True, 100.0, 150.0, True),
+    (True, 100.0, 280.0, True),    # 180 s: the edge still counts
+    (True, 100.0, 281.0, False),   # not heard from for longer: offline, whatever it said
+    (False, 100.0, 101.0, False),  # said offline (its will, or a clean stop)
+    (True, None, 0.0, False),      # never seen
+])
+def test_online_needs_a_recent_word(online: bool, last_seen: float | None, now: float,
+                                    expected: bool) -> None:
+    device = _device(online=online, last_seen=last_seen)
+    assert device.online_at(now, offline_after_s=180.0) is expected
