@@ -70,8 +70,11 @@ def _add_enroll(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         "server with TOKEN (from `fleet enroll-token`), pin the fleet's root of trust and "
         "write DIR/agent.toml for `edge-agent run`.")
     p.add_argument("--server", required=True, metavar="URL",
-                   help=f"the fleet server's API, e.g. http://fleet.example:{SERVER_API_PORT}")
-    p.add_argument("--token", required=True, metavar="TOKEN")
+                   help=f"the fleet server's API, e.g. https://fleet.example:{SERVER_API_PORT} "
+                   "(the token pins its CA)")
+    p.add_argument("--token", required=True, metavar="TOKEN",
+                   help="the one-time token from `fleet enroll-token` (eft1....; "
+                   "--token=TOKEN works too)")
     p.add_argument("--device-id", metavar="ID",
                    help="this device's id in the fleet (default: the host name)")
     _state_dir_option(p)

@@ -808,7 +808,7 @@ class Fleet:
             ids = [f"{group}-{i:05d}" for i in range(count)]
             for device_id in ids:
                 key_pem, csr_pem = make_device_key_and_csr(device_id)
-                token = self.service.registry.issue_token(group, 3600)
+                token = self.service.issue_token(group, 3600).token
                 enrollment = self.service.enroll(token, device_id, csr_pem, PROFILE)
                 home = self.tmp / "devices" / device_id
                 write_atomic(home / "device.key", key_pem, 0o600)

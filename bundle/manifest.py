@@ -133,6 +133,10 @@ class Manifest:
     baseline: Mapping[str, Any] = field(default_factory=dict)
     compression_report: Mapping[str, Any] = field(default_factory=dict)
     key_wrap: KeyWrap | None = None
+    #: Set on a re-release that makes an earlier version current again (a rollback): the
+    #: version whose contents this one carries. Informational for devices: what they
+    #: check is ``version``, which is higher than anything released before.
+    rollback_of: int | None = None
     format_version: int = FORMAT_VERSION
     unrecognized: Mapping[str, Any] = field(default_factory=dict)
 
@@ -142,6 +146,8 @@ class Manifest:
                f"{self.name!r} is not a valid name (1 to 64 letters, digits, '.', '_', '-', "
                "starting with a letter or digit)")
         _check(self.version >= 1, "version", "must be >= 1")
+        _check(self.rollback_of is None or 1 <= self.rollback_of < self.version,
+               "rollback_of", "must be an earlier version (>= 1, below version)")
         _check(len(self.profiles) > 0, "profiles", "must list at least one profile")
         _check(len(self.artifacts) > 0, "artifacts", "must list at least one artifact")
         paths = [a.path for a in self.artifacts]
@@ -222,8 +228,11 @@ def _manifest_to_dict(m: Manifest) -> dict[str, Any]:
             {"key_id": r.key_id, "ephemeral_public_key": _b64(r.ephemeral_public_key),
              "nonce": _b64(r.nonce), "wrapped_key": _b64(r.wrapped_key)}
             for r in m.key_wrap.recipients]}
+    # Written only when set, so manifests without it keep their exact bytes.
+    rollback = {} if m.rollback_of is None else {"rollback_of": m.rollback_of}
     return {
         **m.unrecognized,
+        **rollback,
         "format_version": m.format_version,
         "name": m.name,
         "version": m.version,
@@ -372,7 +381,8 @@ def _key_wrap(obj: Any) -> KeyWrap | None:
 
 
 _MANIFEST_KEYS = {"format_version", "name", "version", "profiles", "artifacts", "inputs",
-                  "outputs", "self_test", "baseline", "compression_report", "key_wrap"}
+                  "outputs", "self_test", "baseline", "compression_report", "key_wrap",
+                  "rollback_of"}
 
 
 def _manifest_from_dict(d: dict[str, Any]) -> Manifest:
@@ -394,5 +404,7 @@ def _manifest_from_dict(d: dict[str, Any]) -> Manifest:
         baseline=_as_dict(d.get("baseline", {}), "baseline"),
         compression_report=_as_dict(d.get("compression_report", {}), "compression_report"),
         key_wrap=_key_wrap(d.get("key_wrap")),
+        rollback_of=None if d.get("rollback_of") is None else _int(d, "rollback_of",
+                                                                   "manifest"),
         unrecognized={k: v for k, v in d.items() if k not in _MANIFEST_KEYS},
     )

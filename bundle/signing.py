@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -31,15 +31,23 @@ from tuf.api.serialization.json import JSONSerializer
 
 from . import crypto
 from ._layout import MANIFEST_PATH, METADATA_DIR, ONLINE_ROLES, TARGETS_DIR, TOP_LEVEL_ROLES
-from .archive import write_archive
+from .archive import read_archive, write_archive
 from .errors import BundleError, SigningError
-from .manifest import ArtifactVariant, Manifest, SelfTestCase, TensorSpec, manifest_to_json
+from .manifest import (
+    ArtifactVariant,
+    Manifest,
+    SelfTestCase,
+    TensorSpec,
+    manifest_from_json,
+    manifest_to_json,
+)
 
 __all__ = [
     "ArtifactInput",
     "BundleSpec",
     "build_bundle",
     "make_root",
+    "rerelease_bundle",
     "rotate_root",
     "sign_metadata",
 ]
@@ -139,11 +147,71 @@ def build_bundle(spec: BundleSpec, *, root_chain: Sequence[bytes],
     The signatures are checked against the current root before returning, so a build with
     stale keys fails here instead of on every device.
     """
+    return _sign_repository(_target_files(spec, recipients), root_chain=root_chain,
+                            signers=signers, metadata_version=metadata_version,
+                            expires=expires)
+
+
+def rerelease_bundle(source: bytes, *, version: int, root_chain: Sequence[bytes],
+                     signers: Mapping[str, Sequence[Signer]], metadata_version: int,
+                     expires: datetime, rollback_of: int | None = None,
+                     recipients: Sequence[X25519PublicKey] = ()) -> bytes:
+    """The contents of the bundle ``source`` released again as model ``version``, under
+    fresh metadata (``metadata_version``, ``expires``) signed by ``signers``.
+
+    A rollback is such a re-release (docs/security.md, "Rollback"): devices never accept
+    a lower version, so the previous artifacts become current again under a new, higher
+    version, with ``rollback_of`` naming the version they came from. Artifacts, self-tests
+    and everything else in the manifest are kept byte for byte (encrypted artifacts and
+    their key wrap too); with ``recipients`` the artifacts of an unencrypted ``source`` are
+    encrypted for them instead.
+
+    ``source`` is trusted as given: the caller vouches for it (the fleet server re-releases
+    only bundles it verified at upload and stores under their sha256). Its artifacts are
+    still checked against its manifest here, so a damaged file is not signed anew.
+    """
+    archive = read_archive(source)
+    manifest = manifest_from_json(archive.read(f"{TARGETS_DIR}/{MANIFEST_PATH}"))
+    if recipients and manifest.key_wrap is not None:
+        raise SigningError(f"{manifest.name} v{manifest.version} is encrypted already; "
+                           "re-release it as it is, or build it again encrypted for the new "
+                           "recipients")
+    stored: dict[str, bytes] = {}
+    for art in manifest.artifacts:
+        data = archive.read(f"{TARGETS_DIR}/{art.path}")
+        if len(data) != art.size or hashlib.sha256(data).hexdigest() != art.sha256:
+            raise SigningError(f"{art.path} of {manifest.name} v{manifest.version} does not "
+                               "match its manifest; upload the original bundle again")
+        stored[art.path] = data
+    if recipients:
+        files = _target_files(BundleSpec(
+            name=manifest.name, version=version, profiles=manifest.profiles,
+            artifacts=tuple(ArtifactInput(a.path.removeprefix("artifacts/"), stored[a.path],
+                                          a.format, a.dtype, a.profile)
+                            for a in manifest.artifacts),
+            inputs=manifest.inputs, outputs=manifest.outputs, self_test=manifest.self_test,
+            baseline=manifest.baseline, compression_report=manifest.compression_report),
+            recipients, rollback_of=rollback_of, unrecognized=manifest.unrecognized)
+    else:
+        try:
+            again = replace(manifest, version=version, rollback_of=rollback_of)
+        except BundleError as exc:
+            raise SigningError(f"cannot re-release {manifest.name} v{manifest.version} as "
+                               f"v{version}: {exc}") from exc
+        files = [(MANIFEST_PATH, manifest_to_json(again)),
+                 *((a.path, stored[a.path]) for a in manifest.artifacts)]
+    return _sign_repository(files, root_chain=root_chain, signers=signers,
+                            metadata_version=metadata_version, expires=expires)
+
+
+def _sign_repository(target_files: list[tuple[str, bytes]], *, root_chain: Sequence[bytes],
+                     signers: Mapping[str, Sequence[Signer]], metadata_version: int,
+                     expires: datetime) -> bytes:
+    """The bundle file: ``target_files`` under targets, snapshot and timestamp metadata of
+    ``metadata_version`` signed by ``signers``, after the whole root chain."""
     if not root_chain:
         raise SigningError("root_chain is empty; run 'fleet keys init' first")
     roots = [_parse_root(data) for data in root_chain]
-    target_files = _target_files(spec, recipients)
-
     targets = Targets(version=metadata_version, expires=expires, targets={
         path: TargetFile.from_data(path, data, ["sha256"]) for path, data in target_files})
     snapshot = Snapshot(version=metadata_version, expires=expires,
@@ -163,8 +231,9 @@ def build_bundle(spec: BundleSpec, *, root_chain: Sequence[bytes],
     return write_archive(entries)
 
 
-def _target_files(spec: BundleSpec, recipients: Sequence[X25519PublicKey],
-                  ) -> list[tuple[str, bytes]]:
+def _target_files(spec: BundleSpec, recipients: Sequence[X25519PublicKey], *,
+                  rollback_of: int | None = None,
+                  unrecognized: Mapping[str, Any] | None = None) -> list[tuple[str, bytes]]:
     """``manifest.json`` and the stored artifacts, as (TUF target path, bytes)."""
     content_key = crypto.new_content_key() if recipients else None
     variants: list[ArtifactVariant] = []
@@ -186,7 +255,8 @@ def _target_files(spec: BundleSpec, recipients: Sequence[X25519PublicKey],
             self_test=spec.self_test, baseline=spec.baseline,
             compression_report=spec.compression_report,
             key_wrap=(crypto.wrap_content_key(content_key, recipients)
-                      if content_key is not None else None))
+                      if content_key is not None else None),
+            rollback_of=rollback_of, unrecognized=unrecognized or {})
     except BundleError as exc:
         raise SigningError(f"invalid bundle contents: {exc}") from exc
     return [(MANIFEST_PATH, manifest_to_json(manifest)), *files]

@@ -7,19 +7,22 @@ with the admin token, a file made 0600 in the data directory on first start
 (:func:`load_admin_token`). Errors are ``{"error": "..."}`` with a 4xx status for a refused
 request and 500 for a server fault (logged, details not sent).
 
-It binds 127.0.0.1 by default: the operator's CLI runs on the server. Put a TLS reverse
-proxy in front of it to reach it from elsewhere.
+It speaks HTTPS only, with a server certificate from the fleet CA (``fleet serve`` issues
+it at every start, :meth:`fleet_server.service.FleetService.api_identity`): devices verify it
+with the CA their enrollment token pins (``GET /api/fleet`` serves that CA, for the device
+to check against the pin before it trusts anything else), and the ``fleet`` commands with
+the CA in the data directory. It binds 127.0.0.1 by default.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import hmac
 import json
 import logging
 import re
 import secrets
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -33,12 +36,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from bundle.archive import Limits
 from bundle.errors import BundleError
 from common.atomic import write_atomic
+from transport.mqtt import TLSIdentity
 
 from . import __version__
 from .api_spec import OPENAPI
-from .errors import ApiError, CSRError, EnrollmentError, FleetError, RegistryError
+from .errors import ApiError, CSRError, EnrollmentError, FleetError, RegistryError, ReleaseError
 from .registry import BundleRecord, DesiredChange, Device, EventRecord, desired_json
-from .service import Enrollment, FleetService, PublishResult
+from .service import Enrollment, FleetService, IssuedToken, PublishResult
 
 __all__ = [
     "GENERIC_PROFILE",
@@ -50,6 +54,8 @@ __all__ = [
     "enrollment_json",
     "event_json",
     "load_admin_token",
+    "server_context",
+    "token_json",
 ]
 
 log = logging.getLogger(__name__)
@@ -61,8 +67,8 @@ _MAX_BUNDLE_BYTES = Limits().max_bundle_bytes
 _MAX_EVENTS = 10_000
 #: Seconds a connection may sit idle (or trickle a request) before it is closed.
 _CONNECTION_TIMEOUT_S = 30.0
-#: Connections served at once; more are answered 503 and closed at once, so idle or slow
-#: clients cannot take every thread and file descriptor of the server.
+#: Connections served at once; more are closed at once, so idle or slow clients cannot take
+#: every thread and file descriptor of the server.
 _MAX_CONNECTIONS = 128
 _DEFAULT_TTL_S = 24 * 3600.0
 #: An enrollment token is a credential: it must expire, and within a month.
@@ -83,13 +89,15 @@ def device_json(device: Device, *, online: bool | None) -> dict[str, Any]:
             "online": online,
             "desired": device.desired_json(),
             "reported": dict(device.reported), "reported_at": device.reported_at,
-            "converged": device.converged}
+            "converged": device.converged, "encryption_key": device.encryption_key,
+            "reset_at": device.reset_at}
 
 
 def bundle_json(record: BundleRecord) -> dict[str, Any]:
     """A stored bundle (schema ``Bundle``); the blob's path stays private."""
     return {"sha256": record.sha256, "name": record.name, "version": record.version,
-            "size": record.size, "created_at": record.created_at}
+            "size": record.size, "created_at": record.created_at,
+            "metadata_version": record.metadata_version, "rollback_of": record.rollback_of}
 
 
 def event_json(event: EventRecord) -> dict[str, Any]:
@@ -109,7 +117,14 @@ def publish_json(result: PublishResult) -> dict[str, Any]:
     """The answer of publish and rollback (schema ``PublishResult``)."""
     return {"devices": list(result.devices),
             "changes": [change_json(c) for c in result.changes],
-            "delivered": result.delivered}
+            "delivered": result.delivered,
+            "released": [bundle_json(b) for b in result.released]}
+
+
+def token_json(issued: IssuedToken) -> dict[str, Any]:
+    """An issued enrollment token (schema ``EnrollmentToken``)."""
+    return {"token": issued.token, "group": issued.group, "expires_at": issued.expires_at,
+            "device": issued.device}
 
 
 def enrollment_json(enrollment: Enrollment) -> dict[str, Any]:
@@ -310,7 +325,12 @@ def _publish(service: FleetService, request: Request) -> tuple[int, Any]:
         raise _HttpError(404, f"no stored bundle has sha256 {sha!r}; upload it with POST "
                          "/api/bundles and use the sha256 it returns")
     devices, group = _selection(body)
-    return 200, publish_json(service.publish(sha, devices=devices, group=group))
+    encrypt_for = body.get("encrypt_for", [])
+    if not isinstance(encrypt_for, list) or not all(isinstance(e, str) for e in encrypt_for):
+        raise _HttpError(400, '"encrypt_for" must be a list of selectors (device:ID, group:G, '
+                         "profile:P)")
+    return 200, publish_json(service.publish(sha, devices=devices, group=group,
+                                             encrypt_for=encrypt_for))
 
 
 def _rollback(service: FleetService, request: Request) -> tuple[int, Any]:
@@ -335,7 +355,14 @@ def _events(service: FleetService, request: Request) -> tuple[int, Any]:
 
 def _token(service: FleetService, request: Request) -> tuple[int, Any]:
     body = request.json()
-    group = body.get("group", _DEFAULT_GROUP)
+    device = body.get("device")
+    if device is not None and not isinstance(device, str):
+        raise _HttpError(400, '"device" must be a device id')
+    group = body.get("group")
+    if group is None:
+        # A token to re-enroll a device keeps it in its group unless told otherwise.
+        known = service.registry.get_device(device) if device is not None else None
+        group = known.group if known is not None else _DEFAULT_GROUP
     ttl = body.get("ttl_s", _DEFAULT_TTL_S)
     if not isinstance(group, str):
         raise _HttpError(400, '"group" must be a string')
@@ -343,9 +370,20 @@ def _token(service: FleetService, request: Request) -> tuple[int, Any]:
             or not 0 < ttl <= _MAX_TTL_S):
         raise _HttpError(400, f'"ttl_s" must be a number of seconds from 1 to {_MAX_TTL_S:.0f} '
                          "(30 days); issue a new token when one expires")
-    issued_at = time.time()  # the registry's clock is the wall clock too
-    token = service.registry.issue_token(group, float(ttl))
-    return 201, {"token": token, "group": group, "expires_at": issued_at + float(ttl)}
+    return 201, token_json(service.issue_token(group, float(ttl), device))
+
+
+def _reset(service: FleetService, request: Request) -> tuple[int, Any]:
+    device_id = request.params["id"]
+    if service.registry.get_device(device_id) is None:
+        raise _HttpError(404, f"no device {device_id!r} is enrolled")
+    device = service.reset_device(device_id)
+    return 200, device_json(device, online=_online(service, device))
+
+
+def _fleet(service: FleetService, _request: Request) -> tuple[int, Any]:
+    return 200, {"fleet": service.fleet, "ca_certificate": service.ca.cert_pem.decode("ascii"),
+                 "root": base64.b64encode(service.root_json()).decode("ascii")}
 
 
 def _enroll(service: FleetService, request: Request) -> tuple[int, Any]:
@@ -363,9 +401,13 @@ def _enroll(service: FleetService, request: Request) -> tuple[int, Any]:
     tags = body.get("tags", [])
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise _HttpError(400, '"tags" must be a list of strings')
+    encryption_key = body.get("encryption_key")
+    if encryption_key is not None and not isinstance(encryption_key, str):
+        raise _HttpError(400, '"encryption_key" must be base64 of an X25519 public key')
     try:
         enrollment = service.enroll(fields["token"], fields["device_id"],
-                                    fields["csr"].encode("utf-8"), profile, tags)
+                                    fields["csr"].encode("utf-8"), profile, tags,
+                                    encryption_key=encryption_key)
     except EnrollmentError as exc:
         raise _HttpError(403, str(exc)) from exc
     return 200, enrollment_json(enrollment)
@@ -377,28 +419,46 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/status", _status),
     Route("GET", "/api/devices", _devices),
     Route("GET", "/api/devices/{id}", _device),
+    Route("POST", "/api/devices/{id}/reset", _reset),
     Route("GET", "/api/bundles", _bundles),
     Route("POST", "/api/bundles", _upload),
     Route("POST", "/api/publish", _publish),
     Route("POST", "/api/rollback", _rollback),
     Route("GET", "/api/events", _events),
     Route("POST", "/api/enroll-tokens", _token),
+    Route("GET", "/api/fleet", _fleet, admin=False),
     Route("POST", "/api/enroll", _enroll, admin=False),
 )
 
 
 # --- the server ---------------------------------------------------------------------------
 
+def server_context(identity: TLSIdentity) -> ssl.SSLContext:
+    """The API's TLS settings: its certificate and key, TLS 1.2 or later."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(identity.cert_file, identity.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ApiError(f"cannot load the API's certificate {identity.cert_file} and key "
+                       f"{identity.key_file} ({exc}); delete them to have them issued "
+                       "again") from exc
+    return context
+
+
 class ApiServer:
-    """The API on ``host:port`` (port 0 picks a free one), served from a background thread.
+    """The API on ``https://host:port`` (port 0 picks a free one), served from a background
+    thread, with the certificate and key of ``tls``.
 
     ``start()`` / ``stop()`` or a context manager; the service must be started first.
     """
 
-    def __init__(self, service: FleetService, admin_token: str, *, host: str = "127.0.0.1",
-                 port: int = 0, connection_timeout: float = _CONNECTION_TIMEOUT_S,
+    def __init__(self, service: FleetService, admin_token: str, tls: TLSIdentity, *,
+                 host: str = "127.0.0.1", port: int = 0,
+                 connection_timeout: float = _CONNECTION_TIMEOUT_S,
                  max_connections: int = _MAX_CONNECTIONS) -> None:
         self.service = service
+        self._context = server_context(tls)
         self._connection_timeout = connection_timeout
         self._max_connections = max_connections
         self._token = admin_token.encode("utf-8")
@@ -409,12 +469,12 @@ class ApiServer:
 
     @property
     def url(self) -> str:
-        """``http://host:port`` of the listening server."""
+        """``https://host:port`` of the listening server."""
         if self._httpd is None:
             raise RuntimeError("the API server is not started")
         host, port = self._httpd.server_address[:2]
         host = str(host)
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
     def start(self) -> None:
         """Bind and serve in a background thread. ApiError if the address is unusable."""
@@ -422,7 +482,8 @@ class ApiServer:
                        {"api": self, "timeout": self._connection_timeout})
         try:
             httpd = _BoundedHTTPServer((self._host, self._port), handler,
-                                       self._max_connections)
+                                       self._max_connections, self._context,
+                                       self._connection_timeout)
         except OSError as exc:
             raise ApiError(f"cannot listen on {self._host}:{self._port} ({exc.strerror}); "
                            "choose another --port or stop what uses it") from exc
@@ -491,6 +552,8 @@ class ApiServer:
             return exc.status, error, {}
         except (CSRError, RegistryError) as exc:
             return 400, {"error": str(exc)}, {}
+        except ReleaseError as exc:
+            return 409, {"error": str(exc)}, {}
         except FleetError as exc:
             log.error("%s %s failed: %s", request.method, request.path, exc)
             return 500, {"error": str(exc)}, {}
@@ -501,36 +564,45 @@ class ApiServer:
 
 
 class _BoundedHTTPServer(ThreadingHTTPServer):
-    """A thread per connection, at most ``max_connections`` of them at once."""
+    """HTTPS with a thread per connection, at most ``max_connections`` of them at once.
+
+    The TLS handshake happens in the connection's own thread, under its timeout, so a
+    client that never finishes one holds only its own slot, not the accepting loop."""
 
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
-                 max_connections: int) -> None:
+                 max_connections: int, context: ssl.SSLContext, timeout: float) -> None:
         super().__init__(address, handler)
+        self.socket = context.wrap_socket(self.socket, server_side=True,
+                                          do_handshake_on_connect=False)
         self._max = max_connections
+        self._timeout = timeout
         self._slots = threading.BoundedSemaphore(max_connections)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
+            # Answering would need a TLS handshake, i.e. the very thread there is no room
+            # for: the client sees the connection closed and retries later.
             log.warning("operator API: %d connections open, refusing one from %s",
                         self._max, client_address)
-            with contextlib.suppress(OSError):
-                request.sendall(_BUSY)
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
+            try:
+                request.settimeout(self._timeout)
+                request.do_handshake()
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                log.debug("operator API: TLS handshake with %s failed: %s", client_address,
+                          exc)
+                self.shutdown_request(request)
+                return
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
-
-
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-         b"Connection: close\r\nContent-Length: 56\r\n\r\n"
-         b'{"error":"too many connections; retry in a few seconds"}')
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -20,13 +21,15 @@ from urllib.parse import urlencode
 
 from .errors import ApiError
 
-__all__ = ["ADMIN_TOKEN_ENV", "SERVER_DIR_ENV", "ServerClient", "default_data_dir", "locate",
-           "read_server_file"]
+__all__ = ["ADMIN_TOKEN_ENV", "SERVER_CA_ENV", "SERVER_DIR_ENV", "ServerClient",
+           "default_data_dir", "locate", "read_server_file"]
 
 #: Where ``fleet serve`` keeps its data, and the other commands look for it.
 SERVER_DIR_ENV = "EDGEFLEET_SERVER_DIR"
 #: The admin token, for ``--server URL`` from another machine or account.
 ADMIN_TOKEN_ENV = "EDGEFLEET_ADMIN_TOKEN"
+#: The CA that issued the API's certificate (the fleet CA), for ``--server URL``.
+SERVER_CA_ENV = "EDGEFLEET_SERVER_CA"
 SERVER_FILE = "server.json"
 ADMIN_TOKEN_FILE = "admin.token"
 
@@ -39,10 +42,12 @@ def default_data_dir() -> Path:
 
 @dataclass(frozen=True)
 class ServerClient:
-    """The API at ``url`` (``http://host:port``) with the admin ``token``."""
+    """The API at ``url`` (``https://host:port``) with the admin ``token``; its certificate
+    is checked against ``ca_file`` (None: the system's CAs)."""
 
     url: str
     token: str = field(repr=False)
+    ca_file: Path | None = None
     timeout: float = 60.0
 
     def get(self, path: str, query: Mapping[str, Any] | None = None) -> Any:
@@ -68,7 +73,14 @@ class ServerClient:
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            context = ssl.create_default_context(
+                cafile=None if self.ca_file is None else str(self.ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ApiError(f"cannot read the CA certificate {self.ca_file} ({exc}); point "
+                           f"{SERVER_CA_ENV} or --data at the fleet server's") from None
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout,
+                                        context=context) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             with exc:
@@ -77,6 +89,11 @@ class ServerClient:
                            exc.code) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise ApiError(f"the fleet server at {self.url} is not the one the CA "
+                               f"{self.ca_file or '(system)'} vouches for "
+                               f"({reason.verify_message}); give --data DIR of that server, "
+                               f"or {SERVER_CA_ENV} with its ca/ca.crt") from None
             raise ApiError(f"cannot reach the fleet server at {self.url} ({reason}); is "
                            "`fleet serve` running? (--server URL or --data DIR)") from None
         except ValueError:
@@ -119,12 +136,16 @@ def read_server_file(data_dir: Path) -> dict[str, Any]:
 def locate(server: str | None, data_dir: Path | None) -> ServerClient:
     """The client for ``--server``/``--data`` (module docstring)."""
     directory = data_dir or default_data_dir()
+    fleet_ca = directory / "ca" / "ca.crt"
     if server is not None:
         token = os.environ.get(ADMIN_TOKEN_ENV) or _read_token(directory / ADMIN_TOKEN_FILE)
-        return ServerClient(server, token)
+        ca = os.environ.get(SERVER_CA_ENV)
+        return ServerClient(server, token, Path(ca) if ca else
+                            fleet_ca if fleet_ca.exists() else None)
     info = read_server_file(directory)
     token_file = Path(str(info.get("admin_token_file") or directory / ADMIN_TOKEN_FILE))
-    return ServerClient(str(info["api_url"]), _read_token(token_file))
+    return ServerClient(str(info["api_url"]), _read_token(token_file),
+                        Path(str(info.get("ca_file") or fleet_ca)))
 
 
 def _read_token(path: Path) -> str:

@@ -23,10 +23,11 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "the request is malformed or refused (the error says why)",
             401: "missing or wrong bearer token",
-            403: "the enrollment token is unknown, used or expired",
+            403: "the enrollment token is unknown, used, expired, of another root, or for "
+                 "another device; or the device id is enrolled already",
             404: "no such device or bundle",
             409: "conflicts with what is stored (e.g. another bundle has this name and "
-                 "version)",
+                 "version), or devices would refuse it",
             413: "the body is too large"}
     return {str(c): _json(_ref("Error"), text[c]) for c in codes}
 
@@ -51,8 +52,9 @@ OPENAPI: dict[str, Any] = {
         "title": "edgefleet operator API",
         "version": "1",
         "description": "Devices, bundles, desired state and events of one fleet "
-        "(docs/fleet-server.md). Every operation but /api/enroll and /api/openapi.json needs "
-        "the admin token (DATA/admin.token) as a bearer token. Errors are "
+        "(docs/fleet-server.md), over HTTPS with a certificate from the fleet CA. Every "
+        "operation but /api/fleet, /api/enroll and /api/openapi.json needs the admin token "
+        "(DATA/admin.token) as a bearer token. Errors are "
         '{"error": "what was wrong and what to do"}.',
     },
     "security": [{"admin": []}],
@@ -85,6 +87,16 @@ OPENAPI: dict[str, Any] = {
             "parameters": [{"name": "id", "in": "path", "required": True,
                             "schema": {"type": "string"}}],
             "responses": {"200": _json(_ref("Device"), "the device"), **_errors(401, 404)}}},
+        "/api/devices/{id}/reset": {"post": {
+            "summary": "Reset a device: revoke its certificate, free its id for any token",
+            "description": "The device's certificate goes on the fleet CA's revocation list "
+            "and the broker refuses it from now on (an embedded broker restarts to drop its "
+            "connection). The next enrollment of this id needs no device-bound token; group, "
+            "tags and desired state are kept for it.",
+            "parameters": [{"name": "id", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": _json(_ref("Device"), "the device as it was enrolled"),
+                          **_errors(401, 404)}}},
         "/api/bundles": {
             "get": {"summary": "Stored bundles, by name then version",
                     "responses": {"200": _json({"type": "object", "required": ["bundles"],
@@ -105,20 +117,32 @@ OPENAPI: dict[str, Any] = {
         "/api/publish": {"post": {
             "summary": "Make a stored bundle desired for devices or a group",
             "description": "Records the desired state, then publishes each selected "
-            "device's full desired state (retained) on MQTT.",
+            "device's full desired state (retained) on MQTT. Refused (409, nothing changed) "
+            "if a selected device would refuse the bundle: a lower version than it has, or "
+            "metadata older than it trusts. With encrypt_for, the server first re-releases "
+            "the bundle (next version) with its artifacts encrypted for those devices, and "
+            "publishes that.",
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
                 "type": "object", "required": ["bundle_sha256"],
-                "properties": {"bundle_sha256": _SHA256, **_SELECTION}}}}},
+                "properties": {"bundle_sha256": _SHA256, **_SELECTION,
+                               "encrypt_for": {"type": "array", "items": {
+                                   "type": "string", "pattern": "^(device|group|profile):.+$"},
+                                   "description": "recipients: device:ID, group:G, "
+                                   "profile:P"}}}}}},
             "responses": {"200": _json(_ref("PublishResult"), "published"),
-                          **_errors(400, 401, 404)}}},
+                          **_errors(400, 401, 404, 409)}}},
         "/api/rollback": {"post": {
             "summary": "Undo the last desired-state change of devices or a group",
+            "description": "Each bundle devices go back to is re-released first: its "
+            "contents under the next version of its model and fresh metadata, signed by the "
+            "server with its online keys, with rollback_of naming the version restored "
+            "(devices refuse lower versions). 409 if the server holds no online keys.",
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
                 "type": "object",
                 "properties": {**_SELECTION, "model": {
                     "type": "string", "description": "only changes of this model"}}}}}},
             "responses": {"200": _json(_ref("PublishResult"), "rolled back and published"),
-                          **_errors(400, 401)}}},
+                          **_errors(400, 401, 409)}}},
         "/api/events": {"get": {
             "summary": "The event log in id order; poll with since = the last id seen",
             "parameters": [
@@ -142,14 +166,29 @@ OPENAPI: dict[str, Any] = {
             "summary": "Issue a one-time enrollment token",
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
                 "type": "object",
-                "properties": {"group": {"type": "string", "default": "default"},
+                "properties": {"group": {"type": "string", "description": "default: the "
+                                         "device's group with device, else default"},
                                "ttl_s": {"type": "number", "default": 86400,
-                                         "description": "lifetime in seconds"}}}}}},
-            "responses": {"201": _json({
-                "type": "object", "required": ["token", "group", "expires_at"],
-                "properties": {"token": {"type": "string"}, "group": {"type": "string"},
-                               "expires_at": {"type": "number"}}}, "the token (shown once)"),
-                **_errors(400, 401)}}},
+                                         "description": "lifetime in seconds"},
+                               "device": {"type": "string", "description": "only this "
+                                          "device id, which it may take even if enrolled "
+                                          "(re-enrollment)"}}}}}},
+            "responses": {"201": _json(_ref("EnrollmentToken"), "the token (shown once)"),
+                          **_errors(400, 401)}}},
+        "/api/fleet": {"get": {
+            "summary": "What a device checks against its token's pins before enrolling",
+            "security": [],
+            "description": "Public: the fleet CA certificate and root.json are what every "
+            "device trusts anyway. A device fetches them without verifying the server (it "
+            "has no CA yet), compares their SHA-256 with the pins in its token, and only "
+            "then talks to the server over TLS verified with this CA.",
+            "responses": {"200": _json({
+                "type": "object", "required": ["fleet", "ca_certificate", "root"],
+                "properties": {"fleet": {"type": "string"},
+                               "ca_certificate": {"type": "string", "description": "PEM"},
+                               "root": {"type": "string", "format": "byte",
+                                        "description": "root.json, base64"}}},
+                "the fleet's trust anchors")}}},
         "/api/enroll": {"post": {
             "summary": "Enroll a device (authenticated by its one-time token)",
             "security": [],
@@ -193,11 +232,21 @@ OPENAPI: dict[str, Any] = {
                              "as sent (protocol.messages.Reported)"},
                 "reported_at": {"type": "number", "nullable": True},
                 "converged": {"type": "boolean", "description": "reports every desired "
-                              "model at its desired version, committed"}}},
+                              "model at its desired version, committed"},
+                "encryption_key": {"type": "string", "nullable": True, "description":
+                                   "its X25519 public key, base64 of 32 bytes: bundles are "
+                                   "encrypted for it"},
+                "reset_at": {"type": "number", "nullable": True, "description": "when the "
+                             "operator reset it (its id free for any token); null once it "
+                             "enrolled again"}}},
             "Bundle": {"type": "object", "properties": {
                 "sha256": _SHA256, "name": {"type": "string"},
                 "version": {"type": "integer"}, "size": {"type": "integer"},
-                "created_at": {"type": "number"}}},
+                "created_at": {"type": "number"},
+                "metadata_version": {"type": "integer", "description": "its TUF metadata "
+                                     "version (0: stored before it was recorded)"},
+                "rollback_of": {"type": "integer", "nullable": True, "description": "for a "
+                                "re-release by rollback: the version it restores"}}},
             "Event": {"type": "object", "properties": {
                 "id": {"type": "integer"}, "at": {"type": "number"},
                 "device": {"type": "string", "nullable": True}, "kind": {"type": "string"},
@@ -216,7 +265,19 @@ OPENAPI: dict[str, Any] = {
                                               "already there are not listed)"},
                                   "delivered": {"type": "boolean", "description": "false: "
                                                 "stored, but the server has no broker "
-                                                "connection; sent when it returns"}}},
+                                                "connection; sent when it returns"},
+                                  "released": {"type": "array", "items": _ref("Bundle"),
+                                               "description": "re-releases the server "
+                                               "signed for this (rollback, encryption)"}}},
+            "EnrollmentToken": {"type": "object", "required": ["token", "group", "expires_at"],
+                                "properties": {
+                                    "token": {"type": "string", "pattern":
+                                              "^eft1(\\.[A-Za-z0-9_-]{43}){3}$",
+                                              "description": "eft1.<secret>.<CA pin>.<root "
+                                              "pin> (protocol.enrollment)"},
+                                    "group": {"type": "string"},
+                                    "expires_at": {"type": "number"},
+                                    "device": {"type": "string", "nullable": True}}},
             "EnrollRequest": {"type": "object",
                               "required": ["token", "device_id", "csr"],
                               "properties": {
@@ -229,7 +290,10 @@ OPENAPI: dict[str, Any] = {
                                               "description": "the device's firmware "
                                               "profile; absent or null: generic"},
                                   "tags": {"type": "array", "items": {"type": "string"},
-                                           "default": []}}},
+                                           "default": []},
+                                  "encryption_key": {"type": "string", "nullable": True,
+                                                     "description": "the device's X25519 "
+                                                     "public key, base64 of 32 bytes"}}},
             "Enrollment": {"type": "object", "required": [
                 "device_id", "fleet", "group", "certificate", "ca_certificate", "broker_url",
                 "root"], "properties": {

@@ -119,6 +119,9 @@ class BrokerConfig:
     #: Largest MQTT packet anyone may send, in bytes: a bundle chunk frame (at most 4 MiB of
     #: data, protocol.messages) plus headers. A client sending more is disconnected.
     max_packet_size: int = 4 * 1024 * 1024 + 64 * 1024
+    #: The fleet CA's certificate revocation list (:attr:`fleet_server.ca.FleetCA.crl_path`):
+    #: client certificates it lists are refused at the TLS handshake. None: no CRL.
+    crl_file: Path | None = None
 
 
 def render_acl(fleet: str, server_identity: str = SERVER_IDENTITY) -> str:
@@ -147,7 +150,8 @@ def render_config(config: BrokerConfig, port: int) -> str:
     paths = {"acl_file": data / "acl", "persistence_location": data / "persistence",
              "pid_file": data / "mosquitto.pid",
              "cafile": config.tls.ca_file.resolve(), "certfile": config.tls.cert_file.resolve(),
-             "keyfile": config.tls.key_file.resolve()}
+             "keyfile": config.tls.key_file.resolve(),
+             **({"crlfile": config.crl_file.resolve()} if config.crl_file else {})}
     for option, path in paths.items():
         # The config format has no quoting: a line ends the value.
         if "\n" in str(path) or "\r" in str(path):
@@ -191,6 +195,7 @@ protocol mqtt
 cafile {paths["cafile"]}
 certfile {paths["certfile"]}
 keyfile {paths["keyfile"]}
+{f"crlfile {paths['crlfile']}" if "crlfile" in paths else "# no crlfile"}
 tls_version tlsv1.2
 require_certificate true
 use_identity_as_username true
@@ -231,6 +236,9 @@ class Broker:
         # Guards _process against stop() racing a restart of the supervisor thread.
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        # restart(): asks the supervisor to start Mosquitto again at once, and hears back.
+        self._restarting = threading.Event()
+        self._restarted = threading.Event()
         self._supervisor: threading.Thread | None = None
         #: How many times the supervisor started Mosquitto again after it exited.
         self.restarts = 0
@@ -354,6 +362,63 @@ class Broker:
         if supervisor is not None and supervisor is not threading.current_thread():
             supervisor.join()
 
+    def reload_crl(self, timeout: float = 10.0) -> bool:
+        """Make the embedded broker read its CRL again, so that certificates revoked since
+        are refused from the next handshake on; returns once it has (True).
+
+        Mosquitto 2.0 re-reads its listeners' certificates and CRL on SIGHUP (the manual
+        only mentions the certificates; tests/fleet_server/test_broker.py proves the CRL)
+        and logs "Reloading config." first: its event loop finishes the reload before it
+        accepts another connection, so that line is the moment the new CRL applies.
+        Connections already open are not dropped. An external broker, or a stopped one,
+        is not touched (False): the operator copies ``crl.pem`` to an external broker
+        (docs/transport.md)."""
+        if self._config is None:
+            log.warning("the fleet CA's revocation list changed: copy it to the external "
+                        "broker and make it reload (docs/transport.md, 'External broker')")
+            return False
+        with self._lock:
+            process = self._process
+            if process is None or process.poll() is not None:
+                return False
+            log_path = self._config.data_dir / "mosquitto.log"
+            offset = log_path.stat().st_size if log_path.exists() else 0
+            process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with log_path.open("rb") as f:
+                    f.seek(offset)
+                    if b"Reloading config." in f.read():
+                        log.info("the broker re-read the certificate revocation list")
+                        return True
+            except OSError:
+                pass
+            time.sleep(_POLL_INTERVAL)
+        log.error("mosquitto did not log a reload within %.0f s of SIGHUP; revoked "
+                  "certificates may still connect until it restarts", timeout)
+        return False
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """Stop the embedded broker and start it again on the same port, which drops every
+        connection (clients reconnect; persistent sessions and retained messages are
+        kept). The way to cut off a client whose certificate was just revoked: Mosquitto
+        2.0 has no other means to disconnect one. Nothing happens for an external broker.
+        Raises BrokerError if it does not start again."""
+        if self._config is None:
+            return
+        with self._lock:
+            process = self._process
+            if process is None or process.poll() is not None:
+                return  # down already: the supervisor starts it, and it reads the CRL then
+            self._process = None
+            self._restarting.set()
+        _terminate(process, timeout)
+        if not self._restarted.wait(timeout * 2):
+            raise BrokerError(f"mosquitto did not start again within {timeout * 2:.0f} s; "
+                              f"its log:\n{self.log_tail()}")
+        self._restarted.clear()
+
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         """The last ``lines`` lines mosquitto logged in this run ("" if none or external)."""
         if self._config is None:
@@ -412,6 +477,15 @@ class Broker:
             code = process.wait()
             if self._stopping.is_set():
                 return
+            if self._restarting.is_set():
+                self._restarting.clear()
+                try:
+                    self._launch(config, timeout)
+                except BrokerError as exc:
+                    log.error("could not start mosquitto again after a restart (%s)", exc)
+                else:
+                    self._restarted.set()
+                    continue
             self.down_since = time.time()
             if time.monotonic() - started > _RESTART_RESET_S:
                 delay = _RESTART_MIN_S

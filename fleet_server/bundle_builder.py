@@ -4,6 +4,13 @@ Inputs (docs/bundle-format.md, "Build inputs"): a directory as written by ``edge
 (artifact files plus an optional ``report.json``) or a single model file. The model's
 input/output signature is read from an ONNX artifact when the ``onnx`` package is importable,
 else taken from report.json.
+
+Versions: the model version is the operator's (``--version``) and must exceed every earlier
+build of the model; the metadata version is the next one. Both are counted in the key
+store (``KEYS/repository/state.json``) and, given a server (``--data``/``--server``), also
+above every bundle that server stores, re-releases included (:mod:`fleet_server.releases`).
+Recipients for encryption are X25519 public key files, or ``device:ID``, ``group:G``,
+``profile:P`` selectors resolved with the server's list of devices.
 """
 
 from __future__ import annotations
@@ -16,14 +23,18 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
 from bundle.crypto import public_key_from_bytes
 from bundle.errors import BundleError
 from bundle.manifest import TensorSpec, self_tests_from_obj, tensor_specs_from_obj
 from bundle.signing import ArtifactInput, BundleSpec, build_bundle
 from common.atomic import write_atomic
 
-from .errors import BundleInputError
+from .api_client import ServerClient
+from .errors import BundleInputError, FleetError
 from .keys import KeyStore, RepositoryState
+from .recipients import Candidate, is_selector, select_recipients
 
 __all__ = ["BuildRequest", "build", "load_artifacts"]
 
@@ -44,8 +55,12 @@ class BuildRequest:
     artifacts_dir: Path | None = None
     model: Path | None = None
     profiles: tuple[str, ...] = ()
-    encrypt_for: tuple[Path, ...] = ()
+    #: Public key files (PEM) and ``device:``/``group:``/``profile:`` selectors.
+    encrypt_for: tuple[str, ...] = ()
     valid_days: int = 30
+    #: The fleet server to take versions and recipients' keys from (None: the key store's
+    #: counts only, key files only).
+    server: ServerClient | None = None
 
 
 @dataclass(frozen=True)
@@ -58,14 +73,15 @@ def build(request: BuildRequest) -> BundleSpec:
     """Build, sign and write the bundle; returns what was put in it."""
     store = KeyStore.at(request.keys_dir)
     state = store.state()
-    last = state.models.get(request.name)
-    if last is not None and request.version <= last:
-        raise BundleInputError(f"{request.name} v{last} was already built; versions only go "
-                               f"up, use --version {last + 1} or higher")
+    released_model, released_metadata = _released(request)
+    last = max(state.models.get(request.name, 0), released_model)
+    if request.version <= last:
+        raise BundleInputError(f"{request.name} v{last} was already built or released; "
+                               f"versions only go up, use --version {last + 1} or higher")
     inputs = _gather(request)
     spec = _spec(request, inputs)
-    recipients = [public_key_from_bytes(_read(p)) for p in request.encrypt_for]
-    version = state.metadata_version + 1
+    recipients = _recipients(request)
+    version = max(state.metadata_version, released_metadata) + 1
     online = {role: store.signers(role) for role in ("targets", "snapshot", "timestamp")}
     expires = (datetime.now(timezone.utc) + timedelta(days=request.valid_days)).replace(
         microsecond=0)
@@ -79,6 +95,36 @@ def build(request: BuildRequest) -> BundleSpec:
     log.info("built %s v%d (%d bytes, metadata v%d)", spec.name, spec.version, len(data),
              version)
     return spec
+
+
+def _released(request: BuildRequest) -> tuple[int, int]:
+    """The highest version of the model and the highest metadata version the server
+    stores ((0, 0) without a server)."""
+    if request.server is None:
+        return 0, 0
+    bundles = request.server.get("/api/bundles")["bundles"]
+    return (max((int(b["version"]) for b in bundles if b["name"] == request.name), default=0),
+            max((int(b.get("metadata_version") or 0) for b in bundles), default=0))
+
+
+def _recipients(request: BuildRequest) -> list[X25519PublicKey]:
+    selectors = [e for e in request.encrypt_for if is_selector(e)]
+    keys = [public_key_from_bytes(_read(Path(e))) for e in request.encrypt_for
+            if not is_selector(e)]
+    if not selectors:
+        return keys
+    if request.server is None:
+        raise BundleInputError(f"--encrypt-for {selectors[0]} needs the devices' keys from "
+                               "the fleet server: give --data DIR or --server URL")
+    devices = request.server.get("/api/devices")["devices"]
+    try:
+        chosen = select_recipients(selectors, (
+            Candidate(d["id"], d["group"], d["profile"], d.get("encryption_key"))
+            for d in devices))
+    except FleetError as exc:
+        raise BundleInputError(str(exc)) from exc
+    log.info("encrypting for %d device(s): %s", len(chosen.devices), ", ".join(chosen.devices))
+    return keys + list(chosen.keys)
 
 
 def load_artifacts(directory: Path) -> tuple[tuple[ArtifactInput, ...], dict[str, Any]]:

@@ -7,6 +7,11 @@ Layout of a CA directory (mode 0700)::
                  device identities, so back it up like the online signing keys
       ca.crt     the self-signed fleet CA certificate: every device and the broker trust it
       ca.json    fleet name and the names of service identities (see below)
+      issued/    every device certificate issued, <fingerprint>.crt: revocation needs a
+                 certificate's serial number, and the registry knows devices by fingerprint
+      revoked.json  the revoked device certificates (serial, fingerprint, device, when)
+      crl.pem    the certificate revocation list made from revoked.json, signed by the CA;
+                 the broker refuses the certificates it lists (docs/transport.md)
 
 What the CA issues (docs/transport.md, "TLS identity"):
 
@@ -22,6 +27,13 @@ What the CA issues (docs/transport.md, "TLS identity"):
   record, not from the device, and copying requested fields would let a device ask for
   another identity or extra key usages. The CSR only proves possession of the key.
 
+A device certificate that is replaced (the device enrolled again) or whose device was reset
+is **revoked** (:meth:`FleetCA.revoke`): its serial goes into ``crl.pem``, which the broker
+checks at every TLS handshake. The CRL's next-update time is the CA's own expiry: the CRL is
+handed to the broker whenever it changes rather than fetched by relying parties, so its
+next-update is no freshness signal, and an expired CRL would make OpenSSL refuse every
+client.
+
 Keys are EC P-256: every TLS stack in the fleet (OpenSSL in Mosquitto, Python's ssl on the
 devices) accepts it for TLS 1.2 and 1.3, which is not true of Ed25519.
 """
@@ -31,8 +43,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import threading
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -51,10 +65,12 @@ from .errors import CAError, CSRError
 
 __all__ = [
     "CA_VALIDITY_DAYS",
+    "CRL_NAME",
     "DEVICE_VALIDITY_DAYS",
     "SERVICE_VALIDITY_DAYS",
     "FleetCA",
     "IssuedIdentity",
+    "RevokedCertificate",
     "certificate_fingerprint",
 ]
 
@@ -69,6 +85,10 @@ SERVICE_VALIDITY_DAYS = 825
 #: behind does not reject a certificate that was just issued.
 _BACKDATE = timedelta(hours=1)
 _EC_CURVES = (ec.SECP256R1, ec.SECP384R1)
+#: The CRL's file name in the CA directory.
+CRL_NAME = "crl.pem"
+_REVOKED_NAME = "revoked.json"
+_ISSUED_DIR = "issued"
 _MIN_RSA_BITS = 2048
 
 
@@ -86,6 +106,18 @@ class IssuedIdentity:
         return certificate_fingerprint(self.cert_pem)
 
 
+@dataclass(frozen=True)
+class RevokedCertificate:
+    """One entry of the revocation list (``revoked.json``)."""
+
+    serial: int
+    fingerprint: str
+    #: The CN it was issued to.
+    device: str
+    revoked_at: float
+    reason: str
+
+
 class FleetCA:
     """One fleet's certificate authority, backed by a CA directory."""
 
@@ -97,6 +129,8 @@ class FleetCA:
         self.certificate = certificate
         self._key = key
         self._services = set(service_identities)
+        # Enrollments run on the API's threads: revocations must not lose one another.
+        self._lock = threading.Lock()
 
     @classmethod
     def create(cls, directory: Path, fleet_name: str, *,
@@ -144,6 +178,7 @@ class FleetCA:
             write_atomic(directory / "ca.key", _key_pem(key), 0o600)
             write_atomic(directory / "ca.crt", ca.cert_pem)
             ca._save_metadata()
+            ca._write_crl([])
         except OSError as exc:
             raise CAError(f"cannot write the fleet CA to {directory} ({exc}); fix the "
                           "directory, delete what was written and run again") from exc
@@ -170,12 +205,25 @@ class FleetCA:
                 key.public_key() != certificate.public_key()):
             raise CAError(f"{directory / 'ca.key'} is not the key of {directory / 'ca.crt'}; "
                           "restore the pair from the same backup")
-        return cls(directory, fleet, key, certificate, services)
+        ca = cls(directory, fleet, key, certificate, services)
+        if not ca.crl_path.exists():  # a CA made before revocation existed
+            try:
+                ca._write_crl(ca._revoked())
+            except OSError as exc:
+                raise CAError(f"cannot write {ca.crl_path} ({exc}); make the CA directory "
+                              "writable") from exc
+        return ca
 
     @property
     def cert_path(self) -> Path:
         """The CA certificate file: what the broker and every client trust."""
         return self.directory / "ca.crt"
+
+    @property
+    def crl_path(self) -> Path:
+        """The certificate revocation list (PEM) the broker checks client certificates
+        against (``crlfile``); always present, empty until something is revoked."""
+        return self.directory / CRL_NAME
 
     @property
     def cert_pem(self) -> bytes:
@@ -266,9 +314,85 @@ class FleetCA:
                         device_id, csr.subject.rfc4514_string(), device_id)
         certificate = self._sign(self._leaf(device_id, public_key, validity_days,
                                             ExtendedKeyUsageOID.CLIENT_AUTH))
-        log.info("issued a device certificate for %s (%s)", device_id,
-                 certificate_fingerprint(certificate)[:16])
+        fingerprint = certificate_fingerprint(certificate)
+        try:
+            write_atomic(self.directory / _ISSUED_DIR / f"{fingerprint}.crt", certificate)
+        except OSError as exc:
+            raise CAError(f"cannot record the certificate issued to {device_id} in "
+                          f"{self.directory / _ISSUED_DIR} ({exc}); without it the "
+                          "certificate could never be revoked: make the CA directory "
+                          "writable and enroll again") from exc
+        log.info("issued a device certificate for %s (%s)", device_id, fingerprint[:16])
         return certificate
+
+    def revoke(self, fingerprint: str, reason: str) -> bool:
+        """Put the device certificate with this fingerprint on the CRL (``crl.pem``).
+
+        Returns True once it is listed (now or before), False if this CA has no record of
+        it (issued by an edgefleet older than revocation, or by another CA): nothing can be
+        revoked then, and the caller says so. The broker must then re-read the CRL
+        (:meth:`fleet_server.broker.Broker.reload_crl`). Raises CAError if the CRL cannot
+        be written."""
+        fingerprint = fingerprint.lower()
+        with self._lock:
+            revoked = self._revoked()
+            if any(entry.fingerprint == fingerprint for entry in revoked):
+                return True
+            try:
+                pem = (self.directory / _ISSUED_DIR / f"{fingerprint}.crt").read_bytes()
+                certificate = x509.load_pem_x509_certificate(pem)
+            except (OSError, ValueError):
+                log.warning("cannot revoke certificate %s: %s has no record of it (issued "
+                            "before revocation was kept, or by another CA)", fingerprint[:16],
+                            self.directory / _ISSUED_DIR)
+                return False
+            names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            entry = RevokedCertificate(certificate.serial_number, fingerprint,
+                                       str(names[0].value) if names else "", time.time(),
+                                       reason)
+            revoked.append(entry)
+            try:
+                write_atomic(self.directory / _REVOKED_NAME, json.dumps(
+                    [asdict(e) for e in revoked], indent=1, sort_keys=True).encode("utf-8"))
+                self._write_crl(revoked)
+            except OSError as exc:
+                raise CAError(f"cannot write the revocation list in {self.directory} ({exc}); "
+                              "the old certificate still works: make the CA directory "
+                              "writable and revoke again") from exc
+        log.info("revoked certificate %s of %s (%s)", fingerprint[:16], entry.device, reason)
+        return True
+
+    def revoked(self) -> list[RevokedCertificate]:
+        """Every revoked device certificate, oldest first."""
+        with self._lock:
+            return self._revoked()
+
+    def _revoked(self) -> list[RevokedCertificate]:
+        path = self.directory / _REVOKED_NAME
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            return [RevokedCertificate(int(e["serial"]), str(e["fingerprint"]),
+                                       str(e["device"]), float(e["revoked_at"]),
+                                       str(e["reason"])) for e in raw]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CAError(f"{path} is unreadable ({exc!r}); restore it from backup (the "
+                          "certificates it lists would work again without it)") from exc
+
+    def _write_crl(self, revoked: list[RevokedCertificate]) -> None:
+        builder = (x509.CertificateRevocationListBuilder()
+                   .issuer_name(self.certificate.subject)
+                   .last_update(datetime.now(timezone.utc) - _BACKDATE)
+                   .next_update(self.certificate.not_valid_after_utc))
+        for entry in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(entry.serial)
+                .revocation_date(datetime.fromtimestamp(entry.revoked_at, timezone.utc))
+                .build())
+        crl = builder.sign(self._key, hashes.SHA256())
+        write_atomic(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
 
     def write_identity(self, identity: IssuedIdentity, directory: Path,
                        name: str | None = None) -> TLSIdentity:

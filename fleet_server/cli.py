@@ -16,6 +16,7 @@ from bundle.trust import TrustedState, verify_bundle
 from common.cli import new_parser, run
 
 from . import __version__
+from .api_client import locate
 from .bundle_builder import BuildRequest, build
 from .demo import run_demo
 from .errors import BundleInputError, FleetError
@@ -130,9 +131,16 @@ def _add_bundle(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     b.add_argument("--out", type=Path, required=True, metavar="FILE")
     b.add_argument("--profile", action="append", default=[], metavar="NAME",
                    help="target firmware profile (repeatable)")
-    b.add_argument("--encrypt-for", action="append", default=[], type=Path,
-                   metavar="PUBKEY", help="X25519 public key (PEM) of a device or group "
-                   "that may decrypt the artifacts (repeatable)")
+    b.add_argument("--encrypt-for", action="append", default=[],
+                   metavar="RECIPIENTS", help="who may decrypt the artifacts (repeatable): "
+                   "device:ID, group:G or profile:P (their keys from the server: needs "
+                   "--data or --server), or an X25519 public key file (PEM)")
+    where = b.add_argument_group("the fleet server, for its versions and devices' keys")
+    where.add_argument("--server", metavar="URL", help="the operator API (as for `fleet "
+                       "devices`)")
+    where.add_argument("--data", type=Path, metavar="DIR",
+                       help="the server's data directory: its versions are counted too, so "
+                       "this build is above any re-release the server signed")
     b.add_argument("--valid-days", type=_valid_days, default=30, metavar="DAYS",
                    help="metadata validity, 1 to 3650 days; devices refuse the bundle after "
                    "it (default 30)")
@@ -147,10 +155,11 @@ def _add_bundle(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def _bundle_build(args: argparse.Namespace) -> int:
+    server = locate(args.server, args.data) if args.server or args.data else None
     spec = build(BuildRequest(
         name=args.name, version=args.version, keys_dir=args.keys, out=args.out,
         artifacts_dir=args.artifacts, model=args.model, profiles=tuple(args.profile),
-        encrypt_for=tuple(args.encrypt_for), valid_days=args.valid_days))
+        encrypt_for=tuple(args.encrypt_for), valid_days=args.valid_days, server=server))
     print(f"built {args.out}: {spec.name} v{spec.version}, {len(spec.artifacts)} artifact(s) "
           f"for {', '.join(spec.profiles)}"
           f"{', encrypted' if args.encrypt_for else ''}")

@@ -13,13 +13,16 @@ bundle was refused, and the CLI prints them the same way. The tree::
     ├── BrokerError         the MQTT broker cannot be configured or started
     ├── ServiceError        `fleet serve` cannot start: data directory, keys, configuration
     ├── EnrollmentError     an enrollment token was refused (unknown, used or expired)
+    ├── ReleaseError        a publish, rollback or re-release devices would refuse, or that
+    │                       this server cannot sign
     └── ApiError            the operator API refused a request, or cannot be reached
 """
 
 from __future__ import annotations
 
 __all__ = ["ApiError", "BrokerError", "BundleInputError", "CAError", "CSRError",
-           "EnrollmentError", "FleetError", "KeyStoreError", "RegistryError", "ServiceError"]
+           "EnrollmentError", "FleetError", "KeyStoreError", "RegistryError", "ReleaseError",
+           "ServiceError"]
 
 
 class FleetError(Exception):
@@ -66,6 +69,12 @@ class ServiceError(FleetError):
 class EnrollmentError(FleetError):
     """An enrollment was refused because of its token (unknown, already used, expired): the
     installer needs a new token from the operator. Bad CSRs are :class:`CSRError`."""
+
+
+class ReleaseError(FleetError):
+    """Nothing was published because devices would refuse it (a version lower than one
+    they have, metadata older than what they trust) or because the server cannot sign the
+    re-release it needs (no online keys): the message says what to do instead."""
 
 
 class ApiError(FleetError):

@@ -41,8 +41,9 @@ def add_server_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     where = argparse.ArgumentParser(add_help=False)
     group = where.add_argument_group("which server")
     group.add_argument("--server", metavar="URL",
-                       help=f"the operator API, e.g. http://127.0.0.1:{SERVER_API_PORT} "
-                       "(admin token from $EDGEFLEET_ADMIN_TOKEN or DIR/admin.token)")
+                       help=f"the operator API, e.g. https://127.0.0.1:{SERVER_API_PORT} "
+                       "(admin token from $EDGEFLEET_ADMIN_TOKEN or DIR/admin.token; its "
+                       "certificate checked against $EDGEFLEET_SERVER_CA or DIR/ca/ca.crt)")
     group.add_argument("--data", type=Path, metavar="DIR",
                        help="the server's data directory, to find it through DIR/server.json "
                        "(default $EDGEFLEET_SERVER_DIR or ~/.local/share/edgefleet/server)")
@@ -54,8 +55,11 @@ def add_server_commands(subparsers: argparse._SubParsersAction[argparse.Argument
         description="Issue a one-time enrollment token for a group and print it (alone, so "
         "TOKEN=$(fleet enroll-token --group lab) works). Give it to the installer: "
         "edge-agent enroll --server URL --token TOKEN.")
-    token.add_argument("--group", default="default", help="group the device joins "
-                       "(default: default)")
+    token.add_argument("--group", help="group the device joins (default: with --device, "
+                       "the device's group; else default)")
+    token.add_argument("--device", metavar="ID", help="only for this device id, which it may "
+                       "take even if it is enrolled: how a re-imaged device enrolls again "
+                       "(a token for a group cannot take an enrolled id)")
     token.add_argument("--ttl", type=float, default=24 * 3600.0, metavar="SECONDS",
                        help="how long the token is valid (default 86400)")
     token.set_defaults(handler=_enroll_token)
@@ -74,6 +78,15 @@ def add_server_commands(subparsers: argparse._SubParsersAction[argparse.Argument
                               help="a device's state, installs and recent events")
     show.add_argument("device_id", metavar="ID")
     show.set_defaults(handler=_device_show)
+    reset = actions.add_parser(
+        "reset", parents=[where, as_json],
+        help="revoke a device's certificate; any token may then enroll its id",
+        description="Revoke the device's certificate (the broker refuses it from now on; an "
+        "embedded broker restarts to drop its connection, every device reconnects) and free "
+        "its id, so the next `edge-agent enroll` with that id needs no token issued for it. "
+        "Its group, tags and desired state stay for the device that enrolls next.")
+    reset.add_argument("device_id", metavar="ID")
+    reset.set_defaults(handler=_device_reset)
 
     bundles = subparsers.add_parser("bundles", parents=[where, as_json],
                                     help="list the bundles stored on the server")
@@ -87,12 +100,19 @@ def add_server_commands(subparsers: argparse._SubParsersAction[argparse.Argument
         "message) or when they next connect.")
     _add_selection(publish)
     publish.add_argument("bundle_file", type=Path, metavar="BUNDLE_FILE")
+    publish.add_argument("--encrypt-for", action="append", default=[], metavar="SELECTOR",
+                         help="encrypt the artifacts for these devices (device:ID, group:G, "
+                         "profile:P; repeatable): the server re-releases the bundle as the "
+                         "next version, encrypted, and publishes that")
     publish.set_defaults(handler=_publish)
 
     rollback = subparsers.add_parser(
         "rollback", parents=[where, as_json], help="undo the last desired-state change",
         description="Give each selected device back the desired state it had before the "
-        "last change (of MODEL only, with --model). Twice undoes two changes.")
+        "last change (of MODEL only, with --model). Twice undoes two changes. Devices refuse "
+        "versions lower than they have, so the server re-releases each earlier bundle as the "
+        "next version of its model (signed with the online keys of `fleet serve --keys`) and "
+        "that is what devices install.")
     _add_selection(rollback)
     rollback.add_argument("--model", help="only changes of this model")
     rollback.set_defaults(handler=_rollback)
@@ -151,6 +171,10 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     serve.add_argument("--port", type=int, default=SERVER_API_PORT, metavar="P",
                        help=f"port of the operator API (default {SERVER_API_PORT}; 0 picks "
                        "a free one)")
+    serve.add_argument("--api-host", action="append", default=[], metavar="HOST",
+                       help="name or address devices use to reach the operator API "
+                       "(repeatable; it goes into the API's TLS certificate; default: the "
+                       "--broker-host names)")
     broker = serve.add_argument_group("broker")
     broker.add_argument("--broker-url", metavar="mqtts://HOST[:PORT]",
                         help="use this external broker instead of the embedded Mosquitto")
@@ -199,13 +223,15 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         service.start()
         token_file = data / ADMIN_TOKEN_FILE
-        api = ApiServer(service, load_admin_token(token_file), host=args.host,
-                        port=args.port)
+        hosts = [*(args.api_host or args.broker_host),
+                 *([args.host] if args.host not in ("", "0.0.0.0", "::") else [])]
+        api = ApiServer(service, load_admin_token(token_file), service.api_identity(hosts),
+                        host=args.host, port=args.port)
         api.start()
         write_atomic(server_file, json.dumps({
             "api_url": api.url, "pid": os.getpid(), "admin_token_file": str(token_file),
-            "broker_url": service.broker_url, "fleet": service.fleet,
-            "data_dir": str(data)}, indent=2).encode("utf-8"))
+            "ca_file": str(service.ca.cert_path), "broker_url": service.broker_url,
+            "fleet": service.fleet, "data_dir": str(data)}, indent=2).encode("utf-8"))
         print(f"fleet {service.fleet}: API {api.url} (admin token {token_file}), MQTT "
               f"{service.broker_url}, data {data}; Ctrl-C stops", flush=True)
         while not stop.wait(1.0):
@@ -224,8 +250,9 @@ def _serve(args: argparse.Namespace) -> int:
 # --- operator commands --------------------------------------------------------------------
 
 def _enroll_token(args: argparse.Namespace) -> int:
-    answer = _client(args).post("/api/enroll-tokens", {"group": args.group,
-                                                       "ttl_s": args.ttl})
+    body = {"ttl_s": args.ttl, **({"group": args.group} if args.group else {}),
+            **({"device": args.device} if args.device else {})}
+    answer = _client(args).post("/api/enroll-tokens", body)
     if args.json:
         _print_json(answer)
     else:
@@ -307,14 +334,27 @@ def _device_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device_reset(args: argparse.Namespace) -> int:
+    device = _client(args).post(f"/api/devices/{args.device_id}/reset")
+    if args.json:
+        _print_json(device)
+        return 0
+    print(f"reset {device['id']}: certificate {device['cert_fingerprint'][:16]} revoked; "
+          f"enroll it again with any token of group {device['group']} (`fleet enroll-token "
+          f"--group {device['group']}`)")
+    return 0
+
+
 def _bundles(args: argparse.Namespace) -> int:
     bundles = _client(args).get("/api/bundles")["bundles"]
     if args.json:
         _print_json(bundles)
         return 0
     rows = [[b["name"], str(b["version"]), _size(b["size"]), b["sha256"][:16],
-             _utc(b["created_at"])] for b in bundles]
-    _table(["NAME", "VERSION", "SIZE", "SHA256", "STORED"], rows,
+             _utc(b["created_at"]),
+             f"re-release of v{b['rollback_of']}" if b.get("rollback_of") else ""]
+            for b in bundles]
+    _table(["NAME", "VERSION", "SIZE", "SHA256", "STORED", "NOTE"], rows,
            "no bundles stored yet; `fleet publish BUNDLE_FILE --group G` uploads one")
     return 0
 
@@ -327,13 +367,21 @@ def _publish(args: argparse.Namespace) -> int:
     client = _client(args)
     bundle = client.post("/api/bundles", data=data)
     result = client.post("/api/publish", {"bundle_sha256": bundle["sha256"],
-                                          **_selection_body(args)})
+                                          **_selection_body(args),
+                                          **({"encrypt_for": args.encrypt_for}
+                                             if args.encrypt_for else {})})
     if args.json:
         _print_json({"bundle": bundle, **result})
         return _delivery(result)
     target = f"group {args.group}" if args.group else "the given devices"
-    print(f"published {bundle['name']} v{bundle['version']} (sha256 {bundle['sha256'][:16]}) "
-          f"to {len(result['devices'])} device(s) of {target}; "
+    published = bundle
+    for released in result.get("released", []):
+        published = released
+        print(f"re-released {bundle['name']} v{bundle['version']} as v{released['version']} "
+              f"(sha256 {released['sha256'][:16]}), its artifacts encrypted for "
+              f"{', '.join(args.encrypt_for)}")
+    print(f"published {published['name']} v{published['version']} (sha256 "
+          f"{published['sha256'][:16]}) to {len(result['devices'])} device(s) of {target}; "
           f"{len(result['changes'])} changed, the others already had it")
     return _delivery(result)
 
@@ -344,10 +392,18 @@ def _rollback(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
         return _delivery(result)
+    for released in result.get("released", []):
+        print(f"re-released {released['name']} v{released['rollback_of']} as "
+              f"v{released['version']} (devices refuse lower versions; sha256 "
+              f"{released['sha256'][:16]})")
     print(f"rolled back {len(result['changes'])} device(s):")
+    restored = {r["sha256"]: r["rollback_of"] for r in result.get("released", [])}
     for change in result["changes"]:
+        after = change["after"]
+        note = (f" (v{restored[after['bundle_sha256']]} re-released)"
+                if after is not None and after["bundle_sha256"] in restored else "")
         print(f"  {change['device']}: {change['model']} {_version(change['before'])} -> "
-              f"{_version(change['after'])}")
+              f"{_version(after)}{note}")
     return _delivery(result)
 
 

@@ -33,6 +33,7 @@ Layout of the data directory (``fleet serve --data DIR``)::
       broker/          the embedded Mosquitto: mosquitto.conf, acl, mosquitto.log,
                        persistence/
       broker-tls/      the broker's server certificate, re-issued at every start
+      api-tls/         the operator API's server certificate, re-issued at every start
       state.json       the embedded broker's port when it was chosen automatically
       admin.token      the operator API's bearer token (0600; fleet_server.api)
       server.json      while `fleet serve` runs: its API URL, pid, token file
@@ -40,6 +41,7 @@ Layout of the data directory (``fleet serve --data DIR``)::
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -73,6 +75,7 @@ from bundle.trust import TrustedState, verify_bundle
 from common.atomic import write_atomic
 from protocol import messages
 from protocol.defaults import MQTTS_PORT
+from protocol.enrollment import EnrollmentToken, pin_of
 from protocol.errors import ProtocolError
 from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF, device_topic
 from transport.mqtt import BrokerAddress, TLSIdentity, close_client
@@ -80,17 +83,22 @@ from transport.x509 import certificate_fingerprint
 
 from .broker import SERVER_IDENTITY, Broker, BrokerConfig
 from .ca import FleetCA
+from .enrollment import check_token
 from .errors import BrokerError, EnrollmentError, RegistryError, ServiceError
 from .rate_limit import TokenBuckets
+from .recipients import Candidate, Recipients, select_recipients
 from .registry import BundleRecord, DesiredChange, Device, Registry, open_registry
+from .releases import Releaser, check_publishable
 
 __all__ = [
+    "API_IDENTITY",
     "DEFAULT_FLEET",
     "DEVICE_EVENT_PREFIX",
     "OFFLINE_EVENT",
     "PROTOCOL_ERROR",
     "Enrollment",
     "FleetService",
+    "IssuedToken",
     "PublishResult",
     "ServiceConfig",
 ]
@@ -98,6 +106,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_FLEET = "default"
+#: CN of the operator API's server certificate.
+API_IDENTITY = "edgefleet-api"
 #: Event kind recorded for a message a device sent that could not be used.
 PROTOCOL_ERROR = "protocol_error"
 #: An ``events`` message of this kind (the agent's MQTT will, for example) marks the device
@@ -137,8 +147,10 @@ class ServiceConfig:
 
     #: Everything the server keeps on disk (module docstring).
     data_dir: Path
-    #: The fleet's keys directory (``fleet keys init --dir KEYS``); only ``KEYS/root.json``
-    #: is read: uploads are verified against it and enrolling devices pin it.
+    #: The fleet's keys directory (``fleet keys init --dir KEYS``). ``KEYS/root.json`` is
+    #: what uploads are verified against and enrolling devices pin; with the online keys
+    #: (``KEYS/online``) and the root history there too, the server signs re-releases
+    #: (rollback, encryption at publish) itself (:mod:`fleet_server.releases`).
     keys_dir: Path
     #: The fleet's name (topic root ``edgefleet/{fleet}``). None: the CA's, or
     #: :data:`DEFAULT_FLEET` for a new data directory. Fixed once the CA exists.
@@ -163,6 +175,9 @@ class ServiceConfig:
     #: a device asking for chunks faster than it reads them cannot flood the broker.
     chunk_rate_bytes: float = 8 * 1024 * 1024
     chunk_burst_bytes: float = 32 * 1024 * 1024
+    #: Days the metadata of a re-release the server signs stays valid (as ``fleet bundle
+    #: build --valid-days``).
+    release_valid_days: int = 30
     #: A device not heard from for this long counts as offline, whatever its last word (a
     #: will lost while the server was down would leave it online forever). Agents send
     #: telemetry every 30 s by default; a few missed samples are tolerated.
@@ -185,6 +200,17 @@ class Enrollment:
 
 
 @dataclass(frozen=True)
+class IssuedToken:
+    """An enrollment token as the operator gets it."""
+
+    token: str = field(repr=False)
+    group: str
+    expires_at: float
+    #: The device id it is for, or None for any new device.
+    device: str | None = None
+
+
+@dataclass(frozen=True)
 class PublishResult:
     """The desired-state changes made, and every device whose desired state was published
     (all selected devices: those already at the target are re-sent theirs, harmlessly)."""
@@ -194,6 +220,8 @@ class PublishResult:
     #: False if the server had no broker connection: the desired states are stored and
     #: will be sent when the connection returns, but nobody has them yet.
     delivered: bool = True
+    #: Bundles the server signed for this (re-releases), to show the operator.
+    released: tuple[BundleRecord, ...] = ()
 
 
 class FleetService:
@@ -207,6 +235,7 @@ class FleetService:
         """Nothing is opened or started until :meth:`start`."""
         self.config = config
         self._registry: Registry | None = None
+        self._releaser: Releaser | None = None
         self._ca: FleetCA | None = None
         self._broker: Broker | None = None
         self._client: Client | None = None
@@ -264,6 +293,7 @@ class FleetService:
         broker, self._broker = self._broker, None
         if broker is not None:
             broker.stop()
+        self._releaser = None
         registry, self._registry = self._registry, None
         if registry is not None:
             registry.close()
@@ -291,6 +321,13 @@ class FleetService:
         self._ca = self._load_ca()
         self._registry = open_registry(self.config.db_url or data / "fleet.db",
                                        blob_dir=data / "bundles")
+        self._releaser = Releaser(self._registry, self.config.keys_dir,
+                                  valid_days=self.config.release_valid_days,
+                                  root=self.root_json)
+        log.info("keys %s: %s", self.config.keys_dir,
+                 "online keys found, the server signs re-releases (rollback)"
+                 if self._releaser.can_sign else "no online keys: rollback and encryption "
+                 "at publish need them (fleet serve --keys KEYS)")
         identity = self._server_identity(self._ca)
         self._broker = self._start_broker(self._ca)
         client = self._broker.client(identity)
@@ -355,7 +392,7 @@ class FleetService:
 
         def config(port: int) -> BrokerConfig:
             return BrokerConfig(ca.fleet, data / "broker", tls, port=port,
-                                bind_address=self.config.mqtt_bind)
+                                bind_address=self.config.mqtt_bind, crl_file=ca.crl_path)
 
         broker = Broker.embedded(config(port))
         try:
@@ -394,6 +431,13 @@ class FleetService:
         return self._registry
 
     @property
+    def releaser(self) -> Releaser:
+        """Versions and re-releases (while started)."""
+        if self._releaser is None:
+            raise RuntimeError("the fleet service is not started")
+        return self._releaser
+
+    @property
     def ca(self) -> FleetCA:
         """The fleet CA (while started)."""
         if self._ca is None:
@@ -422,6 +466,13 @@ class FleetService:
         """Whether the service's MQTT client is connected right now."""
         return self._connected.is_set()
 
+    def api_identity(self, hosts: Sequence[str] = ()) -> TLSIdentity:
+        """The operator API's TLS certificate and key, issued by the fleet CA for ``hosts``
+        (and localhost) into ``DATA/api-tls`` (re-issued at every start, so a new name takes
+        effect on restart, as the broker's does)."""
+        issued = self.ca.issue_server_cert(hosts, common_name=API_IDENTITY)
+        return self.ca.write_identity(issued, self.config.data_dir / "api-tls", "api")
+
     def root_json(self) -> bytes:
         """The fleet's current TUF root (``KEYS/root.json``), read afresh so a key rotation
         takes effect without a restart, and checked: a garbage root handed to enrolling
@@ -441,37 +492,97 @@ class FleetService:
 
     # --- operations ---
 
-    def enroll(self, token: str, device_id: str, csr_pem: bytes, profile: str,
-               tags: Sequence[str] = ()) -> Enrollment:
-        """Enroll a device: sign its CSR, use up the token, record the device, publish its
-        desired state (kept from an earlier enrollment, else empty).
+    def issue_token(self, group: str, ttl: float, device: str | None = None) -> IssuedToken:
+        """A one-time enrollment token for ``group``, valid ``ttl`` seconds, carrying the
+        pins of the fleet CA and the current root.json (:mod:`protocol.enrollment`); with
+        ``device``, for that device id only, which it may take over (re-enrollment)."""
+        issued_at = time.time()  # the registry's clock is the wall clock too
+        secret = self.registry.issue_token(group, ttl, device)
+        token = EnrollmentToken(secret, self.ca_pin, pin_of(self.root_json()))
+        return IssuedToken(token.encode(), group, issued_at + ttl, device)
 
-        Everything that can be checked is checked before the token is used, so a bad CSR,
-        profile or tag leaves the token valid. Raises CSRError (bad CSR or device id),
-        RegistryError (bad profile or tags), EnrollmentError (token refused)."""
+    @property
+    def ca_pin(self) -> bytes:
+        """The pin of the fleet CA certificate: SHA-256 of its DER (while started)."""
+        return bytes.fromhex(certificate_fingerprint(self.ca.cert_pem))
+
+    def enroll(self, token: str, device_id: str, csr_pem: bytes, profile: str,
+               tags: Sequence[str] = (), *, encryption_key: str | None = None,
+               ) -> Enrollment:
+        """Enroll a device: check the token's pins, sign its CSR, use up the token and record
+        the device (with the public X25519 ``encryption_key`` it registers, base64), revoke
+        the certificate it replaces, publish its desired state (kept from an earlier
+        enrollment, else empty).
+
+        An enrolled device id is taken only with a token issued for it or after
+        :meth:`reset_device` (:meth:`Registry.enroll_device`). Everything that can be
+        checked is checked before the token is used, so a bad CSR, profile, tag, key or a
+        token of another root leaves the token valid. Raises CSRError (bad CSR or device
+        id), RegistryError (bad profile, tags or key), EnrollmentError (token refused)."""
         _check_text("profile", profile)
         if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
             raise RegistryError(f"tags must be a list of strings, got {tags!r}")
         for tag in tags:
             _check_text("tag", tag)
+        parsed = check_token(token, ca_pin=self.ca_pin, root=self.root_json(),
+                             earlier_roots=self._earlier_roots())
         certificate = self.ca.sign_device_csr(csr_pem, device_id)
         try:
-            group = self.registry.redeem_token(token, device_id)
+            enrolled = self.registry.enroll_device(
+                parsed.secret, device_id, profile=profile,
+                cert_fingerprint=certificate_fingerprint(certificate), tags=tags,
+                encryption_key=encryption_key)
         except RegistryError as exc:
             raise EnrollmentError(str(exc)) from exc
-        device = self.registry.upsert_device(
-            device_id, group=group, profile=profile,
-            cert_fingerprint=certificate_fingerprint(certificate), tags=tags)
+        device = enrolled.device
+        if enrolled.replaced_fingerprint is not None:
+            self._revoke(device_id, enrolled.replaced_fingerprint,
+                         "replaced by a new enrollment")
         with self._desired_lock:
             self._send_desired(device)
-        log.info("enrolled %s into group %s (profile %s)", device_id, group, profile)
-        return Enrollment(device_id=device_id, fleet=self.fleet, group=group,
+        log.info("enrolled %s into group %s (profile %s)", device_id, device.group, profile)
+        return Enrollment(device_id=device_id, fleet=self.fleet, group=device.group,
                           certificate_pem=certificate, ca_certificate_pem=self.ca.cert_pem,
                           broker_url=self.broker_url, root_json=self.root_json())
 
+    def reset_device(self, device_id: str) -> Device:
+        """The operator's reset: revoke the device's certificate (the broker refuses it from
+        now on, and an embedded broker drops its connection), and let any token enroll its
+        id again. Its group, tags and desired state stay for the device that enrolls next.
+        RegistryError if there is no such device."""
+        device = self.registry.reset_device(device_id)
+        self._revoke(device_id, device.cert_fingerprint, "device reset by the operator")
+        self._fetchable = {pair for pair in self._fetchable if pair[0] != device_id}
+        # Mosquitto 2.0 cannot drop one client: a restart drops all, who reconnect (the
+        # revoked one cannot). Not needed for a device that never connected.
+        if device.last_seen is not None:
+            self.broker.restart()
+        log.info("reset %s: certificate %s revoked", device_id, device.cert_fingerprint[:16])
+        return device
+
+    def _earlier_roots(self) -> list[bytes]:
+        """Every root version the keys directory keeps (``fleet keys`` keeps them)."""
+        history = self.config.keys_dir / "repository" / "root_history"
+        roots = []
+        for path in sorted(history.glob("*.root.json")) if history.is_dir() else ():
+            with contextlib.suppress(OSError):
+                roots.append(path.read_bytes())
+        return roots
+
+    def _revoke(self, device_id: str, fingerprint: str, reason: str) -> None:
+        """Revoke a certificate of ``device_id`` and make the broker refuse it from now on."""
+        if not self.ca.revoke(fingerprint, reason):
+            self.registry.add_event("certificate.not_revoked", device=device_id, detail={
+                "cert_fingerprint": fingerprint, "reason": "the CA has no record of it "
+                "(issued by an older edgefleet); it stays valid until it expires"})
+            return
+        self.broker.reload_crl()
+        self.registry.add_event("certificate.revoked", device=device_id, detail={
+            "cert_fingerprint": fingerprint, "reason": reason})
+
     def add_bundle(self, data: bytes) -> BundleRecord:
         """Verify an uploaded bundle against the fleet's root and store it under the name
-        and version of its signed manifest.
+        and version of its signed manifest (with its metadata version).
 
         Raises a ``bundle.errors.BundleError`` subclass naming why the bundle is refused (bad
         signature, tampered, expired, ...), RegistryError if another bundle has that name and
@@ -479,23 +590,72 @@ class FleetService:
         verified = verify_bundle(data, TrustedState(root=self.root_json()),
                                  now=datetime.now(timezone.utc), profile=None)
         manifest = verified.manifest
-        record = self.registry.put_bundle(data, manifest.name, manifest.version)
+        record = self.registry.put_bundle(data, manifest.name, manifest.version,
+                                          metadata_version=verified.metadata_version,
+                                          rollback_of=manifest.rollback_of)
         log.info("stored bundle %s v%d (%s)", record.name, record.version, record.sha256[:12])
         return record
 
     def publish(self, bundle_sha256: str, *, devices: Sequence[str] | None = None,
-                group: str | None = None) -> PublishResult:
+                group: str | None = None, encrypt_for: Sequence[str] = ()) -> PublishResult:
         """Make a stored bundle desired for ``devices`` or every device of ``group`` and
-        publish their desired state. RegistryError for an unknown bundle, device or group."""
-        changes = self.registry.set_desired(bundle_sha256, devices=devices, group=group)
-        return self._publish_selected(changes, devices, group)
+        publish their desired state. With ``encrypt_for`` (selectors, see
+        :mod:`fleet_server.recipients`) the bundle's artifacts are first encrypted for those
+        devices in a re-release (the next version), and that is published.
+
+        Nothing changes, and ReleaseError says why, if a selected device would refuse the
+        bundle (an older version than it has, older metadata than it trusts). RegistryError
+        for an unknown bundle, device or group."""
+        record = self.registry.get_bundle(bundle_sha256)
+        if record is None:
+            raise RegistryError(f"no stored bundle has sha256 {bundle_sha256!r}; upload it "
+                                "first")
+        # Checked before a re-release uses up a version: if devices would take the bundle,
+        # they take its re-release (a higher version, newer metadata) too.
+        check_publishable(record, self._selected(devices, group), self.registry.get_bundle)
+        released: tuple[BundleRecord, ...] = ()
+        if encrypt_for:
+            recipients = self.recipients(encrypt_for)
+            record = self.releaser.rerelease(record, recipients=recipients.keys)
+            released = (record,)
+        changes = self.registry.set_desired(record.sha256, devices=devices, group=group)
+        return replace(self._publish_selected(changes, devices, group), released=released)
 
     def rollback(self, *, devices: Sequence[str] | None = None, group: str | None = None,
                  model: str | None = None) -> PublishResult:
         """Undo the last desired-state change (of ``model``, if given) of the devices or the
-        group, and publish their desired state. RegistryError if nothing can be undone."""
-        changes = self.registry.rollback(devices=devices, group=group, model=model)
-        return self._publish_selected(changes, devices, group)
+        group, and publish their desired state. The bundle each goes back to is
+        re-released first as the next version of its model (devices refuse lower
+        versions), signed here (:class:`~fleet_server.releases.Releaser`). RegistryError if
+        nothing can be undone, ReleaseError if this server cannot sign."""
+        plan = self.registry.rollback(devices=devices, group=group, model=model,
+                                      dry_run=True)
+        substitute: dict[str, messages.DesiredModel] = {}
+        released = []
+        for sha in sorted({c.after.bundle_sha256 for c in plan if c.after is not None}):
+            source = self.registry.get_bundle(sha)
+            if source is None:  # desired states only name stored bundles
+                raise RegistryError(f"bundle {sha} to roll back to is not stored")
+            record = self.releaser.rerelease(source, rollback_of=source.version)
+            released.append(record)
+            substitute[sha] = record.desired
+        changes = self.registry.rollback(devices=devices, group=group, model=model,
+                                         substitute=substitute)
+        return replace(self._publish_selected(changes, devices, group),
+                       released=tuple(released))
+
+    def recipients(self, selectors: Sequence[str]) -> Recipients:
+        """The devices ``selectors`` choose and their encryption keys (ReleaseError if one
+        matches nothing or a device has no key)."""
+        return select_recipients(selectors, (
+            Candidate(d.id, d.group, d.profile, d.encryption_key)
+            for d in self.registry.list_devices()))
+
+    def _selected(self, devices: Sequence[str] | None, group: str | None) -> list[Device]:
+        if group is not None:
+            return self.registry.list_devices(group=group)
+        found = (self.registry.get_device(d) for d in sorted(set(devices or ())))
+        return [d for d in found if d is not None]
 
     def republish_all(self) -> int:
         """Publish every device's desired state (retained); returns how many."""
@@ -509,11 +669,7 @@ class FleetService:
     def _publish_selected(self, changes: list[DesiredChange], devices: Sequence[str] | None,
                           group: str | None) -> PublishResult:
         with self._desired_lock:
-            if group is not None:
-                selected = self.registry.list_devices(group=group)
-            else:
-                found = (self.registry.get_device(d) for d in sorted(set(devices or ())))
-                selected = [d for d in found if d is not None]
+            selected = self._selected(devices, group)
             for device in selected:
                 self._send_desired(device)
         delivered = self.connected

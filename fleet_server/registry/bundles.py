@@ -17,9 +17,9 @@ from .records import BundleRecord
 from .values import check_label
 
 __all__ = ["check_bundle", "find_bundle", "get_bundle", "list_bundles", "record_bundle",
-           "require_bundle"]
+           "release_versions", "require_bundle"]
 
-_COLUMNS = "sha256, name, version, size, path, created_at"
+_COLUMNS = "sha256, name, version, size, path, created_at, metadata_version, rollback_of"
 
 
 def check_bundle(name: str, version: int) -> None:
@@ -49,16 +49,29 @@ def find_bundle(tx: Tx, sha: str, name: str, version: int) -> BundleRecord | Non
 
 
 def record_bundle(tx: Tx, now: float, sha: str, name: str, version: int, *, size: int,
-                  path: Path) -> BundleRecord:
-    """Record a bundle whose file is saved at ``path`` (the same bytes again: their record)."""
+                  path: Path, metadata_version: int = 0,
+                  rollback_of: int | None = None) -> BundleRecord:
+    """Record a bundle whose file is saved at ``path`` (the same bytes again: their record),
+    with its TUF metadata version and, for a re-release, the version it restores."""
     existing = find_bundle(tx, sha, name, version)
     if existing is not None:
         return existing
-    tx.run("INSERT INTO bundles (sha256, name, version, size, path, created_at) "
-           "VALUES (?, ?, ?, ?, ?, ?)", (sha, name, version, size, str(path), now))
+    tx.run("INSERT INTO bundles (sha256, name, version, size, path, created_at, "
+           "metadata_version, rollback_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+           (sha, name, version, size, str(path), now, metadata_version, rollback_of))
     log_event(tx, now, None, "bundle.stored",
-              {"sha256": sha, "name": name, "version": version, "size": size})
-    return BundleRecord(sha, name, version, size, path, now)
+              {"sha256": sha, "name": name, "version": version, "size": size,
+               "metadata_version": metadata_version, "rollback_of": rollback_of})
+    return BundleRecord(sha, name, version, size, path, now, metadata_version, rollback_of)
+
+
+def release_versions(tx: Tx, name: str) -> tuple[int, int]:
+    """The highest stored version of model ``name`` and the highest metadata version of any
+    stored bundle (0 for none): what a new release must exceed."""
+    row = tx.one("SELECT (SELECT MAX(version) FROM bundles WHERE name = ?), "
+                 "(SELECT MAX(metadata_version) FROM bundles)", (name,))
+    assert row is not None  # an aggregate always answers one row
+    return int(row[0] or 0), int(row[1] or 0)
 
 
 def get_bundle(tx: Tx, sha256: str) -> BundleRecord | None:
@@ -85,4 +98,6 @@ def list_bundles(tx: Tx, name: str | None) -> list[BundleRecord]:
 
 def _record(row: tuple[Any, ...]) -> BundleRecord:
     return BundleRecord(sha256=row[0], name=row[1], version=int(row[2]), size=int(row[3]),
-                        path=Path(row[4]), created_at=float(row[5]))
+                        path=Path(row[4]), created_at=float(row[5]),
+                        metadata_version=int(row[6]),
+                        rollback_of=None if row[7] is None else int(row[7]))

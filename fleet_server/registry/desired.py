@@ -8,7 +8,7 @@ concurrent changes of overlapping groups on PostgreSQL neither lose an update no
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from fleet_server.errors import RegistryError
 from protocol.messages import DesiredModel
@@ -44,9 +44,12 @@ def clear_desired(tx: Tx, now: float, model: str, devices: Sequence[str] | None,
 
 
 def roll_back(tx: Tx, now: float, devices: Sequence[str] | None, group: str | None,
-              model: str | None) -> list[DesiredChange]:
+              model: str | None, *, dry_run: bool = False,
+              substitute: Mapping[str, DesiredModel] | None = None) -> list[DesiredChange]:
     """Undo each device's last change (of ``model`` only, if given); RegistryError if no
-    selected device has one."""
+    selected device has one. ``dry_run``: only say what would change. ``substitute``: for
+    each bundle (sha256) to go back to, what to desire instead (its re-release);
+    RegistryError, nothing changed, for a bundle it lacks (the history moved)."""
     targets = _lock_targets(tx, devices, group)
     model_filter = " AND model = ?" if model is not None else ""
     changes: list[DesiredChange] = []
@@ -61,13 +64,20 @@ def roll_back(tx: Tx, now: float, devices: Sequence[str] | None, group: str | No
         entry_id, entry_model, previous = top
         if previous is not None and previous not in bundles:
             bundles[previous] = require_bundle(tx, previous).desired
-        changes.append(DesiredChange(device_id, entry_model, desired.get(entry_model),
-                                     None if previous is None else bundles[previous]))
+        after = None if previous is None else bundles[previous]
+        if substitute is not None and previous is not None:
+            if previous not in substitute:
+                raise RegistryError(f"the desired state of {device_id} changed while the "
+                                    "rollback was prepared; roll back again")
+            after = substitute[previous]
+        changes.append(DesiredChange(device_id, entry_model, desired.get(entry_model), after))
         popped.append((entry_id,))
     if not changes:
         what = f"model {model!r} of " if model is not None else ""
         raise RegistryError(f"nothing to roll back: {what}the selected devices have no "
                             "earlier desired state")
+    if dry_run:
+        return changes
     _write(tx, now, changes, "desired.rolled_back")
     tx.many("DELETE FROM desired_history WHERE id = ?", popped)
     return changes

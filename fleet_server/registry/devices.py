@@ -8,6 +8,7 @@ the device sent, to ``devices.reported`` for display.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -17,22 +18,29 @@ from protocol.messages import DesiredModel, ModelReport, decode_reported
 
 from .database import Tx
 from .events import log_event
-from .records import Device
+from .records import Device, Enrolled
+from .tokens import TokenClaim
 from .values import SHA256_HEX, check_device_id, check_label, clean_tags
 
-__all__ = ["desired_by_device", "device_filter", "enroll_device", "load_device", "load_devices",
-           "lock_device", "mark_seen", "set_online", "set_reported", "update_device"]
+__all__ = ["desired_by_device", "device_filter", "enroll_device", "enroll_with_token",
+           "load_device", "load_devices", "lock_device", "mark_seen", "reset_device",
+           "set_online", "set_reported", "update_device"]
 
 _COLUMNS = ("id, group_name, profile, cert_fingerprint, enrolled_at, last_seen, online, "
-            "reported, reported_at")
+            "reported, reported_at, encryption_key, reset_at")
+#: base64 of a 32-byte X25519 public key.
+_X25519_B64 = re.compile(r"[A-Za-z0-9+/]{43}=")
 #: A desired model is a row of desired_models with its bundle's version and size.
 _DESIRED_COLUMNS = "device_id, model, version, sha256, size"
 _DESIRED_FROM = "desired_models JOIN bundles ON sha256 = bundle_sha256"
 
 
 def enroll_device(tx: Tx, now: float, device_id: str, *, group: str, profile: str,
-                  cert_fingerprint: str, tags: Iterable[str]) -> Device:
-    """A new device, or a known one enrolling again: identity replaced, models kept."""
+                  cert_fingerprint: str, tags: Iterable[str],
+                  encryption_key: str | None = None, only_new: bool = False) -> Device:
+    """A new device, or a known one enrolling again: identity (and encryption key)
+    replaced, a reset cleared, models kept. With ``only_new``, RegistryError if the id was
+    enrolled meanwhile (a concurrent enrollment won)."""
     check_device_id(device_id)
     check_label("group", group)
     check_label("profile", profile)
@@ -40,20 +48,70 @@ def enroll_device(tx: Tx, now: float, device_id: str, *, group: str, profile: st
     if not SHA256_HEX.fullmatch(fingerprint):
         raise RegistryError(f"certificate fingerprint {cert_fingerprint!r} is not a "
                             "SHA-256 hex digest (64 hex digits)")
+    if encryption_key is not None and not _X25519_B64.fullmatch(encryption_key):
+        raise RegistryError("the encryption key must be an X25519 public key: 32 bytes in "
+                            "base64 (44 characters)")
     tag_list = clean_tags(tags)
     known = tx.one("SELECT id FROM devices WHERE id = ?", (device_id,)) is not None
-    tx.run("INSERT INTO devices (id, group_name, profile, cert_fingerprint, enrolled_at, "
-           "last_seen, online, reported, reported_at) VALUES (?, ?, ?, ?, ?, NULL, ?, '{}', NULL) "
-           "ON CONFLICT (id) DO UPDATE SET group_name = excluded.group_name, "
-           "profile = excluded.profile, cert_fingerprint = excluded.cert_fingerprint, "
-           "enrolled_at = excluded.enrolled_at",
-           (device_id, group, profile, fingerprint, now, False))
+    on_conflict = ("DO NOTHING" if only_new else
+                   "DO UPDATE SET group_name = excluded.group_name, "
+                   "profile = excluded.profile, cert_fingerprint = excluded.cert_fingerprint, "
+                   "enrolled_at = excluded.enrolled_at, "
+                   "encryption_key = excluded.encryption_key, reset_at = NULL")
+    written = tx.run("INSERT INTO devices (id, group_name, profile, cert_fingerprint, "
+                     "enrolled_at, last_seen, online, reported, reported_at, encryption_key, "
+                     "reset_at) VALUES (?, ?, ?, ?, ?, NULL, ?, '{}', NULL, ?, NULL) "
+                     f"ON CONFLICT (id) {on_conflict}",
+                     (device_id, group, profile, fingerprint, now, False, encryption_key))
+    if written != 1:
+        raise RegistryError(f"device {device_id!r} was enrolled at the same moment by another "
+                            "request; ask the operator whether that was this device")
     _replace_tags(tx, device_id, tag_list)
     log_event(tx, now, device_id, "device.enrolled",
               {"group": group, "profile": profile, "cert_fingerprint": fingerprint,
-               "tags": list(tag_list), "again": known})
+               "tags": list(tag_list), "again": known,
+               "encryption_key": encryption_key is not None})
     device = load_device(tx, device_id)
     assert device is not None  # written in this transaction
+    return device
+
+
+def enroll_with_token(tx: Tx, now: float, claim: TokenClaim, device_id: str, *,
+                      profile: str, cert_fingerprint: str, tags: Iterable[str],
+                      encryption_key: str | None) -> Enrolled:
+    """Enroll ``device_id`` with a token redeemed in this transaction (``claim``).
+
+    An enrolled device id is taken only with a token issued for that id or after
+    :func:`reset_device`: a group's token cannot take over a device. RegistryError then,
+    which undoes the redemption with the rest of the transaction."""
+    current = tx.one("SELECT cert_fingerprint, reset_at FROM devices "
+                     f"WHERE id = ?{tx.dialect.for_update}", (device_id,))
+    if current is not None and current[1] is None and claim.device != device_id:
+        raise RegistryError(
+            f"device {device_id!r} is enrolled already, and this token is for group "
+            f"{claim.group!r}, not for that device: a token cannot take over an enrolled "
+            f"device. To enroll it again (a re-imaged or replaced device), issue a token for "
+            f"it (`fleet enroll-token --device {device_id}`) or reset it first (`fleet device "
+            f"reset {device_id}`)")
+    device = enroll_device(tx, now, device_id, group=claim.group, profile=profile,
+                           cert_fingerprint=cert_fingerprint, tags=tags,
+                           encryption_key=encryption_key, only_new=current is None)
+    # A reset device's certificate was revoked by the reset already.
+    replaced = None if (current is None or current[1] is not None
+                        or current[0] == device.cert_fingerprint) else str(current[0])
+    return Enrolled(device, replaced)
+
+
+def reset_device(tx: Tx, now: float, device_id: str) -> Device:
+    """Mark the device reset: any valid token may enroll its id again (group, tags and
+    desired state kept until then). The device as it was enrolled (its certificate is the
+    caller's to revoke). RegistryError if unknown."""
+    lock_device(tx, device_id)
+    tx.run("UPDATE devices SET reset_at = ?, online = ? WHERE id = ?", (now, False, device_id))
+    device = load_device(tx, device_id)
+    assert device is not None  # locked in this transaction
+    log_event(tx, now, device_id, "device.reset",
+              {"cert_fingerprint": device.cert_fingerprint})
     return device
 
 
@@ -180,7 +238,8 @@ def _load(tx: Tx, where: str, among: str, params: Sequence[Any], *,
                    last_seen=None if r[5] is None else float(r[5]), online=bool(r[6]),
                    desired=desired.get(r[0], {}), running=running.get(r[0], {}),
                    reported=json.loads(r[7]),
-                   reported_at=None if r[8] is None else float(r[8]))
+                   reported_at=None if r[8] is None else float(r[8]), encryption_key=r[9],
+                   reset_at=None if r[10] is None else float(r[10]))
             for r in rows]
 
 

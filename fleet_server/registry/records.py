@@ -17,8 +17,8 @@ from typing import Any
 from protocol.install_states import InstallState
 from protocol.messages import DesiredModel, ModelReport, Telemetry
 
-__all__ = ["BundleRecord", "DesiredChange", "Device", "EventRecord", "TelemetryRecord",
-           "desired_json", "is_converged"]
+__all__ = ["BundleRecord", "DesiredChange", "Device", "Enrolled", "EventRecord",
+           "TelemetryRecord", "desired_json", "is_converged"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,12 @@ class Device:
     running: Mapping[str, ModelReport]
     reported: Mapping[str, Any]
     reported_at: float | None
+    #: The public half of the device's X25519 key (base64 of 32 raw bytes), which bundles
+    #: are encrypted for; None for a device enrolled without one.
+    encryption_key: str | None = None
+    #: When the operator reset the device (its certificate revoked, its id free for any
+    #: token); None once it enrolled again, or if it never was.
+    reset_at: float | None = None
 
     @property
     def converged(self) -> bool:
@@ -84,11 +90,25 @@ class BundleRecord:
     size: int
     path: Path
     created_at: float
+    #: The version of the bundle's TUF timestamp, snapshot and targets metadata (0: stored
+    #: before the registry recorded it).
+    metadata_version: int = 0
+    #: For a re-release (a rollback): the version whose contents it carries.
+    rollback_of: int | None = None
 
     @property
     def desired(self) -> DesiredModel:
         """This bundle as a device's desired model."""
         return DesiredModel(self.version, self.sha256, self.size)
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    """What an enrollment did: the device as now recorded, and the certificate it replaced
+    (its fingerprint; None for a new or a reset device), which must be revoked."""
+
+    device: Device
+    replaced_fingerprint: str | None
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from fleet_server.errors import RegistryError
-from protocol.messages import Telemetry
+from protocol.messages import DesiredModel, Telemetry
 
 from . import bundles, desired, devices, events, telemetry, tokens
 from .bundle_store import BundleStore
 from .database import DEFAULT_MAX_CONNECTIONS, Database, Tx, open_database
 from .migrations import migrate
-from .records import BundleRecord, DesiredChange, Device, EventRecord, TelemetryRecord
+from .records import BundleRecord, DesiredChange, Device, Enrolled, EventRecord, TelemetryRecord
 
 __all__ = ["Registry", "open_registry"]
 
@@ -147,30 +147,60 @@ class Registry:
         with self._tx(write=True) as tx:
             devices.set_reported(tx, now, device_id, payload)
 
+    def enroll_device(self, token: str, device_id: str, *, profile: str,
+                      cert_fingerprint: str, tags: Iterable[str] = (),
+                      encryption_key: str | None = None) -> Enrolled:
+        """Redeem ``token`` for ``device_id`` and record the device, in one transaction.
+
+        An enrolled device id is taken only with a token issued for that id
+        (``issue_token(..., device=ID)``) or after :meth:`reset_device`: a group's token
+        cannot take over an existing device. RegistryError, and nothing changed (the token
+        still valid), for an unknown, used, expired or unfitting token. Returns the device
+        and the fingerprint of the certificate it replaced (to revoke)."""
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            claim = tokens.redeem_token(tx, now, token, device_id)
+            return devices.enroll_with_token(tx, now, claim, device_id, profile=profile,
+                                             cert_fingerprint=cert_fingerprint, tags=tags,
+                                             encryption_key=encryption_key)
+
+    def reset_device(self, device_id: str) -> Device:
+        """Mark the device reset by the operator: any valid token may now enroll its id
+        again (group, tags and desired state kept until then). Returns the device as it was
+        enrolled, whose certificate the caller revokes. RegistryError if unknown."""
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            return devices.reset_device(tx, now, device_id)
+
     # --- enrollment tokens ---
 
-    def issue_token(self, group: str, ttl: float) -> str:
-        """A new one-time enrollment token for ``group``, valid for ``ttl`` seconds.
+    def issue_token(self, group: str, ttl: float, device: str | None = None) -> str:
+        """A new one-time enrollment token for ``group``, valid for ``ttl`` seconds; with
+        ``device``, for that device id only, which it may take even if enrolled (the
+        operator's consent to re-enroll it).
 
         The plaintext is returned here only; the registry keeps its SHA-256."""
         now = self._clock()
         with self._tx(write=True) as tx:
-            return tokens.issue_token(tx, now, group, ttl)
+            return tokens.issue_token(tx, now, group, ttl, device)
 
     def redeem_token(self, token: str, device_id: str) -> str:
         """Use up ``token`` for ``device_id``; returns the group it enrolls into.
 
         Atomic: of any number of concurrent redeems of one token (threads, processes, server
         replicas) exactly one succeeds. Raises RegistryError for an unknown, used or expired
-        token; a refused redeem changes nothing."""
+        token, or one issued for another device id; a refused redeem changes nothing.
+        (:meth:`enroll_device` also decides whether the id may be taken.)"""
         now = self._clock()
         with self._tx(write=True) as tx:
-            return tokens.redeem_token(tx, now, token, device_id)
+            return tokens.redeem_token(tx, now, token, device_id).group
 
     # --- bundles ---
 
-    def put_bundle(self, data: bytes, name: str, version: int) -> BundleRecord:
-        """Store a bundle file as ``<blob_dir>/<sha256>.efb`` and record it.
+    def put_bundle(self, data: bytes, name: str, version: int, *, metadata_version: int = 0,
+                   rollback_of: int | None = None) -> BundleRecord:
+        """Store a bundle file as ``<blob_dir>/<sha256>.efb`` and record it, with the
+        version of its TUF metadata and, for a re-release, the version it restores.
 
         Idempotent: the same bytes again return the existing record (and restore its blob
         file if it went missing or was damaged). Raises RegistryError when another bundle
@@ -193,12 +223,20 @@ class Registry:
         self._store.save(data, sha, path)
         now = self._clock()
         with self._tx(write=True) as tx:
-            return bundles.record_bundle(tx, now, sha, name, version, size=len(data), path=path)
+            return bundles.record_bundle(tx, now, sha, name, version, size=len(data), path=path,
+                                         metadata_version=metadata_version,
+                                         rollback_of=rollback_of)
 
     def get_bundle(self, sha256: str) -> BundleRecord | None:
         """The bundle with this content hash, or None."""
         with self._tx() as tx:
             return bundles.get_bundle(tx, sha256)
+
+    def release_versions(self, name: str) -> tuple[int, int]:
+        """The highest version of model ``name`` stored (0: none) and the highest metadata
+        version of any stored bundle (0: none): a new release must exceed both."""
+        with self._tx() as tx:
+            return bundles.release_versions(tx, name)
 
     def list_bundles(self, name: str | None = None) -> list[BundleRecord]:
         """Stored bundles by name then version, optionally of one model only."""
@@ -226,15 +264,21 @@ class Registry:
             return desired.clear_desired(tx, now, model, devices, group)
 
     def rollback(self, *, devices: Sequence[str] | None = None, group: str | None = None,
-                 model: str | None = None) -> list[DesiredChange]:
+                 model: str | None = None, dry_run: bool = False,
+                 substitute: Mapping[str, DesiredModel] | None = None) -> list[DesiredChange]:
         """Undo the last desired-state change of each device (of ``model`` only, if given),
         for the given devices or every device of ``group``, in one transaction.
 
         Changes form a stack per device and model: rolling back twice undoes two changes.
-        Devices with nothing to undo are skipped; RegistryError if none had anything."""
+        Devices with nothing to undo are skipped; RegistryError if none had anything.
+        ``dry_run`` returns the changes without making them. ``substitute`` maps the sha256
+        of a bundle to go back to onto what to desire instead (its re-release under a new
+        version, which is how devices accept it); RegistryError, and nothing changed, if a
+        bundle to go back to has no substitute then (the history moved since the dry run)."""
         now = self._clock()
-        with self._tx(write=True) as tx:
-            return desired.roll_back(tx, now, devices, group, model)
+        with self._tx(write=not dry_run) as tx:
+            return desired.roll_back(tx, now, devices, group, model, dry_run=dry_run,
+                                     substitute=substitute)
 
     def was_desired(self, device_id: str, bundle_sha256: str) -> bool:
         """Whether this bundle is, or at some time was, in the device's desired state.

@@ -51,6 +51,9 @@ class Case:
         return f"{self.cli} {' '.join(self.args)}"[:90]
 
 
+#: Well-formed (protocol.enrollment), of no fleet: enough to get as far as the network.
+_TOKEN = "eft1." + ".".join(["A" * 43] * 3)
+
 CASES = [
     # edge-agent serve
     Case("edge-agent", ("serve", "--state-dir", "/proc/forbidden", "--port", "0"),
@@ -122,9 +125,15 @@ CASES = [
          "{tmp}/afile is not a directory"),
     Case("edge-agent", ("probe", "--profiles-dir", "{tmp}/missing"),
          "{tmp}/missing: no *.toml profiles found"),
-    Case("edge-agent", ("enroll", "--server", "http://127.0.0.1:1", "--token", "t",
+    Case("edge-agent", ("enroll", "--server", "https://127.0.0.1:1", "--token", _TOKEN,
                         "--state-dir", "{tmp}/s", "--profile", PROFILE),
-         "cannot reach the fleet server at http://127.0.0.1:1/api/enroll"),
+         "cannot reach the fleet server at https://127.0.0.1:1/api/fleet"),
+    Case("edge-agent", ("enroll", "--server", "https://127.0.0.1:1", "--token", "t",
+                        "--state-dir", "{tmp}/s", "--profile", PROFILE),
+         "not an enrollment token"),
+    Case("edge-agent", ("enroll", "--server", "http://127.0.0.1:1", "--token", _TOKEN,
+                        "--state-dir", "{tmp}/s", "--profile", PROFILE),
+         "the fleet server's API speaks HTTPS only"),
     Case("edge-agent", ("enroll", "--server", "x", "--token", "t", "--port", "-1"),
          "-1 is out of range", code=2),
     Case("edge-agent", ("nosuchcommand",), "invalid choice: 'nosuchcommand'", code=2),

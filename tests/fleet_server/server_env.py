@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from securesystemslib.signer import CryptoSigner
+
 from common.atomic import write_atomic
 from fleet_server.service import Enrollment, FleetService, ServiceConfig
 from protocol import messages
@@ -29,9 +31,17 @@ def protocol_bytes(n: int) -> bytes:
     return (secrets.token_bytes(4096) * (n // 4096 + 1))[:n]
 
 
-def write_keys(directory: Path, repo: Repo) -> Path:
-    """A keys directory holding only root.json: all the server reads of it."""
-    write_atomic(directory / "root.json", repo.root)
+def write_keys(directory: Path, repo: Repo, *, online: bool = True) -> Path:
+    """``repo``'s keys as a keys directory (fleet_server.keys layout): root.json, the root
+    history and, with ``online``, the online keys the server signs re-releases with."""
+    write_atomic(directory / "root.json", repo.root_chain[-1])
+    for version, root in enumerate(repo.root_chain, start=1):
+        write_atomic(directory / "repository" / "root_history" / f"{version}.root.json", root)
+    for role in ("targets", "snapshot", "timestamp") if online else ():
+        for signer in repo.signers[role]:
+            assert isinstance(signer, CryptoSigner)
+            write_atomic(directory / "online" / f"{role}-{signer.public_key.keyid[:16]}.pem",
+                         signer.private_bytes, 0o600)
     return directory
 
 
@@ -80,7 +90,7 @@ def enroll(service: FleetService, directory: Path, device_id: str, *, group: str
     """Enroll a device the way the agent does: key and CSR made here, token from the
     registry, certificate from the service; files written under ``directory``."""
     key_pem, csr_pem = make_device_key_and_csr(device_id)
-    token = service.registry.issue_token(group, 600)
+    token = service.issue_token(group, 600).token
     enrollment = service.enroll(token, device_id, csr_pem, PROFILE, tags)
     home = directory / "devices" / device_id
     write_atomic(home / "device.key", key_pem, 0o600)

@@ -9,15 +9,20 @@ import base64
 import http.client
 import json
 import socket
+import ssl
 import stat
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fleet_server.api import ROUTES, ApiServer, load_admin_token
+from fleet_server.api_client import ServerClient
 from fleet_server.api_spec import OPENAPI
+from fleet_server.ca import FleetCA
+from fleet_server.errors import ApiError
 from fleet_server.service import FleetService
 from tests.bundle.repo import NOW, Repo, spec
 from tests.fleet_server.server_env import PROFILE
@@ -33,8 +38,15 @@ def token(service: FleetService) -> str:
 
 @pytest.fixture
 def api(service: FleetService, token: str) -> Iterator[ApiServer]:
-    with ApiServer(service, token) as started:
+    with ApiServer(service, token, service.api_identity()) as started:
         yield started
+
+
+def https(api: ApiServer, timeout: float = 10) -> http.client.HTTPSConnection:
+    """A connection to the API that verifies its certificate with the fleet CA."""
+    host, port = api.url.removeprefix("https://").split(":")
+    context = ssl.create_default_context(cafile=str(api.service.ca.cert_path))
+    return http.client.HTTPSConnection(host, int(port), timeout=timeout, context=context)
 
 
 class Caller:
@@ -47,8 +59,7 @@ class Caller:
     def __call__(self, method: str, path: str, body: Any = None, *, data: bytes | None = None,
                  token: str | None = "admin", headers: dict[str, str] | None = None,
                  ) -> tuple[int, Any]:
-        host, port = self.api.url.removeprefix("http://").split(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn = https(self.api)
         try:
             sent = dict(headers or {})
             if token is not None:
@@ -207,7 +218,7 @@ def test_upload_publish_rollback_and_events(call: Caller, repo: Repo,
     assert result == {"devices": ["gw-1"], "changes": [{
         "device": "gw-1", "model": "digits", "before": None,
         "after": {"version": 1, "bundle_sha256": v1["sha256"], "size": v1["size"]}}],
-        "delivered": True}
+        "delivered": True, "released": []}
     call("POST", "/api/publish", {"bundle_sha256": v2["sha256"], "devices": ["gw-1", "gw-2"]})
     status, devices = call("GET", "/api/devices?group=lab")
     assert [d["desired"]["digits"]["version"] for d in devices["devices"]] == [2]
@@ -216,9 +227,18 @@ def test_upload_publish_rollback_and_events(call: Caller, repo: Repo,
         "gw-1", "gw-2"]
 
     status, result = call("POST", "/api/rollback", {"devices": ["gw-1"], "model": "digits"})
-    assert status == 200
-    assert [(c["before"]["version"], c["after"]["version"]) for c in result["changes"]] == [
-        (2, 1)]
+    assert status == 200, result
+    # v1 comes back re-released as v3 (issue 9.13): devices refuse anything below v2.
+    [v3] = result["released"]
+    assert (v3["name"], v3["version"], v3["rollback_of"]) == ("digits", 3, 1)
+    assert v3["metadata_version"] > v2["metadata_version"]
+    assert [(c["before"]["version"], c["after"]) for c in result["changes"]] == [
+        (2, {"version": 3, "bundle_sha256": v3["sha256"], "size": v3["size"]})]
+    status, body = call("POST", "/api/publish", {"bundle_sha256": v1["sha256"],
+                                                 "devices": ["gw-1"]})
+    assert status == 409
+    assert "digits v1 is older than v3, which gw-1 has" in body["error"]
+    assert "fleet rollback" in body["error"]
     status, body = call("POST", "/api/rollback", {"group": "nowhere"})
     assert status == 400
     assert "has no devices" in body["error"]
@@ -268,14 +288,16 @@ def test_deeply_nested_json_is_a_400(call: Caller) -> None:
 
 def test_idle_connections_are_closed_and_extra_ones_refused(
         service: FleetService, token: str) -> None:
-    """Connections that say nothing are dropped after the timeout, and beyond the cap new
-    ones get a 503 at once; the API answers again as soon as slots free up."""
-    with ApiServer(service, token, connection_timeout=0.5, max_connections=4) as api:
-        host, port = api.url.removeprefix("http://").split(":")
+    """Connections that say nothing (not even a TLS handshake) are dropped after the
+    timeout, and beyond the cap new ones are closed at once; the API answers again as soon
+    as slots free up."""
+    with ApiServer(service, token, service.api_identity(), connection_timeout=0.5,
+                   max_connections=4) as api:
+        host, port = api.url.removeprefix("https://").split(":")
         idle = [socket.create_connection((host, int(port))) for _ in range(4)]
         try:
             with socket.create_connection((host, int(port)), timeout=10) as extra:
-                assert extra.recv(200).startswith(b"HTTP/1.1 503")
+                assert extra.recv(200) == b""  # closed without a handshake
             for sock in idle:  # each is closed by the server: recv sees the end
                 sock.settimeout(10)
                 assert sock.recv(1) == b""
@@ -283,3 +305,33 @@ def test_idle_connections_are_closed_and_extra_ones_refused(
             for sock in idle:
                 sock.close()
         assert Caller(api, token)("GET", "/api/status")[0] == 200
+
+
+def test_the_api_speaks_tls_only_with_a_fleet_ca_certificate(
+        api: ApiServer, service: FleetService) -> None:
+    host, port = api.url.removeprefix("https://").split(":")
+    plain = http.client.HTTPConnection(host, int(port), timeout=10)
+    plain.request("GET", "/api/status")
+    with pytest.raises((ConnectionError, http.client.RemoteDisconnected)):
+        plain.getresponse()
+    plain.close()
+    stranger = ssl.create_default_context()  # the system's CAs: the fleet CA is not one
+    conn = http.client.HTTPSConnection(host, int(port), timeout=10, context=stranger)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        conn.request("GET", "/api/status")
+    conn.close()
+    conn = https(api)
+    conn.request("GET", "/api/fleet")
+    fleet = json.loads(conn.getresponse().read())
+    conn.close()
+    assert fleet == {"fleet": "testfleet", "ca_certificate": service.ca.cert_pem.decode(),
+                     "root": base64.b64encode(service.root_json()).decode()}
+
+
+def test_the_cli_client_verifies_the_server_with_the_fleet_ca(
+        api: ApiServer, token: str, tmp_path: Path) -> None:
+    assert ServerClient(api.url, token, api.service.ca.cert_path).get("/api/status")[
+        "fleet"] == "testfleet"
+    other = FleetCA.create(tmp_path / "other", "testfleet")
+    with pytest.raises(ApiError, match=r"is not the one the CA .* vouches for"):
+        ServerClient(api.url, token, other.cert_path).get("/api/status")

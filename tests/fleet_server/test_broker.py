@@ -24,7 +24,7 @@ import pytest
 from paho.mqtt.client import Client
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from fleet_server.broker import Broker, BrokerConfig, render_acl
+from fleet_server.broker import Broker, BrokerConfig, render_acl, render_config
 from fleet_server.ca import FleetCA
 from fleet_server.errors import BrokerError
 from protocol.topics import fleet_topic_filter
@@ -40,6 +40,7 @@ from tests.mqtt_broker import (
     stalled_subscriber,
 )
 from transport.mqtt import BrokerAddress, TLSIdentity, tls_context
+from transport.x509 import certificate_fingerprint
 
 pytestmark = pytest.mark.integration
 
@@ -491,3 +492,45 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+def test_revoked_certificates_are_refused_once_the_broker_reloads_its_crl(
+        tmp_path: Path) -> None:
+    """Issue 9.2: a replaced certificate stops working. The CA puts it on its CRL, and
+    after reload_crl (SIGHUP) the broker refuses it at the handshake, while other devices,
+    and connections already open, are not touched; restart() then cuts those off too."""
+    require_mosquitto()
+    fleet = TestFleet.create(tmp_path / "fleet")
+    old, other = fleet.device_identity("dev1"), fleet.device_identity("dev2")
+    config = fleet.broker_config(tmp_path / "broker", crl_file=fleet.ca.crl_path)
+    assert f"crlfile {fleet.ca.crl_path.resolve()}" in render_config(config, 1883).splitlines()
+    with Broker.embedded(config) as broker, recorders(broker) as connect:
+        def outcome(identity: TLSIdentity) -> str:
+            return connection_outcome(broker.client(identity), broker.address.host,
+                                      broker.address.port)
+
+        assert outcome(old) == "connected"
+        still_open = connect(old)
+        fingerprint = certificate_fingerprint(old.cert_file.read_bytes())
+        assert fleet.ca.revoke(fingerprint, "replaced")
+        assert fleet.ca.revoke(fingerprint, "replaced")  # idempotent
+        assert [r.fingerprint for r in fleet.ca.revoked()] == [fingerprint]
+
+        assert broker.reload_crl()
+        assert outcome(old).startswith(("handshake failed", "disconnected"))
+        assert outcome(other) == "connected"
+        assert still_open.client.is_connected()
+
+        broker.restart()
+        assert broker.restarts == 0  # asked for, not a crash
+        wait_until(lambda: still_open.disconnects, "the revoked device's connection to drop")
+        assert outcome(old).startswith(("handshake failed", "disconnected"))
+        assert outcome(other) == "connected"
+
+
+def test_revoking_a_certificate_the_ca_never_recorded(tmp_path: Path) -> None:
+    fleet = TestFleet.create(tmp_path / "fleet")
+    assert not fleet.ca.revoke("ab" * 32, "replaced")
+    assert fleet.ca.revoked() == []
+    assert FleetCA.load(fleet.ca.directory).crl_path.read_bytes().startswith(
+        b"-----BEGIN X509 CRL-----")

@@ -69,7 +69,7 @@ def _device(data: Path, tmp_path: Path, token: str) -> tuple[Recorder, dict[str,
     """Enroll gw-1 over HTTP as edge-agent does, then connect it as a device."""
     info = json.loads((data / "server.json").read_text())
     key, csr = make_device_key_and_csr("gw-1")
-    api = ServerClient(info["api_url"], "")
+    api = ServerClient(info["api_url"], "", Path(info["ca_file"]))
     answer = api.post("/api/enroll", {"token": token, "device_id": "gw-1",
                                       "csr": csr.decode(), "profile": PROFILE})
     home = tmp_path / "gw-1"

@@ -28,6 +28,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from bundle.errors import ChecksumError, UntrustedSignatureError
+from bundle.trust import TrustedState, verify_bundle
 from fleet_server.broker import Broker, BrokerConfig
 from fleet_server.ca import FleetCA
 from fleet_server.errors import (
@@ -35,12 +36,14 @@ from fleet_server.errors import (
     CSRError,
     EnrollmentError,
     RegistryError,
+    ReleaseError,
     ServiceError,
 )
 from fleet_server.service import DEVICE_EVENT_PREFIX, PROTOCOL_ERROR, FleetService, ServiceConfig
 from protocol import messages
+from protocol.enrollment import EnrollmentToken, new_secret, pin_of
 from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF
-from tests.bundle.repo import Repo
+from tests.bundle.repo import NOW, Repo
 from tests.fleet_server.server_env import (
     PROFILE,
     SimDevice,
@@ -108,7 +111,7 @@ def test_enroll_returns_identity_broker_and_root(service: FleetService, tmp_path
 
 
 def test_enroll_refusals_keep_the_token_unless_it_was_used(service: FleetService) -> None:
-    token = service.registry.issue_token("lab", 600)
+    token = service.issue_token("lab", 600).token
     _, csr = make_device_key_and_csr("gw-2")
     with pytest.raises(CSRError, match="does not carry a PEM CSR"):
         service.enroll(token, "gw-2", b"not a csr", PROFILE)
@@ -119,8 +122,11 @@ def test_enroll_refusals_keep_the_token_unless_it_was_used(service: FleetService
     service.enroll(token, "gw-2", csr, PROFILE)  # the token survived every refusal
     with pytest.raises(EnrollmentError, match="already used by device 'gw-2'"):
         service.enroll(token, "gw-3", make_device_key_and_csr("gw-3")[1], PROFILE)
-    with pytest.raises(EnrollmentError, match="unknown enrollment token"):
+    with pytest.raises(EnrollmentError, match="not an enrollment token"):
         service.enroll("nope", "gw-3", make_device_key_and_csr("gw-3")[1], PROFILE)
+    unknown = EnrollmentToken(new_secret(), service.ca_pin, pin_of(service.root_json()))
+    with pytest.raises(EnrollmentError, match="unknown enrollment token"):
+        service.enroll(unknown.encode(), "gw-3", make_device_key_and_csr("gw-3")[1], PROFILE)
 
 
 # --- (a) publishing -----------------------------------------------------------------------
@@ -153,23 +159,58 @@ def test_publish_to_group_reaches_exactly_that_group(
     assert r_b1.topics() == {b1.topic("desired")}
 
 
-def test_rollback_publishes_the_previous_state(
-        service: FleetService, tmp_path: Path, bundles: dict[str, bytes],
+def test_rollback_publishes_a_re_release_of_the_previous_state(
+        service: FleetService, tmp_path: Path, bundles: dict[str, bytes], repo: Repo,
         clients: list[Recorder]) -> None:
+    """Issue 9.13: devices refuse v1 once they trust v2, so a rollback re-releases v1's
+    contents as v3 under fresh metadata, signed by the server, and desires that."""
     device = enroll(service, tmp_path, "gw-1")
     v1, v2 = service.add_bundle(bundles["v1"]), service.add_bundle(bundles["v2"])
     service.publish(v1.sha256, group="lab")
     service.publish(v2.sha256, devices=["gw-1"])
     result = service.rollback(group="lab", model="digits")
+    [v3] = result.released
+    assert (v3.name, v3.version, v3.rollback_of) == ("digits", 3, 1)
     assert [(c.before and c.before.version, c.after and c.after.version)
-            for c in result.changes] == [(2, 1)]
+            for c in result.changes] == [(2, 3)]
     recorder = _connect(device, clients, "desired")
-    assert _wait_desired(recorder, device, 1).models["digits"].version == 1
+    want = _wait_desired(recorder, device, 1).models["digits"]
+    assert (want.version, want.bundle_sha256) == (3, v3.sha256)
+
+    # What the device fetches verifies on a device that trusts v2, and carries v1.
+    data = fetch_bundle(recorder, device, v3.sha256, v3.size)
+    trusted = TrustedState(root=repo.root)
+    for earlier in (bundles["v1"], bundles["v2"]):
+        verified = verify_bundle(earlier, trusted, now=NOW)
+        trusted = verified.trusted.with_installed("digits", verified.manifest.version,
+                                                  verified.manifest_sha256)
+    verified = verify_bundle(data, trusted, now=NOW)
+    assert (verified.manifest.version, verified.manifest.rollback_of) == (3, 1)
+    assert verified.artifacts == verify_bundle(bundles["v1"], TrustedState(root=repo.root),
+                                               now=NOW).artifacts
+
     service.rollback(devices=["gw-1"])  # back to nothing: an empty desired is published
     recorder.wait(lambda: desired_messages(recorder, device)[-1].models == {},
                   "the empty desired state")
     with pytest.raises(RegistryError, match="nothing to roll back"):
         service.rollback(devices=["gw-1"])
+
+
+def test_without_online_keys_a_rollback_says_so_and_changes_nothing(
+        tmp_path: Path, db_url: str, repo: Repo, bundles: dict[str, bytes]) -> None:
+    keys = write_keys(tmp_path / "keys", repo, online=False)
+    with FleetService(service_config(tmp_path / "server", keys, db_url)) as service:
+        enroll(service, tmp_path, "gw-1")
+        v1, v2 = service.add_bundle(bundles["v1"]), service.add_bundle(bundles["v2"])
+        service.publish(v1.sha256, group="lab")
+        service.publish(v2.sha256, group="lab")
+        with pytest.raises(ReleaseError, match=r"cannot sign a re-release of digits v1 .*"
+                           r"fleet serve --keys"):
+            service.rollback(group="lab")
+        device = service.registry.get_device("gw-1")
+        assert device is not None
+        assert device.desired["digits"].version == 2
+        assert [b.version for b in service.registry.list_bundles()] == [1, 2]
 
 
 def test_bad_bundles_are_refused_with_the_reason(service: FleetService,
@@ -208,8 +249,9 @@ def test_chunks_are_served_for_desired_bundles_only(
     assert "past the end" in past.error
 
     # Once desired, always fetchable (a device may still be finishing an older download).
-    service.publish(v2.sha256, devices=["gw-1"])
-    service.publish(v1.sha256, devices=["gw-1"])
+    # (Set in the registry: publish would refuse these, whose metadata is older than big's.)
+    service.registry.set_desired(v2.sha256, devices=["gw-1"])
+    service.registry.set_desired(v1.sha256, devices=["gw-1"])
     assert fetch_bundle(recorder, device, v2.sha256, v2.size) == bundles["v2"]
 
 

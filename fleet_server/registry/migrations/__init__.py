@@ -23,7 +23,7 @@ from collections.abc import Callable
 from fleet_server.errors import RegistryError
 from fleet_server.registry.database import Database, Tx
 
-from . import v1_initial, v2_typed_state
+from . import v1_initial, v2_typed_state, v3_trust
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate"]
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 MIGRATIONS: tuple[Callable[[Tx], None], ...] = (
     v1_initial.upgrade,
     v2_typed_state.upgrade,
+    v3_trust.upgrade,
 )
 #: The version this code reads and writes.
 SCHEMA_VERSION = len(MIGRATIONS)
