@@ -14,56 +14,31 @@ default, or an external one by URL) and one MQTT client with the server's identi
 - enrolls devices: checks the CSR, redeems the one-time token, records the device and
   returns what the device needs (:class:`Enrollment`).
 
-Chunk requests are answered on paho's network thread (each chunk read and framed once, then
-served from memory); everything to store goes to one ingest thread, which writes up to
-:data:`_INGEST_BATCH` messages per transaction and acknowledges them to the broker only
-once committed, so a message is never lost between receipt and storage (the broker
-delivers an unacknowledged one again). A malformed message is logged and recorded as a
-``protocol_error`` event; nothing a device sends stops the service. The MQTT client keeps a
-persistent session (messages sent while the server is down wait on the broker) and
-reconnects with back-off by itself.
-
-Layout of the data directory (``fleet serve --data DIR``)::
-
-    DATA/
-      fleet.db         the registry on SQLite (unless --db URL)
-      bundles/         bundle blobs, <sha256>.efb
-      ca/              the fleet CA (fleet_server.ca); back up ca.key
-      identity/        the server's MQTT identity: fleet-server.crt, .key (0600), ca.crt
-      broker/          the embedded Mosquitto: mosquitto.conf, acl, mosquitto.log,
-                       persistence/
-      broker-tls/      the broker's server certificate, re-issued at every start
-      api-tls/         the operator API's server certificate, re-issued at every start
-      state.json       the embedded broker's port when it was chosen automatically
-      admin.token      the operator API's bearer token (0600; fleet_server.api)
-      server.json      while `fleet serve` runs: its API URL, pid, token file
+Chunk requests are answered on paho's network thread (:mod:`fleet_server.chunk_server`);
+everything to store goes to the ingest thread (:mod:`fleet_server.ingest`), which
+acknowledges a message only once it is committed. The MQTT client keeps a persistent session
+(messages sent while the server is down wait on the broker) and reconnects with back-off by
+itself. The data directory's layout is :mod:`fleet_server.data_dir`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import logging
-import os
-import queue
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO
 
-from cryptography import x509
 from paho.mqtt.client import (
     Client,
     ConnectFlags,
     DisconnectFlags,
     MQTTMessage,
-    MQTTMessageInfo,
 )
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -72,30 +47,33 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from bundle.errors import InvalidRootError
 from bundle.root import check_root
 from bundle.trust import TrustedState, verify_bundle
-from common.atomic import write_atomic
 from protocol import messages
 from protocol.defaults import MQTTS_PORT
 from protocol.enrollment import EnrollmentToken, pin_of
 from protocol.errors import ProtocolError
 from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF, device_topic
-from transport.mqtt import BrokerAddress, TLSIdentity, close_client
+from transport.mqtt import BrokerAddress, TLSIdentity, close_client, wait_published
 from transport.x509 import certificate_fingerprint
 
 from .broker import SERVER_IDENTITY, Broker, BrokerConfig
 from .ca import FleetCA
+from .chunk_server import ChunkServer
+from .data_dir import (
+    load_ca,
+    lock_data_dir,
+    remember_port,
+    remembered_port,
+    server_identity,
+)
 from .enrollment import check_token
 from .errors import BrokerError, EnrollmentError, RegistryError, ServiceError
-from .rate_limit import TokenBuckets
+from .ingest import Inbound, Ingest
 from .recipients import Candidate, Recipients, select_recipients
 from .registry import BundleRecord, DesiredChange, Device, Registry, open_registry
 from .releases import Releaser, check_publishable
 
 __all__ = [
     "API_IDENTITY",
-    "DEFAULT_FLEET",
-    "DEVICE_EVENT_PREFIX",
-    "OFFLINE_EVENT",
-    "PROTOCOL_ERROR",
     "Enrollment",
     "FleetService",
     "IssuedToken",
@@ -105,40 +83,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FLEET = "default"
 #: CN of the operator API's server certificate.
 API_IDENTITY = "edgefleet-api"
-#: Event kind recorded for a message a device sent that could not be used.
-PROTOCOL_ERROR = "protocol_error"
-#: An ``events`` message of this kind (the agent's MQTT will, for example) marks the device
-#: offline; every other message from a device marks it online.
-OFFLINE_EVENT = "offline"
 #: Device -> server leaves the service subscribes to, for every device (``+``). All of
 #: ``outbox/#``, not only chunk requests, so a request this server does not know (a newer
 #: agent) is recorded as a protocol error instead of vanishing.
 _INGEST_LEAVES = ("reported", "events", "telemetry", "outbox/#")
-#: At most this many protocol_error events per device per minute reach the registry; a device
-#: stuck in a loop of bad messages must not fill the event log (the log file still says).
-_PROTOCOL_ERRORS_PER_MINUTE = 10
-#: Re-issue the server's MQTT certificate when it expires within this long.
-_RENEW_BEFORE = timedelta(days=30)
 _RECONNECT_MIN_S = 1
 _RECONNECT_MAX_S = 30
-#: Encoded chunk frames kept in memory (least recently used dropped beyond this): in a
-#: rollout every device asks for the same chunks, which are then read, hashed and framed
-#: once instead of once per device.
-_FRAME_CACHE_BYTES = 64 * 1024 * 1024
-#: What devices send to be stored (reports, events, telemetry) is written by one ingest
-#: thread, up to this many messages per transaction (one commit, on SQLite one fsync, instead
-#: of one per message), and acknowledged to the broker once committed.
-_INGEST_BATCH = 200
-#: Device messages waiting for the ingest thread, at most. When the database falls behind,
-#: the MQTT network thread waits for room: the broker then holds (and bounds, with its
-#: per-client limits) what would otherwise pile up in this process's memory.
-_INGEST_QUEUE = 10_000
-#: Event kinds devices send are stored under this prefix (``agent.install.committed``): a
-#: device cannot write an event that reads as one of the server's own.
-DEVICE_EVENT_PREFIX = "agent."
 
 
 @dataclass(frozen=True)
@@ -153,7 +105,8 @@ class ServiceConfig:
     #: (rollback, encryption at publish) itself (:mod:`fleet_server.releases`).
     keys_dir: Path
     #: The fleet's name (topic root ``edgefleet/{fleet}``). None: the CA's, or
-    #: :data:`DEFAULT_FLEET` for a new data directory. Fixed once the CA exists.
+    #: :data:`~fleet_server.data_dir.DEFAULT_FLEET` for a new data directory. Fixed once the
+    #: CA exists.
     fleet: str | None = None
     #: Registry URL (docs/registry.md); None is ``DATA/fleet.db`` (SQLite).
     db_url: str | None = None
@@ -245,18 +198,10 @@ class FleetService:
         # Held from reading a device's desired state to queueing its message, so the last
         # message queued for a device is always the newest state (paho sends in order).
         self._desired_lock = threading.Lock()
-        self._error_budget: dict[str, tuple[float, int]] = {}
-        # Chunk serving, on the network thread: stored bundles by sha256 (immutable and never
-        # deleted), (device, sha256) pairs known to be fetchable (was_desired only ever turns
-        # true), and encoded frames.
-        self._bundles: dict[str, BundleRecord] = {}
-        self._fetchable: set[tuple[str, str]] = set()
-        self._frames = _FrameCache(_FRAME_CACHE_BYTES)
-        self._inbox: queue.Queue[_Inbound | None] = queue.Queue(_INGEST_QUEUE)
-        self._chunk_budget = TokenBuckets(config.chunk_rate_bytes, config.chunk_burst_bytes)
+        self._ingest: Ingest | None = None
+        self._chunks: ChunkServer | None = None
         #: When (time.time()) the connection to the broker was lost; None while connected.
         self.disconnected_since: float | None = None
-        self._ingest_thread: threading.Thread | None = None
         self._lock_file: IO[str] | None = None
         # Counts connections, so a message is not acknowledged on a later connection than
         # the one it came on (the broker re-sends unacknowledged ones after a reconnect).
@@ -281,13 +226,18 @@ class FleetService:
 
         Messages received so far are stored and acknowledged first; any arriving meanwhile
         stay unacknowledged, and the broker delivers them again on the next start."""
-        ingest, self._ingest_thread = self._ingest_thread, None
+        ingest, self._ingest = self._ingest, None
         if ingest is not None:
-            self._inbox.put(None)
-            ingest.join()
+            ingest.stop()
+        self._chunks = None
         client, self._client = self._client, None
         if client is not None:
-            _flush(client, f"edgefleet/{self._ca.fleet}/server/flush" if self._ca else None)
+            if self._ca is not None and client.is_connected():
+                # The broker handles a connection's packets in order: once it answered this,
+                # it has read every acknowledgement before it. An embedded broker stopped
+                # right after could otherwise die first and deliver those messages again.
+                wait_published(client.publish(
+                    f"edgefleet/{self._ca.fleet}/server/flush", b"", qos=1))
             close_client(client)
         self._connected.clear()
         broker, self._broker = self._broker, None
@@ -316,9 +266,9 @@ class FleetService:
         except OSError as exc:
             raise ServiceError(f"cannot create the data directory {data} ({exc.strerror}); "
                                "choose a writable --data directory") from exc
-        self._lock_file = _lock_data_dir(data)
+        self._lock_file = lock_data_dir(data)
         self.root_json()  # fail at start, not at the first enrollment
-        self._ca = self._load_ca()
+        self._ca = load_ca(data, self.config.fleet)
         self._registry = open_registry(self.config.db_url or data / "fleet.db",
                                        blob_dir=data / "bundles")
         self._releaser = Releaser(self._registry, self.config.keys_dir,
@@ -328,7 +278,7 @@ class FleetService:
                  "online keys found, the server signs re-releases (rollback)"
                  if self._releaser.can_sign else "no online keys: rollback and encryption "
                  "at publish need them (fleet serve --keys KEYS)")
-        identity = self._server_identity(self._ca)
+        identity = server_identity(data, self._ca)
         self._broker = self._start_broker(self._ca)
         client = self._broker.client(identity)
         client.on_connect = self._on_connect
@@ -339,10 +289,10 @@ class FleetService:
         # Stored messages are acknowledged by the ingest thread once committed.
         client.manual_ack_set(True)
         self._client = client
-        self._inbox = queue.Queue(_INGEST_QUEUE)
-        self._ingest_thread = threading.Thread(target=self._ingest_loop, args=(self._inbox,),
-                                               name="fleet-ingest", daemon=True)
-        self._ingest_thread.start()
+        self._chunks = ChunkServer(self._registry, rate_bytes=self.config.chunk_rate_bytes,
+                                   burst_bytes=self.config.chunk_burst_bytes)
+        self._ingest = Ingest(self._registry, self._ack)
+        self._ingest.start()
         client.loop_start()
         if not self._connected.wait(self.config.connect_timeout):
             why = self._connect_failure or "no answer"
@@ -352,33 +302,6 @@ class FleetService:
                               f"{SERVER_IDENTITY} the fleet's topics (docs/transport.md)")
         log.info("fleet %s: service connected to %s", self.fleet, self._broker.address.url)
 
-    def _load_ca(self) -> FleetCA:
-        directory = self.config.data_dir / "ca"
-        if (directory / "ca.key").exists():
-            ca = FleetCA.load(directory)
-            if self.config.fleet is not None and self.config.fleet != ca.fleet:
-                raise ServiceError(f"{self.config.data_dir} belongs to fleet {ca.fleet!r}, not "
-                                   f"{self.config.fleet!r}; drop --fleet or use another "
-                                   "--data directory")
-            return ca
-        return FleetCA.create(directory, self.config.fleet or DEFAULT_FLEET)
-
-    def _server_identity(self, ca: FleetCA) -> TLSIdentity:
-        """The server's MQTT identity, issued once and kept (re-issued near expiry)."""
-        directory = self.config.data_dir / "identity"
-        files = TLSIdentity(directory / "ca.crt", directory / f"{SERVER_IDENTITY}.crt",
-                            directory / f"{SERVER_IDENTITY}.key")
-        try:
-            cert = x509.load_pem_x509_certificate(files.cert_file.read_bytes())
-            fresh = (files.key_file.exists() and cert.issuer == ca.certificate.subject and
-                     cert.not_valid_after_utc - _RENEW_BEFORE > datetime.now(timezone.utc))
-        except (OSError, ValueError):
-            fresh = False
-        if fresh:
-            return files
-        log.info("issuing the fleet server's MQTT identity in %s", directory)
-        return ca.write_identity(ca.issue_client_cert(SERVER_IDENTITY), directory)
-
     def _start_broker(self, ca: FleetCA) -> Broker:
         if self.config.broker_url is not None:
             broker = Broker.external(self.config.broker_url)
@@ -387,7 +310,7 @@ class FleetService:
         data = self.config.data_dir
         hosts = self.config.broker_hosts
         tls = ca.write_identity(ca.issue_server_cert(hosts), data / "broker-tls", "broker")
-        remembered = self.config.mqtt_port == 0 and self._remembered_port()
+        remembered = self.config.mqtt_port == 0 and remembered_port(data)
         port = self.config.mqtt_port or remembered or 0
 
         def config(port: int) -> BrokerConfig:
@@ -405,21 +328,10 @@ class FleetService:
             broker = Broker.embedded(config(0))
             broker.start()
         if self.config.mqtt_port == 0:
-            self._remember_port(broker.address.port)
+            remember_port(data, broker.address.port)
         host = hosts[0] if hosts else broker.address.host
         self._broker_url = BrokerAddress(host, broker.address.port).url
         return broker
-
-    def _remembered_port(self) -> int:
-        try:
-            state = json.loads((self.config.data_dir / "state.json").read_text("utf-8"))
-            return int(state["mqtt_port"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return 0
-
-    def _remember_port(self, port: int) -> None:
-        write_atomic(self.config.data_dir / "state.json",
-                     json.dumps({"mqtt_port": port}).encode())
 
     # --- properties ---
 
@@ -429,6 +341,13 @@ class FleetService:
         if self._registry is None:
             raise RuntimeError("the fleet service is not started")
         return self._registry
+
+    @property
+    def ingest(self) -> Ingest:
+        """The ingest of device messages (while started): its queue depth, for one."""
+        if self._ingest is None:
+            raise RuntimeError("the fleet service is not started")
+        return self._ingest
 
     @property
     def releaser(self) -> Releaser:
@@ -552,7 +471,8 @@ class FleetService:
         RegistryError if there is no such device."""
         device = self.registry.reset_device(device_id)
         self._revoke(device_id, device.cert_fingerprint, "device reset by the operator")
-        self._fetchable = {pair for pair in self._fetchable if pair[0] != device_id}
+        if self._chunks is not None:
+            self._chunks.forget_device(device_id)
         # Mosquitto 2.0 cannot drop one client: a restart drops all, who reconnect (the
         # revoked one cannot). Not needed for a device that never connected.
         if device.last_seen is not None:
@@ -737,26 +657,31 @@ class FleetService:
     def _on_message(self, _client: Client, _userdata: object, message: MQTTMessage) -> None:
         prefix = device_topic(self.fleet, "", "")[:-1]  # "edgefleet/{fleet}/devices/"
         device, _, leaf = message.topic.removeprefix(prefix).partition("/")
-        inbound = _Inbound(device, leaf, bytes(message.payload), message.mid, message.qos,
-                           self._generation)
+        inbound = Inbound(device, leaf, bytes(message.payload), message.mid, message.qos,
+                          self._generation)
+        ingest, chunks = self._ingest, self._chunks
+        if ingest is None or chunks is None:
+            return  # stopping: unacknowledged, the broker delivers it again
         if message.retain:
-            self._refuse_retained(message.topic, inbound)
+            self._refuse_retained(message.topic, inbound, ingest)
             return
         if leaf != CHUNK_REQUEST_LEAF:
-            self._inbox.put(inbound)  # stored, then acknowledged, by the ingest thread
+            ingest.put(inbound)  # stored, then acknowledged, by the ingest thread
             return
         # Chunk requests are answered here, at once: nothing to store.
         try:
-            self._serve_chunk(device, inbound.payload)
+            frame = chunks.answer(device, inbound.payload)
+            if frame is not None:
+                self._publish(device, CHUNK_LEAF, frame)
         except (ProtocolError, RegistryError) as exc:
-            self._inbox.put(replace(inbound, error=exc))  # to record as a protocol error
+            ingest.put(replace(inbound, error=exc))  # to record as a protocol error
             return
         except Exception:
             # The database is down, or a bug: log it and keep serving the other devices.
             log.exception("failed to answer a chunk request of %s", device)
         self._ack(inbound)
 
-    def _refuse_retained(self, topic: str, inbound: _Inbound) -> None:
+    def _refuse_retained(self, topic: str, inbound: Inbound, ingest: Ingest) -> None:
         """Devices never publish retained messages: one would stay on the broker (and come
         back at every subscription) however large. Clear it and record why."""
         client = self._client
@@ -764,269 +689,12 @@ class FleetService:
         if client is not None and inbound.payload:
             clearing = client.publish(topic, b"", qos=1, retain=True)
         error = ProtocolError("devices must not publish retained messages; it was cleared")
-        self._inbox.put(replace(inbound, error=error, clearing=clearing))
+        ingest.put(replace(inbound, error=error, clearing=clearing))
 
-    def _ack(self, inbound: _Inbound) -> None:
+    def _ack(self, inbound: Inbound) -> None:
         client = self._client
         if client is not None and inbound.generation == self._generation:
             client.ack(inbound.mid, inbound.qos)
-
-    # --- ingest (the ingest thread) ---
-
-    def _ingest_loop(self, inbox: queue.Queue[_Inbound | None]) -> None:
-        """Store what devices send, in batches, until None arrives."""
-        while True:
-            item = inbox.get()
-            batch: list[_Inbound] = []
-            while item is not None:
-                batch.append(item)
-                if len(batch) >= _INGEST_BATCH:
-                    break
-                try:
-                    item = inbox.get_nowait()
-                except queue.Empty:
-                    break
-            if batch:
-                self._ingest_batch(batch)
-            if item is None:
-                return
-
-    def _ingest_batch(self, batch: list[_Inbound]) -> None:
-        """Store ``batch`` in one transaction, then acknowledge it. Should the transaction
-        fail (the database, not a message, is at fault), each message is handled alone."""
-        # By device (stable: each device's messages keep their order), so rows are locked
-        # in id order as everywhere else in the registry.
-        batch = sorted(batch, key=lambda item: item.device)
-        try:
-            with self.registry.batch():
-                for item in batch:
-                    self._ingest(item, in_batch=True)
-        except Exception:
-            log.warning("could not store %d device message(s) in one transaction; storing "
-                        "them one by one", len(batch), exc_info=True)
-            for item in batch:
-                self._ingest(item, in_batch=False)
-        for item in batch:
-            if item.clearing is None or _published(item.clearing):
-                self._ack(item)
-            # else: unacknowledged, the broker delivers it again and it is cleared then
-
-    def _ingest(self, item: _Inbound, *, in_batch: bool) -> None:
-        """Store one message. A bad message is recorded as a protocol error; any other
-        failure is raised in a batch (which is then undone), else logged."""
-        device, leaf, payload = item.device, item.leaf, item.payload
-        try:
-            if item.error is not None:
-                raise item.error
-            if leaf == "reported":
-                self._ingest_reported(device, payload)
-            elif leaf == "events":
-                self._ingest_event(device, payload)
-            elif leaf == "telemetry":
-                self._ingest_telemetry(device, payload)
-            else:
-                raise ProtocolError(f"unexpected topic {device_topic(self.fleet, device, leaf)}; "
-                                    "this server answers outbox/chunks only")
-        except (ProtocolError, RegistryError) as exc:
-            self._protocol_error(device, leaf, payload, exc, in_batch=in_batch)
-        except Exception:
-            if in_batch:
-                raise
-            # The database is down, or a bug: log it and keep serving the other devices.
-            log.exception("failed to handle %s from %s", leaf, device)
-
-    def _ingest_reported(self, device: str, payload: bytes) -> None:
-        self.registry.set_reported(device, payload)  # parsed there, once
-
-    def _ingest_event(self, device: str, payload: bytes) -> None:
-        event = messages.decode_event(payload)
-        detail: dict[str, Any] = {**event.detail, "device_at": event.at}
-        self.registry.add_event(DEVICE_EVENT_PREFIX + event.kind, device=device,
-                                detail=detail, seq=event.seq)
-        self.registry.set_online(device, event.kind != OFFLINE_EVENT)
-
-    def _ingest_telemetry(self, device: str, payload: bytes) -> None:
-        sample = messages.decode_telemetry(payload)
-        self.registry.add_telemetry(device, [sample])
-
-    def _serve_chunk(self, device: str, payload: bytes) -> None:
-        request = messages.decode_chunk_request(payload)
-        if not self._chunk_budget.take(device, request.length, time.monotonic()):
-            log.debug("chunk request of %s over its rate; not answered", device)
-            return
-        self._publish(device, CHUNK_LEAF, self._chunk_frame(device, request))
-
-    def _chunk_frame(self, device: str, request: messages.ChunkRequest) -> bytes:
-        """The encoded answer to ``request``: the bundle's bytes if ``device`` may fetch it
-        (from the frame cache, else read from the blob and cached), or a refusal."""
-        sha = request.bundle_sha256
-        record = self._bundle_record(sha)
-        fetchable = record is not None and self._may_fetch(device, sha)
-        key = (sha, request.offset, request.length)
-        if fetchable:
-            frame = self._frames.get(key)
-            if frame is not None:
-                return frame
-        chunk = self._read_chunk(device, request, record if fetchable else None)
-        frame = messages.encode_chunk(chunk)
-        if chunk.error is not None:
-            log.info("chunk request of %s refused: %s", device, chunk.error)
-        else:
-            self._frames.put(key, frame)
-        return frame
-
-    def _bundle_record(self, sha256: str) -> BundleRecord | None:
-        record = self._bundles.get(sha256)
-        if record is None:
-            record = self.registry.get_bundle(sha256)
-            if record is not None:  # unknown ones are asked again: they may be uploaded
-                self._bundles[sha256] = record
-        return record
-
-    def _may_fetch(self, device: str, sha256: str) -> bool:
-        if (device, sha256) in self._fetchable:
-            return True
-        if not self.registry.was_desired(device, sha256):
-            return False
-        self._fetchable.add((device, sha256))
-        return True
-
-    def _read_chunk(self, device: str, request: messages.ChunkRequest,
-                    record: BundleRecord | None) -> messages.Chunk:
-        """The chunk of ``record``'s blob, or a refusal; ``record`` is None for a bundle
-        that is unknown or not available to ``device``."""
-        sha = request.bundle_sha256
-
-        def refuse(error: str, total: int = 0) -> messages.Chunk:
-            return messages.Chunk(sha, request.offset, total, b"", error)
-
-        # Unknown and not-for-you get one answer, so a device cannot probe what is stored.
-        if record is None:
-            return refuse(f"bundle {sha} is not available to device {device}; only bundles "
-                          "in its desired state can be fetched")
-        if request.offset >= record.size:
-            return refuse(f"offset {request.offset} is at or past the end of the bundle "
-                          f"({record.size} bytes)", record.size)
-        try:
-            with record.path.open("rb") as f:
-                f.seek(request.offset)
-                data = f.read(request.length)
-        except OSError as exc:
-            log.error("bundle blob %s is unreadable (%s); re-upload the bundle to repair it",
-                      record.path, exc)
-            return refuse("the server cannot read this bundle right now; retry later",
-                          record.size)
-        return messages.Chunk(sha, request.offset, record.size, data)
-
-    def _protocol_error(self, device: str, leaf: str, payload: bytes,
-                        exc: Exception, *, in_batch: bool = False) -> None:
-        log.warning("unusable %s message from %s: %s", leaf, device, exc)
-        now = time.monotonic()
-        start, count = self._error_budget.get(device, (now, 0))
-        if now - start >= 60:
-            start, count = now, 0
-        self._error_budget[device] = (start, count + 1)
-        if count >= _PROTOCOL_ERRORS_PER_MINUTE:
-            return
-        detail = {"topic": leaf, "error": str(exc), "size": len(payload),
-                  "head": payload[:64].decode("utf-8", errors="replace")}
-        try:
-            self.registry.add_event(PROTOCOL_ERROR, device=device, detail=detail)
-        except Exception:
-            if in_batch:
-                raise  # the batch is undone and its messages handled one by one
-            log.exception("could not record a protocol error of %s", device)
-
-
-@dataclass(frozen=True)
-class _Inbound:
-    """A message from a device, with what its acknowledgement needs."""
-
-    device: str
-    leaf: str
-    payload: bytes
-    mid: int
-    qos: int
-    #: The connection it came on (FleetService._generation).
-    generation: int
-    #: A chunk request that could not be answered: the error to record.
-    error: Exception | None = None
-    #: A refused retained message: the publish that clears it from the broker, which must
-    #: have gone out before the message is acknowledged.
-    clearing: MQTTMessageInfo | None = None
-
-
-class _FrameCache:
-    """Encoded chunk frames by (bundle sha256, offset, length), at most ``max_bytes`` of them;
-    the least recently used go first. Bundles are immutable, so a frame never goes stale."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._frames: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, int, int]) -> bytes | None:
-        with self._lock:
-            frame = self._frames.get(key)
-            if frame is not None:
-                self._frames.move_to_end(key)
-            return frame
-
-    def put(self, key: tuple[str, int, int], frame: bytes) -> None:
-        if len(frame) > self.max_bytes:
-            return
-        with self._lock:
-            old = self._frames.pop(key, None)
-            self._bytes += len(frame) - (0 if old is None else len(old))
-            self._frames[key] = frame
-            while self._bytes > self.max_bytes:
-                _, dropped = self._frames.popitem(last=False)
-                self._bytes -= len(dropped)
-
-
-def _flush(client: Client, topic: str | None) -> None:
-    """Make sure the broker has processed everything sent before (acknowledgements above
-    all): it handles a connection's packets in order, so once it has answered a QoS 1
-    publish sent last, it has read the rest. An embedded broker stopped right after a
-    disconnect could otherwise die before reading them, and deliver again on the next
-    start what was already stored."""
-    if topic is not None and client.is_connected():
-        _published(client.publish(topic, b"", qos=1))
-
-
-def _published(info: MQTTMessageInfo) -> bool:
-    """Wait for a QoS 1 publish to be acknowledged by the broker (at most 10 s)."""
-    try:
-        info.wait_for_publish(timeout=10.0)
-    except (RuntimeError, ValueError):  # never queued: the connection was gone
-        return False
-    return info.is_published()
-
-
-def _lock_data_dir(data: Path) -> IO[str]:
-    """Hold ``DATA/serve.lock`` (an exclusive flock, released when the file is closed or
-    the process dies): two servers on one data directory would share a broker, a registry
-    and server.json, and each would undo the other."""
-    path = data / "serve.lock"
-    try:
-        lock = path.open("a+", encoding="ascii")
-    except OSError as exc:
-        raise ServiceError(f"cannot open {path} ({exc.strerror}); choose a writable --data "
-                           "directory") from exc
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        holder = lock.read().strip() or "unknown"
-        lock.close()
-        raise ServiceError(f"another fleet server (pid {holder}) is running on {data}; stop "
-                           "it first, or give this one another --data directory") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(str(os.getpid()))
-    lock.flush()
-    return lock
 
 
 def _check_text(what: str, value: object) -> None:

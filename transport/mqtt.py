@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from paho.mqtt.client import Client
+from paho.mqtt.client import Client, MQTTMessageInfo
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -33,6 +33,7 @@ __all__ = [
     "close_client",
     "create_client",
     "tls_context",
+    "wait_published",
 ]
 
 @dataclass(frozen=True)
@@ -183,6 +184,16 @@ def close_client(client: Client, timeout: float = 5.0) -> None:
     client.loop_stop()
     for callback in _CALLBACKS:
         setattr(client, callback, None)
+
+
+def wait_published(info: MQTTMessageInfo, timeout: float = 10.0) -> bool:
+    """Wait (at most ``timeout`` seconds) for the broker to acknowledge a QoS 1 publish;
+    False if it did not, or if the message was never queued (no connection)."""
+    try:
+        info.wait_for_publish(timeout=timeout)
+    except (RuntimeError, ValueError):
+        return False
+    return info.is_published()
 
 
 #: Every paho 2.x callback property an owner may have set.

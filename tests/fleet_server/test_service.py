@@ -39,7 +39,8 @@ from fleet_server.errors import (
     ReleaseError,
     ServiceError,
 )
-from fleet_server.service import DEVICE_EVENT_PREFIX, PROTOCOL_ERROR, FleetService, ServiceConfig
+from fleet_server.ingest import DEVICE_EVENT_PREFIX, PROTOCOL_ERROR
+from fleet_server.service import FleetService, ServiceConfig
 from protocol import messages
 from protocol.enrollment import EnrollmentToken, new_secret, pin_of
 from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF
@@ -380,7 +381,7 @@ def test_a_burst_is_stored_in_batches_each_device_in_order(
     recorders = [_connect(d, clients) for d in devices]
     sizes: list[int] = []
     release = threading.Event()
-    store = service._ingest_batch
+    store = service.ingest._store_batch
 
     def counted(batch: list[Any]) -> None:
         sizes.append(len(batch))
@@ -388,7 +389,7 @@ def test_a_burst_is_stored_in_batches_each_device_in_order(
             release.wait(TIMEOUT)  # the first batch waits until the whole burst has arrived
         store(batch)
 
-    monkeypatch.setattr(service, "_ingest_batch", counted)
+    monkeypatch.setattr(service.ingest, "_store_batch", counted)
     steps = 40
     total = 2 * steps * len(devices)
     for step in range(steps):
@@ -398,7 +399,7 @@ def test_a_burst_is_stored_in_batches_each_device_in_order(
             state = "committed" if step == steps - 1 else "probation"
             recorder.client.publish(device.topic("reported"), _reported(v1.sha256, 1, state),
                                     qos=1)
-    wait_until(lambda: sizes and sizes[0] + service._inbox.qsize() == total,
+    wait_until(lambda: sizes and sizes[0] + service.ingest.depth == total,
                "the burst to reach the service")
     release.set()
     wait_until(lambda: all(d.converged for d in service.registry.list_devices()),

@@ -1,0 +1,193 @@
+"""Storing what devices send: reports, events and telemetry, in batches, acknowledged once
+committed.
+
+The MQTT network thread hands every device message to :meth:`Ingest.put`; one ingest thread
+writes up to :data:`BATCH` messages per transaction (one commit, on SQLite one fsync,
+instead of one per message) and only then acknowledges them to the broker, so a message is
+never lost between receipt and storage (the broker delivers an unacknowledged one again).
+The queue is bounded (:data:`QUEUE`): when the database falls behind, the network thread
+waits for room, and the broker holds (and bounds, with its per-client limits) what would
+otherwise pile up in this process's memory.
+
+A malformed message is logged and recorded as a ``protocol_error`` event (at most
+:data:`PROTOCOL_ERRORS_PER_MINUTE` per device); nothing a device sends stops the service.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from paho.mqtt.client import MQTTMessageInfo
+
+from protocol import messages
+from protocol.errors import ProtocolError
+from transport.mqtt import wait_published
+
+from .errors import RegistryError
+from .registry import Registry
+
+__all__ = ["BATCH", "DEVICE_EVENT_PREFIX", "OFFLINE_EVENT", "PROTOCOL_ERROR", "QUEUE",
+           "Inbound", "Ingest"]
+
+log = logging.getLogger(__name__)
+
+#: Messages stored per transaction, at most.
+BATCH = 200
+#: Device messages waiting for the ingest thread, at most.
+QUEUE = 10_000
+#: Event kind recorded for a message a device sent that could not be used.
+PROTOCOL_ERROR = "protocol_error"
+#: An ``events`` message of this kind (the agent's MQTT will, or a clean stop) marks the
+#: device offline; every other message from a device marks it online.
+OFFLINE_EVENT = "offline"
+#: Event kinds devices send are stored under this prefix (``agent.install.committed``): a
+#: device cannot write an event that reads as one of the server's own.
+DEVICE_EVENT_PREFIX = "agent."
+#: A device stuck in a loop of bad messages must not fill the event log (the log file still
+#: says every one).
+PROTOCOL_ERRORS_PER_MINUTE = 10
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A message from a device, with what its acknowledgement needs."""
+
+    device: str
+    leaf: str
+    payload: bytes
+    mid: int
+    qos: int
+    #: The connection it came on (the service's connection counter).
+    generation: int
+    #: A message already judged unusable (a chunk request that could not be answered, a
+    #: retained message): the error to record.
+    error: Exception | None = None
+    #: A refused retained message: the publish that clears it from the broker, which must
+    #: have gone out before the message is acknowledged.
+    clearing: MQTTMessageInfo | None = None
+
+
+class Ingest:
+    """The ingest thread and its bounded queue; ``ack`` acknowledges a stored message."""
+
+    def __init__(self, registry: Registry, ack: Callable[[Inbound], None]) -> None:
+        self._registry = registry
+        self._ack = ack
+        self._inbox: queue.Queue[Inbound | None] = queue.Queue(QUEUE)
+        self._thread: threading.Thread | None = None
+        self._error_budget: dict[str, tuple[float, int]] = {}
+
+    @property
+    def depth(self) -> int:
+        """Messages waiting to be stored."""
+        return self._inbox.qsize()
+
+    def start(self) -> None:
+        """Start the ingest thread."""
+        self._thread = threading.Thread(target=self._loop, name="fleet-ingest", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Store and acknowledge what was received so far, then stop. Idempotent."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._inbox.put(None)
+            thread.join()
+
+    def put(self, inbound: Inbound) -> None:
+        """Queue ``inbound`` for storage; waits while the queue is full (back-pressure)."""
+        self._inbox.put(inbound)
+
+    def _loop(self) -> None:
+        """Store what devices send, in batches, until None arrives."""
+        while True:
+            item = self._inbox.get()
+            batch: list[Inbound] = []
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= BATCH:
+                    break
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._store_batch(batch)
+            if item is None:
+                return
+
+    def _store_batch(self, batch: list[Inbound]) -> None:
+        """Store ``batch`` in one transaction, then acknowledge it. Should the transaction
+        fail (the database, not a message, is at fault), each message is handled alone."""
+        # By device (stable: each device's messages keep their order), so rows are locked
+        # in id order as everywhere else in the registry.
+        batch = sorted(batch, key=lambda item: item.device)
+        try:
+            with self._registry.batch():
+                for item in batch:
+                    self._store(item, in_batch=True)
+        except Exception:
+            log.warning("could not store %d device message(s) in one transaction; storing "
+                        "them one by one", len(batch), exc_info=True)
+            for item in batch:
+                self._store(item, in_batch=False)
+        for item in batch:
+            if item.clearing is None or wait_published(item.clearing):
+                self._ack(item)
+            # else: unacknowledged, the broker delivers it again and it is cleared then
+
+    def _store(self, item: Inbound, *, in_batch: bool) -> None:
+        """Store one message. A bad message is recorded as a protocol error; any other
+        failure is raised in a batch (which is then undone), else logged."""
+        device, leaf, payload = item.device, item.leaf, item.payload
+        try:
+            if item.error is not None:
+                raise item.error
+            if leaf == "reported":
+                self._registry.set_reported(device, payload)  # parsed there, once
+            elif leaf == "events":
+                self._store_event(device, payload)
+            elif leaf == "telemetry":
+                self._registry.add_telemetry(device, [messages.decode_telemetry(payload)])
+            else:
+                raise ProtocolError(f"unexpected topic leaf {leaf!r}; this server answers "
+                                    "outbox/chunks only")
+        except (ProtocolError, RegistryError) as exc:
+            self._protocol_error(device, leaf, payload, exc, in_batch=in_batch)
+        except Exception:
+            if in_batch:
+                raise
+            # The database is down, or a bug: log it and keep serving the other devices.
+            log.exception("failed to handle %s from %s", leaf, device)
+
+    def _store_event(self, device: str, payload: bytes) -> None:
+        event = messages.decode_event(payload)
+        detail: dict[str, Any] = {**event.detail, "device_at": event.at}
+        self._registry.add_event(DEVICE_EVENT_PREFIX + event.kind, device=device,
+                                 detail=detail, seq=event.seq)
+        self._registry.set_online(device, event.kind != OFFLINE_EVENT)
+
+    def _protocol_error(self, device: str, leaf: str, payload: bytes,
+                        exc: Exception, *, in_batch: bool = False) -> None:
+        log.warning("unusable %s message from %s: %s", leaf, device, exc)
+        now = time.monotonic()
+        start, count = self._error_budget.get(device, (now, 0))
+        if now - start >= 60:
+            start, count = now, 0
+        self._error_budget[device] = (start, count + 1)
+        if count >= PROTOCOL_ERRORS_PER_MINUTE:
+            return
+        detail = {"topic": leaf, "error": str(exc), "size": len(payload),
+                  "head": payload[:64].decode("utf-8", errors="replace")}
+        try:
+            self._registry.add_event(PROTOCOL_ERROR, device=device, detail=detail)
+        except Exception:
+            if in_batch:
+                raise  # the batch is undone and its messages handled one by one
+            log.exception("could not record a protocol error of %s", device)
