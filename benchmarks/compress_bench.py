@@ -32,14 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.evaluate import (
-    ModelRunner,
-    accuracy,
-    load_eval_data,
-    measure_latency_interleaved,
-    open_runner,
-    predict,
-)
+from compressor.errors import CompressorError
+from compressor.evaluate import measure_latency_interleaved
 from compressor.passes import (
     ConvertFp16,
     ConvertTflite,
@@ -51,6 +45,7 @@ from compressor.passes import (
 )
 from compressor.passes.tflite import tflite_unavailable
 from compressor.pipeline import CompressOptions, compress
+from compressor.runner import ModelRunner, open_runner
 from firmware_profiles import best_profile, load_profiles, probe_host
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,45 +96,54 @@ def bench_pruning(model: Path, data_path: Path, ratios: tuple[float, ...],
                   rounds: int) -> list[Row]:
     """fp32 (optimised) against the same graph with structured pruning at each ratio."""
     with tempfile.TemporaryDirectory(prefix="prune-bench-") as tmp:
-        ctx = PassContext(workdir=Path(tmp), input_name="input")
-        base = OptimizeGraph().run(model, ctx).model
+        ctx = PassContext(workdir=Path(tmp))
+        base = OptimizeGraph()(model, ctx).model
         paths = {"fp32": base}
         for ratio in ratios:
-            paths[f"channels -{ratio:.0%}"] = PruneChannels(ratio).run(base, ctx).model
+            paths[f"channels -{ratio:.0%}"] = PruneChannels(ratio)(base, ctx).model
         return measure_rows(paths, data_path, rounds)
 
 
 def measure_rows(paths: dict[str, Path], data_path: Path, rounds: int) -> list[Row]:
     """Accuracy of each model file, and latency timed interleaved across all of them."""
-    data = load_eval_data(data_path)
-    assert data.y is not None, "benchmark data must be labelled"
+    with np.load(data_path) as data:
+        x, y = data["eval_x"], data["eval_y"]
     runners: dict[str, ModelRunner] = {name: open_runner(p) for name, p in paths.items()}
-    latency = measure_latency_interleaved(runners, data.x[:1], rounds=rounds, iterations=50)
-    return [Row(name, path.stat().st_size, accuracy(predict(runners[name], data.x), data.y),
+    latency = measure_latency_interleaved(runners, {"input": x[:1]}, rounds=rounds,
+                                          iterations=50)
+    return [Row(name, path.stat().st_size, accuracy(runners[name], x, y),
                 latency[name].p50_ms, latency[name].p99_ms) for name, path in paths.items()]
+
+
+def accuracy(runner: ModelRunner, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy in percent, in batches of 64."""
+    logits = np.concatenate([next(iter(runner.run({"input": x[i:i + 64]}).values()))
+                             for i in range(0, len(x), 64)])
+    return float(np.mean(np.argmax(logits, axis=1) == y) * 100)
 
 
 def bench_tflite(model: Path, data_path: Path, rounds: int) -> list[Row]:
     """ONNX candidates and every TFLite variant of one model, timed in one interleaved pool."""
     with tempfile.TemporaryDirectory(prefix="tflite-bench-") as tmp:
         calib = np.load(data_path)["calib_x"][:128]
-        ctx = PassContext(workdir=Path(tmp), input_name="input", calibration=calib)
-        base = OptimizeGraph().run(model, ctx).model
+        ctx = PassContext(workdir=Path(tmp), calibration=[{"input": c[None]} for c in calib])
+        base = OptimizeGraph()(model, ctx).model
         paths = {"onnx fp32": base}
         for name, onnx_pass in (("onnx int8-dynamic", QuantizeDynamic()),
                                 ("onnx int8-static", QuantizeStatic()),
                                 ("onnx fp16", ConvertFp16())):
-            paths[name] = onnx_pass.run(base, ctx).model
+            paths[name] = onnx_pass(base, ctx).model
         started = time.monotonic()
-        built = ConvertTflite().build(base, ctx, ("logits",))
+        built = ConvertTflite().build(base, ctx)
         print(f"  TFLite conversion ({len(built.artifacts)} variants) took "
               f"{time.monotonic() - started:.1f} s"
               + "".join(f"; {n} failed: {r}" for n, r in built.skipped.items()), flush=True)
-        x = load_eval_data(data_path).x
+        with np.load(data_path) as data:
+            x = data["eval_x"]
         for artifact in built.artifacts:
             try:  # as the compressor does: a variant LiteRT cannot run is not offered
-                predict(open_runner(artifact.path), x)
-            except RuntimeError as exc:
+                open_runner(artifact.path).run({"input": x})
+            except CompressorError as exc:
                 print(f"  {artifact.name}: LiteRT cannot run it: {str(exc).splitlines()[0]}")
                 continue
             paths[artifact.name] = artifact.path

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.evaluate import accuracy, agreement, load_eval_data, open_runner, predict
+from compressor.metrics import Metric
+from compressor.runner import open_runner
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
@@ -23,12 +24,12 @@ def test_data_file_arrays() -> None:
 
 
 def test_onnx_and_tflite_agree_and_are_accurate() -> None:
-    data = load_eval_data(MODELS / "digits_data.npz")
-    assert data.y is not None
-    onnx_out = predict(open_runner(MODELS / "digits_cnn.onnx"), data.x)
-    tflite_out = predict(open_runner(MODELS / "digits_cnn.tflite"), data.x)
-    assert accuracy(onnx_out, data.y) >= 95.0
-    assert accuracy(tflite_out, data.y) >= 95.0
-    same = agreement(tflite_out, onnx_out)
-    assert same.top1 >= 0.99
-    assert same.max_abs_diff < 1e-3
+    with np.load(MODELS / "digits_data.npz") as data:
+        x, y = data["eval_x"], data["eval_y"]
+    onnx_out, tflite_out = (next(iter(open_runner(MODELS / m).run({"input": x}).values()))
+                            for m in ("digits_cnn.onnx", "digits_cnn.tflite"))
+    top1 = Metric("top1")
+    assert top1.score(onnx_out, y, labelled=True)[0] >= 95.0
+    assert top1.score(tflite_out, y, labelled=True)[0] >= 95.0
+    assert top1.score(tflite_out, onnx_out, labelled=False)[0] >= 99.0
+    assert float(np.max(np.abs(tflite_out - onnx_out))) < 1e-3
