@@ -156,8 +156,8 @@ class _Run:
         self.reduce_ranges = sorted({not p.cpu.fast_int8 for p in job.profiles})
         self.tflite_profiles = [p for p in job.profiles if wants_tflite(p)]
         self.plan = self._plan()
-        self.total = len(self.plan) + 4 + bool(self.options.prune_channels) + bool(
-            self.tflite_profiles)
+        self.total = (len(self.plan) + 4 + bool(self.options.prune_channels)
+                      + bool(self.tflite_profiles) + (job.source_format == "tflite"))
         self.step = 0
         self.pool = Pool()
         self.tflite_problem: str | None = None

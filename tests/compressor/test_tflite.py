@@ -294,6 +294,24 @@ def test_bundle_builds_from_tflite_artifacts(compressed: tuple[Path, dict[str, A
     assert formats["rpi4"][0] == "tflite"
 
 
+@needs_tf
+def test_a_tflite_model_is_compressed_too(tmp_path: Path) -> None:
+    steps: list[str] = []
+    report = compress(MODELS / "digits_cnn.tflite", [get_profile("x86-64-vnni"),
+                                                     get_profile("rpi4")],
+                      tmp_path / "out", calibration=DATA, evaluation=DATA, options=FAST,
+                      progress=lambda step, total, what: steps.append(f"{step}/{total}"))
+    assert steps[-2:] == ["9/10", "10/10"]
+    candidates = {c["name"]: c for c in report["candidates"]}
+    assert candidates["tflite-fp32"]["notes"] == ["the model as given"]
+    assert candidates["fp32"]["notes"][0].startswith("translated from TFLite by tf2onnx")
+    assert {"int8-static", "tflite-int8-dynamic"} <= set(candidates)
+    assert report["model"] == {"file": "digits_cnn.tflite", "format": "tflite",
+                               "size_bytes": (MODELS / "digits_cnn.tflite").stat().st_size}
+    assert all(c["accuracy_drop"] <= 1.0 for c in candidates.values())
+    assert by_profile(report)["rpi4"]["format"] == "tflite"
+
+
 # --- without TensorFlow ----------------------------------------------------------------------
 
 def test_without_tensorflow_litert_profiles_get_onnx_and_a_note(
