@@ -191,7 +191,12 @@ def judge(outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
         goal = reference[name] if target is None else target
         try:
             score, details = metric.score(outputs[name], goal, labelled)
-            ref_score = 100.0 if not labelled else metric.score(reference[name], goal, True)[0]
+            ref_score = 100.0
+            if labelled:
+                ref_score = metric.score(reference[name], goal, True)[0]
+                # Beside the labelled score, how closely the reference is followed.
+                agreement, _ = metric.score(outputs[name], reference[name], False)
+                details = {**details, "agreement": round(agreement, 4)}
         except MetricError as exc:
             raise MetricError(f"output {name}, measure {metric}: {exc}") from exc
         scored[name] = OutputQuality(str(metric), score, ref_score, details)

@@ -115,6 +115,7 @@ def test_judge_takes_the_worst_output_and_skips_none() -> None:
                      labels)
     assert labelled.outputs["logits"].reference_score == 100.0
     assert labelled.drop == 100.0
+    assert labelled.outputs["logits"].details == {"agreement": 0.0}
 
 
 @pytest.mark.parametrize(("name", "shape", "dtype", "kind"), [
