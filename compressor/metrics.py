@@ -317,6 +317,8 @@ def _iou(metric: Metric, outputs: np.ndarray, target: np.ndarray,
     predicted = _masks(outputs, metric.param)
     goal = (_rows(target).astype(np.int64) if labelled and target.dtype.kind in "iub"
             else _masks(target, metric.param))
+    if goal.shape != predicted.shape and goal.size == predicted.size:
+        goal = goal.reshape(predicted.shape)  # labels [N] for outputs [N, 1, 1], say
     if goal.shape != predicted.shape:
         raise MetricError(f"iou needs masks of one shape, got {list(goal.shape[1:])} for "
                           f"{list(predicted.shape[1:])} per sample")

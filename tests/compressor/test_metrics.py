@@ -89,6 +89,9 @@ def test_iou_for_masks_and_multi_class_maps() -> None:
     labels = np.array([[[1] * 4] * 2 + [[2] * 4] * 2])
     assert score("iou", classes, labels, labelled=True) == 100.0
     assert score("iou", ref * 10 - 5, ref * 10 - 5) == 100.0  # logits: threshold 0
+    # One probability per call ([N, 1, 1]) against 0/1 labels [N]: frames on the same side.
+    probs = np.array([0.9, 0.2, 0.7, 0.4]).reshape(4, 1, 1)
+    assert score("iou", probs, np.array([1, 0, 0, 0]), labelled=True, param=0.5) == 75.0
 
 
 def test_relative_error_with_tolerance() -> None:
