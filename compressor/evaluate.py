@@ -181,26 +181,34 @@ def summarize_latency(seconds: list[float]) -> LatencyStats:
 def measure_latency(runner: ModelRunner, feeds: Mapping[str, np.ndarray], warmup: int = 20,
                     iterations: int = 200) -> LatencyStats:
     """Time ``iterations`` calls after ``warmup`` untimed ones."""
-    return measure_latency_interleaved({"": runner}, feeds, rounds=1, iterations=iterations,
-                                       warmup=warmup)[""]
+    return measure_latency_interleaved({"": runner}, feeds, rounds=1,
+                                       iterations=iterations, warmup=warmup)[""]
 
 
 def measure_latency_interleaved(runners: Mapping[str, ModelRunner],
                                 feeds: Mapping[str, np.ndarray], rounds: int = 5,
-                                iterations: int = 20,
-                                warmup: int = 10) -> dict[str, LatencyStats]:
+                                iterations: int = 20, *, warmup: int = 10,
+                                budget_s: float | None = None) -> dict[str, LatencyStats]:
     """Time several models in alternating rounds so machine noise hits them all alike.
 
     Comparing candidates measured one after another lets a burst of load elsewhere decide
     the winner; interleaving rounds and taking percentiles over all of them does not.
+    ``budget_s`` bounds each model's timed calls (at least 3 a round): a 100 ms model gets
+    fewer calls than a 10 µs one instead of minutes of timing.
     """
-    for runner in runners.values():
-        for _ in range(warmup):
+    per_round = dict.fromkeys(runners, iterations)
+    for name, runner in runners.items():
+        started = time.perf_counter()
+        runner.run(feeds)
+        call_s = time.perf_counter() - started
+        if budget_s is not None:
+            per_round[name] = max(3, min(iterations, int(budget_s / rounds / call_s)))
+        for _ in range(min(warmup, per_round[name]) - 1):
             runner.run(feeds)
     durations: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, runner in runners.items():
-            for _ in range(iterations):
+            for _ in range(per_round[name]):
                 start = time.perf_counter()
                 runner.run(feeds)
                 durations[name].append(time.perf_counter() - start)

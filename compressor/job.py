@@ -34,7 +34,8 @@ class CompressOptions:
     calibration_samples: int = 128  # model calls
     self_test_samples: int = 4
     latency_rounds: int = 5
-    latency_iterations: int = 20
+    latency_iterations: int = 20  # per round, for models fast enough for the budget
+    latency_budget_s: float = 4.0  # timed calls per candidate, about
     threads: int = 1
     # Share of hidden units/channels structured pruning removes; None builds no pruned
     # candidates (pruning without retraining costs accuracy, so it is opt-in).

@@ -21,7 +21,7 @@ from firmware_profiles import Profile
 
 from .candidates import Candidate, Pool
 from .choose import Decision, Measured, Rejection, choose
-from .evaluate import calibration_calls, matched
+from .evaluate import matched
 from .job import Job
 from .metrics import Metric, Quality
 from .passes.tflite import save_calls
@@ -39,7 +39,9 @@ class Finish:
     """What the end of a run needs besides the job and the pool."""
 
     reference: str  # the candidate every other one is gated against (ONNX fp32, usually)
-    reference_runner: ModelRunner
+    # Golden cases: whole calls of the evaluation data, and the original model's outputs.
+    golden: Sequence[Mapping[str, np.ndarray]]
+    expected: Sequence[Mapping[str, np.ndarray]]
     tflite_problem: str | None  # why TFLite candidates are missing, if they are
     wants_tflite: Mapping[str, bool]  # by profile name
     metrics: Mapping[str, Metric]  # by output name ("none" for outputs not scored)
@@ -58,10 +60,7 @@ def write_output(job: Job, pool: Pool, measured: dict[str, Measured], finish: Fi
                                  max_drop=options.max_accuracy_drop, baselines=baselines)
                  for p in job.profiles}
     variants = _write_variants(job.model, decisions, pool, final)
-    golden = calibration_calls(finish.reference_runner, job.binding,
-                               job.evaluation.head(options.self_test_samples),
-                               options.self_test_samples)
-    expected = [finish.reference_runner.run(call) for call in golden]
+    golden, expected = finish.golden, finish.expected
     chosen = {d.chosen.name for d in decisions.values() if d.chosen}
     deviations = {name: _deviation(pool.runners[name], golden, expected) for name in chosen}
     deviation = max(deviations.values(), default=0.0)

@@ -194,6 +194,10 @@ class _Run:
                            self.options.threads)
         calls = calibration_calls(reference_runner, job.binding, job.calibration,
                                   self.options.calibration_samples)
+        count = self.options.self_test_samples
+        golden = calibration_calls(reference_runner, job.binding, job.evaluation.head(count),
+                                   count)
+        expected = [reference_runner.run(call) for call in golden]
         self.ctx = PassContext(workdir=self.work, calibration=calls)
         reference_name = "fp32"
         onnx_source: Path | None = job.model
@@ -202,6 +206,8 @@ class _Run:
                                     ("the model as given",), "tflite"),
                           reference_runner, self.judge(reference_runner), self.reduce_ranges)
             reference_name, onnx_source = "tflite-fp32", self._translate()
+        else:
+            del reference_runner  # a large model's session would otherwise stay all run long
         self.progress("preparing the graph (shape inference, optimisation)")
         if onnx_source is not None:
             self._prepare(onnx_source)
@@ -213,13 +219,14 @@ class _Run:
         self.progress(f"measuring latency of {len(self.pool.runners)} candidates")
         latency = measure_latency_interleaved(
             self.pool.runners, first_call(job.binding, job.evaluation),
-            self.options.latency_rounds, self.options.latency_iterations)
+            self.options.latency_rounds, self.options.latency_iterations,
+            budget_s=self.options.latency_budget_s)
         measured = {name: Measured(name, c.dtype, c.path.stat().st_size, latency[name].p50_ms,
                                    latency[name].p99_ms, self.pool.quality[name].drop,
                                    format=c.format)
                     for name, c in self.pool.candidates.items()}
         self.job.progress(self.total, self.total, "choosing and writing artifacts")
-        finish = Finish(reference_name, reference_runner, self.tflite_problem,
+        finish = Finish(reference_name, golden, expected, self.tflite_problem,
                         {p.name: wants_tflite(p) for p in job.profiles}, self.judge.metrics)
         return write_output(job, self.pool, measured, finish, self.scratch / "out")
 

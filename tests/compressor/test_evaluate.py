@@ -13,6 +13,7 @@ from compressor.evaluate import (
     calibration_calls,
     first_call,
     measure_latency,
+    measure_latency_interleaved,
     run_dataset,
     summarize_latency,
 )
@@ -116,6 +117,19 @@ def test_summarize_latency_percentiles_in_ms() -> None:
     assert stats.iterations == 100
     with pytest.raises(ValueError, match="no latency samples"):
         summarize_latency([])
+
+
+def test_slow_models_get_fewer_timed_calls_within_the_budget(tmp_path: Path) -> None:
+    runner = open_runner(MODELS / "digits_cnn.onnx")
+    with np.load(MODELS / "digits_data.npz") as data:
+        feeds = {"input": data["eval_x"][:1]}
+    # A budget far below one call's time: the floor of 3 calls a round.
+    stats = measure_latency_interleaved({"a": runner}, feeds, rounds=2, iterations=50,
+                                        budget_s=1e-9)
+    assert stats["a"].iterations == 6
+    stats = measure_latency_interleaved({"a": runner}, feeds, rounds=2, iterations=50,
+                                        budget_s=100.0)
+    assert stats["a"].iterations == 100
 
 
 def test_measure_latency_on_the_reference_model() -> None:
