@@ -24,9 +24,10 @@ calls run step by step, each sequence starting from the initial state.
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,8 @@ from .errors import CompressorError
 from .runner import Signature, TensorInfo
 
 __all__ = ["MAX_ARRAYS", "MAX_DATA_BYTES", "Binding", "Dataset", "DatasetError", "StatePair",
-           "bind", "infer_state_pairs", "load_dataset", "parse_state_pair", "read_npz"]
+           "bind", "infer_state_pairs", "load_calls", "load_dataset", "parse_state_pair",
+           "read_npz", "save_calls"]
 
 #: Bounds on one data file: arrays in it, and their total size once loaded.
 MAX_ARRAYS = 4096
@@ -282,3 +284,22 @@ def _check(value: np.ndarray, info: TensorInfo, source: str, extra: int, what: s
     if value.dtype != np.dtype(info.dtype):
         raise DatasetError(f"{source}: inputs are {value.dtype}, model input '{info.name}' "
                            f"expects {info.dtype}; convert with astype.")
+
+
+def save_calls(calls: Sequence[Mapping[str, np.ndarray]], path: Path) -> Path:
+    """Model calls as one ``.npz``: ``<call number>/<input name>`` arrays (calibration calls
+    for the TFLite converter's child process, golden cases beside report.json)."""
+    arrays: dict[str, Any] = {f"{i:06d}/{name}": value for i, call in enumerate(calls)
+                              for name, value in call.items()}
+    np.savez(str(path), **arrays)
+    return path
+
+
+def load_calls(path: Path) -> list[dict[str, np.ndarray]]:
+    """The calls :func:`save_calls` wrote, in order."""
+    calls: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path, allow_pickle=False) as npz:
+        for key in npz.files:
+            number, _, name = key.partition("/")
+            calls.setdefault(number, {})[name] = npz[key]
+    return [calls[k] for k in sorted(calls)]

@@ -21,10 +21,10 @@ from firmware_profiles import Profile
 
 from .candidates import Candidate, Pool
 from .choose import Decision, Measured, Rejection, choose
+from .dataset import save_calls
 from .evaluate import matched
 from .job import Job
 from .metrics import Metric, Quality
-from .passes.tflite import save_calls
 from .report import cases_within_budget, input_baseline, self_test_cases, tool_versions
 from .runner import ModelRunner, quantize
 

@@ -161,6 +161,7 @@ class _Run:
         self.step = 0
         self.pool = Pool()
         self.tflite_problem: str | None = None
+        self.translation_notes: tuple[str, ...] = ()  # of a .tflite model's ONNX form
 
     def progress(self, what: str) -> None:
         self.step += 1
@@ -248,7 +249,7 @@ class _Run:
 
     def _prepare(self, source: Path) -> None:
         """The fp32 candidate: the prepared graph, else the source as it is."""
-        notes: tuple[str, ...] = getattr(self, "translation_notes", ())
+        notes = self.translation_notes
         try:
             prepared = OptimizeGraph()(source, self.ctx)
             path, notes = prepared.model, (*notes, *prepared.notes)

@@ -41,18 +41,16 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from compressor.dataset import save_calls
 
-from .base import Feeds, PassContext, PassError, PreconditionError, graph_facts
+from .base import PassContext, PassError, PreconditionError, graph_facts
 
 __all__ = ["INSTALL_HINT", "TFLITE_VARIANTS", "ConvertTflite", "TfliteArtifact", "TfliteBuild",
-           "TfliteUnavailableError", "load_calls", "run_worker", "save_calls", "tflite_unavailable",
-           "to_onnx"]
+           "TfliteUnavailableError", "run_worker", "tflite_unavailable", "to_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -170,24 +168,6 @@ def to_onnx(model: Path, workdir: Path) -> tuple[Path, tuple[str, ...]]:
     result = run_worker({"task": "to_onnx", "model": str(model), "workdir": str(workdir)},
                         workdir)
     return Path(result["path"]), tuple(result["notes"])
-
-
-def save_calls(calls: Sequence[Feeds], path: Path) -> Path:
-    """Calibration calls as one ``.npz`` (``<call number>/<input name>``) for the child."""
-    arrays: dict[str, Any] = {f"{i:06d}/{name}": value for i, call in enumerate(calls)
-                              for name, value in call.items()}
-    np.savez(str(path), **arrays)
-    return path
-
-
-def load_calls(path: Path) -> list[dict[str, np.ndarray]]:
-    """The calls :func:`save_calls` wrote, in order."""
-    calls: dict[str, dict[str, np.ndarray]] = {}
-    with np.load(path, allow_pickle=False) as npz:
-        for key in npz.files:
-            number, _, name = key.partition("/")
-            calls.setdefault(number, {})[name] = npz[key]
-    return [calls[k] for k in sorted(calls)]
 
 
 def run_worker(request: dict[str, Any], workdir: Path) -> dict[str, Any]:

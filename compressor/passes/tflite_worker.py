@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from compressor.dataset import load_calls
 from compressor.errors import first_line as _first_line
-from compressor.passes.tflite import EXIT_UNAVAILABLE, TFLITE_VARIANTS, load_calls
+from compressor.passes.tflite import EXIT_UNAVAILABLE, TFLITE_VARIANTS
 
 _INTEGER_KINDS = "iub"  # numpy dtype kinds: signed, unsigned, bool
 
