@@ -144,3 +144,32 @@ def test_chosen_metrics_override_the_inferred_one(tmp_path: Path, metric: str) -
     options = CompressOptions(latency_rounds=1, latency_iterations=3, metrics={name: chosen})
     report = compress(model, [VNNI], tmp_path / "out", evaluation=data, options=options)
     assert report["metrics"] == {"mask": str(chosen)}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("model", "data", "metric"), [
+    ("text_encoder.onnx", "text_encoder_data.npz", "sentence_embedding=embedding"),
+    ("vad.onnx", "vad_data.npz", "prob=iou:0.5"),
+])
+def test_the_agent_passes_the_self_test_of_multi_input_and_stateful_models(
+        tmp_path: Path, model: str, data: str, metric: str) -> None:
+    """The signed bundle's golden cases, as the agent's session runs them, match."""
+    from agent.sessions import open_session
+    from agent.tensors import from_manifest_tensor
+    from compressor.metrics import parse_metric
+
+    out = tmp_path / "out"
+    options = CompressOptions(latency_rounds=1, latency_iterations=3, calibration_samples=32,
+                              metrics=dict([parse_metric(metric)]))
+    compress(MODELS / model, [VNNI], out, calibration=MODELS / data, evaluation=MODELS / data,
+             options=options)
+    manifest = sign_and_verify(out, tmp_path, "x86-64-vnni").manifest
+    assert manifest.self_test
+    (artifact,) = manifest.artifacts
+    session = open_session(out / Path(artifact.path).name, artifact.format)
+    names = [o.name for o in session.outputs]
+    for case in manifest.self_test:
+        got = session.run({n: from_manifest_tensor(t) for n, t in case.inputs.items()})
+        for name, tensor in case.expected_outputs.items():
+            expected = from_manifest_tensor(tensor)
+            assert np.allclose(got[names.index(name)], expected, atol=case.atol, rtol=0)
