@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -112,15 +111,25 @@ class Row:
     notes: list[str] = field(default_factory=list)
 
 
-def timed(argv: list[str], log: Path) -> tuple[int, float, float]:
-    """Run ``argv``; (exit status, wall seconds, peak resident MB of the process)."""
+def timed(argv: list[str], log: Path) -> tuple[int, float, float | None]:
+    """Run ``argv``; (exit status, wall seconds, peak resident MB of the process).
+
+    The peak comes from GNU time (``/usr/bin/time -f %M``), which forks the command from its
+    own small process: a child forked from this benchmark would count this process's pages
+    in its own maximum resident set. Without GNU time the peak is None.
+    """
+    peak_file = log.with_suffix(".peak")
+    gnu_time = Path("/usr/bin/time")
+    if gnu_time.is_file():
+        argv = [str(gnu_time), "-f", "%M", "-o", str(peak_file), *argv]
     started = time.monotonic()
     with log.open("wb") as sink:
-        process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
-        _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, time.monotonic() - started, usage.ru_maxrss / 1024
+        done = subprocess.run(argv, stdout=sink, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, check=False)
+    seconds = time.monotonic() - started
+    lines = peak_file.read_text().split() if peak_file.is_file() else []
+    peak = int(lines[-1]) / 1024 if lines and lines[-1].isdigit() else None
+    return done.returncode, seconds, peak
 
 
 def last_line(log: Path) -> str:
