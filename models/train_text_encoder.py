@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
+from onnx_export import export
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
@@ -139,20 +139,13 @@ def neighbour_accuracy(model: TextEncoder, ids: np.ndarray, mask: np.ndarray,
 
 def export_onnx(model: TextEncoder, path: Path, doc: str) -> None:
     """Export with dynamic batch and sequence axes, weights inside the one .onnx file."""
-    model.eval()
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=2, max=128)
     example = (torch.ones(2, 16, dtype=torch.int64), torch.ones(2, 16, dtype=torch.int64))
-    program = torch.onnx.export(
-        model, example, input_names=["input_ids", "attention_mask"],
-        output_names=["sentence_embedding"],
-        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-        opset_version=17, dynamo=True)
-    program.optimize()
-    proto = program.model_proto
-    proto.graph.doc_string = doc
-    onnx.checker.check_model(proto)
-    onnx.save_model(proto, path)
+    export(model, example, path, inputs=["input_ids", "attention_mask"],
+           outputs=["sentence_embedding"], doc=doc,
+           dynamic_shapes={"input_ids": {0: batch, 1: seq},
+                           "attention_mask": {0: batch, 1: seq}})
 
 
 def main() -> None:

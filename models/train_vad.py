@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
+from onnx_export import export
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
@@ -128,16 +128,9 @@ def frame_accuracy(model: VadStep, x: np.ndarray, y: np.ndarray) -> float:
 
 def export_onnx(model: VadStep, path: Path) -> None:
     """Export the single step with fixed shapes (one stream, one frame per call)."""
-    model.eval()
-    program = torch.onnx.export(
-        model, (torch.zeros(1, BANDS), torch.zeros(1, HIDDEN)),
-        input_names=["frame", "state"], output_names=["prob", "stateN"], opset_version=17,
-        dynamo=True)
-    program.optimize()
-    proto = program.model_proto
-    proto.graph.doc_string = "edgefleet streaming voice-activity detector (models/train_vad.py)"
-    onnx.checker.check_model(proto)
-    onnx.save_model(proto, path)
+    export(model, (torch.zeros(1, BANDS), torch.zeros(1, HIDDEN)), path,
+           inputs=["frame", "state"], outputs=["prob", "stateN"],
+           doc="edgefleet streaming voice-activity detector (models/train_vad.py)")
 
 
 def main() -> None:
