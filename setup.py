@@ -17,14 +17,17 @@ _CORE = ["numpy>=1.26", "cryptography>=42", "tuf>=6,<8", "tomli>=2; python_versi
 _RUNTIMES = ["onnxruntime>=1.20", "ai-edge-litert>=2.0"]
 
 EXTRAS = {
-    "agent": [*_CORE, *_RUNTIMES, "paho-mqtt>=2.0", "psutil>=5.9"],
+    # tomli-w: agent.toml is written with a TOML writer (edge-agent enroll).
+    "agent": [*_CORE, *_RUNTIMES, "paho-mqtt>=2.0", "psutil>=5.9", "tomli-w>=1.0"],
     # sympy: onnxruntime's symbolic shape inference, run before quantization.
     "compressor": [*_CORE, *_RUNTIMES, "onnx>=1.17", "sympy>=1.12"],
-    # psycopg: PostgreSQL for the registry (fleet serve --db postgresql://...); SQLite is stdlib.
-    "server": [*_CORE, "paho-mqtt>=2.0", "psycopg[binary]>=3.1"],
+    # psycopg and its pool: PostgreSQL for the registry (fleet serve --db postgresql://...);
+    # SQLite is stdlib. Why not SQLAlchemy: docs/registry.md, "Database layer".
+    "server": [*_CORE, "paho-mqtt>=2.0", "psycopg[binary]>=3.1", "psycopg-pool>=3.2"],
     # tritonclient: an existing Open Inference Protocol client, to prove the agent's API.
+    # h11: only benchmarks/http_parse_bench.py, which measures it against the agent's parser.
     "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "mypy>=1.11", "pytest-timeout>=2.3",
-            "tritonclient[http]>=2.40"],
+            "tritonclient[http]>=2.40", "h11>=0.14"],
 }
 # TFLite artifacts in the compressor (compressor/passes/tflite.py): onnx2tf turns the ONNX model
 # into a TensorFlow SavedModel, TensorFlow's converter makes the .tflite variants. Pinned
@@ -49,7 +52,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["agent*", "compressor*", "fleet_server*", "bundle*",
-                                    "firmware_profiles*"]),
+                                    "firmware_profiles*", "protocol*", "transport*",
+                                    "common*", "stats*"]),
     package_data={"firmware_profiles": ["profiles/*.toml", "py.typed"]},
     install_requires=[],
     extras_require=EXTRAS,

@@ -1,15 +1,16 @@
 """Fetching one bundle in chunks over the fleet link: resumable, flow-controlled, checked.
 
-The agent asks for the bytes it lacks (:class:`~bundle.protocol.ChunkRequest`), at most
-``window`` chunks at a time, and appends each arriving chunk to ``{sha256}.part`` in order
-(chunks that overtake others wait in memory). The file's length is therefore always the
-resume point: after a dropped connection, or a restart of the agent, fetching continues at
-the first missing byte rather than from zero. A request unanswered for ``timeout_s`` is
-sent again, and the timeout doubles (up to a minute, back to ``timeout_s`` once chunks
-flow) so a busy server is not flooded. Each chunk's own sha256 is checked on arrival
-(:func:`bundle.protocol.decode_chunk`) and the whole file's against the desired one at
-the end; a mismatch there discards the file and starts over. No I/O but the file: the
-link moves the messages.
+The agent asks for the bytes it lacks (:class:`~protocol.messages.ChunkRequest`), at most
+``window`` chunks at a time, and writes each arriving chunk to ``{name}.part`` in order
+(chunks that overtake others wait in memory). The file's length, rounded down to a whole
+chunk, is therefore always the resume point: after a dropped connection, or a restart of
+the agent, fetching continues at the first missing chunk rather than from zero (a
+short write, e.g. on a full disk, leaves a tail that is cut off and fetched again). A
+request unanswered for ``timeout_s`` is sent again, and the timeout doubles (up to a
+minute, back to ``timeout_s`` once chunks flow) so a busy server is not flooded. Each
+chunk's own sha256 is checked on arrival (:func:`protocol.messages.decode_chunk`) and the
+whole file's against the desired one at the end; a mismatch there discards the file and
+starts over. No I/O but the file: the link moves the messages.
 """
 
 from __future__ import annotations
@@ -21,27 +22,42 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bundle.protocol import DEFAULT_CHUNK_BYTES, Chunk, ChunkRequest
+from protocol.messages import DEFAULT_CHUNK_BYTES, Chunk, ChunkRequest
 
 from .errors import AgentError
 from .model_store import sha256_file
 
-__all__ = ["BundleFetch", "FetchError"]
+__all__ = ["BundleFetch", "BundleUnavailableError", "CorruptFetchError", "FetchError"]
 
 log = logging.getLogger(__name__)
 _MAX_TIMEOUT_S = 60.0
 
 
 class FetchError(AgentError):
-    """The server cannot supply the bundle, or what arrived does not hash to it."""
+    """The bundle could not be fetched. ``transient``: fetching it again may work."""
+
+    transient = False
+
+
+class BundleUnavailableError(FetchError):
+    """The server cannot send the bundle, or its size differs from the desired state's."""
+
+
+class CorruptFetchError(FetchError):
+    """The whole bundle arrived but does not hash to the desired sha256; the partial file is
+    gone and the next requests start from zero."""
+
+    transient = True
 
 
 class BundleFetch:
-    """The bundle ``sha256`` of ``size`` bytes, assembled in ``directory``."""
+    """The bundle ``sha256`` of ``size`` bytes, assembled in ``directory`` as ``{name}.part``
+    and renamed to ``{name}.efb`` once whole and checked (``name`` defaults to the sha256)."""
 
     def __init__(self, directory: Path, sha256: str, size: int, *,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, window: int = 4,
-                 timeout_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 timeout_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
+                 name: str | None = None) -> None:
         self.sha256 = sha256
         self.size = size
         self.chunk_bytes = chunk_bytes
@@ -49,17 +65,24 @@ class BundleFetch:
         self.timeout_s = timeout_s
         self._base_timeout_s = timeout_s
         self.clock = clock
-        self.part = directory / f"{sha256}.part"
-        self.path = directory / f"{sha256}.efb"
+        self.part = directory / f"{name or sha256}.part"
+        self.path = directory / f"{name or sha256}.efb"
         directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._early: dict[int, bytes] = {}  # chunks that arrived ahead of the file's end
         self._asked: dict[int, float] = {}  # offset -> when it was requested
-        self._have = self.part.stat().st_size if self.part.exists() else 0
+        on_disk = self.part.stat().st_size if self.part.exists() else 0
+        # Only whole chunks count: a short write (a full disk, a crash mid-write) leaves a
+        # tail that no chunk offset would ever extend.
+        self._have = min(on_disk - on_disk % chunk_bytes, size)
+        if on_disk != self._have:
+            os.truncate(self.part, self._have)
         if self._have:
             log.info("resuming bundle %s at byte %d of %d", sha256[:12], self._have, size)
         #: Bytes that had to be fetched again (resumes and timeouts), for telemetry.
         self.refetched = 0
+        #: Times the whole bundle arrived and did not hash to ``sha256``.
+        self.corrupted = 0
 
     @property
     def done(self) -> bool:
@@ -109,12 +132,12 @@ class BundleFetch:
         hash to ``sha256`` (the partial file is then discarded).
         """
         if chunk.error is not None:
-            raise FetchError(f"the fleet server cannot send bundle {self.sha256[:12]}: "
-                             f"{chunk.error}")
+            raise BundleUnavailableError(f"the fleet server cannot send bundle "
+                                         f"{self.sha256[:12]}: {chunk.error}")
         if chunk.total != self.size:
-            raise FetchError(f"bundle {self.sha256[:12]} is {chunk.total} bytes on the "
-                             f"server, {self.size} in the desired state; the desired state "
-                             "is stale")
+            raise BundleUnavailableError(
+                f"bundle {self.sha256[:12]} is {chunk.total} bytes on the server, {self.size} "
+                "in the desired state; the desired state is stale")
         with self._lock:
             self._asked.pop(chunk.offset, None)
             self.timeout_s = self._base_timeout_s  # the server answers again
@@ -126,10 +149,16 @@ class BundleFetch:
                 self._asked.pop(self._have, None)
                 self._have += len(appended[-1])
             if appended:
-                with open(self.part, "ab") as f:
-                    f.write(b"".join(appended))
-                    f.flush()
-                    os.fsync(f.fileno())
+                start = self._have - sum(len(a) for a in appended)
+                with open(self.part, "r+b" if self.part.exists() else "wb") as f:
+                    f.seek(start)
+                    try:
+                        f.write(b"".join(appended))
+                        f.flush()
+                        os.fsync(f.fileno())
+                    except OSError:
+                        self._have = start  # not written: ask for these chunks again
+                        raise
             if self._have < self.size:
                 return False
             return self._finish()
@@ -137,11 +166,12 @@ class BundleFetch:
     def _finish(self) -> bool:
         digest = sha256_file(self.part)
         if digest != self.sha256:
+            self.corrupted += 1
             self.part.unlink(missing_ok=True)
             self._have = 0
             self._early.clear()
-            raise FetchError(f"bundle {self.sha256[:12]} arrived complete but hashes to "
-                             f"{digest[:12]}; fetching it again")
+            raise CorruptFetchError(f"bundle {self.sha256[:12]} arrived complete but hashes "
+                                    f"to {digest[:12]}; fetching it again")
         os.replace(self.part, self.path)
         return True
 

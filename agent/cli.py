@@ -12,16 +12,20 @@ import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from bundle.archive import Limits
 from bundle.errors import BundleError
-from bundle.trust import TrustedState, verify_bundle
+from bundle.trust import verify_bundle
+from common.cli import new_parser, run
 from firmware_profiles import ProfileError, load_profiles, match_profiles, probe_host
 from firmware_profiles.describe import host_summary, host_to_json, match_to_json, matches_table
+from protocol.defaults import SERVER_API_PORT
 
 from . import __version__
+from .config import DEFAULT_API_HOST, ApiConfig, ApiLimits, FleetSettings, option_type
 from .errors import AgentError, BundleRejectedError, TrustStoreError
-from .trust_store import TrustStore
+from .trust_store import TrustStore, resolve_root
 
 __all__ = ["DEFAULT_STATE_DIR", "build_parser", "main"]
 
@@ -29,20 +33,13 @@ log = logging.getLogger(__name__)
 
 #: Where the agent keeps its state unless told otherwise (or EDGEFLEET_STATE_DIR).
 DEFAULT_STATE_DIR = Path(os.environ.get("EDGEFLEET_STATE_DIR", "/var/lib/edgefleet/agent"))
-DEFAULT_PORT = 8470
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for ``edge-agent`` and all its subcommands."""
-    parser = argparse.ArgumentParser(
-        prog="edge-agent",
-        description="On-device daemon: verify and install model bundles, serve inference "
-        "locally (offline-capable), report to the fleet server.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output (-v info, -vv debug)")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser, subparsers = new_parser(
+        "edge-agent", "On-device daemon: verify and install model bundles, serve inference "
+        "locally (offline-capable), report to the fleet server.", __version__)
     _add_enroll(subparsers)
     _add_run(subparsers)
     _add_serve(subparsers)
@@ -51,25 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(subparsers)
     _add_verify(subparsers)
     _add_probe(subparsers)
+    _add_config(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``edge-agent``; returns the process exit code."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=_log_level(args.verbose),
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.handler(args))
-    except (AgentError, ProfileError) as exc:
-        print(f"edge-agent: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-
-
-def _log_level(verbosity: int) -> int:
-    return {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    return run(build_parser(), argv, expected=(AgentError, ProfileError))
 
 
 def _state_dir_option(p: argparse.ArgumentParser) -> None:
@@ -85,7 +70,7 @@ def _add_enroll(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         "server with TOKEN (from `fleet enroll-token`), pin the fleet's root of trust and "
         "write DIR/agent.toml for `edge-agent run`.")
     p.add_argument("--server", required=True, metavar="URL",
-                   help="the fleet server's API, e.g. http://fleet.example:8480")
+                   help=f"the fleet server's API, e.g. http://fleet.example:{SERVER_API_PORT}")
     p.add_argument("--token", required=True, metavar="TOKEN")
     p.add_argument("--device-id", metavar="ID",
                    help="this device's id in the fleet (default: the host name)")
@@ -94,23 +79,31 @@ def _add_enroll(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
                    help="this device's firmware profile (default: probe the host)")
     p.add_argument("--tag", action="append", default=[], metavar="TAG",
                    help="a tag for fleet targeting (repeatable)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT,
-                   help=f"the local API's port (default {DEFAULT_PORT}; 0: a free one)")
-    p.add_argument("--probation", type=float, default=60.0, metavar="SECONDS",
-                   help="how long a new model is watched before it is committed (default 60)")
-    p.add_argument("--telemetry-interval", type=float, default=30.0, metavar="SECONDS",
-                   help="seconds between telemetry samples (default 30)")
+    _option(p, "--port", ApiConfig, "port")
+    _option(p, "--probation", ApiConfig, "probation_s", metavar="SECONDS")
+    _option(p, "--telemetry-interval", FleetSettings, "telemetry_interval_s",
+            metavar="SECONDS")
     p.set_defaults(handler=_enroll)
+
+
+def _option(p: argparse.ArgumentParser, flag: str, table: type[Any], key: str,
+            metavar: str | None = None) -> None:
+    """A flag for config key ``key`` of ``table``: its default, bounds and meaning."""
+    kind, default, meaning = option_type(table, key)
+    p.add_argument(flag, type=kind, default=default, metavar=metavar,
+                   help=f"{meaning} (default {default})")
 
 
 def _enroll(args: argparse.Namespace) -> int:
     from .daemon import resolve_profile
     from .enroll import CONFIG_NAME, EnrollRequest, default_device_id, enroll
+    from .startup import usable_state_dir
 
+    state_dir = usable_state_dir(args.state_dir)
     profile = resolve_profile(args.profile)
     config = enroll(EnrollRequest(
         server_url=args.server, token=args.token,
-        device_id=args.device_id or default_device_id(), state_dir=args.state_dir,
+        device_id=args.device_id or default_device_id(), state_dir=state_dir,
         profile=profile.name if profile else None, tags=tuple(args.tag),
         api_port=args.port, probation_s=args.probation,
         telemetry_interval_s=args.telemetry_interval))
@@ -139,38 +132,41 @@ def _run(args: argparse.Namespace) -> int:
     from .http_api import ApiSettings
     from .probation import ProbationPolicy
     from .runtime import Runtime
-    from .telemetry import TelemetryBuffer, TelemetryCollector, TelemetryFeed
+    from .startup import check_fleet_files, usable_state_dir
+    from .telemetry import TelemetryCollector
 
     config = load_config(args.config or DEFAULT_STATE_DIR / "agent.toml")
+    usable_state_dir(config.state_dir)
+    if config.fleet is not None:
+        check_fleet_files(config.fleet)
     profile = resolve_profile(config.profile)
+    api = config.api
     runtime = Runtime(config.state_dir, profile,
-                      policy=ProbationPolicy(window_s=config.probation_s),
-                      threads=config.threads)
+                      policy=ProbationPolicy(window_s=api.probation_s), threads=api.threads)
     for problem in runtime.problems:
         print(f"warning: {problem}", file=sys.stderr)
     token, token_file = AgentProcess.token(config.state_dir, None)
-    process = AgentProcess(runtime, ApiSettings(host=config.api_host, port=config.api_port,
-                                                unix_socket=config.unix_socket, token=token),
+    process = AgentProcess(runtime, ApiSettings(host=api.host, port=api.port,
+                                                unix_socket=api.unix_socket, token=token,
+                                                limits=api.limits),
                            config.state_dir)
     process.start(token_file)
-    link, buffer = None, None
+    link = None
     if config.fleet is not None:
-        buffer = TelemetryBuffer(config.state_dir / TelemetryBuffer.FILE_NAME)
-        link = FleetLink(runtime, config.fleet,
-                         telemetry=TelemetryFeed(TelemetryCollector(runtime), buffer))
+        link = FleetLink(runtime, config.fleet, telemetry=TelemetryCollector(runtime))
         link.start()
+    # Serving already; interrupted installs resume behind it, reported through the link.
+    runtime.resume_installs(wait=False)
     models = ", ".join(f"{m.name} v{m.version}" for m in runtime.models())
     fleet = (f"fleet {config.fleet.name} as {config.fleet.device_id} via "
              f"{config.fleet.broker_url}" if config.fleet else "no fleet (offline)")
     print(f"edge-agent running: {models or 'no models yet'} on "
-          f"{process.server.url or config.unix_socket}; {fleet}", flush=True)
+          f"{process.server.url or api.unix_socket}; {fleet}", flush=True)
     try:
         process.wait()
     finally:
         if link is not None:
             link.stop()
-        if buffer is not None:
-            buffer.close()
     return 0
 
 
@@ -190,34 +186,34 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                    help="the fleet's root.json, pinned if DIR trusts nothing yet")
     p.add_argument("--profile", metavar="NAME",
                    help="this device's firmware profile (default: probe the host)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
-                   "127.0.0.1: the API is for apps on this device)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT,
-                   help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("--host", default=DEFAULT_API_HOST, help="address to listen on (default "
+                   f"{DEFAULT_API_HOST}: the API is for apps on this device)")
+    _option(p, "--port", ApiConfig, "port")
     p.add_argument("--unix-socket", type=Path, metavar="PATH", help="also listen here")
     p.add_argument("--token-file", type=Path, metavar="FILE",
                    help="API token file, created 0600 if missing (default DIR/api-token)")
     p.add_argument("--no-auth", action="store_true",
                    help="accept requests without a token (throwaway tests only)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="inference threads per model (default 0: the runtime decides)")
-    p.add_argument("--probation", type=float, default=60.0, metavar="SECONDS",
-                   help="how long a newly installed model is watched before it is "
-                   "committed (default 60)")
+    _option(p, "--threads", ApiConfig, "threads")
+    _option(p, "--probation", ApiConfig, "probation_s", metavar="SECONDS")
+    _option(p, "--max-batch", ApiLimits, "max_batch", metavar="N")
     p.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .daemon import AgentProcess, pin_root, resolve_profile
+    from .daemon import AgentProcess, resolve_profile
     from .http_api import ApiSettings
     from .probation import ProbationPolicy
     from .runtime import Runtime
+    from .startup import usable_state_dir
 
     if len(args.name) > len(args.model):
         raise AgentError("more --name than --model options; give one name per model file")
-    state_dir: Path = args.state_dir
-    if args.root is not None:
-        pin_root(state_dir, args.root)
+    for model in args.model:
+        if not model.is_file():
+            raise AgentError(f"{model}: no such model or bundle file")
+    _pin_root(args.state_dir, args.root)
+    state_dir = usable_state_dir(args.state_dir)
     profile = resolve_profile(args.profile)
     runtime = Runtime(state_dir, profile, policy=ProbationPolicy(window_s=args.probation),
                       threads=args.threads)
@@ -234,9 +230,10 @@ def _serve(args: argparse.Namespace) -> int:
     token, token_file = (None, None) if args.no_auth else AgentProcess.token(state_dir,
                                                                              args.token_file)
     settings = ApiSettings(host=args.host, port=args.port, unix_socket=args.unix_socket,
-                           token=token)
+                           token=token, limits=ApiLimits(max_batch=args.max_batch))
     process = AgentProcess(runtime, settings, state_dir)
     process.start(token_file)
+    runtime.resume_installs(wait=False)  # behind the models already served
     models = ", ".join(f"{m.name} v{m.version or '-'} ({m.backend})" for m in runtime.models())
     print(f"edge-agent serving {models or 'no models yet'} on "
           f"{process.server.url or settings.unix_socket}"
@@ -263,17 +260,20 @@ def _add_install(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _install(args: argparse.Namespace) -> int:
-    from .daemon import find_running, pin_root, resolve_profile
+    from .daemon import find_running, resolve_profile
     from .runtime import Runtime
+    from .startup import usable_state_dir
 
-    if args.root is not None:
-        pin_root(args.state_dir, args.root)
+    if not args.bundle.is_file():
+        raise AgentError(f"{args.bundle}: no such bundle file")
+    _pin_root(args.state_dir, args.root)
     running = find_running(args.state_dir)
     if running is not None:
         with running.client(timeout=600) as client:
             record = client.install(args.bundle)
     else:
-        runtime = Runtime(args.state_dir, resolve_profile(args.profile))
+        runtime = Runtime(usable_state_dir(args.state_dir), resolve_profile(args.profile))
+        runtime.resume_installs()  # an earlier one a stop interrupted goes first
         record = runtime.install(args.bundle).summary()
     if args.json:
         print(json.dumps(record, indent=2))
@@ -304,6 +304,8 @@ def _status(args: argparse.Namespace) -> int:
     if running is not None:
         with running.client() as client:
             status = {"running": True, **client.status()}
+    elif args.state_dir.exists() and not args.state_dir.is_dir():
+        raise AgentError(f"{args.state_dir} is not a directory; pass the agent's --state-dir")
     else:
         status = {"running": False, **offline_status(args.state_dir)}
     print(json.dumps(status, indent=2) if args.json else status_table(status))
@@ -373,17 +375,26 @@ def _add_verify(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     p.set_defaults(handler=_verify)
 
 
+def _pin_root(state_dir: Path, root: Path | None) -> None:
+    """Pin ``root`` if the device trusts nothing yet; refuse one that differs from the pin.
+
+    Once a root is pinned, newer roots arrive only inside bundles, signed by the old one.
+    """
+    from .startup import usable_state_dir
+
+    store = TrustStore(state_dir / "trust")
+    trusted = resolve_root(store, root)  # checks ``root`` before anything is written
+    if trusted is not None and not store.exists():
+        usable_state_dir(state_dir)
+        store.save(trusted)
+
+
 def _verify(args: argparse.Namespace) -> int:
     store = TrustStore(args.state_dir / "trust")
-    if store.exists():
-        if args.root is not None:
-            log.info("%s already holds trusted state; ignoring --root", store.path)
-        trusted = store.load()
-    elif args.root is not None:
-        # Pinned on disk only once a bundle verified against it, so a wrong file given
-        # here does not leave the device trusting it.
-        trusted = TrustedState(root=_read(args.root, Limits().max_bundle_bytes))
-    else:
+    # Pinned on disk only once a bundle verified against it, so a wrong file given here does
+    # not leave the device trusting it.
+    trusted = resolve_root(store, args.root)
+    if trusted is None:
         raise TrustStoreError(f"no trusted state in {args.state_dir}; pass --root ROOT.json "
                               "once to pin the fleet's root")
     data = _read(args.bundle, Limits().max_bundle_bytes)
@@ -433,4 +444,26 @@ def _probe(args: argparse.Namespace) -> int:
     print(host_summary(host))
     print(f"best profile: {best or 'none fits (see the FITS column)'}\n")
     print(matches_table(matches))
+    return 0
+
+
+def _add_config(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "config", help="check an agent config file, or print the reference of its keys",
+        description="Check FILE as `edge-agent run` would and print its values with every "
+        "default filled in; with --doc, print the reference of every key instead (the "
+        "source of docs/agent-config.md).")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help=f"agent config (default {DEFAULT_STATE_DIR / 'agent.toml'})")
+    p.add_argument("--doc", action="store_true", help="print the reference (Markdown)")
+    p.set_defaults(handler=_config)
+
+
+def _config(args: argparse.Namespace) -> int:
+    from .config import config_reference, config_to_toml, load_config
+
+    if args.doc:
+        print(config_reference(), end="")
+        return 0
+    print(config_to_toml(load_config(args.config or DEFAULT_STATE_DIR / "agent.toml")), end="")
     return 0

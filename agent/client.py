@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from protocol.defaults import AGENT_API_PORT
+
 from .errors import AgentError
 from .tensors import DATATYPE_OF, DTYPE_OF
 
@@ -114,11 +116,15 @@ class _Closed(Exception):
 class AgentClient:
     """Talks to one agent at ``url`` (``http://host:port``) or over ``unix_socket``."""
 
-    def __init__(self, url: str = "http://127.0.0.1:8470", *, token: str | None = None,
+    def __init__(self, url: str = f"http://127.0.0.1:{AGENT_API_PORT}", *, token: str | None = None,
                  token_file: Path | None = None, unix_socket: Path | None = None,
                  timeout: float = 30.0) -> None:
         if token is None and token_file is not None:
-            token = token_file.read_text(encoding="ascii").strip()
+            try:
+                token = token_file.read_text(encoding="ascii").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise AgentError(f"cannot read the agent's API token from {token_file} "
+                                 f"({exc}); run as the agent's user") from exc
         self._headers = {} if token is None else {"Authorization": f"Bearer {token}"}
         if unix_socket is not None:
             self._transport = _Transport(str(unix_socket), timeout)
@@ -126,7 +132,8 @@ class AgentClient:
         else:
             parts = urlsplit(url)
             if parts.scheme != "http" or not parts.hostname:
-                raise AgentError(f"agent URL {url!r} must look like http://127.0.0.1:8470")
+                raise AgentError(f"agent URL {url!r} must look like "
+                                 f"http://127.0.0.1:{AGENT_API_PORT}")
             self._transport = _Transport((parts.hostname, parts.port or 80), timeout)
             self.where = url
 
@@ -199,7 +206,11 @@ class AgentClient:
 
     def install(self, bundle: Path) -> dict[str, Any]:
         """Send a bundle file to the running agent to install; the install record."""
-        status, _, body = self._request("POST", "/v2/edgefleet/install", bundle.read_bytes(),
+        try:
+            data = bundle.read_bytes()
+        except OSError as exc:
+            raise AgentError(f"cannot read bundle {bundle} ({exc.strerror})") from exc
+        status, _, body = self._request("POST", "/v2/edgefleet/install", data,
                                         {"Content-Type": "application/octet-stream"},
                                         check=False)
         record: dict[str, Any] = json.loads(body)

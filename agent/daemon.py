@@ -19,8 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bundle.atomic import write_atomic
-from bundle.trust import TrustedState
+from common.atomic import write_atomic
 from firmware_profiles import get_profile, load_profiles, probe_host
 from firmware_profiles.matching import best_profile
 from firmware_profiles.model import Profile
@@ -28,11 +27,9 @@ from firmware_profiles.model import Profile
 from .client import AgentClient
 from .errors import AgentError
 from .http_api import ApiServer, ApiSettings, load_or_create_token
-from .installer import StateDirs
 from .runtime import Runtime
-from .trust_store import TrustStore
 
-__all__ = ["AgentProcess", "RunningAgent", "find_running", "pin_root", "resolve_profile"]
+__all__ = ["AgentProcess", "RunningAgent", "find_running", "resolve_profile"]
 
 log = logging.getLogger(__name__)
 _RUN_FILE = "agent.json"
@@ -83,22 +80,6 @@ def resolve_profile(name: str | None, profiles_dir: Path | None = None) -> Profi
     return best_profile(probe_host(profiles), profiles)
 
 
-def pin_root(state_dir: Path, root: Path) -> None:
-    """Trust ``root`` (the fleet's root.json) if the device trusts nothing yet.
-
-    Once a root is pinned, newer roots arrive only inside bundles, signed by the old one.
-    """
-    store = TrustStore(StateDirs(state_dir).trust)
-    if store.exists():
-        log.info("%s already holds trusted state; ignoring %s", store.path, root)
-        return
-    try:
-        data = root.read_bytes()
-    except OSError as exc:
-        raise AgentError(f"cannot read root metadata {root} ({exc.strerror})") from exc
-    store.save(TrustedState(root=data))
-
-
 class AgentProcess:
     """The agent serving its models over the local API until stopped."""
 
@@ -128,7 +109,12 @@ class AgentProcess:
         self.server.start()
         self.runtime.start()
         if self.state_dir is not None:
-            self._write_run_file(token_file)
+            try:
+                self._write_run_file(token_file)
+            except OSError as exc:  # a full disk must not stop the serving
+                log.warning("cannot write %s (%s): the other edge-agent commands will not "
+                            "find this agent; it serves on", self.state_dir / _RUN_FILE,
+                            exc.strerror)
 
     def wait(self) -> None:
         """Serve until SIGINT/SIGTERM or :meth:`stop`, then shut down."""

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bundle.atomic import write_atomic
-from bundle.identity import check_name, make_device_key_and_csr
 from bundle.trust import TrustedState
+from common.atomic import write_atomic
+from protocol.defaults import AGENT_API_PORT
+from protocol.names import check_name
+from transport.x509 import make_device_key_and_csr
 
-from .config import AgentConfig, FleetSettings, write_config
+from .config import AgentConfig, ApiConfig, FleetSettings, write_config
 from .errors import AgentError
 from .installer import StateDirs
 from .trust_store import TrustStore
@@ -46,7 +48,7 @@ class EnrollRequest:
     state_dir: Path
     profile: str | None = None
     tags: tuple[str, ...] = ()
-    api_port: int = 8470
+    api_port: int = AGENT_API_PORT
     probation_s: float = 60.0
     telemetry_interval_s: float = 30.0
 
@@ -89,7 +91,7 @@ def enroll(request: EnrollRequest, timeout: float = 30.0) -> AgentConfig:
     trust.save(TrustedState(root=root))
     config = AgentConfig(
         state_dir=request.state_dir.absolute(), profile=request.profile,
-        api_port=request.api_port, probation_s=request.probation_s,
+        api=ApiConfig(port=request.api_port, probation_s=request.probation_s),
         fleet=FleetSettings(name=fleet, device_id=device_id, broker_url=broker_url,
                             ca_file=Path("keys/ca.crt"), cert_file=Path("keys/device.crt"),
                             key_file=Path("keys/device.key"), server_url=request.server_url,

@@ -39,11 +39,21 @@ class BundleRejectedError(AgentError):
 
 class InstallError(AgentError):
     """An install did not complete. ``reason`` is a stable code for the fleet server
-    (``self_test_failed``, ``no_variant``, ``load_failed``, ``rejected:<check>``...)."""
+    (``self_test_failed``, ``no_variant``, ``load_failed``, ``rejected:<check>``,
+    ``disk_full``...); ``transient`` says whether the same bundle may succeed later."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
+        self.transient = transient
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Raised in the verifier child and sent back: keep reason and transience.
+        return (_install_error, (self.reason, str(self), self.transient))
+
+
+def _install_error(reason: str, message: str, transient: bool) -> InstallError:
+    return InstallError(reason, message, transient=transient)
 
 
 class ModelLoadError(AgentError):

@@ -1,14 +1,20 @@
 """The agent's link to its fleet: desired state in, bundles fetched, installs reported.
 
-One MQTT connection (mutual TLS, persistent session, QoS 1; :mod:`bundle.mqtt`) and one
+One MQTT connection (mutual TLS, persistent session, QoS 1; :mod:`transport.mqtt`) and one
 worker thread. The worker compares the retained desired state with what the runtime
 serves; for a model that differs it fetches the desired bundle in chunks
 (:class:`~agent.bundle_fetch.BundleFetch`, resumable), installs it with the runtime (the
 same verified, self-tested hot-swap as a local install) and reports every install
 transition as an event plus a fresh ``reported`` state. A bundle that failed is not
 retried until the desired state names another one, so a bad bundle costs one attempt, not
-a loop. Telemetry samples go through a durable buffer and are acknowledged only once the
-broker has them.
+a loop.
+
+Events and telemetry samples go through the durable :class:`~agent.outbox.Outbox`, which a
+:class:`~agent.publisher.Publisher` drains on its own thread; a
+:class:`~agent.telemetry.TelemetrySampler` samples on its own schedule. Install transitions
+are announced from the install records themselves (each record's history, with a mark in
+the outbox of how far it was announced), so a transition persisted while the link was not
+listening (before it started, or just before a kill) is sent when it starts.
 
 The broker being down changes nothing for apps on the device: the runtime and its local
 API do not depend on this link. paho reconnects with back-off; on every connect the link
@@ -17,30 +23,20 @@ re-subscribes, re-reports and resumes any fetch where its file ends.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import replace
-from typing import Any, Protocol
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
 
 from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from bundle.errors import ProtocolError
-from bundle.mqtt import (
-    BrokerAddress,
-    ClientSettings,
-    TLSIdentity,
-    close_client,
-    create_client,
-    device_topic,
-)
-from bundle.protocol import (
-    CHUNK_LEAF,
-    CHUNK_REQUEST_LEAF,
+from protocol.errors import ProtocolError
+from protocol.messages import (
     DEFAULT_CHUNK_BYTES,
     Desired,
     DesiredModel,
@@ -48,83 +44,123 @@ from bundle.protocol import (
     InstallReport,
     ModelReport,
     Reported,
-    Telemetry,
     decode_chunk,
     decode_desired,
     encode,
 )
+from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF, device_topic
+from transport.mqtt import BrokerAddress, ClientSettings, TLSIdentity, close_client, create_client
 
 from . import __version__
 from .bundle_fetch import BundleFetch, FetchError
 from .config import FleetSettings
-from .install_state import InstallRecord
+from .install_state import InstallRecord, InstallState
+from .installer import is_disk_full
+from .loss_counter import Tally
+from .outbox import Outbox, OutboxError
+from .publisher import Publisher
 from .runtime import Runtime
+from .telemetry import TelemetrySampler, TelemetrySource
 
-__all__ = ["FleetLink", "TelemetrySource", "next_fetch"]
+__all__ = ["FleetLink", "install_events", "next_fetch"]
 
 log = logging.getLogger(__name__)
 _TICK_S = 0.25
-
-
-class TelemetrySource(Protocol):
-    """Where telemetry samples come from and wait until the broker has them."""
-
-    def sample(self) -> None:
-        """Take one sample into the durable buffer."""
-        ...
-
-    def pending(self, limit: int) -> list[Telemetry]:
-        """Buffered samples, oldest first."""
-        ...
-
-    def ack(self, up_to_seq: int) -> None:
-        """Forget samples up to and including ``up_to_seq``: the broker has them."""
-        ...
+#: How long a clean stop waits for the broker to take its offline event.
+_OFFLINE_TIMEOUT_S = 2.0
+#: Whole bundles that may arrive hashing wrong before the server is not asked again.
+_MAX_CORRUPT = 2
+#: Outbox marks of install announcements: this prefix, then the install id.
+_INSTALL_MARK = "install/"
+#: Characters of a text kept in an event's detail (an error message can be long): a few
+#: of them stay well within the server's limit for an event (MAX_EVENT_BYTES).
+_MAX_TEXT = 2000
 
 
 def next_fetch(desired: Desired | None, served: Mapping[str, str | None],
-               given_up: Mapping[str, str]) -> tuple[str, DesiredModel] | None:
+               given_up: Mapping[str, str],
+               busy: Collection[str] = ()) -> tuple[str, DesiredModel] | None:
     """The model whose desired bundle to fetch next, or None when the device is in line.
 
     ``served`` maps model names to the bundle sha256 serving now (None: not from the fleet
     or not served); ``given_up`` maps them to a bundle that failed, which is not fetched
-    again until the desired state names another one. Models in name order, one at a time.
+    again until the desired state names another one; ``busy`` models have an install being
+    verified or activated, to be finished first. Models in name order, one at a time.
     """
     if desired is None:
         return None
     for name, want in sorted(desired.models.items()):
-        if want.bundle_sha256 not in (served.get(name), given_up.get(name)):
+        if name not in busy and want.bundle_sha256 not in (served.get(name),
+                                                            given_up.get(name)):
             return name, want
     return None
 
 
+def install_events(record: InstallRecord, announced: int,
+                   ) -> list[tuple[str, float, dict[str, Any]]]:
+    """The events announcing ``record``'s transitions after the first ``announced`` entries
+    of its history (the first entry, ``idle``, is never announced): ``(kind, at, detail)``,
+    oldest first, each at the time of its transition. Only the latest carries the record's
+    ``reason`` and ``detail``, which belong to its current state."""
+    events = []
+    last = len(record.history) - 1
+    for index in range(max(announced, 1), last + 1):
+        state, at = record.history[index]
+        events.append((f"install.{state}", at, {
+            "install_id": record.install_id, "model": record.model,
+            "version": record.version, "bundle_sha256": record.bundle_sha256,
+            "reason": _clip(record.reason) if index == last else None,
+            "detail": _clip(record.detail) if index == last else None}))
+    return events
+
+
+def _clip(text: str | None) -> str | None:
+    return text if text is None or len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "..."
+
+
 class FleetLink:
-    """Connects ``runtime`` to its fleet as configured in ``settings``."""
+    """Connects ``runtime`` to its fleet as configured in ``settings``.
+
+    ``telemetry`` (a :class:`~agent.telemetry.TelemetryCollector`, say) is sampled every
+    ``settings.telemetry_interval_s``; None sends no telemetry. ``outbox`` holds events and
+    samples until the broker has them; by default the link opens (and closes) the one in
+    the runtime's state directory.
+    """
 
     def __init__(self, runtime: Runtime, settings: FleetSettings, *,
-                 telemetry: TelemetrySource | None = None,
+                 telemetry: TelemetrySource | None = None, outbox: Outbox | None = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  clock: Callable[[], float] = time.time) -> None:
         if runtime.installer is None:
             raise ValueError("the fleet link needs a runtime with a state directory")
         self.runtime = runtime
         self.settings = settings
-        self.telemetry = telemetry
         self.chunk_bytes = chunk_bytes
         self.clock = clock
         self.installer = runtime.installer
-        self.fetch_dir = self.installer.dirs.root / "fetch"
+        assert runtime.installs is not None
+        self.installs = runtime.installs
+        self._owns_outbox = outbox is None
+        if outbox is None:
+            outbox = Outbox.open_in(self.installer.dirs.root)
+        self.outbox = outbox
+        self._publisher = Publisher(self.outbox, self._send, self._encode_report)
+        self.sampler = None if telemetry is None else TelemetrySampler(
+            telemetry, self.outbox, settings.telemetry_interval_s, clock=clock,
+            on_sample=lambda sample: self._sampled())
+        self._announcing = threading.Lock()
         self._client = create_client(ClientSettings(
             BrokerAddress.from_url(settings.broker_url),
             TLSIdentity(settings.ca_file, settings.cert_file, settings.key_file)))
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         # The broker announces an unexpected disconnect for us, so the fleet sees the
-        # device go offline without waiting for a missed report.
-        self._client.will_set(self._topic("events"), encode(Event("offline", clock(), {})),
-                              qos=1)
+        # device go offline without waiting for a missed report. Set before every connect,
+        # so it carries the time of the connection it ends, not of the agent's start.
+        self._client.on_pre_connect = self._set_will
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -133,11 +169,10 @@ class FleetLink:
         self._fetch: BundleFetch | None = None
         self._fetch_model: str | None = None
         self._fetch_version: int | None = None
-        self._given_up: dict[str, str] = {}  # model -> bundle sha256 that failed
-        # The fleet's installs by the model they were fetched for: one rejected before its
-        # manifest was read does not know its model itself.
-        self._attempts: dict[str, InstallRecord] = {}
-        self._next_sample = 0.0
+        self._fetch_install: str | None = None
+        #: Set whenever the worker found nothing to fetch (the device is in line with its
+        #: desired state, or gave up on what it names); tests wait on it.
+        self.in_line = threading.Event()
         self._thread: threading.Thread | None = None
         self.installer.listeners.append(self._on_install_change)
 
@@ -147,26 +182,57 @@ class FleetLink:
         return self._connected.is_set()
 
     def start(self) -> None:
-        """Connect (in the background, retrying) and start the worker."""
+        """Announce install transitions not sent yet, then connect (in the background,
+        retrying), sample, publish and start the worker."""
+        self.installs.fetcher = self
+        self._announce_installs()
+        self._publisher.start()
+        if self.sampler is not None:
+            self.sampler.start()
         self._client.loop_start()
         self._thread = threading.Thread(target=self._work, name="edgefleet-fleet-link",
                                         daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Disconnect and stop the worker."""
+        """Stop sampling and the worker, disconnect, stop publishing (what is not
+        acknowledged stays in the outbox for the next start)."""
+        if self.sampler is not None:
+            self.sampler.stop()
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
+        self._say_offline()
         close_client(self._client)
+        self._publisher.stop()
+        if self.installs.fetcher is self:
+            self.installs.fetcher = None
         if self._on_install_change in self.installer.listeners:
             self.installer.listeners.remove(self._on_install_change)
+        if self._owns_outbox:
+            self.outbox.close()
+
+    def _say_offline(self) -> None:
+        """A clean stop sends what the broker's will says on a lost connection: the server
+        shows the device offline at once, not once its last-seen time runs out."""
+        if not self._client.is_connected():
+            return
+        info = self._client.publish(self._topic("events"),
+                                    encode(Event("offline", self.clock(), {"clean": True})),
+                                    qos=1)
+        with contextlib.suppress(RuntimeError, ValueError):
+            info.wait_for_publish(timeout=_OFFLINE_TIMEOUT_S)
 
     # -- MQTT callbacks (paho's network thread) ---------------------------------------------
 
     def _topic(self, leaf: str) -> str:
         return device_topic(self.settings.name, self.settings.device_id, leaf)
+
+    def _set_will(self, client: Client, userdata: Any) -> None:
+        at = self.clock()
+        client.will_set(self._topic("events"),
+                        encode(Event("offline", at, {"connected_at": at})), qos=1)
 
     def _on_connect(self, client: Client, userdata: Any, flags: ConnectFlags,
                     reason: ReasonCode, properties: Properties | None) -> None:
@@ -179,6 +245,7 @@ class FleetLink:
             if self._fetch is not None:
                 self._fetch.forget_requests()
         self._connected.set()
+        self._publisher.connected()
         self._wake.set()
 
     def _on_disconnect(self, client: Client, userdata: Any, flags: DisconnectFlags,
@@ -186,6 +253,11 @@ class FleetLink:
         if self._connected.is_set():
             log.warning("lost the broker (%s); serving on, reconnecting", reason)
         self._connected.clear()
+        self._publisher.disconnected()
+
+    def _on_publish(self, client: Client, userdata: Any, mid: int, reason: ReasonCode,
+                    properties: Properties | None) -> None:
+        self._publisher.acknowledged(mid, refused=reason.is_failure)
 
     def _on_message(self, client: Client, userdata: Any, message: MQTTMessage) -> None:
         try:
@@ -211,7 +283,12 @@ class FleetLink:
             fetch.receive(chunk)
         except FetchError as exc:
             log.error("%s", exc)
-            self._fetch_failed(str(exc))
+            if not exc.transient or fetch.corrupted > _MAX_CORRUPT:
+                self._fetch_failed(exc)
+                return
+        except OSError as exc:  # a full disk: the install fails, the link lives on
+            log.error("cannot write bundle %s: %s", fetch.sha256[:12], exc)
+            self._fetch_failed(exc)
             return
         self._request_chunks()
 
@@ -229,14 +306,8 @@ class FleetLink:
                 log.exception("fleet link step failed")
 
     def _step(self) -> None:
-        now = self.clock()
-        if self.telemetry is not None and now >= self._next_sample:
-            self._next_sample = now + self.settings.telemetry_interval_s
-            self.telemetry.sample()
-            self._report()
         if not self._connected.is_set():
             return
-        self._flush_telemetry()
         with self._lock:
             fetch = self._fetch
         if fetch is None:
@@ -250,22 +321,41 @@ class FleetLink:
         with self._lock:
             desired = self._desired
         served = {name: self._served_bundle(name) for name in desired.models} if desired else {}
-        chosen = next_fetch(desired, served, self._given_up)
+        working = (InstallState.VERIFYING, InstallState.STAGED, InstallState.ACTIVATING)
+        busy = {r.model for r in self.installer.pending()
+                if r.model is not None and r.state in working}
+        chosen = next_fetch(desired, served, self.installer.given_up(), busy)
         if chosen is None:
+            self.in_line.set()
             return
+        self.in_line.clear()
         name, want = chosen
-        fetch = BundleFetch(self.fetch_dir, want.bundle_sha256, want.size,
-                            chunk_bytes=self.chunk_bytes)
-        with self._lock:
-            self._fetch, self._fetch_model = fetch, name
-            self._fetch_version = want.version
-        log.info("fetching %s v%d (bundle %s, %d bytes)", name, want.version,
-                 want.bundle_sha256[:12], want.size)
-        self._event("fetch.started", {"model": name, "version": want.version,
-                                      "bundle_sha256": want.bundle_sha256,
-                                      "resume_at": round(fetch.progress * want.size)})
+        # The install record comes first, in downloading; it asks for the bytes through
+        # start_fetch (or fails at once, e.g. without the room for the bundle).
+        self.installs.fetch(name, want.version, want.bundle_sha256, want.size)
         self._report()
-        self._request_chunks()
+
+    def start_fetch(self, record: InstallRecord) -> None:
+        """Fetch the bundle of the fleet install ``record`` in chunks (the install driver's
+        :class:`~agent.install_driver.Fetcher`); resumes from its partial file."""
+        assert record.bundle_sha256 is not None
+        assert record.size is not None
+        assert record.model is not None
+        assert record.version is not None
+        with self._lock:
+            if self._fetch_install == record.install_id:
+                return  # already under way
+            fetch = BundleFetch(self.installer.dirs.incoming, record.bundle_sha256,
+                                record.size, chunk_bytes=self.chunk_bytes,
+                                name=record.install_id)
+            self._fetch, self._fetch_model = fetch, record.model
+            self._fetch_version, self._fetch_install = record.version, record.install_id
+        log.info("fetching %s v%d (bundle %s, %d bytes)", record.model, record.version,
+                 record.bundle_sha256[:12], record.size)
+        self._event("fetch.started", {"model": record.model, "version": record.version,
+                                      "bundle_sha256": record.bundle_sha256,
+                                      "resume_at": round(fetch.progress * record.size)})
+        self._wake.set()
 
     def _served_bundle(self, name: str) -> str | None:
         try:
@@ -283,50 +373,99 @@ class FleetLink:
             self._client.publish(self._topic(CHUNK_REQUEST_LEAF), encode(request), qos=1)
 
     def _install_fetched(self, fetch: BundleFetch) -> None:
-        name = self._fetch_model
-        record = self.runtime.install(fetch.path)
+        """The bundle is whole: the install goes on (verify, stage, swap) on the install
+        worker, while this link goes on with the next model."""
         with self._lock:
-            self._fetch = self._fetch_model = None
-        fetch.discard()
-        if name is not None:
-            # A bundle rejected before its manifest was read does not know its version;
-            # the desired state it was fetched for does.
-            self._attempts[name] = (record if record.version is not None
-                                    else replace(record, version=self._fetch_version))
-            if record.reason is not None:
-                self._given_up[name] = fetch.sha256
+            install_id = self._fetch_install
+            self._fetch = self._fetch_model = self._fetch_install = None
+        if install_id is not None:
+            self.installs.fetched(install_id)
         self._report()
 
-    def _fetch_failed(self, reason: str) -> None:
+    def _fetch_failed(self, error: FetchError | OSError) -> None:
         with self._lock:
-            fetch, name = self._fetch, self._fetch_model
-            self._fetch = self._fetch_model = None
-        if fetch is not None and name is not None:
-            fetch.discard()
-            self._event("fetch.failed", {"model": name, "bundle_sha256": fetch.sha256,
-                                         "reason": reason})
-            if "cannot send" in reason:  # the server will not have it: do not loop
-                self._given_up[name] = fetch.sha256
+            fetch, name, install_id = self._fetch, self._fetch_model, self._fetch_install
+            self._fetch = self._fetch_model = self._fetch_install = None
+        if fetch is None or name is None or install_id is None:
+            return
+        self._event("fetch.failed", {"model": name, "bundle_sha256": fetch.sha256,
+                                     "reason": str(error)})
+        if is_disk_full(error):
+            # Reclaimed by the failed install; retried once there is room again.
+            self.installs.fail(install_id, "disk_full", f"disk full while fetching bundle "
+                               f"{fetch.sha256[:12]}: {error}; free some space under "
+                               f"{self.installer.dirs.root}", retry=True)
+        else:
+            # The server will not have it (or keeps sending other bytes): given up until
+            # the desired state names another bundle, so a bad bundle costs one attempt.
+            self.installs.fail(install_id, "fetch_failed", str(error))
         self._report()
 
     # -- reporting --------------------------------------------------------------------------
 
     def _on_install_change(self, record: InstallRecord) -> None:
-        self._event(f"install.{record.state.value}", {
-            "install_id": record.install_id, "model": record.model,
-            "version": record.version, "bundle_sha256": record.bundle_sha256,
-            "reason": record.reason, "detail": record.detail})
+        self._announce_install(record)
         self._report()
 
+    def _announce_installs(self) -> None:
+        """Announce what every install record kept says and was not announced yet (oldest
+        first), and forget the marks of records that are gone."""
+        records = self.installer.records()
+        for record in reversed(records):
+            self._announce_install(record)
+        with self._announcing:
+            self.outbox.forget_marks(_INSTALL_MARK, keep={
+                _INSTALL_MARK + record.install_id for record in records})
+
+    def _announce_install(self, record: InstallRecord) -> None:
+        """Put ``record``'s transitions not yet announced into the outbox, with the mark
+        that says so, in one transaction. If that fails they are announced later, from
+        the record, with its next transition or at the next start."""
+        key = _INSTALL_MARK + record.install_id
+        with self._announcing:
+            try:
+                events = install_events(record, self.outbox.mark(key))
+                if events:
+                    self.outbox.add_events(events, mark=(key, len(record.history)))
+            except (OutboxError, ValueError) as exc:
+                log.error("install %s: cannot queue its events (%s); they are sent later, "
+                          "from its record", record.install_id, exc)
+                return
+        self._publisher.wake()
+
     def _event(self, kind: str, detail: dict[str, Any]) -> None:
-        if self._connected.is_set():
-            self._client.publish(self._topic("events"),
-                                 encode(Event(kind, self.clock(), detail)), qos=1)
+        """Queue an event for the fleet; sent in order once the broker is reachable."""
+        clipped = {key: _clip(value) if isinstance(value, str) else value
+                   for key, value in detail.items()}
+        try:
+            self.outbox.add_event(kind, self.clock(), clipped)
+        except OutboxError as exc:  # counted by the outbox, announced by the next sample
+            log.error("event %s lost (counted as dropped): %s", kind, exc)
+            return
+        except ValueError as exc:
+            log.error("event %s lost (counted as dropped): %s", kind, exc)
+            self.outbox.count_lost(Tally(events=1))
+            return
+        self._publisher.wake()
 
     def _report(self) -> None:
-        if not self._connected.is_set():
-            return
-        self._client.publish(self._topic("reported"), encode(self.reported()), qos=1)
+        """Publish the reported state soon (on the publisher's thread, once connected)."""
+        self._publisher.request_report()
+
+    def _sampled(self) -> None:
+        """A sample is in the outbox: send it, and the reported state with it."""
+        self._publisher.wake()
+        self._report()
+
+    def _send(self, leaf: str, payload: bytes) -> int | None:
+        info = self._client.publish(self._topic(leaf), payload, qos=1)
+        # Taken while the connection drops (NO_CONN), paho sends it after reconnecting.
+        if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            return info.mid
+        return None
+
+    def _encode_report(self) -> bytes:
+        return encode(self.reported())
 
     def reported(self) -> Reported:
         """What this device runs and how its latest installs went."""
@@ -341,10 +480,6 @@ class FleetLink:
         for record in self.installer.records():  # newest first
             if record.model is not None and record.model not in latest:
                 latest[record.model] = record
-        for name, attempt in self._attempts.items():
-            known = latest.get(name)
-            if known is None or known.history[-1][1] <= attempt.history[-1][1]:
-                latest[name] = attempt
         installs = {name: InstallReport(r.version, r.bundle_sha256, r.state.value, r.reason,
                                         r.detail) for name, r in latest.items()}
         with self._lock:
@@ -354,25 +489,3 @@ class FleetLink:
                                            progress=round(fetch.progress, 4))
         profile = self.runtime.profile.name if self.runtime.profile else None
         return Reported(profile, __version__, models, installs, at=self.clock())
-
-    def _flush_telemetry(self) -> None:
-        """Send buffered samples in order; forget each only once the broker has it."""
-        if self.telemetry is None:
-            return
-        sent = []
-        for sample in self.telemetry.pending(100):
-            info = self._client.publish(self._topic("telemetry"), encode(sample), qos=1)
-            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                break
-            sent.append((sample.seq, info))
-        acked = None
-        for seq, info in sent:
-            try:
-                info.wait_for_publish(timeout=5.0)
-            except RuntimeError:  # the connection dropped meanwhile
-                break
-            if not info.is_published():
-                break
-            acked = seq
-        if acked is not None:
-            self.telemetry.ack(acked)

@@ -12,13 +12,19 @@ Speaks what existing clients (``tritonclient.http``, KServe's own) expect:
     POST /v2/edgefleet/install                      body: a bundle file; installs it
 
 Every other request needs ``Authorization: Bearer <token>`` (the token file is created with
-mode 0600 beside the agent's state). Bodies over the limit are refused with 413 before they
-are read. A bad request gets a JSON ``{"error": ...}`` naming what was wrong and never
-affects the serving model or the server. Listens on localhost TCP and/or a Unix socket.
+mode 0600 beside the agent's state). Every request is bounded (:class:`~.config.ApiLimits`):
+a body over its limit is refused with 413 before it is read, and an inference request's
+batch and decoded input size are checked from its declared shapes before any array is made
+(413). A bad request gets a JSON ``{"error": ...}`` naming what was wrong (400) and never
+affects the serving model or the server. JSON output is always valid JSON: non-finite
+floats are written as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``, which
+numpy (and so tritonclient) reads back as numbers. Listens on localhost TCP and/or a Unix
+socket.
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import logging
@@ -29,14 +35,18 @@ import secrets
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common.atomic import write_atomic
+from protocol.defaults import AGENT_API_PORT
+
 from . import __version__
+from .config import DEFAULT_API_HOST, ApiLimits
 from .errors import AgentError, InvalidInputError, ModelNotFoundError
 from .http_server import HttpError, HttpServer, Request, Response
 from .runtime import Runtime, ServedModel
@@ -57,18 +67,21 @@ _LITTLE = {name: np.dtype(name).newbyteorder("<") for name in DTYPE_OF.values()}
 _DATATYPE_BY_DTYPE = {np.dtype(name): datatype for name, datatype in DATATYPE_OF.items()}
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 _PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "litert": "tensorflow_lite"}
+# numpy arrays have at most 64 dimensions; no model input comes near this.
+_MAX_RANK = 32
+_MAX_DIM = 1 << 31
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
 @dataclass(frozen=True)
 class ApiSettings:
-    """How the API listens and whom it lets in."""
+    """How the API listens, whom it lets in and what it accepts."""
 
-    host: str = "127.0.0.1"
-    port: int | None = 8470  # None: no TCP listener (Unix socket only)
+    host: str = DEFAULT_API_HOST
+    port: int | None = AGENT_API_PORT  # None: no TCP listener (Unix socket only)
     unix_socket: Path | None = None
     token: str | None = None  # None: no authentication (only for tests and demos)
-    max_body_bytes: int = 64 * 1024 * 1024
-    max_bundle_bytes: int = 512 * 1024 * 1024
+    limits: ApiLimits = field(default_factory=ApiLimits)
 
 
 def load_or_create_token(path: Path) -> str:
@@ -86,10 +99,12 @@ def load_or_create_token(path: Path) -> str:
             raise AgentError(f"token file {path} is empty; delete it to create a new token")
         return token
     token = secrets.token_urlsafe(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(token + "\n")
+    try:
+        # Atomic: a full disk or a crash leaves no token file rather than an empty one.
+        write_atomic(path, (token + "\n").encode("ascii"), mode=0o600)
+    except OSError as exc:
+        raise AgentError(f"cannot create the API token file {path} ({exc.strerror}); check "
+                         "that its directory is writable and has free space") from exc
     return token
 
 
@@ -100,9 +115,17 @@ class _Api:
         self.runtime = runtime
         self.settings = settings
 
-    def admit(self, method: str, path: str, headers: Mapping[str, str]) -> int:
+    def admit(self, method: str, path: str, headers: Mapping[str, str], length: int) -> None:
         if path in _OPEN_PATHS:
-            return 0
+            limit, what = 0, "a health check"
+        else:
+            self._authenticate(headers)
+            limit, what = self._body_limit(path, headers)
+        if length > limit:
+            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes is "
+                            f"over the limit of {limit} for {what}; it was not read")
+
+    def _authenticate(self, headers: Mapping[str, str]) -> None:
         token = self.settings.token
         if token is not None:
             scheme, _, value = headers.get("authorization", "").partition(" ")
@@ -111,9 +134,21 @@ class _Api:
                 raise HttpError(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token; "
                                 "send 'Authorization: Bearer <token>' with the token from the "
                                 "agent's token file")
+
+    def _body_limit(self, path: str, headers: Mapping[str, str]) -> tuple[int, str]:
+        """The largest body for ``path``, and what it is (for the 413's message)."""
+        limits = self.settings.limits
         if path == _INSTALL_PATH:
-            return self.settings.max_bundle_bytes
-        return self.settings.max_body_bytes
+            return limits.max_bundle_bytes, "a bundle (api.limits.max_bundle_bytes)"
+        json_length = headers.get(_BINARY_HEADER_LC)
+        if json_length is None:
+            return (min(limits.max_json_bytes, limits.max_body_bytes), "a JSON body (api."
+                    "limits.max_json_bytes; send large tensors with the binary extension)")
+        if _json_length(json_length) > limits.max_json_bytes:
+            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{BINARY_HEADER} "
+                            f"{json_length} is over the limit of {limits.max_json_bytes} for "
+                            "the JSON part (api.limits.max_json_bytes); it was not read")
+        return limits.max_body_bytes, "a request (api.limits.max_body_bytes)"
 
     def error(self, status: HTTPStatus, message: str) -> Response:
         return Response(status, _json({"error": message}))
@@ -167,9 +202,10 @@ class _Api:
 
     def _infer(self, served: ServedModel, request: Request) -> Response:
         body, binary = _split_binary(request.body, request.headers.get(_BINARY_HEADER_LC))
-        feeds = _decode_inputs(body, binary, served.session.inputs)
+        feeds = _decode_inputs(body, binary, served.session.inputs, self.settings.limits)
+        wanted = _wanted_outputs(body, served.output_names)
         # The model object looked up for this request serves it, even if a swap lands now.
-        return _encode_response(body, served.name, served.version, served.run(feeds))
+        return _encode_response(body, served.name, served.version, served.run(feeds), wanted)
 
     def _install(self, request: Request) -> Response:
         installer = self.runtime.installer
@@ -195,34 +231,61 @@ _FIXED_ROUTES: dict[tuple[str, str], Callable[[_Api, Request], Response]] = {
 
 
 def _json(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+    # allow_nan=False: bare NaN is not JSON; outputs spell non-finite floats as strings.
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
 
-def _split_binary(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+def _json_length(value: str) -> int:
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"{BINARY_HEADER} {value[:30]!r} is not a "
+                        "number of bytes")
+    return int(value)
+
+
+def _split_binary(body: bytes | bytearray, header_length: str | None,
+                  ) -> tuple[dict[str, Any], memoryview]:
     """The JSON request and the binary tensor data after it (binary tensor extension)."""
-    try:
-        json_length = len(body) if header_length is None else int(header_length)
-    except ValueError:
-        raise HttpError(HTTPStatus.BAD_REQUEST, f"{BINARY_HEADER} is not a number") from None
-    if not 0 <= json_length <= len(body):
+    json_length = len(body) if header_length is None else _json_length(header_length)
+    if json_length > len(body):
         raise HttpError(HTTPStatus.BAD_REQUEST, f"{BINARY_HEADER} {json_length} is outside "
-                         f"the body of {len(body)} bytes")
+                        f"the body of {len(body)} bytes")
     try:
         request = json.loads(body[:json_length])
-    except ValueError as exc:
-        raise HttpError(HTTPStatus.BAD_REQUEST, f"request body is not JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"request body is not JSON ({reason})") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise HttpError(HTTPStatus.BAD_REQUEST, "request must be a JSON object with an "
-                         "'inputs' list (Open Inference Protocol v2)")
-    return request, body[json_length:]
+                        "'inputs' list (Open Inference Protocol v2)")
+    if not isinstance(request.get("id", ""), str):
+        raise InvalidInputError("'id' must be a string (Open Inference Protocol v2)")
+    _parameters(request, "the request")
+    # A view, not a copy: the binary part may be most of a 64 MiB body.
+    return request, memoryview(body)[json_length:]
 
 
-def _decode_inputs(request: Mapping[str, Any], binary: bytes,
-                   expected: tuple[TensorInfo, ...]) -> dict[str, np.ndarray]:
-    """Arrays from the request; shape and dtype against the model are checked by the
-    runtime. InvalidInputError for tensors that do not even describe themselves."""
+def _parameters(obj: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """The ``parameters`` object of ``obj`` (empty if absent); 400 if it is not an object."""
+    parameters = obj.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise InvalidInputError(f"{where}: 'parameters' must be a JSON object, not "
+                                f"{type(parameters).__name__}")
+    return parameters
+
+
+def _decode_inputs(request: Mapping[str, Any], binary: memoryview,
+                   expected: tuple[TensorInfo, ...], limits: ApiLimits,
+                   ) -> dict[str, np.ndarray]:
+    """Arrays from the request. Each tensor's batch and the inputs' total size are checked
+    against ``limits`` from the declared shapes before any array is made (413); shape and
+    dtype against the model are checked by the runtime. InvalidInputError (400) for tensors
+    that do not even describe themselves."""
     feeds: dict[str, np.ndarray] = {}
     offset = 0
+    total = 0
+    dynamic_batch = {i.name for i in expected if i.shape and i.shape[0] is None}
     for number, tensor in enumerate(request["inputs"]):
         if not isinstance(tensor, dict):
             raise InvalidInputError(f"inputs[{number}] is not an object")
@@ -234,15 +297,29 @@ def _decode_inputs(request: Mapping[str, Any], binary: bytes,
         if not isinstance(name, str) or dtype is None:
             raise InvalidInputError(f"{where}: needs a 'name' and a 'datatype' out of "
                                     f"{', '.join(DTYPE_OF)}; the model expects {signature}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and len(shape) <= _MAX_RANK and all(
+                type(d) is int and 0 <= d < _MAX_DIM for d in shape)):
             raise InvalidInputError(f"{where}: 'shape' must be a list of non-negative "
-                                    f"integers; the model expects {signature}")
+                                    f"integers (at most {_MAX_RANK}, each under {_MAX_DIM}); "
+                                    f"the model expects {signature}")
+        if shape and shape[0] > limits.max_batch and name in dynamic_batch:
+            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{where}: batch of "
+                            f"{shape[0]} is over this agent's limit of {limits.max_batch} "
+                            "(api.limits.max_batch); split the request")
         count = math.prod(shape)
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        itemsize = np.dtype(dtype).itemsize
+        total += count * itemsize
+        if total > limits.max_input_bytes:
+            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{where}: the inputs take "
+                            f"{total} bytes or more, over this agent's limit of "
+                            f"{limits.max_input_bytes} (api.limits.max_input_bytes); send "
+                            "smaller batches")
+        size = _parameters(tensor, where).get("binary_data_size")
         if size is not None:
-            if size != count * np.dtype(dtype).itemsize or offset + size > len(binary):
-                raise InvalidInputError(f"{where}: binary_data_size {size} does not fit shape "
-                                        f"{shape} of {datatype} or the data sent")
+            if (type(size) is not int or size != count * itemsize
+                    or offset + size > len(binary)):
+                raise InvalidInputError(f"{where}: binary_data_size {size!r} does not fit "
+                                        f"shape {shape} of {datatype} or the data sent")
             # The protocol's binary data is little-endian, as numpy's native order is on
             # every platform the agent runs on; "<" keeps a big-endian host correct.
             array = np.frombuffer(binary, dtype=_LITTLE[dtype], count=count, offset=offset)
@@ -250,7 +327,7 @@ def _decode_inputs(request: Mapping[str, Any], binary: bytes,
         else:
             try:
                 array = np.asarray(tensor.get("data"), dtype=dtype)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, OverflowError, RecursionError) as exc:
                 raise InvalidInputError(f"{where}: 'data' is not {datatype} ({exc})") from None
             if array.size != count:
                 raise InvalidInputError(f"{where}: {array.size} values for shape {shape}")
@@ -268,21 +345,30 @@ class _Signature:
         return "; ".join(i.describe() for i in self.expected)
 
 
-def _encode_response(request: Mapping[str, Any], name: str, version: int | None,
-                     outputs: Mapping[str, np.ndarray]) -> Response:
+def _wanted_outputs(request: Mapping[str, Any], names: list[str]) -> dict[str, bool]:
+    """The outputs to send, each with whether it goes as binary data, checked before the
+    model runs."""
+    default_binary = bool(_parameters(request, "the request").get("binary_data_output",
+                                                                     False))
     wanted = request.get("outputs")
-    default_binary = bool((request.get("parameters") or {}).get("binary_data_output", False))
+    if wanted is None or wanted == []:
+        return dict.fromkeys(names, default_binary)
+    if not isinstance(wanted, list):
+        raise InvalidInputError("'outputs' must be a list of {\"name\": ...} objects")
     binary_for = {}
-    if isinstance(wanted, list) and wanted:
-        for out in wanted:
-            out_name = out.get("name") if isinstance(out, dict) else None
-            if not isinstance(out_name, str) or out_name not in outputs:
-                raise InvalidInputError(f"requested output {out_name!r} does not exist; the "
-                                        f"model outputs {', '.join(outputs)}")
-            binary_for[out_name] = bool((out.get("parameters") or {}).get("binary_data",
-                                                                          default_binary))
-    else:
-        binary_for = dict.fromkeys(outputs, default_binary)
+    for number, out in enumerate(wanted):
+        out_name = out.get("name") if isinstance(out, dict) else None
+        if not isinstance(out_name, str) or out_name not in names:
+            raise InvalidInputError(f"requested output {out_name!r} does not exist; the "
+                                    f"model outputs {', '.join(names)}")
+        parameters = _parameters(out, f"outputs[{number}]")
+        binary_for[out_name] = bool(parameters.get("binary_data", default_binary))
+    return binary_for
+
+
+def _encode_response(request: Mapping[str, Any], name: str, version: int | None,
+                     outputs: Mapping[str, np.ndarray], binary_for: Mapping[str, bool],
+                     ) -> Response:
     described, blobs = [], []
     for out_name, binary in binary_for.items():
         array = outputs[out_name]
@@ -295,7 +381,7 @@ def _encode_response(request: Mapping[str, Any], name: str, version: int | None,
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = array.ravel().tolist()
+            entry["data"] = _json_values(array)
         described.append(entry)
     response: dict[str, Any] = {"model_name": name, "model_version": str(version or 1),
                                 "outputs": described}
@@ -306,6 +392,14 @@ def _encode_response(request: Mapping[str, Any], name: str, version: int | None,
         return Response(HTTPStatus.OK, head)
     return Response(HTTPStatus.OK, head + b"".join(blobs), "application/octet-stream",
                     {BINARY_HEADER: str(len(head))})
+
+
+def _json_values(array: np.ndarray) -> list[Any]:
+    """The array's values in row-major order for JSON; non-finite floats as strings."""
+    values: list[Any] = array.ravel().tolist()
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        values = [_NON_FINITE[repr(v)] if not math.isfinite(v) else v for v in values]
+    return values
 
 
 def _model_metadata(runtime: Runtime, name: str) -> dict[str, Any]:
@@ -330,15 +424,22 @@ class ApiServer:
             raise AgentError("the API needs a TCP port or a Unix socket to listen on")
         self.runtime = runtime
         self.settings = settings
+        limits = settings.limits
         try:
             self._http = HttpServer(
                 _Api(runtime, settings), server_name=f"edgefleet-agent/{__version__}",
                 tcp=None if settings.port is None else (settings.host, settings.port),
-                unix=settings.unix_socket)
+                unix=settings.unix_socket, max_head_bytes=limits.max_head_bytes,
+                max_headers=limits.max_headers, idle_timeout_s=limits.idle_timeout_s,
+                max_connections=limits.max_connections)
+        except OverflowError as exc:  # a port over 65535
+            raise AgentError(f"cannot listen on port {settings.port} ({exc}); choose another "
+                             "--port") from exc
         except OSError as exc:
-            where = settings.unix_socket or f"{settings.host}:{settings.port}"
-            raise AgentError(f"cannot listen on {where} ({exc.strerror}); is another agent "
-                             "running? choose another --port") from exc
+            hint = ("is another agent running? choose another --port or socket"
+                    if exc.errno == errno.EADDRINUSE
+                    else "check --host, --port and --unix-socket")
+            raise AgentError(f"cannot listen on {exc.filename} ({exc.strerror}); {hint}") from exc
 
     @property
     def port(self) -> int | None:

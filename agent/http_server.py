@@ -2,29 +2,47 @@
 
 Why not ``http.server``: its header parsing (the ``email`` package) and per-request object
 churn cost more than a small model's whole inference, and the API's latency target is a
-fraction of a millisecond over the in-process call. This server reads the request head with
-one ``recv`` in the common case, splits it by hand, checks the request with the app
-(:meth:`App.admit`: authentication and the body limit) *before* reading any body, and
-answers with one ``sendall``. It implements what local clients use: Content-Length bodies,
-keep-alive, pipelining, ``Expect: 100-continue``; chunked request bodies are refused (411).
+fraction of a millisecond over the in-process call. Why not h11: measured, it would add
+about 65 us per request at p50, six times this server's own parsing and framing
+(docs/benchmarks.md, "HTTP parsing"). This server reads the request head with one
+``recv`` in the common case, parses it strictly (:mod:`.http_parse`), checks the request
+with the app (:meth:`App.admit`: authentication and the body's length) *before* reading any
+body, and answers with one ``sendall``. It implements what local clients use:
+Content-Length bodies, keep-alive, pipelining, ``Expect: 100-continue``; chunked request
+bodies are refused (411).
+
+Connections are bounded: at ``max_connections`` (or when the process runs out of file
+descriptors) the least recently active connection that is not being answered (it waits for
+its client, between requests or within one) is closed to make room, and if the app is busy
+answering every connection the new one is answered 503. Either way the server keeps
+accepting, and says so in the log (at most one warning per 10 s).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import socket
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import Protocol
 
+from .http_parse import HttpError, parse_head, split_head
+
 __all__ = ["App", "HttpError", "HttpServer", "Request", "Response"]
 
 log = logging.getLogger(__name__)
 _RECV = 256 * 1024
+# accept() errors that mean "no file descriptor or memory for one more connection now".
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_WARN_INTERVAL_S = 10.0
+_REFUSAL_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -35,7 +53,8 @@ class Request:
     path: str
     query: str
     headers: Mapping[str, str]
-    body: bytes
+    # A large body is read into one bytearray (no copy); small ones come as bytes.
+    body: bytes | bytearray
 
 
 @dataclass(frozen=True)
@@ -48,21 +67,14 @@ class Response:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
-class HttpError(Exception):
-    """Raised by an app to answer with ``status`` and a message."""
-
-    def __init__(self, status: HTTPStatus, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 class App(Protocol):
     """What the server serves."""
 
-    def admit(self, method: str, path: str, headers: Mapping[str, str]) -> int:
-        """Check a request before its body is read; the largest body to accept.
+    def admit(self, method: str, path: str, headers: Mapping[str, str], length: int) -> None:
+        """Check a request and its body's ``length`` before the body is read.
 
-        Raise HttpError to refuse it (401 for a missing token, say) unread.
+        Raise HttpError to refuse it unread (401 for a missing token, 413 for a body over
+        its limit, say).
         """
         ...
 
@@ -80,26 +92,31 @@ class HttpServer:
 
     def __init__(self, app: App, *, tcp: tuple[str, int] | None = None,
                  unix: Path | None = None, server_name: str = "edgefleet",
-                 max_head_bytes: int = 32 * 1024, idle_timeout_s: float = 300.0) -> None:
+                 max_head_bytes: int = 32 * 1024, max_headers: int = 100,
+                 idle_timeout_s: float = 300.0, max_connections: int = 64) -> None:
         self.app = app
         self.server_name = server_name
         self.max_head_bytes = max_head_bytes
+        self.max_headers = max_headers
         self.idle_timeout_s = idle_timeout_s
+        self.max_connections = max_connections
         self._listeners: list[socket.socket] = []
-        self._connections: set[socket.socket] = set()
+        self._connections: set[_Connection] = set()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
         self._unix = unix
-        if tcp is not None:
-            listener = socket.create_server(tcp, reuse_port=False)
-            self._listeners.append(listener)
-        if unix is not None:
-            unix.unlink(missing_ok=True)
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(str(unix))
-            unix.chmod(0o660)
-            listener.listen()
-            self._listeners.append(listener)
+        self._warned_at = -_WARN_INTERVAL_S
+        self._unsaid = 0
+        try:
+            if tcp is not None:
+                self._listeners.append(_listen_tcp(tcp))
+            if unix is not None:
+                self._listeners.append(_listen_unix(unix))
+        except OSError:
+            for listener in self._listeners:
+                listener.close()
+            raise
 
     @property
     def port(self) -> int | None:
@@ -119,6 +136,7 @@ class HttpServer:
 
     def stop(self) -> None:
         """Stop accepting, close every connection, remove the Unix socket."""
+        self._stopping.set()
         for listener in self._listeners:
             with contextlib.suppress(OSError):  # wakes the thread blocked in accept()
                 listener.shutdown(socket.SHUT_RDWR)
@@ -127,37 +145,119 @@ class HttpServer:
             thread.join()
         with self._lock:
             for connection in self._connections:
-                with contextlib.suppress(OSError):
-                    connection.shutdown(socket.SHUT_RDWR)
+                connection.shut()
         if self._unix is not None:
             self._unix.unlink(missing_ok=True)
 
     def _accept(self, listener: socket.socket) -> None:
-        while True:
+        """Accept until stopped; nothing a client or the OS does ends this loop."""
+        while not self._stopping.is_set():
             try:
-                connection, _ = listener.accept()
-            except OSError:
-                return  # stopped
-            if connection.family != socket.AF_UNIX:
+                sock, _ = listener.accept()
+            except OSError as exc:
+                if self._stopping.is_set():
+                    return
+                self._accept_failed(exc)
+                continue
+            try:
+                self._admit(sock)
+            except Exception:  # a bug here must not stop the API from accepting
+                log.exception("HTTP connection set-up failed")
+                sock.close()
+
+    def _accept_failed(self, exc: OSError) -> None:
+        if exc.errno not in _OUT_OF_RESOURCES:
+            log.debug("accept failed: %s", exc)  # e.g. the client gave up (ECONNABORTED)
+            self._stopping.wait(0.01)  # never a busy loop, whatever the error
+            return
+        victim = self._evict()
+        done = ("closed the least recently active idle one" if victim is not None
+                else "every connection is busy, retrying")
+        self._warn(f"cannot accept a connection ({exc.strerror}; {len(self._connections)} "
+                   f"open): {done}; raise the file limit (ulimit -n) or lower "
+                   "api.limits.max_connections")
+        if victim is not None:
+            victim.closed.wait(1.0)  # its descriptor is free once its thread closes it
+        else:
+            self._stopping.wait(0.1)
+
+    def _admit(self, sock: socket.socket) -> None:
+        """Serve ``sock`` on a thread of its own, making room or refusing it at the limit."""
+        try:
+            if sock.family != socket.AF_UNIX:
                 # Responses are small and latency-bound: no Nagle delay.
-                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            connection.settimeout(self.idle_timeout_s)
-            with self._lock:
-                self._connections.add(connection)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(self.idle_timeout_s)
+        except OSError:  # the client is already gone
+            sock.close()
+            return
+        with self._lock:
+            full = len(self._connections) >= self.max_connections
+        if full:
+            if self._evict() is None:
+                self._refuse(sock)
+                return
+            self._warn(f"{self.max_connections} HTTP connections open (api.limits."
+                       "max_connections): closed the least recently active idle one")
+        connection = _Connection(self, sock)
+        with self._lock:
+            self._connections.add(connection)
+        try:
             threading.Thread(target=self._serve, args=(connection,), daemon=True,
                              name="edgefleet-http").start()
+        except RuntimeError as exc:  # no thread for it: the system is out of resources
+            self._forget(connection)
+            self._warn(f"cannot start a thread for an HTTP connection ({exc}); closed it")
 
-    def _serve(self, connection: socket.socket) -> None:
+    def _evict(self) -> _Connection | None:
+        """Close the least recently active connection the app is not answering; it or None."""
+        with self._lock:
+            idle = [c for c in self._connections if not c.busy and not c.evicted]
+            if not idle:
+                return None
+            victim = min(idle, key=lambda c: c.last_active)
+            victim.evicted = True
+        victim.shut()
+        return victim
+
+    def _refuse(self, sock: socket.socket) -> None:
+        self._warn(f"{self.max_connections} HTTP connections open (api.limits."
+                   "max_connections), all busy: answered a new one 503")
+        response = self.app.error(HTTPStatus.SERVICE_UNAVAILABLE,
+                                  f"the agent is serving {self.max_connections} connections, "
+                                  "its limit; retry shortly")
+        with contextlib.suppress(OSError):
+            sock.settimeout(_REFUSAL_TIMEOUT_S)
+            sock.sendall(_encode(response, self.server_name, close=True))
+            sock.shutdown(socket.SHUT_WR)
+        sock.close()
+
+    def _warn(self, message: str) -> None:
+        """Log ``message`` as a warning, at most once per interval (counting the rest)."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._warned_at < _WARN_INTERVAL_S:
+                self._unsaid += 1
+                return
+            unsaid, self._unsaid, self._warned_at = self._unsaid, 0, now
+        log.warning("%s%s", message, f" ({unsaid} more since the last warning)" if unsaid
+                    else "")
+
+    def _serve(self, connection: _Connection) -> None:
         try:
-            _Connection(self, connection).run()
-        except OSError as exc:  # the peer went away or timed out
+            connection.run()
+        except OSError as exc:  # the peer went away, timed out, or was closed to make room
             log.debug("connection closed: %s", exc)
         except Exception:  # a bug here must not take the agent down
             log.exception("HTTP connection failed")
         finally:
-            with self._lock:
-                self._connections.discard(connection)
-            connection.close()
+            self._forget(connection)
+
+    def _forget(self, connection: _Connection) -> None:
+        with self._lock:
+            self._connections.discard(connection)
+        connection.sock.close()
+        connection.closed.set()
 
 
 class _Connection:
@@ -167,111 +267,129 @@ class _Connection:
         self.server = server
         self.sock = sock
         self.buffer = b""
+        #: The app is answering a request: not to be closed to make room for another.
+        self.busy = False
+        #: When the client last sent something or was last answered.
+        self.last_active = time.monotonic()
+        self.evicted = False
+        self.closed = threading.Event()
+
+    def shut(self) -> None:
+        """Wake this connection's thread (its next read ends) so it closes."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def run(self) -> None:
-        while True:
-            head = self._read_head()
-            if head is None:
-                return
-            if not self._one(head):
-                return
+        while self._one():
+            pass
 
     def _read_head(self) -> bytes | None:
         while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end >= 0:
-                head, self.buffer = self.buffer[:end], self.buffer[end + 4:]
-                return head
-            if len(self.buffer) > self.server.max_head_bytes:
-                self._send(self.server.app.error(
-                    HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    f"request head over {self.server.max_head_bytes} bytes"), close=True)
+            try:
+                found = split_head(self.buffer, self.server.max_head_bytes)
+            except HttpError as exc:
+                self._send(self.server.app.error(exc.status, str(exc)), close=True)
                 return None
+            if found is not None:
+                head, self.buffer = found
+                return head
             chunk = self.sock.recv(_RECV)
+            self.last_active = time.monotonic()
             if not chunk:
                 return None
             self.buffer += chunk
 
-    def _one(self, head: bytes) -> bool:
+    def _one(self) -> bool:
         """Handle one request; False when the connection must close."""
+        raw = self._read_head()
+        if raw is None:
+            return False
         app = self.server.app
         try:
-            method, path, query, headers, keep_alive, length = _parse_head(head)
+            head = parse_head(raw, self.server.max_headers)
         except HttpError as exc:
             self._send(app.error(exc.status, str(exc)), close=True)
             return False
         try:
-            limit = app.admit(method, path, headers)
-            if length > limit:
-                raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes "
-                                f"is over the limit of {limit}; it was not read")
+            app.admit(head.method, head.path, head.headers, head.length)
         except HttpError as exc:
             # Refused unread: an unread body leaves the connection unusable.
-            reusable = keep_alive and length == 0
+            reusable = head.keep_alive and head.length == 0
             self._send(app.error(exc.status, str(exc)), close=not reusable)
             return reusable
-        if length and headers.get("expect", "").lower() == "100-continue":
+        if head.length and head.expect_continue:
             self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = self._read_body(length)
+        body = self._read_body(head.length)
         if body is None:
             return False
+        self.busy = True
         try:
-            response = app.handle(Request(method, path, query, headers, body))
+            response = app.handle(Request(head.method, head.path, head.query, head.headers,
+                                          body))
         except HttpError as exc:
             response = app.error(exc.status, str(exc))
-        self._send(response, close=not keep_alive)
-        return keep_alive
+        finally:
+            self.busy = False
+            self.last_active = time.monotonic()
+        self._send(response, close=not head.keep_alive)
+        return head.keep_alive
 
-    def _read_body(self, length: int) -> bytes | None:
+    def _read_body(self, length: int) -> bytes | bytearray | None:
         if len(self.buffer) >= length:
-            body, self.buffer = self.buffer[:length], self.buffer[length:]
-            return body
-        parts = [self.buffer]
+            small, self.buffer = self.buffer[:length], self.buffer[length:]
+            return small
+        # One allocation of the body's size, filled in place: no list of parts to join.
+        body = bytearray(length)
         have = len(self.buffer)
+        body[:have] = self.buffer
         self.buffer = b""
+        view = memoryview(body)
         while have < length:
-            chunk = self.sock.recv(min(_RECV, length - have))
-            if not chunk:
+            received = self.sock.recv_into(view[have:have + _RECV])
+            self.last_active = time.monotonic()
+            if not received:
                 return None
-            parts.append(chunk)
-            have += len(chunk)
-        return b"".join(parts)
+            have += received
+        return body
 
     def _send(self, response: Response, *, close: bool) -> None:
-        lines = [f"HTTP/1.1 {response.status.value} {response.status.phrase}",
-                 f"Server: {self.server.server_name}",
-                 f"Content-Type: {response.content_type}",
-                 f"Content-Length: {len(response.body)}",
-                 *(f"{key}: {value}" for key, value in response.headers.items())]
-        if close:
-            lines.append("Connection: close")
         # One write: a response split over two small writes would wait on a delayed ACK.
-        self.sock.sendall("\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + response.body)
+        self.sock.sendall(_encode(response, self.server.server_name, close=close))
 
 
-def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str], bool, int]:
-    """Method, path, query, headers, keep-alive and body length; HttpError if malformed."""
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise HttpError(HTTPStatus.BAD_REQUEST, f"malformed request line {lines[0]!r}")
-    method, target, version = parts
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip():
-            raise HttpError(HTTPStatus.BAD_REQUEST, f"malformed header line {line!r}")
-        headers[name.lower()] = value.strip()
-    if "transfer-encoding" in headers:
-        raise HttpError(HTTPStatus.LENGTH_REQUIRED, "chunked request bodies are not accepted; "
-                        "send Content-Length")
+def _listen_tcp(address: tuple[str, int]) -> socket.socket:
+    """A TCP listener on ``address``; OSError names the address (as its ``filename``)."""
     try:
-        length = int(headers.get("content-length", "0"))
-    except ValueError:
-        length = -1
-    if length < 0:
-        raise HttpError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number")
-    connection = headers.get("connection", "").lower()
-    keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
-    path, _, query = target.partition("?")
-    return method, path, query, headers, keep_alive, length
+        return socket.create_server(address, reuse_port=False)
+    except OSError as exc:
+        host, port = address
+        # create_server's strerror repeats the address; the system's own reason is enough.
+        # A negative errno is getaddrinfo's: the host is no address of this machine.
+        reason = (os.strerror(exc.errno) if exc.errno and exc.errno > 0
+                  else "not an address of this host")
+        raise OSError(exc.errno, reason, f"{host}:{port}") from exc
+
+
+def _listen_unix(path: Path) -> socket.socket:
+    """A Unix socket listener at ``path`` (mode 0660); OSError names the path."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        path.unlink(missing_ok=True)
+        listener.bind(str(path))
+        path.chmod(0o660)
+        listener.listen()
+    except OSError as exc:
+        listener.close()
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+    return listener
+
+
+def _encode(response: Response, server_name: str, *, close: bool) -> bytes:
+    lines = [f"HTTP/1.1 {response.status.value} {response.status.phrase}",
+             f"Server: {server_name}",
+             f"Content-Type: {response.content_type}",
+             f"Content-Length: {len(response.body)}",
+             *(f"{key}: {value}" for key, value in response.headers.items())]
+    if close:
+        lines.append("Connection: close")
+    return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + response.body

@@ -1,9 +1,16 @@
-"""Installs on disk: persisted install records, fetching into the state dir, verify and stage.
+"""Installs on disk: persisted install records, the bundle file, verification and staging.
 
-What happens in memory (loading the session, self-test, swap, probation) is the runtime's
-(:mod:`agent.runtime`); this module owns everything the install leaves on disk, so a restart
-can pick up from the records alone. Each record is persisted *before* the work of its state
-is done: the record says what may be half-done.
+What happens in memory (loading the session, self-test, swap, probation) is the runtime's,
+and the order of things is the state machine's (:mod:`agent.install_state`, driven by
+:mod:`agent.install_driver`); this module owns everything an install leaves on disk, so a
+restart can pick up from the records alone, and the startup sweep can delete what no record
+references.
+
+Disk space: an install needs at most the bundle's size plus its largest artifact (the
+plaintext slot is written while the bundle file is still there), plus a small reserve. The
+bundle's share is checked before fetching (or copying) it and the artifact's before staging,
+so a full disk is noticed before it is filled; if it fills anyway (ENOSPC), the install ends
+``failed`` with reason ``disk_full`` and its files are deleted.
 
 Fault injection: when the environment variable ``EDGEFLEET_AGENT_CRASH_AFTER`` names a state,
 the process kills itself with SIGKILL right after persisting a record in that state. Tests
@@ -12,40 +19,51 @@ use it to prove that ``kill -9`` in every state leaves a serving agent after res
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import time
 import uuid
 from collections.abc import Callable, Collection
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from bundle.archive import Limits
-from bundle.atomic import write_atomic
-from bundle.crypto import open_artifacts
+from bundle.archive import READ_BLOCK, Limits
+from bundle.crypto import open_artifact
 from bundle.errors import BundleError
 from bundle.trust import TrustedState, VerifiedBundle, verify_bundle
+from common.atomic import write_atomic
 from firmware_profiles.model import Profile
 
 from .errors import AgentError, InstallError
-from .install_state import InstallRecord, InstallState, advance, new_install
+from .install_state import RECORD_VERSION, InstallRecord, InstallState, new_install
 from .model_store import ModelStore, StoredModel
 from .trust_store import TrustStore
 from .variants import choose_variant
 
-__all__ = ["CRASH_ENV", "Installer", "StateDirs"]
+__all__ = ["CRASH_ENV", "FLEET_SOURCE", "RESERVE_BYTES", "Installer", "StateDirs", "Verifier",
+           "is_disk_full", "verify_in_child"]
 
 log = logging.getLogger(__name__)
 CRASH_ENV = "EDGEFLEET_AGENT_CRASH_AFTER"
+#: Source of an install whose bundle is fetched from the fleet: ``fleet:<bundle sha256>``.
+FLEET_SOURCE = "fleet:"
+#: Free space kept beyond what an install needs: records, logs, the telemetry buffer.
+RESERVE_BYTES = 8 * 1024 * 1024
 _KEEP_RECORDS = 50
+#: Verifies the bundle file at a path for the trusted state, time and profile.
+Verifier = Callable[[Path, TrustedState, datetime, "str | None"], VerifiedBundle]
+_VERIFIER_NICE = 10
 
 
 @dataclass(frozen=True)
@@ -80,41 +98,53 @@ class Installer:
     """The disk side of installing bundles into ``dirs``."""
 
     def __init__(self, dirs: StateDirs, profile: Profile | None, formats: Collection[str],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 verifier: Verifier | None = None) -> None:
         self.dirs = dirs
         self.profile = profile
         self.formats = formats
         self.clock = clock
         self.store = ModelStore(dirs.models)
         self.trust = TrustStore(dirs.trust)
-        #: Called with every persisted record (the fleet link reports them).
+        self._verify = verifier or verify_in_child
+        #: Called with every record that entered a new state (the fleet link reports them).
         self.listeners: list[Callable[[InstallRecord], None]] = []
 
     # -- records -------------------------------------------------------------------------
 
-    def move(self, record: InstallRecord, to: InstallState, **changes: object) -> InstallRecord:
-        """Advance ``record`` to ``to`` and persist it before anything else happens."""
-        moved = advance(record, to, self.clock(), **changes)  # type: ignore[arg-type]
-        self.save(moved)
-        for listener in self.listeners:
-            try:
-                listener(moved)
-            except Exception:  # a reporting failure must not fail the install
-                log.exception("install listener failed")
-        if to in (InstallState.FAILED, InstallState.ROLLED_BACK):
-            log.warning("install %s of %s: %s (%s)", moved.install_id, moved.source,
-                        to.value, moved.detail or moved.reason)
-        else:
-            log.info("install %s: %s", moved.install_id, to.value)
-        return moved
-
     def save(self, record: InstallRecord) -> None:
         """Persist ``record`` durably; honours the fault-injection hook."""
-        data = dict(asdict(record), state=record.state.value,
+        data = dict(asdict(record), state=record.state.value, record_version=RECORD_VERSION,
                     history=[list(h) for h in record.history])
+        self.dirs.installs.mkdir(parents=True, exist_ok=True)
         write_atomic(self._record_path(record.install_id), json.dumps(data, indent=1).encode())
         if os.environ.get(CRASH_ENV) == record.state.value:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def announce(self, record: InstallRecord) -> InstallRecord:
+        """Hand every state of ``record`` the listeners have not had yet to them, oldest
+        first, and note that they had them (only if someone listens: with nobody listening
+        the states wait for the next agent that does, e.g. after an offline install)."""
+        if not self.listeners or record.announced >= len(record.history):
+            return record
+        for index in range(record.announced, len(record.history)):
+            latest = index == len(record.history) - 1
+            state = InstallState(record.history[index][0])
+            view = record if latest else replace(
+                record, state=state, reason=None, detail=None,
+                history=record.history[:index + 1])
+            for listener in list(self.listeners):
+                try:
+                    listener(view)
+                except Exception:  # a reporting failure must not fail the install
+                    log.exception("install listener failed")
+        announced = replace(record, announced=len(record.history))
+        try:
+            self.save(announced)
+        except OSError as exc:  # the states are out; at worst they go out again
+            log.warning("cannot note that install %s was reported (%s)", record.install_id,
+                        exc.strerror)
+        return announced
 
     def records(self) -> list[InstallRecord]:
         """Every install record kept, newest first."""
@@ -128,11 +158,30 @@ class Installer:
                 # A record is written atomically, so this is outside damage: report it and
                 # go on serving rather than refuse to start.
                 log.error("%s", exc)
-        return sorted(records, key=lambda r: r.history[-1][1], reverse=True)
+        return sorted(records, key=lambda r: r.at, reverse=True)
 
     def pending(self) -> list[InstallRecord]:
         """Records not yet in a terminal state, oldest first (the order to resume them)."""
         return [r for r in reversed(self.records()) if not r.done]
+
+    def given_up(self) -> dict[str, str]:
+        """Model -> bundle sha256 whose latest install failed for good (not ``retry``): the
+        fleet link does not fetch it again until the desired state names another bundle."""
+        given_up: dict[str, str] = {}
+        seen: set[str] = set()
+        for record in self.records():  # newest first: only each model's latest counts
+            if record.model is None or record.model in seen:
+                continue
+            seen.add(record.model)
+            if (record.state not in (InstallState.FAILED, InstallState.ROLLED_BACK)
+                    or record.bundle_sha256 is None):
+                continue
+            # A retry-able failure waits for what it lacked: a full disk for free space.
+            waiting = record.retry and record.reason == "disk_full" and not self.has_room(
+                record.size or 0)
+            if not record.retry or waiting:
+                given_up[record.model] = record.bundle_sha256
+        return given_up
 
     def forget_old(self) -> None:
         """Keep the newest finished records only."""
@@ -142,68 +191,133 @@ class Installer:
 
     # -- steps ---------------------------------------------------------------------------
 
-    def begin(self, source: Path) -> InstallRecord:
-        """A persisted record for installing the bundle file at ``source``."""
-        record = new_install(uuid.uuid4().hex[:12], str(source.absolute()), self.clock())
-        self.save(record)
-        return record
+    def begin(self, source: str, *, model: str | None = None, version: int | None = None,
+              bundle_sha256: str | None = None, size: int | None = None) -> InstallRecord:
+        """A new record (not yet saved: the driver persists it with its first step)."""
+        return new_install(uuid.uuid4().hex[:12], source, self.clock(), model=model,
+                           version=version, bundle_sha256=bundle_sha256, size=size)
 
-    def download(self, record: InstallRecord) -> InstallRecord:
-        """Copy the bundle of a ``downloading`` record into the state dir (so the source may
-        vanish), then ``verifying``."""
-        source, target = Path(record.source), self._bundle_path(record)
+    def copy_in(self, record: InstallRecord) -> str:
+        """Copy the local bundle file of ``record`` into the state dir (so the source may
+        vanish); returns its sha256."""
+        source, target = Path(record.source), self.bundle_path(record)
         limit = Limits().max_bundle_bytes
         try:
             size = source.stat().st_size
-            if size > limit:
-                raise InstallError("rejected:OversizeError", f"{source} is {size} bytes, over "
-                                   f"the bundle limit of {limit}")
-            self.dirs.incoming.mkdir(parents=True, exist_ok=True)
-            partial = target.with_suffix(".part")
-            digest = _copy_and_hash(source, partial)
-            os.replace(partial, target)
         except OSError as exc:
             raise InstallError("download_failed", f"cannot read bundle {source} "
                                f"({exc.strerror}); check the path") from exc
-        return self.move(record, InstallState.VERIFYING, bundle_sha256=digest)
+        if size > limit:
+            raise InstallError("rejected:OversizeError", f"{source} is {size} bytes, over "
+                               f"the bundle limit of {limit}")
+        self.check_space(size, f"the bundle {source.name}")
+        partial = self.partial_path(record)
+        try:
+            src = open(source, "rb")  # noqa: SIM115 - closed below, errors told apart
+        except OSError as exc:
+            raise InstallError("download_failed", f"cannot read bundle {source} "
+                               f"({exc.strerror}); check the path") from exc
+        with src, open(partial, "wb") as dst:
+            digest = _copy(src, dst)
+        os.replace(partial, target)
+        return digest
 
-    def verify_and_stage(self, record: InstallRecord) -> tuple[InstallRecord, StoredModel]:
-        """Verify the fetched bundle, choose this device's variant, write its slot: staged.
+    def has_room(self, needed: int) -> bool:
+        """Whether ``needed`` bytes plus the reserve are free under the state dir."""
+        return self._free() >= needed + RESERVE_BYTES
+
+    def _free(self) -> int:
+        self.dirs.incoming.mkdir(parents=True, exist_ok=True)
+        return shutil.disk_usage(self.dirs.incoming).free
+
+    def check_space(self, needed: int, what: str) -> None:
+        """Raise InstallError(``disk_full``, transient) unless ``needed`` bytes plus the
+        reserve are free under the state dir."""
+        free = self._free()
+        if free < needed + RESERVE_BYTES:
+            raise InstallError("disk_full", f"{what} needs {needed} bytes and "
+                               f"{RESERVE_BYTES} in reserve, but only {free} are free under "
+                               f"{self.dirs.root}; free some space (the install is retried "
+                               "once there is room)", transient=True)
+
+    def verify_and_stage(self, record: InstallRecord) -> StoredModel:
+        """Verify the fetched bundle, choose this device's variant, write its slot.
 
         Raises InstallError (``rejected:<check>`` for a bundle that fails verification).
         """
-        data = self._bundle_path(record).read_bytes()
         trusted = self.trust.load()
+        path = self.bundle_path(record)
         try:
-            verified = _verify_elsewhere(data, trusted, datetime.now(timezone.utc),
-                                         self.profile.name if self.profile else None)
-            manifest = verified.manifest
-            variant = choose_variant(manifest, self.profile, self.formats)
-            plain = open_artifacts(manifest, verified.artifacts, self._device_key())
+            verified = self._verify(path, trusted, datetime.now(timezone.utc),
+                                    self.profile.name if self.profile else None)
+        except BundleError as exc:
+            # Not retried even if the error is transient in general (a checksum): these
+            # bytes hash to what the fleet asked for, so fetching them again changes nothing.
+            raise InstallError(f"rejected:{type(exc).__name__}", str(exc)) from exc
+        manifest = verified.manifest
+        if (record.model, record.version) not in ((None, None),
+                                                  (manifest.name, manifest.version)):
+            raise InstallError("rejected:unexpected_bundle", f"the bundle holds "
+                               f"{manifest.name} v{manifest.version}, but the fleet asked for "
+                               f"{record.model} v{record.version}; the desired state is wrong")
+        variant = choose_variant(manifest, self.profile, self.formats)
+        self.check_space(variant.size, f"{manifest.name} v{manifest.version} ({variant.path})")
+        try:
+            plain = open_artifact(manifest, variant.path,
+                                  verified.artifact_blocks(variant.path), self._device_key())
+            stored = self.store.stage(manifest, variant, plain, self.clock(),
+                                      record.bundle_sha256)
         except BundleError as exc:
             raise InstallError(f"rejected:{type(exc).__name__}", str(exc)) from exc
-        stored = self.store.stage(manifest, variant, plain[variant.path], self.clock(),
-                                  record.bundle_sha256)
         # The version floor rises once the bundle is verified and kept, so an older signed
         # bundle cannot be replayed even if this install later rolls back.
         self.trust.save(verified.trusted.with_installed(manifest.name, manifest.version,
                                                         verified.manifest_sha256))
-        record = self.move(record, InstallState.STAGED, model=manifest.name,
-                           version=manifest.version)
-        self.drop_bundle(record)
-        return record, stored
+        return stored
 
     def drop_bundle(self, record: InstallRecord) -> None:
-        """Delete the fetched bundle file: once staged, the slot holds all that is needed."""
-        self._bundle_path(record).unlink(missing_ok=True)
+        """Delete the bundle file: once staged, the slot holds all that is needed."""
+        self.bundle_path(record).unlink(missing_ok=True)
+        self.partial_path(record).unlink(missing_ok=True)
 
     def discard(self, record: InstallRecord) -> None:
-        """Drop what a failed install left behind (fetched bundle, non-active slot)."""
+        """Drop what an install that did not succeed left (bundle files, non-active slot)."""
         self.drop_bundle(record)
         if record.model is not None and record.version is not None:
-            pointer = self.store.active(record.model)
-            if pointer is None or pointer.version != record.version:
+            try:
+                pointer = self.store.active(record.model)
+            except AgentError:
+                return  # a damaged pointer: keep every slot, the restore sorts it out
+            if pointer is None or record.version not in (pointer.version, pointer.previous):
                 self.store.remove(record.model, record.version)
+
+    def sweep(self) -> list[Path]:
+        """Delete what no unfinished install references: bundle files in ``incoming/``,
+        slots that are neither active, previous nor being installed, staging directories.
+        Run at start, before installs resume; returns what it deleted."""
+        pending = self.pending()
+        wanted = {p.name for r in pending for p in (self.bundle_path(r), self.partial_path(r))}
+        removed = []
+        for path in self.dirs.incoming.iterdir() if self.dirs.incoming.is_dir() else ():
+            if path.name not in wanted:
+                _remove(path)
+                removed.append(path)
+        installing = {(r.model, r.version) for r in pending}
+        for name in self.store.all_names():
+            removed += self.store.sweep(name, {v for m, v in installing if m == name
+                                               and v is not None})
+        if removed:
+            log.info("startup sweep: deleted %d files no install references (%s)",
+                     len(removed), ", ".join(p.name for p in removed[:5]))
+        return removed
+
+    def bundle_path(self, record: InstallRecord) -> Path:
+        """Where the whole bundle file of ``record`` is kept until staged."""
+        return self.dirs.incoming / f"{record.install_id}.efb"
+
+    def partial_path(self, record: InstallRecord) -> Path:
+        """Where the bundle of ``record`` grows while it is fetched or copied."""
+        return self.dirs.incoming / f"{record.install_id}.part"
 
     def _device_key(self) -> X25519PrivateKey | None:
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -219,40 +333,85 @@ class Installer:
     def _record_path(self, install_id: str) -> Path:
         return self.dirs.installs / f"{install_id}.json"
 
-    def _bundle_path(self, record: InstallRecord) -> Path:
-        return self.dirs.incoming / f"{record.install_id}.bundle"
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is the file system saying it has no room (or quota) left."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def _copy_and_hash(source: Path, target: Path) -> str:
-    """Copy ``source`` to ``target`` and return its sha256, reading it once."""
+def _copy(src: BinaryIO, dst: BinaryIO) -> str:
     digest = hashlib.sha256()
-    with open(source, "rb") as src, open(target, "wb") as dst:
-        for block in iter(lambda: src.read(1 << 20), b""):
-            digest.update(block)
-            dst.write(block)
+    for block in iter(lambda: src.read(READ_BLOCK), b""):
+        digest.update(block)
+        dst.write(block)
+    dst.flush()
+    os.fsync(dst.fileno())
     return digest.hexdigest()
 
 
-def _verify_elsewhere(data: bytes, trusted: TrustedState, now: datetime,
-                      profile: str | None) -> VerifiedBundle:
-    """verify_bundle in a short-lived child process at low priority.
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def verify_in_child(path: Path, trusted: TrustedState, now: datetime,
+                    profile: str | None) -> VerifiedBundle:
+    """verify_bundle of the file at ``path`` in a short-lived child process at low priority.
 
     Verification is pure Python for the most part (TUF metadata, canonical JSON): run in
     the agent's own process it holds the GIL in 0.5 ms slices for tens of milliseconds,
     and every request served meanwhile waits for it. In a child process it costs the
-    serving threads nothing but CPU, which the child yields (nice 10).
+    serving threads nothing but CPU, which the child yields (nice 10). The child gets the
+    path and reads the file in bounded blocks; what comes back is the manifest and the
+    entry index, never the artifacts. It is a daemon process: an agent that stops takes it
+    down at once, and an install cut short is resumed at the next start.
     """
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context,
-                             initializer=os.nice, initargs=(10,)) as pool:
-        return pool.submit(verify_bundle, data, trusted, now=now, profile=profile).result()
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_verifier_main, args=(send, path, trusted, now, profile),
+                            name="edgefleet-verifier", daemon=True)
+    child.start()
+    send.close()
+    try:
+        ok, result = receive.recv()
+    except EOFError:
+        child.join()
+        raise InstallError("verify_failed", f"the verifier process died (exit code "
+                           f"{child.exitcode}) while checking {path.name}; the bundle may "
+                           "be too big for this device's memory") from None
+    finally:
+        receive.close()
+    child.join()
+    if not ok:
+        raise result
+    assert isinstance(result, VerifiedBundle)
+    return result
+
+
+def _verifier_main(send: Connection, path: Path, trusted: TrustedState, now: datetime,
+                   profile: str | None) -> None:
+    os.nice(_VERIFIER_NICE)
+    try:
+        result: object = (True, verify_bundle(path, trusted, now=now, profile=profile))
+    except BundleError as exc:
+        result = (False, exc)
+    except Exception as exc:  # anything else is a bug in a reader: report it, typed
+        result = (False, InstallError("verify_failed", f"verifying {path.name} raised "
+                                      f"{type(exc).__name__}: {exc}"))
+    send.send(result)
+    send.close()
 
 
 def _load_record(path: Path) -> InstallRecord:
     try:
         raw = json.loads(path.read_bytes())
+        raw.pop("record_version", None)
         raw["state"] = InstallState(raw["state"])
         raw["history"] = tuple((str(s), float(t)) for s, t in raw["history"])
+        # Records written before announcements were tracked were announced as they went.
+        raw.setdefault("announced", len(raw["history"]))
         return InstallRecord(**raw)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise AgentError(f"install record {path} is corrupt ({exc!r}); delete it to forget "

@@ -17,24 +17,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import re
 import shutil
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bundle.atomic import fsync_dir, write_atomic
 from bundle.errors import BundleError
 from bundle.manifest import ArtifactVariant, Manifest, manifest_from_json, manifest_to_json
+from common.atomic import fsync_dir, write_atomic
+from protocol.names import InvalidNameError, check_name
 
 from .errors import AgentError
 
 __all__ = ["ActivePointer", "ModelStore", "StoredModel", "sha256_file"]
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ActivePointer:
@@ -78,6 +78,12 @@ class ModelStore:
             return []
         return sorted(p.parent.name for p in self.root.glob("*/active.json"))
 
+    def all_names(self) -> list[str]:
+        """Every model with a directory in the store, active or not."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _valid_name(p.name))
+
     def active(self, name: str) -> ActivePointer | None:
         """The active pointer of ``name``, or None if it was never activated."""
         path = self._dir(name) / "active.json"
@@ -113,35 +119,45 @@ class ModelStore:
             raise AgentError(f"slot {directory} is missing or corrupt ({exc}); reinstall "
                              f"{name} v{version}") from exc
 
-    def stage(self, manifest: Manifest, variant: ArtifactVariant, model_bytes: bytes,
+    def stage(self, manifest: Manifest, variant: ArtifactVariant, model: Iterable[bytes],
               installed_at: float, bundle_sha256: str | None = None) -> StoredModel:
-        """Write the slot for ``manifest``'s ``variant`` (plaintext ``model_bytes``) durably.
+        """Write the slot for ``manifest``'s ``variant`` durably; ``model`` is the plaintext
+        artifact in blocks (an error raised while they are read leaves no slot behind).
 
-        Replaces an earlier slot of the same version (a resumed install) unless it is active.
+        Replaces an earlier slot of the same version (a resumed install) unless it is the
+        active one and intact: an active slot that no longer reads back is staged again.
         """
         name, version = _check_name(manifest.name), manifest.version
-        pointer = self.active(name)
+        try:
+            pointer = self.active(name)
+        except AgentError:
+            pointer = None  # damaged: the restore stopped trusting it, so may we
         if pointer is not None and pointer.version == version:
-            return self.slot(name, version)
+            try:
+                existing = self.slot(name, version)
+            except AgentError:
+                existing = None
+            if existing is not None and existing.intact():
+                return existing
+            log.warning("the active slot %s v%d is damaged; staging it again", name, version)
         model_dir = self._dir(name)
         staging = model_dir / f".staging-{version}"
         final = model_dir / str(version)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        manifest_bytes = manifest_to_json(manifest)
-        file_name = f"model.{variant.format}"
-        info: dict[str, Any] = {
-            "file": file_name, "format": variant.format, "dtype": variant.dtype,
-            "variant": variant.path, "sha256": hashlib.sha256(model_bytes).hexdigest(),
-            "size": len(model_bytes), "installed_at": installed_at,
-            "bundle_sha256": bundle_sha256}
-        for file, data in ((file_name, model_bytes), ("manifest.json", manifest_bytes),
-                           ("slot.json", json.dumps(info, indent=1).encode())):
-            with open(staging / file, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        fsync_dir(staging)
+        try:
+            file_name = f"model.{variant.format}"
+            digest, size = _write_blocks(staging / file_name, model)
+            info: dict[str, Any] = {
+                "file": file_name, "format": variant.format, "dtype": variant.dtype,
+                "variant": variant.path, "sha256": digest, "size": size,
+                "installed_at": installed_at, "bundle_sha256": bundle_sha256}
+            _write_blocks(staging / "manifest.json", [manifest_to_json(manifest)])
+            _write_blocks(staging / "slot.json", [json.dumps(info, indent=1).encode()])
+            fsync_dir(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         fsync_dir(model_dir)
@@ -159,17 +175,24 @@ class ModelStore:
         if path.parent.is_dir():
             fsync_dir(path.parent)
 
-    def prune(self, name: str, also_keep: Collection[int] = ()) -> None:
-        """Delete every slot but the active and previous ones (and ``also_keep``: installs
-        under way), and stale staging dirs."""
-        pointer = self.active(name)
-        keep = set(also_keep) | (set() if pointer is None else {pointer.version,
-                                                               pointer.previous})
-        directory = self._dir(name)
-        for path in directory.iterdir() if directory.is_dir() else ():
-            if path.is_dir() and (path.name.startswith(".staging-")
-                                  or (path.name.isdigit() and int(path.name) not in keep)):
+    def sweep(self, name: str, installing: Collection[int]) -> list[Path]:
+        """Delete staging directories and slots of ``name`` that are neither active,
+        previous nor in ``installing``; with a damaged pointer only staging directories
+        (the restore decides about slots). Returns what it deleted."""
+        try:
+            pointer = self.active(name)
+        except AgentError:
+            pointer, keep = None, None
+        else:
+            keep = set(installing) | (set() if pointer is None
+                                      else {pointer.version, pointer.previous})
+        removed = []
+        for path in sorted(self._dir(name).iterdir()):
+            if path.is_dir() and (path.name.startswith(".staging-") or (
+                    keep is not None and path.name.isdigit() and int(path.name) not in keep)):
                 shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
 
     def remove(self, name: str, version: int) -> None:
         """Delete one slot (a version that failed), never the active one."""
@@ -184,10 +207,32 @@ class ModelStore:
 
 def _check_name(name: str) -> str:
     # Model names become directory names; refuse anything that could escape the store.
-    if not _NAME.fullmatch(name):
-        raise AgentError(f"model name {name!r} is not allowed; use letters, digits, '.', '_' "
-                         "and '-' (up to 128, not starting with a dot)")
-    return name
+    try:
+        return check_name(name, "model name")
+    except InvalidNameError as exc:
+        raise AgentError(str(exc)) from None
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        check_name(name, "model name")
+    except InvalidNameError:
+        return False
+    return True
+
+
+def _write_blocks(path: Path, blocks: Iterable[bytes]) -> tuple[str, int]:
+    """Write ``blocks`` to ``path`` durably; their sha256 and total size."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "wb") as f:
+        for block in blocks:
+            f.write(block)
+            digest.update(block)
+            size += len(block)
+        f.flush()
+        os.fsync(f.fileno())
+    return digest.hexdigest(), size
 
 
 def sha256_file(path: Path) -> str:

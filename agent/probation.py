@@ -38,7 +38,10 @@ def judge(policy: ProbationPolicy, elapsed_s: float, *, requests: int, errors: i
     ``baseline_p99_ms`` is the previous model's p99 (None when it had too little traffic to
     tell, which skips the latency check); ``p99_ms`` is measured over ``latency_samples``.
     Breaches roll back as soon as there are enough requests to judge; a model with no breach
-    is committed when the window ends, traffic or not (it already passed its self-test).
+    is committed when the window ends, traffic or not: it already passed its self-test, and
+    a device whose apps are idle must not keep an install open for ever. The reason then
+    says plainly that the model was not exercised (no requests) or too little to judge
+    (fewer than ``min_requests``), so the fleet does not read it as a health check passed.
     """
     if requests >= policy.min_requests:
         rate = errors / requests
@@ -53,6 +56,14 @@ def judge(policy: ProbationPolicy, elapsed_s: float, *, requests: int, errors: i
                 return Verdict("roll_back", f"p99 latency {p99_ms:.2f} ms over the limit "
                                f"{limit:.2f} ms (previous model {baseline_p99_ms:.2f} ms)")
     if elapsed_s >= policy.window_s:
+        if requests == 0:
+            return Verdict("commit", f"not exercised: no requests in {policy.window_s:g} s "
+                           "of probation; committed on its self-test alone")
+        if requests < policy.min_requests:
+            return Verdict("commit", f"barely exercised: {requests} requests ({errors} "
+                           f"errors) in {policy.window_s:g} s, fewer than the "
+                           f"{policy.min_requests} needed to judge; committed on its "
+                           "self-test")
         p99 = "n/a" if p99_ms is None else f"{p99_ms:.2f} ms"
         return Verdict("commit", f"healthy for {policy.window_s:g} s: {requests} requests, "
                        f"{errors} errors, p99 {p99}")

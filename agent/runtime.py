@@ -17,12 +17,10 @@ old model stays loaded through probation, so a rollback is as instant as the swa
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,11 +32,12 @@ from firmware_profiles.model import Profile
 from firmware_profiles.runtimes import import_litert
 
 from .errors import AgentError, InstallError, InvalidInputError, ModelLoadError, ModelNotFoundError
-from .install_state import InstallRecord, InstallState, Step, plan_resume
-from .installer import Installer, StateDirs
+from .install_driver import InstallDriver, ServedLike
+from .install_state import InstallRecord
+from .installer import Installer, StateDirs, Verifier
 from .model_store import StoredModel
-from .probation import ProbationPolicy, judge
-from .sessions import Session, TensorInfo, open_session
+from .probation import ProbationPolicy
+from .sessions import Session, TensorInfo, open_session, warm_up
 from .tensors import check_feeds, from_manifest_tensor
 
 __all__ = ["ModelInfo", "RequestStats", "Runtime", "ServedModel"]
@@ -46,9 +45,6 @@ __all__ = ["ModelInfo", "RequestStats", "Runtime", "ServedModel"]
 log = logging.getLogger(__name__)
 _FORMATS_BY_SUFFIX = {".onnx": "onnx", ".tflite": "tflite"}
 _WARMUP_RUNS = 3
-_INSTALL_NICE = 10
-# A p99 from fewer samples than this is noise, not a baseline.
-_BASELINE_SAMPLES = 200
 
 
 @dataclass(frozen=True)
@@ -130,51 +126,48 @@ class ServedModel:
         self.stats.record(time.perf_counter() - start)
         return dict(zip(self.output_names, outputs, strict=True))
 
+    @property
+    def figures(self) -> dict[str, Any]:
+        """Requests, errors, latency samples and p50/p99 (ms) so far."""
+        return self.stats.snapshot()
+
     def info(self, state: str) -> ModelInfo:
         return ModelInfo(self.name, self.version, self.session.backend, self.session.fallback,
                          self.session.inputs, self.session.outputs, self.source, state)
-
-
-@dataclass
-class _Probation:
-    record: InstallRecord
-    started: float
-    baseline_p99_ms: float | None
-    previous: ServedModel | None
 
 
 class Runtime:
     """Models served by name, offline; installs bundles when given a state directory.
 
     Without ``state_dir`` the runtime serves model files only (:meth:`load_file`). With it,
-    the constructor restores what was serving and resumes any install a crash interrupted.
+    the constructor serves what the store says is active (falling back to the previous
+    version, or the newest intact one, when a slot or the pointer is damaged); installs
+    that a crash interrupted resume only when :meth:`resume_installs` is called, so the
+    caller can serve first and attach listeners (the fleet link) before they run.
     ``profile`` is this device's firmware profile (None: a generic CPU).
     """
 
     def __init__(self, state_dir: Path | None = None, profile: Profile | None = None, *,
                  policy: ProbationPolicy | None = None, threads: int = 0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 verifier: Verifier | None = None) -> None:
         self.profile = profile
         self.policy = policy or ProbationPolicy()
         self.threads = threads
         self._serving: dict[str, ServedModel] = {}
-        self._probations: dict[str, _Probation] = {}
-        self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        # Installs run on one worker at a lower OS priority: verifying, staging and loading
-        # a model are CPU work that must not take a core from the requests being served
-        # meanwhile (hot-swap latency, docs/benchmarks.md).
-        self._install_worker = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="edgefleet-install",
-            initializer=_lower_thread_priority)
         #: Problems found while restoring models at start-up, for status reports.
         self.problems: list[str] = []
         self.installer: Installer | None = None
+        self.installs: InstallDriver | None = None
         if state_dir is not None:
             formats = {"onnx"} | ({"tflite"} if import_litert() is not None else set())
-            self.installer = Installer(StateDirs(state_dir), profile, formats, clock)
+            self.installer = Installer(StateDirs(state_dir), profile, formats, clock,
+                                       verifier=verifier)
             self._restore()
+            self.installer.sweep()
+            self.installs = InstallDriver(self.installer, self, self.policy)
 
     # -- inference -----------------------------------------------------------------------
 
@@ -195,7 +188,8 @@ class Runtime:
         served = self._serving.get(name)
         if served is None:
             raise ModelNotFoundError(f"no model named {name!r} is served")
-        return served.info("probation" if name in self._probations else "serving")
+        in_probation = self.installs is not None and self.installs.in_probation(name)
+        return served.info("probation" if in_probation else "serving")
 
     def models(self) -> list[ModelInfo]:
         """Every served model."""
@@ -207,6 +201,31 @@ class Runtime:
         if served is None:
             raise ModelNotFoundError(f"no model named {name!r} is served")
         return served
+
+    # -- the serving table (the install driver's port) -------------------------------------
+
+    def serving(self, name: str) -> ServedModel | None:
+        """The model serving under ``name``, or None."""
+        return self._serving.get(name)
+
+    def swap(self, name: str, model: ServedLike | None) -> None:
+        """Serve ``model`` under ``name`` from now on: one dict assignment, so a request
+        either gets the old model or the new one, and finishes on the one it got."""
+        if model is None:
+            self._serving.pop(name, None)
+        else:
+            assert isinstance(model, ServedModel)
+            self._serving[name] = model
+
+    def load(self, stored: StoredModel) -> ServedModel:
+        """Load, self-test and warm up a stored model (checking its file's hash first)."""
+        if not stored.intact():
+            raise ModelLoadError(f"{stored.path} no longer matches its sha256 {stored.sha256[:16]}"
+                                 "; the file was damaged on disk")
+        session = self._open(stored.path, stored.format, stored.manifest)
+        return ServedModel(stored.name, stored.version, session,
+                           f"{stored.name} v{stored.version} ({stored.dtype} {stored.format})",
+                           stored)
 
     # -- loading -------------------------------------------------------------------------
 
@@ -223,9 +242,7 @@ class Runtime:
         if not path.is_file():
             raise ModelLoadError(f"{path}: no such model file")
         name = name or path.stem
-        served = ServedModel(name, None, self._open(path, fmt, None), str(path))
-        with self._lock:
-            self._serving[name] = served
+        self.swap(name, ServedModel(name, None, self._open(path, fmt, None), str(path)))
         return self.model(name)
 
     def _open(self, path: Path, fmt: str, manifest: Manifest | None) -> Session:
@@ -233,19 +250,8 @@ class Runtime:
         accelerators = self.profile.accelerators if self.profile else ()
         session = open_session(path, fmt, accelerators, self.threads)
         feeds = _self_test(session, manifest) if manifest is not None else None
-        feeds = feeds or _zeros(session.inputs)
-        for _ in range(_WARMUP_RUNS):
-            session.run(feeds)
+        warm_up(session, feeds, _WARMUP_RUNS)
         return session
-
-    def _load_stored(self, stored: StoredModel) -> ServedModel:
-        if not stored.intact():
-            raise ModelLoadError(f"{stored.path} no longer matches its sha256 {stored.sha256[:16]}"
-                                 "; the file was damaged on disk")
-        session = self._open(stored.path, stored.format, stored.manifest)
-        return ServedModel(stored.name, stored.version, session,
-                           f"{stored.name} v{stored.version} ({stored.dtype} {stored.format})",
-                           stored)
 
     # -- installing ----------------------------------------------------------------------
 
@@ -255,219 +261,65 @@ class Runtime:
         Returns the record once the new model serves in probation, or failed (the serving
         model untouched; ``record.reason`` says why). Probation ends in :meth:`check_probation`.
         """
-        self._require_installer()
-        return self._install_worker.submit(self._install_now, bundle).result()
+        return self._require_installs().install(bundle)
 
-    def _install_now(self, bundle: Path) -> InstallRecord:
-        installer = self._require_installer()
-        with self._lock:
-            record = installer.begin(bundle)
-            return self._drive(record, Step.DOWNLOAD)
-
-    def _drive(self, record: InstallRecord, step: Step) -> InstallRecord:
-        installer = self._require_installer()
-        try:
-            if step in (Step.DOWNLOAD, Step.VERIFY):
-                if step is Step.DOWNLOAD:
-                    if record.state is InstallState.IDLE:
-                        record = installer.move(record, InstallState.DOWNLOADING)
-                    record = installer.download(record)
-                record, _ = installer.verify_and_stage(record)
-                step = Step.ACTIVATE
-            if step is Step.ACTIVATE:
-                return self._activate(record)
-            if step is Step.PROBATION:
-                return self._resume_probation(record)
-            if step is Step.ROLL_BACK:
-                return self._roll_back(record, f"the agent restarted {record.restarts} times "
-                                       "during probation; the new model may be crashing it")
-            if step is Step.FAIL:
-                raise InstallError("crash_loop", f"the agent restarted {record.restarts} times "
-                                   "while activating; the new model may be crashing it")
-            return record
-        except InstallError as exc:
-            return self._fail(record, exc.reason, str(exc))
-        except (AgentError, OSError) as exc:
-            return self._fail(record, "install_error", str(exc))
-
-    def _activate(self, record: InstallRecord) -> InstallRecord:
-        installer = self._require_installer()
-        name, version = record.model, record.version
-        assert name is not None, "staged records know their model"
-        assert version is not None, "staged records know their version"
-        store = installer.store
-        installer.drop_bundle(record)  # left behind if the agent died right after staging
-        probation = self._probations.get(name)
-        if probation is not None and probation.record.install_id != record.install_id:
-            # The newest install wins: the one in probation is judged now on what it has
-            # served (committed if healthy, so it becomes the rollback target; rolled back
-            # if not), then the new one goes through its own probation.
-            self._conclude(name, probation, superseded_by=version)
-        if record.state is InstallState.STAGED:
-            pointer = store.active(name)
-            previous_version = None if pointer is None else (
-                pointer.version if pointer.version != version else pointer.previous)
-            record = installer.move(record, InstallState.ACTIVATING,
-                                    previous_version=previous_version)
-        else:
-            installer.save(record)  # a resumed activation: keep the restart count
-        current = self._serving.get(name)
-        if current is not None and current.version == version:
-            new = current  # restored at start-up: the pointer was flipped before the crash
-            current = None
-        else:
-            try:
-                new = self._load_stored(store.slot(name, version))
-            except ModelLoadError as exc:
-                raise InstallError("load_failed", str(exc)) from exc
-        store.set_active(name, version, record.previous_version)
-        record = installer.move(record, InstallState.PROBATION)
-        previous = current
-        if previous is None and record.previous_version is not None:
-            previous = self._load_previous(name, record.previous_version)
-        self._serving[name] = new  # the swap
-        self._start_probation(record, previous)
-        return record
-
-    def _resume_probation(self, record: InstallRecord) -> InstallRecord:
-        installer = self._require_installer()
-        installer.save(record)
-        assert record.model is not None
-        served = self._serving.get(record.model)
-        if served is None or served.version != record.version:
-            return self._roll_back(record, "the new model could not be restored after a "
-                                   "restart during probation")
-        standby = (None if record.previous_version is None
-                   else self._load_previous(record.model, record.previous_version))
-        self._start_probation(record, standby)
-        return record
-
-    def _load_previous(self, name: str, version: int) -> ServedModel | None:
-        try:
-            return self._load_stored(self._require_installer().store.slot(name, version))
-        except (AgentError, InstallError) as exc:
-            log.error("previous version %s v%d cannot be loaded (%s); probation continues "
-                      "without a rollback target", name, version, exc)
-            return None
-
-    def _start_probation(self, record: InstallRecord, previous: ServedModel | None) -> None:
-        assert record.model is not None
-        baseline = None
-        if previous is not None:
-            figures = previous.stats.snapshot()
-            if figures["samples"] >= _BASELINE_SAMPLES:
-                baseline = figures["p99_ms"]
-        self._probations[record.model] = _Probation(record, time.monotonic(), baseline,
-                                                    previous)
-        log.info("%s v%s serving in probation for %g s", record.model, record.version,
-                 self.policy.window_s)
+    def resume_installs(self, wait: bool = True) -> None:
+        """Report installs' unreported states and resume those a stop interrupted, behind
+        the models already serving (``wait=False``: in the background)."""
+        future = self._require_installs().resume()
+        if wait:
+            future.result()
 
     def check_probation(self) -> list[InstallRecord]:
         """Judge every model in probation; returns the installs this call concluded."""
-        concluded = []
-        with self._lock:
-            for name, probation in list(self._probations.items()):
-                record = self._conclude(name, probation)
-                if record is not None:
-                    concluded.append(record)
-        return concluded
-
-    def _conclude(self, name: str, probation: _Probation,
-                  superseded_by: int | None = None) -> InstallRecord | None:
-        """Judge one probation; with ``superseded_by`` the window counts as over."""
-        figures = self._serving[name].stats.snapshot()
-        elapsed = time.monotonic() - probation.started
-        verdict = judge(self.policy, self.policy.window_s if superseded_by else elapsed,
-                        requests=figures["requests"], errors=figures["errors"],
-                        p99_ms=figures["p99_ms"], baseline_p99_ms=probation.baseline_p99_ms,
-                        latency_samples=figures["samples"])
-        reason = verdict.reason
-        if superseded_by is not None:
-            reason = f"superseded by v{superseded_by} after {elapsed:.0f} s: {reason}"
-        if verdict.decision == "commit":
-            return self._commit(name, probation, reason,
-                                keep=() if superseded_by is None else (superseded_by,))
-        if verdict.decision == "roll_back":
-            return self._roll_back(probation.record, reason)
-        return None
-
-    def _commit(self, name: str, probation: _Probation, reason: str,
-                keep: tuple[int, ...] = ()) -> InstallRecord:
-        installer = self._require_installer()
-        del self._probations[name]
-        record = installer.move(probation.record, InstallState.COMMITTED, detail=reason)
-        installer.store.prune(name, keep)
-        installer.forget_old()
-        return record
-
-    def _roll_back(self, record: InstallRecord, reason: str) -> InstallRecord:
-        installer = self._require_installer()
-        name, previous_version = record.model, record.previous_version
-        assert name is not None
-        probation = self._probations.pop(name, None)
-        previous = probation.previous if probation else None
-        if previous is None and previous_version is not None:
-            previous = self._load_previous(name, previous_version)
-        if previous is not None:
-            installer.store.set_active(name, previous.version or 0, None)
-            self._serving[name] = previous
-        else:
-            installer.store.deactivate(name)
-            self._serving.pop(name, None)
-        record = installer.move(record, InstallState.ROLLED_BACK, reason="probation_failed",
-                                detail=reason)
-        installer.discard(record)
-        return record
-
-    def _fail(self, record: InstallRecord, reason: str, detail: str) -> InstallRecord:
-        installer = self._require_installer()
-        if record.model is not None and record.version is not None:
-            pointer = installer.store.active(record.model)
-            if pointer is not None and pointer.version == record.version:
-                # Interrupted after the flip: the previous version is the known-good one.
-                self._probations.pop(record.model, None)
-                if record.previous_version is None:
-                    installer.store.deactivate(record.model)
-                    self._serving.pop(record.model, None)
-                else:
-                    installer.store.set_active(record.model, record.previous_version, None)
-                    previous = self._load_previous(record.model, record.previous_version)
-                    if previous is not None:
-                        self._serving[record.model] = previous
-        record = installer.move(record, InstallState.FAILED, reason=reason, detail=detail)
-        installer.discard(record)
-        return record
+        return [] if self.installs is None else self.installs.check_probation()
 
     def _restore(self) -> None:
-        """Serve what the store says is active, then resume interrupted installs."""
+        """Serve what the store says is active; fall back past damaged slots or pointers."""
         installer = self._require_installer()
         store = installer.store
-        for name in store.names():
-            pointer = store.active(name)
-            assert pointer is not None
-            for version in (pointer.version, pointer.previous):
-                if version is None:
+        installing = {(r.model, r.version) for r in installer.pending()}
+        for name in store.all_names():
+            try:
+                pointer = store.active(name)
+            except AgentError as exc:
+                self._problem(f"{name}: {exc}; serving the newest intact version instead")
+                candidates = [v for v in sorted(store.versions(name), reverse=True)
+                              if (name, v) not in installing]
+                pointer = None
+            else:
+                if pointer is None:
                     continue
+                candidates = [v for v in (pointer.version, pointer.previous) if v is not None]
+            for version in candidates:
                 try:
-                    self._serving[name] = self._load_stored(store.slot(name, version))
+                    self._serving[name] = self.load(store.slot(name, version))
                 except (AgentError, InstallError) as exc:
-                    self.problems.append(f"{name} v{version} cannot be served: {exc}")
-                    log.error("%s", self.problems[-1])
+                    self._problem(f"{name} v{version} cannot be served: {exc}")
                     continue
-                if version != pointer.version:
+                if pointer is None or version != pointer.version:
                     store.set_active(name, version, None)
                 break
-        for record in installer.pending():
-            resumed, step = plan_resume(record)
-            log.warning("resuming install %s (%s) at %s: %s", record.install_id,
-                        record.source, record.state.value, step.value)
-            self._drive(resumed, step)
+            else:
+                if candidates:
+                    # Nothing intact to serve: forget the pointer, so the next install of
+                    # this model is a clean first one rather than a reuse of a broken slot.
+                    store.deactivate(name)
+
+    def _problem(self, problem: str) -> None:
+        self.problems.append(problem)
+        log.error("%s", problem)
 
     def _require_installer(self) -> Installer:
         if self.installer is None:
             raise AgentError("this runtime has no state directory, so it cannot install "
                              "bundles; start it with a state directory")
         return self.installer
+
+    def _require_installs(self) -> InstallDriver:
+        self._require_installer()
+        assert self.installs is not None
+        return self.installs
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -500,20 +352,13 @@ class Runtime:
         self._thread.start()
 
     def close(self) -> None:
-        """Stop the background threads."""
+        """Stop the background threads (an install under way resumes at the next start)."""
         self._stop.set()
+        if self.installs is not None:
+            self.installs.close()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self._install_worker.shutdown()
-
-
-def _lower_thread_priority() -> None:
-    # Linux gives each thread its own nice value; elsewhere this is a no-op.
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _INSTALL_NICE)
-    except (OSError, AttributeError) as exc:
-        log.debug("cannot lower the install thread's priority: %s", exc)
 
 
 def _self_test(session: Session, manifest: Manifest) -> dict[str, np.ndarray] | None:
@@ -544,6 +389,4 @@ def _self_test(session: Session, manifest: Manifest) -> dict[str, np.ndarray] | 
     return first
 
 
-def _zeros(inputs: tuple[TensorInfo, ...]) -> dict[str, np.ndarray]:
-    return {i.name: np.zeros([1 if d is None else d for d in i.shape], dtype=i.dtype)
-            for i in inputs}
+

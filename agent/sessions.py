@@ -23,7 +23,7 @@ from firmware_profiles.runtimes import LiteRT, import_litert, load_delegate
 
 from .errors import ModelLoadError
 
-__all__ = ["LiteRTSession", "OnnxSession", "Session", "TensorInfo", "open_session"]
+__all__ = ["LiteRTSession", "OnnxSession", "Session", "TensorInfo", "open_session", "warm_up"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,30 @@ def open_session(path: Path, fmt: str, accelerators: Sequence[Accelerator] = (),
                              threads)
     raise ModelLoadError(f"{path}: unknown model format {fmt!r}; the agent runs onnx and "
                          "tflite")
+
+
+def warm_up(session: Session, feeds: Mapping[str, np.ndarray] | None, runs: int) -> str | None:
+    """Run ``session`` ``runs`` times so the first request does not pay for lazy set-up.
+
+    ``feeds`` are real inputs (a bundle's golden samples); without them the model gets
+    zeros with every dynamic dimension set to 1, which some models reject (a reflect Pad
+    over a length of 1): then warm-up is skipped, never fatal. Returns why it was skipped,
+    or None.
+    """
+    if feeds is None:
+        feeds = {i.name: np.zeros([1 if d is None else d for d in i.shape], dtype=i.dtype)
+                 for i in session.inputs}
+        try:
+            session.run(feeds)
+        except Exception as exc:  # the model's rule, not a fault: serve it cold
+            reason = (f"warm-up skipped: the model rejects zeros with dynamic dimensions of 1 "
+                      f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+            log.info("%s", reason)
+            return reason
+        runs -= 1
+    for _ in range(runs):
+        session.run(feeds)
+    return None
 
 
 class OnnxSession:

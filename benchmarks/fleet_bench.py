@@ -15,15 +15,15 @@ What runs, all on this machine:
   one ``selectors`` loop over non-blocking TLS sockets and a minimal MQTT 5 client written
   for this benchmark (a load generator, not product code; paho's one thread per client
   does not scale to 1,000 clients on 2 cores). Each device is enrolled the way the agent
-  enrolls (a key and CSR from ``bundle.identity.make_device_key_and_csr``, a one-time
+  enrolls (a key and CSR from ``transport.x509.make_device_key_and_csr``, a one-time
   token, ``service.enroll`` in-process rather than over HTTP), then connects over mutual
   TLS with its own certificate (client id = CN, MQTT 5, persistent session, a will,
-  keepalive 60 s: the agent's settings from ``bundle.mqtt``) and subscribes to its
+  keepalive 60 s: the agent's settings from ``transport.mqtt``) and subscribes to its
   ``desired`` and ``inbox/chunks``.
 - **On the wire each device does what the agent does** (agent/fleet_link.py,
   agent/bundle_fetch.py): on a new desired state it asks for the bundle in 256 KiB chunks,
   at most 4 outstanding, re-asking a chunk unanswered for 5 s; checks every chunk's sha256
-  (``bundle.protocol.decode_chunk``) and the whole bundle's; and reports like the agent:
+  (``protocol.messages.decode_chunk``) and the whole bundle's; and reports like the agent:
   a ``fetch.started`` event and a "downloading" report, then one event and one report per
   install transition (downloading, verifying, staged, activating, probation, committed),
   and a last report with the model committed (``--chatter minimal``: the last report only).
@@ -79,13 +79,15 @@ from typing import Any
 
 import psutil
 
-from bundle import protocol
-from bundle.atomic import write_atomic
-from bundle.errors import BundleError, ProtocolError
-from bundle.identity import make_device_key_and_csr
-from bundle.mqtt import TLSIdentity, device_topic, tls_context
+from bundle.errors import BundleError
 from bundle.signing import ArtifactInput, BundleSpec, build_bundle
 from bundle.trust import TrustedState, verify_bundle
+from common.atomic import write_atomic
+from protocol import messages
+from protocol.errors import ProtocolError
+from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF, device_topic
+from transport.mqtt import TLSIdentity, tls_context
+from transport.x509 import make_device_key_and_csr
 
 TARGET_DEVICES = 1000
 TARGET_ROLLOUT_S = 60.0
@@ -95,7 +97,7 @@ FLEET = "bench"
 FLEET_GROUP = "fleet"
 AGENT_VERSION = "fleet-bench"
 #: The agent's defaults (agent/bundle_fetch.py, bundle/mqtt.py).
-CHUNK_BYTES = protocol.DEFAULT_CHUNK_BYTES
+CHUNK_BYTES = messages.DEFAULT_CHUNK_BYTES
 WINDOW = 4
 REQUEST_TIMEOUT_S = 5.0
 KEEPALIVE_S = 60
@@ -199,7 +201,7 @@ class Fetch:
     #: Seconds from (the latest) request to answer, per chunk.
     latencies: list[float] = field(default_factory=list)
 
-    def requests(self, window: int, timeout: float, now: float) -> list[protocol.ChunkRequest]:
+    def requests(self, window: int, timeout: float, now: float) -> list[messages.ChunkRequest]:
         end = min(self.size, self.have + window * CHUNK_BYTES)
         wanted = []
         for offset in range(self.have, end, CHUNK_BYTES):
@@ -209,11 +211,11 @@ class Fetch:
             length = min(CHUNK_BYTES, self.size - offset)
             if asked is not None:
                 self.refetched += length
-            wanted.append(protocol.ChunkRequest(self.sha256, offset, length))
+            wanted.append(messages.ChunkRequest(self.sha256, offset, length))
             self.asked[offset] = now
         return wanted
 
-    def receive(self, chunk: protocol.Chunk) -> bool:
+    def receive(self, chunk: messages.Chunk) -> bool:
         """Take one checked chunk; True once the whole bundle is in (hash not yet checked)."""
         if chunk.error is not None:
             raise ProtocolError(f"the server refused a chunk: {chunk.error}")
@@ -255,12 +257,12 @@ class Device:
         self.wire_out = 0
         self.error: str | None = None
         self.running: dict[str, tuple[int, str]] = {}  # model -> (version, sha256)
-        self.desired: protocol.Desired | None = None
+        self.desired: messages.Desired | None = None
         self.fetch: Fetch | None = None
         self.results: list[dict[str, Any]] = []
         self.install_seq = 0
         self.topic_desired = self.topic("desired")
-        self.topic_chunks = self.topic(protocol.CHUNK_LEAF)
+        self.topic_chunks = self.topic(CHUNK_LEAF)
 
     def topic(self, leaf: str) -> str:
         return device_topic(self.worker.fleet, self.id, leaf)
@@ -328,7 +330,7 @@ class Device:
             self.fail(f"TLS handshake: {exc}")
             return
         self.state = "connack"
-        will = protocol.encode(protocol.Event("offline", time.time(), {}))
+        will = messages.encode(messages.Event("offline", time.time(), {}))
         self.send(connect_packet(self.id, self.topic("events"), will))
 
     def send(self, data: bytes) -> None:
@@ -482,7 +484,7 @@ class Device:
     # -- the agent's behaviour ------------------------------------------------------------
 
     def _on_desired(self, payload: bytes) -> None:
-        self.desired = protocol.decode_desired(payload)
+        self.desired = messages.decode_desired(payload)
         self._start_next_fetch()
 
     def _start_next_fetch(self) -> None:
@@ -500,7 +502,7 @@ class Device:
                 self._event("fetch.started", {"model": name, "version": want.version,
                                               "bundle_sha256": want.bundle_sha256,
                                               "resume_at": 0})
-                self._report(installs={name: protocol.InstallReport(
+                self._report(installs={name: messages.InstallReport(
                     None, want.bundle_sha256, "downloading", progress=0.0)})
             self.request_chunks()
             return
@@ -511,10 +513,10 @@ class Device:
             return
         for request in fetch.requests(self.worker.window, self.worker.request_timeout,
                                       time.monotonic()):
-            self.publish(protocol.CHUNK_REQUEST_LEAF, protocol.encode(request))
+            self.publish(CHUNK_REQUEST_LEAF, messages.encode(request))
 
     def _on_chunk(self, payload: bytes) -> None:
-        chunk = protocol.decode_chunk(payload)  # checks the chunk's sha256
+        chunk = messages.decode_chunk(payload)  # checks the chunk's sha256
         fetch = self.fetch
         if fetch is None or chunk.bundle_sha256 != fetch.sha256:
             return
@@ -539,15 +541,15 @@ class Device:
             for state in INSTALL_STATES:
                 serving = {}
                 if state in ("probation", "committed"):
-                    serving = {name: protocol.ModelReport(
+                    serving = {name: messages.ModelReport(
                         version, sha, "probation" if state == "probation" else "committed")}
                 self._event(f"install.{state}", {
                     "install_id": install_id, "model": name, "version": version,
                     "bundle_sha256": sha, "reason": None, "detail": None})
                 self._report(models=serving, installs={
-                    name: protocol.InstallReport(version, sha, state)})
+                    name: messages.InstallReport(version, sha, state)})
         self.running[name] = (version, sha)
-        self._report(installs={name: protocol.InstallReport(version, sha, "committed")})
+        self._report(installs={name: messages.InstallReport(version, sha, "committed")})
         self.results.append({
             "device": self.id, "sha256": sha, "desired_at": fetch.started,
             "fetched_at": fetched, "reported_at": time.time(),
@@ -557,14 +559,14 @@ class Device:
         self._start_next_fetch()
 
     def _event(self, kind: str, detail: dict[str, Any]) -> None:
-        self.publish("events", protocol.encode(protocol.Event(kind, time.time(), detail)))
+        self.publish("events", messages.encode(messages.Event(kind, time.time(), detail)))
 
-    def _report(self, *, models: dict[str, protocol.ModelReport] | None = None,
-                installs: dict[str, protocol.InstallReport] | None = None) -> None:
+    def _report(self, *, models: dict[str, messages.ModelReport] | None = None,
+                installs: dict[str, messages.InstallReport] | None = None) -> None:
         if models is None:
-            models = {n: protocol.ModelReport(v, s, "committed")
+            models = {n: messages.ModelReport(v, s, "committed")
                       for n, (v, s) in self.running.items()}
-        self.publish("reported", protocol.encode(protocol.Reported(
+        self.publish("reported", messages.encode(messages.Reported(
             PROFILE, AGENT_VERSION, models, installs or {}, at=time.time())))
 
     def tick(self, now: float) -> None:
@@ -618,7 +620,7 @@ class Worker:
         return self.contexts[spec.id]
 
     def prepare(self) -> None:
-        """Load every device's TLS identity (the agent's own TLS context, bundle.mqtt)."""
+        """Load every device's TLS identity (the agent's own TLS context, transport.mqtt)."""
         for device in self.devices:
             self.contexts[device.id] = tls_context(device.spec.identity)
 

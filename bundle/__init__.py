@@ -1,10 +1,11 @@
 """The edgefleet bundle format: one signed file carrying a model and everything about it.
 
 Shared by the fleet server (writes, :mod:`bundle.signing`) and the agent (reads and
-verifies, :mod:`bundle.trust`), with the other pieces both sides need: the fleet protocol
-(:mod:`bundle.protocol`), MQTT set-up (:mod:`bundle.mqtt`, the one module that needs
-paho-mqtt), device identities (:mod:`bundle.identity`) and durable writes
-(:mod:`bundle.atomic`). Otherwise standard library, cryptography and python-tuf only.
+verifies, :mod:`bundle.trust`): the format (:mod:`bundle.manifest`, :mod:`bundle.archive`),
+signing and trust (TUF), optional payload encryption (:mod:`bundle.crypto`) and the affine
+I/O rule of full-integer artifacts (:mod:`bundle.quantization`). Standard library,
+cryptography, numpy and python-tuf only; from the project, only :mod:`protocol.names` and
+:mod:`common.atomic`.
 docs/bundle-format.md describes the format; docs/security.md the trust model.
 """
 

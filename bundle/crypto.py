@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -26,9 +27,11 @@ from .manifest import ArtifactEncryption, KeyWrap, Manifest, Recipient
 
 __all__ = [
     "decrypt_artifact",
+    "decrypt_blocks",
     "encrypt_artifact",
     "key_id",
     "new_content_key",
+    "open_artifact",
     "open_artifacts",
     "private_key_from_bytes",
     "public_key_from_bytes",
@@ -38,6 +41,7 @@ __all__ = [
 
 _HKDF_INFO = b"edgefleet bundle key wrap v1"
 _NONCE_LEN = 12
+_TAG_LEN = 16
 
 
 def key_id(public_key: X25519PublicKey) -> str:
@@ -88,30 +92,65 @@ def unwrap_content_key(key_wrap: KeyWrap, private_key: X25519PrivateKey) -> byte
 def decrypt_artifact(content_key: bytes, path: str, ciphertext: bytes,
                      info: ArtifactEncryption) -> bytes:
     """Decrypt the artifact at ``path`` and check it against the manifest's plaintext digest."""
+    return b"".join(decrypt_blocks(content_key, path, [ciphertext], info))
+
+
+def decrypt_blocks(content_key: bytes, path: str, ciphertext: Iterable[bytes],
+                   info: ArtifactEncryption) -> Iterator[bytes]:
+    """Decrypt the artifact at ``path`` from ciphertext blocks, yielding plaintext blocks.
+
+    The data is AES-GCM output (ciphertext then a 16-byte tag), so the tag is known only at
+    the end: blocks are yielded before it is checked, and DecryptionError is raised after the
+    last one if the tag, size or plaintext sha256 is wrong. The caller writes them somewhere
+    it discards on an error (a staging directory), never where they would be used.
+    """
+    decryptor = Cipher(algorithms.AES(content_key), modes.GCM(info.nonce)).decryptor()
+    decryptor.authenticate_additional_data(path.encode("utf-8"))
+    digest, size, held = hashlib.sha256(), 0, b""
+    for block in ciphertext:
+        held += block
+        if len(held) > _TAG_LEN:
+            plain = decryptor.update(held[:-_TAG_LEN])
+            held = held[-_TAG_LEN:]
+            digest.update(plain)
+            size += len(plain)
+            yield plain
     try:
-        plaintext = AESGCM(content_key).decrypt(info.nonce, ciphertext, path.encode("utf-8"))
+        if len(held) != _TAG_LEN:
+            raise ValueError("ciphertext shorter than its tag")
+        tail = decryptor.finalize_with_tag(held)
     except (InvalidTag, ValueError) as exc:
         raise DecryptionError(f"artifact {path!r} does not decrypt with the content key "
                               "(wrong key or modified ciphertext)") from exc
-    if (len(plaintext) != info.plaintext_size
-            or hashlib.sha256(plaintext).hexdigest() != info.plaintext_sha256):
+    digest.update(tail)
+    size += len(tail)
+    if tail:
+        yield tail
+    if size != info.plaintext_size or digest.hexdigest() != info.plaintext_sha256:
         raise DecryptionError(f"artifact {path!r} decrypted to data that does not match the "
                               "manifest's plaintext size and sha256")
-    return plaintext
 
 
 def open_artifacts(manifest: Manifest, artifacts: Mapping[str, bytes],
                    private_key: X25519PrivateKey | None) -> dict[str, bytes]:
     """Plaintext of every verified artifact; ``private_key`` is needed only if encrypted."""
-    if not any(a.encryption for a in manifest.artifacts):
-        return dict(artifacts)
+    return {a.path: b"".join(open_artifact(manifest, a.path, [artifacts[a.path]], private_key))
+            for a in manifest.artifacts}
+
+
+def open_artifact(manifest: Manifest, path: str, stored: Iterable[bytes],
+                  private_key: X25519PrivateKey | None) -> Iterator[bytes]:
+    """Plaintext blocks of the verified artifact ``path`` from its ``stored`` blocks
+    (decrypted if it is encrypted, which needs ``private_key``; see :func:`decrypt_blocks`
+    for when a wrong one is noticed)."""
+    art = next(a for a in manifest.artifacts if a.path == path)
+    if art.encryption is None:
+        return iter(stored)
     if manifest.key_wrap is None or private_key is None:
         raise DecryptionError(f"{manifest.name} v{manifest.version} is encrypted; give this "
                               "device's X25519 private key")
     content_key = unwrap_content_key(manifest.key_wrap, private_key)
-    return {a.path: artifacts[a.path] if a.encryption is None
-            else decrypt_artifact(content_key, a.path, artifacts[a.path], a.encryption)
-            for a in manifest.artifacts}
+    return decrypt_blocks(content_key, path, stored, art.encryption)
 
 
 def public_key_from_bytes(data: bytes) -> X25519PublicKey:

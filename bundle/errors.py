@@ -18,11 +18,11 @@ checksum mismatch: corruption in transit). The tree::
     │   ├── ExpiredError             metadata past its expiry date
     │   ├── RollbackError            a model version lower than one already trusted
     │   ├── FreezeError              replayed metadata older than already trusted
-    │   └── MixAndMatchError         metadata files from different repository versions
+    │   ├── MixAndMatchError         metadata files from different repository versions
+    │   └── InvalidRootError         a root.json that is not a root signed by its own keys
     ├── WrongProfileError          the bundle does not target this device's profile
     ├── DecryptionError            an encrypted artifact cannot be opened with this key
-    ├── SigningError               building or signing a bundle failed (server side)
-    └── ProtocolError              a fleet protocol message that does not parse
+    └── SigningError               building or signing a bundle failed (server side)
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ __all__ = [
     "DecryptionError",
     "ExpiredError",
     "FreezeError",
+    "InvalidRootError",
     "MalformedBundleError",
     "MixAndMatchError",
     "OversizeError",
-    "ProtocolError",
     "RollbackError",
     "SigningError",
     "TamperedError",
@@ -124,5 +124,5 @@ class SigningError(BundleError):
     """Building or signing a bundle failed (bad input or keys)."""
 
 
-class ProtocolError(BundleError):
-    """A fleet protocol message (:mod:`bundle.protocol`) that does not parse or validate."""
+class InvalidRootError(TrustError):
+    """A root.json that is not TUF root metadata signed by a threshold of its own keys."""

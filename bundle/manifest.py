@@ -17,11 +17,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocol.names import is_valid_name
+
 from .errors import MalformedBundleError
 
 __all__ = [
     "FORMAT_VERSION",
-    "MODEL_NAME",
     "ArtifactEncryption",
     "ArtifactVariant",
     "KeyWrap",
@@ -41,8 +42,6 @@ __all__ = [
 #: within a format version, never removed or changed in meaning).
 FORMAT_VERSION = 1
 
-#: Model names: lowercase, they become directory names on devices and keys in the protocol.
-MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _ARTIFACT_PATH = re.compile(r"artifacts/[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -139,8 +138,9 @@ class Manifest:
 
     def __post_init__(self) -> None:
         # Validate on construction too, so the server cannot sign what a device would reject.
-        _check(MODEL_NAME.fullmatch(self.name) is not None, "name",
-               f"{self.name!r} is not a valid name (lowercase letters, digits, '.', '_', '-')")
+        _check(is_valid_name(self.name), "name",
+               f"{self.name!r} is not a valid name (1 to 64 letters, digits, '.', '_', '-', "
+               "starting with a letter or digit)")
         _check(self.version >= 1, "version", "must be >= 1")
         _check(len(self.profiles) > 0, "profiles", "must list at least one profile")
         _check(len(self.artifacts) > 0, "artifacts", "must list at least one artifact")

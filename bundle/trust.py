@@ -6,6 +6,9 @@ device's :class:`TrustedState` and the current time, and returns a :class:`Verif
 subclass naming the reason. How it works:
 
 1. :func:`bundle.archive.read_archive` checks the frame checksum and indexes the entries.
+   Given a file path rather than bytes, every step below reads the file in bounded blocks:
+   a bundle larger than the device's memory verifies in a few megabytes, and
+   :meth:`VerifiedBundle.artifact_blocks` streams the chosen artifact out of it again.
 2. python-tuf's ``ngclient.Updater`` runs the TUF client workflow (walk the root chain,
    then timestamp, snapshot, targets: signatures, thresholds, versions, expiry) with a
    :class:`~tuf.ngclient.FetcherInterface` that serves the bundle's ``metadata/`` entries, and
@@ -17,7 +20,8 @@ subclass naming the reason. How it works:
    RTC) passes a trusted lower bound and still rejects expired metadata, and tests control
    time without patching.
 4. Targets (``manifest.json``, then each artifact) are checked against the signed target
-   info: size before reading (endless data), then length and sha256.
+   info: size before reading (endless data), then length and sha256 (artifacts hashed block
+   by block, not kept).
 5. Policy: the manifest must list the device's profile, and its version must not be lower
    than the version of that model the device already trusted (rollback).
 """
@@ -28,7 +32,7 @@ import hashlib
 import logging
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -98,15 +102,34 @@ class TrustedState:
 
 @dataclass(frozen=True)
 class VerifiedBundle:
-    """A bundle that passed every check, and the trusted state to persist afterwards."""
+    """A bundle that passed every check, and the trusted state to persist afterwards.
+
+    The artifacts stay in the bundle (``archive``): read the one to install with
+    :meth:`artifact_blocks`, or all of them with :attr:`artifacts` when they fit in memory.
+    """
 
     manifest: Manifest
     manifest_sha256: str
-    artifacts: Mapping[str, bytes]
+    archive: Archive
     trusted: TrustedState
     root_version: int
     metadata_version: int
     expires: datetime
+
+    def artifact_blocks(self, path: str) -> Iterator[bytes]:
+        """The stored bytes of artifact ``path`` in bounded blocks, checked again as they
+        stream against the manifest's (signed) size and sha256, so a bundle file changed
+        since verification raises ArtifactMismatchError at the end instead of passing."""
+        art = next((a for a in self.manifest.artifacts if a.path == path), None)
+        if art is None:
+            raise KeyError(path)
+        return _checked(self.archive.blocks(f"{TARGETS_DIR}/{path}"), art.size, art.sha256,
+                        f"{TARGETS_DIR}/{path}")
+
+    @property
+    def artifacts(self) -> dict[str, bytes]:
+        """Every artifact's stored bytes by path, read into memory."""
+        return {a.path: b"".join(self.artifact_blocks(a.path)) for a in self.manifest.artifacts}
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready description (what ``--json`` prints)."""
@@ -133,17 +156,19 @@ class VerifiedBundle:
         return "\n".join(lines)
 
 
-def verify_bundle(data: bytes, trusted: TrustedState, *, now: datetime,
+def verify_bundle(source: bytes | Path, trusted: TrustedState, *, now: datetime,
                   profile: str | None = None, limits: Limits = _DEFAULT_LIMITS) -> VerifiedBundle:
-    """Verify bundle ``data`` for a device in state ``trusted`` at time ``now`` (aware UTC).
+    """Verify the bundle ``source`` (its bytes, or the path of a bundle file, which is then
+    read in bounded blocks: its size is checked before anything else) for a device in state
+    ``trusted`` at time ``now`` (aware UTC).
 
     ``profile`` is the device's firmware profile; ``None`` skips that check (server-side
     verification, which has no device). Raises a ``BundleError`` subclass, never anything
-    else for bad input.
+    else for bad input (OSError if the file cannot be read).
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware (UTC)")
-    archive = read_archive(data, limits)
+    archive = read_archive(source, limits)
     _check_metadata_names(archive)
     with tempfile.TemporaryDirectory(prefix="edgefleet-tuf-") as tmp:
         metadata_dir = Path(tmp)
@@ -167,11 +192,11 @@ def verify_bundle(data: bytes, trusted: TrustedState, *, now: datetime,
     manifest = manifest_from_json(manifest_bytes)
     manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
     _check_policy(manifest, manifest_sha256, trusted, profile)
-    artifacts = _read_artifacts(archive, manifest, target_infos)
+    _check_artifacts(archive, manifest, target_infos)
     log.info("bundle %s v%d verified (root v%d, metadata v%d)", manifest.name,
              manifest.version, roles["root"].version, roles["timestamp"].version)
     return VerifiedBundle(
-        manifest=manifest, manifest_sha256=manifest_sha256, artifacts=artifacts,
+        manifest=manifest, manifest_sha256=manifest_sha256, archive=archive,
         trusted=new_state, root_version=roles["root"].version,
         metadata_version=roles["timestamp"].version,
         expires=min(md.expires for md in roles.values()))
@@ -189,10 +214,8 @@ class _ArchiveFetcher(FetcherInterface):
         self.last = name
         if name not in self._archive.index:
             raise tuf_errors.DownloadHTTPError(f"{name} is not in the bundle", 404)
-        offset, size = self._archive.index[name]
-        view = memoryview(self._archive.data)[offset:offset + size]
         # Chunks let tuf stop reading as soon as an entry exceeds its length limit.
-        return (bytes(view[i:i + _CHUNK]) for i in range(0, size, _CHUNK))
+        return self._archive.blocks(name, _CHUNK)
 
 
 def _check_metadata_names(archive: Archive) -> None:
@@ -253,22 +276,44 @@ def _read_target(archive: Archive, info: TargetFile) -> bytes:
     return data
 
 
-def _read_artifacts(archive: Archive, manifest: Manifest,
-                    infos: Mapping[str, TargetFile]) -> dict[str, bytes]:
+def _check_artifacts(archive: Archive, manifest: Manifest,
+                     infos: Mapping[str, TargetFile]) -> None:
+    """Every artifact matches the signed targets metadata: hashed block by block, not kept."""
     listed = {a.path for a in manifest.artifacts} | {MANIFEST_PATH}
     if set(infos) != listed:
         raise MixAndMatchError(
             f"the manifest lists {sorted(listed - {MANIFEST_PATH})} but the bundle holds "
             f"{sorted(set(infos) - {MANIFEST_PATH})}; the files come from different builds")
-    artifacts = {}
     for art in manifest.artifacts:
         info = infos[art.path]
         if info.length != art.size or info.hashes.get("sha256") != art.sha256:
             raise ArtifactMismatchError(f"manifest entry {art.path!r} (size {art.size}) "
                                         "disagrees with the signed targets metadata "
                                         f"(size {info.length}); rebuild the bundle")
-        artifacts[art.path] = _read_target(archive, info)
-    return artifacts
+        name = f"{TARGETS_DIR}/{art.path}"
+        if archive.size(name) > info.length:
+            raise OversizeError(f"{name} is {archive.size(name)} bytes but the signed targets "
+                                f"metadata says {info.length}; refusing to read it "
+                                "(endless-data attack)")
+        for _ in _checked(archive.blocks(name), art.size, art.sha256, name):
+            pass
+
+
+def _checked(blocks: Iterable[bytes], size: int, sha256: str, name: str) -> Iterator[bytes]:
+    """``blocks`` passed through; ArtifactMismatchError once they are not ``size`` bytes
+    hashing to ``sha256`` (raised at the end: the caller discards what it wrote)."""
+    digest = hashlib.sha256()
+    seen = 0
+    for block in blocks:
+        seen += len(block)
+        if seen > size:
+            break
+        digest.update(block)
+        yield block
+    if seen != size or digest.hexdigest() != sha256:
+        raise ArtifactMismatchError(f"{name} does not match the signed targets metadata "
+                                    f"({seen} bytes, expected {size} with sha256 "
+                                    f"{sha256[:16]}); the bundle was modified after signing")
 
 
 def _check_expiry(state: TrustedState, now: datetime) -> dict[str, Signed]:

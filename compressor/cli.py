@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from common.cli import Subcommands, new_parser, run
 from firmware_profiles import (
     ProfileError,
     get_profile,
@@ -38,53 +39,28 @@ log = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for ``edge-compress`` and all its subcommands."""
-    parser = argparse.ArgumentParser(
-        prog="edge-compress",
-        description="Turn a trained model (ONNX, TFLite) into device-specific artifacts, "
-        "accuracy-gated and measured, for the firmware profiles of a fleet.",
+    return _build()[0]
+
+
+def _build() -> tuple[argparse.ArgumentParser, Subcommands[argparse.ArgumentParser]]:
+    parser, subparsers = new_parser(
+        "edge-compress", "Turn a trained model (ONNX, TFLite) into device-specific artifacts, "
+        "accuracy-gated and measured, for the firmware profiles of a fleet.", __version__,
         epilog="Compress: edge-compress MODEL --profile NAME [--profile NAME ...] --out DIR "
         "[--calibration DATA.npz] [--eval DATA.npz] [--max-accuracy-drop 1.0] [--json] "
-        "(the same as 'edge-compress compress MODEL ...'; see 'edge-compress compress -h').",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output (-v info, -vv debug)")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+        "(the same as 'edge-compress compress MODEL ...'; see 'edge-compress compress -h').")
     _add_compress(subparsers)
     _add_profiles(subparsers)
     _add_evaluate(subparsers)
-    return parser
+    return parser, subparsers
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``edge-compress``; returns the process exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    # `edge-compress MODEL ...` is the main job: the word `compress` may be left out. After
-    # the top-level -v flags, anything that is not a subcommand or help starts one.
-    start = 0
-    while start < len(argv) and argv[start] in {"-v", "-vv", "-vvv", "--verbose"}:
-        start += 1
-    if start < len(argv) and argv[start] not in {*_subcommands(parser), "-h", "--help",
-                                                 "--version"}:
-        argv.insert(start, "compress")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=_log_level(args.verbose),
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.handler(args))
-    except (CompressorError, ProfileError) as exc:
-        print(f"edge-compress: error: {exc}", file=sys.stderr)
-        return 1
-
-
-def _subcommands(parser: argparse.ArgumentParser) -> list[str]:
-    return [name for action in parser._subparsers._group_actions  # type: ignore[union-attr]
-            if isinstance(action, argparse._SubParsersAction) for name in action.choices]
-
-
-def _log_level(verbosity: int) -> int:
-    return {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    # `edge-compress MODEL ...` is the main job: the word `compress` may be left out.
+    parser, subparsers = _build()
+    return run(parser, argv, expected=(CompressorError, ProfileError),
+               default_command=(subparsers, "compress"))
 
 
 # --- edge-compress profiles ---------------------------------------------------------------

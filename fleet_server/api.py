@@ -14,6 +14,7 @@ proxy in front of it to reach it from elsewhere.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hmac
 import json
 import logging
@@ -30,13 +31,13 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from bundle.archive import Limits
-from bundle.atomic import write_atomic
 from bundle.errors import BundleError
+from common.atomic import write_atomic
 
 from . import __version__
 from .api_spec import OPENAPI
 from .errors import ApiError, CSRError, EnrollmentError, FleetError, RegistryError
-from .registry import BundleRecord, DesiredChange, Device, Event
+from .registry import BundleRecord, DesiredChange, Device, EventRecord, desired_json
 from .service import Enrollment, FleetService, PublishResult
 
 __all__ = [
@@ -58,7 +59,14 @@ _MAX_JSON_BYTES = 1 << 20
 #: Bundle uploads: the bundle reader's own limit.
 _MAX_BUNDLE_BYTES = Limits().max_bundle_bytes
 _MAX_EVENTS = 10_000
+#: Seconds a connection may sit idle (or trickle a request) before it is closed.
+_CONNECTION_TIMEOUT_S = 30.0
+#: Connections served at once; more are answered 503 and closed at once, so idle or slow
+#: clients cannot take every thread and file descriptor of the server.
+_MAX_CONNECTIONS = 128
 _DEFAULT_TTL_S = 24 * 3600.0
+#: An enrollment token is a credential: it must expire, and within a month.
+_MAX_TTL_S = 30 * 24 * 3600.0
 _DEFAULT_GROUP = "default"
 #: The profile recorded for a device that enrolls without one.
 GENERIC_PROFILE = "generic"
@@ -66,12 +74,14 @@ GENERIC_PROFILE = "generic"
 
 # --- JSON shapes (also used by the CLI's --json output) ----------------------------------
 
-def device_json(device: Device) -> dict[str, Any]:
-    """A device as the API shows it (OpenAPI schema ``Device``)."""
+def device_json(device: Device, *, online: bool | None) -> dict[str, Any]:
+    """A device as the API shows it (OpenAPI schema ``Device``); ``online`` is None when
+    the server cannot tell (no broker connection)."""
     return {"id": device.id, "group": device.group, "tags": list(device.tags),
             "profile": device.profile, "cert_fingerprint": device.cert_fingerprint,
             "enrolled_at": device.enrolled_at, "last_seen": device.last_seen,
-            "online": device.online, "desired": device.desired_json(),
+            "online": online,
+            "desired": device.desired_json(),
             "reported": dict(device.reported), "reported_at": device.reported_at,
             "converged": device.converged}
 
@@ -82,7 +92,7 @@ def bundle_json(record: BundleRecord) -> dict[str, Any]:
             "size": record.size, "created_at": record.created_at}
 
 
-def event_json(event: Event) -> dict[str, Any]:
+def event_json(event: EventRecord) -> dict[str, Any]:
     """An event of the log (schema ``Event``)."""
     return {"id": event.id, "at": event.at, "device": event.device, "kind": event.kind,
             "detail": dict(event.detail)}
@@ -91,14 +101,15 @@ def event_json(event: Event) -> dict[str, Any]:
 def change_json(change: DesiredChange) -> dict[str, Any]:
     """A desired-state change (schema ``Change``)."""
     return {"device": change.device, "model": change.model,
-            "before": None if change.before is None else change.before.to_json(),
-            "after": None if change.after is None else change.after.to_json()}
+            "before": None if change.before is None else desired_json(change.before),
+            "after": None if change.after is None else desired_json(change.after)}
 
 
 def publish_json(result: PublishResult) -> dict[str, Any]:
     """The answer of publish and rollback (schema ``PublishResult``)."""
     return {"devices": list(result.devices),
-            "changes": [change_json(c) for c in result.changes]}
+            "changes": [change_json(c) for c in result.changes],
+            "delivered": result.delivered}
 
 
 def enrollment_json(enrollment: Enrollment) -> dict[str, Any]:
@@ -177,6 +188,8 @@ class Request:
             obj = json.loads(raw or b"{}")
         except (ValueError, UnicodeDecodeError) as exc:
             raise _HttpError(400, f"the body is not JSON ({exc}); send a JSON object") from None
+        except RecursionError:
+            raise _HttpError(400, "the body nests JSON too deeply") from None
         if not isinstance(obj, dict):
             raise _HttpError(400, "the body must be a JSON object")
         return obj
@@ -225,15 +238,22 @@ def _openapi(_service: FleetService, _request: Request) -> tuple[int, Any]:
 
 
 def _status(service: FleetService, _request: Request) -> tuple[int, Any]:
+    broker = service.broker
     return 200, {"fleet": service.fleet, "broker_url": service.broker_url,
-                 "mqtt_connected": service.connected, "version": __version__,
-                 "devices": len(service.registry.list_devices())}
+                 "mqtt_connected": service.connected,
+                 "disconnected_since": service.disconnected_since,
+                 "broker": {"embedded": broker.embedded_process, "running": broker.running,
+                            "restarts": broker.restarts, "down_since": broker.down_since},
+                 "version": __version__, "devices": len(service.registry.list_devices())}
 
 
 def _devices(service: FleetService, request: Request) -> tuple[int, Any]:
     devices = service.registry.list_devices(group=request.arg("group"),
                                             tag=request.arg("tag"))
-    return 200, {"devices": [device_json(d) for d in devices]}
+    connected = service.connected
+    return 200, {"devices": [device_json(d, online=_online(service, d)) for d in devices],
+                 "broker_connected": connected,
+                 "disconnected_since": service.disconnected_since}
 
 
 def _device(service: FleetService, request: Request) -> tuple[int, Any]:
@@ -241,7 +261,13 @@ def _device(service: FleetService, request: Request) -> tuple[int, Any]:
     if device is None:
         raise _HttpError(404, f"no device {request.params['id']!r} is enrolled; list them "
                          "with GET /api/devices")
-    return 200, device_json(device)
+    return 200, device_json(device, online=_online(service, device))
+
+
+def _online(service: FleetService, device: Device) -> bool | None:
+    if not service.connected:
+        return None
+    return device.online_at(time.time(), service.config.offline_after_s)
 
 
 def _bundles(service: FleetService, _request: Request) -> tuple[int, Any]:
@@ -297,9 +323,13 @@ def _rollback(service: FleetService, request: Request) -> tuple[int, Any]:
 
 
 def _events(service: FleetService, request: Request) -> tuple[int, Any]:
+    order = request.arg("order") or "oldest"
+    if order not in ("oldest", "newest"):
+        raise _HttpError(400, f"order={order!r}: use oldest (to follow the log with since) "
+                         "or newest")
     events = service.registry.events(
         request.int_arg("since", 0, 0, 2**63 - 1), device=request.arg("device"),
-        limit=request.int_arg("limit", 1000, 1, _MAX_EVENTS))
+        limit=request.int_arg("limit", 1000, 1, _MAX_EVENTS), newest=order == "newest")
     return 200, {"events": [event_json(e) for e in events]}
 
 
@@ -309,8 +339,10 @@ def _token(service: FleetService, request: Request) -> tuple[int, Any]:
     ttl = body.get("ttl_s", _DEFAULT_TTL_S)
     if not isinstance(group, str):
         raise _HttpError(400, '"group" must be a string')
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-        raise _HttpError(400, '"ttl_s" must be a number of seconds')
+    if (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
+            or not 0 < ttl <= _MAX_TTL_S):
+        raise _HttpError(400, f'"ttl_s" must be a number of seconds from 1 to {_MAX_TTL_S:.0f} '
+                         "(30 days); issue a new token when one expires")
     issued_at = time.time()  # the registry's clock is the wall clock too
     token = service.registry.issue_token(group, float(ttl))
     return 201, {"token": token, "group": group, "expires_at": issued_at + float(ttl)}
@@ -364,8 +396,11 @@ class ApiServer:
     """
 
     def __init__(self, service: FleetService, admin_token: str, *, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, connection_timeout: float = _CONNECTION_TIMEOUT_S,
+                 max_connections: int = _MAX_CONNECTIONS) -> None:
         self.service = service
+        self._connection_timeout = connection_timeout
+        self._max_connections = max_connections
         self._token = admin_token.encode("utf-8")
         self._host = host
         self._port = port
@@ -383,13 +418,14 @@ class ApiServer:
 
     def start(self) -> None:
         """Bind and serve in a background thread. ApiError if the address is unusable."""
-        handler = type("_BoundHandler", (_Handler,), {"api": self})
+        handler = type("_BoundHandler", (_Handler,),
+                       {"api": self, "timeout": self._connection_timeout})
         try:
-            httpd = ThreadingHTTPServer((self._host, self._port), handler)
+            httpd = _BoundedHTTPServer((self._host, self._port), handler,
+                                       self._max_connections)
         except OSError as exc:
             raise ApiError(f"cannot listen on {self._host}:{self._port} ({exc.strerror}); "
                            "choose another --port or stop what uses it") from exc
-        httpd.daemon_threads = True
         self._httpd = httpd
         # A short poll interval: stop() waits up to one for the serving loop to notice.
         self._thread = threading.Thread(target=httpd.serve_forever, args=(0.05,),
@@ -464,11 +500,47 @@ class ApiServer:
         return status, body, {}
 
 
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` of them at once."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
+                 max_connections: int) -> None:
+        super().__init__(address, handler)
+        self._max = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.warning("operator API: %d connections open, refusing one from %s",
+                        self._max, client_address)
+            with contextlib.suppress(OSError):
+                request.sendall(_BUSY)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+         b"Connection: close\r\nContent-Length: 56\r\n\r\n"
+         b'{"error":"too many connections; retry in a few seconds"}')
+
+
 class _Handler(BaseHTTPRequestHandler):
     """Glue between http.server and :meth:`ApiServer.handle`."""
 
     api: ApiServer
     server_version = f"edgefleet/{__version__}"
+    #: Socket timeout of every read and write (set per server from ApiServer's
+    #: connection_timeout): a silent or trickling client is dropped.
+    timeout = _CONNECTION_TIMEOUT_S
 
     def do_GET(self) -> None:
         self._respond("GET")

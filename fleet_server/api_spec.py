@@ -32,9 +32,12 @@ def _errors(*codes: int) -> dict[str, Any]:
 
 
 _SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
-_DESIRED_MODEL = {"type": "object", "required": ["version", "bundle_sha256"],
+#: A time (seconds since the epoch) something started, null if it is not the case now.
+_SINCE = {"type": "number", "nullable": True}
+_DESIRED_MODEL = {"type": "object", "required": ["version", "bundle_sha256", "size"],
                   "properties": {"version": {"type": "integer", "minimum": 1},
-                                 "bundle_sha256": _SHA256}}
+                                 "bundle_sha256": _SHA256,
+                                 "size": {"type": "integer", "description": "bytes"}}}
 _SELECTION = {
     "devices": {"type": "array", "items": {"type": "string"}, "minItems": 1,
                 "description": "device ids; give this or group"},
@@ -68,8 +71,14 @@ OPENAPI: dict[str, Any] = {
                 {"name": "tag", "in": "query", "schema": {"type": "string"},
                  "description": "only devices with this tag"}],
             "responses": {"200": _json({"type": "object", "required": ["devices"],
-                                        "properties": {"devices": {
-                                            "type": "array", "items": _ref("Device")}}},
+                                        "properties": {
+                                            "devices": {"type": "array",
+                                                        "items": _ref("Device")},
+                                            "broker_connected": {
+                                                "type": "boolean", "description":
+                                                "false: the server cannot see devices now; "
+                                                "their state is as last reported"},
+                                            "disconnected_since": _SINCE}},
                                        "the devices"), **_errors(401)}}},
         "/api/devices/{id}": {"get": {
             "summary": "One device",
@@ -111,7 +120,7 @@ OPENAPI: dict[str, Any] = {
             "responses": {"200": _json(_ref("PublishResult"), "rolled back and published"),
                           **_errors(400, 401)}}},
         "/api/events": {"get": {
-            "summary": "The event log, oldest first; poll with since = the last id seen",
+            "summary": "The event log in id order; poll with since = the last id seen",
             "parameters": [
                 {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0},
                  "description": "only events with a greater id (default 0)"},
@@ -119,7 +128,12 @@ OPENAPI: dict[str, Any] = {
                  "description": "only this device's events"},
                 {"name": "limit", "in": "query",
                  "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
-                 "description": "at most this many (default 1000)"}],
+                 "description": "at most this many (default 1000)"},
+                {"name": "order", "in": "query",
+                 "schema": {"type": "string", "enum": ["oldest", "newest"]},
+                 "description": "which events to keep when there are more than limit: "
+                 "the oldest (default; to follow the log) or the newest; either way "
+                 "they are returned in id order"}],
             "responses": {"200": _json({"type": "object", "required": ["events"],
                                         "properties": {"events": {
                                             "type": "array", "items": _ref("Event")}}},
@@ -157,6 +171,12 @@ OPENAPI: dict[str, Any] = {
                        "properties": {"fleet": {"type": "string"},
                                       "broker_url": {"type": "string"},
                                       "mqtt_connected": {"type": "boolean"},
+                                      "disconnected_since": _SINCE,
+                                      "broker": {"type": "object", "properties": {
+                                          "embedded": {"type": "boolean"},
+                                          "running": {"type": "boolean"},
+                                          "restarts": {"type": "integer"},
+                                          "down_since": _SINCE}},
                                       "version": {"type": "string"},
                                       "devices": {"type": "integer"}}},
             "Device": {"type": "object", "properties": {
@@ -165,11 +185,12 @@ OPENAPI: dict[str, Any] = {
                 "profile": {"type": "string"}, "cert_fingerprint": _SHA256,
                 "enrolled_at": {"type": "number"},
                 "last_seen": {"type": "number", "nullable": True},
-                "online": {"type": "boolean"},
+                "online": {"type": "boolean", "nullable": True, "description":
+                           "null while the server has no broker connection (unknown)"},
                 "desired": {"type": "object", "additionalProperties": _DESIRED_MODEL,
                             "description": "model name -> what the device should run"},
                 "reported": {"type": "object", "description": "the device's last report, "
-                             "as sent (bundle.protocol.Reported)"},
+                             "as sent (protocol.messages.Reported)"},
                 "reported_at": {"type": "number", "nullable": True},
                 "converged": {"type": "boolean", "description": "reports every desired "
                               "model at its desired version, committed"}}},
@@ -192,7 +213,10 @@ OPENAPI: dict[str, Any] = {
                                               "was published"},
                                   "changes": {"type": "array", "items": _ref("Change"),
                                               "description": "what changed (devices "
-                                              "already there are not listed)"}}},
+                                              "already there are not listed)"},
+                                  "delivered": {"type": "boolean", "description": "false: "
+                                                "stored, but the server has no broker "
+                                                "connection; sent when it returns"}}},
             "EnrollRequest": {"type": "object",
                               "required": ["token", "device_id", "csr"],
                               "properties": {
@@ -200,7 +224,7 @@ OPENAPI: dict[str, Any] = {
                                   "device_id": {"type": "string",
                                                 "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
                                   "csr": {"type": "string", "description": "PEM CSR made on "
-                                          "the device (bundle.identity)"},
+                                          "the device (transport.x509)"},
                                   "profile": {"type": "string", "nullable": True,
                                               "description": "the device's firmware "
                                               "profile; absent or null: generic"},

@@ -7,7 +7,8 @@ directory (all regenerated at every start, except the persistence database)::
     DATA/
       mosquitto.conf     the configuration (:func:`render_config`)
       acl                the access control list (:func:`render_acl`)
-      mosquitto.log      the broker's log of the current run
+      mosquitto.log      the broker's log (appended to by every run)
+      mosquitto.pid      the running broker's process id
       persistence/       retained messages and persistent sessions (mosquitto.db)
 
 Security model (docs/transport.md): the only listener speaks TLS and requires a client
@@ -23,9 +24,11 @@ import logging
 import os
 import pwd
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,17 +38,9 @@ from types import TracebackType
 from paho.mqtt.client import Client
 from paho.mqtt.enums import MQTTProtocolVersion
 
-from bundle.identity import check_name
-from bundle.mqtt import (
-    DEVICE_READS,
-    DEVICE_WRITES,
-    BrokerAddress,
-    ClientSettings,
-    TLSIdentity,
-    create_client,
-    device_topic,
-    fleet_topic_filter,
-)
+from protocol.names import check_name
+from protocol.topics import DEVICE_READS, DEVICE_WRITES, device_topic, fleet_topic_filter
+from transport.mqtt import BrokerAddress, ClientSettings, TLSIdentity, create_client
 
 from .errors import BrokerError
 
@@ -70,6 +65,11 @@ _POLL_INTERVAL = 0.02
 #: A free port found by binding port 0 can be taken by someone else before mosquitto binds
 #: it; starting again on a fresh port resolves that race.
 _PORT_ATTEMPTS = 3
+#: Back-off between restarts of a broker that exited: doubling from the minimum to the
+#: maximum, back to the minimum once it ran for _RESTART_RESET_S.
+_RESTART_MIN_S = 1.0
+_RESTART_MAX_S = 30.0
+_RESTART_RESET_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,22 @@ class BrokerConfig:
     #: a limit nothing is queued for a connected client and its messages arrive in order;
     #: TCP's flow control still paces a slow reader.
     max_inflight_messages: int = 0
+    #: Bytes of QoS 1 messages in flight to one client; beyond it they queue (next bound).
+    #: With no count limit above, this is what keeps a client that stops reading its
+    #: socket (while asking for chunks) from growing the broker without bound. Measured
+    #: (tests/fleet_server/test_broker.py): a stalled client costs the broker about twice
+    #: these two bounds, 77 MiB with 8 + 32 MiB, however much is sent to it (252 MiB for
+    #: 128 MiB sent without them). Large enough that the fleet server, which acknowledges
+    #: in batches, never reaches it in normal operation (reordering, above).
+    max_inflight_bytes: int = 8 * 1024 * 1024
+    #: Bytes queued for one client beyond those in flight; more are dropped. Bounds what a
+    #: disconnected or stalled client costs the broker in memory and persistence. The
+    #: fleet server's own backlog is bounded first by max_queued_messages for small
+    #: messages (telemetry, reports).
+    max_queued_bytes: int = 32 * 1024 * 1024
+    #: Largest MQTT packet anyone may send, in bytes: a bundle chunk frame (at most 4 MiB of
+    #: data, protocol.messages) plus headers. A client sending more is disconnected.
+    max_packet_size: int = 4 * 1024 * 1024 + 64 * 1024
 
 
 def render_acl(fleet: str, server_identity: str = SERVER_IDENTITY) -> str:
@@ -129,6 +145,7 @@ def render_config(config: BrokerConfig, port: int) -> str:
     """The ``mosquitto.conf`` (Mosquitto 2.x) of ``config``, listening on ``port``."""
     data = config.data_dir.resolve()
     paths = {"acl_file": data / "acl", "persistence_location": data / "persistence",
+             "pid_file": data / "mosquitto.pid",
              "cafile": config.tls.ca_file.resolve(), "certfile": config.tls.cert_file.resolve(),
              "keyfile": config.tls.key_file.resolve()}
     for option, path in paths.items():
@@ -152,8 +169,15 @@ acl_file {paths["acl_file"]}
 persistence true
 persistence_location {paths["persistence_location"]}/
 autosave_interval {config.autosave_interval}
+pid_file {paths["pid_file"]}
+
+# Bounds on what one client can make the broker hold (a device that asks for chunks and
+# never reads them, a server that stalls): BrokerConfig says why each is set as it is.
 max_queued_messages {config.max_queued_messages}
+max_queued_bytes {config.max_queued_bytes}
 max_inflight_messages {config.max_inflight_messages}
+max_inflight_bytes {config.max_inflight_bytes}
+max_packet_size {config.max_packet_size}
 # Chunked transfers are request/response: Nagle's algorithm would delay each answer.
 set_tcp_nodelay true
 
@@ -188,6 +212,12 @@ class Broker:
     Use as a context manager (``with Broker.embedded(config) as broker:``), which starts
     and stops an embedded broker; for an external broker start and stop do nothing, so
     callers treat both alike.
+
+    An embedded broker is supervised: should Mosquitto exit while it is meant to run, it is
+    started again on the same port after a back-off (1 s doubling to 30 s), and its life is
+    tied to the server's: it gets SIGTERM when the thread that supervises it dies, even by
+    ``kill -9`` of the server (``setpriv --pdeathsig``), and one left over by a server that
+    died anyway (its pid is in ``DATA/mosquitto.pid``) is stopped before a new one starts.
     """
 
     def __init__(self, address: BrokerAddress | None, config: BrokerConfig | None = None,
@@ -198,6 +228,14 @@ class Broker:
         self._mosquitto = mosquitto
         self._process: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
+        # Guards _process against stop() racing a restart of the supervisor thread.
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        #: How many times the supervisor started Mosquitto again after it exited.
+        self.restarts = 0
+        #: When (time.time()) Mosquitto last exited unexpectedly, None while it runs.
+        self.down_since: float | None = None
 
     @classmethod
     def embedded(cls, config: BrokerConfig, *, mosquitto: str | None = None) -> Broker:
@@ -236,13 +274,25 @@ class Broker:
         return self._address
 
     @property
+    def embedded_process(self) -> bool:
+        """True for an embedded broker (a Mosquitto process this object manages)."""
+        return self._config is not None
+
+    @property
     def running(self) -> bool:
         """True while an embedded broker's process is alive."""
-        return self._process is not None and self._process.poll() is None
+        process = self._process
+        return process is not None and process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """The embedded broker's process id while it runs."""
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
 
     def client(self, identity: TLSIdentity,
                protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5) -> Client:
-        """A paho-mqtt client of this broker for ``identity`` (:func:`bundle.mqtt.create_client`),
+        """A paho-mqtt client of this broker for ``identity`` (``create_client``),
         not connected yet."""
         try:
             return create_client(ClientSettings(self.address, identity, protocol=protocol))
@@ -252,53 +302,57 @@ class Broker:
                               "and belong together") from exc
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start the embedded broker and return once it accepts TLS connections.
+        """Start the embedded broker and its supervisor; return once it accepts TLS
+        connections.
 
-        Raises BrokerError, with the end of mosquitto's log, if it exits or does not accept
-        a TLS handshake within ``timeout`` seconds; the process is stopped then.
+        Raises BrokerError, with the end of mosquitto's log, if it exits, its port is taken
+        by another process, or it does not accept a TLS handshake within ``timeout``
+        seconds; nothing is left running then.
         """
         if self._config is None or self._mosquitto is None:
             return
-        if self._process is not None:
+        if self._supervisor is not None:
             raise RuntimeError("the broker is already started; stop() it first")
         config = self._config
         self._write_files(config)
-        # A restarted broker keeps its port, so clients reconnect to the same address.
-        previous = self._address.port if self._address else None
-        for attempt in range(1, _PORT_ATTEMPTS + 1):
-            port = config.port or (previous if attempt == 1 and previous else
-                                   _free_port(config.bind_address))
-            address = BrokerAddress(_local_host(config.bind_address), port)
-            self._address = address
-            process = self._spawn(config, port)
+        _stop_orphan(config)
+        self._stopping.clear()
+        started: list[BrokerError | None] = []
+        ready = threading.Event()
+
+        def supervise() -> None:
+            # The first start happens here too: the death signal follows the thread that
+            # forked Mosquitto, and this thread lives exactly as long as the broker should.
             try:
-                _wait_ready(process, address, config.tls, timeout, self.log_tail)
-            except BrokerError:
-                in_use = "Address already in use" in self.log_tail()
-                self.stop()
-                if in_use and not config.port and attempt < _PORT_ATTEMPTS:
-                    log.debug("port %d was taken before mosquitto bound it; retrying", port)
-                    continue
-                raise
-            log.info("mosquitto for fleet %s listening on port %d (data in %s)", config.fleet,
-                     port, config.data_dir)
-            return
+                self._launch(config, timeout)
+            except BrokerError as exc:
+                started.append(exc)
+                ready.set()
+                return
+            started.append(None)
+            ready.set()
+            self._watch(config, timeout)
+
+        self._supervisor = threading.Thread(target=supervise, name="broker-supervisor",
+                                            daemon=True)
+        self._supervisor.start()
+        ready.wait()
+        if started[0] is not None:
+            self._supervisor.join()
+            self._supervisor = None
+            raise started[0]
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the embedded broker: SIGTERM (Mosquitto then saves its persistence
         database), SIGKILL if it has not exited after ``timeout`` seconds. Idempotent."""
-        process, self._process = self._process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("mosquitto did not exit %.0f s after SIGTERM; killing it", timeout)
-                process.kill()
-                process.wait()
-        log.debug("mosquitto exited with code %s", process.returncode)
+        self._stopping.set()
+        with self._lock:
+            process, self._process = self._process, None
+        if process is not None:
+            _terminate(process, timeout)
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None and supervisor is not threading.current_thread():
+            supervisor.join()
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         """The last ``lines`` lines mosquitto logged in this run ("" if none or external)."""
@@ -320,6 +374,63 @@ class Broker:
                  traceback: TracebackType | None) -> None:
         self.stop()
 
+    def _launch(self, config: BrokerConfig, timeout: float) -> None:
+        """Start Mosquitto and wait until it is ready; on the port it had, if it had one."""
+        previous = self._address.port if self._address else None
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            fixed = config.port or (previous if attempt == 1 and previous else 0)
+            port = fixed or _free_port(config.bind_address)
+            if fixed:
+                _check_port_free(config.bind_address, port)
+            address = BrokerAddress(_local_host(config.bind_address), port)
+            self._address = address
+            process = self._spawn(config, port)
+            try:
+                _wait_ready(process, address, config.tls, timeout, self.log_tail)
+            except BrokerError:
+                in_use = "Address already in use" in self.log_tail()
+                with self._lock:
+                    if self._process is process:
+                        self._process = None
+                _terminate(process, 5.0)
+                if in_use and not fixed and attempt < _PORT_ATTEMPTS:
+                    log.debug("port %d was taken before mosquitto bound it; retrying", port)
+                    continue
+                raise
+            log.info("mosquitto for fleet %s listening on port %d (data in %s)", config.fleet,
+                     port, config.data_dir)
+            return
+
+    def _watch(self, config: BrokerConfig, timeout: float) -> None:
+        """Wait for Mosquitto to exit; unless stopping, start it again with back-off."""
+        delay = _RESTART_MIN_S
+        while not self._stopping.is_set():
+            process = self._process
+            if process is None:
+                return
+            started = time.monotonic()
+            code = process.wait()
+            if self._stopping.is_set():
+                return
+            self.down_since = time.time()
+            if time.monotonic() - started > _RESTART_RESET_S:
+                delay = _RESTART_MIN_S
+            log.error("mosquitto (pid %d) exited with code %s while the fleet server runs; "
+                      "starting it again in %.0f s. The end of its log:\n%s", process.pid,
+                      code, delay, self.log_tail())
+            while not self._stopping.wait(delay):
+                delay = min(delay * 2, _RESTART_MAX_S)
+                try:
+                    self._launch(config, timeout)
+                except BrokerError as exc:
+                    log.error("could not start mosquitto again (%s); retrying in %.0f s",
+                              exc, delay)
+                    continue
+                self.restarts += 1
+                self.down_since = None
+                log.warning("mosquitto is running again (restart %d)", self.restarts)
+                break
+
     def _write_files(self, config: BrokerConfig) -> None:
         try:
             (config.data_dir / "persistence").mkdir(parents=True, exist_ok=True)
@@ -332,20 +443,91 @@ class Broker:
     def _spawn(self, config: BrokerConfig, port: int) -> subprocess.Popen[bytes]:
         conf = config.data_dir / "mosquitto.conf"
         log_path = config.data_dir / "mosquitto.log"
-        try:
-            conf.write_text(render_config(config, port), encoding="utf-8")
-            self._log_offset = log_path.stat().st_size if log_path.exists() else 0
-            # Appended to, so the log of an earlier run (e.g. before a crash) is kept; the
-            # child has its own copy of the descriptor, ours is closed at once.
-            with log_path.open("ab") as log_file:
-                process = subprocess.Popen(
-                    [str(self._mosquitto), "-c", str(conf)], stdin=subprocess.DEVNULL,
-                    stdout=log_file, stderr=subprocess.STDOUT)
-        except OSError as exc:
-            raise BrokerError(f"cannot start {self._mosquitto} ({exc}); check that it is "
-                              "mosquitto 2.x and that the data directory is writable") from exc
-        self._process = process
+        with self._lock:
+            if self._stopping.is_set():
+                raise BrokerError("the broker is stopping")
+            try:
+                # setpriv would start and then fail to exec it: check here, for a clear error.
+                if not os.access(str(self._mosquitto), os.X_OK):
+                    raise OSError(f"{self._mosquitto} is not an executable file")
+                conf.write_text(render_config(config, port), encoding="utf-8")
+                self._log_offset = log_path.stat().st_size if log_path.exists() else 0
+                # Appended to, so the log of an earlier run (e.g. before a crash) is kept;
+                # the child has its own copy of the descriptor, ours is closed at once.
+                with log_path.open("ab") as log_file:
+                    process = subprocess.Popen(
+                        [*_death_signal_prefix(), str(self._mosquitto), "-c", str(conf)],
+                        stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+            except OSError as exc:
+                raise BrokerError(f"cannot start {self._mosquitto} ({exc}); check that it is "
+                                  "mosquitto 2.x and that the data directory is "
+                                  "writable") from exc
+            self._process = process
         return process
+
+
+def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("mosquitto did not exit %.0f s after SIGTERM; killing it", timeout)
+            process.kill()
+            process.wait()
+    log.debug("mosquitto exited with code %s", process.returncode)
+
+
+def _death_signal_prefix() -> list[str]:
+    """``setpriv --pdeathsig TERM``: Mosquitto gets SIGTERM when the thread that started
+    it dies, however it dies. Without setpriv (not Linux util-linux), the pid file check at
+    the next start stops a broker a killed server left behind."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM"] if setpriv else []
+
+
+def _stop_orphan(config: BrokerConfig) -> None:
+    """Stop a Mosquitto that an earlier server on this data directory left running.
+
+    Only a process whose command line names this data directory's configuration is
+    touched: a stale pid file whose number now belongs to another process is ignored.
+    """
+    pid_file = config.data_dir / "mosquitto.pid"
+    try:
+        pid = int(pid_file.read_text(encoding="ascii").strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return
+    conf = str(config.data_dir / "mosquitto.conf").encode()
+    if not any(part.endswith(b"mosquitto") for part in cmdline) or conf not in cmdline:
+        return
+    log.warning("stopping mosquitto (pid %d) left running by an earlier fleet server on %s",
+                pid, config.data_dir)
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5.0
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(_POLL_INTERVAL)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    except PermissionError as exc:
+        raise BrokerError(f"mosquitto (pid {pid}) of an earlier server still runs on "
+                          f"{config.data_dir} and cannot be stopped ({exc}); stop it "
+                          "yourself") from exc
+
+
+def _check_port_free(bind_address: str, port: int) -> None:
+    """Raise BrokerError if another process listens on ``port`` (as Mosquitto binds it)."""
+    family = socket.AF_INET6 if ":" in bind_address else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((bind_address, port))
+        except OSError as exc:
+            raise BrokerError(f"port {port} is in use by another process ({exc.strerror}); "
+                              "stop it, or give the broker another port (--mqtt-port)") from exc
 
 
 def _wait_ready(process: subprocess.Popen[bytes], address: BrokerAddress, tls: TLSIdentity,
@@ -360,6 +542,8 @@ def _wait_ready(process: subprocess.Popen[bytes], address: BrokerAddress, tls: T
                               f"says:\n{log_tail()}")
         try:
             _tls_handshake(address, tls.ca_file)
+            if process.poll() is not None:
+                continue  # someone else answered; report why our process exited
         except ssl.SSLCertVerificationError as exc:
             raise BrokerError(
                 f"the broker's certificate {tls.cert_file} does not verify against "

@@ -15,7 +15,7 @@ What the CA issues (docs/transport.md, "TLS identity"):
 - **client certificates** for service identities such as the fleet server's own MQTT
   connection (clientAuth, CN = the identity name); their names are recorded in ca.json and
   never given to a device, because the broker's ACL grants by CN;
-- **device certificates** from a CSR made on the device (:func:`bundle.identity.
+- **device certificates** from a CSR made on the device (:func:`transport.x509.
   make_device_key_and_csr`), so the device's key never leaves it. The certificate's subject
   is set by the CA from ``device_id`` alone: the CSR's own subject and extensions are
   ignored (a differing CN is logged), because the device id comes from the enrollment
@@ -42,9 +42,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from bundle.atomic import write_atomic
-from bundle.identity import certificate_fingerprint, check_name
-from bundle.mqtt import TLSIdentity
+from common.atomic import write_atomic
+from protocol.names import check_name
+from transport.mqtt import TLSIdentity
+from transport.x509 import certificate_fingerprint
 
 from .errors import CAError, CSRError
 
@@ -254,7 +255,7 @@ class FleetCA:
             csr = x509.load_pem_x509_csr(csr_pem)
         except ValueError as exc:
             raise CSRError(f"the enrollment request does not carry a PEM CSR ({exc}); make "
-                           "one with bundle.identity.make_device_key_and_csr") from exc
+                           "one with transport.x509.make_device_key_and_csr") from exc
         if not csr.is_signature_valid:
             raise CSRError("the CSR's signature does not verify: it was altered or not "
                            "signed by the key it carries; generate a new key and CSR")
@@ -275,7 +276,7 @@ class FleetCA:
         certificate as ``ca.crt``, into ``directory`` (NAME defaults to the common name).
 
         The directory is then self-contained: copy it to the host that uses the identity
-        (e.g. an external broker). Returns the paths, ready for :mod:`bundle.mqtt`.
+        (e.g. an external broker). Returns the paths, ready for :mod:`transport.mqtt`.
         """
         stem = name or identity.common_name
         files = TLSIdentity(directory / "ca.crt", directory / f"{stem}.crt",

@@ -8,15 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 from bundle.errors import BundleError
 from bundle.trust import TrustedState, verify_bundle
+from common.cli import new_parser, run
 
 from . import __version__
-from .bundles import BuildRequest, build
+from .bundle_builder import BuildRequest, build
 from .demo import run_demo
 from .errors import BundleInputError, FleetError
 from .keys import ROLES, KeyStore, init_keys, rotate_keys
@@ -29,15 +29,9 @@ log = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for ``fleet`` and all its subcommands."""
-    parser = argparse.ArgumentParser(
-        prog="fleet",
-        description="Operator tools: keys and signed bundles, device registry, publishing "
-        "and rollouts to a fleet of edge devices.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output (-v info, -vv debug)")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser, subparsers = new_parser(
+        "fleet", "Operator tools: keys and signed bundles, device registry, publishing "
+        "and rollouts to a fleet of edge devices.", __version__)
     _add_keys(subparsers)
     _add_bundle(subparsers)
     _add_demo(subparsers)
@@ -47,22 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``fleet``; returns the process exit code."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=_log_level(args.verbose),
-                        format="%(levelname)s %(name)s: %(message)s")
+    return run(build_parser(), argv, expected=(FleetError, BundleError), describe=_describe)
+
+
+def _valid_days(text: str) -> int:
+    # Checked by argparse, before a build could use up the model's version number.
     try:
-        return int(args.handler(args))
-    except FleetError as exc:
-        print(f"fleet: error: {exc}", file=sys.stderr)
-        return 1
-    except BundleError as exc:
-        # The class name is the machine-readable reason (e.g. ExpiredError).
-        print(f"fleet: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        days = int(text)
+    except ValueError:
+        days = 0
+    if not 1 <= days <= 3650:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days from 1 to 3650")
+    return days
 
 
-def _log_level(verbosity: int) -> int:
-    return {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+def _describe(exc: BaseException) -> str:
+    # A bundle error's class name is the machine-readable reason (e.g. ExpiredError).
+    return f"{type(exc).__name__}: {exc}" if isinstance(exc, BundleError) else str(exc)
 
 
 # --- fleet keys ---------------------------------------------------------------------------
@@ -138,8 +133,9 @@ def _add_bundle(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     b.add_argument("--encrypt-for", action="append", default=[], type=Path,
                    metavar="PUBKEY", help="X25519 public key (PEM) of a device or group "
                    "that may decrypt the artifacts (repeatable)")
-    b.add_argument("--valid-days", type=int, default=30, metavar="DAYS",
-                   help="metadata validity; devices refuse the bundle after it (default 30)")
+    b.add_argument("--valid-days", type=_valid_days, default=30, metavar="DAYS",
+                   help="metadata validity, 1 to 3650 days; devices refuse the bundle after "
+                   "it (default 30)")
     b.set_defaults(handler=_bundle_build)
 
     v = actions.add_parser("verify", help="verify a bundle against a root.json")
@@ -162,9 +158,13 @@ def _bundle_build(args: argparse.Namespace) -> int:
 
 
 def _bundle_verify(args: argparse.Namespace) -> int:
-    data, root = _read(args.file), _read(args.root)
-    verified = verify_bundle(data, TrustedState(root=root), now=datetime.now(timezone.utc),
-                             profile=args.profile)
+    root = _read(args.root)
+    try:
+        # From the path: the size is checked first and the file read in bounded blocks.
+        verified = verify_bundle(Path(args.file), TrustedState(root=root),
+                                 now=datetime.now(timezone.utc), profile=args.profile)
+    except OSError as exc:
+        raise BundleInputError(f"cannot read {args.file} ({exc.strerror})") from exc
     print(json.dumps(verified.summary(), indent=2) if args.json else verified.describe())
     return 0
 

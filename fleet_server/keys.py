@@ -33,9 +33,9 @@ from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api.exceptions import RepositoryError
 from tuf.api.metadata import Metadata, Root
 
-from bundle.atomic import write_atomic
 from bundle.errors import BundleError
 from bundle.signing import make_root, rotate_root, sign_metadata
+from common.atomic import write_atomic
 
 from .errors import KeyStoreError
 

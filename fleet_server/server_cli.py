@@ -21,16 +21,19 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bundle.atomic import write_atomic
+from common.atomic import write_atomic
+from protocol.defaults import MQTTS_PORT, SERVER_API_PORT
 
 from .api import ApiServer, load_admin_token
 from .api_client import ADMIN_TOKEN_FILE, SERVER_FILE, ServerClient, default_data_dir, locate
-from .errors import BundleInputError
-from .service import DEFAULT_MQTT_PORT, FleetService, ServiceConfig
+from .errors import ApiError, BundleInputError
+from .service import FleetService, ServiceConfig
 
-__all__ = ["DEFAULT_API_PORT", "add_server_commands"]
+__all__ = ["add_server_commands"]
 
-DEFAULT_API_PORT = 8780
+#: Seconds between polls of ``fleet events --follow``.
+_FOLLOW_POLL_S = 1.0
+
 
 def add_server_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``serve`` and the operator commands to ``fleet``'s subparsers."""
@@ -38,8 +41,8 @@ def add_server_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     where = argparse.ArgumentParser(add_help=False)
     group = where.add_argument_group("which server")
     group.add_argument("--server", metavar="URL",
-                       help="the operator API, e.g. http://127.0.0.1:8780 (admin token from "
-                       "$EDGEFLEET_ADMIN_TOKEN or DIR/admin.token)")
+                       help=f"the operator API, e.g. http://127.0.0.1:{SERVER_API_PORT} "
+                       "(admin token from $EDGEFLEET_ADMIN_TOKEN or DIR/admin.token)")
     group.add_argument("--data", type=Path, metavar="DIR",
                        help="the server's data directory, to find it through DIR/server.json "
                        "(default $EDGEFLEET_SERVER_DIR or ~/.local/share/edgefleet/server)")
@@ -96,13 +99,16 @@ def add_server_commands(subparsers: argparse._SubParsersAction[argparse.Argument
 
     events = subparsers.add_parser(
         "events", parents=[where, as_json], help="the event log",
-        description="Events oldest first: enrollments, desired-state changes, devices' "
-        "install transitions and errors. Follow with --since LAST_ID.")
-    events.add_argument("--since", type=int, default=0, metavar="ID",
-                        help="only events after this id")
+        description="The newest events, oldest of them first: enrollments, desired-state "
+        "changes, devices' install transitions and errors. --since ID shows the events "
+        "after ID instead; --follow keeps printing new ones until Ctrl-C.")
+    events.add_argument("--since", type=int, metavar="ID",
+                        help="the events after this id (oldest first) instead of the newest")
     events.add_argument("--device", metavar="ID", help="only this device's events")
-    events.add_argument("--limit", type=int, default=1000, metavar="N",
-                        help="at most N events (default 1000)")
+    events.add_argument("--limit", type=int, default=50, metavar="N",
+                        help="at most N events (default 50, at most 10000)")
+    events.add_argument("--follow", "-f", action="store_true",
+                        help="then wait for new events and print them as they come")
     events.set_defaults(handler=_events)
 
 
@@ -142,14 +148,14 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                        "directory is first used (default: default)")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address of the operator API (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=DEFAULT_API_PORT, metavar="P",
-                       help=f"port of the operator API (default {DEFAULT_API_PORT}; 0 picks "
+    serve.add_argument("--port", type=int, default=SERVER_API_PORT, metavar="P",
+                       help=f"port of the operator API (default {SERVER_API_PORT}; 0 picks "
                        "a free one)")
     broker = serve.add_argument_group("broker")
     broker.add_argument("--broker-url", metavar="mqtts://HOST[:PORT]",
                         help="use this external broker instead of the embedded Mosquitto")
-    broker.add_argument("--mqtt-port", type=int, default=DEFAULT_MQTT_PORT, metavar="P",
-                        help=f"port of the embedded broker (default {DEFAULT_MQTT_PORT}; 0 "
+    broker.add_argument("--mqtt-port", type=int, default=MQTTS_PORT, metavar="P",
+                        help=f"port of the embedded broker (default {MQTTS_PORT}; 0 "
                         "picks a free one and keeps it)")
     broker.add_argument("--mqtt-bind", default="", metavar="ADDRESS",
                         help="address the embedded broker listens on (default: all)")
@@ -157,7 +163,21 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                         help="name or address devices use to reach the embedded broker "
                         "(repeatable; the first is handed out at enrollment; default "
                         "127.0.0.1, for devices on this machine only)")
+    serve.add_argument("--offline-after", type=_seconds, default=180.0, metavar="SECONDS",
+                       help="a device not heard from for this long shows offline (default "
+                       "180; agents send telemetry every 30 s by default)")
     serve.set_defaults(handler=_serve)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 10 <= value <= 7 * 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 10 to "
+                                         "604800 (a week)")
+    return value
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -165,7 +185,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServiceConfig(
         data_dir=data, keys_dir=(args.keys or data / "keys").absolute(), fleet=args.fleet,
         db_url=args.db, broker_url=args.broker_url, mqtt_port=args.mqtt_port,
-        mqtt_bind=args.mqtt_bind, broker_hosts=tuple(args.broker_host))
+        mqtt_bind=args.mqtt_bind, broker_hosts=tuple(args.broker_host),
+        offline_after_s=args.offline_after)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -218,20 +239,48 @@ def _devices(args: argparse.Namespace) -> int:
         _print_json(devices["devices"])
         return 0
     now = time.time()
-    rows = [[d["id"], d["group"], d["profile"], "yes" if d["online"] else "no",
+    if not devices.get("broker_connected", True):
+        since = devices.get("disconnected_since")
+        print("fleet: warning: the server has no broker connection"
+              + (f" (lost {_ago(since, now)})" if since else "")
+              + ": ONLINE is unknown and states are as last reported", file=sys.stderr)
+    rows = [[d["id"], d["group"], d["profile"], _online_text(d["online"]),
              _desired_text(d["desired"]) or "-", _reported_text(d["reported"]) or "-",
              "yes" if d["converged"] else "no", _ago(d["last_seen"], now)]
             for d in devices["devices"]]
     _table(["DEVICE", "GROUP", "PROFILE", "ONLINE", "DESIRED", "REPORTED", "CONVERGED",
-            "LAST SEEN"], rows, "no devices enrolled yet; issue a token with `fleet "
-            "enroll-token` and run `edge-agent enroll` on the device")
+            "LAST SEEN"], rows, _no_devices(args))
     return 0
+
+
+def _no_devices(args: argparse.Namespace) -> str:
+    """Why the device list is empty: nothing enrolled, or a filter that matches nothing."""
+    if args.group is None and args.tag is None:
+        return ("no devices enrolled yet; issue a token with `fleet enroll-token` and run "
+                "`edge-agent enroll` on the device")
+    everything = _client(args).get("/api/devices")["devices"]
+    wanted = f"group {args.group!r}" if args.group is not None else f"tag {args.tag!r}"
+    if args.group is not None:
+        known = sorted({d["group"] for d in everything})
+        kinds = "groups"
+    else:
+        known = sorted({t for d in everything for t in d["tags"]})
+        kinds = "tags"
+    return (f"no devices with {wanted}; the {kinds} in use are: "
+            f"{', '.join(known) or 'none'}")
 
 
 def _device_show(args: argparse.Namespace) -> int:
     client = _client(args)
-    device = client.get(f"/api/devices/{args.device_id}")
-    events = client.get("/api/events", {"device": args.device_id, "limit": 10_000})["events"]
+    try:
+        device = client.get(f"/api/devices/{args.device_id}")
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        raise ApiError(f"no device {args.device_id!r} is enrolled; `fleet devices` lists "
+                       "them", 404) from None
+    events = client.get("/api/events", {"device": args.device_id, "limit": 20,
+                                        "order": "newest"})["events"]
     if args.json:
         _print_json({**device, "events": events[-20:]})
         return 0
@@ -241,7 +290,7 @@ def _device_show(args: argparse.Namespace) -> int:
         f"group      {device['group']}" + (f"   tags {', '.join(device['tags'])}"
                                            if device["tags"] else ""),
         f"profile    {device['profile']}",
-        f"online     {'yes' if device['online'] else 'no'}, last seen "
+        f"online     {_online_text(device['online'])}, last seen "
         f"{_ago(device['last_seen'], now)}, enrolled {_ago(device['enrolled_at'], now)}",
         f"cert       sha256 {device['cert_fingerprint']}",
         f"desired    {_desired_text(device['desired'], sha=True) or 'nothing'}",
@@ -281,12 +330,12 @@ def _publish(args: argparse.Namespace) -> int:
                                           **_selection_body(args)})
     if args.json:
         _print_json({"bundle": bundle, **result})
-        return 0
+        return _delivery(result)
     target = f"group {args.group}" if args.group else "the given devices"
     print(f"published {bundle['name']} v{bundle['version']} (sha256 {bundle['sha256'][:16]}) "
           f"to {len(result['devices'])} device(s) of {target}; "
           f"{len(result['changes'])} changed, the others already had it")
-    return 0
+    return _delivery(result)
 
 
 def _rollback(args: argparse.Namespace) -> int:
@@ -294,23 +343,48 @@ def _rollback(args: argparse.Namespace) -> int:
     result = _client(args).post("/api/rollback", body)
     if args.json:
         _print_json(result)
-        return 0
+        return _delivery(result)
     print(f"rolled back {len(result['changes'])} device(s):")
     for change in result["changes"]:
         print(f"  {change['device']}: {change['model']} {_version(change['before'])} -> "
               f"{_version(change['after'])}")
-    return 0
+    return _delivery(result)
+
+
+def _delivery(result: Mapping[str, Any]) -> int:
+    """Exit code 1, with why, when the desired state is stored but could not be sent."""
+    if result.get("delivered", True):
+        return 0
+    print("fleet: error: the desired state is stored but not delivered: the server has no "
+          "broker connection (see `fleet devices`, the server's log); it is sent to the "
+          "devices when the connection returns", file=sys.stderr)
+    return 1
+
+
+def _online_text(online: bool | None) -> str:
+    return "?" if online is None else "yes" if online else "no"
 
 
 def _events(args: argparse.Namespace) -> int:
-    events = _client(args).get("/api/events", {"since": args.since, "device": args.device,
-                                               "limit": args.limit})["events"]
-    if args.json:
+    client = _client(args)
+    query = {"device": args.device, "limit": args.limit}
+    if args.since is None:
+        events = client.get("/api/events", {**query, "order": "newest"})["events"]
+    else:
+        events = client.get("/api/events", {**query, "since": args.since})["events"]
+    if args.json and not args.follow:
         _print_json(events)
         return 0
-    for event in events:
-        print(_event_line(event))
-    return 0
+    last = args.since or 0
+    while True:  # --follow prints JSON Lines with --json: one event per line
+        for event in events:
+            print(json.dumps(event, sort_keys=True) if args.json else _event_line(event),
+                  flush=True)
+            last = event["id"]
+        if not args.follow:
+            return 0
+        time.sleep(_FOLLOW_POLL_S)
+        events = client.get("/api/events", {**query, "since": last})["events"]
 
 
 def _selection_body(args: argparse.Namespace) -> dict[str, Any]:
@@ -352,7 +426,8 @@ def _object(value: Any) -> dict[str, Any]:
 def _install_text(install: Any) -> str:
     if not isinstance(install, dict):
         return "?"
-    text = f"v{install.get('version')} {install.get('state')}"
+    version = install.get("version")
+    text = f"{'' if version is None else f'v{version} '}{install.get('state')}"
     if isinstance(install.get("progress"), (int, float)):
         text += f" {install['progress'] * 100:.0f}%"
     if install.get("reason"):

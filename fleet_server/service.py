@@ -4,7 +4,7 @@
 default, or an external one by URL) and one MQTT client with the server's identity
 (``fleet-server``). It
 
-- ingests what devices send (:mod:`bundle.protocol`): ``reported`` state, ``events`` and
+- ingests what devices send (:mod:`protocol.messages`): ``reported`` state, ``events`` and
   ``telemetry`` go to the registry; ``outbox/chunks`` requests are answered with chunks of
   the requested bundle on the device's ``inbox/chunks``, for bundles that are or were
   desired for that device only;
@@ -40,8 +40,10 @@ Layout of the data directory (``fleet serve --data DIR``)::
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -51,35 +53,40 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 from cryptography import x509
-from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
+from paho.mqtt.client import (
+    Client,
+    ConnectFlags,
+    DisconnectFlags,
+    MQTTMessage,
+    MQTTMessageInfo,
+)
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from bundle import protocol
-from bundle.atomic import write_atomic
-from bundle.errors import ProtocolError
-from bundle.identity import certificate_fingerprint
-from bundle.mqtt import BrokerAddress, TLSIdentity, close_client, device_topic
+from bundle.errors import InvalidRootError
+from bundle.root import check_root
 from bundle.trust import TrustedState, verify_bundle
+from common.atomic import write_atomic
+from protocol import messages
+from protocol.defaults import MQTTS_PORT
+from protocol.errors import ProtocolError
+from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF, device_topic
+from transport.mqtt import BrokerAddress, TLSIdentity, close_client
+from transport.x509 import certificate_fingerprint
 
 from .broker import SERVER_IDENTITY, Broker, BrokerConfig
 from .ca import FleetCA
 from .errors import BrokerError, EnrollmentError, RegistryError, ServiceError
-from .registry import (
-    BundleRecord,
-    DesiredChange,
-    Device,
-    Registry,
-    TelemetrySample,
-    open_registry,
-)
+from .rate_limit import TokenBuckets
+from .registry import BundleRecord, DesiredChange, Device, Registry, open_registry
 
 __all__ = [
     "DEFAULT_FLEET",
-    "DEFAULT_MQTT_PORT",
+    "DEVICE_EVENT_PREFIX",
     "OFFLINE_EVENT",
     "PROTOCOL_ERROR",
     "Enrollment",
@@ -91,7 +98,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_FLEET = "default"
-DEFAULT_MQTT_PORT = 8883
 #: Event kind recorded for a message a device sent that could not be used.
 PROTOCOL_ERROR = "protocol_error"
 #: An ``events`` message of this kind (the agent's MQTT will, for example) marks the device
@@ -116,6 +122,13 @@ _FRAME_CACHE_BYTES = 64 * 1024 * 1024
 #: thread, up to this many messages per transaction (one commit, on SQLite one fsync, instead
 #: of one per message), and acknowledged to the broker once committed.
 _INGEST_BATCH = 200
+#: Device messages waiting for the ingest thread, at most. When the database falls behind,
+#: the MQTT network thread waits for room: the broker then holds (and bounds, with its
+#: per-client limits) what would otherwise pile up in this process's memory.
+_INGEST_QUEUE = 10_000
+#: Event kinds devices send are stored under this prefix (``agent.install.committed``): a
+#: device cannot write an event that reads as one of the server's own.
+DEVICE_EVENT_PREFIX = "agent."
 
 
 @dataclass(frozen=True)
@@ -135,7 +148,7 @@ class ServiceConfig:
     #: ``mqtts://host[:port]`` of an external broker; None runs the embedded Mosquitto.
     broker_url: str | None = None
     #: Port of the embedded broker. 0 picks a free port once and keeps it in state.json.
-    mqtt_port: int = DEFAULT_MQTT_PORT
+    mqtt_port: int = MQTTS_PORT
     #: Address the embedded broker listens on; "" is every interface (devices are other
     #: machines).
     mqtt_bind: str = ""
@@ -145,6 +158,15 @@ class ServiceConfig:
     broker_hosts: tuple[str, ...] = ()
     #: Seconds to wait for the broker connection at start.
     connect_timeout: float = 10.0
+    #: Bundle bytes per second one device may fetch, after a burst of ``chunk_burst_bytes``;
+    #: chunk requests beyond it go unanswered (the agent asks again after its back-off), so
+    #: a device asking for chunks faster than it reads them cannot flood the broker.
+    chunk_rate_bytes: float = 8 * 1024 * 1024
+    chunk_burst_bytes: float = 32 * 1024 * 1024
+    #: A device not heard from for this long counts as offline, whatever its last word (a
+    #: will lost while the server was down would leave it online forever). Agents send
+    #: telemetry every 30 s by default; a few missed samples are tolerated.
+    offline_after_s: float = 180.0
 
 
 @dataclass(frozen=True)
@@ -169,6 +191,9 @@ class PublishResult:
 
     changes: tuple[DesiredChange, ...]
     devices: tuple[str, ...]
+    #: False if the server had no broker connection: the desired states are stored and
+    #: will be sent when the connection returns, but nobody has them yet.
+    delivered: bool = True
 
 
 class FleetService:
@@ -191,7 +216,6 @@ class FleetService:
         # Held from reading a device's desired state to queueing its message, so the last
         # message queued for a device is always the newest state (paho sends in order).
         self._desired_lock = threading.Lock()
-        self._sizes: dict[str, int] = {}
         self._error_budget: dict[str, tuple[float, int]] = {}
         # Chunk serving, on the network thread: stored bundles by sha256 (immutable and never
         # deleted), (device, sha256) pairs known to be fetchable (was_desired only ever turns
@@ -199,8 +223,12 @@ class FleetService:
         self._bundles: dict[str, BundleRecord] = {}
         self._fetchable: set[tuple[str, str]] = set()
         self._frames = _FrameCache(_FRAME_CACHE_BYTES)
-        self._inbox: queue.SimpleQueue[_Inbound | None] = queue.SimpleQueue()
+        self._inbox: queue.Queue[_Inbound | None] = queue.Queue(_INGEST_QUEUE)
+        self._chunk_budget = TokenBuckets(config.chunk_rate_bytes, config.chunk_burst_bytes)
+        #: When (time.time()) the connection to the broker was lost; None while connected.
+        self.disconnected_since: float | None = None
         self._ingest_thread: threading.Thread | None = None
+        self._lock_file: IO[str] | None = None
         # Counts connections, so a message is not acknowledged on a later connection than
         # the one it came on (the broker re-sends unacknowledged ones after a reconnect).
         self._generation = 0
@@ -230,6 +258,7 @@ class FleetService:
             ingest.join()
         client, self._client = self._client, None
         if client is not None:
+            _flush(client, f"edgefleet/{self._ca.fleet}/server/flush" if self._ca else None)
             close_client(client)
         self._connected.clear()
         broker, self._broker = self._broker, None
@@ -238,6 +267,9 @@ class FleetService:
         registry, self._registry = self._registry, None
         if registry is not None:
             registry.close()
+        lock, self._lock_file = self._lock_file, None
+        if lock is not None:
+            lock.close()  # releases the data directory
 
     def __enter__(self) -> FleetService:
         self.start()
@@ -254,6 +286,7 @@ class FleetService:
         except OSError as exc:
             raise ServiceError(f"cannot create the data directory {data} ({exc.strerror}); "
                                "choose a writable --data directory") from exc
+        self._lock_file = _lock_data_dir(data)
         self.root_json()  # fail at start, not at the first enrollment
         self._ca = self._load_ca()
         self._registry = open_registry(self.config.db_url or data / "fleet.db",
@@ -269,7 +302,7 @@ class FleetService:
         # Stored messages are acknowledged by the ingest thread once committed.
         client.manual_ack_set(True)
         self._client = client
-        self._inbox = queue.SimpleQueue()
+        self._inbox = queue.Queue(_INGEST_QUEUE)
         self._ingest_thread = threading.Thread(target=self._ingest_loop, args=(self._inbox,),
                                                name="fleet-ingest", daemon=True)
         self._ingest_thread.start()
@@ -391,14 +424,20 @@ class FleetService:
 
     def root_json(self) -> bytes:
         """The fleet's current TUF root (``KEYS/root.json``), read afresh so a key rotation
-        takes effect without a restart."""
+        takes effect without a restart, and checked: a garbage root handed to enrolling
+        devices would make them refuse every bundle."""
         path = self.config.keys_dir / "root.json"
         try:
-            return path.read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
             raise ServiceError(f"cannot read the fleet's root {path} ({exc.strerror}); create "
                                "the keys with `fleet keys init --dir KEYS` and pass --keys "
                                "KEYS") from exc
+        try:
+            check_root(data, str(path))
+        except InvalidRootError as exc:
+            raise ServiceError(str(exc)) from exc
+        return data
 
     # --- operations ---
 
@@ -477,24 +516,17 @@ class FleetService:
                 selected = [d for d in found if d is not None]
             for device in selected:
                 self._send_desired(device)
-        return PublishResult(tuple(changes), tuple(d.id for d in selected))
+        delivered = self.connected
+        if not delivered:
+            log.warning("desired state of %d device(s) stored but not sent: no broker "
+                        "connection; it is sent when the connection returns", len(selected))
+        return PublishResult(tuple(changes), tuple(d.id for d in selected), delivered)
 
     def _send_desired(self, device: Device) -> None:
         """Queue ``device``'s desired state, retained (call with _desired_lock held)."""
-        models = {name: protocol.DesiredModel(want.version, want.bundle_sha256,
-                                              self._bundle_size(want.bundle_sha256))
-                  for name, want in sorted(device.desired.items())}
-        payload = protocol.encode(protocol.Desired(models=models, issued_at=time.time()))
+        models = dict(sorted(device.desired.items()))
+        payload = messages.encode(messages.Desired(models=models, issued_at=time.time()))
         self._publish(device.id, "desired", payload, retain=True)
-
-    def _bundle_size(self, sha256: str) -> int:
-        size = self._sizes.get(sha256)
-        if size is None:
-            record = self.registry.get_bundle(sha256)
-            # set_desired only accepts stored bundles, and bundles are never deleted.
-            size = 0 if record is None else record.size
-            self._sizes[sha256] = size
-        return size
 
     def _publish(self, device_id: str, leaf: str, payload: bytes, *,
                  retain: bool = False) -> None:
@@ -516,7 +548,14 @@ class FleetService:
             return
         self._connect_failure = None
         self._generation += 1
-        client.subscribe([(device_topic(self.fleet, "+", leaf), 1) for leaf in _INGEST_LEAVES])
+        self.disconnected_since = None
+        # No-local: the server's own publishes (clearing a device's retained message) must
+        # not come back to it as if a device had sent them. Retain-as-published: a device's
+        # retained message arrives marked retained also when the server is subscribed
+        # already, so it can be refused (_refuse_retained).
+        options = SubscribeOptions(qos=1, noLocal=True, retainAsPublished=True)
+        client.subscribe([(device_topic(self.fleet, "+", leaf), options)
+                          for leaf in _INGEST_LEAVES])
         try:
             self.republish_all()
         except Exception:
@@ -534,6 +573,8 @@ class FleetService:
                        reason: ReasonCode, _properties: Properties | None) -> None:
         was = self._connected.is_set()
         self._connected.clear()
+        if was:
+            self.disconnected_since = time.time()
         if was and self._client is not None:
             log.warning("lost the broker connection (%s); reconnecting", reason)
 
@@ -542,7 +583,10 @@ class FleetService:
         device, _, leaf = message.topic.removeprefix(prefix).partition("/")
         inbound = _Inbound(device, leaf, bytes(message.payload), message.mid, message.qos,
                            self._generation)
-        if leaf != protocol.CHUNK_REQUEST_LEAF:
+        if message.retain:
+            self._refuse_retained(message.topic, inbound)
+            return
+        if leaf != CHUNK_REQUEST_LEAF:
             self._inbox.put(inbound)  # stored, then acknowledged, by the ingest thread
             return
         # Chunk requests are answered here, at once: nothing to store.
@@ -556,6 +600,16 @@ class FleetService:
             log.exception("failed to answer a chunk request of %s", device)
         self._ack(inbound)
 
+    def _refuse_retained(self, topic: str, inbound: _Inbound) -> None:
+        """Devices never publish retained messages: one would stay on the broker (and come
+        back at every subscription) however large. Clear it and record why."""
+        client = self._client
+        clearing = None
+        if client is not None and inbound.payload:
+            clearing = client.publish(topic, b"", qos=1, retain=True)
+        error = ProtocolError("devices must not publish retained messages; it was cleared")
+        self._inbox.put(replace(inbound, error=error, clearing=clearing))
+
     def _ack(self, inbound: _Inbound) -> None:
         client = self._client
         if client is not None and inbound.generation == self._generation:
@@ -563,7 +617,7 @@ class FleetService:
 
     # --- ingest (the ingest thread) ---
 
-    def _ingest_loop(self, inbox: queue.SimpleQueue[_Inbound | None]) -> None:
+    def _ingest_loop(self, inbox: queue.Queue[_Inbound | None]) -> None:
         """Store what devices send, in batches, until None arrives."""
         while True:
             item = inbox.get()
@@ -597,7 +651,9 @@ class FleetService:
             for item in batch:
                 self._ingest(item, in_batch=False)
         for item in batch:
-            self._ack(item)
+            if item.clearing is None or _published(item.clearing):
+                self._ack(item)
+            # else: unacknowledged, the broker delivers it again and it is cleared then
 
     def _ingest(self, item: _Inbound, *, in_batch: bool) -> None:
         """Store one message. A bad message is recorded as a protocol error; any other
@@ -624,25 +680,27 @@ class FleetService:
             log.exception("failed to handle %s from %s", leaf, device)
 
     def _ingest_reported(self, device: str, payload: bytes) -> None:
-        protocol.decode_reported(payload)  # validates; the registry keeps the JSON as sent
-        self.registry.set_reported(device, json.loads(payload))
+        self.registry.set_reported(device, payload)  # parsed there, once
 
     def _ingest_event(self, device: str, payload: bytes) -> None:
-        event = protocol.decode_event(payload)
+        event = messages.decode_event(payload)
         detail: dict[str, Any] = {**event.detail, "device_at": event.at}
-        self.registry.add_event(event.kind, device=device, detail=detail)
+        self.registry.add_event(DEVICE_EVENT_PREFIX + event.kind, device=device,
+                                detail=detail, seq=event.seq)
         self.registry.set_online(device, event.kind != OFFLINE_EVENT)
 
     def _ingest_telemetry(self, device: str, payload: bytes) -> None:
-        sample = protocol.decode_telemetry(payload)
-        self.registry.add_telemetry(device, [TelemetrySample(sample.seq, sample.at,
-                                                             sample.metrics)])
+        sample = messages.decode_telemetry(payload)
+        self.registry.add_telemetry(device, [sample])
 
     def _serve_chunk(self, device: str, payload: bytes) -> None:
-        request = protocol.decode_chunk_request(payload)
-        self._publish(device, protocol.CHUNK_LEAF, self._chunk_frame(device, request))
+        request = messages.decode_chunk_request(payload)
+        if not self._chunk_budget.take(device, request.length, time.monotonic()):
+            log.debug("chunk request of %s over its rate; not answered", device)
+            return
+        self._publish(device, CHUNK_LEAF, self._chunk_frame(device, request))
 
-    def _chunk_frame(self, device: str, request: protocol.ChunkRequest) -> bytes:
+    def _chunk_frame(self, device: str, request: messages.ChunkRequest) -> bytes:
         """The encoded answer to ``request``: the bundle's bytes if ``device`` may fetch it
         (from the frame cache, else read from the blob and cached), or a refusal."""
         sha = request.bundle_sha256
@@ -654,7 +712,7 @@ class FleetService:
             if frame is not None:
                 return frame
         chunk = self._read_chunk(device, request, record if fetchable else None)
-        frame = protocol.encode_chunk(chunk)
+        frame = messages.encode_chunk(chunk)
         if chunk.error is not None:
             log.info("chunk request of %s refused: %s", device, chunk.error)
         else:
@@ -677,14 +735,14 @@ class FleetService:
         self._fetchable.add((device, sha256))
         return True
 
-    def _read_chunk(self, device: str, request: protocol.ChunkRequest,
-                    record: BundleRecord | None) -> protocol.Chunk:
+    def _read_chunk(self, device: str, request: messages.ChunkRequest,
+                    record: BundleRecord | None) -> messages.Chunk:
         """The chunk of ``record``'s blob, or a refusal; ``record`` is None for a bundle
         that is unknown or not available to ``device``."""
         sha = request.bundle_sha256
 
-        def refuse(error: str, total: int = 0) -> protocol.Chunk:
-            return protocol.Chunk(sha, request.offset, total, b"", error)
+        def refuse(error: str, total: int = 0) -> messages.Chunk:
+            return messages.Chunk(sha, request.offset, total, b"", error)
 
         # Unknown and not-for-you get one answer, so a device cannot probe what is stored.
         if record is None:
@@ -702,7 +760,7 @@ class FleetService:
                       record.path, exc)
             return refuse("the server cannot read this bundle right now; retry later",
                           record.size)
-        return protocol.Chunk(sha, request.offset, record.size, data)
+        return messages.Chunk(sha, request.offset, record.size, data)
 
     def _protocol_error(self, device: str, leaf: str, payload: bytes,
                         exc: Exception, *, in_batch: bool = False) -> None:
@@ -737,6 +795,9 @@ class _Inbound:
     generation: int
     #: A chunk request that could not be answered: the error to record.
     error: Exception | None = None
+    #: A refused retained message: the publish that clears it from the broker, which must
+    #: have gone out before the message is acknowledged.
+    clearing: MQTTMessageInfo | None = None
 
 
 class _FrameCache:
@@ -766,6 +827,50 @@ class _FrameCache:
             while self._bytes > self.max_bytes:
                 _, dropped = self._frames.popitem(last=False)
                 self._bytes -= len(dropped)
+
+
+def _flush(client: Client, topic: str | None) -> None:
+    """Make sure the broker has processed everything sent before (acknowledgements above
+    all): it handles a connection's packets in order, so once it has answered a QoS 1
+    publish sent last, it has read the rest. An embedded broker stopped right after a
+    disconnect could otherwise die before reading them, and deliver again on the next
+    start what was already stored."""
+    if topic is not None and client.is_connected():
+        _published(client.publish(topic, b"", qos=1))
+
+
+def _published(info: MQTTMessageInfo) -> bool:
+    """Wait for a QoS 1 publish to be acknowledged by the broker (at most 10 s)."""
+    try:
+        info.wait_for_publish(timeout=10.0)
+    except (RuntimeError, ValueError):  # never queued: the connection was gone
+        return False
+    return info.is_published()
+
+
+def _lock_data_dir(data: Path) -> IO[str]:
+    """Hold ``DATA/serve.lock`` (an exclusive flock, released when the file is closed or
+    the process dies): two servers on one data directory would share a broker, a registry
+    and server.json, and each would undo the other."""
+    path = data / "serve.lock"
+    try:
+        lock = path.open("a+", encoding="ascii")
+    except OSError as exc:
+        raise ServiceError(f"cannot open {path} ({exc.strerror}); choose a writable --data "
+                           "directory") from exc
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise ServiceError(f"another fleet server (pid {holder}) is running on {data}; stop "
+                           "it first, or give this one another --data directory") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
 
 
 def _check_text(what: str, value: object) -> None:

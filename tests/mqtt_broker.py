@@ -22,11 +22,12 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from bundle.atomic import write_atomic
-from bundle.identity import make_device_key_and_csr
-from bundle.mqtt import TLSIdentity, close_client, device_topic
+from common.atomic import write_atomic
 from fleet_server.broker import Broker, BrokerConfig, find_mosquitto
 from fleet_server.ca import FleetCA
+from protocol.topics import device_topic
+from transport.mqtt import TLSIdentity, close_client
+from transport.x509 import make_device_key_and_csr
 
 FLEET = "testfleet"
 #: Long enough for a loaded CI machine, short enough that a hang fails the test quickly.
@@ -223,3 +224,47 @@ def connection_outcome(client: Client, host: str, port: int) -> str:
     finally:
         client.disconnect()
     return outcome[0] if outcome else "no answer"
+
+
+def stalled_subscriber(address: Any, identity: TLSIdentity, topic: str) -> Any:
+    """A device that connects (persistent session), subscribes to ``topic`` at QoS 1 and
+    then never reads its socket again: what a hostile or wedged client looks like to the
+    broker. Returns the TLS socket; close it to end the connection.
+
+    Raw MQTT 3.1.1 packets, since every client library reads its socket by itself.
+    """
+    import socket
+    import struct
+
+    from transport.mqtt import tls_context
+
+    def packet(kind: int, body: bytes) -> bytes:
+        length, encoded = len(body), b""
+        while True:
+            digit, length = length % 128, length // 128
+            encoded += bytes([digit | (0x80 if length else 0)])
+            if not length:
+                return bytes([kind]) + encoded + body
+
+    def text(value: str) -> bytes:
+        return struct.pack(">H", len(value)) + value.encode()
+
+    raw = socket.create_connection((address.host, address.port), timeout=TIMEOUT)
+    sock = tls_context(identity).wrap_socket(raw, server_hostname=address.host)
+    # CONNECT: protocol "MQTT" level 4, flags 0 (persistent session), keepalive 600 s.
+    sock.sendall(packet(0x10, text("MQTT") + bytes([4, 0]) + struct.pack(">H", 600)
+                        + text(identity.common_name())))
+    if sock.recv(4)[:1] != b"\x20":
+        raise AssertionError("no CONNACK from the broker")
+    sock.sendall(packet(0x82, struct.pack(">H", 1) + text(topic) + bytes([1])))
+    if sock.recv(5)[:1] != b"\x90":
+        raise AssertionError("no SUBACK from the broker")
+    return sock
+
+
+def process_rss(pid: int) -> int:
+    """Resident memory of process ``pid`` in bytes (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,3 +38,24 @@ def profile(name: str = PROFILE) -> Profile:
 @pytest.fixture
 def x86() -> Profile:
     return profile()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 48 MB tmpfs: a disk that really fills up (the tests run as root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)],
+                   check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_disk(disk: Path, leave: int) -> Path:
+    """Fill the file system of ``disk`` until at most ``leave`` bytes are free."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f, contextlib.suppress(OSError):  # full: as intended
+        f.write(bytes(max(0, shutil.disk_usage(disk).free - leave)))
+    return filler

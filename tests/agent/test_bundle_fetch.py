@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.bundle_fetch import BundleFetch, FetchError
-from bundle.protocol import Chunk, ChunkRequest
+from protocol.messages import Chunk, ChunkRequest
 
 DATA = bytes(random.Random(1).randbytes(10_000))
 SHA = hashlib.sha256(DATA).hexdigest()

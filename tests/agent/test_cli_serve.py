@@ -15,6 +15,8 @@ import pytest
 from tests.agent.bundles import DIGITS, PROFILE, digits_spec, samples, write_bundle
 from tests.bundle.repo import Repo
 
+pytestmark = pytest.mark.integration
+
 
 def _agent(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "agent", *map(str, args)], check=False,

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,8 @@ from tests.agent.bundles import (
     write_bundle,
 )
 from tests.bundle.repo import Repo
+
+pytestmark = pytest.mark.integration
 
 S = InstallState
 QUICK = ProbationPolicy(window_s=0.0)
@@ -73,6 +76,7 @@ def test_kill_9_in_each_install_state_then_restart(state: InstallState, state_di
     # Serving a good model the moment it is back, whichever version that is...
     assert _serving_correctly(restarted) in (1, 2)
     # ...and the interrupted install finishes: v2 was sound, so it ends up committed.
+    restarted.resume_installs()
     restarted.check_probation()
     assert _serving_correctly(restarted) == 2
     assert restarted.installer is not None
@@ -94,6 +98,7 @@ def test_kill_9_right_after_a_failed_install(state_dir: Path, repo: Repo, tmp_pa
                           env={CRASH_ENV: "failed"})
     assert crashed.returncode == -signal.SIGKILL
     restarted = Runtime(state_dir, x86, policy=QUICK)
+    restarted.resume_installs()
     assert _serving_correctly(restarted) == 1
     assert restarted.installer is not None
     assert restarted.installer.pending() == []
@@ -111,13 +116,14 @@ def test_a_model_that_crashes_the_agent_on_activation_is_given_up(
     # Every restart dies again while activating v2, as a crashing model would make it.
     script = ("import sys; from pathlib import Path; from agent.runtime import Runtime; "
               "from firmware_profiles import get_profile; "
-              f"Runtime(Path(sys.argv[1]), get_profile({PROFILE!r}))")
+              f"Runtime(Path(sys.argv[1]), get_profile({PROFILE!r})).resume_installs()")
     for _ in range(2):
         again = subprocess.run([sys.executable, "-c", script, str(state_dir)],
                                env={**os.environ, CRASH_ENV: "activating"}, check=False,
                                capture_output=True, timeout=120)
         assert again.returncode == -signal.SIGKILL
     restarted = Runtime(state_dir, x86, policy=QUICK)
+    restarted.resume_installs()
     assert _serving_correctly(restarted) == 1
     assert restarted.installer is not None
     latest = restarted.installer.records()[0]
@@ -157,9 +163,13 @@ def test_serving_agent_killed_during_a_hot_swap_comes_back_serving(
         assert running is not None
         assert running.pid == agent.pid
         with running.client() as client:
-            status = client.status()
+            # Serving at once (the last good version first), the install resumed behind it.
+            assert client.status()["models"][0]["version"] == 2
+            deadline = time.monotonic() + 60
+            while (status := client.status())["models"][0]["state"] != "probation":
+                assert time.monotonic() < deadline, status  # resumed, not skipped
+                time.sleep(0.05)
             assert status["models"][0]["version"] == 2
-            assert status["models"][0]["state"] == "probation"  # resumed, not skipped
             assert status["installs"][1]["state"] == "committed"
             assert "superseded by v2" in status["installs"][1]["detail"]
             assert client.infer("digits", {"input": samples(1)})["logits"].shape == (1, 10)

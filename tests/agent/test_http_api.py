@@ -15,6 +15,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from agent.client import AgentClient, ApiError
+from agent.config import ApiLimits
 from agent.errors import AgentError
 from agent.http_api import ApiServer, ApiSettings, load_or_create_token
 from agent.probation import ProbationPolicy
@@ -37,7 +38,8 @@ def runtime() -> Runtime:
 
 @pytest.fixture
 def server(runtime: Runtime) -> Iterator[ApiServer]:
-    server = ApiServer(runtime, ApiSettings(port=0, token=TOKEN, max_body_bytes=64 * 1024))
+    server = ApiServer(runtime, ApiSettings(port=0, token=TOKEN,
+                                            limits=ApiLimits(max_body_bytes=64 * 1024)))
     server.start()
     yield server
     server.stop()
@@ -161,12 +163,56 @@ GOOD: dict[str, object] = {"name": "input", "datatype": "FP32", "shape": [1, 1, 
     (_post("/v2/models/digits/infer", _infer_json(GOOD)).replace(TOKEN.encode(), b"wrong"),
      401, "missing or wrong bearer token"),
     (_post("/v2/models/digits/infer", b"x" * 70000), 413,
-     "body of 70000 bytes is over the limit of 65536; it was not read"),
+     "body of 70000 bytes is over the limit of 65536 for a JSON body"),
     (b"POST /v2/models/digits/infer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
      411, "chunked request bodies are not accepted"),
     (b"GARBAGE\r\n\r\n", 400, "malformed request line 'GARBAGE'"),
     (b"GET /v2 HTTP/1.1\r\nno colon here\r\n\r\n", 400, "malformed header line"),
     (b"GET /v2 HTTP/1.1\r\nContent-Length: -3\r\n\r\n", 400, "Content-Length is not a number"),
+    # Regressions (issue 9, item 9): the parser accepted all of these.
+    (b"GET /v2/" + b"a" * 40_000 + b" HTTP/1.1\r\n\r\n", 431, "request head over 32768 bytes"),
+    (b"GET /v2 HTTP/1.1\r\nX-Big: " + b"b" * 40_000 + b"\r\n\r\n", 431,
+     "request head over 32768 bytes"),
+    (b"GET /v2 HTTP/1.1\r\n" + b"a: b\r\n" * 200 + b"\r\n", 431,
+     "200 header lines, over the limit of 100"),
+    (_post("/v2/models/digits/infer", b"{}").replace(b"Content-Length: 2",
+                                                     b"Content-Length: 2\r\nContent-Length: 0"),
+     400, "conflicting Content-Length headers"),
+    (_post("/v2/models/digits/infer", b"").replace(b"Content-Length: 0", b"Content-Length: 1_0"),
+     400, "Content-Length is not a number"),
+    (_post("/v2/models/digits/infer", b"").replace(b"Content-Length: 0", b"Content-Length: +3"),
+     400, "Content-Length is not a number"),
+    (b"GET /v2 HTTP/1.9\r\n\r\n", 505, "HTTP/1.9 is not supported"),
+    (_post("/v2/models/digits/infer", _infer_json({**GOOD, "parameters": [1]})), 400,
+     "input 'input': 'parameters' must be a JSON object, not list"),
+    (_post("/v2/models/digits/infer", _infer_json({**GOOD, "parameters": "binary"})), 400,
+     "'parameters' must be a JSON object, not str"),
+    (_post("/v2/models/digits/infer", json.dumps({"inputs": [GOOD], "parameters": []}).encode()),
+     400, "the request: 'parameters' must be a JSON object"),
+    (_post("/v2/models/digits/infer",
+           json.dumps({"inputs": [GOOD], "outputs": [{"name": "logits", "parameters": 3}]})
+           .encode()), 400, "outputs[0]: 'parameters' must be a JSON object"),
+    (_post("/v2/models/digits/infer", json.dumps({"inputs": [GOOD], "outputs": "logits"})
+           .encode()), 400, "'outputs' must be a list"),
+    (_post("/v2/models/digits/infer", _infer_json({**GOOD, "shape": [1, 1, 8, True]})), 400,
+     "'shape' must be a list of non-negative integers"),
+    (_post("/v2/models/digits/infer", _infer_json({**GOOD, "shape": [2**62, 2**62]})), 400,
+     "'shape' must be a list of non-negative integers"),
+    (_post("/v2/models/digits/infer", _infer_json({**GOOD, "data": [10**30] * 64,
+                                                   "datatype": "INT8"})), 400,
+     "'data' is not INT8"),
+    (_post("/v2/models/digits/infer", _infer_json({**GOOD, "data": None, "parameters": {
+        "binary_data_size": True}})), 400, "binary_data_size True does not fit"),
+    (_post("/v2/models/digits/infer", json.dumps({"inputs": [GOOD], "id": {"a": 1}}).encode()),
+     400, "'id' must be a string"),
+    # Regression (issue 9, item 10): deeply nested JSON gave a 500.
+    (_post("/v2/models/digits/infer", b"[" * 20_000 + b"]" * 20_000), 400,
+     "request body is not JSON (nested too deeply)"),
+    (_post("/v2/models/digits/infer", b'{"inputs": [' + b"[" * 20_000 + b"]" * 20_000 + b"]}"),
+     400, "request body is not JSON (nested too deeply)"),
+    (_post("/v2/models/digits/infer", b'{"inputs": [{"name": "input", "datatype": "FP32", '
+           b'"shape": [1], "data": ' + b"[" * 500 + b"1" + b"]" * 500 + b"}]}"), 400,
+     "'data' is not FP32"),
 ])
 def test_bad_requests_get_a_clear_error_and_the_server_keeps_serving(
         server: ApiServer, client: AgentClient, request_bytes: bytes, status: int,
@@ -266,3 +312,81 @@ def test_agent_unreachable_is_a_clear_error() -> None:
     with AgentClient(f"http://127.0.0.1:{port}") as client, pytest.raises(
             AgentError, match=r"cannot reach the agent .* is `edge-agent serve` running"):
         client.status()
+
+
+def _strict_json(data: bytes) -> object:
+    def refuse(constant: str) -> object:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(data, parse_constant=refuse)
+
+
+def test_non_finite_outputs_are_valid_json(server: ApiServer,
+                                           tclient: triton.InferenceServerClient) -> None:
+    """Regression (issue 9, item 9): NaN outputs were written as bare NaN, invalid JSON."""
+    x = samples(2)
+    x[0] = np.nan
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=True)
+    result = tclient.infer("digits", [tensor], headers=dict(AUTH), outputs=[
+        triton.InferRequestedOutput("logits", binary_data=False)])
+    logits = result.as_numpy("logits")
+    assert np.isnan(logits[0]).all()
+    np.testing.assert_allclose(logits[1], outputs(DIGITS.read_bytes(), x[1:])[0], rtol=1e-5,
+                               atol=1e-5)
+    body = json.dumps({"inputs": [{**GOOD, "data": ["NaN"] * 64}]}).encode()
+    head, _, raw = _raw(server, _post("/v2/models/digits/infer", body)).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    parsed = _strict_json(raw)
+    assert isinstance(parsed, dict)
+    assert parsed["outputs"][0]["data"] == ["NaN"] * 10
+
+
+def _batch(n: int, *, binary: bool = True) -> bytes:
+    x = np.zeros((n, 1, 8, 8), np.float32)
+    if not binary:
+        return _post("/v2/models/digits/infer", _infer_json(
+            {"name": "input", "datatype": "FP32", "shape": list(x.shape),
+             "data": x.ravel().tolist()}))
+    head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                   "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    return _post("/v2/models/digits/infer", head + x.tobytes(),
+                 f"Inference-Header-Content-Length: {len(head)}")
+
+
+def _status_and_error(response: bytes) -> tuple[int, str | None]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    status = int(head.split(b" ")[1])
+    return status, json.loads(body).get("error") if status != 200 else None
+
+
+def test_batch_and_input_size_limits(runtime: Runtime) -> None:
+    """Regression (issue 9, item 8): any batch was run, however large."""
+    limits = ApiLimits(max_batch=8, max_input_bytes=4000, max_json_bytes=2048)
+    server = ApiServer(runtime, ApiSettings(port=0, token=TOKEN, limits=limits))
+    server.start()
+    try:
+        assert _status_and_error(_raw(server, _batch(8))) == (200, None)
+        status, error = _status_and_error(_raw(server, _batch(9)))
+        assert status == 413
+        assert error == ("input 'input': batch of 9 is over this agent's limit of 8 "
+                         "(api.limits.max_batch); split the request")
+        # 8 x 256 bytes fit 4000 once; a second input of the same size does not.
+        head = json.dumps({"inputs": [
+            {"name": name, "datatype": "FP32", "shape": [8, 1, 8, 8],
+             "parameters": {"binary_data_size": 2048}} for name in ("input", "other")]})
+        request = _post("/v2/models/digits/infer", head.encode() + bytes(4096),
+                        f"Inference-Header-Content-Length: {len(head)}")
+        status, error = _status_and_error(_raw(server, request))
+        assert status == 413
+        assert error is not None
+        assert "input 'other': the inputs take 4096 bytes or more, over this agent's limit " \
+            "of 4000 (api.limits.max_input_bytes)" in error
+        status, error = _status_and_error(_raw(server, _batch(8, binary=False)))
+        assert status == 413
+        assert error is not None
+        assert "over the limit of 2048 for a JSON body (api.limits.max_json_bytes; send " \
+            "large tensors with the binary extension); it was not read" in error
+        assert runtime.served("digits").stats.requests == 1  # none of the refused ran
+    finally:
+        server.stop()

@@ -24,7 +24,9 @@ POLICY = ProbationPolicy(window_s=60, min_requests=20, max_error_rate=0.05,
           "latency_samples": 150}, "wait", ""),  # too few latencies
     (10, {"requests": 300, "errors": 0, "p99_ms": 25.0, "baseline_p99_ms": None,
           "latency_samples": 300}, "wait", ""),  # nothing to compare with
-    (60, {"requests": 0, "errors": 0}, "commit", "healthy for 60 s: 0 requests"),
+    # issue 9 item 19: "healthy for 60 s: 0 requests" read as a health check passed.
+    (60, {"requests": 0, "errors": 0}, "commit", "not exercised: no requests in 60 s"),
+    (60, {"requests": 7, "errors": 0}, "commit", "barely exercised: 7 requests"),
     (61, {"requests": 500, "errors": 3, "p99_ms": 1.5, "baseline_p99_ms": 1.0,
           "latency_samples": 500}, "commit", "3 errors, p99 1.50 ms"),
 ])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import (
@@ -13,12 +15,13 @@ from cryptography.hazmat.primitives.serialization import (
 
 from bundle.crypto import (
     decrypt_artifact,
+    open_artifact,
     open_artifacts,
     private_key_from_bytes,
     public_key_from_bytes,
     unwrap_content_key,
 )
-from bundle.errors import DecryptionError, SigningError
+from bundle.errors import ArtifactMismatchError, DecryptionError, SigningError
 from bundle.trust import TrustedState, VerifiedBundle, verify_bundle
 from tests.bundle.repo import MODEL, NOW, Repo
 
@@ -83,3 +86,30 @@ def test_key_file_formats() -> None:
         public_key_from_bytes(b"garbage")
     with pytest.raises(DecryptionError, match="not an X25519 private key"):
         private_key_from_bytes(b"garbage")
+
+
+@pytest.mark.parametrize("block", [1, 7, 16, 17, 4096])
+def test_streamed_decryption_from_a_bundle_file_matches_in_memory(
+        block: int, tmp_path: Path) -> None:
+    device = X25519PrivateKey.generate()
+    repo = Repo()
+    path = tmp_path / "b.efb"
+    path.write_bytes(repo.build(recipients=[device.public_key()]))
+    verified = verify_bundle(path, TrustedState(root=repo.root), now=NOW)
+    stored = (b for whole in verified.artifact_blocks("artifacts/model.onnx")
+              for b in (whole[i:i + block] for i in range(0, len(whole), block)))
+    plain = b"".join(open_artifact(verified.manifest, "artifacts/model.onnx", stored, device))
+    assert plain == MODEL
+
+
+def test_a_bundle_file_changed_after_verification_does_not_stream_out(tmp_path: Path) -> None:
+    repo = Repo()
+    path = tmp_path / "b.efb"
+    path.write_bytes(repo.build())
+    verified = verify_bundle(path, TrustedState(root=repo.root), now=NOW)
+    offset, size = verified.archive.index["targets/artifacts/model.onnx"]
+    with open(path, "r+b") as f:  # swapped on disk between verification and staging
+        f.seek(offset + size // 2)
+        f.write(b"\xff")
+    with pytest.raises(ArtifactMismatchError, match="modified after signing"):
+        b"".join(verified.artifact_blocks("artifacts/model.onnx"))

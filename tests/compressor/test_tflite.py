@@ -32,6 +32,8 @@ from firmware_profiles import get_profile
 from firmware_profiles.runtimes import import_litert
 from tests.compressor.signing import sign_and_verify
 
+pytestmark = pytest.mark.integration
+
 MODELS = Path(__file__).resolve().parents[2] / "models"
 MODEL, DATA = MODELS / "digits_cnn.onnx", MODELS / "digits_data.npz"
 with np.load(DATA) as _data:

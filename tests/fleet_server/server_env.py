@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bundle import protocol
-from bundle.atomic import write_atomic
-from bundle.identity import make_device_key_and_csr
-from bundle.mqtt import BrokerAddress, ClientSettings, TLSIdentity, create_client, device_topic
+from common.atomic import write_atomic
 from fleet_server.service import Enrollment, FleetService, ServiceConfig
+from protocol import messages
+from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF, device_topic
 from tests.bundle.repo import Repo
 from tests.mqtt_broker import TIMEOUT, Recorder, require_mosquitto
+from transport.mqtt import BrokerAddress, ClientSettings, TLSIdentity, create_client
+from transport.x509 import make_device_key_and_csr
 
 PROFILE = "x86-avx2"
 
@@ -89,11 +90,11 @@ def enroll(service: FleetService, directory: Path, device_id: str, *, group: str
     return SimDevice(device_id, enrollment, identity, enrollment.fleet)
 
 
-def desired_messages(recorder: Recorder, device: SimDevice) -> list[protocol.Desired]:
+def desired_messages(recorder: Recorder, device: SimDevice) -> list[messages.Desired]:
     """Every desired message the device received, decoded, oldest first."""
     with recorder._changed:
         payloads = [m.payload for m in recorder.messages if m.topic == device.topic("desired")]
-    return [protocol.decode_desired(bytes(p)) for p in payloads]
+    return [messages.decode_desired(bytes(p)) for p in payloads]
 
 
 def fetch_bundle(recorder: Recorder, device: SimDevice, sha256: str, size: int,
@@ -111,14 +112,14 @@ def fetch_bundle(recorder: Recorder, device: SimDevice, sha256: str, size: int,
 
 
 def request_chunk(recorder: Recorder, device: SimDevice, sha256: str, offset: int,
-                  length: int) -> protocol.Chunk:
+                  length: int) -> messages.Chunk:
     """Send one chunk request and return the decoded answer (the device must be subscribed
     to its inbox)."""
-    topic = device.topic(protocol.CHUNK_LEAF)
+    topic = device.topic(CHUNK_LEAF)
     with recorder._changed:
         before = sum(1 for m in recorder.messages if m.topic == topic)
-    recorder.publish(device.topic(protocol.CHUNK_REQUEST_LEAF), protocol.encode(
-        protocol.ChunkRequest(sha256, offset, length)))
+    recorder.publish(device.topic(CHUNK_REQUEST_LEAF), messages.encode(
+        messages.ChunkRequest(sha256, offset, length)))
 
     def answered() -> bool:
         return sum(1 for m in recorder.messages if m.topic == topic) > before
@@ -126,4 +127,4 @@ def request_chunk(recorder: Recorder, device: SimDevice, sha256: str, offset: in
     recorder.wait(answered, f"the chunk at {offset}")
     with recorder._changed:
         payload = [m.payload for m in recorder.messages if m.topic == topic][before]
-    return protocol.decode_chunk(bytes(payload))
+    return messages.decode_chunk(bytes(payload))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import socket
 import stat
 from collections.abc import Iterator
 from datetime import timedelta
@@ -15,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from bundle.identity import make_device_key_and_csr
 from fleet_server.api import ROUTES, ApiServer, load_admin_token
 from fleet_server.api_spec import OPENAPI
 from fleet_server.service import FleetService
 from tests.bundle.repo import NOW, Repo, spec
 from tests.fleet_server.server_env import PROFILE
+from transport.x509 import make_device_key_and_csr
 
 pytestmark = pytest.mark.integration
 
@@ -136,7 +137,8 @@ def test_malformed_requests_are_refused_with_reasons(call: Caller) -> None:
         ("POST", "/api/rollback", {"devices": "gw-1"}, 400, "non-empty list"),
         ("POST", "/api/rollback", {"group": "lab", "devices": ["x"]}, 400, "not both"),
         ("POST", "/api/enroll-tokens", {"ttl_s": "soon"}, 400, '"ttl_s"'),
-        ("POST", "/api/enroll-tokens", {"ttl_s": -1}, 400, "positive"),
+        ("POST", "/api/enroll-tokens", {"ttl_s": -1}, 400, "from 1 to"),
+        ("POST", "/api/enroll-tokens", {"ttl_s": 1e308}, 400, "(30 days)"),
         ("POST", "/api/enroll", {"token": "t"}, 400, '"device_id"'),
         ("GET", "/api/events?limit=0", {}, 400, "outside 1..10000"),
         ("GET", "/api/events?since=x", {}, 400, "not an integer"),
@@ -204,7 +206,8 @@ def test_upload_publish_rollback_and_events(call: Caller, repo: Repo,
     assert status == 200
     assert result == {"devices": ["gw-1"], "changes": [{
         "device": "gw-1", "model": "digits", "before": None,
-        "after": {"version": 1, "bundle_sha256": v1["sha256"]}}]}
+        "after": {"version": 1, "bundle_sha256": v1["sha256"], "size": v1["size"]}}],
+        "delivered": True}
     call("POST", "/api/publish", {"bundle_sha256": v2["sha256"], "devices": ["gw-1", "gw-2"]})
     status, devices = call("GET", "/api/devices?group=lab")
     assert [d["desired"]["digits"]["version"] for d in devices["devices"]] == [2]
@@ -251,3 +254,32 @@ def test_bad_bundles_are_refused_with_the_reason(call: Caller, repo: Repo,
     assert status == 409
     assert "versions are immutable" in body["error"]
     assert [b["version"] for b in call("GET", "/api/bundles")[1]["bundles"]] == [1]
+
+
+# --- bounds ---------------------------------------------------------------------------------
+
+def test_deeply_nested_json_is_a_400(call: Caller) -> None:
+    body = b'{"token": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    status, answer = call("POST", "/api/enroll", data=body, token=None,
+                          headers={"Content-Type": "application/json"})
+    assert status == 400
+    assert "nests JSON too deeply" in answer["error"]
+
+
+def test_idle_connections_are_closed_and_extra_ones_refused(
+        service: FleetService, token: str) -> None:
+    """Connections that say nothing are dropped after the timeout, and beyond the cap new
+    ones get a 503 at once; the API answers again as soon as slots free up."""
+    with ApiServer(service, token, connection_timeout=0.5, max_connections=4) as api:
+        host, port = api.url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(4)]
+        try:
+            with socket.create_connection((host, int(port)), timeout=10) as extra:
+                assert extra.recv(200).startswith(b"HTTP/1.1 503")
+            for sock in idle:  # each is closed by the server: recv sees the end
+                sock.settimeout(10)
+                assert sock.recv(1) == b""
+        finally:
+            for sock in idle:
+                sock.close()
+        assert Caller(api, token)("GET", "/api/status")[0] == 200

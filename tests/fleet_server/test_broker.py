@@ -8,8 +8,14 @@ per client, so once the sentinel is in, the forbidden message would have been to
 
 from __future__ import annotations
 
+import os
+import pickle
+import signal
 import socket
 import ssl
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -18,21 +24,26 @@ import pytest
 from paho.mqtt.client import Client
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from bundle.mqtt import BrokerAddress, TLSIdentity, fleet_topic_filter, tls_context
-from fleet_server.broker import Broker, render_acl
+from fleet_server.broker import Broker, BrokerConfig, render_acl
 from fleet_server.ca import FleetCA
 from fleet_server.errors import BrokerError
+from protocol.topics import fleet_topic_filter
+from tests.fleet_server.server_env import wait_until
 from tests.mqtt_broker import (
     FLEET,
     Recorder,
     TestFleet,
     connection_outcome,
+    process_rss,
     recorders,
     require_mosquitto,
+    stalled_subscriber,
 )
+from transport.mqtt import BrokerAddress, TLSIdentity, tls_context
 
 pytestmark = pytest.mark.integration
 
+ROOT = Path(__file__).resolve().parents[2]
 NOT_AUTHORIZED = 0x87
 Connect = Callable[..., Recorder]
 
@@ -352,3 +363,131 @@ def test_config_is_written_for_tls_only(broker: Broker, tmp_path: Path) -> None:
                    "use_username_as_clientid true", "allow_anonymous false",
                    "persistence true"):
         assert option in config.splitlines()
+
+
+def test_a_killed_broker_is_restarted_on_its_port(
+        fleet: TestFleet, ids: dict[str, TLSIdentity], broker: Broker) -> None:
+    """kill -9 of the Mosquitto child: the supervisor starts it again, same port, and
+    the retained state it had saved is back."""
+    port, pid = broker.address.port, broker.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: broker.restarts == 1 and broker.running, "the broker's restart",
+               timeout=15)
+    assert broker.pid != pid
+    assert broker.address.port == port
+    assert broker.down_since is None
+    with recorders(broker) as connect:
+        dev1 = connect(ids["dev1"])
+        assert dev1.connack is not None
+
+
+def test_broker_dies_with_the_server_process(fleet: TestFleet, tmp_path: Path) -> None:
+    """kill -9 of the process that supervises the broker takes Mosquitto with it."""
+    require_mosquitto()
+    config = fleet.broker_config(tmp_path / "broker")
+    pickled = tmp_path / "config.pickle"
+    pickled.write_bytes(pickle.dumps(config))
+    code = textwrap.dedent(f"""
+        import pickle, sys, time
+        from fleet_server.broker import Broker
+        broker = Broker.embedded(pickle.loads(open({str(pickled)!r}, "rb").read()))
+        broker.start()
+        print(broker.pid, flush=True)
+        time.sleep(600)
+    """)
+    with subprocess.Popen([sys.executable, "-c", code], cwd=ROOT,
+                          stdout=subprocess.PIPE) as server:
+        try:
+            assert server.stdout is not None
+            mosquitto_pid = int(server.stdout.readline())
+            assert _alive(mosquitto_pid)
+        finally:
+            server.kill()
+    wait_until(lambda: not _alive(mosquitto_pid), "mosquitto to exit with its server",
+               timeout=10)
+
+
+def test_an_orphaned_broker_is_stopped_not_adopted(
+        fleet: TestFleet, ids: dict[str, TLSIdentity], tmp_path: Path) -> None:
+    """A Mosquitto left running on the data directory (its server was killed where no death
+    signal reaches it) is stopped at the next start, which then runs its own broker."""
+    mosquitto = require_mosquitto()
+    config = replace(fleet.broker_config(tmp_path / "broker"), port=_free_port())
+    first = Broker.embedded(config)
+    first.start()
+    conf = config.data_dir / "mosquitto.conf"
+    first.stop()
+    orphan = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until((config.data_dir / "mosquitto.pid").exists,
+                   "the orphan's pid file")
+        with Broker.embedded(config) as second:
+            assert orphan.wait(timeout=10) is not None
+            assert second.pid != orphan.pid
+            assert second.running
+            with recorders(second) as connect:
+                assert connect(ids["dev1"]).connack is not None
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+        orphan.wait()
+
+
+def test_a_foreign_listener_on_the_port_is_named(fleet: TestFleet, tmp_path: Path) -> None:
+    require_mosquitto()
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = replace(fleet.broker_config(tmp_path / "broker"),
+                         port=taken.getsockname()[1])
+        broker = Broker.embedded(config)
+        with pytest.raises(BrokerError, match="in use by another process"):
+            broker.start()
+        assert not broker.running
+
+
+def test_a_client_that_stops_reading_cannot_grow_the_broker(
+        fleet: TestFleet, ids: dict[str, TLSIdentity], broker: Broker) -> None:
+    """A device subscribed to its inbox that never reads: 128 MiB published to it grow the
+    broker by about twice its per-client bounds (8 MiB in flight + 32 MiB queued, each held
+    as a message and as an outgoing packet), not by twice the 128 MiB (252 MiB measured
+    without the bounds)."""
+    pid = broker.pid
+    assert pid is not None
+    stalled = stalled_subscriber(broker.address, ids["dev1"], fleet.topic("dev1", "inbox/#"))
+    try:
+        with recorders(broker) as connect:
+            server = connect(ids["server"])
+            before = process_rss(pid)
+            chunk = os.urandom(256 * 1024)
+            for _ in range(512):
+                server.client.publish(fleet.topic("dev1", "inbox/chunks"), chunk, qos=1)
+            # Every message has reached the broker once the server's sentinel to itself is
+            # back (one connection, delivered in order).
+            server.subscribe(fleet.topic("dev2", "events"))
+            server.publish(fleet.topic("dev2", "events"), b"sentinel")
+            server.wait_message(fleet.topic("dev2", "events"), b"sentinel")
+            grown = process_rss(pid) - before
+        config = BrokerConfig(FLEET, Path(), ids["server"])
+        bound = 2 * (config.max_inflight_bytes + config.max_queued_bytes) + 16 * 2**20
+        assert grown < bound, f"the broker grew by {grown / 2**20:.0f} MiB"
+    finally:
+        stalled.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port

@@ -1,4 +1,4 @@
-"""The fleet CA and the device side of enrollment (bundle.identity): what gets issued, what
+"""The fleet CA and the device side of enrollment (transport.x509): what gets issued, what
 gets refused, and fingerprints."""
 
 from __future__ import annotations
@@ -15,14 +15,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from bundle.identity import (
-    certificate_common_name,
-    certificate_fingerprint,
-    check_name,
-    make_device_key_and_csr,
-)
 from fleet_server.ca import FleetCA, IssuedIdentity
 from fleet_server.errors import CAError, CSRError
+from transport.x509 import certificate_common_name, certificate_fingerprint, make_device_key_and_csr
 
 
 @pytest.fixture(scope="module")
@@ -233,10 +228,3 @@ def test_device_key_and_csr() -> None:
     assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "gw-0042"
     with pytest.raises(ValueError, match="invalid device id"):
         make_device_key_and_csr("gw/0042")
-
-
-def test_check_name_limits() -> None:
-    assert check_name("a" * 64) == "a" * 64
-    assert check_name("Gateway_7.eu-west") == "Gateway_7.eu-west"
-    with pytest.raises(ValueError, match="invalid fleet name"):
-        check_name("a" * 65, "fleet name")

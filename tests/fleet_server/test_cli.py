@@ -109,6 +109,20 @@ def test_versions_only_go_up(keys: Path, model: Path, tmp_path: Path,
     assert "use --version 3 or higher" in err
 
 
+@pytest.mark.parametrize("days", ["-5", "0", "99999", "soon"])
+def test_validity_is_checked_before_the_version_is_used(
+        days: str, keys: Path, model: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _build(capsys, keys, tmp_path / "1.efb", "--model", model, "--profile", "p",
+               "--valid-days", days)
+    assert exit_info.value.code == 2
+    assert "not a number of days from 1 to 3650" in capsys.readouterr().err
+    assert not (tmp_path / "1.efb").exists()
+    code, _, err = _build(capsys, keys, tmp_path / "1.efb", "--model", model, "--profile", "p")
+    assert code == 0, err  # version 1 is still free
+
+
 def test_artifacts_dir_with_report(keys: Path, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     art = tmp_path / "compressed"
@@ -240,3 +254,22 @@ def test_bad_usage_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
         main(["bundle", "build", "--name", "x"])
     assert exc.value.code == 2
     capsys.readouterr()
+
+
+def test_verify_checks_the_size_before_reading_the_file(
+        keys: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # issue 9 item 11: a 600 MB file was read whole (657 MB RSS) before the size check.
+    import tracemalloc
+
+    huge = tmp_path / "huge.efb"
+    with open(huge, "wb") as f:
+        f.truncate(600 * 1024 * 1024)  # sparse: no disk used
+    tracemalloc.start()
+    try:
+        code, _, err = _run(capsys, "bundle", "verify", huge, "--root", keys / "root.json")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert code == 1
+    assert err.startswith("fleet: error: OversizeError: ")
+    assert peak < 16 * 1024 * 1024

@@ -6,25 +6,28 @@ would be.
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
-from bundle import protocol
-from bundle.atomic import write_atomic
-from bundle.identity import make_device_key_and_csr
-from bundle.mqtt import BrokerAddress, ClientSettings, TLSIdentity, create_client, device_topic
+from common.atomic import write_atomic
 from fleet_server.api_client import ServerClient
 from fleet_server.cli import main
+from protocol import messages
+from protocol.topics import device_topic
 from tests.bundle.repo import Repo
 from tests.fleet_server.server_env import PROFILE, wait_until, write_keys
-from tests.mqtt_broker import Recorder, require_mosquitto
+from tests.mqtt_broker import TIMEOUT, Recorder, require_mosquitto
+from transport.mqtt import BrokerAddress, ClientSettings, TLSIdentity, create_client
+from transport.x509 import make_device_key_and_csr
 
 pytestmark = pytest.mark.integration
 
@@ -107,7 +110,7 @@ def test_serve_and_operate_a_fleet(server: tuple[Path, subprocess.Popen[bytes]],
         assert out.startswith("published digits v1 (sha256 ")
         assert "to 1 device(s) of group lab; 1 changed" in out
         recorder.wait(lambda: len(recorder.messages) == 2, "the published desired state")
-        want = protocol.decode_desired(bytes(recorder.messages[1].payload)).models["digits"]
+        want = messages.decode_desired(bytes(recorder.messages[1].payload)).models["digits"]
         assert (want.version, want.size) == (1, len(bundles["v1"]))
 
         code, out, _ = _run(capsys, "devices", *where)
@@ -117,8 +120,8 @@ def test_serve_and_operate_a_fleet(server: tuple[Path, subprocess.Popen[bytes]],
                                   "REPORTED", "CONVERGED", "LAST", "SEEN"]
         assert row.split()[:8] == ["gw-1", "lab", PROFILE, "no", "digits", "v1", "-", "no"]
 
-        recorder.publish(device_topic("clifleet", "gw-1", "reported"), protocol.encode(
-            protocol.Reported(PROFILE, "0.1.0", {"digits": protocol.ModelReport(
+        recorder.publish(device_topic("clifleet", "gw-1", "reported"), messages.encode(
+            messages.Reported(PROFILE, "0.1.0", {"digits": messages.ModelReport(
                 1, want.bundle_sha256, "committed")}, at=1.0)))
 
         def listed() -> list[dict[str, Any]]:
@@ -142,7 +145,7 @@ def test_serve_and_operate_a_fleet(server: tuple[Path, subprocess.Popen[bytes]],
         assert code == 0
         assert out.splitlines() == ["rolled back 1 device(s):", "  gw-1: digits v1 -> nothing"]
         recorder.wait(lambda: len(recorder.messages) == 3, "the rolled-back desired state")
-        assert protocol.decode_desired(bytes(recorder.messages[2].payload)).models == {}
+        assert messages.decode_desired(bytes(recorder.messages[2].payload)).models == {}
 
         code, out, _ = _run(capsys, "events", *where, "--device", "gw-1", "--json")
         kinds = [e["kind"] for e in json.loads(out)]
@@ -151,6 +154,27 @@ def test_serve_and_operate_a_fleet(server: tuple[Path, subprocess.Popen[bytes]],
         code, out, _ = _run(capsys, "events", *where, "--since", "3", "--limit", "1")
         assert len(out.splitlines()) == 1
         assert out.split()[0] == "4"
+        code, out, _ = _run(capsys, "events", *where, "--limit", "2")
+        newest = [int(line.split()[0]) for line in out.splitlines()]
+        code, out, _ = _run(capsys, "events", *where, "--json", "--limit", "10000")
+        ids = [e["id"] for e in json.loads(out)]
+        assert newest == ids[-2:]  # the newest two, oldest of them first
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "fleet_server", "events", "--follow", "--limit", "1",
+             "--data", str(data)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        try:
+            assert follow.stdout is not None
+            line = _lines(follow.stdout)
+            assert int(line().split()[0]) == ids[-1]  # the newest
+            _run(capsys, "enroll-token", *where, "--group", "field")
+            assert "token.issued" in line()  # followed as it came
+        finally:
+            follow.send_signal(signal.SIGINT)
+            assert follow.wait(timeout=10) == 130
+            follow.stdout.close()  # type: ignore[union-attr]
+        code, _, err = _run(capsys, "devices", *where, "--group", "lba")
+        assert (code, err.strip()) == (0, "no devices with group 'lba'; the groups in use "
+                                          "are: lab")
 
         # Failures: one line on stderr, exit 1.
         tampered = tmp_path / "tampered.efb"
@@ -158,8 +182,11 @@ def test_serve_and_operate_a_fleet(server: tuple[Path, subprocess.Popen[bytes]],
         for argv, message in [
                 (("publish", tampered, "--group", "lab"), "bundle refused: ChecksumError"),
                 (("publish", tmp_path / "missing.efb", "--group", "lab"), "cannot read"),
+                (("publish", ROOT / "models" / "digits_cnn.onnx", "--group", "lab"),
+                 "not an edgefleet bundle"),
                 (("publish", bundle, "--group", "nowhere"), "has no devices"),
-                (("device", "show", "gw-9"), "no device 'gw-9'")]:
+                (("device", "show", "gw-9"), "no device 'gw-9' is enrolled; `fleet devices` "
+                                             "lists them")]:
             code, _, err = _run(capsys, *argv, *where)
             assert code == 1
             assert err.count("\n") == 1
@@ -180,6 +207,25 @@ def test_serve_and_operate_a_fleet(server: tuple[Path, subprocess.Popen[bytes]],
     code, _, err = _run(capsys, "devices", *where)
     assert code == 1
     assert "no fleet server runs" in err
+
+
+def _lines(stream: IO[str]) -> Callable[[], str]:
+    """A reader of a child's output lines that fails after TIMEOUT seconds without one."""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in stream:
+            lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
+
+    def next_line() -> str:
+        try:
+            return lines.get(timeout=TIMEOUT)
+        except queue.Empty:
+            raise AssertionError(f"no output line within {TIMEOUT} s") from None
+
+    return next_line
 
 
 def test_commands_without_a_server(tmp_path: Path, capsys: pytest.CaptureFixture[str],

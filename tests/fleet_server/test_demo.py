@@ -9,6 +9,8 @@ import pytest
 
 from fleet_server.cli import main
 
+pytestmark = pytest.mark.integration
+
 
 def test_demo_passes_and_keeps_its_files(tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:

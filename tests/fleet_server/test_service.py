@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -25,14 +27,19 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from bundle import protocol
 from bundle.errors import ChecksumError, UntrustedSignatureError
-from bundle.identity import certificate_fingerprint, make_device_key_and_csr
-from bundle.mqtt import BrokerAddress
 from fleet_server.broker import Broker, BrokerConfig
 from fleet_server.ca import FleetCA
-from fleet_server.errors import BrokerError, CSRError, EnrollmentError, RegistryError
-from fleet_server.service import PROTOCOL_ERROR, FleetService, ServiceConfig
+from fleet_server.errors import (
+    BrokerError,
+    CSRError,
+    EnrollmentError,
+    RegistryError,
+    ServiceError,
+)
+from fleet_server.service import DEVICE_EVENT_PREFIX, PROTOCOL_ERROR, FleetService, ServiceConfig
+from protocol import messages
+from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF
 from tests.bundle.repo import Repo
 from tests.fleet_server.server_env import (
     PROFILE,
@@ -46,6 +53,8 @@ from tests.fleet_server.server_env import (
     write_keys,
 )
 from tests.mqtt_broker import TIMEOUT, Recorder
+from transport.mqtt import BrokerAddress
+from transport.x509 import certificate_fingerprint, make_device_key_and_csr
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +76,7 @@ def _connect(device: SimDevice, clients: list[Recorder], *leaves: str) -> Record
     return recorder
 
 
-def _wait_desired(recorder: Recorder, device: SimDevice, count: int) -> protocol.Desired:
+def _wait_desired(recorder: Recorder, device: SimDevice, count: int) -> messages.Desired:
     """Wait for the device's ``count``-th desired message; returns the newest."""
     recorder.wait(lambda: len(desired_messages(recorder, device)) >= count,
                   f"desired message #{count} of {device.id}")
@@ -75,9 +84,9 @@ def _wait_desired(recorder: Recorder, device: SimDevice, count: int) -> protocol
 
 
 def _reported(sha: str | None, version: int, state: str = "committed") -> bytes:
-    return protocol.encode(protocol.Reported(
+    return messages.encode(messages.Reported(
         profile=PROFILE, agent_version="0.1.0",
-        models={"digits": protocol.ModelReport(version, sha, state)}, at=1.0))
+        models={"digits": messages.ModelReport(version, sha, state)}, at=1.0))
 
 
 # --- enrollment ---------------------------------------------------------------------------
@@ -131,7 +140,7 @@ def test_publish_to_group_reaches_exactly_that_group(
     result = service.publish(record.sha256, group="lab")
     assert result.devices == ("a1", "a2")
     assert [c.device for c in result.changes] == ["a1", "a2"]
-    want = {"digits": protocol.DesiredModel(1, record.sha256, len(bundles["v1"]))}
+    want = {"digits": messages.DesiredModel(1, record.sha256, len(bundles["v1"]))}
     assert _wait_desired(r_a1, a1, 2).models == want
     # a2 connects afterwards: the retained message is there for it.
     r_a2 = _connect(a2, clients, "desired")
@@ -186,7 +195,7 @@ def test_chunks_are_served_for_desired_bundles_only(
 
     data = fetch_bundle(recorder, device, big.sha256, big.size)
     assert hashlib.sha256(data).hexdigest() == big.sha256
-    assert len(recorder.messages) == -(-big.size // protocol.DEFAULT_CHUNK_BYTES)
+    assert len(recorder.messages) == -(-big.size // messages.DEFAULT_CHUNK_BYTES)
 
     # Stored but never desired for this device, and not stored at all: the same refusal.
     for sha in (v1.sha256, "0" * 64):
@@ -213,7 +222,7 @@ def test_cached_chunks_go_only_to_devices_they_are_desired_for(
     big = service.add_bundle(bundles["big"])
     service.publish(big.sha256, devices=["a1"])
     r_a1, r_b1 = _connect(a1, clients, "inbox/#"), _connect(b1, clients, "inbox/#")
-    size = protocol.DEFAULT_CHUNK_BYTES
+    size = messages.DEFAULT_CHUNK_BYTES
     first = request_chunk(r_a1, a1, big.sha256, 0, size)
     assert (first.error, first.data) == (None, bundles["big"][:size])
 
@@ -246,24 +255,50 @@ def test_reported_events_and_telemetry_land_in_the_registry(
     assert stored.reported["models"]["digits"] == {"version": 1, "bundle_sha256": v1.sha256,
                                                    "state": "committed"}
 
-    recorder.publish(device.topic("events"), protocol.encode(protocol.Event(
+    recorder.publish(device.topic("events"), messages.encode(messages.Event(
         "install.committed", 12.5, {"version": 1})))
     event = wait_until(lambda: [e for e in registry.events(device="gw-1")
-                                if e.kind == "install.committed"], "the event")[0]
+                                if e.kind == "agent.install.committed"], "the event")[0]
     assert event.detail == {"version": 1, "device_at": 12.5}
 
     def telemetry(seq: int) -> bytes:
-        return protocol.encode(protocol.Telemetry(seq, 100.0 + seq, {"latency_ms": seq}))
+        return messages.encode(messages.Telemetry(seq, 100.0 + seq, {"latency_ms": seq}))
 
     for seq in (1, 2, 1, 2, 3):  # 1 and 2 re-sent after a lost acknowledgement
         recorder.publish(device.topic("telemetry"), telemetry(seq))
     wait_until(lambda: len(registry.telemetry("gw-1")) == 3, "three telemetry samples")
-    assert [(t.seq, t.payload) for t in registry.telemetry("gw-1")] == [
+    assert [(t.sample.seq, t.sample.metrics) for t in registry.telemetry("gw-1")] == [
         (1, {"latency_ms": 1}), (2, {"latency_ms": 2}), (3, {"latency_ms": 3})]
 
-    recorder.publish(device.topic("events"), protocol.encode(protocol.Event("offline", 13.0)))
+    recorder.publish(device.topic("events"), messages.encode(messages.Event("offline", 13.0)))
     wait_until(lambda: not registry.get_device("gw-1").online,  # type: ignore[union-attr]
                "the device marked offline")
+
+
+def test_an_event_a_device_numbered_is_stored_once_however_often_it_is_sent(
+        service: FleetService, tmp_path: Path, clients: list[Recorder]) -> None:
+    device = enroll(service, tmp_path, "gw-1")
+    recorder = _connect(device, clients)
+
+    def event(kind: str, seq: int | None) -> bytes:
+        return messages.encode(messages.Event(kind, 1.0, {"n": seq}, seq=seq))
+
+    # The agent's outbox sends again whatever lacked a PUBACK when its link broke; an
+    # older agent (or the MQTT will) sends no seq, and is stored as sent.
+    for kind, seq in (("install.staged", 5), ("install.staged", 5), ("install.activating", 6),
+                      ("install.staged", 5), ("fetch.started", None), ("fetch.started", None),
+                      ("install.committed", 7)):
+        recorder.publish(device.topic("events"), event(kind, seq))
+    wait_until(lambda: [e for e in service.registry.events(device="gw-1")
+                        if e.kind == "agent.install.committed"], "the last event")
+    assert [e.kind for e in service.registry.events(device="gw-1")
+            if e.kind.startswith("agent.")] == [
+        "agent.install.staged", "agent.install.activating", "agent.fetch.started",
+        "agent.fetch.started", "agent.install.committed"]
+    other = enroll(service, tmp_path, "gw-2")  # seq is per device
+    _connect(other, clients).publish(other.topic("events"), event("install.staged", 5))
+    wait_until(lambda: [e for e in service.registry.events(device="gw-2")
+                        if e.kind == "agent.install.staged"], "the other device's event")
 
 
 def test_malformed_messages_are_recorded_and_ingest_goes_on(
@@ -276,7 +311,7 @@ def test_malformed_messages_are_recorded_and_ingest_goes_on(
     for leaf, payload in garbage.items():
         recorder.publish(device.topic(leaf), payload)
     recorder.publish(device.topic("telemetry"),
-                     protocol.encode(protocol.Telemetry(7, 1.0, {"ok": True})))
+                     messages.encode(messages.Telemetry(7, 1.0, {"ok": True})))
     wait_until(lambda: service.registry.telemetry("gw-1"), "the valid sample after garbage")
     errors = [e for e in service.registry.events(device="gw-1") if e.kind == PROTOCOL_ERROR]
     assert [e.detail["topic"] for e in errors] == list(garbage)
@@ -285,11 +320,13 @@ def test_malformed_messages_are_recorded_and_ingest_goes_on(
 
 
 def _event(kind: str, step: int) -> bytes:
-    return protocol.encode(protocol.Event(kind, float(step), {"step": step}))
+    return messages.encode(messages.Event(kind, float(step), {"step": step}))
 
 
 def _steps(service: FleetService, device: str, kind: str) -> list[int]:
-    return [e.detail["step"] for e in service.registry.events(device=device) if e.kind == kind]
+    """The steps of a device's events of ``kind`` (as the device sent it), in log order."""
+    return [e.detail["step"] for e in service.registry.events(device=device)
+            if e.kind == DEVICE_EVENT_PREFIX + kind]
 
 
 def test_a_burst_is_stored_in_batches_each_device_in_order(
@@ -314,7 +351,8 @@ def test_a_burst_is_stored_in_batches_each_device_in_order(
     total = 2 * steps * len(devices)
     for step in range(steps):
         for recorder, device in zip(recorders, devices, strict=True):
-            recorder.client.publish(device.topic("events"), _event("tick", step), qos=1)
+            recorder.client.publish(device.topic("events"), _event("install.verifying", step),
+                                    qos=1)
             state = "committed" if step == steps - 1 else "probation"
             recorder.client.publish(device.topic("reported"), _reported(v1.sha256, 1, state),
                                     qos=1)
@@ -324,7 +362,7 @@ def test_a_burst_is_stored_in_batches_each_device_in_order(
     wait_until(lambda: all(d.converged for d in service.registry.list_devices()),
                "the last reports stored")
     for device in devices:
-        assert _steps(service, device.id, "tick") == list(range(steps))
+        assert _steps(service, device.id, "install.verifying") == list(range(steps))
     assert sum(sizes) == total
     assert len(sizes) <= 3  # what arrived while the first waited: at most 200 per batch
 
@@ -471,3 +509,115 @@ def test_unreachable_broker_fails_start_with_a_reason(tmp_path: Path, repo: Repo
     assert time.monotonic() - started < 4
     with pytest.raises(RuntimeError, match="not started"):
         service.registry  # noqa: B018 (everything was closed again)
+
+
+# --- hostile devices ----------------------------------------------------------------------
+
+def _protocol_errors(service: FleetService, device: str) -> list[str]:
+    return [e.detail["error"] for e in service.registry.events(device=device)
+            if e.kind == PROTOCOL_ERROR]
+
+
+def test_retained_messages_from_devices_are_cleared_and_recorded(
+        config: ServiceConfig, tmp_path: Path, clients: list[Recorder]) -> None:
+    with FleetService(config) as service:
+        device = enroll(service, tmp_path, "gw-1")
+        recorder = _connect(device, clients)
+        for leaf in ("telemetry", "outbox/made-up-1", "outbox/made-up-2"):
+            recorder.publish(device.topic(leaf), b"x" * 1000, retain=True)
+        wait_until(lambda: len(_protocol_errors(service, "gw-1")) == 3,
+                   "three protocol errors")
+        assert all("retained" in error for error in _protocol_errors(service, "gw-1"))
+    # Nothing is left on the broker: a restarted service subscribes again and is handed no
+    # retained message before the sample the device sends after it is back.
+    with FleetService(config) as service:
+        recorder.publish(device.topic("telemetry"),
+                         messages.encode(messages.Telemetry(1, 1.0, {"ok": True})))
+        wait_until(lambda: service.registry.telemetry("gw-1"), "the sample")
+        errors = [e for e in service.registry.events(device="gw-1") if e.kind == PROTOCOL_ERROR]
+        assert len(errors) == 3, [(e.at, e.detail) for e in errors]
+
+
+def test_oversized_and_forged_messages_are_refused(
+        service: FleetService, tmp_path: Path, clients: list[Recorder]) -> None:
+    device = enroll(service, tmp_path, "gw-1")
+    recorder = _connect(device, clients)
+    big = messages.Reported(PROFILE, "0.1.0", {}, at=1.0)
+    padded = messages.encode(big)[:-1] + b', "pad": "' + b"x" * 100_000 + b'"}'
+    recorder.publish(device.topic("reported"), padded)
+    recorder.publish(device.topic("events"), messages.encode(messages.Event(
+        "device.enrolled", 1.0, {"group": "prod"})))
+    recorder.publish(device.topic("events"), messages.encode(messages.Event(
+        "install.committed", 2.0, {"version": 1})))
+    wait_until(lambda: any(e.kind == "agent.install.committed"
+                           for e in service.registry.events(device="gw-1")),
+               "the genuine event")
+    errors = _protocol_errors(service, "gw-1")
+    assert any("exceeds the 64 KiB limit" in e for e in errors)
+    assert any("'device.enrolled' is not one a device may send" in e for e in errors)
+    kinds = [e.kind for e in service.registry.events(device="gw-1")]
+    assert kinds.count("device.enrolled") == 1  # only the server's own, at enrollment
+    record = service.registry.get_device("gw-1")
+    assert record is not None
+    assert record.reported == {}
+
+
+def test_chunk_requests_beyond_a_devices_rate_go_unanswered(
+        config: ServiceConfig, tmp_path: Path, bundles: dict[str, bytes],
+        clients: list[Recorder]) -> None:
+    chunk = 4096
+    limited = replace(config, chunk_rate_bytes=1.0, chunk_burst_bytes=3 * chunk)
+    with FleetService(limited) as service:
+        device = enroll(service, tmp_path, "gw-1")
+        record = service.add_bundle(bundles["big"])
+        service.publish(record.sha256, devices=["gw-1"])
+        recorder = _connect(device, clients, "inbox/#")
+        for offset in range(0, 10 * chunk, chunk):
+            recorder.client.publish(device.topic(CHUNK_REQUEST_LEAF), messages.encode(
+                messages.ChunkRequest(record.sha256, offset, chunk)), qos=1)
+        # A second device's answer, requested after, shows the service went through them.
+        other = enroll(service, tmp_path, "gw-2")
+        service.publish(record.sha256, devices=["gw-2"])
+        other_recorder = _connect(other, clients, "inbox/#")
+        request_chunk(other_recorder, other, record.sha256, 0, chunk)
+        answered = [m for m in recorder.messages if m.topic == device.topic(CHUNK_LEAF)]
+        assert len(answered) == 3
+
+
+def test_publishing_without_a_broker_says_it_was_not_delivered(
+        service: FleetService, tmp_path: Path, bundles: dict[str, bytes],
+        clients: list[Recorder]) -> None:
+    """kill -9 of the embedded broker: the service says it is cut off, publishes are stored
+    but reported undelivered, and all is sent once the supervisor has restarted it."""
+    device = enroll(service, tmp_path, "gw-1")
+    record = service.add_bundle(bundles["v1"])
+    pid = service.broker.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not service.connected, "the service to see the broker gone")
+    assert service.disconnected_since is not None
+    result = service.publish(record.sha256, devices=["gw-1"])
+    assert result.delivered is False
+    wait_until(lambda: service.connected, "the broker's restart and the reconnection",
+               timeout=30)
+    assert service.broker.restarts == 1
+    recorder = _connect(device, clients, "desired")
+    assert _wait_desired(recorder, device, 1).models["digits"].version == 1
+
+
+def test_a_second_server_on_the_same_data_directory_is_refused(
+        service: FleetService, config: ServiceConfig) -> None:
+    with pytest.raises(ServiceError, match=f"another fleet server \\(pid {os.getpid()}\\)"):
+        FleetService(config).start()
+    assert service.connected  # the first one is untouched
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"garbage", "is not TUF metadata"),
+    (b"", "is not TUF metadata"),
+])
+def test_a_root_that_is_not_a_root_is_refused_at_start(
+        config: ServiceConfig, content: bytes, message: str) -> None:
+    (config.keys_dir / "root.json").write_bytes(content)
+    with pytest.raises(ServiceError, match=message):
+        FleetService(config).start()

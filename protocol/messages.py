@@ -1,6 +1,6 @@
 """The fleet protocol: what the server and the agents say to each other over MQTT.
 
-Topics are :mod:`bundle.mqtt`'s (docs/transport.md); this module fixes the payloads, shared
+Topics are :mod:`protocol.topics`' (docs/transport.md); this module fixes the payloads, shared
 by both sides so they cannot drift apart. All are JSON objects with ``"protocol": 1``
 except bundle chunks, which are binary frames. Decoders validate and raise ProtocolError;
 unknown extra fields are ignored so either side can be upgraded first.
@@ -10,7 +10,8 @@ topic leaf     direction           payload
 =============  ==================  ========================================================
 desired        server -> device    :class:`Desired` (retained): per model, the bundle to run
 reported       device -> server    :class:`Reported`: what runs, and each model's last install
-events         device -> server    :class:`Event`: one install transition, rejection, error
+events         device -> server    :class:`Event`: one install transition, rejection, error;
+                                   ``seq`` (if set) orders and dedupes, as for telemetry
 telemetry      device -> server    :class:`Telemetry`: one sample; ``seq`` orders and dedupes
 outbox/chunks  device -> server    :class:`ChunkRequest`: bytes [offset, offset+length)
 inbox/chunks   server -> device    :class:`Chunk` frame: header + data, or an error
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 from collections.abc import Mapping
@@ -33,12 +35,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import ProtocolError
-from .manifest import MODEL_NAME
+from .names import is_valid_name
 
 __all__ = [
-    "CHUNK_LEAF",
-    "CHUNK_REQUEST_LEAF",
     "DEFAULT_CHUNK_BYTES",
+    "DEVICE_EVENT_KIND",
+    "MAX_CHUNK_REQUEST_BYTES",
+    "MAX_EVENT_BYTES",
+    "MAX_REPORTED_BYTES",
+    "MAX_TELEMETRY_BYTES",
     "PROTOCOL_VERSION",
     "Chunk",
     "ChunkRequest",
@@ -60,10 +65,22 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
-CHUNK_LEAF = "inbox/chunks"
-CHUNK_REQUEST_LEAF = "outbox/chunks"
 DEFAULT_CHUNK_BYTES = 256 * 1024
 _MAX_CHUNK_BYTES = 4 * 1024 * 1024
+#: The largest payload each device -> server message may have; decoders refuse bigger ones
+#: before parsing, and senders must stay below. Reports and events are small records;
+#: telemetry carries histograms (a few KiB per model); a chunk request is one line.
+MAX_REPORTED_BYTES = 64 * 1024
+MAX_EVENT_BYTES = 16 * 1024
+MAX_TELEMETRY_BYTES = 256 * 1024
+MAX_CHUNK_REQUEST_BYTES = 4 * 1024
+#: Integers travel as JSON numbers and are stored as SQL BIGINT: at most 2**63 - 1.
+_MAX_INT = 2**63 - 1
+#: Kinds of event a device may send (docs/transport.md). The server stores them under its
+#: own ``agent.`` namespace, so a device can never write an event that reads as the
+#: server's (``device.enrolled``, ``desired.set``).
+DEVICE_EVENT_KIND = re.compile(
+    r"offline|protocol_error|fetch\.(?:started|failed)|install\.[a-z_]{1,32}")
 _MAGIC = b"EFC1"
 _HEADER = struct.Struct(">4sI")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -92,7 +109,7 @@ class ModelReport:
 
     version: int
     bundle_sha256: str | None  # None for a model installed outside the fleet
-    state: str  # "committed" or "probation"
+    state: str  # an InstallState value: "committed", or "probation" while on trial
 
 
 @dataclass(frozen=True)
@@ -101,7 +118,7 @@ class InstallReport:
 
     version: int | None
     bundle_sha256: str | None
-    state: str  # an agent.install_state value, or "downloading" progress
+    state: str  # an InstallState value (protocol.install_states)
     reason: str | None = None
     detail: str | None = None
     progress: float | None = None  # fraction of the bundle fetched, while downloading
@@ -120,11 +137,17 @@ class Reported:
 
 @dataclass(frozen=True)
 class Event:
-    """Something that happened on a device, for the server's event log."""
+    """Something that happened on a device, for the server's event log.
+
+    ``seq`` numbers the device's outgoing messages, telemetry and events alike (unique per
+    device, increasing): the server stores an event whose (device, seq) it already has only
+    once. None for an event sent outside that sequence (the MQTT will, an older agent).
+    """
 
     kind: str
     at: float
     detail: Mapping[str, Any] = field(default_factory=dict)
+    seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -207,7 +230,7 @@ def decode_desired(payload: bytes) -> Desired:
 
 def decode_reported(payload: bytes) -> Reported:
     """Parse a ``reported`` message."""
-    obj = _message(payload, "reported")
+    obj = _message(payload, "reported", MAX_REPORTED_BYTES)
     models = {_name(n): ModelReport(
         version=_int(_as_dict(m, f"models.{n}"), "version"),
         bundle_sha256=_opt_sha(m, "bundle_sha256"), state=_str(m, "state"))
@@ -226,20 +249,25 @@ def decode_reported(payload: bytes) -> Reported:
 
 
 def decode_event(payload: bytes) -> Event:
-    """Parse an ``events`` message."""
-    obj = _message(payload, "event")
-    return Event(kind=_str(obj, "kind"), at=_float(obj, "at"), detail=_dict(obj, "detail"))
+    """Parse an ``events`` message; its kind must be one a device may send
+    (:data:`DEVICE_EVENT_KIND`)."""
+    obj = _message(payload, "event", MAX_EVENT_BYTES)
+    kind = _str(obj, "kind")
+    if not DEVICE_EVENT_KIND.fullmatch(kind):
+        raise ProtocolError(f"event kind {kind[:64]!r} is not one a device may send")
+    return Event(kind=kind, at=_float(obj, "at"), detail=_dict(obj, "detail"),
+                 seq=_opt_int(obj, "seq"))
 
 
 def decode_telemetry(payload: bytes) -> Telemetry:
     """Parse a ``telemetry`` message."""
-    obj = _message(payload, "telemetry")
+    obj = _message(payload, "telemetry", MAX_TELEMETRY_BYTES)
     return Telemetry(seq=_int(obj, "seq"), at=_float(obj, "at"), metrics=_dict(obj, "metrics"))
 
 
 def decode_chunk_request(payload: bytes) -> ChunkRequest:
     """Parse a chunk request; the length must be 1 byte to 4 MiB."""
-    obj = _message(payload, "chunk request")
+    obj = _message(payload, "chunk request", MAX_CHUNK_REQUEST_BYTES)
     request = ChunkRequest(bundle_sha256=_sha(obj, "bundle_sha256"),
                            offset=_int(obj, "offset"), length=_int(obj, "length"))
     if not 0 < request.length <= _MAX_CHUNK_BYTES:
@@ -247,7 +275,10 @@ def decode_chunk_request(payload: bytes) -> ChunkRequest:
     return request
 
 
-def _message(payload: bytes, what: str) -> dict[str, Any]:
+def _message(payload: bytes, what: str, max_bytes: int | None = None) -> dict[str, Any]:
+    if max_bytes is not None and len(payload) > max_bytes:
+        raise ProtocolError(f"{what} of {len(payload)} bytes exceeds the {max_bytes // 1024} "
+                            "KiB limit of its kind")
     obj = _object(payload, what)
     version = obj.get("protocol")
     if version != PROTOCOL_VERSION:
@@ -261,6 +292,8 @@ def _object(payload: bytes, what: str) -> dict[str, Any]:
         obj = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"{what} is not JSON ({exc})") from None
+    except RecursionError:
+        raise ProtocolError(f"{what} nests JSON too deeply") from None
     return _as_dict(obj, what)
 
 
@@ -276,8 +309,9 @@ def _dict(obj: Mapping[str, Any], key: str) -> dict[str, Any]:
 
 def _int(obj: Mapping[str, Any], key: str) -> int:
     value = obj.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ProtocolError(f"field {key!r} must be a non-negative integer, not {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_INT:
+        raise ProtocolError(f"field {key!r} must be an integer from 0 to 2**63 - 1, not "
+                            f"{value!r}"[:200])
     return value
 
 
@@ -287,9 +321,14 @@ def _opt_int(obj: Mapping[str, Any], key: str) -> int | None:
 
 def _float(obj: Mapping[str, Any], key: str) -> float:
     value = obj.get(key)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ProtocolError(f"field {key!r} must be a number, not {value!r}")
-    return float(value)
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(
+            value, bool) else math.nan
+    except OverflowError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise ProtocolError(f"field {key!r} must be a finite number, not {value!r}"[:200])
+    return number
 
 
 def _str(obj: Mapping[str, Any], key: str) -> str:
@@ -315,6 +354,6 @@ def _opt_sha(obj: Mapping[str, Any], key: str) -> str | None:
 
 
 def _name(name: str) -> str:
-    if not MODEL_NAME.fullmatch(name):
+    if not is_valid_name(name):
         raise ProtocolError(f"model name {name!r} is not valid")
     return name

@@ -1,20 +1,20 @@
-"""MQTT connection setup shared by the fleet server and the agent.
+"""MQTT connection set-up shared by the fleet server and the agent: the paho adapter.
 
-One place decides how an edgefleet party talks to the broker, so the server and every
-device agree: the topic tree (and which part of it a device may use, which the broker's
-ACL enforces), mutual TLS with the fleet CA, client id = certificate CN, and a persistent
-session (QoS 1 messages published while a client is away wait for it on the broker).
-docs/transport.md describes the protocol this module sets up.
-
-Unlike the rest of :mod:`bundle`, this module needs paho-mqtt; the agent and server extras
-install it, and nothing else in :mod:`bundle` imports this module.
+One place decides how an edgefleet party connects to the broker, so the server and every
+device agree: mutual TLS with the fleet CA, client id = certificate CN, and a persistent
+session (QoS 1 messages published while a client is away wait for it on the broker). The
+topic tree is :mod:`protocol.topics`; the payloads :mod:`protocol.messages`;
+docs/transport.md describes both. This is the only module of the project's shared
+packages that imports paho-mqtt (the agent and server extras install it).
 """
 
 from __future__ import annotations
 
 import ssl
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from paho.mqtt.client import Client
@@ -22,48 +22,25 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .identity import certificate_common_name
+from protocol.defaults import MQTTS_PORT
+
+from .x509 import certificate_common_name
 
 __all__ = [
-    "DEFAULT_PORT",
-    "DEVICE_READS",
-    "DEVICE_WRITES",
     "BrokerAddress",
     "ClientSettings",
     "TLSIdentity",
     "close_client",
     "create_client",
-    "device_topic",
-    "fleet_topic_filter",
     "tls_context",
 ]
-
-#: IANA port of MQTT over TLS.
-DEFAULT_PORT = 8883
-
-#: Topic leaves under ``edgefleet/{fleet}/devices/{device}/`` a device may subscribe to
-#: (server -> device) and publish to (device -> server); the broker's ACL grants exactly
-#: these, with the device's certificate CN as ``{device}``.
-DEVICE_READS = ("desired", "inbox/#")
-DEVICE_WRITES = ("reported", "telemetry", "events", "outbox/#")
-
-
-def device_topic(fleet: str, device_id: str, leaf: str) -> str:
-    """The topic (or filter, if ``leaf`` has wildcards) ``leaf`` of one device."""
-    return f"edgefleet/{fleet}/devices/{device_id}/{leaf}"
-
-
-def fleet_topic_filter(fleet: str) -> str:
-    """The filter matching every topic of a fleet (what the fleet server may use)."""
-    return f"edgefleet/{fleet}/#"
-
 
 @dataclass(frozen=True)
 class BrokerAddress:
     """Where the broker listens for TLS connections."""
 
     host: str
-    port: int = DEFAULT_PORT
+    port: int = MQTTS_PORT
 
     @classmethod
     def from_url(cls, url: str) -> BrokerAddress:
@@ -84,7 +61,7 @@ class BrokerAddress:
         if parts.username or parts.password or parts.path.strip("/") or parts.query:
             raise ValueError(f"broker URL {url!r} has a user, path or query; clients "
                              "authenticate with certificates: use only mqtts://host[:port]")
-        return cls(parts.hostname, port or DEFAULT_PORT)
+        return cls(parts.hostname, port or MQTTS_PORT)
 
     @property
     def url(self) -> str:
@@ -175,14 +152,39 @@ def create_client(settings: ClientSettings) -> Client:
     return client
 
 
-def close_client(client: Client) -> None:
-    """Disconnect ``client``, stop its network thread and release its sockets now.
+def close_client(client: Client, timeout: float = 5.0) -> None:
+    """Disconnect ``client`` cleanly, stop its network thread and drop its callbacks.
+
+    Waits (at most ``timeout`` seconds) until the DISCONNECT is on the wire: paho sends what
+    is queued (acknowledgements included) only from its network thread, and stopping that
+    thread at once would drop them, so the broker would deliver acknowledged messages
+    again and treat the clean stop as a lost connection. Do not call it from a callback.
 
     paho keeps the socket pair that wakes its network loop open until the client object is
-    garbage-collected, which for a client in a reference cycle (callbacks bound to an
-    object that holds the client) is whenever the cycle collector runs; paho 2.x has no
-    public call to release it, so this one uses its internal reset.
+    freed. A client whose callbacks are bound methods of the object that holds it sits in a
+    reference cycle, freed only whenever the cycle collector runs (a ResourceWarning then).
+    Dropping the callbacks breaks that cycle, so the client's sockets close as soon as its
+    owner lets go of it; paho 2.x has no public call that closes them directly.
     """
-    client.disconnect()
+    sent = threading.Event()
+    if client.is_connected():
+        previous = client.on_disconnect
+
+        def on_disconnect(*args: Any) -> None:
+            sent.set()
+            if previous is not None:
+                previous(*args)
+
+        client.on_disconnect = on_disconnect
+        client.disconnect()
+        sent.wait(timeout)
+    else:
+        client.disconnect()
     client.loop_stop()
-    client._reset_sockets()  # private, see the docstring
+    for callback in _CALLBACKS:
+        setattr(client, callback, None)
+
+
+#: Every paho 2.x callback property an owner may have set.
+_CALLBACKS = ("on_connect", "on_connect_fail", "on_disconnect", "on_message", "on_publish",
+              "on_subscribe", "on_unsubscribe", "on_log", "on_pre_connect")

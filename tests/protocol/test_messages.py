@@ -5,13 +5,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bundle.errors import ProtocolError
-from bundle.protocol import (
+from protocol.errors import ProtocolError
+from protocol.messages import (
+    MAX_CHUNK_REQUEST_BYTES,
+    MAX_EVENT_BYTES,
+    MAX_REPORTED_BYTES,
+    MAX_TELEMETRY_BYTES,
     Chunk,
     ChunkRequest,
     Desired,
@@ -43,6 +48,8 @@ def test_round_trips() -> None:
     assert decode_reported(encode(reported)) == reported
     event = Event("install.failed", 3.0, {"model": "digits"})
     assert decode_event(encode(event)) == event
+    numbered = Event("install.failed", 3.0, {"model": "digits"}, seq=2**63 - 1)
+    assert decode_event(encode(numbered)) == numbered
     sample = Telemetry(17, 3.5, {"cpu": 1.5})
     assert decode_telemetry(encode(sample)) == sample
     request = ChunkRequest(SHA, 0, 4096)
@@ -78,7 +85,7 @@ def test_a_corrupted_chunk_is_refused() -> None:
     (json.dumps({"protocol": 1, "models": {"Bad/Name": {}}, "issued_at": 1}).encode(),
      "model name 'Bad/Name' is not valid"),
     (json.dumps({"protocol": 1, "models": {"m": {"version": -1}}, "issued_at": 1}).encode(),
-     "'version' must be a non-negative integer"),
+     "'version' must be an integer from 0"),
     (json.dumps({"protocol": 1, "models": {"m": {"version": 1, "bundle_sha256": "ab",
                                                  "size": 1}}, "issued_at": 1}).encode(),
      "64 lowercase hex"),
@@ -95,9 +102,65 @@ def test_chunk_request_limits() -> None:
         decode_chunk_request(encode(ChunkRequest(SHA, 0, 5 * 2**20)))
 
 
+def test_an_event_seq_is_optional_and_must_fit_a_signed_64_bit_integer() -> None:
+    with pytest.raises(ProtocolError, match="2\\*\\*63 - 1"):
+        decode_event(encode(Event("install.staged", 1.0, {}, seq=2**70)))
+    with pytest.raises(ProtocolError, match="integer"):
+        decode_event(b'{"protocol": 1, "kind": "offline", "at": 1, "seq": "5"}')
+    # An event from an agent before seq existed, or the MQTT will.
+    assert decode_event(b'{"protocol": 1, "kind": "offline", "at": 1}').seq is None
+
+
 @given(st.binary(max_size=200))
 def test_decoders_raise_only_protocol_errors(payload: bytes) -> None:
     for decode in (decode_desired, decode_reported, decode_event, decode_telemetry,
                    decode_chunk_request, decode_chunk):
         with contextlib.suppress(ProtocolError):
             decode(payload)
+
+
+_DECODERS = (decode_desired, decode_reported, decode_event, decode_telemetry,
+             decode_chunk_request)
+
+
+@pytest.mark.parametrize("decode", _DECODERS)
+def test_deep_nesting_is_a_protocol_error(decode: Callable[[bytes], object]) -> None:
+    deep = b'{"protocol": 1, "x": ' + b"[" * 1500 + b"]" * 1500 + b"}"
+    with pytest.raises(ProtocolError, match="nests JSON too deeply"):
+        decode(deep)
+
+
+@pytest.mark.parametrize(("decode", "limit"), [
+    (decode_reported, MAX_REPORTED_BYTES), (decode_event, MAX_EVENT_BYTES),
+    (decode_telemetry, MAX_TELEMETRY_BYTES), (decode_chunk_request, MAX_CHUNK_REQUEST_BYTES)])
+def test_each_kind_has_a_size_limit(decode: Callable[[bytes], object], limit: int) -> None:
+    payload = b'{"protocol": 1, "pad": "' + b"x" * limit + b'"}'
+    with pytest.raises(ProtocolError, match="exceeds the"):
+        decode(payload)
+
+
+@pytest.mark.parametrize("seq", [2**63, 2**70, -1])
+def test_integers_fit_a_bigint(seq: int) -> None:
+    payload = json.dumps({"protocol": 1, "seq": seq, "at": 1.0, "metrics": {}}).encode()
+    with pytest.raises(ProtocolError, match="2\\*\\*63"):
+        decode_telemetry(payload)
+
+
+@pytest.mark.parametrize("at", ["1e999", "NaN", "Infinity", str(10**400)])
+def test_times_are_finite(at: str) -> None:
+    payload = f'{{"protocol": 1, "kind": "offline", "at": {at}, "detail": {{}}}}'.encode()
+    with pytest.raises(ProtocolError, match="finite number"):
+        decode_event(payload)
+
+
+@pytest.mark.parametrize("kind", ["device.enrolled", "desired.set", "install", "INSTALL.x",
+                                  "install.committed\n", "rollout.halted", ""])
+def test_devices_send_only_device_event_kinds(kind: str) -> None:
+    with pytest.raises(ProtocolError):
+        decode_event(encode(Event(kind, 1.0, {})))
+
+
+@pytest.mark.parametrize("kind", ["offline", "protocol_error", "fetch.started", "fetch.failed",
+                                  "install.committed", "install.rolled_back"])
+def test_device_event_kinds(kind: str) -> None:
+    assert decode_event(encode(Event(kind, 1.0, {}))).kind == kind

@@ -16,11 +16,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from bundle.atomic import write_atomic
 from bundle.crypto import public_key_from_bytes
 from bundle.errors import BundleError
 from bundle.manifest import TensorSpec, self_tests_from_obj, tensor_specs_from_obj
 from bundle.signing import ArtifactInput, BundleSpec, build_bundle
+from common.atomic import write_atomic
 
 from .errors import BundleInputError
 from .keys import KeyStore, RepositoryState

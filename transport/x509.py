@@ -1,11 +1,11 @@
-"""Device identity: names, the device's key and certificate signing request, fingerprints.
+"""X.509 device identity: the device's key and certificate signing request, fingerprints.
 
 Shared because both sides handle the same certificates: the agent makes its key and CSR at
 enrollment (the private key never leaves the device), the fleet CA signs the CSR
 (:mod:`fleet_server.ca`), and both refer to a certificate by its fingerprint. The broker
 takes a client's certificate common name (CN) as its MQTT user name, so a device id is
-also a topic level (docs/transport.md): :func:`check_name` keeps it to characters that
-are safe there.
+also a topic level (docs/transport.md): :func:`protocol.names.check_name` keeps it to
+characters that are safe there.
 
 Invalid arguments raise ValueError with a message that says what to change.
 """
@@ -13,34 +13,19 @@ Invalid arguments raise ValueError with a message that says what to change.
 from __future__ import annotations
 
 import hashlib
-import re
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from protocol.names import check_name
+
 __all__ = [
-    "NAME_PATTERN",
     "certificate_common_name",
     "certificate_fingerprint",
-    "check_name",
     "make_device_key_and_csr",
 ]
-
-#: Device ids and fleet names: they become MQTT topic levels and certificate CNs, so no
-#: ``/``, ``+``, ``#`` or spaces, and at most 64 characters (the X.509 limit for a CN).
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-def check_name(name: str, what: str = "device id") -> str:
-    """Return ``name`` if it is a valid device id or fleet name; else raise ValueError."""
-    if not NAME_PATTERN.fullmatch(name):
-        raise ValueError(f"invalid {what} {name!r}: use 1 to 64 letters, digits, '.', '_' or "
-                         "'-', starting with a letter or digit (it becomes an MQTT topic "
-                         "level and a certificate common name)")
-    return name
-
 
 def make_device_key_and_csr(device_id: str) -> tuple[bytes, bytes]:
     """A new EC P-256 private key and a CSR for ``device_id``, both PEM.

@@ -1,0 +1,2 @@
+"""Small mechanisms every part of edgefleet uses: durable file writes
+(:mod:`common.atomic`) and command-line scaffolding (:mod:`common.cli`)."""

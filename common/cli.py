@@ -1,0 +1,90 @@
+"""Scaffolding the three command lines share: ``edge-agent``, ``edge-compress``, ``fleet``.
+
+Each builds its parser with :func:`new_parser` (``--version``, ``-v``, subcommands) and runs
+it with :func:`run`, which sets the log level and turns the errors a command expects into
+one line on stderr and exit code 1 (argparse already exits 2 on bad usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["Subcommands", "describe_os_error", "new_parser", "run"]
+
+Subcommands = argparse._SubParsersAction  # argparse's type for add_subparsers()' result
+
+_VERBOSE_FLAGS = frozenset({"-v", "-vv", "-vvv", "--verbose"})
+
+
+def new_parser(prog: str, description: str, version: str, epilog: str | None = None,
+               ) -> tuple[argparse.ArgumentParser, Subcommands[argparse.ArgumentParser]]:
+    """A top-level parser with ``--version`` and ``-v/--verbose``, and its subcommands."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-v info, -vv debug)")
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    return parser, subcommands
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+        expected: tuple[type[BaseException], ...],
+        describe: Callable[[BaseException], str] = str,
+        default_command: tuple[Subcommands[argparse.ArgumentParser], str] | None = None,
+        ) -> int:
+    """Parse ``argv``, configure logging and call the chosen subcommand's ``handler``.
+
+    An ``expected`` error ends the command with ``PROG: error: MESSAGE`` (``describe``
+    makes the message) and exit code 1, and so does an OSError no command translated (a file
+    it names that cannot be read or written: ``PROG: error: FILE: REASON``); Ctrl-C ends it
+    with 130; a closed output pipe quietly with 1.
+
+    ``default_command`` is ``(subcommands, name)``: when the first argument after the ``-v``
+    flags is neither a subcommand nor a help or version flag, ``name`` is inserted before
+    it, so the main job can be run without naming it.
+    """
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if default_command is not None:
+        subcommands, name = default_command
+        start = 0
+        while start < len(args_in) and args_in[start] in _VERBOSE_FLAGS:
+            start += 1
+        if start < len(args_in) and args_in[start] not in {
+                *subcommands.choices, "-h", "--help", "--version"}:
+            args_in.insert(start, name)
+    args = parser.parse_args(args_in)
+    logging.basicConfig(level=_log_level(args.verbose),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args))
+    except expected as exc:
+        print(f"{parser.prog}: error: {describe(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`... | head`): nothing more to say, and Python's flush of
+        # stdout at exit must not print a traceback either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:
+        # The user's environment, not a bug: a file or directory that cannot be used.
+        print(f"{parser.prog}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for ``exc``: the file it concerns (if any) and the system's reason."""
+    reason = exc.strerror or str(exc)
+    if exc.filename is None:
+        return reason
+    second = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+    return f"{exc.filename}{second}: {reason}"
+
+
+def _log_level(verbosity: int) -> int:
+    return {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)

@@ -1,0 +1,149 @@
+"""Desired state: which stored bundle each device should run per model, and rollback.
+
+Each change of one device's model pushes the previous value onto ``desired_history``;
+rollback pops it. ``ever_desired`` remembers every bundle a device was ever asked to run:
+the bundles the server lets it fetch. Rows of a selection are locked in id order, so two
+concurrent changes of overlapping groups on PostgreSQL neither lose an update nor deadlock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fleet_server.errors import RegistryError
+from protocol.messages import DesiredModel
+
+from .bundles import require_bundle
+from .database import Tx
+from .devices import desired_by_device
+from .events import EVENT_INSERT
+from .records import DesiredChange, desired_json
+from .values import SHA256_HEX, dumps
+
+__all__ = ["clear_desired", "roll_back", "set_desired", "was_desired"]
+
+#: SQLite allows 32766 host parameters per statement (999 before 3.32); stay well below.
+_IN_CHUNK = 500
+
+_Targets = list[tuple[str, dict[str, DesiredModel]]]
+
+
+def set_desired(tx: Tx, now: float, bundle_sha256: str, devices: Sequence[str] | None,
+                group: str | None) -> list[DesiredChange]:
+    """Ask the devices (or the group) to run this stored bundle; returns the changes."""
+    bundle = require_bundle(tx, bundle_sha256)
+    return _change(tx, now, _lock_targets(tx, devices, group), model=bundle.name,
+                   target=bundle.desired, kind="desired.set")
+
+
+def clear_desired(tx: Tx, now: float, model: str, devices: Sequence[str] | None,
+                  group: str | None) -> list[DesiredChange]:
+    """Stop asking the devices (or the group) to run ``model``; returns the changes."""
+    return _change(tx, now, _lock_targets(tx, devices, group), model=model, target=None,
+                   kind="desired.cleared")
+
+
+def roll_back(tx: Tx, now: float, devices: Sequence[str] | None, group: str | None,
+              model: str | None) -> list[DesiredChange]:
+    """Undo each device's last change (of ``model`` only, if given); RegistryError if no
+    selected device has one."""
+    targets = _lock_targets(tx, devices, group)
+    model_filter = " AND model = ?" if model is not None else ""
+    changes: list[DesiredChange] = []
+    popped: list[tuple[int]] = []
+    bundles: dict[str, DesiredModel] = {}
+    for device_id, desired in targets:
+        params = (device_id, model) if model is not None else (device_id,)
+        top = tx.one("SELECT id, model, previous_sha256 FROM desired_history "
+                     f"WHERE device_id = ?{model_filter} ORDER BY id DESC LIMIT 1", params)
+        if top is None:
+            continue
+        entry_id, entry_model, previous = top
+        if previous is not None and previous not in bundles:
+            bundles[previous] = require_bundle(tx, previous).desired
+        changes.append(DesiredChange(device_id, entry_model, desired.get(entry_model),
+                                     None if previous is None else bundles[previous]))
+        popped.append((entry_id,))
+    if not changes:
+        what = f"model {model!r} of " if model is not None else ""
+        raise RegistryError(f"nothing to roll back: {what}the selected devices have no "
+                            "earlier desired state")
+    _write(tx, now, changes, "desired.rolled_back")
+    tx.many("DELETE FROM desired_history WHERE id = ?", popped)
+    return changes
+
+
+def was_desired(tx: Tx, device_id: str, bundle_sha256: str) -> bool:
+    """Whether this bundle is, or at some time was, in the device's desired state."""
+    sha = bundle_sha256.lower()
+    if not SHA256_HEX.fullmatch(sha):
+        return False
+    return tx.one("SELECT 1 FROM ever_desired WHERE device_id = ? AND bundle_sha256 = ?",
+                  (device_id, sha)) is not None
+
+
+def _lock_targets(tx: Tx, devices: Sequence[str] | None, group: str | None) -> _Targets:
+    """(id, desired) of the selected devices, rows locked, in id order."""
+    lock = tx.dialect.for_update
+    if (devices is None) == (group is None):
+        raise RegistryError("select devices either by a list of ids or by a group, not both "
+                            "and not neither")
+    if group is not None:
+        ids = [r[0] for r in tx.all(f"SELECT id FROM devices WHERE group_name = ? "
+                                    f"ORDER BY id{lock}", (group,))]
+        if not ids:
+            raise RegistryError(f"group {group!r} has no devices; check the group name")
+        desired = desired_by_device(
+            tx, "WHERE device_id IN (SELECT id FROM devices WHERE group_name = ?)", (group,))
+        return [(i, desired.get(i, {})) for i in ids]
+    assert devices is not None
+    if isinstance(devices, str):
+        # A bare string is a sequence of characters: almost certainly devices=["id"] meant.
+        raise RegistryError(f"devices must be a list of ids, got the string {devices!r}")
+    wanted = sorted(set(devices))
+    if not wanted:
+        raise RegistryError("no devices given; pass at least one device id or a group")
+    ids = []
+    desired = {}
+    for start in range(0, len(wanted), _IN_CHUNK):
+        chunk = wanted[start:start + _IN_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        ids += [r[0] for r in tx.all(f"SELECT id FROM devices WHERE id IN ({marks}) "
+                                     f"ORDER BY id{lock}", chunk)]
+        desired.update(desired_by_device(tx, f"WHERE device_id IN ({marks})", chunk))
+    missing = sorted(set(wanted) - set(ids))
+    if missing:
+        raise RegistryError(f"unknown device(s): {', '.join(missing)}; enroll them first or "
+                            "fix the list (nothing was changed)")
+    return [(i, desired.get(i, {})) for i in ids]
+
+
+def _change(tx: Tx, now: float, targets: _Targets, *, model: str,
+            target: DesiredModel | None, kind: str) -> list[DesiredChange]:
+    """Set ``model`` to ``target`` on each device, pushing the old value onto the history."""
+    changes = [DesiredChange(device_id, model, desired.get(model), target)
+               for device_id, desired in targets if desired.get(model) != target]
+    tx.many("INSERT INTO desired_history (device_id, model, previous_sha256, at) "
+            "VALUES (?, ?, ?, ?)",
+            [(c.device, model, None if c.before is None else c.before.bundle_sha256, now)
+             for c in changes])
+    _write(tx, now, changes, kind)
+    return changes
+
+
+def _write(tx: Tx, now: float, changes: list[DesiredChange], kind: str) -> None:
+    """Apply ``changes`` (at most one per device and model), with an event each."""
+    tx.many("DELETE FROM desired_models WHERE device_id = ? AND model = ?",
+            [(c.device, c.model) for c in changes if c.after is None])
+    rows = [(c.device, c.model, c.after.bundle_sha256) for c in changes if c.after is not None]
+    tx.many("INSERT INTO desired_models (device_id, model, bundle_sha256) VALUES (?, ?, ?) "
+            "ON CONFLICT (device_id, model) DO UPDATE SET bundle_sha256 = excluded.bundle_sha256",
+            rows)
+    tx.many("INSERT INTO ever_desired (device_id, bundle_sha256) VALUES (?, ?) "
+            "ON CONFLICT (device_id, bundle_sha256) DO NOTHING",
+            [(device_id, sha) for device_id, _, sha in rows])
+    tx.many(EVENT_INSERT, [(now, c.device, kind, dumps({
+        "model": c.model,
+        "before": None if c.before is None else desired_json(c.before),
+        "after": None if c.after is None else desired_json(c.after)}, "event detail"))
+        for c in changes])

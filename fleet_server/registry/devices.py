@@ -1,0 +1,202 @@
+"""Devices: enrollment, group and tags, online state, and what each one reports running.
+
+A device's report is parsed once, here, by the protocol's decoder: the models it runs go to
+``reported_models`` (typed: what convergence reads), and the report itself, the JSON object
+the device sent, to ``devices.reported`` for display.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from fleet_server.errors import RegistryError
+from protocol.errors import ProtocolError
+from protocol.messages import DesiredModel, ModelReport, decode_reported
+
+from .database import Tx
+from .events import log_event
+from .records import Device
+from .values import SHA256_HEX, check_device_id, check_label, clean_tags
+
+__all__ = ["desired_by_device", "device_filter", "enroll_device", "load_device", "load_devices",
+           "lock_device", "mark_seen", "set_online", "set_reported", "update_device"]
+
+_COLUMNS = ("id, group_name, profile, cert_fingerprint, enrolled_at, last_seen, online, "
+            "reported, reported_at")
+#: A desired model is a row of desired_models with its bundle's version and size.
+_DESIRED_COLUMNS = "device_id, model, version, sha256, size"
+_DESIRED_FROM = "desired_models JOIN bundles ON sha256 = bundle_sha256"
+
+
+def enroll_device(tx: Tx, now: float, device_id: str, *, group: str, profile: str,
+                  cert_fingerprint: str, tags: Iterable[str]) -> Device:
+    """A new device, or a known one enrolling again: identity replaced, models kept."""
+    check_device_id(device_id)
+    check_label("group", group)
+    check_label("profile", profile)
+    fingerprint = cert_fingerprint.lower()
+    if not SHA256_HEX.fullmatch(fingerprint):
+        raise RegistryError(f"certificate fingerprint {cert_fingerprint!r} is not a "
+                            "SHA-256 hex digest (64 hex digits)")
+    tag_list = clean_tags(tags)
+    known = tx.one("SELECT id FROM devices WHERE id = ?", (device_id,)) is not None
+    tx.run("INSERT INTO devices (id, group_name, profile, cert_fingerprint, enrolled_at, "
+           "last_seen, online, reported, reported_at) VALUES (?, ?, ?, ?, ?, NULL, ?, '{}', NULL) "
+           "ON CONFLICT (id) DO UPDATE SET group_name = excluded.group_name, "
+           "profile = excluded.profile, cert_fingerprint = excluded.cert_fingerprint, "
+           "enrolled_at = excluded.enrolled_at",
+           (device_id, group, profile, fingerprint, now, False))
+    _replace_tags(tx, device_id, tag_list)
+    log_event(tx, now, device_id, "device.enrolled",
+              {"group": group, "profile": profile, "cert_fingerprint": fingerprint,
+               "tags": list(tag_list), "again": known})
+    device = load_device(tx, device_id)
+    assert device is not None  # written in this transaction
+    return device
+
+
+def update_device(tx: Tx, now: float, device_id: str, *, group: str | None,
+                  tags: Iterable[str] | None, profile: str | None) -> Device:
+    """Change a device's group, tags (replaced as a whole) or profile."""
+    lock_device(tx, device_id)
+    changes: dict[str, Any] = {}
+    for column, key, value in (("group_name", "group", group), ("profile", "profile", profile)):
+        if value is not None:
+            check_label(key, value)
+            tx.run(f"UPDATE devices SET {column} = ? WHERE id = ?", (value, device_id))
+            changes[key] = value
+    if tags is not None:
+        changes["tags"] = list(_replace_tags(tx, device_id, clean_tags(tags)))
+    if changes:
+        log_event(tx, now, device_id, "device.updated", changes)
+    device = load_device(tx, device_id)
+    assert device is not None  # written in this transaction
+    return device
+
+
+def set_online(tx: Tx, now: float, device_id: str, online: bool) -> None:
+    """A connect (also bumps ``last_seen``) or a disconnect; an event when it changes."""
+    was = lock_device(tx, device_id)
+    if online:
+        tx.run("UPDATE devices SET online = ?, last_seen = ? WHERE id = ?",
+               (True, now, device_id))
+    else:
+        tx.run("UPDATE devices SET online = ? WHERE id = ?", (False, device_id))
+    if was != online:
+        log_event(tx, now, device_id, "device.online" if online else "device.offline", {})
+
+
+def mark_seen(tx: Tx, now: float, device_id: str) -> None:
+    """The device just sent something: it is online and was seen now."""
+    set_online(tx, now, device_id, True)
+
+
+def set_reported(tx: Tx, now: float, device_id: str, payload: bytes) -> None:
+    """Replace the device's report with ``payload`` (its ``reported`` message); it is online
+    and seen now. RegistryError if the payload is not a valid report."""
+    try:
+        report = decode_reported(payload)
+        # Kept as sent, for display: a JSON object (decode_reported checked it) in UTF-8.
+        document = payload.decode()
+    except (ProtocolError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"the report of device {device_id!r} is refused: {exc}") from exc
+    if not lock_device(tx, device_id):
+        log_event(tx, now, device_id, "device.online", {})
+    tx.run("UPDATE devices SET online = ?, last_seen = ?, reported = ?, reported_at = ? "
+           "WHERE id = ?", (True, now, document, now, device_id))
+    tx.run("DELETE FROM reported_models WHERE device_id = ?", (device_id,))
+    tx.many("INSERT INTO reported_models (device_id, model, version, bundle_sha256, state) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(device_id, name, m.version, m.bundle_sha256, m.state)
+             for name, m in sorted(report.models.items())])
+
+
+def lock_device(tx: Tx, device_id: str) -> bool:
+    """Lock the device's row; returns its online flag. RegistryError if it is unknown."""
+    row = tx.one(f"SELECT online FROM devices WHERE id = ?{tx.dialect.for_update}",
+                 (device_id,))
+    if row is None:
+        raise RegistryError(f"unknown device {device_id!r}; it must enroll first")
+    return bool(row[0])
+
+
+def device_filter(*, group: str | None, tag: str | None,
+                  online: bool | None) -> tuple[str, tuple[Any, ...]]:
+    """A WHERE clause over ``devices`` (and its parameters) for ``list_devices``."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if group is not None:
+        clauses.append("group_name = ?")
+        params.append(group)
+    if tag is not None:
+        clauses.append("id IN (SELECT device_id FROM device_tags WHERE tag = ?)")
+        params.append(tag)
+    if online is not None:
+        clauses.append("online = ?")
+        params.append(online)
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
+
+
+def load_device(tx: Tx, device_id: str) -> Device | None:
+    """The device with this id, or None."""
+    found = _load(tx, "WHERE id = ?", "WHERE device_id = ?", (device_id,), one_query=True)
+    return found[0] if found else None
+
+
+def load_devices(tx: Tx, where: str, params: Sequence[Any]) -> list[Device]:
+    """The devices ``where`` selects (a WHERE clause over ``devices``), in id order."""
+    # The other tables' rows of the same devices: all of them when none is filtered out.
+    among = f"WHERE device_id IN (SELECT id FROM devices {where})" if where else ""
+    return _load(tx, where, among, params, one_query=False)
+
+
+def _load(tx: Tx, where: str, among: str, params: Sequence[Any], *,
+          one_query: bool) -> list[Device]:
+    rows = tx.all(f"SELECT {_COLUMNS} FROM devices {where} ORDER BY id", params)
+    if not rows:
+        return []
+    # Tags, desired and reported models: for one device in one query (a round trip saved);
+    # for many, a query each (a UNION of many rows costs more than the round trips).
+    parts = [f"SELECT 't', device_id, tag, NULL, NULL, NULL, NULL FROM device_tags {among}",
+             f"SELECT 'd', {_DESIRED_COLUMNS}, NULL FROM {_DESIRED_FROM} {among}",
+             "SELECT 'r', device_id, model, version, bundle_sha256, NULL, state "
+             f"FROM reported_models {among}"]
+    related = (tx.all(" UNION ALL ".join(parts), (*params, *params, *params)) if one_query
+               else [row for part in parts for row in tx.all(part, params)])
+    tags: dict[str, list[str]] = {}
+    desired: dict[str, dict[str, DesiredModel]] = {}
+    running: dict[str, dict[str, ModelReport]] = {}
+    for kind, device_id, name, version, sha, size, state in related:
+        if kind == "t":
+            tags.setdefault(device_id, []).append(name)
+        elif kind == "d":
+            desired.setdefault(device_id, {})[name] = DesiredModel(int(version), sha, int(size))
+        else:
+            running.setdefault(device_id, {})[name] = ModelReport(int(version), sha, state)
+    return [Device(id=r[0], group=r[1], tags=tuple(sorted(tags.get(r[0], ()))), profile=r[2],
+                   cert_fingerprint=r[3], enrolled_at=float(r[4]),
+                   last_seen=None if r[5] is None else float(r[5]), online=bool(r[6]),
+                   desired=desired.get(r[0], {}), running=running.get(r[0], {}),
+                   reported=json.loads(r[7]),
+                   reported_at=None if r[8] is None else float(r[8]))
+            for r in rows]
+
+
+def desired_by_device(tx: Tx, where: str, params: Sequence[Any],
+                      ) -> dict[str, dict[str, DesiredModel]]:
+    """The desired models of the devices ``where`` selects (a WHERE clause over
+    ``desired_models``), by device id; a model's version and size are its bundle's."""
+    desired: dict[str, dict[str, DesiredModel]] = {}
+    for device_id, model, version, sha, size in tx.all(
+            f"SELECT {_DESIRED_COLUMNS} FROM {_DESIRED_FROM} {where}", params):
+        desired.setdefault(device_id, {})[model] = DesiredModel(int(version), sha, int(size))
+    return desired
+
+
+def _replace_tags(tx: Tx, device_id: str, tags: tuple[str, ...]) -> tuple[str, ...]:
+    tx.run("DELETE FROM device_tags WHERE device_id = ?", (device_id,))
+    tx.many("INSERT INTO device_tags (device_id, tag) VALUES (?, ?)",
+            [(device_id, t) for t in tags])
+    return tags

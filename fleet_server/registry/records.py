@@ -1,0 +1,139 @@
+"""What the registry returns: frozen records, and the one rule for convergence.
+
+What a device should run and what it reports running are the protocol's own records
+(:class:`protocol.messages.DesiredModel`, :class:`protocol.messages.ModelReport`, parsed
+once when the report arrives), so the server publishes and judges exactly what travels on
+the wire. The records here add what only the registry knows: enrollment, stored bundles,
+the event log's ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol.install_states import InstallState
+from protocol.messages import DesiredModel, ModelReport, Telemetry
+
+__all__ = ["BundleRecord", "DesiredChange", "Device", "EventRecord", "TelemetryRecord",
+           "desired_json", "is_converged"]
+
+
+@dataclass(frozen=True)
+class Device:
+    """One enrolled device, as the registry last recorded it.
+
+    ``desired`` is what the server wants it to run (model name -> the bundle, as published);
+    ``running`` is what the device last reported running (model name -> its report), and
+    ``reported`` that whole report as JSON, for display (``{}`` before the first one).
+    """
+
+    id: str
+    group: str
+    tags: tuple[str, ...]
+    profile: str
+    cert_fingerprint: str
+    enrolled_at: float
+    last_seen: float | None
+    online: bool
+    desired: Mapping[str, DesiredModel]
+    running: Mapping[str, ModelReport]
+    reported: Mapping[str, Any]
+    reported_at: float | None
+
+    @property
+    def converged(self) -> bool:
+        """Whether the device reports running everything it is asked to run. A device that
+        never reported has not converged, even to an empty desired state: nothing says it
+        runs what it should."""
+        return self.reported_at is not None and is_converged(self.desired, self.running)
+
+    def online_at(self, now: float, offline_after_s: float) -> bool:
+        """Whether the device counts as online at ``now``: connected by its last word and
+        heard from within ``offline_after_s`` (a lost will or a server that was down could
+        otherwise leave it online forever)."""
+        return (self.online and self.last_seen is not None
+                and now - self.last_seen <= offline_after_s)
+
+    def desired_json(self) -> dict[str, dict[str, Any]]:
+        """The desired models as the JSON object published to the device."""
+        return {name: desired_json(d) for name, d in sorted(self.desired.items())}
+
+
+@dataclass(frozen=True)
+class DesiredChange:
+    """One device's desired state for one model went from ``before`` to ``after``.
+
+    ``None`` means the model was absent (not desired)."""
+
+    device: str
+    model: str
+    before: DesiredModel | None
+    after: DesiredModel | None
+
+
+@dataclass(frozen=True)
+class BundleRecord:
+    """A stored bundle: the blob is ``path``, named by its content hash."""
+
+    sha256: str
+    name: str
+    version: int
+    size: int
+    path: Path
+    created_at: float
+
+    @property
+    def desired(self) -> DesiredModel:
+        """This bundle as a device's desired model."""
+        return DesiredModel(self.version, self.sha256, self.size)
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One entry of the append-only event log. ``device`` is None for fleet-wide events.
+
+    Not the protocol's :class:`~protocol.messages.Event`: the log also holds the server's own
+    events (enrollments, desired-state changes), stamped with the server's clock and an id
+    to poll from; a device's event is stored with its own time as ``detail.device_at``."""
+
+    id: int
+    at: float
+    device: str | None
+    kind: str
+    detail: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TelemetryRecord:
+    """A stored telemetry sample, as the device sent it, and the device it came from."""
+
+    device: str
+    sample: Telemetry
+
+
+def desired_json(model: DesiredModel) -> dict[str, Any]:
+    """A desired model as JSON: as the device receives it in its ``desired`` message."""
+    # Spelled out rather than dataclasses.asdict, which deep-copies and is ten times slower:
+    # a group rollout writes two of these per device into its events.
+    return {"version": model.version, "bundle_sha256": model.bundle_sha256, "size": model.size}
+
+
+def is_converged(desired: Mapping[str, DesiredModel],
+                 running: Mapping[str, ModelReport]) -> bool:
+    """Whether a device running ``running`` runs every desired model, committed.
+
+    Each desired model must be reported at the desired version, in state ``committed`` (a
+    model still in probation may yet roll back) and, when the device names its bundle, from
+    the desired bundle. Models the device runs but that are not desired do not count. No
+    desired models: converged.
+    """
+    for name, want in desired.items():
+        got = running.get(name)
+        if got is None or got.version != want.version or got.state != InstallState.COMMITTED:
+            return False
+        if got.bundle_sha256 is not None and got.bundle_sha256 != want.bundle_sha256:
+            return False
+    return True

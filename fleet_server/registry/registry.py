@@ -1,0 +1,290 @@
+"""The registry's front: :func:`open_registry` and :class:`Registry`, one method per operation.
+
+Each method validates nothing itself and holds no SQL: it reads the clock, opens one
+transaction on the :class:`~.database.Database` and calls the operation in the module of
+its concept (:mod:`.devices`, :mod:`.tokens`, :mod:`.bundles`, :mod:`.desired`,
+:mod:`.events`, :mod:`.telemetry`). So every public call is one transaction, and inside a
+:meth:`Registry.batch` one savepoint of the batch's transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fleet_server.errors import RegistryError
+from protocol.messages import Telemetry
+
+from . import bundles, desired, devices, events, telemetry, tokens
+from .bundle_store import BundleStore
+from .database import DEFAULT_MAX_CONNECTIONS, Database, Tx, open_database
+from .migrations import migrate
+from .records import BundleRecord, DesiredChange, Device, EventRecord, TelemetryRecord
+
+__all__ = ["Registry", "open_registry"]
+
+
+def open_registry(url: str | Path, *, blob_dir: Path | None = None,
+                  clock: Callable[[], float] = time.time,
+                  max_connections: int = DEFAULT_MAX_CONNECTIONS) -> Registry:
+    """Open the registry at ``url``, creating it or upgrading its schema if needed.
+
+    ``url`` is ``postgresql://user[:password]@host[:port]/database[?options=...]``
+    (``postgres://`` too), ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``,
+    or a plain file path (SQLite). ``blob_dir`` is where :meth:`Registry.put_bundle` stores
+    bundle files; ``clock`` returns the current Unix time (tests pass a fake one);
+    ``max_connections`` bounds the connection pool. Raises RegistryError when the URL is
+    unusable, the database cannot be opened or is newer than this code.
+    """
+    database = open_database(url, max_connections=max_connections)
+    try:
+        migrate(database)
+    except BaseException:
+        database.close()
+        raise
+    return Registry(database, store=None if blob_dir is None else BundleStore(blob_dir),
+                    clock=clock)
+
+
+class Registry:
+    """The fleet server's state. Use :func:`open_registry`; close it (or use ``with``).
+
+    Thread-safe: each call takes a pooled connection of its own. Several Registry objects,
+    processes or (on PostgreSQL) server replicas may share one database (docs/registry.md).
+    """
+
+    def __init__(self, database: Database, *, store: BundleStore | None,
+                 clock: Callable[[], float]) -> None:
+        """Wrap an open, migrated database; :func:`open_registry` is the public way in."""
+        self._db = database
+        self._store = store
+        self._clock = clock
+        self.dialect = database.dialect.name
+
+    @property
+    def blob_dir(self) -> Path | None:
+        """Where new bundle files are written (None: this registry cannot store bundles)."""
+        return None if self._store is None else self._store.directory
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connections; later calls raise RegistryError. Closing twice is fine."""
+        self._db.close()
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Make the calls this thread makes in the block one write transaction: one commit
+        (on SQLite, one fsync) for all of them instead of one each.
+
+        Each call inside still succeeds or fails as a whole (it runs in a savepoint), so a
+        refused call (RegistryError) changes nothing and the batch goes on. Everything is
+        committed together when the block ends, or nothing if the block raises or the
+        commit fails. Other threads' calls go on beside it on their own connections (on
+        SQLite their writes wait for it); batches do not nest.
+        """
+        with self._db.batch():
+            yield
+
+    def _tx(self, *, write: bool = False) -> contextlib.AbstractContextManager[Tx]:
+        return self._db.transaction(write=write)
+
+    # --- devices ---
+
+    def upsert_device(self, device_id: str, *, group: str, profile: str,
+                      cert_fingerprint: str, tags: Iterable[str] = ()) -> Device:
+        """Record an enrollment: a new device, or a known one enrolling again (new
+        certificate). Group, profile, fingerprint, tags and ``enrolled_at`` are replaced;
+        desired and reported state are kept, so a re-imaged device gets its models back."""
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            return devices.enroll_device(tx, now, device_id, group=group, profile=profile,
+                                         cert_fingerprint=cert_fingerprint, tags=tags)
+
+    def update_device(self, device_id: str, *, group: str | None = None,
+                      tags: Iterable[str] | None = None, profile: str | None = None) -> Device:
+        """Change a device's group, tags (replaced as a whole) or profile."""
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            return devices.update_device(tx, now, device_id, group=group, tags=tags,
+                                         profile=profile)
+
+    def get_device(self, device_id: str) -> Device | None:
+        """The device, or None if it never enrolled."""
+        with self._tx() as tx:
+            return devices.load_device(tx, device_id)
+
+    def list_devices(self, *, group: str | None = None, tag: str | None = None,
+                     online: bool | None = None) -> list[Device]:
+        """Devices in id order, optionally only one group's, one tag's, or (not) online."""
+        where, params = devices.device_filter(group=group, tag=tag, online=online)
+        with self._tx() as tx:
+            return devices.load_devices(tx, where, params)
+
+    def unconverged(self, *, group: str | None = None) -> list[Device]:
+        """Devices whose reported state does not (yet) match their desired state."""
+        return [d for d in self.list_devices(group=group) if not d.converged]
+
+    def set_online(self, device_id: str, online: bool) -> None:
+        """Record a connect (also bumps ``last_seen``) or a disconnect (the broker's will)."""
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            devices.set_online(tx, now, device_id, online)
+
+    def set_reported(self, device_id: str, payload: bytes) -> None:
+        """Store the report the device sent (its ``reported`` message, parsed here once by
+        ``protocol.messages``), replacing the previous one, and mark the device seen and
+        online. RegistryError for an unknown device or a payload that is not a report."""
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            devices.set_reported(tx, now, device_id, payload)
+
+    # --- enrollment tokens ---
+
+    def issue_token(self, group: str, ttl: float) -> str:
+        """A new one-time enrollment token for ``group``, valid for ``ttl`` seconds.
+
+        The plaintext is returned here only; the registry keeps its SHA-256."""
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            return tokens.issue_token(tx, now, group, ttl)
+
+    def redeem_token(self, token: str, device_id: str) -> str:
+        """Use up ``token`` for ``device_id``; returns the group it enrolls into.
+
+        Atomic: of any number of concurrent redeems of one token (threads, processes, server
+        replicas) exactly one succeeds. Raises RegistryError for an unknown, used or expired
+        token; a refused redeem changes nothing."""
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            return tokens.redeem_token(tx, now, token, device_id)
+
+    # --- bundles ---
+
+    def put_bundle(self, data: bytes, name: str, version: int) -> BundleRecord:
+        """Store a bundle file as ``<blob_dir>/<sha256>.efb`` and record it.
+
+        Idempotent: the same bytes again return the existing record (and restore its blob
+        file if it went missing or was damaged). Raises RegistryError when another bundle
+        already has this name and version, or when the same bytes were stored under another
+        name or version."""
+        if self._store is None:
+            raise RegistryError("this registry has no blob directory for bundle files; "
+                                "open it with open_registry(url, blob_dir=DIR)")
+        bundles.check_bundle(name, version)
+        sha = hashlib.sha256(data).hexdigest()
+        # Check before writing the file (a clash should not leave a file behind), write it
+        # outside the transaction (fsync of a large file should not hold the write lock),
+        # then record it, checking again. A crash in between leaves an unrecorded file whose
+        # name is its hash: harmless, and the next put of the same bytes reuses it.
+        with self._tx() as tx:
+            known = bundles.find_bundle(tx, sha, name, version)
+        # A known bundle is repaired where its record points, even if that is another
+        # (earlier) blob directory.
+        path = known.path if known is not None else self._store.path_for(sha)
+        self._store.save(data, sha, path)
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            return bundles.record_bundle(tx, now, sha, name, version, size=len(data), path=path)
+
+    def get_bundle(self, sha256: str) -> BundleRecord | None:
+        """The bundle with this content hash, or None."""
+        with self._tx() as tx:
+            return bundles.get_bundle(tx, sha256)
+
+    def list_bundles(self, name: str | None = None) -> list[BundleRecord]:
+        """Stored bundles by name then version, optionally of one model only."""
+        with self._tx() as tx:
+            return bundles.list_bundles(tx, name)
+
+    # --- desired state and rollback ---
+
+    def set_desired(self, bundle_sha256: str, *, devices: Sequence[str] | None = None,
+                    group: str | None = None) -> list[DesiredChange]:
+        """Ask the given devices, or every device of ``group``, to run this stored bundle
+        (its name is the model, its version the version), in one transaction.
+
+        Each device's previous value for the model is kept, so :meth:`rollback` can restore
+        it. Devices already at this bundle are left alone. Returns the changes made."""
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            return desired.set_desired(tx, now, bundle_sha256, devices, group)
+
+    def clear_desired(self, model: str, *, devices: Sequence[str] | None = None,
+                      group: str | None = None) -> list[DesiredChange]:
+        """Stop asking the devices (or ``group``) to run ``model``; rollback restores it."""
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            return desired.clear_desired(tx, now, model, devices, group)
+
+    def rollback(self, *, devices: Sequence[str] | None = None, group: str | None = None,
+                 model: str | None = None) -> list[DesiredChange]:
+        """Undo the last desired-state change of each device (of ``model`` only, if given),
+        for the given devices or every device of ``group``, in one transaction.
+
+        Changes form a stack per device and model: rolling back twice undoes two changes.
+        Devices with nothing to undo are skipped; RegistryError if none had anything."""
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            return desired.roll_back(tx, now, devices, group, model)
+
+    def was_desired(self, device_id: str, bundle_sha256: str) -> bool:
+        """Whether this bundle is, or at some time was, in the device's desired state.
+
+        The fleet server serves a device only such bundles, so a device cannot fetch blobs it
+        was never asked to run; rollbacks do not take that permission back."""
+        with self._tx() as tx:
+            return desired.was_desired(tx, device_id, bundle_sha256)
+
+    # --- events ---
+
+    def add_event(self, kind: str, *, device: str | None = None,
+                  detail: Mapping[str, Any] | None = None, seq: int | None = None) -> int:
+        """Append an event; returns its id. ``device`` need not be enrolled (a refused
+        connection is worth logging too). An event a device numbered (``seq``, unique per
+        device) is stored once: sent again, it is skipped and 0 is returned."""
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            return events.add_event(tx, now, kind, device, detail, seq=seq)
+
+    def events(self, since_id: int = 0, *, device: str | None = None,
+               limit: int = 1000, newest: bool = False) -> list[EventRecord]:
+        """Events with id greater than ``since_id`` in id order, at most ``limit`` of them
+        (the oldest ones, or with ``newest`` the newest), optionally of one device only.
+        Poll with the last id seen to follow the log."""
+        with self._tx() as tx:
+            return events.list_events(tx, since_id, device, limit, newest)
+
+    # --- telemetry ---
+
+    def add_telemetry(self, device_id: str, samples: Iterable[Telemetry]) -> int:
+        """Store a batch of a device's telemetry and mark it seen; returns how many samples
+        were new. A sample whose seq is already stored is skipped (the device re-sent its
+        buffer after a lost acknowledgement), so re-sending a batch never duplicates rows."""
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            return telemetry.add_telemetry(tx, now, device_id, samples)
+
+    def telemetry(self, device_id: str, *, since_seq: int = 0,
+                  limit: int = 1000) -> list[TelemetryRecord]:
+        """One device's samples with seq greater than ``since_seq``, in seq order."""
+        with self._tx() as tx:
+            return telemetry.list_telemetry(tx, device_id, since_seq, limit)
+
+    def latest_telemetry(self, *, group: str | None = None) -> dict[str, TelemetryRecord]:
+        """Each device's newest sample (highest seq), by device id; optionally one group's."""
+        with self._tx() as tx:
+            return telemetry.latest_telemetry(tx, group)
+
+    def prune_telemetry(self, *, before: float) -> int:
+        """Delete samples taken before ``before`` (Unix time); returns how many."""
+        with self._tx(write=True) as tx:
+            return telemetry.prune_telemetry(tx, before)

@@ -1,0 +1,52 @@
+"""Telemetry samples: stored once per (device, seq), read per device, pruned by age."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from protocol.messages import Telemetry
+
+from .database import Tx
+from .devices import mark_seen
+from .records import TelemetryRecord
+from .values import dumps
+
+__all__ = ["add_telemetry", "latest_telemetry", "list_telemetry", "prune_telemetry"]
+
+
+def add_telemetry(tx: Tx, now: float, device_id: str, samples: Iterable[Telemetry]) -> int:
+    """Store the samples a device has not sent before; returns how many were new."""
+    rows = [(device_id, s.seq, s.at, dumps(s.metrics, "telemetry metrics")) for s in samples]
+    mark_seen(tx, now, device_id)
+    return tx.many("INSERT INTO telemetry (device_id, seq, at, payload) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT (device_id, seq) DO NOTHING", rows)
+
+
+def list_telemetry(tx: Tx, device_id: str, since_seq: int, limit: int) -> list[TelemetryRecord]:
+    """One device's samples with seq greater than ``since_seq``, in seq order."""
+    rows = tx.all("SELECT device_id, seq, at, payload FROM telemetry "
+                  "WHERE device_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                  (device_id, since_seq, limit))
+    return [_record(r) for r in rows]
+
+
+def latest_telemetry(tx: Tx, group: str | None) -> dict[str, TelemetryRecord]:
+    """Each device's newest sample (highest seq), by device id; optionally one group's."""
+    where = "" if group is None else (
+        " AND t.device_id IN (SELECT id FROM devices WHERE group_name = ?)")
+    rows = tx.all("SELECT t.device_id, t.seq, t.at, t.payload FROM telemetry t "
+                  "WHERE t.seq = (SELECT MAX(seq) FROM telemetry m "
+                  f"WHERE m.device_id = t.device_id){where} ORDER BY t.device_id",
+                  () if group is None else (group,))
+    return {r[0]: _record(r) for r in rows}
+
+
+def prune_telemetry(tx: Tx, before: float) -> int:
+    """Delete samples taken before ``before`` (Unix time); returns how many."""
+    return tx.run("DELETE FROM telemetry WHERE at < ?", (before,))
+
+
+def _record(row: tuple[Any, ...]) -> TelemetryRecord:
+    return TelemetryRecord(row[0], Telemetry(int(row[1]), float(row[2]), json.loads(row[3])))

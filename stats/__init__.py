@@ -1,0 +1,11 @@
+"""Statistics shared by the agent (monitoring, shadow runs) and the fleet server (rollout
+gates, fleet aggregation): pure functions and small records over numpy arrays, no I/O.
+
+- :mod:`stats.histogram`: fixed-bin histograms that stream at constant memory and merge
+  across requests, devices and time; their JSON form is what devices report.
+- :mod:`stats.drift`: distances between two histograms on the same bins (PSI, binned KS).
+- :mod:`stats.bounds`: confidence bounds on rates from few observations (Wilson), so that
+  1 failure of 3 devices is judged as the weak evidence it is.
+"""
+
+from __future__ import annotations

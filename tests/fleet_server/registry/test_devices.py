@@ -1,0 +1,170 @@
+"""Devices: enrollment, updates, online state, reports and convergence, on both databases."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from fleet_server.errors import RegistryError
+from fleet_server.registry import Registry
+from protocol.install_states import InstallState
+from protocol.messages import DesiredModel, InstallReport, ModelReport, Reported, encode
+from tests.fleet_server.registry.helpers import (
+    FINGERPRINT,
+    Clock,
+    bundle,
+    enroll,
+    kinds,
+    report,
+)
+
+
+def test_upsert_get_and_list_devices(reg: Registry, clock: Clock) -> None:
+    enroll(reg, "gw-1", "lab", ("canary", "eu"))
+    enroll(reg, "gw-2", "lab", ("eu",))
+    enroll(reg, "cam-1", "field")
+    device = reg.get_device("gw-1")
+    assert device is not None
+    assert (device.group, device.tags, device.profile) == ("lab", ("canary", "eu"),
+                                                           "x86_64-avx2")
+    assert (device.cert_fingerprint, device.enrolled_at) == (FINGERPRINT, clock.now)
+    assert (device.online, device.last_seen, device.reported_at) == (False, None, None)
+    assert (dict(device.desired), dict(device.running), dict(device.reported)) == ({}, {}, {})
+    assert reg.get_device("nope") is None
+    assert [d.id for d in reg.list_devices()] == ["cam-1", "gw-1", "gw-2"]
+    assert [d.id for d in reg.list_devices(group="lab")] == ["gw-1", "gw-2"]
+    assert [d.id for d in reg.list_devices(tag="eu")] == ["gw-1", "gw-2"]
+    assert [d.id for d in reg.list_devices(group="lab", tag="canary")] == ["gw-1"]
+    assert reg.list_devices(group="nowhere") == []
+
+
+def test_enrolling_again_replaces_identity_and_keeps_desired_and_reported(
+        reg: Registry, clock: Clock) -> None:
+    enroll(reg, "gw-1", tags=("old",))
+    sha = bundle(reg)
+    reg.set_desired(sha, devices=["gw-1"])
+    reg.set_reported("gw-1", report(1, sha))
+    clock.now += 60
+    device = reg.upsert_device("gw-1", group="field", profile="arm64-neon",
+                               cert_fingerprint="CD" * 32, tags=["new", "new"])
+    assert (device.group, device.profile, device.tags) == ("field", "arm64-neon", ("new",))
+    assert (device.cert_fingerprint, device.enrolled_at) == ("cd" * 32, clock.now)
+    assert list(device.desired) == ["digits"]
+    assert device.converged
+    again = reg.events(device="gw-1")[-1]
+    assert (again.kind, again.detail["again"]) == ("device.enrolled", True)
+
+
+def test_update_device(reg: Registry) -> None:
+    enroll(reg, "gw-1", tags=("a",))
+    device = reg.update_device("gw-1", group="field", tags=["b", "c"])
+    assert (device.group, device.tags, device.profile) == ("field", ("b", "c"), "x86_64-avx2")
+    assert reg.list_devices(tag="a") == []
+    with pytest.raises(RegistryError, match="unknown device 'gw-9'; it must enroll first"):
+        reg.update_device("gw-9", group="x")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"device_id": "gw/1"}, "invalid device id 'gw/1'"),
+    ({"device_id": "+"}, "invalid device id"),
+    ({"device_id": "gw:1"}, "invalid device id"),
+    ({"device_id": "a" * 65}, "use 1 to 64 letters"),
+    ({"device_id": ""}, "invalid device id"),
+    ({"group": " lab"}, "invalid group ' lab'"),
+    ({"cert_fingerprint": "abc"}, "not a SHA-256 hex digest"),
+    ({"tags": "canary"}, "tags must be a list of strings"),
+    ({"tags": ["ok", ""]}, "invalid tag ''"),
+])
+def test_upsert_refuses_bad_input(reg: Registry, kwargs: dict[str, Any], message: str) -> None:
+    args: dict[str, Any] = {"device_id": "gw-1", "group": "lab", "profile": "p",
+                            "cert_fingerprint": FINGERPRINT, "tags": (), **kwargs}
+    with pytest.raises(RegistryError, match=message):
+        reg.upsert_device(args.pop("device_id"), **args)
+    assert reg.list_devices() == []
+
+
+def test_online_and_last_seen(reg: Registry, clock: Clock) -> None:
+    enroll(reg, "gw-1")
+    clock.now += 5
+    reg.set_online("gw-1", True)
+    reg.set_online("gw-1", True)  # no transition: no second event
+    seen = clock.now
+    clock.now += 5
+    reg.set_online("gw-1", False)
+    device = reg.get_device("gw-1")
+    assert device is not None
+    assert (device.online, device.last_seen) == (False, seen)
+    assert [d.id for d in reg.list_devices(online=False)] == ["gw-1"]
+    assert kinds(reg, "gw-1") == ["device.enrolled", "device.online", "device.offline"]
+    with pytest.raises(RegistryError, match="unknown device"):
+        reg.set_online("gw-9", True)
+
+
+def test_reports_are_parsed_once_and_kept_as_sent(reg: Registry, clock: Clock) -> None:
+    enroll(reg, "gw-0")
+    clock.now += 1
+    sent = Reported(profile="x86_64-avx2", agent_version="0.2.0",
+                    models={"digits": ModelReport(2, "a" * 64, "probation"),
+                            "local": ModelReport(7, None, "committed")},
+                    installs={"digits": InstallReport(2, "a" * 64, "probation")}, at=5.0)
+    # A newer agent's extra field is kept for display, and ignored.
+    payload = json.dumps({**json.loads(encode(sent)), "newer": [1]}).encode()
+    reg.set_reported("gw-0", payload)
+    device = reg.get_device("gw-0")
+    assert device is not None
+    assert (device.online, device.last_seen, device.reported_at) == (True, clock.now,
+                                                                      clock.now)
+    assert device.running == sent.models
+    assert device.reported == json.loads(payload)
+    assert kinds(reg, "gw-0") == ["device.enrolled", "device.online"]
+    # A new report replaces the old one whole: models it no longer names are gone.
+    reg.set_reported("gw-0", report(3, "b" * 64))
+    device = reg.get_device("gw-0")
+    assert device is not None
+    assert device.running == {"digits": ModelReport(3, "b" * 64, "committed")}
+    assert device.reported["installs"] == {}
+
+
+@pytest.mark.parametrize(("payload", "message"), [
+    (b"not json", "the report of device 'gw-0' is refused: reported is not JSON"),
+    (b'{"protocol": 1, "agent_version": "x", "at": 1, "models": {"digits": {}}}',
+     "refused: field 'version' must be an integer from 0"),
+    (b'{"protocol": 2}', "refused: reported has protocol version 2"),
+    (json.dumps({"protocol": 1, "agent_version": "x", "at": 1}).encode("utf-16"),
+     "refused: 'utf-8' codec can't decode"),  # JSON, but not the UTF-8 MQTT carries
+])
+def test_a_report_that_does_not_parse_is_refused_and_changes_nothing(
+        reg: Registry, payload: bytes, message: str) -> None:
+    enroll(reg, "gw-0")
+    reg.set_reported("gw-0", report(1))
+    with pytest.raises(RegistryError, match=message):
+        reg.set_reported("gw-0", payload)
+    device = reg.get_device("gw-0")
+    assert device is not None
+    assert device.running["digits"].version == 1
+    with pytest.raises(RegistryError, match="unknown device 'gw-9'"):
+        reg.set_reported("gw-9", report(1))
+
+
+def test_desired_reported_and_convergence(reg: Registry) -> None:
+    for i in range(3):
+        enroll(reg, f"gw-{i}")
+    sha = bundle(reg, version=2)
+    reg.set_desired(sha, devices=["gw-0", "gw-1"])
+    # gw-2 is asked for nothing but never reported: nothing says it runs what it should.
+    assert [d.id for d in reg.unconverged()] == ["gw-0", "gw-1", "gw-2"]
+    reg.set_reported("gw-0", report(2, sha, InstallState.PROBATION))
+    assert [d.id for d in reg.unconverged()] == ["gw-0", "gw-1", "gw-2"]
+    reg.set_reported("gw-0", report(2, sha))
+    reg.set_reported("gw-1", report(2, "f" * 64))  # the right version of another bundle
+    reg.set_reported("gw-2", report(1, sha))  # runs a model nobody asked of it: converged
+    assert [d.id for d in reg.unconverged()] == ["gw-1"]
+    assert [d.id for d in reg.unconverged(group="elsewhere")] == []
+    stored = reg.get_device("gw-0")
+    assert stored is not None
+    assert stored.converged
+    assert stored.desired == {"digits": DesiredModel(2, sha, len(b"digits v2"))}
+    assert stored.desired_json() == {"digits": {"version": 2, "bundle_sha256": sha,
+                                                "size": len(b"digits v2")}}
