@@ -33,11 +33,12 @@ EXTRAS = {
 # into a TensorFlow SavedModel, TensorFlow's converter makes the .tflite variants. Pinned
 # together because onnx2tf follows TensorFlow's internals closely; tf-keras, onnx-graphsurgeon,
 # sng4onnx and psutil are what onnx2tf imports without declaring them; onnxsim folds shape
-# arithmetic (exported attention's) that onnx2tf cannot convert otherwise. About 2 GB installed
-# but about 40 s to install, so "all" (what CI installs) includes it (docs/compressor.md).
+# arithmetic (exported attention's) that onnx2tf cannot convert otherwise; tf2onnx translates a
+# .tflite model given to edge-compress into ONNX. About 2 GB installed but about 40 s to
+# install, so "all" (what CI installs) includes it (docs/compressor.md).
 EXTRAS["tflite"] = [*EXTRAS["compressor"], "tensorflow==2.21.0", "tf-keras==2.21.0",
                     "onnx2tf==1.28.8", "onnx-graphsurgeon==0.6.1", "sng4onnx==2.0.1",
-                    "onnxsim==0.8.1", "psutil>=5.9"]
+                    "onnxsim==0.8.1", "tf2onnx==1.17.0", "psutil>=5.9"]
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 # Only for regenerating the committed reference models (scripts in models/); not part of "all"
 # because torch is large and nothing at run or test time needs it.

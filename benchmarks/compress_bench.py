@@ -1,231 +1,314 @@
-"""Compression benchmark: fp32 vs ``quantize_dynamic`` defaults vs edgefleet's choice.
+"""Compression benchmark: edgefleet's choice against the peers' standard post-training quantization.
 
-For each model (the committed digits CNN, and the ViT benchmark model built on demand by
-``models/build_bench_model.py``), in one run on this machine:
+For each model, in one run on this machine, side by side:
 
-- **fp32**: the trained model as exported;
-- **quantize_dynamic**: ``onnxruntime.quantization.quantize_dynamic(model, out)`` with its
-  defaults, the baseline a user would reach for;
-- **edgefleet**: what ``edge-compress MODEL --profile P`` chooses for this host's profile.
+- **fp32**: the model as given;
+- **edgefleet**: what ``edge-compress MODEL --profile P`` chooses for this host's profile;
+- **peers**, each with its standard post-training quantization and default settings:
+  onnxruntime's ``quantize_dynamic`` and ``quantize_static`` (after ``quant_pre_process``;
+  QDQ, per-channel, min-max), Microsoft Olive's OnnxDynamicQuantization and
+  OnnxStaticQuantization passes, Intel Neural Compressor's ``quantize`` with its default
+  dynamic and static configs; Olive and Neural Compressor where they are installed (each in
+  its own virtual environment under ``.peers-venv/``, see below), skipped with a line
+  otherwise. Static quantizers calibrate on the same calls edgefleet does.
 
-All three are timed interleaved (single sample, one thread) and evaluated on the same data;
-figures are printed as ratios against fp32 and against quantize_dynamic, with the targets
-from the design brief. Then structured pruning alone (no retraining) at several ratios on
-the ViT: measured latency gain against accuracy loss. Last, when the ``tflite`` extra is
-installed, the TFLite variants of both models beside the ONNX ones (size, accuracy, latency in
-LiteRT vs onnxruntime, all timed interleaved in one pool). Run::
+Every artifact is judged by edgefleet's own judge (the same data, the measure that fits the
+model's output, against the same fp32 reference) and timed in one interleaved pool (one call
+at a time, one thread). Compression runs as a child process each (``edge-compress`` itself,
+or ``benchmarks/compress_peers.py``), so its wall time and peak memory (the child's maximum
+resident set) are measured alike. The verdict per model: edgefleet's artifact is within the
+quality budget, and at least as fast (within 5%) as the fastest peer artifact of equal or
+better quality.
 
-    .venv/bin/pip install -e '.[models]'       # once, to build the ViT model (PyTorch)
-    .venv/bin/pip install -e '.[tflite]'       # for the TFLite section
-    .venv/bin/python benchmarks/compress_bench.py [--tflite-only]
+Models: the digits CNN (committed), the ViT (``models/build_bench_model.py``), the sentence
+encoder, the CRNN line recogniser and the streaming voice-activity detector (committed,
+``models/train_*.py``), and a ~100 MB encoder with random weights
+(``models/build_large_encoder.py``) for the 2-minute target. Generated models are built on
+demand (PyTorch, the ``models`` extra). Run::
+
+    .venv/bin/pip install -e '.[models]'           # once, to build the generated models
+    python3 -m venv .peers-venv/olive && .peers-venv/olive/bin/pip install olive-ai \\
+        onnxruntime==1.32.0 onnx==1.23.2 onnxscript         # optional peers
+    python3 -m venv .peers-venv/inc && .peers-venv/inc/bin/pip install \\
+        onnx-neural-compressor onnxruntime==1.32.0
+    .venv/bin/python benchmarks/compress_bench.py [--only NAME ...] [--rounds N]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from compressor.candidates import Judge
+from compressor.dataset import parse_state_pair, save_calls
+from compressor.errors import CompressorError, first_line
 from compressor.evaluate import (
-    ModelRunner,
-    accuracy,
-    load_eval_data,
+    calibration_calls,
+    first_call,
     measure_latency_interleaved,
-    open_runner,
-    predict,
+    run_dataset,
 )
-from compressor.passes import (
-    ConvertFp16,
-    ConvertTflite,
-    OptimizeGraph,
-    PassContext,
-    PruneChannels,
-    QuantizeDynamic,
-    QuantizeStatic,
-)
-from compressor.passes.tflite import tflite_unavailable
-from compressor.pipeline import CompressOptions, compress
-from firmware_profiles import best_profile, load_profiles, probe_host
+from compressor.job import CompressOptions, plan_job, resolve_labels, resolve_metrics
+from compressor.metrics import Quality, parse_metric
+from compressor.runner import ModelRunner, open_runner
+from firmware_profiles import best_profile, get_profile, load_profiles, probe_host
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
+GENERATED = MODELS / "generated"
+PEERS = {"ort-dynamic": None, "ort-static": None, "olive-dynamic": "olive",
+         "olive-static": "olive", "inc-dynamic": "inc", "inc-static": "inc"}
+BUDGET = 1.0  # quality points, as edge-compress's default --max-accuracy-drop
+LATENCY_TIE = 1.05
 
 
 @dataclass(frozen=True)
+class Bench:
+    """One model of the benchmark and how to judge it."""
+
+    name: str
+    model: Path
+    data: Path
+    metrics: tuple[str, ...] = ()  # --metric arguments
+    state: tuple[str, ...] = ()  # --state arguments
+    build: str | None = None  # script that generates the model, when it is not committed
+
+
+BENCHES = [
+    Bench("digits-cnn", MODELS / "digits_cnn.onnx", MODELS / "digits_data.npz"),
+    Bench("vit", GENERATED / "digits_vit.onnx", GENERATED / "digits_vit_data.npz",
+          build="build_bench_model.py"),
+    Bench("text-encoder", MODELS / "text_encoder.onnx", MODELS / "text_encoder_data.npz",
+          metrics=("sentence_embedding=embedding",)),
+    Bench("crnn", MODELS / "crnn.onnx", MODELS / "crnn_data.npz", metrics=("logits=ctc",)),
+    Bench("vad", MODELS / "vad.onnx", MODELS / "vad_data.npz", metrics=("prob=iou:0.5",),
+          state=("stateN=state",)),
+    Bench("large-encoder", GENERATED / "large_encoder.onnx",
+          GENERATED / "large_encoder_data.npz", metrics=("sentence_embedding=embedding",),
+          build="build_large_encoder.py"),
+]
+
+
+@dataclass
 class Row:
     """One artifact's figures."""
 
     name: str
-    size_bytes: int
-    accuracy: float
-    p50_ms: float
-    p99_ms: float
+    path: Path | None
+    seconds: float | None = None  # time to compress
+    peak_mb: float | None = None  # the compressing process's peak resident memory
+    quality: Quality | None = None
+    p50_ms: float | None = None
+    problem: str | None = None  # why there is no usable artifact
+    notes: list[str] = field(default_factory=list)
+
+
+def timed(argv: list[str], log: Path) -> tuple[int, float, float | None]:
+    """Run ``argv``; (exit status, wall seconds, peak resident MB of the process).
+
+    The peak comes from GNU time (``/usr/bin/time -f %M``), which forks the command from its
+    own small process: a child forked from this benchmark would count this process's pages
+    in its own maximum resident set. Without GNU time the peak is None.
+    """
+    peak_file = log.with_suffix(".peak")
+    gnu_time = Path("/usr/bin/time")
+    if gnu_time.is_file():
+        argv = [str(gnu_time), "-f", "%M", "-o", str(peak_file), *argv]
+    started = time.monotonic()
+    with log.open("wb") as sink:
+        done = subprocess.run(argv, stdout=sink, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, check=False)
+    seconds = time.monotonic() - started
+    lines = peak_file.read_text().split() if peak_file.is_file() else []
+    peak = int(lines[-1]) / 1024 if lines and lines[-1].isdigit() else None
+    return done.returncode, seconds, peak
+
+
+def last_line(log: Path) -> str:
+    """The log's last non-empty line, for a failure's reason."""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "no output"
 
 
 def ensure_bench_model() -> tuple[Path, Path]:
-    """The ViT model and its data, built (about 80 s, needs PyTorch) if missing."""
-    model = MODELS / "generated" / "digits_vit.onnx"
-    data = MODELS / "generated" / "digits_vit_data.npz"
-    if not model.is_file() or not data.is_file():
-        print("building the benchmark model (models/build_bench_model.py)...", flush=True)
-        subprocess.run([sys.executable, str(MODELS / "build_bench_model.py")], check=True)
-    return model, data
+    """The ViT model and its data, built if missing (agent_bench.py times it too)."""
+    vit = next(b for b in BENCHES if b.name == "vit")
+    if not ensure(vit):
+        raise SystemExit(f"cannot build {vit.model}; install the models extra")
+    return vit.model, vit.data
 
 
-def bench(model: Path, data_path: Path, profile_name: str, rounds: int) -> list[Row]:
-    """Measure fp32, quantize_dynamic defaults and edgefleet's choice for one model."""
-    from onnxruntime.quantization import quantize_dynamic
-
-    profiles = {p.name: p for p in load_profiles()}
-    with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
-        baseline = Path(tmp) / "quantize_dynamic.onnx"
-        quantize_dynamic(str(model), str(baseline))
-        started = time.monotonic()
-        report = compress(model, [profiles[profile_name]], Path(tmp) / "edgefleet",
-                          calibration=data_path, evaluation=data_path, options=CompressOptions())
-        print(f"  edge-compress took {time.monotonic() - started:.1f} s; chose "
-              f"{report['variants'][0]['candidate']}", flush=True)
-        chosen = Path(tmp) / "edgefleet" / report["variants"][0]["file"]
-        return measure_rows({"fp32": model, "quantize_dynamic": baseline,
-                             f"edgefleet ({report['variants'][0]['candidate']})": chosen},
-                            data_path, rounds)
+def ensure(bench: Bench) -> bool:
+    """Build a generated model if it is missing; False when that is not possible here."""
+    if bench.model.is_file() and bench.data.is_file():
+        return True
+    if bench.build is None:
+        return False
+    print(f"building {bench.model.name} (models/{bench.build})...", flush=True)
+    done = subprocess.run([sys.executable, str(MODELS / bench.build)], check=False,
+                          cwd=MODELS)
+    return done.returncode == 0 and bench.model.is_file()
 
 
-def bench_pruning(model: Path, data_path: Path, ratios: tuple[float, ...],
-                  rounds: int) -> list[Row]:
-    """fp32 (optimised) against the same graph with structured pruning at each ratio."""
-    with tempfile.TemporaryDirectory(prefix="prune-bench-") as tmp:
-        ctx = PassContext(workdir=Path(tmp), input_name="input")
-        base = OptimizeGraph().run(model, ctx).model
-        paths = {"fp32": base}
-        for ratio in ratios:
-            paths[f"channels -{ratio:.0%}"] = PruneChannels(ratio).run(base, ctx).model
-        return measure_rows(paths, data_path, rounds)
+def run_bench(bench: Bench, profile: str, rounds: int, work: Path) -> list[Row]:
+    """Compress with edgefleet and every peer, then judge and time all artifacts."""
+    metrics = dict(parse_metric(m) for m in bench.metrics)
+    options = CompressOptions(metrics=metrics,
+                              state=tuple(parse_state_pair(s) for s in bench.state))
+    job = plan_job(bench.model, [get_profile(profile)], bench.data, bench.data,
+                   options=options, progress=None)
+    reference_runner = open_runner(bench.model)
+    calls = calibration_calls(reference_runner, job.binding, job.calibration,
+                              options.calibration_samples)
+    calls_path = save_calls(calls, work / "calls.npz")
+    rows = [Row("fp32", bench.model)]
+    rows.append(edgefleet(bench, profile, work))
+    for tool, venv in PEERS.items():
+        rows.append(peer(tool, venv, bench.model, calls_path, work))
+    reference = run_dataset(reference_runner, job.binding, job.evaluation)
+    resolved = resolve_metrics(job.signature, job.binding, reference, metrics)
+    judge = Judge(job.binding, job.evaluation, reference, resolved,
+                  resolve_labels(job.evaluation, job.binding, resolved))
+    runners: dict[str, ModelRunner] = {}
+    for row in rows:
+        if row.path is None:
+            continue
+        try:
+            runners[row.name], row.quality = judge.load(row.path)
+        except CompressorError as exc:
+            row.problem = f"unusable: {first_line(exc)}"
+    latency = measure_latency_interleaved(runners, first_call(job.binding, job.evaluation),
+                                          rounds=rounds, iterations=50)
+    for row in rows:
+        if row.name in latency:
+            row.p50_ms = latency[row.name].p50_ms
+    return rows
 
 
-def measure_rows(paths: dict[str, Path], data_path: Path, rounds: int) -> list[Row]:
-    """Accuracy of each model file, and latency timed interleaved across all of them."""
-    data = load_eval_data(data_path)
-    assert data.y is not None, "benchmark data must be labelled"
-    runners: dict[str, ModelRunner] = {name: open_runner(p) for name, p in paths.items()}
-    latency = measure_latency_interleaved(runners, data.x[:1], rounds=rounds, iterations=50)
-    return [Row(name, path.stat().st_size, accuracy(predict(runners[name], data.x), data.y),
-                latency[name].p50_ms, latency[name].p99_ms) for name, path in paths.items()]
+def edgefleet(bench: Bench, profile: str, work: Path) -> Row:
+    out = work / "edgefleet"
+    argv = [str(Path(sys.executable).parent / "edge-compress"), str(bench.model), "--profile",
+            profile, "--calibration", str(bench.data), "--eval", str(bench.data), "--out",
+            str(out), "--json"]
+    for metric in bench.metrics:
+        argv += ["--metric", metric]
+    for pair in bench.state:
+        argv += ["--state", pair]
+    status, seconds, peak = timed(argv, work / "edgefleet.log")
+    report_path = out / "report.json"
+    if not report_path.is_file():
+        return Row("edgefleet", None, seconds, peak,
+                   problem=f"failed: {last_line(work / 'edgefleet.log')}")
+    report = json.loads(report_path.read_text())
+    variant = report["variants"][0] if report["variants"] else None
+    if status != 0 or variant is None:
+        return Row("edgefleet", None, seconds, peak, problem="no artifact within the budget")
+    row = Row(f"edgefleet ({variant['candidate']})", out / variant["file"], seconds, peak)
+    row.notes = [f"{f['name']} {f['stage']} failed" for f in report["failed"]]
+    return row
 
 
-def bench_tflite(model: Path, data_path: Path, rounds: int) -> list[Row]:
-    """ONNX candidates and every TFLite variant of one model, timed in one interleaved pool."""
-    with tempfile.TemporaryDirectory(prefix="tflite-bench-") as tmp:
-        calib = np.load(data_path)["calib_x"][:128]
-        ctx = PassContext(workdir=Path(tmp), input_name="input", calibration=calib)
-        base = OptimizeGraph().run(model, ctx).model
-        paths = {"onnx fp32": base}
-        for name, onnx_pass in (("onnx int8-dynamic", QuantizeDynamic()),
-                                ("onnx int8-static", QuantizeStatic()),
-                                ("onnx fp16", ConvertFp16())):
-            paths[name] = onnx_pass.run(base, ctx).model
-        started = time.monotonic()
-        built = ConvertTflite().build(base, ctx, ("logits",))
-        print(f"  TFLite conversion ({len(built.artifacts)} variants) took "
-              f"{time.monotonic() - started:.1f} s"
-              + "".join(f"; {n} failed: {r}" for n, r in built.skipped.items()), flush=True)
-        x = load_eval_data(data_path).x
-        for artifact in built.artifacts:
-            try:  # as the compressor does: a variant LiteRT cannot run is not offered
-                predict(open_runner(artifact.path), x)
-            except RuntimeError as exc:
-                print(f"  {artifact.name}: LiteRT cannot run it: {str(exc).splitlines()[0]}")
-                continue
-            paths[artifact.name] = artifact.path
-        return measure_rows(paths, data_path, rounds)
+def peer(tool: str, venv: str | None, model: Path, calls: Path, work: Path) -> Row:
+    python = Path(sys.executable) if venv is None else ROOT / ".peers-venv" / venv / "bin" / (
+        "python")
+    if not python.is_file():
+        return Row(tool, None, problem=f"not installed (.peers-venv/{venv})")
+    out = work / f"{tool}.onnx"
+    log = work / f"{tool}.log"
+    status, seconds, peak = timed([str(python), str(ROOT / "benchmarks" / "compress_peers.py"),
+                                   tool, str(model), str(calls), str(out)], log)
+    if status != 0 or not out.is_file():
+        return Row(tool, None, seconds, peak, problem=f"failed: {last_line(log)}")
+    return Row(tool, out, seconds, peak)
 
 
-def print_format_table(rows: list[Row]) -> None:
-    """Size, accuracy and latency of each artifact, with ratios against ONNX fp32."""
+def worst(quality: Quality) -> tuple[str, float, float]:
+    """(measure, score, drop) of the output with the largest drop."""
+    name = max(quality.outputs, key=lambda n: quality.outputs[n].drop)
+    out = quality.outputs[name]
+    return out.metric, out.score, out.drop
+
+
+def print_table(bench: Bench, rows: list[Row]) -> str:
+    """The figures, the verdict line, and the verdict itself."""
     fp32 = rows[0]
-    print(f"{'artifact':<22}{'size':>10}{'accuracy':>10}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'size x':>8}{'speed x':>9}")
+    print(f"\n{bench.name} ({bench.model.name}, {bench.model.stat().st_size / 2**20:.2f} MB)")
+    print(f"{'artifact':<34}{'size':>10}{'quality':>20}{'drop':>8}{'p50 ms':>10}"
+          f"{'speed x':>9}{'time s':>8}{'peak MB':>9}")
     for row in rows:
-        print(f"{row.name:<22}{row.size_bytes / 2**10:>7.0f}KiB{row.accuracy:>9.2f}%"
-              f"{row.p50_ms:>9.4f}{row.p99_ms:>9.4f}{fp32.size_bytes / row.size_bytes:>8.2f}"
-              f"{fp32.p50_ms / row.p50_ms:>9.2f}")
+        if row.quality is None or row.path is None or row.p50_ms is None:
+            time_s = f"{row.seconds:.1f}" if row.seconds is not None else "-"
+            print(f"{row.name:<34}{'':>10}{'':>20}{'':>8}{'':>10}{'':>9}{time_s:>8}"
+                  f"{'':>9}  {row.problem}")
+            continue
+        metric, score, drop = worst(row.quality)
+        speed = (fp32.p50_ms or 0) / row.p50_ms
+        seconds = "-" if row.seconds is None else f"{row.seconds:.1f}"
+        peak = "-" if row.peak_mb is None else f"{row.peak_mb:.0f}"
+        print(f"{row.name:<34}{row.path.stat().st_size / 2**20:>8.2f}MB"
+              f"{f'{score:.2f} {metric}':>20}{drop:>8.2f}{row.p50_ms:>10.4f}{speed:>9.2f}"
+              f"{seconds:>8}{peak:>9}" + (f"  ({'; '.join(row.notes)})" if row.notes else ""))
+    return verdict(rows)
 
 
-def print_table(title: str, rows: list[Row]) -> None:
-    """The figures, then ratios against fp32 and against quantize_dynamic."""
-    fp32, baseline = rows[0], rows[1]
-    print(f"\n{title}")
-    print(f"{'artifact':<28}{'size':>10}{'accuracy':>10}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'size x':>8}{'speed x':>9}{'drop':>7}{'vs qd: speed x':>16}{'acc':>7}")
-    for row in rows:
-        print(f"{row.name:<28}{row.size_bytes / 2**20:>8.2f}MB{row.accuracy:>9.2f}%"
-              f"{row.p50_ms:>9.3f}{row.p99_ms:>9.3f}{fp32.size_bytes / row.size_bytes:>8.2f}"
-              f"{fp32.p50_ms / row.p50_ms:>9.2f}{fp32.accuracy - row.accuracy:>7.2f}"
-              f"{baseline.p50_ms / row.p50_ms:>16.2f}{row.accuracy - baseline.accuracy:>+7.2f}")
+def verdict(rows: list[Row]) -> str:
+    """Whether edgefleet's artifact is usable and at least as fast as the best peer at equal
+    or better quality."""
+    ours = rows[1]
+    if ours.quality is None or ours.p50_ms is None:
+        return f"FAIL: edgefleet produced no usable artifact ({ours.problem})"
+    drop = worst(ours.quality)[2]
+    if drop > BUDGET:
+        return f"FAIL: edgefleet's artifact drops {drop:.2f} points"
+    rivals = [r for r in rows[2:] if r.quality is not None and r.p50_ms is not None
+              and worst(r.quality)[2] <= drop + 1e-9]
+    if not rivals:
+        return "PASS: no peer artifact reaches edgefleet's quality"
+    best = min(rivals, key=lambda r: r.p50_ms or 0.0)
+    assert best.p50_ms is not None
+    ratio = ours.p50_ms / best.p50_ms
+    word = "PASS" if ratio <= LATENCY_TIE else "FAIL"
+    return (f"{word}: edgefleet p50 {ours.p50_ms:.4f} ms vs {best.p50_ms:.4f} ms for the "
+            f"fastest peer of equal or better quality ({best.name}), ratio {ratio:.2f}")
 
 
 def main() -> None:
-    """Run the benchmark on both models and print the tables."""
+    """Run every benchmark model (or --only some) and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=10,
                         help="interleaved timing rounds of 50 calls each (default 10)")
-    parser.add_argument("--tflite-only", action="store_true",
-                        help="run only the TFLite section")
+    parser.add_argument("--only", action="append", choices=[b.name for b in BENCHES],
+                        help="run only these models (repeatable)")
     args = parser.parse_args()
-    if args.tflite_only:
-        tflite_section(args.rounds)
-        return
     profiles = load_profiles()
     profile = best_profile(probe_host(profiles), profiles)
     if profile is None:
         raise SystemExit("no firmware profile fits this host; see 'edge-agent probe'")
-    print(f"host profile: {profile.name}; numpy {np.__version__}")
+    print(f"host profile: {profile.name}; numpy {np.__version__}; budget {BUDGET} point")
     started = time.monotonic()
-    vit_model, vit_data = ensure_bench_model()
-    for title, model, data in (
-            ("digits CNN (models/digits_cnn.onnx)", MODELS / "digits_cnn.onnx",
-             MODELS / "digits_data.npz"),
-            ("ViT encoder (models/generated/digits_vit.onnx)", vit_model, vit_data)):
-        print(f"\n== {title}", flush=True)
-        print_table(title, bench(model, data, profile.name, args.rounds))
-    print("\n== structured pruning, no retraining (ViT)", flush=True)
-    pruning = bench_pruning(vit_model, vit_data, (0.25, 0.5, 0.75), args.rounds)
-    fp32 = pruning[0]
-    print(f"{'artifact':<18}{'size':>10}{'accuracy':>10}{'drop':>7}{'p50 ms':>9}{'speed x':>9}")
-    for row in pruning:
-        print(f"{row.name:<18}{row.size_bytes / 2**20:>8.2f}MB{row.accuracy:>9.2f}%"
-              f"{fp32.accuracy - row.accuracy:>7.2f}{row.p50_ms:>9.3f}"
-              f"{fp32.p50_ms / row.p50_ms:>9.2f}")
-    print(f"\ntargets (larger model): drop <= 1 point, size >= 3.5x, speed >= 1.5x, and at "
-          f"least quantize_dynamic's accuracy and speed\ntotal {time.monotonic() - started:.0f} s")
-    tflite_section(args.rounds)
-
-
-def tflite_section(rounds: int) -> None:
-    """TFLite variants beside ONNX ones, for both models; skipped without the extra."""
-    missing = tflite_unavailable()
-    if missing is not None:
-        print(f"\n== TFLite variants: skipped ({missing})")
-        return
-    vit_model, vit_data = ensure_bench_model()
-    for title, model, data in (
-            ("digits CNN", MODELS / "digits_cnn.onnx", MODELS / "digits_data.npz"),
-            ("ViT encoder", vit_model, vit_data)):
-        print(f"\n== TFLite vs ONNX variants: {title} (LiteRT {_version('ai-edge-litert')}, "
-              f"onnxruntime {_version('onnxruntime')}; one thread)", flush=True)
-        print_format_table(bench_tflite(model, data, rounds))
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
+    verdicts = {}
+    for bench in BENCHES:
+        if args.only and bench.name not in args.only:
+            continue
+        if not ensure(bench):
+            print(f"\n{bench.name}: skipped ({bench.model} missing and not buildable here)")
+            continue
+        with tempfile.TemporaryDirectory(prefix=f"compress-bench-{bench.name}-") as tmp:
+            rows = run_bench(bench, profile.name, args.rounds, Path(tmp))
+            verdicts[bench.name] = print_table(bench, rows)
+        print(verdicts[bench.name], flush=True)
+    print("\nverdicts:")
+    for name, line in verdicts.items():
+        print(f"  {name}: {line}")
+    print(f"total {time.monotonic() - started:.0f} s")
 
 
 if __name__ == "__main__":

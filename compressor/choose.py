@@ -5,10 +5,11 @@ Rules, in order:
 0. **The profile runs it**: a candidate whose format or dtype is not in the profile's formats
    or dtypes is rejected; the fp32 reference only competes when the profile lists fp32 (and
    its format).
-1. **Accuracy gate**: a candidate whose accuracy drop against the fp32 reference exceeds the
-   budget is rejected. With labels the drop is in top-1 accuracy points; without labels it
-   is the share of samples whose top-1 differs from the reference's, in points. Every format
-   is gated against the same (ONNX) reference, so a lossy conversion counts as a drop.
+1. **Quality gate**: a candidate whose quality drop against the fp32 reference exceeds the
+   budget is rejected. The drop is in points of the measure that fits each output
+   (``compressor.metrics``: top-1 agreement or accuracy, per-position agreement, nearest-
+   neighbour agreement, IoU...), the worst output counting. Every format is gated against
+   the same reference, so a lossy conversion counts as a drop.
 2. **Never slower than fp32**: a candidate whose median latency exceeds its format's fp32
    artifact's (``baselines``; the reference for ONNX) by more than the measurement tolerance
    is rejected (int8 on CPUs without VNNI, fp16 on CPUs). The rule protects the fp32 artifact
@@ -28,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["SIZE_TIE", "Decision", "Measured", "Rejection", "accuracy_drop", "choose"]
+__all__ = ["SIZE_TIE", "Decision", "Measured", "Rejection", "choose"]
 
 SIZE_TIE = 1.10
 
@@ -42,8 +43,7 @@ class Measured:
     size_bytes: int
     latency_p50_ms: float
     latency_p99_ms: float
-    accuracy: float | None  # top-1 %, when the evaluation data has labels
-    agreement: float  # share of samples whose top-1 matches the fp32 reference (0..1)
+    drop: float  # quality points lost against the fp32 reference (compressor.metrics)
     format: str = "onnx"  # artifact format: onnx or tflite
 
 
@@ -62,13 +62,6 @@ class Decision:
     chosen: Measured | None
     rejected: tuple[Rejection, ...]
     notes: tuple[str, ...] = ()  # what a reader of the choice should know (rule 2 waived)
-
-
-def accuracy_drop(candidate: Measured, reference: Measured) -> float:
-    """Points lost against the reference: accuracy when labelled, else top-1 disagreement."""
-    if candidate.accuracy is not None and reference.accuracy is not None:
-        return reference.accuracy - candidate.accuracy
-    return (1.0 - candidate.agreement) * 100.0
 
 
 def choose(candidates: Sequence[Measured], reference: Measured, max_drop: float,
@@ -118,7 +111,6 @@ def choose(candidates: Sequence[Measured], reference: Measured, max_drop: float,
     return Decision(chosen=chosen, rejected=tuple(rejected), notes=tuple(notes))
 
 
-
 @dataclass(frozen=True)
 class _Rules:
     """Rules 0-2 for one profile."""
@@ -138,9 +130,9 @@ class _Rules:
         if candidate.dtype not in self.dtypes:
             return (f"{candidate.dtype} is not among the profile's dtypes "
                     f"({', '.join(self.dtypes)})"), None
-        drop = accuracy_drop(candidate, self.reference)
-        if candidate is not self.reference and drop > self.max_drop:
-            return f"accuracy drop {drop:.2f} points is over the budget of {self.max_drop:g}", None
+        if candidate is not self.reference and candidate.drop > self.max_drop:
+            return (f"quality drop {candidate.drop:.2f} points is over the budget of "
+                    f"{self.max_drop:g}"), None
         return self._latency(candidate)
 
     def _latency(self, candidate: Measured) -> tuple[str | None, str | None]:

@@ -24,9 +24,13 @@ from firmware_profiles import (
 from firmware_profiles.describe import match_to_json, matches_table
 
 from . import __version__
+from .dataset import DatasetError, bind, load_dataset, parse_state_pair
 from .errors import CompressorError
-from .evaluate import accuracy, load_eval_data, measure_latency, open_runner, predict
+from .evaluate import first_call, measure_latency, run_dataset
+from .job import resolve_labels, resolve_metrics
+from .metrics import KINDS, Metric, parse_metric
 from .pipeline import CompressOptions, NoArtifactError, compress
+from .runner import open_runner, read_signature
 
 __all__ = ["build_parser", "main"]
 
@@ -93,33 +97,61 @@ def _profiles(args: argparse.Namespace) -> int:
 
 def _add_evaluate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     evaluate = subparsers.add_parser(
-        "evaluate", help="measure a model file's accuracy and latency on this machine",
+        "evaluate", help="measure a model file's quality and latency on this machine",
         description="Run MODEL (.onnx or .tflite) on the CPU over DATA's evaluation split "
-        "and report top-1 accuracy, size and single-sample latency.")
+        "and report, per labelled output, its score by the measure that fits it (top-1 "
+        "accuracy for a classifier), and size and single-call latency.")
     evaluate.add_argument("model", type=Path, metavar="MODEL")
     evaluate.add_argument("--data", type=Path, required=True, metavar="DATA.npz",
-                          help="arrays eval_x and eval_y (or x and y)")
+                          help="eval_x/<input> and eval_y/<output> arrays, or eval_x and "
+                          "eval_y (docs/compressor.md, 'Data files')")
+    _add_data_options(evaluate)
     evaluate.add_argument("--threads", type=int, default=1, metavar="N")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
     evaluate.set_defaults(handler=_evaluate)
 
 
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metric", action="append", default=[], metavar="[OUTPUT=]KIND[:PARAM]",
+                   help="quality measure for an output (all outputs without OUTPUT=): "
+                   f"{', '.join(KINDS)}; python:FILE.py:FUNCTION for your own. Default: "
+                   "inferred from each output's shape and name (repeatable)")
+    p.add_argument("--state", action="append", default=[], metavar="OUTPUT=INPUT",
+                   help="a recurrent model's state: OUTPUT's value feeds INPUT in the next "
+                   "call; data then holds sequences (default: inferred from names such as "
+                   "state/stateN, h0/hn; repeatable)")
+
+
 def _evaluate(args: argparse.Namespace) -> int:
-    data = load_eval_data(args.data)
+    signature = read_signature(args.model)
+    data = load_dataset(args.data, "eval")
+    if data is None:
+        raise DatasetError(f"{args.data}: no evaluation inputs (eval_x/<input>, eval_x or x).")
+    binding = bind(signature, data, [parse_state_pair(s) for s in args.state])
     runner = open_runner(args.model, args.threads)
+    outputs = run_dataset(runner, binding, data)
+    metrics = resolve_metrics(signature, binding, outputs, _metrics(args.metric))
+    labels = resolve_labels(data, binding, metrics)
     result: dict[str, object] = {"model": str(args.model),
                                  "size_bytes": args.model.stat().st_size,
-                                 "samples": len(data.x)}
-    if data.y is not None:
-        result["accuracy"] = round(accuracy(predict(runner, data.x), data.y), 2)
-    latency = measure_latency(runner, data.x[:1])
+                                 "samples": len(data)}
+    for name, target in labels.items():
+        score = metrics[name].score(outputs[name], target, labelled=True)[0]
+        result.setdefault("accuracy", round(score, 2))  # the first labelled output's
+        result[f"{name} {metrics[name]}"] = round(score, 2)
+    latency = measure_latency(runner, first_call(binding, data))
     result["latency_ms_p50"] = round(latency.p50_ms, 4)
     result["latency_ms_p99"] = round(latency.p99_ms, 4)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print("\n".join(f"{key:15} {value}" for key, value in result.items()))
+        width = max(len(key) for key in result) + 2
+        print("\n".join(f"{key:{width}} {value}" for key, value in result.items()))
     return 0
+
+
+def _metrics(specs: list[str]) -> dict[str, Metric]:
+    return dict(parse_metric(spec) for spec in specs)
 
 
 # --- edge-compress [compress] MODEL -------------------------------------------------------
@@ -130,25 +162,29 @@ def _add_compress(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
         description="Build candidate artifacts of MODEL (ONNX: fp32 optimised, int8 dynamic "
         "and static, fp16 where the profile runs it; TFLite, for profiles that prefer or need "
         "it: fp32, fp16, int8 dynamic-range and static, int8-full, which needs the "
-        "edgefleet[tflite] extra), measure accuracy on the evaluation data and latency on this "
-        "machine, and keep per profile the smallest artifact of its preferred format within "
-        "the accuracy budget that is not slower than fp32. Writes the artifacts and "
-        "report.json into DIR, atomically: on any error DIR is left untouched.")
-    p.add_argument("model", type=Path, metavar="MODEL", help="trained model (.onnx)")
+        "edgefleet[tflite] extra; a .tflite MODEL is translated to ONNX with the same extra), "
+        "judge each against MODEL on the evaluation data by the measure that fits each "
+        "output, time them on this machine, and keep per profile the smallest artifact of its "
+        "preferred format within the quality budget that is not slower than fp32. Writes the "
+        "artifacts and report.json into DIR, atomically: on any error DIR is left untouched.")
+    p.add_argument("model", type=Path, metavar="MODEL", help="trained model (.onnx or .tflite)")
     p.add_argument("--profile", action="append", required=True, metavar="NAME",
                    help="target firmware profile (repeatable; see 'edge-compress profiles')")
     p.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="output directory (must not exist or be empty)")
     p.add_argument("--calibration", type=Path, metavar="DATA.npz",
-                   help="representative inputs (calib_x or x) for static quantization")
+                   help="representative inputs (calib_x/<input>, or calib_x or x) for static "
+                   "quantization")
     p.add_argument("--eval", type=Path, metavar="DATA.npz",
-                   help="evaluation inputs and labels (eval_x, eval_y); without labels, "
-                   "agreement with the fp32 model is used")
+                   help="evaluation inputs and labels (eval_x/<input>, eval_y/<output>, or "
+                   "eval_x, eval_y); without labels, agreement with MODEL is measured")
+    _add_data_options(p)
     p.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
-                   help="largest accepted accuracy loss in points (default 1.0)")
+                   help="largest accepted quality loss in points of each output's measure "
+                   "(default 1.0)")
     p.add_argument("--prune-channels", type=float, metavar="RATIO",
                    help="also try structured pruning: remove this share (0-1) of hidden "
-                   "units/channels, alone and with int8 (no retraining; the accuracy gate "
+                   "units/channels, alone and with int8 (no retraining; the quality gate "
                    "decides)")
     p.add_argument("--profiles-dir", type=Path, metavar="DIR",
                    help="read profiles from DIR (default: the packaged profiles)")
@@ -159,15 +195,29 @@ def _add_compress(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
 def _compress(args: argparse.Namespace) -> int:
     profiles = [get_profile(name, args.profiles_dir) for name in args.profile]
     options = CompressOptions(max_accuracy_drop=args.max_accuracy_drop,
-                              prune_channels=args.prune_channels)
+                              prune_channels=args.prune_channels,
+                              metrics=_metrics(args.metric),
+                              state=tuple(parse_state_pair(s) for s in args.state))
     try:
         report = compress(args.model, profiles, args.out, calibration=args.calibration,
                           evaluation=args.eval, options=options, progress=_progress)
     except NoArtifactError:
-        print(_report_table(json.loads((args.out / "report.json").read_text("utf-8"))))
+        report = json.loads((args.out / "report.json").read_text("utf-8"))
+        print(_report_table(report))
+        _warn_format(report)
         raise
     print(json.dumps(report, indent=1) if args.json else _report_table(report))
+    _warn_format(report)
     return 0
+
+
+def _warn_format(report: dict[str, Any]) -> None:
+    """One stderr line per profile that did not get the format it prefers (with --json too,
+    where the table's notes are not printed)."""
+    for decision in report["decisions"]:
+        for note in decision.get("notes", []):
+            if note.startswith("wanted "):
+                print(f"edge-compress: warning: {decision['profile']}: {note}", file=sys.stderr)
 
 
 def _progress(step: int, total: int, what: str) -> None:
@@ -183,11 +233,12 @@ def _progress(step: int, total: int, what: str) -> None:
 
 def _report_table(report: dict[str, Any]) -> str:
     candidates, decisions = report["candidates"], report["decisions"]
-    rows = [("CANDIDATE", "SIZE", "ACCURACY", "DROP", "P50 MS", "P99 MS")]
-    rows += [(c["name"], f"{c['size_bytes'] / 1024:.0f} KiB",
-              "-" if c["accuracy"] is None else f"{c['accuracy']:.2f}%",
+    rows = [("CANDIDATE", "SIZE", "QUALITY", "DROP", "P50 MS", "P99 MS")]
+    rows += [(c["name"], f"{c['size_bytes'] / 1024:.0f} KiB", _quality_cell(c),
               f"{c['accuracy_drop']:+.2f}", f"{c['latency_p50_ms']:.3f}",
               f"{c['latency_p99_ms']:.3f}") for c in candidates]
+    rows += [(f["name"], "-", f"FAILED ({f['stage']})", "-", "-", "-")
+             for f in report.get("failed", [])]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]
@@ -201,3 +252,12 @@ def _report_table(report: dict[str, Any]) -> str:
         lines.append("")
         lines += [f"note: {note}" for note in notes]
     return "\n".join(lines)
+
+
+def _quality_cell(candidate: dict[str, Any]) -> str:
+    """The worst output's score and measure, e.g. ``98.15 top1``."""
+    quality = candidate.get("quality", {})
+    if not quality:
+        return "-"
+    worst = max(quality.values(), key=lambda q: q["drop"])
+    return f"{worst['score']:.2f} {worst['metric']}"

@@ -1,68 +1,42 @@
-"""Measure a model file: accuracy on labelled data, agreement with a reference, latency.
+"""Run a model over a dataset, and time it.
 
-The arithmetic (accuracy, agreement, percentiles) is pure and takes arrays; running a model
-goes through a :class:`ModelRunner`, a thin adapter over onnxruntime or LiteRT, so the same
-measurements apply to every artifact format the compressor emits.
-
-Data files are ``.npz`` archives. Evaluation data is read from ``eval_x`` (and, when labels
-exist, ``eval_y``), falling back to ``x``/``y``; calibration data from ``calib_x`` or ``x``.
+:func:`run_dataset` feeds a bound dataset through a :class:`~compressor.runner.ModelRunner`:
+stateless data in chunks of the model's own batch size (fixed-batch models get exactly that,
+the last chunk padded and the padding dropped from the outputs), stateful data call by call
+with each sequence's state carried from one call to the next. Outputs come back batch-first,
+one row per sample (or per call, for sequences), ready for :mod:`compressor.metrics`.
+Latency is single-call, timed interleaved across candidates.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
 
 import numpy as np
 
-from bundle.quantization import Affine
-from firmware_profiles.runtimes import import_litert
+from .dataset import Binding, Dataset
+from .runner import ModelRunError, ModelRunner
 
-from .errors import CompressorError
+__all__ = ["DEFAULT_BATCH", "MAX_CHUNK_BYTES", "LatencyStats", "Outputs", "calibration_calls",
+           "first_call", "matched", "measure_latency", "measure_latency_interleaved", "run_dataset",
+           "summarize_latency"]
 
-__all__ = [
-    "AgreementStats",
-    "DatasetError",
-    "EvalData",
-    "LatencyStats",
-    "ModelLoadError",
-    "ModelRunner",
-    "accuracy",
-    "agreement",
-    "load_eval_data",
-    "measure_latency",
-    "measure_latency_interleaved",
-    "open_runner",
-    "predict",
-    "quantize",
-    "read_npz",
-    "summarize_latency",
-]
+log = logging.getLogger(__name__)
 
+#: Outputs by name, batch-first: one row per sample (stateless) or per call (sequences).
+Outputs = dict[str, np.ndarray]
 
-class DatasetError(CompressorError):
-    """A calibration or evaluation data file is missing, unreadable or of the wrong shape."""
-
-
-class ModelLoadError(CompressorError):
-    """A model file cannot be loaded by its runtime."""
-
-
-@dataclass(frozen=True)
-class EvalData:
-    """Inputs and (optional) integer class labels for evaluation."""
-
-    x: np.ndarray
-    y: np.ndarray | None
+DEFAULT_BATCH = 64
+#: A chunk of a dynamic-batch model's input is kept under this size (large inputs, few rows).
+MAX_CHUNK_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
 class LatencyStats:
-    """Latency of single-sample inference, in milliseconds."""
+    """Latency of single-call inference, in milliseconds."""
 
     p50_ms: float
     p99_ms: float
@@ -70,185 +44,129 @@ class LatencyStats:
     iterations: int
 
 
-@dataclass(frozen=True)
-class AgreementStats:
-    """How closely a candidate's outputs follow a reference's on the same inputs."""
-
-    top1: float  # fraction of samples with the same argmax
-    cosine_mean: float  # mean cosine similarity of the output vectors
-    max_abs_diff: float
-
-
-class ModelRunner(Protocol):
-    """One loaded model that maps a batch of inputs to a batch of outputs (first output)."""
-
-    @property
-    def input_shape(self) -> tuple[int | str | None, ...]:
-        """The model's declared input shape (symbolic dimensions as str or None)."""
-        ...
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Run the model on ``batch`` and return its first output."""
-        ...
+def batch_size(binding: Binding, data: Dataset) -> int:
+    """The model's fixed batch, or as many samples as fit a bounded chunk (at most 64)."""
+    varying = binding.varying(data)
+    fixed = [b for n in varying if (b := binding.signature.input(n).fixed_batch) is not None]
+    if fixed:
+        return min(fixed)
+    row_bytes = sum(v[0].nbytes for v in varying.values()) or 1
+    return max(1, min(DEFAULT_BATCH, MAX_CHUNK_BYTES // row_bytes))
 
 
-def load_eval_data(path: Path) -> EvalData:
-    """Read evaluation inputs and labels from an ``.npz`` file."""
-    arrays = read_npz(path)
-    x = arrays.get("eval_x", arrays.get("x"))
-    if x is None:
-        raise DatasetError(f"{path}: no 'eval_x' (or 'x') array; found {sorted(arrays)}. "
-                           "Save the inputs under 'eval_x' and the labels under 'eval_y'.")
-    y = arrays.get("eval_y", arrays.get("y"))
-    if y is not None and (y.ndim != 1 or len(y) != len(x)):
-        raise DatasetError(f"{path}: labels have shape {y.shape} but inputs have {len(x)} "
-                           "samples; labels must be a 1-D array with one class index per input.")
-    return EvalData(x=x, y=y)
+def run_dataset(runner: ModelRunner, binding: Binding, data: Dataset) -> Outputs:
+    """Every output of ``runner`` over ``data``; raises ModelRunError when the model fails."""
+    if binding.sequences:
+        return _run_sequences(runner, binding, data, record=None)
+    return _run_batches(runner, binding, data)
 
 
-def read_npz(path: Path) -> dict[str, np.ndarray]:
-    """Every array in an ``.npz`` file, with one-line errors for missing or bad files."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
-    except FileNotFoundError as exc:
-        raise DatasetError(f"{path}: no such file; pass an existing .npz data file.") from exc
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise DatasetError(f"{path}: not a readable .npz archive ({exc}); "
-                           "write it with numpy.savez.") from exc
-
-
-def open_runner(path: Path, threads: int = 1) -> ModelRunner:
-    """Load ``path`` (``.onnx`` or ``.tflite``) on the CPU with ``threads`` intra-op threads."""
-    loaders: dict[str, Callable[[Path, int], ModelRunner]] = {
-        ".onnx": _OnnxRunner, ".tflite": _TfliteRunner}
-    loader = loaders.get(path.suffix.lower())
-    if loader is None:
-        raise ModelLoadError(f"{path}: unknown model format '{path.suffix}'; "
-                             f"expected one of {sorted(loaders)}.")
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: no such model file.")
-    return loader(path, threads)
-
-
-class _OnnxRunner:
-    def __init__(self, path: Path, threads: int) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+def _run_batches(runner: ModelRunner, binding: Binding, data: Dataset) -> Outputs:
+    varying = binding.varying(data)
+    total = len(data)
+    size = batch_size(binding, data)
+    fixed = any(binding.signature.input(n).fixed_batch for n in varying)
+    axes = {o.name: binding.signature.output_batch_axis(o) for o in binding.signature.outputs}
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in axes}
+    start = 0
+    while start < total:
+        rows = min(size, total - start)
+        feeds = {n: _rows(v, start, rows, size if fixed else rows) for n, v in varying.items()}
+        feeds.update(data.constants)
         try:
-            self._session = ort.InferenceSession(str(path), options,
-                                                 providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises bare pybind11 errors for bad models
-            raise ModelLoadError(f"{path}: onnxruntime cannot load it: {exc}") from exc
-        model_input = self._session.get_inputs()[0]
-        self._input_name: str = model_input.name
-        self._input_shape = tuple(model_input.shape)
-
-    @property
-    def input_shape(self) -> tuple[int | str | None, ...]:
-        return self._input_shape
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        outputs = self._session.run(None, {self._input_name: batch})
-        return np.asarray(outputs[0])
-
-
-class _TfliteRunner:
-    def __init__(self, path: Path, threads: int) -> None:
-        litert = import_litert()
-        if litert is None:
-            raise ModelLoadError(f"{path}: no LiteRT runtime is installed; "
-                                 "install 'ai-edge-litert' to run .tflite models.")
-        try:
-            self._interpreter: Any = litert.interpreter.Interpreter(
-                model_path=str(path), num_threads=threads)
-            self._interpreter.allocate_tensors()
-        except (ValueError, RuntimeError) as exc:
-            raise ModelLoadError(f"{path}: LiteRT cannot load it: {exc}") from exc
-        detail = self._interpreter.get_input_details()[0]
-        output = self._interpreter.get_output_details()[0]
-        self._input_index: int = detail["index"]
-        self._input_shape = tuple(int(d) for d in detail["shape"])
-        self._output_index: int = output["index"]
-        self._batch = self._input_shape[0]
-        # Full-integer models (int8-full) take and return integers: float inputs are
-        # quantized with the input tensor's (scale, zero_point) and integer outputs
-        # dequantized with the output's, as a device's runtime must do (docs/compressor.md).
-        self._quantize = Affine.of(detail)
-        self._dequantize = Affine.of(output)
-
-    @property
-    def input_shape(self) -> tuple[int | str | None, ...]:
-        return self._input_shape
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        batch = _to_layout(batch, self._input_shape)
-        if self._quantize is not None and batch.dtype.kind == "f":
-            batch = self._quantize.quantize(batch)
-        if batch.shape[0] != self._batch:
-            # TFLite tensors have a fixed batch; resizing re-plans the interpreter's memory,
-            # so it is done only when the batch size really changes.
-            self._interpreter.resize_tensor_input(self._input_index, list(batch.shape))
-            self._interpreter.allocate_tensors()
-            self._batch = batch.shape[0]
-        self._interpreter.set_tensor(self._input_index, batch)
-        self._interpreter.invoke()
-        result = self._interpreter.get_tensor(self._output_index)
-        if self._dequantize is not None:
-            return self._dequantize.dequantize(result)
-        return np.array(result)
+            outputs = runner.run(feeds)
+        except ModelRunError:
+            if fixed or size == 1:
+                raise
+            # Some exports declare a dynamic batch their graph does not support (a Reshape
+            # with a literal 1): go on one sample per call rather than fail the model.
+            log.info("a batch of %d failed; running one sample per call", size)
+            size = 1
+            continue
+        for name, value in outputs.items():
+            if name in chunks:
+                chunks[name].append(np.moveaxis(value, axes[name], 0)[:rows])
+        start += rows
+    return {name: np.concatenate(parts) for name, parts in chunks.items()}
 
 
-def quantize(x: np.ndarray, scale: float, zero_point: int, dtype: str) -> np.ndarray:
-    """Float values as an integer tensor with TFLite's affine quantization (scale, zero point).
+def _rows(value: np.ndarray, start: int, rows: int, size: int) -> np.ndarray:
+    """``rows`` rows from ``start``, padded to ``size`` by repeating the last row."""
+    chunk = value[start:start + rows]
+    if rows < size:
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - rows, axis=0)])
+    return chunk
 
-    The rule a runtime must apply to feed float data to an int8-full model:
-    ``q = clip(round_half_to_even(x / scale) + zero_point, dtype range)``.
+
+def _run_sequences(runner: ModelRunner, binding: Binding, data: Dataset,
+                   record: list[dict[str, np.ndarray]] | None,
+                   limit: int | None = None) -> Outputs:
+    collected: dict[str, list[np.ndarray]] = {o.name: [] for o in binding.signature.outputs}
+    for feeds in _sequence_calls(runner, binding, data, collected):
+        if record is not None:
+            record.append(feeds)
+            if limit is not None and len(record) >= limit:
+                break
+    return {name: np.stack(values) for name, values in collected.items() if values}
+
+
+def _sequence_calls(runner: ModelRunner, binding: Binding, data: Dataset,
+                    collected: dict[str, list[np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """Run every call of every sequence, yielding each call's feeds after it ran."""
+    varying = binding.varying(data)
+    sequences, steps = next(iter(varying.values())).shape[:2]
+    for s in range(sequences):
+        state = binding.initial_state(data)
+        for t in range(steps):
+            feeds = {n: v[s, t] for n, v in varying.items()}
+            feeds.update(data.constants)
+            feeds.update(state)
+            outputs = runner.run(feeds)
+            for name, value in outputs.items():
+                collected[name].append(value)
+            state = {p.input: outputs[p.output] for p in binding.state}
+            yield feeds
+
+
+def calibration_calls(runner: ModelRunner, binding: Binding, data: Dataset,
+                      limit: int) -> list[dict[str, np.ndarray]]:
+    """Up to ``limit`` complete model calls that represent ``data``, for calibration.
+
+    Stateless: one sample per call (the model's fixed batch, when it has one). Stateful: the
+    calls of the sequences in order, each with the state ``runner`` (the fp32 reference)
+    carried into it, so state inputs are calibrated on the values they really take.
     """
-    affine = Affine.of({"dtype": np.dtype(dtype), "quantization": (scale, zero_point)})
-    if affine is None:
-        raise ValueError(f"cannot quantize to {dtype} with scale {scale}")
-    return affine.quantize(np.asarray(x, dtype=np.float32))
+    if binding.sequences:
+        calls: list[dict[str, np.ndarray]] = []
+        _run_sequences(runner, binding, data, record=calls, limit=limit)
+        return calls
+    varying = binding.varying(data)
+    size = batch_size(binding, data) if any(
+        binding.signature.input(n).fixed_batch for n in varying) else 1
+    total = min(len(data), limit * size)
+    return [{**{n: _rows(v, start, min(size, total - start), size) for n, v in varying.items()},
+             **data.constants} for start in range(0, total, size)]
 
 
-def _to_layout(batch: np.ndarray, declared: tuple[int, ...]) -> np.ndarray:
-    """Transpose NCHW data to NHWC when the model declares NHWC (TFLite's native layout)."""
-    if batch.ndim == 4 and batch.shape[1:] != declared[1:]:
-        nhwc = batch.transpose(0, 2, 3, 1)
-        if nhwc.shape[1:] == declared[1:]:
-            return np.ascontiguousarray(nhwc)
-    return batch
+def first_call(binding: Binding, data: Dataset) -> dict[str, np.ndarray]:
+    """One call's feeds (the first sample or step), for latency measurements."""
+    varying = binding.varying(data)
+    if binding.sequences:
+        return {**{n: v[0, 0] for n, v in varying.items()}, **data.constants,
+                **binding.initial_state(data)}
+    size = batch_size(binding, data) if any(
+        binding.signature.input(n).fixed_batch for n in varying) else 1
+    return {**{n: _rows(v, 0, min(size, len(data)), size) for n, v in varying.items()},
+            **data.constants}
 
 
-def predict(runner: ModelRunner, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Run ``x`` through ``runner`` in batches and return the concatenated outputs."""
-    chunks = [runner.run(x[start:start + batch_size]) for start in range(0, len(x), batch_size)]
-    return np.concatenate(chunks)
-
-
-def accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy, in percent, of ``outputs`` (scores per class) against ``labels``."""
-    if len(outputs) != len(labels):
-        raise ValueError(f"{len(outputs)} outputs for {len(labels)} labels")
-    return float(np.mean(np.argmax(outputs, axis=1) == labels) * 100.0)
-
-
-def agreement(candidate: np.ndarray, reference: np.ndarray) -> AgreementStats:
-    """Compare two output batches of the same shape, sample by sample."""
-    if candidate.shape != reference.shape:
-        raise ValueError(f"output shapes differ: {candidate.shape} vs {reference.shape}")
-    a = candidate.reshape(len(candidate), -1).astype(np.float64)
-    b = reference.reshape(len(reference), -1).astype(np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    cosine = np.divide(np.sum(a * b, axis=1), norms, out=np.ones(len(a)), where=norms > 0)
-    return AgreementStats(
-        top1=float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1))),
-        cosine_mean=float(np.mean(cosine)),
-        max_abs_diff=float(np.max(np.abs(a - b))) if a.size else 0.0,
-    )
+def matched(outputs: Mapping[str, np.ndarray],
+            want: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``outputs`` under the names of ``want``: by name, else by position (a converted
+    artifact may name its outputs otherwise; the agent matches them the same way)."""
+    values = list(outputs.values())
+    return {name: outputs[name] if name in outputs else values[i]
+            for i, name in enumerate(want) if name in outputs or i < len(values)}
 
 
 def summarize_latency(seconds: list[float]) -> LatencyStats:
@@ -260,35 +178,38 @@ def summarize_latency(seconds: list[float]) -> LatencyStats:
                         mean_ms=float(ms.mean()), iterations=len(seconds))
 
 
-def measure_latency(runner: ModelRunner, sample: np.ndarray, warmup: int = 20,
+def measure_latency(runner: ModelRunner, feeds: Mapping[str, np.ndarray], warmup: int = 20,
                     iterations: int = 200) -> LatencyStats:
-    """Time ``iterations`` single-sample calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        runner.run(sample)
-    durations = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        runner.run(sample)
-        durations.append(time.perf_counter() - start)
-    return summarize_latency(durations)
+    """Time ``iterations`` calls after ``warmup`` untimed ones."""
+    return measure_latency_interleaved({"": runner}, feeds, rounds=1,
+                                       iterations=iterations, warmup=warmup)[""]
 
 
-def measure_latency_interleaved(runners: Mapping[str, ModelRunner], sample: np.ndarray,
-                                rounds: int = 5, iterations: int = 20,
-                                warmup: int = 10) -> dict[str, LatencyStats]:
+def measure_latency_interleaved(runners: Mapping[str, ModelRunner],
+                                feeds: Mapping[str, np.ndarray], rounds: int = 5,
+                                iterations: int = 20, *, warmup: int = 10,
+                                budget_s: float | None = None) -> dict[str, LatencyStats]:
     """Time several models in alternating rounds so machine noise hits them all alike.
 
     Comparing candidates measured one after another lets a burst of load elsewhere decide
     the winner; interleaving rounds and taking percentiles over all of them does not.
+    ``budget_s`` bounds each model's timed calls (at least 3 a round): a 100 ms model gets
+    fewer calls than a 10 µs one instead of minutes of timing.
     """
-    for runner in runners.values():
-        for _ in range(warmup):
-            runner.run(sample)
+    per_round = dict.fromkeys(runners, iterations)
+    for name, runner in runners.items():
+        started = time.perf_counter()
+        runner.run(feeds)
+        call_s = time.perf_counter() - started
+        if budget_s is not None:
+            per_round[name] = max(3, min(iterations, int(budget_s / rounds / call_s)))
+        for _ in range(min(warmup, per_round[name]) - 1):
+            runner.run(feeds)
     durations: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, runner in runners.items():
-            for _ in range(iterations):
+            for _ in range(per_round[name]):
                 start = time.perf_counter()
-                runner.run(sample)
+                runner.run(feeds)
                 durations[name].append(time.perf_counter() - start)
     return {name: summarize_latency(values) for name, values in durations.items()}

@@ -3,8 +3,10 @@
 The report is the compressor's evidence (every candidate measured, every choice and
 rejection with its reason, exact tool versions) and the bundle's source of truth: ``fleet
 bundle build --artifacts DIR`` reads its ``variants``, ``profiles``, ``inputs``/``outputs``,
-``self_test`` and ``baseline`` (docs/bundle-format.md, section 6). Building the pieces is pure;
-only :func:`tool_versions` looks at the environment.
+``self_test`` and ``baseline`` (docs/bundle-format.md, section 6), and the whole report
+becomes the manifest's ``compression_report``, so both are sized by a budget
+(:func:`cases_within_budget`, ``max_features``). Building the pieces is pure; only
+:func:`tool_versions` looks at the environment.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from __future__ import annotations
 import base64
 import importlib.metadata
 import platform
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["input_baseline", "self_test_cases", "tensor_json", "tool_versions"]
+__all__ = ["cases_within_budget", "input_baseline", "self_test_cases", "tensor_json",
+           "tool_versions"]
 
 _TOOLS = ("edgefleet", "onnx", "onnxruntime", "numpy", "ai-edge-litert", "tensorflow", "onnx2tf")
 
@@ -39,27 +43,59 @@ def tensor_json(array: np.ndarray) -> dict[str, Any]:
             "data": base64.b64encode(data.tobytes()).decode("ascii")}
 
 
-def self_test_cases(input_name: str, output_name: str, inputs: np.ndarray,
-                    expected: np.ndarray, atol: float) -> list[dict[str, Any]]:
-    """Golden cases, one sample each, that an installed artifact must reproduce within atol."""
-    return [{"inputs": {input_name: tensor_json(inputs[i:i + 1])},
-             "expected_outputs": {output_name: tensor_json(expected[i:i + 1])},
-             "atol": atol, "rtol": 0.0} for i in range(len(inputs))]
+def self_test_cases(calls: Sequence[Mapping[str, np.ndarray]],
+                    expected: Sequence[Mapping[str, np.ndarray]],
+                    atol: float) -> list[dict[str, Any]]:
+    """Golden cases, one model call each, that an installed artifact must reproduce within
+    ``atol``: every input of the call, and every output the reference gave."""
+    return [{"inputs": {name: tensor_json(value) for name, value in feeds.items()},
+             "expected_outputs": {name: tensor_json(value) for name, value in outs.items()},
+             "atol": atol, "rtol": 0.0} for feeds, outs in zip(calls, expected, strict=True)]
 
 
-def input_baseline(input_name: str, samples: np.ndarray, bins: int = 16) -> dict[str, Any]:
-    """Per-feature statistics and histograms of representative inputs, for drift detection.
+def cases_within_budget(calls: Sequence[Mapping[str, np.ndarray]],
+                        expected: Sequence[Mapping[str, np.ndarray]], budget_bytes: int,
+                        max_case_bytes: int) -> int:
+    """How many leading golden cases report.json carries: as many as fit ``budget_bytes`` of
+    tensor data, and always the first unless it alone exceeds ``max_case_bytes``."""
+    total = 0
+    for count, (feeds, outs) in enumerate(zip(calls, expected, strict=True)):
+        size = sum(v.nbytes for v in feeds.values()) + sum(v.nbytes for v in outs.values())
+        total += size
+        if total > budget_bytes and not (count == 0 and size <= max_case_bytes):
+            return count
+    return len(calls)
 
-    Every feature (each element of one input sample) gets a histogram over the same range so
-    a device can compare its live inputs bin by bin (e.g. with PSI) without the data itself.
+
+def input_baseline(inputs: Mapping[str, np.ndarray], bins: int = 16,
+                   max_features: int = 256) -> dict[str, Any]:
+    """Statistics and histograms of representative inputs, for drift detection.
+
+    ``inputs`` are by input name, one row per sample. Per input, each feature (an element of
+    one sample; for inputs with more than ``max_features`` elements, one of ``max_features``
+    contiguous groups of elements) gets mean, std and a histogram over the input's shared
+    range, so a device can compare its live inputs bin by bin (e.g. with PSI) without the
+    data itself. The first input's statistics are also the top-level keys (the single-input
+    form); ``inputs`` lists every input's.
     """
+    described = [_describe_input(name, values, bins, max_features)
+                 for name, values in inputs.items()]
+    return {**described[0], "inputs": described} if described else {}
+
+
+def _describe_input(name: str, samples: np.ndarray, bins: int,
+                    max_features: int) -> dict[str, Any]:
     flat = samples.reshape(len(samples), -1).astype(np.float64)
-    low, high = float(flat.min()), float(flat.max())
+    low, high = (float(flat.min()), float(flat.max())) if flat.size else (0.0, 1.0)
     if high <= low:
         high = low + 1.0
     edges = np.linspace(low, high, bins + 1)
-    counts = [np.histogram(flat[:, j], bins=edges)[0].tolist() for j in range(flat.shape[1])]
-    return {"input": input_name, "samples": len(samples), "features": flat.shape[1],
+    elements = flat.shape[1]
+    groups = np.array_split(np.arange(elements), min(elements, max_features))
+    values = [flat[:, group].ravel() for group in groups]
+    return {"input": name, "samples": len(samples), "features": len(groups),
+            "elements_per_feature": int(np.ceil(elements / max(1, len(groups)))),
             "range": [low, high], "bins": bins,
-            "mean": np.round(flat.mean(axis=0), 6).tolist(),
-            "std": np.round(flat.std(axis=0), 6).tolist(), "histograms": counts}
+            "mean": [round(float(v.mean()), 6) for v in values],
+            "std": [round(float(v.std()), 6) for v in values],
+            "histograms": [np.histogram(v, bins=edges)[0].tolist() for v in values]}

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from .base import ModelPass, PassContext, PassError, PassResult
+from .base import (
+    Feeds,
+    ModelPass,
+    PassContext,
+    PassError,
+    PassResult,
+    PostconditionError,
+    PreconditionError,
+)
 from .channel_prune import PruneChannels
 from .fp16 import ConvertFp16
-from .optimize import OptimizeGraph
+from .optimize import OptimizeGraph, UpgradeOpset
 from .prune import MagnitudePrune
 from .quantize import QuantizeDynamic, QuantizeStatic
 from .tflite import ConvertTflite
 
-__all__ = ["ConvertFp16", "ConvertTflite", "MagnitudePrune", "ModelPass", "OptimizeGraph",
-           "PassContext", "PassError", "PassResult", "PruneChannels", "QuantizeDynamic",
-           "QuantizeStatic"]
+__all__ = ["ConvertFp16", "ConvertTflite", "Feeds", "MagnitudePrune", "ModelPass",
+           "OptimizeGraph", "PassContext", "PassError", "PassResult", "PostconditionError",
+           "PreconditionError", "PruneChannels", "QuantizeDynamic", "QuantizeStatic",
+           "UpgradeOpset"]

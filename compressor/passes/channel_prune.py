@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import PassContext, PassError, PassResult
+from .base import ModelPass, PassContext, PassResult, PreconditionError
 
 __all__ = ["PruneChannels", "unit_scores"]
 
@@ -46,24 +46,28 @@ class _Pair:
 
 
 @dataclass(frozen=True)
-class PruneChannels:
+class PruneChannels(ModelPass):
     """Delete the ``ratio`` least important hidden units of every prunable layer pair."""
 
     ratio: float = 0.25
     name: str = "prune-channels"
 
-    def run(self, model: Path, ctx: PassContext) -> PassResult:
+    def requires(self, model: Path, ctx: PassContext) -> None:
+        if not 0.0 < self.ratio < 1.0:
+            raise PreconditionError(f"channel pruning ratio must be in (0, 1), got "
+                                    f"{self.ratio}")
+        super().requires(model, ctx)
+
+    def call(self, model: Path, ctx: PassContext) -> PassResult:
         import onnx
         from onnx import numpy_helper
 
-        if not 0.0 < self.ratio < 1.0:
-            raise PassError(f"channel pruning ratio must be in (0, 1), got {self.ratio}")
         proto = onnx.load(str(model))
         inits = {i.name: i for i in proto.graph.initializer}
         pairs = _find_pairs(proto.graph, inits)
         if not pairs:
-            raise PassError(f"{model}: no prunable layer pairs (MatMul->MatMul or Conv->Conv "
-                            "joined by element-wise ops with constant weights)")
+            raise PreconditionError(f"{model}: no prunable layer pairs (MatMul->MatMul or "
+                                    "Conv->Conv joined by element-wise ops with constant weights)")
         removed = total = 0
         for pair in pairs:
             w1, w2 = (numpy_helper.to_array(inits[n]) for n in (pair.w1, pair.w2))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import PassContext, PassError, PassResult
+from .base import ModelPass, PassContext, PassError, PassResult
 
 __all__ = ["FP16_SENSITIVE_OPS", "ConvertFp16"]
 
@@ -21,13 +21,14 @@ FP16_SENSITIVE_OPS = ("Softmax", "LayerNormalization", "ReduceMean", "ReduceSum"
 
 
 @dataclass(frozen=True)
-class ConvertFp16:
+class ConvertFp16(ModelPass):
     """Convert weights and compute to fp16, keeping I/O types and sensitive ops in fp32."""
 
     block_list: tuple[str, ...] = FP16_SENSITIVE_OPS
     name: str = "fp16"
+    dtype = "fp16"
 
-    def run(self, model: Path, ctx: PassContext) -> PassResult:
+    def call(self, model: Path, ctx: PassContext) -> PassResult:
         import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import PassContext, PassError, PassResult
+from .base import ModelPass, PassContext, PassError, PassResult
 
 __all__ = ["MagnitudePrune", "prune_array"]
 
@@ -31,13 +31,13 @@ def prune_array(weights: np.ndarray, sparsity: float) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class MagnitudePrune:
+class MagnitudePrune(ModelPass):
     """Zero the ``sparsity`` fraction of smallest weights in every weight initializer."""
 
     sparsity: float = 0.5
     name: str = "prune"
 
-    def run(self, model: Path, ctx: PassContext) -> PassResult:
+    def call(self, model: Path, ctx: PassContext) -> PassResult:
         import onnx
         from onnx import numpy_helper
 

@@ -45,12 +45,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from compressor.dataset import save_calls
 
-from .base import PassContext, PassError
+from .base import PassContext, PassError, PreconditionError, graph_facts
 
 __all__ = ["INSTALL_HINT", "TFLITE_VARIANTS", "ConvertTflite", "TfliteArtifact", "TfliteBuild",
-           "TfliteUnavailableError", "tflite_unavailable"]
+           "TfliteUnavailableError", "run_worker", "tflite_unavailable", "to_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ TFLITE_VARIANTS: dict[str, str] = {
 }
 
 # What the conversion imports; onnx2tf declares none of its own dependencies.
-_MODULES = ("tensorflow", "tf_keras", "onnx2tf", "onnx_graphsurgeon", "sng4onnx", "psutil")
+_MODULES = ("tensorflow", "tf_keras", "onnx2tf", "onnx_graphsurgeon", "sng4onnx", "psutil",
+            "tf2onnx")
 # The worker's exit status when TensorFlow/onnx2tf do not import.
 EXIT_UNAVAILABLE = 3
 # A conversion that takes longer is hung (the digits model takes seconds, a 20 MB
@@ -117,34 +118,40 @@ class ConvertTflite:
     variants: tuple[str, ...] = tuple(TFLITE_VARIANTS)
     name: str = "tflite"
 
-    def build(self, model: Path, ctx: PassContext,
-              output_names: tuple[str, ...] = ()) -> TfliteBuild:
+    def requires(self, ctx: PassContext) -> None:
+        """Raise :class:`PreconditionError` for unknown variants or missing calibration."""
+        unknown = sorted(set(self.variants) - set(TFLITE_VARIANTS))
+        if unknown:
+            raise PreconditionError(f"unknown TFLite variant(s) {', '.join(unknown)}; "
+                                    f"use {', '.join(TFLITE_VARIANTS)}")
+        needs_calibration = {"tflite-int8-static", "tflite-int8-full"} & set(self.variants)
+        if needs_calibration and not ctx.calibration:
+            raise PreconditionError(f"{', '.join(sorted(needs_calibration))} need calibration "
+                                    "data; pass --calibration DATA.npz with representative "
+                                    "inputs")
+
+    def build(self, model: Path, ctx: PassContext) -> TfliteBuild:
         """Convert ``model`` once to a SavedModel, then make each variant from it.
 
-        ``output_names`` are the ONNX model's outputs, given to the TFLite outputs in order.
-        Raises :class:`TfliteUnavailableError` when TensorFlow/onnx2tf are missing and
+        The TFLite inputs and outputs get the ONNX model's names. Raises
+        :class:`TfliteUnavailableError` when TensorFlow/onnx2tf are missing and
         :class:`PassError` when onnx2tf cannot convert the model (then no variant can exist);
         a single variant that fails (say, an op without an int8 kernel for int8-full) is left
         out, with its reason in :attr:`TfliteBuild.skipped`.
         """
-        unknown = sorted(set(self.variants) - set(TFLITE_VARIANTS))
-        if unknown:
-            raise PassError(f"unknown TFLite variant(s) {', '.join(unknown)}; "
-                            f"use {', '.join(TFLITE_VARIANTS)}")
-        needs_calibration = {"tflite-int8-static", "tflite-int8-full"} & set(self.variants)
-        if needs_calibration and (ctx.calibration is None or len(ctx.calibration) == 0):
-            raise PassError(f"{', '.join(sorted(needs_calibration))} need calibration data; "
-                            "pass --calibration DATA.npz with representative inputs")
+        self.requires(ctx)
+        facts = graph_facts(model)
         workdir = ctx.workdir / "tflite"
         workdir.mkdir(parents=True, exist_ok=True)
-        request = {"model": str(model), "workdir": str(workdir), "input_name": ctx.input_name,
-                   "output_names": list(output_names), "variants": list(self.variants),
-                   "calibration": None}
-        if ctx.calibration is not None:
-            np.save(workdir / "calibration.npy", ctx.calibration)
-            request["calibration"] = str(workdir / "calibration.npy")
-        (workdir / "request.json").write_text(json.dumps(request), encoding="utf-8")
-        result = _run_worker(model, workdir)
+        request: dict[str, Any] = {
+            "task": "to_tflite", "model": str(model), "workdir": str(workdir),
+            "input_names": [name for name, _ in facts.inputs],
+            "output_names": [name for name, _ in facts.outputs],
+            "variants": list(self.variants), "calibration": None}
+        if ctx.calibration:
+            request["calibration"] = str(save_calls(ctx.calibration,
+                                                    workdir / "calibration.npz"))
+        result = run_worker(request, workdir)
         artifacts = tuple(TfliteArtifact(a["name"], a["dtype"], Path(a["path"]),
                                          tuple(a["notes"]), a["io_quantization"])
                           for a in result["artifacts"])
@@ -154,8 +161,19 @@ class ConvertTflite:
         return TfliteBuild(artifacts, skipped)
 
 
-def _run_worker(model: Path, workdir: Path) -> dict[str, Any]:
-    """Run the conversion in a child process; its output goes to ``converter.log``."""
+def to_onnx(model: Path, workdir: Path) -> tuple[Path, tuple[str, ...]]:
+    """An ONNX translation of the TFLite file ``model`` (tf2onnx, in the converter's child
+    process), and notes on it; raises :class:`PassError` when it cannot be made."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = run_worker({"task": "to_onnx", "model": str(model), "workdir": str(workdir)},
+                        workdir)
+    return Path(result["path"]), tuple(result["notes"])
+
+
+def run_worker(request: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Run a conversion in a child process; its output goes to ``converter.log``."""
+    model = Path(request["model"])
+    (workdir / "request.json").write_text(json.dumps(request), encoding="utf-8")
     env = dict(os.environ)
     # Quiet what TensorFlow lets us quiet, and let the child import this package even when it
     # runs from a source tree rather than an installed distribution.
@@ -171,16 +189,15 @@ def _run_worker(model: Path, workdir: Path) -> dict[str, Any]:
                 stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT, env=env,
                 timeout=_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired as exc:
-        raise PassError(f"{model}: the TFLite conversion did not finish within "
-                        f"{_TIMEOUT_S} s; the model gets no TFLite artifacts") from exc
+        raise PassError(f"{model}: the conversion did not finish within {_TIMEOUT_S} s"
+                        ) from exc
     if done.returncode == EXIT_UNAVAILABLE:
         raise TfliteUnavailableError(f"TensorFlow/onnx2tf cannot be imported "
                                      f"({_tail(log_path, 1)}); {INSTALL_HINT}")
     result_path = workdir / "result.json"
     if done.returncode != 0 or not result_path.is_file():
-        raise PassError(f"{model}: the TFLite conversion failed (exit status "
-                        f"{done.returncode}; converter output ends: {_tail(log_path)}); the "
-                        "model gets no TFLite artifacts")
+        raise PassError(f"{model}: the conversion failed (exit status {done.returncode}; "
+                        f"converter output ends: {_tail(log_path)})")
     result: dict[str, Any] = json.loads(result_path.read_text(encoding="utf-8"))
     return result
 

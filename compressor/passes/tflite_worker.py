@@ -1,9 +1,11 @@
-"""The TFLite conversion itself, run in a child process by ``compressor.passes.tflite``.
+"""The TFLite conversions themselves, run in a child process by ``compressor.passes.tflite``.
 
 ``python -m compressor.passes.tflite_worker REQUEST.json`` reads what to convert (written by
-:class:`compressor.passes.tflite.ConvertTflite`), converts, and writes ``result.json`` beside
-the request. Exit status 0 on success (single variants may still have failed: they are listed
-under ``skipped``), 3 when TensorFlow/onnx2tf do not import, anything else when the model
+:func:`compressor.passes.tflite.run_worker`), converts, and writes ``result.json`` beside the
+request. Two tasks: ``to_tflite`` (ONNX -> SavedModel -> each TFLite variant) and ``to_onnx``
+(a TFLite file -> ONNX, with tf2onnx, for a ``.tflite`` model given to the compressor). Exit
+status 0 on success (single variants may still have failed: they are listed under
+``skipped``), 3 when TensorFlow/onnx2tf/tf2onnx do not import, anything else when the model
 cannot be converted at all. Everything it prints is the converter's log.
 """
 
@@ -20,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from compressor.dataset import load_calls
+from compressor.errors import first_line as _first_line
 from compressor.passes.tflite import EXIT_UNAVAILABLE, TFLITE_VARIANTS
 
 _INTEGER_KINDS = "iub"  # numpy dtype kinds: signed, unsigned, bool
@@ -27,37 +31,62 @@ _INTEGER_KINDS = "iub"  # numpy dtype kinds: signed, unsigned, bool
 
 def main(argv: list[str]) -> int:
     """Convert as REQUEST.json (``argv[0]``) says; see the module docstring."""
-    import onnx
-
     request = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    # A file onnx cannot read fails here, before TensorFlow's seconds-long import.
-    onnx.load(request["model"], load_external_data=False)
-    try:
-        import onnx2tf  # noqa: F401  (imported here so a broken install fails in one place)
-        import tensorflow as tf
-    except ImportError as exc:
-        print(f"{type(exc).__name__}: {exc}", flush=True)
-        return EXIT_UNAVAILABLE
     workdir = Path(request["workdir"])
+    if request["task"] == "to_onnx":
+        try:
+            import tf2onnx  # noqa: F401  (a broken install fails here, in one place)
+        except ImportError as exc:
+            print(f"{type(exc).__name__}: {exc}", flush=True)
+            return EXIT_UNAVAILABLE
+        result = _tflite_to_onnx(Path(request["model"]), workdir)
+    else:
+        import onnx
+
+        # A file onnx cannot read fails here, before TensorFlow's seconds-long import.
+        onnx.load(request["model"], load_external_data=False)
+        try:
+            import onnx2tf  # noqa: F401
+            import tensorflow  # noqa: F401
+        except ImportError as exc:
+            print(f"{type(exc).__name__}: {exc}", flush=True)
+            return EXIT_UNAVAILABLE
+        result = _to_tflite(request, workdir)
+    (workdir / "result.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return 0
+
+
+def _to_tflite(request: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    import tensorflow as tf
+
     model = Path(request["model"])
-    calibration = np.load(request["calibration"]) if request["calibration"] else None
-    saved_model, notes = _to_saved_model(model, request["input_name"], workdir)
+    calibration = load_calls(Path(request["calibration"])) if request["calibration"] else None
+    saved_model, notes = _to_saved_model(model, request["input_names"], workdir)
     artifacts, skipped = [], {}
     for variant in request["variants"]:
         try:
             artifacts.append(_convert_variant(
                 tf, saved_model, variant, stem=model.stem, workdir=workdir,
-                input_name=request["input_name"], output_names=request["output_names"],
+                input_names=request["input_names"], output_names=request["output_names"],
                 calibration=calibration, notes=notes))
         except Exception as exc:  # the converter raises assorted errors per variant
             traceback.print_exc()
             skipped[variant] = _first_line(exc)
-    result = {"artifacts": artifacts, "skipped": skipped}
-    (workdir / "result.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-    return 0
+    return {"artifacts": artifacts, "skipped": skipped}
 
 
-def _to_saved_model(model: Path, input_name: str, workdir: Path) -> tuple[Path, list[str]]:
+def _tflite_to_onnx(model: Path, workdir: Path) -> dict[str, Any]:
+    """tf2onnx's translation of a TFLite file, at opset 17."""
+    import tf2onnx
+
+    out = workdir / f"{model.stem}.from-tflite.onnx"
+    tf2onnx.convert.from_tflite(str(model), opset=17, output_path=str(out))
+    return {"path": str(out),
+            "notes": [f"translated from TFLite by tf2onnx {_version('tf2onnx')} (opset 17)"]}
+
+
+def _to_saved_model(model: Path, input_names: list[str],
+                    workdir: Path) -> tuple[Path, list[str]]:
     """The SavedModel onnx2tf makes of ``model``, and notes on what it changed."""
     import onnx
     import onnx2tf
@@ -66,14 +95,17 @@ def _to_saved_model(model: Path, input_name: str, workdir: Path) -> tuple[Path, 
     source = workdir / f"{model.stem}.onnx2tf-input.onnx"
     shutil.copyfile(model, source)
     graph = onnx.load(str(model), load_external_data=False).graph
-    rank = next((len(i.type.tensor_type.shape.dim) for i in graph.input
-                 if i.name == input_name), 0)
+    # Float image-like inputs (rank 3-5) keep the ONNX layout, so artifacts take the ONNX
+    # tensors; token ids and other integer inputs have no channels to move.
+    channels_first = [i.name for i in graph.input if i.name in input_names
+                      and len(i.type.tensor_type.shape.dim) in {3, 4, 5}
+                      and i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
     notes = [f"onnx2tf {_version('onnx2tf')} (onnxsim {_version('onnxsim')}), TensorFlow "
              f"{_version('tensorflow')} converter"]
     notes += _simplify(source)
-    if rank in {3, 4, 5}:
-        notes.append("input kept in the ONNX layout (channels first); TFLite's channels-last "
-                     "layout starts inside the model")
+    if channels_first:
+        notes.append(f"{', '.join(channels_first)} kept in the ONNX layout (channels first); "
+                     "TFLite's channels-last layout starts inside the model")
     # TFLite has no Erf builtin (exported GELU uses it); onnx2tf's pseudo Erf builds it from
     # builtin ops, which the device runtimes have, instead of a Flex op, which they do not.
     pseudo = ["erf"] if any(n.op_type == "Erf" for n in graph.node) else []
@@ -83,7 +115,7 @@ def _to_saved_model(model: Path, input_name: str, workdir: Path) -> tuple[Path, 
     onnx2tf.convert(
         input_onnx_file_path=str(source), output_folder_path=str(out),
         # Keep NCW/NCHW/NCDHW inputs as they are, so artifacts take the ONNX tensors.
-        keep_ncw_or_nchw_or_ncdhw_input_names=[input_name] if rank in {3, 4, 5} else None,
+        keep_ncw_or_nchw_or_ncdhw_input_names=channels_first or None,
         replace_to_pseudo_operators=pseudo, output_signaturedefs=True, non_verbose=True,
         not_use_onnxsim=True)  # done once above; onnx2tf would run its command three times
     if not (out / "saved_model.pb").is_file():
@@ -114,8 +146,9 @@ def _simplify(path: Path) -> list[str]:
 
 
 def _convert_variant(tf: Any, saved_model: Path, variant: str, *, stem: str, workdir: Path,
-                     input_name: str, output_names: list[str],
-                     calibration: np.ndarray | None, notes: list[str]) -> dict[str, Any]:
+                     input_names: list[str], output_names: list[str],
+                     calibration: list[dict[str, np.ndarray]] | None,
+                     notes: list[str]) -> dict[str, Any]:
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
     # Builtins only: the runtimes on devices (ai-edge-litert, tflite-runtime) have no Flex
     # delegate, so a TensorFlow op left in the model would fail at load on the device.
@@ -128,8 +161,9 @@ def _convert_variant(tf: Any, saved_model: Path, variant: str, *, stem: str, wor
     elif variant in {"tflite-int8-static", "tflite-int8-full"}:
         if calibration is None:
             raise ValueError(f"{variant} needs calibration data")
-        converter.representative_dataset = _representative(tf, saved_model, calibration)
-        notes.append(f"calibration: min-max over {len(calibration)} samples, per-channel "
+        converter.representative_dataset = _representative(tf, saved_model, calibration,
+                                                            input_names)
+        notes.append(f"calibration: min-max over {len(calibration)} calls, per-channel "
                      "weights")
         if variant == "tflite-int8-full":
             # Integer kernels only, and integer inputs and outputs. The converter may still
@@ -137,7 +171,7 @@ def _convert_variant(tf: Any, saved_model: Path, variant: str, *, stem: str, wor
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
-    data = _rename_io(bytes(converter.convert()), input_name, output_names)
+    data = _rename_io(bytes(converter.convert()), input_names, output_names)
     path = workdir / f"{stem}.{variant}.tflite"
     path.write_bytes(data)
     quantization = None
@@ -156,35 +190,57 @@ def _convert_variant(tf: Any, saved_model: Path, variant: str, *, stem: str, wor
             "notes": notes, "io_quantization": quantization}
 
 
-def _representative(tf: Any, saved_model: Path, calibration: np.ndarray) -> Any:
+def _representative(tf: Any, saved_model: Path, calibration: list[dict[str, np.ndarray]],
+                    input_names: list[str]) -> Any:
     signature = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
-    (key,) = signature.structured_input_signature[1]  # the pipeline takes one-input models
+    keys = _signature_keys(list(signature.structured_input_signature[1]), input_names)
 
     def samples() -> Iterator[dict[str, np.ndarray]]:
-        for i in range(len(calibration)):
-            yield {key: calibration[i:i + 1]}
+        for call in calibration:
+            yield {key: call[name] for name, key in keys.items()}
 
     return samples
 
 
-def _rename_io(data: bytes, input_name: str, output_names: list[str]) -> bytes:
+def _signature_keys(keys: list[str], input_names: list[str]) -> dict[str, str]:
+    """ONNX input name -> the SavedModel signature's key for it.
+
+    onnx2tf keeps ONNX names, made into Python identifiers (``input.1`` -> ``input_1``);
+    a name that does not match that way goes by position.
+    """
+    def plain(name: str) -> str:
+        return "".join(c if c.isalnum() else "_" for c in name).lower()
+
+    by_plain = {plain(k): k for k in keys}
+    return {name: by_plain.get(plain(name), keys[i] if i < len(keys) else name)
+            for i, name in enumerate(input_names)}
+
+
+def _rename_io(data: bytes, input_names: list[str], output_names: list[str]) -> bytes:
     """Give the model's input and output tensors the ONNX names."""
     from tensorflow.lite.tools import flatbuffer_utils
 
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
     graph = model.subgraphs[0]
-    graph.tensors[graph.inputs[0]].name = input_name.encode()
-    # The SavedModel names outputs output_0, output_1... in ONNX order; the flatbuffer's
+    # Inputs: through the signature's keys (onnx2tf's names for the ONNX inputs); outputs:
+    # the SavedModel names them output_0, output_1... in ONNX order, and the flatbuffer's
     # output list may be sorted differently, so map through the signature's tensor indices.
     by_index: dict[int, str] = {}
     for signature in model.signatureDefs or []:
+        keys = [i.name.decode() for i in signature.inputs or []]
+        names = {key: name for name, key in _signature_keys(keys, input_names).items()}
+        for entry in signature.inputs or []:
+            name = names.get(entry.name.decode())
+            if name is not None:
+                by_index[entry.tensorIndex] = name
+                entry.name = name.encode()
         for output in signature.outputs or []:
             key = output.name.decode()
             position = int(key.rsplit("_", 1)[1]) if key.startswith("output_") else -1
             if 0 <= position < len(output_names):
                 by_index[output.tensorIndex] = output_names[position]
                 output.name = output_names[position].encode()
-    for index in graph.outputs:
+    for index in [*graph.inputs, *graph.outputs]:
         if index in by_index:
             graph.tensors[index].name = by_index[index].encode()
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
@@ -213,11 +269,6 @@ def _version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 if __name__ == "__main__":

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
+from compressor.choose import Measured, choose
 
-from compressor.choose import Measured, accuracy_drop, choose
-
-FP32 = Measured("fp32", "fp32", 4_000_000, 8.0, 9.0, accuracy=94.0, agreement=1.0)
+FP32 = Measured("fp32", "fp32", 4_000_000, 8.0, 9.0, drop=0.0)
 
 
-def cand(name: str, size: int, p50: float, accuracy: float | None = 94.0,
-         agreement: float = 1.0) -> Measured:
-    return Measured(name, "int8", size, p50, p50 * 1.2, accuracy, agreement)
+def cand(name: str, size: int, p50: float, drop: float = 0.0) -> Measured:
+    return Measured(name, "int8", size, p50, p50 * 1.2, drop)
 
 
 def test_smallest_within_budget_and_faster_wins() -> None:
     dyn = cand("int8-dynamic", 1_000_000, 3.0)
-    static = cand("int8-static", 1_020_000, 2.5, accuracy=93.5)
+    static = cand("int8-static", 1_020_000, 2.5, drop=0.5)
     decision = choose([FP32, dyn, static], FP32, max_drop=1.0)
     assert decision.chosen is static  # within 10% of the smallest size, and faster
     reasons = {r.name: r.reason for r in decision.rejected}
@@ -25,10 +22,10 @@ def test_smallest_within_budget_and_faster_wins() -> None:
 
 
 def test_over_budget_is_rejected_with_the_numbers() -> None:
-    bad = cand("int8-static", 1_000_000, 2.0, accuracy=91.5)
+    bad = cand("int8-static", 1_000_000, 2.0, drop=2.5)
     decision = choose([bad], FP32, max_drop=1.0)
     assert decision.chosen is FP32
-    assert decision.rejected[0].reason == "accuracy drop 2.50 points is over the budget of 1"
+    assert decision.rejected[0].reason == "quality drop 2.50 points is over the budget of 1"
 
 
 def test_int8_slower_than_fp32_is_never_chosen_silently() -> None:
@@ -44,28 +41,29 @@ def test_latency_within_tolerance_still_counts_as_not_slower() -> None:
 
 
 def test_clearly_smaller_beats_faster() -> None:
-    fp16 = Measured("fp16", "fp16", 2_000_000, 1.0, 1.1, 94.0, 1.0)
+    fp16 = Measured("fp16", "fp16", 2_000_000, 1.0, 1.1, 0.0)
     int8 = cand("int8-dynamic", 1_000_000, 3.0)
     assert choose([fp16, int8], FP32, max_drop=1.0).chosen is int8
 
 
-def test_unlabelled_data_uses_top1_disagreement() -> None:
-    reference = Measured("fp32", "fp32", 4_000_000, 8.0, 9.0, accuracy=None, agreement=1.0)
-    close = cand("a", 1_000_000, 3.0, accuracy=None, agreement=0.995)
-    far = cand("b", 1_000_000, 2.0, accuracy=None, agreement=0.97)
-    assert accuracy_drop(close, reference) == pytest.approx(0.5)
-    decision = choose([close, far], reference, max_drop=1.0)
-    assert decision.chosen is close
-    assert "3.00 points" in decision.rejected[0].reason
+def test_the_budget_is_inclusive_and_a_gain_counts_as_no_drop() -> None:
+    at_budget = cand("a", 1_000_000, 3.0, drop=1.0)
+    better = cand("b", 1_000_000, 2.0, drop=-0.5)  # scores above the reference
+    over = cand("c", 1_000_000, 1.0, drop=1.0001)
+    decision = choose([at_budget, better, over], FP32, max_drop=1.0)
+    assert decision.chosen is better
+    reasons = {r.name: r.reason for r in decision.rejected}
+    assert reasons["c"] == "quality drop 1.00 points is over the budget of 1"
+    assert reasons["a"].startswith("slower than b")
 
 
 def test_impossible_budget_leaves_only_the_reference() -> None:
-    decision = choose([cand("x", 1, 1.0, accuracy=93.99)], FP32, max_drop=0.0)
+    decision = choose([cand("x", 1, 1.0, drop=0.01)], FP32, max_drop=0.0)
     assert decision.chosen is FP32
 
 
 def test_int8_only_profile_with_unmet_budget_gets_no_artifact() -> None:
-    decision = choose([FP32, cand("int8-static", 1_000_000, 2.0, accuracy=90.0)], FP32,
+    decision = choose([FP32, cand("int8-static", 1_000_000, 2.0, drop=4.0)], FP32,
                       max_drop=1.0, dtypes=("int8",))
     assert decision.chosen is None
     assert [r.name for r in decision.rejected] == ["fp32", "int8-static"]
@@ -74,14 +72,14 @@ def test_int8_only_profile_with_unmet_budget_gets_no_artifact() -> None:
 
 
 def test_dtype_outside_profile_is_rejected() -> None:
-    fp16 = Measured("fp16", "fp16", 2_000_000, 1.0, 1.1, 94.0, 1.0)
+    fp16 = Measured("fp16", "fp16", 2_000_000, 1.0, 1.1, 0.0)
     decision = choose([fp16], FP32, max_drop=1.0, dtypes=("int8", "fp32"))
     assert decision.chosen is FP32
     assert decision.rejected[0].reason.startswith("fp16 is not among")
 
 
-def tfl(name: str, dtype: str, size: int, p50: float, accuracy: float = 94.0) -> Measured:
-    return Measured(name, dtype, size, p50, p50 * 1.2, accuracy, 1.0, format="tflite")
+def tfl(name: str, dtype: str, size: int, p50: float, drop: float = 0.0) -> Measured:
+    return Measured(name, dtype, size, p50, p50 * 1.2, drop, format="tflite")
 
 
 TFL_FP32 = tfl("tflite-fp32", "fp32", 4_000_000, 6.0)
@@ -100,11 +98,11 @@ def test_preferred_format_wins_even_when_the_other_is_smaller_and_faster() -> No
 
 
 def test_next_format_when_the_preferred_has_no_qualifying_candidate() -> None:
-    lossy = tfl("tflite-fp32", "fp32", 4_000_000, 6.0, accuracy=90.0)
+    lossy = tfl("tflite-fp32", "fp32", 4_000_000, 6.0, drop=4.0)
     decision = choose([FP32, lossy], FP32, max_drop=1.0, formats=("tflite", "onnx"),
                       baselines={"tflite": lossy})
     assert decision.chosen is FP32  # the conversion lost accuracy: ONNX fp32 is the fallback
-    assert decision.rejected[0].reason == "accuracy drop 4.00 points is over the budget of 1"
+    assert decision.rejected[0].reason == "quality drop 4.00 points is over the budget of 1"
 
 
 def test_format_outside_profile_is_rejected() -> None:

@@ -61,3 +61,15 @@ def test_evaluate_bad_data_is_one_line(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["evaluate", str(MODELS / "digits_cnn.onnx"), "--data", str(missing)]) == 1
     assert capsys.readouterr().err == (
         f"edge-compress: error: {missing}: no such file; pass an existing .npz data file.\n")
+
+
+def test_evaluate_a_two_input_model_by_its_own_measure(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["evaluate", str(MODELS / "text_encoder.onnx"), "--data",
+                 str(MODELS / "text_encoder_data.npz"), "--metric",
+                 "sentence_embedding=embedding", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["sentence_embedding embedding"] >= 95.0  # 1-NN topic accuracy
+    assert result["accuracy"] == result["sentence_embedding embedding"]
+    assert result["samples"] == 512

@@ -1,53 +1,113 @@
-"""compressor.evaluate: the pure measurements, and the runners on real runtimes."""
+"""compressor.evaluate: running bound datasets (batches, fixed batch, sequences) and timing."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from compressor.dataset import Dataset, StatePair, bind
 from compressor.evaluate import (
-    DatasetError,
-    ModelLoadError,
-    accuracy,
-    agreement,
-    load_eval_data,
+    calibration_calls,
+    first_call,
     measure_latency,
-    open_runner,
-    predict,
-    quantize,
+    measure_latency_interleaved,
+    run_dataset,
     summarize_latency,
 )
+from compressor.runner import ModelRunError, ModelRunner, open_runner
+from tests.compressor.onnx_models import fixed_batch_model, stateful_model, two_input_model
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
-def test_accuracy_counts_argmax_hits() -> None:
-    outputs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
-    assert accuracy(outputs, np.array([0, 1, 1, 1])) == 75.0
+def test_fixed_batch_model_is_fed_its_own_batch_and_padding_is_dropped(tmp_path: Path) -> None:
+    runner = open_runner(fixed_batch_model(tmp_path / "fixed.onnx", batch=4))
+    x = np.random.default_rng(0).normal(size=(10, 6)).astype(np.float32)  # 4 + 4 + 2 rows
+    data = Dataset("test", {"x": x})
+    binding = bind(runner.signature, data)
+    outputs = run_dataset(runner, binding, data)
+    assert outputs["y"].shape == (10, 3)
+    expected = np.concatenate([runner.run({"x": x[i:i + 4]})["y"] for i in (0, 4)])
+    np.testing.assert_allclose(outputs["y"][:8], expected, rtol=1e-6)
+    calls = calibration_calls(runner, binding, data, limit=2)
+    assert [c["x"].shape for c in calls] == [(4, 6), (4, 6)]
+    assert first_call(binding, data)["x"].shape == (4, 6)
 
 
-def test_accuracy_rejects_length_mismatch() -> None:
-    with pytest.raises(ValueError, match="3 outputs for 2 labels"):
-        accuracy(np.zeros((3, 2)), np.zeros(2))
+def test_multi_input_batches_match_single_calls(tmp_path: Path) -> None:
+    runner = open_runner(two_input_model(tmp_path / "enc.onnx"))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 50, size=(70, 5)).astype(np.int64)  # two chunks: 64 + 6
+    mask = (rng.random((70, 5)) > 0.3).astype(np.int64)
+    data = Dataset("test", {"ids": ids, "mask": mask})
+    outputs = run_dataset(runner, bind(runner.signature, data), data)
+    one = runner.run({"ids": ids[66:67], "mask": mask[66:67]})["embedding"]
+    np.testing.assert_allclose(outputs["embedding"][66:67], one, rtol=1e-5)
+    assert outputs["embedding"].shape == (70, 4)
 
 
-def test_agreement_identical_and_scaled() -> None:
-    ref = np.array([[1.0, 2.0, 3.0], [3.0, 1.0, 0.0]])
-    same = agreement(ref, ref)
-    assert same.top1 == 1.0
-    assert same.cosine_mean == pytest.approx(1.0)
-    assert same.max_abs_diff == 0.0
-    flipped = agreement(ref[:, ::-1], ref)
-    assert flipped.top1 == 0.0
-    assert flipped.cosine_mean < 0.8
-    assert flipped.max_abs_diff == 3.0
+def test_sequences_carry_state_from_call_to_call(tmp_path: Path) -> None:
+    runner = open_runner(stateful_model(tmp_path / "rnn.onnx"))
+    x = np.ones((2, 3, 1, 3), np.float32)  # 2 sequences of 3 steps of [1, 3]
+    x[1] *= 2
+    data = Dataset("test", {"x": x}, constants={"gain": np.array(1.0, np.float32)})
+    binding = bind(runner.signature, data)
+    assert binding.state == (StatePair("hn", "h"),)  # inferred: hn starts with h
+    outputs = run_dataset(runner, binding, data)
+    assert outputs["y"].shape == (6, 1, 1)
+    # x @ W sums to 6.6 for a row of ones; h' = 0.5 h + xw, so sum(h) = 6.6, 9.9, 11.55.
+    np.testing.assert_allclose(outputs["y"][:3, 0, 0], [6.6, 9.9, 11.55], rtol=1e-5)
+    np.testing.assert_allclose(outputs["y"][3:, 0, 0], [13.2, 19.8, 23.1], rtol=1e-5)
+    calls = calibration_calls(runner, binding, data, limit=4)
+    assert len(calls) == 4
+    np.testing.assert_allclose(calls[1]["h"], outputs["hn"][0], rtol=1e-6)  # carried
+    assert np.all(calls[3]["h"] == 0)  # a new sequence starts from the initial state
 
 
-def test_agreement_zero_vectors_count_as_agreeing() -> None:
-    zeros = np.zeros((2, 3))
-    assert agreement(zeros, zeros).cosine_mean == 1.0
+def test_a_dynamic_batch_the_graph_cannot_take_falls_back_to_one_per_call(
+        tmp_path: Path) -> None:
+    # Declared [batch, 4] but reshaped to [1, 4] inside, as some exports do.
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(np.array([1, 4], np.int64), "shape")])
+    onnx.save(helper.make_model(graph), str(tmp_path / "one.onnx"))
+    runner = open_runner(tmp_path / "one.onnx")
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    data = Dataset("test", {"x": x})
+    outputs = run_dataset(runner, bind(runner.signature, data), data)
+    np.testing.assert_array_equal(outputs["y"], x)
+
+
+class _Failing:
+    """A runner whose every call fails, with the signature of ``inner``."""
+
+    def __init__(self, inner: ModelRunner) -> None:
+        self.signature = inner.signature
+        self.calls: list[int] = []
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls.append(len(next(iter(feeds.values()))))
+        raise ModelRunError("broken")
+
+
+@pytest.mark.parametrize(("fixed", "expected_calls"), [(True, [4]), (False, [10, 1])])
+def test_a_failure_is_retried_one_sample_per_call_only_for_dynamic_batches(
+        tmp_path: Path, fixed: bool, expected_calls: list[int]) -> None:
+    model = (fixed_batch_model(tmp_path / "m.onnx", batch=4) if fixed
+             else fixed_batch_model(tmp_path / "m.onnx", batch=0))
+    failing = _Failing(open_runner(model))
+    data = Dataset("test", {"x": np.ones((10, 6), np.float32)})
+    with pytest.raises(ModelRunError, match="broken"):
+        run_dataset(failing, bind(failing.signature, data), data)
+    assert failing.calls == expected_calls
 
 
 def test_summarize_latency_percentiles_in_ms() -> None:
@@ -59,74 +119,23 @@ def test_summarize_latency_percentiles_in_ms() -> None:
         summarize_latency([])
 
 
-def test_load_eval_data_named_arrays(tmp_path: Path) -> None:
-    path = tmp_path / "d.npz"
-    np.savez(path, eval_x=np.zeros((4, 3), np.float32), eval_y=np.arange(4))
-    data = load_eval_data(path)
-    assert data.x.shape == (4, 3)
-    assert data.y is not None
-    assert list(data.y) == [0, 1, 2, 3]
+def test_slow_models_get_fewer_timed_calls_within_the_budget(tmp_path: Path) -> None:
+    runner = open_runner(MODELS / "digits_cnn.onnx")
+    with np.load(MODELS / "digits_data.npz") as data:
+        feeds = {"input": data["eval_x"][:1]}
+    # A budget far below one call's time: the floor of 3 calls a round.
+    stats = measure_latency_interleaved({"a": runner}, feeds, rounds=2, iterations=50,
+                                        budget_s=1e-9)
+    assert stats["a"].iterations == 6
+    stats = measure_latency_interleaved({"a": runner}, feeds, rounds=2, iterations=50,
+                                        budget_s=100.0)
+    assert stats["a"].iterations == 100
 
 
-def test_load_eval_data_unlabelled_fallback_names(tmp_path: Path) -> None:
-    path = tmp_path / "d.npz"
-    np.savez(path, x=np.zeros((2, 3), np.float32))
-    assert load_eval_data(path).y is None
-
-
-@pytest.mark.parametrize(
-    ("arrays", "message"),
-    [
-        ({"inputs": np.zeros(3)}, "no 'eval_x'"),
-        ({"eval_x": np.zeros((4, 2)), "eval_y": np.zeros(3)}, "one class index per input"),
-    ],
-)
-def test_load_eval_data_bad_content(tmp_path: Path, arrays: dict[str, np.ndarray],
-                                    message: str) -> None:
-    path = tmp_path / "d.npz"
-    np.savez(path, **arrays)  # type: ignore[arg-type]
-    with pytest.raises(DatasetError, match=message):
-        load_eval_data(path)
-
-
-def test_load_eval_data_not_an_archive(tmp_path: Path) -> None:
-    path = tmp_path / "d.npz"
-    path.write_bytes(b"not a zip")
-    with pytest.raises(DatasetError, match=r"not a readable \.npz"):
-        load_eval_data(path)
-    with pytest.raises(DatasetError, match="no such file"):
-        load_eval_data(tmp_path / "missing.npz")
-
-
-def test_open_runner_rejects_unknown_and_corrupt(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match=r"unknown model format '\.pt'"):
-        open_runner(tmp_path / "m.pt")
-    with pytest.raises(ModelLoadError, match="no such model file"):
-        open_runner(tmp_path / "m.onnx")
-    for name in ("m.onnx", "m.tflite"):
-        (tmp_path / name).write_bytes(b"\x00garbage" * 10)
-        with pytest.raises(ModelLoadError, match="cannot load it"):
-            open_runner(tmp_path / name)
-
-
-@pytest.mark.parametrize("model", ["digits_cnn.onnx", "digits_cnn.tflite"])
-def test_runners_on_reference_model(model: str) -> None:
-    data = load_eval_data(MODELS / "digits_data.npz")
-    assert data.y is not None
-    runner = open_runner(MODELS / model)
-    outputs = predict(runner, data.x, batch_size=50)
-    assert outputs.shape == (len(data.x), 10)
-    assert accuracy(outputs, data.y) >= 95.0
-    latency = measure_latency(runner, data.x[:1], warmup=2, iterations=10)
+def test_measure_latency_on_the_reference_model() -> None:
+    runner = open_runner(MODELS / "digits_cnn.onnx")
+    with np.load(MODELS / "digits_data.npz") as data:
+        feeds = {"input": data["eval_x"][:1]}
+    latency = measure_latency(runner, feeds, warmup=2, iterations=10)
     assert 0 < latency.p50_ms <= latency.p99_ms
-
-
-def test_quantize_rounds_half_to_even_and_saturates() -> None:
-    x = np.array([0.0, 0.25, 0.75, 1.0, -1.0, 100.0, -100.0], np.float32)
-    # scale 0.5, zero point 3: x / 0.5 = 0, 0.5, 1.5, 2, -2, 200, -200 -> ties to even, + 3.
-    q = quantize(x, 0.5, 3, "int8")
-    assert q.dtype == np.int8
-    assert q.tolist() == [3, 3, 5, 5, 1, 127, -128]
-    assert quantize(x, 0.5, 3, "uint8").tolist() == [3, 3, 5, 5, 1, 203, 0]
-    with pytest.raises(ValueError, match="cannot quantize to float32"):
-        quantize(x, 0.5, 0, "float32")
+    assert latency.iterations == 10

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from compressor.cli import main
+from compressor.dataset import DatasetError
 from compressor.errors import CompressorError
-from compressor.evaluate import DatasetError, ModelLoadError
 from compressor.pipeline import CompressOptions, NoArtifactError, UnsupportedTargetError, compress
+from compressor.runner import ModelLoadError
 from firmware_profiles import PROFILES_DIR, get_profile, load_profile
 from tests.compressor.signing import sign_and_verify
 
@@ -39,7 +40,7 @@ def test_compress_writes_artifacts_and_report(tmp_path: Path) -> None:
     report = compress(MODEL, [get_profile("x86-64-vnni"), get_profile("x86-64-avx2")], out,
                       calibration=DATA, evaluation=DATA, options=FAST,
                       progress=lambda step, total, what: steps.append(f"{step}/{total}"))
-    assert steps[-1] == "7/7"
+    assert steps[-1] == "8/8"
     assert json.loads((out / "report.json").read_text()) == report
     names = {c["name"] for c in report["candidates"]}
     assert names == {"fp32", "int8-dynamic", "int8-static", "int8-dynamic-rr", "int8-static-rr"}
@@ -54,6 +55,10 @@ def test_compress_writes_artifacts_and_report(tmp_path: Path) -> None:
     assert len(report["self_test"]) == 4
     assert report["baseline"]["features"] == 64
     assert len(report["baseline"]["histograms"]) == 64
+    assert [b["input"] for b in report["baseline"]["inputs"]] == ["input"]
+    assert report["metrics"] == {"logits": "top1"}
+    assert report["failed"] == []
+    assert "self_test_file" not in report
     assert report["tools"]["onnxruntime"] != "not installed"
     assert not list(tmp_path.glob(".out.*")), "scratch directory left behind"
 
@@ -88,7 +93,7 @@ def test_budget_no_candidate_meets_gives_no_artifact_and_a_report(tmp_path: Path
     assert [p.name for p in out.iterdir()] == ["report.json"]
 
 
-@pytest.mark.parametrize("case", ["unreadable_model", "tflite_model", "wrong_shape",
+@pytest.mark.parametrize("case", ["unreadable_model", "pytorch_model", "wrong_shape",
                                   "wrong_dtype", "no_data", "avoided_op", "tflite_only_profile",
                                   "out_not_empty"])
 def test_bad_input_leaves_nothing(tmp_path: Path, case: str,
@@ -101,15 +106,17 @@ def test_bad_input_leaves_nothing(tmp_path: Path, case: str,
         model = tmp_path / "m.onnx"
         model.write_bytes(b"\x08\x01garbage")
         expected, message = ModelLoadError, "not a readable ONNX model"
-    elif case == "tflite_model":
-        model, expected, message = MODELS / "digits_cnn.tflite", ModelLoadError, "takes an ONNX"
+    elif case == "pytorch_model":
+        model = tmp_path / "m.pt"
+        model.write_bytes(b"torch")
+        expected, message = ModelLoadError, "takes an ONNX (.onnx) or TFLite (.tflite) model"
     elif case in {"wrong_shape", "wrong_dtype"}:
         calibration = tmp_path / "c.npz"
         bad = (np.zeros((8, 8, 8), np.float32) if case == "wrong_shape"
                else np.zeros((8, 1, 8, 8), np.float64))
         np.savez(calibration, calib_x=bad)
         message = ("inputs have shape [8, 8, 8] but model input 'input' expects "
-                   "['batch', 1, 8, 8]" if case == "wrong_shape" else "are float64")
+                   "['samples', 1, 8, 8]" if case == "wrong_shape" else "are float64")
     elif case == "no_data":
         calibration, message = None, "no data: pass --calibration"  # type: ignore[assignment]
     elif case == "avoided_op":
@@ -146,7 +153,7 @@ def test_cli_implicit_compress_and_one_line_errors(tmp_path: Path,
     assert code == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["profiles"] == ["x86-64-vnni"]
-    assert "5/5" in captured.err  # the progress line reached its end
+    assert "6/6" in captured.err  # the progress line reached its end
     missing = tmp_path / "missing.onnx"
     assert main([str(missing), "--profile", "x86-64-vnni", "--eval", str(DATA),
                  "--out", str(tmp_path / "o2")]) == 1

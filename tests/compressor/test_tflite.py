@@ -18,10 +18,16 @@ import numpy as np
 import pytest
 
 from compressor.cli import main
-from compressor.evaluate import accuracy, load_eval_data, open_runner, predict, quantize
-from compressor.passes import ConvertTflite, OptimizeGraph, PassContext, PassError
+from compressor.passes import (
+    ConvertTflite,
+    OptimizeGraph,
+    PassContext,
+    PassError,
+    PreconditionError,
+)
 from compressor.passes.tflite import TFLITE_VARIANTS, TfliteBuild, tflite_unavailable
 from compressor.pipeline import CompressOptions, UnsupportedTargetError, compress
+from compressor.runner import open_runner, quantize
 from firmware_profiles import get_profile
 from firmware_profiles.runtimes import import_litert
 from tests.compressor.signing import sign_and_verify
@@ -30,7 +36,9 @@ pytestmark = pytest.mark.integration
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 MODEL, DATA = MODELS / "digits_cnn.onnx", MODELS / "digits_data.npz"
-EVAL = load_eval_data(DATA)
+with np.load(DATA) as _data:
+    EVAL_X, EVAL_Y, CALLS = _data["eval_x"], _data["eval_y"], [
+        {"input": x[None]} for x in _data["calib_x"][:64]]
 FAST = CompressOptions(latency_rounds=2, latency_iterations=5, calibration_samples=64)
 MISSING = "tensorflow, onnx2tf not installed; install edgefleet[tflite] for TFLite artifacts"
 
@@ -51,17 +59,25 @@ def interpreter(path: Path) -> Any:
 @pytest.fixture(scope="module")
 def reference() -> np.ndarray:
     """The ONNX model's outputs on the evaluation data."""
-    return predict(open_runner(MODEL), EVAL.x)
+    return predict(MODEL)
+
+
+def predict(model: Path, x: np.ndarray = EVAL_X) -> np.ndarray:
+    runner = open_runner(model)
+    return next(iter(runner.run({"input": x}).values()))
+
+
+def accuracy(outputs: np.ndarray) -> float:
+    return float(np.mean(np.argmax(outputs, axis=1) == EVAL_Y) * 100)
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory: pytest.TempPathFactory) -> TfliteBuild:
     """Every TFLite variant of the optimised digits model, converted once."""
     work = tmp_path_factory.mktemp("tflite")
-    with np.load(DATA) as data:
-        ctx = PassContext(workdir=work, input_name="input", calibration=data["calib_x"][:64])
-    optimised = OptimizeGraph().run(MODEL, ctx).model
-    return ConvertTflite().build(optimised, ctx, ("logits",))
+    ctx = PassContext(workdir=work, calibration=CALLS)
+    optimised = OptimizeGraph()(MODEL, ctx).model
+    return ConvertTflite().build(optimised, ctx)
 
 
 @pytest.fixture(scope="module")
@@ -85,16 +101,15 @@ def test_every_variant_runs_in_litert_within_the_gate(converted: TfliteBuild,
                                                       reference: np.ndarray) -> None:
     assert converted.skipped == {}
     assert [a.name for a in converted.artifacts] == list(TFLITE_VARIANTS)
-    assert EVAL.y is not None
-    fp32_accuracy = accuracy(reference, EVAL.y)
+    fp32_accuracy = accuracy(reference)
     for artifact in converted.artifacts:
         assert artifact.dtype == TFLITE_VARIANTS[artifact.name]
-        outputs = predict(open_runner(artifact.path), EVAL.x)
-        assert outputs.shape == (len(EVAL.x), 10)
+        outputs = predict(artifact.path)
+        assert outputs.shape == (len(EVAL_X), 10)
         assert outputs.dtype == np.float32  # int8-full outputs come back dequantized
-        assert fp32_accuracy - accuracy(outputs, EVAL.y) <= 1.0, artifact.name
+        assert fp32_accuracy - accuracy(outputs) <= 1.0, artifact.name
         assert np.mean(outputs.argmax(1) == reference.argmax(1)) >= 0.99, artifact.name
-    fp32 = predict(open_runner(converted.artifacts[0].path), EVAL.x)
+    fp32 = predict(converted.artifacts[0].path)
     assert float(np.max(np.abs(fp32 - reference))) < 1e-4  # the conversion itself is exact
 
 
@@ -139,7 +154,7 @@ def test_runner_quantizes_inputs_and_dequantizes_outputs(converted: TfliteBuild)
     (full,) = [a for a in converted.artifacts if a.name == "tflite-int8-full"]
     assert full.io_quantization is not None
     (q_in,), (q_out,) = full.io_quantization["inputs"], full.io_quantization["outputs"]
-    x = EVAL.x[:8]
+    x = EVAL_X[:8]
     it = interpreter(full.path)
     index = it.get_input_details()[0]["index"]
     it.resize_tensor_input(index, list(x.shape))
@@ -148,23 +163,23 @@ def test_runner_quantizes_inputs_and_dequantizes_outputs(converted: TfliteBuild)
     it.invoke()
     raw = it.get_tensor(it.get_output_details()[0]["index"])
     by_hand = (raw.astype(np.float32) - q_out["zero_point"]) * np.float32(q_out["scale"])
-    np.testing.assert_array_equal(open_runner(full.path).run(x), by_hand)
+    np.testing.assert_array_equal(predict(full.path, x), by_hand)
 
 
 @needs_tf
 def test_unconvertible_model_is_a_pass_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x01garbage")
-    ctx = PassContext(workdir=tmp_path, input_name="input", calibration=EVAL.x[:4])
-    with pytest.raises(PassError, match=r"the TFLite conversion failed \(exit status 1"):
+    ctx = PassContext(workdir=tmp_path, calibration=CALLS[:4])
+    with pytest.raises(PassError, match="not a readable ONNX model"):
         ConvertTflite(("tflite-fp32",)).build(bad, ctx)
 
 
 def test_bad_variant_and_missing_calibration_fail_before_converting(tmp_path: Path) -> None:
-    ctx = PassContext(workdir=tmp_path, input_name="input")
-    with pytest.raises(PassError, match="unknown TFLite variant"):
+    ctx = PassContext(workdir=tmp_path)
+    with pytest.raises(PreconditionError, match="unknown TFLite variant"):
         ConvertTflite(("tflite-int4",)).build(MODEL, ctx)
-    with pytest.raises(PassError, match="tflite-int8-full need calibration data"):
+    with pytest.raises(PreconditionError, match="tflite-int8-full need calibration data"):
         ConvertTflite(("tflite-int8-full",)).build(MODEL, ctx)
 
 
@@ -281,6 +296,24 @@ def test_bundle_builds_from_tflite_artifacts(compressed: tuple[Path, dict[str, A
     assert formats["rpi4"][0] == "tflite"
 
 
+@needs_tf
+def test_a_tflite_model_is_compressed_too(tmp_path: Path) -> None:
+    steps: list[str] = []
+    report = compress(MODELS / "digits_cnn.tflite", [get_profile("x86-64-vnni"),
+                                                     get_profile("rpi4")],
+                      tmp_path / "out", calibration=DATA, evaluation=DATA, options=FAST,
+                      progress=lambda step, total, what: steps.append(f"{step}/{total}"))
+    assert steps[-2:] == ["9/10", "10/10"]
+    candidates = {c["name"]: c for c in report["candidates"]}
+    assert candidates["tflite-fp32"]["notes"] == ["the model as given"]
+    assert candidates["fp32"]["notes"][0].startswith("translated from TFLite by tf2onnx")
+    assert {"int8-static", "tflite-int8-dynamic"} <= set(candidates)
+    assert report["model"] == {"file": "digits_cnn.tflite", "format": "tflite",
+                               "size_bytes": (MODELS / "digits_cnn.tflite").stat().st_size}
+    assert all(c["accuracy_drop"] <= 1.0 for c in candidates.values())
+    assert by_profile(report)["rpi4"]["format"] == "tflite"
+
+
 # --- without TensorFlow ----------------------------------------------------------------------
 
 def test_without_tensorflow_litert_profiles_get_onnx_and_a_note(
@@ -290,8 +323,13 @@ def test_without_tensorflow_litert_profiles_get_onnx_and_a_note(
     out = tmp_path / "out"
     assert main([str(MODEL), "--profile", "rpi4", "--calibration", str(DATA), "--eval",
                  str(DATA), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert f"note: no TFLite candidates for rpi4: {MISSING}" in printed
+    printed = capsys.readouterr()
+    assert f"note: no TFLite candidates for rpi4: {MISSING}" in printed.out
+    # The profile's own line says it did not get the format it prefers, and so does stderr.
+    wanted = (f"wanted TFLite (formats tflite, onnx) but got onnx: no TFLite candidates for "
+              f"rpi4: {MISSING}")
+    assert f"rpi4: fp32\n  note: {wanted}" in printed.out
+    assert f"edge-compress: warning: rpi4: {wanted}\n" in printed.err
     report = json.loads((out / "report.json").read_text())
     assert report["notes"] == [f"no TFLite candidates for rpi4: {MISSING}"]
     assert report["variants"][0]["format"] == "onnx"
@@ -313,8 +351,7 @@ def test_failed_conversion_is_a_note_not_a_crash(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("compressor.pipeline.tflite_unavailable", lambda: None)
 
-    def fail(self: ConvertTflite, model: Path, ctx: PassContext,
-             output_names: tuple[str, ...] = ()) -> TfliteBuild:
+    def fail(self: ConvertTflite, model: Path, ctx: PassContext) -> TfliteBuild:
         raise PassError(f"{model}: onnx2tf cannot convert it")
 
     monkeypatch.setattr(ConvertTflite, "build", fail)
@@ -323,3 +360,6 @@ def test_failed_conversion_is_a_note_not_a_crash(tmp_path: Path,
     assert report["notes"][0].startswith("no TFLite candidates: ")
     assert report["notes"][0].endswith("onnx2tf cannot convert it")
     assert report["variants"][0]["format"] == "onnx"
+    assert report["decisions"][0]["notes"][-1].startswith(
+        "wanted TFLite (formats tflite, onnx) but got onnx: no TFLite candidates: the "
+        "conversion failed: ")
