@@ -165,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     from .http_api import ApiSettings
     from .probation import ProbationPolicy
     from .runtime import Runtime
-    from .startup import check_fleet_files, usable_state_dir
+    from .startup import check_fleet_files, lock_state_dir, usable_state_dir
     from .telemetry import TelemetryCollector
 
     config = load_config(args.config or DEFAULT_STATE_DIR / "agent.toml")
@@ -174,6 +174,7 @@ def _run(args: argparse.Namespace) -> int:
         check_fleet_files(config.fleet)
     if args.detach:
         return _detach(args, config.state_dir)
+    _lock = lock_state_dir(config.state_dir)  # held while this process serves
     profile = resolve_profile(config.profile)
     api = config.api
     runtime = Runtime(config.state_dir, profile,
@@ -241,7 +242,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .http_api import ApiSettings
     from .probation import ProbationPolicy
     from .runtime import Runtime
-    from .startup import usable_state_dir
+    from .startup import lock_state_dir, usable_state_dir
 
     if len(args.name) > len(args.model):
         raise AgentError("more --name than --model options; give one name per model file")
@@ -252,6 +253,7 @@ def _serve(args: argparse.Namespace) -> int:
     state_dir = usable_state_dir(args.state_dir)
     if args.detach:
         return _detach(args, state_dir)
+    _lock = lock_state_dir(state_dir)  # held while this process serves
     profile = resolve_profile(args.profile)
     runtime = Runtime(state_dir, profile, policy=ProbationPolicy(window_s=args.probation),
                       threads=args.threads)
@@ -300,7 +302,7 @@ def _add_install(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 def _install(args: argparse.Namespace) -> int:
     from .daemon import find_running, resolve_profile
     from .runtime import Runtime
-    from .startup import usable_state_dir
+    from .startup import lock_state_dir, usable_state_dir
 
     if not args.bundle.is_file():
         raise AgentError(f"{args.bundle}: no such bundle file")
@@ -310,7 +312,8 @@ def _install(args: argparse.Namespace) -> int:
         with running.client(timeout=600) as client:
             record = client.install(args.bundle)
     else:
-        runtime = Runtime(usable_state_dir(args.state_dir), resolve_profile(args.profile))
+        _lock = lock_state_dir(usable_state_dir(args.state_dir))  # no agent may start meanwhile
+        runtime = Runtime(args.state_dir, resolve_profile(args.profile))
         runtime.resume_installs()  # an earlier one a stop interrupted goes first
         record = runtime.install(args.bundle).summary()
     if args.json:

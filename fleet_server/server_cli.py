@@ -236,6 +236,7 @@ def _serve(args: argparse.Namespace) -> int:
     service = FleetService(config)
     api: ApiServer | None = None
     server_file = data / SERVER_FILE
+    announced = False  # server.json is this server's to remove only once it wrote it
     try:
         service.start()
         token_file = data / ADMIN_TOKEN_FILE
@@ -248,12 +249,14 @@ def _serve(args: argparse.Namespace) -> int:
             "api_url": api.url, "pid": os.getpid(), "admin_token_file": str(token_file),
             "ca_file": str(service.ca.cert_path), "broker_url": service.broker_url,
             "fleet": service.fleet, "data_dir": str(data)}, indent=2).encode("utf-8"))
+        announced = True
         print(f"fleet {service.fleet}: API {api.url} (admin token {token_file}), MQTT "
               f"{service.broker_url}, data {data}; Ctrl-C stops", flush=True)
         while not stop.wait(1.0):
             pass
     finally:
-        server_file.unlink(missing_ok=True)
+        if announced:
+            server_file.unlink(missing_ok=True)
         if api is not None:
             api.stop()
         service.stop()
