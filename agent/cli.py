@@ -314,8 +314,11 @@ def _install(args: argparse.Namespace) -> int:
     else:
         _lock = lock_state_dir(usable_state_dir(args.state_dir))  # no agent may start meanwhile
         runtime = Runtime(args.state_dir, resolve_profile(args.profile))
-        runtime.resume_installs()  # an earlier one a stop interrupted goes first
-        record = runtime.install(args.bundle).summary()
+        try:
+            runtime.resume_installs()  # an earlier one a stop interrupted goes first
+            record = runtime.install(args.bundle).summary()
+        finally:
+            runtime.close()
     if args.json:
         print(json.dumps(record, indent=2))
     elif record["reason"] is None:
@@ -458,8 +461,8 @@ def _pin_root(state_dir: Path, root: Path | None) -> None:
 
 def _verify(args: argparse.Namespace) -> int:
     store = TrustStore(args.state_dir / "trust")
-    # Pinned on disk only once a bundle verified against it, so a wrong file given here does
-    # not leave the device trusting it.
+    # Verify only: nothing is pinned or saved, so checking a bundle (even a newer one) never
+    # changes what the device will install later.
     trusted = resolve_root(store, args.root)
     if trusted is None:
         raise TrustStoreError(f"no trusted state in {args.state_dir}; pass --root ROOT.json "
@@ -470,8 +473,6 @@ def _verify(args: argparse.Namespace) -> int:
                                  profile=args.profile)
     except BundleError as exc:
         raise BundleRejectedError(type(exc).__name__, str(exc)) from exc
-    # Newer verified metadata raises the floor for replay and rollback of later bundles.
-    store.save(verified.trusted)
     print(json.dumps(verified.summary(), indent=2) if args.json else verified.describe())
     return 0
 

@@ -106,8 +106,11 @@ class InstallDriver:
     """Runs installs against ``installer`` (disk) and ``table`` (the serving models)."""
 
     def __init__(self, installer: Installer, table: ServingTable, policy: ProbationPolicy,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, *,
+                 after_crash: bool = True) -> None:
         self.installer = installer
+        #: Whether the previous run crashed: only then do resumed installs count a restart.
+        self.after_crash = after_crash
         self.table = table
         self.policy = policy
         self.monotonic = monotonic
@@ -226,7 +229,7 @@ class InstallDriver:
             level = logging.INFO if record.state is InstallState.PROBATION else logging.WARNING
             log.log(level, "resuming install %s (%s) in %s", record.install_id,
                     record.source, record.state.value)
-            self._run(record, InstallEvent(T.RESTARTED))
+            self._run(record, InstallEvent(T.RESTARTED if self.after_crash else T.RESUMED))
 
     def _run(self, record: InstallRecord, event: InstallEvent) -> InstallRecord:
         """Step ``record`` with ``event`` and every event its actions produce, until an
