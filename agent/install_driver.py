@@ -449,17 +449,18 @@ class InstallDriver:
         served = self.table.serving(name)
         figures = served.figures if served is not None else {}
         elapsed = self.monotonic() - probation.started
-        verdict = judge(self.policy, self.policy.window_s if superseded_by else elapsed,
+        verdict = judge(self.policy, elapsed,
                         requests=int(figures.get("requests") or 0),
                         errors=int(figures.get("errors") or 0),
                         p99_ms=_float(figures.get("p99_ms")),
                         baseline_p99_ms=probation.baseline_p99_ms,
-                        latency_samples=int(figures.get("samples") or 0))
+                        latency_samples=int(figures.get("samples") or 0),
+                        final=superseded_by is not None)
         if verdict.decision == "wait":
             return None
         reason = verdict.reason
         if superseded_by is not None:
-            reason = f"superseded by v{superseded_by} after {elapsed:.0f} s: {reason}"
+            reason = f"superseded by v{superseded_by}: {reason}"
         # Out of probation before the verdict is recorded, so what the listeners see then
         # (the reported state) no longer says "probation"; the previous model stands by
         # for a roll-back.
