@@ -26,8 +26,9 @@ EXTRAS = {
     "server": [*_CORE, "paho-mqtt>=2.0", "psycopg[binary]>=3.1", "psycopg-pool>=3.2"],
     # tritonclient: an existing Open Inference Protocol client, to prove the agent's API.
     # h11: only benchmarks/http_parse_bench.py, which measures it against the agent's parser.
+    # jsonschema: tests/agent/test_openapi.py checks answers against the agent's OpenAPI document.
     "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "mypy>=1.11", "pytest-timeout>=2.3",
-            "tritonclient[http]>=2.40", "h11>=0.14"],
+            "tritonclient[http]>=2.40", "h11>=0.14", "jsonschema>=4.18"],
 }
 # TFLite artifacts in the compressor (compressor/passes/tflite.py): onnx2tf turns the ONNX model
 # into a TensorFlow SavedModel, TensorFlow's converter makes the .tflite variants. Pinned

@@ -151,7 +151,8 @@ def _run(args: argparse.Namespace) -> int:
     token, token_file = AgentProcess.token(config.state_dir, None)
     process = AgentProcess(runtime, ApiSettings(host=api.host, port=api.port,
                                                 unix_socket=api.unix_socket, token=token,
-                                                limits=api.limits),
+                                                limits=api.limits,
+                                                cors_origins=api.cors_origins),
                            config.state_dir)
     process.start(token_file)
     link = None
@@ -200,7 +201,20 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     _option(p, "--threads", ApiConfig, "threads")
     _option(p, "--probation", ApiConfig, "probation_s", metavar="SECONDS")
     _option(p, "--max-batch", ApiLimits, "max_batch", metavar="N")
+    p.add_argument("--cors-origin", action="append", default=[], type=_origin,
+                   metavar="ORIGIN", help="a web origin (http://localhost:3000) whose pages may "
+                   "call the API from a browser (repeatable; default none)")
     p.set_defaults(handler=_serve)
+
+
+def _origin(text: str) -> str:
+    from .cors import check_origin
+
+    try:
+        check_origin(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -233,7 +247,8 @@ def _serve(args: argparse.Namespace) -> int:
     token, token_file = (None, None) if args.no_auth else AgentProcess.token(state_dir,
                                                                              args.token_file)
     settings = ApiSettings(host=args.host, port=args.port, unix_socket=args.unix_socket,
-                           token=token, limits=ApiLimits(max_batch=args.max_batch))
+                           token=token, limits=ApiLimits(max_batch=args.max_batch),
+                           cors_origins=tuple(args.cors_origin))
     process = AgentProcess(runtime, settings, state_dir)
     process.start(token_file)
     runtime.resume_installs(wait=False)  # behind the models already served

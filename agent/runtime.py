@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from .probation import ProbationPolicy
 from .sessions import Session, TensorInfo, open_session, warm_up
 from .tensors import check_feeds, from_manifest_tensor
 
-__all__ = ["ModelInfo", "RequestStats", "Runtime", "ServedModel"]
+__all__ = ["ModelInfo", "RequestStats", "Runtime", "ServedModel", "StatTotals"]
 
 log = logging.getLogger(__name__)
 _FORMATS_BY_SUFFIX = {".onnx": "onnx", ".tflite": "tflite"}
@@ -61,6 +61,17 @@ class ModelInfo:
     state: str  # "serving" or "probation"
 
 
+@dataclass(frozen=True)
+class StatTotals:
+    """A model's cumulative figures since it was loaded (the statistics extension's)."""
+
+    successes: int
+    failures: int
+    success_s: float  # summed run time of the successful requests
+    failure_s: float
+    last_at: float | None  # wall-clock time (epoch seconds) of the last request, if any
+
+
 class RequestStats:
     """Counts and recent latencies of one loaded model; thread-safe."""
 
@@ -68,22 +79,43 @@ class RequestStats:
         self._lock = threading.Lock()
         self.requests = 0
         self.errors = 0
+        self._success_s = 0.0
+        self._failure_s = 0.0
+        # perf_counter() of the last request's end; turned into wall-clock time when read,
+        # so the hot path pays for one clock, not two.
+        self._last: float | None = None
         self._latencies: deque[float] = deque(maxlen=keep)
 
-    def record(self, seconds: float) -> None:
+    def record(self, seconds: float, end: float) -> None:
+        """A successful request that took ``seconds`` and ended at perf_counter() ``end``."""
         with self._lock:
             self.requests += 1
+            self._success_s += seconds
+            self._last = end
             self._latencies.append(seconds)
 
-    def record_error(self) -> None:
+    def record_error(self, seconds: float, end: float) -> None:
+        """A failed request that took ``seconds`` and ended at perf_counter() ``end``."""
         with self._lock:
             self.requests += 1
             self.errors += 1
+            self._failure_s += seconds
+            self._last = end
 
     def read(self) -> tuple[int, int, tuple[float, ...]]:
         """Requests, errors and the recent latencies (seconds), read together so they agree."""
         with self._lock:
             return self.requests, self.errors, tuple(self._latencies)
+
+    def totals(self) -> StatTotals:
+        """The cumulative figures, read together."""
+        with self._lock:
+            last = self._last
+            totals = StatTotals(self.requests - self.errors, self.errors, self._success_s,
+                                self._failure_s, None)
+        if last is None:
+            return totals
+        return replace(totals, last_at=time.time() - (time.perf_counter() - last))
 
     def snapshot(self) -> dict[str, Any]:
         """Requests, errors and p50/p99 in milliseconds (None without samples)."""
@@ -120,10 +152,12 @@ class ServedModel:
             problem = check_feeds(self.session.inputs, inputs)
             if problem is not None:
                 raise InvalidInputError(f"model {self.name}: {problem}") from None
-            self.stats.record_error()
+            end = time.perf_counter()
+            self.stats.record_error(end - start, end)
             raise AgentError(f"model {self.name} v{self.version}: inference failed "
                              f"({exc})") from exc
-        self.stats.record(time.perf_counter() - start)
+        end = time.perf_counter()
+        self.stats.record(end - start, end)
         return dict(zip(self.output_names, outputs, strict=True))
 
     @property
