@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(subparsers)
     _add_probe(subparsers)
     _add_config(subparsers)
+    _add_doctor(subparsers)
     return parser
 
 
@@ -485,3 +486,50 @@ def _config(args: argparse.Namespace) -> int:
         return 0
     print(config_to_toml(load_config(args.config or DEFAULT_STATE_DIR / "agent.toml")), end="")
     return 0
+
+
+def _add_doctor(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "doctor", help="check this device: broker, certificate, clock, disk, runtimes",
+        description="Check what the agent needs, one line per check with the fix: the "
+        "config, free space in the state directory, the API token's and device key's "
+        "permissions, the device certificate (issued by the fleet CA, not expired, not "
+        "expiring within 30 days), a TLS connection to the broker with it, the clock against "
+        "the fleet server's, the runtimes and the profile's accelerators. Exit code 1 if any "
+        "check fails.")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="agent config (default DIR/agent.toml; without one, the offline "
+                   "checks of DIR)")
+    _state_dir_option(p)
+    p.add_argument("--profile", metavar="NAME",
+                   help="firmware profile to check (default: the config's, else the best "
+                   "for this host)")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.set_defaults(handler=_doctor)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from .config import AgentConfig, load_config
+    from .daemon import resolve_profile
+    from .doctor import Check, Verdict, exit_code, render
+    from .doctor_probes import run_checks
+
+    path = args.config or args.state_dir / "agent.toml"
+    checks = []
+    config = AgentConfig(args.state_dir)
+    if args.config is not None or path.exists():
+        try:
+            config = load_config(path)
+        except AgentError as exc:
+            checks.append(Check("config", Verdict.FAIL, str(exc),
+                                "correct it (docs/agent-config.md lists every key)"))
+        else:
+            checks.append(Check("config", Verdict.OK, f"{path}"))
+    profile = resolve_profile(args.profile or config.profile)
+    checks += run_checks(config, profile)
+    if args.json:
+        print(json.dumps([{"check": c.name, "verdict": c.verdict.value, "detail": c.detail,
+                           "fix": c.fix} for c in checks], indent=2))
+    else:
+        print(render(checks))
+    return exit_code(checks)
