@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_probe(subparsers)
     _add_config(subparsers)
     _add_doctor(subparsers)
+    _add_service(subparsers)
     return parser
 
 
@@ -533,3 +534,59 @@ def _doctor(args: argparse.Namespace) -> int:
     else:
         print(render(checks))
     return exit_code(checks)
+
+
+def _add_service(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .service_install import DEFAULT_UNIT_DIR
+
+    p = subparsers.add_parser(
+        "install-service", help="run the agent as a systemd service",
+        description="Write a hardened systemd unit that runs `edge-agent run --config FILE` "
+        "(Type=notify with a watchdog, restarted on failure, its own user, the file system "
+        "read-only but for the state directory, memory bounded from the firmware profile) "
+        "and, where systemd runs, enable and start it. docs/agent.md describes the unit.")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help=f"agent config (default {DEFAULT_STATE_DIR / 'agent.toml'})")
+    p.add_argument("--user", metavar="NAME", help="run as this existing user, which owns "
+                   "the state directory (default: a dynamic user; needs a state directory "
+                   "under /var/lib)")
+    p.add_argument("--profile", metavar="NAME", help="firmware profile that sizes MemoryMax "
+                   "(default: the config's, else the best for this host)")
+    p.add_argument("--name", default="edge-agent", help="unit name (default edge-agent)")
+    p.add_argument("--unit-dir", type=Path, default=DEFAULT_UNIT_DIR, metavar="DIR",
+                   help=f"where to write the unit (default {DEFAULT_UNIT_DIR})")
+    p.add_argument("--no-start", action="store_true", help="write the unit only")
+    p.add_argument("--print", action="store_true", help="print the unit instead of writing it")
+    p.set_defaults(handler=_install_service)
+    p = subparsers.add_parser(
+        "uninstall-service", help="stop the systemd service and remove its unit",
+        description="Stop and disable the unit (where systemd runs) and remove its file. The "
+        "state directory (models, keys, trusted metadata) is kept.")
+    p.add_argument("--name", default="edge-agent", help="unit name (default edge-agent)")
+    p.add_argument("--unit-dir", type=Path, default=DEFAULT_UNIT_DIR, metavar="DIR",
+                   help=f"where the unit is (default {DEFAULT_UNIT_DIR})")
+    _state_dir_option(p)
+    p.set_defaults(handler=_uninstall_service)
+
+
+def _install_service(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .daemon import resolve_profile
+    from .service_install import ServiceRequest, install_service, unit_for
+
+    config_path = args.config or DEFAULT_STATE_DIR / "agent.toml"
+    request = ServiceRequest(config_path, args.name, args.user, args.unit_dir,
+                             not args.no_start)
+    profile = resolve_profile(args.profile or load_config(config_path).profile)
+    if args.print:
+        print(unit_for(request, profile), end="")
+    else:
+        print(install_service(request, profile))
+    return 0
+
+
+def _uninstall_service(args: argparse.Namespace) -> int:
+    from .service_install import uninstall_service
+
+    print(uninstall_service(args.unit_dir, args.name, args.state_dir.absolute()))
+    return 0

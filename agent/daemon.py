@@ -28,6 +28,7 @@ from .client import AgentClient
 from .errors import AgentError
 from .http_api import ApiServer, ApiSettings, load_or_create_token
 from .runtime import Runtime
+from .sd_notify import Watchdog, notify, watchdog_interval
 
 __all__ = ["AgentProcess", "RunningAgent", "find_running", "resolve_profile"]
 
@@ -89,6 +90,7 @@ class AgentProcess:
         self.state_dir = state_dir
         self.server = ApiServer(runtime, settings)
         self._stop = threading.Event()
+        self._watchdog: Watchdog | None = None
 
     @staticmethod
     def token(state_dir: Path | None, token_file: Path | None) -> tuple[str, Path]:
@@ -115,6 +117,26 @@ class AgentProcess:
                 log.warning("cannot write %s (%s): the other edge-agent commands will not "
                             "find this agent; it serves on", self.state_dir / _RUN_FILE,
                             exc.strerror)
+        # Under systemd (Type=notify): ready now that the API serves; pinged while it answers.
+        notify(f"READY=1\nSTATUS=serving on {self.server.url or self.settings.unix_socket}\n"
+               f"MAINPID={os.getpid()}")
+        interval = watchdog_interval(os.environ, os.getpid())
+        if interval is not None:
+            self._watchdog = Watchdog(interval, self._answers)
+            self._watchdog.start()
+
+    def _answers(self) -> bool:
+        """Whether this agent's own API answers a liveness probe (the watchdog's check)."""
+        timeout = 5.0 if self._watchdog is None else self._watchdog.interval_s
+        if self.server.url is not None:
+            client = AgentClient(self.server.url, timeout=timeout)
+        else:
+            client = AgentClient(unix_socket=self.settings.unix_socket, timeout=timeout)
+        with client:
+            try:
+                return client.live()
+            except AgentError:
+                return False
 
     def wait(self) -> None:
         """Serve until SIGINT/SIGTERM or :meth:`stop`, then shut down."""
@@ -123,6 +145,9 @@ class AgentProcess:
         try:
             self._stop.wait()
         finally:
+            notify("STOPPING=1")
+            if self._watchdog is not None:
+                self._watchdog.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.server.stop()
