@@ -154,7 +154,8 @@ def _run(args: argparse.Namespace) -> int:
     process = AgentProcess(runtime, ApiSettings(host=api.host, port=api.port,
                                                 unix_socket=api.unix_socket, token=token,
                                                 limits=api.limits,
-                                                cors_origins=api.cors_origins),
+                                                cors_origins=api.cors_origins,
+                                                grpc_port=api.grpc_port),
                            config.state_dir)
     process.start(token_file)
     link = None
@@ -196,6 +197,7 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                    f"{DEFAULT_API_HOST}: the API is for apps on this device)")
     _option(p, "--port", ApiConfig, "port")
     p.add_argument("--unix-socket", type=Path, metavar="PATH", help="also listen here")
+    _option(p, "--grpc-port", ApiConfig, "grpc_port", metavar="PORT")
     p.add_argument("--token-file", type=Path, metavar="FILE",
                    help="API token file, created 0600 if missing (default DIR/api-token)")
     p.add_argument("--no-auth", action="store_true",
@@ -250,13 +252,14 @@ def _serve(args: argparse.Namespace) -> int:
                                                                              args.token_file)
     settings = ApiSettings(host=args.host, port=args.port, unix_socket=args.unix_socket,
                            token=token, limits=ApiLimits(max_batch=args.max_batch),
-                           cors_origins=tuple(args.cors_origin))
+                           cors_origins=tuple(args.cors_origin), grpc_port=args.grpc_port)
     process = AgentProcess(runtime, settings, state_dir)
     process.start(token_file)
     runtime.resume_installs(wait=False)  # behind the models already served
     models = ", ".join(f"{m.name} v{m.version or '-'} ({m.backend})" for m in runtime.models())
+    grpc = "" if process.grpc is None else f" and gRPC port {process.grpc.port}"
     print(f"edge-agent serving {models or 'no models yet'} on "
-          f"{process.server.url or settings.unix_socket}"
+          f"{process.server.url or settings.unix_socket}{grpc}"
           f"{f'; token in {token_file}' if token_file else ' without authentication'}"
           f"; profile {profile.name if profile else 'generic CPU'}", flush=True)
     process.wait()

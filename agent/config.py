@@ -142,6 +142,9 @@ class ApiConfig:
         "TCP port of the local API; 0 picks a free one", low=0, high=65535))
     unix_socket: Path | None = field(default=None, metadata=_meta(
         "also listen on this Unix socket (created 0660)"))
+    grpc_port: int | None = field(default=None, metadata=_meta(
+        "also serve KServe v2 gRPC on this TCP port of `host` (the agent-grpc extra); 0 picks "
+        "a free one; unset: no gRPC", low=0, high=65535))
     threads: int = field(default=0, metadata=_meta(
         "inference threads per model; 0 lets the runtime decide", low=0, high=256))
     probation_s: float = field(default=60.0, metadata=_meta(

@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.atomic import write_atomic
 from firmware_profiles import get_profile, load_profiles, probe_host
@@ -29,6 +29,9 @@ from .errors import AgentError
 from .http_api import ApiServer, ApiSettings, load_or_create_token
 from .runtime import Runtime
 from .sd_notify import Watchdog, notify, watchdog_interval
+
+if TYPE_CHECKING:
+    from .grpc_api import GrpcServer
 
 __all__ = ["AgentProcess", "RunningAgent", "find_running", "resolve_profile"]
 
@@ -81,6 +84,16 @@ def resolve_profile(name: str | None, profiles_dir: Path | None = None) -> Profi
     return best_profile(probe_host(profiles), profiles)
 
 
+def _grpc_server(runtime: Runtime, settings: ApiSettings) -> GrpcServer:
+    try:
+        from .grpc_api import GrpcServer
+    except ImportError as exc:
+        raise AgentError(f"{exc}; or leave out --grpc-port (api.grpc_port)") from exc
+    assert settings.grpc_port is not None
+    return GrpcServer(runtime, settings.host, settings.grpc_port, settings.token,
+                      settings.limits)
+
+
 class AgentProcess:
     """The agent serving its models over the local API until stopped."""
 
@@ -89,6 +102,7 @@ class AgentProcess:
         self.settings = settings
         self.state_dir = state_dir
         self.server = ApiServer(runtime, settings)
+        self.grpc = None if settings.grpc_port is None else _grpc_server(runtime, settings)
         self._stop = threading.Event()
         self._watchdog: Watchdog | None = None
 
@@ -109,6 +123,8 @@ class AgentProcess:
         # wait during a hot-swap at a negligible cost in switching (docs/benchmarks.md).
         sys.setswitchinterval(_SWITCH_INTERVAL_S)
         self.server.start()
+        if self.grpc is not None:
+            self.grpc.start()
         self.runtime.start()
         if self.state_dir is not None:
             try:
@@ -151,6 +167,8 @@ class AgentProcess:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.server.stop()
+            if self.grpc is not None:
+                self.grpc.stop()
             self.runtime.close()
             if self.state_dir is not None:
                 (self.state_dir / _RUN_FILE).unlink(missing_ok=True)

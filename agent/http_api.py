@@ -56,14 +56,15 @@ from common.atomic import write_atomic
 from protocol.defaults import AGENT_API_PORT
 
 from . import __version__
+from .api_views import model_metadata, model_statistics, repository_index
 from .config import DEFAULT_API_HOST, ApiLimits
 from .cors import CorsPolicy
-from .errors import AgentError, InvalidInputError, ModelNotFoundError
+from .errors import AgentError, InvalidInputError, ModelNotFoundError, RequestTooLargeError
 from .http_server import HttpError, HttpServer, Request, Response
 from .openapi import Operation, openapi_document
 from .runtime import Runtime, ServedModel
 from .sessions import TensorInfo
-from .tensors import DATATYPE_OF, DTYPE_OF
+from .tensors import DATATYPE_OF, DTYPE_OF, declared_tensor
 
 __all__ = ["ApiServer", "ApiSettings", "load_or_create_token"]
 
@@ -75,10 +76,6 @@ _INSTALL_PATH = "/v2/edgefleet/install"
 _LITTLE = {name: np.dtype(name).newbyteorder("<") for name in DTYPE_OF.values()}
 _DATATYPE_BY_DTYPE = {np.dtype(name): datatype for name, datatype in DATATYPE_OF.items()}
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
-_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "litert": "tensorflow_lite"}
-# numpy arrays have at most 64 dimensions; no model input comes near this.
-_MAX_RANK = 32
-_MAX_DIM = 1 << 31
 _NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
@@ -93,6 +90,8 @@ class ApiSettings:
     limits: ApiLimits = field(default_factory=ApiLimits)
     #: Web origins (``http://localhost:3000``) allowed to call the API; empty: none.
     cors_origins: tuple[str, ...] = ()
+    #: Also serve KServe v2 gRPC on this port of ``host`` (:mod:`.grpc_api`); None: no gRPC.
+    grpc_port: int | None = None
 
 
 def load_or_create_token(path: Path) -> str:
@@ -167,6 +166,8 @@ class _Api:
     def handle(self, request: Request) -> Response:
         try:
             return self._route(request)
+        except RequestTooLargeError as exc:
+            return self.error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(exc))
         except InvalidInputError as exc:
             return self.error(HTTPStatus.BAD_REQUEST, str(exc))
         except ModelNotFoundError as exc:
@@ -231,21 +232,19 @@ class _Api:
         return Response(HTTPStatus.OK, _json(self._index_entries()))
 
     def _index_entries(self) -> list[dict[str, str]]:
-        # Every served model is loaded, self-tested and warmed up: READY, in Triton's words.
-        return [{"name": info.name, "version": str(info.version or 1), "state": "READY",
-                 "reason": ""} for info in self.runtime.models()]
+        return repository_index(self.runtime)
 
     def _all_stats(self, request: Request, served: ServedModel | None) -> Response:
         return Response(HTTPStatus.OK, _json({"model_stats": [
-            _statistics(self.runtime.served(info.name)) for info in self.runtime.models()]}))
+            model_statistics(self.runtime.served(info.name)) for info in self.runtime.models()]}))
 
     def _model_stats(self, request: Request, served: ServedModel | None) -> Response:
         assert served is not None
-        return Response(HTTPStatus.OK, _json({"model_stats": [_statistics(served)]}))
+        return Response(HTTPStatus.OK, _json({"model_stats": [model_statistics(served)]}))
 
     def _model_metadata(self, request: Request, served: ServedModel | None) -> Response:
         assert served is not None
-        return Response(HTTPStatus.OK, _json(_model_metadata(self.runtime, served.name)))
+        return Response(HTTPStatus.OK, _json(model_metadata(self.runtime, served.name)))
 
     def _model_ready(self, request: Request, served: ServedModel | None) -> Response:
         return Response(HTTPStatus.OK)
@@ -377,64 +376,37 @@ def _decode_inputs(request: Mapping[str, Any], binary: memoryview,
     feeds: dict[str, np.ndarray] = {}
     offset = 0
     total = 0
-    dynamic_batch = {i.name for i in expected if i.shape and i.shape[0] is None}
     for number, tensor in enumerate(request["inputs"]):
         if not isinstance(tensor, dict):
             raise InvalidInputError(f"inputs[{number}] is not an object")
         name = tensor.get("name")
         where = f"input {name!r}" if isinstance(name, str) else f"inputs[{number}]"
-        signature = _Signature(expected)
-        datatype, shape = tensor.get("datatype"), tensor.get("shape")
-        dtype = DTYPE_OF.get(datatype) if isinstance(datatype, str) else None
-        if not isinstance(name, str) or dtype is None:
-            raise InvalidInputError(f"{where}: needs a 'name' and a 'datatype' out of "
-                                    f"{', '.join(DTYPE_OF)}; the model expects {signature}")
-        if not (isinstance(shape, list) and len(shape) <= _MAX_RANK and all(
-                type(d) is int and 0 <= d < _MAX_DIM for d in shape)):
-            raise InvalidInputError(f"{where}: 'shape' must be a list of non-negative "
-                                    f"integers (at most {_MAX_RANK}, each under {_MAX_DIM}); "
-                                    f"the model expects {signature}")
-        if shape and shape[0] > limits.max_batch and name in dynamic_batch:
-            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{where}: batch of "
-                            f"{shape[0]} is over this agent's limit of {limits.max_batch} "
-                            "(api.limits.max_batch); split the request")
-        count = math.prod(shape)
-        itemsize = np.dtype(dtype).itemsize
-        total += count * itemsize
-        if total > limits.max_input_bytes:
-            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{where}: the inputs take "
-                            f"{total} bytes or more, over this agent's limit of "
-                            f"{limits.max_input_bytes} (api.limits.max_input_bytes); send "
-                            "smaller batches")
+        declared = declared_tensor(where, name, tensor.get("datatype"), tensor.get("shape"),
+                                   expected=expected, limits=limits, total=total)
+        total += declared.nbytes
         size = _parameters(tensor, where).get("binary_data_size")
         if size is not None:
-            if (type(size) is not int or size != count * itemsize
+            if (type(size) is not int or size != declared.nbytes
                     or offset + size > len(binary)):
                 raise InvalidInputError(f"{where}: binary_data_size {size!r} does not fit "
-                                        f"shape {shape} of {datatype} or the data sent")
+                                        f"shape {declared.shape} of {tensor['datatype']} or "
+                                        "the data sent")
             # The protocol's binary data is little-endian, as numpy's native order is on
             # every platform the agent runs on; "<" keeps a big-endian host correct.
-            array = np.frombuffer(binary, dtype=_LITTLE[dtype], count=count, offset=offset)
+            array = np.frombuffer(binary, dtype=_LITTLE[declared.dtype], count=declared.count,
+                                  offset=offset)
             offset += size
         else:
             try:
-                array = np.asarray(tensor.get("data"), dtype=dtype)
+                array = np.asarray(tensor.get("data"), dtype=declared.dtype)
             except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-                raise InvalidInputError(f"{where}: 'data' is not {datatype} ({exc})") from None
-            if array.size != count:
-                raise InvalidInputError(f"{where}: {array.size} values for shape {shape}")
-        feeds[name] = array.reshape(shape)
+                raise InvalidInputError(f"{where}: 'data' is not {tensor['datatype']} "
+                                        f"({exc})") from None
+            if array.size != declared.count:
+                raise InvalidInputError(f"{where}: {array.size} values for shape "
+                                        f"{declared.shape}")
+        feeds[declared.name] = array.reshape(declared.shape)
     return feeds
-
-
-class _Signature:
-    """The model's input signature, formatted only when an error message needs it."""
-
-    def __init__(self, expected: tuple[TensorInfo, ...]) -> None:
-        self.expected = expected
-
-    def __str__(self) -> str:
-        return "; ".join(i.describe() for i in self.expected)
 
 
 def _wanted_outputs(request: Mapping[str, Any], names: list[str]) -> dict[str, bool]:
@@ -492,36 +464,6 @@ def _json_values(array: np.ndarray) -> list[Any]:
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         values = [_NON_FINITE[repr(v)] if not math.isfinite(v) else v for v in values]
     return values
-
-
-def _statistics(served: ServedModel) -> dict[str, Any]:
-    """One model's entry of Triton's statistics extension. The agent runs each request as
-    one execution on its connection's thread (no queue, no server-side batching), so
-    inference and execution counts are both the successful requests and ``compute_infer``
-    is the time in the runtime."""
-    totals = served.stats.totals()
-    success = {"count": totals.successes, "ns": round(totals.success_s * 1e9)}
-    return {"name": served.name, "version": str(served.version or 1),
-            "last_inference": 0 if totals.last_at is None else int(totals.last_at * 1e3),
-            "inference_count": totals.successes, "execution_count": totals.successes,
-            "inference_stats": {"success": success, "compute_infer": success,
-                                "fail": {"count": totals.failures,
-                                         "ns": round(totals.failure_s * 1e9)}},
-            "batch_stats": []}
-
-
-def _model_metadata(runtime: Runtime, name: str) -> dict[str, Any]:
-    info = runtime.model(name)
-
-    def tensors(infos: tuple[TensorInfo, ...]) -> list[dict[str, Any]]:
-        return [{"name": t.name, "datatype": DATATYPE_OF.get(t.dtype, t.dtype.upper()),
-                 "shape": [-1 if d is None else d for d in t.shape]} for t in infos]
-
-    return {"name": info.name, "versions": [str(info.version or 1)],
-            "platform": _PLATFORMS.get(info.backend.split(":", 1)[0], info.backend),
-            "inputs": tensors(info.inputs), "outputs": tensors(info.outputs),
-            "parameters": {"backend": info.backend, "fallback": info.fallback,
-                           "state": info.state, "source": info.source}}
 
 
 class ApiServer:

@@ -29,7 +29,7 @@ import numpy as np
 
 from bundle.manifest import Manifest
 from firmware_profiles.model import Profile
-from firmware_profiles.runtimes import import_litert
+from firmware_profiles.runtimes import import_litert, onnxruntime_installed
 
 from .errors import AgentError, InstallError, InvalidInputError, ModelLoadError, ModelNotFoundError
 from .install_driver import InstallDriver, ServedLike
@@ -196,7 +196,10 @@ class Runtime:
         self.installer: Installer | None = None
         self.installs: InstallDriver | None = None
         if state_dir is not None:
-            formats = {"onnx"} | ({"tflite"} if import_litert() is not None else set())
+            # Only the formats a runtime here can serve: an agent-litert install must not
+            # pick a bundle's .onnx variant (agent-onnx likewise .tflite).
+            formats = (({"onnx"} if onnxruntime_installed() else set())
+                       | ({"tflite"} if import_litert() is not None else set()))
             self.installer = Installer(StateDirs(state_dir), profile, formats, clock,
                                        verifier=verifier)
             self._restore()

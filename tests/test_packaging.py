@@ -51,3 +51,45 @@ def test_agent_imports_without_other_extras() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 
+
+
+@pytest.mark.parametrize(("missing", "model"), [
+    (["ai_edge_litert", "tflite_runtime"], "digits_cnn.onnx"),  # the agent-onnx extra
+    (["onnxruntime"], "digits_cnn.tflite"),  # the agent-litert extra
+])
+def test_the_agent_serves_with_one_runtime(missing: list[str], model: str) -> None:
+    """With the other runtime absent (as under agent-onnx or agent-litert), every agent
+    module imports and a model in the installed runtime's format is served."""
+    code = textwrap.dedent(f"""
+        import importlib, pkgutil, sys
+        from pathlib import Path
+        import numpy as np
+        BLOCKED = set({[*NOT_IN_AGENT_EXTRA, *missing]!r})
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError(f"{{name}} is not installed")
+                return None
+        sys.meta_path.insert(0, Block())
+        import agent
+        for mod in pkgutil.walk_packages(agent.__path__, "agent."):
+            if not mod.name.endswith(".__main__"):
+                importlib.import_module(mod.name)
+        import tempfile
+        from agent.runtime import Runtime
+        with tempfile.TemporaryDirectory() as state:
+            formats = sorted(Runtime(Path(state)).installer.formats)
+        runtime = Runtime()
+        info = runtime.load_file(Path("models/{model}"), "digits")
+        x = np.load("models/digits_data.npz")["eval_x"][:2].astype(np.float32)
+        out = runtime.infer("digits", {{info.inputs[0].name: x}})
+        print(info.backend, formats, next(iter(out.values())).shape)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, check=False)
+    assert result.returncode == 0, result.stderr
+    backend, formats = (("onnxruntime:", "['onnx']") if model.endswith(".onnx")
+                        else ("litert:", "['tflite']"))
+    assert result.stdout.startswith(backend), result.stdout
+    assert f" {formats} " in result.stdout  # the installer picks only variants it can serve
+    assert result.stdout.strip().endswith("(2, 10)")
