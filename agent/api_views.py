@@ -49,5 +49,6 @@ def model_metadata(runtime: Runtime, name: str) -> dict[str, Any]:
     return {"name": info.name, "versions": [str(info.version or 1)],
             "platform": _PLATFORMS.get(info.backend.split(":", 1)[0], info.backend),
             "inputs": tensors(info.inputs), "outputs": tensors(info.outputs),
-            "parameters": {"backend": info.backend, "fallback": info.fallback,
-                           "state": info.state, "source": info.source}}
+            "parameters": {"backend": info.backend, "device": info.device,
+                           "fallback": info.fallback, "state": info.state,
+                           "source": info.source}}

@@ -90,6 +90,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                 "description": "edgefleet: backend, the device actually used, why a "
                                "preferred accelerator is not (fallback), state, source",
                 "properties": {"backend": {"type": "string"},
+                               "device": {"type": "string"},
                                "fallback": {"type": ["string", "null"]},
                                "state": {"enum": ["serving", "probation"]},
                                "source": {"type": "string"}}}}},

@@ -59,6 +59,7 @@ class ModelInfo:
     outputs: tuple[TensorInfo, ...]
     source: str
     state: str  # "serving" or "probation"
+    device: str = "cpu"  # what actually runs it (Session.device)
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,8 @@ class ServedModel:
 
     def info(self, state: str) -> ModelInfo:
         return ModelInfo(self.name, self.version, self.session.backend, self.session.fallback,
-                         self.session.inputs, self.session.outputs, self.source, state)
+                         self.session.inputs, self.session.outputs, self.source, state,
+                         self.session.device)
 
 
 class Runtime:
@@ -366,8 +368,8 @@ class Runtime:
         for info in self.models():
             figures = self._serving[info.name].stats.snapshot()
             models.append({"name": info.name, "version": info.version, "state": info.state,
-                           "backend": info.backend, "fallback": info.fallback,
-                           "source": info.source, **figures})
+                           "backend": info.backend, "device": info.device,
+                           "fallback": info.fallback, "source": info.source, **figures})
         installs = [] if self.installer is None else [
             r.summary() for r in self.installer.records()[:10]]
         return {"models": models, "installs": installs, "problems": list(self.problems),
