@@ -37,7 +37,7 @@ def wanted_device(acc: Accelerator) -> str | None:
     if acc.runtime != "onnxruntime":
         return None
     if acc.provider == OPENVINO:
-        return _OPENVINO_DEVICE.get(acc.kind, "CPU")
+        return _OPENVINO_DEVICE.get(acc.kind)  # other kinds: OpenVINO's own default
     if acc.provider in CUDA_PROVIDERS:
         return "cuda:0"
     return None
