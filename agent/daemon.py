@@ -144,15 +144,20 @@ class AgentProcess:
     def _answers(self) -> bool:
         """Whether this agent's own API answers a liveness probe (the watchdog's check)."""
         timeout = 5.0 if self._watchdog is None else self._watchdog.interval_s
-        if self.server.url is not None:
-            client = AgentClient(self.server.url, timeout=timeout)
-        else:
-            client = AgentClient(unix_socket=self.settings.unix_socket, timeout=timeout)
-        with client:
-            try:
+        port = self.server.port
+        try:
+            if port is not None:
+                # A wildcard address is reached through the loopback of its family.
+                host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(
+                    self.settings.host, self.settings.host)
+                host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+                client = AgentClient(f"http://{host}:{port}", timeout=timeout)
+            else:
+                client = AgentClient(unix_socket=self.settings.unix_socket, timeout=timeout)
+            with client:
                 return client.live()
-            except AgentError:
-                return False
+        except AgentError:
+            return False
 
     def wait(self) -> None:
         """Serve until SIGINT/SIGTERM or :meth:`stop`, then shut down."""
