@@ -60,6 +60,7 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
                 *subcommands.choices, "-h", "--help", "--version"}:
             args_in.insert(start, name)
     args = parser.parse_args(args_in)
+    args.argv = args_in  # what a command re-runs itself with (common.background)
     _configure_logging(_log_level(args.verbose))
     try:
         return int(args.handler(args))

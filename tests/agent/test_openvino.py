@@ -60,7 +60,8 @@ def test_status_metadata_and_telemetry_say_the_device() -> None:
     runtime = Runtime(profile=get_profile("intel-npu"))
     info = runtime.load_file(DIGITS, "digits")
     assert info.device == "cpu"
-    assert info.fallback is not None and "no NPU device" in info.fallback
+    assert info.fallback is not None
+    assert "no NPU device" in info.fallback
     model = runtime.status()["models"][0]
     assert (model["device"], model["backend"]) == ("cpu", "onnxruntime:CPUExecutionProvider")
     assert "no NPU device" in model["fallback"]
