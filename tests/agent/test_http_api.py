@@ -94,7 +94,8 @@ def test_tritonclient_sees_errors_as_errors(tclient: triton.InferenceServerClien
 def test_our_client(client: AgentClient) -> None:
     assert client.live()
     assert client.ready()
-    assert client.server_metadata()["extensions"] == ["binary_tensor_data", "edgefleet"]
+    assert client.server_metadata()["extensions"] == ["binary_tensor_data", "model_repository",
+                                                      "statistics", "edgefleet"]
     x = samples(3)
     got = client.infer("digits", {"input": x})
     np.testing.assert_allclose(got["logits"], outputs(DIGITS.read_bytes(), x), rtol=1e-5,
