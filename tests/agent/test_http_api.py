@@ -306,6 +306,24 @@ def test_install_through_the_api(state_dir: Path, repo: Repo, tmp_path: Path,
         server.stop()
 
 
+def test_a_bundle_over_the_limit_is_refused_with_the_reason_before_it_is_sent(
+        state_dir: Path, repo: Repo, tmp_path: Path, x86: Profile) -> None:
+    runtime = Runtime(state_dir, x86, policy=ProbationPolicy(window_s=0))
+    server = ApiServer(runtime, ApiSettings(port=0, token=TOKEN,
+                                            limits=ApiLimits(max_bundle_bytes=64 * 1024)))
+    server.start()
+    try:
+        assert server.url is not None
+        big = tmp_path / "big.efb"
+        big.write_bytes(b"\0" * (8 * 2**20))  # large enough to fill the socket buffers
+        with AgentClient(server.url, token=TOKEN) as client:
+            with pytest.raises(ApiError, match=r"HTTP 413: .*max_bundle_bytes"):
+                client.install(big)
+            assert client.live()  # the same client goes on, on a new connection
+    finally:
+        server.stop()
+
+
 def test_agent_unreachable_is_a_clear_error() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
