@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
@@ -47,11 +48,13 @@ from .manifest import (
 __all__ = [
     "ArtifactInput",
     "BundleSpec",
+    "Contents",
     "DeltaBase",
     "Release",
     "build_bundle",
     "build_release",
     "make_root",
+    "read_contents",
     "rerelease_bundle",
     "rotate_root",
     "sign_metadata",
@@ -101,6 +104,33 @@ class BundleSpec:
     self_test: tuple[SelfTestCase, ...] = ()
     baseline: Mapping[str, Any] = field(default_factory=dict)
     compression_report: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Contents:
+    """A bundle's manifest (parsed, and its sha256) and stored artifacts by path."""
+
+    manifest: Manifest
+    manifest_sha256: str
+    artifacts: Mapping[str, bytes]
+
+
+def read_contents(source: bytes | Path, *, artifacts: bool = True) -> Contents:
+    """The manifest and (unless ``artifacts`` is False) the artifacts of a bundle the caller
+    trusts (its own build, or one stored after verification): the artifacts are checked
+    against the manifest, the signatures are not (they may have expired). SigningError if an
+    artifact does not match its manifest."""
+    archive = read_archive(source)
+    manifest_bytes = archive.read(f"{TARGETS_DIR}/{MANIFEST_PATH}")
+    manifest = manifest_from_json(manifest_bytes)
+    stored: dict[str, bytes] = {}
+    for art in manifest.artifacts if artifacts else ():
+        data = archive.read(f"{TARGETS_DIR}/{art.path}")
+        if len(data) != art.size or hashlib.sha256(data).hexdigest() != art.sha256:
+            raise SigningError(f"{art.path} of {manifest.name} v{manifest.version} does not "
+                               "match its manifest; use the original bundle file")
+        stored[art.path] = data
+    return Contents(manifest, hashlib.sha256(manifest_bytes).hexdigest(), stored)
 
 
 def make_root(keys: Mapping[str, Sequence[Key]], *, expires: datetime,
@@ -220,19 +250,12 @@ def rerelease_bundle(source: bytes, *, version: int, root_chain: Sequence[bytes]
     only bundles it verified at upload and stores under their sha256). Its artifacts are
     still checked against its manifest here, so a damaged file is not signed anew.
     """
-    archive = read_archive(source)
-    manifest = manifest_from_json(archive.read(f"{TARGETS_DIR}/{MANIFEST_PATH}"))
+    contents = read_contents(source)
+    manifest, stored = contents.manifest, contents.artifacts
     if recipients and manifest.key_wrap is not None:
         raise SigningError(f"{manifest.name} v{manifest.version} is encrypted already; "
                            "re-release it as it is, or build it again encrypted for the new "
                            "recipients")
-    stored: dict[str, bytes] = {}
-    for art in manifest.artifacts:
-        data = archive.read(f"{TARGETS_DIR}/{art.path}")
-        if len(data) != art.size or hashlib.sha256(data).hexdigest() != art.sha256:
-            raise SigningError(f"{art.path} of {manifest.name} v{manifest.version} does not "
-                               "match its manifest; upload the original bundle again")
-        stored[art.path] = data
     if recipients:
         files = _target_files(BundleSpec(
             name=manifest.name, version=version, profiles=manifest.profiles,

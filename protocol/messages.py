@@ -47,6 +47,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Chunk",
     "ChunkRequest",
+    "DeltaOffer",
     "Desired",
     "DesiredModel",
     "Event",
@@ -87,12 +88,26 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
+class DeltaOffer:
+    """A smaller bundle of the same release for a device that runs ``base_version``: it
+    carries the deltas from that version instead of the artifacts (docs/bundle-format.md
+    §8). The device may take it, or the full bundle if its stored base is missing or
+    damaged."""
+
+    bundle_sha256: str
+    size: int
+    base_version: int
+
+
+@dataclass(frozen=True)
 class DesiredModel:
-    """One model a device should run: the bundle (by sha256) holding that version."""
+    """One model a device should run: the bundle (by sha256) holding that version, and a
+    delta bundle of the same release when the server has one for the device's version."""
 
     version: int
     bundle_sha256: str
     size: int
+    delta: DeltaOffer | None = None
 
 
 @dataclass(frozen=True)
@@ -181,8 +196,13 @@ class Chunk:
 
 def encode(message: Desired | Reported | Event | Telemetry | ChunkRequest) -> bytes:
     """The JSON payload of any message but a chunk."""
-    return json.dumps({"protocol": PROTOCOL_VERSION, **asdict(message)},
-                      separators=(",", ":"), sort_keys=True).encode()
+    obj = asdict(message)
+    if isinstance(message, Desired):
+        for model in obj["models"].values():  # a delta only when there is one
+            if model["delta"] is None:
+                del model["delta"]
+    return json.dumps({"protocol": PROTOCOL_VERSION, **obj}, separators=(",", ":"),
+                      sort_keys=True).encode()
 
 
 def encode_chunk(chunk: Chunk) -> bytes:
@@ -224,8 +244,17 @@ def decode_desired(payload: bytes) -> Desired:
     models = _dict(obj, "models")
     return Desired(models={_name(name): DesiredModel(
         version=_int(_as_dict(m, f"models.{name}"), "version"),
-        bundle_sha256=_sha(m, "bundle_sha256"), size=_int(m, "size"))
+        bundle_sha256=_sha(m, "bundle_sha256"), size=_int(m, "size"),
+        delta=_delta_offer(m.get("delta"), f"models.{name}.delta"))
         for name, m in models.items()}, issued_at=_float(obj, "issued_at"))
+
+
+def _delta_offer(obj: Any, where: str) -> DeltaOffer | None:
+    if obj is None:
+        return None
+    d = _as_dict(obj, where)
+    return DeltaOffer(bundle_sha256=_sha(d, "bundle_sha256"), size=_int(d, "size"),
+                      base_version=_int(d, "base_version"))
 
 
 def decode_reported(payload: bytes) -> Reported:

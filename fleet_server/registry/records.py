@@ -17,7 +17,7 @@ from typing import Any
 from protocol.install_states import InstallState
 from protocol.messages import DesiredModel, ModelReport, Telemetry
 
-__all__ = ["BundleRecord", "DesiredChange", "Device", "Enrolled", "EventRecord",
+__all__ = ["BundleRecord", "DeltaRecord", "DesiredChange", "Device", "Enrolled", "EventRecord",
            "TelemetryRecord", "desired_json", "is_converged"]
 
 
@@ -103,6 +103,19 @@ class BundleRecord:
 
 
 @dataclass(frozen=True)
+class DeltaRecord:
+    """A stored delta bundle of the full bundle ``bundle_sha256``: it carries the deltas
+    from ``base_version`` of the same model (docs/bundle-format.md §8)."""
+
+    sha256: str
+    bundle_sha256: str
+    base_version: int
+    size: int
+    path: Path
+    created_at: float
+
+
+@dataclass(frozen=True)
 class Enrolled:
     """What an enrollment did: the device as now recorded, and the certificate it replaced
     (its fingerprint; None for a new or a reset device), which must be revoked."""
@@ -138,7 +151,12 @@ def desired_json(model: DesiredModel) -> dict[str, Any]:
     """A desired model as JSON: as the device receives it in its ``desired`` message."""
     # Spelled out rather than dataclasses.asdict, which deep-copies and is ten times slower:
     # a group rollout writes two of these per device into its events.
-    return {"version": model.version, "bundle_sha256": model.bundle_sha256, "size": model.size}
+    out: dict[str, Any] = {"version": model.version, "bundle_sha256": model.bundle_sha256,
+                           "size": model.size}
+    if model.delta is not None:  # as encode() writes it: only when there is one
+        out["delta"] = {"bundle_sha256": model.delta.bundle_sha256, "size": model.delta.size,
+                        "base_version": model.delta.base_version}
+    return out
 
 
 def is_converged(desired: Mapping[str, DesiredModel],
