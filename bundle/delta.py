@@ -37,9 +37,9 @@ import hashlib
 import io
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import numpy as np
 import zstandard
@@ -192,7 +192,31 @@ def _pack(header: DeltaHeader, payloads: list[bytes]) -> bytes:
 
 # --- reading and applying -------------------------------------------------------------------
 
-def read_header(delta: BinaryIO, delta_size: int) -> DeltaHeader:
+class _Blocks:
+    """``read(n)`` over an iterable of blocks, holding at most one block besides."""
+
+    def __init__(self, blocks: Iterable[bytes]) -> None:
+        self._blocks = iter(blocks)
+        self._buffer = b""
+
+    def read(self, n: int) -> bytes:
+        parts, have = [self._buffer], len(self._buffer)
+        while have < n:
+            block = next(self._blocks, b"")
+            if not block:
+                break
+            parts.append(block)
+            have += len(block)
+        data = b"".join(parts)
+        self._buffer = data[n:]
+        return data[:n]
+
+
+class _Reader(Protocol):
+    def read(self, n: int, /) -> bytes: ...
+
+
+def read_header(delta: _Reader, delta_size: int) -> DeltaHeader:
     """Parse and bound-check the header at the start of ``delta`` (``delta_size`` bytes in
     all), leaving the stream at the first payload. MalformedBundleError if it is not one."""
     start = delta.read(len(MAGIC) + _LENGTH.size)
@@ -242,9 +266,10 @@ def _check_header(h: DeltaHeader, payload_bytes: int) -> None:
             raise _bad(f"it has an invalid op {op}")
 
 
-def apply_delta(delta: BinaryIO, delta_size: int, base: BinaryIO, out: BinaryIO, *,
+def apply_delta(delta: Iterable[bytes], delta_size: int, base: BinaryIO, out: BinaryIO, *,
                 base_sha256: str, target_sha256: str, target_size: int) -> None:
-    """Rebuild the target artifact from ``base`` into ``out``, streaming.
+    """Rebuild the target artifact from ``base`` into ``out``, streaming: ``delta`` is the
+    delta's bytes (``delta_size`` of them) in blocks of any size, read as the ops need them.
 
     ``base_sha256`` is the artifact the delta was made against, ``target_sha256`` and
     ``target_size`` the full artifact's, all from the signed manifest: ``base`` must hash
@@ -254,7 +279,8 @@ def apply_delta(delta: BinaryIO, delta_size: int, base: BinaryIO, out: BinaryIO,
     signed artifact (``out`` then holds bytes to discard), MalformedBundleError for a delta
     that does not parse.
     """
-    header = read_header(delta, delta_size)
+    stream = _Blocks(delta)
+    header = read_header(stream, delta_size)
     if header.target_size != target_size:
         raise RebuildMismatchError(
             f"the delta rebuilds {header.target_size} bytes, not the signed artifact's "
@@ -263,7 +289,7 @@ def apply_delta(delta: BinaryIO, delta_size: int, base: BinaryIO, out: BinaryIO,
     _check_base(base, header.base_size, base_sha256)
     digest = hashlib.sha256()
     written = 0
-    for block in _rebuild(header, delta, base):
+    for block in _rebuild(header, stream, base):
         digest.update(block)
         out.write(block)
         written += len(block)
@@ -289,7 +315,7 @@ def _check_base(base: BinaryIO, base_size: int, base_sha256: str) -> None:
             f"{base_size} bytes, {base_sha256[:16]}); install the full bundle")
 
 
-def _rebuild(h: DeltaHeader, delta: BinaryIO, base: BinaryIO) -> Iterator[bytes]:
+def _rebuild(h: DeltaHeader, delta: _Reader, base: BinaryIO) -> Iterator[bytes]:
     skeleton = _skeleton_reader(h, delta, base)
     for op in h.ops:
         if op.op == "copy":
@@ -302,7 +328,7 @@ def _rebuild(h: DeltaHeader, delta: BinaryIO, base: BinaryIO) -> Iterator[bytes]
             yield _decode(op, _read_exact(delta, op.payload, "payload"), base)
 
 
-def _skeleton_reader(h: DeltaHeader, delta: BinaryIO, base: BinaryIO) -> BinaryIO:
+def _skeleton_reader(h: DeltaHeader, delta: _Reader, base: BinaryIO) -> BinaryIO:
     if not h.skeleton:
         return io.BytesIO(b"")
     packed = _read_exact(delta, h.skeleton, "skeleton")
@@ -322,7 +348,7 @@ def _decode(op: DeltaOp, payload: bytes, base: BinaryIO) -> bytes:
     return rebuilt.tobytes()
 
 
-def _stream_zdict(op: DeltaOp, delta: BinaryIO, base: BinaryIO) -> Iterator[bytes]:
+def _stream_zdict(op: DeltaOp, delta: _Reader, base: BinaryIO) -> Iterator[bytes]:
     """A large ``zdict`` op (the whole-file fallback), decompressed block by block."""
     dictionary = _read_base(base, op.base_offset, op.base_length)
     payload = io.BytesIO(_read_exact(delta, op.payload, "payload"))
@@ -374,7 +400,7 @@ def _read_base(base: BinaryIO, offset: int, length: int) -> bytes:
     return b"".join(_base_blocks(base, offset, length))
 
 
-def _read_exact(stream: BinaryIO, length: int, what: str) -> bytes:
+def _read_exact(stream: _Reader, length: int, what: str) -> bytes:
     data = stream.read(length)
     if len(data) != length:
         raise _bad(f"its {what} ends early")

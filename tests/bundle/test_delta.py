@@ -54,7 +54,8 @@ def finetune(data: bytes, fmt: str, *, last: int | None = 1, scale: float = 1e-3
 
 def rebuild(base: bytes, delta: bytes, target: bytes) -> bytes:
     out = io.BytesIO()
-    apply_delta(io.BytesIO(delta), len(delta), io.BytesIO(base), out,
+    apply_delta([delta[i:i + 1000] for i in range(0, len(delta), 1000)], len(delta),
+                io.BytesIO(base), out,
                 base_sha256=hashlib.sha256(base).hexdigest(),
                 target_sha256=hashlib.sha256(target).hexdigest(), target_size=len(target))
     return out.getvalue()
@@ -141,7 +142,7 @@ def test_a_damaged_base_is_named_before_anything_is_written() -> None:
     damaged[5000] ^= 1
     out = io.BytesIO()
     with pytest.raises(DeltaBaseError, match="install the full bundle"):
-        apply_delta(io.BytesIO(delta), len(delta), io.BytesIO(bytes(damaged)), out,
+        apply_delta([delta], len(delta), io.BytesIO(bytes(damaged)), out,
                     base_sha256=hashlib.sha256(ONNX).hexdigest(),
                     target_sha256=hashlib.sha256(target).hexdigest(), target_size=len(target))
     assert out.getvalue() == b""
