@@ -122,6 +122,8 @@ def install_events(record: InstallRecord, announced: int,
         events.append((f"install.{state}", at, {
             "install_id": record.install_id, "model": record.model,
             "version": record.version, "bundle_sha256": record.bundle_sha256,
+            # What was fetched: a delta bundle (of the release release_sha256) or the full.
+            "bundle_size": record.size, "release_sha256": record.release_sha256,
             "reason": _clip(record.reason) if index == last else None,
             "detail": _clip(record.detail) if index == last else None}))
     return events

@@ -119,11 +119,13 @@ def edit_metadata(data: bytes, change: Callable[[Any], None],
     return md.to_bytes(JSONSerializer(compact=True))
 
 
-def forge_delta(bundle: bytes, path: str, delta: bytes, targets_signers: Sequence[Signer]
-                ) -> bytes:
+def forge_delta(bundle: bytes, path: str, delta: bytes, targets_signers: Sequence[Signer],
+                *, carry: bool = True) -> bytes:
     """The delta bundle ``bundle`` with delta ``path`` replaced by ``delta`` and everything
     signed again with the targets keys: what a faulty (or hostile) builder holding the keys
-    would produce. Snapshot and timestamp name only the targets version, so they stay."""
+    would produce. Snapshot and timestamp name only the targets version, so they stay.
+    With ``carry`` False, ``bundle`` is the release's full bundle: its manifest and targets
+    are changed alike, and the delta is not added to it."""
     import hashlib
     import json
 
@@ -145,5 +147,6 @@ def forge_delta(bundle: bytes, path: str, delta: bytes, targets_signers: Sequenc
     items["metadata/targets.json"] = edit_metadata(items["metadata/targets.json"], change,
                                                    targets_signers)
     items["targets/manifest.json"] = manifest_bytes
-    items[f"targets/{path}"] = delta
+    if carry:
+        items[f"targets/{path}"] = delta
     return rebuild(items)
