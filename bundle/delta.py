@@ -37,7 +37,7 @@ import hashlib
 import io
 import json
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
@@ -353,13 +353,10 @@ def _stream_zdict(op: DeltaOp, delta: _Reader, base: BinaryIO) -> Iterator[bytes
     dictionary = _read_base(base, op.base_offset, op.base_length)
     payload = io.BytesIO(_read_exact(delta, op.payload, "payload"))
     reader = _decompressor(dictionary, op.length).stream_reader(payload)
-    left = op.length
-    while left:
-        block = reader.read(min(_BLOCK, left))
-        if not block:
-            raise _bad("a payload ends early")
-        left -= len(block)
-        yield block
+    try:
+        yield from _chunks(reader.read, op.length, _bad("a payload ends early"))
+    except zstandard.ZstdError as exc:
+        raise _bad(f"a payload does not decompress ({exc})") from exc
 
 
 def _decompressor(dictionary: bytes, size: int) -> zstandard.ZstdDecompressor:
@@ -388,10 +385,17 @@ def _decompress(payload: bytes, size: int, dictionary: bytes = b"") -> bytes:
 
 def _base_blocks(base: BinaryIO, offset: int, length: int) -> Iterator[bytes]:
     base.seek(offset)
+    yield from _chunks(base.read, length, DeltaBaseError(
+        "the stored base artifact changed while the delta was applied; install the full "
+        "bundle"))
+
+
+def _chunks(read: Callable[[int], bytes], length: int, short: Exception) -> Iterator[bytes]:
+    """``length`` bytes from ``read`` in blocks of at most 1 MiB; ``short`` if they end."""
     while length:
-        block = base.read(min(_BLOCK, length))
+        block = read(min(_BLOCK, length))
         if not block:
-            raise DeltaBaseError("the stored base artifact changed while the delta was applied")
+            raise short
         length -= len(block)
         yield block
 

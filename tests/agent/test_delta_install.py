@@ -19,7 +19,7 @@ from agent.runtime import Runtime
 from bundle.delta import make_delta
 from bundle.signing import DeltaBase, Release, build_release
 from firmware_profiles.model import Profile
-from tests.agent.bundles import DIGITS, digits_spec, outputs, samples, write_bundle
+from tests.agent.bundles import DIGITS, digits_spec, outputs, samples
 from tests.bundle.repo import ONLINE, VALID, Repo, forge_delta
 
 pytestmark = pytest.mark.integration
@@ -28,14 +28,15 @@ QUICK = ProbationPolicy(window_s=0.0)
 DELTA_PATH = "artifacts/digits.onnx.from-v1.delta"
 
 
-def last_layer_tuned() -> bytes:
-    """The digits model with its last layer nudged, as a short fine-tune would."""
+def last_layer_tuned(seed: int = 0) -> bytes:
+    """The digits model with its last layer nudged, as a short fine-tune would (another
+    ``seed``: another fine-tune)."""
     model = onnx.load(str(DIGITS))
     for init in model.graph.initializer:
         if init.name.startswith("classifier.3."):
             values = numpy_helper.to_array(init)
-            noise = np.random.default_rng(0).normal(0, 0.01, values.shape).astype(np.float32)
-            init.CopyFrom(numpy_helper.from_array(values + noise, init.name))
+            noise = np.random.default_rng(seed).normal(0, 0.01, values.shape)
+            init.CopyFrom(numpy_helper.from_array(values + noise.astype(np.float32), init.name))
     return bytes(model.SerializeToString())
 
 
@@ -48,14 +49,6 @@ def release_v2(repo: Repo, model: bytes) -> Release:
     return build_release(spec, root_chain=repo.root_chain,
                          signers={r: repo.signers[r] for r in ONLINE},
                          metadata_version=repo.metadata_version, expires=VALID)
-
-
-@pytest.fixture
-def serving_v1(state_dir: Path, repo: Repo, tmp_path: Path, x86: Profile) -> Runtime:
-    runtime = Runtime(state_dir, x86, policy=QUICK)
-    runtime.install(write_bundle(repo, tmp_path, digits_spec(1)))
-    runtime.check_probation()
-    return runtime
 
 
 def _write(tmp_path: Path, name: str, data: bytes) -> Path:
@@ -101,7 +94,7 @@ def test_a_damaged_base_fails_the_delta_and_v1_keeps_serving(
 def test_a_signed_delta_that_rebuilds_another_artifact_is_rejected_and_v1_keeps_serving(
         serving_v1: Runtime, repo: Repo, tmp_path: Path) -> None:
     release = release_v2(repo, last_layer_tuned())
-    other = make_delta(DIGITS.read_bytes(), digits_other(), "onnx")
+    other = make_delta(DIGITS.read_bytes(), last_layer_tuned(seed=7), "onnx")
     forged = forge_delta(release.deltas[1], DELTA_PATH, other, repo.signers["targets"])
     record = serving_v1.install(_write(tmp_path, "forged.efb", forged))
     assert (record.state, record.reason) == (InstallState.FAILED,
@@ -117,13 +110,3 @@ def test_a_delta_from_a_version_the_device_does_not_hold_fails_for_the_full_bund
     record = runtime.install(_write(tmp_path, "v2.delta.efb", release.deltas[1]))
     assert (record.state, record.reason) == (InstallState.FAILED, "rejected:DeltaBaseError")
 
-
-def digits_other() -> bytes:
-    """Another fine-tune of the last layer (a different seed)."""
-    model = onnx.load(str(DIGITS))
-    for init in model.graph.initializer:
-        if init.name.startswith("classifier.3."):
-            values = numpy_helper.to_array(init)
-            noise = np.random.default_rng(7).normal(0, 0.01, values.shape).astype(np.float32)
-            init.CopyFrom(numpy_helper.from_array(values + noise, init.name))
-    return bytes(model.SerializeToString())

@@ -16,7 +16,7 @@ import pytest
 from bundle.delta import make_delta
 from fleet_server.keys import KeyStore
 from tests.agent.bundles import outputs, samples
-from tests.agent.test_delta_install import digits_other, last_layer_tuned
+from tests.agent.test_delta_install import last_layer_tuned
 from tests.bundle.repo import forge_delta
 from tests.fleet_server.live_fleet import DIGITS, GROUP, LiveFleet, converged, live_fleet
 
@@ -110,7 +110,7 @@ def test_a_signed_delta_that_rebuilds_another_model_is_rejected_then_the_full_in
     v2 = fleet.build(2, tuned, "--delta-from", v1)
     # A builder holding the targets key signs a delta that rebuilds another model.
     signers = KeyStore.at(fleet.keys).signers("targets")
-    wrong = make_delta(DIGITS.read_bytes(), digits_other(), "onnx")
+    wrong = make_delta(DIGITS.read_bytes(), last_layer_tuned(seed=7), "onnx")
     path = f"artifacts/{DIGITS.name}.from-v1.delta"
     delta_file = fleet.home / "digits-2.from-v1.efb"
     delta_file.write_bytes(forge_delta(delta_file.read_bytes(), path, wrong, signers))
