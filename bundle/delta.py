@@ -96,21 +96,21 @@ def make_delta(base: bytes, target: bytes, fmt: str) -> bytes:
     target_spans = [s for s in tensor_index(target, fmt) if s.length >= SMALL_TENSOR_BYTES]
     base_gaps = _gaps(len(base), [s for s in base_spans.values()
                                   if s.length >= SMALL_TENSOR_BYTES])
-    ops: list[DeltaOp] = []
-    payloads: list[bytes] = []
-    skeleton = bytearray()
+    steps: list[tuple[DeltaOp, int, bytes]] = []  # (op, where in the target, payload)
     pos = 0
     for span in [*target_spans, TensorSpan("", len(target), 0)]:
         if span.offset > pos:
-            ops.append(DeltaOp("skel", span.offset - pos))
-            skeleton += target[pos:span.offset]
+            steps.append((DeltaOp("skel", span.offset - pos), pos, b""))
         if span.length:
             op, payload = _encode_tensor(base, target, span, base_spans.get(span.name))
-            ops.append(op)
-            payloads.append(payload)
+            steps.append((op, span.offset, payload))
         pos = span.offset + span.length
+    steps = _merge_copies(steps, base, target)
+    ops = [op for op, _, _ in steps]
+    payloads = [payload for _, _, payload in steps]
+    skeleton = b"".join(target[at:at + op.length] for op, at, _ in steps if op.op == "skel")
     skeleton_dict = b"".join(base[o:o + n] for o, n in base_gaps)
-    packed_skeleton = _compress(bytes(skeleton), skeleton_dict) if skeleton else b""
+    packed_skeleton = _compress(skeleton, skeleton_dict) if skeleton else b""
     header = DeltaHeader(
         base_size=len(base), target_size=len(target), skeleton=len(packed_skeleton),
         skeleton_size=len(skeleton),
@@ -120,6 +120,34 @@ def make_delta(base: bytes, target: bytes, fmt: str) -> bytes:
     whole_file = _pack(DeltaHeader(len(base), len(target), 0, 0, (), (DeltaOp(
         "zdict", len(target), 0, len(base), payload=len(whole)),)), [whole])
     return min(tensor_wise, whole_file, key=len)
+
+
+def _merge_copies(steps: list[tuple[DeltaOp, int, bytes]], base: bytes, target: bytes,
+                  ) -> list[tuple[DeltaOp, int, bytes]]:
+    """``steps`` with skeleton pieces that continue an unchanged tensor in the base (before
+    or after it) turned into copies, and adjacent copies merged: an unchanged stretch of
+    file is one op, however many tensors it holds."""
+    merged: list[tuple[DeltaOp, int, bytes]] = []
+    for step, at, payload in steps:
+        op = step
+        if merged:
+            prev, prev_at, _ = merged[-1]
+            if op.op == "skel" and prev.op == "copy":
+                src = prev.base_offset + prev.length
+                if target[at:at + op.length] == base[src:src + op.length]:
+                    op = DeltaOp("copy", op.length, src, op.length)
+            elif op.op == "copy" and prev.op == "skel" and op.base_offset >= prev.length:
+                src = op.base_offset - prev.length
+                if target[prev_at:at] == base[src:op.base_offset]:
+                    merged[-1] = (DeltaOp("copy", prev.length, src, prev.length), prev_at, b"")
+            prev, prev_at, _ = merged[-1]
+            if (op.op == prev.op == "copy"
+                    and prev.base_offset + prev.length == op.base_offset):
+                length = prev.length + op.length
+                merged[-1] = (DeltaOp("copy", length, prev.base_offset, length), prev_at, b"")
+                continue
+        merged.append((op, at, payload))
+    return merged
 
 
 def _gaps(size: int, spans: list[TensorSpan]) -> list[tuple[int, int]]:
