@@ -13,7 +13,7 @@ For each pair of model versions (base -> target), side by side in one run:
 Reported per case: bytes on the wire (the delta alone, and edgefleet's whole delta bundle
 with its signed metadata beside the full bundle's), and the time and peak memory to apply
 on the device, each apply in a fresh child process (peak RSS growth over the process
-after its imports, from ``getrusage``). Ratios are against the full bundle and against the
+after its imports, from ``VmHWM``). Ratios are against the full bundle and against the
 best generic delta, measured in the same run.
 
 Cases: the ViT (``models/build_delta_pairs.py`` builds them into ``models/generated/delta``
@@ -32,7 +32,6 @@ import gzip
 import hashlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -132,7 +131,7 @@ def _bundles(base: bytes, target: bytes, fmt: str) -> tuple[int, int]:
 def _apply_child(method: str, base_path: Path, patch_path: Path, out_path: Path,
                  target_sha256: str) -> None:
     """Rebuild the target in this (fresh) process; prints seconds and peak RSS growth."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _peak_rss()
     started = time.perf_counter()
     if method == "edgefleet":
         size = int(os.environ["BENCH_TARGET_SIZE"])
@@ -154,10 +153,20 @@ def _apply_child(method: str, base_path: Path, patch_path: Path, out_path: Path,
             while block := patch.read(1 << 20):
                 out.write(block)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss()
     digest = hashlib.sha256(out_path.read_bytes()).hexdigest()
     print(json.dumps({"seconds": seconds, "peak": max(0, peak - before),
                       "ok": digest == target_sha256}))
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes (VmHWM). Not getrusage's ru_maxrss:
+    a child inherits its parent's (this benchmark's) high-water mark across fork and exec,
+    which would hide the apply's own peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (this benchmark needs Linux)")
 
 
 def _apply(method: str, base: Path, patch: Path, target: bytes) -> tuple[float, int]:
