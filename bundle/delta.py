@@ -59,7 +59,9 @@ MAX_OPS = 200_000
 SMALL_TENSOR_BYTES = 2048
 _LEVEL = 19
 _BLOCK = 1024 * 1024
-_OPS = {"copy", "skel", "zstd", "zdict", "xor", "sub"}
+_OPS = {"copy", "skel", "zstd", "zdict", "xor", "sub", "sparse"}
+#: A sparse op lists at most this many changed bytes (it is for a few scattered changes).
+MAX_SPARSE = 1_000_000
 _WIDTHS = (1, 2, 4, 8)
 
 
@@ -116,10 +118,39 @@ def make_delta(base: bytes, target: bytes, fmt: str) -> bytes:
         skeleton_size=len(skeleton),
         skeleton_dict=tuple(base_gaps) if skeleton else (), ops=tuple(ops))
     tensor_wise = _pack(header, [packed_skeleton, *payloads])
-    whole = _compress(target, base)
-    whole_file = _pack(DeltaHeader(len(base), len(target), 0, 0, (), (DeltaOp(
-        "zdict", len(target), 0, len(base), payload=len(whole)),)), [whole])
-    return min(tensor_wise, whole_file, key=len)
+    candidates = [tensor_wise]
+    # One op over the whole file: zstd's patch-from, or the few bytes that changed.
+    for kind, whole in (("zdict", _compress(target, base)), ("sparse", _sparse(base, target))):
+        if whole is not None:
+            candidates.append(_pack(DeltaHeader(len(base), len(target), 0, 0, (), (DeltaOp(
+                kind, len(target), 0, len(base), payload=len(whole)),)), [whole]))
+    return min(candidates, key=len)
+
+
+def _sparse(base: bytes, target: bytes) -> bytes | None:
+    """The ``sparse`` payload for ``target`` against a base of the same size (None when the
+    sizes differ or too many bytes changed): u32 count, then each changed byte's gap from
+    the previous one as a varint, then the changed bytes XOR the base's, zstd-compressed."""
+    if len(base) != len(target):
+        return None
+    a, b = np.frombuffer(base, np.uint8), np.frombuffer(target, np.uint8)
+    changed = np.flatnonzero(a != b)
+    if len(changed) > MAX_SPARSE:
+        return None
+    gaps = np.diff(changed, prepend=-1) - 1
+    return _compress(struct.pack(">I", len(changed)) + _varints(gaps)
+                     + (a[changed] ^ b[changed]).tobytes())
+
+
+def _varints(values: np.ndarray) -> bytes:
+    out = bytearray()
+    for gap in values.tolist():
+        rest = gap
+        while rest >= 0x80:
+            out.append(rest & 0x7F | 0x80)
+            rest >>= 7
+        out.append(rest)
+    return bytes(out)
 
 
 def _merge_copies(steps: list[tuple[DeltaOp, int, bytes]], base: bytes, target: bytes,
@@ -290,7 +321,7 @@ def _check_header(h: DeltaHeader, payload_bytes: int) -> None:
     for op in h.ops:
         if (op.op not in _OPS or op.width not in _WIDTHS or op.length % op.width
                 or not within(op.base_offset, op.base_length)
-                or (op.op in ("copy", "xor", "sub") and op.base_length != op.length)):
+                or (op.op in ("copy", "xor", "sub", "sparse") and op.base_length != op.length)):
             raise _bad(f"it has an invalid op {op}")
 
 
@@ -352,6 +383,8 @@ def _rebuild(h: DeltaHeader, delta: _Reader, base: BinaryIO) -> Iterator[bytes]:
             yield _read_exact(skeleton, op.length, "skeleton")
         elif op.op == "zdict" and op.length > _BLOCK:
             yield from _stream_zdict(op, delta, base)
+        elif op.op == "sparse":
+            yield from _apply_sparse(op, _read_exact(delta, op.payload, "payload"), base)
         else:
             yield _decode(op, _read_exact(delta, op.payload, "payload"), base)
 
@@ -362,6 +395,38 @@ def _skeleton_reader(h: DeltaHeader, delta: _Reader, base: BinaryIO) -> BinaryIO
     packed = _read_exact(delta, h.skeleton, "skeleton")
     dictionary = b"".join(_read_base(base, o, n) for o, n in h.skeleton_dict)
     return io.BytesIO(_decompress(packed, h.skeleton_size, dictionary))
+
+
+def _apply_sparse(op: DeltaOp, payload: bytes, base: BinaryIO) -> Iterator[bytes]:
+    """The base range with the listed bytes changed, block by block."""
+    data = _decompress_bounded(payload, 4 + 6 * min(op.length, MAX_SPARSE), "a payload")
+    if len(data) < 4:
+        raise _bad("a sparse payload is too short")
+    (count,) = struct.unpack_from(">I", data)
+    raw = np.frombuffer(data, np.uint8, offset=4)
+    ends = np.flatnonzero(raw < 0x80)
+    if count > MAX_SPARSE or len(ends) < count or len(raw) != (
+            (ends[count - 1] + 1 if count else 0) + count):
+        raise _bad("a sparse payload does not add up")
+    used = ends[count - 1] + 1 if count else 0
+    group = np.concatenate([[0], np.cumsum(raw[:used] < 0x80)[:-1]]) if used else raw[:0]
+    starts = np.concatenate([[0], ends[:count - 1] + 1]) if count else ends[:0]
+    shift = (np.arange(used) - starts[group]) * 7
+    if used and shift.max() > 35:
+        raise _bad("a sparse payload has an oversized gap")
+    gaps = np.zeros(count, np.int64)
+    np.add.at(gaps, group, (raw[:used] & 0x7F).astype(np.int64) << shift)
+    positions = np.cumsum(gaps + 1) - 1
+    if count and positions[-1] >= op.length:
+        raise _bad("a sparse payload changes bytes past its op")
+    values = raw[used:]
+    done = 0
+    for block in _base_blocks(base, op.base_offset, op.length):
+        lo, hi = np.searchsorted(positions, [done, done + len(block)])
+        changed = np.frombuffer(block, np.uint8).copy()
+        changed[positions[lo:hi] - done] ^= values[lo:hi]
+        done += len(block)
+        yield changed.tobytes()
 
 
 def _decode(op: DeltaOp, payload: bytes, base: BinaryIO) -> bytes:
@@ -394,11 +459,11 @@ def _decompressor(dictionary: bytes, size: int) -> zstandard.ZstdDecompressor:
     return zstandard.ZstdDecompressor(dict_data=zdict, max_window_size=window)
 
 
-def _decompress_bounded(payload: bytes, limit: int) -> bytes:
+def _decompress_bounded(payload: bytes, limit: int, what: str = "its header") -> bytes:
     try:
         return zstandard.ZstdDecompressor().decompress(payload, max_output_size=limit)
     except zstandard.ZstdError as exc:
-        raise _bad(f"its header does not decompress ({exc})") from exc
+        raise _bad(f"{what} does not decompress ({exc})") from exc
 
 
 def _decompress(payload: bytes, size: int, dictionary: bytes = b"") -> bytes:

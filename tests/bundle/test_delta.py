@@ -135,6 +135,33 @@ def test_a_file_of_unknown_format_is_diffed_as_bytes() -> None:
     assert len(delta) < 1000
 
 
+def test_a_few_scattered_changes_are_listed_byte_by_byte_and_applied_in_blocks() -> None:
+    base = bytes(np.random.default_rng(3).integers(0, 256, 3_000_000, dtype=np.uint8))
+    target = bytearray(base)
+    for i in range(0, len(target), 9973):  # a re-calibration: scales here and there
+        target[i] ^= 0x5A
+    target[-1] ^= 1
+    delta = make_delta(base, bytes(target), "bin")
+    assert [o.op for o in read_header(io.BytesIO(delta), len(delta)).ops] == ["sparse"]
+    assert len(delta) < 2000
+    assert rebuild(base, delta, bytes(target)) == bytes(target)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_a_damaged_sparse_delta_raises_a_bundle_error_or_rebuilds_the_target(
+        data: st.DataObject) -> None:
+    delta = bytearray(_SPARSE)
+    for _ in range(data.draw(st.integers(1, 4))):
+        delta[data.draw(st.integers(0, len(delta) - 1))] = data.draw(st.integers(0, 255))
+    with contextlib.suppress(BundleError):
+        assert rebuild(ONNX, bytes(delta), _SPARSE_TARGET) == _SPARSE_TARGET
+
+
+_SPARSE_TARGET = bytes(b ^ (1 if i % 5000 == 0 else 0) for i, b in enumerate(ONNX))
+_SPARSE = make_delta(ONNX, _SPARSE_TARGET, "bin")
+
+
 def test_a_damaged_base_is_named_before_anything_is_written() -> None:
     target = finetune(ONNX, "onnx")
     delta = make_delta(ONNX, target, "onnx")
