@@ -2,7 +2,8 @@
 
 For each pair of model versions (base -> target), side by side in one run:
 
-- **edgefleet**: :func:`bundle.delta.make_delta` (per tensor: copy, XOR or byte-wise
+- **edgefleet**: :func:`bundle.delta.make_delta`, through ``build_release`` (its "make"
+  time includes signing the release; per tensor: copy, XOR or byte-wise
   difference as byte planes, zstd with the base tensor as dictionary; whole-file patch-from
   as the last resort), applied streaming by :func:`bundle.delta.apply_delta`;
 - **bsdiff**: ``bsdiff4.diff`` / ``bsdiff4.patch``;
@@ -46,8 +47,15 @@ import zstandard
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bundle.delta import apply_delta, make_delta  # noqa: E402
-from bundle.signing import ArtifactInput, BundleSpec, DeltaBase, build_release  # noqa: E402
+from bundle.archive import read_archive  # noqa: E402
+from bundle.delta import apply_delta  # noqa: E402
+from bundle.signing import (  # noqa: E402
+    ArtifactInput,
+    BundleSpec,
+    DeltaBase,
+    build_release,
+    read_contents,
+)
 from bundle.tensor_index import tensor_index  # noqa: E402
 from tests.bundle.repo import ONLINE, VALID, Repo  # noqa: E402
 
@@ -106,8 +114,6 @@ def _zstd_patch(base: bytes, target: bytes) -> bytes:
 
 
 def _make(method: str, base: bytes, target: bytes, fmt: str) -> bytes:
-    if method == "edgefleet":
-        return make_delta(base, target, fmt)
     if method == "bsdiff":
         return bytes(bsdiff4.diff(base, target))
     if method == "zstd_patch_from":
@@ -115,15 +121,18 @@ def _make(method: str, base: bytes, target: bytes, fmt: str) -> bytes:
     return gzip.compress(target, 9)
 
 
-def _bundles(base: bytes, target: bytes, fmt: str) -> tuple[int, int]:
-    """Sizes of edgefleet's full bundle of ``target`` and of its delta bundle from base."""
+def _release(base: bytes, target: bytes, fmt: str) -> tuple[bytes, int, int]:
+    """edgefleet's release of ``target`` with a delta from ``base`` (what ``fleet bundle
+    build --delta-from`` does): the delta, and the sizes of the full and the delta bundle."""
     repo = Repo()
     spec = BundleSpec(name="bench", version=2, profiles=("x86-64-avx2",), artifacts=(
         ArtifactInput(f"model.{fmt}", target, fmt, "fp32", bases=(DeltaBase(1, base),)),))
     release = build_release(spec, root_chain=repo.root_chain,
                             signers={r: repo.signers[r] for r in ONLINE}, metadata_version=1,
                             expires=VALID)
-    return len(release.full), len(release.deltas[1])
+    delta = read_contents(release.deltas[1], artifacts=False).manifest.artifacts[0].deltas[0]
+    data = read_archive(release.deltas[1]).read(f"targets/{delta.path}")
+    return data, len(release.full), len(release.deltas[1])
 
 
 # --- applying, in a child process ----------------------------------------------------------
@@ -189,9 +198,14 @@ def run_case(case: str, work: Path) -> tuple[list[Result], tuple[int, int]]:
     base_path = work / f"{case}.base"
     base_path.write_bytes(base)
     results = []
+    sizes = (0, 0)
     for method in METHODS:
         started = time.perf_counter()
-        patch = _make(method, base, target, fmt)
+        if method == "edgefleet":  # the delta, signed into its release
+            patch, *bundle_sizes = _release(base, target, fmt)
+            sizes = (bundle_sizes[0], bundle_sizes[1])
+        else:
+            patch = _make(method, base, target, fmt)
         make_s = time.perf_counter() - started
         patch_path = work / f"{case}.{method}"
         patch_path.write_bytes(patch)
@@ -199,7 +213,7 @@ def run_case(case: str, work: Path) -> tuple[list[Result], tuple[int, int]]:
         results.append(Result(case, method, len(target), len(patch), make_s, apply_s, peak))
         print(f"  {case:22} {method:16} {len(patch):>11,} B  make {make_s:6.1f} s  "
               f"apply {apply_s:6.2f} s  peak {peak / 2**20:7.1f} MiB", flush=True)
-    return results, _bundles(base, target, fmt)
+    return results, sizes
 
 
 def main() -> None:
