@@ -11,7 +11,9 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 # Shared by every part: the bundle format and device profiles are pure Python on top of these.
-_CORE = ["numpy>=1.26", "cryptography>=42", "tuf>=6,<8", "tomli>=2; python_version < '3.11'"]
+# zstandard: weight-level deltas (bundle/delta.py), made on the server, applied on devices.
+_CORE = ["numpy>=1.26", "cryptography>=42", "tuf>=6,<8", "zstandard>=0.22",
+         "tomli>=2; python_version < '3.11'"]
 # ai-edge-litert is the maintained LiteRT runtime; tflite-runtime is only an import fallback
 # (see docs/architecture.md, "TFLite runtime").
 _RUNTIMES = ["onnxruntime>=1.20", "ai-edge-litert>=2.0"]
@@ -37,8 +39,9 @@ EXTRAS = {
     # tritonclient: an existing Open Inference Protocol client, to prove the agent's API.
     # h11: only benchmarks/http_parse_bench.py, which measures it against the agent's parser.
     # jsonschema: tests/agent/test_openapi.py checks answers against the agent's OpenAPI document.
+    # bsdiff4: only benchmarks/delta_bench.py, which measures it against edgefleet's deltas.
     "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "mypy>=1.11", "pytest-timeout>=2.3",
-            "tritonclient[http,grpc]>=2.40", "h11>=0.14", "jsonschema>=4.18"],
+            "tritonclient[http,grpc]>=2.40", "h11>=0.14", "jsonschema>=4.18", "bsdiff4>=1.2"],
 }
 # TFLite artifacts in the compressor (compressor/passes/tflite.py): onnx2tf turns the ONNX model
 # into a TensorFlow SavedModel, TensorFlow's converter makes the .tflite variants. Pinned

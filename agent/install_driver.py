@@ -132,12 +132,14 @@ class InstallDriver:
         """Install the bundle file ``bundle``; returns once it serves in probation or failed."""
         return self._call(lambda: self._start(self.installer.begin(str(bundle.absolute()))))
 
-    def fetch(self, model: str, version: int, bundle_sha256: str,
-              size: int) -> InstallRecord | None:
+    def fetch(self, model: str, version: int, bundle_sha256: str, size: int, *,
+              release_sha256: str | None = None) -> InstallRecord | None:
         """Start (or resume) installing the fleet bundle ``bundle_sha256`` of ``model``:
         the record enters ``downloading`` and the fetcher is asked for the bytes. None if
-        that bundle was given up meanwhile."""
-        return self._call(lambda: self._fetch(model, version, bundle_sha256, size))
+        that bundle was given up meanwhile. ``release_sha256``: the full bundle, when
+        ``bundle_sha256`` is a delta bundle of it."""
+        return self._call(lambda: self._fetch(model, version, bundle_sha256, size,
+                                              release_sha256))
 
     def fetched(self, install_id: str) -> Future[object]:
         """The fetcher has the whole bundle of ``install_id``: verify and install it."""
@@ -194,8 +196,8 @@ class InstallDriver:
     def _start(self, record: InstallRecord) -> InstallRecord:
         return self._run(record, InstallEvent(T.START))
 
-    def _fetch(self, model: str, version: int, sha256: str,
-               size: int) -> InstallRecord | None:
+    def _fetch(self, model: str, version: int, sha256: str, size: int,
+               release_sha256: str | None) -> InstallRecord | None:
         source = FLEET_SOURCE + sha256
         if self.installer.given_up().get(model) == sha256:
             return None  # it failed after the fetcher asked (a failure still queued then)
@@ -208,7 +210,8 @@ class InstallDriver:
                     T.FAILED, reason="superseded", retry=True,
                     detail=f"the desired state now names {model} v{version}"))
         record = self.installer.begin(source, model=model, version=version,
-                                      bundle_sha256=sha256, size=size)
+                                      bundle_sha256=sha256, size=size,
+                                      release_sha256=release_sha256)
         return self._start(record)
 
     def _feed(self, install_id: str, event: InstallEvent) -> InstallRecord | None:

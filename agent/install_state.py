@@ -144,6 +144,9 @@ class InstallRecord:
     retry: bool = False
     #: How many entries of ``history`` the installer's listeners have had (reported).
     announced: int = 0
+    #: For an install from a delta bundle (``bundle_sha256``): the release's full bundle,
+    #: which the installed model is recorded as coming from.
+    release_sha256: str | None = None
 
     @property
     def done(self) -> bool:
@@ -164,10 +167,10 @@ class InstallRecord:
 
 def new_install(install_id: str, source: str, now: float, *, model: str | None = None,
                 version: int | None = None, bundle_sha256: str | None = None,
-                size: int | None = None) -> InstallRecord:
+                size: int | None = None, release_sha256: str | None = None) -> InstallRecord:
     """A fresh record for installing the bundle at ``source``."""
     return InstallRecord(install_id=install_id, source=source, model=model, version=version,
-                         bundle_sha256=bundle_sha256, size=size,
+                         bundle_sha256=bundle_sha256, size=size, release_sha256=release_sha256,
                          history=((S.IDLE.value, now),))
 
 

@@ -43,7 +43,14 @@ from transport.mqtt import TLSIdentity
 from . import __version__
 from .api_spec import OPENAPI
 from .errors import ApiError, CSRError, EnrollmentError, FleetError, RegistryError, ReleaseError
-from .registry import BundleRecord, DesiredChange, Device, EventRecord, desired_json
+from .registry import (
+    BundleRecord,
+    DeltaRecord,
+    DesiredChange,
+    Device,
+    EventRecord,
+    desired_json,
+)
 from .service import Enrollment, FleetService, IssuedToken, PublishResult
 
 __all__ = [
@@ -101,8 +108,11 @@ def device_json(device: Device, *, online: bool | None) -> dict[str, Any]:
             "reset_at": device.reset_at}
 
 
-def bundle_json(record: BundleRecord) -> dict[str, Any]:
+def bundle_json(record: BundleRecord | DeltaRecord) -> dict[str, Any]:
     """A stored bundle (schema ``Bundle``); the blob's path stays private."""
+    if isinstance(record, DeltaRecord):
+        return {"sha256": record.sha256, "size": record.size, "created_at": record.created_at,
+                "bundle_sha256": record.bundle_sha256, "base_version": record.base_version}
     return {"sha256": record.sha256, "name": record.name, "version": record.version,
             "size": record.size, "created_at": record.created_at,
             "metadata_version": record.metadata_version, "rollback_of": record.rollback_of}
@@ -126,7 +136,8 @@ def publish_json(result: PublishResult) -> dict[str, Any]:
     return {"devices": list(result.devices),
             "changes": [change_json(c) for c in result.changes],
             "delivered": result.delivered,
-            "released": [bundle_json(b) for b in result.released]}
+            "released": [bundle_json(b) for b in result.released],
+            "transfer": None if result.transfer is None else result.transfer.as_json()}
 
 
 def token_json(issued: IssuedToken) -> dict[str, Any]:

@@ -109,7 +109,9 @@ OPENAPI: dict[str, Any] = {
                 "description": "The body is the bundle file. It is verified against the "
                 "fleet's root.json (signatures, hashes, expiry) and stored under the name "
                 "and version of its signed manifest. The same bytes again return the stored "
-                "record.",
+                "record. A delta bundle (docs/bundle-format.md §8) is stored with the full "
+                "bundle of its release, which must be uploaded first; the answer then has "
+                "bundle_sha256 and base_version.",
                 "requestBody": {"required": True, "content": {"application/octet-stream": {
                     "schema": {"type": "string", "format": "binary"}}}},
                 "responses": {"201": _json(_ref("Bundle"), "stored"),
@@ -246,7 +248,23 @@ OPENAPI: dict[str, Any] = {
                 "metadata_version": {"type": "integer", "description": "its TUF metadata "
                                      "version (0: stored before it was recorded)"},
                 "rollback_of": {"type": "integer", "nullable": True, "description": "for a "
-                                "re-release by rollback: the version it restores"}}},
+                                "re-release by rollback: the version it restores"},
+                "bundle_sha256": {**_SHA256, "description": "only for a delta bundle: the "
+                                  "full bundle of its release"},
+                "base_version": {"type": "integer", "description": "only for a delta bundle: "
+                                 "the version its deltas build on"}}},
+            "TransferPlan": {"type": "object", "properties": {
+                "delta_devices": {"type": "object", "description": "base version -> the "
+                                  "devices offered the delta from it",
+                                  "additionalProperties": {"type": "array",
+                                                           "items": {"type": "string"}}},
+                "full_devices": {"type": "array", "items": {"type": "string"}},
+                "full_bytes": {"type": "integer", "description": "bytes if every device "
+                               "fetched the full bundle"},
+                "wire_bytes": {"type": "integer", "description": "bytes expected with the "
+                               "deltas (a device whose base is damaged fetches the full "
+                               "bundle instead)"},
+                "saved_bytes": {"type": "integer"}}},
             "Event": {"type": "object", "properties": {
                 "id": {"type": "integer"}, "at": {"type": "number"},
                 "device": {"type": "string", "nullable": True}, "kind": {"type": "string"},
@@ -268,7 +286,10 @@ OPENAPI: dict[str, Any] = {
                                                 "connection; sent when it returns"},
                                   "released": {"type": "array", "items": _ref("Bundle"),
                                                "description": "re-releases the server "
-                                               "signed for this (rollback, encryption)"}}},
+                                               "signed for this (rollback, encryption)"},
+                                  "transfer": {**_ref("TransferPlan"), "nullable": True,
+                                               "description": "publish only: who gets a "
+                                               "delta, and the bytes saved"}}},
             "EnrollmentToken": {"type": "object", "required": ["token", "group", "expires_at"],
                                 "properties": {
                                     "token": {"type": "string", "pattern":

@@ -108,7 +108,9 @@ def add_server_commands(subparsers: argparse._SubParsersAction[argparse.Argument
         description="Upload BUNDLE_FILE (the server verifies it against the fleet's "
         "root.json; the same file again is fine) and make it the desired version of its "
         "model for a group or for devices. Devices pick it up at once (retained MQTT "
-        "message) or when they next connect.")
+        "message) or when they next connect. Delta bundles written beside it by `fleet "
+        "bundle build --delta-from` (BUNDLE_FILE's name with .from-vN) are uploaded too; "
+        "devices running such a version fetch the delta, and the bytes saved are shown.")
     _add_selection(publish)
     publish.add_argument("bundle_file", type=Path, metavar="BUNDLE_FILE")
     publish.add_argument("--encrypt-for", action="append", default=[], metavar="SELECTOR",
@@ -427,20 +429,22 @@ def _bundles(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    try:
-        data = args.bundle_file.read_bytes()
-    except OSError as exc:
-        raise BundleInputError(f"cannot read {args.bundle_file} ({exc.strerror})") from exc
+    data = _read_file(args.bundle_file)
     client = _client(args)
     bundle = client.post("/api/bundles", data=data)
+    deltas = [client.post("/api/bundles", data=_read_file(path))
+              for path in _delta_files(args.bundle_file)]
     result = client.post("/api/publish", {"bundle_sha256": bundle["sha256"],
                                           **_selection_body(args),
                                           **({"encrypt_for": args.encrypt_for}
                                              if args.encrypt_for else {})})
     if args.json:
-        _print_json({"bundle": bundle, **result})
+        _print_json({"bundle": bundle, "deltas": deltas, **result})
         return _delivery(result)
     target = f"group {args.group}" if args.group else "the given devices"
+    for delta in deltas:
+        print(f"uploaded the delta bundle from v{delta['base_version']} ({delta['size']} "
+              f"bytes, sha256 {delta['sha256'][:16]})")
     published = bundle
     for released in result.get("released", []):
         published = released
@@ -452,7 +456,32 @@ def _publish(args: argparse.Namespace) -> int:
     print(f"published {published['name']} v{published['version']} (sha256 "
           f"{published['sha256'][:16]}) to {devices} device(s) of {target}; {changed} "
           f"changed{f', {unchanged} had it already' if unchanged else ''}")
+    _print_transfer(result.get("transfer"))
     return _delivery(result)
+
+
+def _delta_files(bundle_file: Path) -> list[Path]:
+    """The delta bundles ``fleet bundle build --delta-from`` wrote beside ``bundle_file``."""
+    pattern = f"{bundle_file.stem}.from-v*{bundle_file.suffix}"
+    return sorted(bundle_file.parent.glob(pattern))
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise BundleInputError(f"cannot read {path} ({exc.strerror})") from exc
+
+
+def _print_transfer(transfer: dict[str, Any] | None) -> None:
+    """One line per delta used, and the bytes saved (see fleet_server.deltas)."""
+    if not transfer or not transfer["full_bytes"]:
+        return
+    for base, devices in transfer["delta_devices"].items():
+        print(f"{len(devices)} device(s) running v{base} fetch the delta bundle")
+    full, wire = transfer["full_bytes"], transfer["wire_bytes"]
+    print(f"to send: {wire} bytes instead of {full} ({transfer['saved_bytes']} saved, "
+          f"{100 * (full - wire) / full:.1f}%)")
 
 
 def _rollback(args: argparse.Namespace) -> int:

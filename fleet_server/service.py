@@ -65,11 +65,20 @@ from .data_dir import (
     remembered_port,
     server_identity,
 )
+from .delta_store import DeltaStore
+from .deltas import TransferPlan, offer_for, plan_transfers
 from .enrollment import check_token
 from .errors import BrokerError, EnrollmentError, RegistryError, ServiceError
 from .ingest import Inbound, Ingest
 from .recipients import Candidate, Recipients, select_recipients
-from .registry import BundleRecord, DesiredChange, Device, Registry, open_registry
+from .registry import (
+    BundleRecord,
+    DeltaRecord,
+    DesiredChange,
+    Device,
+    Registry,
+    open_registry,
+)
 from .releases import Releaser, check_publishable
 
 __all__ = [
@@ -175,6 +184,8 @@ class PublishResult:
     delivered: bool = True
     #: Bundles the server signed for this (re-releases), to show the operator.
     released: tuple[BundleRecord, ...] = ()
+    #: For a publish: which devices get a delta and the bytes that saves.
+    transfer: TransferPlan | None = None
 
 
 class FleetService:
@@ -189,6 +200,7 @@ class FleetService:
         self.config = config
         self._registry: Registry | None = None
         self._releaser: Releaser | None = None
+        self._deltas: DeltaStore | None = None
         self._ca: FleetCA | None = None
         self._broker: Broker | None = None
         self._client: Client | None = None
@@ -244,6 +256,7 @@ class FleetService:
         if broker is not None:
             broker.stop()
         self._releaser = None
+        self._deltas = None
         registry, self._registry = self._registry, None
         if registry is not None:
             registry.close()
@@ -271,6 +284,7 @@ class FleetService:
         self._ca = load_ca(data, self.config.fleet)
         self._registry = open_registry(self.config.db_url or data / "fleet.db",
                                        blob_dir=data / "bundles")
+        self._deltas = DeltaStore(self._registry)
         self._releaser = Releaser(self._registry, self.config.keys_dir,
                                   valid_days=self.config.release_valid_days,
                                   root=self.root_json)
@@ -506,9 +520,10 @@ class FleetService:
         self.registry.add_event("certificate.revoked", device=device_id, detail={
             "cert_fingerprint": fingerprint, "reason": reason})
 
-    def add_bundle(self, data: bytes) -> BundleRecord:
+    def add_bundle(self, data: bytes) -> BundleRecord | DeltaRecord:
         """Verify an uploaded bundle against the fleet's root and store it under the name
-        and version of its signed manifest (with its metadata version).
+        and version of its signed manifest (with its metadata version); a delta bundle is
+        stored with the full bundle of its release (:mod:`fleet_server.delta_store`).
 
         Raises a ``bundle.errors.BundleError`` subclass naming why the bundle is refused (bad
         signature, tampered, expired, ...), RegistryError if another bundle has that name and
@@ -516,6 +531,13 @@ class FleetService:
         verified = verify_bundle(data, TrustedState(root=self.root_json()),
                                  now=datetime.now(timezone.utc), profile=None)
         manifest = verified.manifest
+        if verified.delta_base is not None:
+            assert self._deltas is not None
+            delta = self._deltas.add(data, verified)
+            log.info("stored the delta bundle of %s v%d from v%d (%s, %d bytes)",
+                     manifest.name, manifest.version, delta.base_version, delta.sha256[:12],
+                     delta.size)
+            return delta
         record = self.registry.put_bundle(data, manifest.name, manifest.version,
                                           metadata_version=verified.metadata_version,
                                           rollback_of=manifest.rollback_of)
@@ -544,8 +566,16 @@ class FleetService:
             recipients = self.recipients(encrypt_for)
             record = self.releaser.rerelease(record, recipients=recipients.keys)
             released = (record,)
+        transfer = plan_transfers(record.desired, record.name, self._selected(devices, group),
+                                  self._deltas_of(record.sha256))
         changes = self.registry.set_desired(record.sha256, devices=devices, group=group)
-        return replace(self._publish_selected(changes, devices, group), released=released)
+        return replace(self._publish_selected(changes, devices, group), released=released,
+                       transfer=transfer)
+
+    def _deltas_of(self, bundle_sha256: str) -> list[DeltaRecord]:
+        if self._deltas is None:
+            raise RuntimeError("the fleet service is not started")
+        return self._deltas.of(bundle_sha256)
 
     def rollback(self, *, devices: Sequence[str] | None = None, group: str | None = None,
                  model: str | None = None) -> PublishResult:
@@ -606,7 +636,10 @@ class FleetService:
 
     def _send_desired(self, device: Device) -> None:
         """Queue ``device``'s desired state, retained (call with _desired_lock held)."""
-        models = dict(sorted(device.desired.items()))
+        # The delta from the version the device runs, if the release has one.
+        models = {name: offer_for(want, device.running.get(name),
+                                  self._deltas_of(want.bundle_sha256))
+                  for name, want in sorted(device.desired.items())}
         payload = messages.encode(messages.Desired(models=models, issued_at=time.time()))
         self._publish(device.id, "desired", payload, retain=True)
 

@@ -19,11 +19,19 @@ from typing import Any
 from fleet_server.errors import RegistryError
 from protocol.messages import DesiredModel, Telemetry
 
-from . import bundles, desired, devices, events, telemetry, tokens
+from . import bundles, deltas, desired, devices, events, telemetry, tokens
 from .bundle_store import BundleStore
 from .database import DEFAULT_MAX_CONNECTIONS, Database, Tx, open_database
 from .migrations import migrate
-from .records import BundleRecord, DesiredChange, Device, Enrolled, EventRecord, TelemetryRecord
+from .records import (
+    BundleRecord,
+    DeltaRecord,
+    DesiredChange,
+    Device,
+    Enrolled,
+    EventRecord,
+    TelemetryRecord,
+)
 
 __all__ = ["Registry", "open_registry"]
 
@@ -226,6 +234,34 @@ class Registry:
             return bundles.record_bundle(tx, now, sha, name, version, size=len(data), path=path,
                                          metadata_version=metadata_version,
                                          rollback_of=rollback_of)
+
+    def put_delta(self, data: bytes, bundle_sha256: str, base_version: int) -> DeltaRecord:
+        """Store a delta bundle of the stored full bundle ``bundle_sha256``, carrying the
+        deltas from ``base_version`` (the caller verified it belongs to that release).
+        Idempotent like :meth:`put_bundle`; RegistryError if the full bundle is not stored
+        or already has another delta from that version."""
+        if self._store is None:
+            raise RegistryError("this registry has no blob directory for bundle files; "
+                                "open it with open_registry(url, blob_dir=DIR)")
+        sha = hashlib.sha256(data).hexdigest()
+        with self._tx() as tx:
+            known = deltas.get_delta(tx, sha)
+        path = known.path if known is not None else self._store.path_for(sha)
+        self._store.save(data, sha, path)
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            return deltas.record_delta(tx, now, sha, bundle_sha256, base_version,
+                                       size=len(data), path=path)
+
+    def get_delta(self, sha256: str) -> DeltaRecord | None:
+        """The delta bundle with this content hash, or None."""
+        with self._tx() as tx:
+            return deltas.get_delta(tx, sha256)
+
+    def deltas_of(self, bundle_sha256: str) -> list[DeltaRecord]:
+        """The delta bundles of a stored full bundle, by base version."""
+        with self._tx() as tx:
+            return deltas.deltas_of(tx, bundle_sha256)
 
     def get_bundle(self, sha256: str) -> BundleRecord | None:
         """The bundle with this content hash, or None."""
