@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from paho.mqtt.client import MQTTMessageInfo
@@ -71,14 +71,21 @@ class Inbound:
     #: A refused retained message: the publish that clears it from the broker, which must
     #: have gone out before the message is acknowledged.
     clearing: MQTTMessageInfo | None = None
+    #: When it was received (time.monotonic()), for the ingest lag.
+    received: float = field(default_factory=time.monotonic)
 
 
 class Ingest:
-    """The ingest thread and its bounded queue; ``ack`` acknowledges a stored message."""
+    """The ingest thread and its bounded queue; ``ack`` acknowledges a stored message;
+    ``on_sample`` (monitoring) is called with each new telemetry sample, in its batch."""
 
-    def __init__(self, registry: Registry, ack: Callable[[Inbound], None]) -> None:
+    def __init__(self, registry: Registry, ack: Callable[[Inbound], None],
+                 on_sample: Callable[[str, messages.Telemetry], None] | None = None) -> None:
         self._registry = registry
         self._ack = ack
+        self._on_sample = on_sample
+        #: Seconds from receipt to commit of the oldest message of the last batch stored.
+        self.lag_s = 0.0
         self._inbox: queue.Queue[Inbound | None] = queue.Queue(QUEUE)
         self._thread: threading.Thread | None = None
         self._error_budget: dict[str, tuple[float, int]] = {}
@@ -137,6 +144,7 @@ class Ingest:
                         "them one by one", len(batch), exc_info=True)
             for item in batch:
                 self._store(item, in_batch=False)
+        self.lag_s = time.monotonic() - min(item.received for item in batch)
         for item in batch:
             if item.clearing is None or wait_published(item.clearing):
                 self._ack(item)
@@ -154,7 +162,10 @@ class Ingest:
             elif leaf == "events":
                 self._store_event(device, payload)
             elif leaf == "telemetry":
-                self._registry.add_telemetry(device, [messages.decode_telemetry(payload)])
+                sample = messages.decode_telemetry(payload)
+                # Only a new sample (not a re-delivery) is counted in the time series.
+                if self._registry.add_telemetry(device, [sample]) and self._on_sample:
+                    self._on_sample(device, sample)
             else:
                 raise ProtocolError(f"unexpected topic leaf {leaf!r}; this server answers "
                                     "outbox/chunks only")

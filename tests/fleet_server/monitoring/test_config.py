@@ -1,0 +1,72 @@
+"""The [monitoring] table: defaults, bounds, unknown keys refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fleet_server.errors import MonitoringError
+from fleet_server.monitoring.config import MonitoringConfig, load_config, parse_config
+
+
+def test_full_config(tmp_path: Path) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text("""
+[monitoring]
+evaluate_every_s = 5
+scrape_token_file = "scrape.token"
+
+[[monitoring.webhook]]
+url = "http://127.0.0.1:9/hook"
+retries = 2
+headers = { Authorization = "Bearer x" }
+
+[[monitoring.alert]]
+kind = "drift"
+psi = 0.3
+devices = 2
+model = "digits"
+
+[[monitoring.alert]]
+kind = "offline"
+after_s = 120
+""")
+    config = load_config(path)
+    assert config.evaluate_every_s == 5
+    assert config.scrape_token_file == tmp_path / "scrape.token"
+    assert config.webhooks[0].retries == 2
+    assert config.webhooks[0].headers == {"Authorization": "Bearer x"}
+    assert next((r.kind, r.psi, r.devices, r.model) for r in config.rules) == (
+        "drift", 0.3, 2, "digits")
+    assert config.rules[1].after_s == 120
+
+
+def test_defaults_have_every_rule() -> None:
+    assert {r.kind for r in parse_config({}).rules} == {
+        "drift", "error_rate", "offline", "rollout_halted"}
+    assert parse_config({}) == MonitoringConfig()
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"evaluate_every": 1}, "unknown key.*evaluate_every"),
+    ({"evaluate_every_s": 0}, "outside"),
+    ({"alert": [{"kind": "temperature"}]}, "kind must be one of"),
+    ({"alert": [{"kind": "drift", "psi": "high"}]}, "psi must be a number"),
+    ({"alert": [{"kind": "drift", "devices": 1.5}]}, "devices must be a number"),
+    ({"webhook": [{"url": "file:///etc/passwd"}]}, "http:// or https://"),
+    ({"webhook": {"url": "http://x"}}, "array of tables"),
+    ({"webhook": [{"url": "http://x", "timeout_s": 1e9}]}, "outside"),
+])
+def test_bad_config_names_the_key(table: dict[str, object], message: str) -> None:
+    with pytest.raises(MonitoringError, match=message):
+        parse_config(table)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(MonitoringError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[monitoring\n")
+    with pytest.raises(MonitoringError, match="not valid TOML"):
+        load_config(bad)
