@@ -23,7 +23,9 @@ EXTRAS = {
     "compressor": [*_CORE, *_RUNTIMES, "onnx>=1.17", "sympy>=1.12"],
     # psycopg and its pool: PostgreSQL for the registry (fleet serve --db postgresql://...);
     # SQLite is stdlib. Why not SQLAlchemy: docs/registry.md, "Database layer".
-    "server": [*_CORE, "paho-mqtt>=2.0", "psycopg[binary]>=3.1", "psycopg-pool>=3.2"],
+    # prometheus-client: the /metrics exposition (docs/monitoring.md).
+    "server": [*_CORE, "paho-mqtt>=2.0", "psycopg[binary]>=3.1", "psycopg-pool>=3.2",
+               "prometheus-client>=0.20"],
     # tritonclient: an existing Open Inference Protocol client, to prove the agent's API.
     # h11: only benchmarks/http_parse_bench.py, which measures it against the agent's parser.
     "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "mypy>=1.11", "pytest-timeout>=2.3",

@@ -40,7 +40,16 @@ from transport.mqtt import TLSIdentity
 
 from . import __version__
 from .api_spec import OPENAPI
-from .errors import ApiError, CSRError, EnrollmentError, FleetError, RegistryError, ReleaseError
+from .errors import (
+    ApiError,
+    CSRError,
+    EnrollmentError,
+    FleetError,
+    MonitoringError,
+    RegistryError,
+    ReleaseError,
+)
+from .monitoring import api_routes
 from .registry import BundleRecord, DesiredChange, Device, EventRecord, desired_json
 from .service import Enrollment, FleetService, IssuedToken, PublishResult
 
@@ -48,6 +57,7 @@ __all__ = [
     "GENERIC_PROFILE",
     "ROUTES",
     "ApiServer",
+    "RawBody",
     "Route",
     "bundle_json",
     "device_json",
@@ -240,6 +250,8 @@ class Route:
     path: str
     handler: Handler
     admin: bool = True
+    #: Also open to the scrape token (``/metrics``).
+    scrape: bool = False
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -381,6 +393,38 @@ def _reset(service: FleetService, request: Request) -> tuple[int, Any]:
     return 200, device_json(device, online=_online(service, device))
 
 
+@dataclass(frozen=True)
+class RawBody:
+    """A response that is not JSON (``/metrics``, the dashboard's files)."""
+
+    content_type: str
+    data: bytes
+
+
+def _overview(service: FleetService, _request: Request) -> tuple[int, Any]:
+    return 200, api_routes.overview(service.monitor, service.ingest)
+
+
+def _metrics(service: FleetService, request: Request) -> tuple[int, Any]:
+    return 200, api_routes.totals(service.monitor, _query(request))
+
+
+def _metric_series(service: FleetService, request: Request) -> tuple[int, Any]:
+    return 200, api_routes.series(service.monitor, _query(request))
+
+
+def _alerts(service: FleetService, request: Request) -> tuple[int, Any]:
+    return 200, api_routes.alerts(service.monitor, _query(request))
+
+
+def _prometheus(service: FleetService, _request: Request) -> tuple[int, Any]:
+    return 200, RawBody(*api_routes.prometheus(service.monitor, service.ingest))
+
+
+def _query(request: Request) -> dict[str, str]:
+    return {name: values[-1] for name, values in request.query.items() if values}
+
+
 def _fleet(service: FleetService, _request: Request) -> tuple[int, Any]:
     return 200, {"fleet": service.fleet, "ca_certificate": service.ca.cert_pem.decode("ascii"),
                  "root": base64.b64encode(service.root_json()).decode("ascii")}
@@ -428,6 +472,11 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/enroll-tokens", _token),
     Route("GET", "/api/fleet", _fleet, admin=False),
     Route("POST", "/api/enroll", _enroll, admin=False),
+    Route("GET", "/api/overview", _overview),
+    Route("GET", "/api/metrics", _metrics),
+    Route("GET", "/api/metrics/series", _metric_series),
+    Route("GET", "/api/alerts", _alerts),
+    Route("GET", "/metrics", _prometheus, scrape=True),
 )
 
 
@@ -456,8 +505,11 @@ class ApiServer:
     def __init__(self, service: FleetService, admin_token: str, tls: TLSIdentity, *,
                  host: str = "127.0.0.1", port: int = 0,
                  connection_timeout: float = _CONNECTION_TIMEOUT_S,
-                 max_connections: int = _MAX_CONNECTIONS) -> None:
+                 max_connections: int = _MAX_CONNECTIONS,
+                 scrape_token: str | None = None) -> None:
         self.service = service
+        # A token that may read /metrics only, for Prometheus (the admin token may too).
+        self._scrape = None if scrape_token is None else scrape_token.encode("utf-8")
         self._context = server_context(tls)
         self._connection_timeout = connection_timeout
         self._max_connections = max_connections
@@ -511,11 +563,15 @@ class ApiServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def authorized(self, header: str | None) -> bool:
-        """Whether an Authorization header carries the admin token (constant time)."""
+    def authorized(self, header: str | None, *, scrape: bool = False) -> bool:
+        """Whether an Authorization header carries the admin token (or, with ``scrape``,
+        the scrape token), compared in constant time."""
         scheme, _, token = (header or "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode("utf-8"), self._token)
+        given = token.strip().encode("utf-8")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given, self._token) or (
+            scrape and self._scrape is not None and hmac.compare_digest(given, self._scrape))
 
     def handle(self, method: str, target: str, headers: Mapping[str, str],
                read: Callable[[int], bytes]) -> tuple[int, Any, dict[str, str]]:
@@ -530,7 +586,8 @@ class ApiServer:
             allowed.append(route.method)
             if route.method != method:
                 continue
-            if route.admin and not self.authorized(headers.get("authorization")):
+            if route.admin and not self.authorized(headers.get("authorization"),
+                                                   scrape=route.scrape):
                 return 401, {"error": "missing or wrong admin token: send 'Authorization: "
                              "Bearer TOKEN' with the token in the server's admin.token "
                              "file"}, {"WWW-Authenticate": "Bearer"}
@@ -550,7 +607,7 @@ class ApiServer:
             if exc.reason:
                 error["reason"] = exc.reason
             return exc.status, error, {}
-        except (CSRError, RegistryError) as exc:
+        except (CSRError, RegistryError, MonitoringError) as exc:
             return 400, {"error": str(exc)}, {}
         except ReleaseError as exc:
             return 409, {"error": str(exc)}, {}
@@ -629,9 +686,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _respond(self, method: str) -> None:
         headers = {k.lower(): v for k, v in self.headers.items()}
         status, body, extra = self.api.handle(method, self.path, headers, self.rfile.read)
-        data = json.dumps(body, indent=None, separators=(",", ":")).encode("utf-8")
+        if isinstance(body, RawBody):
+            data, content_type = body.data, body.content_type
+        else:
+            data = json.dumps(body, indent=None, separators=(",", ":")).encode("utf-8")
+            content_type = "application/json"
         self.send_response(status, HTTPStatus(status).phrase)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for name, value in extra.items():
             self.send_header(name, value)

@@ -16,7 +16,8 @@ bundle was refused, and the CLI prints them the same way. The tree::
     ├── ReleaseError        a publish, rollback or re-release devices would refuse, or that
     │                       this server cannot sign
     ├── ApiError            the operator API refused a request, or cannot be reached
-    └── MonitoringError     monitoring's configuration (alert rules, webhooks) is unusable
+    └── MonitoringError     monitoring's configuration (alert rules, webhooks) or a metrics
+                            query (window, step, grouping) is unusable
 """
 
 from __future__ import annotations
@@ -90,4 +91,5 @@ class ApiError(FleetError):
 
 
 class MonitoringError(FleetError):
-    """Monitoring's configuration is unusable (the message names the key and the fix)."""
+    """Monitoring's configuration or a metrics query is unusable (the message names the key
+    or parameter and the fix)."""

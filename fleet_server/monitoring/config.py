@@ -31,7 +31,7 @@ import tomllib
 from fleet_server.errors import MonitoringError
 
 __all__ = ["ALERT_KINDS", "AlertRule", "MonitoringConfig", "Webhook", "load_config",
-           "parse_config"]
+           "parse_config", "scrape_token"]
 
 #: The kinds of alert rule; ``rollout_halted`` turns ``rollout.halted`` events into alerts.
 ALERT_KINDS = ("drift", "error_rate", "offline", "rollout_halted")
@@ -201,3 +201,19 @@ def _number(table: Mapping[str, Any], name: str, default: float, low: float, hig
     if not math.isfinite(value) or not low <= value <= high:
         raise MonitoringError(f"{where}: {name} = {value} is outside {low:g}..{high:g}")
     return float(value)
+
+
+def scrape_token(config: MonitoringConfig) -> str | None:
+    """The scrape token in ``config.scrape_token_file`` (None if none is configured)."""
+    path = config.scrape_token_file
+    if path is None:
+        return None
+    try:
+        token = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MonitoringError(f"cannot read the scrape token {path} ({exc}); write the token "
+                              "Prometheus sends (one line) into it") from exc
+    if len(token) < 16:
+        raise MonitoringError(f"the scrape token in {path} has {len(token)} characters; use "
+                              "at least 16 random ones (e.g. `openssl rand -hex 32`)")
+    return token
