@@ -28,8 +28,9 @@ EXTRAS = {
                "prometheus-client>=0.20"],
     # tritonclient: an existing Open Inference Protocol client, to prove the agent's API.
     # h11: only benchmarks/http_parse_bench.py, which measures it against the agent's parser.
+    # playwright: the dashboard's browser tests, driving the system's Chromium (install.sh).
     "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "mypy>=1.11", "pytest-timeout>=2.3",
-            "tritonclient[http]>=2.40", "h11>=0.14"],
+            "tritonclient[http]>=2.40", "h11>=0.14", "playwright>=1.40"],
 }
 # TFLite artifacts in the compressor (compressor/passes/tflite.py): onnx2tf turns the ONNX model
 # into a TensorFlow SavedModel, TensorFlow's converter makes the .tflite variants. Pinned
@@ -56,7 +57,9 @@ setup(
     packages=find_packages(include=["agent*", "compressor*", "fleet_server*", "bundle*",
                                     "firmware_profiles*", "protocol*", "transport*",
                                     "common*", "stats*"]),
-    package_data={"firmware_profiles": ["profiles/*.toml", "py.typed"]},
+    package_data={"firmware_profiles": ["profiles/*.toml", "py.typed"],
+                  # The web dashboard: plain files, no build step (docs/monitoring.md).
+                  "fleet_server.monitoring.dashboard": ["*.html", "*.js", "*.css"]},
     install_requires=[],
     extras_require=EXTRAS,
     entry_points={

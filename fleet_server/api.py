@@ -49,7 +49,7 @@ from .errors import (
     RegistryError,
     ReleaseError,
 )
-from .monitoring import api_routes
+from .monitoring import api_routes, dashboard
 from .registry import BundleRecord, DesiredChange, Device, EventRecord, desired_json
 from .service import Enrollment, FleetService, IssuedToken, PublishResult
 
@@ -399,6 +399,7 @@ class RawBody:
 
     content_type: str
     data: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 def _overview(service: FleetService, _request: Request) -> tuple[int, Any]:
@@ -419,6 +420,13 @@ def _alerts(service: FleetService, request: Request) -> tuple[int, Any]:
 
 def _prometheus(service: FleetService, _request: Request) -> tuple[int, Any]:
     return 200, RawBody(*api_routes.prometheus(service.monitor, service.ingest))
+
+
+def _dashboard(_service: FleetService, request: Request) -> tuple[int, Any]:
+    found = dashboard.asset(request.params.get("file", "index.html"))
+    if found is None:
+        raise _HttpError(404, f"no dashboard file {request.path!r}; open /dashboard")
+    return 200, RawBody(*found, headers=dashboard.HEADERS)
 
 
 def _query(request: Request) -> dict[str, str]:
@@ -477,6 +485,9 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/metrics/series", _metric_series),
     Route("GET", "/api/alerts", _alerts),
     Route("GET", "/metrics", _prometheus, scrape=True),
+    # The page and its files hold no data; what they show comes from the routes above.
+    Route("GET", "/dashboard", _dashboard, admin=False),
+    Route("GET", "/dashboard/{file}", _dashboard, admin=False),
 )
 
 
@@ -688,6 +699,7 @@ class _Handler(BaseHTTPRequestHandler):
         status, body, extra = self.api.handle(method, self.path, headers, self.rfile.read)
         if isinstance(body, RawBody):
             data, content_type = body.data, body.content_type
+            extra = {**body.headers, **extra}
         else:
             data = json.dumps(body, indent=None, separators=(",", ":")).encode("utf-8")
             content_type = "application/json"

@@ -253,6 +253,17 @@ OPENAPI: dict[str, Any] = {
             "lists the metrics.",
             "responses": {"200": {"description": "the metrics", "content": {
                 "text/plain": {"schema": {"type": "string"}}}}, **_errors(401)}}},
+        "/dashboard": {"get": {
+            "summary": "The web dashboard (its sign-in page asks for the admin token)",
+            "security": [],
+            "responses": {"200": {"description": "the page", "content": {
+                "text/html": {"schema": {"type": "string"}}}}}}},
+        "/dashboard/{file}": {"get": {
+            "summary": "The dashboard's script and style sheet (no fleet data)",
+            "security": [],
+            "parameters": [{"name": "file", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "the file"}, **_errors(404)}}},
     },
     "components": {
         "securitySchemes": {"admin": {"type": "http", "scheme": "bearer",
