@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from fleet_server.errors import MonitoringError
-from fleet_server.monitoring.config import MonitoringConfig, load_config, parse_config
+from fleet_server.monitoring.config import (
+    MonitoringConfig,
+    load_config,
+    parse_config,
+    scrape_token,
+)
 
 
 def test_full_config(tmp_path: Path) -> None:
@@ -70,3 +75,15 @@ def test_unreadable_file(tmp_path: Path) -> None:
     bad.write_text("[monitoring\n")
     with pytest.raises(MonitoringError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_scrape_token(tmp_path: Path) -> None:
+    assert scrape_token(MonitoringConfig()) is None
+    path = tmp_path / "scrape.token"
+    path.write_text("short\n")
+    with pytest.raises(MonitoringError, match="at least 16"):
+        scrape_token(MonitoringConfig(scrape_token_file=path))
+    path.write_text("s" * 32 + "\n")
+    assert scrape_token(MonitoringConfig(scrape_token_file=path)) == "s" * 32
+    with pytest.raises(MonitoringError, match="cannot read the scrape token"):
+        scrape_token(MonitoringConfig(scrape_token_file=tmp_path / "missing"))

@@ -146,3 +146,16 @@ def test_webhook_retries_with_backoff_and_never_blocks(reg: Registry, clock: Clo
             assert (monitor.notifier.delivered, monitor.notifier.failed) == (1, 1)
         finally:
             monitor.stop()
+
+
+def test_a_sample_time_outside_what_is_kept_is_filed_under_its_arrival(
+        reg: Registry, clock: Clock, hook: Receiver) -> None:
+    enroll(reg, "gw-1")
+    monitor = make_monitor(reg, clock, hook)
+    ingest(reg, monitor, "gw-1", Telemetry(1, 0.0, metrics(0.1)))  # 1970: a broken clock
+    ingest(reg, monitor, "gw-1", Telemetry(2, clock.now + 10**6, metrics(0.1)))  # future
+    ingest(reg, monitor, "gw-1", Telemetry(3, clock.now - 3600, metrics(0.1)))  # buffered
+    (recent,) = reg.metric_totals(since=clock.now - 60, until=clock.now + 60)
+    assert recent.samples == 2
+    (hour_ago,) = reg.metric_totals(since=clock.now - 3700, until=clock.now - 3500)
+    assert hour_ago.samples == 1
