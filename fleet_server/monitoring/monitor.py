@@ -181,10 +181,8 @@ class Monitor:
             if event.kind == ROLLOUT_HALTED:
                 d = event.detail
                 self.raise_alert("rollout_halted", rollout,
-                                 f"rollout {rollout} halted at step {d.get('step')}: gate "
-                                 f"{d.get('gate')} = {d.get('value')} against threshold "
-                                 f"{d.get('threshold')} (n={d.get('n')}): {d.get('reason')}",
-                                 dict(d))
+                                 f"rollout {rollout} halted at {d.get('step')}: "
+                                 f"{d.get('reason') or 'no reason given'}", dict(d))
             elif event.kind in ROLLOUT_RESOLVING:
                 self.resolve_alert("rollout_halted", rollout)
 

@@ -3,7 +3,7 @@
 Everything is computed at scrape time from the registry (:class:`FleetCollector`), so every
 server replica exports the same fleet-wide figures. Figures over a window are gauges over
 the last :data:`WINDOW_S` seconds (the registry keeps sums, not device counters that
-Prometheus could ``rate()``). Rollout states appear only where the database has the
+Prometheus could ``rate()``). Rollouts per status appear only where the database has the
 rollout controller's ``rollouts`` table.
 """
 
@@ -71,8 +71,8 @@ class FleetCollector(Collector):
         yield sent
         states = self._monitor.registry.rollout_states()
         if states is not None:
-            rollouts = GaugeMetricFamily("edgefleet_rollouts", "Rollouts per state",
-                                         labels=["state"])
+            rollouts = GaugeMetricFamily("edgefleet_rollouts", "Rollouts per status",
+                                         labels=["status"])
             for state, n in states.items():
                 rollouts.add_metric([state], n)
             yield rollouts

@@ -157,15 +157,15 @@ def _totals(key: dict[str, Any], row: Sequence[Any]) -> Totals:
 
 
 def rollout_states(tx: Tx) -> dict[str, int] | None:
-    """Rollouts per state, if this database has a ``rollouts`` table with a ``state``
-    column (the rollout controller's); None otherwise."""
+    """Rollouts per status, if this database has the rollout controller's ``rollouts``
+    table (with its ``status`` column); None otherwise."""
     if tx.dialect.name == "postgresql":
         found = tx.one("SELECT 1 FROM information_schema.columns WHERE table_name = "
-                       "'rollouts' AND column_name = 'state' AND table_schema = "
+                       "'rollouts' AND column_name = 'status' AND table_schema = "
                        "current_schema()")
     else:
-        found = tx.one("SELECT 1 FROM pragma_table_info('rollouts') WHERE name = 'state'")
+        found = tx.one("SELECT 1 FROM pragma_table_info('rollouts') WHERE name = 'status'")
     if found is None:
         return None
-    return {str(state): int(n) for state, n in
-            tx.all("SELECT state, COUNT(*) FROM rollouts GROUP BY state ORDER BY state")}
+    return {str(status): int(n) for status, n in
+            tx.all("SELECT status, COUNT(*) FROM rollouts GROUP BY status ORDER BY status")}

@@ -367,7 +367,7 @@ class Registry:
                                          hours_before=hours_before)
 
     def rollout_states(self) -> dict[str, int] | None:
-        """Rollouts per state, or None where the database has no rollouts table."""
+        """Rollouts per status, or None where the database has no rollouts table."""
         with self._tx() as tx:
             return metric_series.rollout_states(tx)
 

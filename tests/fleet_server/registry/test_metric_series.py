@@ -110,3 +110,11 @@ def test_alerts_group_repeats_and_resolve(reg: Registry, clock: Clock) -> None:
 
 def test_rollout_states_only_with_a_rollouts_table(reg: Registry) -> None:
     assert reg.rollout_states() is None
+    # The rollout controller's table (its migration lives on another branch): its columns
+    # that matter here.
+    with reg._tx(write=True) as tx:
+        tx.run("CREATE TABLE rollouts (id TEXT PRIMARY KEY, status TEXT NOT NULL, "
+               "state TEXT NOT NULL)")
+        tx.many("INSERT INTO rollouts (id, status, state) VALUES (?, ?, '{}')",
+                [("r1", "running"), ("r2", "halted"), ("r3", "running")])
+    assert reg.rollout_states() == {"halted": 1, "running": 2}
