@@ -16,14 +16,14 @@ internals (and keeps ``fleet_server`` free of imports of the agent or the compre
 8. a v3 tampered after signing, planted in the server's bundle store as a compromised
    server would: every agent fetches it, rejects it with the reason, and keeps serving v2.
 
-With ``--drift`` (docs/monitoring.md, "The drift demo"), then:
+With ``--drift`` (docs/monitoring.md, "The drift demo"), after step 6:
 
-9. steady traffic of the digits evaluation images on every agent: ``fleet metrics`` shows
-   requests, latency and a low drift PSI, and no alert fires;
-10. gw-1 starts receiving inverted images (``1 - x``): its agent's monitor reports the
-    input drift, the server's drift rule fires, and the alert reaches a webhook (a local
-    receiver the demo runs) within :data:`DRIFT_ALERT_S` seconds of the first shifted
-    request, shows in ``fleet metrics`` and in what the dashboard reads.
+- steady traffic of the digits evaluation images on every agent: ``fleet metrics`` shows
+  requests, latency and a low drift PSI, and no alert fires;
+- gw-1 starts receiving inverted images (``1 - x``): its agent's monitor reports the
+  input drift, the server's drift rule fires, and the alert reaches a webhook (a local
+  receiver the demo runs) within :data:`DRIFT_ALERT_S` seconds of the first shifted
+  request, shows in ``fleet metrics`` and in what the dashboard reads.
 
 The fleet table is printed after each step. Exit 0 when every expectation held.
 """
@@ -176,6 +176,9 @@ def _main(demo: _Demo, model: Path, data: Path, watch: DriftWatch | None) -> Non
     demo.title("Serve inferences through each agent's local API (Open Inference Protocol)")
     for agent in agents:
         _predict(demo, agent, x)
+    if watch is not None:
+        # Before the next step's load, which repeats one image: drift by design.
+        _drift(demo, api, fleet, agents, data, watch=watch)
 
     demo.title("Publish v2 while gw-1 serves a steady stream of requests: each agent "
                "hot-swaps it (self-tested), no request dropped")
@@ -194,8 +197,6 @@ def _main(demo: _Demo, model: Path, data: Path, watch: DriftWatch | None) -> Non
         if served["version"] != 2:
             raise DemoError(f"{agent.device} serves v{served['version']}, not v2")
         _predict(demo, agent, x)
-    if watch is not None:
-        _drift(demo, api, fleet, agents, data, watch=watch)
 
 
 def _prepare(demo: _Demo, model: Path, data: Path) -> tuple[str, str, dict[int, Path]]:
@@ -473,7 +474,6 @@ with find_running(state).client(timeout=10) as client:
         except Exception:
             failed += 1
         sent += 1
-        time.sleep(0.005)
 print(json.dumps({"sent": sent, "failed": failed}))
 """
 

@@ -12,6 +12,8 @@ from fleet_server.monitoring.samples import (
     LATENCY_EDGES_MS,
     MAX_MODELS,
     MAX_SCORE,
+    MIN_OUTPUT_SAMPLED,
+    MIN_SAMPLED,
     Observation,
     observations,
     rebin,
@@ -26,7 +28,7 @@ def sample(**model: Any) -> dict[str, Any]:
 
 
 def test_contract_sample_is_read() -> None:
-    monitor = {"version": 3, "sampled": 10,
+    monitor = {"version": 3, "sampled": 300,
                "inputs": {"x": {"counts": [1, 2], "psi": 0.3, "ks": 0.2}},
                "drift": {"psi": 0.3, "ks": 0.2, "worst": "input:x"}}
     assert observations(sample(monitor=monitor)) == [
@@ -95,3 +97,25 @@ def test_any_json_gives_bounded_observations(metrics: dict[str, Any]) -> None:
         for score in (obs.drift_psi, obs.drift_ks):
             assert score is None or 0 <= score <= MAX_SCORE
         json.dumps([obs.drift_psi, obs.drift_worst], allow_nan=False)
+
+
+def test_output_drift_counts_only_with_enough_sampled_requests() -> None:
+    def monitor(sampled: int | None) -> dict[str, Any]:
+        block: dict[str, Any] = {
+            "version": 3,
+            "inputs": {"a": {"psi": 0.02, "ks": 0.01}, "b": {"psi": 0.04, "ks": 0.03}},
+            "outputs": {"logits": {"kind": "classes", "psi": 5.0}},
+            "drift": {"psi": 5.0, "ks": 0.03, "worst": "output:logits"}}
+        if sampled is not None:
+            block["sampled"] = sampled
+        return block
+
+    (few,) = observations(sample(monitor=monitor(16)))
+    assert (few.drift_psi, few.drift_ks, few.drift_worst) == (0.04, 0.03, "input:b")
+    (many,) = observations(sample(monitor=monitor(MIN_OUTPUT_SAMPLED)))
+    assert (many.drift_psi, many.drift_worst) == (5.0, "output:logits")
+    (unknown,) = observations(sample(monitor=monitor(None)))  # no count: as reported
+    assert unknown.drift_psi == 5.0
+    for too_few in (0, MIN_SAMPLED - 1):  # too little data is not "no drift"
+        (idle,) = observations(sample(monitor=monitor(too_few)))
+        assert (idle.drift_psi, idle.drift_ks) == (None, None)
