@@ -302,7 +302,7 @@ class FleetService:
         self._monitor = Monitor(self._registry, self.config.monitoring,
                                 offline_after_s=self.config.offline_after_s)
         self._monitor.start()
-        self._ingest = Ingest(self._registry, self._ack, on_sample=self._monitor.observe)
+        self._ingest = Ingest(self._registry, self._ack, on_samples=self._monitor.observe)
         self._ingest.start()
         client.loop_start()
         if not self._connected.wait(self.config.connect_timeout):

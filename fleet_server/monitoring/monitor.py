@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fleet_server.registry import Registry
@@ -96,18 +96,23 @@ class Monitor:
 
     # --- ingest ---
 
-    def observe(self, device_id: str, sample: Telemetry) -> None:
-        """Fold a new sample into the device's time series (call in the ingest batch)."""
-        found = observations(sample.metrics)
-        if not found:
-            return
+    def observe(self, samples: Sequence[tuple[str, Telemetry]]) -> None:
+        """Fold new samples, each (device, sample), into the devices' time series (call in
+        the ingest batch: one registry call for all of them)."""
         now = self._clock()
-        at = sample.at
-        # A device's clock is untrusted: a sample claiming a time outside what is kept or
-        # far in the future is filed under its arrival.
-        if not now - self.config.minute_retention_s <= at <= now + _CLOCK_SLACK_S:
-            at = now
-        self.registry.record_metrics(device_id, at, found)
+        points = []
+        for device_id, sample in samples:
+            found = observations(sample.metrics)
+            if not found:
+                continue
+            at = sample.at
+            # A device's clock is untrusted: a sample claiming a time outside what is kept
+            # or far in the future is filed under its arrival.
+            if not now - self.config.minute_retention_s <= at <= now + _CLOCK_SLACK_S:
+                at = now
+            points.append((device_id, at, found))
+        if points:
+            self.registry.record_metrics(points)
 
     # --- alerts ---
 

@@ -54,18 +54,20 @@ _SUMS = ", ".join(["SUM(p.samples)", "SUM(p.requests)", "SUM(p.errors)",
                    "MIN(p.bucket)", "MAX(p.bucket)"])
 
 
-def record(tx: Tx, device_id: str, at: float, observed: Iterable[Observation]) -> int:
-    """Add ``observed`` (one sample's, taken at ``at``) to the device's minute points;
-    returns how many points were touched."""
-    bucket = int(at) - int(at) % MINUTE
+def record(tx: Tx, samples: Iterable[tuple[str, float, Iterable[Observation]]]) -> int:
+    """Add each (device, time taken, observations) of ``samples`` to the device's minute
+    points; returns how many upserts were made."""
     rows = []
-    # One sample counts once per model version, whatever number of observations it gave.
-    for obs in _merged(observed):
-        hist = list(obs.latency_hist) or [0] * HIST_COLUMNS
-        psi = obs.drift_psi
-        rows.append((MINUTE, bucket, device_id, obs.model, obs.version, 1, obs.requests,
-                     obs.errors, *hist, psi, obs.drift_ks, psi or 0.0,
-                     0 if psi is None else 1, obs.drift_worst if psi is not None else None))
+    for device_id, at, observed in samples:
+        bucket = int(at) - int(at) % MINUTE
+        # One sample counts once per model version, whatever number of observations it gave.
+        for obs in _merged(observed):
+            hist = list(obs.latency_hist) or [0] * HIST_COLUMNS
+            psi = obs.drift_psi
+            rows.append((MINUTE, bucket, device_id, obs.model, obs.version, 1, obs.requests,
+                         obs.errors, *hist, psi, obs.drift_ks, psi or 0.0,
+                         0 if psi is None else 1,
+                         obs.drift_worst if psi is not None else None))
     return tx.many(_UPSERT, rows)
 
 

@@ -338,11 +338,12 @@ class Registry:
 
     # --- monitoring: time series and alerts (fleet_server.monitoring) ---
 
-    def record_metrics(self, device_id: str, at: float, observed: Iterable[Observation],
+    def record_metrics(self, samples: Iterable[tuple[str, float, Iterable[Observation]]],
                        ) -> int:
-        """Add one sample's observations, taken at ``at``, to the device's time series."""
+        """Add samples' observations, each (device, time taken, observations), to the
+        devices' time series in one call (the ingest thread's batch makes one)."""
         with self._tx(write=True) as tx:
-            return metric_series.record(tx, device_id, at, observed)
+            return metric_series.record(tx, samples)
 
     def metric_totals(self, *, since: float, until: float, by: Sequence[str] = (),
                       where: Mapping[str, Any] | None = None) -> list[Totals]:

@@ -28,7 +28,7 @@ def metrics(psi: float, requests: int = 10, errors: int = 0) -> dict[str, object
 def ingest(reg: Registry, monitor: Monitor, device: str, sample: Telemetry) -> None:
     """What the ingest thread does with a sample: store it, then fold it in."""
     assert reg.add_telemetry(device, [sample]) == 1
-    monitor.observe(device, sample)
+    monitor.observe([(device, sample)])
 
 
 @pytest.fixture

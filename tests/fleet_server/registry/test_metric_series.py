@@ -24,13 +24,15 @@ def test_totals_sum_per_key_and_filter(reg: Registry) -> None:
     enroll(reg, "gw-1", group="lab")
     enroll(reg, "gw-2", group="lab")
     enroll(reg, "gw-3", group="field")
-    reg.record_metrics("gw-1", T0 + 5, [Observation("digits", 2, 100, 1, hist(b4=100),
-                                                    0.05, 0.02, "input:x")])
-    reg.record_metrics("gw-1", T0 + 35, [Observation("digits", 2, 50, 4, hist(b5=50),
-                                                     0.4, 0.3, "input:x")])
-    reg.record_metrics("gw-2", T0 + 65, [Observation("digits", 1, 10, 0, hist(b8=10))])
-    reg.record_metrics("gw-3", T0 + 65, [Observation("digits", 2, 30, 30, hist(b13=30),
-                                                     0.1)])
+    reg.record_metrics([
+        ("gw-1", T0 + 5, [Observation("digits", 2, 100, 1, hist(b4=100), 0.05, 0.02,
+                                      "input:x")]),
+        ("gw-1", T0 + 35, [Observation("digits", 2, 50, 4, hist(b5=50), 0.4, 0.3,
+                                       "input:x")]),
+        ("gw-2", T0 + 65, [Observation("digits", 1, 10, 0, hist(b8=10))]),
+    ])
+    reg.record_metrics([("gw-3", T0 + 65, [Observation("digits", 2, 30, 30, hist(b13=30),
+                                                       0.1)])])
     (everything,) = reg.metric_totals(since=T0, until=T0 + 120)
     assert (everything.samples, everything.requests, everything.errors) == (4, 190, 35)
     assert everything.devices == 3
@@ -58,9 +60,9 @@ def test_totals_sum_per_key_and_filter(reg: Registry) -> None:
 def test_series_steps_and_compaction(reg: Registry) -> None:
     enroll(reg, "gw-1")
     for minute in range(180):  # three hours, one sample a minute, drift rising
-        reg.record_metrics("gw-1", T0 + minute * 60 + 1,
-                           [Observation("digits", 1, 10, minute % 2, hist(b3=10),
-                                        minute / 100)])
+        reg.record_metrics([("gw-1", T0 + minute * 60 + 1,
+                             [Observation("digits", 1, 10, minute % 2, hist(b3=10),
+                                          minute / 100)])])
     points = reg.metric_series(since=T0, until=T0 + 3 * 3600, step=600)
     assert len(points) == 18
     assert [p.requests for p in points] == [100] * 18
