@@ -185,9 +185,10 @@ class Monitor:
             rollout = str(event.detail.get("rollout", event.detail.get("rollout_id", "?")))
             if event.kind == ROLLOUT_HALTED:
                 d = event.detail
-                self.raise_alert("rollout_halted", rollout,
-                                 f"rollout {rollout} halted at {d.get('step')}: "
-                                 f"{d.get('reason') or 'no reason given'}", dict(d))
+                # The controller's reason names the step, gate, value and bound.
+                why = d.get("reason") or f"at step {d.get('step')}, no reason given"
+                self.raise_alert("rollout_halted", rollout, f"rollout {rollout} halted: {why}",
+                                 dict(d))
             elif event.kind in ROLLOUT_RESOLVING:
                 self.resolve_alert("rollout_halted", rollout)
 

@@ -91,7 +91,7 @@ def test_error_rate_offline_and_rollout_halted(reg: Registry, clock: Clock,
         monitor.evaluate_once()
         got = {(b["kind"], b["key"]): b for b in hook.wait_for(2)}
         assert set(got) == {("error_rate", "lab/digits"), ("rollout_halted", "r-7")}
-        assert got["rollout_halted", "r-7"]["summary"] == "rollout r-7 halted at 1: answers differ"
+        assert got["rollout_halted", "r-7"]["summary"] == "rollout r-7 halted: answers differ"
         clock.now += 601
         monitor.evaluate_once()
         bodies = hook.wait_for(4)
