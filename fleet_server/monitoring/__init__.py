@@ -10,7 +10,9 @@ and the web dashboard (docs/monitoring.md).
 ``notifier``        webhooks: bounded queues, timeouts, retries with back-off
 ``monitor``         :class:`~.monitor.Monitor`: ingest hook, evaluation thread, queries
 ``prometheus``      the ``/metrics`` exposition (prometheus_client)
-``dashboard``       the web dashboard's pages and static files
+``api_routes``      what the operator API's monitoring routes answer
+``text``            *pure*: the figures as ``fleet metrics`` and ``fleet device show`` print
+``dashboard``       the web dashboard's files (HTML, JS, CSS; package data)
 ==================  =====================================================================
 
 The registry keeps the data (``fleet_server.registry.metric_series`` and ``.alerts``). This
