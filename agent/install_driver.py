@@ -221,8 +221,11 @@ class InstallDriver:
         for record in self.installer.records()[::-1]:
             self.installer.announce(record)
         for record in self.installer.pending():
-            log.warning("resuming install %s (%s) in %s", record.install_id, record.source,
-                        record.state.value)
+            # A version on probation is served and only being watched, as after any
+            # install; an install stopped half-way is worth a warning.
+            level = logging.INFO if record.state is InstallState.PROBATION else logging.WARNING
+            log.log(level, "resuming install %s (%s) in %s", record.install_id,
+                    record.source, record.state.value)
             self._run(record, InstallEvent(T.RESTARTED))
 
     def _run(self, record: InstallRecord, event: InstallEvent) -> InstallRecord:
