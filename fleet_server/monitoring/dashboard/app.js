@@ -3,6 +3,8 @@
 // is untrusted: it is only ever put in the page as text (textContent), never as HTML.
 "use strict";
 
+// Refresh every 3 s, or 5x what the last refresh took if longer: a large fleet's page
+// must not keep the server busy answering it.
 const POLL_MS = 3000;
 const TOKEN_KEY = "edgefleet.token";
 
@@ -249,6 +251,7 @@ async function refresh() {
   if (!sessionStorage.getItem(TOKEN_KEY)) return showLogin();
   const {page, params} = route();
   const mine = ++rendering;
+  const started = performance.now();
   document.getElementById("login").hidden = true;
   document.getElementById("logout").hidden = false;
   document.getElementById("nav").replaceChildren(...PAGES.filter((p) => p.nav).map((p) =>
@@ -265,7 +268,7 @@ async function refresh() {
     document.getElementById("page").replaceChildren(
       el("p", {class: "error"}, "Could not load: " + error.message));
   }
-  timer = setTimeout(refresh, POLL_MS);
+  timer = setTimeout(refresh, Math.max(POLL_MS, 5 * (performance.now() - started)));
 }
 
 document.addEventListener("DOMContentLoaded", () => {
