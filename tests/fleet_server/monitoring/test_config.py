@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from fleet_server.cli import main
 from fleet_server.errors import MonitoringError
 from fleet_server.monitoring.config import (
     MonitoringConfig,
@@ -87,3 +88,13 @@ def test_scrape_token(tmp_path: Path) -> None:
     assert scrape_token(MonitoringConfig(scrape_token_file=path)) == "s" * 32
     with pytest.raises(MonitoringError, match="cannot read the scrape token"):
         scrape_token(MonitoringConfig(scrape_token_file=tmp_path / "missing"))
+
+
+def test_fleet_serve_refuses_a_bad_config_at_once(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "server.toml"
+    bad.write_text("[monitoring]\n[[monitoring.alert]]\nkind = \"temperature\"\n")
+    assert main(["serve", "--data", str(tmp_path / "srv"), "--config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "alert 1: kind must be one of drift, error_rate, offline, rollout_halted" in err
+    assert not (tmp_path / "srv" / "server.json").exists()
