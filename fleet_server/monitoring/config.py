@@ -87,6 +87,9 @@ class MonitoringConfig:
     minute_retention_s: float = 2 * 86400.0
     #: Hour points are kept this long.
     hour_retention_s: float = 90 * 86400.0
+    #: The samples themselves (the registry's ``telemetry`` table, as devices sent them)
+    #: are kept this long; the series keep their sums.
+    telemetry_retention_s: float = 7 * 86400.0
     #: A file holding a token that may read ``/metrics`` only (the admin token may too).
     scrape_token_file: Path | None = None
     webhooks: tuple[Webhook, ...] = ()
@@ -115,7 +118,8 @@ def parse_config(table: Mapping[str, Any], *, base: Path = Path(),
                  where: str = "config") -> MonitoringConfig:
     """A MonitoringConfig from the ``[monitoring]`` table; relative paths are from ``base``."""
     _known(table, {"evaluate_every_s", "minute_retention_s", "hour_retention_s",
-                   "scrape_token_file", "webhook", "alert"}, f"{where} [monitoring]")
+                   "telemetry_retention_s", "scrape_token_file", "webhook", "alert"},
+           f"{where} [monitoring]")
     defaults = MonitoringConfig()
     token = table.get("scrape_token_file")
     if token is not None and not isinstance(token, str):
@@ -129,6 +133,9 @@ def parse_config(table: Mapping[str, Any], *, base: Path = Path(),
                                    600, 90 * 86400, where=where),
         hour_retention_s=_number(table, "hour_retention_s", defaults.hour_retention_s,
                                  3600, 3650 * 86400, where=where),
+        telemetry_retention_s=_number(table, "telemetry_retention_s",
+                                      defaults.telemetry_retention_s, 3600, 3650 * 86400,
+                                      where=where),
         scrape_token_file=None if token is None else base / token,
         webhooks=tuple(_webhook(h, f"{where} webhook {i + 1}") for i, h in enumerate(hooks)),
         rules=defaults.rules if rules is None else tuple(

@@ -5,8 +5,9 @@
 - folds each new telemetry sample into the registry's time series, inside the ingest
   thread's transaction (:meth:`observe`: parsing only, no waiting);
 - on its own thread, every ``evaluate_every_s``: evaluates the alert rules
-  (:func:`~.alerts.evaluate`), follows the event log for ``rollout.*`` events, and
-  compacts the time series (minute points into hour points, expired points out);
+  (:func:`~.alerts.evaluate`), follows the event log for ``rollout.*`` events, and (every
+  few minutes) compacts the time series (minute points into hour points, expired points
+  out) and deletes stored samples past their retention;
 - is the one way to raise an alert (:meth:`raise_alert`, for every component): the
   registry groups repeats, and notices go to the webhooks (:class:`~.notifier.Notifier`)
   after the transaction that logged them committed;
@@ -146,9 +147,12 @@ class Monitor:
             rolled, dropped = self.registry.compact_metrics(
                 minutes_before=now - self.config.minute_retention_s,
                 hours_before=now - self.config.hour_retention_s)
-            if rolled or dropped:
+            pruned = self.registry.prune_telemetry(
+                before=now - self.config.telemetry_retention_s)
+            if rolled or dropped or pruned:
                 log.debug("time series: %d minute point(s) rolled up, %d hour point(s) "
-                          "expired", rolled, dropped)
+                          "expired; %d sample(s) past their retention deleted", rolled,
+                          dropped, pruned)
         self.evaluations += 1
 
     def _resolve_cleared(self, kinds: set[str], conditions: list[Condition]) -> None:

@@ -85,6 +85,8 @@ class FleetCollector(Collector):
         converged = GaugeMetricFamily("edgefleet_devices_converged", "Devices that run "
                                       "every model they are asked to, committed",
                                       labels=["group"])
+        ratio = GaugeMetricFamily("edgefleet_convergence_ratio", "Share of the group's "
+                                  "devices that are converged", labels=["group"])
         running = GaugeMetricFamily("edgefleet_model_version_devices", "Devices reporting "
                                     "a model version running", labels=["group", "model",
                                                                        "version"])
@@ -92,10 +94,12 @@ class FleetCollector(Collector):
             devices.add_metric([name], group.devices)
             online.add_metric([name], group.online)
             converged.add_metric([name], group.converged)
+            if group.convergence is not None:
+                ratio.add_metric([name], group.convergence)
             for model, versions in sorted(group.running.items()):
                 for version, n in sorted(versions.items()):
                     running.add_metric([name, model, str(version)], n)
-        yield from (devices, online, converged, running)
+        yield from (devices, online, converged, ratio, running)
 
     def _versions(self) -> Iterator[GaugeMetricFamily]:
         labels = ["model", "version"]

@@ -148,6 +148,8 @@ def test_drift_alert_reaches_webhook_cli_api_and_prometheus(
                for s in families["edgefleet_model_drift_psi_max"].samples}
         assert psi == {("digits", "1"): 0.8}
         assert families["edgefleet_devices"].samples[0].value == 2
+        # Enrolled, never reported: not converged.
+        assert families["edgefleet_convergence_ratio"].samples[0].value == 0
         assert families["edgefleet_alerts_firing"].samples[0].labels == {"kind": "drift"}
         assert "edgefleet_rollouts" not in families  # no rollouts table on this branch
         promtool = shutil.which("promtool")

@@ -159,3 +159,16 @@ def test_a_sample_time_outside_what_is_kept_is_filed_under_its_arrival(
     assert recent.samples == 2
     (hour_ago,) = reg.metric_totals(since=clock.now - 3700, until=clock.now - 3500)
     assert hour_ago.samples == 1
+
+
+def test_compaction_prunes_samples_past_their_retention(reg: Registry, clock: Clock) -> None:
+    enroll(reg, "gw-1")
+    config = MonitoringConfig(rules=(), telemetry_retention_s=3600,
+                              minute_retention_s=7200)
+    monitor = Monitor(reg, config, offline_after_s=180, clock=clock)
+    ingest(reg, monitor, "gw-1", Telemetry(1, clock.now - 5400, metrics(0.1)))
+    ingest(reg, monitor, "gw-1", Telemetry(2, clock.now, metrics(0.1)))
+    monitor.evaluate_once()
+    assert [t.sample.seq for t in reg.telemetry("gw-1")] == [2]
+    # The series still hold both samples' sums.
+    assert reg.metric_totals(since=clock.now - 7200, until=clock.now + 60)[0].samples == 2
