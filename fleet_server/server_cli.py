@@ -478,9 +478,11 @@ def _publish(args: argparse.Namespace) -> int:
         print(f"re-released {bundle['name']} v{bundle['version']} as v{released['version']} "
               f"(sha256 {released['sha256'][:16]}), its artifacts encrypted for "
               f"{', '.join(args.encrypt_for)}")
+    devices, changed = len(result["devices"]), len(result["changes"])
+    unchanged = devices - changed
     print(f"published {published['name']} v{published['version']} (sha256 "
-          f"{published['sha256'][:16]}) to {len(result['devices'])} device(s) of {target}; "
-          f"{len(result['changes'])} changed, the others already had it")
+          f"{published['sha256'][:16]}) to {devices} device(s) of {target}; {changed} "
+          f"changed{f', {unchanged} had it already' if unchanged else ''}")
     return _delivery(result)
 
 
