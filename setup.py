@@ -35,13 +35,17 @@ EXTRAS = {
     "compressor": [*_CORE, *_RUNTIMES, "onnx>=1.17", "sympy>=1.12"],
     # psycopg and its pool: PostgreSQL for the registry (fleet serve --db postgresql://...);
     # SQLite is stdlib. Why not SQLAlchemy: docs/registry.md, "Database layer".
-    "server": [*_CORE, "paho-mqtt>=2.0", "psycopg[binary]>=3.1", "psycopg-pool>=3.2"],
+    # prometheus-client: the /metrics exposition (docs/monitoring.md).
+    "server": [*_CORE, "paho-mqtt>=2.0", "psycopg[binary]>=3.1", "psycopg-pool>=3.2",
+               "prometheus-client>=0.20"],
     # tritonclient: an existing Open Inference Protocol client, to prove the agent's API.
     # h11: only benchmarks/http_parse_bench.py, which measures it against the agent's parser.
     # jsonschema: tests/agent/test_openapi.py checks answers against the agent's OpenAPI document.
     # bsdiff4: only benchmarks/delta_bench.py, which measures it against edgefleet's deltas.
+    # playwright: the dashboard's browser tests, driving the system's Chromium (install.sh).
     "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "mypy>=1.11", "pytest-timeout>=2.3",
-            "tritonclient[http,grpc]>=2.40", "h11>=0.14", "jsonschema>=4.18", "bsdiff4>=1.2"],
+            "tritonclient[http,grpc]>=2.40", "h11>=0.14", "jsonschema>=4.18", "bsdiff4>=1.2",
+            "playwright>=1.40"],
 }
 # TFLite artifacts in the compressor (compressor/passes/tflite.py): onnx2tf turns the ONNX model
 # into a TensorFlow SavedModel, TensorFlow's converter makes the .tflite variants. Pinned
@@ -68,7 +72,9 @@ setup(
     packages=find_packages(include=["agent*", "compressor*", "fleet_server*", "bundle*",
                                     "firmware_profiles*", "protocol*", "transport*",
                                     "common*", "stats*"]),
-    package_data={"firmware_profiles": ["profiles/*.toml", "py.typed"]},
+    package_data={"firmware_profiles": ["profiles/*.toml", "py.typed"],
+                  # The web dashboard: plain files, no build step (docs/monitoring.md).
+                  "fleet_server.monitoring.dashboard": ["*.html", "*.js", "*.css"]},
     install_requires=[],
     extras_require=EXTRAS,
     entry_points={

@@ -42,7 +42,16 @@ from transport.mqtt import TLSIdentity
 
 from . import __version__
 from .api_spec import OPENAPI
-from .errors import ApiError, CSRError, EnrollmentError, FleetError, RegistryError, ReleaseError
+from .errors import (
+    ApiError,
+    CSRError,
+    EnrollmentError,
+    FleetError,
+    MonitoringError,
+    RegistryError,
+    ReleaseError,
+)
+from .monitoring import api_routes, dashboard
 from .registry import (
     BundleRecord,
     DeltaRecord,
@@ -57,6 +66,7 @@ __all__ = [
     "GENERIC_PROFILE",
     "ROUTES",
     "ApiServer",
+    "RawBody",
     "Route",
     "bundle_json",
     "device_json",
@@ -259,6 +269,8 @@ class Route:
     path: str
     handler: Handler
     admin: bool = True
+    #: Also open to the scrape token (``/metrics``).
+    scrape: bool = False
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -400,6 +412,46 @@ def _reset(service: FleetService, request: Request) -> tuple[int, Any]:
     return 200, device_json(device, online=_online(service, device))
 
 
+@dataclass(frozen=True)
+class RawBody:
+    """A response that is not JSON (``/metrics``, the dashboard's files)."""
+
+    content_type: str
+    data: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def _overview(service: FleetService, _request: Request) -> tuple[int, Any]:
+    return 200, api_routes.overview(service.monitor, service.ingest)
+
+
+def _metrics(service: FleetService, request: Request) -> tuple[int, Any]:
+    return 200, api_routes.totals(service.monitor, _query(request))
+
+
+def _metric_series(service: FleetService, request: Request) -> tuple[int, Any]:
+    return 200, api_routes.series(service.monitor, _query(request))
+
+
+def _alerts(service: FleetService, request: Request) -> tuple[int, Any]:
+    return 200, api_routes.alerts(service.monitor, _query(request))
+
+
+def _prometheus(service: FleetService, _request: Request) -> tuple[int, Any]:
+    return 200, RawBody(*api_routes.prometheus(service.monitor, service.ingest))
+
+
+def _dashboard(_service: FleetService, request: Request) -> tuple[int, Any]:
+    found = dashboard.asset(request.params.get("file", "index.html"))
+    if found is None:
+        raise _HttpError(404, f"no dashboard file {request.path!r}; open /dashboard")
+    return 200, RawBody(*found, headers=dashboard.HEADERS)
+
+
+def _query(request: Request) -> dict[str, str]:
+    return {name: values[-1] for name, values in request.query.items() if values}
+
+
 def _fleet(service: FleetService, _request: Request) -> tuple[int, Any]:
     return 200, {"fleet": service.fleet, "ca_certificate": service.ca.cert_pem.decode("ascii"),
                  "root": base64.b64encode(service.root_json()).decode("ascii")}
@@ -447,6 +499,14 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/enroll-tokens", _token),
     Route("GET", "/api/fleet", _fleet, admin=False),
     Route("POST", "/api/enroll", _enroll, admin=False),
+    Route("GET", "/api/overview", _overview),
+    Route("GET", "/api/metrics", _metrics),
+    Route("GET", "/api/metrics/series", _metric_series),
+    Route("GET", "/api/alerts", _alerts),
+    Route("GET", "/metrics", _prometheus, scrape=True),
+    # The page and its files hold no data; what they show comes from the routes above.
+    Route("GET", "/dashboard", _dashboard, admin=False),
+    Route("GET", "/dashboard/{file}", _dashboard, admin=False),
 )
 
 
@@ -475,8 +535,11 @@ class ApiServer:
     def __init__(self, service: FleetService, admin_token: str, tls: TLSIdentity, *,
                  host: str = "127.0.0.1", port: int = 0,
                  connection_timeout: float = _CONNECTION_TIMEOUT_S,
-                 max_connections: int = _MAX_CONNECTIONS) -> None:
+                 max_connections: int = _MAX_CONNECTIONS,
+                 scrape_token: str | None = None) -> None:
         self.service = service
+        # A token that may read /metrics only, for Prometheus (the admin token may too).
+        self._scrape = None if scrape_token is None else scrape_token.encode("utf-8")
         self._context = server_context(tls)
         self._connection_timeout = connection_timeout
         self._max_connections = max_connections
@@ -530,11 +593,15 @@ class ApiServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def authorized(self, header: str | None) -> bool:
-        """Whether an Authorization header carries the admin token (constant time)."""
+    def authorized(self, header: str | None, *, scrape: bool = False) -> bool:
+        """Whether an Authorization header carries the admin token (or, with ``scrape``,
+        the scrape token), compared in constant time."""
         scheme, _, token = (header or "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode("utf-8"), self._token)
+        given = token.strip().encode("utf-8")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given, self._token) or (
+            scrape and self._scrape is not None and hmac.compare_digest(given, self._scrape))
 
     def handle(self, method: str, target: str, headers: Mapping[str, str],
                read: Callable[[int], bytes]) -> tuple[int, Any, dict[str, str]]:
@@ -549,7 +616,8 @@ class ApiServer:
             allowed.append(route.method)
             if route.method != method:
                 continue
-            if route.admin and not self.authorized(headers.get("authorization")):
+            if route.admin and not self.authorized(headers.get("authorization"),
+                                                   scrape=route.scrape):
                 return 401, {"error": "missing or wrong admin token: send 'Authorization: "
                              "Bearer TOKEN' with the token in the server's admin.token "
                              "file"}, {"WWW-Authenticate": "Bearer"}
@@ -569,7 +637,7 @@ class ApiServer:
             if exc.reason:
                 error["reason"] = exc.reason
             return exc.status, error, {}
-        except (CSRError, RegistryError) as exc:
+        except (CSRError, RegistryError, MonitoringError) as exc:
             return 400, {"error": str(exc)}, {}
         except ReleaseError as exc:
             return 409, {"error": str(exc)}, {}
@@ -698,9 +766,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, method: str) -> None:
         headers = {k.lower(): v for k, v in self.headers.items()}
         status, body, extra = self.api.handle(method, self.path, headers, self.rfile.read)
-        data = json.dumps(body, indent=None, separators=(",", ":")).encode("utf-8")
+        if isinstance(body, RawBody):
+            data, content_type = body.data, body.content_type
+            extra = {**body.headers, **extra}
+        else:
+            data = json.dumps(body, indent=None, separators=(",", ":")).encode("utf-8")
+            content_type = "application/json"
         self.send_response(status, HTTPStatus(status).phrase)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for name, value in extra.items():
             self.send_header(name, value)

@@ -46,6 +46,15 @@ _SELECTION = {
               "devices"},
 }
 
+_WINDOW = {"name": "window", "in": "query",
+           "schema": {"type": "integer", "minimum": 60, "maximum": 7776000},
+           "description": "seconds back from now (default 3600)"}
+_METRIC_FILTERS = [{"name": name, "in": "query", "schema": {"type": kind},
+                    "description": f"only this {name}"}
+                   for name, kind in (("device", "string"), ("group", "string"),
+                                      ("profile", "string"), ("model", "string"),
+                                      ("version", "integer"))]
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {
@@ -198,6 +207,65 @@ OPENAPI: dict[str, Any] = {
                 "schema": _ref("EnrollRequest")}}},
             "responses": {"200": _json(_ref("Enrollment"), "enrolled"),
                           **_errors(400, 403)}}},
+        "/api/overview": {"get": {
+            "summary": "The fleet at a glance: devices online, versions per group, "
+            "convergence, firing alerts, ingest queue and lag",
+            "responses": {"200": _json(_ref("Overview"), "the overview"), **_errors(401)}}},
+        "/api/metrics": {"get": {
+            "summary": "Telemetry summed over a window per device, group, profile, model "
+            "or version: requests, errors, error rate, latency quantiles, drift, devices",
+            "parameters": [_WINDOW,
+                           {"name": "by", "in": "query", "schema": {"type": "string"},
+                            "description": "comma-separated keys among device, group, "
+                            "profile, model, version (default group,model,version)"},
+                           *_METRIC_FILTERS],
+            "responses": {"200": _json({"type": "object", "properties": {
+                "window_s": {"type": "integer"}, "by": {"type": "array", "items": {
+                    "type": "string"}},
+                "totals": {"type": "array", "items": _ref("MetricTotals")}}}, "the sums"),
+                **_errors(400, 401)}}},
+        "/api/metrics/series": {"get": {
+            "summary": "Telemetry summed per step over a window (for charts)",
+            "parameters": [_WINDOW,
+                           {"name": "step", "in": "query", "schema": {
+                               "type": "integer", "minimum": 60, "maximum": 86400},
+                            "description": "seconds per point, a multiple of 60 (default "
+                            "60; at most 1440 points)"},
+                           *_METRIC_FILTERS],
+            "responses": {"200": _json({"type": "object", "properties": {
+                "window_s": {"type": "integer"}, "step_s": {"type": "integer"},
+                "points": {"type": "array", "items": _ref("MetricTotals"),
+                           "description": "each with at: the start of its step"}}},
+                "the points"), **_errors(400, 401)}}},
+        "/api/alerts": {"get": {
+            "summary": "Alerts: the firing ones, or all with state=all",
+            "parameters": [
+                {"name": "state", "in": "query", "schema": {"type": "string",
+                                                            "enum": ["firing", "all"]}},
+                {"name": "kind", "in": "query", "schema": {"type": "string"}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                            "maximum": 10000}}],
+            "responses": {"200": _json({"type": "object", "properties": {"alerts": {
+                "type": "array", "items": _ref("Alert")}}}, "the alerts"),
+                **_errors(400, 401)}}},
+        "/metrics": {"get": {
+            "summary": "Prometheus exposition of the fleet (text format 0.0.4)",
+            "description": "Needs the admin token or the scrape token "
+            "(scrape_token_file in the server config's [monitoring]). docs/monitoring.md "
+            "lists the metrics.",
+            "responses": {"200": {"description": "the metrics", "content": {
+                "text/plain": {"schema": {"type": "string"}}}}, **_errors(401)}}},
+        "/dashboard": {"get": {
+            "summary": "The web dashboard (its sign-in page asks for the admin token)",
+            "security": [],
+            "responses": {"200": {"description": "the page", "content": {
+                "text/html": {"schema": {"type": "string"}}}}}}},
+        "/dashboard/{file}": {"get": {
+            "summary": "The dashboard's script and style sheet (no fleet data)",
+            "security": [],
+            "parameters": [{"name": "file", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "the file"}, **_errors(404)}}},
     },
     "components": {
         "securitySchemes": {"admin": {"type": "http", "scheme": "bearer",
@@ -327,6 +395,37 @@ OPENAPI: dict[str, Any] = {
                     "broker_url": {"type": "string", "description": "mqtts://host:port"},
                     "root": {"type": "string", "format": "byte", "description":
                                   "the fleet's TUF root.json, base64: pin it"}}},
+            "MetricTotals": {"type": "object", "description": "the keys summed by (group, "
+                             "model, ...) and the sums", "properties": {
+                "samples": {"type": "integer"}, "requests": {"type": "integer"},
+                "errors": {"type": "integer"},
+                "error_rate": {"type": "number", "nullable": True},
+                "latency_ms": {"type": "object", "description": "p50, p90, p99 (null "
+                               "without requests)"},
+                "latency_hist": {"type": "array", "items": {"type": "integer"},
+                                 "description": "counts per bucket: 0.05 0.1 0.25 0.5 1 2.5 "
+                                 "5 10 25 50 100 250 1000 ms and above"},
+                "drift": {"type": "object", "description": "psi_max, ks_max, psi_mean "
+                          "(null: no drift statistics)"},
+                "devices": {"type": "integer", "description": "devices that reported"},
+                "first": {"type": "number", "nullable": True},
+                "last": {"type": "number", "nullable": True}}},
+            "Alert": {"type": "object", "properties": {
+                "kind": {"type": "string"}, "key": {"type": "string"},
+                "state": {"type": "string", "enum": ["firing", "resolved"]},
+                "summary": {"type": "string"}, "detail": {"type": "object"},
+                "first_at": {"type": "number"}, "last_at": {"type": "number"},
+                "raised": {"type": "integer", "description": "times raised while firing"},
+                "resolved_at": {"type": "number", "nullable": True}}},
+            "Overview": {"type": "object", "properties": {
+                "devices": {"type": "integer"}, "online": {"type": "integer"},
+                "converged": {"type": "integer"},
+                "groups": {"type": "object", "description": "group -> devices, online, "
+                           "converged, convergence, running (model -> version -> devices), "
+                           "desired (model -> version)"},
+                "alerts_firing": {"type": "array", "items": _ref("Alert")},
+                "ingest": {"type": "object", "properties": {
+                    "queue_depth": {"type": "integer"}, "lag_s": {"type": "number"}}}}},
         },
     },
 }

@@ -204,4 +204,7 @@ def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "show a tampered copy rejected.")
     demo.add_argument("--workdir", type=Path, metavar="DIR",
                       help="keep the demo's files here (default: a temporary directory)")
-    demo.set_defaults(handler=lambda args: run_demo(args.workdir))
+    demo.add_argument("--drift", action="store_true",
+                      help="then show monitoring: one device receives inverted images and "
+                      "a drift alert reaches a webhook, `fleet metrics` and the dashboard")
+    demo.set_defaults(handler=lambda args: run_demo(args.workdir, drift=args.drift))

@@ -70,6 +70,8 @@ from .deltas import TransferPlan, offer_for, plan_transfers
 from .enrollment import check_token
 from .errors import BrokerError, EnrollmentError, RegistryError, ServiceError
 from .ingest import Inbound, Ingest
+from .monitoring.config import MonitoringConfig
+from .monitoring.monitor import Monitor
 from .recipients import Candidate, Recipients, select_recipients
 from .registry import (
     BundleRecord,
@@ -144,6 +146,8 @@ class ServiceConfig:
     #: will lost while the server was down would leave it online forever). Agents send
     #: telemetry every 30 s by default; a few missed samples are tolerated.
     offline_after_s: float = 180.0
+    #: Time series retention, alert rules and webhooks (docs/monitoring.md).
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,7 @@ class FleetService:
         # message queued for a device is always the newest state (paho sends in order).
         self._desired_lock = threading.Lock()
         self._ingest: Ingest | None = None
+        self._monitor: Monitor | None = None
         self._chunks: ChunkServer | None = None
         #: When (time.time()) the connection to the broker was lost; None while connected.
         self.disconnected_since: float | None = None
@@ -241,6 +246,9 @@ class FleetService:
         ingest, self._ingest = self._ingest, None
         if ingest is not None:
             ingest.stop()
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.stop()
         self._chunks = None
         client, self._client = self._client, None
         if client is not None:
@@ -305,7 +313,10 @@ class FleetService:
         self._client = client
         self._chunks = ChunkServer(self._registry, rate_bytes=self.config.chunk_rate_bytes,
                                    burst_bytes=self.config.chunk_burst_bytes)
-        self._ingest = Ingest(self._registry, self._ack)
+        self._monitor = Monitor(self._registry, self.config.monitoring,
+                                offline_after_s=self.config.offline_after_s)
+        self._monitor.start()
+        self._ingest = Ingest(self._registry, self._ack, on_samples=self._monitor.observe)
         self._ingest.start()
         client.loop_start()
         if not self._connected.wait(self.config.connect_timeout):
@@ -362,6 +373,13 @@ class FleetService:
         if self._ingest is None:
             raise RuntimeError("the fleet service is not started")
         return self._ingest
+
+    @property
+    def monitor(self) -> Monitor:
+        """Time series, alerts (``monitor.raise_alert``) and fleet figures."""
+        if self._monitor is None:
+            raise RuntimeError("the fleet service is not started")
+        return self._monitor
 
     @property
     def releaser(self) -> Releaser:

@@ -70,7 +70,10 @@ class Caller:
             conn.request(method, path, body=data, headers=sent)
             response = conn.getresponse()
             self.last_headers = dict(response.getheaders())
-            return response.status, json.loads(response.read())
+            raw = response.read()
+            if not response.getheader("Content-Type", "").startswith("application/json"):
+                return response.status, {"text": raw.decode()}  # /metrics
+            return response.status, json.loads(raw)
         finally:
             conn.close()
 
