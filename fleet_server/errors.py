@@ -15,14 +15,16 @@ bundle was refused, and the CLI prints them the same way. The tree::
     ├── EnrollmentError     an enrollment token was refused (unknown, used or expired)
     ├── ReleaseError        a publish, rollback or re-release devices would refuse, or that
     │                       this server cannot sign
-    └── ApiError            the operator API refused a request, or cannot be reached
+    ├── ApiError            the operator API refused a request, or cannot be reached
+    ├── RolloutError        a rollout request is invalid (bad gate, steps, state change)
+    └── AuditError          the audit log's hash chain does not verify
 """
 
 from __future__ import annotations
 
-__all__ = ["ApiError", "BrokerError", "BundleInputError", "CAError", "CSRError",
+__all__ = ["ApiError", "AuditError", "BrokerError", "BundleInputError", "CAError", "CSRError",
            "EnrollmentError", "FleetError", "KeyStoreError", "RegistryError", "ReleaseError",
-           "ServiceError"]
+           "RolloutError", "ServiceError"]
 
 
 class FleetError(Exception):
@@ -86,3 +88,14 @@ class ApiError(FleetError):
     def __init__(self, message: str, status: int = 0) -> None:
         super().__init__(message)
         self.status = status
+
+
+class RolloutError(FleetError):
+    """A rollout request is refused: a gate expression or step list that does not parse,
+    a device selection that matches nothing, or a state change the rollout's state does
+    not allow (resuming a halted rollout, for example). The message says what to fix."""
+
+
+class AuditError(FleetError):
+    """The audit log does not verify: an entry was changed, removed or reordered. The
+    message names the first entry that breaks the hash chain."""
