@@ -71,6 +71,7 @@ from .ingest import Inbound, Ingest
 from .recipients import Candidate, Recipients, select_recipients
 from .registry import BundleRecord, DesiredChange, Device, Registry, open_registry
 from .releases import Releaser, check_publishable
+from .rollouts.runner import RolloutRunner
 
 __all__ = [
     "API_IDENTITY",
@@ -135,6 +136,8 @@ class ServiceConfig:
     #: will lost while the server was down would leave it online forever). Agents send
     #: telemetry every 30 s by default; a few missed samples are tolerated.
     offline_after_s: float = 180.0
+    #: Seconds between two ticks of the rollout controller (docs/rollouts.md).
+    rollout_tick_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,7 @@ class FleetService:
         # message queued for a device is always the newest state (paho sends in order).
         self._desired_lock = threading.Lock()
         self._ingest: Ingest | None = None
+        self._rollouts: RolloutRunner | None = None
         self._chunks: ChunkServer | None = None
         #: When (time.time()) the connection to the broker was lost; None while connected.
         self.disconnected_since: float | None = None
@@ -226,6 +230,9 @@ class FleetService:
 
         Messages received so far are stored and acknowledged first; any arriving meanwhile
         stay unacknowledged, and the broker delivers them again on the next start."""
+        rollouts, self._rollouts = self._rollouts, None
+        if rollouts is not None:
+            rollouts.stop()
         ingest, self._ingest = self._ingest, None
         if ingest is not None:
             ingest.stop()
@@ -301,6 +308,11 @@ class FleetService:
                               f"s ({why}); check that it runs, trusts the fleet CA and grants "
                               f"{SERVER_IDENTITY} the fleet's topics (docs/transport.md)")
         log.info("fleet %s: service connected to %s", self.fleet, self._broker.address.url)
+        self._rollouts = RolloutRunner(
+            self._registry, publish=lambda ids: self._publish_selected([], ids, None),
+            online=lambda d, now: d.online_at(now, self.config.offline_after_s),
+            tick_s=self.config.rollout_tick_s, check=self._check_rollout)
+        self._rollouts.start()  # resumes the rollouts the registry holds
 
     def _start_broker(self, ca: FleetCA) -> Broker:
         if self.config.broker_url is not None:
@@ -348,6 +360,18 @@ class FleetService:
         if self._ingest is None:
             raise RuntimeError("the fleet service is not started")
         return self._ingest
+
+    @property
+    def rollouts(self) -> RolloutRunner:
+        """The rollouts (:mod:`fleet_server.rollouts`); RuntimeError before start()."""
+        if self._rollouts is None:
+            raise RuntimeError("the fleet service is not started")
+        return self._rollouts
+
+    def _check_rollout(self, bundle_sha256: str, devices: Sequence[Device]) -> None:
+        record = self.registry.get_bundle(bundle_sha256)
+        if record is not None:
+            check_publishable(record, devices, self.registry.get_bundle)
 
     @property
     def releaser(self) -> Releaser:

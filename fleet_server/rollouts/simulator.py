@@ -114,6 +114,10 @@ class SimFleet:
             for device_id, target in action.targets.items():
                 self._desire(self.devices[device_id], target)
 
+    def apply_desired(self, device_id: str, target: DesiredModel | None) -> None:
+        """Give one device a new desired model (as a ``desired`` message would)."""
+        self._desire(self.devices[device_id], target)
+
     def _desire(self, device: SimDevice, target: DesiredModel | None) -> None:
         device.desired = target
         if target is None or target.version == device.version:
