@@ -17,6 +17,7 @@ the CA in the data directory. It binds 127.0.0.1 by default.
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 import json
 import logging
@@ -39,8 +40,18 @@ from common.atomic import write_atomic
 from transport.mqtt import TLSIdentity
 
 from . import __version__
+from .api_audit import AUDIT_ROUTES, AUDITED, audit_request, note_root
+from .api_rollouts import ROLLOUT_ROUTES
 from .api_spec import OPENAPI
-from .errors import ApiError, CSRError, EnrollmentError, FleetError, RegistryError, ReleaseError
+from .errors import (
+    ApiError,
+    CSRError,
+    EnrollmentError,
+    FleetError,
+    RegistryError,
+    ReleaseError,
+    RolloutError,
+)
 from .registry import BundleRecord, DesiredChange, Device, EventRecord, desired_json
 from .service import Enrollment, FleetService, IssuedToken, PublishResult
 
@@ -182,6 +193,10 @@ class Request:
     #: Header names in lower case.
     headers: Mapping[str, str]
     _read: Callable[[int], bytes] = field(repr=False)
+    #: Who sends it: the operator identity of the admin token ("" on open routes).
+    actor: str = ""
+    #: The JSON body once read (for the audit entry written after the handler).
+    cached_json: dict[str, Any] | None = None
 
     def body(self, limit: int) -> bytes:
         """The body, refused (413) beyond ``limit`` bytes before any of it is read."""
@@ -207,6 +222,7 @@ class Request:
             raise _HttpError(400, "the body nests JSON too deeply") from None
         if not isinstance(obj, dict):
             raise _HttpError(400, "the body must be a JSON object")
+        self.cached_json = obj
         return obj
 
     def arg(self, name: str) -> str | None:
@@ -428,6 +444,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/enroll-tokens", _token),
     Route("GET", "/api/fleet", _fleet, admin=False),
     Route("POST", "/api/enroll", _enroll, admin=False),
+    *(Route(method, path, handler) for method, path, handler in (*ROLLOUT_ROUTES,
+                                                                 *AUDIT_ROUTES)),
 )
 
 
@@ -462,6 +480,9 @@ class ApiServer:
         self._connection_timeout = connection_timeout
         self._max_connections = max_connections
         self._token = admin_token.encode("utf-8")
+        # The operator's identity in the audit log: the admin token's fingerprint (a new
+        # token is a new identity), never the token itself.
+        self._actor = f"admin:{hashlib.sha256(self._token).hexdigest()[:12]}"
         self._host = host
         self._port = port
         self._httpd: ThreadingHTTPServer | None = None
@@ -478,6 +499,7 @@ class ApiServer:
 
     def start(self) -> None:
         """Bind and serve in a background thread. ApiError if the address is unusable."""
+        note_root(self.service)  # a key rotation done while the server was down
         handler = type("_BoundHandler", (_Handler,),
                        {"api": self, "timeout": self._connection_timeout})
         try:
@@ -535,7 +557,7 @@ class ApiServer:
                              "Bearer TOKEN' with the token in the server's admin.token "
                              "file"}, {"WWW-Authenticate": "Bearer"}
             request = Request(method, path, match.groupdict(), parse_qs(parts.query),
-                              headers, read)
+                              headers, read, actor=self._actor if route.admin else "")
             return self._call(route, request)
         if allowed:
             return 405, {"error": f"{method} is not supported on {path}; use "
@@ -550,16 +572,23 @@ class ApiServer:
             if exc.reason:
                 error["reason"] = exc.reason
             return exc.status, error, {}
-        except (CSRError, RegistryError) as exc:
-            return 400, {"error": str(exc)}, {}
-        except ReleaseError as exc:
-            return 409, {"error": str(exc)}, {}
+        except (CSRError, RegistryError, RolloutError, ApiError, ReleaseError) as exc:
+            # A refusal: 409 for what devices would refuse, a handler's own status (404)
+            # for an ApiError, else 400.
+            refused = (409 if isinstance(exc, ReleaseError)
+                       else exc.status or 400 if isinstance(exc, ApiError) else 400)
+            return refused, {"error": str(exc)}, {}
         except FleetError as exc:
             log.error("%s %s failed: %s", request.method, request.path, exc)
             return 500, {"error": str(exc)}, {}
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
             return 500, {"error": "internal error; the server's log has the details"}, {}
+        action = AUDITED.get((route.method, route.path))
+        if action is not None and 200 <= status < 300:
+            audit_request(self.service, action, request, body)
+            if action == "bundle.upload":
+                note_root(self.service)
         return status, body, {}
 
 

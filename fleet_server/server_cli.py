@@ -27,6 +27,7 @@ from protocol.defaults import MQTTS_PORT, SERVER_API_PORT
 from .api import ApiServer, load_admin_token
 from .api_client import ADMIN_TOKEN_FILE, SERVER_FILE, ServerClient, default_data_dir, locate
 from .errors import ApiError, BundleInputError
+from .rollout_cli import add_rollout_commands
 from .service import FleetService, ServiceConfig
 
 __all__ = ["add_server_commands"]
@@ -130,6 +131,7 @@ def add_server_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     events.add_argument("--follow", "-f", action="store_true",
                         help="then wait for new events and print them as they come")
     events.set_defaults(handler=_events)
+    add_rollout_commands(subparsers, [where, as_json])
 
 
 def _add_selection(parser: argparse.ArgumentParser) -> None:
@@ -190,6 +192,9 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     serve.add_argument("--offline-after", type=_seconds, default=180.0, metavar="SECONDS",
                        help="a device not heard from for this long shows offline (default "
                        "180; agents send telemetry every 30 s by default)")
+    serve.add_argument("--rollout-tick", type=float, default=5.0, metavar="SECONDS",
+                       help="seconds between two judgements of each running "
+                       "rollout (default 5)")
     serve.set_defaults(handler=_serve)
 
 
@@ -210,7 +215,7 @@ def _serve(args: argparse.Namespace) -> int:
         data_dir=data, keys_dir=(args.keys or data / "keys").absolute(), fleet=args.fleet,
         db_url=args.db, broker_url=args.broker_url, mqtt_port=args.mqtt_port,
         mqtt_bind=args.mqtt_bind, broker_hosts=tuple(args.broker_host),
-        offline_after_s=args.offline_after)
+        offline_after_s=args.offline_after, rollout_tick_s=max(0.2, args.rollout_tick))
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

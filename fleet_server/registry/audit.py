@@ -14,7 +14,7 @@ from fleet_server.errors import RegistryError
 from .database import Tx
 from .values import check_label, dumps
 
-__all__ = ["append_audit", "audit_head", "list_audit"]
+__all__ = ["append_audit", "audit_head", "last_audit", "list_audit"]
 
 #: Bounds on what an entry holds: it is written on every operator action.
 _MAX_TEXT = 1000
@@ -52,6 +52,15 @@ def list_audit(tx: Tx, since_seq: int, limit: int) -> list[AuditEntry]:
                   "FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?", (since_seq, limit))
     return [AuditEntry(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5], json.loads(r[6]),
                        r[7], r[8]) for r in rows]
+
+
+def last_audit(tx: Tx, action: str) -> AuditEntry | None:
+    """The newest entry of ``action``, or None."""
+    row = tx.one("SELECT MAX(seq) FROM audit_log WHERE action = ?", (action,))
+    if row is None or row[0] is None:
+        return None
+    found = list_audit(tx, int(row[0]) - 1, 1)
+    return found[0] if found else None
 
 
 def audit_head(tx: Tx) -> tuple[int, str]:

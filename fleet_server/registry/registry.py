@@ -386,6 +386,11 @@ class Registry:
         with self._tx() as tx:
             return audit.list_audit(tx, since_seq, limit)
 
+    def last_audit(self, action: str) -> AuditEntry | None:
+        """The newest audit entry of ``action``, or None."""
+        with self._tx() as tx:
+            return audit.last_audit(tx, action)
+
     def audit_head(self) -> tuple[int, str]:
         """The audit log's head: how many entries were appended, and the newest's hash."""
         with self._tx() as tx:
