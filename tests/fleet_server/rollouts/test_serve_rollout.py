@@ -197,3 +197,55 @@ def test_a_failing_install_halts_at_the_canary(server: Server, repo: Repo,
         loop.close()
         for agent in agents:
             agent.close()
+
+
+def test_the_demo_rollouts_with_contract_telemetry(server: Server, repo: Repo,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo's two rollouts, with devices reporting ``previous``/``shadow`` as the
+    monitoring contract says: a model that disagrees (v2) is halted at the canary by the
+    agreement gate; a good one (v3) goes shadow -> canary -> 100%."""
+    agents = _fleet(server, 3, behaviour=lambda v: (False, 0.8 if v == 2 else 1.0))
+    shadowed: set[str] = set()
+    loop = AgentLoop(agents)
+    try:
+        code, out = server.run(capsys, "publish", _bundle(server.tmp, repo, 1), "--group",
+                               "lab")
+        assert code == 0, out
+        wait_until(lambda: all(a.version == 1 for a in agents), "v1 everywhere", 30)
+        code, out = server.run(capsys, "rollout", "start", _bundle(server.tmp, repo, 2),
+                               "--group", "lab", "--steps", "34,100", "--bake", "20s")
+        rollout = out.strip()
+        code, out = server.run(capsys, "rollout", "status", rollout, "--wait")
+        assert code == 1, out
+        view = server.status(rollout)
+        assert view["reason"]["gate"] == "agreement>=0.98"
+        assert view["reason"]["value"] == pytest.approx(0.8, abs=0.02)
+        canary = set(view["steps"][0]["devices"])
+        assert len(canary) == 2  # one of each profile
+        wait_until(lambda: all(a.version == 1 for a in agents), "v1 again", 30)
+        assert {a.id for a in agents if 2 in a.served} == canary
+
+        code, out = server.run(capsys, "rollout", "start", _bundle(server.tmp, repo, 3),
+                               "--group", "lab", "--shadow", "3s", "--steps", "34,100",
+                               "--bake", "2s")
+        rollout = out.strip()
+
+        def in_shadow() -> bool:
+            for agent in agents:
+                want = agent.desired()
+                if want is not None and want.shadow is not None:
+                    shadowed.add(agent.id)
+            return server.status(rollout)["phase"] != "shadow"
+
+        wait_until(in_shadow, "the shadow phase to end", 60)
+        code, out = server.run(capsys, "rollout", "status", rollout, "--wait")
+        assert code == 0, out
+    finally:
+        loop.close()
+        for agent in agents:
+            agent.close()
+    view = server.status(rollout)
+    assert [s["name"] for s in view["steps"]] == ["shadow", "34%", "100%"]
+    assert [s["verdict"] for s in view["steps"]] == ["passed"] * 3
+    assert shadowed == set(view["steps"][0]["devices"])
+    assert all(a.version == 3 for a in agents)
