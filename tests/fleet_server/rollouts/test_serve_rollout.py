@@ -235,7 +235,7 @@ def test_the_demo_rollouts_with_contract_telemetry(server: Server, repo: Repo,
                 want = agent.desired()
                 if want is not None and want.shadow is not None:
                     shadowed.add(agent.id)
-            return server.status(rollout)["phase"] != "shadow"
+            return bool(server.status(rollout)["phase"] != "shadow")
 
         wait_until(in_shadow, "the shadow phase to end", 60)
         code, out = server.run(capsys, "rollout", "status", rollout, "--wait")
