@@ -307,7 +307,8 @@ class _Load:
 
     def __init__(self, demo: _Demo, agent: _Agent, x: Path) -> None:
         self.demo, self.agent = demo, agent
-        self.stop = demo.workdir / "load.stop"
+        self.stop = demo.workdir / f"load-{agent.device}.stop"
+        self.stop.unlink(missing_ok=True)  # an earlier load's
         self.process = subprocess.Popen(
             [sys.executable, "-c", _LOAD_SCRIPT, str(agent.state_dir), str(x), str(self.stop)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
