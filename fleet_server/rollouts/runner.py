@@ -214,8 +214,6 @@ class RolloutRunner:
         new, actions = controller.tick(state, self._observe(state, now), now)
         if actions:
             self._commit(new, actions, "controller", "rollout.tick", "")
-            if new.final:
-                self._samples.pop(new.spec.id, None)
             return 1
         if new.results != state.results or new.status != state.status:
             # Only the judgement changed: save it for `fleet rollout status`.
@@ -238,6 +236,8 @@ class RolloutRunner:
                 else:
                     self.registry.add_event(a.kind, detail=a.detail)
                     self._audit_event(a, actor, action, reason)
+        if state.final:
+            self._samples.pop(state.spec.id, None)
         if changed:
             self._publish(sorted(changed))
 
@@ -286,9 +286,12 @@ class RolloutRunner:
         devices = controller.phase_devices(state)
         samples = self._read_samples(state, devices)
         model = state.spec.model
+        wanted = set(devices)
+        # One query for the fleet rather than one per device.
+        known = {d.id: d for d in self.registry.list_devices() if d.id in wanted}
         observations = {}
         for device_id in devices:
-            device = self.registry.get_device(device_id)
+            device = known.get(device_id)
             if device is None:
                 continue
             running = device.running.get(model)
