@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fleet_server.audit import verify_chain
-from fleet_server.errors import RolloutError
+from fleet_server.errors import RegistryError, RolloutError
 from fleet_server.registry import Registry, open_registry
 from fleet_server.rollouts.runner import RolloutOptions, RolloutRunner, Selection
 from fleet_server.rollouts.simulator import Behaviour, SimFleet
@@ -161,3 +161,21 @@ def test_abort_rolls_back_what_was_installed(reg: Registry, clock: Clock) -> Non
     last = reg.audit_log()[-1]
     assert (last.actor, last.action, last.reason) == ("bob", "rollout.aborted",
                                                       "wrong bundle")
+
+
+def test_a_save_from_a_stale_revision_is_refused(reg: Registry, clock: Clock, db_url: str,
+                                                 tmp_path: Path) -> None:
+    """Two servers (here: two runners on two connections) read revision N; the first to
+    save wins, the second is refused and changes nothing."""
+    fleet = Bridge(reg, clock, 10, None)
+    runner = _runner(reg, clock, [])
+    state = runner.create(fleet.v2.bundle_sha256, Selection(group="lab"),
+                          RolloutOptions(bake_s=60.0), actor="alice")
+    with open_registry(db_url, blob_dir=tmp_path / "blobs", clock=clock) as other:
+        second = _runner(other, clock, [])
+        stale = second.get(state.spec.id)
+        runner.command(state.spec.id, "pause", "alice")
+        with pytest.raises(RegistryError, match="changed since it was read"):
+            second._commit(stale, [], "bob", "rollout.pause", "")
+        assert second.get(state.spec.id).status == "paused"
+        assert second.tick_all() == 0  # paused: nothing moves, and no error escapes
