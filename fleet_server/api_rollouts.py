@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .errors import ApiError, RolloutError
+from .rollouts.model import RolloutState
 from .rollouts.runner import RolloutOptions, Selection
 from .rollouts.views import rollout_json
 
@@ -74,7 +75,7 @@ def _command(service: FleetService, request: Request) -> tuple[int, Any]:
     return 200, rollout_json(service.rollouts.command(rollout, action, request.actor, reason))
 
 
-def _known(service: FleetService, rollout_id: str) -> Any:
+def _known(service: FleetService, rollout_id: str) -> RolloutState:
     try:
         return service.rollouts.get(rollout_id)
     except RolloutError as exc:

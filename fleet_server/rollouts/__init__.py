@@ -8,6 +8,8 @@ the model does (docs/rollouts.md).
 ``model``       the records: spec, state, observations, actions; the state's JSON form
 ``controller``  the controller, pure: (state, observations, now) -> (state, actions)
 ``simulator``   a fleet of simulated devices with failure modes, for tests and benchmarks
+``runner``      the adapter: registry in, controller, desired state and events out
+``views``       the status as JSON and text (API, CLI)
 ==============  ========================================================================
 """
 

@@ -17,7 +17,8 @@ from .gates import DEFAULT_GATES, Gate, GateResult
 from .plan import Target
 
 __all__ = ["FINAL", "STATUSES", "Emit", "Observation", "Reason", "RolloutSpec",
-           "RolloutState", "SetDesired", "StepResult", "state_from_json", "state_to_json"]
+           "RolloutState", "SetDesired", "StepResult", "gate_result_json", "spec_to_json",
+           "state_from_json", "state_to_json"]
 
 #: A rollout's states; the last three are final.
 STATUSES = ("running", "paused", "halted", "succeeded", "aborted")

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleet_server.rollouts.controller import start, tick
+from fleet_server.rollouts.controller import command, start, tick
 from fleet_server.rollouts.model import RolloutState
 from fleet_server.rollouts.plan import allowed, plan_steps
 from fleet_server.rollouts.simulator import Behaviour, SimFleet, make_spec
@@ -104,8 +104,6 @@ _behaviours = st.builds(Behaviour, install_fails=st.booleans(),
        steps=st.sampled_from([(5.0, 25.0, 100.0), (50.0, 100.0), (100.0,)]))
 def test_invariants(*, n: int, bad: Behaviour | None, offline: set[int], shadow: float,
                     pause_at: int | None, steps: tuple[float, ...]) -> None:
-    from fleet_server.rollouts.controller import command
-
     fleet = _fleet(n, bad, offline={f"dev{i:04d}": 0.0 for i in offline},
                    back={f"dev{i:04d}": 900.0 for i in offline})
     spec = make_spec(fleet, V2, bake_s=120.0, shadow_s=shadow, steps=steps)
