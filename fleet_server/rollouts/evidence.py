@@ -40,7 +40,9 @@ class Health:
     #: version's on this device (before the rollout, or beside the shadow).
     p99_ms: float | None = None
     baseline_p99_ms: float | None = None
-    #: Samples with ``interval_s`` null since exposure: the agent started again.
+    #: Samples with ``interval_s`` null after one that already ran the candidate: the agent
+    #: started again while running it (a device that comes back online after being
+    #: switched off before it got the candidate does not count).
     restarts: int = 0
     #: Compared requests and how many agreed (top-1, or cosine >= 0.99).
     pairs: int = 0
@@ -71,7 +73,7 @@ def summarize(samples: Iterable[Telemetry], *, model: str, candidate: int,
     baseline: list[float] = []
     shifts: list[float] = []
     drift: float | None = None
-    for sample in samples:
+    for sample in sorted(samples, key=lambda s: s.seq):
         metrics = sample.metrics
         entry = _dict(_dict(metrics, "models"), model)
         version = _int(entry.get("version"))
@@ -82,7 +84,7 @@ def summarize(samples: Iterable[Telemetry], *, model: str, candidate: int,
             continue
         if sample.at < exposed_at:
             continue
-        if "interval_s" in metrics and metrics["interval_s"] is None:
+        if n and "interval_s" in metrics and metrics["interval_s"] is None:
             restarts += 1
         block = _dict(entry, "shadow") if shadow else entry
         if shadow and _int(block.get("version")) != candidate:
