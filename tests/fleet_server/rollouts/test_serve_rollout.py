@@ -193,6 +193,14 @@ def test_a_failing_install_halts_at_the_canary(server: Server, repo: Repo,
         code, out = server.run(capsys, "rollout", "resume", rollout)
         assert code == 1
         assert "halted" in out
+        code, out = server.run(capsys, "rollout", "list")
+        assert code == 0
+        assert out.startswith(f"{rollout}  digits v3  halted    at 5%")
+        assert "2/8 devices  group:lab" in out
+        code, out = server.run(capsys, "rollout", "status")  # the newest
+        assert code == 0
+        assert out.startswith(f"rollout {rollout}: digits v3 to group:lab (8 devices): "
+                              "HALTED at 5%")
     finally:
         loop.close()
         for agent in agents:
