@@ -41,13 +41,12 @@ def set_models(tx: Tx, now: float, model: str,
     """Set ``model`` on each device to its own target (None: not desired), with whatever
     the target carries (a shadow candidate, ``compare_previous``); every bundle named must
     be stored. Returns the changes (devices already at their target are left alone)."""
-    for target in targets.values():
-        if target is not None:
-            for sha in (target.bundle_sha256,
-                        *(() if target.shadow is None else (target.shadow.bundle_sha256,))):
-                bundle = require_bundle(tx, sha)
-                if bundle.name != model:
-                    raise RegistryError(f"bundle {sha[:12]} is {bundle.name}, not {model}")
+    named = {sha for t in targets.values() if t is not None
+             for sha in (t.bundle_sha256, *(() if t.shadow is None else (t.shadow.bundle_sha256,)))}
+    for sha in sorted(named):  # once per bundle, however many devices
+        bundle = require_bundle(tx, sha)
+        if bundle.name != model:
+            raise RegistryError(f"bundle {sha[:12]} is {bundle.name}, not {model}")
     locked = _lock_targets(tx, list(targets), None) if targets else []
     changes = [DesiredChange(device_id, model, desired.get(model), targets[device_id])
                for device_id, desired in locked if desired.get(model) != targets[device_id]]
