@@ -17,6 +17,7 @@ from typing import Any
 from bundle.archive import Limits
 from bundle.errors import BundleError
 from bundle.trust import verify_bundle
+from common.background import DETACH_FLAG, start_detached, stop_pid, without_detach
 from common.cli import new_parser, run
 from firmware_profiles import ProfileError, load_profiles, match_profiles, probe_host
 from firmware_profiles.describe import host_summary, host_to_json, match_to_json, matches_table
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 #: Where the agent keeps its state unless told otherwise (or EDGEFLEET_STATE_DIR).
 DEFAULT_STATE_DIR = Path(os.environ.get("EDGEFLEET_STATE_DIR", "/var/lib/edgefleet/agent"))
+#: How long ``--detach`` waits for the agent to serve: loading and self-testing its models.
+_DETACH_TIMEOUT_S = 120.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(subparsers)
     _add_install(subparsers)
     _add_status(subparsers)
+    _add_stop(subparsers)
     _add_predict(subparsers)
     _add_verify(subparsers)
     _add_probe(subparsers)
@@ -125,7 +129,33 @@ def _add_run(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "send telemetry (buffered on disk while the broker is unreachable).")
     p.add_argument("--config", type=Path, metavar="FILE",
                    help=f"agent config (default {DEFAULT_STATE_DIR / 'agent.toml'})")
+    _detach_option(p)
     p.set_defaults(handler=_run)
+
+
+def _detach_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(DETACH_FLAG, action="store_true",
+                   help="run in the background (output to DIR/agent.log) and return once "
+                   "the API answers, or fail with the reason")
+
+
+def _detach(args: argparse.Namespace, state_dir: Path) -> int:
+    """Re-run this command in the background and wait until it serves (common.background)."""
+    from .daemon import find_running
+
+    def ready(pid: int) -> bool:
+        running = find_running(state_dir)
+        return running is not None and running.pid == pid
+
+    log_file = state_dir / "agent.log"
+    started = start_detached("agent", without_detach(args.argv), log_file, ready,
+                             timeout_s=_DETACH_TIMEOUT_S)
+    problem = started.failure("the agent")
+    if problem is not None:
+        raise AgentError(problem)
+    print(f"edge-agent started in the background (pid {started.pid}, log {log_file}); "
+          f"`edge-agent stop --state-dir {state_dir}` stops it")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -135,13 +165,16 @@ def _run(args: argparse.Namespace) -> int:
     from .http_api import ApiSettings
     from .probation import ProbationPolicy
     from .runtime import Runtime
-    from .startup import check_fleet_files, usable_state_dir
+    from .startup import check_fleet_files, lock_state_dir, usable_state_dir
     from .telemetry import TelemetryCollector
 
     config = load_config(args.config or DEFAULT_STATE_DIR / "agent.toml")
     usable_state_dir(config.state_dir)
     if config.fleet is not None:
         check_fleet_files(config.fleet)
+    if args.detach:
+        return _detach(args, config.state_dir)
+    _lock = lock_state_dir(config.state_dir)  # held while this process serves
     profile = resolve_profile(config.profile)
     api = config.api
     runtime = Runtime(config.state_dir, profile,
@@ -200,6 +233,7 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     _option(p, "--threads", ApiConfig, "threads")
     _option(p, "--probation", ApiConfig, "probation_s", metavar="SECONDS")
     _option(p, "--max-batch", ApiLimits, "max_batch", metavar="N")
+    _detach_option(p)
     p.set_defaults(handler=_serve)
 
 
@@ -208,7 +242,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .http_api import ApiSettings
     from .probation import ProbationPolicy
     from .runtime import Runtime
-    from .startup import usable_state_dir
+    from .startup import lock_state_dir, usable_state_dir
 
     if len(args.name) > len(args.model):
         raise AgentError("more --name than --model options; give one name per model file")
@@ -217,6 +251,9 @@ def _serve(args: argparse.Namespace) -> int:
             raise AgentError(f"{model}: no such model or bundle file")
     _pin_root(args.state_dir, args.root)
     state_dir = usable_state_dir(args.state_dir)
+    if args.detach:
+        return _detach(args, state_dir)
+    _lock = lock_state_dir(state_dir)  # held while this process serves
     profile = resolve_profile(args.profile)
     runtime = Runtime(state_dir, profile, policy=ProbationPolicy(window_s=args.probation),
                       threads=args.threads)
@@ -265,7 +302,7 @@ def _add_install(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 def _install(args: argparse.Namespace) -> int:
     from .daemon import find_running, resolve_profile
     from .runtime import Runtime
-    from .startup import usable_state_dir
+    from .startup import lock_state_dir, usable_state_dir
 
     if not args.bundle.is_file():
         raise AgentError(f"{args.bundle}: no such bundle file")
@@ -275,9 +312,13 @@ def _install(args: argparse.Namespace) -> int:
         with running.client(timeout=600) as client:
             record = client.install(args.bundle)
     else:
-        runtime = Runtime(usable_state_dir(args.state_dir), resolve_profile(args.profile))
-        runtime.resume_installs()  # an earlier one a stop interrupted goes first
-        record = runtime.install(args.bundle).summary()
+        _lock = lock_state_dir(usable_state_dir(args.state_dir))  # no agent may start meanwhile
+        runtime = Runtime(args.state_dir, resolve_profile(args.profile))
+        try:
+            runtime.resume_installs()  # an earlier one a stop interrupted goes first
+            record = runtime.install(args.bundle).summary()
+        finally:
+            runtime.close()
     if args.json:
         print(json.dumps(record, indent=2))
     elif record["reason"] is None:
@@ -312,6 +353,32 @@ def _status(args: argparse.Namespace) -> int:
     else:
         status = {"running": False, **offline_status(args.state_dir)}
     print(json.dumps(status, indent=2) if args.json else status_table(status))
+    return 0
+
+
+def _add_stop(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "stop", help="stop the agent running from the state directory",
+        description="Send SIGTERM to the agent serving from DIR and wait until it has "
+        "stopped (it finishes the requests under way and keeps every install record).")
+    _state_dir_option(p)
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to wait (default 30)")
+    p.set_defaults(handler=_stop)
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from .daemon import find_running
+
+    running = find_running(args.state_dir)
+    if running is None:
+        print(f"no agent runs from {args.state_dir}")
+        return 0
+    if not stop_pid(running.pid, args.timeout):
+        raise AgentError(f"the agent (pid {running.pid}) is still running after "
+                         f"{args.timeout:g} s; kill -9 {running.pid} ends it (its installs "
+                         "resume at the next start)")
+    print(f"stopped the agent (pid {running.pid})")
     return 0
 
 
@@ -394,8 +461,8 @@ def _pin_root(state_dir: Path, root: Path | None) -> None:
 
 def _verify(args: argparse.Namespace) -> int:
     store = TrustStore(args.state_dir / "trust")
-    # Pinned on disk only once a bundle verified against it, so a wrong file given here does
-    # not leave the device trusting it.
+    # Verify only: nothing is pinned or saved, so checking a bundle (even a newer one) never
+    # changes what the device will install later.
     trusted = resolve_root(store, args.root)
     if trusted is None:
         raise TrustStoreError(f"no trusted state in {args.state_dir}; pass --root ROOT.json "
@@ -406,8 +473,6 @@ def _verify(args: argparse.Namespace) -> int:
                                  profile=args.profile)
     except BundleError as exc:
         raise BundleRejectedError(type(exc).__name__, str(exc)) from exc
-    # Newer verified metadata raises the floor for replay and rollback of later bundles.
-    store.save(verified.trusted)
     print(json.dumps(verified.summary(), indent=2) if args.json else verified.describe())
     return 0
 

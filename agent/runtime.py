@@ -165,9 +165,11 @@ class Runtime:
             formats = {"onnx"} | ({"tflite"} if import_litert() is not None else set())
             self.installer = Installer(StateDirs(state_dir), profile, formats, clock,
                                        verifier=verifier)
+            crashed = self.installer.begin_run()  # before loading: a model may crash it
             self._restore()
             self.installer.sweep()
-            self.installs = InstallDriver(self.installer, self, self.policy)
+            self.installs = InstallDriver(self.installer, self, self.policy,
+                                          after_crash=crashed)
 
     # -- inference -----------------------------------------------------------------------
 
@@ -356,6 +358,8 @@ class Runtime:
         self._stop.set()
         if self.installs is not None:
             self.installs.close()
+        if self.installer is not None:
+            self.installer.end_run()
         if self._thread is not None:
             self._thread.join()
             self._thread = None

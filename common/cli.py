@@ -57,6 +57,7 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
                 *subcommands.choices, "-h", "--help", "--version"}:
             args_in.insert(start, name)
     args = parser.parse_args(args_in)
+    args.argv = args_in  # what a command re-runs itself with (common.background)
     logging.basicConfig(level=_log_level(args.verbose),
                         format="%(levelname)s %(name)s: %(message)s")
     try:

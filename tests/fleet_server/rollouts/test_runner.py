@@ -132,7 +132,7 @@ def test_a_disagreeing_model_halts_at_the_canary(reg: Registry, clock: Clock) ->
     assert halted.detail["gate"] == "agreement>=0.98"
     assert halted.detail["step"] == "5%"
     assert halted.detail["n"] > 0
-    assert halted.detail["value"] < 0.8
+    assert halted.detail["value"] < 0.9  # 70% agreement, on few pairs
     fleet.follow()
     fleet.sim.advance(60)
     assert fleet.sim.exposed_to(2) == set(state.exposed)
