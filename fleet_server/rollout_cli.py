@@ -43,6 +43,16 @@ def _steps(text: str) -> list[float]:
                                          "5,25,100") from None
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share above 0 and at most 1")
+    return value
+
+
 def add_rollout_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
                          parents: list[argparse.ArgumentParser]) -> None:
     """Add ``rollout`` and ``audit`` (``parents``: the server location and ``--json``)."""
@@ -74,6 +84,14 @@ def add_rollout_commands(subparsers: argparse._SubParsersAction[argparse.Argumen
     start.add_argument("--gate", action="append", default=[], metavar="EXPR", dest="gates",
                        help="a gate, e.g. agreement>=0.99 (replaces that metric's default) "
                        "or drift=off (drops it); repeatable")
+    start.add_argument("--shadow-rate", type=_share, default=0.1, metavar="SHARE",
+                       help="share of requests the shadow candidate runs on (default 0.1)")
+    start.add_argument("--compare-share", type=_share, default=0.1, metavar="SHARE",
+                       help="share of requests the kept previous version runs on, for the "
+                       "agreement gate (default 0.1)")
+    start.add_argument("--min-reporting", type=_share, default=0.8, metavar="SHARE",
+                       help="share of a step's devices that must report before it may pass "
+                       "(default 0.8)")
     start.set_defaults(handler=_start)
 
     status = actions.add_parser("status", parents=parents, help="where a rollout is",
@@ -127,7 +145,9 @@ def _start(args: argparse.Namespace) -> int:
                  else {"profile": args.profile})
     view = client.post("/api/rollouts", {
         "bundle_sha256": bundle["sha256"], **selection, "steps": args.steps,
-        "bake_s": args.bake, "shadow_s": args.shadow, "gates": args.gates})
+        "bake_s": args.bake, "shadow_s": args.shadow, "gates": args.gates,
+        "shadow_rate": args.shadow_rate, "compare_share": args.compare_share,
+        "min_reporting": args.min_reporting})
     if args.json:
         _print_json(view)
     else:

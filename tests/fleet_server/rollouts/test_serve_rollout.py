@@ -116,7 +116,7 @@ def test_a_good_version_survives_kill_9_and_succeeds(server: Server, repo: Repo,
         wait_until(lambda: all(a.version == 1 for a in agents), "v1 everywhere", 30)
         code, out = server.run(capsys, "rollout", "start", _bundle(server.tmp, repo, 2),
                                "--group", "lab", "--steps", "30,100", "--bake", "2s",
-                               "--gate", "agreement>=0.9")
+                               "--gate", "agreement>=0.9", "--min-reporting", "1")
         assert code == 0, out
         rollout = out.strip()
         assert rollout.startswith("r-")
@@ -145,6 +145,7 @@ def test_a_good_version_survives_kill_9_and_succeeds(server: Server, repo: Repo,
         loop.close()
     view = server.status(rollout)
     assert [s["verdict"] for s in view["steps"]] == ["passed", "passed"]
+    assert view["steps"][1]["required"] == 6  # every device (--min-reporting 1)
     assert {g["metric"]: g["status"] for g in view["steps"][0]["gates"]}["agreement"] == "pass"
     assert all(a.version == 2 for a in agents)
     desired = {a.id: a.desired() for a in agents}
