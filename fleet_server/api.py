@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -41,6 +42,8 @@ from common.atomic import write_atomic
 from transport.mqtt import TLSIdentity
 
 from . import __version__
+from .api_audit import AUDIT_ROUTES, AUDITED, audit_request, note_root
+from .api_rollouts import ROLLOUT_ROUTES
 from .api_spec import OPENAPI
 from .errors import (
     ApiError,
@@ -50,6 +53,7 @@ from .errors import (
     MonitoringError,
     RegistryError,
     ReleaseError,
+    RolloutError,
 )
 from .monitoring import api_routes, dashboard
 from .registry import (
@@ -211,6 +215,10 @@ class Request:
     #: Header names in lower case.
     headers: Mapping[str, str]
     _read: Callable[[int], bytes] = field(repr=False)
+    #: Who sends it: the operator identity of the admin token ("" on open routes).
+    actor: str = ""
+    #: The JSON body once read (for the audit entry written after the handler).
+    cached_json: dict[str, Any] | None = None
 
     def body(self, limit: int) -> bytes:
         """The body, refused (413) beyond ``limit`` bytes before any of it is read."""
@@ -236,6 +244,7 @@ class Request:
             raise _HttpError(400, "the body nests JSON too deeply") from None
         if not isinstance(obj, dict):
             raise _HttpError(400, "the body must be a JSON object")
+        self.cached_json = obj
         return obj
 
     def arg(self, name: str) -> str | None:
@@ -507,6 +516,8 @@ ROUTES: tuple[Route, ...] = (
     # The page and its files hold no data; what they show comes from the routes above.
     Route("GET", "/dashboard", _dashboard, admin=False),
     Route("GET", "/dashboard/{file}", _dashboard, admin=False),
+    *(Route(method, path, handler) for method, path, handler in (*ROLLOUT_ROUTES,
+                                                                 *AUDIT_ROUTES)),
 )
 
 
@@ -544,6 +555,9 @@ class ApiServer:
         self._connection_timeout = connection_timeout
         self._max_connections = max_connections
         self._token = admin_token.encode("utf-8")
+        # The operator's identity in the audit log: the admin token's fingerprint (a new
+        # token is a new identity), never the token itself.
+        self._actor = f"admin:{hashlib.sha256(self._token).hexdigest()[:12]}"
         self._host = host
         self._port = port
         self._httpd: ThreadingHTTPServer | None = None
@@ -560,6 +574,7 @@ class ApiServer:
 
     def start(self) -> None:
         """Bind and serve in a background thread. ApiError if the address is unusable."""
+        note_root(self.service)  # a key rotation done while the server was down
         handler = type("_BoundHandler", (_Handler,),
                        {"api": self, "timeout": self._connection_timeout})
         try:
@@ -622,7 +637,7 @@ class ApiServer:
                              "Bearer TOKEN' with the token in the server's admin.token "
                              "file"}, {"WWW-Authenticate": "Bearer"}
             request = Request(method, path, match.groupdict(), parse_qs(parts.query),
-                              headers, read)
+                              headers, read, actor=self._actor if route.admin else "")
             return self._call(route, request)
         if allowed:
             return 405, {"error": f"{method} is not supported on {path}; use "
@@ -637,16 +652,24 @@ class ApiServer:
             if exc.reason:
                 error["reason"] = exc.reason
             return exc.status, error, {}
-        except (CSRError, RegistryError, MonitoringError) as exc:
-            return 400, {"error": str(exc)}, {}
-        except ReleaseError as exc:
-            return 409, {"error": str(exc)}, {}
+        except (CSRError, RegistryError, MonitoringError, RolloutError, ApiError,
+                ReleaseError) as exc:
+            # A refusal: 409 for what devices would refuse, a handler's own status (404)
+            # for an ApiError, else 400.
+            refused = (409 if isinstance(exc, ReleaseError)
+                       else exc.status or 400 if isinstance(exc, ApiError) else 400)
+            return refused, {"error": str(exc)}, {}
         except FleetError as exc:
             log.error("%s %s failed: %s", request.method, request.path, exc)
             return 500, {"error": str(exc)}, {}
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
             return 500, {"error": "internal error; the server's log has the details"}, {}
+        action = AUDITED.get((route.method, route.path))
+        if action is not None and 200 <= status < 300:
+            audit_request(self.service, action, request, body)
+            if action == "bundle.upload":
+                note_root(self.service)
         return status, body, {}
 
 

@@ -266,6 +266,68 @@ OPENAPI: dict[str, Any] = {
             "parameters": [{"name": "file", "in": "path", "required": True,
                             "schema": {"type": "string"}}],
             "responses": {"200": {"description": "the file"}, **_errors(404)}}},
+        "/api/rollouts": {
+            "get": {"summary": "Rollouts, newest first (without per-device outcomes)",
+                    "parameters": [{"name": "active", "in": "query",
+                                    "schema": {"type": "string", "enum": ["true", "false"]},
+                                    "description": "only running and paused ones"}],
+                    "responses": {"200": _json({"type": "object", "required": ["rollouts"],
+                                                "properties": {"rollouts": {
+                                                    "type": "array",
+                                                    "items": _ref("Rollout")}}},
+                                               "the rollouts"), **_errors(400, 401)}},
+            "post": {
+                "summary": "Start a rollout of a stored bundle (docs/rollouts.md)",
+                "description": "Give exactly one of devices, group, tag, profile. Steps are "
+                "increasing percentages ending at 100; gates are expressions such as "
+                "agreement>=0.98 (replacing that metric's default) or METRIC=off.",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"type": "object", "required": ["bundle_sha256"], "properties": {
+                        "bundle_sha256": _SHA256, **_SELECTION,
+                        "tag": {"type": "string"}, "profile": {"type": "string"},
+                        "steps": {"type": "array", "items": {"type": "number"},
+                                  "default": [5, 25, 100]},
+                        "bake_s": {"type": "number", "default": 600},
+                        "shadow_s": {"type": "number", "default": 0},
+                        "gates": {"type": "array", "items": {"type": "string"}},
+                        "shadow_rate": {"type": "number", "default": 0.1},
+                        "compare_share": {"type": "number", "default": 0.1},
+                        "min_reporting": {"type": "number", "default": 0.8}}}}}},
+                "responses": {"201": _json(_ref("Rollout"), "started"),
+                              **_errors(400, 401, 404, 409)}}},
+        "/api/rollouts/{id}": {"get": {
+            "summary": "One rollout: state, current step, per step devices and results, "
+            "every gate with measured value, threshold and sample size",
+            "parameters": [{"name": "id", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": _json(_ref("Rollout"), "the rollout"), **_errors(401, 404)}}},
+        "/api/rollouts/{id}/{action}": {"post": {
+            "summary": "pause, resume, abort (back to the previous version) or promote "
+            "(every target gets the version now)",
+            "parameters": [{"name": "id", "in": "path", "required": True,
+                            "schema": {"type": "string"}},
+                           {"name": "action", "in": "path", "required": True,
+                            "schema": {"type": "string",
+                                       "enum": ["pause", "resume", "abort", "promote"]}}],
+            "requestBody": {"content": {"application/json": {"schema": {
+                "type": "object", "properties": {"reason": {"type": "string"}}}}}},
+            "responses": {"200": _json(_ref("Rollout"), "the rollout after it"),
+                          **_errors(400, 401, 404)}}},
+        "/api/audit": {"get": {
+            "summary": "The hash-chained audit log, oldest first, and its head",
+            "parameters": [
+                {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0},
+                 "description": "only entries with a greater seq (default 0)"},
+                {"name": "limit", "in": "query",
+                 "schema": {"type": "integer", "minimum": 1, "maximum": 10000}}],
+            "responses": {"200": _json({"type": "object", "required": ["entries", "head"],
+                                        "properties": {
+                                            "entries": {"type": "array",
+                                                        "items": _ref("AuditEntry")},
+                                            "head": {"type": "object", "properties": {
+                                                "seq": {"type": "integer"},
+                                                "hash": _SHA256}}}},
+                                       "entries"), **_errors(400, 401)}}},
     },
     "components": {
         "securitySchemes": {"admin": {"type": "http", "scheme": "bearer",
@@ -426,6 +488,29 @@ OPENAPI: dict[str, Any] = {
                 "alerts_firing": {"type": "array", "items": _ref("Alert")},
                 "ingest": {"type": "object", "properties": {
                     "queue_depth": {"type": "integer"}, "lag_s": {"type": "number"}}}}},
+            "Rollout": {"type": "object", "required": ["id", "state", "step", "steps", "gates"],
+                        "properties": {
+                            "id": {"type": "string"}, "model": {"type": "string"},
+                            "version": {"type": "integer"},
+                            "state": {"type": "string", "enum": [
+                                "running", "paused", "halted", "succeeded", "aborted"]},
+                            "step": {"type": "string", "description": "shadow or 5%, ..."},
+                            "steps": {"type": "array", "items": {
+                                "type": "object", "description": "name, share, count, "
+                                "verdict, reporting, required, gates, devices (id: outcome)"}},
+                            "gates": {"type": "array", "items": _ref("GateResult")},
+                            "reason": {"type": "object", "nullable": True}}},
+            "GateResult": {"type": "object", "properties": {
+                "gate": {"type": "string"}, "metric": {"type": "string"},
+                "op": {"type": "string"}, "threshold": {"type": "number"},
+                "value": {"type": "number", "nullable": True},
+                "bound": {"type": "number", "nullable": True}, "n": {"type": "integer"},
+                "status": {"type": "string", "enum": ["pass", "fail", "waiting"]}}},
+            "AuditEntry": {"type": "object", "properties": {
+                "seq": {"type": "integer"}, "at": {"type": "number"},
+                "actor": {"type": "string"}, "action": {"type": "string"},
+                "target": {"type": "string"}, "reason": {"type": "string"},
+                "detail": {"type": "object"}, "prev_hash": _SHA256, "hash": _SHA256}},
         },
     },
 }

@@ -14,7 +14,19 @@ internals (and keeps ``fleet_server`` free of imports of the agent or the compre
    inferences through each agent's local API;
 7. publish v2: every agent fetches, verifies, self-tests and hot-swaps it;
 8. a v3 tampered after signing, planted in the server's bundle store as a compromised
-   server would: every agent fetches it, rejects it with the reason, and keeps serving v2.
+   server would: every agent fetches it, rejects it with the reason, and keeps serving v2;
+9. roll the desired state back (a server-signed re-release of v2's contents, v4);
+10. a rollout of v5, the same model with two output classes swapped (it passes its own
+    self-test: its golden outputs are swapped too), while every agent serves a stream of
+    requests: the canary keeps v4 loaded and compares answers, the agreement gate halts the
+    rollout, the canary is back on v4 at once, and the other devices never received v5;
+11. a rollout of v6 (v2's artifacts again): shadow on the canary, then canary, then 100%,
+    succeeded; the audit log verified.
+
+Steps 10 and 11 need agents that report ``previous`` and ``shadow`` comparisons in their
+telemetry (docs/rollouts.md, "What the agent reports"): when the canary runs v5, its bake is
+over and no comparison has arrived, the demo says so, aborts the rollout, verifies the audit
+log and ends there.
 
 With ``--drift`` (docs/monitoring.md, "The drift demo"), after step 6:
 
@@ -198,6 +210,8 @@ def _main(demo: _Demo, model: Path, data: Path, watch: DriftWatch | None) -> Non
             raise DemoError(f"{agent.device} serves v{served['version']}, not v2")
         _predict(demo, agent, x)
 
+    _rollouts(demo, api, fleet, agents, bundles=bundles, data=data)
+
 
 def _prepare(demo: _Demo, model: Path, data: Path) -> tuple[str, str, dict[int, Path]]:
     """Profiles, compressed artifacts, keys and signed bundles v1..v3."""
@@ -235,7 +249,8 @@ def _start_fleet(demo: _Demo, profile: str, other: str,
     server_dir = workdir / "server"
     demo.title("Start the fleet server (embedded Mosquitto, mutual TLS, per-device ACLs)")
     demo.start([_tool("fleet"), "serve", "--data", str(server_dir), "--keys",
-                str(workdir / "keys"), "--fleet", "demo", "--port", "0", "--mqtt-port", "0"],
+                str(workdir / "keys"), "--fleet", "demo", "--port", "0", "--mqtt-port", "0",
+                "--rollout-tick", "1"],
                workdir / "server.log", (server_dir / "server.json").exists,
                "fleet serve to start")
     api = locate(None, server_dir)
@@ -299,16 +314,18 @@ import json, pathlib, sys, time
 import numpy
 from agent.daemon import find_running
 state, x_file, stop = pathlib.Path(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3])
-x = numpy.load(x_file)[:1]
+pause = float(sys.argv[4])
+x = numpy.load(x_file)
 ok = failed = 0
 versions = []
 with find_running(state).client(timeout=10) as client:
     while not stop.exists():
         try:
-            client.infer("digits", {"input": x})
+            client.infer("digits", {"input": x[(ok + failed) % len(x)][None]})
             ok += 1
         except Exception:
             failed += 1
+        time.sleep(pause)
         if (ok + failed) % 50 == 0:
             version = client.model_metadata("digits")["versions"][0]
             if not versions or versions[-1] != version:
@@ -320,11 +337,14 @@ print(json.dumps({"ok": ok, "failed": failed, "versions": versions}))
 class _Load:
     """Requests to one agent for as long as a step takes."""
 
-    def __init__(self, demo: _Demo, agent: _Agent, x: Path) -> None:
+    def __init__(self, demo: _Demo, agent: _Agent, x: Path, pause_s: float = 0.0) -> None:
+        """A closed loop of requests, ``pause_s`` apart (0: as fast as the agent answers)."""
         self.demo, self.agent = demo, agent
-        self.stop = demo.workdir / "load.stop"
+        self.stop = demo.workdir / f"load-{agent.device}.stop"
+        self.stop.unlink(missing_ok=True)  # an earlier load's
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _LOAD_SCRIPT, str(agent.state_dir), str(x), str(self.stop)],
+            [sys.executable, "-c", _LOAD_SCRIPT, str(agent.state_dir), str(x), str(self.stop),
+             str(pause_s)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def finish(self) -> None:
@@ -373,10 +393,156 @@ def _plant(server_dir: Path, data: bytes) -> str:
         return registry.put_bundle(data, "digits", 3).sha256
 
 
-def _write_samples(data: Path, out: Path) -> None:
-    """Three eval images as a .npy file, without importing numpy into the server."""
+def _write_samples(data: Path, out: Path, count: int = 3) -> None:
+    """``count`` eval images as a .npy file, without importing numpy into the server."""
     subprocess.run([sys.executable, "-c", "import numpy, sys; numpy.save(sys.argv[2], "
-                    "numpy.load(sys.argv[1])['eval_x'][:3])", str(data), str(out)], check=True)
+                    "numpy.load(sys.argv[1])['eval_x'][:int(sys.argv[3])])", str(data),
+                    str(out), str(count)], check=True)
+
+
+# The digits model with output classes 0 and 1 swapped, in every ONNX artifact of an
+# edge-compress output directory, and in its golden self-test outputs: a model that passes
+# its own self-test and answers differently. Run as a process (the server imports no onnx).
+_SWAP_SCRIPT = """
+import base64, json, pathlib, shutil, sys
+import numpy, onnx
+from onnx import helper, numpy_helper
+src, dst = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+shutil.copytree(src, dst)
+report = json.loads((dst / "report.json").read_text())
+perm = numpy.arange(10, dtype=numpy.int64)
+perm[[0, 1]] = perm[[1, 0]]
+for variant in report["variants"]:
+    if variant["format"] != "onnx":
+        continue
+    path = dst / variant["file"]
+    model = onnx.load(path)
+    graph = model.graph
+    for out in graph.output:
+        raw = out.name + "_unswapped"
+        for node in graph.node:
+            node.output[:] = [raw if o == out.name else o for o in node.output]
+        graph.initializer.append(numpy_helper.from_array(perm, out.name + "_perm"))
+        graph.node.append(helper.make_node("Gather", [raw, out.name + "_perm"], [out.name],
+                                           axis=1))
+    onnx.save(model, path)
+for case in report.get("self_test", []):
+    for tensor in case["expected_outputs"].values():
+        a = numpy.frombuffer(base64.b64decode(tensor["data"]), dtype=tensor["dtype"])
+        a = a.reshape(tensor["shape"])[:, perm]
+        tensor["data"] = base64.b64encode(numpy.ascontiguousarray(a).tobytes()).decode()
+(dst / "self_test.npz").unlink(missing_ok=True)
+(dst / "report.json").write_text(json.dumps(report))
+"""
+
+
+def _rollouts(demo: _Demo, api: ServerClient, fleet: list[str], agents: list[_Agent], *,
+              bundles: dict[int, Path], data: Path) -> None:
+    """Steps 9-11 (module docstring): a halted and a successful rollout."""
+    workdir = demo.workdir
+    keys = ["--keys", str(workdir / "keys"), *fleet]
+    demo.title("Roll the group back to v2 (re-released by the server as v4)")
+    demo.run([_tool("fleet"), "rollback", "--group", _GROUP, *fleet])
+    _converged(demo, api, 4)
+    demo.title("Build v5: the same model with classes 0 and 1 swapped (its self-test "
+               "passes), and v6: the good model again")
+    subprocess.run([sys.executable, "-c", _SWAP_SCRIPT, str(workdir / "artifacts"),
+                    str(workdir / "artifacts-swapped")], check=True)
+    for version, artifacts in ((5, "artifacts-swapped"), (6, "artifacts")):
+        bundles[version] = workdir / f"digits-{version}.efb"
+        demo.run([_tool("fleet"), "bundle", "build", "--name", "digits", "--version",
+                  str(version), "--artifacts", str(workdir / artifacts), "--out",
+                  str(bundles[version]), *keys])
+    x = workdir / "digits-stream.npy"
+    _write_samples(data, x, 540)
+    # Every agent answers a stream of app requests (a few hundred a second, leaving the
+    # two cores room for installs): the compared requests the agreement gate counts.
+    loads = [_Load(demo, agent, x, pause_s=0.004) for agent in agents]
+    try:
+        # A few telemetry samples under load first: each device's latency before the
+        # rollout, which the p99_ratio gate compares the new version's with.
+        time.sleep(6)
+        demo.title("Roll out v5 (canary 34% -> 100%): the agreement gate halts it at the "
+                   "canary and the canary goes back to v4")
+        rollout = demo.run([_tool("fleet"), "rollout", "start", str(bundles[5]), "--group",
+                            _GROUP, "--steps", "34,100", "--bake", "20s", *fleet],
+                           show=False).stdout.strip()
+        print(f"    rollout {rollout} started")
+        view = _rollout_end(demo, api, rollout)
+        if view is None:
+            _skip(demo, rollout, fleet)
+            return
+        _halted_at_canary(demo, api, view, agents)
+        demo.title("Roll out v6: shadow on the canary, then canary, then 100%")
+        rollout = demo.run([_tool("fleet"), "rollout", "start", str(bundles[6]), "--group",
+                            _GROUP, "--shadow", "10s", "--steps", "34,100", "--bake", "8s",
+                            *fleet], show=False).stdout.strip()
+        view = _rollout_end(demo, api, rollout)
+        if view is None or view["state"] != "succeeded":
+            raise DemoError(f"rollout {rollout} of a good version did not succeed: "
+                            f"{view and view['reason']}")
+        _converged(demo, api, 6)
+    finally:
+        for load in loads:
+            load.finish()
+    demo.run([_tool("fleet"), "rollout", "status", rollout, *fleet])
+    demo.title("The audit log: who did what, when and why; its hash chain verified")
+    demo.run([_tool("fleet"), "audit", "verify", *fleet])
+
+
+def _halted_at_canary(demo: _Demo, api: ServerClient, view: dict[str, Any],
+                      agents: list[_Agent]) -> None:
+    reason = view["reason"] or {}
+    print(f"    {view['state']}: {reason.get('text')}")
+    if view["state"] != "halted" or view["step"] != "34%":
+        raise DemoError(f"rollout {view['id']} ended {view['state']} at {view['step']}, "
+                        "not halted at the canary")
+    if reason.get("gate") != "agreement>=0.98":
+        # A canary can also roll the model back itself (its probation) before enough
+        # answers were compared; the halt is then the install gate's. Still a halt.
+        print("    (the canary's own probation rolled v5 back before the agreement gate "
+              "had its evidence)")
+    canary = set(view["steps"][0]["devices"])
+    _converged(demo, api, 4)
+    never = [a.device for a in agents if a.device not in canary]
+    for device in _devices(api):
+        if device["id"] in never and _install_of(device).get("version") == 5:
+            raise DemoError(f"{device['id']} was outside the canary and still got v5")
+    print(f"    canary {', '.join(sorted(canary))} back on v4; "
+          f"{', '.join(never)} never received v5")
+
+
+def _skip(demo: _Demo, rollout: str, fleet: list[str]) -> None:
+    """The agents do not report comparisons: say so, abort, and end the demo there."""
+    print("    the agents report no `previous` comparisons (models.digits.previous in "
+          "their telemetry; docs/rollouts.md), so the agreement gate cannot judge: this "
+          "agent predates the monitoring contract. Aborting the rollout; the model-aware "
+          "rollout steps are skipped.")
+    demo.run([_tool("fleet"), "rollout", "abort", rollout, "--reason",
+              "agents report no comparisons", *fleet])
+    demo.title("The audit log: who did what, when and why; its hash chain verified")
+    demo.run([_tool("fleet"), "audit", "verify", *fleet])
+
+
+def _rollout_end(demo: _Demo, api: ServerClient, rollout: str) -> dict[str, Any] | None:
+    """Wait until the rollout is final, or None when its step waits for agreement data that
+    the agents never send (every device reporting, the bake over, no pairs compared)."""
+    views: list[dict[str, Any]] = []
+
+    def final() -> bool:
+        views.append(api.get(f"/api/rollouts/{rollout}"))
+        view = views[-1]
+        step: dict[str, Any] = next(
+            (s for s in view["steps"] if s["name"] == view["step"]), {})
+        agreement = next((g for g in view["gates"] if g["metric"] == "agreement"), None)
+        stuck = (step.get("verdict") == "waiting" and agreement is not None
+                 and agreement["n"] == 0 and step.get("reporting") == step.get("required"))
+        return stuck or view["state"] in ("halted", "succeeded", "aborted")
+
+    demo.wait(final, f"rollout {rollout} to end", lambda: (
+        f"it is {views[-1]['state']} at {views[-1]['step']}, waiting for: "
+        f"{[s.get('waiting_for') for s in views[-1]['steps']]}"), timeout=120)
+    return views[-1] if views[-1]["state"] in ("halted", "succeeded", "aborted") else None
 
 
 

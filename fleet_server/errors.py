@@ -16,15 +16,17 @@ bundle was refused, and the CLI prints them the same way. The tree::
     ├── ReleaseError        a publish, rollback or re-release devices would refuse, or that
     │                       this server cannot sign
     ├── ApiError            the operator API refused a request, or cannot be reached
-    └── MonitoringError     monitoring's configuration (alert rules, webhooks) or a metrics
-                            query (window, step, grouping) is unusable
+    ├── MonitoringError     monitoring's configuration (alert rules, webhooks) or a metrics
+    │                       query (window, step, grouping) is unusable
+    ├── RolloutError        a rollout request is invalid (bad gate, steps, state change)
+    └── AuditError          the audit log's hash chain does not verify
 """
 
 from __future__ import annotations
 
-__all__ = ["ApiError", "BrokerError", "BundleInputError", "CAError", "CSRError",
+__all__ = ["ApiError", "AuditError", "BrokerError", "BundleInputError", "CAError", "CSRError",
            "EnrollmentError", "FleetError", "KeyStoreError", "MonitoringError", "RegistryError",
-           "ReleaseError", "ServiceError"]
+           "ReleaseError", "RolloutError", "ServiceError"]
 
 
 class FleetError(Exception):
@@ -93,3 +95,14 @@ class ApiError(FleetError):
 class MonitoringError(FleetError):
     """Monitoring's configuration or a metrics query is unusable (the message names the key
     or parameter and the fix)."""
+
+
+class RolloutError(FleetError):
+    """A rollout request is refused: a gate expression or step list that does not parse,
+    a device selection that matches nothing, or a state change the rollout's state does
+    not allow (resuming a halted rollout, for example). The message says what to fix."""
+
+
+class AuditError(FleetError):
+    """The audit log does not verify: an entry was changed, removed or reordered. The
+    message names the first entry that breaks the hash chain."""

@@ -37,6 +37,7 @@ from .api_client import (
 from .errors import ApiError, BundleInputError, ServiceError
 from .monitoring.config import MonitoringConfig, load_config, scrape_token
 from .monitoring.text import METRICS_HEADERS, alert_lines, device_lines, metrics_rows
+from .rollout_cli import add_rollout_commands
 from .service import FleetService, ServiceConfig
 
 __all__ = ["add_server_commands"]
@@ -149,6 +150,7 @@ def add_server_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     events.add_argument("--follow", "-f", action="store_true",
                         help="then wait for new events and print them as they come")
     events.set_defaults(handler=_events)
+    add_rollout_commands(subparsers, [where, as_json])
 
     metrics = subparsers.add_parser(
         "metrics", parents=[where, as_json], help="requests, errors, latency and drift per "
@@ -226,6 +228,9 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                        help="server config (TOML): monitoring's alert rules, webhooks, "
                        f"retention, scrape token (docs/monitoring.md; default DIR/"
                        f"{_SERVER_CONFIG} if it exists)")
+    serve.add_argument("--rollout-tick", type=float, default=5.0, metavar="SECONDS",
+                       help="seconds between two judgements of each running "
+                       "rollout (default 5)")
     serve.add_argument(DETACH_FLAG, action="store_true",
                        help="run in the background (output to DIR/server.log) and return "
                        "once the API answers, or fail with the reason")
@@ -251,7 +256,8 @@ def _serve(args: argparse.Namespace) -> int:
         data_dir=data, keys_dir=(args.keys or data / "keys").absolute(), fleet=args.fleet,
         db_url=args.db, broker_url=args.broker_url, mqtt_port=args.mqtt_port,
         mqtt_bind=args.mqtt_bind, broker_hosts=tuple(args.broker_host),
-        offline_after_s=args.offline_after, monitoring=_monitoring(args.config, data))
+        offline_after_s=args.offline_after, monitoring=_monitoring(args.config, data),
+        rollout_tick_s=max(0.2, args.rollout_tick))
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

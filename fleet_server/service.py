@@ -82,6 +82,7 @@ from .registry import (
     open_registry,
 )
 from .releases import Releaser, check_publishable
+from .rollouts.runner import RolloutRunner
 
 __all__ = [
     "API_IDENTITY",
@@ -148,6 +149,8 @@ class ServiceConfig:
     offline_after_s: float = 180.0
     #: Time series retention, alert rules and webhooks (docs/monitoring.md).
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    #: Seconds between two ticks of the rollout controller (docs/rollouts.md).
+    rollout_tick_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,7 @@ class FleetService:
         self._desired_lock = threading.Lock()
         self._ingest: Ingest | None = None
         self._monitor: Monitor | None = None
+        self._rollouts: RolloutRunner | None = None
         self._chunks: ChunkServer | None = None
         #: When (time.time()) the connection to the broker was lost; None while connected.
         self.disconnected_since: float | None = None
@@ -243,6 +247,9 @@ class FleetService:
 
         Messages received so far are stored and acknowledged first; any arriving meanwhile
         stay unacknowledged, and the broker delivers them again on the next start."""
+        rollouts, self._rollouts = self._rollouts, None
+        if rollouts is not None:
+            rollouts.stop()
         ingest, self._ingest = self._ingest, None
         if ingest is not None:
             ingest.stop()
@@ -326,6 +333,11 @@ class FleetService:
                               f"s ({why}); check that it runs, trusts the fleet CA and grants "
                               f"{SERVER_IDENTITY} the fleet's topics (docs/transport.md)")
         log.info("fleet %s: service connected to %s", self.fleet, self._broker.address.url)
+        self._rollouts = RolloutRunner(
+            self._registry, publish=lambda ids: self._publish_selected([], ids, None),
+            online=lambda d, now: d.online_at(now, self.config.offline_after_s),
+            tick_s=self.config.rollout_tick_s, check=self._check_rollout)
+        self._rollouts.start()  # resumes the rollouts the registry holds
 
     def _start_broker(self, ca: FleetCA) -> Broker:
         if self.config.broker_url is not None:
@@ -380,6 +392,18 @@ class FleetService:
         if self._monitor is None:
             raise RuntimeError("the fleet service is not started")
         return self._monitor
+
+    @property
+    def rollouts(self) -> RolloutRunner:
+        """The rollouts (:mod:`fleet_server.rollouts`); RuntimeError before start()."""
+        if self._rollouts is None:
+            raise RuntimeError("the fleet service is not started")
+        return self._rollouts
+
+    def _check_rollout(self, bundle_sha256: str, devices: Sequence[Device]) -> None:
+        record = self.registry.get_bundle(bundle_sha256)
+        if record is not None:
+            check_publishable(record, devices, self.registry.get_bundle)
 
     @property
     def releaser(self) -> Releaser:

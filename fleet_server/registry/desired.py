@@ -17,10 +17,10 @@ from .bundles import require_bundle
 from .database import Tx
 from .devices import desired_by_device
 from .events import EVENT_INSERT
-from .records import DesiredChange, desired_json
+from .records import DesiredChange, desired_extras, desired_json
 from .values import SHA256_HEX, dumps
 
-__all__ = ["clear_desired", "roll_back", "set_desired", "was_desired"]
+__all__ = ["clear_desired", "roll_back", "set_desired", "set_models", "was_desired"]
 
 #: SQLite allows 32766 host parameters per statement (999 before 3.32); stay well below.
 _IN_CHUNK = 500
@@ -34,6 +34,25 @@ def set_desired(tx: Tx, now: float, bundle_sha256: str, devices: Sequence[str] |
     bundle = require_bundle(tx, bundle_sha256)
     return _change(tx, now, _lock_targets(tx, devices, group), model=bundle.name,
                    target=bundle.desired, kind="desired.set")
+
+
+def set_models(tx: Tx, now: float, model: str,
+               targets: Mapping[str, DesiredModel | None]) -> list[DesiredChange]:
+    """Set ``model`` on each device to its own target (None: not desired), with whatever
+    the target carries (a shadow candidate, ``compare_previous``); every bundle named must
+    be stored. Returns the changes (devices already at their target are left alone)."""
+    named = {sha for t in targets.values() if t is not None
+             for sha in (t.bundle_sha256, *(() if t.shadow is None else (t.shadow.bundle_sha256,)))}
+    for sha in sorted(named):  # once per bundle, however many devices
+        bundle = require_bundle(tx, sha)
+        if bundle.name != model:
+            raise RegistryError(f"bundle {sha[:12]} is {bundle.name}, not {model}")
+    locked = _lock_targets(tx, list(targets), None) if targets else []
+    changes = [DesiredChange(device_id, model, desired.get(model), targets[device_id])
+               for device_id, desired in locked if desired.get(model) != targets[device_id]]
+    _push_history(tx, now, model, changes)
+    _write(tx, now, changes, "desired.set")
+    return changes
 
 
 def clear_desired(tx: Tx, now: float, model: str, devices: Sequence[str] | None,
@@ -133,25 +152,33 @@ def _change(tx: Tx, now: float, targets: _Targets, *, model: str,
     """Set ``model`` to ``target`` on each device, pushing the old value onto the history."""
     changes = [DesiredChange(device_id, model, desired.get(model), target)
                for device_id, desired in targets if desired.get(model) != target]
+    _push_history(tx, now, model, changes)
+    _write(tx, now, changes, kind)
+    return changes
+
+
+def _push_history(tx: Tx, now: float, model: str, changes: list[DesiredChange]) -> None:
     tx.many("INSERT INTO desired_history (device_id, model, previous_sha256, at) "
             "VALUES (?, ?, ?, ?)",
             [(c.device, model, None if c.before is None else c.before.bundle_sha256, now)
              for c in changes])
-    _write(tx, now, changes, kind)
-    return changes
 
 
 def _write(tx: Tx, now: float, changes: list[DesiredChange], kind: str) -> None:
     """Apply ``changes`` (at most one per device and model), with an event each."""
     tx.many("DELETE FROM desired_models WHERE device_id = ? AND model = ?",
             [(c.device, c.model) for c in changes if c.after is None])
-    rows = [(c.device, c.model, c.after.bundle_sha256) for c in changes if c.after is not None]
-    tx.many("INSERT INTO desired_models (device_id, model, bundle_sha256) VALUES (?, ?, ?) "
-            "ON CONFLICT (device_id, model) DO UPDATE SET bundle_sha256 = excluded.bundle_sha256",
-            rows)
+    rows = [(c.device, c.model, c.after.bundle_sha256, desired_extras(c.after))
+            for c in changes if c.after is not None]
+    tx.many("INSERT INTO desired_models (device_id, model, bundle_sha256, extras) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (device_id, model) DO UPDATE SET "
+            "bundle_sha256 = excluded.bundle_sha256, extras = excluded.extras", rows)
+    # A shadow candidate is fetched too: the device may ask for its chunks.
     tx.many("INSERT INTO ever_desired (device_id, bundle_sha256) VALUES (?, ?) "
             "ON CONFLICT (device_id, bundle_sha256) DO NOTHING",
-            [(device_id, sha) for device_id, _, sha in rows])
+            [(c.device, sha) for c in changes if c.after is not None
+             for sha in (c.after.bundle_sha256, *(() if c.after.shadow is None
+                                                  else (c.after.shadow.bundle_sha256,)))])
     tx.many(EVENT_INSERT, [(now, c.device, kind, dumps({
         "model": c.model,
         "before": None if c.before is None else desired_json(c.before),

@@ -18,7 +18,7 @@ from protocol.messages import DesiredModel, ModelReport, decode_reported
 
 from .database import Tx
 from .events import log_event
-from .records import Device, Enrolled
+from .records import Device, Enrolled, desired_from_row
 from .tokens import TokenClaim
 from .values import SHA256_HEX, check_device_id, check_label, clean_tags
 
@@ -31,7 +31,7 @@ _COLUMNS = ("id, group_name, profile, cert_fingerprint, enrolled_at, last_seen, 
 #: base64 of a 32-byte X25519 public key.
 _X25519_B64 = re.compile(r"[A-Za-z0-9+/]{43}=")
 #: A desired model is a row of desired_models with its bundle's version and size.
-_DESIRED_COLUMNS = "device_id, model, version, sha256, size"
+_DESIRED_COLUMNS = "device_id, model, version, sha256, size, extras"
 _DESIRED_FROM = "desired_models JOIN bundles ON sha256 = bundle_sha256"
 
 
@@ -218,7 +218,7 @@ def _load(tx: Tx, where: str, among: str, params: Sequence[Any], *,
     # Tags, desired and reported models: for one device in one query (a round trip saved);
     # for many, a query each (a UNION of many rows costs more than the round trips).
     parts = [f"SELECT 't', device_id, tag, NULL, NULL, NULL, NULL FROM device_tags {among}",
-             f"SELECT 'd', {_DESIRED_COLUMNS}, NULL FROM {_DESIRED_FROM} {among}",
+             f"SELECT 'd', {_DESIRED_COLUMNS} FROM {_DESIRED_FROM} {among}",
              "SELECT 'r', device_id, model, version, bundle_sha256, NULL, state "
              f"FROM reported_models {among}"]
     related = (tx.all(" UNION ALL ".join(parts), (*params, *params, *params)) if one_query
@@ -230,7 +230,8 @@ def _load(tx: Tx, where: str, among: str, params: Sequence[Any], *,
         if kind == "t":
             tags.setdefault(device_id, []).append(name)
         elif kind == "d":
-            desired.setdefault(device_id, {})[name] = DesiredModel(int(version), sha, int(size))
+            desired.setdefault(device_id, {})[name] = desired_from_row(version, sha, size,
+                                                                       state)
         else:
             running.setdefault(device_id, {})[name] = ModelReport(int(version), sha, state)
     return [Device(id=r[0], group=r[1], tags=tuple(sorted(tags.get(r[0], ()))), profile=r[2],
@@ -248,9 +249,9 @@ def desired_by_device(tx: Tx, where: str, params: Sequence[Any],
     """The desired models of the devices ``where`` selects (a WHERE clause over
     ``desired_models``), by device id; a model's version and size are its bundle's."""
     desired: dict[str, dict[str, DesiredModel]] = {}
-    for device_id, model, version, sha, size in tx.all(
+    for device_id, model, version, sha, size, extras in tx.all(
             f"SELECT {_DESIRED_COLUMNS} FROM {_DESIRED_FROM} {where}", params):
-        desired.setdefault(device_id, {})[model] = DesiredModel(int(version), sha, int(size))
+        desired.setdefault(device_id, {})[model] = desired_from_row(version, sha, size, extras)
     return desired
 
 

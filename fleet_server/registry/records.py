@@ -9,16 +9,18 @@ the event log's ids.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from protocol.install_states import InstallState
-from protocol.messages import DesiredModel, ModelReport, Telemetry
+from protocol.messages import DesiredModel, DesiredShadow, ModelReport, Telemetry
 
 __all__ = ["BundleRecord", "DeltaRecord", "DesiredChange", "Device", "Enrolled", "EventRecord",
-           "TelemetryRecord", "desired_json", "is_converged"]
+           "TelemetryRecord", "desired_extras", "desired_from_row", "desired_json",
+           "is_converged"]
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,26 @@ def desired_json(model: DesiredModel) -> dict[str, Any]:
         out["delta"] = {"bundle_sha256": model.delta.bundle_sha256, "size": model.delta.size,
                         "base_version": model.delta.base_version}
     return out
+
+
+def desired_extras(model: DesiredModel) -> str | None:
+    """What ``model`` carries beyond its bundle, as ``desired_models.extras`` stores it
+    (None for a plain model)."""
+    extras = {k: v for k, v in desired_json(model).items()
+              if k not in ("version", "bundle_sha256", "size")}
+    return json.dumps(extras, sort_keys=True) if extras else None
+
+
+def desired_from_row(version: int, sha256: str, size: int, extras: str | None) -> DesiredModel:
+    """A desired model from its bundle's columns and its ``extras``."""
+    if extras is None:
+        return DesiredModel(int(version), sha256, int(size))
+    obj = json.loads(extras)
+    s = obj.get("shadow")
+    shadow = None if s is None else DesiredShadow(int(s["version"]), str(s["bundle_sha256"]),
+                                                  int(s["size"]), float(s["sample_rate"]))
+    return DesiredModel(int(version), sha256, int(size), shadow,
+                        float(obj.get("compare_previous", 0.0)))
 
 
 def is_converged(desired: Mapping[str, DesiredModel],

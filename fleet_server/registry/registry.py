@@ -16,13 +16,26 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fleet_server.audit import AuditEntry
 from fleet_server.errors import RegistryError
 from fleet_server.monitoring.alerts import Alert, Notice
 from fleet_server.monitoring.samples import Observation
 from fleet_server.monitoring.series import Totals
 from protocol.messages import DesiredModel, Telemetry
 
-from . import alerts, bundles, deltas, desired, devices, events, metric_series, telemetry, tokens
+from . import (
+    alerts,
+    audit,
+    bundles,
+    deltas,
+    desired,
+    devices,
+    events,
+    metric_series,
+    rollouts,
+    telemetry,
+    tokens,
+)
 from .bundle_store import BundleStore
 from .database import DEFAULT_MAX_CONNECTIONS, Database, Tx, open_database
 from .migrations import migrate
@@ -35,6 +48,7 @@ from .records import (
     EventRecord,
     TelemetryRecord,
 )
+from .rollouts import RolloutRecord
 
 __all__ = ["Registry", "open_registry"]
 
@@ -302,6 +316,16 @@ class Registry:
         with self._tx(write=True) as tx:
             return desired.clear_desired(tx, now, model, devices, group)
 
+    def set_desired_models(self, model: str, targets: Mapping[str, DesiredModel | None],
+                           ) -> list[DesiredChange]:
+        """Set ``model`` on each device to its own target, carrying what the target carries
+        (a shadow candidate, ``compare_previous``; None: not desired), in one transaction.
+        Rollouts use this; each change is pushed on the history as :meth:`set_desired`'s
+        are. RegistryError for an unknown device or a bundle that is not stored."""
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            return desired.set_models(tx, now, model, targets)
+
     def rollback(self, *, devices: Sequence[str] | None = None, group: str | None = None,
                  model: str | None = None, dry_run: bool = False,
                  substitute: Mapping[str, DesiredModel] | None = None) -> list[DesiredChange]:
@@ -367,6 +391,13 @@ class Registry:
         with self._tx() as tx:
             return telemetry.latest_telemetry(tx, group)
 
+    def telemetry_since(self, device_ids: Sequence[str], since: float, *,
+                        limit: int = 100_000) -> list[TelemetryRecord]:
+        """Samples of these devices taken at or after ``since`` (device time), by device then
+        seq, at most ``limit``."""
+        with self._tx() as tx:
+            return telemetry.telemetry_since(tx, device_ids, since, limit)
+
     def prune_telemetry(self, *, before: float) -> int:
         """Delete samples taken before ``before`` (Unix time); returns how many."""
         with self._tx(write=True) as tx:
@@ -426,3 +457,47 @@ class Registry:
         """Alerts, most recently changed first."""
         with self._tx() as tx:
             return alerts.list_alerts(tx, firing_only=firing_only, kind=kind, limit=limit)
+
+    # --- rollouts ---
+
+    def save_rollout(self, record: RolloutRecord) -> None:
+        """Store a rollout: revision 1 creates it, revision N replaces revision N - 1
+        (RegistryError if another writer got there first, or the id is taken)."""
+        with self._tx(write=True) as tx:
+            rollouts.save_rollout(tx, record)
+
+    def get_rollout(self, rollout_id: str) -> RolloutRecord | None:
+        """The rollout, or None."""
+        with self._tx() as tx:
+            return rollouts.load_rollout(tx, rollout_id)
+
+    def list_rollouts(self, *, statuses: tuple[str, ...] | None = None,
+                      limit: int = 100) -> list[RolloutRecord]:
+        """Rollouts, newest first, optionally only those in ``statuses``."""
+        with self._tx() as tx:
+            return rollouts.list_rollouts(tx, statuses, limit)
+
+    # --- audit log ---
+
+    def append_audit(self, actor: str, action: str, target: str, reason: str = "",
+                     detail: Mapping[str, Any] | None = None) -> AuditEntry:
+        """Append a hash-chained entry to the audit log (docs/rollouts.md, "Audit log")."""
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            return audit.append_audit(tx, AuditEntry(0, now, actor, action, target, reason,
+                                                     dict(detail or {})))
+
+    def audit_log(self, *, since_seq: int = 0, limit: int = 1000) -> list[AuditEntry]:
+        """Audit entries after ``since_seq``, oldest first, at most ``limit``."""
+        with self._tx() as tx:
+            return audit.list_audit(tx, since_seq, limit)
+
+    def last_audit(self, action: str) -> AuditEntry | None:
+        """The newest audit entry of ``action``, or None."""
+        with self._tx() as tx:
+            return audit.last_audit(tx, action)
+
+    def audit_head(self) -> tuple[int, str]:
+        """The audit log's head: how many entries were appended, and the newest's hash."""
+        with self._tx() as tx:
+            return audit.audit_head(tx)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from protocol.messages import Telemetry
@@ -13,7 +13,11 @@ from .devices import mark_seen
 from .records import TelemetryRecord
 from .values import dumps
 
-__all__ = ["add_telemetry", "latest_telemetry", "list_telemetry", "prune_telemetry"]
+#: Device ids per IN (...) list: well below SQLite's host parameter limit.
+_IN_CHUNK = 500
+
+__all__ = ["add_telemetry", "latest_telemetry", "list_telemetry", "prune_telemetry",
+           "telemetry_since"]
 
 
 def add_telemetry(tx: Tx, now: float, device_id: str, samples: Iterable[Telemetry]) -> int:
@@ -41,6 +45,24 @@ def latest_telemetry(tx: Tx, group: str | None) -> dict[str, TelemetryRecord]:
                   f"WHERE m.device_id = t.device_id){where} ORDER BY t.device_id",
                   () if group is None else (group,))
     return {r[0]: _record(r) for r in rows}
+
+
+def telemetry_since(tx: Tx, device_ids: Sequence[str], since: float,
+                    limit: int) -> list[TelemetryRecord]:
+    """Samples of these devices taken at or after ``since``, by device then seq, at most
+    ``limit`` (the newest are cut)."""
+    found: list[TelemetryRecord] = []
+    wanted = sorted(set(device_ids))
+    for start in range(0, len(wanted), _IN_CHUNK):
+        chunk = wanted[start:start + _IN_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        found += [_record(r) for r in tx.all(
+            "SELECT device_id, seq, at, payload FROM telemetry "
+            f"WHERE at >= ? AND device_id IN ({marks}) ORDER BY device_id, seq LIMIT ?",
+            (since, *chunk, limit - len(found)))]
+        if len(found) >= limit:
+            break
+    return found
 
 
 def prune_telemetry(tx: Tx, before: float) -> int:

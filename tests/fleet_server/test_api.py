@@ -348,3 +348,56 @@ def test_the_cli_client_verifies_the_server_with_the_fleet_ca(
     other = FleetCA.create(tmp_path / "other", "testfleet")
     with pytest.raises(ApiError, match=r"is not the one the CA .* vouches for"):
         ServerClient(api.url, token, other.cert_path).get("/api/status")
+
+
+# --- rollouts and the audit log ------------------------------------------------------------
+
+def test_rollouts_and_the_audit_log(call: Caller, token: str,
+                                    bundles: dict[str, bytes]) -> None:
+    for device in ("gw-1", "gw-2"):
+        _enroll(call, device)
+    status, stored = call("POST", "/api/bundles", data=bundles["v2"])
+    assert status == 201, stored
+    sha = stored["sha256"]
+    assert call("POST", "/api/rollouts", {"bundle_sha256": "0" * 64, "group": "lab"})[0] == 404
+    status, answer = call("POST", "/api/rollouts", {"bundle_sha256": sha, "group": "lab",
+                                                    "gates": ["speed<=2"]})
+    assert status == 400
+    assert "unknown metric 'speed'" in answer["error"]
+    status, answer = call("POST", "/api/rollouts", {"bundle_sha256": sha, "group": "lab",
+                                                    "steps": [5, 25]})
+    assert status == 400
+    assert "last step must be 100" in answer["error"]
+    assert call("POST", "/api/rollouts", {"bundle_sha256": sha}, token="wrong")[0] == 401
+    status, rollout = call("POST", "/api/rollouts", {"bundle_sha256": sha, "group": "lab",
+                                                     "bake_s": 60, "reason": "test"})
+    assert status == 201, rollout
+    assert rollout["state"] == "running"
+    assert rollout["step"] == "5%"
+    assert len(rollout["devices_in_step"]) == 1
+    assert {g["metric"] for g in rollout["steps"][0].get("gates", [])} <= {
+        "install_failures", "error_rate", "crash_rate", "p99_ratio", "agreement",
+        "confidence_shift", "drift"}
+    path = f"/api/rollouts/{rollout['id']}"
+    assert call("GET", "/api/rollouts/r-nothing")[0] == 404
+    assert call("POST", f"{path}/pause", {"reason": "lunch"})[1]["state"] == "paused"
+    status, answer = call("POST", f"{path}/pause", {})
+    assert status == 400
+    assert "paused already" in answer["error"]
+    assert call("POST", f"{path}/explode", {})[0] == 400
+    status, aborted = call("POST", f"{path}/abort", {"reason": "wrong model"})
+    assert status == 200
+    assert aborted["state"] == "aborted"
+    status, listed = call("GET", "/api/rollouts")
+    assert [r["id"] for r in listed["rollouts"]] == [rollout["id"]]
+    status, log = call("GET", "/api/audit")
+    assert status == 200
+    actions = [(e["actor"], e["action"], e["reason"]) for e in log["entries"]]
+    operator = actions[-1][0]
+    assert operator.startswith("admin:")
+    assert token not in json.dumps(log)
+    assert ("keys directory", "keys.rotated", "root.json v1 found (was none)") in actions
+    assert (operator, "rollout.paused", "lunch") in actions
+    assert (operator, "rollout.aborted", "wrong model") in actions
+    assert [a for _, a, _ in actions].count("enroll") == 2
+    assert log["head"]["seq"] == len(log["entries"])
