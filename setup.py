@@ -18,7 +18,9 @@ _RUNTIMES = ["onnxruntime>=1.20", "ai-edge-litert>=2.0"]
 
 EXTRAS = {
     # tomli-w: agent.toml is written with a TOML writer (edge-agent enroll).
-    "agent": [*_CORE, *_RUNTIMES, "paho-mqtt>=2.0", "psutil>=5.9", "tomli-w>=1.0"],
+    # prometheus-client: the optional local /metrics endpoint ([monitor] prometheus).
+    "agent": [*_CORE, *_RUNTIMES, "paho-mqtt>=2.0", "psutil>=5.9", "tomli-w>=1.0",
+              "prometheus-client>=0.20"],
     # sympy: onnxruntime's symbolic shape inference, run before quantization.
     "compressor": [*_CORE, *_RUNTIMES, "onnx>=1.17", "sympy>=1.12"],
     # psycopg and its pool: PostgreSQL for the registry (fleet serve --db postgresql://...);

@@ -9,6 +9,8 @@ Speaks what existing clients (``tritonclient.http``, KServe's own) expect:
     POST /v2/models/{name}[/versions/{v}]/infer     JSON tensors, or the binary tensor
                                                     extension (Inference-Header-Content-Length)
     GET  /v2/edgefleet/status                       agent status (models, installs)
+    GET  /metrics                                   Prometheus text format, when turned on
+                                                    (``[monitor] prometheus``; agent.prometheus)
     POST /v2/edgefleet/install                      body: a bundle file; installs it
 
 Every other request needs ``Authorization: Bearer <token>`` (the token file is created with
@@ -49,6 +51,7 @@ from . import __version__
 from .config import DEFAULT_API_HOST, ApiLimits
 from .errors import AgentError, InvalidInputError, ModelNotFoundError
 from .http_server import HttpError, HttpServer, Request, Response
+from .prometheus import RuntimeCollector, exposition
 from .runtime import Runtime, ServedModel
 from .sessions import TensorInfo
 from .tensors import DATATYPE_OF, DTYPE_OF
@@ -82,6 +85,7 @@ class ApiSettings:
     unix_socket: Path | None = None
     token: str | None = None  # None: no authentication (only for tests and demos)
     limits: ApiLimits = field(default_factory=ApiLimits)
+    prometheus: bool = False  # serve GET /metrics
 
 
 def load_or_create_token(path: Path) -> str:
@@ -114,6 +118,7 @@ class _Api:
     def __init__(self, runtime: Runtime, settings: ApiSettings) -> None:
         self.runtime = runtime
         self.settings = settings
+        self._prometheus = RuntimeCollector(runtime) if settings.prometheus else None
 
     def admit(self, method: str, path: str, headers: Mapping[str, str], length: int) -> None:
         if path in _OPEN_PATHS:
@@ -200,6 +205,13 @@ class _Api:
     def _status(self, request: Request) -> Response:
         return Response(HTTPStatus.OK, _json(self.runtime.status()))
 
+    def _metrics(self, request: Request) -> Response:
+        if self._prometheus is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, "GET /metrics is off; turn it on with "
+                            "prometheus = true in the agent config's [monitor] table")
+        body, content_type = exposition(self._prometheus)
+        return Response(HTTPStatus.OK, body, content_type)
+
     def _infer(self, served: ServedModel, request: Request) -> Response:
         body, binary = _split_binary(request.body, request.headers.get(_BINARY_HEADER_LC))
         feeds = _decode_inputs(body, binary, served.session.inputs, self.settings.limits)
@@ -226,6 +238,7 @@ class _Api:
 _FIXED_ROUTES: dict[tuple[str, str], Callable[[_Api, Request], Response]] = {
     ("GET", "/v2"): _Api._server_metadata,
     ("GET", "/v2/edgefleet/status"): _Api._status,
+    ("GET", "/metrics"): _Api._metrics,
     ("POST", _INSTALL_PATH): _Api._install,
 }
 

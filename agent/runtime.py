@@ -12,6 +12,14 @@ bundle's golden samples; only then is the name pointed at it (one dict assignmen
 under the GIL). A request holds a reference to the model it started on, so in-flight
 requests finish on the old session, which is released when the last of them returns. The
 old model stays loaded through probation, so a rollback is as instant as the swap.
+
+Watching the served models never slows a request: each served model carries a
+:class:`~agent.side_runner.SideChannel` that hands a sampled share of its requests to one
+side thread, where the monitor folds them into statistics (:mod:`agent.monitor`) and a
+shadow candidate or the kept previous version runs them for comparison
+(:mod:`agent.comparison`). With ``compare_previous`` set for a name (:meth:`keep_previous`)
+the model an install replaces stays loaded after probation too (blue-green), so
+:meth:`switch_back` to it is one swap.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +40,17 @@ from bundle.manifest import Manifest
 from firmware_profiles.model import Profile
 from firmware_profiles.runtimes import import_litert
 
+from .comparison import Comparison, compared_output
+from .config import MonitorConfig
 from .errors import AgentError, InstallError, InvalidInputError, ModelLoadError, ModelNotFoundError
 from .install_driver import InstallDriver, ServedLike
 from .install_state import InstallRecord
 from .installer import Installer, StateDirs, Verifier
 from .model_store import StoredModel
+from .monitor import ModelMonitor, MonitorPlan, monitor_plan
 from .probation import ProbationPolicy
 from .sessions import Session, TensorInfo, open_session, warm_up
+from .side_runner import SideChannel, SideRunner, SideTask
 from .tensors import check_feeds, from_manifest_tensor
 
 __all__ = ["ModelInfo", "RequestStats", "Runtime", "ServedModel"]
@@ -109,6 +122,13 @@ class ServedModel:
         self.stored = stored
         self.stats = RequestStats()
         self.output_names = [o.name for o in session.outputs]
+        baseline = stored.manifest.baseline if stored is not None else {}
+        #: What the monitor counts, from the bundle's baseline (outputs' kinds besides).
+        self.plan: MonitorPlan = monitor_plan(baseline, session.inputs, session.outputs)
+        #: This version's sampled statistics; None while monitoring is off.
+        self.monitor: ModelMonitor | None = None
+        #: Hands sampled requests to the watchers; None when nothing watches.
+        self.side: SideChannel | None = None
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one request. The runtime checks the feeds; ours are checked only on failure,
@@ -124,7 +144,11 @@ class ServedModel:
             raise AgentError(f"model {self.name} v{self.version}: inference failed "
                              f"({exc})") from exc
         self.stats.record(time.perf_counter() - start)
-        return dict(zip(self.output_names, outputs, strict=True))
+        result = dict(zip(self.output_names, outputs, strict=True))
+        side = self.side
+        if side is not None:
+            side.offer(inputs, result)
+        return result
 
     @property
     def figures(self) -> dict[str, Any]:
@@ -150,11 +174,22 @@ class Runtime:
     def __init__(self, state_dir: Path | None = None, profile: Profile | None = None, *,
                  policy: ProbationPolicy | None = None, threads: int = 0,
                  clock: Callable[[], float] = time.time,
-                 verifier: Verifier | None = None) -> None:
+                 verifier: Verifier | None = None,
+                 monitoring: MonitorConfig | None = None) -> None:
         self.profile = profile
         self.policy = policy or ProbationPolicy()
         self.threads = threads
+        self.monitoring = monitoring or MonitorConfig()
+        #: The one thread that runs the watchers of every served model.
+        self.side_runner = SideRunner(self.monitoring.queue)
         self._serving: dict[str, ServedModel] = {}
+        # Per name: comparisons by role ("shadow", "previous") with their sampling rates,
+        # the share of requests to compare with the replaced version, and that version.
+        self._comparisons: dict[str, dict[str, tuple[Comparison, float]]] = {}
+        self._keep_rates: dict[str, float] = {}
+        self._kept: dict[str, ServedModel] = {}
+        self._previous_comparison: dict[str, Comparison] = {}
+        self._watch_lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         #: Problems found while restoring models at start-up, for status reports.
@@ -210,12 +245,132 @@ class Runtime:
 
     def swap(self, name: str, model: ServedLike | None) -> None:
         """Serve ``model`` under ``name`` from now on: one dict assignment, so a request
-        either gets the old model or the new one, and finishes on the one it got."""
-        if model is None:
-            self._serving.pop(name, None)
+        either gets the old model or the new one, and finishes on the one it got.
+
+        With :meth:`keep_previous` set for ``name``, the model replaced stays loaded and is
+        compared with the new one on that share of requests."""
+        with self._watch_lock:
+            old = self._serving.get(name)
+            if model is None:
+                self._serving.pop(name, None)
+            else:
+                assert isinstance(model, ServedModel)
+                self._watch(model)
+                self._serving[name] = model
+            if (old is not None and model is not None and old is not model
+                    and old.version != model.version and self._keep_rates.get(name, 0.0) > 0):
+                self._kept[name] = old
+            if self._kept.get(name) is model:
+                self._kept.pop(name)  # switched back to it: it serves, nothing to compare
+            self._rewire(name)
+
+    # -- watching: monitor, shadow, previous version ------------------------------------------
+
+    def keep_previous(self, name: str, rate: float) -> None:
+        """Keep the version the next install of ``name`` replaces loaded and run it on
+        ``rate`` of the requests, compared (0: release it; the desired state's
+        ``compare_previous``)."""
+        with self._watch_lock:
+            self._keep_rates[name] = rate
+            if rate <= 0:
+                self._kept.pop(name, None)
+            self._rewire(name)
+
+    def kept_version(self, name: str) -> int | None:
+        """The version kept loaded beside ``name``'s served one (blue-green), or None."""
+        kept = self._kept.get(name)
+        return None if kept is None else kept.version
+
+    def switch_back(self, name: str, version: int) -> bool:
+        """Serve ``version`` of ``name`` again if it is still loaded: the previous model of
+        an install in probation, or the one kept by :meth:`keep_previous`. One swap, no
+        fetch and no load; False when that version is not loaded."""
+        if self.installs is not None and self.installs.switch_back(name, version):
+            return True
+        with self._watch_lock:
+            kept, current = self._kept.get(name), self._serving.get(name)
+            if kept is None or kept.version != version or current is None:
+                return False
+            if self.installer is not None:
+                self.installer.store.set_active(name, version, current.version)
+            self.swap(name, kept)
+            if self._keep_rates.get(name, 0.0) > 0:
+                self._kept[name] = current
+                self._rewire(name)
+        log.info("%s: switched back to v%d (kept loaded)", name, version)
+        return True
+
+    def attach(self, name: str, role: str, model: ServedModel, rate: float) -> None:
+        """Run ``model`` beside ``name``'s served model on ``rate`` of its requests and
+        compare the answers (``role`` "shadow": a candidate that never serves)."""
+        with self._watch_lock:
+            self._comparisons.setdefault(name, {})[role] = (
+                self._comparison(name, role, model), rate)
+            self._rewire(name)
+
+    def detach(self, name: str, role: str) -> ServedModel | None:
+        """Stop running the ``role`` model beside ``name``; returns it (None if none)."""
+        with self._watch_lock:
+            entry = self._comparisons.get(name, {}).pop(role, None)
+            self._rewire(name)
+        if entry is None:
+            return None
+        model = entry[0].model
+        assert isinstance(model, ServedModel)
+        return model
+
+    def flush_watchers(self, name: str, timeout: float = 1.0) -> None:
+        """Hand over the requests held for ``name``'s watchers and wait (up to ``timeout``)
+        until the side thread has handled them, so a report counts them."""
+        served = self._serving.get(name)
+        side = None if served is None else served.side
+        if side is not None:
+            side.flush()
+            self.side_runner.wait_idle(timeout)
+
+    def comparisons(self, name: str) -> dict[str, Comparison]:
+        """The comparisons running beside ``name`` by role (``shadow``, ``previous``)."""
+        with self._watch_lock:
+            found = {role: c for role, (c, _) in self._comparisons.get(name, {}).items()}
+            previous = self._previous_comparison.get(name)
+        if previous is not None:
+            found["previous"] = previous
+        return found
+
+    def _comparison(self, name: str, role: str, model: ServedModel) -> Comparison:
+        served = self._serving.get(name)
+        plan = (served or model).plan
+        output, position, metric = compared_output([(o.name, o.kind) for o in plan.outputs])
+        names = model.output_names
+        # The candidate's output of that name, else the one in the same place.
+        if output in names:
+            position = names.index(output)
+        return Comparison(role, model, output, position, metric)
+
+    def _watch(self, model: ServedModel) -> None:
+        if model.monitor is None and self.monitoring.sample_rate > 0:
+            model.monitor = ModelMonitor(model.plan, model.version,
+                                         _request_bytes(model.session))
+
+    def _rewire(self, name: str) -> None:
+        """Give ``name``'s served model the side channel of its current watchers."""
+        served = self._serving.get(name)
+        if served is None:
+            return
+        watchers: list[tuple[SideTask, float]] = []
+        if served.monitor is not None:
+            watchers.append((served.monitor, self.monitoring.sample_rate))
+        watchers += [(c, rate) for c, rate in self._comparisons.get(name, {}).values()]
+        kept, rate = self._kept.get(name), self._keep_rates.get(name, 0.0)
+        previous = self._previous_comparison.get(name)
+        if kept is not None and rate > 0:
+            if previous is None or previous.model is not kept:
+                previous = self._comparison(name, "previous", kept)
+                self._previous_comparison[name] = previous
+            watchers.append((previous, rate))
         else:
-            assert isinstance(model, ServedModel)
-            self._serving[name] = model
+            self._previous_comparison.pop(name, None)
+        served.side = SideChannel(self.side_runner, watchers) if watchers else None
 
     def load(self, stored: StoredModel) -> ServedModel:
         """Load, self-test and warm up a stored model (checking its file's hash first)."""
@@ -229,11 +384,14 @@ class Runtime:
 
     # -- loading -------------------------------------------------------------------------
 
-    def load_file(self, path: Path, name: str | None = None) -> ModelInfo:
+    def load_file(self, path: Path, name: str | None = None,
+                  baseline: Mapping[str, Any] | None = None) -> ModelInfo:
         """Serve the model file ``path`` (.onnx or .tflite) as ``name`` (default: its stem).
 
         Unsigned and not persisted: for offline use without a fleet. Replaces a model of the
-        same name with the same hot-swap as an install.
+        same name with the same hot-swap as an install. ``baseline`` is a drift baseline
+        for the monitor (``edge-compress``'s report.json ``baseline``); without one only
+        outputs are watched.
         """
         fmt = _FORMATS_BY_SUFFIX.get(path.suffix.lower())
         if fmt is None:
@@ -242,7 +400,10 @@ class Runtime:
         if not path.is_file():
             raise ModelLoadError(f"{path}: no such model file")
         name = name or path.stem
-        self.swap(name, ServedModel(name, None, self._open(path, fmt, None), str(path)))
+        served = ServedModel(name, None, self._open(path, fmt, None), str(path))
+        if baseline is not None:
+            served.plan = monitor_plan(baseline, served.session.inputs, served.session.outputs)
+        self.swap(name, served)
         return self.model(name)
 
     def _open(self, path: Path, fmt: str, manifest: Manifest | None) -> Session:
@@ -262,6 +423,31 @@ class Runtime:
         model untouched; ``record.reason`` says why). Probation ends in :meth:`check_probation`.
         """
         return self._require_installs().install(bundle)
+
+    def load_candidate(self, record: InstallRecord) -> Future[ServedLike]:
+        """Verify, stage and load the bundle of ``record`` (in its bundle path) as a
+        candidate that never serves, on the install worker (attach it with :meth:`attach`).
+        """
+        return self._require_installs().stage_candidate(record)
+
+    def candidate_record(self, name: str | None, version: int | None, source: str,
+                         bundle_sha256: str | None = None, size: int | None = None,
+                         ) -> InstallRecord:
+        """A record for a candidate bundle (never persisted): where to fetch it to."""
+        installer = self._require_installer()
+        record = installer.begin(source, model=name, version=version,
+                                 bundle_sha256=bundle_sha256, size=size)
+        return replace(record, install_id=f"candidate-{record.install_id}")
+
+    def load_shadow(self, bundle: Path) -> ServedModel:
+        """Verify, stage and load the bundle file ``bundle`` as a candidate that never
+        serves; raises InstallError or ModelLoadError like an install would fail."""
+        installer = self._require_installer()
+        record = self.candidate_record(None, None, str(bundle.absolute()))
+        record = replace(record, bundle_sha256=installer.copy_in(record))
+        model = self.load_candidate(record).result()
+        assert isinstance(model, ServedModel)
+        return model
 
     def resume_installs(self, wait: bool = True) -> None:
         """Report installs' unreported states and resume those a stop interrupted, behind
@@ -293,7 +479,7 @@ class Runtime:
                 candidates = [v for v in (pointer.version, pointer.previous) if v is not None]
             for version in candidates:
                 try:
-                    self._serving[name] = self.load(store.slot(name, version))
+                    self.swap(name, self.load(store.slot(name, version)))
                 except (AgentError, InstallError) as exc:
                     self._problem(f"{name} v{version} cannot be served: {exc}")
                     continue
@@ -356,9 +542,24 @@ class Runtime:
         self._stop.set()
         if self.installs is not None:
             self.installs.close()
+        self.side_runner.close()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+
+def _request_bytes(session: Session) -> int:
+    """About how many bytes one request's tensors take (dynamic dimensions counted as 1)."""
+    total = 0
+    for info in (*session.inputs, *session.outputs):
+        elements = 1
+        for dim in info.shape:
+            elements *= dim or 1
+        try:
+            total += elements * np.dtype(info.dtype).itemsize
+        except TypeError:
+            total += elements * 8  # a dtype numpy does not name: guess wide
+    return total
 
 
 def _self_test(session: Session, manifest: Manifest) -> dict[str, np.ndarray] | None:

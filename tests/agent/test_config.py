@@ -17,6 +17,7 @@ from agent.config import (
     ApiConfig,
     ApiLimits,
     FleetSettings,
+    MonitorConfig,
     config_reference,
     config_to_toml,
     load_config,
@@ -171,10 +172,10 @@ def test_any_valid_config_round_trips(*, state_dir: Path, profile: str | None,
 
 def test_every_key_has_a_meaning_and_the_committed_reference_is_current() -> None:
     reference = config_reference()
-    for table in (AgentConfig, ApiConfig, ApiLimits, FleetSettings):
+    for table in (AgentConfig, ApiConfig, ApiLimits, FleetSettings, MonitorConfig):
         for f in fields(table):
             assert f.metadata["meaning"], f.name
-            assert f"`{f.name}`" in reference or f.name in ("api", "limits", "fleet")
+            assert f"`{f.name}`" in reference or f.name in ("api", "limits", "fleet", "monitor")
     committed = (ROOT / "docs" / "agent-config.md").read_text(encoding="utf-8")
     assert committed == reference, ("docs/agent-config.md is out of date: run "
                                     "`edge-agent config --doc > docs/agent-config.md`")
