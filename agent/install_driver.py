@@ -176,6 +176,12 @@ class InstallDriver:
         False when no probation of ``name`` has that previous version."""
         return self._call(lambda: self._switch_back(name, version))
 
+    def previous_version(self, name: str) -> int | None:
+        """The version ``name``'s install in probation replaced, if it is loaded."""
+        probation = self._probations.get(name)
+        previous = None if probation is None else probation.previous
+        return None if previous is None else previous.version
+
     def in_probation(self, name: str) -> bool:
         """Whether ``name`` serves a model still in probation."""
         return name in self._probations or name in self._swapping

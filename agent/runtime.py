@@ -276,10 +276,28 @@ class Runtime:
                 self._kept.pop(name, None)
             self._rewire(name)
 
-    def kept_version(self, name: str) -> int | None:
-        """The version kept loaded beside ``name``'s served one (blue-green), or None."""
+    def previous_version(self, name: str) -> int | None:
+        """A version of ``name`` loaded beside the served one that :meth:`switch_back` can
+        serve at once: the one kept by :meth:`keep_previous`, or the one an install in
+        probation replaced. None if there is none."""
         kept = self._kept.get(name)
-        return None if kept is None else kept.version
+        if kept is not None:
+            return kept.version
+        return None if self.installs is None else self.installs.previous_version(name)
+
+    def keep_rate(self, name: str) -> float:
+        """The share of ``name``'s requests run on the previous version (:meth:`keep_previous`)."""
+        return self._keep_rates.get(name, 0.0)
+
+    def shadow_of(self, name: str) -> tuple[ServedModel, float] | None:
+        """The shadow candidate running beside ``name`` and its sampling rate, or None."""
+        with self._watch_lock:
+            entry = self._comparisons.get(name, {}).get("shadow")
+        if entry is None:
+            return None
+        model = entry[0].model
+        assert isinstance(model, ServedModel)
+        return model, entry[1]
 
     def switch_back(self, name: str, version: int) -> bool:
         """Serve ``version`` of ``name`` again if it is still loaded: the previous model of
