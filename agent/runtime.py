@@ -303,12 +303,17 @@ class Runtime:
         """Serve ``version`` of ``name`` again if it is still loaded: the previous model of
         an install in probation, or the one kept by :meth:`keep_previous`. One swap, no
         fetch and no load; False when that version is not loaded."""
-        if self.installs is not None and self.installs.switch_back(name, version):
-            return True
+        with self._watch_lock:
+            kept, current = self._kept.get(name), self._serving.get(name)
+            kept_here = kept is not None and kept.version == version and current is not None
+        if not kept_here:
+            # Maybe the previous model of an install still in probation (the install
+            # worker swaps it in, taking the lock: so not held here).
+            return self.installs is not None and self.installs.switch_back(name, version)
         with self._watch_lock:
             kept, current = self._kept.get(name), self._serving.get(name)
             if kept is None or kept.version != version or current is None:
-                return False
+                return False  # changed meanwhile
             if self.installer is not None:
                 self.installer.store.set_active(name, version, current.version)
             self.swap(name, kept)

@@ -310,3 +310,58 @@ def test_prometheus_endpoint(state_dir: Path, repo: Repo, tmp_path: Path, x86: P
     finally:
         server.stop()
         runtime.close()
+
+
+# -- blue-green on the runtime --------------------------------------------------------------
+
+
+def test_switch_back_during_probation_rolls_back_to_the_loaded_model(
+        state_dir: Path, repo: Repo, tmp_path: Path, x86: Profile) -> None:
+    runtime = Runtime(state_dir, x86, policy=QUICK)
+    try:
+        runtime.install(write_bundle(repo, tmp_path, digits_spec(1)))
+        _serve(runtime, 20)
+        assert [r.state.value for r in runtime.check_probation()] == ["committed"]
+        first = runtime.served("digits")
+        record = runtime.install(write_bundle(repo, tmp_path, digits_spec(2, swapped_digits())))
+        assert record.state.value == "probation"
+        assert runtime.previous_version("digits") == 1
+        assert not runtime.switch_back("digits", 3)  # not loaded: nothing happens
+        assert runtime.switch_back("digits", 1)
+        assert runtime.served("digits") is first  # the loaded model, not a new load
+        latest = runtime.installer.records()[0]  # type: ignore[union-attr]
+        assert (latest.version, latest.state.value, latest.reason) == (2, "rolled_back",
+                                                                        "switched_back")
+        assert runtime.installer.store.active("digits").version == 1  # type: ignore[union-attr]
+    finally:
+        runtime.close()
+
+
+def test_keep_previous_compares_and_switches_both_ways(
+        state_dir: Path, repo: Repo, tmp_path: Path, x86: Profile) -> None:
+    runtime = Runtime(state_dir, x86, policy=QUICK, monitoring=MonitorConfig(sample_rate=0.0))
+    try:
+        runtime.install(write_bundle(repo, tmp_path, digits_spec(1)))
+        runtime.keep_previous("digits", 1.0)
+        _serve(runtime, 20)
+        runtime.check_probation()
+        v1 = runtime.served("digits")
+        runtime.install(write_bundle(repo, tmp_path, digits_spec(2)))
+        _serve(runtime, 20)
+        runtime.check_probation()
+        assert runtime.previous_version("digits") == 1
+        previous = _collect(runtime)["previous"]
+        assert previous["version"] == 1
+        assert previous["agreement"]["n"] == previous["requests"] > 0
+        assert previous["agreement"]["agree"] == previous["agreement"]["n"]  # same model
+        v2 = runtime.served("digits")
+        assert runtime.switch_back("digits", 1)
+        assert runtime.served("digits") is v1
+        assert runtime.previous_version("digits") == 2  # and back again is one swap too
+        assert runtime.switch_back("digits", 2)
+        assert runtime.served("digits") is v2
+        runtime.keep_previous("digits", 0.0)  # blue-green off: the previous one released
+        assert runtime.previous_version("digits") is None
+        assert "previous" not in _collect(runtime)
+    finally:
+        runtime.close()
