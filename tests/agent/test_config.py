@@ -109,6 +109,10 @@ _FLEET_TABLE = ('[fleet]\nname = "f"\ndevice_id = "d"\nbroker_url = "mqtts://b"\
      ", line 2: missing key fleet.key_file (this device's private key"),
     ('state_dir = "/s"\n' + _FLEET_TABLE + "telemetry_interval_s = 0\n",
      "fleet.telemetry_interval_s = 0 is out of range; use 0.1 to 86400"),
+    ('state_dir = "/s"\n[monitor]\nprometheus = "yes"\n',
+     ", line 3: monitor.prometheus must be true or false, not 'yes'"),
+    ('state_dir = "/s"\n[monitor]\nsample_rate = 1.5\n',
+     "monitor.sample_rate = 1.5 is out of range; use 0 to 1"),
     ("state_dir = \n", ": not valid TOML (Invalid value (at line 1, column 13))"),
     (b'state_dir = "/s"\n# caf\xe9\n', ", line 2: not UTF-8 text (byte 0xe9)"),
 ])
