@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -96,31 +96,31 @@ class Comparison:
         self._tally = Tally()
 
     def handle(self, requests: Sequence[Request]) -> None:
-        """Run the candidate on each request's inputs and compare with the served outputs."""
+        """Run the candidate on each request's inputs, then compare its answers with the
+        served ones all at once (the kernels' cost per call is paid once per batch)."""
+        pairs: list[tuple[np.ndarray, np.ndarray]] = []
+        latencies, errors = [], 0
         for inputs, outputs in requests:
-            self._one(inputs, outputs)
-
-    def _one(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
-        served = outputs.get(self.output)
-        start = time.perf_counter()
-        try:
-            answers: Sequence[np.ndarray] = self.session.run(inputs)
-        except Exception:  # the candidate's fault, counted: it never reaches an app
-            with self._lock:
-                self._tally.requests += 1
-                self._tally.errors += 1
-            return
-        elapsed_ms = (time.perf_counter() - start) * 1e3
-        figures = None
-        if served is not None and self.position < len(answers):
-            figures = self._compare(answers[self.position], served)
+            served = outputs.get(self.output)
+            start = time.perf_counter()
+            try:
+                answers: Sequence[np.ndarray] = self.session.run(inputs)
+            except Exception:  # the candidate's fault, counted: it never reaches an app
+                errors += 1
+                continue
+            latencies.append((time.perf_counter() - start) * 1e3)
+            answer = answers[self.position] if self.position < len(answers) else None
+            if (served is None or answer is None or answer.shape != served.shape
+                    or answer.size == 0):
+                errors += 1  # an answer that cannot be compared is a wrong answer
+                continue
+            pairs.append((answer, served))
+        figures = self._compare(pairs) if pairs else (0, 0, 0.0, 0.0, 0)
         with self._lock:
             tally = self._tally
-            tally.requests += 1
-            tally.latencies_ms.append(elapsed_ms)
-            if figures is None:
-                tally.errors += 1  # an answer that cannot be compared is a wrong answer
-                return
+            tally.requests += len(requests)
+            tally.errors += errors
+            tally.latencies_ms.extend(latencies)
             n, agree, score, conf_diff, conf_rows = figures
             tally.n += n
             tally.agree += agree
@@ -128,12 +128,18 @@ class Comparison:
             tally.confidence_diff_sum += conf_diff
             tally.confidence_rows += conf_rows
 
-    def _compare(self, candidate: np.ndarray, served: np.ndarray,
-                 ) -> tuple[int, int, float, float, int] | None:
-        if candidate.shape != served.shape or candidate.size == 0:
-            return None
-        if candidate.ndim < 2:
-            candidate, served = candidate[None], served[None]
+    def _compare(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+                 ) -> tuple[int, int, float, float, int]:
+        """(rows, rows that agree, sum of agreement, sum of confidence differences,
+        classifier rows) over ``pairs`` of (candidate, served) answers of one shape each."""
+        rows = [(c[None], s[None]) if c.ndim < 2 else (c, s) for c, s in pairs]
+        if len({c.shape[1:] for c, _ in rows}) > 1:  # shapes vary by request: one by one
+            totals = [self._compare([pair]) for pair in pairs]
+            return (sum(t[0] for t in totals), sum(t[1] for t in totals),
+                    sum(t[2] for t in totals), sum(t[3] for t in totals),
+                    sum(t[4] for t in totals))
+        candidate = np.concatenate([c for c, _ in rows])
+        served = np.concatenate([s for _, s in rows])
         if self.metric == "top1":
             same = top1_agreement(candidate, served)
             diff = float(np.sum(confidence(candidate) - confidence(served)))
