@@ -25,14 +25,15 @@ import numpy as np
 from stats.outputs import AGREE_COSINE, confidence, cosine_similarity, top1_agreement
 
 from .sessions import Session
-from .side_runner import Request
+from .side_runner import Request, batch_size
 
 __all__ = ["COMPARE_BATCH", "Candidate", "Comparison", "Tally", "compared_output",
            "comparison_report"]
 
-#: Sampled requests handed to a comparison together: fewer wake-ups of the side thread,
-#: at the price of comparisons arriving a few requests late.
-COMPARE_BATCH = 4
+#: Sampled requests handed to a comparison together (fewer for large tensors:
+#: :func:`~agent.side_runner.batch_size`): each wake-up of the side thread contends for the
+#: GIL with the request threads, which shows in their p99 (docs/benchmarks.md, shadow).
+COMPARE_BATCH = 16
 # Latencies kept per interval for p50/p99: enough for a p99, bounded.
 _KEEP_LATENCIES = 1024
 
@@ -82,7 +83,7 @@ class Comparison:
     """
 
     def __init__(self, role: str, model: Candidate, output: str, position: int,
-                 metric: str) -> None:
+                 metric: str, *, request_bytes: int = 0) -> None:
         self.role = role
         self.model = model
         self.version = model.version
@@ -91,7 +92,7 @@ class Comparison:
         self.position = position
         self.metric = metric
         #: Requests handed over together (:class:`~agent.side_runner.SideTask`).
-        self.batch = COMPARE_BATCH
+        self.batch = batch_size(request_bytes, COMPARE_BATCH)
         self._lock = threading.Lock()
         self._tally = Tally()
 

@@ -30,9 +30,9 @@ from stats.histogram import range_counts
 from stats.outputs import MAX_CLASSES, class_counts, confidence, entropy, rows
 
 from .sessions import TensorInfo
-from .side_runner import Request
+from .side_runner import Request, batch_size
 
-__all__ = ["FOLD_BATCH", "FOLD_BYTES", "MAX_BINS", "MAX_TENSORS", "InputPlan", "ModelMonitor",
+__all__ = ["FOLD_BATCH", "MAX_BINS", "MAX_TENSORS", "InputPlan", "ModelMonitor",
            "MonitorPlan", "OutputPlan", "monitor_plan"]
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,9 @@ log = logging.getLogger(__name__)
 MAX_BINS = MAX_CLASSES
 #: At most this many inputs and this many outputs are monitored per model.
 MAX_TENSORS = 16
-#: Sampled requests handed to the monitor together (fewer for large tensors: at most about
-#: :data:`FOLD_BYTES` of them are held).
+#: Sampled requests handed to the monitor together (fewer for large tensors:
+#: :func:`~agent.side_runner.batch_size`).
 FOLD_BATCH = 32
-FOLD_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -192,7 +191,7 @@ class ModelMonitor:
         self.version = version
         #: Requests handed over together (:class:`~agent.side_runner.SideTask`), fewer
         #: when each request's tensors (``request_bytes``) are large.
-        self.batch = max(1, min(FOLD_BATCH, FOLD_BYTES // max(1, request_bytes)))
+        self.batch = batch_size(request_bytes, FOLD_BATCH)
         self._lock = threading.Lock()
         self._sampled = 0
         self._dropped = 0

@@ -368,7 +368,8 @@ class Runtime:
         # The candidate's output of that name, else the one in the same place.
         if output in names:
             position = names.index(output)
-        return Comparison(role, model, output, position, metric)
+        return Comparison(role, model, output, position, metric,
+                          request_bytes=_request_bytes(model.session))
 
     def _watch(self, model: ServedModel) -> None:
         if model.monitor is None and self.monitoring.sample_rate > 0:

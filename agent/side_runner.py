@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import queue
 import threading
 from collections.abc import Mapping, Sequence
@@ -28,11 +27,10 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["Request", "SideChannel", "SideRunner", "SideTask", "due_after"]
+__all__ = ["HOLD_BYTES", "Request", "SideChannel", "SideRunner", "SideTask", "batch_size",
+           "due_after"]
 
 log = logging.getLogger(__name__)
-# The worker runs at a lower priority than the request threads (Linux: per thread).
-_SIDE_NICE = 5
 
 
 #: One request as a watcher gets it: (inputs, outputs), copies.
@@ -52,6 +50,16 @@ class SideTask(Protocol):
     def dropped(self, count: int) -> None:
         """``count`` requests sampled for this watcher found the queue full."""
         ...
+
+
+#: About how many bytes of sampled requests are held per watcher before they are handed over.
+HOLD_BYTES = 1 << 20
+
+
+def batch_size(request_bytes: int, most: int) -> int:
+    """Requests handed over together: ``most``, fewer when each request's tensors take
+    ``request_bytes`` (so at most about :data:`HOLD_BYTES` are held), at least one."""
+    return max(1, min(most, HOLD_BYTES // max(1, request_bytes)))
 
 
 def due_after(n: int, rate: float) -> int:
@@ -111,10 +119,8 @@ class SideRunner:
                 self._thread.start()
 
     def _work(self) -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _SIDE_NICE)
-        except (OSError, AttributeError) as exc:
-            log.debug("cannot lower the side runner's priority: %s", exc)
+        # At the request threads' priority, unlike the install worker: this thread takes the
+        # GIL often, and one preempted while holding it would stall the requests behind it.
         while (item := self._queue.get()) is not None:
             task, requests = item
             try:
