@@ -314,12 +314,16 @@ class Runtime:
             kept, current = self._kept.get(name), self._serving.get(name)
             if kept is None or kept.version != version or current is None:
                 return False  # changed meanwhile
-            if self.installer is not None:
-                self.installer.store.set_active(name, version, current.version)
             self.swap(name, kept)
             if self._keep_rates.get(name, 0.0) > 0:
                 self._kept[name] = current
                 self._rewire(name)
+        # The pointer follows the swap rather than leading it: both versions were committed,
+        # and an fsync behind other disk writes can take tens of milliseconds, which the
+        # switch back must not wait for. A crash in between serves the newer one at the
+        # next start, until the desired state installs this one again.
+        if self.installer is not None:
+            self.installer.store.set_active(name, version, current.version)
         log.info("%s: switched back to v%d (kept loaded)", name, version)
         return True
 

@@ -6,6 +6,7 @@ to a previous version still loaded at once."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -125,16 +126,30 @@ def test_blue_green_keeps_the_previous_version_and_switches_back_at_once(
                 seen.append(time.perf_counter())
                 switched.set()
 
+    received: list[float] = []
+    on_message = link._client.on_message  # when the device has the desired state
+    assert on_message is not None
+
+    def receive(*args: Any) -> None:
+        received.append(time.perf_counter())
+        on_message(*args)
+
+    link._client.on_message = receive
     thread = threading.Thread(target=client)
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)  # as edge-agent run does (agent/daemon.py)
     thread.start()
     start = time.perf_counter()
     server.want(1, v1, compare_previous=0.5)
     switched.wait(10)
     thread.join()
+    sys.setswitchinterval(switch_interval)
     assert seen, "v1 never served again"
     elapsed_ms = (seen[0] - start) * 1e3
-    print(f"\nswitch back: {elapsed_ms:.1f} ms from publishing the desired state to the first "
-          "request served by the previous version (broker hop included)")
+    on_device_ms = (seen[0] - received[0]) * 1e3
+    print(f"\nswitch back: {on_device_ms:.1f} ms from receiving the desired state to the "
+          f"first request served by the previous version ({elapsed_ms:.1f} ms from "
+          "publishing it, the broker hop included)")
     assert elapsed_ms < 2000
     assert runtime.served("digits") is first  # the same loaded model: no load
     assert server.served_bytes == fetched  # no fetch
