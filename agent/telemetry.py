@@ -95,7 +95,9 @@ class TelemetryCollector:
         self.buckets_ms = tuple(buckets_ms)
         self._monotonic = monotonic
         self._previous: float | None = None
-        self._system = system or SystemProbe().read
+        installer = getattr(runtime, "installer", None)
+        disk = None if installer is None else installer.dirs.root
+        self._system = system or SystemProbe(disk).read
         # Counters as last read, per RequestStats object (a model swapped back in keeps its
         # old counters), and per model name the objects still to read.
         self._seen: weakref.WeakKeyDictionary[RequestStats, Counts] = (

@@ -365,3 +365,14 @@ def test_keep_previous_compares_and_switches_both_ways(
         assert "previous" not in _collect(runtime)
     finally:
         runtime.close()
+
+
+def test_the_system_probe_reports_the_state_directory_disk(tmp_path: Path) -> None:
+    from agent.system_probe import SystemProbe
+
+    reading = SystemProbe(tmp_path).read()
+    assert reading.disk_free_bytes is not None
+    assert reading.disk_free_bytes > 0
+    assert reading.disk_percent is not None
+    assert 0.0 <= reading.disk_percent <= 100.0
+    assert SystemProbe().read().disk_free_bytes is None
