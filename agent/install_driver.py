@@ -461,8 +461,9 @@ class InstallDriver:
             return False
         del self._probations[name]
         self._standby[name] = probation.previous
+        # retry: the bundle did nothing wrong, so a desired state naming it again installs it.
         self._run(probation.record, InstallEvent(
-            T.UNHEALTHY, reason="switched_back",
+            T.UNHEALTHY, reason="switched_back", retry=True,
             detail=f"the desired state names v{version} again; switched back to it (loaded)"))
         return True
 

@@ -333,6 +333,8 @@ def test_switch_back_during_probation_rolls_back_to_the_loaded_model(
         assert (latest.version, latest.state.value, latest.reason) == (2, "rolled_back",
                                                                         "switched_back")
         assert runtime.installer.store.active("digits").version == 1  # type: ignore[union-attr]
+        # Not a verdict on the bundle: a desired state naming v2 again installs it.
+        assert runtime.installer.given_up() == {}  # type: ignore[union-attr]
     finally:
         runtime.close()
 
