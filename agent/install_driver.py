@@ -80,8 +80,9 @@ class ServingTable(Protocol):
         """Serve ``model`` under ``name`` from now on (None: stop serving the name)."""
         ...
 
-    def load(self, stored: StoredModel) -> ServedLike:
-        """Load, self-test and warm up a stored model; raises ModelLoadError/InstallError."""
+    def load(self, stored: StoredModel, *, candidate: bool = False) -> ServedLike:
+        """Load, self-test and warm up a stored model; raises ModelLoadError/InstallError.
+        A ``candidate`` never serves (a shadow): it may be given fewer resources."""
         ...
 
 
@@ -167,7 +168,7 @@ class InstallDriver:
                 stored = self.installer.verify_and_stage(record, raise_floor=False)
             finally:
                 self.installer.drop_bundle(record)
-            return self.table.load(stored)
+            return self.table.load(stored, candidate=True)
         return self._submit(stage)
 
     def switch_back(self, name: str, version: int) -> bool:

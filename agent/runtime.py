@@ -400,12 +400,16 @@ class Runtime:
             self._previous_comparison.pop(name, None)
         served.side = SideChannel(self.side_runner, watchers) if watchers else None
 
-    def load(self, stored: StoredModel) -> ServedModel:
-        """Load, self-test and warm up a stored model (checking its file's hash first)."""
+    def load(self, stored: StoredModel, *, candidate: bool = False) -> ServedModel:
+        """Load, self-test and warm up a stored model (checking its file's hash first).
+
+        A ``candidate`` (a shadow, which only ever runs beside the served model) gets one
+        intra-op thread, so it takes at most one core from the model that serves."""
         if not stored.intact():
             raise ModelLoadError(f"{stored.path} no longer matches its sha256 {stored.sha256[:16]}"
                                  "; the file was damaged on disk")
-        session = self._open(stored.path, stored.format, stored.manifest)
+        session = self._open(stored.path, stored.format, stored.manifest,
+                             threads=1 if candidate else self.threads)
         return ServedModel(stored.name, stored.version, session,
                            f"{stored.name} v{stored.version} ({stored.dtype} {stored.format})",
                            stored)
@@ -434,10 +438,12 @@ class Runtime:
         self.swap(name, served)
         return self.model(name)
 
-    def _open(self, path: Path, fmt: str, manifest: Manifest | None) -> Session:
+    def _open(self, path: Path, fmt: str, manifest: Manifest | None, *,
+              threads: int | None = None) -> Session:
         """Open, self-test and warm up a model; raises ModelLoadError or InstallError."""
         accelerators = self.profile.accelerators if self.profile else ()
-        session = open_session(path, fmt, accelerators, self.threads)
+        session = open_session(path, fmt, accelerators,
+                               self.threads if threads is None else threads)
         feeds = _self_test(session, manifest) if manifest is not None else None
         warm_up(session, feeds, _WARMUP_RUNS)
         return session

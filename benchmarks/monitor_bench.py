@@ -143,7 +143,8 @@ def bench_shadow(label: str, model: Path, x: np.ndarray, rounds: int, iterations
     for rate in (0.0, 0.1, 1.0):
         runtime = runtime_for(model, baseline, DEFAULT_MONITOR_RATE)
         if rate:
-            shadow = ServedModel("m", 2, open_session(model, "onnx"), "shadow")
+            # As the agent loads a shadow candidate: one intra-op thread.
+            shadow = ServedModel("m", 2, open_session(model, "onnx", threads=1), "shadow")
             runtime.attach("m", "shadow", shadow, rate)
         runtimes[f"shadow {rate:.0%}" if rate else "no shadow"] = runtime
         timed_loop(runtime, samples[:50])
