@@ -4,6 +4,8 @@ in telemetry samples (monitor, shadow and previous-version comparisons)."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -289,6 +291,11 @@ def test_prometheus_endpoint(state_dir: Path, repo: Repo, tmp_path: Path, x86: P
             assert "prometheus = true" in text
             return
         assert status == 200
+        promtool = shutil.which("promtool")  # Debian's prometheus package: lint it too
+        if promtool is not None:
+            lint = subprocess.run([promtool, "check", "metrics"], input=text,
+                                  capture_output=True, text=True, check=False, timeout=60)
+            assert lint.returncode == 0, lint.stdout + lint.stderr
         families = {f.name: f for f in text_string_to_metric_families(text)}
         labels = {"model": "digits", "version": "1"}
         (requests,) = [s for s in families["edgefleet_model_requests"].samples
