@@ -19,8 +19,9 @@ _CORE = ["numpy>=1.26", "cryptography>=42", "tuf>=6,<8", "zstandard>=0.22",
 _RUNTIMES = ["onnxruntime>=1.20", "ai-edge-litert>=2.0"]
 
 # What the agent needs besides a runtime. tomli-w: agent.toml is written with a TOML writer
-# (edge-agent enroll).
-_AGENT = [*_CORE, "paho-mqtt>=2.0", "psutil>=5.9", "tomli-w>=1.0"]
+# (edge-agent enroll); prometheus-client (pure Python, about 0.3 MB): the optional local
+# /metrics endpoint ([monitor] prometheus).
+_AGENT = [*_CORE, "paho-mqtt>=2.0", "psutil>=5.9", "tomli-w>=1.0", "prometheus-client>=0.20"]
 
 EXTRAS = {
     # Both runtimes; a gateway that knows its fleet ships one format installs one of the two

@@ -180,7 +180,8 @@ def _run(args: argparse.Namespace) -> int:
     profile = resolve_profile(config.profile)
     api = config.api
     runtime = Runtime(config.state_dir, profile,
-                      policy=ProbationPolicy(window_s=api.probation_s), threads=api.threads)
+                      policy=ProbationPolicy(window_s=api.probation_s), threads=api.threads,
+                      monitoring=config.monitor)
     for problem in runtime.problems:
         print(f"warning: {problem}", file=sys.stderr)
     token, token_file = AgentProcess.token(config.state_dir, None)
@@ -188,7 +189,8 @@ def _run(args: argparse.Namespace) -> int:
                                                 unix_socket=api.unix_socket, token=token,
                                                 limits=api.limits,
                                                 cors_origins=api.cors_origins,
-                                                grpc_port=api.grpc_port),
+                                                grpc_port=api.grpc_port,
+                                                prometheus=config.monitor.prometheus),
                            config.state_dir)
     process.start(token_file)
     link = None

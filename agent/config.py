@@ -60,11 +60,25 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["DEFAULT_API_HOST", "AgentConfig", "ApiConfig", "ApiLimits", "FleetSettings",
-           "config_reference", "config_to_toml", "load_config", "option_type", "write_config"]
+__all__ = [
+    "DEFAULT_API_HOST",
+    "DEFAULT_MONITOR_RATE",
+    "AgentConfig",
+    "ApiConfig",
+    "ApiLimits",
+    "FleetSettings",
+    "MonitorConfig",
+    "config_reference",
+    "config_to_toml",
+    "load_config",
+    "option_type",
+    "write_config",
+]
 
 #: Where the local API listens unless told otherwise: apps on this device only.
 DEFAULT_API_HOST = "127.0.0.1"
+#: Share of requests the monitor samples by default (docs/benchmarks.md, monitoring cost).
+DEFAULT_MONITOR_RATE = 0.05
 _KIB, _MIB, _GIB = 1 << 10, 1 << 20, 1 << 30
 #: A config file bigger than this is not a config file.
 _MAX_FILE_BYTES = _MIB
@@ -185,6 +199,22 @@ class FleetSettings:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """What the served models see and answer: sampled input and output statistics against
+    the bundle's baseline, and the local Prometheus endpoint (docs/telemetry.md)."""
+
+    sample_rate: float = field(default=DEFAULT_MONITOR_RATE, metadata=_meta(
+        "share of requests folded into the input/output statistics (0: monitoring off); "
+        "the default keeps the cost on the request path within the targets "
+        "(docs/benchmarks.md)", low=0, high=1))
+    queue: int = field(default=16, metadata=_meta(
+        "sampled requests waiting for the side thread (statistics, shadow and previous-"
+        "version runs); one that finds it full is dropped and counted", low=1, high=4096))
+    prometheus: bool = field(default=False, metadata=_meta(
+        "serve GET /metrics (Prometheus text format) on the local API, behind its token"))
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """Everything ``edge-agent run`` needs."""
 
@@ -197,6 +227,8 @@ class AgentConfig:
         "the local API"))
     fleet: FleetSettings | None = field(default=None, metadata=_meta(
         "the fleet this device follows; without it the agent runs offline"))
+    monitor: MonitorConfig = field(default_factory=MonitorConfig, metadata=_meta(
+        "monitoring of the served models"))
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -302,7 +334,7 @@ def _kind(hint: Any) -> Any:
 
 
 def _convert(value: Any, kind: Any) -> Any:
-    """``value`` as a ``kind`` (str, Path, int, float, a tuple of one of them); TypeError
+    """``value`` as a ``kind`` (str, Path, bool, int, float, a tuple of one of them); TypeError
     names what it must be."""
     if get_origin(kind) is tuple:
         item = get_args(kind)[0]
@@ -316,6 +348,10 @@ def _convert(value: Any, kind: Any) -> Any:
         if not isinstance(value, str) or not value or "\0" in value:
             raise TypeError("a non-empty string")
         return Path(value) if kind is Path else value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise TypeError("true or false")
+        return value
     if kind is int:
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError("an integer")
@@ -463,7 +499,8 @@ def config_reference() -> str:
 
 
 _TYPE_NAMES: dict[Any, str] = {str: "string", Path: "path", int: "integer",
-                               float: "number", tuple[str, ...]: "list of strings"}
+                               float: "number", bool: "boolean",
+                               tuple[str, ...]: "list of strings"}
 
 
 def _tables(cls: type[Any], at: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], type[Any]]]:
@@ -481,6 +518,8 @@ def _default(f: Field[Any]) -> str:
         return "required"
     if f.default is None:
         return "unset"
+    if isinstance(f.default, bool):
+        return f"`{str(f.default).lower()}`"
     if f.default == ():
         return "`[]`"
     if isinstance(f.default, int) and not isinstance(f.default, bool) and f.default >= _KIB:

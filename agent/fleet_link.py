@@ -18,6 +18,14 @@ are announced from the install records themselves (each record's history, with a
 the outbox of how far it was announced), so a transition persisted while the link was not
 listening (before it started, or just before a kill) is sent when it starts.
 
+Beside the served version a desired model may name a shadow candidate and a share of
+requests to compare with the previous version (rollouts, issue 14): the worker asks
+:func:`agent.watch_plan.watch_actions` what to do and does it with the runtime. A shadow
+bundle is fetched through the same chunked fetch once no install is due, then verified,
+staged, self-tested and loaded on the install worker without serving
+(:meth:`Runtime.load_candidate <agent.runtime.Runtime.load_candidate>`); a desired version
+still loaded beside the served one is switched back to at once, before anything else.
+
 The broker being down changes nothing for apps on the device: the runtime and its local
 API do not depend on this link. paho reconnects with back-off; on every connect the link
 re-subscribes, re-reports and resumes any fetch where its file ends.
@@ -30,6 +38,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import Future
 from typing import Any
 
 from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
@@ -58,12 +67,13 @@ from .bundle_fetch import BundleFetch, FetchError
 from .config import FleetSettings
 from .errors import AgentError
 from .install_state import InstallRecord, InstallState
-from .installer import is_disk_full
+from .installer import FLEET_SOURCE, is_disk_full
 from .loss_counter import Tally
 from .outbox import Outbox, OutboxError
 from .publisher import Publisher
 from .runtime import Runtime
 from .telemetry import TelemetrySampler, TelemetrySource
+from .watch_plan import WatchAction, Watched, watch_actions
 
 __all__ = ["FleetLink", "install_events", "next_fetch"]
 
@@ -186,6 +196,11 @@ class FleetLink:
         self._fetch_model: str | None = None
         self._fetch_version: int | None = None
         self._fetch_install: str | None = None
+        # A shadow candidate's fetch (it has a record that is never persisted), the shadow
+        # bundles being loaded and those given up, by model.
+        self._fetch_shadow: tuple[InstallRecord, float] | None = None
+        self._shadow_loading: dict[str, str] = {}
+        self._shadow_given_up: dict[str, str] = {}
         #: Set whenever the worker found nothing to fetch (the device is in line with its
         #: desired state, or gave up on what it names); tests wait on it.
         self.in_line = threading.Event()
@@ -322,6 +337,7 @@ class FleetLink:
                 log.exception("fleet link step failed")
 
     def _step(self) -> None:
+        self._watch(load=False)
         if not self._connected.is_set():
             return
         with self._lock:
@@ -342,7 +358,10 @@ class FleetLink:
                 if r.model is not None and r.state in working}
         chosen = next_fetch(desired, served, self.installer.given_up(), busy)
         if chosen is None:
-            self.in_line.set()
+            if self._watch(load=True):
+                self.in_line.clear()
+            else:
+                self.in_line.set()
             return
         self.in_line.clear()
         name, want = chosen
@@ -381,6 +400,9 @@ class FleetLink:
         with self._lock:
             if self._fetch_install == record.install_id:
                 return  # already under way
+            if self._fetch_shadow is not None:  # an install comes first; the shadow later
+                self._shadow_loading.pop(self._fetch_shadow[0].model or "", None)
+                self._fetch_shadow = None
             fetch = BundleFetch(self.installer.dirs.incoming, record.bundle_sha256,
                                 record.size, chunk_bytes=self.chunk_bytes,
                                 name=record.install_id)
@@ -412,16 +434,22 @@ class FleetLink:
         """The bundle is whole: the install goes on (verify, stage, swap) on the install
         worker, while this link goes on with the next model."""
         with self._lock:
-            install_id = self._fetch_install
-            self._fetch = self._fetch_model = self._fetch_install = None
+            install_id, shadow = self._fetch_install, self._fetch_shadow
+            self._fetch = self._fetch_model = self._fetch_install = self._fetch_shadow = None
         if install_id is not None:
             self.installs.fetched(install_id)
+        if shadow is not None:
+            self._load_shadow(*shadow)
         self._report()
 
     def _fetch_failed(self, error: FetchError | OSError) -> None:
         with self._lock:
             fetch, name, install_id = self._fetch, self._fetch_model, self._fetch_install
-            self._fetch = self._fetch_model = self._fetch_install = None
+            shadow = self._fetch_shadow
+            self._fetch = self._fetch_model = self._fetch_install = self._fetch_shadow = None
+        if fetch is not None and name is not None and shadow is not None:
+            self._shadow_failed(shadow[0], f"fetch failed: {error}")
+            return
         if fetch is None or name is None or install_id is None:
             return
         self._event("fetch.failed", {"model": name, "bundle_sha256": fetch.sha256,
@@ -436,6 +464,126 @@ class FleetLink:
             # the desired state names another bundle, so a bad bundle costs one attempt.
             self.installs.fail(install_id, "fetch_failed", str(error))
         self._report()
+
+    # -- shadow and previous versions ----------------------------------------------------------
+
+    def _watched(self, name: str) -> Watched:
+        runtime = self.runtime
+        try:
+            served: int | None = runtime.served(name).version
+        except Exception:  # not served (yet)
+            served = None
+        shadow = runtime.shadow_of(name)
+        sha, rate = None, 0.0
+        if shadow is not None:
+            stored = shadow[0].stored
+            sha, rate = (None if stored is None else stored.bundle_sha256), shadow[1]
+        with self._lock:
+            loading = self._shadow_loading.get(name)
+        if loading is not None:
+            sha = loading
+        return Watched(served, runtime.previous_version(name), runtime.keep_rate(name), sha,
+                       rate)
+
+    def _watch(self, *, load: bool) -> bool:
+        """Do what the desired state asks of the models beside the served ones; with
+        ``load`` also start a shadow fetch. True if a shadow fetch started."""
+        with self._lock:
+            desired = self._desired
+            given_up = dict(self._shadow_given_up)
+        if desired is None:
+            return False
+        watched = {name: self._watched(name) for name in desired.models}
+        for action in watch_actions(desired, watched, given_up):
+            if action.kind == "load_shadow":
+                if load:
+                    return self._fetch_shadow_bundle(action)
+                continue
+            self._perform_watch(action)
+        return False
+
+    def _perform_watch(self, action: WatchAction) -> None:
+        name = action.model
+        if action.kind == "keep_previous":
+            self.runtime.keep_previous(name, action.rate)
+        elif action.kind == "switch_back" and action.version is not None:
+            if self.runtime.switch_back(name, action.version):
+                log.info("%s: switched back to v%d", name, action.version)
+                self._event("model.switched_back", {"model": name, "version": action.version})
+                self._report()
+        elif action.kind == "unload_shadow":
+            with self._lock:
+                self._shadow_loading.pop(name, None)
+            model = self.runtime.detach(name, "shadow")
+            if model is not None:
+                self._event("shadow.unloaded", {"model": name, "version": model.version})
+        elif action.kind == "shadow_rate":
+            shadow = self.runtime.shadow_of(name)
+            if shadow is not None:
+                self.runtime.attach(name, "shadow", shadow[0], action.rate)
+
+    def _fetch_shadow_bundle(self, action: WatchAction) -> bool:
+        shadow = action.shadow
+        assert shadow is not None
+        name, sha = action.model, shadow.bundle_sha256
+        record = self.runtime.candidate_record(name, shadow.version, FLEET_SOURCE + sha, sha,
+                                               shadow.size)
+        try:
+            self.installer.check_space(shadow.size, f"shadow bundle {sha[:12]}")
+        except Exception as exc:  # no room: reported, tried again when the desired state changes
+            self._shadow_failed(record, str(exc))
+            return False
+        fetch = BundleFetch(self.installer.dirs.incoming, sha, shadow.size,
+                            chunk_bytes=self.chunk_bytes, name=record.install_id)
+        with self._lock:
+            self._fetch, self._fetch_model = fetch, name
+            self._fetch_version, self._fetch_install = shadow.version, None
+            self._fetch_shadow = (record, shadow.sample_rate)
+            self._shadow_loading[name] = sha
+        log.info("fetching shadow candidate %s v%d (bundle %s, %d bytes)", name, shadow.version,
+                 sha[:12], shadow.size)
+        self._event("fetch.started", {"model": name, "version": shadow.version,
+                                      "bundle_sha256": sha, "shadow": True, "resume_at": 0})
+        self._wake.set()
+        return True
+
+    def _load_shadow(self, record: InstallRecord, rate: float) -> None:
+        """Verify, self-test and load the fetched shadow bundle on the install worker, then
+        run it beside the served model."""
+        def loaded(future: Future[Any]) -> None:
+            exc = future.exception()
+            if exc is not None:
+                self._shadow_failed(record, str(exc))
+                return
+            name = record.model
+            assert name is not None
+            with self._lock:
+                current = self._shadow_loading.get(name)
+                wanted = self._desired is not None and name in self._desired.models
+            if current != record.bundle_sha256 or not wanted:
+                return  # the desired state moved on while it loaded
+            self.runtime.attach(name, "shadow", future.result(), rate)
+            with self._lock:
+                self._shadow_loading.pop(name, None)
+            log.info("shadow candidate %s v%s runs on %.0f%% of the requests", name,
+                     record.version, rate * 100)
+            self._event("shadow.loaded", {"model": name, "version": record.version,
+                                          "bundle_sha256": record.bundle_sha256,
+                                          "sample_rate": rate})
+            self._wake.set()
+        self.runtime.load_candidate(record).add_done_callback(loaded)
+
+    def _shadow_failed(self, record: InstallRecord, reason: str) -> None:
+        name, sha = record.model, record.bundle_sha256
+        assert name is not None
+        assert sha is not None
+        log.error("shadow candidate %s v%s not loaded: %s", name, record.version, reason)
+        with self._lock:
+            self._shadow_loading.pop(name, None)
+            self._shadow_given_up[name] = sha
+        self._event("shadow.failed", {"model": name, "version": record.version,
+                                      "bundle_sha256": sha, "reason": reason})
+        self._wake.set()
 
     # -- reporting --------------------------------------------------------------------------
 
@@ -520,6 +668,8 @@ class FleetLink:
                                         r.detail) for name, r in latest.items()}
         with self._lock:
             fetch, fetching = self._fetch, self._fetch_model
+            if self._fetch_shadow is not None:
+                fetching = None  # a shadow candidate is not an install
         if fetch is not None and fetching is not None and not fetch.done:
             installs[fetching] = InstallReport(None, fetch.sha256, "downloading",
                                            progress=round(fetch.progress, 4))

@@ -14,6 +14,8 @@ Speaks what existing clients (``tritonclient.http``, KServe's own) expect:
                                                     extension (Inference-Header-Content-Length)
     GET  /v2/models/{name}[/versions/{v}]/stats     one model's statistics
     GET  /v2/edgefleet/status                       agent status (models, installs)
+    GET  /metrics                                   Prometheus text format, when turned on
+                                                    (``[monitor] prometheus``; agent.prometheus)
     POST /v2/edgefleet/install                      body: a bundle file; installs it
 
 The router dispatches from one table of routes (:data:`_ROUTES`), which also generates the
@@ -62,6 +64,7 @@ from .cors import CorsPolicy
 from .errors import AgentError, InvalidInputError, ModelNotFoundError, RequestTooLargeError
 from .http_server import HttpError, HttpServer, Request, Response
 from .openapi import Operation, openapi_document
+from .prometheus import RuntimeCollector, exposition
 from .runtime import Runtime, ServedModel
 from .sessions import TensorInfo
 from .tensors import DATATYPE_OF, DTYPE_OF, declared_tensor
@@ -92,6 +95,7 @@ class ApiSettings:
     cors_origins: tuple[str, ...] = ()
     #: Also serve KServe v2 gRPC on this port of ``host`` (:mod:`.grpc_api`); None: no gRPC.
     grpc_port: int | None = None
+    prometheus: bool = False  # serve GET /metrics
 
 
 def load_or_create_token(path: Path) -> str:
@@ -124,6 +128,7 @@ class _Api:
     def __init__(self, runtime: Runtime, settings: ApiSettings) -> None:
         self.runtime = runtime
         self.settings = settings
+        self._prometheus = RuntimeCollector(runtime) if settings.prometheus else None
 
     def admit(self, method: str, path: str, headers: Mapping[str, str], length: int) -> None:
         if path in _OPEN_PATHS:
@@ -252,6 +257,13 @@ class _Api:
     def _status(self, request: Request, served: ServedModel | None) -> Response:
         return Response(HTTPStatus.OK, _json(self.runtime.status()))
 
+    def _metrics(self, request: Request, served: ServedModel | None) -> Response:
+        if self._prometheus is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, "GET /metrics is off; turn it on with "
+                            "prometheus = true in the agent config's [monitor] table")
+        body, content_type = exposition(self._prometheus)
+        return Response(HTTPStatus.OK, body, content_type)
+
     def _infer(self, request: Request, served: ServedModel | None) -> Response:
         assert served is not None
         body, binary = _split_binary(request.body, request.headers.get(_BINARY_HEADER_LC))
@@ -298,6 +310,9 @@ _ROUTES: tuple[tuple[Operation, _Handler], ...] = (
                "statistics extension)", "ModelStatistics"), _Api._all_stats),
     (Operation("GET", "/v2/edgefleet/status", "agent status: models, figures, installs",
                "Status"), _Api._status),
+    (Operation("GET", "/metrics", "the served models in the Prometheus text format, when "
+               "[monitor] prometheus is on (docs/telemetry.md)", None, errors=(404,)),
+     _Api._metrics),
     (Operation("POST", _INSTALL_PATH, "install a bundle (hot-swap)", "InstallRecord",
                request="bundle", errors=(409, 413, 422)), _Api._install),
     (Operation("GET", "", "model metadata", "ModelMetadata", model=True, errors=(404,)),

@@ -80,8 +80,9 @@ class ServingTable(Protocol):
         """Serve ``model`` under ``name`` from now on (None: stop serving the name)."""
         ...
 
-    def load(self, stored: StoredModel) -> ServedLike:
-        """Load, self-test and warm up a stored model; raises ModelLoadError/InstallError."""
+    def load(self, stored: StoredModel, *, candidate: bool = False) -> ServedLike:
+        """Load, self-test and warm up a stored model; raises ModelLoadError/InstallError.
+        A ``candidate`` never serves (a shadow): it may be given fewer resources."""
         ...
 
 
@@ -159,6 +160,33 @@ class InstallDriver:
     def check_probation(self) -> list[InstallRecord]:
         """Judge every model in probation; returns the installs this call concluded."""
         return self._call(self._check_all)
+
+    def stage_candidate(self, record: InstallRecord) -> Future[ServedLike]:
+        """Verify the bundle of ``record`` (fetched to its bundle path), stage its slot and
+        load, self-test and warm it up without serving it: a shadow candidate. ``record``
+        is not persisted and its transitions are not announced (a candidate never serves,
+        so there is nothing to activate, watch, commit or roll back), and the trusted
+        version floor stays where it is. The future raises InstallError (a rejected
+        bundle, a failed self-test) or ModelLoadError."""
+        def stage() -> ServedLike:
+            try:
+                stored = self.installer.verify_and_stage(record, raise_floor=False)
+            finally:
+                self.installer.drop_bundle(record)
+            return self.table.load(stored, candidate=True)
+        return self._submit(stage)
+
+    def switch_back(self, name: str, version: int) -> bool:
+        """Roll back the install of ``name`` in probation if the model it replaced, still
+        loaded, is ``version`` (the desired state names it again): one swap, no load.
+        False when no probation of ``name`` has that previous version."""
+        return self._call(lambda: self._switch_back(name, version))
+
+    def previous_version(self, name: str) -> int | None:
+        """The version ``name``'s install in probation replaced, if it is loaded."""
+        probation = self._probations.get(name)
+        previous = None if probation is None else probation.previous
+        return None if previous is None else previous.version
 
     def in_probation(self, name: str) -> bool:
         """Whether ``name`` serves a model still in probation."""
@@ -435,6 +463,19 @@ class InstallDriver:
         installing = {r.version for r in self.installer.pending()
                       if r.model == name and r.version is not None}
         self.installer.store.sweep(name, installing)
+
+    def _switch_back(self, name: str, version: int) -> bool:
+        probation = self._probations.get(name)
+        if (probation is None or probation.previous is None
+                or probation.previous.version != version):
+            return False
+        del self._probations[name]
+        self._standby[name] = probation.previous
+        # retry: the bundle did nothing wrong, so a desired state naming it again installs it.
+        self._run(probation.record, InstallEvent(
+            T.UNHEALTHY, reason="switched_back", retry=True,
+            detail=f"the desired state names v{version} again; switched back to it (loaded)"))
+        return True
 
     # -- probation -------------------------------------------------------------------------
 

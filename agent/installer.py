@@ -247,10 +247,13 @@ class Installer:
                                f"{self.dirs.root}; free some space (the install is retried "
                                "once there is room)", transient=True)
 
-    def verify_and_stage(self, record: InstallRecord) -> StoredModel:
+    def verify_and_stage(self, record: InstallRecord, *, raise_floor: bool = True,
+                         ) -> StoredModel:
         """Verify the fetched bundle, choose this device's variant, write its slot.
 
-        Raises InstallError (``rejected:<check>`` for a bundle that fails verification).
+        ``raise_floor=False`` (a shadow candidate, which never serves) leaves the trusted
+        version floor where it is, so the served older version stays installable. Raises
+        InstallError (``rejected:<check>`` for a bundle that fails verification).
         """
         trusted = self.trust.load()
         path = self.bundle_path(record)
@@ -286,8 +289,9 @@ class Installer:
             self.rebuilt_path(record).unlink(missing_ok=True)
         # The version floor rises once the bundle is verified and kept, so an older signed
         # bundle cannot be replayed even if this install later rolls back.
-        self.trust.save(verified.trusted.with_installed(manifest.name, manifest.version,
-                                                        verified.manifest_sha256))
+        if raise_floor:
+            self.trust.save(verified.trusted.with_installed(
+                manifest.name, manifest.version, verified.manifest_sha256))
         return stored
 
     def _rebuild(self, record: InstallRecord, verified: VerifiedBundle,

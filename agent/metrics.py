@@ -120,6 +120,8 @@ class SystemReading:
     memory_percent: float | None = None  # system memory in use
     load_avg: tuple[float, float, float] | None = None
     temperatures_c: Mapping[str, float] | None = None  # sensor -> current reading
+    disk_free_bytes: int | None = None  # on the state directory's file system
+    disk_percent: float | None = None  # of that file system in use
 
 
 def system_metrics(reading: SystemReading) -> dict[str, Any]:
@@ -129,11 +131,14 @@ def system_metrics(reading: SystemReading) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in (("cpu_percent", reading.cpu_percent),
                        ("process_cpu_percent", reading.process_cpu_percent),
-                       ("memory_percent", reading.memory_percent)):
+                       ("memory_percent", reading.memory_percent),
+                       ("disk_percent", reading.disk_percent)):
         if value is not None and math.isfinite(value):
             out[key] = round(value, 1)
     if reading.rss_bytes is not None:
         out["rss_bytes"] = int(reading.rss_bytes)
+    if reading.disk_free_bytes is not None:
+        out["disk_free_bytes"] = int(reading.disk_free_bytes)
     if reading.load_avg is not None and all(math.isfinite(v) for v in reading.load_avg):
         out["load_avg"] = [round(v, 2) for v in reading.load_avg]
     temperatures = {name: value for name, value in (reading.temperatures_c or {}).items()

@@ -95,7 +95,9 @@ class TelemetryCollector:
         self.buckets_ms = tuple(buckets_ms)
         self._monotonic = monotonic
         self._previous: float | None = None
-        self._system = system or SystemProbe().read
+        installer = getattr(runtime, "installer", None)
+        disk = None if installer is None else installer.dirs.root
+        self._system = system or SystemProbe(disk).read
         # Counters as last read, per RequestStats object (a model swapped back in keeps its
         # old counters), and per model name the objects still to read.
         self._seen: weakref.WeakKeyDictionary[RequestStats, Counts] = (
@@ -111,15 +113,22 @@ class TelemetryCollector:
         tracked: dict[str, tuple[ModelReading, list[RequestStats]]] = {}
         for info in self.runtime.models():
             try:
-                stats = self.runtime.served(info.name).stats
+                served = self.runtime.served(info.name)
             except ModelNotFoundError:
                 continue  # unloaded since models(); the next sample reports it
+            stats = served.stats
             figures = stats.snapshot()
             reading = ModelReading(info.version, info.state, info.backend, info.fallback,
                                    figures["p50_ms"], figures["p99_ms"], info.device)
             previous = self._tracked.pop(info.name, (reading, []))[1]
             delta, latencies, keep = self._read(stats, previous)
-            models[info.name] = model_metrics(reading, delta, latencies, self.buckets_ms)
+            entry = model_metrics(reading, delta, latencies, self.buckets_ms)
+            self.runtime.flush_watchers(info.name)
+            if served.monitor is not None:
+                entry["monitor"] = served.monitor.report()
+            for role, comparison in self.runtime.comparisons(info.name).items():
+                entry[role] = comparison.report()
+            models[info.name] = entry
             tracked[info.name] = (reading, keep)
         for name, (last, previous) in self._tracked.items():  # no longer served
             delta, latencies, keep = self._read(None, previous)

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stats.outputs import cosine_similarity, relative_within, top1_agreement, unit_rows
+
 from .errors import CompressorError, first_line
 
 __all__ = ["KINDS", "Metric", "MetricError", "OutputQuality", "Quality", "infer_metric",
@@ -222,8 +224,8 @@ def _top1(metric: Metric, outputs: np.ndarray, target: np.ndarray,
     if logits.ndim != 2:
         raise MetricError(f"top1 needs one score vector per sample, got per-sample shape "
                           f"{list(logits.shape[1:])}; use sequence, iou or relative")
-    goal = target.reshape(len(target)) if labelled else np.argmax(_rows(target), axis=-1)
-    return float(np.mean(np.argmax(logits, axis=-1) == goal) * 100.0), {}
+    goal = target if labelled else _rows(target)
+    return float(np.mean(top1_agreement(logits, goal, labels=labelled)) * 100.0), {}
 
 
 def _sequence(metric: Metric, outputs: np.ndarray, target: np.ndarray,
@@ -261,19 +263,12 @@ def _ctc_decode(best: np.ndarray, blank: int) -> list[tuple[int, ...]]:
     return lines
 
 
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    flat = vectors.reshape(len(vectors), -1).astype(np.float64)
-    norms = np.linalg.norm(flat, axis=1, keepdims=True)
-    unit: np.ndarray = np.divide(flat, norms, out=np.zeros_like(flat), where=norms > 0)
-    return unit
-
-
 def _cosine(metric: Metric, outputs: np.ndarray, target: np.ndarray,
             labelled: bool) -> tuple[float, dict[str, float]]:
     if outputs.size != target.size:
         raise MetricError(f"cosine needs targets shaped like the output, got "
                           f"{list(target.shape)} for {list(outputs.shape)}")
-    cosine = np.sum(_unit(outputs) * _unit(target.reshape(outputs.shape)), axis=1)
+    cosine = cosine_similarity(outputs, target.reshape(outputs.shape))
     return float(np.mean(cosine) * 100.0), {}
 
 
@@ -282,21 +277,21 @@ def _embedding(metric: Metric, outputs: np.ndarray, target: np.ndarray,
     count = min(len(outputs), _MAX_NEIGHBOUR_SAMPLES)
     if count < 2:
         raise MetricError("nearest-neighbour agreement needs at least 2 evaluation samples")
-    unit = _unit(outputs[:count])
+    unit = unit_rows(outputs[:count])
     similarity = unit @ unit.T
     np.fill_diagonal(similarity, -np.inf)
     nearest = np.argmax(similarity, axis=1)
     if labelled:
         goal = target.reshape(len(target))[:count]
         return float(np.mean(goal[nearest] == goal) * 100.0), {}
-    reference = _unit(target[:count])
+    reference = unit_rows(target[:count])
     ref_similarity = reference @ reference.T
     np.fill_diagonal(ref_similarity, -np.inf)
     best = ref_similarity.max(axis=1)
     tolerance = 0.005 if metric.param is None else metric.param
     got = ref_similarity[np.arange(count), nearest]
     agree = got >= best - tolerance
-    cosine = float(np.mean(np.sum(_unit(outputs) * _unit(target), axis=1)))
+    cosine = float(np.mean(cosine_similarity(outputs, target)))
     return float(np.mean(agree) * 100.0), {"cosine_mean": round(cosine, 6)}
 
 
@@ -337,15 +332,13 @@ def _iou(metric: Metric, outputs: np.ndarray, target: np.ndarray,
 def _relative(metric: Metric, outputs: np.ndarray, target: np.ndarray,
               labelled: bool) -> tuple[float, dict[str, float]]:
     tolerance = 0.05 if metric.param is None else metric.param
-    got = outputs.astype(np.float64).reshape(len(outputs), -1)
-    goal = target.astype(np.float64).reshape(len(target), -1)
-    if got.shape != goal.shape:
+    if outputs.size != target.size or len(outputs) != len(target):
         raise MetricError(f"relative needs targets shaped like the output, got "
                           f"{list(target.shape)} for {list(outputs.shape)}")
-    scale = max(float(np.mean(np.abs(goal))), 1e-12)
-    within = np.abs(got - goal) <= tolerance * np.maximum(np.abs(goal), scale)
+    within = relative_within(outputs, target, tolerance)
+    diff = np.abs(outputs.astype(np.float64).ravel() - target.astype(np.float64).ravel())
     return float(np.mean(within) * 100.0), {
-        "max_abs_diff": float(np.max(np.abs(got - goal))) if got.size else 0.0}
+        "max_abs_diff": float(np.max(diff)) if diff.size else 0.0}
 
 
 def _exact(metric: Metric, outputs: np.ndarray, target: np.ndarray,

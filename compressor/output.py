@@ -25,7 +25,13 @@ from .dataset import save_calls
 from .evaluate import matched
 from .job import Job
 from .metrics import Metric, Quality
-from .report import cases_within_budget, input_baseline, self_test_cases, tool_versions
+from .report import (
+    cases_within_budget,
+    input_baseline,
+    output_baseline,
+    self_test_cases,
+    tool_versions,
+)
 from .runner import ModelRunner, quantize
 
 __all__ = ["Finish", "write_output"]
@@ -45,6 +51,8 @@ class Finish:
     tflite_problem: str | None  # why TFLite candidates are missing, if they are
     wants_tflite: Mapping[str, bool]  # by profile name
     metrics: Mapping[str, Metric]  # by output name ("none" for outputs not scored)
+    # The reference's outputs over the evaluation data, one row per sample (output baseline).
+    reference_outputs: Mapping[str, np.ndarray]
 
 
 def write_output(job: Job, pool: Pool, measured: dict[str, Measured], finish: Finish,
@@ -94,7 +102,10 @@ def write_output(job: Job, pool: Pool, measured: dict[str, Measured], finish: Fi
         # Tolerance: twice the largest deviation any chosen artifact showed on these cases,
         # so each passes its own self-test and a wrong or corrupted model does not.
         "self_test": self_test_cases(golden[:kept], expected[:kept], max(1e-4, 2 * deviation)),
-        "baseline": input_baseline(_baseline_inputs(job), max_features=options.baseline_features),
+        "baseline": {
+            **input_baseline(_baseline_inputs(job), max_features=options.baseline_features),
+            "outputs": output_baseline(finish.reference_outputs,
+                                       {n: m.kind for n, m in finish.metrics.items()})},
         "tools": tool_versions(),
     }
     if kept < len(golden):

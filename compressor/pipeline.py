@@ -228,7 +228,8 @@ class _Run:
                     for name, c in self.pool.candidates.items()}
         self.job.progress(self.total, self.total, "choosing and writing artifacts")
         finish = Finish(reference_name, golden, expected, self.tflite_problem,
-                        {p.name: wants_tflite(p) for p in job.profiles}, self.judge.metrics)
+                        {p.name: wants_tflite(p) for p in job.profiles}, self.judge.metrics,
+                        reference)
         return write_output(job, self.pool, measured, finish, self.scratch / "out")
 
     def _translate(self) -> Path | None:

@@ -19,8 +19,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["cases_within_budget", "input_baseline", "self_test_cases", "tensor_json",
-           "tool_versions"]
+from stats.histogram import range_counts
+from stats.outputs import MAX_CLASSES, class_counts, confidence, entropy, rows
+
+__all__ = ["CONFIDENCE_BINS", "cases_within_budget", "input_baseline", "output_baseline",
+           "self_test_cases", "tensor_json", "tool_versions"]
+
+#: Equal bins over [0, 1] of a classifier's confidence histogram.
+CONFIDENCE_BINS = 10
 
 _TOOLS = ("edgefleet", "onnx", "onnxruntime", "numpy", "ai-edge-litert", "tensorflow", "onnx2tf")
 
@@ -89,7 +95,6 @@ def _describe_input(name: str, samples: np.ndarray, bins: int,
     low, high = (float(flat.min()), float(flat.max())) if flat.size else (0.0, 1.0)
     if high <= low:
         high = low + 1.0
-    edges = np.linspace(low, high, bins + 1)
     elements = flat.shape[1]
     groups = np.array_split(np.arange(elements), min(elements, max_features))
     values = [flat[:, group].ravel() for group in groups]
@@ -98,4 +103,44 @@ def _describe_input(name: str, samples: np.ndarray, bins: int,
             "range": [low, high], "bins": bins,
             "mean": [round(float(v.mean()), 6) for v in values],
             "std": [round(float(v.std()), 6) for v in values],
-            "histograms": [np.histogram(v, bins=edges)[0].tolist() for v in values]}
+            "histograms": [range_counts(v, low, high, bins).tolist() for v in values]}
+
+
+def output_baseline(outputs: Mapping[str, np.ndarray], metrics: Mapping[str, str],
+                    bins: int = 16) -> list[dict[str, Any]]:
+    """What the reference model answers on representative inputs, for output drift.
+
+    ``outputs`` are by output name, one row per sample; ``metrics`` the quality measure
+    kind of each (outputs measured ``none``, such as state, are left out). A classifier
+    (``top1``) is described by its predicted-class counts (when it has at most
+    :data:`~stats.outputs.MAX_CLASSES` classes), a confidence histogram over [0, 1] and
+    the mean confidence and entropy; any other output by one histogram of all its values
+    over their range, like an input's.
+    """
+    described = []
+    for name, values in outputs.items():
+        kind = metrics.get(name, "none")
+        if kind == "none" or len(values) == 0:
+            continue
+        if kind == "top1":
+            scores = rows(values)
+            conf = confidence(scores)
+            entry: dict[str, Any] = {
+                "output": name, "kind": "classes", "samples": len(values),
+                "classes": scores.shape[1],
+                "confidence": {"range": [0.0, 1.0], "bins": CONFIDENCE_BINS,
+                               "counts": range_counts(conf, 0.0, 1.0, CONFIDENCE_BINS).tolist()},
+                "confidence_mean": round(float(conf.mean()), 6),
+                "entropy_mean": round(float(entropy(scores).mean()), 6)}
+            if scores.shape[1] <= MAX_CLASSES:
+                entry["counts"] = class_counts(scores, scores.shape[1]).tolist()
+        else:
+            flat = values.astype(np.float64).ravel()
+            flat = flat[np.isfinite(flat)]
+            low, high = (float(flat.min()), float(flat.max())) if flat.size else (0.0, 1.0)
+            high = high if high > low else low + 1.0
+            entry = {"output": name, "kind": "values", "samples": len(values),
+                     "range": [low, high], "bins": bins,
+                     "counts": range_counts(flat, low, high, bins).tolist()}
+        described.append(entry)
+    return described

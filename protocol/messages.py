@@ -82,7 +82,8 @@ _MAX_INT = 2**63 - 1
 #: own ``agent.`` namespace, so a device can never write an event that reads as the
 #: server's (``device.enrolled``, ``desired.set``).
 DEVICE_EVENT_KIND = re.compile(
-    r"offline|protocol_error|fetch\.(?:started|failed)|install\.[a-z_]{1,32}")
+    r"offline|protocol_error|fetch\.(?:started|failed)|install\.[a-z_]{1,32}"
+    r"|shadow\.(?:loaded|failed|unloaded)|model\.switched_back")
 _MAGIC = b"EFC1"
 _HEADER = struct.Struct(">4sI")
 _SHA256 = re.compile(r"[0-9a-f]{64}")

@@ -14,7 +14,7 @@ import numpy as np
 
 from .histogram import Histogram, HistogramError
 
-__all__ = ["PSI_MAJOR", "PSI_MODERATE", "ks_distance", "psi"]
+__all__ = ["PSI_MAJOR", "PSI_MODERATE", "ks_counts", "ks_distance", "psi", "psi_counts"]
 
 PSI_MODERATE = 0.1
 PSI_MAJOR = 0.25
@@ -27,6 +27,19 @@ def psi(expected: Histogram, actual: Histogram) -> float:
 
     0.0 when either side has no values: no evidence of a shift is not a shift.
     """
+    _same_edges(expected, actual)
+    return psi_counts(expected.counts, actual.counts)
+
+
+def ks_distance(expected: Histogram, actual: Histogram) -> float:
+    """Largest gap between the cumulative bucket shares, in [0, 1]; 0.0 with no data."""
+    _same_edges(expected, actual)
+    return ks_counts(expected.counts, actual.counts)
+
+
+def psi_counts(expected: np.ndarray, actual: np.ndarray) -> float:
+    """:func:`psi` of two count arrays over the same bins (0.0 when either is empty).
+    Raises HistogramError when their lengths differ."""
     e, a = _shares(expected, actual)
     if e is None or a is None:
         return 0.0
@@ -34,18 +47,26 @@ def psi(expected: Histogram, actual: Histogram) -> float:
     return float(np.sum((a - e) * np.log(a / e)))
 
 
-def ks_distance(expected: Histogram, actual: Histogram) -> float:
-    """Largest gap between the cumulative bucket shares, in [0, 1]; 0.0 with no data."""
+def ks_counts(expected: np.ndarray, actual: np.ndarray) -> float:
+    """:func:`ks_distance` of two count arrays over the same bins (0.0 when either is
+    empty). Raises HistogramError when their lengths differ."""
     e, a = _shares(expected, actual)
     if e is None or a is None:
         return 0.0
     return float(np.max(np.abs(np.cumsum(e) - np.cumsum(a))))
 
 
-def _shares(expected: Histogram, actual: Histogram) -> tuple[np.ndarray | None,
-                                                              np.ndarray | None]:
+def _same_edges(expected: Histogram, actual: Histogram) -> None:
     if not np.array_equal(expected.edges, actual.edges):
         raise HistogramError("drift needs both histograms on the same edges (the baseline's)")
-    e = expected.fractions() if expected.counts.sum() else None
-    a = actual.fractions() if actual.counts.sum() else None
+
+
+def _shares(expected: np.ndarray, actual: np.ndarray) -> tuple[np.ndarray | None,
+                                                                np.ndarray | None]:
+    if len(expected) != len(actual):
+        raise HistogramError(f"drift needs counts over the same bins, got {len(expected)} "
+                             f"and {len(actual)}")
+    e_total, a_total = float(np.sum(expected)), float(np.sum(actual))
+    e = np.asarray(expected, dtype=np.float64) / e_total if e_total else None
+    a = np.asarray(actual, dtype=np.float64) / a_total if a_total else None
     return e, a

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_BINS", "Histogram", "HistogramError", "quantile_edges"]
+__all__ = ["MAX_BINS", "Histogram", "HistogramError", "RangeHistogram", "quantile_edges",
+           "range_counts"]
 
 #: At most this many bins between the edges: bounds what a device reports and stores.
 MAX_BINS = 256
@@ -103,6 +104,51 @@ class Histogram:
         if not _count(nan):
             raise HistogramError("histogram nan must be a non-negative integer")
         return cls(edges, np.array(counts, dtype=np.int64), int(nan))
+
+
+def range_counts(values: np.ndarray, low: float, high: float, bins: int) -> np.ndarray:
+    """Counts of ``values`` in ``bins`` equal bins over ``[low, high]``, values outside in
+    the end bins and NaNs not counted: the layout of the compressor's drift baseline.
+
+    Equal bins are found by arithmetic rather than a search, so this costs a few passes
+    over the values (cheap enough for a sampled request). Raises HistogramError for an
+    empty range or a bin count outside 1 to :data:`MAX_BINS`.
+    """
+    if not 1 <= bins <= MAX_BINS:
+        raise HistogramError(f"bins must be 1 to {MAX_BINS}, not {bins}")
+    if not (math.isfinite(low) and math.isfinite(high) and high > low):
+        raise HistogramError(f"a histogram range must be finite with high > low, not "
+                             f"[{low}, {high}]")
+    scaled = (np.asarray(values, dtype=np.float64).ravel() - low) * (bins / (high - low))
+    np.clip(scaled, 0, bins - 1, out=scaled)
+    if np.isnan(scaled.sum()):
+        scaled = scaled[~np.isnan(scaled)]
+    counts: np.ndarray = np.bincount(scaled.astype(np.intp), minlength=bins)
+    return counts
+
+
+@dataclass
+class RangeHistogram:
+    """A streaming :func:`range_counts` histogram: constant memory whatever it counts."""
+
+    low: float
+    high: float
+    counts: np.ndarray
+
+    @classmethod
+    def empty(cls, low: float, high: float, bins: int) -> RangeHistogram:
+        """No values yet; raises HistogramError for an unusable range or bin count."""
+        range_counts(np.zeros(0), low, high, bins)  # checks the arguments
+        return cls(float(low), float(high), np.zeros(bins, dtype=np.int64))
+
+    def add(self, values: np.ndarray) -> None:
+        """Count every element of ``values``."""
+        self.counts += range_counts(values, self.low, self.high, len(self.counts))
+
+    def take(self) -> np.ndarray:
+        """The counts so far, and start again from zero (a per-interval reading)."""
+        counts, self.counts = self.counts, np.zeros_like(self.counts)
+        return counts
 
 
 def quantile_edges(values: np.ndarray, bins: int = 10) -> np.ndarray:

@@ -6,7 +6,9 @@ so a bundle can pair them with a different artifact to fail its self-test on pur
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -15,6 +17,7 @@ from onnx import helper, numpy_helper
 
 from bundle.manifest import SelfTestCase, Tensor, TensorSpec
 from bundle.signing import ArtifactInput, BundleSpec
+from compressor.report import input_baseline, output_baseline
 from tests.bundle.repo import Repo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +39,16 @@ def outputs(model: bytes, x: np.ndarray) -> np.ndarray:
     return np.concatenate([session.run(None, {"input": x[i:i + 1]})[0] for i in range(len(x))])
 
 
+@functools.lru_cache(maxsize=1)
+def digits_baseline() -> dict[str, Any]:
+    """The drift baseline the compressor writes for the digits model (its eval data)."""
+    x = np.load(DATA)["eval_x"]
+    session = ort.InferenceSession(str(DIGITS), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"input": x})
+    return {**input_baseline({"input": x}),
+            "outputs": output_baseline({"logits": logits}, {"logits": "top1"})}
+
+
 def _tensor(a: np.ndarray) -> Tensor:
     return Tensor(dtype=str(a.dtype), shape=a.shape, data=a.astype(a.dtype.newbyteorder("<"))
                   .tobytes())
@@ -55,7 +68,8 @@ def digits_spec(version: int, model: bytes | None = None, *, golden_from: bytes 
         name=name, version=version, profiles=(PROFILE,),
         artifacts=(ArtifactInput("digits.onnx", model, "onnx", "fp32"),),
         inputs=(TensorSpec("input", "float32", ("batch", 1, 8, 8)),),
-        outputs=(TensorSpec("logits", "float32", ("batch", 10)),), self_test=cases)
+        outputs=(TensorSpec("logits", "float32", ("batch", 10)),), self_test=cases,
+        baseline=digits_baseline())
 
 
 def perturbed_digits() -> bytes:
@@ -88,3 +102,19 @@ def write_bundle(repo: Repo, directory: Path, spec: BundleSpec) -> Path:
     path = directory / f"{spec.name}-v{spec.version}.efb"
     path.write_bytes(repo.build(spec))
     return path
+
+
+def swapped_digits() -> bytes:
+    """The digits model with output classes 0 and 1 swapped: passes a self-test made from
+    itself, loads and runs fine, and answers differently whenever it predicts 0 or 1."""
+    model = onnx.load(str(DIGITS))
+    graph = model.graph
+    output = graph.output[0]
+    original = output.name
+    for node in graph.node:
+        node.output[:] = [f"{o}_unswapped" if o == original else o for o in node.output]
+    order = np.array([1, 0, *range(2, 10)], dtype=np.int64)
+    graph.initializer.append(numpy_helper.from_array(order, "swap_order"))
+    graph.node.append(helper.make_node("Gather", [f"{original}_unswapped", "swap_order"],
+                                       [original], axis=1))
+    return bytes(model.SerializeToString())

@@ -17,6 +17,7 @@ from agent.config import (
     ApiConfig,
     ApiLimits,
     FleetSettings,
+    MonitorConfig,
     config_reference,
     config_to_toml,
     load_config,
@@ -108,6 +109,10 @@ _FLEET_TABLE = ('[fleet]\nname = "f"\ndevice_id = "d"\nbroker_url = "mqtts://b"\
      ", line 2: missing key fleet.key_file (this device's private key"),
     ('state_dir = "/s"\n' + _FLEET_TABLE + "telemetry_interval_s = 0\n",
      "fleet.telemetry_interval_s = 0 is out of range; use 0.1 to 86400"),
+    ('state_dir = "/s"\n[monitor]\nprometheus = "yes"\n',
+     ", line 3: monitor.prometheus must be true or false, not 'yes'"),
+    ('state_dir = "/s"\n[monitor]\nsample_rate = 1.5\n',
+     "monitor.sample_rate = 1.5 is out of range; use 0 to 1"),
     ('state_dir = "/s"\n[api]\ncors_origins = "http://a"\n',
      ", line 3: api.cors_origins must be a list of strings, not 'http://a'"),
     ('state_dir = "/s"\n[api]\ncors_origins = [3]\n',
@@ -178,10 +183,10 @@ def test_any_valid_config_round_trips(*, state_dir: Path, profile: str | None,
 
 def test_every_key_has_a_meaning_and_the_committed_reference_is_current() -> None:
     reference = config_reference()
-    for table in (AgentConfig, ApiConfig, ApiLimits, FleetSettings):
+    for table in (AgentConfig, ApiConfig, ApiLimits, FleetSettings, MonitorConfig):
         for f in fields(table):
             assert f.metadata["meaning"], f.name
-            assert f"`{f.name}`" in reference or f.name in ("api", "limits", "fleet")
+            assert f"`{f.name}`" in reference or f.name in ("api", "limits", "fleet", "monitor")
     committed = (ROOT / "docs" / "agent-config.md").read_text(encoding="utf-8")
     assert committed == reference, ("docs/agent-config.md is out of date: run "
                                     "`edge-agent config --doc > docs/agent-config.md`")

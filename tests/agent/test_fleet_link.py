@@ -38,6 +38,7 @@ from protocol.messages import (
     DeltaOffer,
     Desired,
     DesiredModel,
+    DesiredShadow,
     Event,
     Telemetry,
     decode_chunk_request,
@@ -73,6 +74,7 @@ class FakeServer:
     events: list[str] = field(default_factory=list)
     event_log: list[Event] = field(default_factory=list)
     telemetry: list[int] = field(default_factory=list)
+    samples: list[Telemetry] = field(default_factory=list)
     answer: Callable[[int], bool] = lambda offset: True
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -99,12 +101,24 @@ class FakeServer:
             self.event_log.append(event)
             self.events.append(event.kind)
         elif message.topic == self.topic("telemetry"):
-            self.telemetry.append(decode_telemetry(bytes(message.payload)).seq)
+            sample = decode_telemetry(bytes(message.payload))
+            self.telemetry.append(sample.seq)
+            self.samples.append(sample)
 
-    def want(self, version: int, data: bytes) -> str:
+    def want(self, version: int, data: bytes, *, shadow: tuple[int, bytes, float] | None = None,
+             compare_previous: float = 0.0) -> str:
+        """Publish a desired state for digits ``version`` (bundle ``data``), with a shadow
+        candidate (version, bundle, sample rate) and a share to compare with the previous
+        version when given."""
         sha = hashlib.sha256(data).hexdigest()
         self.bundles[sha] = data
-        desired = Desired({"digits": DesiredModel(version, sha, len(data))}, time.time())
+        candidate = None
+        if shadow is not None:
+            shadow_sha = hashlib.sha256(shadow[1]).hexdigest()
+            self.bundles[shadow_sha] = shadow[1]
+            candidate = DesiredShadow(shadow[0], shadow_sha, len(shadow[1]), shadow[2])
+        desired = Desired({"digits": DesiredModel(version, sha, len(data), candidate,
+                                                  compare_previous)}, time.time())
         self.client.publish(self.topic("desired"), encode(desired), qos=1, retain=True)
         return sha
 

@@ -64,9 +64,11 @@ def test_system_metrics_rounds_and_leaves_out_what_is_unknown() -> None:
     full = SystemReading(cpu_percent=12.345, process_cpu_percent=0.04, rss_bytes=50_000_000,
                          memory_percent=41.25, load_avg=(0.111, 0.5, 1.0),
                          temperatures_c={"coretemp/Core 0": 48.0, "acpitz/0": 51.26,
-                                         "bad/0": math.nan})
+                                         "bad/0": math.nan},
+                         disk_free_bytes=7_000_000_000, disk_percent=63.44)
     assert system_metrics(full) == {"cpu_percent": 12.3, "process_cpu_percent": 0.0,
                                     "rss_bytes": 50_000_000, "memory_percent": 41.2,
+                                    "disk_percent": 63.4, "disk_free_bytes": 7_000_000_000,
                                     "load_avg": [0.11, 0.5, 1.0], "temp_c": 51.3,
                                     "temp_sensor": "acpitz/0"}
     assert system_metrics(SystemReading()) == {}

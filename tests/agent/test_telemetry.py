@@ -48,6 +48,7 @@ class _Clock:
 @dataclass
 class _Served:
     stats: RequestStats
+    monitor: None = None
 
 
 class _FakeRuntime:
@@ -64,6 +65,12 @@ class _FakeRuntime:
         if name not in self.serving:
             raise ModelNotFoundError(name)
         return _Served(self.serving[name][1])
+
+    def comparisons(self, name: str) -> dict[str, Any]:
+        return {}
+
+    def flush_watchers(self, name: str) -> None:
+        pass
 
 
 def _requests(stats: RequestStats, ok: int, failed: int = 0) -> None:

@@ -56,6 +56,13 @@ def test_compress_writes_artifacts_and_report(tmp_path: Path) -> None:
     assert report["baseline"]["features"] == 64
     assert len(report["baseline"]["histograms"]) == 64
     assert [b["input"] for b in report["baseline"]["inputs"]] == ["input"]
+    (outputs,) = report["baseline"]["outputs"]
+    assert outputs["output"] == "logits"
+    assert outputs["kind"] == "classes"
+    assert outputs["classes"] == 10
+    assert sum(outputs["counts"]) == outputs["samples"]
+    assert sum(outputs["confidence"]["counts"]) == outputs["samples"]
+    assert 0.5 < outputs["confidence_mean"] <= 1.0
     assert report["metrics"] == {"logits": "top1"}
     assert report["failed"] == []
     assert "self_test_file" not in report

@@ -52,6 +52,10 @@ def test_two_int64_inputs_judged_as_embeddings(tmp_path: Path) -> None:
     assert case["inputs"]["ids"]["dtype"] == "int64"
     assert case["inputs"]["ids"]["shape"] == [1, 6]
     assert [b["input"] for b in report["baseline"]["inputs"]] == ["ids", "mask"]
+    (outputs,) = report["baseline"]["outputs"]
+    assert outputs["kind"] == "values"
+    assert outputs["samples"] == len(ids)
+    assert sum(outputs["counts"]) % len(ids) == 0
     assert sign_and_verify(out, tmp_path, "x86-64-vnni").manifest.self_test
 
 

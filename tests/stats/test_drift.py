@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stats.drift import PSI_MAJOR, PSI_MODERATE, ks_distance, psi
+from stats.drift import PSI_MAJOR, PSI_MODERATE, ks_counts, ks_distance, psi, psi_counts
 from stats.histogram import Histogram, HistogramError, quantile_edges
 
 _counts = st.lists(st.integers(0, 1000), min_size=5, max_size=5)
@@ -58,3 +58,14 @@ def test_readings_on_real_shifts() -> None:
 def test_edges_must_match() -> None:
     with pytest.raises(HistogramError, match="same edges"):
         psi(Histogram.empty([0, 1]), Histogram.empty([0, 2]))
+
+
+@given(_counts, _counts)
+def test_counts_forms_match_the_histogram_forms(a: list[int], b: list[int]) -> None:
+    assert psi_counts(np.array(a), np.array(b)) == psi(_hist(a), _hist(b))
+    assert ks_counts(np.array(a), np.array(b)) == ks_distance(_hist(a), _hist(b))
+
+
+def test_counts_must_have_one_length() -> None:
+    with pytest.raises(HistogramError, match="same bins"):
+        psi_counts(np.ones(3), np.ones(4))

@@ -8,7 +8,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from stats.histogram import MAX_BINS, Histogram, HistogramError, quantile_edges
+from stats.histogram import (
+    MAX_BINS,
+    Histogram,
+    HistogramError,
+    RangeHistogram,
+    quantile_edges,
+    range_counts,
+)
 
 _values = hnp.arrays(np.float64, st.integers(0, 200),
                      elements=st.floats(allow_nan=True, allow_infinity=True))
@@ -82,3 +89,36 @@ def test_quantile_edges_split_evenly_and_handle_constant_data() -> None:
         quantile_edges(np.array([np.nan]))
     with pytest.raises(HistogramError, match="bins must be"):
         quantile_edges(values, 0)
+
+
+_finite = hnp.arrays(np.float64, st.integers(0, 200),
+                     elements=st.floats(-1e6, 1e6) | st.just(float("nan")))
+
+
+@given(_finite, st.floats(-100, 100), st.floats(0.01, 100), st.integers(1, 64))
+def test_range_counts_count_every_number_once(values: np.ndarray, low: float, width: float,
+                                             bins: int) -> None:
+    counts = range_counts(values, low, low + width, bins)
+    assert len(counts) == bins
+    assert counts.sum() == np.count_nonzero(~np.isnan(values))
+    # Inside the range the bins agree with numpy's (whose last bin includes the top edge).
+    inside = values[(values >= low) & (values <= low + width)]
+    expected = np.histogram(inside, bins=bins, range=(low, low + width))[0]
+    assert np.abs(range_counts(inside, low, low + width, bins) - expected).sum() <= 2 * bins
+
+
+@given(_finite, _finite)
+def test_range_histogram_streams(a: np.ndarray, b: np.ndarray) -> None:
+    h = RangeHistogram.empty(-10.0, 10.0, 8)
+    h.add(a)
+    h.add(b)
+    whole = range_counts(np.concatenate([a, b]), -10.0, 10.0, 8)
+    assert h.take().tolist() == whole.tolist()
+    assert h.counts.sum() == 0
+
+
+def test_range_counts_put_outliers_in_the_end_bins() -> None:
+    counts = range_counts(np.array([-5.0, 0.0, 0.49, 0.5, 1.0, 9.0, np.inf, np.nan]), 0.0, 1.0, 2)
+    assert counts.tolist() == [3, 4]
+    with pytest.raises(HistogramError, match="high > low"):
+        range_counts(np.zeros(3), 1.0, 1.0, 4)
