@@ -58,10 +58,13 @@ def watch_actions(desired: Desired | None, watched: Mapping[str, Watched],
     loads: list[WatchAction] = []
     for name, want in sorted(desired.models.items()):
         have = watched.get(name, Watched(served=None))
-        if have.compare_previous != want.compare_previous:
-            actions.append(WatchAction("keep_previous", name, rate=want.compare_previous))
+        # Switch back before the share changes: a halted rollout names the previous version
+        # and no comparison at once, and releasing the kept version first would leave
+        # nothing to switch back to (an install then, which the trust rules refuse).
         if have.served != want.version and have.previous == want.version:
             actions.append(WatchAction("switch_back", name, version=want.version))
+        if have.compare_previous != want.compare_previous:
+            actions.append(WatchAction("keep_previous", name, rate=want.compare_previous))
         shadow = want.shadow
         if shadow is None:
             if have.shadow_sha256 is not None:

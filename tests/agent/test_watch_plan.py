@@ -29,6 +29,11 @@ SHADOW = DesiredShadow(3, B, 20, 0.1)
     # The desired version is the one loaded beside: switch back, nothing fetched.
     (_desired(1, compare=0.2), Watched(2, previous=1, compare_previous=0.2), {},
      [WatchAction("switch_back", "digits", version=1)]),
+    # A halted rollout: the previous version and no comparison at once. Switch back first,
+    # then release the one it replaces (releasing first would leave nothing to switch to).
+    (_desired(1), Watched(2, previous=1, compare_previous=0.1), {},
+     [WatchAction("switch_back", "digits", version=1),
+      WatchAction("keep_previous", "digits", rate=0.0)]),
     # The desired version is not loaded: no switch (the install path fetches it).
     (_desired(1), Watched(2, previous=None), {}, []),
     # A shadow to load; once loading or loaded, nothing more.
@@ -81,12 +86,15 @@ def _apply(action: WatchAction, have: Watched, want: DesiredModel) -> Watched:
 def test_doing_the_actions_brings_the_device_in_line(want: DesiredModel,
                                                      have: Watched) -> None:
     desired = Desired({"digits": want}, 0.0)
+    could_switch = have.previous == want.version and have.served != want.version
     first = watch_actions(desired, {"digits": have}, {})
     assert len({a.kind for a in first}) == len(first)  # each kind at most once
     assert [a.kind for a in first if a.kind == "load_shadow"] == \
         [a.kind for a in first[-1:] if a.kind == "load_shadow"]  # a fetch comes last
     for action in first:
         have = _apply(action, have, want)
+    # A version loaded beside is switched to, whatever else changes at the same time.
+    assert not could_switch or have.served == want.version
     # Done once, nothing is left to do.
     again = watch_actions(desired, {"digits": have}, {})
     assert again == []
