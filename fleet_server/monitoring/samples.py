@@ -21,7 +21,7 @@ from protocol.names import is_valid_name
 
 __all__ = ["LATENCY_EDGES_MS", "MAX_COUNT", "MAX_MODELS", "MAX_SCORE", "MIN_OUTPUT_SAMPLED",
            "MIN_SAMPLED",
-           "Observation", "observations", "rebin"]
+           "Observation", "interval_drift", "observations", "rebin"]
 
 #: The server's latency buckets (upper edges, ms): the agent's default buckets, so a
 #: default agent's histogram is stored exactly. ``hist[i]`` counts latencies in
@@ -92,7 +92,7 @@ def _model(name: str, entry: Mapping[str, Any], edges: tuple[float, ...] | None,
     monitor = entry.get("monitor")
     if not isinstance(monitor, Mapping):
         return [served]
-    psi, ks, label = _drift(monitor)
+    psi, ks, label = interval_drift(monitor)
     if psi is None and ks is None:
         return [served]
     # The statistics name the version they were gathered on; a swap inside the interval
@@ -105,7 +105,7 @@ def _model(name: str, entry: Mapping[str, Any], edges: tuple[float, ...] | None,
                                 drift_worst=label)]
 
 
-def _drift(monitor: Mapping[str, Any]) -> tuple[float | None, float | None, str | None]:
+def interval_drift(monitor: Mapping[str, Any]) -> tuple[float | None, float | None, str | None]:
     """The interval's drift: the agent's ``drift`` (largest over inputs and outputs), or
     over the inputs only when too few requests were sampled for the outputs' PSI to mean
     anything; nothing for an interval that sampled fewer than :data:`MIN_SAMPLED` requests

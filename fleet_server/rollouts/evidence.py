@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fleet_server.monitoring.samples import interval_drift
 from protocol.messages import Telemetry
 
 __all__ = ["Health", "summarize"]
@@ -107,7 +108,9 @@ def summarize(samples: Iterable[Telemetry], *, model: str, candidate: int,
         if shift is not None:
             shifts.append(abs(shift))
         if not shadow:
-            psi = _number(_dict(_dict(entry, "monitor"), "drift").get("psi"))
+            # Read as monitoring reads it: an interval with too few sampled requests says
+            # nothing, and a few more only through the inputs (the outputs' PSI is noise).
+            psi, _, _ = interval_drift(_dict(entry, "monitor"))
             if psi is not None:
                 drift = psi if drift is None else max(drift, psi)
     return Health(samples=n, requests=requests, errors=min(errors, requests),
