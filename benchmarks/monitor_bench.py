@@ -1,22 +1,22 @@
 """Monitoring benchmark: what watching the served models costs the requests, in one run.
 
-Each part compares runtimes in this process against a baseline runtime measured in the
-same run, interleaved in rounds so that drift in the machine's load hits all alike:
+Each part serves one model file in one runtime and one session, and switches only what
+watches it (the served model's side channel) between configurations, interleaved in rounds
+with the order reversed every other round, so the load's drift and the session hit all
+alike; the verdict for a slow model is the median of the rounds' on/off ratios.
 
-1. **Hot-path cost of monitoring** at the default sample rate (``[monitor] sample_rate``):
-   ``Runtime.infer`` in a closed loop on a runtime with monitoring vs one with it off,
-   same model file with the compressor's baseline, same inputs. Digits CNN (target: at most
-   5 us per request) and the ViT benchmark model (target: at most 2%). The side thread's
-   folding runs concurrently, as in the agent; what it costs the requests (the counter,
-   copies and queueing of sampled requests, the side thread's share of the CPU) is in the
-   difference.
+1. **Hot-path cost of monitoring** at the default sample rate (``[monitor] sample_rate``)
+   against monitoring off, ``Runtime.infer`` in a closed loop with the compressor's
+   baseline. Digits CNN (target: at most 5 us per request) and the ViT benchmark model
+   (target: at most 2%). The side thread's folding runs concurrently, as in the agent.
 2. **Shadow evaluation**: the served model's p50/p99 with a shadow candidate (a second
-   session of the same model) on 10% and on 100% of the requests vs no shadow. Target at
-   10%: p99 <= 1.1x. Also prints how many shadow runs were done and dropped.
+   session of the same model, one intra-op thread) on 10% and on 100% of the requests vs no
+   shadow. Target at 10%: p99 <= 1.1x. Also prints how many shadow runs were done and
+   dropped.
 
 Run::
 
-    .venv/bin/python benchmarks/monitor_bench.py               # builds the ViT if missing
+    .venv/bin/python benchmarks/monitor_bench.py --vit-iterations 120   # builds the ViT
     .venv/bin/python benchmarks/monitor_bench.py --models digits
 """
 
