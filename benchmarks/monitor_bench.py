@@ -1,22 +1,22 @@
 """Monitoring benchmark: what watching the served models costs the requests, in one run.
 
-Each part compares runtimes in this process against a baseline runtime measured in the
-same run, interleaved in rounds so that drift in the machine's load hits all alike:
+Each part serves one model file in one runtime and one session, and switches only what
+watches it (the served model's side channel) between configurations, interleaved in rounds
+with the order reversed every other round, so the load's drift and the session hit all
+alike; the verdict for a slow model is the median of the rounds' on/off ratios.
 
-1. **Hot-path cost of monitoring** at the default sample rate (``[monitor] sample_rate``):
-   ``Runtime.infer`` in a closed loop on a runtime with monitoring vs one with it off,
-   same model file with the compressor's baseline, same inputs. Digits CNN (target: at most
-   5 us per request) and the ViT benchmark model (target: at most 2%). The side thread's
-   folding runs concurrently, as in the agent; what it costs the requests (the counter,
-   copies and queueing of sampled requests, the side thread's share of the CPU) is in the
-   difference.
+1. **Hot-path cost of monitoring** at the default sample rate (``[monitor] sample_rate``)
+   against monitoring off, ``Runtime.infer`` in a closed loop with the compressor's
+   baseline. Digits CNN (target: at most 5 us per request) and the ViT benchmark model
+   (target: at most 2%). The side thread's folding runs concurrently, as in the agent.
 2. **Shadow evaluation**: the served model's p50/p99 with a shadow candidate (a second
-   session of the same model) on 10% and on 100% of the requests vs no shadow. Target at
-   10%: p99 <= 1.1x. Also prints how many shadow runs were done and dropped.
+   session of the same model, one intra-op thread) on 10% and on 100% of the requests vs no
+   shadow. Target at 10%: p99 <= 1.1x. Also prints how many shadow runs were done and
+   dropped.
 
 Run::
 
-    .venv/bin/python benchmarks/monitor_bench.py               # builds the ViT if missing
+    .venv/bin/python benchmarks/monitor_bench.py --vit-iterations 120   # builds the ViT
     .venv/bin/python benchmarks/monitor_bench.py --models digits
 """
 
@@ -36,6 +36,7 @@ import onnxruntime as ort
 from agent.config import DEFAULT_MONITOR_RATE, MonitorConfig
 from agent.runtime import Runtime, ServedModel
 from agent.sessions import open_session
+from agent.side_runner import SideChannel
 from compressor.report import input_baseline, output_baseline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,17 +86,24 @@ class Measured:
         return np.concatenate(self.latencies)
 
 
-def interleaved(runtimes: Mapping[str, Runtime], samples: list[dict[str, np.ndarray]],
-                rounds: int) -> dict[str, Measured]:
-    """Each runtime's rounds, interleaved. The trimmed mean leaves out each round's slowest
-    1% (the process preempted by others on this shared machine); the CPU time is the
-    whole process's (request thread and side thread) until the side thread is idle."""
-    measured = {label: Measured() for label in runtimes}
-    for _ in range(rounds):
-        for label, runtime in runtimes.items():
+def interleaved(runtime: Runtime, channels: Mapping[str, SideChannel | None],
+                samples: list[dict[str, np.ndarray]], rounds: int) -> dict[str, Measured]:
+    """The same runtime and session under each configuration (the served model's side
+    channel: what watches it), interleaved in rounds, the order reversed every other round.
+    The trimmed mean leaves out each round's slowest 1% (the process preempted by others on
+    this shared machine); the CPU time is the whole process's (request thread, side thread,
+    onnxruntime's pool) until the side thread is idle."""
+    served = runtime.served("m")
+    measured = {label: Measured() for label in channels}
+    for number in range(rounds):
+        order = list(channels.items())
+        for label, channel in order if number % 2 == 0 else order[::-1]:
+            served.side = channel
             cpu = time.process_time()
             latencies = timed_loop(runtime, samples)
-            runtime.side_runner.wait_idle()  # the next runtime starts with a quiet side thread
+            if channel is not None:
+                channel.flush()
+            runtime.side_runner.wait_idle()  # the next configuration starts quiet
             cpu = time.process_time() - cpu
             kept = np.sort(latencies)[:int(len(latencies) * 0.99)]
             measured[label].means.append(float(kept.mean()))
@@ -106,70 +114,73 @@ def interleaved(runtimes: Mapping[str, Runtime], samples: list[dict[str, np.ndar
 
 def bench_monitor_cost(label: str, model: Path, x: np.ndarray, rounds: int, *,
                        iterations: int, target: str) -> None:
-    baseline = baseline_of(model, x)
     samples = [{"input": x[i % len(x):i % len(x) + 1]} for i in range(iterations)]
-    runtimes = {"off": runtime_for(model, baseline, 0.0),
-                "on": runtime_for(model, baseline, DEFAULT_MONITOR_RATE)}
-    for runtime in runtimes.values():
-        timed_loop(runtime, samples[:50])  # warm
-        runtime.flush_watchers("m")
-        monitor = runtime.served("m").monitor
-        if monitor is not None:
-            monitor.report()
-    results = interleaved(runtimes, samples, rounds)
-    runtimes["on"].flush_watchers("m")
-    monitor = runtimes["on"].served("m").monitor
+    runtime = runtime_for(model, baseline_of(model, x), DEFAULT_MONITOR_RATE)
+    timed_loop(runtime, samples[:50])  # warm
+    runtime.flush_watchers("m")
+    monitor = runtime.served("m").monitor
     assert monitor is not None
+    monitor.report()
+    results = interleaved(runtime, {"off": None, "on": runtime.served("m").side}, samples,
+                          rounds)
     report = monitor.report()
     print(f"\n{label} ({model.name}): monitoring at sample_rate {DEFAULT_MONITOR_RATE:g} vs "
-          f"off, {rounds} rounds x {iterations} requests, interleaved")
+          f"off (one runtime, its side channel on or off), {rounds} rounds x {iterations} "
+          "requests, interleaved")
     for what, field_name in (("request time (trimmed mean)", "means"),
-                             ("CPU time, both threads", "cpu")):
+                             ("CPU time, whole process", "cpu")):
         off, on = (float(np.median(getattr(results[k], field_name))) for k in ("off", "on"))
+        # Each round runs both back to back: their ratio cancels the load's drift between
+        # rounds, which moves a slow model's figures by more than the effect.
+        paired = float(np.median(np.array(getattr(results["on"], field_name))
+                                 / np.array(getattr(results["off"], field_name))))
         print(f"  {what}, median of rounds: off {off * 1e6:.2f} us, on {on * 1e6:.2f} us: "
-              f"{(on - off) * 1e6:+.2f} us per request, {on / off:.4f}x ({target})")
+              f"{(on - off) * 1e6:+.2f} us per request, {on / off:.4f}x; median of the "
+              f"rounds' on/off ratios {paired:.4f}x ({target})")
     p50s = [float(np.percentile(results[k].all_latencies(), 50)) * 1e6 for k in ("off", "on")]
     print(f"  p50 off {p50s[0]:.2f} us, on {p50s[1]:.2f} us")
     print(f"  sampled {report['sampled']} requests, dropped {report['dropped']}; input PSI "
           f"{report['inputs']['input']['psi']:.4f}")
-    for runtime in runtimes.values():
-        runtime.close()
+    runtime.close()
 
 
 def bench_shadow(label: str, model: Path, x: np.ndarray, rounds: int, iterations: int) -> None:
-    baseline = baseline_of(model, x)
     samples = [{"input": x[i % len(x):i % len(x) + 1]} for i in range(iterations)]
-    runtimes = {}
-    for rate in (0.0, 0.1, 1.0):
-        runtime = runtime_for(model, baseline, DEFAULT_MONITOR_RATE)
-        if rate:
-            # As the agent loads a shadow candidate: one intra-op thread.
-            shadow = ServedModel("m", 2, open_session(model, "onnx", threads=1), "shadow")
-            runtime.attach("m", "shadow", shadow, rate)
-        runtimes[f"shadow {rate:.0%}" if rate else "no shadow"] = runtime
-        timed_loop(runtime, samples[:50])
-        runtime.side_runner.wait_idle()
-    for runtime in runtimes.values():
-        for comparison in runtime.comparisons("m").values():
-            comparison.report()
-    results = interleaved(runtimes, samples, rounds)
+    runtime = runtime_for(model, baseline_of(model, x), DEFAULT_MONITOR_RATE)
+    served = runtime.served("m")
+    channels: dict[str, SideChannel | None] = {"no shadow": served.side}
+    comparisons = {}
+    for rate in (0.1, 1.0):
+        # As the agent loads a shadow candidate: one intra-op thread.
+        shadow = ServedModel("m", 2, open_session(model, "onnx", threads=1), "shadow")
+        runtime.attach("m", "shadow", shadow, rate)
+        name = f"shadow {rate:.0%}"
+        channels[name] = served.side
+        comparisons[name] = runtime.comparisons("m")["shadow"]
+    timed_loop(runtime, samples[:50])  # warm (with the last channel)
+    for channel in channels.values():
+        served.side = channel
+        timed_loop(runtime, samples[:20])
+    runtime.side_runner.wait_idle()
+    for comparison in comparisons.values():
+        comparison.report()
+    results = interleaved(runtime, channels, samples, rounds)
     print(f"\n{label} ({model.name}): the served model's latency with a shadow candidate, "
-          f"{rounds} rounds x {iterations} requests, interleaved")
+          f"{rounds} rounds x {iterations} requests, interleaved (one runtime and session; "
+          "monitoring on in all)")
     base_p50, base_p99 = np.percentile(results["no shadow"].all_latencies(), [50, 99]) * 1e3
     for name, measured in results.items():
         p50, p99 = np.percentile(measured.all_latencies(), [50, 99]) * 1e3
         line = f"  {name:10s}: p50 {p50:.3f} ms, p99 {p99:.3f} ms"
         if name != "no shadow":
-            runtimes[name].flush_watchers("m")
-            report = runtimes[name].comparisons("m")["shadow"].report()
+            report = comparisons[name].report()
             line += (f" ({p99 / base_p99:.3f}x p99, {p50 / base_p50:.3f}x p50; shadow ran "
                      f"{report['requests']}, dropped {report['dropped']}, agreement "
                      f"{report['agreement']['mean']})")
             if name == "shadow 10%":
                 line += " (target <= 1.1x p99)"
         print(line)
-    for runtime in runtimes.values():
-        runtime.close()
+    runtime.close()
 
 
 def main() -> None:
@@ -180,6 +191,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--models", default="digits,vit")
     parser.add_argument("--parts", default="monitor,shadow")
+    parser.add_argument("--vit-iterations", type=int, default=60,
+                        help="ViT requests per round and configuration")
     args = parser.parse_args()
     models = set(args.models.split(","))
     parts = set(args.parts.split(","))
@@ -189,7 +202,8 @@ def main() -> None:
                       "target <= 5 us per request"))
     if "vit" in models:
         vit, vit_data = ensure_bench_model()
-        cases.append(("ViT", vit, np.load(vit_data)["eval_x"], 60, "target <= 1.02x"))
+        cases.append(("ViT", vit, np.load(vit_data)["eval_x"], args.vit_iterations,
+                      "target <= 1.02x"))
     for label, model, x, iterations, target in cases:
         if "monitor" in parts:
             bench_monitor_cost(label, model, x.astype(np.float32), args.rounds,

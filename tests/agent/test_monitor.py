@@ -4,13 +4,14 @@ in telemetry samples (monitor, shadow and previous-version comparisons)."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import subprocess
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -209,11 +210,21 @@ def _serve(runtime: Runtime, requests: int) -> None:
         runtime.infer("digits", {"input": x[n % len(x):n % len(x) + 1]})
 
 
-def test_runtime_reports_monitor_statistics(state_dir: Path, repo: Repo, tmp_path: Path,
-                                            x86: Profile) -> None:
-    runtime = Runtime(state_dir, x86, policy=QUICK, monitoring=MonitorConfig(sample_rate=0.1))
+@contextlib.contextmanager
+def _serving_v1(state_dir: Path, repo: Repo, tmp_path: Path, x86: Profile,
+                rate: float) -> Iterator[Runtime]:
+    """A runtime monitoring ``rate`` of the requests, digits v1 installed; closed after."""
+    runtime = Runtime(state_dir, x86, policy=QUICK, monitoring=MonitorConfig(sample_rate=rate))
     try:
         runtime.install(write_bundle(repo, tmp_path, digits_spec(1)))
+        yield runtime
+    finally:
+        runtime.close()
+
+
+def test_runtime_reports_monitor_statistics(state_dir: Path, repo: Repo, tmp_path: Path,
+                                            x86: Profile) -> None:
+    with _serving_v1(state_dir, repo, tmp_path, x86, 0.1) as runtime:
         _serve(runtime, 300)
         entry = _collect(runtime)
         monitor = entry["monitor"]
@@ -225,28 +236,20 @@ def test_runtime_reports_monitor_statistics(state_dir: Path, repo: Repo, tmp_pat
         # About 30 predictions over 10 classes: too few for a steady output PSI, but counted.
         assert sum(monitor["outputs"]["logits"]["counts"]) == monitor["sampled"]
         assert "shadow" not in entry
-    finally:
-        runtime.close()
 
 
 def test_monitoring_off_adds_nothing(state_dir: Path, repo: Repo, tmp_path: Path,
                                      x86: Profile) -> None:
-    runtime = Runtime(state_dir, x86, policy=QUICK, monitoring=MonitorConfig(sample_rate=0.0))
-    try:
-        runtime.install(write_bundle(repo, tmp_path, digits_spec(1)))
+    with _serving_v1(state_dir, repo, tmp_path, x86, 0.0) as runtime:
         _serve(runtime, 20)
         assert runtime.served("digits").side is None
         assert "monitor" not in _collect(runtime)
-    finally:
-        runtime.close()
 
 
 @pytest.mark.parametrize("agreeing", [True, False])
 def test_a_shadow_candidate_is_compared_off_the_path(
         state_dir: Path, repo: Repo, tmp_path: Path, x86: Profile, agreeing: bool) -> None:
-    runtime = Runtime(state_dir, x86, policy=QUICK, monitoring=MonitorConfig(sample_rate=0.0))
-    try:
-        runtime.install(write_bundle(repo, tmp_path, digits_spec(1)))
+    with _serving_v1(state_dir, repo, tmp_path, x86, 0.0) as runtime:
         model = None if agreeing else swapped_digits()
         shadow_bundle = write_bundle(repo, tmp_path, digits_spec(2, model))
         shadow = runtime.load_shadow(shadow_bundle)
@@ -273,8 +276,6 @@ def test_a_shadow_candidate_is_compared_off_the_path(
         assert runtime.detach("digits", "shadow") is shadow
         _serve(runtime, 10)
         assert "shadow" not in _collect(runtime)
-    finally:
-        runtime.close()
 
 
 # -- the local Prometheus endpoint ------------------------------------------------------------
