@@ -221,7 +221,9 @@ def test_upload_publish_rollback_and_events(call: Caller, repo: Repo,
     assert result == {"devices": ["gw-1"], "changes": [{
         "device": "gw-1", "model": "digits", "before": None,
         "after": {"version": 1, "bundle_sha256": v1["sha256"], "size": v1["size"]}}],
-        "delivered": True, "released": []}
+        "delivered": True, "released": [],
+        "transfer": {"full_devices": ["gw-1"], "delta_devices": {}, "full_bytes": v1["size"],
+                     "wire_bytes": v1["size"], "saved_bytes": 0}}
     call("POST", "/api/publish", {"bundle_sha256": v2["sha256"], "devices": ["gw-1", "gw-2"]})
     status, devices = call("GET", "/api/devices?group=lab")
     assert [d["desired"]["digits"]["version"] for d in devices["devices"]] == [2]
