@@ -7,6 +7,7 @@ the whole fleet shows (take-over, encryption to recipients, rollback).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -89,10 +90,12 @@ class LiveFleet:
                           "--profile", PROFILE, "--port", "0", "--probation", "1",
                           "--telemetry-interval", "2", check=check)
 
-    def run_agent(self, name: str, state: Path) -> None:
-        """``edge-agent run`` from ``state`` in the background, known as ``name``."""
+    def run_agent(self, name: str, state: Path, env: dict[str, str] | None = None) -> None:
+        """``edge-agent run`` from ``state`` in the background, known as ``name`` (with
+        ``env`` added to the environment)."""
         self._start(name, [sys.executable, "-m", "agent", "run", "--config",
-                           state / "agent.toml"], lambda: find_running(state) is not None)
+                           state / "agent.toml"], lambda: find_running(state) is not None,
+                    env)
 
     def stop(self, name: str) -> None:
         process = self.processes.pop(name)
@@ -133,10 +136,12 @@ class LiveFleet:
         for name in reversed(list(self.processes)):
             self.stop(name)
 
-    def _start(self, name: str, argv: list[Any], ready: Callable[[], bool]) -> None:
-        with (self.home / f"{name}.log").open("wb") as log:
+    def _start(self, name: str, argv: list[Any], ready: Callable[[], bool],
+               env: dict[str, str] | None = None) -> None:
+        with (self.home / f"{name}.log").open("ab") as log:
             process = subprocess.Popen([str(a) for a in argv], cwd=ROOT, stdout=log,
-                                       stderr=subprocess.STDOUT)
+                                       stderr=subprocess.STDOUT,
+                                       env={**os.environ, **(env or {})})
         self.processes[name] = process
         self.wait(lambda: process.poll() is None and ready(), f"{name} to start")
 

@@ -1,0 +1,238 @@
+"""Faults injected into a live fleet (:mod:`tests.fleet_server.live_fleet`), and the checks
+every fault test ends with: the fleet converged, nothing was lost, nothing leaked on disk.
+
+- *Nothing lost, events*: for every install record a device keeps, the server holds exactly
+  one ``agent.install.<state>`` event per transition in the record's history (none missing,
+  none twice), in order.
+- *Nothing lost, telemetry*: every sample slot of a run is either stored at the server or
+  counted in a later sample's ``dropped``.
+- *Nothing leaked*: ``incoming/`` is empty and the model store holds only the active and
+  previous slots, once no install is pending.
+
+The faults are real: ``kill -9`` of real processes (:func:`kill_9`), a small tmpfs that
+really fills up (:func:`small_disk`, the tests run as root), SIGSTOP of the broker as a
+half-open link for every client (:func:`frozen`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.daemon import find_running
+from tests.fleet_server.live_fleet import GROUP, LiveFleet
+
+MODEL = "digits"
+#: Set to run the long series (every state several times, many random kills).
+LONG_ENV = "EDGEFLEET_FAULTS_LONG"
+
+
+def long_run() -> bool:
+    """Whether the long fault series was asked for (``EDGEFLEET_FAULTS_LONG=1``)."""
+    return os.environ.get(LONG_ENV, "") not in ("", "0")
+
+
+def join(fleet: LiveFleet, device: str, state: Path | None = None) -> Path:
+    """Enroll ``device`` into the test group and start its agent; its state directory."""
+    state = state or fleet.state(device)
+    fleet.enroll(device, fleet.token("--group", GROUP), state=state)
+    fleet.run_agent(device, state)
+    return state
+
+
+def publish(fleet: LiveFleet, bundle: Path, *, check: bool = True,
+            ) -> subprocess.CompletedProcess[str]:
+    """``fleet publish BUNDLE --group lab``."""
+    return fleet.fleet("publish", bundle, "--group", GROUP, "--data", fleet.data, check=check)
+
+
+def kill_9(fleet: LiveFleet, name: str) -> None:
+    """SIGKILL the process ``name`` of ``fleet`` (if it still runs) and reap it."""
+    process = fleet.processes.pop(name)
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def wait_exited(fleet: LiveFleet, name: str, timeout: float = 120.0) -> int:
+    """Wait for ``name`` to exit by itself (a fault-injection hook killed it); its code."""
+    process = fleet.processes[name]
+    fleet.wait(lambda: process.poll() is not None, f"{name} to exit", timeout)
+    del fleet.processes[name]
+    return process.wait()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie counts as dead)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def broker_pid(fleet: LiveFleet) -> int:
+    """The embedded Mosquitto's pid, from its pid file."""
+    [pid_file] = fleet.data.glob("**/mosquitto.pid")
+    return int(pid_file.read_text().strip())
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """SIGSTOP ``pid`` for the block: its TCP connections stay up and nothing answers (a
+    half-open link for every client of a broker)."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+# -- a small disk --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size_mb: int) -> Iterator[Path]:
+    """A tmpfs of ``size_mb`` MiB mounted at ``path`` (created): a disk that fills up."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(disk: Path, leave: int = 0) -> Path:
+    """Fill the file system of ``disk`` until at most ``leave`` bytes are free; the filler
+    file (delete it to free the space again)."""
+    filler = disk / "filler"
+    with open(filler, "ab", buffering=0) as f, contextlib.suppress(OSError):  # full: meant
+        while (free := shutil.disk_usage(disk).free) > leave:
+            f.write(bytes(min(free - leave, 1 << 20)))
+    return filler
+
+
+# -- what the device keeps and the server saw ----------------------------------------------
+
+
+def histories(state: Path) -> dict[str, list[str]]:
+    """Install id -> the states of its record's history after ``idle`` (what is announced),
+    for every install record the device keeps."""
+    found = {}
+    for path in (state / "installs").glob("*.json"):
+        record = json.loads(path.read_bytes())
+        found[record["install_id"]] = [s for s, _ in record["history"]][1:]
+    return found
+
+
+def pending(state: Path) -> list[str]:
+    """Install ids whose records are not in a terminal state."""
+    done = {"committed", "rolled_back", "failed"}
+    return [i for i, states in histories(state).items() if not states or states[-1] not in done]
+
+
+def server_installs(fleet: LiveFleet, device: str) -> dict[str, list[str]]:
+    """Install id -> the install states the server stored events for, in event order."""
+    seen: dict[str, list[str]] = {}
+    since = 0
+    while events := fleet.api.get(f"/api/events?device={device}&since={since}"
+                                  "&limit=1000")["events"]:
+        for event in events:
+            if event["kind"].startswith("agent.install."):
+                seen.setdefault(event["detail"]["install_id"], []).append(
+                    event["kind"].removeprefix("agent.install."))
+        since = events[-1]["id"]
+    return seen
+
+
+def events_complete(fleet: LiveFleet, device: str, state: Path) -> bool:
+    """Whether the server has every transition of every install record the device keeps,
+    each once (see :func:`check_events`)."""
+    server = server_installs(fleet, device)
+    return all(server.get(i) == states for i, states in histories(state).items())
+
+
+def check_events(fleet: LiveFleet, device: str, state: Path) -> int:
+    """Wait until the server holds every transition the device's records hold, then assert
+    it holds each exactly once and no more (the device keeps every record: the tests make
+    fewer installs than it forgets after); returns how many transitions that was."""
+    fleet.wait(lambda: events_complete(fleet, device, state),
+               f"{device}'s install events at the server")
+    server, device_side = server_installs(fleet, device), histories(state)
+    assert set(server) == set(device_side), (server, device_side)  # no install unannounced
+    for install_id, states in device_side.items():
+        assert server[install_id] == states, (install_id, server[install_id], states)
+    return sum(len(s) for s in device_side.values())
+
+
+def check_nothing_leaked(state: Path, model: str = MODEL) -> None:
+    """No bundle file in ``incoming/``; slots only for the active and previous version."""
+    assert pending(state) == [], histories(state)
+    incoming = state / "incoming"
+    assert not (incoming.is_dir() and list(incoming.iterdir())), list(incoming.iterdir())
+    pointer = json.loads((state / "models" / model / "active.json").read_bytes())
+    slots = sorted(p.name for p in (state / "models" / model).iterdir() if p.is_dir())
+    assert slots == sorted(str(v) for v in {pointer["version"], pointer["previous"]}
+                           if v is not None), slots
+
+
+def serving(state: Path) -> int | None:
+    """The version of ``digits`` the agent running from ``state`` serves (None: none)."""
+    running = find_running(state)
+    if running is None:
+        return None
+    with running.client(timeout=10) as client:
+        models = {m["name"]: m for m in client.status()["models"]}
+    return models[MODEL]["version"] if MODEL in models else None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One telemetry sample as the server stored it."""
+
+    at: float
+    dropped: int
+    interval_s: float
+
+
+def telemetry(fleet: LiveFleet, device: str) -> list[Sample]:
+    """``device``'s samples stored at the server (read from ``fleet.db``), oldest first."""
+    with contextlib.closing(sqlite3.connect(f"file:{fleet.data / 'fleet.db'}?mode=ro",
+                                            uri=True, timeout=30)) as db:
+        rows = db.execute("SELECT at, payload FROM telemetry WHERE device_id = ? "
+                          "ORDER BY at", (device,)).fetchall()
+    samples = []
+    for at, payload in rows:
+        metrics: dict[str, Any] = json.loads(payload)
+        samples.append(Sample(float(at), int(metrics.get("dropped", 0)),
+                              float(metrics.get("interval_s", 0.0))))
+    return samples
+
+
+def unaccounted_slots(samples: list[Sample], start: float, end: float) -> int:
+    """How many sample slots between ``start`` and ``end`` are neither stored nor counted
+    as dropped: the slots the stored samples' spacing says were missed, less what the
+    samples after them announce as dropped (never below 0)."""
+    inside = [s for s in samples if start <= s.at <= end]
+    missed = sum(max(0, round((b.at - a.at) / b.interval_s) - 1)
+                 for a, b in zip(inside, inside[1:], strict=False) if b.interval_s > 0)
+    return max(0, missed - sum(s.dropped for s in inside[1:]))
+
+
+def wait_for(condition: Any, what: str, timeout: float = 60.0) -> None:
+    """Poll ``condition`` until true (AssertionError naming ``what`` after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s: {what}"
+        time.sleep(0.1)
