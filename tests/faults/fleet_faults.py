@@ -17,6 +17,7 @@ half-open link for every client (:func:`frozen`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -81,10 +82,26 @@ def pid_alive(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
-def broker_pid(fleet: LiveFleet) -> int:
-    """The embedded Mosquitto's pid, from its pid file."""
-    [pid_file] = fleet.data.glob("**/mosquitto.pid")
-    return int(pid_file.read_text().strip())
+def broker_pid(fleet: LiveFleet) -> int | None:
+    """The embedded Mosquitto's pid, from its pid file (None while it is being written)."""
+    for pid_file in fleet.data.glob("**/mosquitto.pid"):
+        text = pid_file.read_text().strip()
+        return int(text) if text.isdigit() else None
+    return None
+
+
+def running_broker(fleet: LiveFleet) -> int:
+    """Wait for the embedded Mosquitto to run; its pid."""
+    found: list[int] = []
+
+    def running() -> bool:
+        pid = broker_pid(fleet)
+        if pid is not None and pid_alive(pid):
+            found.append(pid)
+        return bool(found)
+
+    fleet.wait(running, "the broker to run")
+    return found[-1]
 
 
 @contextlib.contextmanager
@@ -216,7 +233,7 @@ def telemetry(fleet: LiveFleet, device: str) -> list[Sample]:
     for at, payload in rows:
         metrics: dict[str, Any] = json.loads(payload)
         samples.append(Sample(float(at), int(metrics.get("dropped", 0)),
-                              float(metrics.get("interval_s", 0.0))))
+                              float(metrics.get("interval_s") or 0.0)))
     return samples
 
 
@@ -226,13 +243,16 @@ def unaccounted_slots(samples: list[Sample], start: float, end: float) -> int:
     samples after them announce as dropped (never below 0)."""
     inside = [s for s in samples if start <= s.at <= end]
     missed = sum(max(0, round((b.at - a.at) / b.interval_s) - 1)
-                 for a, b in zip(inside, inside[1:], strict=False) if b.interval_s > 0)
+                 for a, b in itertools.pairwise(inside) if b.interval_s > 0)
     return max(0, missed - sum(s.dropped for s in inside[1:]))
 
 
-def wait_for(condition: Any, what: str, timeout: float = 60.0) -> None:
-    """Poll ``condition`` until true (AssertionError naming ``what`` after ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s: {what}"
-        time.sleep(0.1)
+def check_telemetry(fleet: LiveFleet, device: str, since: float) -> int:
+    """Wait for a sample ``device`` took after now to be stored, then assert every slot
+    from ``since`` to now is stored or counted as dropped; returns how many are stored."""
+    now = time.time()
+    fleet.wait(lambda: any(s.at >= now for s in telemetry(fleet, device)),
+               f"{device}'s telemetry after the fault")
+    samples = telemetry(fleet, device)
+    assert unaccounted_slots(samples, since, now) == 0, samples
+    return sum(1 for s in samples if since <= s.at <= now)
