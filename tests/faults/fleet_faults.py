@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.client import AgentClient
 from agent.daemon import find_running
 from tests.fleet_server.live_fleet import GROUP, LiveFleet
 
@@ -204,12 +206,27 @@ def check_nothing_leaked(state: Path, model: str = MODEL) -> None:
                            if v is not None), slots
 
 
-def serving(state: Path) -> int | None:
-    """The version of ``digits`` the agent running from ``state`` serves (None: none)."""
-    running = find_running(state)
-    if running is None:
-        return None
-    with running.client(timeout=10) as client:
+_BANNER = re.compile(r"edge-agent running: .* on (http://[0-9.:]+);")
+
+
+def run_agent_without_run_file(fleet: LiveFleet, name: str, state: Path) -> AgentClient:
+    """Start ``edge-agent run`` from ``state`` where it cannot write its run file (a full
+    disk): ready once its banner is logged; a client for the API the banner names."""
+    before = len(_BANNER.findall(fleet.log(name)))
+    fleet.run_agent(name, state, ready=lambda: len(_BANNER.findall(fleet.log(name))) > before)
+    url = _BANNER.findall(fleet.log(name))[-1]
+    return AgentClient(url, token_file=state / "api-token", timeout=10)
+
+
+def serving(state: Path, client: AgentClient | None = None) -> int | None:
+    """The version of ``digits`` the agent running from ``state`` serves (None: none), asked
+    through its run file or ``client``."""
+    if client is None:
+        running = find_running(state)
+        if running is None:
+            return None
+        client = running.client(timeout=10)
+    with client:
         models = {m["name"]: m for m in client.status()["models"]}
     return models[MODEL]["version"] if MODEL in models else None
 

@@ -90,12 +90,14 @@ class LiveFleet:
                           "--profile", PROFILE, "--port", "0", "--probation", "1",
                           "--telemetry-interval", "2", check=check)
 
-    def run_agent(self, name: str, state: Path, env: dict[str, str] | None = None) -> None:
+    def run_agent(self, name: str, state: Path, env: dict[str, str] | None = None,
+                  ready: Callable[[], bool] | None = None) -> None:
         """``edge-agent run`` from ``state`` in the background, known as ``name`` (with
-        ``env`` added to the environment)."""
+        ``env`` added to the environment), started once ``ready`` (default: once its run
+        file names it)."""
         self._start(name, [sys.executable, "-m", "agent", "run", "--config",
-                           state / "agent.toml"], lambda: find_running(state) is not None,
-                    env)
+                           state / "agent.toml"],
+                    ready or (lambda: find_running(state) is not None), env)
 
     def stop(self, name: str) -> None:
         process = self.processes.pop(name)
