@@ -26,7 +26,7 @@ import signal
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,11 +183,13 @@ def events_complete(fleet: LiveFleet, device: str, state: Path) -> bool:
 
 
 def check_events(fleet: LiveFleet, device: str, state: Path) -> int:
-    """Wait until the server holds every transition the device's records hold, then assert
-    it holds each exactly once and no more (the device keeps every record: the tests make
-    fewer installs than it forgets after); returns how many transitions that was."""
-    fleet.wait(lambda: events_complete(fleet, device, state),
-               f"{device}'s install events at the server")
+    """Wait until the device's installs are finished (the reported state may say committed
+    a moment before the record does) and the server holds every transition its records
+    hold, then assert it holds each exactly once and no more (the device keeps every
+    record: the tests make fewer installs than it forgets after); returns how many
+    transitions that was."""
+    fleet.wait(lambda: not pending(state) and events_complete(fleet, device, state),
+               f"{device}'s installs to finish and their events to reach the server")
     server, device_side = server_installs(fleet, device), histories(state)
     assert set(server) == set(device_side), (server, device_side)  # no install unannounced
     for install_id, states in device_side.items():
@@ -254,14 +256,19 @@ def telemetry(fleet: LiveFleet, device: str) -> list[Sample]:
     return samples
 
 
-def unaccounted_slots(samples: list[Sample], start: float, end: float) -> int:
+def unaccounted_slots(samples: list[Sample], start: float, end: float,
+                      restarts: Collection[float] = ()) -> int:
     """How many sample slots between ``start`` and ``end`` are neither stored nor counted
     as dropped: the slots the stored samples' spacing says were missed, less what the
-    samples after them announce as dropped (never below 0)."""
+    samples after them announce as dropped (never below 0). A gap with an agent start
+    (``restarts``) in it is no loss: no agent ran to take the samples."""
     inside = [s for s in samples if start <= s.at <= end]
-    missed = sum(max(0, round((b.at - a.at) / b.interval_s) - 1)
-                 for a, b in itertools.pairwise(inside) if b.interval_s > 0)
-    return max(0, missed - sum(s.dropped for s in inside[1:]))
+    missed = dropped = 0
+    for a, b in itertools.pairwise(inside):
+        if b.interval_s > 0 and not any(a.at < r < b.at for r in restarts):
+            missed += max(0, round((b.at - a.at) / b.interval_s) - 1)
+            dropped += b.dropped
+    return max(0, missed - dropped)
 
 
 def check_telemetry(fleet: LiveFleet, device: str, since: float) -> int:
@@ -271,5 +278,5 @@ def check_telemetry(fleet: LiveFleet, device: str, since: float) -> int:
     fleet.wait(lambda: any(s.at >= now for s in telemetry(fleet, device)),
                f"{device}'s telemetry after the fault")
     samples = telemetry(fleet, device)
-    assert unaccounted_slots(samples, since, now) == 0, samples
+    assert unaccounted_slots(samples, since, now, fleet.started.get(device, ())) == 0, samples
     return sum(1 for s in samples if since <= s.at <= now)

@@ -38,6 +38,8 @@ class LiveFleet:
 
     home: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    #: When each process was started, by name (every start, restarts included).
+    started: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def keys(self) -> Path:
@@ -91,13 +93,13 @@ class LiveFleet:
                           "--telemetry-interval", "2", check=check)
 
     def run_agent(self, name: str, state: Path, env: dict[str, str] | None = None,
-                  ready: Callable[[], bool] | None = None) -> None:
+                  ready: Callable[[], bool] | None = None, wait: bool = True) -> None:
         """``edge-agent run`` from ``state`` in the background, known as ``name`` (with
-        ``env`` added to the environment), started once ``ready`` (default: once its run
-        file names it)."""
+        ``env`` added to the environment); unless not ``wait``, started once ``ready``
+        (default: once its run file names it)."""
         self._start(name, [sys.executable, "-m", "agent", "run", "--config",
                            state / "agent.toml"],
-                    ready or (lambda: find_running(state) is not None), env)
+                    ready or (lambda: find_running(state) is not None), env, wait)
 
     def stop(self, name: str) -> None:
         process = self.processes.pop(name)
@@ -139,13 +141,15 @@ class LiveFleet:
             self.stop(name)
 
     def _start(self, name: str, argv: list[Any], ready: Callable[[], bool],
-               env: dict[str, str] | None = None) -> None:
+               env: dict[str, str] | None = None, wait: bool = True) -> None:
         with (self.home / f"{name}.log").open("ab") as log:
             process = subprocess.Popen([str(a) for a in argv], cwd=ROOT, stdout=log,
                                        stderr=subprocess.STDOUT,
                                        env={**os.environ, **(env or {})})
         self.processes[name] = process
-        self.wait(lambda: process.poll() is None and ready(), f"{name} to start")
+        self.started.setdefault(name, []).append(time.time())
+        if wait:
+            self.wait(lambda: process.poll() is None and ready(), f"{name} to start")
 
 
 @contextmanager
