@@ -70,7 +70,7 @@ def test_a_full_disk_at_fetch_stage_and_start(fleet: LiveFleet) -> None:
         fleet.wait(lambda: [d["version"] for d in _installs(fleet, "failed")] == [2],
                    "v2 to fail for want of space")
         assert _installs(fleet, "failed")[0]["reason"] == "disk_full"
-        time.sleep(4.0)  # two telemetry intervals: still failed once, still connected
+        time.sleep(2.5)  # over a telemetry interval: still failed once, still connected
         assert len(_installs(fleet, "failed")) == 1
         assert fleet.devices()[DEVICE]["online"] is True
         assert serving(state) == 1
@@ -88,7 +88,7 @@ def test_a_full_disk_at_fetch_stage_and_start(fleet: LiveFleet) -> None:
         client = run_agent_without_run_file(fleet, DEVICE, state)
         assert serving(state, client) == 2  # the old version at once, from a full disk
         fleet.wait(lambda: fleet.devices()[DEVICE]["online"] is True, "it to reconnect")
-        time.sleep(4.0)
+        time.sleep(2.5)
         assert serving(state, client) == 2
         assert _tracebacks(fleet) == 0, fleet.log(DEVICE)
         filler.unlink()
