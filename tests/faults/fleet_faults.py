@@ -117,6 +117,91 @@ def frozen(pid: int) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
+# -- a device behind its own link ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Link:
+    """A network namespace joined to the host by a veth pair: a device's own link."""
+
+    namespace: str
+    host_side: str
+    device_side: str
+    host_ip: str
+
+    @property
+    def prefix(self) -> tuple[str, ...]:
+        """The command line prefix that runs a command inside the namespace."""
+        return ("ip", "netns", "exec", self.namespace)
+
+    def _sides(self) -> list[tuple[tuple[str, ...], str]]:
+        return [((), self.host_side), (self.prefix, self.device_side)]
+
+    def limit(self, rate: str) -> None:
+        """Limit both directions of the link to ``rate`` (``"256kbit"``; ``tc tbf``)."""
+        for where, side in self._sides():
+            _ip(*where, "tc", "qdisc", "replace", "dev", side, "root", "tbf", "rate", rate,
+                "burst", "16kbit", "latency", "400ms")
+
+    @contextlib.contextmanager
+    def cut(self) -> Iterator[None]:
+        """Both ends of the link down for the block: every packet is lost and nobody says
+        so (no RST, no FIN), the TCP connections stay established: a half-open link."""
+        for where, side in self._sides():
+            _ip(*where, "ip", "link", "set", side, "down")
+        try:
+            yield
+        finally:
+            for where, side in self._sides():
+                _ip(*where, "ip", "link", "set", side, "up")
+
+
+def _ip(*argv: str, check: bool = True) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
+
+
+def can_make_links() -> str | None:
+    """Why network namespaces with shaped veth links cannot be made here (None: they
+    can)."""
+    if os.geteuid() != 0:
+        return "making network namespaces needs root (CAP_NET_ADMIN)"
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    return f"{' and '.join(missing)} (iproute2) not installed" if missing else None
+
+
+@contextlib.contextmanager
+def own_link() -> Iterator[Link]:
+    """A namespace and veth pair named after this process (so parallel runs do not meet),
+    on 10.213.N.0/30; removed on exit."""
+    tag = os.getpid() % 100_000
+    subnet = f"10.213.{tag % 250}"
+    link = Link(f"effaults{tag}", f"efh{tag}", f"efd{tag}", f"{subnet}.1")
+    _ip("ip", "netns", "add", link.namespace)
+    try:
+        _ip("ip", "link", "add", link.host_side, "type", "veth", "peer", "name",
+            link.device_side)
+        _ip("ip", "link", "set", link.device_side, "netns", link.namespace)
+        _ip("ip", "addr", "add", f"{subnet}.1/30", "dev", link.host_side)
+        _ip("ip", "link", "set", link.host_side, "up")
+        _ip(*link.prefix, "ip", "addr", "add", f"{subnet}.2/30", "dev", link.device_side)
+        _ip(*link.prefix, "ip", "link", "set", link.device_side, "up")
+        _ip(*link.prefix, "ip", "link", "set", "lo", "up")
+        yield link
+    finally:
+        _ip("ip", "netns", "del", link.namespace, check=False)  # takes the veth pair along
+        _ip("ip", "link", "del", link.host_side, check=False)
+
+
+def use_broker_at(state: Path, host: str) -> None:
+    """Point the enrolled agent in ``state`` at the broker by ``host`` (its config names
+    the address the server gave at enrollment)."""
+    config = state / "agent.toml"
+    config.write_text(re.sub(r'(broker_url = "mqtts://)[^:"]+', rf"\g<1>{host}",
+                             config.read_text()))
+
+
 # -- a small disk --------------------------------------------------------------------------
 
 

@@ -37,6 +37,8 @@ class LiveFleet:
     """Keys, a running ``fleet serve`` and the agents started so far, under ``home``."""
 
     home: Path
+    #: Arguments added to ``fleet serve`` (later ones win: ``--mqtt-bind 0.0.0.0``).
+    serve_args: tuple[str, ...] = ()
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     #: When each process was started, by name (every start, restarts included).
     started: dict[str, list[float]] = field(default_factory=dict)
@@ -66,7 +68,8 @@ class LiveFleet:
         signs re-releases with its online keys)."""
         self._start("server", [sys.executable, "-m", "fleet_server", "serve", "--data",
                                self.data, "--keys", self.keys, "--fleet", "live", "--port",
-                               "0", "--mqtt-port", "0", "--mqtt-bind", "127.0.0.1"],
+                               "0", "--mqtt-port", "0", "--mqtt-bind", "127.0.0.1",
+                               *self.serve_args],
                     (self.data / "server.json").exists)
 
     def build(self, version: int, model: Path, *extra: str | Path) -> Path:
@@ -92,12 +95,14 @@ class LiveFleet:
                           "--profile", PROFILE, "--port", "0", "--probation", "1",
                           "--telemetry-interval", "2", check=check)
 
-    def run_agent(self, name: str, state: Path, env: dict[str, str] | None = None,
-                  ready: Callable[[], bool] | None = None, wait: bool = True) -> None:
+    def run_agent(self, name: str, state: Path, env: dict[str, str] | None = None, *,
+                  ready: Callable[[], bool] | None = None, wait: bool = True,
+                  prefix: tuple[str, ...] = ()) -> None:
         """``edge-agent run`` from ``state`` in the background, known as ``name`` (with
-        ``env`` added to the environment); unless not ``wait``, started once ``ready``
-        (default: once its run file names it)."""
-        self._start(name, [sys.executable, "-m", "agent", "run", "--config",
+        ``env`` added to the environment, after the command line ``prefix``, such as
+        ``ip netns exec NS``); unless not ``wait``, started once ``ready`` (default: once
+        its run file names it)."""
+        self._start(name, [*prefix, sys.executable, "-m", "agent", "run", "--config",
                            state / "agent.toml"],
                     ready or (lambda: find_running(state) is not None), env, wait)
 
@@ -153,10 +158,11 @@ class LiveFleet:
 
 
 @contextmanager
-def live_fleet(home: Path) -> Iterator[LiveFleet]:
-    """Keys made, ``fleet serve`` running; everything stopped on exit."""
+def live_fleet(home: Path, *serve_args: str) -> Iterator[LiveFleet]:
+    """Keys made, ``fleet serve`` (with ``serve_args``) running; everything stopped on
+    exit."""
     require_mosquitto()
-    fleet = LiveFleet(home)
+    fleet = LiveFleet(home, serve_args)
     try:
         fleet.fleet("keys", "init", "--dir", fleet.keys)
         fleet.serve()
