@@ -5,7 +5,8 @@ online and ``fleet publish`` exited 0 having delivered nothing. Now the server r
 with back-off; while it is down devices show online unknown and a publish says it was not
 delivered (exit 1); once it is back the devices reconnect and the stored desired state
 reaches them. A frozen broker (SIGSTOP: every TCP connection stays up and nothing answers,
-as on a cut link) stalls the next rollout, which then completes. Each test ends with the fleet
+as on a cut link) stalls the next rollout, which then completes. One device is enough for
+all of it (``test_network_cut.py`` has a second, unaffected one). Each test ends with the fleet
 converged, every install event and telemetry sample at the server or counted as dropped,
 and nothing left on disk.
 """
@@ -35,7 +36,7 @@ from tests.faults.fleet_faults import (
 from tests.fleet_server.live_fleet import DIGITS, LiveFleet, converged, live_fleet
 
 pytestmark = pytest.mark.integration
-DEVICES = ["gw-1", "gw-2"]
+DEVICES = ["gw-1"]
 
 
 @pytest.fixture
@@ -79,7 +80,7 @@ def test_a_broker_killed_again_and_again_then_frozen(
     fleet.wait(lambda: _status(fleet)["mqtt_connected"] is False, "the server to see it")
     listed = fleet.api.get("/api/devices")
     assert listed["broker_connected"] is False
-    assert [d["online"] for d in listed["devices"]] == [None, None]  # unknown, not online
+    assert [d["online"] for d in listed["devices"]] == [None]  # unknown, not online
     refused = publish(fleet, v2, check=False)
     assert time.time() - killed_at < 8.0, "the broker was back before the publish ended"
     assert refused.returncode == 1, refused.stdout
@@ -94,14 +95,15 @@ def test_a_broker_killed_again_and_again_then_frozen(
     # The desired state stored while it was down reaches every device.
     fleet.wait(lambda: all(d["online"] for d in fleet.devices().values()),
                "the devices to reconnect")
-    _end_state(fleet, states, 2, since)
+    fleet.wait(converged(fleet, DEVICES, 2), "v2 on every device")
 
-    # Frozen (SIGSTOP) for 8 s while the devices install v3: a half-open link for every
-    # client. The local APIs answer throughout; the fetch resumes once the link is back.
+    # Frozen (SIGSTOP) for 6 s (longer than a chunk request's time-out) while the device
+    # installs v3: a half-open link for every client. The local API answers throughout;
+    # the fetch completes once the link is back.
     publish(fleet, fleet.build(3, DIGITS))
     fleet.wait(lambda: len(histories(states["gw-1"])) == 3, "gw-1 to start installing v3")
     with frozen(running_broker(fleet)):
-        deadline = time.monotonic() + 8.0
+        deadline = time.monotonic() + 6.0
         while time.monotonic() < deadline:
             for state in states.values():
                 assert fleet.infer(state, samples(1)).shape == (1, 10)
@@ -110,10 +112,10 @@ def test_a_broker_killed_again_and_again_then_frozen(
 
     # The last will says when the connection it covers was made (item 9: it carried the
     # agent's start time), here after the broker's last restart.
-    kill_9(fleet, "gw-2")
+    kill_9(fleet, "gw-1")
     fleet.wait(lambda: any(e["kind"] == "agent.offline" and "connected_at" in e["detail"]
-                           for e in fleet.api.get("/api/events?device=gw-2")["events"]),
-               "gw-2's last will")
-    will = [e for e in fleet.api.get("/api/events?device=gw-2")["events"]
+                           for e in fleet.api.get("/api/events?device=gw-1")["events"]),
+               "gw-1's last will")
+    will = [e for e in fleet.api.get("/api/events?device=gw-1")["events"]
             if e["kind"] == "agent.offline" and "connected_at" in e["detail"]][-1]
     assert will["detail"]["connected_at"] > killed_at
