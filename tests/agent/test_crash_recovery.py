@@ -24,8 +24,6 @@ from agent.installer import CRASH_ENV
 from agent.model_store import ModelStore
 from agent.probation import ProbationPolicy
 from agent.runtime import Runtime
-from agent.trust_store import TrustStore
-from bundle.trust import TrustedState
 from firmware_profiles.model import Profile
 from tests.agent.bundles import (
     DIGITS,
@@ -108,19 +106,27 @@ def test_kill_9_right_after_a_failed_install(state_dir: Path, repo: Repo, tmp_pa
     assert restarted.installer.records()[0].reason == "self_test_failed"
 
 
-def test_a_resume_on_a_full_disk_fails_the_install_for_want_of_space(
-        small_disk: Path, repo: Repo, tmp_path: Path, x86: Profile) -> None:
-    # Found by tests/faults: the resumed install could not persist its next state (ENOSPC),
-    # the error ended the resume, and the install stayed 'verifying' until the next start,
-    # retried never, announced never.
-    state_dir = small_disk / "state"
-    TrustStore(state_dir / "trust").save(TrustedState(root=repo.root))
+def _killed_installing_v2(state_dir: Path, repo: Repo, tmp_path: Path, x86: Profile,
+                          state: str) -> Path:
+    """v1 committed in ``state_dir``, then ``edge-agent install`` of v2 killed right after
+    it persisted ``state``; the v2 bundle."""
     runtime = Runtime(state_dir, x86, policy=QUICK)
     runtime.install(write_bundle(repo, tmp_path, digits_spec(1)))
     runtime.check_probation()
     v2 = write_bundle(repo, tmp_path, digits_spec(2))
     assert _edge_agent("install", v2, "--state-dir", state_dir, "--profile", PROFILE,
-                       env={CRASH_ENV: "verifying"}).returncode == -signal.SIGKILL
+                       env={CRASH_ENV: state}).returncode == -signal.SIGKILL
+    return v2
+
+
+def test_a_resume_on_a_full_disk_fails_the_install_for_want_of_space(
+        small_disk: Path, small_state_dir: Path, repo: Repo, tmp_path: Path,
+        x86: Profile) -> None:
+    # Found by tests/faults: the resumed install could not persist its next state (ENOSPC),
+    # the error ended the resume, and the install stayed 'verifying' until the next start,
+    # retried never, announced never.
+    state_dir = small_state_dir
+    v2 = _killed_installing_v2(state_dir, repo, tmp_path, x86, "verifying")
     filler = fill_disk(small_disk, 0)
     restarted = Runtime(state_dir, x86, policy=QUICK)
     restarted.resume_installs()
@@ -136,12 +142,7 @@ def test_a_resume_on_a_full_disk_fails_the_install_for_want_of_space(
 
 def test_a_model_that_crashes_the_agent_on_activation_is_given_up(
         state_dir: Path, repo: Repo, tmp_path: Path, x86: Profile) -> None:
-    runtime = Runtime(state_dir, x86, policy=QUICK)
-    runtime.install(write_bundle(repo, tmp_path, digits_spec(1)))
-    runtime.check_probation()
-    v2 = write_bundle(repo, tmp_path, digits_spec(2))
-    assert _edge_agent("install", v2, "--state-dir", state_dir, "--profile", PROFILE,
-                       env={CRASH_ENV: "activating"}).returncode == -signal.SIGKILL
+    _killed_installing_v2(state_dir, repo, tmp_path, x86, "activating")
     # Every restart dies again while activating v2, as a crashing model would make it.
     script = ("import sys; from pathlib import Path; from agent.runtime import Runtime; "
               "from firmware_profiles import get_profile; "

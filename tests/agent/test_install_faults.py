@@ -178,12 +178,10 @@ def test_a_model_that_rejects_zeros_of_length_one_still_loads(tmp_path: Path) ->
 
 
 def test_a_full_disk_fails_the_install_once_and_keeps_the_old_version_serving(
-        small_disk: Path, repo: Repo, tmp_path: Path, x86: Profile) -> None:
+        small_disk: Path, small_state_dir: Path, repo: Repo, tmp_path: Path,
+        x86: Profile) -> None:
     # issue 10 item 2, for a local install: checked before the bundle is copied.
-    state_dir = small_disk / "state"
-    from agent.trust_store import TrustStore
-
-    TrustStore(state_dir / "trust").save(TrustedState(root=repo.root))
+    state_dir = small_state_dir
     runtime = Runtime(state_dir, x86, policy=QUICK)
     runtime.install(write_bundle(repo, tmp_path, digits_spec(1)))
     runtime.check_probation()
