@@ -93,6 +93,9 @@ def test_a_full_disk_at_fetch_stage_and_start(fleet: LiveFleet) -> None:
         assert _tracebacks(fleet) == 0, fleet.log(DEVICE)
         filler.unlink()
         fleet.wait(converged(fleet, [DEVICE], 3), "v3 once there is room")
+        # The resumed install failed for want of space, and a new one made it.
+        assert [d["reason"] for d in _installs(fleet, "failed")
+                if d["version"] == 3] == ["disk_full"]
 
         assert _tracebacks(fleet) == 0, fleet.log(DEVICE)
         check_events(fleet, DEVICE, state)
