@@ -16,9 +16,19 @@ _CORE = ["numpy>=1.26", "cryptography>=42", "tuf>=6,<8", "tomli>=2; python_versi
 # (see docs/architecture.md, "TFLite runtime").
 _RUNTIMES = ["onnxruntime>=1.20", "ai-edge-litert>=2.0"]
 
+# What the agent needs besides a runtime. tomli-w: agent.toml is written with a TOML writer
+# (edge-agent enroll).
+_AGENT = [*_CORE, "paho-mqtt>=2.0", "psutil>=5.9", "tomli-w>=1.0"]
+
 EXTRAS = {
-    # tomli-w: agent.toml is written with a TOML writer (edge-agent enroll).
-    "agent": [*_CORE, *_RUNTIMES, "paho-mqtt>=2.0", "psutil>=5.9", "tomli-w>=1.0"],
+    # Both runtimes; a gateway that knows its fleet ships one format installs one of the two
+    # below instead (installed size and RSS of each: docs/agent.md, docs/benchmarks.md).
+    "agent": [*_AGENT, *_RUNTIMES],
+    "agent-onnx": [*_AGENT, _RUNTIMES[0]],
+    "agent-litert": [*_AGENT, _RUNTIMES[1]],
+    # KServe v2 gRPC beside HTTP (api.grpc_port), added to one of the above: grpcio, and the
+    # service's generated messages as tritonclient publishes them (agent/grpc_api.py).
+    "agent-grpc": ["grpcio>=1.60", "tritonclient[grpc]>=2.40"],
     # sympy: onnxruntime's symbolic shape inference, run before quantization.
     "compressor": [*_CORE, *_RUNTIMES, "onnx>=1.17", "sympy>=1.12"],
     # psycopg and its pool: PostgreSQL for the registry (fleet serve --db postgresql://...);
@@ -26,8 +36,9 @@ EXTRAS = {
     "server": [*_CORE, "paho-mqtt>=2.0", "psycopg[binary]>=3.1", "psycopg-pool>=3.2"],
     # tritonclient: an existing Open Inference Protocol client, to prove the agent's API.
     # h11: only benchmarks/http_parse_bench.py, which measures it against the agent's parser.
+    # jsonschema: tests/agent/test_openapi.py checks answers against the agent's OpenAPI document.
     "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "mypy>=1.11", "pytest-timeout>=2.3",
-            "tritonclient[http]>=2.40", "h11>=0.14"],
+            "tritonclient[http,grpc]>=2.40", "h11>=0.14", "jsonschema>=4.18"],
 }
 # TFLite artifacts in the compressor (compressor/passes/tflite.py): onnx2tf turns the ONNX model
 # into a TensorFlow SavedModel, TensorFlow's converter makes the .tflite variants. Pinned

@@ -106,8 +106,11 @@ class InstallDriver:
     """Runs installs against ``installer`` (disk) and ``table`` (the serving models)."""
 
     def __init__(self, installer: Installer, table: ServingTable, policy: ProbationPolicy,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, *,
+                 after_crash: bool = True) -> None:
         self.installer = installer
+        #: Whether the previous run crashed: only then do resumed installs count a restart.
+        self.after_crash = after_crash
         self.table = table
         self.policy = policy
         self.monotonic = monotonic
@@ -221,9 +224,12 @@ class InstallDriver:
         for record in self.installer.records()[::-1]:
             self.installer.announce(record)
         for record in self.installer.pending():
-            log.warning("resuming install %s (%s) in %s", record.install_id, record.source,
-                        record.state.value)
-            self._run(record, InstallEvent(T.RESTARTED))
+            # A version on probation is served and only being watched, as after any
+            # install; an install stopped half-way is worth a warning.
+            level = logging.INFO if record.state is InstallState.PROBATION else logging.WARNING
+            log.log(level, "resuming install %s (%s) in %s", record.install_id,
+                    record.source, record.state.value)
+            self._run(record, InstallEvent(T.RESTARTED if self.after_crash else T.RESUMED))
 
     def _run(self, record: InstallRecord, event: InstallEvent) -> InstallRecord:
         """Step ``record`` with ``event`` and every event its actions produce, until an
@@ -451,17 +457,18 @@ class InstallDriver:
         served = self.table.serving(name)
         figures = served.figures if served is not None else {}
         elapsed = self.monotonic() - probation.started
-        verdict = judge(self.policy, self.policy.window_s if superseded_by else elapsed,
+        verdict = judge(self.policy, elapsed,
                         requests=int(figures.get("requests") or 0),
                         errors=int(figures.get("errors") or 0),
                         p99_ms=_float(figures.get("p99_ms")),
                         baseline_p99_ms=probation.baseline_p99_ms,
-                        latency_samples=int(figures.get("samples") or 0))
+                        latency_samples=int(figures.get("samples") or 0),
+                        final=superseded_by is not None)
         if verdict.decision == "wait":
             return None
         reason = verdict.reason
         if superseded_by is not None:
-            reason = f"superseded by v{superseded_by} after {elapsed:.0f} s: {reason}"
+            reason = f"superseded by v{superseded_by}: {reason}"
         # Out of probation before the verdict is recorded, so what the listeners see then
         # (the reported state) no longer says "probation"; the previous model stands by
         # for a roll-back.

@@ -61,6 +61,8 @@ FLEET_SOURCE = "fleet:"
 #: Free space kept beyond what an install needs: records, logs, the telemetry buffer.
 RESERVE_BYTES = 8 * 1024 * 1024
 _KEEP_RECORDS = 50
+#: In ``installs/`` while an agent runs (removed by a clean stop): tells a crash from a stop.
+_RUN_MARKER = "running"
 #: Verifies the bundle file at a path for the trusted state, time and profile.
 Verifier = Callable[[Path, TrustedState, datetime, "str | None"], VerifiedBundle]
 _VERIFIER_NICE = 10
@@ -290,6 +292,24 @@ class Installer:
                 return  # a damaged pointer: keep every slot, the restore sorts it out
             if pointer is None or record.version not in (pointer.version, pointer.previous):
                 self.store.remove(record.model, record.version)
+
+    def begin_run(self) -> bool:
+        """Mark the state directory as in use by a running agent; returns whether the
+        previous run ended without :meth:`end_run` (a crash, a kill, a power cut), which is
+        what counts against an unfinished install (:mod:`agent.install_state`)."""
+        marker = self.dirs.installs / _RUN_MARKER
+        crashed = marker.exists()
+        if not crashed:
+            try:
+                write_atomic(marker, b"")
+            except OSError as exc:  # a full disk must not keep the agent from serving
+                log.warning("cannot write %s (%s): a crash before the next clean stop will "
+                            "not count against an unfinished install", marker, exc.strerror)
+        return crashed
+
+    def end_run(self) -> None:
+        """The agent stops cleanly: its unfinished installs resume without blame."""
+        (self.dirs.installs / _RUN_MARKER).unlink(missing_ok=True)
 
     def sweep(self) -> list[Path]:
         """Delete what no unfinished install references: bundle files in ``incoming/``,

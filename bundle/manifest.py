@@ -23,6 +23,7 @@ from .errors import MalformedBundleError
 
 __all__ = [
     "FORMAT_VERSION",
+    "MAX_VERSION",
     "ArtifactEncryption",
     "ArtifactVariant",
     "KeyWrap",
@@ -41,6 +42,9 @@ __all__ = [
 #: The manifest layout this code writes; readers reject a higher one (fields may be added
 #: within a format version, never removed or changed in meaning).
 FORMAT_VERSION = 1
+#: The highest model version: devices report versions as protocol integers and the
+#: registry stores them as SQL BIGINT, both at most 2**63 - 1.
+MAX_VERSION = 2**63 - 1
 
 _ARTIFACT_PATH = re.compile(r"artifacts/[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -145,7 +149,8 @@ class Manifest:
         _check(is_valid_name(self.name), "name",
                f"{self.name!r} is not a valid name (1 to 64 letters, digits, '.', '_', '-', "
                "starting with a letter or digit)")
-        _check(self.version >= 1, "version", "must be >= 1")
+        _check(1 <= self.version <= MAX_VERSION, "version",
+               f"must be from 1 to {MAX_VERSION} (2**63 - 1)")
         _check(self.rollback_of is None or 1 <= self.rollback_of < self.version,
                "rollback_of", "must be an earlier version (>= 1, below version)")
         _check(len(self.profiles) > 0, "profiles", "must list at least one profile")

@@ -17,11 +17,13 @@ the CA in the data directory. It binds 127.0.0.1 by default.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hmac
 import json
 import logging
 import re
 import secrets
+import socket
 import ssl
 import threading
 import time
@@ -70,6 +72,12 @@ _CONNECTION_TIMEOUT_S = 30.0
 #: Connections served at once; more are closed at once, so idle or slow clients cannot take
 #: every thread and file descriptor of the server.
 _MAX_CONNECTIONS = 128
+#: A TLS handshake takes milliseconds; a client that has not finished one by then is idle.
+_HANDSHAKE_TIMEOUT_S = 5.0
+#: How long a new connection waits for the slot of an idle one closed for it.
+_EVICTION_WAIT_S = 1.0
+#: Refused connections are logged at most this often, with their count.
+_REFUSAL_LOG_INTERVAL_S = 10.0
 _DEFAULT_TTL_S = 24 * 3600.0
 #: An enrollment token is a credential: it must expire, and within a month.
 _MAX_TTL_S = 30 * 24 * 3600.0
@@ -566,8 +574,12 @@ class ApiServer:
 class _BoundedHTTPServer(ThreadingHTTPServer):
     """HTTPS with a thread per connection, at most ``max_connections`` of them at once.
 
-    The TLS handshake happens in the connection's own thread, under its timeout, so a
-    client that never finishes one holds only its own slot, not the accepting loop."""
+    The TLS handshake happens in the connection's own thread, under a short timeout of its
+    own, so a client that never finishes one holds only its own slot, not the accepting
+    loop. When every slot is taken, the connection idle the longest (mid-handshake, or
+    between requests) is closed to make room: a flood of silent connections cannot lock the
+    operator out. Only when every connection is busy with a request is the new one refused.
+    """
 
     daemon_threads = True
 
@@ -579,22 +591,37 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         self._max = max_connections
         self._timeout = timeout
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._lock = threading.Lock()
+        #: Open connections: socket -> (busy with a request, since when: monotonic).
+        self._open: dict[Any, tuple[bool, float]] = {}
+        self._refused = 0
+        self._refusal_logged = 0.0
+
+    def mark(self, request: Any, busy: bool) -> None:
+        """Record whether ``request``'s connection is serving a request or idle."""
+        with self._lock:
+            if request in self._open:
+                self._open[request] = (busy, time.monotonic())
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
-            # Answering would need a TLS handshake, i.e. the very thread there is no room
-            # for: the client sees the connection closed and retries later.
-            log.warning("operator API: %d connections open, refusing one from %s",
-                        self._max, client_address)
-            self.shutdown_request(request)
-            return
+            self._evict_idlest()
+            if not self._slots.acquire(timeout=_EVICTION_WAIT_S):
+                # Answering would need a TLS handshake, i.e. the very thread there is no
+                # room for: the client sees the connection closed and retries later.
+                self._log_refusal(client_address)
+                self.shutdown_request(request)
+                return
+        with self._lock:
+            self._open[request] = (False, time.monotonic())
         super().process_request(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             try:
-                request.settimeout(self._timeout)
+                request.settimeout(min(self._timeout, _HANDSHAKE_TIMEOUT_S))
                 request.do_handshake()
+                request.settimeout(self._timeout)
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 log.debug("operator API: TLS handshake with %s failed: %s", client_address,
                           exc)
@@ -602,7 +629,29 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
                 return
             super().process_request_thread(request, client_address)
         finally:
+            with self._lock:
+                self._open.pop(request, None)
             self._slots.release()
+
+    def _evict_idlest(self) -> None:
+        with self._lock:
+            idle = [(since, sock) for sock, (busy, since) in self._open.items() if not busy]
+        if not idle:
+            return
+        _, sock = min(idle, key=lambda pair: pair[0])
+        # Wakes its thread (a read returns), which closes it and frees the slot.
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def _log_refusal(self, client_address: Any) -> None:
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= _REFUSAL_LOG_INTERVAL_S:
+            log.warning("operator API: %d connections busy with requests; refused %d "
+                        "connection(s) since the last warning (latest from %s)", self._max,
+                        self._refused, client_address)
+            self._refused = 0
+            self._refusal_logged = now
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -627,6 +676,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._respond("DELETE")
 
     def _respond(self, method: str) -> None:
+        server = self.server
+        assert isinstance(server, _BoundedHTTPServer)
+        server.mark(self.request, busy=True)
+        try:
+            self._answer(method)
+        finally:
+            server.mark(self.request, busy=False)
+
+    def _answer(self, method: str) -> None:
         headers = {k.lower(): v for k, v in self.headers.items()}
         status, body, extra = self.api.handle(method, self.path, headers, self.rfile.read)
         data = json.dumps(body, indent=None, separators=(",", ":")).encode("utf-8")

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 #: Encoded chunk frames kept in memory.
 FRAME_CACHE_BYTES = 64 * 1024 * 1024
+#: A device over its chunk rate is logged at most this often.
+_THROTTLE_LOG_S = 60.0
 
 
 class ChunkServer:
@@ -42,14 +44,19 @@ class ChunkServer:
         self._bundles: dict[str, BundleRecord] = {}
         self._fetchable: set[tuple[str, str]] = set()
         self._frames = _FrameCache(FRAME_CACHE_BYTES)
+        self._throttle_logged: dict[str, float] = {}
 
     def answer(self, device: str, payload: bytes) -> bytes | None:
         """The encoded answer to ``device``'s chunk request ``payload``, or None when the
         device is over its rate (no answer). ProtocolError for a request that does not
         parse; RegistryError (or any database error) when the registry cannot tell."""
         request = messages.decode_chunk_request(payload)
-        if not self._budget.take(device, request.length, time.monotonic()):
-            log.debug("chunk request of %s over its rate; not answered", device)
+        now = time.monotonic()
+        if not self._budget.take(device, request.length, now):
+            if now - self._throttle_logged.get(device, -_THROTTLE_LOG_S) >= _THROTTLE_LOG_S:
+                self._throttle_logged[device] = now
+                log.info("%s asks for chunks faster than its rate; the excess is not "
+                         "answered (logged once a minute)", device)
             return None
         return self._frame(device, request)
 

@@ -10,7 +10,8 @@ waits for room, and the broker holds (and bounds, with its per-client limits) wh
 otherwise pile up in this process's memory.
 
 A malformed message is logged and recorded as a ``protocol_error`` event (at most
-:data:`PROTOCOL_ERRORS_PER_MINUTE` per device); nothing a device sends stops the service.
+:data:`PROTOCOL_ERRORS_PER_MINUTE` per device and minute; beyond that they are counted and
+the count logged once); nothing a device sends stops the service.
 """
 
 from __future__ import annotations
@@ -49,8 +50,7 @@ OFFLINE_EVENT = "offline"
 #: Event kinds devices send are stored under this prefix (``agent.install.committed``): a
 #: device cannot write an event that reads as one of the server's own.
 DEVICE_EVENT_PREFIX = "agent."
-#: A device stuck in a loop of bad messages must not fill the event log (the log file still
-#: says every one).
+#: A device stuck in a loop of bad messages must fill neither the event log nor the log file.
 PROTOCOL_ERRORS_PER_MINUTE = 10
 
 
@@ -175,14 +175,23 @@ class Ingest:
 
     def _protocol_error(self, device: str, leaf: str, payload: bytes,
                         exc: Exception, *, in_batch: bool = False) -> None:
-        log.warning("unusable %s message from %s: %s", leaf, device, exc)
         now = time.monotonic()
         start, count = self._error_budget.get(device, (now, 0))
         if now - start >= 60:
+            if count > PROTOCOL_ERRORS_PER_MINUTE:
+                log.warning("%d more unusable messages from %s in the minute before were "
+                            "neither logged nor recorded", count - PROTOCOL_ERRORS_PER_MINUTE,
+                            device)
             start, count = now, 0
         self._error_budget[device] = (start, count + 1)
         if count >= PROTOCOL_ERRORS_PER_MINUTE:
+            # A device in a loop of bad messages must fill neither the event log nor the
+            # server's log: the rest of the minute is counted, and said once.
+            log.debug("unusable %s message from %s: %s", leaf, device, exc)
             return
+        log.warning("unusable %s message from %s: %s%s", leaf, device, exc,
+                    "; further ones this minute are counted, not logged"
+                    if count + 1 == PROTOCOL_ERRORS_PER_MINUTE else "")
         detail = {"topic": leaf, "error": str(exc), "size": len(payload),
                   "head": payload[:64].decode("utf-8", errors="replace")}
         try:

@@ -22,22 +22,33 @@ from types import FrameType
 from typing import Any
 
 from common.atomic import write_atomic
+from common.background import DETACH_FLAG, start_detached, stop_pid, without_detach
 from protocol.defaults import MQTTS_PORT, SERVER_API_PORT
 
 from .api import ApiServer, load_admin_token
-from .api_client import ADMIN_TOKEN_FILE, SERVER_FILE, ServerClient, default_data_dir, locate
-from .errors import ApiError, BundleInputError
+from .api_client import (
+    ADMIN_TOKEN_FILE,
+    SERVER_FILE,
+    ServerClient,
+    default_data_dir,
+    locate,
+    read_server_file,
+)
+from .errors import ApiError, BundleInputError, ServiceError
 from .service import FleetService, ServiceConfig
 
 __all__ = ["add_server_commands"]
 
 #: Seconds between polls of ``fleet events --follow``.
 _FOLLOW_POLL_S = 1.0
+#: How long ``fleet serve --detach`` waits for the API: migrations, CA, broker start.
+_DETACH_TIMEOUT_S = 120.0
 
 
 def add_server_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``serve`` and the operator commands to ``fleet``'s subparsers."""
     _add_serve(subparsers)
+    _add_stop(subparsers)
     where = argparse.ArgumentParser(add_help=False)
     group = where.add_argument_group("which server")
     group.add_argument("--server", metavar="URL",
@@ -190,6 +201,9 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     serve.add_argument("--offline-after", type=_seconds, default=180.0, metavar="SECONDS",
                        help="a device not heard from for this long shows offline (default "
                        "180; agents send telemetry every 30 s by default)")
+    serve.add_argument(DETACH_FLAG, action="store_true",
+                       help="run in the background (output to DIR/server.log) and return "
+                       "once the API answers, or fail with the reason")
     serve.set_defaults(handler=_serve)
 
 
@@ -206,6 +220,8 @@ def _seconds(text: str) -> float:
 
 def _serve(args: argparse.Namespace) -> int:
     data: Path = (args.data or default_data_dir()).absolute()
+    if args.detach:
+        return _detach(args, data)
     config = ServiceConfig(
         data_dir=data, keys_dir=(args.keys or data / "keys").absolute(), fleet=args.fleet,
         db_url=args.db, broker_url=args.broker_url, mqtt_port=args.mqtt_port,
@@ -220,6 +236,7 @@ def _serve(args: argparse.Namespace) -> int:
     service = FleetService(config)
     api: ApiServer | None = None
     server_file = data / SERVER_FILE
+    announced = False  # server.json is this server's to remove only once it wrote it
     try:
         service.start()
         token_file = data / ADMIN_TOKEN_FILE
@@ -232,18 +249,68 @@ def _serve(args: argparse.Namespace) -> int:
             "api_url": api.url, "pid": os.getpid(), "admin_token_file": str(token_file),
             "ca_file": str(service.ca.cert_path), "broker_url": service.broker_url,
             "fleet": service.fleet, "data_dir": str(data)}, indent=2).encode("utf-8"))
+        announced = True
         print(f"fleet {service.fleet}: API {api.url} (admin token {token_file}), MQTT "
               f"{service.broker_url}, data {data}; Ctrl-C stops", flush=True)
         while not stop.wait(1.0):
             pass
     finally:
-        server_file.unlink(missing_ok=True)
+        if announced:
+            server_file.unlink(missing_ok=True)
         if api is not None:
             api.stop()
         service.stop()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     print("fleet server stopped", flush=True)
+    return 0
+
+
+def _detach(args: argparse.Namespace, data: Path) -> int:
+    """Re-run ``fleet serve`` in the background and wait until its API is up."""
+
+    def ready(pid: int) -> bool:
+        try:
+            return int(read_server_file(data)["pid"]) == pid
+        except (ApiError, ValueError, KeyError):
+            return False
+
+    log_file = data / "server.log"
+    started = start_detached("fleet_server", without_detach(args.argv), log_file, ready,
+                             timeout_s=_DETACH_TIMEOUT_S)
+    problem = started.failure("the fleet server")
+    if problem is not None:
+        raise ServiceError(problem)
+    print(f"fleet server started in the background (pid {started.pid}, log {log_file}); "
+          f"`fleet stop --data {data}` stops it")
+    return 0
+
+
+def _add_stop(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    stop = subparsers.add_parser(
+        "stop", help="stop the fleet server running on a data directory",
+        description="Send SIGTERM to the `fleet serve` recorded in DIR/server.json and wait "
+        "until it has stopped (with its embedded broker).")
+    stop.add_argument("--data", type=Path, metavar="DIR",
+                      help="the server's data directory (default $EDGEFLEET_SERVER_DIR or "
+                      "~/.local/share/edgefleet/server)")
+    stop.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                      help="how long to wait (default 30)")
+    stop.set_defaults(handler=_stop)
+
+
+def _stop(args: argparse.Namespace) -> int:
+    data: Path = args.data or default_data_dir()
+    try:
+        pid = int(read_server_file(data)["pid"])
+    except ApiError:
+        print(f"no fleet server runs on {data}")
+        return 0
+    if not stop_pid(pid, args.timeout):
+        raise ServiceError(f"the fleet server (pid {pid}) is still running after "
+                           f"{args.timeout:g} s; kill -9 {pid} ends it (its broker stops "
+                           "with it)")
+    print(f"stopped the fleet server (pid {pid})")
     return 0
 
 
@@ -380,9 +447,11 @@ def _publish(args: argparse.Namespace) -> int:
         print(f"re-released {bundle['name']} v{bundle['version']} as v{released['version']} "
               f"(sha256 {released['sha256'][:16]}), its artifacts encrypted for "
               f"{', '.join(args.encrypt_for)}")
+    devices, changed = len(result["devices"]), len(result["changes"])
+    unchanged = devices - changed
     print(f"published {published['name']} v{published['version']} (sha256 "
-          f"{published['sha256'][:16]}) to {len(result['devices'])} device(s) of {target}; "
-          f"{len(result['changes'])} changed, the others already had it")
+          f"{published['sha256'][:16]}) to {devices} device(s) of {target}; {changed} "
+          f"changed{f', {unchanged} had it already' if unchanged else ''}")
     return _delivery(result)
 
 

@@ -457,6 +457,7 @@ class FleetService:
         if enrolled.replaced_fingerprint is not None:
             self._revoke(device_id, enrolled.replaced_fingerprint,
                          "replaced by a new enrollment")
+            self._drop_connection(device)
         with self._desired_lock:
             self._send_desired(device)
         log.info("enrolled %s into group %s (profile %s)", device_id, device.group, profile)
@@ -471,14 +472,19 @@ class FleetService:
         RegistryError if there is no such device."""
         device = self.registry.reset_device(device_id)
         self._revoke(device_id, device.cert_fingerprint, "device reset by the operator")
+        self._drop_connection(device)
+        log.info("reset %s: certificate %s revoked", device_id, device.cert_fingerprint[:16])
+        return device
+
+    def _drop_connection(self, device: Device) -> None:
+        """End the connection a just-revoked certificate may still hold: the broker checks
+        the CRL only when a client connects."""
         if self._chunks is not None:
-            self._chunks.forget_device(device_id)
+            self._chunks.forget_device(device.id)
         # Mosquitto 2.0 cannot drop one client: a restart drops all, who reconnect (the
         # revoked one cannot). Not needed for a device that never connected.
         if device.last_seen is not None:
             self.broker.restart()
-        log.info("reset %s: certificate %s revoked", device_id, device.cert_fingerprint[:16])
-        return device
 
     def _earlier_roots(self) -> list[bytes]:
         """Every root version the keys directory keeps (``fleet keys`` keeps them)."""

@@ -49,6 +49,7 @@ __all__ = [
     "ChunkRequest",
     "Desired",
     "DesiredModel",
+    "DesiredShadow",
     "Event",
     "InstallReport",
     "ModelReport",
@@ -87,12 +88,31 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
-class DesiredModel:
-    """One model a device should run: the bundle (by sha256) holding that version."""
+class DesiredShadow:
+    """A candidate a device stages beside the model it serves and runs on a share of live
+    requests off the request path, reporting how its answers compare (never served)."""
 
     version: int
     bundle_sha256: str
     size: int
+    sample_rate: float  # share of requests also run on the candidate, in (0, 1]
+
+
+@dataclass(frozen=True)
+class DesiredModel:
+    """One model a device should run: the bundle (by sha256) holding that version.
+
+    ``shadow``: a candidate to run in shadow beside it (rollouts' shadow phase).
+    ``compare_previous``: share of requests, in [0, 1], also run on the version this one
+    replaced, kept loaded while it is above 0 (so that a return to it is immediate) and
+    compared with the served answers (rollouts' agreement gate).
+    """
+
+    version: int
+    bundle_sha256: str
+    size: int
+    shadow: DesiredShadow | None = None
+    compare_previous: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -222,10 +242,24 @@ def decode_desired(payload: bytes) -> Desired:
     """Parse a ``desired`` message."""
     obj = _message(payload, "desired")
     models = _dict(obj, "models")
-    return Desired(models={_name(name): DesiredModel(
-        version=_int(_as_dict(m, f"models.{name}"), "version"),
-        bundle_sha256=_sha(m, "bundle_sha256"), size=_int(m, "size"))
-        for name, m in models.items()}, issued_at=_float(obj, "issued_at"))
+    return Desired(models={_name(name): _desired_model(_as_dict(m, f"models.{name}"), name)
+                           for name, m in models.items()},
+                   issued_at=_float(obj, "issued_at"))
+
+
+def _desired_model(m: Mapping[str, Any], name: str) -> DesiredModel:
+    shadow = m.get("shadow")
+    if shadow is not None:
+        s = _as_dict(shadow, f"models.{name}.shadow")
+        rate = _share(s, "sample_rate")
+        if rate == 0.0:
+            raise ProtocolError(f"models.{name}.shadow.sample_rate must be above 0")
+        shadow = DesiredShadow(version=_int(s, "version"), bundle_sha256=_sha(s, "bundle_sha256"),
+                               size=_int(s, "size"), sample_rate=rate)
+    return DesiredModel(version=_int(m, "version"), bundle_sha256=_sha(m, "bundle_sha256"),
+                        size=_int(m, "size"), shadow=shadow,
+                        compare_previous=_share(m, "compare_previous") if "compare_previous" in m
+                        else 0.0)
 
 
 def decode_reported(payload: bytes) -> Reported:
@@ -329,6 +363,13 @@ def _float(obj: Mapping[str, Any], key: str) -> float:
     if not math.isfinite(number):
         raise ProtocolError(f"field {key!r} must be a finite number, not {value!r}"[:200])
     return number
+
+
+def _share(obj: Mapping[str, Any], key: str) -> float:
+    value = _float(obj, key)
+    if not 0.0 <= value <= 1.0:
+        raise ProtocolError(f"field {key!r} must be a share between 0 and 1, not {value}")
+    return value
 
 
 def _str(obj: Mapping[str, Any], key: str) -> str:

@@ -138,7 +138,15 @@ def desired_json(model: DesiredModel) -> dict[str, Any]:
     """A desired model as JSON: as the device receives it in its ``desired`` message."""
     # Spelled out rather than dataclasses.asdict, which deep-copies and is ten times slower:
     # a group rollout writes two of these per device into its events.
-    return {"version": model.version, "bundle_sha256": model.bundle_sha256, "size": model.size}
+    out: dict[str, Any] = {"version": model.version, "bundle_sha256": model.bundle_sha256,
+                           "size": model.size}
+    if model.shadow is not None:
+        s = model.shadow
+        out["shadow"] = {"version": s.version, "bundle_sha256": s.bundle_sha256,
+                         "size": s.size, "sample_rate": s.sample_rate}
+    if model.compare_previous:
+        out["compare_previous"] = model.compare_previous
+    return out
 
 
 def is_converged(desired: Mapping[str, DesiredModel],

@@ -94,3 +94,42 @@ def test_install_into_a_state_dir_then_serve_it(tmp_path: Path) -> None:
     no_agent = _agent("predict", "digits", "--input", "x.npy", "--state-dir", state)
     assert no_agent.returncode == 1
     assert "no agent is running from" in no_agent.stderr
+
+
+def test_detach_returns_once_serving_and_stop_ends_the_agent(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    started = _agent("serve", "--model", DIGITS, "--name", "digits", "--state-dir", state,
+                     "--profile", PROFILE, "--port", "0", "--detach")
+    assert started.returncode == 0, started.stderr
+    assert "edge-agent started in the background" in started.stdout
+    # Ready means ready: the very next command finds the agent and is answered.
+    status = _agent("status", "--state-dir", state, "--json")
+    assert json.loads(status.stdout)["running"] is True
+    assert "edge-agent serving digits" in (state / "agent.log").read_text()
+    # A second agent on the same state directory is refused, whatever its port, and leaves
+    # the first one's run file alone.
+    pid = json.loads((state / "agent.json").read_text())["pid"]
+    second = _agent("serve", "--state-dir", state, "--profile", PROFILE, "--port", "0")
+    assert second.returncode == 1
+    assert f"another agent (pid {pid}) serves from {state}" in second.stderr
+    assert json.loads((state / "agent.json").read_text())["pid"] == pid
+    stopped = _agent("stop", "--state-dir", state)
+    assert stopped.returncode == 0
+    assert "stopped the agent" in stopped.stdout
+    assert not (state / "agent.json").exists()
+    again = _agent("stop", "--state-dir", state)
+    assert again.returncode == 0
+    assert "no agent runs from" in again.stdout
+
+
+def test_detach_reports_why_the_agent_did_not_start(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    bad = tmp_path / "bad.efb"
+    bad.write_bytes(b"not a bundle at all")
+    failed = _agent("serve", "--model", bad, "--state-dir", state, "--profile", PROFILE,
+                    "--port", "0", "--detach")
+    assert failed.returncode == 1
+    assert "exited with code 1 before serving" in failed.stderr
+    assert "bad.efb" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1

@@ -33,7 +33,7 @@ from transport.x509 import make_device_key_and_csr
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ["serve", "enroll-token", "devices", "device show", "bundles", "publish",
+COMMANDS = ["serve", "stop", "enroll-token", "devices", "device show", "bundles", "publish",
             "rollback", "events"]
 
 
@@ -251,6 +251,43 @@ def test_commands_without_a_server(tmp_path: Path, capsys: pytest.CaptureFixture
             main([*command.split(), "--help"])
         assert exit_info.value.code == 0
     capsys.readouterr()
+
+
+def test_serve_detach_returns_once_serving_and_stop_ends_it(
+        tmp_path: Path, db_url: str, repo: Repo, capsys: pytest.CaptureFixture[str]) -> None:
+    require_mosquitto()
+    data, keys = tmp_path / "server", write_keys(tmp_path / "keys", repo)
+    code, out, err = _run(capsys, "serve", "--data", data, "--keys", keys, "--db", db_url,
+                          "--port", "0", "--mqtt-port", "0", "--mqtt-bind", "127.0.0.1",
+                          "--detach")
+    assert code == 0, err
+    assert "fleet server started in the background" in out
+    # Ready means the next command is answered, with no wait of its own.
+    code, out, err = _run(capsys, "devices", "--data", data)
+    assert code == 0, err
+    pid = json.loads((data / "server.json").read_text())["pid"]
+    # A second server on the same data is refused and leaves the first one's files alone.
+    code, _, err = _run(capsys, "serve", "--data", data, "--keys", keys, "--db", db_url,
+                        "--port", "0", "--mqtt-port", "0", "--detach")
+    assert code == 1
+    assert f"another fleet server (pid {pid}) is running" in err
+    assert json.loads((data / "server.json").read_text())["pid"] == pid
+    code, out, err = _run(capsys, "stop", "--data", data)
+    assert (code, out.strip()) == (0, f"stopped the fleet server (pid {pid})"), err
+    assert not (data / "server.json").exists()
+    assert "fleet server stopped" in (data / "server.log").read_text()
+    code, out, _ = _run(capsys, "stop", "--data", data)
+    assert code == 0
+    assert "no fleet server runs on" in out
+
+
+def test_serve_detach_reports_why_the_server_did_not_start(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "serve", "--data", tmp_path / "d", "--keys", tmp_path / "no",
+                        "--port", "0", "--mqtt-port", "0", "--detach")
+    assert code == 1
+    assert "exited with code 1 before serving" in err
+    assert "fleet keys init" in err
 
 
 def test_bad_state_at_start_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],

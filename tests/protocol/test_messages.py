@@ -21,6 +21,7 @@ from protocol.messages import (
     ChunkRequest,
     Desired,
     DesiredModel,
+    DesiredShadow,
     Event,
     InstallReport,
     ModelReport,
@@ -42,6 +43,9 @@ SHA = hashlib.sha256(b"bundle").hexdigest()
 def test_round_trips() -> None:
     desired = Desired({"digits": DesiredModel(2, SHA, 1234)}, issued_at=5.0)
     assert decode_desired(encode(desired)) == desired
+    staged = Desired({"digits": DesiredModel(2, SHA, 1234, DesiredShadow(3, SHA, 99, 0.1),
+                                             compare_previous=0.25)}, issued_at=5.0)
+    assert decode_desired(encode(staged)) == staged
     reported = Reported("x86-64-avx2", "0.1.0", {"digits": ModelReport(2, SHA, "committed")},
                         {"digits": InstallReport(3, SHA, "failed", "rejected:ChecksumError",
                                                  "bad")}, at=7.0)
@@ -164,3 +168,26 @@ def test_devices_send_only_device_event_kinds(kind: str) -> None:
                                   "install.committed", "install.rolled_back"])
 def test_device_event_kinds(kind: str) -> None:
     assert decode_event(encode(Event(kind, 1.0, {}))).kind == kind
+
+
+def test_an_older_servers_desired_state_has_no_shadow_and_no_comparison() -> None:
+    old = b'{"protocol":1,"issued_at":1,"models":{"m":{"version":1,"bundle_sha256":"%s",' \
+          b'"size":5}}}' % SHA.encode()
+    assert decode_desired(old).models["m"] == DesiredModel(1, SHA, 5, None, 0.0)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("compare_previous", 1.5, "share between 0 and 1"),
+    ("compare_previous", -0.1, "share between 0 and 1"),
+    ("shadow", {"version": 2, "bundle_sha256": SHA, "size": 5, "sample_rate": 0},
+     "must be above 0"),
+    ("shadow", {"version": 2, "bundle_sha256": SHA, "size": 5, "sample_rate": 2},
+     "share between 0 and 1"),
+    ("shadow", [1], "must be a JSON object"),
+])
+def test_bad_shadow_or_comparison_shares_are_refused(field: str, value: object,
+                                                     message: str) -> None:
+    model = {"version": 1, "bundle_sha256": SHA, "size": 5, field: value}
+    payload = json.dumps({"protocol": 1, "issued_at": 1, "models": {"m": model}}).encode()
+    with pytest.raises(ProtocolError, match=message):
+        decode_desired(payload)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import pytest
 
 from fleet_server.registry import Device, desired_json, is_converged
 from protocol.install_states import InstallState
-from protocol.messages import Desired, DesiredModel, ModelReport, encode
+from protocol.messages import (
+    Desired,
+    DesiredModel,
+    DesiredShadow,
+    ModelReport,
+    decode_desired,
+    encode,
+)
 
 WANT = {"digits": DesiredModel(2, "a" * 64, 100)}
 
@@ -38,11 +44,17 @@ def test_only_the_committed_state_converges(state: InstallState) -> None:
                                                      InstallState.COMMITTED.value)})
 
 
-def test_desired_json_is_the_desired_message_form() -> None:
-    model = DesiredModel(2, "a" * 64, 100)
-    assert desired_json(model) == asdict(model)
+@pytest.mark.parametrize("model", [
+    DesiredModel(2, "a" * 64, 100),
+    DesiredModel(2, "a" * 64, 100, DesiredShadow(3, "b" * 64, 120, 0.1), compare_previous=0.5),
+])
+def test_desired_json_is_the_desired_message_form(model: DesiredModel) -> None:
     sent = json.loads(encode(Desired({"digits": model}, issued_at=1.0)))
-    assert sent["models"]["digits"] == desired_json(model)
+    shown = desired_json(model)
+    assert {k: v for k, v in sent["models"]["digits"].items() if v} == shown
+    as_sent = Desired({"digits": model}, issued_at=1.0)
+    assert decode_desired(json.dumps({"protocol": 1, "issued_at": 1.0,
+                                      "models": {"digits": shown}}).encode()) == as_sent
 
 
 def _device(**fields: object) -> Device:
