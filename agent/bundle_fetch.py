@@ -139,6 +139,8 @@ class BundleFetch:
                 f"bundle {self.sha256[:12]} is {chunk.total} bytes on the server, {self.size} "
                 "in the desired state; the desired state is stale")
         with self._lock:
+            if self.done:  # a late duplicate (a re-request's answer) once the file is whole
+                return True
             self._asked.pop(chunk.offset, None)
             self.timeout_s = self._base_timeout_s  # the server answers again
             if chunk.offset >= self._have and chunk.offset % self.chunk_bytes == 0:

@@ -272,7 +272,15 @@ class InstallDriver:
             except InvalidTransition as exc:
                 log.error("%s", exc)  # a late event for an install that moved on
                 return record
-            record = self._persist(record, stepped)
+            try:
+                record = self._persist(record, stepped)
+            except OSError as exc:
+                if stepped.done or not is_disk_full(exc):
+                    raise
+                # The next state cannot be recorded (say, a resume on a full disk): the
+                # install fails for want of space, which _persist makes room to record.
+                next_event = _failure(exc)
+                continue
             next_event = None
             for action in actions:
                 try:

@@ -64,6 +64,14 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.fixture
+def small_state_dir(small_disk: Path, repo: Repo) -> Path:
+    """A device state directory on ``small_disk`` that pins ``repo``'s root."""
+    state = small_disk / "state"
+    TrustStore(state / "trust").save(TrustedState(root=repo.root))
+    return state
+
+
 def fill_disk(disk: Path, leave: int) -> Path:
     """Fill the file system of ``disk`` until at most ``leave`` bytes are free."""
     filler = disk / "filler"

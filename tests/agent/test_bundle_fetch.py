@@ -58,6 +58,22 @@ def test_window_in_order_to_completion(tmp_path: Path) -> None:
     assert not fetch.part.exists()
 
 
+def test_a_late_duplicate_after_the_last_chunk_changes_nothing(tmp_path: Path) -> None:
+    # Found by tests/faults (a broker frozen mid-fetch): the re-requests of timed-out chunks
+    # and the original answers both arrived; a duplicate after the bundle was whole hashed
+    # the .part file that was already renamed, and the install failed with ENOENT.
+    clock = Clock()
+    fetch = _fetch(tmp_path, clock)
+    first = fetch.requests()
+    clock.now = 6.0
+    again = fetch.requests()  # timed out: asked twice
+    assert _deliver_all(fetch, DATA, list(first))
+    for request in again:
+        assert fetch.receive(_answer(request))
+    assert fetch.done
+    assert fetch.path.read_bytes() == DATA
+
+
 def test_out_of_order_chunks_wait_for_the_gap(tmp_path: Path) -> None:
     fetch = _fetch(tmp_path)
     a, b, c = fetch.requests()

@@ -34,6 +34,7 @@ from tests.agent.bundles import (
     samples,
     write_bundle,
 )
+from tests.agent.conftest import fill_disk
 from tests.bundle.repo import Repo
 
 pytestmark = pytest.mark.integration
@@ -105,14 +106,43 @@ def test_kill_9_right_after_a_failed_install(state_dir: Path, repo: Repo, tmp_pa
     assert restarted.installer.records()[0].reason == "self_test_failed"
 
 
-def test_a_model_that_crashes_the_agent_on_activation_is_given_up(
-        state_dir: Path, repo: Repo, tmp_path: Path, x86: Profile) -> None:
+def _killed_installing_v2(state_dir: Path, repo: Repo, tmp_path: Path, x86: Profile,
+                          state: str) -> Path:
+    """v1 committed in ``state_dir``, then ``edge-agent install`` of v2 killed right after
+    it persisted ``state``; the v2 bundle."""
     runtime = Runtime(state_dir, x86, policy=QUICK)
     runtime.install(write_bundle(repo, tmp_path, digits_spec(1)))
     runtime.check_probation()
     v2 = write_bundle(repo, tmp_path, digits_spec(2))
     assert _edge_agent("install", v2, "--state-dir", state_dir, "--profile", PROFILE,
-                       env={CRASH_ENV: "activating"}).returncode == -signal.SIGKILL
+                       env={CRASH_ENV: state}).returncode == -signal.SIGKILL
+    return v2
+
+
+def test_a_resume_on_a_full_disk_fails_the_install_for_want_of_space(
+        small_disk: Path, small_state_dir: Path, repo: Repo, tmp_path: Path,
+        x86: Profile) -> None:
+    # Found by tests/faults: the resumed install could not persist its next state (ENOSPC),
+    # the error ended the resume, and the install stayed 'verifying' until the next start,
+    # retried never, announced never.
+    state_dir = small_state_dir
+    v2 = _killed_installing_v2(state_dir, repo, tmp_path, x86, "verifying")
+    filler = fill_disk(small_disk, 0)
+    restarted = Runtime(state_dir, x86, policy=QUICK)
+    restarted.resume_installs()
+    assert _serving_correctly(restarted) == 1
+    assert restarted.installer is not None
+    latest = restarted.installer.records()[0]
+    assert (latest.source, latest.state, latest.reason, latest.retry) == (
+        str(v2), S.FAILED, "disk_full", True)
+    assert not list((state_dir / "incoming").iterdir())  # its bundle reclaimed
+    filler.unlink()
+    assert restarted.install(v2).state is S.PROBATION
+
+
+def test_a_model_that_crashes_the_agent_on_activation_is_given_up(
+        state_dir: Path, repo: Repo, tmp_path: Path, x86: Profile) -> None:
+    _killed_installing_v2(state_dir, repo, tmp_path, x86, "activating")
     # Every restart dies again while activating v2, as a crashing model would make it.
     script = ("import sys; from pathlib import Path; from agent.runtime import Runtime; "
               "from firmware_profiles import get_profile; "

@@ -170,12 +170,10 @@ def test_a_model_that_rejects_zeros_of_length_one_still_loads(tmp_path: Path) ->
 
 
 def test_a_full_disk_fails_the_install_once_and_keeps_the_old_version_serving(
-        small_disk: Path, repo: Repo, tmp_path: Path, x86: Profile) -> None:
+        small_disk: Path, small_state_dir: Path, repo: Repo, tmp_path: Path,
+        x86: Profile) -> None:
     # issue 10 item 2, for a local install: checked before the bundle is copied.
-    state_dir = small_disk / "state"
-    from agent.trust_store import TrustStore
-
-    TrustStore(state_dir / "trust").save(TrustedState(root=repo.root))
+    state_dir = small_state_dir
     runtime = Runtime(state_dir, x86, policy=QUICK)
     runtime.install(write_bundle(repo, tmp_path, digits_spec(1)))
     runtime.check_probation()
@@ -194,3 +192,23 @@ def test_a_full_disk_fails_the_install_once_and_keeps_the_old_version_serving(
     assert _served_version(restarted) == 1
     filler.unlink()
     assert restarted.install(write_bundle(repo, tmp_path, digits_spec(2))).state is S.PROBATION
+
+
+def test_the_startup_sweep_deletes_what_no_install_references(
+        state_dir: Path, repo: Repo, tmp_path: Path, x86: Profile) -> None:
+    # issue 10 item 5: each kill after a completed fetch left its 25 MB bundle behind.
+    runtime = Runtime(state_dir, x86, policy=QUICK)
+    runtime.install(write_bundle(repo, tmp_path, digits_spec(1)))
+    runtime.check_probation()
+    runtime.install(write_bundle(repo, tmp_path, digits_spec(2)))
+    runtime.check_probation()
+    models = state_dir / "models" / "digits"
+    left = [state_dir / "incoming" / "0123456789ab.efb", state_dir / "incoming" / "feed.part",
+            models / "7" / "model.onnx", models / ".staging-1234" / "model.onnx"]
+    for path in left:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bytes(1000))
+    restarted = Runtime(state_dir, x86, policy=QUICK)
+    assert _served_version(restarted) == 2
+    assert not list((state_dir / "incoming").iterdir())
+    assert sorted(p.name for p in models.iterdir()) == ["1", "2", "active.json"]

@@ -7,6 +7,7 @@ the whole fleet shows (take-over, encryption to recipients, rollback).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -36,7 +37,11 @@ class LiveFleet:
     """Keys, a running ``fleet serve`` and the agents started so far, under ``home``."""
 
     home: Path
+    #: Arguments added to ``fleet serve`` (later ones win: ``--mqtt-bind 0.0.0.0``).
+    serve_args: tuple[str, ...] = ()
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    #: When each process was started, by name (every start, restarts included).
+    started: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def keys(self) -> Path:
@@ -63,7 +68,8 @@ class LiveFleet:
         signs re-releases with its online keys)."""
         self._start("server", [sys.executable, "-m", "fleet_server", "serve", "--data",
                                self.data, "--keys", self.keys, "--fleet", "live", "--port",
-                               "0", "--mqtt-port", "0", "--mqtt-bind", "127.0.0.1"],
+                               "0", "--mqtt-port", "0", "--mqtt-bind", "127.0.0.1",
+                               *self.serve_args],
                     (self.data / "server.json").exists)
 
     def build(self, version: int, model: Path, *extra: str | Path) -> Path:
@@ -89,10 +95,16 @@ class LiveFleet:
                           "--profile", PROFILE, "--port", "0", "--probation", "1",
                           "--telemetry-interval", "2", check=check)
 
-    def run_agent(self, name: str, state: Path) -> None:
-        """``edge-agent run`` from ``state`` in the background, known as ``name``."""
-        self._start(name, [sys.executable, "-m", "agent", "run", "--config",
-                           state / "agent.toml"], lambda: find_running(state) is not None)
+    def run_agent(self, name: str, state: Path, env: dict[str, str] | None = None, *,
+                  ready: Callable[[], bool] | None = None, wait: bool = True,
+                  prefix: tuple[str, ...] = ()) -> None:
+        """``edge-agent run`` from ``state`` in the background, known as ``name`` (with
+        ``env`` added to the environment, after the command line ``prefix``, such as
+        ``ip netns exec NS``); unless not ``wait``, started once ``ready`` (default: once
+        its run file names it)."""
+        self._start(name, [*prefix, sys.executable, "-m", "agent", "run", "--config",
+                           state / "agent.toml"],
+                    ready or (lambda: find_running(state) is not None), env, wait)
 
     def stop(self, name: str) -> None:
         process = self.processes.pop(name)
@@ -133,19 +145,24 @@ class LiveFleet:
         for name in reversed(list(self.processes)):
             self.stop(name)
 
-    def _start(self, name: str, argv: list[Any], ready: Callable[[], bool]) -> None:
-        with (self.home / f"{name}.log").open("wb") as log:
+    def _start(self, name: str, argv: list[Any], ready: Callable[[], bool],
+               env: dict[str, str] | None = None, wait: bool = True) -> None:
+        with (self.home / f"{name}.log").open("ab") as log:
             process = subprocess.Popen([str(a) for a in argv], cwd=ROOT, stdout=log,
-                                       stderr=subprocess.STDOUT)
+                                       stderr=subprocess.STDOUT,
+                                       env={**os.environ, **(env or {})})
         self.processes[name] = process
-        self.wait(lambda: process.poll() is None and ready(), f"{name} to start")
+        self.started.setdefault(name, []).append(time.time())
+        if wait:
+            self.wait(lambda: process.poll() is None and ready(), f"{name} to start")
 
 
 @contextmanager
-def live_fleet(home: Path) -> Iterator[LiveFleet]:
-    """Keys made, ``fleet serve`` running; everything stopped on exit."""
+def live_fleet(home: Path, *serve_args: str) -> Iterator[LiveFleet]:
+    """Keys made, ``fleet serve`` (with ``serve_args``) running; everything stopped on
+    exit."""
     require_mosquitto()
-    fleet = LiveFleet(home)
+    fleet = LiveFleet(home, serve_args)
     try:
         fleet.fleet("keys", "init", "--dir", fleet.keys)
         fleet.serve()

@@ -21,6 +21,7 @@ import pytest
 from common.atomic import write_atomic
 from fleet_server.api_client import ServerClient
 from fleet_server.cli import main
+from fleet_server.server_cli import _reported_text
 from protocol import messages
 from protocol.topics import device_topic
 from tests.bundle.repo import Repo
@@ -287,3 +288,34 @@ def test_serve_detach_reports_why_the_server_did_not_start(
     assert code == 1
     assert "exited with code 1 before serving" in err
     assert "fleet keys init" in err
+
+
+def test_bad_state_at_start_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        ) -> None:
+    """Issue 10 item 7: a zero-length fleet.db opened as an empty registry, and a garbage
+    root.json was handed to every enrolling device. Both are refused at start, in one line,
+    and the empty file is left as it was."""
+    keys = write_keys(tmp_path / "keys", Repo())
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "fleet.db").touch()
+    serve = ("serve", "--data", data, "--keys", keys, "--port", "0", "--mqtt-port", "0")
+    code, _, err = _run(capsys, *serve)
+    assert code == 1
+    assert err.count("\n") == 1, err
+    assert "fleet.db is an empty file (0 bytes), not a database" in err
+    assert (data / "fleet.db").stat().st_size == 0
+    (data / "fleet.db").unlink()
+    (keys / "root.json").write_text("garbage\n")
+    code, _, err = _run(capsys, *serve)
+    assert code == 1
+    assert err.count("\n") == 1, err
+    assert "root.json is not TUF metadata" in err
+
+
+def test_an_install_without_a_version_reads_without_one() -> None:
+    """Issue 10 item 9: `fleet devices` printed 'vNone downloading 47%'."""
+    reported = {"models": {"digits": {"version": 1, "state": "committed"}},
+                "installs": {"digits": {"version": None, "state": "downloading",
+                                        "progress": 0.47}}}
+    assert _reported_text(reported) == "digits v1 committed [downloading 47%]"
