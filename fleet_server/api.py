@@ -22,7 +22,6 @@ import json
 import logging
 import re
 import secrets
-import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -41,6 +40,7 @@ from transport.mqtt import TLSIdentity
 from . import __version__
 from .api_spec import OPENAPI
 from .errors import ApiError, CSRError, EnrollmentError, FleetError, RegistryError, ReleaseError
+from .https_server import BoundedHTTPSServer, server_context
 from .registry import BundleRecord, DesiredChange, Device, EventRecord, desired_json
 from .service import Enrollment, FleetService, IssuedToken, PublishResult
 
@@ -433,19 +433,6 @@ ROUTES: tuple[Route, ...] = (
 
 # --- the server ---------------------------------------------------------------------------
 
-def server_context(identity: TLSIdentity) -> ssl.SSLContext:
-    """The API's TLS settings: its certificate and key, TLS 1.2 or later."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(identity.cert_file, identity.key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ApiError(f"cannot load the API's certificate {identity.cert_file} and key "
-                       f"{identity.key_file} ({exc}); delete them to have them issued "
-                       "again") from exc
-    return context
-
-
 class ApiServer:
     """The API on ``https://host:port`` (port 0 picks a free one), served from a background
     thread, with the certificate and key of ``tls``.
@@ -481,9 +468,10 @@ class ApiServer:
         handler = type("_BoundHandler", (_Handler,),
                        {"api": self, "timeout": self._connection_timeout})
         try:
-            httpd = _BoundedHTTPServer((self._host, self._port), handler,
+            httpd = BoundedHTTPSServer((self._host, self._port), handler,
                                        self._max_connections, self._context,
-                                       self._connection_timeout)
+                                       timeout=self._connection_timeout,
+                                       name="operator API")
         except OSError as exc:
             raise ApiError(f"cannot listen on {self._host}:{self._port} ({exc.strerror}); "
                            "choose another --port or stop what uses it") from exc
@@ -561,48 +549,6 @@ class ApiServer:
             log.exception("%s %s failed", request.method, request.path)
             return 500, {"error": "internal error; the server's log has the details"}, {}
         return status, body, {}
-
-
-class _BoundedHTTPServer(ThreadingHTTPServer):
-    """HTTPS with a thread per connection, at most ``max_connections`` of them at once.
-
-    The TLS handshake happens in the connection's own thread, under its timeout, so a
-    client that never finishes one holds only its own slot, not the accepting loop."""
-
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
-                 max_connections: int, context: ssl.SSLContext, timeout: float) -> None:
-        super().__init__(address, handler)
-        self.socket = context.wrap_socket(self.socket, server_side=True,
-                                          do_handshake_on_connect=False)
-        self._max = max_connections
-        self._timeout = timeout
-        self._slots = threading.BoundedSemaphore(max_connections)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            # Answering would need a TLS handshake, i.e. the very thread there is no room
-            # for: the client sees the connection closed and retries later.
-            log.warning("operator API: %d connections open, refusing one from %s",
-                        self._max, client_address)
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            try:
-                request.settimeout(self._timeout)
-                request.do_handshake()
-            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                log.debug("operator API: TLS handshake with %s failed: %s", client_address,
-                          exc)
-                self.shutdown_request(request)
-                return
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
 
 
 class _Handler(BaseHTTPRequestHandler):

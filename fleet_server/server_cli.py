@@ -198,6 +198,14 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                         help="name or address devices use to reach the embedded broker "
                         "(repeatable; the first is handed out at enrollment; default "
                         "127.0.0.1, for devices on this machine only)")
+    bundles = serve.add_argument_group("bundle downloads (docs/scale.md)")
+    bundles.add_argument("--bundle-port", type=int, metavar="P",
+                         help="serve bundles over HTTPS with range requests on this port "
+                         "(device certificates; 0 picks a free one); devices fall back to "
+                         "MQTT chunks. Default: MQTT chunks only")
+    bundles.add_argument("--bundle-mirror", action="append", default=[], metavar="URL/",
+                         help="URL prefix of a mirror, CDN or bucket holding the files of "
+                         "DATA/bundles (<sha256>.efb), offered to devices first (repeatable)")
     serve.add_argument("--offline-after", type=_seconds, default=180.0, metavar="SECONDS",
                        help="a device not heard from for this long shows offline (default "
                        "180; agents send telemetry every 30 s by default)")
@@ -226,7 +234,8 @@ def _serve(args: argparse.Namespace) -> int:
         data_dir=data, keys_dir=(args.keys or data / "keys").absolute(), fleet=args.fleet,
         db_url=args.db, broker_url=args.broker_url, mqtt_port=args.mqtt_port,
         mqtt_bind=args.mqtt_bind, broker_hosts=tuple(args.broker_host),
-        offline_after_s=args.offline_after)
+        offline_after_s=args.offline_after, bundle_port=args.bundle_port,
+        bundle_mirrors=tuple(m if m.endswith("/") else m + "/" for m in args.bundle_mirror))
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -56,6 +56,7 @@ from transport.mqtt import BrokerAddress, TLSIdentity, close_client, wait_publis
 from transport.x509 import certificate_fingerprint
 
 from .broker import SERVER_IDENTITY, Broker, BrokerConfig
+from .bundle_http import BundleHttpServer, bundle_urls
 from .ca import FleetCA
 from .chunk_server import ChunkServer
 from .data_dir import (
@@ -135,6 +136,13 @@ class ServiceConfig:
     #: will lost while the server was down would leave it online forever). Agents send
     #: telemetry every 30 s by default; a few missed samples are tolerated.
     offline_after_s: float = 180.0
+    #: Port of the bundle download endpoint (HTTPS, device certificates;
+    #: :mod:`fleet_server.bundle_http`); None serves bundles over MQTT chunks only, 0 picks
+    #: a free port. It listens on ``mqtt_bind`` and is announced on ``broker_hosts[0]``.
+    bundle_port: int | None = None
+    #: URL prefixes (ending in ``/``) of mirrors holding ``<sha256>.efb`` bundle files (a
+    #: CDN, an S3-compatible bucket), offered to devices before the server's own endpoint.
+    bundle_mirrors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -200,6 +208,8 @@ class FleetService:
         self._desired_lock = threading.Lock()
         self._ingest: Ingest | None = None
         self._chunks: ChunkServer | None = None
+        self._bundle_http: BundleHttpServer | None = None
+        self._bundle_prefixes: tuple[str, ...] = ()
         #: When (time.time()) the connection to the broker was lost; None while connected.
         self.disconnected_since: float | None = None
         self._lock_file: IO[str] | None = None
@@ -230,6 +240,9 @@ class FleetService:
         if ingest is not None:
             ingest.stop()
         self._chunks = None
+        bundle_http, self._bundle_http = self._bundle_http, None
+        if bundle_http is not None:
+            bundle_http.stop()
         client, self._client = self._client, None
         if client is not None:
             if self._ca is not None and client.is_connected():
@@ -291,6 +304,7 @@ class FleetService:
         self._client = client
         self._chunks = ChunkServer(self._registry, rate_bytes=self.config.chunk_rate_bytes,
                                    burst_bytes=self.config.chunk_burst_bytes)
+        self._start_bundle_http(self._ca, self._registry)
         self._ingest = Ingest(self._registry, self._ack)
         self._ingest.start()
         client.loop_start()
@@ -332,6 +346,21 @@ class FleetService:
         host = hosts[0] if hosts else broker.address.host
         self._broker_url = BrokerAddress(host, broker.address.port).url
         return broker
+
+    def _start_bundle_http(self, ca: FleetCA, registry: Registry) -> None:
+        """Serve bundles over HTTPS if configured; the URL prefixes devices are given."""
+        prefixes = list(self.config.bundle_mirrors)
+        if self.config.bundle_port is not None:
+            hosts = self.config.broker_hosts
+            tls = ca.write_identity(ca.issue_server_cert(hosts, common_name="edgefleet-bundles"),
+                                    self.config.data_dir / "bundle-tls", "bundles")
+            self._bundle_http = BundleHttpServer(registry, tls, host=self.config.mqtt_bind,
+                                                 port=self.config.bundle_port)
+            self._bundle_http.start()
+            host = hosts[0] if hosts else "127.0.0.1"
+            host = f"[{host}]" if ":" in host else host
+            prefixes.append(f"https://{host}:{self._bundle_http.port}/bundles/")
+        self._bundle_prefixes = tuple(prefixes)
 
     # --- properties ---
 
@@ -600,7 +629,9 @@ class FleetService:
 
     def _send_desired(self, device: Device) -> None:
         """Queue ``device``'s desired state, retained (call with _desired_lock held)."""
-        models = dict(sorted(device.desired.items()))
+        models = {name: replace(model, urls=bundle_urls(self._bundle_prefixes,
+                                                        model.bundle_sha256))
+                  for name, model in sorted(device.desired.items())}
         payload = messages.encode(messages.Desired(models=models, issued_at=time.time()))
         self._publish(device.id, "desired", payload, retain=True)
 

@@ -40,10 +40,12 @@ from .names import is_valid_name
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEVICE_EVENT_KIND",
+    "MAX_BUNDLE_URLS",
     "MAX_CHUNK_REQUEST_BYTES",
     "MAX_EVENT_BYTES",
     "MAX_REPORTED_BYTES",
     "MAX_TELEMETRY_BYTES",
+    "MAX_URL_CHARS",
     "PROTOCOL_VERSION",
     "Chunk",
     "ChunkRequest",
@@ -82,6 +84,10 @@ _MAX_INT = 2**63 - 1
 #: server's (``device.enrolled``, ``desired.set``).
 DEVICE_EVENT_KIND = re.compile(
     r"offline|protocol_error|fetch\.(?:started|failed)|install\.[a-z_]{1,32}")
+#: Bounds on a desired model's ``urls``: how many, and how long each.
+MAX_BUNDLE_URLS = 8
+MAX_URL_CHARS = 2048
+_URL = re.compile(r"https?://[^\s/?#]+(?:/[^\s]*)?")
 _MAGIC = b"EFC1"
 _HEADER = struct.Struct(">4sI")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -106,6 +112,10 @@ class DesiredModel:
     ``compare_previous``: share of requests, in [0, 1], also run on the version this one
     replaced, kept loaded while it is above 0 (so that a return to it is immediate) and
     compared with the served answers (rollouts' agreement gate).
+    ``urls``: HTTP(S) addresses of the bundle's bytes, in order of preference (the fleet
+    server's bundle endpoint, a mirror, a CDN); the device tries them with range requests
+    before asking for chunks over MQTT. They need no trust: the bytes must hash to
+    ``bundle_sha256`` and then pass the bundle's signature checks (docs/scale.md).
     """
 
     version: int
@@ -113,6 +123,7 @@ class DesiredModel:
     size: int
     shadow: DesiredShadow | None = None
     compare_previous: float = 0.0
+    urls: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -259,7 +270,22 @@ def _desired_model(m: Mapping[str, Any], name: str) -> DesiredModel:
     return DesiredModel(version=_int(m, "version"), bundle_sha256=_sha(m, "bundle_sha256"),
                         size=_int(m, "size"), shadow=shadow,
                         compare_previous=_share(m, "compare_previous") if "compare_previous" in m
-                        else 0.0)
+                        else 0.0,
+                        urls=_urls(m, f"models.{name}.urls"))
+
+
+def _urls(m: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    value = m.get("urls")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_BUNDLE_URLS:
+        raise ProtocolError(f"{where} must be a list of at most {MAX_BUNDLE_URLS} URLs")
+    for url in value:
+        if (not isinstance(url, str) or len(url) > MAX_URL_CHARS
+                or not _URL.fullmatch(url)):
+            raise ProtocolError(f"{where} holds {str(url)[:80]!r}, not an http(s) URL of at "
+                                f"most {MAX_URL_CHARS} characters")
+    return tuple(value)
 
 
 def decode_reported(payload: bytes) -> Reported:

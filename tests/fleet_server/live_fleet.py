@@ -36,6 +36,8 @@ class LiveFleet:
     """Keys, a running ``fleet serve`` and the agents started so far, under ``home``."""
 
     home: Path
+    #: Extra ``fleet serve`` arguments.
+    serve_args: tuple[str, ...] = ()
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -63,7 +65,8 @@ class LiveFleet:
         signs re-releases with its online keys)."""
         self._start("server", [sys.executable, "-m", "fleet_server", "serve", "--data",
                                self.data, "--keys", self.keys, "--fleet", "live", "--port",
-                               "0", "--mqtt-port", "0", "--mqtt-bind", "127.0.0.1"],
+                               "0", "--mqtt-port", "0", "--mqtt-bind", "127.0.0.1",
+                               *self.serve_args],
                     (self.data / "server.json").exists)
 
     def build(self, version: int, model: Path, *extra: str | Path) -> Path:
@@ -142,10 +145,10 @@ class LiveFleet:
 
 
 @contextmanager
-def live_fleet(home: Path) -> Iterator[LiveFleet]:
-    """Keys made, ``fleet serve`` running; everything stopped on exit."""
+def live_fleet(home: Path, *serve_args: str) -> Iterator[LiveFleet]:
+    """Keys made, ``fleet serve ARGS`` running; everything stopped on exit."""
     require_mosquitto()
-    fleet = LiveFleet(home)
+    fleet = LiveFleet(home, serve_args)
     try:
         fleet.fleet("keys", "init", "--dir", fleet.keys)
         fleet.serve()
