@@ -206,6 +206,16 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     bundles.add_argument("--bundle-mirror", action="append", default=[], metavar="URL/",
                          help="URL prefix of a mirror, CDN or bucket holding the files of "
                          "DATA/bundles (<sha256>.efb), offered to devices first (repeatable)")
+    scale = serve.add_argument_group("several server processes (docs/scale.md)")
+    scale.add_argument("--instance", metavar="NAME",
+                       help="this process's name among the fleet's server processes on one "
+                       "PostgreSQL; its MQTT identity is fleet-server-NAME")
+    scale.add_argument("--shared-subscriptions", action="store_true",
+                       help="take device messages through an MQTT 5 shared subscription, "
+                       "split between the server processes")
+    scale.add_argument("--telemetry-retention-days", type=float, metavar="DAYS",
+                       help="delete telemetry older than this (the leader does, hourly; "
+                       "default: keep all)")
     serve.add_argument("--offline-after", type=_seconds, default=180.0, metavar="SECONDS",
                        help="a device not heard from for this long shows offline (default "
                        "180; agents send telemetry every 30 s by default)")
@@ -235,7 +245,10 @@ def _serve(args: argparse.Namespace) -> int:
         db_url=args.db, broker_url=args.broker_url, mqtt_port=args.mqtt_port,
         mqtt_bind=args.mqtt_bind, broker_hosts=tuple(args.broker_host),
         offline_after_s=args.offline_after, bundle_port=args.bundle_port,
-        bundle_mirrors=tuple(m if m.endswith("/") else m + "/" for m in args.bundle_mirror))
+        bundle_mirrors=tuple(m if m.endswith("/") else m + "/" for m in args.bundle_mirror),
+        instance=args.instance, shared_subscriptions=args.shared_subscriptions,
+        telemetry_retention_s=None if args.telemetry_retention_days is None
+        else args.telemetry_retention_days * 86400)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -68,7 +68,9 @@ from .data_dir import (
 )
 from .enrollment import check_token
 from .errors import BrokerError, EnrollmentError, RegistryError, ServiceError
+from .housekeeping import Housekeeping, retention_job
 from .ingest import Inbound, Ingest
+from .leadership import Leadership, leadership_for
 from .recipients import Candidate, Recipients, select_recipients
 from .registry import BundleRecord, DesiredChange, Device, Registry, open_registry
 from .releases import Releaser, check_publishable
@@ -143,6 +145,19 @@ class ServiceConfig:
     #: URL prefixes (ending in ``/``) of mirrors holding ``<sha256>.efb`` bundle files (a
     #: CDN, an S3-compatible bucket), offered to devices before the server's own endpoint.
     bundle_mirrors: tuple[str, ...] = ()
+    #: This process's name among several ``fleet serve`` processes of one fleet (on one
+    #: PostgreSQL, docs/scale.md): its MQTT identity is ``fleet-server-{instance}``, so each
+    #: has its own client id. None: the only process, ``fleet-server``.
+    instance: str | None = None
+    #: Subscribe to device messages through an MQTT 5 shared subscription
+    #: (``$share/edgefleet-{fleet}/...``): the broker gives each message to one of the
+    #: server processes. Required with several processes, each of which would otherwise
+    #: store every message.
+    shared_subscriptions: bool = False
+    #: Telemetry samples older than this are deleted (by the leader, hourly); None keeps all.
+    telemetry_retention_s: float | None = None
+    #: Seconds between leadership checks (the take-over time after a leader dies).
+    leader_interval_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -210,6 +225,8 @@ class FleetService:
         self._chunks: ChunkServer | None = None
         self._bundle_http: BundleHttpServer | None = None
         self._bundle_prefixes: tuple[str, ...] = ()
+        self._leadership: Leadership | None = None
+        self._housekeeping: Housekeeping | None = None
         #: When (time.time()) the connection to the broker was lost; None while connected.
         self.disconnected_since: float | None = None
         self._lock_file: IO[str] | None = None
@@ -240,6 +257,12 @@ class FleetService:
         if ingest is not None:
             ingest.stop()
         self._chunks = None
+        housekeeping, self._housekeeping = self._housekeeping, None
+        if housekeeping is not None:
+            housekeeping.stop()
+        leadership, self._leadership = self._leadership, None
+        if leadership is not None:
+            leadership.stop()
         bundle_http, self._bundle_http = self._bundle_http, None
         if bundle_http is not None:
             bundle_http.stop()
@@ -291,7 +314,8 @@ class FleetService:
                  "online keys found, the server signs re-releases (rollback)"
                  if self._releaser.can_sign else "no online keys: rollback and encryption "
                  "at publish need them (fleet serve --keys KEYS)")
-        identity = server_identity(data, self._ca)
+        identity = server_identity(data, self._ca, self.client_name)
+        self._start_leadership(self._ca.fleet, self._registry)
         self._broker = self._start_broker(self._ca)
         client = self._broker.client(identity)
         client.on_connect = self._on_connect
@@ -311,9 +335,9 @@ class FleetService:
         if not self._connected.wait(self.config.connect_timeout):
             why = self._connect_failure or "no answer"
             raise BrokerError(f"could not connect to the broker at {self._broker.address.url} "
-                              f"as {SERVER_IDENTITY} within {self.config.connect_timeout:.0f} "
+                              f"as {self.client_name} within {self.config.connect_timeout:.0f} "
                               f"s ({why}); check that it runs, trusts the fleet CA and grants "
-                              f"{SERVER_IDENTITY} the fleet's topics (docs/transport.md)")
+                              f"{self.client_name} the fleet's topics (docs/transport.md)")
         log.info("fleet %s: service connected to %s", self.fleet, self._broker.address.url)
 
     def _start_broker(self, ca: FleetCA) -> Broker:
@@ -346,6 +370,29 @@ class FleetService:
         host = hosts[0] if hosts else broker.address.host
         self._broker_url = BrokerAddress(host, broker.address.port).url
         return broker
+
+    def _start_leadership(self, fleet: str, registry: Registry) -> None:
+        """Compete for the fleet's once-only work (:mod:`fleet_server.leadership`)."""
+        self._leadership = leadership_for(self.config.db_url, fleet,
+                                          interval_s=self.config.leader_interval_s)
+        self._leadership.start()
+        keep = self.config.telemetry_retention_s
+        jobs = [] if keep is None else [retention_job(registry, keep)]
+        self._housekeeping = Housekeeping(self._leadership, jobs, interval_s=3600.0)
+        self._housekeeping.start()
+
+    @property
+    def client_name(self) -> str:
+        """This process's MQTT identity (certificate CN and client id)."""
+        instance = self.config.instance
+        return SERVER_IDENTITY if instance is None else f"{SERVER_IDENTITY}-{instance}"
+
+    @property
+    def leadership(self) -> Leadership:
+        """Whether this process does the fleet's once-only work (while started)."""
+        if self._leadership is None:
+            raise RuntimeError("the fleet service is not started")
+        return self._leadership
 
     def _start_bundle_http(self, ca: FleetCA, registry: Registry) -> None:
         """Serve bundles over HTTPS if configured; the URL prefixes devices are given."""
@@ -660,8 +707,12 @@ class FleetService:
         # not come back to it as if a device had sent them. Retain-as-published: a device's
         # retained message arrives marked retained also when the server is subscribed
         # already, so it can be refused (_refuse_retained).
-        options = SubscribeOptions(qos=1, noLocal=True, retainAsPublished=True)
-        client.subscribe([(device_topic(self.fleet, "+", leaf), options)
+        # A shared subscription may not ask for no-local (MQTT 5, 3.8.3.1); the server's
+        # own clearing publishes (empty) are then dropped in _on_message.
+        shared = self.config.shared_subscriptions
+        options = SubscribeOptions(qos=1, noLocal=not shared, retainAsPublished=True)
+        prefix = f"$share/edgefleet-{self.fleet}/" if shared else ""
+        client.subscribe([(prefix + device_topic(self.fleet, "+", leaf), options)
                           for leaf in _INGEST_LEAVES])
         try:
             self.republish_all()
@@ -693,6 +744,9 @@ class FleetService:
         ingest, chunks = self._ingest, self._chunks
         if ingest is None or chunks is None:
             return  # stopping: unacknowledged, the broker delivers it again
+        if message.retain and not inbound.payload:
+            self._ack(inbound)  # a retained message cleared, by this or another server
+            return
         if message.retain:
             self._refuse_retained(message.topic, inbound, ingest)
             return
