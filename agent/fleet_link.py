@@ -31,7 +31,7 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
-from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -152,7 +152,9 @@ class FleetLink:
         self._announcing = threading.Lock()
         self._client = create_client(ClientSettings(
             BrokerAddress.from_url(settings.broker_url),
-            TLSIdentity(settings.ca_file, settings.cert_file, settings.key_file)))
+            TLSIdentity(settings.ca_file, settings.cert_file, settings.key_file),
+            protocol=MQTTProtocolVersion.MQTTv311 if settings.mqtt_version == "3.1.1"
+            else MQTTProtocolVersion.MQTTv5))
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         # The broker announces an unexpected disconnect for us, so the fleet sees the
         # device go offline without waiting for a missed report. Set before every connect,

@@ -21,6 +21,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from paho.mqtt.enums import MQTTProtocolVersion
+
 from common.atomic import write_atomic
 from common.background import DETACH_FLAG, start_detached, stop_pid, without_detach
 from protocol.defaults import MQTTS_PORT, SERVER_API_PORT
@@ -189,6 +191,9 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     broker = serve.add_argument_group("broker")
     broker.add_argument("--broker-url", metavar="mqtts://HOST[:PORT]",
                         help="use this external broker instead of the embedded Mosquitto")
+    broker.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5",
+                        help="MQTT version towards the broker (3.1.1 for an external broker "
+                        "without MQTT 5, e.g. NATS; docs/scale.md)")
     broker.add_argument("--mqtt-port", type=int, default=MQTTS_PORT, metavar="P",
                         help=f"port of the embedded broker (default {MQTTS_PORT}; 0 "
                         "picks a free one and keeps it)")
@@ -246,6 +251,8 @@ def _serve(args: argparse.Namespace) -> int:
         mqtt_bind=args.mqtt_bind, broker_hosts=tuple(args.broker_host),
         offline_after_s=args.offline_after, bundle_port=args.bundle_port,
         bundle_mirrors=tuple(m if m.endswith("/") else m + "/" for m in args.bundle_mirror),
+        mqtt_protocol=MQTTProtocolVersion.MQTTv5 if args.mqtt_version == "5"
+        else MQTTProtocolVersion.MQTTv311,
         instance=args.instance, shared_subscriptions=args.shared_subscriptions,
         telemetry_retention_s=None if args.telemetry_retention_days is None
         else args.telemetry_retention_days * 86400)

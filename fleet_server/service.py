@@ -40,6 +40,7 @@ from paho.mqtt.client import (
     DisconnectFlags,
     MQTTMessage,
 )
+from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -158,6 +159,10 @@ class ServiceConfig:
     telemetry_retention_s: float | None = None
     #: Seconds between leadership checks (the take-over time after a leader dies).
     leader_interval_s: float = 1.0
+    #: MQTT version towards the broker: 5, or 3.1.1 for an external broker without MQTT 5
+    #: (NATS, RabbitMQ before 3.13; docs/scale.md): no shared subscriptions then, and no
+    #: reason codes on refused publishes.
+    mqtt_protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5
 
 
 @dataclass(frozen=True)
@@ -317,7 +322,7 @@ class FleetService:
         identity = server_identity(data, self._ca, self.client_name)
         self._start_leadership(self._ca.fleet, self._registry)
         self._broker = self._start_broker(self._ca)
-        client = self._broker.client(identity)
+        client = self._broker.client(identity, self.config.mqtt_protocol)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -712,8 +717,12 @@ class FleetService:
         shared = self.config.shared_subscriptions
         options = SubscribeOptions(qos=1, noLocal=not shared, retainAsPublished=True)
         prefix = f"$share/edgefleet-{self.fleet}/" if shared else ""
-        client.subscribe([(prefix + device_topic(self.fleet, "+", leaf), options)
-                          for leaf in _INGEST_LEAVES])
+        topics = [prefix + device_topic(self.fleet, "+", leaf) for leaf in _INGEST_LEAVES]
+        if self.config.mqtt_protocol == MQTTProtocolVersion.MQTTv5:
+            client.subscribe([(topic, options) for topic in topics])
+        else:  # 3.1.1 has QoS only; a device's retained message then arrives retained only
+            # when the server subscribes, and is refused the same way
+            client.subscribe([(topic, 1) for topic in topics])
         try:
             self.republish_all()
         except Exception:
