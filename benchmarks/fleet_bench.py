@@ -596,7 +596,11 @@ class WorkerConfig:
 
 class Worker:
     """Runs its share of the devices in one selector loop; talks to the parent over a pipe:
-    ``go`` -> connect all and answer ``connected``; ``collect`` -> ``results``; ``stop``."""
+    ``go`` -> connect all and answer ``connected``; ``collect`` -> ``results``; ``stop``.
+    Subclasses (benchmarks/scale_bench.py) set ``device_class`` and take more commands in
+    :meth:`command`."""
+
+    device_class: type[Device] = Device
 
     def __init__(self, config: WorkerConfig, pipe: Connection) -> None:
         self.host, self.port, self.fleet = config.host, config.port, config.fleet
@@ -606,7 +610,7 @@ class Worker:
         self.concurrency = config.connect_concurrency
         self.pipe = pipe
         self.selector = selectors.DefaultSelector()
-        self.devices = [Device(spec, self) for spec in config.devices]
+        self.devices = [self.device_class(spec, self) for spec in config.devices]
         self.contexts: dict[str, ssl.SSLContext] = {}
         self.to_connect: list[Device] = []
         self.connecting = 0
@@ -698,6 +702,12 @@ class Worker:
                 device.disconnect()
             self.pipe.send(("stopped",))
             self.stopping = True
+        else:
+            self.command(command, args)
+
+    def command(self, command: str, args: list[Any]) -> None:
+        """A command of a subclass."""
+        raise ValueError(f"unknown worker command {command!r}")
 
 
 def worker_main(config: WorkerConfig, pipe: Connection) -> None:
