@@ -22,7 +22,8 @@ What runs, all on this machine:
   ``desired`` and ``inbox/chunks``.
 - **On the wire each device does what the agent does** (agent/fleet_link.py,
   agent/bundle_fetch.py): on a new desired state it asks for the bundle in 256 KiB chunks,
-  at most 4 outstanding, re-asking a chunk unanswered for 5 s; checks every chunk's sha256
+  at most 4 outstanding, re-asking a chunk unanswered for 5 s (the wait doubling, up to
+  a minute, while answers are late); checks every chunk's sha256
   (``protocol.messages.decode_chunk``) and the whole bundle's; and reports like the agent:
   a ``fetch.started`` event and a "downloading" report, then one event and one report per
   install transition (downloading, verifying, staged, activating, probation, committed),
@@ -100,6 +101,7 @@ AGENT_VERSION = "fleet-bench"
 CHUNK_BYTES = messages.DEFAULT_CHUNK_BYTES
 WINDOW = 4
 REQUEST_TIMEOUT_S = 5.0
+MAX_REQUEST_TIMEOUT_S = 60.0
 KEEPALIVE_S = 60
 SESSION_EXPIRY_S = 7 * 24 * 3600
 #: Install transitions the agent reports after a fetch, each as an event and a report.
@@ -200,17 +202,22 @@ class Fetch:
     chunk_bytes: int = 0
     #: Seconds from (the latest) request to answer, per chunk.
     latencies: list[float] = field(default_factory=list)
+    #: The agent's back-off (agent/bundle_fetch.py): a request that timed out doubles the
+    #: wait, up to a minute; an answer brings it back to the base timeout. 0: the base.
+    wait_s: float = 0.0
 
     def requests(self, window: int, timeout: float, now: float) -> list[messages.ChunkRequest]:
         end = min(self.size, self.have + window * CHUNK_BYTES)
+        wait = self.wait_s or timeout
         wanted = []
         for offset in range(self.have, end, CHUNK_BYTES):
             asked = self.asked.get(offset)
-            if offset in self.early or (asked is not None and now - asked <= timeout):
+            if offset in self.early or (asked is not None and now - asked <= wait):
                 continue
             length = min(CHUNK_BYTES, self.size - offset)
             if asked is not None:
                 self.refetched += length
+                self.wait_s = min(wait * 2, MAX_REQUEST_TIMEOUT_S)
             wanted.append(messages.ChunkRequest(self.sha256, offset, length))
             self.asked[offset] = now
         return wanted
@@ -223,6 +230,7 @@ class Fetch:
             raise ProtocolError(f"bundle is {chunk.total} bytes on the server, desired says "
                                 f"{self.size}")
         asked = self.asked.pop(chunk.offset, None)
+        self.wait_s = 0.0
         if asked is not None:
             self.latencies.append(time.monotonic() - asked)
         self.chunk_bytes += len(chunk.data)
