@@ -70,7 +70,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -788,13 +788,90 @@ class Rollout:
     cpu: dict[str, float]
 
 
+class WorkerPool:
+    """The device worker processes of a benchmark and the parent's end of their pipes."""
+
+    def __init__(self) -> None:
+        self.workers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
+
+    @property
+    def pipes(self) -> list[Connection]:
+        return [pipe for _, pipe in self.workers]
+
+    def start(self, configs: Sequence[WorkerConfig],
+              target: Callable[[WorkerConfig, Connection], None], name: str) -> None:
+        """One process per config running ``target``; returns once each has loaded its
+        devices' TLS identities."""
+        context = multiprocessing.get_context("spawn")
+        for w, config in enumerate(configs):
+            parent, child = context.Pipe()
+            process = context.Process(target=target, args=(config, child),
+                                      name=f"{name}-{w}", daemon=True)
+            process.start()
+            child.close()
+            self.workers.append((process, parent))
+        for pipe in self.pipes:
+            reply = pipe.recv()
+            assert reply[0] == "prepared", reply
+
+    def processes(self) -> list[psutil.Process]:
+        return [psutil.Process(p.pid) for p, _ in self.workers if p.pid is not None]
+
+    def connect(self) -> tuple[float, int, list[tuple[str, str]]]:
+        """Connect every device; (seconds until the last SUBACK, devices ready, failures)."""
+        started = time.time()
+        for pipe in self.pipes:
+            pipe.send(("go",))
+        last, ready, failed = started, 0, []
+        for pipe in self.pipes:
+            kind, ready_list, failed_list = pipe.recv()
+            assert kind == "connected"
+            ready += len(ready_list)
+            failed += failed_list
+            last = max([last, *(t for _, t in ready_list)])
+        return last - started, ready, failed
+
+    def collect(self) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+        """Every device's finished fetches, and the devices' errors."""
+        results: list[dict[str, Any]] = []
+        errors: list[tuple[str, str]] = []
+        for pipe in self.pipes:
+            pipe.send(("collect",))
+        for pipe in self.pipes:
+            kind, r, e = pipe.recv()
+            assert kind == "results"
+            results += r
+            errors += e
+        return results, errors
+
+    def stop(self) -> None:
+        for process, pipe in self.workers:
+            try:
+                pipe.send(("stop",))
+                pipe.recv()
+            except (OSError, EOFError):
+                pass
+            process.join(10)
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+        self.workers = []
+
+
+def device_specs(home: Path, ids: Sequence[str]) -> list[DeviceSpec]:
+    """The devices ``ids`` with their identity files under ``home/devices/ID``."""
+    return [DeviceSpec(d, TLSIdentity(home / "devices" / d / "ca.crt",
+                                      home / "devices" / d / "device.crt",
+                                      home / "devices" / d / "device.key")) for d in ids]
+
+
 class Fleet:
     """The server side of the benchmark and the handles of the worker processes."""
 
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
         self.args = args
         self.tmp = tmp
-        self.workers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
+        self.pool = WorkerPool()
         self.groups: dict[str, list[str]] = {}
 
     @contextmanager
@@ -814,7 +891,7 @@ class Fleet:
             try:
                 yield self
             finally:
-                self._stop_workers()
+                self.pool.stop()
 
     def enroll(self) -> float:
         """Enroll every device through the service (as ``edge-agent enroll`` does, minus
@@ -838,45 +915,15 @@ class Fleet:
     def start_workers(self) -> None:
         ids = [d for group in self.groups.values() for d in group]
         count = max(1, min(self.args.workers, len(ids)))
-        context = multiprocessing.get_context("spawn")
         address = self.service.broker.address
-        for w in range(count):
-            specs = [DeviceSpec(d, TLSIdentity(self.tmp / "devices" / d / "ca.crt",
-                                               self.tmp / "devices" / d / "device.crt",
-                                               self.tmp / "devices" / d / "device.key"))
-                     for d in ids[w::count]]
-            config = WorkerConfig(address.host, address.port, FLEET, specs, self.root_json,
-                                  window=self.args.window,
-                                  request_timeout=self.args.request_timeout,
-                                  chatter=self.args.chatter == "agent",
-                                  verify=self.args.verify,
-                                  connect_concurrency=self.args.connect_concurrency)
-            parent, child = context.Pipe()
-            process = context.Process(target=worker_main, args=(config, child),
-                                      name=f"fleet-bench-worker-{w}", daemon=True)
-            process.start()
-            child.close()
-            self.workers.append((process, parent))
-        for _, pipe in self.workers:
-            reply = pipe.recv()
-            assert reply[0] == "prepared", reply
-
-    def worker_processes(self) -> list[psutil.Process]:
-        return [psutil.Process(p.pid) for p, _ in self.workers if p.pid is not None]
-
-    def connect(self) -> tuple[float, int, list[tuple[str, str]]]:
-        """Connect every device; (seconds until the last SUBACK, devices ready, failures)."""
-        started = time.time()
-        for _, pipe in self.workers:
-            pipe.send(("go",))
-        last, ready, failed = started, 0, []
-        for _, pipe in self.workers:
-            kind, ready_list, failed_list = pipe.recv()
-            assert kind == "connected"
-            ready += len(ready_list)
-            failed += failed_list
-            last = max([last, *(t for _, t in ready_list)])
-        return last - started, ready, failed
+        self.pool.start([WorkerConfig(address.host, address.port, FLEET,
+                                      device_specs(self.tmp, ids[w::count]), self.root_json,
+                                      window=self.args.window,
+                                      request_timeout=self.args.request_timeout,
+                                      chatter=self.args.chatter == "agent",
+                                      verify=self.args.verify,
+                                      connect_concurrency=self.args.connect_concurrency)
+                         for w in range(count)], worker_main, "fleet-bench-worker")
 
     def broker_connections(self) -> int:
         """Established TCP connections on the broker's listening port, seen from the broker
@@ -884,18 +931,6 @@ class Fleet:
         port = self.service.broker.address.port
         return sum(1 for c in self.broker.net_connections("tcp")
                    if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port)
-
-    def collect(self) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-        results: list[dict[str, Any]] = []
-        errors: list[tuple[str, str]] = []
-        for _, pipe in self.workers:
-            pipe.send(("collect",))
-        for _, pipe in self.workers:
-            kind, r, e = pipe.recv()
-            assert kind == "results"
-            results += r
-            errors += e
-        return results, errors
 
     def rollout(self, group: str, sha: str) -> Rollout:
         """Publish ``sha`` to ``group`` and wait for the registry to show it converged.
@@ -906,8 +941,8 @@ class Fleet:
         ``reported_at``, not the moment of the poll."""
         ids = self.groups[group]
         registry = self.service.registry
-        workers = self.worker_processes()
-        pipes = [pipe for _, pipe in self.workers]
+        workers = self.pool.processes()
+        pipes = self.pool.pipes
         for pipe in pipes:
             pipe.send(("watch", f"{group}-", sha))
         before = CpuSnapshot.take(self.broker, workers)
@@ -935,7 +970,7 @@ class Fleet:
         devices = registry.list_devices(group=group)
         done = [d.reported_at - started for d in devices
                 if d.converged and d.reported_at is not None]
-        results, _ = self.collect()
+        results, _ = self.pool.collect()
         members = set(ids)
         mine = [r for r in results if r["device"] in members and r["sha256"] == sha]
         wall = after.at - before.at
@@ -947,18 +982,6 @@ class Fleet:
                        sum(r["chunk_bytes"] for r in mine), sum(r["wire_in"] for r in mine),
                        sum(r["refetched"] for r in mine),
                        [x for r in mine for x in r["latencies"]], cpu)
-
-    def _stop_workers(self) -> None:
-        for process, pipe in self.workers:
-            try:
-                pipe.send(("stop",))
-                pipe.recv()
-            except (OSError, EOFError):
-                pass
-            process.join(10)
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
 
 
 # --- output ---------------------------------------------------------------------------------
@@ -1001,7 +1024,7 @@ def print_rollout(r: Rollout, baseline: Rollout | None) -> None:
 
 
 @contextmanager
-def _work_dir(keep: Path | None) -> Iterator[Path]:
+def work_dir(keep: Path | None) -> Iterator[Path]:
     if keep is not None:
         keep.mkdir(parents=True)
         yield keep.resolve()
@@ -1075,7 +1098,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(f": enough for {total} connections")
 
-    with _work_dir(args.keep) as tmp, Fleet(args, tmp).running() as fleet:
+    with work_dir(args.keep) as tmp, Fleet(args, tmp).running() as fleet:
         record = fleet.service.add_bundle(fleet.bundle)
         print(f"  bundle {record.sha256[:12]}: {record.size:,} bytes "
               f"({-(-record.size // CHUNK_BYTES)} chunks), verified and stored by the server")
@@ -1083,7 +1106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  enrolled {total} devices through service.enroll in {enroll_s:.1f} s "
               f"({total / enroll_s:.0f}/s)")
         fleet.start_workers()
-        connect_s, ready, failed = fleet.connect()
+        connect_s, ready, failed = fleet.pool.connect()
         on_broker = fleet.broker_connections() - 1  # minus the fleet server's own
         print(f"  connected {ready}/{total} devices (mutual TLS, subscribed) in "
               f"{connect_s:.2f} s; the broker counts {on_broker} device connections "
@@ -1102,12 +1125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"    vs the {base.devices}-device rollout: "
                       f"{main_result.seconds / base.seconds:.1f}x the time for "
                       f"{main_result.devices / base.devices:.0f}x the devices")
-        _, errors = fleet.collect()
+        _, errors = fleet.pool.collect()
         for device_id, why in errors[:5]:
             print(f"    device error {device_id}: {why}")
         rss = {name: sum(p.memory_info().rss for p in procs) / 2**20 for name, procs in (
             ("broker", [fleet.broker]), ("server", [psutil.Process()]),
-            ("devices", fleet.worker_processes()))}
+            ("devices", fleet.pool.processes()))}
         print(f"  resident memory after the rollout: broker {rss['broker']:.0f} MB, server "
               f"{rss['server']:.0f} MB, device workers {rss['devices']:.0f} MB")
 

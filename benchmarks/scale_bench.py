@@ -42,7 +42,6 @@ import argparse
 import concurrent.futures
 import hashlib
 import http.client
-import multiprocessing
 import os
 import secrets
 import shutil
@@ -50,7 +49,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -69,16 +67,18 @@ from fleet_bench import (
     Fetch,
     Worker,
     WorkerConfig,
+    WorkerPool,
+    device_specs,
     make_bundle,
     percentile,
     raise_open_files,
+    work_dir,
 )
 
 from fleet_server.broker import Broker, BrokerConfig
 from fleet_server.ca import FleetCA
 from fleet_server.registry import open_registry
 from protocol import messages
-from transport.mqtt import TLSIdentity
 from transport.x509 import certificate_fingerprint, make_device_key_and_csr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,7 +231,7 @@ class Cluster:
     def __init__(self, args: argparse.Namespace, home: Path) -> None:
         self.args, self.home = args, home
         self.servers: dict[str, subprocess.Popen[bytes]] = {}
-        self.workers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
+        self.pool = WorkerPool()
         self.groups: dict[str, list[str]] = {}
 
     @contextmanager
@@ -261,7 +261,7 @@ class Cluster:
                     self.start_server(INSTANCES[0])  # the other joins later (main)
                     yield self
                 finally:
-                    self.stop_workers()
+                    self.pool.stop()
                     for name in list(self.servers):
                         self.stop_server(name)
                     self.registry.close()
@@ -330,46 +330,11 @@ class Cluster:
     def start_workers(self) -> None:
         ids = [d for group in self.groups.values() for d in group]
         count = max(1, min(self.args.workers, len(ids)))
-        context = multiprocessing.get_context("spawn")
         address = self.broker.address
-        for w in range(count):
-            specs = [DeviceSpec(d, TLSIdentity(self.home / "devices" / d / "ca.crt",
-                                               self.home / "devices" / d / "device.crt",
-                                               self.home / "devices" / d / "device.key"))
-                     for d in ids[w::count]]
-            config = WorkerConfig(address.host, address.port, FLEET, specs, b"",
-                                  connect_concurrency=self.args.connect_concurrency)
-            parent, child = context.Pipe()
-            process = context.Process(target=scale_worker_main, args=(config, child),
-                                      name=f"scale-bench-worker-{w}", daemon=True)
-            process.start()
-            child.close()
-            self.workers.append((process, parent))
-        for _, pipe in self.workers:
-            assert pipe.recv()[0] == "prepared"
-
-    def connect(self) -> tuple[float, int, list[tuple[str, str]]]:
-        started = time.time()
-        for _, pipe in self.workers:
-            pipe.send(("go",))
-        last, ready, failed = started, 0, []
-        for _, pipe in self.workers:
-            _kind, ready_list, failed_list = pipe.recv()
-            ready += len(ready_list)
-            failed += failed_list
-            last = max([last, *(t for _, t in ready_list)])
-        return last - started, ready, failed
-
-    def results(self) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-        results: list[dict[str, Any]] = []
-        errors: list[tuple[str, str]] = []
-        for _, pipe in self.workers:
-            pipe.send(("collect",))
-        for _, pipe in self.workers:
-            _, r, e = pipe.recv()
-            results += r
-            errors += e
-        return results, errors
+        self.pool.start([WorkerConfig(address.host, address.port, FLEET,
+                                      device_specs(self.home, ids[w::count]), b"",
+                                      connect_concurrency=self.args.connect_concurrency)
+                         for w in range(count)], scale_worker_main, "scale-bench-worker")
 
     def rollout(self, group: str, sha: str) -> dict[str, Any]:
         """Publish the bundle to ``group``; wait for the registry to show it converged."""
@@ -387,7 +352,7 @@ class Cluster:
         cpu = Usage.take(self.processes()).minus(before)
         done = [d.reported_at - started for d in self.registry.list_devices(group=group)
                 if d.converged and d.reported_at is not None]
-        results, _ = self.results()
+        results, _ = self.pool.collect()
         members = set(self.groups[group])
         mine = [r for r in results if r["device"] in members and r["sha256"] == sha]
         return {"group": group, "devices": len(members), "converged": len(members) - left,
@@ -407,9 +372,9 @@ class Cluster:
             base = stored()
             before = Usage.take(self.processes())
             started = time.monotonic()
-            for _, pipe in self.workers:
+            for pipe in self.pool.pipes:
                 pipe.send(("telemetry", count, first_seq))
-            sent = sum(int(pipe.recv()[1]) for _, pipe in self.workers)
+            sent = sum(int(pipe.recv()[1]) for pipe in self.pool.pipes)
             deadline = started + self.args.timeout
             have = 0
             while time.monotonic() < deadline:
@@ -422,17 +387,6 @@ class Cluster:
         return {"sent": sent, "stored": have, "seconds": seconds,
                 "per_s": have / seconds if seconds else 0.0, **{f"cpu_{k}": v
                                                                 for k, v in cpu.items()}}
-
-    def stop_workers(self) -> None:
-        for process, pipe in self.workers:
-            with suppress(OSError, EOFError):
-                pipe.send(("stop",))
-                pipe.recv()
-            process.join(10)
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-        self.workers = []
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -447,16 +401,6 @@ def print_rollout(r: dict[str, Any], label: str) -> None:
           f"{r['seconds']:.2f} s (p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s); bundle bytes "
           f"{_mb(r['bytes'])}, re-requested {_mb(r['refetched'])}")
     print("    CPU seconds: " + ", ".join(f"{n} {v:.1f}" for n, v in cpu.items()))
-
-
-@contextmanager
-def _work_dir(keep: Path | None) -> Iterator[Path]:
-    if keep is not None:
-        keep.mkdir(parents=True)
-        yield keep.resolve()
-        return
-    with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp:
-        yield Path(tmp)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -489,13 +433,13 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"one Mosquitto; bundle {args.bundle_bytes:,} bytes to {args.rollout} devices over "
           f"MQTT chunks and {args.rollout} over HTTP; {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.2f} at start; open files {soft} (hard {hard})")
-    with _work_dir(args.keep) as home, Cluster(args, home).running() as cluster:
+    with work_dir(args.keep) as home, Cluster(args, home).running() as cluster:
         enroll_s = cluster.enroll()
         print(f"  pre-issued and recorded {args.devices:,} device certificates in "
               f"{enroll_s:.1f} s")
         cluster.start_workers()
         empty = Usage.take(cluster.processes())
-        connect_s, ready, failed = cluster.connect()
+        connect_s, ready, failed = cluster.pool.connect()
         print(f"  connected {ready:,}/{args.devices:,} devices (mutual TLS, MQTT 5, "
               f"subscribed) in {connect_s:.1f} s; failures {len(failed)}")
         for device_id, why in failed[:3]:
@@ -533,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if over_mqtt["seconds"] and over_http["seconds"] not in (0, float("inf")):
             ratio = over_http["seconds"] / over_mqtt["seconds"]
             print(f"    HTTP / MQTT rollout time: {ratio:.2f}")
-        _, errors = cluster.results()
+        _, errors = cluster.pool.collect()
         for device_id, why in [e for e in errors if e[1] != "closed"][:3]:
             print(f"    device {device_id}: {why}")
     ok = (ready == args.devices and over_mqtt["converged"] == args.rollout

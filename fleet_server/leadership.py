@@ -2,7 +2,8 @@
 happen once: retention today, the rollout controller and alert evaluation as they come.
 
 The leader is the process holding a PostgreSQL **session-level advisory lock**
-(``pg_try_advisory_lock``), keyed by the fleet's name, on a connection of its own (not the
+(``pg_try_advisory_lock``), keyed by the fleet's name and the registry's schema, on a
+connection of its own (not the
 registry's pool, whose connections come and go). PostgreSQL releases the lock when that
 session ends: a clean stop, a crash, ``kill -9`` (the kernel closes the socket and the
 server notices at once), or a network partition (once TCP keepalives give up, below).
@@ -59,9 +60,10 @@ class Leadership(Protocol):
         ...
 
 
-def lock_key(fleet: str) -> int:
-    """The advisory lock's key for ``fleet``: a signed 64-bit number from its name."""
-    digest = hashlib.sha256(f"edgefleet-leader/{fleet}".encode()).digest()
+def lock_key(fleet: str, schema: str) -> int:
+    """The advisory lock's key for ``fleet`` with its registry in ``schema``: a signed
+    64-bit number from both names."""
+    digest = hashlib.sha256(f"edgefleet-leader/{schema}/{fleet}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
@@ -86,7 +88,7 @@ class AdvisoryLeadership:
     def __init__(self, url: str, fleet: str, *, interval_s: float = 1.0,
                  on_change: Callable[[bool], None] | None = None) -> None:
         self._url = url
-        self._key = lock_key(fleet)
+        self._key: int | None = None  # known once connected: it depends on the schema
         self._fleet = fleet
         self.interval_s = interval_s
         self._on_change = on_change
@@ -127,6 +129,10 @@ class AdvisoryLeadership:
             if self._connection is None:
                 self._connection = psycopg.connect(make_conninfo(self._url, **_KEEPALIVE),
                                                    autocommit=True)
+                # Advisory locks are per database: fleets of one name in two schemas (two
+                # registries) must not share one leader.
+                row = self._connection.execute("SELECT current_schema()").fetchone()
+                self._key = lock_key(self._fleet, str(row[0]) if row else "")
             if self._leader.is_set():
                 self._connection.execute("SELECT 1")
                 return True

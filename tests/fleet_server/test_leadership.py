@@ -47,7 +47,7 @@ def test_one_leader_and_a_take_over_when_it_stops_or_its_session_dies() -> None:
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE "
                           "locktype = 'advisory' AND granted AND "
                           "(classid::bigint << 32 | objid::bigint) = %s",
-                          (lock_key(fleet) & 0xFFFFFFFFFFFFFFFF,))
+                          (lock_key(fleet, "public") & 0xFFFFFFFFFFFFFFFF,))
         _wait(a.is_leader, "a to take over")
         _wait(lambda: not b.is_leader(), "b to step down")
     finally:
