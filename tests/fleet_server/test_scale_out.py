@@ -6,6 +6,7 @@ would, and takes the messages its persistent session holds)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from fleet_server.broker import Broker, BrokerConfig
@@ -23,6 +25,7 @@ from fleet_server.registry import Registry, open_registry
 from protocol import messages
 from protocol.topics import device_topic
 from tests.bundle.repo import Repo
+from tests.fleet_server.live_fleet import DIGITS, GROUP, converged, live_fleet
 from tests.fleet_server.server_env import wait_until, write_keys
 from tests.mqtt_broker import require_mosquitto
 from tests.postgres import postgres_schema
@@ -164,3 +167,46 @@ def test_a_killed_leader_is_replaced_and_every_event_is_stored_once(
     for client in clients.values():
         client.loop_stop()
         client.disconnect()
+
+
+def test_a_server_killed_mid_rollout_every_agent_converges_and_no_event_is_doubled(
+        tmp_path: Path) -> None:
+    """Real agents (``edge-agent run``) enrolled through server ``a``, a rollout published
+    there, server ``b`` killed with SIGKILL right after and restarted as a supervisor would:
+    every device converges, and each install transition is stored once."""
+    require_mosquitto()
+    home = tmp_path / "fleet"
+    ca = FleetCA.create(home / "server" / "ca", "live")
+    shutil.copytree(home / "server" / "ca", tmp_path / "b" / "ca")
+    tls = ca.write_identity(ca.issue_server_cert(), tmp_path / "broker-tls", "broker")
+    config = BrokerConfig("live", tmp_path / "broker", tls, bind_address="127.0.0.1",
+                          server_identity="fleet-server-a",
+                          more_server_identities=("fleet-server-b",), crl_file=ca.crl_path)
+    with postgres_schema() as (url, _), Broker.embedded(config) as broker:
+        shared = ("--db", url, "--broker-url", broker.address.url, "--shared-subscriptions",
+                  "--bundle-port", "0")
+        with live_fleet(home, *shared, "--instance", "a") as fleet:
+            servers = Servers(tmp_path, fleet.keys, url, broker.address.url)
+            try:
+                servers.start("b")
+                devices = ["gw-1", "gw-2", "gw-3"]
+                for device in devices:
+                    fleet.enroll(device, fleet.token("--group", GROUP))
+                    fleet.run_agent(device, fleet.state(device))
+                v1 = fleet.build(1, DIGITS)
+                fleet.fleet("publish", v1, "--group", GROUP, "--data", fleet.data)
+                os.kill(servers.processes["b"].pid, signal.SIGKILL)
+                servers.processes["b"].wait()
+                time.sleep(2)
+                servers.start("b")
+                fleet.wait(converged(fleet, devices, 1), "v1 on every device")
+            finally:
+                servers.close()
+        with psycopg.connect(url) as db:
+            rows = db.execute("SELECT device_id, kind, detail FROM events "
+                              "WHERE kind LIKE 'agent.install.%'").fetchall()
+    installs = [(device, kind, (json.loads(detail) if isinstance(detail, str)
+                                else detail)["install_id"]) for device, kind, detail in rows]
+    assert installs, "no install event stored"
+    assert len(installs) == len(set(installs)), "an install transition was stored twice"
+    assert {d for d, _, _ in installs} == {"gw-1", "gw-2", "gw-3"}
