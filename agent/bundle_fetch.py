@@ -94,12 +94,48 @@ class BundleFetch:
         """Fraction of the bundle on disk."""
         return 1.0 if self.done else self._have / self.size if self.size else 0.0
 
+    @property
+    def have(self) -> int:
+        """Bytes on disk: where the next download or chunk starts."""
+        return self._have
+
+    def append(self, data: bytes) -> bool:
+        """Write ``data`` at the file's end (an HTTP download, :mod:`agent.http_fetch`);
+        True when the bundle is complete and verified. Raises CorruptFetchError as
+        :meth:`receive` does, and ValueError for bytes past the bundle's size."""
+        with self._lock:
+            if self._have + len(data) > self.size:
+                raise ValueError(f"{len(data)} bytes at {self._have} run past the bundle's "
+                                 f"{self.size}")
+            with open(self.part, "r+b" if self.part.exists() else "wb") as f:
+                f.seek(self._have)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self._have += len(data)
+            if self._have < self.size:
+                return False
+            return self._finish()
+
+    def restart(self) -> None:
+        """Drop what is on disk: the next bytes are the bundle's first (a server that
+        answered a range request with the whole bundle)."""
+        with self._lock:
+            if self.part.exists():
+                os.truncate(self.part, 0)
+            self._have = 0
+            self._early.clear()
+
     def requests(self) -> list[ChunkRequest]:
         """Chunks to ask for now: the window after the file's end, minus what is on its way
         (a request unanswered for ``timeout_s`` is not on its way any more)."""
         with self._lock:
             if self.done:
                 return []
+            if self._have % self.chunk_bytes and self._have < self.size:
+                # An HTTP download stopped mid-chunk: chunks start at whole multiples.
+                self._have -= self._have % self.chunk_bytes
+                os.truncate(self.part, self._have)
             now = self.clock()
             end = min(self.size, self._have + self.window * self.chunk_bytes)
             wanted = []

@@ -101,6 +101,11 @@ def _check_broker_url(url: str) -> None:
     BrokerAddress.from_url(url)
 
 
+def _check_mqtt_version(version: str) -> None:
+    if version not in ("5", "3.1.1"):
+        raise ValueError(f"{version!r} is not an MQTT version this agent speaks")
+
+
 def _check_http_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -196,6 +201,9 @@ class FleetSettings:
         allowed="http[s]://host[:port]"))
     telemetry_interval_s: float = field(default=30.0, metadata=_meta(
         "seconds between telemetry samples", low=0.1, high=86400))
+    mqtt_version: str = field(default="5", metadata=_meta(
+        "MQTT version towards the broker (3.1.1 for a broker without MQTT 5)",
+        check=_check_mqtt_version, allowed='"5" or "3.1.1"'))
 
 
 @dataclass(frozen=True)

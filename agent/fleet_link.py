@@ -42,7 +42,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
-from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -66,6 +66,7 @@ from . import __version__
 from .bundle_fetch import BundleFetch, FetchError
 from .config import FleetSettings
 from .errors import AgentError
+from .http_fetch import device_context, download
 from .install_state import InstallRecord, InstallState
 from .installer import FLEET_SOURCE, is_disk_full
 from .loss_counter import Tally
@@ -176,7 +177,9 @@ class FleetLink:
         self._announcing = threading.Lock()
         self._client = create_client(ClientSettings(
             BrokerAddress.from_url(settings.broker_url),
-            TLSIdentity(settings.ca_file, settings.cert_file, settings.key_file)))
+            TLSIdentity(settings.ca_file, settings.cert_file, settings.key_file),
+            protocol=MQTTProtocolVersion.MQTTv311 if settings.mqtt_version == "3.1.1"
+            else MQTTProtocolVersion.MQTTv5))
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         # The broker announces an unexpected disconnect for us, so the fleet sees the
         # device go offline without waiting for a missed report. Set before every connect,
@@ -201,6 +204,8 @@ class FleetLink:
         self._fetch_shadow: tuple[InstallRecord, float] | None = None
         self._shadow_loading: dict[str, str] = {}
         self._shadow_given_up: dict[str, str] = {}
+        #: URLs of the bundle being fetched not tried yet; emptied once tried (then chunks).
+        self._fetch_urls: tuple[str, ...] = ()
         #: Set whenever the worker found nothing to fetch (the device is in line with its
         #: desired state, or gave up on what it names); tests wait on it.
         self.in_line = threading.Event()
@@ -346,8 +351,26 @@ class FleetLink:
             self._start_next_fetch()
         elif fetch.done:
             self._install_fetched(fetch)
+        elif self._fetch_urls:
+            self._download(fetch)
         else:
             self._request_chunks()
+
+    def _download(self, fetch: BundleFetch) -> None:
+        """Try the bundle's URLs (on this worker thread); what they do not deliver is asked
+        for in chunks over MQTT, from where the download stopped."""
+        urls, self._fetch_urls = self._fetch_urls, ()
+        s = self.settings
+        try:
+            context = device_context(str(s.ca_file), str(s.cert_file), str(s.key_file))
+            done = download(fetch, urls, context, stop=self._stop)
+        except OSError as exc:  # a full disk, unreadable key files
+            log.error("cannot download bundle %s: %s", fetch.sha256[:12], exc)
+            done = False
+        if not done and not self._stop.is_set():
+            log.info("bundle %s: %d of %d bytes over HTTP; asking for the rest over MQTT",
+                     fetch.sha256[:12], fetch.have, fetch.size)
+        self._wake.set()
 
     def _start_next_fetch(self) -> None:
         with self._lock:
@@ -408,6 +431,9 @@ class FleetLink:
                                 name=record.install_id)
             self._fetch, self._fetch_model = fetch, record.model
             self._fetch_version, self._fetch_install = record.version, record.install_id
+            want = self._desired.models.get(record.model) if self._desired else None
+            self._fetch_urls = (want.urls if want is not None
+                                and want.bundle_sha256 == record.bundle_sha256 else ())
         log.info("fetching %s v%d (bundle %s, %d bytes)", record.model, record.version,
                  record.bundle_sha256[:12], record.size)
         self._event("fetch.started", {"model": record.model, "version": record.version,

@@ -22,7 +22,8 @@ What runs, all on this machine:
   ``desired`` and ``inbox/chunks``.
 - **On the wire each device does what the agent does** (agent/fleet_link.py,
   agent/bundle_fetch.py): on a new desired state it asks for the bundle in 256 KiB chunks,
-  at most 4 outstanding, re-asking a chunk unanswered for 5 s; checks every chunk's sha256
+  at most 4 outstanding, re-asking a chunk unanswered for 5 s (the wait doubling, up to
+  a minute, while answers are late); checks every chunk's sha256
   (``protocol.messages.decode_chunk``) and the whole bundle's; and reports like the agent:
   a ``fetch.started`` event and a "downloading" report, then one event and one report per
   install transition (downloading, verifying, staged, activating, probation, committed),
@@ -69,7 +70,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -100,6 +101,7 @@ AGENT_VERSION = "fleet-bench"
 CHUNK_BYTES = messages.DEFAULT_CHUNK_BYTES
 WINDOW = 4
 REQUEST_TIMEOUT_S = 5.0
+MAX_REQUEST_TIMEOUT_S = 60.0
 KEEPALIVE_S = 60
 SESSION_EXPIRY_S = 7 * 24 * 3600
 #: Install transitions the agent reports after a fetch, each as an event and a report.
@@ -200,17 +202,22 @@ class Fetch:
     chunk_bytes: int = 0
     #: Seconds from (the latest) request to answer, per chunk.
     latencies: list[float] = field(default_factory=list)
+    #: The agent's back-off (agent/bundle_fetch.py): a request that timed out doubles the
+    #: wait, up to a minute; an answer brings it back to the base timeout. 0: the base.
+    wait_s: float = 0.0
 
     def requests(self, window: int, timeout: float, now: float) -> list[messages.ChunkRequest]:
         end = min(self.size, self.have + window * CHUNK_BYTES)
+        wait = self.wait_s or timeout
         wanted = []
         for offset in range(self.have, end, CHUNK_BYTES):
             asked = self.asked.get(offset)
-            if offset in self.early or (asked is not None and now - asked <= timeout):
+            if offset in self.early or (asked is not None and now - asked <= wait):
                 continue
             length = min(CHUNK_BYTES, self.size - offset)
             if asked is not None:
                 self.refetched += length
+                self.wait_s = min(wait * 2, MAX_REQUEST_TIMEOUT_S)
             wanted.append(messages.ChunkRequest(self.sha256, offset, length))
             self.asked[offset] = now
         return wanted
@@ -223,6 +230,7 @@ class Fetch:
             raise ProtocolError(f"bundle is {chunk.total} bytes on the server, desired says "
                                 f"{self.size}")
         asked = self.asked.pop(chunk.offset, None)
+        self.wait_s = 0.0
         if asked is not None:
             self.latencies.append(time.monotonic() - asked)
         self.chunk_bytes += len(chunk.data)
@@ -596,7 +604,11 @@ class WorkerConfig:
 
 class Worker:
     """Runs its share of the devices in one selector loop; talks to the parent over a pipe:
-    ``go`` -> connect all and answer ``connected``; ``collect`` -> ``results``; ``stop``."""
+    ``go`` -> connect all and answer ``connected``; ``collect`` -> ``results``; ``stop``.
+    Subclasses (benchmarks/scale_bench.py) set ``device_class`` and take more commands in
+    :meth:`command`."""
+
+    device_class: type[Device] = Device
 
     def __init__(self, config: WorkerConfig, pipe: Connection) -> None:
         self.host, self.port, self.fleet = config.host, config.port, config.fleet
@@ -606,7 +618,7 @@ class Worker:
         self.concurrency = config.connect_concurrency
         self.pipe = pipe
         self.selector = selectors.DefaultSelector()
-        self.devices = [Device(spec, self) for spec in config.devices]
+        self.devices = [self.device_class(spec, self) for spec in config.devices]
         self.contexts: dict[str, ssl.SSLContext] = {}
         self.to_connect: list[Device] = []
         self.connecting = 0
@@ -698,6 +710,12 @@ class Worker:
                 device.disconnect()
             self.pipe.send(("stopped",))
             self.stopping = True
+        else:
+            self.command(command, args)
+
+    def command(self, command: str, args: list[Any]) -> None:
+        """A command of a subclass."""
+        raise ValueError(f"unknown worker command {command!r}")
 
 
 def worker_main(config: WorkerConfig, pipe: Connection) -> None:
@@ -770,13 +788,90 @@ class Rollout:
     cpu: dict[str, float]
 
 
+class WorkerPool:
+    """The device worker processes of a benchmark and the parent's end of their pipes."""
+
+    def __init__(self) -> None:
+        self.workers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
+
+    @property
+    def pipes(self) -> list[Connection]:
+        return [pipe for _, pipe in self.workers]
+
+    def start(self, configs: Sequence[WorkerConfig],
+              target: Callable[[WorkerConfig, Connection], None], name: str) -> None:
+        """One process per config running ``target``; returns once each has loaded its
+        devices' TLS identities."""
+        context = multiprocessing.get_context("spawn")
+        for w, config in enumerate(configs):
+            parent, child = context.Pipe()
+            process = context.Process(target=target, args=(config, child),
+                                      name=f"{name}-{w}", daemon=True)
+            process.start()
+            child.close()
+            self.workers.append((process, parent))
+        for pipe in self.pipes:
+            reply = pipe.recv()
+            assert reply[0] == "prepared", reply
+
+    def processes(self) -> list[psutil.Process]:
+        return [psutil.Process(p.pid) for p, _ in self.workers if p.pid is not None]
+
+    def connect(self) -> tuple[float, int, list[tuple[str, str]]]:
+        """Connect every device; (seconds until the last SUBACK, devices ready, failures)."""
+        started = time.time()
+        for pipe in self.pipes:
+            pipe.send(("go",))
+        last, ready, failed = started, 0, []
+        for pipe in self.pipes:
+            kind, ready_list, failed_list = pipe.recv()
+            assert kind == "connected"
+            ready += len(ready_list)
+            failed += failed_list
+            last = max([last, *(t for _, t in ready_list)])
+        return last - started, ready, failed
+
+    def collect(self) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+        """Every device's finished fetches, and the devices' errors."""
+        results: list[dict[str, Any]] = []
+        errors: list[tuple[str, str]] = []
+        for pipe in self.pipes:
+            pipe.send(("collect",))
+        for pipe in self.pipes:
+            kind, r, e = pipe.recv()
+            assert kind == "results"
+            results += r
+            errors += e
+        return results, errors
+
+    def stop(self) -> None:
+        for process, pipe in self.workers:
+            try:
+                pipe.send(("stop",))
+                pipe.recv()
+            except (OSError, EOFError):
+                pass
+            process.join(10)
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+        self.workers = []
+
+
+def device_specs(home: Path, ids: Sequence[str]) -> list[DeviceSpec]:
+    """The devices ``ids`` with their identity files under ``home/devices/ID``."""
+    return [DeviceSpec(d, TLSIdentity(home / "devices" / d / "ca.crt",
+                                      home / "devices" / d / "device.crt",
+                                      home / "devices" / d / "device.key")) for d in ids]
+
+
 class Fleet:
     """The server side of the benchmark and the handles of the worker processes."""
 
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
         self.args = args
         self.tmp = tmp
-        self.workers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
+        self.pool = WorkerPool()
         self.groups: dict[str, list[str]] = {}
 
     @contextmanager
@@ -796,7 +891,7 @@ class Fleet:
             try:
                 yield self
             finally:
-                self._stop_workers()
+                self.pool.stop()
 
     def enroll(self) -> float:
         """Enroll every device through the service (as ``edge-agent enroll`` does, minus
@@ -820,45 +915,15 @@ class Fleet:
     def start_workers(self) -> None:
         ids = [d for group in self.groups.values() for d in group]
         count = max(1, min(self.args.workers, len(ids)))
-        context = multiprocessing.get_context("spawn")
         address = self.service.broker.address
-        for w in range(count):
-            specs = [DeviceSpec(d, TLSIdentity(self.tmp / "devices" / d / "ca.crt",
-                                               self.tmp / "devices" / d / "device.crt",
-                                               self.tmp / "devices" / d / "device.key"))
-                     for d in ids[w::count]]
-            config = WorkerConfig(address.host, address.port, FLEET, specs, self.root_json,
-                                  window=self.args.window,
-                                  request_timeout=self.args.request_timeout,
-                                  chatter=self.args.chatter == "agent",
-                                  verify=self.args.verify,
-                                  connect_concurrency=self.args.connect_concurrency)
-            parent, child = context.Pipe()
-            process = context.Process(target=worker_main, args=(config, child),
-                                      name=f"fleet-bench-worker-{w}", daemon=True)
-            process.start()
-            child.close()
-            self.workers.append((process, parent))
-        for _, pipe in self.workers:
-            reply = pipe.recv()
-            assert reply[0] == "prepared", reply
-
-    def worker_processes(self) -> list[psutil.Process]:
-        return [psutil.Process(p.pid) for p, _ in self.workers if p.pid is not None]
-
-    def connect(self) -> tuple[float, int, list[tuple[str, str]]]:
-        """Connect every device; (seconds until the last SUBACK, devices ready, failures)."""
-        started = time.time()
-        for _, pipe in self.workers:
-            pipe.send(("go",))
-        last, ready, failed = started, 0, []
-        for _, pipe in self.workers:
-            kind, ready_list, failed_list = pipe.recv()
-            assert kind == "connected"
-            ready += len(ready_list)
-            failed += failed_list
-            last = max([last, *(t for _, t in ready_list)])
-        return last - started, ready, failed
+        self.pool.start([WorkerConfig(address.host, address.port, FLEET,
+                                      device_specs(self.tmp, ids[w::count]), self.root_json,
+                                      window=self.args.window,
+                                      request_timeout=self.args.request_timeout,
+                                      chatter=self.args.chatter == "agent",
+                                      verify=self.args.verify,
+                                      connect_concurrency=self.args.connect_concurrency)
+                         for w in range(count)], worker_main, "fleet-bench-worker")
 
     def broker_connections(self) -> int:
         """Established TCP connections on the broker's listening port, seen from the broker
@@ -866,18 +931,6 @@ class Fleet:
         port = self.service.broker.address.port
         return sum(1 for c in self.broker.net_connections("tcp")
                    if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port)
-
-    def collect(self) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-        results: list[dict[str, Any]] = []
-        errors: list[tuple[str, str]] = []
-        for _, pipe in self.workers:
-            pipe.send(("collect",))
-        for _, pipe in self.workers:
-            kind, r, e = pipe.recv()
-            assert kind == "results"
-            results += r
-            errors += e
-        return results, errors
 
     def rollout(self, group: str, sha: str) -> Rollout:
         """Publish ``sha`` to ``group`` and wait for the registry to show it converged.
@@ -888,8 +941,8 @@ class Fleet:
         ``reported_at``, not the moment of the poll."""
         ids = self.groups[group]
         registry = self.service.registry
-        workers = self.worker_processes()
-        pipes = [pipe for _, pipe in self.workers]
+        workers = self.pool.processes()
+        pipes = self.pool.pipes
         for pipe in pipes:
             pipe.send(("watch", f"{group}-", sha))
         before = CpuSnapshot.take(self.broker, workers)
@@ -917,7 +970,7 @@ class Fleet:
         devices = registry.list_devices(group=group)
         done = [d.reported_at - started for d in devices
                 if d.converged and d.reported_at is not None]
-        results, _ = self.collect()
+        results, _ = self.pool.collect()
         members = set(ids)
         mine = [r for r in results if r["device"] in members and r["sha256"] == sha]
         wall = after.at - before.at
@@ -929,18 +982,6 @@ class Fleet:
                        sum(r["chunk_bytes"] for r in mine), sum(r["wire_in"] for r in mine),
                        sum(r["refetched"] for r in mine),
                        [x for r in mine for x in r["latencies"]], cpu)
-
-    def _stop_workers(self) -> None:
-        for process, pipe in self.workers:
-            try:
-                pipe.send(("stop",))
-                pipe.recv()
-            except (OSError, EOFError):
-                pass
-            process.join(10)
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
 
 
 # --- output ---------------------------------------------------------------------------------
@@ -983,7 +1024,7 @@ def print_rollout(r: Rollout, baseline: Rollout | None) -> None:
 
 
 @contextmanager
-def _work_dir(keep: Path | None) -> Iterator[Path]:
+def work_dir(keep: Path | None) -> Iterator[Path]:
     if keep is not None:
         keep.mkdir(parents=True)
         yield keep.resolve()
@@ -1057,7 +1098,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(f": enough for {total} connections")
 
-    with _work_dir(args.keep) as tmp, Fleet(args, tmp).running() as fleet:
+    with work_dir(args.keep) as tmp, Fleet(args, tmp).running() as fleet:
         record = fleet.service.add_bundle(fleet.bundle)
         print(f"  bundle {record.sha256[:12]}: {record.size:,} bytes "
               f"({-(-record.size // CHUNK_BYTES)} chunks), verified and stored by the server")
@@ -1065,7 +1106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  enrolled {total} devices through service.enroll in {enroll_s:.1f} s "
               f"({total / enroll_s:.0f}/s)")
         fleet.start_workers()
-        connect_s, ready, failed = fleet.connect()
+        connect_s, ready, failed = fleet.pool.connect()
         on_broker = fleet.broker_connections() - 1  # minus the fleet server's own
         print(f"  connected {ready}/{total} devices (mutual TLS, subscribed) in "
               f"{connect_s:.2f} s; the broker counts {on_broker} device connections "
@@ -1084,12 +1125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"    vs the {base.devices}-device rollout: "
                       f"{main_result.seconds / base.seconds:.1f}x the time for "
                       f"{main_result.devices / base.devices:.0f}x the devices")
-        _, errors = fleet.collect()
+        _, errors = fleet.pool.collect()
         for device_id, why in errors[:5]:
             print(f"    device error {device_id}: {why}")
         rss = {name: sum(p.memory_info().rss for p in procs) / 2**20 for name, procs in (
             ("broker", [fleet.broker]), ("server", [psutil.Process()]),
-            ("devices", fleet.worker_processes()))}
+            ("devices", fleet.pool.processes()))}
         print(f"  resident memory after the rollout: broker {rss['broker']:.0f} MB, server "
               f"{rss['server']:.0f} MB, device workers {rss['devices']:.0f} MB")
 

@@ -17,15 +17,12 @@ the CA in the data directory. It binds 127.0.0.1 by default.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import re
 import secrets
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -55,6 +52,7 @@ from .errors import (
     ReleaseError,
     RolloutError,
 )
+from .https_server import BoundedHTTPSServer, server_context
 from .monitoring import api_routes, dashboard
 from .registry import (
     BundleRecord,
@@ -93,12 +91,6 @@ _CONNECTION_TIMEOUT_S = 30.0
 #: Connections served at once; more are closed at once, so idle or slow clients cannot take
 #: every thread and file descriptor of the server.
 _MAX_CONNECTIONS = 128
-#: A TLS handshake takes milliseconds; a client that has not finished one by then is idle.
-_HANDSHAKE_TIMEOUT_S = 5.0
-#: How long a new connection waits for the slot of an idle one closed for it.
-_EVICTION_WAIT_S = 1.0
-#: Refused connections are logged at most this often, with their count.
-_REFUSAL_LOG_INTERVAL_S = 10.0
 _DEFAULT_TTL_S = 24 * 3600.0
 #: An enrollment token is a credential: it must expire, and within a month.
 _MAX_TTL_S = 30 * 24 * 3600.0
@@ -523,19 +515,6 @@ ROUTES: tuple[Route, ...] = (
 
 # --- the server ---------------------------------------------------------------------------
 
-def server_context(identity: TLSIdentity) -> ssl.SSLContext:
-    """The API's TLS settings: its certificate and key, TLS 1.2 or later."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(identity.cert_file, identity.key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ApiError(f"cannot load the API's certificate {identity.cert_file} and key "
-                       f"{identity.key_file} ({exc}); delete them to have them issued "
-                       "again") from exc
-    return context
-
-
 class ApiServer:
     """The API on ``https://host:port`` (port 0 picks a free one), served from a background
     thread, with the certificate and key of ``tls``.
@@ -578,9 +557,10 @@ class ApiServer:
         handler = type("_BoundHandler", (_Handler,),
                        {"api": self, "timeout": self._connection_timeout})
         try:
-            httpd = _BoundedHTTPServer((self._host, self._port), handler,
+            httpd = BoundedHTTPSServer((self._host, self._port), handler,
                                        self._max_connections, self._context,
-                                       self._connection_timeout)
+                                       timeout=self._connection_timeout,
+                                       name="operator API")
         except OSError as exc:
             raise ApiError(f"cannot listen on {self._host}:{self._port} ({exc.strerror}); "
                            "choose another --port or stop what uses it") from exc
@@ -673,89 +653,6 @@ class ApiServer:
         return status, body, {}
 
 
-class _BoundedHTTPServer(ThreadingHTTPServer):
-    """HTTPS with a thread per connection, at most ``max_connections`` of them at once.
-
-    The TLS handshake happens in the connection's own thread, under a short timeout of its
-    own, so a client that never finishes one holds only its own slot, not the accepting
-    loop. When every slot is taken, the connection idle the longest (mid-handshake, or
-    between requests) is closed to make room: a flood of silent connections cannot lock the
-    operator out. Only when every connection is busy with a request is the new one refused.
-    """
-
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
-                 max_connections: int, context: ssl.SSLContext, timeout: float) -> None:
-        super().__init__(address, handler)
-        self.socket = context.wrap_socket(self.socket, server_side=True,
-                                          do_handshake_on_connect=False)
-        self._max = max_connections
-        self._timeout = timeout
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._lock = threading.Lock()
-        #: Open connections: socket -> (busy with a request, since when: monotonic).
-        self._open: dict[Any, tuple[bool, float]] = {}
-        self._refused = 0
-        self._refusal_logged = 0.0
-
-    def mark(self, request: Any, busy: bool) -> None:
-        """Record whether ``request``'s connection is serving a request or idle."""
-        with self._lock:
-            if request in self._open:
-                self._open[request] = (busy, time.monotonic())
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self._evict_idlest()
-            if not self._slots.acquire(timeout=_EVICTION_WAIT_S):
-                # Answering would need a TLS handshake, i.e. the very thread there is no
-                # room for: the client sees the connection closed and retries later.
-                self._log_refusal(client_address)
-                self.shutdown_request(request)
-                return
-        with self._lock:
-            self._open[request] = (False, time.monotonic())
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            try:
-                request.settimeout(min(self._timeout, _HANDSHAKE_TIMEOUT_S))
-                request.do_handshake()
-                request.settimeout(self._timeout)
-            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                log.debug("operator API: TLS handshake with %s failed: %s", client_address,
-                          exc)
-                self.shutdown_request(request)
-                return
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._lock:
-                self._open.pop(request, None)
-            self._slots.release()
-
-    def _evict_idlest(self) -> None:
-        with self._lock:
-            idle = [(since, sock) for sock, (busy, since) in self._open.items() if not busy]
-        if not idle:
-            return
-        _, sock = min(idle, key=lambda pair: pair[0])
-        # Wakes its thread (a read returns), which closes it and frees the slot.
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-
-    def _log_refusal(self, client_address: Any) -> None:
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._refusal_logged >= _REFUSAL_LOG_INTERVAL_S:
-            log.warning("operator API: %d connections busy with requests; refused %d "
-                        "connection(s) since the last warning (latest from %s)", self._max,
-                        self._refused, client_address)
-            self._refused = 0
-            self._refusal_logged = now
-
-
 class _Handler(BaseHTTPRequestHandler):
     """Glue between http.server and :meth:`ApiServer.handle`."""
 
@@ -779,7 +676,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _respond(self, method: str) -> None:
         server = self.server
-        assert isinstance(server, _BoundedHTTPServer)
+        assert isinstance(server, BoundedHTTPSServer)
         server.mark(self.request, busy=True)
         try:
             self._answer(method)

@@ -30,7 +30,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -89,6 +89,8 @@ class BrokerConfig:
     bind_address: str = ""
     #: CN of the fleet server's client certificate, granted the whole fleet subtree.
     server_identity: str = SERVER_IDENTITY
+    #: CNs of further fleet server processes (``fleet serve --instance``), granted the same.
+    more_server_identities: tuple[str, ...] = ()
     #: Seconds between saves of the persistence database (it is also saved on a clean
     #: stop); a broker crash loses retained messages and queues changed since the last save.
     autosave_interval: int = 60
@@ -124,7 +126,8 @@ class BrokerConfig:
     crl_file: Path | None = None
 
 
-def render_acl(fleet: str, server_identity: str = SERVER_IDENTITY) -> str:
+def render_acl(fleet: str, server_identity: str = SERVER_IDENTITY,
+               more_server_identities: Sequence[str] = ()) -> str:
     """The Mosquitto ACL file for ``fleet`` (usable on an external Mosquitto too).
 
     ``%u`` is the client's user name, which the listener takes from its certificate CN.
@@ -137,10 +140,9 @@ def render_acl(fleet: str, server_identity: str = SERVER_IDENTITY) -> str:
              "# Each device (user name = certificate CN = device id), its own subtree only:"]
     lines += [f"pattern read {device_topic(fleet, '%u', leaf)}" for leaf in DEVICE_READS]
     lines += [f"pattern write {device_topic(fleet, '%u', leaf)}" for leaf in DEVICE_WRITES]
-    lines += ["",
-              "# The fleet server: the whole fleet.",
-              f"user {server_identity}",
-              f"topic readwrite {fleet_topic_filter(fleet)}"]
+    lines += ["", "# The fleet server (each of its processes): the whole fleet."]
+    for identity in (server_identity, *more_server_identities):
+        lines += [f"user {identity}", f"topic readwrite {fleet_topic_filter(fleet)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -253,7 +255,8 @@ class Broker:
         """
         try:
             check_name(config.fleet, "fleet name")
-            check_name(config.server_identity, "server identity")
+            for identity in (config.server_identity, *config.more_server_identities):
+                check_name(identity, "server identity")
         except ValueError as exc:
             raise BrokerError(str(exc)) from exc
         executable = mosquitto or find_mosquitto()
@@ -509,7 +512,8 @@ class Broker:
         try:
             (config.data_dir / "persistence").mkdir(parents=True, exist_ok=True)
             (config.data_dir / "acl").write_text(
-                render_acl(config.fleet, config.server_identity), encoding="utf-8")
+                render_acl(config.fleet, config.server_identity,
+                           config.more_server_identities), encoding="utf-8")
         except OSError as exc:
             raise BrokerError(f"cannot prepare the broker directory {config.data_dir} "
                               f"({exc}); choose a writable data directory") from exc

@@ -289,16 +289,18 @@ class FleetCA:
         Only the CSR's public key is used, after its signature is verified; the subject and
         extensions are the CA's (module docstring). Raises CSRError for a CSR that does not
         parse or verify, an unsupported key (EC P-256/P-384 and RSA >= 2048 are accepted),
-        or a ``device_id`` that is invalid or a service identity's name.
+        or a ``device_id`` that is invalid, a service identity's name, or such a name
+        followed by ``-`` (the names of further server processes, ``fleet-server-NAME``,
+        which a copy of this CA may issue: docs/scale.md).
         """
         try:
             check_name(device_id)
         except ValueError as exc:
             raise CSRError(str(exc)) from exc
-        if device_id in self._services:
-            raise CSRError(f"device id {device_id!r} is the name of a service identity of "
-                           "this fleet and would get its broker permissions; enroll the "
-                           "device under another id")
+        if any(device_id == s or device_id.startswith(f"{s}-") for s in self._services):
+            raise CSRError(f"device id {device_id!r} is, or is named like, a service "
+                           "identity of this fleet and would get its broker permissions; "
+                           "enroll the device under another id")
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
         except ValueError as exc:

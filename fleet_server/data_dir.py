@@ -75,12 +75,12 @@ def load_ca(data: Path, fleet: str | None) -> FleetCA:
     return FleetCA.create(directory, fleet or DEFAULT_FLEET)
 
 
-def server_identity(data: Path, ca: FleetCA) -> TLSIdentity:
-    """The server's MQTT identity in ``DATA/identity``, issued once and kept (re-issued
-    when it nears expiry or another CA issued it)."""
+def server_identity(data: Path, ca: FleetCA, name: str = SERVER_IDENTITY) -> TLSIdentity:
+    """The server's MQTT identity ``name`` in ``DATA/identity``, issued once and kept
+    (re-issued when it nears expiry or another CA issued it)."""
     directory = data / "identity"
-    files = TLSIdentity(directory / "ca.crt", directory / f"{SERVER_IDENTITY}.crt",
-                        directory / f"{SERVER_IDENTITY}.key")
+    files = TLSIdentity(directory / "ca.crt", directory / f"{name}.crt",
+                        directory / f"{name}.key")
     try:
         cert = x509.load_pem_x509_certificate(files.cert_file.read_bytes())
         fresh = (files.key_file.exists() and cert.issuer == ca.certificate.subject and
@@ -90,7 +90,7 @@ def server_identity(data: Path, ca: FleetCA) -> TLSIdentity:
     if fresh:
         return files
     log.info("issuing the fleet server's MQTT identity in %s", directory)
-    return ca.write_identity(ca.issue_client_cert(SERVER_IDENTITY), directory)
+    return ca.write_identity(ca.issue_client_cert(name), directory)
 
 
 def remembered_port(data: Path) -> int:

@@ -21,6 +21,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from paho.mqtt.enums import MQTTProtocolVersion
+
 from common.atomic import write_atomic
 from common.background import DETACH_FLAG, start_detached, stop_pid, without_detach
 from protocol.defaults import MQTTS_PORT, SERVER_API_PORT
@@ -212,6 +214,9 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     broker = serve.add_argument_group("broker")
     broker.add_argument("--broker-url", metavar="mqtts://HOST[:PORT]",
                         help="use this external broker instead of the embedded Mosquitto")
+    broker.add_argument("--mqtt-version", choices=("5", "3.1.1"), default="5",
+                        help="MQTT version towards the broker (3.1.1 for an external broker "
+                        "without MQTT 5, e.g. NATS; docs/scale.md)")
     broker.add_argument("--mqtt-port", type=int, default=MQTTS_PORT, metavar="P",
                         help=f"port of the embedded broker (default {MQTTS_PORT}; 0 "
                         "picks a free one and keeps it)")
@@ -221,6 +226,24 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                         help="name or address devices use to reach the embedded broker "
                         "(repeatable; the first is handed out at enrollment; default "
                         "127.0.0.1, for devices on this machine only)")
+    bundles = serve.add_argument_group("bundle downloads (docs/scale.md)")
+    bundles.add_argument("--bundle-port", type=int, metavar="P",
+                         help="serve bundles over HTTPS with range requests on this port "
+                         "(device certificates; 0 picks a free one); devices fall back to "
+                         "MQTT chunks. Default: MQTT chunks only")
+    bundles.add_argument("--bundle-mirror", action="append", default=[], metavar="URL/",
+                         help="URL prefix of a mirror, CDN or bucket holding the files of "
+                         "DATA/bundles (<sha256>.efb), offered to devices first (repeatable)")
+    scale = serve.add_argument_group("several server processes (docs/scale.md)")
+    scale.add_argument("--instance", metavar="NAME",
+                       help="this process's name among the fleet's server processes on one "
+                       "PostgreSQL; its MQTT identity is fleet-server-NAME")
+    scale.add_argument("--shared-subscriptions", action="store_true",
+                       help="take device messages through an MQTT 5 shared subscription, "
+                       "split between the server processes")
+    scale.add_argument("--telemetry-retention-days", type=float, metavar="DAYS",
+                       help="delete telemetry older than this (the leader does, hourly; "
+                       "default: keep all)")
     serve.add_argument("--offline-after", type=_seconds, default=180.0, metavar="SECONDS",
                        help="a device not heard from for this long shows offline (default "
                        "180; agents send telemetry every 30 s by default)")
@@ -257,7 +280,13 @@ def _serve(args: argparse.Namespace) -> int:
         db_url=args.db, broker_url=args.broker_url, mqtt_port=args.mqtt_port,
         mqtt_bind=args.mqtt_bind, broker_hosts=tuple(args.broker_host),
         offline_after_s=args.offline_after, monitoring=_monitoring(args.config, data),
-        rollout_tick_s=max(0.2, args.rollout_tick))
+        rollout_tick_s=max(0.2, args.rollout_tick), bundle_port=args.bundle_port,
+        bundle_mirrors=tuple(m if m.endswith("/") else m + "/" for m in args.bundle_mirror),
+        mqtt_protocol=MQTTProtocolVersion.MQTTv5 if args.mqtt_version == "5"
+        else MQTTProtocolVersion.MQTTv311,
+        instance=args.instance, shared_subscriptions=args.shared_subscriptions,
+        telemetry_retention_s=None if args.telemetry_retention_days is None
+        else args.telemetry_retention_days * 86400)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

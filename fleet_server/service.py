@@ -40,6 +40,7 @@ from paho.mqtt.client import (
     DisconnectFlags,
     MQTTMessage,
 )
+from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -56,6 +57,7 @@ from transport.mqtt import BrokerAddress, TLSIdentity, close_client, wait_publis
 from transport.x509 import certificate_fingerprint
 
 from .broker import SERVER_IDENTITY, Broker, BrokerConfig
+from .bundle_http import BundleHttpServer, bundle_urls
 from .ca import FleetCA
 from .chunk_server import ChunkServer
 from .data_dir import (
@@ -69,7 +71,9 @@ from .delta_store import DeltaStore
 from .deltas import TransferPlan, offer_for, plan_transfers
 from .enrollment import check_token
 from .errors import BrokerError, EnrollmentError, RegistryError, ServiceError
+from .housekeeping import Housekeeping, retention_job
 from .ingest import Inbound, Ingest
+from .leadership import Leadership, leadership_for
 from .monitoring.config import MonitoringConfig
 from .monitoring.monitor import Monitor
 from .recipients import Candidate, Recipients, select_recipients
@@ -151,6 +155,30 @@ class ServiceConfig:
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     #: Seconds between two ticks of the rollout controller (docs/rollouts.md).
     rollout_tick_s: float = 5.0
+    #: Port of the bundle download endpoint (HTTPS, device certificates;
+    #: :mod:`fleet_server.bundle_http`); None serves bundles over MQTT chunks only, 0 picks
+    #: a free port. It listens on ``mqtt_bind`` and is announced on ``broker_hosts[0]``.
+    bundle_port: int | None = None
+    #: URL prefixes (ending in ``/``) of mirrors holding ``<sha256>.efb`` bundle files (a
+    #: CDN, an S3-compatible bucket), offered to devices before the server's own endpoint.
+    bundle_mirrors: tuple[str, ...] = ()
+    #: This process's name among several ``fleet serve`` processes of one fleet (on one
+    #: PostgreSQL, docs/scale.md): its MQTT identity is ``fleet-server-{instance}``, so each
+    #: has its own client id. None: the only process, ``fleet-server``.
+    instance: str | None = None
+    #: Subscribe to device messages through an MQTT 5 shared subscription
+    #: (``$share/edgefleet-{fleet}/...``): the broker gives each message to one of the
+    #: server processes. Required with several processes, each of which would otherwise
+    #: store every message.
+    shared_subscriptions: bool = False
+    #: Telemetry samples older than this are deleted (by the leader, hourly); None keeps all.
+    telemetry_retention_s: float | None = None
+    #: Seconds between leadership checks (the take-over time after a leader dies).
+    leader_interval_s: float = 1.0
+    #: MQTT version towards the broker: 5, or 3.1.1 for an external broker without MQTT 5
+    #: (NATS, RabbitMQ before 3.13; docs/scale.md): no shared subscriptions then, and no
+    #: reason codes on refused publishes.
+    mqtt_protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5
 
 
 @dataclass(frozen=True)
@@ -221,6 +249,10 @@ class FleetService:
         self._monitor: Monitor | None = None
         self._rollouts: RolloutRunner | None = None
         self._chunks: ChunkServer | None = None
+        self._bundle_http: BundleHttpServer | None = None
+        self._bundle_prefixes: tuple[str, ...] = ()
+        self._leadership: Leadership | None = None
+        self._housekeeping: Housekeeping | None = None
         #: When (time.time()) the connection to the broker was lost; None while connected.
         self.disconnected_since: float | None = None
         self._lock_file: IO[str] | None = None
@@ -257,6 +289,15 @@ class FleetService:
         if monitor is not None:
             monitor.stop()
         self._chunks = None
+        housekeeping, self._housekeeping = self._housekeeping, None
+        if housekeeping is not None:
+            housekeeping.stop()
+        leadership, self._leadership = self._leadership, None
+        if leadership is not None:
+            leadership.stop()
+        bundle_http, self._bundle_http = self._bundle_http, None
+        if bundle_http is not None:
+            bundle_http.stop()
         client, self._client = self._client, None
         if client is not None:
             if self._ca is not None and client.is_connected():
@@ -307,9 +348,10 @@ class FleetService:
                  "online keys found, the server signs re-releases (rollback)"
                  if self._releaser.can_sign else "no online keys: rollback and encryption "
                  "at publish need them (fleet serve --keys KEYS)")
-        identity = server_identity(data, self._ca)
+        identity = server_identity(data, self._ca, self.client_name)
+        self._start_leadership(self._ca.fleet, self._registry)
         self._broker = self._start_broker(self._ca)
-        client = self._broker.client(identity)
+        client = self._broker.client(identity, self.config.mqtt_protocol)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -323,15 +365,16 @@ class FleetService:
         self._monitor = Monitor(self._registry, self.config.monitoring,
                                 offline_after_s=self.config.offline_after_s)
         self._monitor.start()
+        self._start_bundle_http(self._ca, self._registry)
         self._ingest = Ingest(self._registry, self._ack, on_samples=self._monitor.observe)
         self._ingest.start()
         client.loop_start()
         if not self._connected.wait(self.config.connect_timeout):
             why = self._connect_failure or "no answer"
             raise BrokerError(f"could not connect to the broker at {self._broker.address.url} "
-                              f"as {SERVER_IDENTITY} within {self.config.connect_timeout:.0f} "
+                              f"as {self.client_name} within {self.config.connect_timeout:.0f} "
                               f"s ({why}); check that it runs, trusts the fleet CA and grants "
-                              f"{SERVER_IDENTITY} the fleet's topics (docs/transport.md)")
+                              f"{self.client_name} the fleet's topics (docs/transport.md)")
         log.info("fleet %s: service connected to %s", self.fleet, self._broker.address.url)
         self._rollouts = RolloutRunner(
             self._registry, publish=lambda ids: self._publish_selected([], ids, None),
@@ -369,6 +412,44 @@ class FleetService:
         host = hosts[0] if hosts else broker.address.host
         self._broker_url = BrokerAddress(host, broker.address.port).url
         return broker
+
+    def _start_leadership(self, fleet: str, registry: Registry) -> None:
+        """Compete for the fleet's once-only work (:mod:`fleet_server.leadership`)."""
+        self._leadership = leadership_for(self.config.db_url, fleet,
+                                          interval_s=self.config.leader_interval_s)
+        self._leadership.start()
+        keep = self.config.telemetry_retention_s
+        jobs = [] if keep is None else [retention_job(registry, keep)]
+        self._housekeeping = Housekeeping(self._leadership, jobs, interval_s=3600.0)
+        self._housekeeping.start()
+
+    @property
+    def client_name(self) -> str:
+        """This process's MQTT identity (certificate CN and client id)."""
+        instance = self.config.instance
+        return SERVER_IDENTITY if instance is None else f"{SERVER_IDENTITY}-{instance}"
+
+    @property
+    def leadership(self) -> Leadership:
+        """Whether this process does the fleet's once-only work (while started)."""
+        if self._leadership is None:
+            raise RuntimeError("the fleet service is not started")
+        return self._leadership
+
+    def _start_bundle_http(self, ca: FleetCA, registry: Registry) -> None:
+        """Serve bundles over HTTPS if configured; the URL prefixes devices are given."""
+        prefixes = list(self.config.bundle_mirrors)
+        if self.config.bundle_port is not None:
+            hosts = self.config.broker_hosts
+            tls = ca.write_identity(ca.issue_server_cert(hosts, common_name="edgefleet-bundles"),
+                                    self.config.data_dir / "bundle-tls", "bundles")
+            self._bundle_http = BundleHttpServer(registry, tls, host=self.config.mqtt_bind,
+                                                 port=self.config.bundle_port)
+            self._bundle_http.start()
+            host = hosts[0] if hosts else "127.0.0.1"
+            host = f"[{host}]" if ":" in host else host
+            prefixes.append(f"https://{host}:{self._bundle_http.port}/bundles/")
+        self._bundle_prefixes = tuple(prefixes)
 
     # --- properties ---
 
@@ -678,9 +759,11 @@ class FleetService:
 
     def _send_desired(self, device: Device) -> None:
         """Queue ``device``'s desired state, retained (call with _desired_lock held)."""
-        # The delta from the version the device runs, if the release has one.
-        models = {name: offer_for(want, device.running.get(name),
-                                  self._deltas_of(want.bundle_sha256))
+        # The delta from the version the device runs, if the release has one, and where
+        # the full bundle can be downloaded over HTTP(S).
+        models = {name: replace(offer_for(want, device.running.get(name),
+                                          self._deltas_of(want.bundle_sha256)),
+                                urls=bundle_urls(self._bundle_prefixes, want.bundle_sha256))
                   for name, want in sorted(device.desired.items())}
         payload = messages.encode(messages.Desired(models=models, issued_at=time.time()))
         self._publish(device.id, "desired", payload, retain=True)
@@ -710,9 +793,17 @@ class FleetService:
         # not come back to it as if a device had sent them. Retain-as-published: a device's
         # retained message arrives marked retained also when the server is subscribed
         # already, so it can be refused (_refuse_retained).
-        options = SubscribeOptions(qos=1, noLocal=True, retainAsPublished=True)
-        client.subscribe([(device_topic(self.fleet, "+", leaf), options)
-                          for leaf in _INGEST_LEAVES])
+        # A shared subscription may not ask for no-local (MQTT 5, 3.8.3.1); the server's
+        # own clearing publishes (empty) are then dropped in _on_message.
+        shared = self.config.shared_subscriptions
+        options = SubscribeOptions(qos=1, noLocal=not shared, retainAsPublished=True)
+        prefix = f"$share/edgefleet-{self.fleet}/" if shared else ""
+        topics = [prefix + device_topic(self.fleet, "+", leaf) for leaf in _INGEST_LEAVES]
+        if self.config.mqtt_protocol == MQTTProtocolVersion.MQTTv5:
+            client.subscribe([(topic, options) for topic in topics])
+        else:  # 3.1.1 has QoS only; a device's retained message then arrives retained only
+            # when the server subscribes, and is refused the same way
+            client.subscribe([(topic, 1) for topic in topics])
         try:
             self.republish_all()
         except Exception:
@@ -743,6 +834,9 @@ class FleetService:
         ingest, chunks = self._ingest, self._chunks
         if ingest is None or chunks is None:
             return  # stopping: unacknowledged, the broker delivers it again
+        if message.retain and not inbound.payload:
+            self._ack(inbound)  # a retained message cleared, by this or another server
+            return
         if message.retain:
             self._refuse_retained(message.topic, inbound, ingest)
             return

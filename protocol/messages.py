@@ -40,10 +40,12 @@ from .names import is_valid_name
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEVICE_EVENT_KIND",
+    "MAX_BUNDLE_URLS",
     "MAX_CHUNK_REQUEST_BYTES",
     "MAX_EVENT_BYTES",
     "MAX_REPORTED_BYTES",
     "MAX_TELEMETRY_BYTES",
+    "MAX_URL_CHARS",
     "PROTOCOL_VERSION",
     "Chunk",
     "ChunkRequest",
@@ -84,6 +86,10 @@ _MAX_INT = 2**63 - 1
 DEVICE_EVENT_KIND = re.compile(
     r"offline|protocol_error|fetch\.(?:started|failed)|install\.[a-z_]{1,32}"
     r"|shadow\.(?:loaded|failed|unloaded)|model\.switched_back")
+#: Bounds on a desired model's ``urls``: how many, and how long each.
+MAX_BUNDLE_URLS = 8
+MAX_URL_CHARS = 2048
+_URL = re.compile(r"https?://[^\s/?#]+(?:/[^\s]*)?")
 _MAGIC = b"EFC1"
 _HEADER = struct.Struct(">4sI")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -122,6 +128,10 @@ class DesiredModel:
     compared with the served answers (rollouts' agreement gate).
     ``delta``: a delta bundle of the same release, when the server has one for the version
     the device runs.
+    ``urls``: HTTP(S) addresses of the bundle's bytes, in order of preference (the fleet
+    server's bundle endpoint, a mirror, a CDN); the device tries them with range requests
+    before asking for chunks over MQTT. They need no trust: the bytes must hash to
+    ``bundle_sha256`` and then pass the bundle's signature checks (docs/scale.md).
     """
 
     version: int
@@ -130,6 +140,7 @@ class DesiredModel:
     shadow: DesiredShadow | None = None
     compare_previous: float = 0.0
     delta: DeltaOffer | None = None
+    urls: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -223,7 +234,8 @@ def encode(message: Desired | Reported | Event | Telemetry | ChunkRequest) -> by
         # The optional parts only when set: an older agent sees the message it knows, and
         # the retained message is what the registry's desired_json shows.
         for model in obj["models"].values():
-            for key, unset in (("delta", None), ("shadow", None), ("compare_previous", 0.0)):
+            for key, unset in (("delta", None), ("shadow", None), ("compare_previous", 0.0),
+                               ("urls", ())):
                 if model[key] == unset:
                     del model[key]
     return json.dumps({"protocol": PROTOCOL_VERSION, **obj}, separators=(",", ":"),
@@ -285,7 +297,8 @@ def _desired_model(m: Mapping[str, Any], name: str) -> DesiredModel:
                         size=_int(m, "size"), shadow=shadow,
                         compare_previous=_share(m, "compare_previous") if "compare_previous" in m
                         else 0.0,
-                        delta=_delta_offer(m.get("delta"), f"models.{name}.delta"))
+                        delta=_delta_offer(m.get("delta"), f"models.{name}.delta"),
+                        urls=_urls(m, f"models.{name}.urls"))
 
 
 def _delta_offer(obj: Any, where: str) -> DeltaOffer | None:
@@ -294,6 +307,20 @@ def _delta_offer(obj: Any, where: str) -> DeltaOffer | None:
     d = _as_dict(obj, where)
     return DeltaOffer(bundle_sha256=_sha(d, "bundle_sha256"), size=_int(d, "size"),
                       base_version=_int(d, "base_version"))
+
+
+def _urls(m: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    value = m.get("urls")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_BUNDLE_URLS:
+        raise ProtocolError(f"{where} must be a list of at most {MAX_BUNDLE_URLS} URLs")
+    for url in value:
+        if (not isinstance(url, str) or len(url) > MAX_URL_CHARS
+                or not _URL.fullmatch(url)):
+            raise ProtocolError(f"{where} holds {str(url)[:80]!r}, not an http(s) URL of at "
+                                f"most {MAX_URL_CHARS} characters")
+    return tuple(value)
 
 
 def decode_reported(payload: bytes) -> Reported:

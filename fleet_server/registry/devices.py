@@ -162,6 +162,10 @@ def set_reported(tx: Tx, now: float, device_id: str, payload: bytes) -> None:
         raise RegistryError(f"the report of device {device_id!r} is refused: {exc}") from exc
     if not lock_device(tx, device_id):
         log_event(tx, now, device_id, "device.online", {})
+    if _is_overtaken(tx, now, device_id, report.at):
+        tx.run("UPDATE devices SET online = ?, last_seen = ? WHERE id = ?",
+               (True, now, device_id))
+        return
     tx.run("UPDATE devices SET online = ?, last_seen = ?, reported = ?, reported_at = ? "
            "WHERE id = ?", (True, now, document, now, device_id))
     tx.run("DELETE FROM reported_models WHERE device_id = ?", (device_id,))
@@ -169,6 +173,27 @@ def set_reported(tx: Tx, now: float, device_id: str, payload: bytes) -> None:
             "VALUES (?, ?, ?, ?, ?)",
             [(device_id, name, m.version, m.bundle_sha256, m.state)
              for name, m in sorted(report.models.items())])
+
+
+#: Seconds after storing a report during which an older one (by the device's clock) that
+#: arrives is taken for a message overtaken on the way and not stored.
+REORDER_WINDOW_S = 60.0
+
+
+def _is_overtaken(tx: Tx, now: float, device_id: str, at: float) -> bool:
+    """Whether the stored report is newer, by the device's own clock, than one sent at
+    ``at`` and was stored within :data:`REORDER_WINDOW_S`. Several server processes
+    (shared subscriptions, docs/scale.md) take one device's messages in turn, so its
+    reports can be stored out of order. Beyond the window a report is stored whatever its
+    time, so a device whose clock was set back is not ignored for long."""
+    row = tx.one("SELECT reported, reported_at FROM devices WHERE id = ?", (device_id,))
+    if row is None or row[0] is None or row[1] is None or now - float(row[1]) > REORDER_WINDOW_S:
+        return False
+    try:
+        stored_at = float(json.loads(row[0]).get("at", 0.0))
+    except (ValueError, TypeError, AttributeError):
+        return False
+    return stored_at > at
 
 
 def lock_device(tx: Tx, device_id: str) -> bool:

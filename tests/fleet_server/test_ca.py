@@ -162,8 +162,13 @@ def test_service_identity_names_are_never_given_to_devices(tmp_path: Path) -> No
     # Recorded on disk: a CA loaded later refuses the name as well.
     for loaded in (ca, FleetCA.load(tmp_path / "ca")):
         assert loaded.service_identities == {"fleet-server"}
-        with pytest.raises(CSRError, match="name of a service identity"):
+        with pytest.raises(CSRError, match="named like, a service identity"):
             loaded.sign_device_csr(csr_pem, "fleet-server")
+        # Nor the names of further server processes, which another copy of the CA may
+        # issue (fleet serve --instance b: fleet-server-b).
+        with pytest.raises(CSRError, match="named like, a service identity"):
+            loaded.sign_device_csr(csr_pem, "fleet-server-b")
+    assert ca.sign_device_csr(csr_pem, "fleet-serverless")  # a different name
 
 
 def test_server_certificate_names_and_usage(ca: FleetCA) -> None:

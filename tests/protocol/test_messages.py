@@ -191,3 +191,19 @@ def test_bad_shadow_or_comparison_shares_are_refused(field: str, value: object,
     payload = json.dumps({"protocol": 1, "issued_at": 1, "models": {"m": model}}).encode()
     with pytest.raises(ProtocolError, match=message):
         decode_desired(payload)
+
+
+def test_desired_urls_are_optional_bounded_http_urls() -> None:
+    sha = "a" * 64
+    url = f"https://cdn.example.com/b/{sha}.efb"
+    desired = Desired({"m": DesiredModel(1, sha, 10, urls=(url,))}, 1.0)
+    assert decode_desired(encode(desired)) == desired
+    bare = json.loads(encode(Desired({"m": DesiredModel(1, sha, 10)}, 1.0)))
+    del bare["models"]["m"]["urls"]  # an older server's message
+    assert decode_desired(json.dumps(bare).encode()).models["m"].urls == ()
+    for bad in (["ftp://x/y"], ["file:///etc/passwd"], [url] * 9, ["https://" + "x" * 2100],
+                "https://x/y", [7], ["https://exa mple.com/x"]):
+        payload = json.loads(encode(desired))
+        payload["models"]["m"]["urls"] = bad
+        with pytest.raises(ProtocolError):
+            decode_desired(json.dumps(payload).encode())

@@ -108,7 +108,7 @@ def test_reports_are_parsed_once_and_kept_as_sent(reg: Registry, clock: Clock) -
     sent = Reported(profile="x86_64-avx2", agent_version="0.2.0",
                     models={"digits": ModelReport(2, "a" * 64, "probation"),
                             "local": ModelReport(7, None, "committed")},
-                    installs={"digits": InstallReport(2, "a" * 64, "probation")}, at=5.0)
+                    installs={"digits": InstallReport(2, "a" * 64, "probation")}, at=0.5)
     # A newer agent's extra field is kept for display, and ignored.
     payload = json.dumps({**json.loads(encode(sent)), "newer": [1]}).encode()
     reg.set_reported("gw-0", payload)
@@ -168,3 +168,29 @@ def test_desired_reported_and_convergence(reg: Registry) -> None:
     assert stored.desired == {"digits": DesiredModel(2, sha, len(b"digits v2"))}
     assert stored.desired_json() == {"digits": {"version": 2, "bundle_sha256": sha,
                                                 "size": len(b"digits v2")}}
+
+
+def _report_at(version: int, at: float) -> bytes:
+    return encode(Reported(profile="x86_64-avx2", agent_version="0.2.0",
+                           models={"digits": ModelReport(version, "a" * 64, "committed")},
+                           at=at))
+
+
+def test_a_report_overtaken_on_the_way_is_not_stored_over_a_newer_one(
+        reg: Registry, clock: Clock) -> None:
+    """Two server processes take one device's messages in turn (shared subscriptions): its
+    older report can arrive last. Within the window it is not stored; past it, it is (a
+    device whose clock was set back is heard again)."""
+    enroll(reg, "gw-0")
+    reg.set_reported("gw-0", _report_at(2, at=100.0))
+    clock.now += 1
+    reg.set_reported("gw-0", _report_at(1, at=99.0))
+    device = reg.get_device("gw-0")
+    assert device is not None
+    assert device.running["digits"].version == 2
+    assert device.last_seen == clock.now  # it was heard, all the same
+    clock.now += 120
+    reg.set_reported("gw-0", _report_at(1, at=98.0))
+    device = reg.get_device("gw-0")
+    assert device is not None
+    assert device.running["digits"].version == 1

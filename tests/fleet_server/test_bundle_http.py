@@ -1,0 +1,104 @@
+"""The bundle endpoint of a real fleet service: HTTPS with device certificates, range
+requests, only the bundles in a device's desired state, and their URLs in ``desired``."""
+
+from __future__ import annotations
+
+import http.client
+import ssl
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from fleet_server.ca import FleetCA
+from fleet_server.service import FleetService, ServiceConfig
+from tests.fleet_server.server_env import desired_messages, enroll
+from transport.mqtt import TLSIdentity
+
+MIRROR = "https://cdn.example.com/fleet/"
+
+
+@pytest.fixture
+def bundle_service(config: ServiceConfig) -> Iterator[FleetService]:
+    with FleetService(replace(config, bundle_port=0, bundle_mirrors=(MIRROR,))) as service:
+        yield service
+
+
+def _get(service: FleetService, identity: TLSIdentity | None, path: str,
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    context = ssl.create_default_context(cadata=service.ca.cert_pem.decode())
+    if identity is not None:
+        context.load_cert_chain(identity.cert_file, identity.key_file)
+    assert service._bundle_http is not None
+    connection = http.client.HTTPSConnection("127.0.0.1", service._bundle_http.port,
+                                             context=context, timeout=10)
+    try:
+        connection.request("GET", path, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def test_a_device_downloads_its_desired_bundle_whole_or_by_range(
+        bundle_service: FleetService, bundles: dict[str, bytes], tmp_path: Path) -> None:
+    device = enroll(bundle_service, tmp_path, "gw-1")
+    other = enroll(bundle_service, tmp_path, "gw-2", group="elsewhere")
+    data = bundles["big"]
+    record = bundle_service.add_bundle(data)
+    bundle_service.publish(record.sha256, devices=["gw-1"])
+    path = f"/bundles/{record.sha256}.efb"
+
+    status, headers, body = _get(bundle_service, device.identity, path)
+    assert (status, body) == (200, data)
+    assert headers["Accept-Ranges"] == "bytes"
+    status, headers, body = _get(bundle_service, device.identity, path,
+                                 {"Range": "bytes=1000-"})
+    assert (status, body) == (206, data[1000:])
+    assert headers["Content-Range"] == f"bytes 1000-{len(data) - 1}/{len(data)}"
+    status, headers, _ = _get(bundle_service, device.identity, path,
+                              {"Range": f"bytes={len(data)}-"})
+    assert status == 416
+    assert headers["Content-Range"] == f"bytes */{len(data)}"
+    # Not desired for gw-2, and unknown: the same answer.
+    assert _get(bundle_service, other.identity, path)[0] == 404
+    assert _get(bundle_service, device.identity, f"/bundles/{'0' * 64}.efb")[0] == 404
+    assert _get(bundle_service, device.identity, "/bundles/../fleet.db")[0] == 404
+
+
+def test_the_desired_state_lists_the_mirror_then_the_endpoint(
+        bundle_service: FleetService, bundles: dict[str, bytes], tmp_path: Path) -> None:
+    device = enroll(bundle_service, tmp_path, "gw-1")
+    record = bundle_service.add_bundle(bundles["v1"])
+    recorder = device.client()
+    recorder.subscribe(device.topic("desired"))
+    bundle_service.publish(record.sha256, devices=["gw-1"])
+    recorder.wait(lambda: any(d.models for d in desired_messages(recorder, device)),
+                  "the desired state")
+    urls = desired_messages(recorder, device)[-1].models["digits"].urls
+    assert bundle_service._bundle_http is not None
+    assert urls == (f"{MIRROR}{record.sha256}.efb",
+                    f"https://127.0.0.1:{bundle_service._bundle_http.port}/bundles/"
+                    f"{record.sha256}.efb")
+    recorder.close()
+
+
+def test_only_the_enrolled_certificate_of_the_fleet_ca_gets_in(
+        bundle_service: FleetService, bundles: dict[str, bytes], tmp_path: Path) -> None:
+    device = enroll(bundle_service, tmp_path, "gw-1")
+    record = bundle_service.add_bundle(bundles["v1"])
+    bundle_service.publish(record.sha256, devices=["gw-1"])
+    path = f"/bundles/{record.sha256}.efb"
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        _get(bundle_service, None, path)  # no client certificate: the handshake fails
+    stranger = FleetCA.create(tmp_path / "other-ca", "testfleet")
+    foreign = stranger.write_identity(stranger.issue_client_cert("gw-1"), tmp_path / "foreign")
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        _get(bundle_service, foreign, path)  # another CA's certificate for the same id
+    # Reset and enrolled again: the old certificate, signed by the CA, is refused.
+    bundle_service.reset_device("gw-1")
+    again = enroll(bundle_service, tmp_path / "again", "gw-1")
+    assert again.enrollment.certificate_pem != device.enrollment.certificate_pem
+    assert _get(bundle_service, device.identity, path)[0] == 403
+    assert _get(bundle_service, again.identity, path)[0] == 200

@@ -1,0 +1,212 @@
+"""Two ``fleet serve`` processes on one PostgreSQL and one Mosquitto, splitting device
+messages through an MQTT 5 shared subscription, with leadership by advisory lock. The
+leader is killed with SIGKILL mid-stream: the other takes the leadership, and every device
+event is stored exactly once (after the killed process is restarted, as a supervisor
+would, and takes the messages its persistent session holds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from fleet_server.broker import Broker, BrokerConfig
+from fleet_server.ca import FleetCA
+from fleet_server.registry import Registry, open_registry
+from protocol import messages
+from protocol.topics import device_topic
+from tests.bundle.repo import Repo
+from tests.fleet_server.live_fleet import DIGITS, GROUP, converged, live_fleet
+from tests.fleet_server.server_env import wait_until, write_keys
+from tests.mqtt_broker import require_mosquitto
+from tests.postgres import postgres_schema
+from transport.mqtt import BrokerAddress, ClientSettings, TLSIdentity, create_client, wait_published
+from transport.x509 import certificate_fingerprint, make_device_key_and_csr
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+FLEET = "scale"
+DEVICES = 12
+EVENTS = 30
+
+
+class Servers:
+    """The two server processes, by instance name."""
+
+    def __init__(self, home: Path, keys: Path, db_url: str, broker_url: str) -> None:
+        self.home, self.keys, self.db_url, self.broker_url = home, keys, db_url, broker_url
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str) -> None:
+        data = self.home / name
+        argv = [sys.executable, "-m", "fleet_server", "-v", "serve", "--data", str(data),
+                "--keys", str(self.keys), "--db", self.db_url, "--broker-url",
+                self.broker_url, "--instance", name, "--shared-subscriptions", "--port", "0"]
+        (data / "server.json").unlink(missing_ok=True)
+        with (self.home / f"{name}.log").open("ab") as log:
+            self.processes[name] = subprocess.Popen(argv, cwd=ROOT, stdout=log,
+                                                    stderr=subprocess.STDOUT)
+        wait_until(lambda: (data / "server.json").exists() or self.processes[name].poll(),
+                   f"server {name} to start", 60)
+        assert self.processes[name].poll() is None, self.log(name)
+
+    def log(self, name: str) -> str:
+        return (self.home / f"{name}.log").read_text(errors="replace")
+
+    def leader(self) -> str | None:
+        leaders = [n for n in self.processes if self.log(n).count("is now the leader")
+                   > self.log(n).count("is no longer the leader")
+                   and self.processes[n].poll() is None]
+        return leaders[0] if len(leaders) == 1 else None
+
+    def close(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[tuple[Servers, Registry, FleetCA, Broker]]:
+    require_mosquitto()
+    ca = FleetCA.create(tmp_path / "a" / "ca", FLEET)
+    shutil.copytree(tmp_path / "a" / "ca", tmp_path / "b" / "ca")  # one CA, two copies
+    keys = write_keys(tmp_path / "keys", Repo())
+    tls = ca.write_identity(ca.issue_server_cert(), tmp_path / "broker-tls", "broker")
+    config = BrokerConfig(FLEET, tmp_path / "broker", tls, bind_address="127.0.0.1",
+                          server_identity="fleet-server-a",
+                          more_server_identities=("fleet-server-b",), crl_file=ca.crl_path)
+    with postgres_schema() as (url, _), Broker.embedded(config) as broker:
+        registry = open_registry(url)
+        servers = Servers(tmp_path, keys, url, broker.address.url)
+        try:
+            yield servers, registry, ca, broker
+        finally:
+            servers.close()
+            registry.close()
+
+
+def _device(registry: Registry, ca: FleetCA, home: Path, device_id: str) -> TLSIdentity:
+    key_pem, csr_pem = make_device_key_and_csr(device_id)
+    cert = ca.sign_device_csr(csr_pem, device_id)
+    token = registry.issue_token("lab", 600)
+    registry.enroll_device(token, device_id, profile="x86-avx2",
+                           cert_fingerprint=certificate_fingerprint(cert))
+    directory = home / "devices" / device_id
+    directory.mkdir(parents=True)
+    (directory / "device.key").write_bytes(key_pem)
+    (directory / "device.crt").write_bytes(cert)
+    (directory / "ca.crt").write_bytes(ca.cert_pem)
+    os.chmod(directory / "device.key", 0o600)
+    return TLSIdentity(directory / "ca.crt", directory / "device.crt", directory / "device.key")
+
+
+def test_a_killed_leader_is_replaced_and_every_event_is_stored_once(
+        fleet: tuple[Servers, Registry, FleetCA, Broker], tmp_path: Path) -> None:
+    servers, registry, ca, broker = fleet
+    servers.start("a")
+    servers.start("b")
+    identities = {f"d{i}": _device(registry, ca, tmp_path, f"d{i}") for i in range(DEVICES)}
+    clients = {}
+    for device, identity in identities.items():
+        client = create_client(ClientSettings(BrokerAddress.from_url(broker.address.url),
+                                              identity))
+        client.reconnect()
+        client.loop_start()
+        clients[device] = client
+    wait_until(servers.leader, "a leader")
+    first = servers.leader()
+    assert first is not None
+
+    def send(seq: int) -> None:
+        infos = [client.publish(device_topic(FLEET, device, "events"), messages.encode(
+            messages.Event("fetch.started", time.time(), {"n": seq}, seq)), qos=1)
+            for device, client in clients.items()]
+        for info in infos:
+            wait_published(info)
+
+    for seq in range(1, EVENTS // 2 + 1):
+        send(seq)
+    os.kill(servers.processes[first].pid, signal.SIGKILL)
+    servers.processes[first].wait()
+    for seq in range(EVENTS // 2 + 1, EVENTS + 1):
+        send(seq)
+    other = "b" if first == "a" else "a"
+    wait_until(lambda: servers.leader() == other, f"{other} to take the leadership", 30)
+
+    def stored() -> dict[str, list[int]]:
+        found: dict[str, list[int]] = {}
+        for event in registry.events(limit=100_000):
+            if event.kind == "agent.fetch.started" and event.device is not None:
+                found.setdefault(event.device, []).append(int(event.detail["n"]))
+        return found
+
+    # Mosquitto 2.0.11 goes on giving the dead process's persistent session its share of
+    # the messages (measured: 181 of 360 stored before the restart; docs/scale.md): they
+    # are queued for it, not lost, and arrive when it is back, as under a supervisor.
+    servers.start(first)
+
+    wait_until(lambda: sum(map(len, stored().values())) >= DEVICES * EVENTS,
+               "every event stored", 60)
+    assert {d: sorted(n) for d, n in stored().items()} == {
+        d: list(range(1, EVENTS + 1)) for d in identities}
+    for client in clients.values():
+        client.loop_stop()
+        client.disconnect()
+
+
+def test_a_server_killed_mid_rollout_every_agent_converges_and_no_event_is_doubled(
+        tmp_path: Path) -> None:
+    """Real agents (``edge-agent run``) enrolled through server ``a``, a rollout published
+    there, server ``b`` killed with SIGKILL right after and restarted as a supervisor would:
+    every device converges, and each install transition is stored once."""
+    require_mosquitto()
+    home = tmp_path / "fleet"
+    ca = FleetCA.create(home / "server" / "ca", "live")
+    shutil.copytree(home / "server" / "ca", tmp_path / "b" / "ca")
+    tls = ca.write_identity(ca.issue_server_cert(), tmp_path / "broker-tls", "broker")
+    config = BrokerConfig("live", tmp_path / "broker", tls, bind_address="127.0.0.1",
+                          server_identity="fleet-server-a",
+                          more_server_identities=("fleet-server-b",), crl_file=ca.crl_path)
+    with postgres_schema() as (url, _), Broker.embedded(config) as broker:
+        shared = ("--db", url, "--broker-url", broker.address.url, "--shared-subscriptions",
+                  "--bundle-port", "0")
+        with live_fleet(home, *shared, "--instance", "a") as fleet:
+            servers = Servers(tmp_path, fleet.keys, url, broker.address.url)
+            try:
+                servers.start("b")
+                devices = ["gw-1", "gw-2", "gw-3"]
+                for device in devices:
+                    fleet.enroll(device, fleet.token("--group", GROUP))
+                    fleet.run_agent(device, fleet.state(device))
+                v1 = fleet.build(1, DIGITS)
+                fleet.fleet("publish", v1, "--group", GROUP, "--data", fleet.data)
+                os.kill(servers.processes["b"].pid, signal.SIGKILL)
+                servers.processes["b"].wait()
+                time.sleep(2)
+                servers.start("b")
+                fleet.wait(converged(fleet, devices, 1), "v1 on every device")
+            finally:
+                servers.close()
+        with psycopg.connect(url) as db:
+            rows = db.execute("SELECT device_id, kind, detail FROM events "
+                              "WHERE kind LIKE 'agent.install.%'").fetchall()
+    installs = [(device, kind, (json.loads(detail) if isinstance(detail, str)
+                                else detail)["install_id"]) for device, kind, detail in rows]
+    assert installs, "no install event stored"
+    assert len(installs) == len(set(installs)), "an install transition was stored twice"
+    assert {d for d, _, _ in installs} == {"gw-1", "gw-2", "gw-3"}
