@@ -1,0 +1,16 @@
+"""Serving several models under one name, decided in pure functions both sides share.
+
+- :mod:`experiments.assign`: which arm a device or a request gets, by hash (sticky) or at
+  random per request.
+- :mod:`experiments.posterior`: bandit learning across a fleet: devices send per-interval
+  sufficient-statistic deltas with a sequence number, the server sums each once and pushes
+  the merged posterior back, an offline device keeps learning on its own counts.
+- :mod:`experiments.composite`: ensembles (one answer from several members) and cascades (a
+  cheap model first, the expensive one only when the cheap one is unsure), and the choice of
+  a cascade's threshold on an evaluation set.
+
+The statistics under them (Thompson sampling, always-valid A/B decisions) are in
+:mod:`stats.bandit` and :mod:`stats.sequential`. Errors: :mod:`experiments.errors`.
+"""
+
+from __future__ import annotations
