@@ -59,10 +59,12 @@ class CompositeReport:
 def composite_report(members: Mapping[str, ModelRunner], inputs: Mapping[str, np.ndarray],
                      labels: np.ndarray, output: str, *,
                      scores: Literal["logits", "probabilities"] = "logits",
-                     timed_rows: int | None = None) -> CompositeReport:
+                     timed_rows: int | None = None,
+                     target_accuracy: float | None = None) -> CompositeReport:
     """Measure ``members`` (in order: cheap first, expensive last) on labelled ``inputs``.
 
-    ``timed_rows`` limits the rows timed one by one (default: all of them).
+    ``timed_rows`` limits the rows timed one by one (default: all of them);
+    ``target_accuracy`` (percent) is the cascade's target (default: the expensive model's).
     """
     names = list(members)
     if len(names) < 2:
@@ -70,7 +72,8 @@ def composite_report(members: Mapping[str, ModelRunner], inputs: Mapping[str, np
     probs = {n: probabilities(_run_all(members[n], inputs)[output], scores) for n in names}
     labels = np.asarray(labels).reshape(-1)
     cheap, costly = names[0], names[-1]
-    choice = choose_threshold(probs[cheap], probs[costly], labels)
+    choice = choose_threshold(probs[cheap], probs[costly], labels,
+                              None if target_accuracy is None else target_accuracy / 100.0)
     rows = len(labels) if timed_rows is None else min(timed_rows, len(labels))
 
     def ensemble(feeds: Mapping[str, np.ndarray]) -> None:
