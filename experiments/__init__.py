@@ -5,6 +5,8 @@
 - :mod:`experiments.posterior`: bandit learning across a fleet: devices send per-interval
   sufficient-statistic deltas with a sequence number, the server sums each once and pushes
   the merged posterior back, an offline device keeps learning on its own counts.
+- :mod:`experiments.feedback`: outcome feedback: response ids remembered for a bounded
+  time, reports parsed with bounds, a label turned into a reward.
 - :mod:`experiments.composite`: ensembles (one answer from several members) and cascades (a
   cheap model first, the expensive one only when the cheap one is unsure), and the choice of
   a cascade's threshold on an evaluation set.
