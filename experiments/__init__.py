@@ -7,6 +7,8 @@
   the merged posterior back, an offline device keeps learning on its own counts.
 - :mod:`experiments.feedback`: outcome feedback: response ids remembered for a bounded
   time, reports parsed with bounds, a label turned into a reward.
+- :mod:`experiments.status`: what ``fleet experiment status`` shows: per arm n, mean,
+  always-valid interval, probability of being best, and the verdict.
 - :mod:`experiments.composite`: ensembles (one answer from several members) and cascades (a
   cheap model first, the expensive one only when the cheap one is unsure), and the choice of
   a cascade's threshold on an evaluation set.
