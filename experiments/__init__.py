@@ -1,5 +1,7 @@
 """Serving several models under one name, decided in pure functions both sides share.
 
+- :mod:`experiments.spec`: an experiment's declaration (arms and the models serving them,
+  split, unit, strategy, reward range) and its JSON form.
 - :mod:`experiments.assign`: which arm a device or a request gets, by hash (sticky) or at
   random per request.
 - :mod:`experiments.posterior`: bandit learning across a fleet: devices send per-interval
