@@ -39,6 +39,8 @@ __all__ = [
     "close_interval",
     "decode_delta",
     "encode_delta",
+    "learner_from_json",
+    "learner_to_json",
     "local_posterior",
     "observe",
     "push_for",
@@ -193,8 +195,7 @@ def push_for(state: FleetPosterior, device: str) -> Merged:
 
 def encode_delta(delta: Delta) -> dict[str, Any]:
     """The JSON-ready form a device sends: arms as ``[n, sum, sum of squares]``."""
-    return {"experiment": delta.experiment, "seq": delta.seq,
-            "arms": {name: [s.n, s.total, s.total_sq] for name, s in delta.arms.items()}}
+    return {"experiment": delta.experiment, "seq": delta.seq, "arms": _arms_json(delta.arms)}
 
 
 def decode_delta(obj: object, device: str) -> Delta:
@@ -223,3 +224,33 @@ def decode_delta(obj: object, device: str) -> Delta:
         except ValueError as exc:
             raise InvalidExperimentData(f"delta arm {name!r}: {exc}") from exc
     return Delta(experiment, device, seq, parsed)
+
+
+def learner_to_json(learner: DeviceLearner) -> dict[str, Any]:
+    """The learner as the device persists it (so a restart loses nothing it counted)."""
+    return {"experiment": learner.experiment, "base": _arms_json(learner.base),
+            "base_version": learner.base_version, "base_applied_seq": learner.base_applied_seq,
+            "pending": [encode_delta(d) for d in learner.pending],
+            "current": _arms_json(learner.current), "next_seq": learner.next_seq}
+
+
+def learner_from_json(obj: Any, device: str) -> DeviceLearner:
+    """Read a persisted learner back; InvalidExperimentData if the file is damaged."""
+    try:
+        return DeviceLearner(
+            experiment=str(obj["experiment"]), base=_arms_from(obj["base"]),
+            base_version=int(obj["base_version"]),
+            base_applied_seq=int(obj["base_applied_seq"]),
+            pending=tuple(decode_delta(d, device) for d in obj["pending"]),
+            current=_arms_from(obj["current"]), next_seq=int(obj["next_seq"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidExperimentData(f"saved experiment state is damaged ({exc!r}); delete it "
+                                    "to start the experiment's local counts afresh") from exc
+
+
+def _arms_json(arms: Arms) -> dict[str, list[float]]:
+    return {name: [s.n, s.total, s.total_sq] for name, s in arms.items()}
+
+
+def _arms_from(obj: Any) -> dict[str, ArmStats]:
+    return {str(name): ArmStats(int(v[0]), float(v[1]), float(v[2])) for name, v in obj.items()}
