@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from bundle.composite import composite_from_obj
+from compressor.cli import main
 from compressor.composite import composite_report
 from compressor.runner import open_runner
 
@@ -27,3 +31,19 @@ def test_report_on_two_copies_of_the_digits_cnn() -> None:
     assert report.expensive_share == 0.0
     assert report.target_accuracy == cnn.accuracy
     assert report.to_json()["cascade"]["mean_ms"] > 0
+
+
+def test_command_line_report_and_declaration(capsys: pytest.CaptureFixture[str],
+                                             tmp_path: Path) -> None:
+    model = ROOT / "models" / "digits_cnn.onnx"
+    copy = tmp_path / "again.onnx"
+    copy.write_bytes(model.read_bytes())
+    data = str(ROOT / "models" / "digits_data.npz")
+    common = [str(model), str(copy), "--data", data, "--output", "logits", "--timed-rows", "5"]
+    assert main(["composite", *common]) == 0
+    assert "cascade threshold 0.0000: 0.0% of requests" in capsys.readouterr().out
+    assert main(["composite", *common, "--declare", "cascade"]) == 0
+    decl = composite_from_obj(json.loads(capsys.readouterr().out))
+    assert decl.members == ("artifacts/digits_cnn.onnx", "artifacts/again.onnx")
+    assert decl.threshold == 0.0
+    assert main(["composite", str(model), "--data", data, "--output", "logits"]) == 1
