@@ -13,6 +13,9 @@ from hypothesis import strategies as st
 from bundle.composite import CompositeDecl, composite_from_obj, composite_to_obj
 from bundle.errors import MalformedBundleError
 from bundle.manifest import ArtifactVariant, Manifest, manifest_from_json, manifest_to_json
+from bundle.signing import ArtifactInput, rerelease_bundle
+from bundle.trust import TrustedState, verify_bundle
+from tests.bundle.repo import MODEL, NOW, ONLINE, VALID, Repo, spec
 
 CHEAP = ArtifactVariant(path="artifacts/cnn.onnx", format="onnx", dtype="fp32",
                         sha256="a" * 64, size=10)
@@ -68,3 +71,18 @@ def test_parser_raises_only_its_own_error(obj: dict[str, Any]) -> None:
     except MalformedBundleError:
         return
     assert decl.kind in ("ensemble", "cascade")
+
+
+def test_signed_bundle_carries_the_declaration_through_a_re_release() -> None:
+    repo = Repo()
+    artifacts = (ArtifactInput("cnn.onnx", MODEL, "onnx", "fp32"),
+                 ArtifactInput("vit.onnx", MODEL[:100], "onnx", "fp32"))
+    built = repo.build(dataclasses.replace(spec(artifacts=artifacts), composite=CASCADE))
+    verified = verify_bundle(built, TrustedState(root=repo.root), now=NOW, profile="x86-avx2")
+    assert verified.manifest.composite == CASCADE
+    repo.metadata_version += 1
+    again = rerelease_bundle(built, version=2, root_chain=repo.root_chain,
+                             signers={r: repo.signers[r] for r in ONLINE},
+                             metadata_version=repo.metadata_version, expires=VALID)
+    assert verify_bundle(again, TrustedState(root=repo.root), now=NOW).manifest.composite \
+        == CASCADE
