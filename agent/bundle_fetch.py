@@ -171,7 +171,7 @@ class BundleFetch:
             self._have = 0
             self._early.clear()
             raise CorruptFetchError(f"bundle {self.sha256[:12]} arrived complete but hashes "
-                                    f"to {digest[:12]}; fetching it again")
+                                    f"to {digest[:12]}")
         os.replace(self.part, self.path)
         return True
 

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(subparsers)
     _add_probe(subparsers)
     _add_config(subparsers)
+    _add_doctor(subparsers)
+    _add_service(subparsers)
     return parser
 
 
@@ -165,7 +167,7 @@ def _run(args: argparse.Namespace) -> int:
     from .http_api import ApiSettings
     from .probation import ProbationPolicy
     from .runtime import Runtime
-    from .startup import check_fleet_files, usable_state_dir
+    from .startup import check_fleet_files, lock_state_dir, usable_state_dir
     from .telemetry import TelemetryCollector
 
     config = load_config(args.config or DEFAULT_STATE_DIR / "agent.toml")
@@ -174,6 +176,7 @@ def _run(args: argparse.Namespace) -> int:
         check_fleet_files(config.fleet)
     if args.detach:
         return _detach(args, config.state_dir)
+    _lock = lock_state_dir(config.state_dir)  # held while this process serves
     profile = resolve_profile(config.profile)
     api = config.api
     runtime = Runtime(config.state_dir, profile,
@@ -183,7 +186,9 @@ def _run(args: argparse.Namespace) -> int:
     token, token_file = AgentProcess.token(config.state_dir, None)
     process = AgentProcess(runtime, ApiSettings(host=api.host, port=api.port,
                                                 unix_socket=api.unix_socket, token=token,
-                                                limits=api.limits),
+                                                limits=api.limits,
+                                                cors_origins=api.cors_origins,
+                                                grpc_port=api.grpc_port),
                            config.state_dir)
     process.start(token_file)
     link = None
@@ -225,6 +230,7 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                    f"{DEFAULT_API_HOST}: the API is for apps on this device)")
     _option(p, "--port", ApiConfig, "port")
     p.add_argument("--unix-socket", type=Path, metavar="PATH", help="also listen here")
+    _option(p, "--grpc-port", ApiConfig, "grpc_port", metavar="PORT")
     p.add_argument("--token-file", type=Path, metavar="FILE",
                    help="API token file, created 0600 if missing (default DIR/api-token)")
     p.add_argument("--no-auth", action="store_true",
@@ -232,8 +238,21 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     _option(p, "--threads", ApiConfig, "threads")
     _option(p, "--probation", ApiConfig, "probation_s", metavar="SECONDS")
     _option(p, "--max-batch", ApiLimits, "max_batch", metavar="N")
+    p.add_argument("--cors-origin", action="append", default=[], type=_origin,
+                   metavar="ORIGIN", help="a web origin (http://localhost:3000) whose pages may "
+                   "call the API from a browser (repeatable; default none)")
     _detach_option(p)
     p.set_defaults(handler=_serve)
+
+
+def _origin(text: str) -> str:
+    from .cors import check_origin
+
+    try:
+        check_origin(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -241,7 +260,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .http_api import ApiSettings
     from .probation import ProbationPolicy
     from .runtime import Runtime
-    from .startup import usable_state_dir
+    from .startup import lock_state_dir, usable_state_dir
 
     if len(args.name) > len(args.model):
         raise AgentError("more --name than --model options; give one name per model file")
@@ -252,6 +271,7 @@ def _serve(args: argparse.Namespace) -> int:
     state_dir = usable_state_dir(args.state_dir)
     if args.detach:
         return _detach(args, state_dir)
+    _lock = lock_state_dir(state_dir)  # held while this process serves
     profile = resolve_profile(args.profile)
     runtime = Runtime(state_dir, profile, policy=ProbationPolicy(window_s=args.probation),
                       threads=args.threads)
@@ -268,13 +288,15 @@ def _serve(args: argparse.Namespace) -> int:
     token, token_file = (None, None) if args.no_auth else AgentProcess.token(state_dir,
                                                                              args.token_file)
     settings = ApiSettings(host=args.host, port=args.port, unix_socket=args.unix_socket,
-                           token=token, limits=ApiLimits(max_batch=args.max_batch))
+                           token=token, limits=ApiLimits(max_batch=args.max_batch),
+                           cors_origins=tuple(args.cors_origin), grpc_port=args.grpc_port)
     process = AgentProcess(runtime, settings, state_dir)
     process.start(token_file)
     runtime.resume_installs(wait=False)  # behind the models already served
     models = ", ".join(f"{m.name} v{m.version or '-'} ({m.backend})" for m in runtime.models())
+    grpc = "" if process.grpc is None else f" and gRPC port {process.grpc.port}"
     print(f"edge-agent serving {models or 'no models yet'} on "
-          f"{process.server.url or settings.unix_socket}"
+          f"{process.server.url or settings.unix_socket}{grpc}"
           f"{f'; token in {token_file}' if token_file else ' without authentication'}"
           f"; profile {profile.name if profile else 'generic CPU'}", flush=True)
     process.wait()
@@ -300,7 +322,7 @@ def _add_install(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 def _install(args: argparse.Namespace) -> int:
     from .daemon import find_running, resolve_profile
     from .runtime import Runtime
-    from .startup import usable_state_dir
+    from .startup import lock_state_dir, usable_state_dir
 
     if not args.bundle.is_file():
         raise AgentError(f"{args.bundle}: no such bundle file")
@@ -310,9 +332,13 @@ def _install(args: argparse.Namespace) -> int:
         with running.client(timeout=600) as client:
             record = client.install(args.bundle)
     else:
-        runtime = Runtime(usable_state_dir(args.state_dir), resolve_profile(args.profile))
-        runtime.resume_installs()  # an earlier one a stop interrupted goes first
-        record = runtime.install(args.bundle).summary()
+        _lock = lock_state_dir(usable_state_dir(args.state_dir))  # no agent may start meanwhile
+        runtime = Runtime(args.state_dir, resolve_profile(args.profile))
+        try:
+            runtime.resume_installs()  # an earlier one a stop interrupted goes first
+            record = runtime.install(args.bundle).summary()
+        finally:
+            runtime.close()
     if args.json:
         print(json.dumps(record, indent=2))
     elif record["reason"] is None:
@@ -455,8 +481,8 @@ def _pin_root(state_dir: Path, root: Path | None) -> None:
 
 def _verify(args: argparse.Namespace) -> int:
     store = TrustStore(args.state_dir / "trust")
-    # Pinned on disk only once a bundle verified against it, so a wrong file given here does
-    # not leave the device trusting it.
+    # Verify only: nothing is pinned or saved, so checking a bundle (even a newer one) never
+    # changes what the device will install later.
     trusted = resolve_root(store, args.root)
     if trusted is None:
         raise TrustStoreError(f"no trusted state in {args.state_dir}; pass --root ROOT.json "
@@ -467,8 +493,6 @@ def _verify(args: argparse.Namespace) -> int:
                                  profile=args.profile)
     except BundleError as exc:
         raise BundleRejectedError(type(exc).__name__, str(exc)) from exc
-    # Newer verified metadata raises the floor for replay and rollback of later bundles.
-    store.save(verified.trusted)
     print(json.dumps(verified.summary(), indent=2) if args.json else verified.describe())
     return 0
 
@@ -530,4 +554,107 @@ def _config(args: argparse.Namespace) -> int:
         print(config_reference(), end="")
         return 0
     print(config_to_toml(load_config(args.config or DEFAULT_STATE_DIR / "agent.toml")), end="")
+    return 0
+
+
+def _add_doctor(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "doctor", help="check this device: broker, certificate, clock, disk, runtimes",
+        description="Check what the agent needs, one line per check with the fix: the "
+        "config, free space in the state directory, the API token's and device key's "
+        "permissions, the device certificate (issued by the fleet CA, not expired, not "
+        "expiring within 30 days), a TLS connection to the broker with it, the clock against "
+        "the fleet server's, the runtimes and the profile's accelerators. Exit code 1 if any "
+        "check fails.")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="agent config (default DIR/agent.toml; without one, the offline "
+                   "checks of DIR)")
+    _state_dir_option(p)
+    p.add_argument("--profile", metavar="NAME",
+                   help="firmware profile to check (default: the config's, else the best "
+                   "for this host)")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.set_defaults(handler=_doctor)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from .config import AgentConfig, load_config
+    from .daemon import resolve_profile
+    from .doctor import Check, Verdict, exit_code, render
+    from .doctor_probes import run_checks
+
+    path = args.config or args.state_dir / "agent.toml"
+    checks = []
+    config = AgentConfig(args.state_dir)
+    if args.config is not None or path.exists():
+        try:
+            config = load_config(path)
+        except AgentError as exc:
+            checks.append(Check("config", Verdict.FAIL, str(exc),
+                                "correct it (docs/agent-config.md lists every key)"))
+        else:
+            checks.append(Check("config", Verdict.OK, f"{path}"))
+    profile = resolve_profile(args.profile or config.profile)
+    checks += run_checks(config, profile)
+    if args.json:
+        print(json.dumps([{"check": c.name, "verdict": c.verdict.value, "detail": c.detail,
+                           "fix": c.fix} for c in checks], indent=2))
+    else:
+        print(render(checks))
+    return exit_code(checks)
+
+
+def _add_service(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .service_install import DEFAULT_UNIT_DIR
+
+    p = subparsers.add_parser(
+        "install-service", help="run the agent as a systemd service",
+        description="Write a hardened systemd unit that runs `edge-agent run --config FILE` "
+        "(Type=notify with a watchdog, restarted on failure, its own user, the file system "
+        "read-only but for the state directory, memory bounded from the firmware profile) "
+        "and, where systemd runs, enable and start it. docs/agent.md describes the unit.")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help=f"agent config (default {DEFAULT_STATE_DIR / 'agent.toml'})")
+    p.add_argument("--user", metavar="NAME", help="run as this existing user, which owns "
+                   "the state directory (default: a dynamic user; needs a state directory "
+                   "under /var/lib)")
+    p.add_argument("--profile", metavar="NAME", help="firmware profile that sizes MemoryMax "
+                   "(default: the config's, else the best for this host)")
+    p.add_argument("--name", default="edge-agent", help="unit name (default edge-agent)")
+    p.add_argument("--unit-dir", type=Path, default=DEFAULT_UNIT_DIR, metavar="DIR",
+                   help=f"where to write the unit (default {DEFAULT_UNIT_DIR})")
+    p.add_argument("--no-start", action="store_true", help="write the unit only")
+    p.add_argument("--print", action="store_true", help="print the unit instead of writing it")
+    p.set_defaults(handler=_install_service)
+    p = subparsers.add_parser(
+        "uninstall-service", help="stop the systemd service and remove its unit",
+        description="Stop and disable the unit (where systemd runs) and remove its file. The "
+        "state directory (models, keys, trusted metadata) is kept.")
+    p.add_argument("--name", default="edge-agent", help="unit name (default edge-agent)")
+    p.add_argument("--unit-dir", type=Path, default=DEFAULT_UNIT_DIR, metavar="DIR",
+                   help=f"where the unit is (default {DEFAULT_UNIT_DIR})")
+    _state_dir_option(p)
+    p.set_defaults(handler=_uninstall_service)
+
+
+def _install_service(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .daemon import resolve_profile
+    from .service_install import ServiceRequest, install_service, unit_for
+
+    config_path = args.config or DEFAULT_STATE_DIR / "agent.toml"
+    request = ServiceRequest(config_path, args.name, args.user, args.unit_dir,
+                             not args.no_start)
+    profile = resolve_profile(args.profile or load_config(config_path).profile)
+    if args.print:
+        print(unit_for(request, profile), end="")
+    else:
+        print(install_service(request, profile))
+    return 0
+
+
+def _uninstall_service(args: argparse.Namespace) -> int:
+    from .service_install import uninstall_service
+
+    print(uninstall_service(args.unit_dir, args.name, args.state_dir.absolute()))
     return 0

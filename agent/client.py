@@ -58,12 +58,23 @@ class _Transport:
                 body: bytes) -> tuple[int, dict[str, str], bytes]:
         head = [f"{method} {path} HTTP/1.1", "Host: localhost",
                 f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
-        data = "\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + body
+        data = "\r\n".join(head).encode("latin-1") + b"\r\n\r\n"
+        # With Expect: 100-continue the body goes only once the server agreed to read it,
+        # so a refusal (too large, no token) arrives as an answer, not as a reset.
+        expect = any(k.lower() == "expect" for k in headers)
+        if not expect:
+            data += body
         for attempt in (1, 2):
             fresh = self._sock is None
             try:
                 sock = self._connect()
                 sock.sendall(data)
+                if expect:
+                    status, answer_headers, answer = self._response()
+                    if status != 100:
+                        self.close()  # the body was never read: the connection is done
+                        return status, answer_headers, answer
+                    sock.sendall(body)
                 return self._response()
             except (ConnectionError, _Closed):
                 # A kept-alive connection the server closed meanwhile: retry on a new one.
@@ -211,8 +222,8 @@ class AgentClient:
         except OSError as exc:
             raise AgentError(f"cannot read bundle {bundle} ({exc.strerror})") from exc
         status, _, body = self._request("POST", "/v2/edgefleet/install", data,
-                                        {"Content-Type": "application/octet-stream"},
-                                        check=False)
+                                        {"Content-Type": "application/octet-stream",
+                                         "Expect": "100-continue"}, check=False)
         record: dict[str, Any] = json.loads(body)
         if status not in (200, 422):
             raise ApiError(status, record.get("error", body.decode(errors="replace")))

@@ -58,6 +58,8 @@ class CompositeSession:
         self.outputs = first.outputs
         self.backend = f"composite:{decl.kind}(" + ", ".join(m.backend for m in members) + ")"
         self.fallback = next((m.fallback for m in members if m.fallback), None)
+        # Where the members run, each device once in member order (e.g. "cpu" or "cpu+NPU").
+        self.device = "+".join(dict.fromkeys(m.device for m in members))
         self._index = signature[1].index(decl.output)
         self._pool = (ThreadPoolExecutor(len(members) - 1, thread_name_prefix="ensemble")
                       if decl.kind == "ensemble" else None)

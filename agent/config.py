@@ -68,6 +68,7 @@ DEFAULT_API_HOST = "127.0.0.1"
 _KIB, _MIB, _GIB = 1 << 10, 1 << 20, 1 << 30
 #: A config file bigger than this is not a config file.
 _MAX_FILE_BYTES = _MIB
+_MAX_ORIGINS = 32
 
 
 def _meta(meaning: str, *, low: float | None = None, high: float | None = None,
@@ -91,6 +92,15 @@ def _check_http_url(url: str) -> None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{url!r} is not an http:// or https:// URL with a host")
     _ = parts.port  # ValueError for a port out of range
+
+
+def _check_origins(origins: tuple[str, ...]) -> None:
+    from .cors import check_origin
+
+    if len(origins) > _MAX_ORIGINS:
+        raise ValueError(f"{len(origins)} origins, over the limit of {_MAX_ORIGINS}")
+    for origin in origins:
+        check_origin(origin)
 
 
 @dataclass(frozen=True)
@@ -132,11 +142,18 @@ class ApiConfig:
         "TCP port of the local API; 0 picks a free one", low=0, high=65535))
     unix_socket: Path | None = field(default=None, metadata=_meta(
         "also listen on this Unix socket (created 0660)"))
+    grpc_port: int | None = field(default=None, metadata=_meta(
+        "also serve KServe v2 gRPC on this TCP port of `host` (the agent-grpc extra); 0 picks "
+        "a free one; unset: no gRPC", low=0, high=65535))
     threads: int = field(default=0, metadata=_meta(
         "inference threads per model; 0 lets the runtime decide", low=0, high=256))
     probation_s: float = field(default=60.0, metadata=_meta(
         "seconds a newly installed model is watched before it is committed",
         low=0, high=7 * 86400))
+    cors_origins: tuple[str, ...] = field(default=(), metadata=_meta(
+        "web origins whose pages may call the API from a browser (CORS); empty: none",
+        check=_check_origins, allowed="origins as browsers send them, e.g. "
+        "`[\"http://localhost:3000\"]`; at most 32"))
     limits: ApiLimits = field(default_factory=ApiLimits, metadata=_meta(
         "bounds on requests and connections"))
 
@@ -285,7 +302,16 @@ def _kind(hint: Any) -> Any:
 
 
 def _convert(value: Any, kind: Any) -> Any:
-    """``value`` as a ``kind`` (str, Path, int, float); TypeError names what it must be."""
+    """``value`` as a ``kind`` (str, Path, int, float, a tuple of one of them); TypeError
+    names what it must be."""
+    if get_origin(kind) is tuple:
+        item = get_args(kind)[0]
+        if not isinstance(value, list):
+            raise TypeError(f"a list of {_TYPE_NAMES[item]}s")
+        try:
+            return tuple(_convert(v, item) for v in value)
+        except TypeError as exc:
+            raise TypeError(f"a list, each {exc}") from None
     if kind in (str, Path):
         if not isinstance(value, str) or not value or "\0" in value:
             raise TypeError("a non-empty string")
@@ -395,6 +421,8 @@ def _table(obj: Any, all_limits: bool) -> dict[str, Any]:
                 out[f.name] = changed
         elif is_dataclass(value):
             out[f.name] = _table(value, all_limits)
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
         else:
             out[f.name] = str(value) if isinstance(value, Path) else value
     return out
@@ -434,7 +462,8 @@ def config_reference() -> str:
     return "\n".join(lines) + "\n"
 
 
-_TYPE_NAMES = {str: "string", Path: "path", int: "integer", float: "number"}
+_TYPE_NAMES: dict[Any, str] = {str: "string", Path: "path", int: "integer",
+                               float: "number", tuple[str, ...]: "list of strings"}
 
 
 def _tables(cls: type[Any], at: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], type[Any]]]:
@@ -452,6 +481,8 @@ def _default(f: Field[Any]) -> str:
         return "required"
     if f.default is None:
         return "unset"
+    if f.default == ():
+        return "`[]`"
     if isinstance(f.default, int) and not isinstance(f.default, bool) and f.default >= _KIB:
         return f"`{f.default}`" + (f" ({f.default // _MIB} MiB)" if f.default % _MIB == 0
                                    else f" ({f.default // _KIB} KiB)" if f.default % _KIB == 0

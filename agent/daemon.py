@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.atomic import write_atomic
 from firmware_profiles import get_profile, load_profiles, probe_host
@@ -28,6 +28,10 @@ from .client import AgentClient
 from .errors import AgentError
 from .http_api import ApiServer, ApiSettings, load_or_create_token
 from .runtime import Runtime
+from .sd_notify import Watchdog, notify, watchdog_interval
+
+if TYPE_CHECKING:
+    from .grpc_api import GrpcServer
 
 __all__ = ["AgentProcess", "RunningAgent", "find_running", "resolve_profile"]
 
@@ -80,6 +84,16 @@ def resolve_profile(name: str | None, profiles_dir: Path | None = None) -> Profi
     return best_profile(probe_host(profiles), profiles)
 
 
+def _grpc_server(runtime: Runtime, settings: ApiSettings) -> GrpcServer:
+    try:
+        from .grpc_api import GrpcServer
+    except ImportError as exc:
+        raise AgentError(f"{exc}; or leave out --grpc-port (api.grpc_port)") from exc
+    assert settings.grpc_port is not None
+    return GrpcServer(runtime, settings.host, settings.grpc_port, settings.token,
+                      settings.limits)
+
+
 class AgentProcess:
     """The agent serving its models over the local API until stopped."""
 
@@ -88,7 +102,9 @@ class AgentProcess:
         self.settings = settings
         self.state_dir = state_dir
         self.server = ApiServer(runtime, settings)
+        self.grpc = None if settings.grpc_port is None else _grpc_server(runtime, settings)
         self._stop = threading.Event()
+        self._watchdog: Watchdog | None = None
 
     @staticmethod
     def token(state_dir: Path | None, token_file: Path | None) -> tuple[str, Path]:
@@ -107,6 +123,8 @@ class AgentProcess:
         # wait during a hot-swap at a negligible cost in switching (docs/benchmarks.md).
         sys.setswitchinterval(_SWITCH_INTERVAL_S)
         self.server.start()
+        if self.grpc is not None:
+            self.grpc.start()
         self.runtime.start()
         if self.state_dir is not None:
             try:
@@ -115,6 +133,31 @@ class AgentProcess:
                 log.warning("cannot write %s (%s): the other edge-agent commands will not "
                             "find this agent; it serves on", self.state_dir / _RUN_FILE,
                             exc.strerror)
+        # Under systemd (Type=notify): ready now that the API serves; pinged while it answers.
+        notify(f"READY=1\nSTATUS=serving on {self.server.url or self.settings.unix_socket}\n"
+               f"MAINPID={os.getpid()}")
+        interval = watchdog_interval(os.environ, os.getpid())
+        if interval is not None:
+            self._watchdog = Watchdog(interval, self._answers)
+            self._watchdog.start()
+
+    def _answers(self) -> bool:
+        """Whether this agent's own API answers a liveness probe (the watchdog's check)."""
+        timeout = 5.0 if self._watchdog is None else self._watchdog.interval_s
+        port = self.server.port
+        try:
+            if port is not None:
+                # A wildcard address is reached through the loopback of its family.
+                host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(
+                    self.settings.host, self.settings.host)
+                host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+                client = AgentClient(f"http://{host}:{port}", timeout=timeout)
+            else:
+                client = AgentClient(unix_socket=self.settings.unix_socket, timeout=timeout)
+            with client:
+                return client.live()
+        except AgentError:
+            return False
 
     def wait(self) -> None:
         """Serve until SIGINT/SIGTERM or :meth:`stop`, then shut down."""
@@ -123,9 +166,14 @@ class AgentProcess:
         try:
             self._stop.wait()
         finally:
+            notify("STOPPING=1")
+            if self._watchdog is not None:
+                self._watchdog.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.server.stop()
+            if self.grpc is not None:
+                self.grpc.stop()
             self.runtime.close()
             if self.state_dir is not None:
                 (self.state_dir / _RUN_FILE).unlink(missing_ok=True)

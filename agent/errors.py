@@ -9,15 +9,17 @@ Every message says what was wrong and what to do about it. The tree::
     ├── ModelLoadError        no runtime on this device could open the model
     ├── ModelNotFoundError    no model of that name is being served
     └── InvalidInputError     an inference request does not match the model's signature
+        └── RequestTooLargeError  ... or is over one of the API's limits (api.limits)
 
-``InvalidInputError`` and ``ModelNotFoundError`` are the caller's fault (HTTP 400 and 404);
+``InvalidInputError`` and ``ModelNotFoundError`` are the caller's fault (HTTP 400 and 404;
+``RequestTooLargeError`` 413);
 the agent never stops serving because of them.
 """
 
 from __future__ import annotations
 
 __all__ = ["AgentError", "BundleRejectedError", "InstallError", "InvalidInputError",
-           "ModelLoadError", "ModelNotFoundError", "TrustStoreError"]
+           "ModelLoadError", "ModelNotFoundError", "RequestTooLargeError", "TrustStoreError"]
 
 
 class AgentError(Exception):
@@ -66,3 +68,7 @@ class ModelNotFoundError(AgentError):
 
 class InvalidInputError(AgentError):
     """An inference request's tensors do not match the model's input signature."""
+
+
+class RequestTooLargeError(InvalidInputError):
+    """An inference request is over one of the API's limits (its batch or input size)."""

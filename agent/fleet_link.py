@@ -3,7 +3,9 @@
 One MQTT connection (mutual TLS, persistent session, QoS 1; :mod:`transport.mqtt`) and one
 worker thread. The worker compares the retained desired state with what the runtime
 serves; for a model that differs it fetches the desired bundle in chunks
-(:class:`~agent.bundle_fetch.BundleFetch`, resumable), installs it with the runtime (the
+(:class:`~agent.bundle_fetch.BundleFetch`, resumable) — or the smaller delta bundle the
+desired state offers for the version it runs, if that base is intact and no delta failed
+here before (:func:`wants_delta`; the full bundle otherwise) — installs it with the runtime (the
 same verified, self-tested hot-swap as a local install) and reports every install
 transition as an event plus a fresh ``reported`` state. A bundle that failed is not
 retried until the desired state names another one, so a bad bundle costs one attempt, not
@@ -54,6 +56,7 @@ from transport.mqtt import BrokerAddress, ClientSettings, TLSIdentity, close_cli
 from . import __version__
 from .bundle_fetch import BundleFetch, FetchError
 from .config import FleetSettings
+from .errors import AgentError
 from .install_state import InstallRecord, InstallState
 from .installer import is_disk_full
 from .loss_counter import Tally
@@ -96,6 +99,16 @@ def next_fetch(desired: Desired | None, served: Mapping[str, str | None],
     return None
 
 
+def wants_delta(want: DesiredModel, failed: Collection[str],
+                base_intact: Callable[[int], bool]) -> bool:
+    """Whether to fetch the delta bundle ``want`` offers rather than the full bundle: only
+    if there is one, it has not failed here before (a damaged base, a rebuild that did not
+    match: the full bundle then) and the stored base version is intact."""
+    delta = want.delta
+    return (delta is not None and delta.bundle_sha256 not in failed
+            and base_intact(delta.base_version))
+
+
 def install_events(record: InstallRecord, announced: int,
                    ) -> list[tuple[str, float, dict[str, Any]]]:
     """The events announcing ``record``'s transitions after the first ``announced`` entries
@@ -109,6 +122,8 @@ def install_events(record: InstallRecord, announced: int,
         events.append((f"install.{state}", at, {
             "install_id": record.install_id, "model": record.model,
             "version": record.version, "bundle_sha256": record.bundle_sha256,
+            # What was fetched: a delta bundle (of the release release_sha256) or the full.
+            "bundle_size": record.size, "release_sha256": record.release_sha256,
             "reason": _clip(record.reason) if index == last else None,
             "detail": _clip(record.detail) if index == last else None}))
     return events
@@ -166,6 +181,7 @@ class FleetLink:
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._desired: Desired | None = None
+        self._intact: dict[tuple[str, int], bool] = {}  # stored bases checked for deltas
         self._fetch: BundleFetch | None = None
         self._fetch_model: str | None = None
         self._fetch_version: int | None = None
@@ -332,8 +348,28 @@ class FleetLink:
         name, want = chosen
         # The install record comes first, in downloading; it asks for the bytes through
         # start_fetch (or fails at once, e.g. without the room for the bundle).
-        self.installs.fetch(name, want.version, want.bundle_sha256, want.size)
+        failed = {r.bundle_sha256 for r in self.installer.records() if r.model == name
+                  and r.bundle_sha256 is not None
+                  and r.state in (InstallState.FAILED, InstallState.ROLLED_BACK)}
+        if want.delta is not None and wants_delta(
+                want, failed, lambda base: self._base_intact(name, base)):
+            self.installs.fetch(name, want.version, want.delta.bundle_sha256, want.delta.size,
+                                release_sha256=want.bundle_sha256)
+        else:
+            self.installs.fetch(name, want.version, want.bundle_sha256, want.size)
         self._report()
+
+    def _base_intact(self, name: str, version: int) -> bool:
+        """Whether the stored ``name`` ``version`` hashes to what its slot recorded (checked
+        once per version: a base damaged later fails the rebuild, and the full bundle is
+        fetched then)."""
+        key = (name, version)
+        if key not in self._intact:
+            try:
+                self._intact[key] = self.installer.store.slot(name, version).intact()
+            except AgentError:
+                self._intact[key] = False
+        return self._intact[key]
 
     def start_fetch(self, record: InstallRecord) -> None:
         """Fetch the bundle of the fleet install ``record`` in chunks (the install driver's

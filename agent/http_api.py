@@ -3,20 +3,30 @@
 Speaks what existing clients (``tritonclient.http``, KServe's own) expect:
 
     GET  /v2/health/live, /v2/health/ready          no token needed (liveness probes)
+    GET  /v2/openapi.json                           this API's OpenAPI document (no token)
     GET  /v2                                        server metadata
+    GET  /v2/models                                 repository index: the served models
+    POST /v2/repository/index                       the same, as Triton's extension (a list)
+    GET  /v2/models/stats                           every model's statistics (Triton's shape)
     GET  /v2/models/{name}[/versions/{v}]           model metadata
     GET  /v2/models/{name}[/versions/{v}]/ready
     POST /v2/models/{name}[/versions/{v}]/infer     JSON tensors, or the binary tensor
                                                     extension (Inference-Header-Content-Length)
+    GET  /v2/models/{name}[/versions/{v}]/stats     one model's statistics
     GET  /v2/edgefleet/status                       agent status (models, installs)
     POST /v2/edgefleet/install                      body: a bundle file; installs it
 
-Every other request needs ``Authorization: Bearer <token>`` (the token file is created with
-mode 0600 beside the agent's state). Every request is bounded (:class:`~.config.ApiLimits`):
-a body over its limit is refused with 413 before it is read, and an inference request's
-batch and decoded input size are checked from its declared shapes before any array is made
-(413). A bad request gets a JSON ``{"error": ...}`` naming what was wrong (400) and never
-affects the serving model or the server. JSON output is always valid JSON: non-finite
+The router dispatches from one table of routes (:data:`_ROUTES`), which also generates the
+OpenAPI document (:mod:`.openapi`). Every request but the open ones needs
+``Authorization: Bearer <token>`` (the token file is created with mode 0600 beside the
+agent's state). Cross-origin requests from web apps are refused unless their origin is in
+``api.cors_origins`` (:mod:`.cors`, answered by the server before authentication).
+
+Every request is bounded (:class:`~.config.ApiLimits`): a body over its limit is refused
+with 413 before it is read, and an inference request's batch and decoded input size are
+checked from its declared shapes before any array is made (413). A bad request gets a JSON
+``{"error": ...}`` naming what was wrong (400) and never affects the serving model or the
+server. JSON output is always valid JSON: non-finite
 floats are written as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``, which
 numpy (and so tritonclient) reads back as numbers. Listens on localhost TCP and/or a Unix
 socket.
@@ -46,12 +56,15 @@ from common.atomic import write_atomic
 from protocol.defaults import AGENT_API_PORT
 
 from . import __version__
+from .api_views import model_metadata, model_statistics, repository_index
 from .config import DEFAULT_API_HOST, ApiLimits
-from .errors import AgentError, InvalidInputError, ModelNotFoundError
+from .cors import CorsPolicy
+from .errors import AgentError, InvalidInputError, ModelNotFoundError, RequestTooLargeError
 from .http_server import HttpError, HttpServer, Request, Response
+from .openapi import Operation, openapi_document
 from .runtime import Runtime, ServedModel
 from .sessions import TensorInfo
-from .tensors import DATATYPE_OF, DTYPE_OF
+from .tensors import DATATYPE_OF, DTYPE_OF, declared_tensor
 
 __all__ = ["ApiServer", "ApiSettings", "load_or_create_token"]
 
@@ -59,17 +72,10 @@ log = logging.getLogger(__name__)
 
 BINARY_HEADER = "Inference-Header-Content-Length"
 _BINARY_HEADER_LC = BINARY_HEADER.lower()
-_OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 _INSTALL_PATH = "/v2/edgefleet/install"
-_MODEL_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
-                         r"(?P<action>/ready|/infer)?")
 _LITTLE = {name: np.dtype(name).newbyteorder("<") for name in DTYPE_OF.values()}
 _DATATYPE_BY_DTYPE = {np.dtype(name): datatype for name, datatype in DATATYPE_OF.items()}
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
-_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "litert": "tensorflow_lite"}
-# numpy arrays have at most 64 dimensions; no model input comes near this.
-_MAX_RANK = 32
-_MAX_DIM = 1 << 31
 _NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
@@ -82,6 +88,10 @@ class ApiSettings:
     unix_socket: Path | None = None
     token: str | None = None  # None: no authentication (only for tests and demos)
     limits: ApiLimits = field(default_factory=ApiLimits)
+    #: Web origins (``http://localhost:3000``) allowed to call the API; empty: none.
+    cors_origins: tuple[str, ...] = ()
+    #: Also serve KServe v2 gRPC on this port of ``host`` (:mod:`.grpc_api`); None: no gRPC.
+    grpc_port: int | None = None
 
 
 def load_or_create_token(path: Path) -> str:
@@ -156,6 +166,8 @@ class _Api:
     def handle(self, request: Request) -> Response:
         try:
             return self._route(request)
+        except RequestTooLargeError as exc:
+            return self.error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(exc))
         except InvalidInputError as exc:
             return self.error(HTTPStatus.BAD_REQUEST, str(exc))
         except ModelNotFoundError as exc:
@@ -170,44 +182,85 @@ class _Api:
 
     def _route(self, request: Request) -> Response:
         method, path = request.method, request.path
-        if path in _OPEN_PATHS:
-            ready = path.endswith("live") or bool(self.runtime.models())
-            return Response(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE)
-        fixed = _FIXED_ROUTES.get((method, path))
-        if fixed is not None:
-            return fixed(self, request)
-        match = _MODEL_PATH.fullmatch(path)
-        if match is None:
-            raise HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {method} {path}")
-        name, version, action = match["name"], match["version"], match["action"]
-        served = self.runtime.served(name)
-        if version is not None and version != str(served.version or 1):
-            raise ModelNotFoundError(f"model {name} serves version {served.version or 1}, "
-                                     f"not {version}")
-        if action == "/infer" and method == "POST":
-            return self._infer(served, request)
-        if action == "/ready" and method == "GET":
-            return Response(HTTPStatus.OK)
-        if action is None and method == "GET":
-            return Response(HTTPStatus.OK, _json(_model_metadata(self.runtime, name)))
-        raise HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} is not allowed on {path}")
+        methods = _EXACT.get(path)
+        served = None
+        if methods is None:
+            match = _MODEL_PATH.fullmatch(path)
+            if match is None:
+                raise HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {method} {path} "
+                                "(GET /v2/openapi.json lists them)")
+            methods = _BY_ACTION[match["action"] or ""]
+            name, version = match["name"], match["version"]
+            served = self.runtime.served(name)
+            if version is not None and version != str(served.version or 1):
+                raise ModelNotFoundError(f"model {name} serves version {served.version or 1}, "
+                                         f"not {version}")
+        handler = methods.get(method)
+        if handler is None:
+            raise HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} is not allowed on "
+                            f"{path}; use {' or '.join(methods)}")
+        return handler(self, request, served)
 
-    def _server_metadata(self, request: Request) -> Response:
+    def _live(self, request: Request, served: ServedModel | None) -> Response:
+        return Response(HTTPStatus.OK)
+
+    def _ready(self, request: Request, served: ServedModel | None) -> Response:
+        return Response(HTTPStatus.OK if self.runtime.models() else
+                        HTTPStatus.SERVICE_UNAVAILABLE)
+
+    def _openapi(self, request: Request, served: ServedModel | None) -> Response:
+        return Response(HTTPStatus.OK, _OPENAPI)
+
+    def _server_metadata(self, request: Request, served: ServedModel | None) -> Response:
         return Response(HTTPStatus.OK, _json({"name": "edgefleet-agent", "version": __version__,
                                               "extensions": ["binary_tensor_data",
-                                                             "edgefleet"]}))
+                                                             "model_repository",
+                                                             "statistics", "edgefleet"]}))
 
-    def _status(self, request: Request) -> Response:
+    def _index(self, request: Request, served: ServedModel | None) -> Response:
+        return Response(HTTPStatus.OK, _json({"models": self._index_entries()}))
+
+    def _repository_index(self, request: Request, served: ServedModel | None) -> Response:
+        if request.body.strip():
+            try:
+                body = json.loads(request.body)
+            except (ValueError, RecursionError):
+                body = None
+            if not isinstance(body, dict):
+                raise InvalidInputError("the repository index request must be empty or a "
+                                        "JSON object such as {\"ready\": true}")
+        return Response(HTTPStatus.OK, _json(self._index_entries()))
+
+    def _index_entries(self) -> list[dict[str, str]]:
+        return repository_index(self.runtime)
+
+    def _all_stats(self, request: Request, served: ServedModel | None) -> Response:
+        return Response(HTTPStatus.OK, _json({"model_stats": [
+            model_statistics(self.runtime.served(info.name)) for info in self.runtime.models()]}))
+
+    def _model_stats(self, request: Request, served: ServedModel | None) -> Response:
+        assert served is not None
+        return Response(HTTPStatus.OK, _json({"model_stats": [model_statistics(served)]}))
+
+    def _model_metadata(self, request: Request, served: ServedModel | None) -> Response:
+        assert served is not None
+        return Response(HTTPStatus.OK, _json(model_metadata(self.runtime, served.name)))
+
+    def _model_ready(self, request: Request, served: ServedModel | None) -> Response:
+        return Response(HTTPStatus.OK)
+
+    def _status(self, request: Request, served: ServedModel | None) -> Response:
         return Response(HTTPStatus.OK, _json(self.runtime.status()))
 
-    def _infer(self, served: ServedModel, request: Request) -> Response:
+    def _infer(self, request: Request, served: ServedModel | None) -> Response:
+        assert served is not None
         body, binary = _split_binary(request.body, request.headers.get(_BINARY_HEADER_LC))
         feeds = _decode_inputs(body, binary, served.session.inputs, self.settings.limits)
         wanted = _wanted_outputs(body, served.output_names)
         # The model object looked up for this request serves it, even if a swap lands now.
         return _encode_response(body, served.name, served.version, served.run(feeds), wanted)
 
-    def _install(self, request: Request) -> Response:
+    def _install(self, request: Request, served: ServedModel | None) -> Response:
         installer = self.runtime.installer
         if installer is None:
             raise HttpError(HTTPStatus.CONFLICT, "this agent serves model files without a "
@@ -223,11 +276,49 @@ class _Api:
         return Response(status, _json(record.summary()))
 
 
-_FIXED_ROUTES: dict[tuple[str, str], Callable[[_Api, Request], Response]] = {
-    ("GET", "/v2"): _Api._server_metadata,
-    ("GET", "/v2/edgefleet/status"): _Api._status,
-    ("POST", _INSTALL_PATH): _Api._install,
-}
+_Handler = Callable[[_Api, Request, "ServedModel | None"], Response]
+
+#: Every route: what the OpenAPI document says of it, and its handler. Model routes
+#: (``model=True``) have a path suffix after /v2/models/{name}[/versions/{v}].
+_ROUTES: tuple[tuple[Operation, _Handler], ...] = (
+    (Operation("GET", "/v2/health/live", "liveness: the agent answers", None, open=True),
+     _Api._live),
+    (Operation("GET", "/v2/health/ready", "readiness: at least one model is served", None,
+               open=True, errors=(503,)), _Api._ready),
+    (Operation("GET", "/v2/openapi.json", "this document", "OpenApi", open=True),
+     _Api._openapi),
+    (Operation("GET", "/v2", "server metadata", "ServerMetadata"), _Api._server_metadata),
+    (Operation("GET", "/v2/models", "repository index: every served model",
+               "RepositoryIndex"), _Api._index),
+    (Operation("POST", "/v2/repository/index", "repository index as Triton's model "
+               "repository extension answers it (tritonclient's get_model_repository_index)",
+               "RepositoryIndexList", request="RepositoryIndexRequest", errors=(400,)),
+     _Api._repository_index),
+    (Operation("GET", "/v2/models/stats", "statistics of every served model (Triton's "
+               "statistics extension)", "ModelStatistics"), _Api._all_stats),
+    (Operation("GET", "/v2/edgefleet/status", "agent status: models, figures, installs",
+               "Status"), _Api._status),
+    (Operation("POST", _INSTALL_PATH, "install a bundle (hot-swap)", "InstallRecord",
+               request="bundle", errors=(409, 413, 422)), _Api._install),
+    (Operation("GET", "", "model metadata", "ModelMetadata", model=True, errors=(404,)),
+     _Api._model_metadata),
+    (Operation("GET", "/ready", "model readiness", None, model=True, errors=(404,)),
+     _Api._model_ready),
+    (Operation("POST", "/infer", "run the model", "InferenceResponse",
+               request="InferenceRequest", model=True, errors=(400, 404, 413, 500)),
+     _Api._infer),
+    (Operation("GET", "/stats", "statistics of this model (Triton's statistics extension)",
+               "ModelStatistics", model=True, errors=(404,)), _Api._model_stats),
+)
+_EXACT: dict[str, dict[str, _Handler]] = {}
+_BY_ACTION: dict[str, dict[str, _Handler]] = {}
+for _op, _handler in _ROUTES:
+    (_BY_ACTION if _op.model else _EXACT).setdefault(_op.path, {})[_op.method] = _handler
+_OPEN_PATHS = frozenset(op.path for op, _ in _ROUTES if op.open)
+_MODEL_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
+                         rf"(?P<action>{'|'.join(re.escape(a) for a in _BY_ACTION if a)})?")
+_OPENAPI = json.dumps(openapi_document((op for op, _ in _ROUTES), __version__),
+                      indent=1).encode()
 
 
 def _json(obj: Any) -> bytes:
@@ -285,64 +376,37 @@ def _decode_inputs(request: Mapping[str, Any], binary: memoryview,
     feeds: dict[str, np.ndarray] = {}
     offset = 0
     total = 0
-    dynamic_batch = {i.name for i in expected if i.shape and i.shape[0] is None}
     for number, tensor in enumerate(request["inputs"]):
         if not isinstance(tensor, dict):
             raise InvalidInputError(f"inputs[{number}] is not an object")
         name = tensor.get("name")
         where = f"input {name!r}" if isinstance(name, str) else f"inputs[{number}]"
-        signature = _Signature(expected)
-        datatype, shape = tensor.get("datatype"), tensor.get("shape")
-        dtype = DTYPE_OF.get(datatype) if isinstance(datatype, str) else None
-        if not isinstance(name, str) or dtype is None:
-            raise InvalidInputError(f"{where}: needs a 'name' and a 'datatype' out of "
-                                    f"{', '.join(DTYPE_OF)}; the model expects {signature}")
-        if not (isinstance(shape, list) and len(shape) <= _MAX_RANK and all(
-                type(d) is int and 0 <= d < _MAX_DIM for d in shape)):
-            raise InvalidInputError(f"{where}: 'shape' must be a list of non-negative "
-                                    f"integers (at most {_MAX_RANK}, each under {_MAX_DIM}); "
-                                    f"the model expects {signature}")
-        if shape and shape[0] > limits.max_batch and name in dynamic_batch:
-            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{where}: batch of "
-                            f"{shape[0]} is over this agent's limit of {limits.max_batch} "
-                            "(api.limits.max_batch); split the request")
-        count = math.prod(shape)
-        itemsize = np.dtype(dtype).itemsize
-        total += count * itemsize
-        if total > limits.max_input_bytes:
-            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{where}: the inputs take "
-                            f"{total} bytes or more, over this agent's limit of "
-                            f"{limits.max_input_bytes} (api.limits.max_input_bytes); send "
-                            "smaller batches")
+        declared = declared_tensor(where, name, tensor.get("datatype"), tensor.get("shape"),
+                                   expected=expected, limits=limits, total=total)
+        total += declared.nbytes
         size = _parameters(tensor, where).get("binary_data_size")
         if size is not None:
-            if (type(size) is not int or size != count * itemsize
+            if (type(size) is not int or size != declared.nbytes
                     or offset + size > len(binary)):
                 raise InvalidInputError(f"{where}: binary_data_size {size!r} does not fit "
-                                        f"shape {shape} of {datatype} or the data sent")
+                                        f"shape {declared.shape} of {tensor['datatype']} or "
+                                        "the data sent")
             # The protocol's binary data is little-endian, as numpy's native order is on
             # every platform the agent runs on; "<" keeps a big-endian host correct.
-            array = np.frombuffer(binary, dtype=_LITTLE[dtype], count=count, offset=offset)
+            array = np.frombuffer(binary, dtype=_LITTLE[declared.dtype], count=declared.count,
+                                  offset=offset)
             offset += size
         else:
             try:
-                array = np.asarray(tensor.get("data"), dtype=dtype)
+                array = np.asarray(tensor.get("data"), dtype=declared.dtype)
             except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-                raise InvalidInputError(f"{where}: 'data' is not {datatype} ({exc})") from None
-            if array.size != count:
-                raise InvalidInputError(f"{where}: {array.size} values for shape {shape}")
-        feeds[name] = array.reshape(shape)
+                raise InvalidInputError(f"{where}: 'data' is not {tensor['datatype']} "
+                                        f"({exc})") from None
+            if array.size != declared.count:
+                raise InvalidInputError(f"{where}: {array.size} values for shape "
+                                        f"{declared.shape}")
+        feeds[declared.name] = array.reshape(declared.shape)
     return feeds
-
-
-class _Signature:
-    """The model's input signature, formatted only when an error message needs it."""
-
-    def __init__(self, expected: tuple[TensorInfo, ...]) -> None:
-        self.expected = expected
-
-    def __str__(self) -> str:
-        return "; ".join(i.describe() for i in self.expected)
 
 
 def _wanted_outputs(request: Mapping[str, Any], names: list[str]) -> dict[str, bool]:
@@ -402,20 +466,6 @@ def _json_values(array: np.ndarray) -> list[Any]:
     return values
 
 
-def _model_metadata(runtime: Runtime, name: str) -> dict[str, Any]:
-    info = runtime.model(name)
-
-    def tensors(infos: tuple[TensorInfo, ...]) -> list[dict[str, Any]]:
-        return [{"name": t.name, "datatype": DATATYPE_OF.get(t.dtype, t.dtype.upper()),
-                 "shape": [-1 if d is None else d for d in t.shape]} for t in infos]
-
-    return {"name": info.name, "versions": [str(info.version or 1)],
-            "platform": _PLATFORMS.get(info.backend.split(":", 1)[0], info.backend),
-            "inputs": tensors(info.inputs), "outputs": tensors(info.outputs),
-            "parameters": {"backend": info.backend, "fallback": info.fallback,
-                           "state": info.state, "source": info.source}}
-
-
 class ApiServer:
     """The API over ``runtime``, listening as ``settings`` say; start() and stop()."""
 
@@ -431,7 +481,9 @@ class ApiServer:
                 tcp=None if settings.port is None else (settings.host, settings.port),
                 unix=settings.unix_socket, max_head_bytes=limits.max_head_bytes,
                 max_headers=limits.max_headers, idle_timeout_s=limits.idle_timeout_s,
-                max_connections=limits.max_connections)
+                max_connections=limits.max_connections,
+                cors=CorsPolicy(frozenset(settings.cors_origins)) if settings.cors_origins
+                else None)
         except OverflowError as exc:  # a port over 65535
             raise AgentError(f"cannot listen on port {settings.port} ({exc}); choose another "
                              "--port") from exc

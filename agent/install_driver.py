@@ -106,8 +106,11 @@ class InstallDriver:
     """Runs installs against ``installer`` (disk) and ``table`` (the serving models)."""
 
     def __init__(self, installer: Installer, table: ServingTable, policy: ProbationPolicy,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, *,
+                 after_crash: bool = True) -> None:
         self.installer = installer
+        #: Whether the previous run crashed: only then do resumed installs count a restart.
+        self.after_crash = after_crash
         self.table = table
         self.policy = policy
         self.monotonic = monotonic
@@ -129,12 +132,14 @@ class InstallDriver:
         """Install the bundle file ``bundle``; returns once it serves in probation or failed."""
         return self._call(lambda: self._start(self.installer.begin(str(bundle.absolute()))))
 
-    def fetch(self, model: str, version: int, bundle_sha256: str,
-              size: int) -> InstallRecord | None:
+    def fetch(self, model: str, version: int, bundle_sha256: str, size: int, *,
+              release_sha256: str | None = None) -> InstallRecord | None:
         """Start (or resume) installing the fleet bundle ``bundle_sha256`` of ``model``:
         the record enters ``downloading`` and the fetcher is asked for the bytes. None if
-        that bundle was given up meanwhile."""
-        return self._call(lambda: self._fetch(model, version, bundle_sha256, size))
+        that bundle was given up meanwhile. ``release_sha256``: the full bundle, when
+        ``bundle_sha256`` is a delta bundle of it."""
+        return self._call(lambda: self._fetch(model, version, bundle_sha256, size,
+                                              release_sha256))
 
     def fetched(self, install_id: str) -> Future[object]:
         """The fetcher has the whole bundle of ``install_id``: verify and install it."""
@@ -191,8 +196,8 @@ class InstallDriver:
     def _start(self, record: InstallRecord) -> InstallRecord:
         return self._run(record, InstallEvent(T.START))
 
-    def _fetch(self, model: str, version: int, sha256: str,
-               size: int) -> InstallRecord | None:
+    def _fetch(self, model: str, version: int, sha256: str, size: int,
+               release_sha256: str | None) -> InstallRecord | None:
         source = FLEET_SOURCE + sha256
         if self.installer.given_up().get(model) == sha256:
             return None  # it failed after the fetcher asked (a failure still queued then)
@@ -205,7 +210,8 @@ class InstallDriver:
                     T.FAILED, reason="superseded", retry=True,
                     detail=f"the desired state now names {model} v{version}"))
         record = self.installer.begin(source, model=model, version=version,
-                                      bundle_sha256=sha256, size=size)
+                                      bundle_sha256=sha256, size=size,
+                                      release_sha256=release_sha256)
         return self._start(record)
 
     def _feed(self, install_id: str, event: InstallEvent) -> InstallRecord | None:
@@ -226,7 +232,7 @@ class InstallDriver:
             level = logging.INFO if record.state is InstallState.PROBATION else logging.WARNING
             log.log(level, "resuming install %s (%s) in %s", record.install_id,
                     record.source, record.state.value)
-            self._run(record, InstallEvent(T.RESTARTED))
+            self._run(record, InstallEvent(T.RESTARTED if self.after_crash else T.RESUMED))
 
     def _run(self, record: InstallRecord, event: InstallEvent) -> InstallRecord:
         """Step ``record`` with ``event`` and every event its actions produce, until an
@@ -446,17 +452,18 @@ class InstallDriver:
         served = self.table.serving(name)
         figures = served.figures if served is not None else {}
         elapsed = self.monotonic() - probation.started
-        verdict = judge(self.policy, self.policy.window_s if superseded_by else elapsed,
+        verdict = judge(self.policy, elapsed,
                         requests=int(figures.get("requests") or 0),
                         errors=int(figures.get("errors") or 0),
                         p99_ms=_float(figures.get("p99_ms")),
                         baseline_p99_ms=probation.baseline_p99_ms,
-                        latency_samples=int(figures.get("samples") or 0))
+                        latency_samples=int(figures.get("samples") or 0),
+                        final=superseded_by is not None)
         if verdict.decision == "wait":
             return None
         reason = verdict.reason
         if superseded_by is not None:
-            reason = f"superseded by v{superseded_by} after {elapsed:.0f} s: {reason}"
+            reason = f"superseded by v{superseded_by}: {reason}"
         # Out of probation before the verdict is recorded, so what the listeners see then
         # (the reported state) no longer says "probation"; the previous model stands by
         # for a roll-back.

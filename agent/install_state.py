@@ -14,9 +14,11 @@ One install moves through::
 probation judged it, something failed, the agent restarted); the :class:`Action` tuple is
 what the adapter (:mod:`agent.install_driver`) must do next. The adapter persists the
 returned record *before* it performs any action, so after a crash the record alone says what
-may be half done, and a ``RESTARTED`` event resumes it. The record carries a restart counter:
-an install that keeps the agent from coming back (a model that crashes it while activating
-or verifying) is given up after :data:`MAX_RESTARTS` restarts instead of looping.
+may be half done, and a ``RESTARTED`` event (after a crash) or ``RESUMED`` (after a clean
+stop) resumes it. The record carries a restart counter of crashes only: an install that
+keeps the agent from coming back (a model that crashes it while activating or verifying) is
+given up after :data:`MAX_RESTARTS` of them instead of looping, while stopping and starting
+the agent on purpose, however often, blames nothing.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class Trigger(str, enum.Enum):
     HEALTHY = "healthy"        # probation's verdict: keep it (detail says why)
     UNHEALTHY = "unhealthy"    # probation's verdict: roll back (detail says why)
     FAILED = "failed"          # a step could not be done (reason, detail)
-    RESTARTED = "restarted"    # the agent restarted with this record unfinished
+    RESTARTED = "restarted"    # the agent restarted after a crash, this record unfinished
+    RESUMED = "resumed"        # the agent started again after a clean stop, same
 
 
 class Action(str, enum.Enum):
@@ -141,6 +144,9 @@ class InstallRecord:
     retry: bool = False
     #: How many entries of ``history`` the installer's listeners have had (reported).
     announced: int = 0
+    #: For an install from a delta bundle (``bundle_sha256``): the release's full bundle,
+    #: which the installed model is recorded as coming from.
+    release_sha256: str | None = None
 
     @property
     def done(self) -> bool:
@@ -161,10 +167,10 @@ class InstallRecord:
 
 def new_install(install_id: str, source: str, now: float, *, model: str | None = None,
                 version: int | None = None, bundle_sha256: str | None = None,
-                size: int | None = None) -> InstallRecord:
+                size: int | None = None, release_sha256: str | None = None) -> InstallRecord:
     """A fresh record for installing the bundle at ``source``."""
     return InstallRecord(install_id=install_id, source=source, model=model, version=version,
-                         bundle_sha256=bundle_sha256, size=size,
+                         bundle_sha256=bundle_sha256, size=size, release_sha256=release_sha256,
                          history=((S.IDLE.value, now),))
 
 
@@ -175,8 +181,8 @@ def step(record: InstallRecord, event: InstallEvent,
     Raises InvalidTransition for an event the table has no row for, a failure without a
     reason, or a verified bundle without model and version.
     """
-    if event.trigger is T.RESTARTED:
-        return _resume(record, now)
+    if event.trigger in (T.RESTARTED, T.RESUMED):
+        return _resume(record, now, crashed=event.trigger is T.RESTARTED)
     row = TABLE.get((record.state, event.trigger))
     if row is None:
         raise InvalidTransition(f"install {record.install_id}: no transition from "
@@ -205,15 +211,16 @@ def _enter(record: InstallRecord, to: InstallState, now: float,
         history=(*record.history, (to.value, now)))
 
 
-def _resume(record: InstallRecord, now: float) -> tuple[InstallRecord, tuple[Action, ...]]:
+def _resume(record: InstallRecord, now: float,
+            crashed: bool) -> tuple[InstallRecord, tuple[Action, ...]]:
     if record.done:
         return record, ()
-    if record.state not in _COUNTED:
+    if not crashed or record.state not in _COUNTED:
         return record, (_RESUME[record.state],)
     resumed = replace(record, restarts=record.restarts + 1)
     if resumed.restarts <= MAX_RESTARTS:
         return resumed, (_RESUME[record.state],)
-    detail = (f"the agent restarted {resumed.restarts} times while this install was "
+    detail = (f"the agent crashed {resumed.restarts} times while this install was "
               f"{record.state.value}; the new model (or its bundle) may be crashing it")
     reason = "probation_failed" if record.state is S.PROBATION else "crash_loop"
     return step(resumed, InstallEvent(T.FAILED, reason=reason, detail=detail), now)

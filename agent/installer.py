@@ -29,7 +29,7 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from multiprocessing.connection import Connection
@@ -40,7 +40,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from bundle.archive import READ_BLOCK, Limits
 from bundle.crypto import open_artifact
-from bundle.errors import BundleError
+from bundle.delta import apply_delta
+from bundle.errors import BundleError, DeltaBaseError
+from bundle.manifest import ArtifactVariant
 from bundle.trust import TrustedState, VerifiedBundle, verify_bundle
 from common.atomic import write_atomic
 from firmware_profiles.model import Profile
@@ -61,6 +63,8 @@ FLEET_SOURCE = "fleet:"
 #: Free space kept beyond what an install needs: records, logs, the telemetry buffer.
 RESERVE_BYTES = 8 * 1024 * 1024
 _KEEP_RECORDS = 50
+#: In ``installs/`` while an agent runs (removed by a clean stop): tells a crash from a stop.
+_RUN_MARKER = "running"
 #: Verifies the bundle file at a path for the trusted state, time and profile.
 Verifier = Callable[[Path, TrustedState, datetime, "str | None"], VerifiedBundle]
 _VERIFIER_NICE = 10
@@ -192,10 +196,13 @@ class Installer:
     # -- steps ---------------------------------------------------------------------------
 
     def begin(self, source: str, *, model: str | None = None, version: int | None = None,
-              bundle_sha256: str | None = None, size: int | None = None) -> InstallRecord:
-        """A new record (not yet saved: the driver persists it with its first step)."""
+              bundle_sha256: str | None = None, size: int | None = None,
+              release_sha256: str | None = None) -> InstallRecord:
+        """A new record (not yet saved: the driver persists it with its first step);
+        ``release_sha256`` is the full bundle when ``source`` is a delta bundle of it."""
         return new_install(uuid.uuid4().hex[:12], source, self.clock(), model=model,
-                           version=version, bundle_sha256=bundle_sha256, size=size)
+                           version=version, bundle_sha256=bundle_sha256, size=size,
+                           release_sha256=release_sha256)
 
     def copy_in(self, record: InstallRecord) -> str:
         """Copy the local bundle file of ``record`` into the state dir (so the source may
@@ -261,19 +268,61 @@ class Installer:
                                f"{manifest.name} v{manifest.version}, but the fleet asked for "
                                f"{record.model} v{record.version}; the desired state is wrong")
         variant = choose_variant(manifest, self.profile, self.formats)
-        self.check_space(variant.size, f"{manifest.name} v{manifest.version} ({variant.path})")
+        # A delta bundle's artifact is rebuilt into a file first: twice the room.
+        rebuilt = 2 if verified.delta_base is not None else 1
+        self.check_space(rebuilt * variant.size,
+                         f"{manifest.name} v{manifest.version} ({variant.path})")
         try:
-            plain = open_artifact(manifest, variant.path,
-                                  verified.artifact_blocks(variant.path), self._device_key())
+            if verified.delta_base is None:
+                plain = open_artifact(manifest, variant.path,
+                                      verified.artifact_blocks(variant.path), self._device_key())
+            else:
+                plain = self._rebuild(record, verified, variant)
             stored = self.store.stage(manifest, variant, plain, self.clock(),
-                                      record.bundle_sha256)
+                                      record.release_sha256 or record.bundle_sha256)
         except BundleError as exc:
             raise InstallError(f"rejected:{type(exc).__name__}", str(exc)) from exc
+        finally:
+            self.rebuilt_path(record).unlink(missing_ok=True)
         # The version floor rises once the bundle is verified and kept, so an older signed
         # bundle cannot be replayed even if this install later rolls back.
         self.trust.save(verified.trusted.with_installed(manifest.name, manifest.version,
                                                         verified.manifest_sha256))
         return stored
+
+    def _rebuild(self, record: InstallRecord, verified: VerifiedBundle,
+                 variant: ArtifactVariant) -> Iterator[bytes]:
+        """The artifact ``variant`` rebuilt from the stored base and the delta bundle's delta
+        (written to :meth:`rebuilt_path` as it streams, checked against the signed sha256
+        before a block is handed on), as blocks. DeltaBaseError when the base is missing,
+        damaged or has no delta for this variant: the full bundle is fetched instead."""
+        manifest, base_version = verified.manifest, verified.delta_base
+        assert base_version is not None
+        delta = variant.delta_from(base_version)
+        if delta is None:
+            raise DeltaBaseError(f"{manifest.name} v{manifest.version} has no delta from "
+                                 f"v{base_version} for {variant.path}, the variant this device "
+                                 "runs; install the full bundle")
+        try:
+            base = self.store.slot(manifest.name, base_version)
+        except AgentError as exc:
+            raise DeltaBaseError(f"the delta builds on {manifest.name} v{base_version}, which "
+                                 f"this device no longer holds ({exc}); install the full "
+                                 "bundle") from exc
+        path = self.rebuilt_path(record)
+        try:
+            with base.path.open("rb") as old, path.open("wb") as out:
+                apply_delta(verified.artifact_blocks(delta.path), delta.size, old, out,
+                            base_sha256=delta.base_sha256, target_sha256=variant.sha256,
+                            target_size=variant.size)
+        except FileNotFoundError as exc:
+            raise DeltaBaseError(f"the stored {manifest.name} v{base_version} is missing "
+                                 f"({exc.filename}); install the full bundle") from exc
+        return _file_blocks(path)
+
+    def rebuilt_path(self, record: InstallRecord) -> Path:
+        """Where the artifact of a delta install is rebuilt before it is staged."""
+        return self.dirs.incoming / f"{record.install_id}.rebuilt"
 
     def drop_bundle(self, record: InstallRecord) -> None:
         """Delete the bundle file: once staged, the slot holds all that is needed."""
@@ -290,6 +339,24 @@ class Installer:
                 return  # a damaged pointer: keep every slot, the restore sorts it out
             if pointer is None or record.version not in (pointer.version, pointer.previous):
                 self.store.remove(record.model, record.version)
+
+    def begin_run(self) -> bool:
+        """Mark the state directory as in use by a running agent; returns whether the
+        previous run ended without :meth:`end_run` (a crash, a kill, a power cut), which is
+        what counts against an unfinished install (:mod:`agent.install_state`)."""
+        marker = self.dirs.installs / _RUN_MARKER
+        crashed = marker.exists()
+        if not crashed:
+            try:
+                write_atomic(marker, b"")
+            except OSError as exc:  # a full disk must not keep the agent from serving
+                log.warning("cannot write %s (%s): a crash before the next clean stop will "
+                            "not count against an unfinished install", marker, exc.strerror)
+        return crashed
+
+    def end_run(self) -> None:
+        """The agent stops cleanly: its unfinished installs resume without blame."""
+        (self.dirs.installs / _RUN_MARKER).unlink(missing_ok=True)
 
     def sweep(self) -> list[Path]:
         """Delete what no unfinished install references: bundle files in ``incoming/``,
@@ -347,6 +414,11 @@ def _copy(src: BinaryIO, dst: BinaryIO) -> str:
     dst.flush()
     os.fsync(dst.fileno())
     return digest.hexdigest()
+
+
+def _file_blocks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        yield from iter(lambda: f.read(READ_BLOCK), b"")
 
 
 def _remove(path: Path) -> None:

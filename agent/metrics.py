@@ -87,6 +87,7 @@ class ModelReading:
     fallback: str | None = None
     p50_ms: float | None = None
     p99_ms: float | None = None
+    device: str | None = None  # what actually runs it (cpu, NPU, cuda:0...)
 
 
 def model_metrics(reading: ModelReading, delta: Counts, latencies_s: Sequence[float],
@@ -102,6 +103,8 @@ def model_metrics(reading: ModelReading, delta: Counts, latencies_s: Sequence[fl
         "p50_ms": _round(reading.p50_ms, 3), "p99_ms": _round(reading.p99_ms, 3),
         "latency_hist": latency_histogram([s * 1e3 for s in latencies_s], edges_ms),
     }
+    if reading.device is not None:
+        entry["device"] = reading.device
     if reading.fallback is not None:
         entry["fallback"] = reading.fallback
     return entry

@@ -32,7 +32,7 @@ class Verdict:
 
 def judge(policy: ProbationPolicy, elapsed_s: float, *, requests: int, errors: int,
           p99_ms: float | None, baseline_p99_ms: float | None,
-          latency_samples: int = 0) -> Verdict:
+          latency_samples: int = 0, final: bool = False) -> Verdict:
     """The verdict on a model after ``elapsed_s`` of probation with these request figures.
 
     ``baseline_p99_ms`` is the previous model's p99 (None when it had too little traffic to
@@ -42,6 +42,7 @@ def judge(policy: ProbationPolicy, elapsed_s: float, *, requests: int, errors: i
     a device whose apps are idle must not keep an install open for ever. The reason then
     says plainly that the model was not exercised (no requests) or too little to judge
     (fewer than ``min_requests``), so the fleet does not read it as a health check passed.
+    ``final``: the window is over now whatever ``elapsed_s`` (a newer version replaces it).
     """
     if requests >= policy.min_requests:
         rate = errors / requests
@@ -55,16 +56,16 @@ def judge(policy: ProbationPolicy, elapsed_s: float, *, requests: int, errors: i
             if p99_ms > limit:
                 return Verdict("roll_back", f"p99 latency {p99_ms:.2f} ms over the limit "
                                f"{limit:.2f} ms (previous model {baseline_p99_ms:.2f} ms)")
-    if elapsed_s >= policy.window_s:
+    if elapsed_s >= policy.window_s or final:
+        watched = f"{elapsed_s:.0f} s"
         if requests == 0:
-            return Verdict("commit", f"not exercised: no requests in {policy.window_s:g} s "
-                           "of probation; committed on its self-test alone")
+            return Verdict("commit", f"not exercised: no requests in {watched} of "
+                           "probation; committed on its self-test alone")
         if requests < policy.min_requests:
             return Verdict("commit", f"barely exercised: {requests} requests ({errors} "
-                           f"errors) in {policy.window_s:g} s, fewer than the "
-                           f"{policy.min_requests} needed to judge; committed on its "
-                           "self-test")
+                           f"errors) in {watched}, fewer than the {policy.min_requests} "
+                           "needed to judge; committed on its self-test")
         p99 = "n/a" if p99_ms is None else f"{p99_ms:.2f} ms"
-        return Verdict("commit", f"healthy for {policy.window_s:g} s: {requests} requests, "
+        return Verdict("commit", f"healthy for {watched}: {requests} requests, "
                        f"{errors} errors, p99 {p99}")
     return Verdict("wait", f"{elapsed_s:.1f} of {policy.window_s:g} s")

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import numpy as np
 
 from bundle.manifest import Manifest
 from firmware_profiles.model import Profile
-from firmware_profiles.runtimes import import_litert
+from firmware_profiles.runtimes import import_litert, onnxruntime_installed
 
 from .errors import AgentError, InstallError, InvalidInputError, ModelLoadError, ModelNotFoundError
 from .install_driver import InstallDriver, ServedLike
@@ -40,7 +40,7 @@ from .probation import ProbationPolicy
 from .sessions import Session, TensorInfo, open_session, warm_up
 from .tensors import check_feeds, from_manifest_tensor
 
-__all__ = ["ModelInfo", "RequestStats", "Runtime", "ServedModel"]
+__all__ = ["ModelInfo", "RequestStats", "Runtime", "ServedModel", "StatTotals"]
 
 log = logging.getLogger(__name__)
 _FORMATS_BY_SUFFIX = {".onnx": "onnx", ".tflite": "tflite"}
@@ -59,6 +59,18 @@ class ModelInfo:
     outputs: tuple[TensorInfo, ...]
     source: str
     state: str  # "serving" or "probation"
+    device: str = "cpu"  # what actually runs it (Session.device)
+
+
+@dataclass(frozen=True)
+class StatTotals:
+    """A model's cumulative figures since it was loaded (the statistics extension's)."""
+
+    successes: int
+    failures: int
+    success_s: float  # summed run time of the successful requests
+    failure_s: float
+    last_at: float | None  # wall-clock time (epoch seconds) of the last request, if any
 
 
 class RequestStats:
@@ -68,22 +80,43 @@ class RequestStats:
         self._lock = threading.Lock()
         self.requests = 0
         self.errors = 0
+        self._success_s = 0.0
+        self._failure_s = 0.0
+        # perf_counter() of the last request's end; turned into wall-clock time when read,
+        # so the hot path pays for one clock, not two.
+        self._last: float | None = None
         self._latencies: deque[float] = deque(maxlen=keep)
 
-    def record(self, seconds: float) -> None:
+    def record(self, seconds: float, end: float) -> None:
+        """A successful request that took ``seconds`` and ended at perf_counter() ``end``."""
         with self._lock:
             self.requests += 1
+            self._success_s += seconds
+            self._last = end
             self._latencies.append(seconds)
 
-    def record_error(self) -> None:
+    def record_error(self, seconds: float, end: float) -> None:
+        """A failed request that took ``seconds`` and ended at perf_counter() ``end``."""
         with self._lock:
             self.requests += 1
             self.errors += 1
+            self._failure_s += seconds
+            self._last = end
 
     def read(self) -> tuple[int, int, tuple[float, ...]]:
         """Requests, errors and the recent latencies (seconds), read together so they agree."""
         with self._lock:
             return self.requests, self.errors, tuple(self._latencies)
+
+    def totals(self) -> StatTotals:
+        """The cumulative figures, read together."""
+        with self._lock:
+            last = self._last
+            totals = StatTotals(self.requests - self.errors, self.errors, self._success_s,
+                                self._failure_s, None)
+        if last is None:
+            return totals
+        return replace(totals, last_at=time.time() - (time.perf_counter() - last))
 
     def snapshot(self) -> dict[str, Any]:
         """Requests, errors and p50/p99 in milliseconds (None without samples)."""
@@ -120,10 +153,12 @@ class ServedModel:
             problem = check_feeds(self.session.inputs, inputs)
             if problem is not None:
                 raise InvalidInputError(f"model {self.name}: {problem}") from None
-            self.stats.record_error()
+            end = time.perf_counter()
+            self.stats.record_error(end - start, end)
             raise AgentError(f"model {self.name} v{self.version}: inference failed "
                              f"({exc})") from exc
-        self.stats.record(time.perf_counter() - start)
+        end = time.perf_counter()
+        self.stats.record(end - start, end)
         return dict(zip(self.output_names, outputs, strict=True))
 
     @property
@@ -133,7 +168,8 @@ class ServedModel:
 
     def info(self, state: str) -> ModelInfo:
         return ModelInfo(self.name, self.version, self.session.backend, self.session.fallback,
-                         self.session.inputs, self.session.outputs, self.source, state)
+                         self.session.inputs, self.session.outputs, self.source, state,
+                         self.session.device)
 
 
 class Runtime:
@@ -162,12 +198,17 @@ class Runtime:
         self.installer: Installer | None = None
         self.installs: InstallDriver | None = None
         if state_dir is not None:
-            formats = {"onnx"} | ({"tflite"} if import_litert() is not None else set())
+            # Only the formats a runtime here can serve: an agent-litert install must not
+            # pick a bundle's .onnx variant (agent-onnx likewise .tflite).
+            formats = (({"onnx"} if onnxruntime_installed() else set())
+                       | ({"tflite"} if import_litert() is not None else set()))
             self.installer = Installer(StateDirs(state_dir), profile, formats, clock,
                                        verifier=verifier)
+            crashed = self.installer.begin_run()  # before loading: a model may crash it
             self._restore()
             self.installer.sweep()
-            self.installs = InstallDriver(self.installer, self, self.policy)
+            self.installs = InstallDriver(self.installer, self, self.policy,
+                                          after_crash=crashed)
 
     # -- inference -----------------------------------------------------------------------
 
@@ -329,8 +370,8 @@ class Runtime:
         for info in self.models():
             figures = self._serving[info.name].stats.snapshot()
             models.append({"name": info.name, "version": info.version, "state": info.state,
-                           "backend": info.backend, "fallback": info.fallback,
-                           "source": info.source, **figures})
+                           "backend": info.backend, "device": info.device,
+                           "fallback": info.fallback, "source": info.source, **figures})
         installs = [] if self.installer is None else [
             r.summary() for r in self.installer.records()[:10]]
         return {"models": models, "installs": installs, "problems": list(self.problems),
@@ -356,6 +397,8 @@ class Runtime:
         self._stop.set()
         if self.installs is not None:
             self.installs.close()
+        if self.installer is not None:
+            self.installer.end_run()
         if self._thread is not None:
             self._thread.join()
             self._thread = None

@@ -4,10 +4,16 @@
 the device's profile names (onnxruntime execution providers, LiteRT delegates) and falls
 back to the CPU when one is missing or fails to load, saying why in ``Session.fallback``
 rather than failing: a gateway whose NPU driver broke must keep serving on its CPU.
+
+For onnxruntime the device is checked, not assumed (:mod:`firmware_profiles.devices`): an
+accelerator is asked for only when its device is present here, with the provider options
+that select it (OpenVINO's ``device_type``, CUDA's ``device_id``), and proved with one
+run of zeros before the session is used; ``Session.device`` says what actually runs it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -18,12 +24,21 @@ from typing import Any, Protocol
 import numpy as np
 
 from bundle.quantization import Affine
+from firmware_profiles.devices import (
+    CUDA_PROVIDERS,
+    OPENVINO,
+    device_present,
+    probe_devices,
+    provider_options,
+    wanted_device,
+)
 from firmware_profiles.model import Accelerator
 from firmware_profiles.runtimes import LiteRT, import_litert, load_delegate
 
 from .errors import ModelLoadError
 
-__all__ = ["LiteRTSession", "OnnxSession", "Session", "TensorInfo", "open_session", "warm_up"]
+__all__ = ["LiteRTSession", "OnnxSession", "Session", "TensorInfo", "open_session", "warm_up",
+           "zero_feeds"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +74,9 @@ class Session(Protocol):
     backend: str
     #: Why a preferred accelerator is not in use, or None.
     fallback: str | None
+    #: The device the model actually runs on: ``cpu``, OpenVINO's ``NPU``/``GPU``/``CPU``,
+    #: ``cuda:0``, a LiteRT delegate's name.
+    device: str
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Outputs in ``outputs`` order. Raises on bad feeds (runtime-specific errors)."""
@@ -82,6 +100,12 @@ def open_session(path: Path, fmt: str, accelerators: Sequence[Accelerator] = (),
                          "tflite")
 
 
+def zero_feeds(inputs: Sequence[TensorInfo]) -> dict[str, np.ndarray]:
+    """Zeros for every input, each dynamic dimension set to 1: the smallest run there is."""
+    return {i.name: np.zeros([1 if d is None else d for d in i.shape], dtype=i.dtype)
+            for i in inputs}
+
+
 def warm_up(session: Session, feeds: Mapping[str, np.ndarray] | None, runs: int) -> str | None:
     """Run ``session`` ``runs`` times so the first request does not pay for lazy set-up.
 
@@ -91,8 +115,7 @@ def warm_up(session: Session, feeds: Mapping[str, np.ndarray] | None, runs: int)
     or None.
     """
     if feeds is None:
-        feeds = {i.name: np.zeros([1 if d is None else d for d in i.shape], dtype=i.dtype)
-                 for i in session.inputs}
+        feeds = zero_feeds(session.inputs)
         try:
             session.run(feeds)
         except Exception as exc:  # the model's rule, not a fault: serve it cold
@@ -127,32 +150,36 @@ class OnnxSession:
         # Fatal only: load failures, fallbacks and request errors all surface as our exceptions
         # and log lines, so onnxruntime's own stderr output would only repeat them.
         options.log_severity_level = 4
-        available = set(ort.get_available_providers())
-        wanted = [a.provider for a in accelerators]
-        missing = [p for p in wanted if p not in available]
-        providers = [p for p in wanted if p in available] + ["CPUExecutionProvider"]
-        reasons = [f"{p} is not available in this onnxruntime build" for p in missing]
+        chosen, reasons = _usable(accelerators, tuple(ort.get_available_providers()))
+        providers: list[Any] = [(a.provider, provider_options(a)) for a in chosen]
         try:
-            session = ort.InferenceSession(str(path), options, providers=providers)
+            session = ort.InferenceSession(str(path), options,
+                                           providers=[*providers, "CPUExecutionProvider"])
         except Exception as exc:  # any EP failure means: try the CPU alone
-            if providers == ["CPUExecutionProvider"]:
+            if not chosen:
                 raise ModelLoadError(f"{path}: onnxruntime cannot load the model ({exc}); "
                                      "the artifact is corrupt or needs a newer runtime") from exc
-            reasons.append(f"{', '.join(providers[:-1])} failed to load the model "
+            reasons.append(f"{_names(chosen)} failed to load the model "
                            f"({str(exc).splitlines()[0]})")
-            try:
-                session = ort.InferenceSession(str(path), options,
-                                               providers=["CPUExecutionProvider"])
-            except Exception as cpu_exc:
-                raise ModelLoadError(f"{path}: onnxruntime cannot load the model "
-                                     f"({cpu_exc})") from cpu_exc
+            session, chosen = _cpu_session(ort, path, options), []
+        if chosen:
+            # Prove the device with the smallest run before any request depends on it.
+            failure = _first_run_fails(session)
+            if failure is not None:
+                cpu = _cpu_session(ort, path, options)
+                if _first_run_fails(cpu) is None:
+                    reasons.append(f"{_names(chosen)} failed its first run ({failure})")
+                    session, chosen = cpu, []
+                else:  # the model refuses zeros wherever it runs: nothing learned
+                    log.info("%s: zeros cannot prove the device (%s)", path.name, failure)
         used = session.get_providers()
-        reasons += [f"onnxruntime dropped {p}" for p in providers if p not in used
-                    and p != "CPUExecutionProvider" and not any(p in r for r in reasons)]
+        reasons += [f"onnxruntime dropped {a.provider}" for a in chosen
+                    if a.provider not in used]
         self.fallback = "; ".join(reasons) or None
         if self.fallback:
-            log.warning("%s: running on the CPU: %s", path.name, self.fallback)
+            log.warning("%s: %s", path.name, self.fallback)
         self.backend = f"onnxruntime:{used[0]}"
+        self.device = _ort_device(used[0], session.get_provider_options())
         self.inputs = tuple(_ort_info(i) for i in session.get_inputs())
         self.outputs = tuple(_ort_info(o) for o in session.get_outputs())
         self._session = session
@@ -166,6 +193,62 @@ class OnnxSession:
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run the model; onnxruntime itself checks names, dtypes and shapes."""
         return self._run(self._output_names, feeds, None)  # type: ignore[no-any-return]
+
+
+def _usable(accelerators: Sequence[Accelerator], available: tuple[str, ...],
+            ) -> tuple[list[Accelerator], list[str]]:
+    """The accelerators whose provider this onnxruntime has and whose device is present
+    here, and why each other one is not used."""
+    devices = _probed_devices(tuple(sorted(available)))
+    chosen, reasons = [], []
+    for acc in accelerators:
+        if acc.provider not in available:
+            reasons.append(f"{acc.provider} is not available in this onnxruntime build")
+            continue
+        present, why = device_present(acc, devices)
+        if not present:
+            reasons.append(why)
+            continue
+        chosen.append(acc)
+    return chosen, reasons
+
+
+@functools.lru_cache(maxsize=4)
+def _probed_devices(providers: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    # Probed once per process: asking OpenVINO or the CUDA driver takes up to a second.
+    return probe_devices(providers)
+
+
+def _names(accelerators: Sequence[Accelerator]) -> str:
+    return ", ".join(f"{a.provider} ({wanted_device(a) or a.name})" for a in accelerators)
+
+
+def _cpu_session(ort: Any, path: Path, options: Any) -> Any:
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: onnxruntime cannot load the model ({exc})") from exc
+
+
+def _first_run_fails(session: Any) -> str | None:
+    """Why the smallest run of ``session`` fails, or None if it runs."""
+    try:
+        session.run(None, zero_feeds([_ort_info(i) for i in session.get_inputs()]))
+    except Exception as exc:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
+
+
+def _ort_device(provider: str, options: Mapping[str, Mapping[str, str]]) -> str:
+    """The device behind onnxruntime's first provider, from the options it applied."""
+    applied = options.get(provider, {})
+    if provider == OPENVINO:
+        return applied.get("device_type") or "CPU"  # OpenVINO's default device
+    if provider in CUDA_PROVIDERS:
+        return f"cuda:{applied.get('device_id', '0')}"
+    if provider == "CPUExecutionProvider":
+        return "cpu"
+    return provider.removesuffix("ExecutionProvider").lower()
 
 
 def _ort_info(arg: Any) -> TensorInfo:
@@ -206,6 +289,7 @@ class LiteRTSession:
         if self.fallback:
             log.warning("%s: running on the CPU: %s", path.name, self.fallback)
         self.backend = f"litert:{'+'.join(names) or 'xnnpack'}"
+        self.device = "+".join(names) or "cpu"
         self._interpreter = interpreter
         self._input_details = interpreter.get_input_details()
         self._output_details = interpreter.get_output_details()

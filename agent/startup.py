@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 import ssl
 from pathlib import Path
+from typing import IO
 
+from common.instance_lock import LockHeld, hold_lock
 from transport.x509 import certificate_common_name
 
 from .config import FleetSettings
 from .errors import AgentError
 
-__all__ = ["check_fleet_files", "usable_state_dir"]
+__all__ = ["check_fleet_files", "lock_state_dir", "usable_state_dir"]
 
 _REENROLL = "re-enroll the device (edge-agent enroll) or fix the path in agent.toml"
 
@@ -32,6 +34,21 @@ def usable_state_dir(path: Path) -> Path:
         raise AgentError(f"state directory {path} is not writable by this user; pass a "
                          "writable --state-dir or run as its owner")
     return path
+
+
+def lock_state_dir(path: Path) -> IO[str]:
+    """Hold ``DIR/agent.lock`` while this agent serves from ``path`` (keep the file open):
+    a second agent would share the broker session (each taking it from the other), the
+    install records, the outbox and ``agent.json``. AgentError names the holder."""
+    try:
+        return hold_lock(path / "agent.lock")
+    except LockHeld as held:
+        raise AgentError(f"another agent (pid {held.holder}) serves from {path}; stop it "
+                         f"first (edge-agent stop --state-dir {path}) or give this one "
+                         "another --state-dir") from None
+    except OSError as exc:
+        raise AgentError(f"cannot lock the state directory {path} ({exc.strerror}); pass a "
+                         "writable --state-dir") from exc
 
 
 def check_fleet_files(fleet: FleetSettings) -> None:

@@ -42,6 +42,7 @@ def status_table(status: dict[str, Any]) -> str:
         lines.append(f"{m['name']:16} {m.get('version') or '-':>7}  {m['state']:10} "
                      f"{m.get('requests', '-'):>8} {m.get('errors', '-'):>6} {ms('p50_ms'):>7} "
                      f"{ms('p99_ms'):>7}  {m.get('backend') or m.get('format', '')}"
+                     + (f" on {m['device']}" if m.get("device") else "")
                      + (f"  (fallback: {m['fallback']})" if m.get("fallback") else ""))
     if not status["models"]:
         lines.append("(no models)")

@@ -116,7 +116,7 @@ class TelemetryCollector:
                 continue  # unloaded since models(); the next sample reports it
             figures = stats.snapshot()
             reading = ModelReading(info.version, info.state, info.backend, info.fallback,
-                                   figures["p50_ms"], figures["p99_ms"])
+                                   figures["p50_ms"], figures["p99_ms"], info.device)
             previous = self._tracked.pop(info.name, (reading, []))[1]
             delta, latencies, keep = self._read(stats, previous)
             models[info.name] = model_metrics(reading, delta, latencies, self.buckets_ms)
@@ -124,7 +124,8 @@ class TelemetryCollector:
         for name, (last, previous) in self._tracked.items():  # no longer served
             delta, latencies, keep = self._read(None, previous)
             if delta.requests:
-                gone = ModelReading(last.version, "unloaded", last.backend, last.fallback)
+                gone = ModelReading(last.version, "unloaded", last.backend, last.fallback,
+                                    device=last.device)
                 models[name] = model_metrics(gone, delta, latencies, self.buckets_ms)
             if keep:
                 tracked[name] = (last, keep)

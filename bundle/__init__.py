@@ -3,9 +3,9 @@
 Shared by the fleet server (writes, :mod:`bundle.signing`) and the agent (reads and
 verifies, :mod:`bundle.trust`): the format (:mod:`bundle.manifest`, :mod:`bundle.archive`),
 signing and trust (TUF), optional payload encryption (:mod:`bundle.crypto`) and the affine
-I/O rule of full-integer artifacts (:mod:`bundle.quantization`). Standard library,
-cryptography, numpy and python-tuf only; from the project, only :mod:`protocol.names` and
-:mod:`common.atomic`.
+I/O rule of full-integer artifacts (:mod:`bundle.quantization`) and weight-level deltas
+(:mod:`bundle.delta`). Standard library, cryptography, numpy, zstandard and python-tuf
+only; from the project, only :mod:`protocol.names` and :mod:`common.atomic`.
 docs/bundle-format.md describes the format; docs/security.md the trust model.
 """
 

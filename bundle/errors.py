@@ -11,7 +11,8 @@ checksum mismatch: corruption in transit). The tree::
     │   └── OversizeError          more data than a limit or the signed length allows
     ├── TamperedError              bytes do not match their checksum or signature
     │   ├── ChecksumError          the file checksum: corrupted in transit (transient)
-    │   └── ArtifactMismatchError  a target's size or sha256 differs from the signed one
+    │   ├── ArtifactMismatchError  a target's size or sha256 differs from the signed one
+    │   └── RebuildMismatchError   an artifact rebuilt from a delta differs from the signed one
     ├── TrustError                 validly signed, but trust policy says no
     │   ├── UntrustedSignatureError  signed by a key the trusted root does not know
     │   ├── ThresholdError           too few valid signatures for the role's threshold
@@ -22,6 +23,7 @@ checksum mismatch: corruption in transit). The tree::
     │   └── InvalidRootError         a root.json that is not a root signed by its own keys
     ├── WrongProfileError          the bundle does not target this device's profile
     ├── DecryptionError            an encrypted artifact cannot be opened with this key
+    ├── DeltaBaseError             the stored artifact a delta builds on is missing or damaged
     └── SigningError               building or signing a bundle failed (server side)
 """
 
@@ -34,12 +36,14 @@ __all__ = [
     "BundleError",
     "ChecksumError",
     "DecryptionError",
+    "DeltaBaseError",
     "ExpiredError",
     "FreezeError",
     "InvalidRootError",
     "MalformedBundleError",
     "MixAndMatchError",
     "OversizeError",
+    "RebuildMismatchError",
     "RollbackError",
     "SigningError",
     "TamperedError",
@@ -84,6 +88,10 @@ class ArtifactMismatchError(TamperedError):
     """A target's size or sha256 differs from what the signed metadata says."""
 
 
+class RebuildMismatchError(TamperedError):
+    """An artifact rebuilt from a delta differs from the full artifact the manifest signs."""
+
+
 class TrustError(BundleError):
     """The bundle is well formed but the trust policy rejects it."""
 
@@ -118,6 +126,11 @@ class WrongProfileError(BundleError):
 
 class DecryptionError(BundleError):
     """An encrypted artifact cannot be decrypted with the given key."""
+
+
+class DeltaBaseError(BundleError):
+    """The stored artifact a delta builds on is missing, damaged or another version: the
+    device must fetch the full bundle instead."""
 
 
 class SigningError(BundleError):

@@ -24,6 +24,8 @@ from .errors import MalformedBundleError
 
 __all__ = [
     "FORMAT_VERSION",
+    "MAX_VERSION",
+    "ArtifactDelta",
     "ArtifactEncryption",
     "ArtifactVariant",
     "KeyWrap",
@@ -42,6 +44,9 @@ __all__ = [
 #: The manifest layout this code writes; readers reject a higher one (fields may be added
 #: within a format version, never removed or changed in meaning).
 FORMAT_VERSION = 1
+#: The highest model version: devices report versions as protocol integers and the
+#: registry stores them as SQL BIGINT, both at most 2**63 - 1.
+MAX_VERSION = 2**63 - 1
 
 _ARTIFACT_PATH = re.compile(r"artifacts/[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -85,6 +90,23 @@ class ArtifactEncryption:
 
 
 @dataclass(frozen=True)
+class ArtifactDelta:
+    """A delta that rebuilds an artifact from the same variant of an earlier version.
+
+    ``path`` is its TUF target (signed like the artifacts: ``sha256`` and ``size`` are of
+    the delta's bytes); ``base_sha256`` is the sha256 of the earlier version's artifact,
+    which the device must hold. A bundle file carries either the artifacts or the deltas
+    from one base version (docs/bundle-format.md §8).
+    """
+
+    path: str
+    base_version: int
+    base_sha256: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
 class ArtifactVariant:
     """One artifact file: a model in one format/dtype, optionally for one profile.
 
@@ -99,7 +121,12 @@ class ArtifactVariant:
     size: int
     profile: str | None = None
     encryption: ArtifactEncryption | None = None
+    deltas: tuple[ArtifactDelta, ...] = ()
     unrecognized: Mapping[str, Any] = field(default_factory=dict)
+
+    def delta_from(self, base_version: int) -> ArtifactDelta | None:
+        """The delta that rebuilds this artifact from ``base_version``, if there is one."""
+        return next((d for d in self.deltas if d.base_version == base_version), None)
 
 
 @dataclass(frozen=True)
@@ -148,12 +175,14 @@ class Manifest:
         _check(is_valid_name(self.name), "name",
                f"{self.name!r} is not a valid name (1 to 64 letters, digits, '.', '_', '-', "
                "starting with a letter or digit)")
-        _check(self.version >= 1, "version", "must be >= 1")
+        _check(1 <= self.version <= MAX_VERSION, "version",
+               f"must be from 1 to {MAX_VERSION} (2**63 - 1)")
         _check(self.rollback_of is None or 1 <= self.rollback_of < self.version,
                "rollback_of", "must be an earlier version (>= 1, below version)")
         _check(len(self.profiles) > 0, "profiles", "must list at least one profile")
         _check(len(self.artifacts) > 0, "artifacts", "must list at least one artifact")
-        paths = [a.path for a in self.artifacts]
+        paths = [a.path for a in self.artifacts] + [d.path for a in self.artifacts
+                                                     for d in a.deltas]
         _check(len(set(paths)) == len(paths), "artifacts", "paths must be unique")
         for art in self.artifacts:
             _check(_ARTIFACT_PATH.fullmatch(art.path) is not None, "artifacts.path",
@@ -161,6 +190,20 @@ class Manifest:
             _check(_SHA256.fullmatch(art.sha256) is not None, "artifacts.sha256",
                    "must be 64 lowercase hex digits")
             _check(art.size >= 0, "artifacts.size", "must be >= 0")
+            _check(not (art.deltas and art.encryption), "artifacts.deltas",
+                   "an encrypted artifact cannot have deltas")
+            bases = [d.base_version for d in art.deltas]
+            _check(len(set(bases)) == len(bases), "artifacts.deltas",
+                   "one delta per base version")
+            for delta in art.deltas:
+                _check(_ARTIFACT_PATH.fullmatch(delta.path) is not None, "deltas.path",
+                       f"{delta.path!r} must look like 'artifacts/<file name>'")
+                _check(_SHA256.fullmatch(delta.sha256) is not None
+                       and _SHA256.fullmatch(delta.base_sha256) is not None, "deltas.sha256",
+                       "must be 64 lowercase hex digits")
+                _check(1 <= delta.base_version < self.version, "deltas.base_version",
+                       "must be an earlier version")
+                _check(delta.size >= 0, "deltas.size", "must be >= 0")
         if self.composite is not None:
             self.composite.check_members(set(paths))
         if any(a.encryption is not None for a in self.artifacts):
@@ -173,6 +216,10 @@ class Manifest:
             if art.path == path:
                 return art
         raise KeyError(path)
+
+    def delta_bases(self) -> tuple[int, ...]:
+        """The base versions some artifact has a delta from, ascending."""
+        return tuple(sorted({d.base_version for a in self.artifacts for d in a.deltas}))
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -223,6 +270,10 @@ def _variant_to_dict(a: ArtifactVariant) -> dict[str, Any]:
         out["encryption"] = {"nonce": _b64(a.encryption.nonce),
                              "plaintext_sha256": a.encryption.plaintext_sha256,
                              "plaintext_size": a.encryption.plaintext_size}
+    if a.deltas:  # written only when set, so manifests without deltas keep their bytes
+        out["deltas"] = [{"path": d.path, "base_version": d.base_version,
+                          "base_sha256": d.base_sha256, "sha256": d.sha256, "size": d.size}
+                         for d in a.deltas]
     return out
 
 
@@ -352,7 +403,15 @@ def self_tests_from_obj(obj: Any, where: str) -> tuple[SelfTestCase, ...]:
     return tuple(_self_test(c, f"{where}[{i}]") for i, c in enumerate(_as_list(obj, where)))
 
 
-_VARIANT_KEYS = {"path", "format", "dtype", "profile", "sha256", "size", "encryption"}
+_VARIANT_KEYS = {"path", "format", "dtype", "profile", "sha256", "size", "encryption",
+                 "deltas"}
+
+
+def _delta(obj: Any, where: str) -> ArtifactDelta:
+    d = _as_dict(obj, where)
+    return ArtifactDelta(path=_str(d, "path", where), base_version=_int(d, "base_version", where),
+                         base_sha256=_str(d, "base_sha256", where),
+                         sha256=_str(d, "sha256", where), size=_int(d, "size", where))
 
 
 def _variant(obj: Any, where: str) -> ArtifactVariant:
@@ -369,6 +428,8 @@ def _variant(obj: Any, where: str) -> ArtifactVariant:
         dtype=_str(d, "dtype", where), sha256=_str(d, "sha256", where),
         size=_int(d, "size", where), profile=_opt_str(d, "profile", where),
         encryption=encryption,
+        deltas=tuple(_delta(x, f"{where}.deltas[{i}]")
+                     for i, x in enumerate(_as_list(d.get("deltas", []), f"{where}.deltas"))),
         unrecognized={k: v for k, v in d.items() if k not in _VARIANT_KEYS})
 
 

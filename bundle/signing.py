@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
@@ -33,8 +34,10 @@ from . import crypto
 from ._layout import MANIFEST_PATH, METADATA_DIR, ONLINE_ROLES, TARGETS_DIR, TOP_LEVEL_ROLES
 from .archive import read_archive, write_archive
 from .composite import CompositeDecl
+from .delta import make_delta
 from .errors import BundleError, SigningError
 from .manifest import (
+    ArtifactDelta,
     ArtifactVariant,
     Manifest,
     SelfTestCase,
@@ -46,12 +49,25 @@ from .manifest import (
 __all__ = [
     "ArtifactInput",
     "BundleSpec",
+    "Contents",
+    "DeltaBase",
+    "Release",
     "build_bundle",
+    "build_release",
     "make_root",
+    "read_contents",
     "rerelease_bundle",
     "rotate_root",
     "sign_metadata",
 ]
+
+@dataclass(frozen=True)
+class DeltaBase:
+    """The same artifact in an earlier version, to ship a delta from (plaintext bytes)."""
+
+    version: int
+    data: bytes
+
 
 @dataclass(frozen=True)
 class ArtifactInput:
@@ -62,6 +78,18 @@ class ArtifactInput:
     format: str
     dtype: str
     profile: str | None = None
+    #: Earlier versions of this artifact to make deltas from (not with encryption).
+    bases: tuple[DeltaBase, ...] = ()
+
+
+@dataclass(frozen=True)
+class Release:
+    """One signed release as bundle files: ``full`` carries the artifacts, ``deltas[v]``
+    the deltas from version ``v`` instead. All share one manifest and one set of signed
+    metadata, which lists every artifact and every delta (docs/bundle-format.md §8)."""
+
+    full: bytes
+    deltas: Mapping[int, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -79,6 +107,33 @@ class BundleSpec:
     compression_report: Mapping[str, Any] = field(default_factory=dict)
     #: One model name served by several of the artifacts (bundle/composite.py), or None.
     composite: CompositeDecl | None = None
+
+
+@dataclass(frozen=True)
+class Contents:
+    """A bundle's manifest (parsed, and its sha256) and stored artifacts by path."""
+
+    manifest: Manifest
+    manifest_sha256: str
+    artifacts: Mapping[str, bytes]
+
+
+def read_contents(source: bytes | Path, *, artifacts: bool = True) -> Contents:
+    """The manifest and (unless ``artifacts`` is False) the artifacts of a bundle the caller
+    trusts (its own build, or one stored after verification): the artifacts are checked
+    against the manifest, the signatures are not (they may have expired). SigningError if an
+    artifact does not match its manifest."""
+    archive = read_archive(source)
+    manifest_bytes = archive.read(f"{TARGETS_DIR}/{MANIFEST_PATH}")
+    manifest = manifest_from_json(manifest_bytes)
+    stored: dict[str, bytes] = {}
+    for art in manifest.artifacts if artifacts else ():
+        data = archive.read(f"{TARGETS_DIR}/{art.path}")
+        if len(data) != art.size or hashlib.sha256(data).hexdigest() != art.sha256:
+            raise SigningError(f"{art.path} of {manifest.name} v{manifest.version} does not "
+                               "match its manifest; use the original bundle file")
+        stored[art.path] = data
+    return Contents(manifest, hashlib.sha256(manifest_bytes).hexdigest(), stored)
 
 
 def make_root(keys: Mapping[str, Sequence[Key]], *, expires: datetime,
@@ -150,9 +205,34 @@ def build_bundle(spec: BundleSpec, *, root_chain: Sequence[bytes],
     The signatures are checked against the current root before returning, so a build with
     stale keys fails here instead of on every device.
     """
-    return _sign_repository(_target_files(spec, recipients), root_chain=root_chain,
-                            signers=signers, metadata_version=metadata_version,
-                            expires=expires)
+    return build_release(spec, root_chain=root_chain, signers=signers,
+                         metadata_version=metadata_version, expires=expires,
+                         recipients=recipients).full
+
+
+def build_release(spec: BundleSpec, *, root_chain: Sequence[bytes],
+                  signers: Mapping[str, Sequence[Signer]], metadata_version: int,
+                  expires: datetime, recipients: Sequence[X25519PublicKey] = ()) -> Release:
+    """Build and sign a release: the full bundle, and a delta bundle for every base version
+    that some artifact's :attr:`ArtifactInput.bases` names (arguments as
+    :func:`build_bundle`). A delta bundle holds the deltas from that version of the
+    artifacts that have one; the manifest lists each delta with the sha256 of its base, and
+    the full artifacts' sha256 that a device checks the rebuilt artifacts against."""
+    files = _target_files(spec, recipients)
+    manifest = manifest_from_json(files[0][1])
+    metadata = _sign_repository(files, root_chain=root_chain, signers=signers,
+                                metadata_version=metadata_version, expires=expires)
+    data = dict(files)
+
+    def bundle(paths: list[str]) -> bytes:
+        return write_archive([*metadata, *((f"{TARGETS_DIR}/{p}", data[p])
+                                           for p in [MANIFEST_PATH, *paths])])
+
+    return Release(
+        full=bundle([a.path for a in manifest.artifacts]),
+        deltas={base: bundle([d.path for a in manifest.artifacts for d in a.deltas
+                              if d.base_version == base])
+                for base in manifest.delta_bases()})
 
 
 def rerelease_bundle(source: bytes, *, version: int, root_chain: Sequence[bytes],
@@ -173,19 +253,12 @@ def rerelease_bundle(source: bytes, *, version: int, root_chain: Sequence[bytes]
     only bundles it verified at upload and stores under their sha256). Its artifacts are
     still checked against its manifest here, so a damaged file is not signed anew.
     """
-    archive = read_archive(source)
-    manifest = manifest_from_json(archive.read(f"{TARGETS_DIR}/{MANIFEST_PATH}"))
+    contents = read_contents(source)
+    manifest, stored = contents.manifest, contents.artifacts
     if recipients and manifest.key_wrap is not None:
         raise SigningError(f"{manifest.name} v{manifest.version} is encrypted already; "
                            "re-release it as it is, or build it again encrypted for the new "
                            "recipients")
-    stored: dict[str, bytes] = {}
-    for art in manifest.artifacts:
-        data = archive.read(f"{TARGETS_DIR}/{art.path}")
-        if len(data) != art.size or hashlib.sha256(data).hexdigest() != art.sha256:
-            raise SigningError(f"{art.path} of {manifest.name} v{manifest.version} does not "
-                               "match its manifest; upload the original bundle again")
-        stored[art.path] = data
     if recipients:
         files = _target_files(BundleSpec(
             name=manifest.name, version=version, profiles=manifest.profiles,
@@ -198,21 +271,25 @@ def rerelease_bundle(source: bytes, *, version: int, root_chain: Sequence[bytes]
             recipients, rollback_of=rollback_of, unrecognized=manifest.unrecognized)
     else:
         try:
-            again = replace(manifest, version=version, rollback_of=rollback_of)
+            # Deltas are not carried over: the re-release ships whole artifacts.
+            again = replace(manifest, version=version, rollback_of=rollback_of,
+                            artifacts=tuple(replace(a, deltas=()) for a in manifest.artifacts))
         except BundleError as exc:
             raise SigningError(f"cannot re-release {manifest.name} v{manifest.version} as "
                                f"v{version}: {exc}") from exc
         files = [(MANIFEST_PATH, manifest_to_json(again)),
                  *((a.path, stored[a.path]) for a in manifest.artifacts)]
-    return _sign_repository(files, root_chain=root_chain, signers=signers,
-                            metadata_version=metadata_version, expires=expires)
+    metadata = _sign_repository(files, root_chain=root_chain, signers=signers,
+                                metadata_version=metadata_version, expires=expires)
+    return write_archive([*metadata, *((f"{TARGETS_DIR}/{p}", d) for p, d in files)])
 
 
 def _sign_repository(target_files: list[tuple[str, bytes]], *, root_chain: Sequence[bytes],
                      signers: Mapping[str, Sequence[Signer]], metadata_version: int,
-                     expires: datetime) -> bytes:
-    """The bundle file: ``target_files`` under targets, snapshot and timestamp metadata of
-    ``metadata_version`` signed by ``signers``, after the whole root chain."""
+                     expires: datetime) -> list[tuple[str, bytes]]:
+    """The metadata entries of a bundle file: the whole root chain, then timestamp,
+    snapshot and targets of ``metadata_version`` signed by ``signers``, targets listing
+    ``target_files``."""
     if not root_chain:
         raise SigningError("root_chain is empty; run 'fleet keys init' first")
     roots = [_parse_root(data) for data in root_chain]
@@ -231,14 +308,14 @@ def _sign_repository(target_files: list[tuple[str, bytes]], *, root_chain: Seque
                for md, data in zip(roots, root_chain, strict=True)]
     entries += [(f"{METADATA_DIR}/{role}.json", signed[role])
                 for role in ("timestamp", "snapshot", "targets")]
-    entries += [(f"{TARGETS_DIR}/{path}", data) for path, data in target_files]
-    return write_archive(entries)
+    return entries
 
 
 def _target_files(spec: BundleSpec, recipients: Sequence[X25519PublicKey], *,
                   rollback_of: int | None = None,
                   unrecognized: Mapping[str, Any] | None = None) -> list[tuple[str, bytes]]:
-    """``manifest.json`` and the stored artifacts, as (TUF target path, bytes)."""
+    """``manifest.json``, the stored artifacts and their deltas, as (TUF target path,
+    bytes)."""
     content_key = crypto.new_content_key() if recipients else None
     variants: list[ArtifactVariant] = []
     files: list[tuple[str, bytes]] = []
@@ -246,11 +323,22 @@ def _target_files(spec: BundleSpec, recipients: Sequence[X25519PublicKey], *,
         path = f"artifacts/{art.file_name}"
         stored, encryption = art.data, None
         if content_key is not None:
+            if art.bases:
+                raise SigningError(f"{path}: deltas of encrypted artifacts are not supported; "
+                                   "build without --delta-from or without encryption")
             stored, encryption = crypto.encrypt_artifact(content_key, path, art.data)
+        deltas = []
+        for base in art.bases:
+            delta = make_delta(base.data, art.data, art.format)
+            deltas.append(ArtifactDelta(
+                path=f"{path}.from-v{base.version}.delta", base_version=base.version,
+                base_sha256=hashlib.sha256(base.data).hexdigest(),
+                sha256=hashlib.sha256(delta).hexdigest(), size=len(delta)))
+            files.append((deltas[-1].path, delta))
         variants.append(ArtifactVariant(
             path=path, format=art.format, dtype=art.dtype, profile=art.profile,
             sha256=hashlib.sha256(stored).hexdigest(), size=len(stored),
-            encryption=encryption))
+            encryption=encryption, deltas=tuple(deltas)))
         files.append((path, stored))
     try:
         manifest = Manifest(

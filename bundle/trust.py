@@ -42,6 +42,7 @@ from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import (
     Signed,
     TargetFile,
+    Targets,
 )
 from tuf.ngclient.config import UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
@@ -115,21 +116,25 @@ class VerifiedBundle:
     root_version: int
     metadata_version: int
     expires: datetime
+    #: For a delta bundle (docs/bundle-format.md §8): the version its deltas build on. It
+    #: then carries the deltas from that version instead of the artifacts.
+    delta_base: int | None = None
 
     def artifact_blocks(self, path: str) -> Iterator[bytes]:
-        """The stored bytes of artifact ``path`` in bounded blocks, checked again as they
-        stream against the manifest's (signed) size and sha256, so a bundle file changed
-        since verification raises ArtifactMismatchError at the end instead of passing."""
-        art = next((a for a in self.manifest.artifacts if a.path == path), None)
-        if art is None:
-            raise KeyError(path)
-        return _checked(self.archive.blocks(f"{TARGETS_DIR}/{path}"), art.size, art.sha256,
+        """The stored bytes of artifact (or delta) ``path`` in bounded blocks, checked again
+        as they stream against the manifest's (signed) size and sha256, so a bundle file
+        changed since verification raises ArtifactMismatchError at the end instead of
+        passing."""
+        size, sha256 = _targets_of(self.manifest)[path]
+        return _checked(self.archive.blocks(f"{TARGETS_DIR}/{path}"), size, sha256,
                         f"{TARGETS_DIR}/{path}")
 
     @property
     def artifacts(self) -> dict[str, bytes]:
-        """Every artifact's stored bytes by path, read into memory."""
-        return {a.path: b"".join(self.artifact_blocks(a.path)) for a in self.manifest.artifacts}
+        """Every artifact's (or, in a delta bundle, delta's) stored bytes by path, read
+        into memory."""
+        return {p: b"".join(self.artifact_blocks(p)) for p in _carried(self.manifest,
+                                                                        self.delta_base)}
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready description (what ``--json`` prints)."""
@@ -137,11 +142,14 @@ class VerifiedBundle:
         return {
             "name": m.name, "version": m.version, "profiles": list(m.profiles),
             "manifest_sha256": self.manifest_sha256, "root_version": self.root_version,
-            "metadata_version": self.metadata_version,
+            "metadata_version": self.metadata_version, "delta_base": self.delta_base,
             "expires": f"{self.expires:%Y-%m-%dT%H:%M:%SZ}",
             "artifacts": [{"path": a.path, "format": a.format, "dtype": a.dtype,
                            "profile": a.profile, "size": a.size, "sha256": a.sha256,
-                           "encrypted": a.encryption is not None} for a in m.artifacts],
+                           "encrypted": a.encryption is not None,
+                           "deltas": [{"path": d.path, "base_version": d.base_version,
+                                       "size": d.size} for d in a.deltas]}
+                          for a in m.artifacts],
         }
 
     def describe(self) -> str:
@@ -192,14 +200,17 @@ def verify_bundle(source: bytes | Path, trusted: TrustedState, *, now: datetime,
     manifest = manifest_from_json(manifest_bytes)
     manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
     _check_policy(manifest, manifest_sha256, trusted, profile)
-    _check_artifacts(archive, manifest, target_infos)
-    log.info("bundle %s v%d verified (root v%d, metadata v%d)", manifest.name,
-             manifest.version, roles["root"].version, roles["timestamp"].version)
+    targets = roles["targets"]
+    assert isinstance(targets, Targets)  # _check_expiry parsed the targets role
+    delta_base = _check_artifacts(archive, manifest, target_infos, targets.targets)
+    log.info("bundle %s v%d%s verified (root v%d, metadata v%d)", manifest.name,
+             manifest.version, "" if delta_base is None else f" (delta from v{delta_base})",
+             roles["root"].version, roles["timestamp"].version)
     return VerifiedBundle(
         manifest=manifest, manifest_sha256=manifest_sha256, archive=archive,
         trusted=new_state, root_version=roles["root"].version,
         metadata_version=roles["timestamp"].version,
-        expires=min(md.expires for md in roles.values()))
+        expires=min(md.expires for md in roles.values()), delta_base=delta_base)
 
 
 class _ArchiveFetcher(FetcherInterface):
@@ -276,27 +287,54 @@ def _read_target(archive: Archive, info: TargetFile) -> bytes:
     return data
 
 
-def _check_artifacts(archive: Archive, manifest: Manifest,
-                     infos: Mapping[str, TargetFile]) -> None:
-    """Every artifact matches the signed targets metadata: hashed block by block, not kept."""
-    listed = {a.path for a in manifest.artifacts} | {MANIFEST_PATH}
-    if set(infos) != listed:
+def _targets_of(manifest: Manifest) -> dict[str, tuple[int, str]]:
+    """(size, sha256) of every target the manifest names: artifacts and deltas."""
+    out = {a.path: (a.size, a.sha256) for a in manifest.artifacts}
+    out.update((d.path, (d.size, d.sha256)) for a in manifest.artifacts for d in a.deltas)
+    return out
+
+
+def _carried(manifest: Manifest, delta_base: int | None) -> list[str]:
+    """The targets a full bundle (``delta_base`` None) or a delta bundle carries."""
+    if delta_base is None:
+        return [a.path for a in manifest.artifacts]
+    return [d.path for a in manifest.artifacts for d in a.deltas
+            if d.base_version == delta_base]
+
+
+def _check_artifacts(archive: Archive, manifest: Manifest, infos: Mapping[str, TargetFile],
+                     signed: Mapping[str, TargetFile]) -> int | None:
+    """Every target the manifest names is signed as the manifest says; the bundle carries
+    the artifacts, or the deltas from one base version (returned, else None); what it
+    carries matches the signed metadata, hashed block by block, not kept."""
+    named = _targets_of(manifest)
+    if set(signed) != set(named) | {MANIFEST_PATH}:
         raise MixAndMatchError(
-            f"the manifest lists {sorted(listed - {MANIFEST_PATH})} but the bundle holds "
-            f"{sorted(set(infos) - {MANIFEST_PATH})}; the files come from different builds")
-    for art in manifest.artifacts:
-        info = infos[art.path]
-        if info.length != art.size or info.hashes.get("sha256") != art.sha256:
-            raise ArtifactMismatchError(f"manifest entry {art.path!r} (size {art.size}) "
-                                        "disagrees with the signed targets metadata "
-                                        f"(size {info.length}); rebuild the bundle")
-        name = f"{TARGETS_DIR}/{art.path}"
-        if archive.size(name) > info.length:
+            f"the manifest names {sorted(named)} but the signed targets are "
+            f"{sorted(set(signed) - {MANIFEST_PATH})}; the files come from different builds")
+    for path, (size, sha256) in named.items():
+        info = signed[path]
+        if info.length != size or info.hashes.get("sha256") != sha256:
+            raise ArtifactMismatchError(f"manifest entry {path!r} (size {size}) disagrees "
+                                        "with the signed targets metadata (size "
+                                        f"{info.length}); rebuild the bundle")
+    carried = set(infos) - {MANIFEST_PATH}
+    kinds: list[int | None] = [None, *manifest.delta_bases()]
+    matching = [base for base in kinds if carried == set(_carried(manifest, base))]
+    if not matching:
+        raise MixAndMatchError(
+            f"the bundle holds {sorted(carried)}, which is neither the manifest's artifacts "
+            "nor its deltas from one version; the files come from different builds")
+    for path in carried:
+        size, sha256 = named[path]
+        name = f"{TARGETS_DIR}/{path}"
+        if archive.size(name) > size:
             raise OversizeError(f"{name} is {archive.size(name)} bytes but the signed targets "
-                                f"metadata says {info.length}; refusing to read it "
+                                f"metadata says {size}; refusing to read it "
                                 "(endless-data attack)")
-        for _ in _checked(archive.blocks(name), art.size, art.sha256, name):
+        for _ in _checked(archive.blocks(name), size, sha256, name):
             pass
+    return matching[0]
 
 
 def _checked(blocks: Iterable[bytes], size: int, sha256: str, name: str) -> Iterator[bytes]:

@@ -2,7 +2,9 @@
 
 Each builds its parser with :func:`new_parser` (``--version``, ``-v``, subcommands) and runs
 it with :func:`run`, which sets the log level and turns the errors a command expects into
-one line on stderr and exit code 1 (argparse already exits 2 on bad usage).
+one line on stderr and exit code 1 (argparse already exits 2 on bad usage). Under systemd,
+with stderr connected to the journal, log lines carry their syslog priority instead of a
+level name (:class:`JournalFormatter`).
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["Subcommands", "describe_os_error", "new_parser", "run"]
+__all__ = ["JournalFormatter", "Subcommands", "describe_os_error", "journal_stream",
+           "new_parser", "run"]
 
 Subcommands = argparse._SubParsersAction  # argparse's type for add_subparsers()' result
 
@@ -58,8 +61,7 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
             args_in.insert(start, name)
     args = parser.parse_args(args_in)
     args.argv = args_in  # what a command re-runs itself with (common.background)
-    logging.basicConfig(level=_log_level(args.verbose),
-                        format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging(_log_level(args.verbose))
     try:
         return int(args.handler(args))
     except expected as exc:
@@ -85,6 +87,41 @@ def describe_os_error(exc: OSError) -> str:
         return reason
     second = f" -> {exc.filename2}" if exc.filename2 is not None else ""
     return f"{exc.filename}{second}: {reason}"
+
+
+_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                    logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """Lines for the systemd journal: the syslog priority as a ``<N>`` prefix (sd-daemon(3)),
+    which journald turns into the entry's priority, and no time (journald adds its own)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _SYSLOG_PRIORITY.get(record.levelno, 6)
+        # One entry per record: a traceback's lines stay in its entry, not new ones.
+        return f"<{priority}>" + super().format(record).replace("\n", "\n  ")
+
+
+def journal_stream(env: Mapping[str, str], stderr_stat: os.stat_result | None) -> bool:
+    """Whether stderr is the journal: ``$JOURNAL_STREAM`` names its device and inode."""
+    device, _, inode = env.get("JOURNAL_STREAM", "").partition(":")
+    return (stderr_stat is not None and device.isdigit() and inode.isdigit()
+            and (stderr_stat.st_dev, stderr_stat.st_ino) == (int(device), int(inode)))
+
+
+def _configure_logging(level: int) -> None:
+    try:
+        stderr_stat: os.stat_result | None = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):  # no real stderr (captured, closed)
+        stderr_stat = None
+    handler = logging.StreamHandler()
+    handler.setFormatter(JournalFormatter() if journal_stream(os.environ, stderr_stat)
+                         else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def _log_level(verbosity: int) -> int:

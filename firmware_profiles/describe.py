@@ -40,6 +40,8 @@ def host_summary(host: HostCapabilities) -> str:
         f"ISA:         {' '.join(sorted(host.features)) or '(unknown)'}",
         f"memory:      {host.memory_mb} MB",
         f"onnxruntime: {', '.join(host.onnxruntime_providers) or 'not installed'}",
+        *(f"  {provider}: devices {', '.join(found) or 'none'}"
+          for provider, found in host.devices.items()),
         f"LiteRT:      {host.litert_runtime or 'not installed'}"
         + (f" (delegates: {', '.join(host.litert_delegates)})" if host.litert_runtime else ""),
     ])
@@ -59,4 +61,5 @@ def host_to_json(host: HostCapabilities) -> dict[str, Any]:
     """A JSON-ready view of the probed host."""
     data = asdict(host)
     data["features"] = sorted(host.features)
+    data["devices"] = {provider: list(found) for provider, found in host.devices.items()}
     return data

@@ -1,4 +1,5 @@
-"""Probe the current host: CPU architecture and ISA features, memory, runtimes, delegates.
+"""Probe the current host: CPU architecture and ISA features, memory, runtimes, delegates,
+and the devices the execution providers reach (:mod:`.devices`).
 
 :class:`HostCapabilities` is a plain record so the matcher can be tested with hand-built
 hosts; :func:`probe_host` is the thin adapter that reads this machine.
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .devices import probe_devices
 from .model import FEATURES, Profile
 from .runtimes import delegate_loadable, import_litert, is_android, onnxruntime_providers
 
@@ -33,6 +36,9 @@ class HostCapabilities:
     onnxruntime_providers: tuple[str, ...]
     litert_runtime: str | None  # the distribution that provided LiteRT, if any
     litert_delegates: tuple[str, ...]  # loadable delegate names (xnnpack is built in)
+    #: Devices each device-choosing execution provider reaches (devices.probe_devices);
+    #: a provider missing here was not probed.
+    devices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def normalise_arch(machine: str) -> str:
@@ -68,11 +74,13 @@ def probe_host(profiles: list[Profile]) -> HostCapabilities:
                      if a.runtime == "litert" and a.library}
         delegates += sorted(name for name, library in libraries.items()
                             if delegate_loadable(litert, library))
+    providers = onnxruntime_providers()
     return HostCapabilities(
         arch=normalise_arch(platform.machine()),
         features=parse_cpu_features(cpuinfo),
         memory_mb=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20,
-        onnxruntime_providers=onnxruntime_providers(),
+        onnxruntime_providers=providers,
         litert_runtime=litert.distribution if litert else None,
         litert_delegates=tuple(delegates),
+        devices=probe_devices(providers),
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .devices import device_present
 from .host import HostCapabilities
 from .model import Accelerator, Profile
 
@@ -32,9 +33,11 @@ class ProfileMatch:
 
 
 def accelerator_available(accelerator: Accelerator, host: HostCapabilities) -> bool:
-    """Whether the host offers the runtime provider ``accelerator`` needs."""
+    """Whether the host offers the runtime provider ``accelerator`` needs and, where the
+    provider chooses among devices, the device itself (an OpenVINO install is no NPU)."""
     if accelerator.runtime == "onnxruntime":
-        return accelerator.provider in host.onnxruntime_providers
+        return (accelerator.provider in host.onnxruntime_providers
+                and device_present(accelerator, host.devices)[0])
     return accelerator.provider in host.litert_delegates
 
 

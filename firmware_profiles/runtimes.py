@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import importlib.util
 import sys
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 __all__ = ["LiteRT", "delegate_loadable", "import_litert", "is_android", "load_delegate",
-           "onnxruntime_providers"]
+           "onnxruntime_installed", "onnxruntime_providers"]
 
 # Distribution and module, in order of preference.
 _LITERT_MODULES = (("ai-edge-litert", "ai_edge_litert.interpreter"),
@@ -39,6 +40,14 @@ def import_litert() -> LiteRT | None:
             continue
         return LiteRT(distribution=distribution, interpreter=module)
     return None
+
+
+def onnxruntime_installed() -> bool:
+    """Whether onnxruntime is installed, without importing it (its import costs ~10 MB)."""
+    try:
+        return importlib.util.find_spec("onnxruntime") is not None
+    except (ImportError, ValueError):  # a broken install, or a finder that refuses it
+        return False
 
 
 def onnxruntime_providers() -> tuple[str, ...]:

@@ -17,11 +17,13 @@ the CA in the data directory. It binds 127.0.0.1 by default.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hmac
 import json
 import logging
 import re
 import secrets
+import socket
 import ssl
 import threading
 import time
@@ -40,14 +42,31 @@ from transport.mqtt import TLSIdentity
 
 from . import __version__
 from .api_spec import OPENAPI
-from .errors import ApiError, CSRError, EnrollmentError, FleetError, RegistryError, ReleaseError
-from .registry import BundleRecord, DesiredChange, Device, EventRecord, desired_json
+from .errors import (
+    ApiError,
+    CSRError,
+    EnrollmentError,
+    FleetError,
+    MonitoringError,
+    RegistryError,
+    ReleaseError,
+)
+from .monitoring import api_routes, dashboard
+from .registry import (
+    BundleRecord,
+    DeltaRecord,
+    DesiredChange,
+    Device,
+    EventRecord,
+    desired_json,
+)
 from .service import Enrollment, FleetService, IssuedToken, PublishResult
 
 __all__ = [
     "GENERIC_PROFILE",
     "ROUTES",
     "ApiServer",
+    "RawBody",
     "Route",
     "bundle_json",
     "device_json",
@@ -70,6 +89,12 @@ _CONNECTION_TIMEOUT_S = 30.0
 #: Connections served at once; more are closed at once, so idle or slow clients cannot take
 #: every thread and file descriptor of the server.
 _MAX_CONNECTIONS = 128
+#: A TLS handshake takes milliseconds; a client that has not finished one by then is idle.
+_HANDSHAKE_TIMEOUT_S = 5.0
+#: How long a new connection waits for the slot of an idle one closed for it.
+_EVICTION_WAIT_S = 1.0
+#: Refused connections are logged at most this often, with their count.
+_REFUSAL_LOG_INTERVAL_S = 10.0
 _DEFAULT_TTL_S = 24 * 3600.0
 #: An enrollment token is a credential: it must expire, and within a month.
 _MAX_TTL_S = 30 * 24 * 3600.0
@@ -93,8 +118,11 @@ def device_json(device: Device, *, online: bool | None) -> dict[str, Any]:
             "reset_at": device.reset_at}
 
 
-def bundle_json(record: BundleRecord) -> dict[str, Any]:
+def bundle_json(record: BundleRecord | DeltaRecord) -> dict[str, Any]:
     """A stored bundle (schema ``Bundle``); the blob's path stays private."""
+    if isinstance(record, DeltaRecord):
+        return {"sha256": record.sha256, "size": record.size, "created_at": record.created_at,
+                "bundle_sha256": record.bundle_sha256, "base_version": record.base_version}
     return {"sha256": record.sha256, "name": record.name, "version": record.version,
             "size": record.size, "created_at": record.created_at,
             "metadata_version": record.metadata_version, "rollback_of": record.rollback_of}
@@ -118,7 +146,8 @@ def publish_json(result: PublishResult) -> dict[str, Any]:
     return {"devices": list(result.devices),
             "changes": [change_json(c) for c in result.changes],
             "delivered": result.delivered,
-            "released": [bundle_json(b) for b in result.released]}
+            "released": [bundle_json(b) for b in result.released],
+            "transfer": None if result.transfer is None else result.transfer.as_json()}
 
 
 def token_json(issued: IssuedToken) -> dict[str, Any]:
@@ -240,6 +269,8 @@ class Route:
     path: str
     handler: Handler
     admin: bool = True
+    #: Also open to the scrape token (``/metrics``).
+    scrape: bool = False
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -381,6 +412,46 @@ def _reset(service: FleetService, request: Request) -> tuple[int, Any]:
     return 200, device_json(device, online=_online(service, device))
 
 
+@dataclass(frozen=True)
+class RawBody:
+    """A response that is not JSON (``/metrics``, the dashboard's files)."""
+
+    content_type: str
+    data: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def _overview(service: FleetService, _request: Request) -> tuple[int, Any]:
+    return 200, api_routes.overview(service.monitor, service.ingest)
+
+
+def _metrics(service: FleetService, request: Request) -> tuple[int, Any]:
+    return 200, api_routes.totals(service.monitor, _query(request))
+
+
+def _metric_series(service: FleetService, request: Request) -> tuple[int, Any]:
+    return 200, api_routes.series(service.monitor, _query(request))
+
+
+def _alerts(service: FleetService, request: Request) -> tuple[int, Any]:
+    return 200, api_routes.alerts(service.monitor, _query(request))
+
+
+def _prometheus(service: FleetService, _request: Request) -> tuple[int, Any]:
+    return 200, RawBody(*api_routes.prometheus(service.monitor, service.ingest))
+
+
+def _dashboard(_service: FleetService, request: Request) -> tuple[int, Any]:
+    found = dashboard.asset(request.params.get("file", "index.html"))
+    if found is None:
+        raise _HttpError(404, f"no dashboard file {request.path!r}; open /dashboard")
+    return 200, RawBody(*found, headers=dashboard.HEADERS)
+
+
+def _query(request: Request) -> dict[str, str]:
+    return {name: values[-1] for name, values in request.query.items() if values}
+
+
 def _fleet(service: FleetService, _request: Request) -> tuple[int, Any]:
     return 200, {"fleet": service.fleet, "ca_certificate": service.ca.cert_pem.decode("ascii"),
                  "root": base64.b64encode(service.root_json()).decode("ascii")}
@@ -428,6 +499,14 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/enroll-tokens", _token),
     Route("GET", "/api/fleet", _fleet, admin=False),
     Route("POST", "/api/enroll", _enroll, admin=False),
+    Route("GET", "/api/overview", _overview),
+    Route("GET", "/api/metrics", _metrics),
+    Route("GET", "/api/metrics/series", _metric_series),
+    Route("GET", "/api/alerts", _alerts),
+    Route("GET", "/metrics", _prometheus, scrape=True),
+    # The page and its files hold no data; what they show comes from the routes above.
+    Route("GET", "/dashboard", _dashboard, admin=False),
+    Route("GET", "/dashboard/{file}", _dashboard, admin=False),
 )
 
 
@@ -456,8 +535,11 @@ class ApiServer:
     def __init__(self, service: FleetService, admin_token: str, tls: TLSIdentity, *,
                  host: str = "127.0.0.1", port: int = 0,
                  connection_timeout: float = _CONNECTION_TIMEOUT_S,
-                 max_connections: int = _MAX_CONNECTIONS) -> None:
+                 max_connections: int = _MAX_CONNECTIONS,
+                 scrape_token: str | None = None) -> None:
         self.service = service
+        # A token that may read /metrics only, for Prometheus (the admin token may too).
+        self._scrape = None if scrape_token is None else scrape_token.encode("utf-8")
         self._context = server_context(tls)
         self._connection_timeout = connection_timeout
         self._max_connections = max_connections
@@ -511,11 +593,15 @@ class ApiServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def authorized(self, header: str | None) -> bool:
-        """Whether an Authorization header carries the admin token (constant time)."""
+    def authorized(self, header: str | None, *, scrape: bool = False) -> bool:
+        """Whether an Authorization header carries the admin token (or, with ``scrape``,
+        the scrape token), compared in constant time."""
         scheme, _, token = (header or "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode("utf-8"), self._token)
+        given = token.strip().encode("utf-8")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given, self._token) or (
+            scrape and self._scrape is not None and hmac.compare_digest(given, self._scrape))
 
     def handle(self, method: str, target: str, headers: Mapping[str, str],
                read: Callable[[int], bytes]) -> tuple[int, Any, dict[str, str]]:
@@ -530,7 +616,8 @@ class ApiServer:
             allowed.append(route.method)
             if route.method != method:
                 continue
-            if route.admin and not self.authorized(headers.get("authorization")):
+            if route.admin and not self.authorized(headers.get("authorization"),
+                                                   scrape=route.scrape):
                 return 401, {"error": "missing or wrong admin token: send 'Authorization: "
                              "Bearer TOKEN' with the token in the server's admin.token "
                              "file"}, {"WWW-Authenticate": "Bearer"}
@@ -550,7 +637,7 @@ class ApiServer:
             if exc.reason:
                 error["reason"] = exc.reason
             return exc.status, error, {}
-        except (CSRError, RegistryError) as exc:
+        except (CSRError, RegistryError, MonitoringError) as exc:
             return 400, {"error": str(exc)}, {}
         except ReleaseError as exc:
             return 409, {"error": str(exc)}, {}
@@ -566,8 +653,12 @@ class ApiServer:
 class _BoundedHTTPServer(ThreadingHTTPServer):
     """HTTPS with a thread per connection, at most ``max_connections`` of them at once.
 
-    The TLS handshake happens in the connection's own thread, under its timeout, so a
-    client that never finishes one holds only its own slot, not the accepting loop."""
+    The TLS handshake happens in the connection's own thread, under a short timeout of its
+    own, so a client that never finishes one holds only its own slot, not the accepting
+    loop. When every slot is taken, the connection idle the longest (mid-handshake, or
+    between requests) is closed to make room: a flood of silent connections cannot lock the
+    operator out. Only when every connection is busy with a request is the new one refused.
+    """
 
     daemon_threads = True
 
@@ -579,22 +670,37 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         self._max = max_connections
         self._timeout = timeout
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._lock = threading.Lock()
+        #: Open connections: socket -> (busy with a request, since when: monotonic).
+        self._open: dict[Any, tuple[bool, float]] = {}
+        self._refused = 0
+        self._refusal_logged = 0.0
+
+    def mark(self, request: Any, busy: bool) -> None:
+        """Record whether ``request``'s connection is serving a request or idle."""
+        with self._lock:
+            if request in self._open:
+                self._open[request] = (busy, time.monotonic())
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
-            # Answering would need a TLS handshake, i.e. the very thread there is no room
-            # for: the client sees the connection closed and retries later.
-            log.warning("operator API: %d connections open, refusing one from %s",
-                        self._max, client_address)
-            self.shutdown_request(request)
-            return
+            self._evict_idlest()
+            if not self._slots.acquire(timeout=_EVICTION_WAIT_S):
+                # Answering would need a TLS handshake, i.e. the very thread there is no
+                # room for: the client sees the connection closed and retries later.
+                self._log_refusal(client_address)
+                self.shutdown_request(request)
+                return
+        with self._lock:
+            self._open[request] = (False, time.monotonic())
         super().process_request(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             try:
-                request.settimeout(self._timeout)
+                request.settimeout(min(self._timeout, _HANDSHAKE_TIMEOUT_S))
                 request.do_handshake()
+                request.settimeout(self._timeout)
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 log.debug("operator API: TLS handshake with %s failed: %s", client_address,
                           exc)
@@ -602,7 +708,29 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
                 return
             super().process_request_thread(request, client_address)
         finally:
+            with self._lock:
+                self._open.pop(request, None)
             self._slots.release()
+
+    def _evict_idlest(self) -> None:
+        with self._lock:
+            idle = [(since, sock) for sock, (busy, since) in self._open.items() if not busy]
+        if not idle:
+            return
+        _, sock = min(idle, key=lambda pair: pair[0])
+        # Wakes its thread (a read returns), which closes it and frees the slot.
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def _log_refusal(self, client_address: Any) -> None:
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= _REFUSAL_LOG_INTERVAL_S:
+            log.warning("operator API: %d connections busy with requests; refused %d "
+                        "connection(s) since the last warning (latest from %s)", self._max,
+                        self._refused, client_address)
+            self._refused = 0
+            self._refusal_logged = now
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -627,11 +755,25 @@ class _Handler(BaseHTTPRequestHandler):
         self._respond("DELETE")
 
     def _respond(self, method: str) -> None:
+        server = self.server
+        assert isinstance(server, _BoundedHTTPServer)
+        server.mark(self.request, busy=True)
+        try:
+            self._answer(method)
+        finally:
+            server.mark(self.request, busy=False)
+
+    def _answer(self, method: str) -> None:
         headers = {k.lower(): v for k, v in self.headers.items()}
         status, body, extra = self.api.handle(method, self.path, headers, self.rfile.read)
-        data = json.dumps(body, indent=None, separators=(",", ":")).encode("utf-8")
+        if isinstance(body, RawBody):
+            data, content_type = body.data, body.content_type
+            extra = {**body.headers, **extra}
+        else:
+            data = json.dumps(body, indent=None, separators=(",", ":")).encode("utf-8")
+            content_type = "application/json"
         self.send_response(status, HTTPStatus(status).phrase)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for name, value in extra.items():
             self.send_header(name, value)

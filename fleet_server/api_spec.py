@@ -46,6 +46,15 @@ _SELECTION = {
               "devices"},
 }
 
+_WINDOW = {"name": "window", "in": "query",
+           "schema": {"type": "integer", "minimum": 60, "maximum": 7776000},
+           "description": "seconds back from now (default 3600)"}
+_METRIC_FILTERS = [{"name": name, "in": "query", "schema": {"type": kind},
+                    "description": f"only this {name}"}
+                   for name, kind in (("device", "string"), ("group", "string"),
+                                      ("profile", "string"), ("model", "string"),
+                                      ("version", "integer"))]
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {
@@ -109,7 +118,9 @@ OPENAPI: dict[str, Any] = {
                 "description": "The body is the bundle file. It is verified against the "
                 "fleet's root.json (signatures, hashes, expiry) and stored under the name "
                 "and version of its signed manifest. The same bytes again return the stored "
-                "record.",
+                "record. A delta bundle (docs/bundle-format.md §8) is stored with the full "
+                "bundle of its release, which must be uploaded first; the answer then has "
+                "bundle_sha256 and base_version.",
                 "requestBody": {"required": True, "content": {"application/octet-stream": {
                     "schema": {"type": "string", "format": "binary"}}}},
                 "responses": {"201": _json(_ref("Bundle"), "stored"),
@@ -196,6 +207,65 @@ OPENAPI: dict[str, Any] = {
                 "schema": _ref("EnrollRequest")}}},
             "responses": {"200": _json(_ref("Enrollment"), "enrolled"),
                           **_errors(400, 403)}}},
+        "/api/overview": {"get": {
+            "summary": "The fleet at a glance: devices online, versions per group, "
+            "convergence, firing alerts, ingest queue and lag",
+            "responses": {"200": _json(_ref("Overview"), "the overview"), **_errors(401)}}},
+        "/api/metrics": {"get": {
+            "summary": "Telemetry summed over a window per device, group, profile, model "
+            "or version: requests, errors, error rate, latency quantiles, drift, devices",
+            "parameters": [_WINDOW,
+                           {"name": "by", "in": "query", "schema": {"type": "string"},
+                            "description": "comma-separated keys among device, group, "
+                            "profile, model, version (default group,model,version)"},
+                           *_METRIC_FILTERS],
+            "responses": {"200": _json({"type": "object", "properties": {
+                "window_s": {"type": "integer"}, "by": {"type": "array", "items": {
+                    "type": "string"}},
+                "totals": {"type": "array", "items": _ref("MetricTotals")}}}, "the sums"),
+                **_errors(400, 401)}}},
+        "/api/metrics/series": {"get": {
+            "summary": "Telemetry summed per step over a window (for charts)",
+            "parameters": [_WINDOW,
+                           {"name": "step", "in": "query", "schema": {
+                               "type": "integer", "minimum": 60, "maximum": 86400},
+                            "description": "seconds per point, a multiple of 60 (default "
+                            "60; at most 1440 points)"},
+                           *_METRIC_FILTERS],
+            "responses": {"200": _json({"type": "object", "properties": {
+                "window_s": {"type": "integer"}, "step_s": {"type": "integer"},
+                "points": {"type": "array", "items": _ref("MetricTotals"),
+                           "description": "each with at: the start of its step"}}},
+                "the points"), **_errors(400, 401)}}},
+        "/api/alerts": {"get": {
+            "summary": "Alerts: the firing ones, or all with state=all",
+            "parameters": [
+                {"name": "state", "in": "query", "schema": {"type": "string",
+                                                            "enum": ["firing", "all"]}},
+                {"name": "kind", "in": "query", "schema": {"type": "string"}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                            "maximum": 10000}}],
+            "responses": {"200": _json({"type": "object", "properties": {"alerts": {
+                "type": "array", "items": _ref("Alert")}}}, "the alerts"),
+                **_errors(400, 401)}}},
+        "/metrics": {"get": {
+            "summary": "Prometheus exposition of the fleet (text format 0.0.4)",
+            "description": "Needs the admin token or the scrape token "
+            "(scrape_token_file in the server config's [monitoring]). docs/monitoring.md "
+            "lists the metrics.",
+            "responses": {"200": {"description": "the metrics", "content": {
+                "text/plain": {"schema": {"type": "string"}}}}, **_errors(401)}}},
+        "/dashboard": {"get": {
+            "summary": "The web dashboard (its sign-in page asks for the admin token)",
+            "security": [],
+            "responses": {"200": {"description": "the page", "content": {
+                "text/html": {"schema": {"type": "string"}}}}}}},
+        "/dashboard/{file}": {"get": {
+            "summary": "The dashboard's script and style sheet (no fleet data)",
+            "security": [],
+            "parameters": [{"name": "file", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "the file"}, **_errors(404)}}},
     },
     "components": {
         "securitySchemes": {"admin": {"type": "http", "scheme": "bearer",
@@ -246,7 +316,23 @@ OPENAPI: dict[str, Any] = {
                 "metadata_version": {"type": "integer", "description": "its TUF metadata "
                                      "version (0: stored before it was recorded)"},
                 "rollback_of": {"type": "integer", "nullable": True, "description": "for a "
-                                "re-release by rollback: the version it restores"}}},
+                                "re-release by rollback: the version it restores"},
+                "bundle_sha256": {**_SHA256, "description": "only for a delta bundle: the "
+                                  "full bundle of its release"},
+                "base_version": {"type": "integer", "description": "only for a delta bundle: "
+                                 "the version its deltas build on"}}},
+            "TransferPlan": {"type": "object", "properties": {
+                "delta_devices": {"type": "object", "description": "base version -> the "
+                                  "devices offered the delta from it",
+                                  "additionalProperties": {"type": "array",
+                                                           "items": {"type": "string"}}},
+                "full_devices": {"type": "array", "items": {"type": "string"}},
+                "full_bytes": {"type": "integer", "description": "bytes if every device "
+                               "fetched the full bundle"},
+                "wire_bytes": {"type": "integer", "description": "bytes expected with the "
+                               "deltas (a device whose base is damaged fetches the full "
+                               "bundle instead)"},
+                "saved_bytes": {"type": "integer"}}},
             "Event": {"type": "object", "properties": {
                 "id": {"type": "integer"}, "at": {"type": "number"},
                 "device": {"type": "string", "nullable": True}, "kind": {"type": "string"},
@@ -268,7 +354,10 @@ OPENAPI: dict[str, Any] = {
                                                 "connection; sent when it returns"},
                                   "released": {"type": "array", "items": _ref("Bundle"),
                                                "description": "re-releases the server "
-                                               "signed for this (rollback, encryption)"}}},
+                                               "signed for this (rollback, encryption)"},
+                                  "transfer": {**_ref("TransferPlan"), "nullable": True,
+                                               "description": "publish only: who gets a "
+                                               "delta, and the bytes saved"}}},
             "EnrollmentToken": {"type": "object", "required": ["token", "group", "expires_at"],
                                 "properties": {
                                     "token": {"type": "string", "pattern":
@@ -306,6 +395,37 @@ OPENAPI: dict[str, Any] = {
                     "broker_url": {"type": "string", "description": "mqtts://host:port"},
                     "root": {"type": "string", "format": "byte", "description":
                                   "the fleet's TUF root.json, base64: pin it"}}},
+            "MetricTotals": {"type": "object", "description": "the keys summed by (group, "
+                             "model, ...) and the sums", "properties": {
+                "samples": {"type": "integer"}, "requests": {"type": "integer"},
+                "errors": {"type": "integer"},
+                "error_rate": {"type": "number", "nullable": True},
+                "latency_ms": {"type": "object", "description": "p50, p90, p99 (null "
+                               "without requests)"},
+                "latency_hist": {"type": "array", "items": {"type": "integer"},
+                                 "description": "counts per bucket: 0.05 0.1 0.25 0.5 1 2.5 "
+                                 "5 10 25 50 100 250 1000 ms and above"},
+                "drift": {"type": "object", "description": "psi_max, ks_max, psi_mean "
+                          "(null: no drift statistics)"},
+                "devices": {"type": "integer", "description": "devices that reported"},
+                "first": {"type": "number", "nullable": True},
+                "last": {"type": "number", "nullable": True}}},
+            "Alert": {"type": "object", "properties": {
+                "kind": {"type": "string"}, "key": {"type": "string"},
+                "state": {"type": "string", "enum": ["firing", "resolved"]},
+                "summary": {"type": "string"}, "detail": {"type": "object"},
+                "first_at": {"type": "number"}, "last_at": {"type": "number"},
+                "raised": {"type": "integer", "description": "times raised while firing"},
+                "resolved_at": {"type": "number", "nullable": True}}},
+            "Overview": {"type": "object", "properties": {
+                "devices": {"type": "integer"}, "online": {"type": "integer"},
+                "converged": {"type": "integer"},
+                "groups": {"type": "object", "description": "group -> devices, online, "
+                           "converged, convergence, running (model -> version -> devices), "
+                           "desired (model -> version)"},
+                "alerts_firing": {"type": "array", "items": _ref("Alert")},
+                "ingest": {"type": "object", "properties": {
+                    "queue_depth": {"type": "integer"}, "lag_s": {"type": "number"}}}}},
         },
     },
 }

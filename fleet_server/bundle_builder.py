@@ -11,6 +11,12 @@ store (``KEYS/repository/state.json``) and, given a server (``--data``/``--serve
 above every bundle that server stores, re-releases included (:mod:`fleet_server.releases`).
 Recipients for encryption are X25519 public key files, or ``device:ID``, ``group:G``,
 ``profile:P`` selectors resolved with the server's list of devices.
+
+Deltas (``--delta-from OLD.efb``, repeatable): for each earlier bundle of the model, a
+delta bundle of the same release is written beside ``--out`` as ``STEM.from-vN.efb``; it
+carries, for every artifact whose file name the old bundle has too, the delta that
+rebuilds it from the old one (docs/bundle-format.md §8). ``fleet publish`` uploads them
+with the full bundle.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -28,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from bundle.crypto import public_key_from_bytes
 from bundle.errors import BundleError
 from bundle.manifest import TensorSpec, self_tests_from_obj, tensor_specs_from_obj
-from bundle.signing import ArtifactInput, BundleSpec, build_bundle
+from bundle.signing import ArtifactInput, BundleSpec, DeltaBase, build_release, read_contents
 from common.atomic import write_atomic
 
 from .api_client import ServerClient
@@ -36,7 +42,7 @@ from .errors import BundleInputError, FleetError
 from .keys import KeyStore, RepositoryState
 from .recipients import Candidate, is_selector, select_recipients
 
-__all__ = ["BuildRequest", "build", "load_artifacts"]
+__all__ = ["BuildRequest", "Built", "build", "delta_path", "load_artifacts"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,23 @@ class BuildRequest:
     #: The fleet server to take versions and recipients' keys from (None: the key store's
     #: counts only, key files only).
     server: ServerClient | None = None
+    #: Earlier bundles of the model to write delta bundles from.
+    delta_from: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class Built:
+    """What :func:`build` wrote: the spec, the full bundle's size, and per base version the
+    delta bundle's path and size."""
+
+    spec: BundleSpec
+    size: int
+    deltas: dict[int, tuple[Path, int]]
+
+
+def delta_path(out: Path, base_version: int) -> Path:
+    """Where the delta bundle from ``base_version`` of the bundle at ``out`` is written."""
+    return out.with_name(f"{out.stem}.from-v{base_version}{out.suffix}")
 
 
 @dataclass(frozen=True)
@@ -69,8 +92,8 @@ class _Inputs:
     report: dict[str, Any]
 
 
-def build(request: BuildRequest) -> BundleSpec:
-    """Build, sign and write the bundle; returns what was put in it."""
+def build(request: BuildRequest) -> Built:
+    """Build, sign and write the bundle (and its delta bundles); returns what was written."""
     store = KeyStore.at(request.keys_dir)
     state = store.state()
     released_model, released_metadata = _released(request)
@@ -79,22 +102,67 @@ def build(request: BuildRequest) -> BundleSpec:
         raise BundleInputError(f"{request.name} v{last} was already built or released; "
                                f"versions only go up, use --version {last + 1} or higher")
     inputs = _gather(request)
+    inputs = _Inputs(_with_bases(request, inputs.artifacts), inputs.report)
     spec = _spec(request, inputs)
     recipients = _recipients(request)
     version = max(state.metadata_version, released_metadata) + 1
     online = {role: store.signers(role) for role in ("targets", "snapshot", "timestamp")}
     expires = (datetime.now(timezone.utc) + timedelta(days=request.valid_days)).replace(
         microsecond=0)
-    data = build_bundle(spec, root_chain=store.root_chain(), signers=online,
-                        metadata_version=version, expires=expires, recipients=recipients)
     try:
-        write_atomic(request.out, data)
+        release = build_release(spec, root_chain=store.root_chain(), signers=online,
+                                metadata_version=version, expires=expires,
+                                recipients=recipients)
+    except BundleError as exc:
+        raise BundleInputError(str(exc)) from exc
+    written = {base: (delta_path(request.out, base), data)
+               for base, data in release.deltas.items()}
+    try:
+        for path, data in written.values():
+            write_atomic(path, data)
+        write_atomic(request.out, release.full)
     except OSError as exc:
-        raise BundleInputError(f"cannot write {request.out} ({exc.strerror})") from exc
+        raise BundleInputError(f"cannot write {exc.filename} ({exc.strerror})") from exc
     store.save_state(RepositoryState(version, {**state.models, request.name: request.version}))
-    log.info("built %s v%d (%d bytes, metadata v%d)", spec.name, spec.version, len(data),
-             version)
-    return spec
+    log.info("built %s v%d (%d bytes, metadata v%d)", spec.name, spec.version,
+             len(release.full), version)
+    return Built(spec, len(release.full),
+                 {base: (path, len(data)) for base, (path, data) in written.items()})
+
+
+def _with_bases(request: BuildRequest, artifacts: tuple[ArtifactInput, ...],
+                ) -> tuple[ArtifactInput, ...]:
+    """``artifacts``, each with the same file of every ``--delta-from`` bundle as a base."""
+    bases: dict[str, list[DeltaBase]] = {}
+    for path in request.delta_from:
+        version, files = _base_artifacts(path, request)
+        for name, data in files.items():
+            bases.setdefault(name, []).append(DeltaBase(version, data))
+    if request.delta_from and not any(a.file_name in bases for a in artifacts):
+        raise BundleInputError("no artifact of this build has the file name of an artifact "
+                               "in the --delta-from bundles; deltas pair artifacts by name")
+    return tuple(replace(a, bases=tuple(bases.get(a.file_name, ()))) for a in artifacts)
+
+
+def _base_artifacts(path: Path, request: BuildRequest) -> tuple[int, dict[str, bytes]]:
+    """The version and the artifacts (file name -> bytes) of an earlier bundle of the
+    model. Its artifacts are checked against its manifest; its signatures are not (it may
+    have expired since: it is only the reference the deltas are computed against, and a
+    device checks the base it holds against the new manifest)."""
+    try:
+        contents = read_contents(path)
+    except OSError as exc:
+        raise BundleInputError(f"cannot read {path} ({exc.strerror})") from exc
+    except BundleError as exc:
+        raise BundleInputError(f"{path} is not a bundle ({exc})") from exc
+    manifest = contents.manifest
+    if manifest.key_wrap is not None:
+        raise BundleInputError(f"{path} is encrypted; deltas need the plain bundle")
+    files = {p.removeprefix("artifacts/"): d for p, d in contents.artifacts.items()}
+    if manifest.name != request.name or manifest.version >= request.version:
+        raise BundleInputError(f"{path} holds {manifest.name} v{manifest.version}; "
+                               f"--delta-from takes earlier bundles of {request.name}")
+    return manifest.version, files
 
 
 def _released(request: BuildRequest) -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """Answering devices' chunk requests: the bytes of a bundle they may fetch, or a refusal.
 
-A device may fetch the bundles that are or were in its desired state, and nothing else;
+A device may fetch the bundles that are or were in its desired state, and the delta bundles
+of those releases (docs/bundle-format.md §8), and nothing else;
 an unknown bundle and one that is not for it get the same answer, so a device cannot probe
 what is stored. In a rollout every device asks for the same chunks, so encoded frames are
 kept in memory (least recently used dropped beyond :data:`FRAME_CACHE_BYTES`): each chunk
@@ -21,7 +22,7 @@ from collections import OrderedDict
 from protocol import messages
 
 from .rate_limit import TokenBuckets
-from .registry import BundleRecord, Registry
+from .registry import BundleRecord, DeltaRecord, Registry
 
 __all__ = ["FRAME_CACHE_BYTES", "ChunkServer"]
 
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 #: Encoded chunk frames kept in memory.
 FRAME_CACHE_BYTES = 64 * 1024 * 1024
+#: A device over its chunk rate is logged at most this often.
+_THROTTLE_LOG_S = 60.0
 
 
 class ChunkServer:
@@ -39,17 +42,22 @@ class ChunkServer:
         self._budget = TokenBuckets(rate_bytes, burst_bytes)
         # Stored bundles by sha256 (immutable and never deleted), and (device, sha256) pairs
         # known to be fetchable (was_desired only ever turns true, until a device reset).
-        self._bundles: dict[str, BundleRecord] = {}
+        self._bundles: dict[str, BundleRecord | DeltaRecord] = {}
         self._fetchable: set[tuple[str, str]] = set()
         self._frames = _FrameCache(FRAME_CACHE_BYTES)
+        self._throttle_logged: dict[str, float] = {}
 
     def answer(self, device: str, payload: bytes) -> bytes | None:
         """The encoded answer to ``device``'s chunk request ``payload``, or None when the
         device is over its rate (no answer). ProtocolError for a request that does not
         parse; RegistryError (or any database error) when the registry cannot tell."""
         request = messages.decode_chunk_request(payload)
-        if not self._budget.take(device, request.length, time.monotonic()):
-            log.debug("chunk request of %s over its rate; not answered", device)
+        now = time.monotonic()
+        if not self._budget.take(device, request.length, now):
+            if now - self._throttle_logged.get(device, -_THROTTLE_LOG_S) >= _THROTTLE_LOG_S:
+                self._throttle_logged[device] = now
+                log.info("%s asks for chunks faster than its rate; the excess is not "
+                         "answered (logged once a minute)", device)
             return None
         return self._frame(device, request)
 
@@ -76,10 +84,10 @@ class ChunkServer:
             self._frames.put(key, frame)
         return frame
 
-    def _bundle_record(self, sha256: str) -> BundleRecord | None:
-        record = self._bundles.get(sha256)
+    def _bundle_record(self, sha256: str) -> BundleRecord | DeltaRecord | None:
+        record: BundleRecord | DeltaRecord | None = self._bundles.get(sha256)
         if record is None:
-            record = self._registry.get_bundle(sha256)
+            record = self._registry.get_bundle(sha256) or self._registry.get_delta(sha256)
             if record is not None:  # unknown ones are asked again: they may be uploaded
                 self._bundles[sha256] = record
         return record
@@ -87,13 +95,16 @@ class ChunkServer:
     def _may_fetch(self, device: str, sha256: str) -> bool:
         if (device, sha256) in self._fetchable:
             return True
-        if not self._registry.was_desired(device, sha256):
+        record = self._bundle_record(sha256)
+        # A delta bundle may be fetched by the devices its release was desired for.
+        release = record.bundle_sha256 if isinstance(record, DeltaRecord) else sha256
+        if not self._registry.was_desired(device, release):
             return False
         self._fetchable.add((device, sha256))
         return True
 
     def _read_chunk(self, device: str, request: messages.ChunkRequest,
-                    record: BundleRecord | None) -> messages.Chunk:
+                    record: BundleRecord | DeltaRecord | None) -> messages.Chunk:
         """The chunk of ``record``'s blob, or a refusal; ``record`` is None for a bundle
         that is unknown or not available to ``device``."""
         sha = request.bundle_sha256

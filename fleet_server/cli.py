@@ -141,6 +141,10 @@ def _add_bundle(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     where.add_argument("--data", type=Path, metavar="DIR",
                        help="the server's data directory: its versions are counted too, so "
                        "this build is above any re-release the server signed")
+    b.add_argument("--delta-from", action="append", default=[], type=Path, metavar="OLD",
+                   help="an earlier bundle of the model (repeatable): also write the delta "
+                   "bundle from it, OUT's name with .from-vN, which devices running that "
+                   "version fetch instead (`fleet publish` uploads it)")
     b.add_argument("--valid-days", type=_valid_days, default=30, metavar="DAYS",
                    help="metadata validity, 1 to 3650 days; devices refuse the bundle after "
                    "it (default 30)")
@@ -156,13 +160,18 @@ def _add_bundle(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
 
 def _bundle_build(args: argparse.Namespace) -> int:
     server = locate(args.server, args.data) if args.server or args.data else None
-    spec = build(BuildRequest(
+    built = build(BuildRequest(
         name=args.name, version=args.version, keys_dir=args.keys, out=args.out,
         artifacts_dir=args.artifacts, model=args.model, profiles=tuple(args.profile),
-        encrypt_for=tuple(args.encrypt_for), valid_days=args.valid_days, server=server))
+        encrypt_for=tuple(args.encrypt_for), valid_days=args.valid_days, server=server,
+        delta_from=tuple(args.delta_from)))
+    spec = built.spec
     print(f"built {args.out}: {spec.name} v{spec.version}, {len(spec.artifacts)} artifact(s) "
           f"for {', '.join(spec.profiles)}"
-          f"{', encrypted' if args.encrypt_for else ''}")
+          f"{', encrypted' if args.encrypt_for else ''}, {built.size} bytes")
+    for base, (path, size) in sorted(built.deltas.items()):
+        print(f"built {path}: the delta bundle from v{base}, {size} bytes "
+              f"({100 * size / built.size:.1f}% of the full bundle)")
     return 0
 
 
@@ -195,4 +204,7 @@ def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "show a tampered copy rejected.")
     demo.add_argument("--workdir", type=Path, metavar="DIR",
                       help="keep the demo's files here (default: a temporary directory)")
-    demo.set_defaults(handler=lambda args: run_demo(args.workdir))
+    demo.add_argument("--drift", action="store_true",
+                      help="then show monitoring: one device receives inverted images and "
+                      "a drift alert reaches a webhook, `fleet metrics` and the dashboard")
+    demo.set_defaults(handler=lambda args: run_demo(args.workdir, drift=args.drift))

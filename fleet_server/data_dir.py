@@ -20,10 +20,8 @@ Layout (``fleet serve --data DIR``)::
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import IO
@@ -31,6 +29,7 @@ from typing import IO
 from cryptography import x509
 
 from common.atomic import write_atomic
+from common.instance_lock import LockHeld, hold_lock
 from transport.mqtt import TLSIdentity
 
 from .broker import SERVER_IDENTITY
@@ -54,23 +53,13 @@ def lock_data_dir(data: Path) -> IO[str]:
     the server that holds it."""
     path = data / "serve.lock"
     try:
-        lock = path.open("a+", encoding="ascii")
+        return hold_lock(path)
+    except LockHeld as held:
+        raise ServiceError(f"another fleet server (pid {held.holder}) is running on {data}; "
+                           "stop it first, or give this one another --data directory") from None
     except OSError as exc:
         raise ServiceError(f"cannot open {path} ({exc.strerror}); choose a writable --data "
                            "directory") from exc
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        holder = lock.read().strip() or "unknown"
-        lock.close()
-        raise ServiceError(f"another fleet server (pid {holder}) is running on {data}; stop "
-                           "it first, or give this one another --data directory") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(str(os.getpid()))
-    lock.flush()
-    return lock
 
 
 def load_ca(data: Path, fleet: str | None) -> FleetCA:

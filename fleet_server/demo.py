@@ -16,6 +16,15 @@ internals (and keeps ``fleet_server`` free of imports of the agent or the compre
 8. a v3 tampered after signing, planted in the server's bundle store as a compromised
    server would: every agent fetches it, rejects it with the reason, and keeps serving v2.
 
+With ``--drift`` (docs/monitoring.md, "The drift demo"), after step 6:
+
+- steady traffic of the digits evaluation images on every agent: ``fleet metrics`` shows
+  requests, latency and a low drift PSI, and no alert fires;
+- gw-1 starts receiving inverted images (``1 - x``): its agent's monitor reports the
+  input drift, the server's drift rule fires, and the alert reaches a webhook (a local
+  receiver the demo runs) within :data:`DRIFT_ALERT_S` seconds of the first shifted
+  request, shows in ``fleet metrics`` and in what the dashboard reads.
+
 The fleet table is printed after each step. Exit 0 when every expectation held.
 """
 
@@ -27,9 +36,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +48,19 @@ from .api_client import ServerClient, locate
 from .errors import FleetError
 from .registry import open_registry
 
-__all__ = ["DemoError", "run_demo"]
+__all__ = ["DRIFT_ALERT_S", "DRIFT_PSI", "DemoError", "DriftWatch", "run_demo"]
 
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
 _GROUP = "demo"
 _DEVICES = ("gw-1", "gw-2", "gw-3")
 _WAIT_S = 60.0
+#: The drift demo's alert threshold: a PSI above this on one device fires the alert. The
+#: digits inputs the model was calibrated on score well below it; inverted images far above.
+DRIFT_PSI = 0.25
+#: The drift alert reaches the webhook within this many seconds of the first shifted
+#: request: the agent reports every 2 s, the server evaluates its rules every second, and
+#: the rest is slack for a loaded machine.
+DRIFT_ALERT_S = 60.0
 
 
 class DemoError(FleetError):
@@ -117,11 +135,13 @@ class _Agent:
     state_dir: Path
 
 
-def run_demo(workdir: Path | None = None, models: Path = REPO_MODELS) -> int:
-    """Run the demo in ``workdir`` (a fresh temporary directory by default); 0 on success."""
+def run_demo(workdir: Path | None = None, models: Path = REPO_MODELS, *,
+             drift: bool = False) -> int:
+    """Run the demo in ``workdir`` (a fresh temporary directory by default); 0 on success.
+    ``drift`` adds the monitoring steps (module docstring)."""
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="edgefleet-demo-") as tmp:
-            return run_demo(Path(tmp), models)
+            return run_demo(Path(tmp), models, drift=drift)
     workdir.mkdir(parents=True, exist_ok=True)
     model, data = models / "digits_cnn.onnx", models / "digits_data.npz"
     for needed in (model, data):
@@ -129,15 +149,21 @@ def run_demo(workdir: Path | None = None, models: Path = REPO_MODELS) -> int:
             raise DemoError(f"{needed} is missing; run the demo from a full checkout of the "
                             "repository (the reference models are committed there).")
     demo = _Demo(workdir, models)
+    watch = DriftWatch() if drift else None
     try:
-        _main(demo, model, data)
+        if watch is not None:
+            watch.start()
+            watch.write_config(workdir / "server")
+        _main(demo, model, data, watch)
     finally:
         demo.stop_all()
+        if watch is not None:
+            watch.stop()
     print(f"\ndemo passed: {demo.step} steps in {time.monotonic() - demo.started:.1f} s")
     return 0
 
 
-def _main(demo: _Demo, model: Path, data: Path) -> None:
+def _main(demo: _Demo, model: Path, data: Path, watch: DriftWatch | None) -> None:
     profile, other, bundles = _prepare(demo, model, data)
     api, fleet, agents = _start_fleet(demo, profile, other)
     x = demo.workdir / "digits.npy"
@@ -150,6 +176,9 @@ def _main(demo: _Demo, model: Path, data: Path) -> None:
     demo.title("Serve inferences through each agent's local API (Open Inference Protocol)")
     for agent in agents:
         _predict(demo, agent, x)
+    if watch is not None:
+        # Before the next step's load, which repeats one image: drift by design.
+        _drift(demo, api, fleet, agents, data, watch=watch)
 
     demo.title("Publish v2 while gw-1 serves a steady stream of requests: each agent "
                "hot-swaps it (self-tested), no request dropped")
@@ -349,3 +378,165 @@ def _write_samples(data: Path, out: Path) -> None:
     subprocess.run([sys.executable, "-c", "import numpy, sys; numpy.save(sys.argv[2], "
                     "numpy.load(sys.argv[1])['eval_x'][:3])", str(data), str(out)], check=True)
 
+
+
+# --- fleet demo --drift --------------------------------------------------------------------
+
+class DriftWatch:
+    """The webhook the drift demo's alerts go to: a local HTTP receiver in the demo's
+    process, and the server config (``DATA/server.toml``) that points the server at it."""
+
+    def __init__(self) -> None:
+        self.alerts: list[dict[str, Any]] = []
+        self._changed = threading.Condition()
+        watch = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = min(int(self.headers.get("Content-Length", "0")), 1 << 20)
+                try:
+                    body = json.loads(self.rfile.read(length))
+                except ValueError:
+                    body = None
+                self.send_response(204)
+                self.end_headers()
+                if isinstance(body, dict):
+                    with watch._changed:
+                        watch.alerts.append(body)
+                        watch._changed.notify_all()
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/alerts"
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.1,),
+                                        name="demo-webhook", daemon=True)
+
+    def start(self) -> None:
+        """Listen."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop listening."""
+        self._server.shutdown()
+        self._server.server_close()
+
+    def write_config(self, server_dir: Path) -> Path:
+        """Write the server config the demo's ``fleet serve`` reads: the drift rule, a
+        fast evaluation and this webhook."""
+        server_dir.mkdir(parents=True, exist_ok=True)
+        path = server_dir / "server.toml"
+        path.write_text(f"""# fleet demo --drift: alerts to the demo's local webhook
+[monitoring]
+evaluate_every_s = 1
+
+[[monitoring.webhook]]
+url = "{self.url}"
+timeout_s = 2
+
+[[monitoring.alert]]
+kind = "drift"
+psi = {DRIFT_PSI}
+devices = 1
+window_s = 120
+""", encoding="utf-8")
+        return path
+
+    def wait(self, kind: str, key: str, timeout: float) -> dict[str, Any] | None:
+        """The first firing notice of (kind, key), waiting up to ``timeout`` seconds."""
+        def found() -> dict[str, Any] | None:
+            return next((a for a in self.alerts if (a.get("status"), a.get("kind"),
+                                                    a.get("key")) == ("firing", kind, key)),
+                        None)
+
+        with self._changed:
+            self._changed.wait_for(lambda: found() is not None, timeout)
+            return found()
+
+
+# Requests of the evaluation images (inverted with "invert") through one agent's API, one
+# at a time, until the stop file appears; prints how many as JSON.
+_TRAFFIC_SCRIPT = """
+import json, pathlib, sys, time
+import numpy
+from agent.daemon import find_running
+state, data, invert, stop = (pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "1",
+                             pathlib.Path(sys.argv[4]))
+x = numpy.load(data)["eval_x"]
+if invert:
+    x = (1.0 - x).astype(x.dtype)
+sent = failed = 0
+with find_running(state).client(timeout=10) as client:
+    while not stop.exists():
+        try:
+            client.infer("digits", {"input": x[sent % len(x)][None]})
+        except Exception:
+            failed += 1
+        sent += 1
+print(json.dumps({"sent": sent, "failed": failed}))
+"""
+
+
+class _Traffic:
+    """Requests to several agents, each from its own process, until :meth:`finish`."""
+
+    def __init__(self, demo: _Demo, agents: list[_Agent], data: Path, *,
+                 inverted: tuple[str, ...] = ()) -> None:
+        self.stop = demo.workdir / f"traffic-{time.monotonic_ns()}.stop"
+        self.processes = {a.device: subprocess.Popen(
+            [sys.executable, "-c", _TRAFFIC_SCRIPT, str(a.state_dir), str(data),
+             "1" if a.device in inverted else "0", str(self.stop)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for a in agents}
+
+    def finish(self) -> None:
+        self.stop.touch()
+        for device, process in self.processes.items():
+            out, _ = process.communicate(timeout=30)
+            try:
+                seen = json.loads(out.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                raise DemoError(f"the traffic to {device} failed: {out[-2000:]}") from None
+            print(f"    {device}: {seen['sent']} requests, {seen['failed']} failed")
+
+
+def _drift(demo: _Demo, api: ServerClient, fleet: list[str], agents: list[_Agent],
+           data: Path, *, watch: DriftWatch) -> None:
+    demo.title("Steady traffic on every agent (the digits evaluation images): requests, "
+               "latency and a low drift PSI in `fleet metrics`, no alert")
+    traffic = _Traffic(demo, agents, data)
+    time.sleep(8)  # four telemetry intervals
+    traffic.finish()
+    demo.wait(lambda: any(t["requests"] for t in api.get(
+        "/api/metrics", {"window": 120, "model": "digits"})["totals"]),
+        "the traffic to show in the metrics")
+    demo.run([_tool("fleet"), "metrics", "--window", "120", *fleet])
+    if watch.alerts:
+        raise DemoError(f"an alert fired on steady traffic: {watch.alerts}")
+
+    demo.title(f"gw-1 starts receiving inverted images: the drift alert (PSI > {DRIFT_PSI}) "
+               f"reaches the webhook within {DRIFT_ALERT_S:.0f} s, shows in `fleet "
+               "metrics` and on the dashboard")
+    started = time.monotonic()
+    traffic = _Traffic(demo, agents, data, inverted=(agents[0].device,))
+    try:
+        alert = watch.wait("drift", "digits", DRIFT_ALERT_S)
+    finally:
+        traffic.finish()
+    took = time.monotonic() - started
+    if alert is None:
+        raise DemoError(
+            f"no drift alert reached the webhook within {DRIFT_ALERT_S:.0f} s of gw-1's "
+            "first inverted image. The agents must report models.digits.monitor.drift.psi "
+            "in their telemetry (MONITOR_CONTRACT.md); what the server has: "
+            + json.dumps(api.get("/api/metrics", {"window": 120, "by": "device,model"})))
+    worst = [w["device"] for w in alert["detail"].get("worst", [])]
+    print(f"    webhook {watch.url} got after {took:.1f} s: {alert['summary']}")
+    if worst[:1] != [agents[0].device]:
+        raise DemoError(f"the alert names {worst}, not {agents[0].device}, as drifting")
+    demo.run([_tool("fleet"), "metrics", "--window", "120", *fleet])
+    firing = api.get("/api/overview")["alerts_firing"]  # what the dashboard shows
+    if not any((a["kind"], a["key"]) == ("drift", "digits") for a in firing):
+        raise DemoError(f"the dashboard's overview does not show the alert: {firing}")
+    print(f"    dashboard: {api.url}/dashboard (sign in with {demo.workdir / 'server'}/"
+          "admin.token) shows the alert and gw-1's drift chart")

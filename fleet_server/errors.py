@@ -15,14 +15,16 @@ bundle was refused, and the CLI prints them the same way. The tree::
     ├── EnrollmentError     an enrollment token was refused (unknown, used or expired)
     ├── ReleaseError        a publish, rollback or re-release devices would refuse, or that
     │                       this server cannot sign
-    └── ApiError            the operator API refused a request, or cannot be reached
+    ├── ApiError            the operator API refused a request, or cannot be reached
+    └── MonitoringError     monitoring's configuration (alert rules, webhooks) or a metrics
+                            query (window, step, grouping) is unusable
 """
 
 from __future__ import annotations
 
 __all__ = ["ApiError", "BrokerError", "BundleInputError", "CAError", "CSRError",
-           "EnrollmentError", "FleetError", "KeyStoreError", "RegistryError", "ReleaseError",
-           "ServiceError"]
+           "EnrollmentError", "FleetError", "KeyStoreError", "MonitoringError", "RegistryError",
+           "ReleaseError", "ServiceError"]
 
 
 class FleetError(Exception):
@@ -86,3 +88,8 @@ class ApiError(FleetError):
     def __init__(self, message: str, status: int = 0) -> None:
         super().__init__(message)
         self.status = status
+
+
+class MonitoringError(FleetError):
+    """Monitoring's configuration or a metrics query is unusable (the message names the key
+    or parameter and the fix)."""

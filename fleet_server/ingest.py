@@ -10,7 +10,8 @@ waits for room, and the broker holds (and bounds, with its per-client limits) wh
 otherwise pile up in this process's memory.
 
 A malformed message is logged and recorded as a ``protocol_error`` event (at most
-:data:`PROTOCOL_ERRORS_PER_MINUTE` per device); nothing a device sends stops the service.
+:data:`PROTOCOL_ERRORS_PER_MINUTE` per device and minute; beyond that they are counted and
+the count logged once); nothing a device sends stops the service.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from paho.mqtt.client import MQTTMessageInfo
@@ -49,8 +50,7 @@ OFFLINE_EVENT = "offline"
 #: Event kinds devices send are stored under this prefix (``agent.install.committed``): a
 #: device cannot write an event that reads as one of the server's own.
 DEVICE_EVENT_PREFIX = "agent."
-#: A device stuck in a loop of bad messages must not fill the event log (the log file still
-#: says every one).
+#: A device stuck in a loop of bad messages must fill neither the event log nor the log file.
 PROTOCOL_ERRORS_PER_MINUTE = 10
 
 
@@ -71,14 +71,23 @@ class Inbound:
     #: A refused retained message: the publish that clears it from the broker, which must
     #: have gone out before the message is acknowledged.
     clearing: MQTTMessageInfo | None = None
+    #: When it was received (time.monotonic()), for the ingest lag.
+    received: float = field(default_factory=time.monotonic)
 
 
 class Ingest:
-    """The ingest thread and its bounded queue; ``ack`` acknowledges a stored message."""
+    """The ingest thread and its bounded queue; ``ack`` acknowledges a stored message;
+    ``on_samples`` (monitoring) is called with the new telemetry samples of each batch,
+    each (device, sample), in the batch's transaction."""
 
-    def __init__(self, registry: Registry, ack: Callable[[Inbound], None]) -> None:
+    def __init__(self, registry: Registry, ack: Callable[[Inbound], None],
+                 on_samples: Callable[[list[tuple[str, messages.Telemetry]]], None]
+                 | None = None) -> None:
         self._registry = registry
         self._ack = ack
+        self._on_samples = on_samples
+        #: Seconds from receipt to commit of the oldest message of the last batch stored.
+        self.lag_s = 0.0
         self._inbox: queue.Queue[Inbound | None] = queue.Queue(QUEUE)
         self._thread: threading.Thread | None = None
         self._error_budget: dict[str, tuple[float, int]] = {}
@@ -130,21 +139,37 @@ class Ingest:
         batch = sorted(batch, key=lambda item: item.device)
         try:
             with self._registry.batch():
+                new: list[tuple[str, messages.Telemetry]] = []
                 for item in batch:
-                    self._store(item, in_batch=True)
+                    self._store(item, new, in_batch=True)
+                if new and self._on_samples is not None:
+                    self._on_samples(new)
         except Exception:
             log.warning("could not store %d device message(s) in one transaction; storing "
                         "them one by one", len(batch), exc_info=True)
             for item in batch:
-                self._store(item, in_batch=False)
+                new = []
+                self._store(item, new, in_batch=False)
+                self._fold(new)
+        self.lag_s = time.monotonic() - min(item.received for item in batch)
         for item in batch:
             if item.clearing is None or wait_published(item.clearing):
                 self._ack(item)
             # else: unacknowledged, the broker delivers it again and it is cleared then
 
-    def _store(self, item: Inbound, *, in_batch: bool) -> None:
-        """Store one message. A bad message is recorded as a protocol error; any other
-        failure is raised in a batch (which is then undone), else logged."""
+    def _fold(self, new: list[tuple[str, messages.Telemetry]]) -> None:
+        """Hand a sample stored alone to monitoring; its failure only costs the series."""
+        if new and self._on_samples is not None:
+            try:
+                self._on_samples(new)
+            except Exception:
+                log.exception("could not add a sample of %s to the time series", new[0][0])
+
+    def _store(self, item: Inbound, new: list[tuple[str, messages.Telemetry]], *,
+               in_batch: bool) -> None:
+        """Store one message; a new telemetry sample is added to ``new``. A bad message is
+        recorded as a protocol error; any other failure is raised in a batch (which is then
+        undone), else logged."""
         device, leaf, payload = item.device, item.leaf, item.payload
         try:
             if item.error is not None:
@@ -154,7 +179,10 @@ class Ingest:
             elif leaf == "events":
                 self._store_event(device, payload)
             elif leaf == "telemetry":
-                self._registry.add_telemetry(device, [messages.decode_telemetry(payload)])
+                sample = messages.decode_telemetry(payload)
+                # Only a new sample (not a re-delivery) is counted in the time series.
+                if self._registry.add_telemetry(device, [sample]):
+                    new.append((device, sample))
             else:
                 raise ProtocolError(f"unexpected topic leaf {leaf!r}; this server answers "
                                     "outbox/chunks only")
@@ -175,14 +203,23 @@ class Ingest:
 
     def _protocol_error(self, device: str, leaf: str, payload: bytes,
                         exc: Exception, *, in_batch: bool = False) -> None:
-        log.warning("unusable %s message from %s: %s", leaf, device, exc)
         now = time.monotonic()
         start, count = self._error_budget.get(device, (now, 0))
         if now - start >= 60:
+            if count > PROTOCOL_ERRORS_PER_MINUTE:
+                log.warning("%d more unusable messages from %s in the minute before were "
+                            "neither logged nor recorded", count - PROTOCOL_ERRORS_PER_MINUTE,
+                            device)
             start, count = now, 0
         self._error_budget[device] = (start, count + 1)
         if count >= PROTOCOL_ERRORS_PER_MINUTE:
+            # A device in a loop of bad messages must fill neither the event log nor the
+            # server's log: the rest of the minute is counted, and said once.
+            log.debug("unusable %s message from %s: %s", leaf, device, exc)
             return
+        log.warning("unusable %s message from %s: %s%s", leaf, device, exc,
+                    "; further ones this minute are counted, not logged"
+                    if count + 1 == PROTOCOL_ERRORS_PER_MINUTE else "")
         detail = {"topic": leaf, "error": str(exc), "size": len(payload),
                   "head": payload[:64].decode("utf-8", errors="replace")}
         try:

@@ -35,12 +35,18 @@ from .api_client import (
     read_server_file,
 )
 from .errors import ApiError, BundleInputError, ServiceError
+from .monitoring.config import MonitoringConfig, load_config, scrape_token
+from .monitoring.text import METRICS_HEADERS, alert_lines, device_lines, metrics_rows
 from .service import FleetService, ServiceConfig
 
 __all__ = ["add_server_commands"]
 
 #: Seconds between polls of ``fleet events --follow``.
 _FOLLOW_POLL_S = 1.0
+#: The telemetry ``fleet device show`` sums: the last hour.
+_DEVICE_WINDOW_S = 3600
+#: The server config read by ``fleet serve`` when present (``--config`` names another).
+_SERVER_CONFIG = "server.toml"
 #: How long ``fleet serve --detach`` waits for the API: migrations, CA, broker start.
 _DETACH_TIMEOUT_S = 120.0
 
@@ -108,7 +114,9 @@ def add_server_commands(subparsers: argparse._SubParsersAction[argparse.Argument
         description="Upload BUNDLE_FILE (the server verifies it against the fleet's "
         "root.json; the same file again is fine) and make it the desired version of its "
         "model for a group or for devices. Devices pick it up at once (retained MQTT "
-        "message) or when they next connect.")
+        "message) or when they next connect. Delta bundles written beside it by `fleet "
+        "bundle build --delta-from` (BUNDLE_FILE's name with .from-vN) are uploaded too; "
+        "devices running such a version fetch the delta, and the bytes saved are shown.")
     _add_selection(publish)
     publish.add_argument("bundle_file", type=Path, metavar="BUNDLE_FILE")
     publish.add_argument("--encrypt-for", action="append", default=[], metavar="SELECTOR",
@@ -141,6 +149,19 @@ def add_server_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     events.add_argument("--follow", "-f", action="store_true",
                         help="then wait for new events and print them as they come")
     events.set_defaults(handler=_events)
+
+    metrics = subparsers.add_parser(
+        "metrics", parents=[where, as_json], help="requests, errors, latency and drift per "
+        "group, model and version, and the firing alerts",
+        description="Telemetry of the last --window seconds summed per group, model and "
+        "version: devices reporting, requests, errors (rate), latency p50/p99 from the "
+        "devices' histograms, the largest drift PSI and KS any device reported; then the "
+        "alerts firing. docs/monitoring.md.")
+    metrics.add_argument("--group", help="only this group")
+    metrics.add_argument("--model", help="only this model")
+    metrics.add_argument("--window", type=int, default=3600, metavar="SECONDS",
+                         help="how far back (default 3600)")
+    metrics.set_defaults(handler=_metrics)
 
 
 def _add_selection(parser: argparse.ArgumentParser) -> None:
@@ -201,6 +222,10 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     serve.add_argument("--offline-after", type=_seconds, default=180.0, metavar="SECONDS",
                        help="a device not heard from for this long shows offline (default "
                        "180; agents send telemetry every 30 s by default)")
+    serve.add_argument("--config", type=Path, metavar="FILE",
+                       help="server config (TOML): monitoring's alert rules, webhooks, "
+                       f"retention, scrape token (docs/monitoring.md; default DIR/"
+                       f"{_SERVER_CONFIG} if it exists)")
     serve.add_argument(DETACH_FLAG, action="store_true",
                        help="run in the background (output to DIR/server.log) and return "
                        "once the API answers, or fail with the reason")
@@ -226,7 +251,7 @@ def _serve(args: argparse.Namespace) -> int:
         data_dir=data, keys_dir=(args.keys or data / "keys").absolute(), fleet=args.fleet,
         db_url=args.db, broker_url=args.broker_url, mqtt_port=args.mqtt_port,
         mqtt_bind=args.mqtt_bind, broker_hosts=tuple(args.broker_host),
-        offline_after_s=args.offline_after)
+        offline_after_s=args.offline_after, monitoring=_monitoring(args.config, data))
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -236,24 +261,28 @@ def _serve(args: argparse.Namespace) -> int:
     service = FleetService(config)
     api: ApiServer | None = None
     server_file = data / SERVER_FILE
+    announced = False  # server.json is this server's to remove only once it wrote it
     try:
         service.start()
         token_file = data / ADMIN_TOKEN_FILE
         hosts = [*(args.api_host or args.broker_host),
                  *([args.host] if args.host not in ("", "0.0.0.0", "::") else [])]
         api = ApiServer(service, load_admin_token(token_file), service.api_identity(hosts),
-                        host=args.host, port=args.port)
+                        host=args.host, port=args.port,
+                        scrape_token=scrape_token(config.monitoring))
         api.start()
         write_atomic(server_file, json.dumps({
             "api_url": api.url, "pid": os.getpid(), "admin_token_file": str(token_file),
             "ca_file": str(service.ca.cert_path), "broker_url": service.broker_url,
             "fleet": service.fleet, "data_dir": str(data)}, indent=2).encode("utf-8"))
+        announced = True
         print(f"fleet {service.fleet}: API {api.url} (admin token {token_file}), MQTT "
               f"{service.broker_url}, data {data}; Ctrl-C stops", flush=True)
         while not stop.wait(1.0):
             pass
     finally:
-        server_file.unlink(missing_ok=True)
+        if announced:
+            server_file.unlink(missing_ok=True)
         if api is not None:
             api.stop()
         service.stop()
@@ -263,6 +292,10 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _monitoring(path: Path | None, data: Path) -> MonitoringConfig:
+    if path is None and (data / _SERVER_CONFIG).is_file():
+        path = data / _SERVER_CONFIG
+    return MonitoringConfig() if path is None else load_config(path)
 def _detach(args: argparse.Namespace, data: Path) -> int:
     """Re-run ``fleet serve`` in the background and wait until its API is up."""
 
@@ -372,8 +405,10 @@ def _device_show(args: argparse.Namespace) -> int:
                        "them", 404) from None
     events = client.get("/api/events", {"device": args.device_id, "limit": 20,
                                         "order": "newest"})["events"]
+    metrics = client.get("/api/metrics", {"device": args.device_id, "by": "model,version",
+                                          "window": _DEVICE_WINDOW_S})["totals"]
     if args.json:
-        _print_json({**device, "events": events[-20:]})
+        _print_json({**device, "events": events[-20:], "metrics": metrics})
         return 0
     now = time.time()
     lines = [
@@ -391,6 +426,7 @@ def _device_show(args: argparse.Namespace) -> int:
     installs = device["reported"].get("installs") or {}
     for name, install in sorted(installs.items()) if isinstance(installs, dict) else ():
         lines.append(f"install    {name} {_install_text(install)}")
+    lines += device_lines(metrics, _DEVICE_WINDOW_S)
     if events:
         lines.append("events (latest last):")
         lines += [f"  {_event_line(e)}" for e in events[-10:]]
@@ -424,30 +460,59 @@ def _bundles(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    try:
-        data = args.bundle_file.read_bytes()
-    except OSError as exc:
-        raise BundleInputError(f"cannot read {args.bundle_file} ({exc.strerror})") from exc
+    data = _read_file(args.bundle_file)
     client = _client(args)
     bundle = client.post("/api/bundles", data=data)
+    deltas = [client.post("/api/bundles", data=_read_file(path))
+              for path in _delta_files(args.bundle_file)]
     result = client.post("/api/publish", {"bundle_sha256": bundle["sha256"],
                                           **_selection_body(args),
                                           **({"encrypt_for": args.encrypt_for}
                                              if args.encrypt_for else {})})
     if args.json:
-        _print_json({"bundle": bundle, **result})
+        _print_json({"bundle": bundle, "deltas": deltas, **result})
         return _delivery(result)
     target = f"group {args.group}" if args.group else "the given devices"
+    for delta in deltas:
+        print(f"uploaded the delta bundle from v{delta['base_version']} ({delta['size']} "
+              f"bytes, sha256 {delta['sha256'][:16]})")
     published = bundle
     for released in result.get("released", []):
         published = released
         print(f"re-released {bundle['name']} v{bundle['version']} as v{released['version']} "
               f"(sha256 {released['sha256'][:16]}), its artifacts encrypted for "
               f"{', '.join(args.encrypt_for)}")
+    devices, changed = len(result["devices"]), len(result["changes"])
+    unchanged = devices - changed
     print(f"published {published['name']} v{published['version']} (sha256 "
-          f"{published['sha256'][:16]}) to {len(result['devices'])} device(s) of {target}; "
-          f"{len(result['changes'])} changed, the others already had it")
+          f"{published['sha256'][:16]}) to {devices} device(s) of {target}; {changed} "
+          f"changed{f', {unchanged} had it already' if unchanged else ''}")
+    _print_transfer(result.get("transfer"))
     return _delivery(result)
+
+
+def _delta_files(bundle_file: Path) -> list[Path]:
+    """The delta bundles ``fleet bundle build --delta-from`` wrote beside ``bundle_file``."""
+    pattern = f"{bundle_file.stem}.from-v*{bundle_file.suffix}"
+    return sorted(bundle_file.parent.glob(pattern))
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise BundleInputError(f"cannot read {path} ({exc.strerror})") from exc
+
+
+def _print_transfer(transfer: dict[str, Any] | None) -> None:
+    """One line per delta used, and the bytes saved (see fleet_server.deltas)."""
+    if not transfer or not transfer["full_bytes"]:
+        return
+    for base, devices in transfer["delta_devices"].items():
+        print(f"{len(devices)} device(s) running v{base} fetch the delta bundle")
+    full, wire = transfer["full_bytes"], transfer["wire_bytes"]
+    print(f"to send: {wire} bytes instead of {full} ({transfer['saved_bytes']} saved, "
+          f"{100 * (full - wire) / full:.1f}%)")
 
 
 def _rollback(args: argparse.Namespace) -> int:
@@ -505,6 +570,22 @@ def _events(args: argparse.Namespace) -> int:
             return 0
         time.sleep(_FOLLOW_POLL_S)
         events = client.get("/api/events", {**query, "since": last})["events"]
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    client = _client(args)
+    answer = client.get("/api/metrics", {"group": args.group, "model": args.model,
+                                         "window": args.window})
+    alerts = client.get("/api/alerts")["alerts"]
+    if args.json:
+        _print_json({**answer, "alerts": alerts})
+        return 0
+    _table(METRICS_HEADERS, metrics_rows(answer["totals"]),
+           f"no telemetry in the last {args.window} s" + (
+               f" for group {args.group!r}" if args.group else "")
+           + (f" for model {args.model!r}" if args.model else ""))
+    print("\n".join(alert_lines(alerts)))
+    return 0
 
 
 def _selection_body(args: argparse.Namespace) -> dict[str, Any]:

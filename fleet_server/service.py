@@ -65,11 +65,22 @@ from .data_dir import (
     remembered_port,
     server_identity,
 )
+from .delta_store import DeltaStore
+from .deltas import TransferPlan, offer_for, plan_transfers
 from .enrollment import check_token
 from .errors import BrokerError, EnrollmentError, RegistryError, ServiceError
 from .ingest import Inbound, Ingest
+from .monitoring.config import MonitoringConfig
+from .monitoring.monitor import Monitor
 from .recipients import Candidate, Recipients, select_recipients
-from .registry import BundleRecord, DesiredChange, Device, Registry, open_registry
+from .registry import (
+    BundleRecord,
+    DeltaRecord,
+    DesiredChange,
+    Device,
+    Registry,
+    open_registry,
+)
 from .releases import Releaser, check_publishable
 
 __all__ = [
@@ -135,6 +146,8 @@ class ServiceConfig:
     #: will lost while the server was down would leave it online forever). Agents send
     #: telemetry every 30 s by default; a few missed samples are tolerated.
     offline_after_s: float = 180.0
+    #: Time series retention, alert rules and webhooks (docs/monitoring.md).
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
 
 @dataclass(frozen=True)
@@ -175,6 +188,8 @@ class PublishResult:
     delivered: bool = True
     #: Bundles the server signed for this (re-releases), to show the operator.
     released: tuple[BundleRecord, ...] = ()
+    #: For a publish: which devices get a delta and the bytes that saves.
+    transfer: TransferPlan | None = None
 
 
 class FleetService:
@@ -189,6 +204,7 @@ class FleetService:
         self.config = config
         self._registry: Registry | None = None
         self._releaser: Releaser | None = None
+        self._deltas: DeltaStore | None = None
         self._ca: FleetCA | None = None
         self._broker: Broker | None = None
         self._client: Client | None = None
@@ -199,6 +215,7 @@ class FleetService:
         # message queued for a device is always the newest state (paho sends in order).
         self._desired_lock = threading.Lock()
         self._ingest: Ingest | None = None
+        self._monitor: Monitor | None = None
         self._chunks: ChunkServer | None = None
         #: When (time.time()) the connection to the broker was lost; None while connected.
         self.disconnected_since: float | None = None
@@ -229,6 +246,9 @@ class FleetService:
         ingest, self._ingest = self._ingest, None
         if ingest is not None:
             ingest.stop()
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.stop()
         self._chunks = None
         client, self._client = self._client, None
         if client is not None:
@@ -244,6 +264,7 @@ class FleetService:
         if broker is not None:
             broker.stop()
         self._releaser = None
+        self._deltas = None
         registry, self._registry = self._registry, None
         if registry is not None:
             registry.close()
@@ -271,6 +292,7 @@ class FleetService:
         self._ca = load_ca(data, self.config.fleet)
         self._registry = open_registry(self.config.db_url or data / "fleet.db",
                                        blob_dir=data / "bundles")
+        self._deltas = DeltaStore(self._registry)
         self._releaser = Releaser(self._registry, self.config.keys_dir,
                                   valid_days=self.config.release_valid_days,
                                   root=self.root_json)
@@ -291,7 +313,10 @@ class FleetService:
         self._client = client
         self._chunks = ChunkServer(self._registry, rate_bytes=self.config.chunk_rate_bytes,
                                    burst_bytes=self.config.chunk_burst_bytes)
-        self._ingest = Ingest(self._registry, self._ack)
+        self._monitor = Monitor(self._registry, self.config.monitoring,
+                                offline_after_s=self.config.offline_after_s)
+        self._monitor.start()
+        self._ingest = Ingest(self._registry, self._ack, on_samples=self._monitor.observe)
         self._ingest.start()
         client.loop_start()
         if not self._connected.wait(self.config.connect_timeout):
@@ -348,6 +373,13 @@ class FleetService:
         if self._ingest is None:
             raise RuntimeError("the fleet service is not started")
         return self._ingest
+
+    @property
+    def monitor(self) -> Monitor:
+        """Time series, alerts (``monitor.raise_alert``) and fleet figures."""
+        if self._monitor is None:
+            raise RuntimeError("the fleet service is not started")
+        return self._monitor
 
     @property
     def releaser(self) -> Releaser:
@@ -457,6 +489,7 @@ class FleetService:
         if enrolled.replaced_fingerprint is not None:
             self._revoke(device_id, enrolled.replaced_fingerprint,
                          "replaced by a new enrollment")
+            self._drop_connection(device)
         with self._desired_lock:
             self._send_desired(device)
         log.info("enrolled %s into group %s (profile %s)", device_id, device.group, profile)
@@ -471,14 +504,19 @@ class FleetService:
         RegistryError if there is no such device."""
         device = self.registry.reset_device(device_id)
         self._revoke(device_id, device.cert_fingerprint, "device reset by the operator")
+        self._drop_connection(device)
+        log.info("reset %s: certificate %s revoked", device_id, device.cert_fingerprint[:16])
+        return device
+
+    def _drop_connection(self, device: Device) -> None:
+        """End the connection a just-revoked certificate may still hold: the broker checks
+        the CRL only when a client connects."""
         if self._chunks is not None:
-            self._chunks.forget_device(device_id)
+            self._chunks.forget_device(device.id)
         # Mosquitto 2.0 cannot drop one client: a restart drops all, who reconnect (the
         # revoked one cannot). Not needed for a device that never connected.
         if device.last_seen is not None:
             self.broker.restart()
-        log.info("reset %s: certificate %s revoked", device_id, device.cert_fingerprint[:16])
-        return device
 
     def _earlier_roots(self) -> list[bytes]:
         """Every root version the keys directory keeps (``fleet keys`` keeps them)."""
@@ -500,9 +538,10 @@ class FleetService:
         self.registry.add_event("certificate.revoked", device=device_id, detail={
             "cert_fingerprint": fingerprint, "reason": reason})
 
-    def add_bundle(self, data: bytes) -> BundleRecord:
+    def add_bundle(self, data: bytes) -> BundleRecord | DeltaRecord:
         """Verify an uploaded bundle against the fleet's root and store it under the name
-        and version of its signed manifest (with its metadata version).
+        and version of its signed manifest (with its metadata version); a delta bundle is
+        stored with the full bundle of its release (:mod:`fleet_server.delta_store`).
 
         Raises a ``bundle.errors.BundleError`` subclass naming why the bundle is refused (bad
         signature, tampered, expired, ...), RegistryError if another bundle has that name and
@@ -510,6 +549,13 @@ class FleetService:
         verified = verify_bundle(data, TrustedState(root=self.root_json()),
                                  now=datetime.now(timezone.utc), profile=None)
         manifest = verified.manifest
+        if verified.delta_base is not None:
+            assert self._deltas is not None
+            delta = self._deltas.add(data, verified)
+            log.info("stored the delta bundle of %s v%d from v%d (%s, %d bytes)",
+                     manifest.name, manifest.version, delta.base_version, delta.sha256[:12],
+                     delta.size)
+            return delta
         record = self.registry.put_bundle(data, manifest.name, manifest.version,
                                           metadata_version=verified.metadata_version,
                                           rollback_of=manifest.rollback_of)
@@ -538,8 +584,16 @@ class FleetService:
             recipients = self.recipients(encrypt_for)
             record = self.releaser.rerelease(record, recipients=recipients.keys)
             released = (record,)
+        transfer = plan_transfers(record.desired, record.name, self._selected(devices, group),
+                                  self._deltas_of(record.sha256))
         changes = self.registry.set_desired(record.sha256, devices=devices, group=group)
-        return replace(self._publish_selected(changes, devices, group), released=released)
+        return replace(self._publish_selected(changes, devices, group), released=released,
+                       transfer=transfer)
+
+    def _deltas_of(self, bundle_sha256: str) -> list[DeltaRecord]:
+        if self._deltas is None:
+            raise RuntimeError("the fleet service is not started")
+        return self._deltas.of(bundle_sha256)
 
     def rollback(self, *, devices: Sequence[str] | None = None, group: str | None = None,
                  model: str | None = None) -> PublishResult:
@@ -600,7 +654,10 @@ class FleetService:
 
     def _send_desired(self, device: Device) -> None:
         """Queue ``device``'s desired state, retained (call with _desired_lock held)."""
-        models = dict(sorted(device.desired.items()))
+        # The delta from the version the device runs, if the release has one.
+        models = {name: offer_for(want, device.running.get(name),
+                                  self._deltas_of(want.bundle_sha256))
+                  for name, want in sorted(device.desired.items())}
         payload = messages.encode(messages.Desired(models=models, issued_at=time.time()))
         self._publish(device.id, "desired", payload, retain=True)
 

@@ -47,6 +47,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Chunk",
     "ChunkRequest",
+    "DeltaOffer",
     "Desired",
     "DesiredModel",
     "DesiredShadow",
@@ -88,6 +89,18 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
+class DeltaOffer:
+    """A smaller bundle of the same release for a device that runs ``base_version``: it
+    carries the deltas from that version instead of the artifacts (docs/bundle-format.md
+    §8). The device may take it, or the full bundle if its stored base is missing or
+    damaged."""
+
+    bundle_sha256: str
+    size: int
+    base_version: int
+
+
+@dataclass(frozen=True)
 class DesiredShadow:
     """A candidate a device stages beside the model it serves and runs on a share of live
     requests off the request path, reporting how its answers compare (never served)."""
@@ -106,6 +119,8 @@ class DesiredModel:
     ``compare_previous``: share of requests, in [0, 1], also run on the version this one
     replaced, kept loaded while it is above 0 (so that a return to it is immediate) and
     compared with the served answers (rollouts' agreement gate).
+    ``delta``: a delta bundle of the same release, when the server has one for the version
+    the device runs.
     """
 
     version: int
@@ -113,6 +128,7 @@ class DesiredModel:
     size: int
     shadow: DesiredShadow | None = None
     compare_previous: float = 0.0
+    delta: DeltaOffer | None = None
 
 
 @dataclass(frozen=True)
@@ -201,8 +217,16 @@ class Chunk:
 
 def encode(message: Desired | Reported | Event | Telemetry | ChunkRequest) -> bytes:
     """The JSON payload of any message but a chunk."""
-    return json.dumps({"protocol": PROTOCOL_VERSION, **asdict(message)},
-                      separators=(",", ":"), sort_keys=True).encode()
+    obj = asdict(message)
+    if isinstance(message, Desired):
+        # The optional parts only when set: an older agent sees the message it knows, and
+        # the retained message is what the registry's desired_json shows.
+        for model in obj["models"].values():
+            for key, unset in (("delta", None), ("shadow", None), ("compare_previous", 0.0)):
+                if model[key] == unset:
+                    del model[key]
+    return json.dumps({"protocol": PROTOCOL_VERSION, **obj}, separators=(",", ":"),
+                      sort_keys=True).encode()
 
 
 def encode_chunk(chunk: Chunk) -> bytes:
@@ -259,7 +283,16 @@ def _desired_model(m: Mapping[str, Any], name: str) -> DesiredModel:
     return DesiredModel(version=_int(m, "version"), bundle_sha256=_sha(m, "bundle_sha256"),
                         size=_int(m, "size"), shadow=shadow,
                         compare_previous=_share(m, "compare_previous") if "compare_previous" in m
-                        else 0.0)
+                        else 0.0,
+                        delta=_delta_offer(m.get("delta"), f"models.{name}.delta"))
+
+
+def _delta_offer(obj: Any, where: str) -> DeltaOffer | None:
+    if obj is None:
+        return None
+    d = _as_dict(obj, where)
+    return DeltaOffer(bundle_sha256=_sha(d, "bundle_sha256"), size=_int(d, "size"),
+                      base_version=_int(d, "base_version"))
 
 
 def decode_reported(payload: bytes) -> Reported:

@@ -4,13 +4,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-    echo "== installing mosquitto (apt-get)"
+# Debian packages whose binary is missing: mosquitto (the embedded broker), chromium (the
+# dashboard's browser tests, driven by Playwright), prometheus (promtool checks /metrics).
+MISSING=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || MISSING+=(mosquitto)
+command -v chromium >/dev/null 2>&1 || MISSING+=(chromium)
+command -v promtool >/dev/null 2>&1 || MISSING+=(prometheus)
+if [ "${#MISSING[@]}" -gt 0 ]; then
+    echo "== installing ${MISSING[*]} (apt-get)"
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto
-    # The package enables a system-wide broker; edgefleet starts its own instances.
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${MISSING[@]}"
+    # The packages enable system-wide services (a broker, a Prometheus); edgefleet's tests
+    # start their own instances and only use promtool.
 fi
 
 PYTHON="${PYTHON:-python3}"

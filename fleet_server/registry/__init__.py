@@ -26,6 +26,7 @@ from __future__ import annotations
 from .migrations import SCHEMA_VERSION
 from .records import (
     BundleRecord,
+    DeltaRecord,
     DesiredChange,
     Device,
     Enrolled,
@@ -39,6 +40,7 @@ from .registry import Registry, open_registry
 __all__ = [
     "SCHEMA_VERSION",
     "BundleRecord",
+    "DeltaRecord",
     "DesiredChange",
     "Device",
     "Enrolled",

@@ -17,7 +17,7 @@ from typing import Any
 from protocol.install_states import InstallState
 from protocol.messages import DesiredModel, ModelReport, Telemetry
 
-__all__ = ["BundleRecord", "DesiredChange", "Device", "Enrolled", "EventRecord",
+__all__ = ["BundleRecord", "DeltaRecord", "DesiredChange", "Device", "Enrolled", "EventRecord",
            "TelemetryRecord", "desired_json", "is_converged"]
 
 
@@ -103,6 +103,19 @@ class BundleRecord:
 
 
 @dataclass(frozen=True)
+class DeltaRecord:
+    """A stored delta bundle of the full bundle ``bundle_sha256``: it carries the deltas
+    from ``base_version`` of the same model (docs/bundle-format.md §8)."""
+
+    sha256: str
+    bundle_sha256: str
+    base_version: int
+    size: int
+    path: Path
+    created_at: float
+
+
+@dataclass(frozen=True)
 class Enrolled:
     """What an enrollment did: the device as now recorded, and the certificate it replaced
     (its fingerprint; None for a new or a reset device), which must be revoked."""
@@ -146,6 +159,9 @@ def desired_json(model: DesiredModel) -> dict[str, Any]:
                          "size": s.size, "sample_rate": s.sample_rate}
     if model.compare_previous:
         out["compare_previous"] = model.compare_previous
+    if model.delta is not None:  # as encode() writes it: only when there is one
+        out["delta"] = {"bundle_sha256": model.delta.bundle_sha256, "size": model.delta.size,
+                        "base_version": model.delta.base_version}
     return out
 
 

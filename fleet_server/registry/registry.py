@@ -17,13 +17,24 @@ from pathlib import Path
 from typing import Any
 
 from fleet_server.errors import RegistryError
+from fleet_server.monitoring.alerts import Alert, Notice
+from fleet_server.monitoring.samples import Observation
+from fleet_server.monitoring.series import Totals
 from protocol.messages import DesiredModel, Telemetry
 
-from . import bundles, desired, devices, events, telemetry, tokens
+from . import alerts, bundles, deltas, desired, devices, events, metric_series, telemetry, tokens
 from .bundle_store import BundleStore
 from .database import DEFAULT_MAX_CONNECTIONS, Database, Tx, open_database
 from .migrations import migrate
-from .records import BundleRecord, DesiredChange, Device, Enrolled, EventRecord, TelemetryRecord
+from .records import (
+    BundleRecord,
+    DeltaRecord,
+    DesiredChange,
+    Device,
+    Enrolled,
+    EventRecord,
+    TelemetryRecord,
+)
 
 __all__ = ["Registry", "open_registry"]
 
@@ -227,6 +238,34 @@ class Registry:
                                          metadata_version=metadata_version,
                                          rollback_of=rollback_of)
 
+    def put_delta(self, data: bytes, bundle_sha256: str, base_version: int) -> DeltaRecord:
+        """Store a delta bundle of the stored full bundle ``bundle_sha256``, carrying the
+        deltas from ``base_version`` (the caller verified it belongs to that release).
+        Idempotent like :meth:`put_bundle`; RegistryError if the full bundle is not stored
+        or already has another delta from that version."""
+        if self._store is None:
+            raise RegistryError("this registry has no blob directory for bundle files; "
+                                "open it with open_registry(url, blob_dir=DIR)")
+        sha = hashlib.sha256(data).hexdigest()
+        with self._tx() as tx:
+            known = deltas.get_delta(tx, sha)
+        path = known.path if known is not None else self._store.path_for(sha)
+        self._store.save(data, sha, path)
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            return deltas.record_delta(tx, now, sha, bundle_sha256, base_version,
+                                       size=len(data), path=path)
+
+    def get_delta(self, sha256: str) -> DeltaRecord | None:
+        """The delta bundle with this content hash, or None."""
+        with self._tx() as tx:
+            return deltas.get_delta(tx, sha256)
+
+    def deltas_of(self, bundle_sha256: str) -> list[DeltaRecord]:
+        """The delta bundles of a stored full bundle, by base version."""
+        with self._tx() as tx:
+            return deltas.deltas_of(tx, bundle_sha256)
+
     def get_bundle(self, sha256: str) -> BundleRecord | None:
         """The bundle with this content hash, or None."""
         with self._tx() as tx:
@@ -332,3 +371,58 @@ class Registry:
         """Delete samples taken before ``before`` (Unix time); returns how many."""
         with self._tx(write=True) as tx:
             return telemetry.prune_telemetry(tx, before)
+
+    # --- monitoring: time series and alerts (fleet_server.monitoring) ---
+
+    def record_metrics(self, samples: Iterable[tuple[str, float, Iterable[Observation]]],
+                       ) -> int:
+        """Add samples' observations, each (device, time taken, observations), to the
+        devices' time series in one call (the ingest thread's batch makes one)."""
+        with self._tx(write=True) as tx:
+            return metric_series.record(tx, samples)
+
+    def metric_totals(self, *, since: float, until: float, by: Sequence[str] = (),
+                      where: Mapping[str, Any] | None = None) -> list[Totals]:
+        """Time series summed over [since, until) per value of ``by`` (device, group,
+        profile, model, version), only the points matching ``where``."""
+        with self._tx() as tx:
+            return metric_series.totals(tx, since=since, until=until, by=by,
+                                        where=dict(where or {}))
+
+    def metric_series(self, *, since: float, until: float, step: int,
+                      where: Mapping[str, Any] | None = None) -> list[Totals]:
+        """Time series over [since, until) summed per ``step`` seconds."""
+        with self._tx() as tx:
+            return metric_series.series(tx, since=since, until=until, step=step,
+                                        where=dict(where or {}))
+
+    def compact_metrics(self, *, minutes_before: float, hours_before: float,
+                        ) -> tuple[int, int]:
+        """Roll old minute points into hour points and delete expired hour points."""
+        with self._tx(write=True) as tx:
+            return metric_series.compact(tx, minutes_before=minutes_before,
+                                         hours_before=hours_before)
+
+    def rollout_states(self) -> dict[str, int] | None:
+        """Rollouts per status, or None where the database has no rollouts table."""
+        with self._tx() as tx:
+            return metric_series.rollout_states(tx)
+
+    def raise_alert(self, kind: str, key: str, summary: str,
+                    detail: Mapping[str, Any]) -> Notice | None:
+        """Raise an alert; the notice to send if it started firing (else it is counted)."""
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            return alerts.raise_alert(tx, now, kind, key, summary, detail=detail)
+
+    def resolve_alert(self, kind: str, key: str) -> Notice | None:
+        """Resolve an alert; the notice to send if it was firing."""
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            return alerts.resolve_alert(tx, now, kind, key)
+
+    def alerts(self, *, firing_only: bool = False, kind: str | None = None,
+               limit: int = 1000) -> list[Alert]:
+        """Alerts, most recently changed first."""
+        with self._tx() as tx:
+            return alerts.list_alerts(tx, firing_only=firing_only, kind=kind, limit=limit)

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from agent.probation import ProbationPolicy
+from agent.runtime import Runtime
 from agent.trust_store import TrustStore
 from bundle.trust import TrustedState
 from firmware_profiles import load_profiles
 from firmware_profiles.model import Profile
-from tests.agent.bundles import PROFILE
+from tests.agent.bundles import PROFILE, digits_spec, write_bundle
 from tests.bundle.repo import Repo
 
 
@@ -38,6 +40,15 @@ def profile(name: str = PROFILE) -> Profile:
 @pytest.fixture
 def x86() -> Profile:
     return profile()
+
+
+@pytest.fixture
+def serving_v1(state_dir: Path, repo: Repo, tmp_path: Path, x86: Profile) -> Runtime:
+    """A runtime serving digits v1, committed (probation of 0 s)."""
+    runtime = Runtime(state_dir, x86, policy=ProbationPolicy(window_s=0.0))
+    runtime.install(write_bundle(repo, tmp_path, digits_spec(1)))
+    runtime.check_probation()
+    return runtime
 
 
 @pytest.fixture

@@ -119,3 +119,30 @@ def test_a_huge_batch_is_refused_before_it_costs_memory(serve: Callable[..., Ser
     assert grown < batch.nbytes + 32 * 2**20, f"peak RSS grew by {grown / 2**20:.0f} MiB"
     with agent.client() as client:
         assert client.infer("digits", {"input": samples(1)})["logits"].shape == (1, 10)
+
+
+def test_an_announced_body_costs_only_what_arrives(serve: Callable[..., Served]) -> None:
+    """Four uploads each announcing 500 MB and sending 1 KB took the agent from 114 MB to
+    2 GB: the body's buffer was allocated from the Content-Length alone."""
+    agent = serve()
+    with agent.client() as client:
+        client.infer("digits", {"input": samples(1)})
+    before = agent.peak_rss()
+    token = agent.token_file.read_text().strip()
+    host, port = agent.url.removeprefix("http://").split(":")
+    announced = 500 * 2**20  # under max_bundle_bytes (512 MiB)
+    held = []
+    try:
+        for _ in range(4):
+            sock = socket.create_connection((host, int(port)), timeout=20)
+            sock.sendall(b"POST /v2/edgefleet/install HTTP/1.1\r\nHost: x\r\n"
+                         + f"Authorization: Bearer {token}\r\n"
+                           f"Content-Length: {announced}\r\n\r\n".encode() + b"x" * 1024)
+            held.append(sock)
+        with agent.client() as client:  # the agent answers meanwhile
+            assert client.infer("digits", {"input": samples(1)})["logits"].shape == (1, 10)
+        grown = agent.peak_rss() - before
+        assert grown < 64 * 2**20, f"peak RSS grew by {grown / 2**20:.0f} MiB"
+    finally:
+        for sock in held:
+            sock.close()

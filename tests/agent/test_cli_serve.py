@@ -106,6 +106,13 @@ def test_detach_returns_once_serving_and_stop_ends_the_agent(tmp_path: Path) -> 
     status = _agent("status", "--state-dir", state, "--json")
     assert json.loads(status.stdout)["running"] is True
     assert "edge-agent serving digits" in (state / "agent.log").read_text()
+    # A second agent on the same state directory is refused, whatever its port, and leaves
+    # the first one's run file alone.
+    pid = json.loads((state / "agent.json").read_text())["pid"]
+    second = _agent("serve", "--state-dir", state, "--profile", PROFILE, "--port", "0")
+    assert second.returncode == 1
+    assert f"another agent (pid {pid}) serves from {state}" in second.stderr
+    assert json.loads((state / "agent.json").read_text())["pid"] == pid
     stopped = _agent("stop", "--state-dir", state)
     assert stopped.returncode == 0
     assert "stopped the agent" in stopped.stdout

@@ -26,7 +26,7 @@ class RowCounter:
     def __init__(self, inner: Session) -> None:
         self.inner, self.rows = inner, 0
         self.inputs, self.outputs = inner.inputs, inner.outputs
-        self.backend, self.fallback = inner.backend, inner.fallback
+        self.backend, self.fallback, self.device = inner.backend, inner.fallback, inner.device
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         self.rows += len(next(iter(feeds.values())))

@@ -108,6 +108,12 @@ _FLEET_TABLE = ('[fleet]\nname = "f"\ndevice_id = "d"\nbroker_url = "mqtts://b"\
      ", line 2: missing key fleet.key_file (this device's private key"),
     ('state_dir = "/s"\n' + _FLEET_TABLE + "telemetry_interval_s = 0\n",
      "fleet.telemetry_interval_s = 0 is out of range; use 0.1 to 86400"),
+    ('state_dir = "/s"\n[api]\ncors_origins = "http://a"\n',
+     ", line 3: api.cors_origins must be a list of strings, not 'http://a'"),
+    ('state_dir = "/s"\n[api]\ncors_origins = [3]\n',
+     "api.cors_origins must be a list, each a non-empty string, not [3]"),
+    ('state_dir = "/s"\n[api]\ncors_origins = ["*"]\n',
+     ", line 3: api.cors_origins: '*' is not a web origin"),
     ("state_dir = \n", ": not valid TOML (Invalid value (at line 1, column 13))"),
     (b'state_dir = "/s"\n# caf\xe9\n', ", line 2: not UTF-8 text (byte 0xe9)"),
 ])
@@ -151,15 +157,16 @@ _paths = st.text(st.characters(exclude_characters="\0", exclude_categories=["Cs"
 @given(state_dir=_paths, profile=st.none() | _names, socket=st.none() | _paths,
        port=st.integers(0, 65535), batch=st.integers(1, 1 << 20),
        probation=st.floats(0, 7 * 86400), with_fleet=st.booleans(), device=_names,
-       ca_file=_paths)
+       ca_file=_paths, origins=st.lists(st.sampled_from(
+           ["http://localhost:3000", "https://app.local", "http://[::1]:5173"]), max_size=3))
 def test_any_valid_config_round_trips(*, state_dir: Path, profile: str | None,
                                       socket: Path | None, port: int, batch: int,
                                       probation: float, with_fleet: bool, device: str,
-                                      ca_file: Path) -> None:
+                                      ca_file: Path, origins: list[str]) -> None:
     config = AgentConfig(
         state_dir, profile,
         ApiConfig(port=port, unix_socket=socket, probation_s=probation,
-                  limits=ApiLimits(max_batch=batch)),
+                  cors_origins=tuple(origins), limits=ApiLimits(max_batch=batch)),
         replace(FLEET, device_id=device, ca_file=ca_file) if with_fleet else None)
     text = config_to_toml(config, all_limits=False)
     assert tomllib.loads(text)  # valid TOML, whatever the characters

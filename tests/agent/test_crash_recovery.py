@@ -178,3 +178,26 @@ def test_serving_agent_killed_during_a_hot_swap_comes_back_serving(
         agent.wait(timeout=30)
     assert find_running(state_dir) is None
 
+
+
+def test_clean_stops_and_offline_installs_never_roll_back_a_model_on_probation(
+        state_dir: Path, repo: Repo, tmp_path: Path, x86: Profile) -> None:
+    watching = ProbationPolicy(window_s=3600.0)  # v1 stays on probation throughout
+    runtime = Runtime(state_dir, x86, policy=watching)
+    runtime.install(write_bundle(repo, tmp_path, digits_spec(1)))
+    runtime.close()
+    empty = tmp_path / "empty.efb"
+    empty.write_bytes(b"")
+    for _ in range(3):  # each offline install starts the agent's state and stops it cleanly
+        refused = _edge_agent("install", empty, "--state-dir", state_dir, "--profile",
+                              PROFILE)
+        assert refused.returncode == 1, refused.stderr
+        again = Runtime(state_dir, x86, policy=watching)
+        again.resume_installs()
+        again.close()
+    restarted = Runtime(state_dir, x86, policy=watching)
+    restarted.resume_installs()
+    assert _serving_correctly(restarted) == 1
+    assert restarted.installer is not None
+    v1 = next(r for r in restarted.installer.records() if r.version == 1)
+    assert (v1.state, v1.restarts) == (S.PROBATION, 0)

@@ -23,7 +23,7 @@ import pytest
 from paho.mqtt.client import Client, MQTTMessage
 
 from agent.config import FleetSettings
-from agent.fleet_link import FleetLink, install_events, next_fetch
+from agent.fleet_link import FleetLink, install_events, next_fetch, wants_delta
 from agent.install_state import InstallRecord, InstallState
 from agent.outbox import Outbox
 from agent.probation import ProbationPolicy
@@ -35,6 +35,7 @@ from firmware_profiles.model import Profile
 from fleet_server.broker import Broker
 from protocol.messages import (
     Chunk,
+    DeltaOffer,
     Desired,
     DesiredModel,
     Event,
@@ -565,3 +566,13 @@ def test_a_clean_stop_says_offline_at_once(
     wait(lambda: "offline" in server.events, "the offline event")
     offline = next(e for e in server.event_log if e.kind == "offline")
     assert offline.detail == {"clean": True}
+
+
+def test_the_delta_is_fetched_only_from_an_intact_base_and_never_after_it_failed() -> None:
+    offer = DeltaOffer("d" * 64, 10, 1)
+    want = DesiredModel(2, "f" * 64, 100, delta=offer)
+    intact = {1: True}
+    assert wants_delta(want, set(), lambda v: intact.get(v, False))
+    assert not wants_delta(want, {"d" * 64}, lambda v: True)  # it failed here: the full
+    assert not wants_delta(want, set(), lambda v: False)  # the base is damaged or gone
+    assert not wants_delta(DesiredModel(2, "f" * 64, 100), set(), lambda v: True)

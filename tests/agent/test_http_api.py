@@ -94,7 +94,8 @@ def test_tritonclient_sees_errors_as_errors(tclient: triton.InferenceServerClien
 def test_our_client(client: AgentClient) -> None:
     assert client.live()
     assert client.ready()
-    assert client.server_metadata()["extensions"] == ["binary_tensor_data", "edgefleet"]
+    assert client.server_metadata()["extensions"] == ["binary_tensor_data", "model_repository",
+                                                      "statistics", "edgefleet"]
     x = samples(3)
     got = client.infer("digits", {"input": x})
     np.testing.assert_allclose(got["logits"], outputs(DIGITS.read_bytes(), x), rtol=1e-5,
@@ -301,6 +302,24 @@ def test_install_through_the_api(state_dir: Path, repo: Repo, tmp_path: Path,
             assert refused["state"] == "failed"
             assert refused["reason"].startswith("rejected:")
             assert client.status()["models"][0]["version"] == 1
+    finally:
+        server.stop()
+
+
+def test_a_bundle_over_the_limit_is_refused_with_the_reason_before_it_is_sent(
+        state_dir: Path, repo: Repo, tmp_path: Path, x86: Profile) -> None:
+    runtime = Runtime(state_dir, x86, policy=ProbationPolicy(window_s=0))
+    server = ApiServer(runtime, ApiSettings(port=0, token=TOKEN,
+                                            limits=ApiLimits(max_bundle_bytes=64 * 1024)))
+    server.start()
+    try:
+        assert server.url is not None
+        big = tmp_path / "big.efb"
+        big.write_bytes(b"\0" * (8 * 2**20))  # large enough to fill the socket buffers
+        with AgentClient(server.url, token=TOKEN) as client:
+            with pytest.raises(ApiError, match=r"HTTP 413: .*max_bundle_bytes"):
+                client.install(big)
+            assert client.live()  # the same client goes on, on a new connection
     finally:
         server.stop()
 

@@ -48,14 +48,6 @@ def _served_version(runtime: Runtime) -> int | None:
     return runtime.model("digits").version
 
 
-@pytest.fixture
-def serving_v1(state_dir: Path, repo: Repo, tmp_path: Path, x86: Profile) -> Runtime:
-    runtime = Runtime(state_dir, x86, policy=QUICK)
-    runtime.install(write_bundle(repo, tmp_path, digits_spec(1)))
-    runtime.check_probation()
-    return runtime
-
-
 def test_a_bundle_that_blows_up_the_reader_fails_once_with_a_reason(
         serving_v1: Runtime, state_dir: Path, tmp_path: Path, x86: Profile) -> None:
     # issue 9 item 1: RecursionError escaped, the install stayed 'verifying' and every

@@ -118,7 +118,17 @@ def test_an_install_that_keeps_the_agent_from_starting_is_given_up(
     record, actions = step(record, InstallEvent(T.RESTARTED), 99.0)
     assert (record.state, record.reason) == (final, reason)
     assert A.RECLAIM in actions
-    assert "restarted 3 times" in (record.detail or "")
+    assert "crashed 3 times" in (record.detail or "")
+
+
+@pytest.mark.parametrize("state", [S.VERIFYING, S.STAGED, S.ACTIVATING, S.PROBATION])
+def test_clean_stops_never_count_against_an_install(state: InstallState) -> None:
+    record = _at(state)
+    crashed, _ = step(record, InstallEvent(T.RESTARTED), 1.0)
+    for start in range(10 * MAX_RESTARTS):
+        crashed, actions = step(crashed, InstallEvent(T.RESUMED), 2.0 + start)
+        assert (crashed.state, crashed.restarts) == (state, 1)
+        assert actions == step(record, InstallEvent(T.RESTARTED), 1.0)[1]
 
 
 def test_downloading_survives_any_number_of_restarts() -> None:
@@ -145,10 +155,10 @@ def test_any_event_sequence_follows_the_table(triggers: list[Trigger]) -> None:
         try:
             moved, actions = step(record, _event(trigger), float(number))
         except InvalidTransition:
-            assert trigger is not T.RESTARTED
+            assert trigger not in (T.RESTARTED, T.RESUMED)
             assert (record.state, trigger) not in TABLE
             continue
-        if trigger is not T.RESTARTED:
+        if trigger not in (T.RESTARTED, T.RESUMED):
             to, expected = TABLE[(record.state, trigger)]
             assert (moved.state, actions) == (to, expected)
             assert moved.history == (*record.history, (to.value, float(number)))

@@ -29,6 +29,9 @@ POLICY = ProbationPolicy(window_s=60, min_requests=20, max_error_rate=0.05,
     (60, {"requests": 7, "errors": 0}, "commit", "barely exercised: 7 requests"),
     (61, {"requests": 500, "errors": 3, "p99_ms": 1.5, "baseline_p99_ms": 1.0,
           "latency_samples": 500}, "commit", "3 errors, p99 1.50 ms"),
+    # Ended early by a newer version: the reason says how long it was really watched.
+    (10, {"requests": 0, "errors": 0, "final": True}, "commit", "no requests in 10 s"),
+    (10, {"requests": 100, "errors": 6, "final": True}, "roll_back", "error rate 6.0%"),
 ])
 def test_verdicts(elapsed: float, figures: dict[str, float], decision: str,
                   reason: str) -> None:

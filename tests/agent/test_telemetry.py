@@ -68,9 +68,9 @@ class _FakeRuntime:
 
 def _requests(stats: RequestStats, ok: int, failed: int = 0) -> None:
     for _ in range(ok):
-        stats.record(0.003)
+        stats.record(0.003, 1.0)
     for _ in range(failed):
-        stats.record_error()
+        stats.record_error(0.001, 1.0)
 
 
 def _collector(runtime: Any, clock: _Clock | None = None) -> TelemetryCollector:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from agent.cli import main
 from agent.errors import TrustStoreError
 from agent.trust_store import TrustStore
-from bundle.trust import TrustedState
+from bundle.trust import TrustedState, verify_bundle
 from tests.bundle.repo import Repo, spec
 
 
@@ -47,19 +48,24 @@ def test_first_use_needs_a_pinned_root(tmp_path: Path, repo: Repo,
     assert "pass --root ROOT.json" in err
 
 
-def test_verify_pins_root_and_remembers_metadata(tmp_path: Path, repo: Repo,
-                                                 device: tuple[Path, Path],
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_changes_nothing_on_the_device(tmp_path: Path, repo: Repo,
+                                             device: tuple[Path, Path],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     state_dir, root = device
     bundle = _write(tmp_path, "b.efb", repo.build())
     code, out, err = _run(capsys, "verify", bundle, "--state-dir", state_dir, "--root", root,
                           "--profile", "x86-avx2")
     assert code == 0, err
     assert out.startswith("OK digits v1")
-    trusted = TrustStore(state_dir / "trust").load()
-    assert trusted.timestamp is not None
-    # Running again is fine: same metadata, nothing older.
-    assert _run(capsys, "verify", bundle, "--state-dir", state_dir, "--json")[0] == 0
+    assert not TrustStore(state_dir / "trust").exists()  # --root is not pinned by a check
+    # Against a pinned state, verifying newer metadata leaves the pinned state as it was:
+    # an older bundle still installs afterwards.
+    store = TrustStore(state_dir / "trust")
+    store.save(TrustedState(root=repo.root))
+    before = store.path.read_bytes()
+    newer = _write(tmp_path, "new.efb", repo.build(spec(version=5)))
+    assert _run(capsys, "verify", newer, "--state-dir", state_dir, "--json")[0] == 0
+    assert store.path.read_bytes() == before
 
 
 @pytest.mark.parametrize(("second", "reason"), [
@@ -73,10 +79,11 @@ def test_rejections_name_the_reason(tmp_path: Path, repo: Repo, device: tuple[Pa
     state_dir, root = device
     old = repo.build(spec(version=1))
     new = repo.build(spec(version=5))
-    assert _run(capsys, "verify", _write(tmp_path, "new.efb", new), "--state-dir", state_dir,
-                "--root", root)[0] == 0
+    # What the installer keeps after installing v5: its verified metadata, the version.
+    verified = verify_bundle(new, TrustedState(root=root.read_bytes()),
+                             now=datetime.now(timezone.utc))
     store = TrustStore(state_dir / "trust")
-    store.save(store.load().with_installed("digits", 5, "0" * 64))  # as the installer would
+    store.save(verified.trusted.with_installed("digits", 5, "0" * 64))
     bundle = {"older_metadata": old,
               "lower_version": repo.build(spec(version=4)),
               "other_profile": repo.build(spec(version=6, profiles=("rpi4",)))}[second]
@@ -88,7 +95,7 @@ def test_rejections_name_the_reason(tmp_path: Path, repo: Repo, device: tuple[Pa
     assert err.startswith(f"edge-agent: error: {reason}: ")
 
 
-def test_root_is_pinned_only_after_a_successful_verify(tmp_path: Path, repo: Repo,
+def test_a_bad_root_is_refused_before_any_bundle_is_read(tmp_path: Path, repo: Repo,
                                                        device: tuple[Path, Path],
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     state_dir, root = device
@@ -99,6 +106,7 @@ def test_root_is_pinned_only_after_a_successful_verify(tmp_path: Path, repo: Rep
     assert f"{bad_root} is not TUF metadata" in err  # checked before any bundle is read
     assert not TrustStore(state_dir / "trust").exists()
     assert _run(capsys, "verify", bundle, "--state-dir", state_dir, "--root", root)[0] == 0
+    assert not TrustStore(state_dir / "trust").exists()
 
 
 def test_trust_store_round_trip_and_corruption(tmp_path: Path, repo: Repo) -> None:

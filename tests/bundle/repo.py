@@ -117,3 +117,36 @@ def edit_metadata(data: bytes, change: Callable[[Any], None],
     if signers is not None:
         return sign_metadata(md, signers)
     return md.to_bytes(JSONSerializer(compact=True))
+
+
+def forge_delta(bundle: bytes, path: str, delta: bytes, targets_signers: Sequence[Signer],
+                *, carry: bool = True) -> bytes:
+    """The delta bundle ``bundle`` with delta ``path`` replaced by ``delta`` and everything
+    signed again with the targets keys: what a faulty (or hostile) builder holding the keys
+    would produce. Snapshot and timestamp name only the targets version, so they stay.
+    With ``carry`` False, ``bundle`` is the release's full bundle: its manifest and targets
+    are changed alike, and the delta is not added to it."""
+    import hashlib
+    import json
+
+    from tuf.api.metadata import TargetFile
+
+    items = entries(bundle)
+    manifest = json.loads(items["targets/manifest.json"])
+    for art in manifest["artifacts"]:
+        for d in art.get("deltas", []):
+            if d["path"] == path:
+                d["sha256"], d["size"] = hashlib.sha256(delta).hexdigest(), len(delta)
+    manifest_bytes = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+
+    def change(signed: Any) -> None:
+        signed.targets[path] = TargetFile.from_data(path, delta, ["sha256"])
+        signed.targets["manifest.json"] = TargetFile.from_data("manifest.json", manifest_bytes,
+                                                               ["sha256"])
+
+    items["metadata/targets.json"] = edit_metadata(items["metadata/targets.json"], change,
+                                                   targets_signers)
+    items["targets/manifest.json"] = manifest_bytes
+    if carry:
+        items[f"targets/{path}"] = delta
+    return rebuild(items)

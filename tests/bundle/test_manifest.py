@@ -46,7 +46,8 @@ def test_unknown_fields_are_preserved() -> None:
 @pytest.mark.parametrize(("change", "fragment"), [
     (lambda o: o.update(format_version=2), "newer than this reader"),
     (lambda o: o.update(version=True), "must be an integer"),
-    (lambda o: o.update(version=0), "must be >= 1"),
+    (lambda o: o.update(version=0), "must be from 1 to"),
+    (lambda o: o.update(version=2**63), "must be from 1 to"),
     (lambda o: o.update(name="../etc"), "not a valid name"),
     (lambda o: o.update(profiles=[]), "at least one profile"),
     (lambda o: o["artifacts"][0].update(path="../m.onnx"), "artifacts/<file name>"),

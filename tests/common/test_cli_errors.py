@@ -3,8 +3,8 @@ traceback, and changes nothing on disk (issue 17).
 
 One table for the project's command lines: each case names its CLI (:data:`COMMANDS`),
 its arguments with ``{placeholders}`` for the files :func:`_world` makes, and a phrase the
-one-line error must contain. edge-agent's commands are walked here with bad paths,
-permissions and arguments; ``fleet`` and ``edge-compress`` cases go in the same table.
+one-line error must contain. ``edge-agent``, ``fleet`` and ``edge-compress`` are walked
+with bad paths, permissions and arguments.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ pytestmark = pytest.mark.integration
 
 _BIN = Path(sys.executable).parent
 #: The command lines under test, by the name a user types.
-COMMANDS = {"edge-agent": [str(_BIN / "edge-agent")]}
+COMMANDS = {name: [str(_BIN / name)] for name in ("edge-agent", "fleet", "edge-compress")}
+_MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,9 @@ class Case:
     args: tuple[str, ...]
     says: str
     code: int = 1
-    #: The command may create the state directory and its API token before it fails.
-    creates_state: bool = False
+    #: Files the command may leave before it fails (a state directory's API token, a data
+    #: directory's lock), relative to the test's directory.
+    creates: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return f"{self.cli} {' '.join(self.args)}"[:90]
@@ -83,10 +85,10 @@ CASES = [
          "{tmp}/pinned/trust/trust.json pins another root"),
     Case("edge-agent", ("serve", "--state-dir", "{tmp}/s", "--unix-socket", "/proc/x/sock",
                         "--port", "0"),
-         "cannot listen on /proc/x/sock (No such file or directory)", creates_state=True),
+         "cannot listen on /proc/x/sock (No such file or directory)", creates=("s/api-token",)),
     Case("edge-agent", ("serve", "--state-dir", "{tmp}/s", "--host", "256.1.1.1"),
          "cannot listen on 256.1.1.1:8470 (not an address of this host)",
-         creates_state=True),
+         creates=("s/api-token",)),
     Case("edge-agent", ("serve", "--state-dir", "{tmp}/s", "--token-file", "{tmp}/open-token",
                         "--port", "0"), "chmod 600 {tmp}/open-token"),
     Case("edge-agent", ("serve", "--state-dir", "{tmp}/s", "--profile", "no-such-profile"),
@@ -168,6 +170,67 @@ CASES = [
          "of {tmp}/fleet-s/keys/device.crt"),
     Case("edge-agent", ("run", "--config", "{tmp}/other-key.toml"),
          "fleet.key_file {tmp}/fleet-s/keys/other.key is not the (unencrypted) private key"),
+    # edge-agent doctor and the service commands (issue 17)
+    Case("edge-agent", ("doctor", "--state-dir", "{tmp}/s", "--profile", "no-such-profile"),
+         "no-such-profile"),
+    Case("edge-agent", ("install-service", "--config", "{tmp}/missing.toml"),
+         "cannot read agent config {tmp}/missing.toml"),
+    Case("edge-agent", ("install-service", "--config", "{tmp}/port.toml", "--print"),
+         "api.port = 99999 is out of range"),
+    Case("edge-agent", ("install-service", "--config", "{tmp}/proc-state.toml", "--print"),
+         "state directory /proc/forbidden is not under /var/lib"),
+    Case("edge-agent", ("install-service", "--config", "{tmp}/proc-state.toml", "--user",
+                        "no-such-user-x", "--print"), "no user 'no-such-user-x'"),
+    Case("edge-agent", ("uninstall-service", "--unit-dir", "{tmp}"),
+         "no unit {tmp}/edge-agent.service"),
+    Case("edge-agent", ("serve", "--cors-origin", "*"), "'*' is not a web origin", code=2),
+    # fleet
+    Case("fleet", ("keys", "init", "--dir", "/proc/forbidden"),
+         "cannot write keys to /proc/forbidden"),
+    Case("fleet", ("keys", "init", "--dir", "{tmp}/afile"), "cannot write keys to {tmp}/afile"),
+    Case("fleet", ("keys", "rotate", "--dir", "{tmp}/missing", "--role", "targets"),
+         "no root metadata in {tmp}/missing"),
+    Case("fleet", ("bundle", "build", "--name", "digits", "--version", "1", "--artifacts",
+                   "{tmp}/missing", "--keys", "{tmp}/missing", "--out", "{tmp}/x.efb"),
+         "{tmp}/missing is not a directory; point --artifacts at edge-compress output"),
+    Case("fleet", ("bundle", "build", "--name", "digits", "--version", "1", "--artifacts",
+                   "{tmp}/pinned", "--keys", "{tmp}/missing", "--out", "{tmp}/x.efb"),
+         "{tmp}/pinned has no report.json and no .onnx or .tflite files"),
+    Case("fleet", ("bundle", "build", "--name", "d", "--version", "one", "--artifacts", "a",
+                   "--keys", "k", "--out", "o"), "invalid int value: 'one'", code=2),
+    Case("fleet", ("bundle", "verify", "{tmp}/missing.efb", "--root", "{tmp}/root.json"),
+         "cannot read {tmp}/missing.efb (No such file or directory)"),
+    Case("fleet", ("bundle", "verify", "{tmp}/garbage.json", "--root", "{tmp}/root.json"),
+         "MalformedBundleError"),
+    Case("fleet", ("devices", "--data", "/proc/forbidden"),
+         "no fleet server runs with data directory /proc/forbidden"),
+    Case("fleet", ("enroll-token", "--data", "{tmp}/afile", "--group", "lab"),
+         "{tmp}/afile/server.json is unreadable"),
+    Case("fleet", ("publish", "{tmp}/missing.efb", "--group", "lab", "--data", "{tmp}/s"),
+         "cannot read {tmp}/missing.efb (No such file or directory)"),
+    Case("fleet", ("serve", "--data", "/proc/forbidden", "--keys", "{tmp}/missing", "--fleet",
+                   "f"), "cannot create the data directory /proc/forbidden"),
+    Case("fleet", ("serve", "--data", "{tmp}/srv", "--keys", "{tmp}/missing", "--fleet", "f"),
+         "cannot read the fleet's root {tmp}/missing/root.json", creates=("srv/serve.lock",)),
+    Case("fleet", ("nosuchcommand",), "invalid choice: 'nosuchcommand'", code=2),
+    # edge-compress
+    Case("edge-compress", ("{tmp}/missing.onnx", "--profile", PROFILE, "--out", "{tmp}/o"),
+         "{tmp}/missing.onnx: not a readable ONNX model"),
+    Case("edge-compress", ("{tmp}/garbage.json", "--profile", PROFILE, "--out", "{tmp}/o"),
+         "takes an ONNX (.onnx) or TFLite (.tflite) model"),
+    Case("edge-compress", (str(_MODELS / "digits_cnn.onnx"), "--profile", "no-such-profile",
+                           "--out", "{tmp}/o"), "no profile named 'no-such-profile'"),
+    Case("edge-compress", (str(_MODELS / "digits_cnn.onnx"), "--profile", PROFILE, "--out",
+                           "{tmp}/o"), "no data: pass --calibration DATA.npz"),
+    Case("edge-compress", (str(_MODELS / "digits_cnn.onnx"), "--profile", PROFILE,
+                           "--calibration", "{tmp}/garbage.json", "--out", "{tmp}/o"),
+         "{tmp}/garbage.json: not a readable .npz archive"),
+    Case("edge-compress", (str(_MODELS / "digits_cnn.onnx"), "--profile", PROFILE,
+                           "--calibration", "{tmp}/missing.npz", "--out", "{tmp}/o"),
+         "{tmp}/missing.npz: no such file"),
+    Case("edge-compress", (str(_MODELS / "digits_cnn.onnx"), "--profile", PROFILE,
+                           "--calibration", str(_MODELS / "digits_data.npz"), "--out",
+                           "/proc/forbidden/o"), "/proc/forbidden"),
 ]
 
 
@@ -273,12 +336,12 @@ def test_a_mistake_is_one_line_and_changes_nothing(case: Case, world: dict[str, 
         assert len(lines) == 1, result.stderr
         assert lines[0].startswith(f"{case.cli}: error: "), result.stderr
     else:  # bad usage: argparse's usage lines, then one error line
-        assert re.match(rf"{case.cli}( \w+)?: error: ", lines[-1]), result.stderr
+        assert re.match(rf"{case.cli}( \w+)*: error: ", lines[-1]), result.stderr
     assert case.says.format(**world) in lines[-1]
     after = _files(tmp)
-    if case.creates_state:
+    if case.creates:
         created = set(after) - set(before)
-        assert created <= {"s/api-token"}, created
+        assert created <= set(case.creates), created
         for name in created:
             (tmp / name).unlink()
         after = _files(tmp)

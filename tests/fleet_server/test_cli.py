@@ -273,3 +273,28 @@ def test_verify_checks_the_size_before_reading_the_file(
     assert code == 1
     assert err.startswith("fleet: error: OversizeError: ")
     assert peak < 16 * 1024 * 1024
+
+
+def test_build_with_delta_from_writes_the_delta_bundle_beside(
+        keys: Path, model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    v1 = tmp_path / "d1.efb"
+    assert _build(capsys, keys, v1, "--model", model, "--profile", "p")[0] == 0
+    model.write_bytes(b"weights" * 90 + b"tuned!!" * 10)
+    code, out, _ = _build(capsys, keys, tmp_path / "d2.efb", "--model", model, "--profile", "p",
+                          "--delta-from", v1, version=2)
+    assert code == 0, out
+    delta = tmp_path / "d2.from-v1.efb"
+    assert f"built {delta}: the delta bundle from v1" in out
+    code, out, _ = _run(capsys, "bundle", "verify", delta, "--root", keys / "root.json",
+                        "--json")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["delta_base"] == 1
+    assert summary["artifacts"][0]["deltas"][0]["base_version"] == 1
+    # A later build from a bundle of another model, or no artifact of the same name, fails.
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"x" * 10)
+    code, _, err = _build(capsys, keys, tmp_path / "d3.efb", "--model", other, "--profile",
+                          "p", "--delta-from", v1, version=3)
+    assert code == 1
+    assert "deltas pair artifacts by name" in err

@@ -265,6 +265,12 @@ def test_serve_detach_returns_once_serving_and_stop_ends_it(
     code, out, err = _run(capsys, "devices", "--data", data)
     assert code == 0, err
     pid = json.loads((data / "server.json").read_text())["pid"]
+    # A second server on the same data is refused and leaves the first one's files alone.
+    code, _, err = _run(capsys, "serve", "--data", data, "--keys", keys, "--db", db_url,
+                        "--port", "0", "--mqtt-port", "0", "--detach")
+    assert code == 1
+    assert f"another fleet server (pid {pid}) is running" in err
+    assert json.loads((data / "server.json").read_text())["pid"] == pid
     code, out, err = _run(capsys, "stop", "--data", data)
     assert (code, out.strip()) == (0, f"stopped the fleet server (pid {pid})"), err
     assert not (data / "server.json").exists()

@@ -165,6 +165,10 @@ def test_an_enrolled_device_is_not_taken_over(fleet: LiveFleet) -> None:
     fleet.enroll("gw-1", fleet.token("--device", "gw-1"), state=reimaged)
     assert fleet.devices()["gw-1"]["cert_fingerprint"] != old_fingerprint
     assert outcome(first).startswith(("handshake failed", "disconnected"))
+    # ...and the connection the old certificate held is cut at once, not left open until
+    # the new install connects.
+    fleet.wait(lambda: "lost the broker" in fleet.log("gw-1"),
+               "the old gw-1's agent to lose its connection")
     fleet.stop("gw-1")
     fleet.run_agent("gw-1-reimaged", reimaged)
     fleet.wait(converged(fleet, ["gw-1"], 1), "the re-imaged gw-1 to get v1 back")

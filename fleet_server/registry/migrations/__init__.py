@@ -23,7 +23,7 @@ from collections.abc import Callable
 from fleet_server.errors import RegistryError
 from fleet_server.registry.database import Database, Tx
 
-from . import v1_initial, v2_typed_state, v3_trust
+from . import v1_initial, v2_typed_state, v3_trust, v4_delta, v5_monitoring
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate"]
 
@@ -34,6 +34,8 @@ MIGRATIONS: tuple[Callable[[Tx], None], ...] = (
     v1_initial.upgrade,
     v2_typed_state.upgrade,
     v3_trust.upgrade,
+    v4_delta.upgrade,
+    v5_monitoring.upgrade,
 )
 #: The version this code reads and writes.
 SCHEMA_VERSION = len(MIGRATIONS)

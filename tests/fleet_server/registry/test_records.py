@@ -9,6 +9,7 @@ import pytest
 from fleet_server.registry import Device, desired_json, is_converged
 from protocol.install_states import InstallState
 from protocol.messages import (
+    DeltaOffer,
     Desired,
     DesiredModel,
     DesiredShadow,
@@ -47,11 +48,12 @@ def test_only_the_committed_state_converges(state: InstallState) -> None:
 @pytest.mark.parametrize("model", [
     DesiredModel(2, "a" * 64, 100),
     DesiredModel(2, "a" * 64, 100, DesiredShadow(3, "b" * 64, 120, 0.1), compare_previous=0.5),
+    DesiredModel(2, "a" * 64, 100, delta=DeltaOffer("c" * 64, 20, 1)),
 ])
 def test_desired_json_is_the_desired_message_form(model: DesiredModel) -> None:
     sent = json.loads(encode(Desired({"digits": model}, issued_at=1.0)))
     shown = desired_json(model)
-    assert {k: v for k, v in sent["models"]["digits"].items() if v} == shown
+    assert sent["models"]["digits"] == shown
     as_sent = Desired({"digits": model}, issued_at=1.0)
     assert decode_desired(json.dumps({"protocol": 1, "issued_at": 1.0,
                                       "models": {"digits": shown}}).encode()) == as_sent
