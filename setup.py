@@ -72,7 +72,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["agent*", "compressor*", "fleet_server*", "bundle*",
                                     "firmware_profiles*", "protocol*", "transport*",
-                                    "common*", "stats*"]),
+                                    "common*", "stats*", "experiments*"]),
     package_data={"firmware_profiles": ["profiles/*.toml", "py.typed"],
                   # The web dashboard: plain files, no build step (docs/monitoring.md).
                   "fleet_server.monitoring.dashboard": ["*.html", "*.js", "*.css"]},

@@ -19,6 +19,7 @@ from typing import Any
 
 from protocol.names import is_valid_name
 
+from .composite import CompositeDecl, composite_from_obj, composite_to_obj
 from .errors import MalformedBundleError
 
 __all__ = [
@@ -164,6 +165,8 @@ class Manifest:
     #: version whose contents this one carries. Informational for devices: what they
     #: check is ``version``, which is higher than anything released before.
     rollback_of: int | None = None
+    #: Set when the model name is served by several members (bundle/composite.py).
+    composite: CompositeDecl | None = None
     format_version: int = FORMAT_VERSION
     unrecognized: Mapping[str, Any] = field(default_factory=dict)
 
@@ -201,6 +204,8 @@ class Manifest:
                 _check(1 <= delta.base_version < self.version, "deltas.base_version",
                        "must be an earlier version")
                 _check(delta.size >= 0, "deltas.size", "must be >= 0")
+        if self.composite is not None:
+            self.composite.check_members(set(paths))
         if any(a.encryption is not None for a in self.artifacts):
             _check(self.key_wrap is not None, "key_wrap",
                    "encrypted artifacts need a key_wrap with recipients")
@@ -281,9 +286,11 @@ def _manifest_to_dict(m: Manifest) -> dict[str, Any]:
             for r in m.key_wrap.recipients]}
     # Written only when set, so manifests without it keep their exact bytes.
     rollback = {} if m.rollback_of is None else {"rollback_of": m.rollback_of}
+    composite = {} if m.composite is None else {"composite": composite_to_obj(m.composite)}
     return {
         **m.unrecognized,
         **rollback,
+        **composite,
         "format_version": m.format_version,
         "name": m.name,
         "version": m.version,
@@ -443,7 +450,7 @@ def _key_wrap(obj: Any) -> KeyWrap | None:
 
 _MANIFEST_KEYS = {"format_version", "name", "version", "profiles", "artifacts", "inputs",
                   "outputs", "self_test", "baseline", "compression_report", "key_wrap",
-                  "rollback_of"}
+                  "rollback_of", "composite"}
 
 
 def _manifest_from_dict(d: dict[str, Any]) -> Manifest:
@@ -467,5 +474,6 @@ def _manifest_from_dict(d: dict[str, Any]) -> Manifest:
         key_wrap=_key_wrap(d.get("key_wrap")),
         rollback_of=None if d.get("rollback_of") is None else _int(d, "rollback_of",
                                                                    "manifest"),
+        composite=None if d.get("composite") is None else composite_from_obj(d["composite"]),
         unrecognized={k: v for k, v in d.items() if k not in _MANIFEST_KEYS},
     )

@@ -33,6 +33,7 @@ from tuf.api.serialization.json import JSONSerializer
 from . import crypto
 from ._layout import MANIFEST_PATH, METADATA_DIR, ONLINE_ROLES, TARGETS_DIR, TOP_LEVEL_ROLES
 from .archive import read_archive, write_archive
+from .composite import CompositeDecl
 from .delta import make_delta
 from .errors import BundleError, SigningError
 from .manifest import (
@@ -104,6 +105,8 @@ class BundleSpec:
     self_test: tuple[SelfTestCase, ...] = ()
     baseline: Mapping[str, Any] = field(default_factory=dict)
     compression_report: Mapping[str, Any] = field(default_factory=dict)
+    #: One model name served by several of the artifacts (bundle/composite.py), or None.
+    composite: CompositeDecl | None = None
 
 
 @dataclass(frozen=True)
@@ -263,7 +266,8 @@ def rerelease_bundle(source: bytes, *, version: int, root_chain: Sequence[bytes]
                                           a.format, a.dtype, a.profile)
                             for a in manifest.artifacts),
             inputs=manifest.inputs, outputs=manifest.outputs, self_test=manifest.self_test,
-            baseline=manifest.baseline, compression_report=manifest.compression_report),
+            baseline=manifest.baseline, compression_report=manifest.compression_report,
+            composite=manifest.composite),
             recipients, rollback_of=rollback_of, unrecognized=manifest.unrecognized)
     else:
         try:
@@ -344,7 +348,8 @@ def _target_files(spec: BundleSpec, recipients: Sequence[X25519PublicKey], *,
             compression_report=spec.compression_report,
             key_wrap=(crypto.wrap_content_key(content_key, recipients)
                       if content_key is not None else None),
-            rollback_of=rollback_of, unrecognized=unrecognized or {})
+            rollback_of=rollback_of, composite=spec.composite,
+            unrecognized=unrecognized or {})
     except BundleError as exc:
         raise SigningError(f"invalid bundle contents: {exc}") from exc
     return [(MANIFEST_PATH, manifest_to_json(manifest)), *files]

@@ -24,6 +24,7 @@ from firmware_profiles import (
 from firmware_profiles.describe import match_to_json, matches_table
 
 from . import __version__
+from .composite_cli import add_composite
 from .dataset import DatasetError, bind, load_dataset, parse_state_pair
 from .errors import CompressorError
 from .evaluate import first_call, measure_latency, run_dataset
@@ -52,6 +53,7 @@ def _build() -> tuple[argparse.ArgumentParser, Subcommands[argparse.ArgumentPars
     _add_compress(subparsers)
     _add_profiles(subparsers)
     _add_evaluate(subparsers)
+    add_composite(subparsers)
     return parser, subparsers
 
 

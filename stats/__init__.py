@@ -8,6 +8,10 @@ gates, fleet aggregation): pure functions and small records over numpy arrays, n
   two models agree (top-1, cosine, relative error, confidence shift).
 - :mod:`stats.bounds`: confidence bounds on rates from few observations (Wilson), so that
   1 failure of 3 devices is judged as the weak evidence it is.
+- :mod:`stats.sequential`: confidence sequences valid at every sample size, and the A/B
+  rule built on them, so an experiment may be looked at as often as the operator likes.
+- :mod:`stats.bandit`: per-arm sufficient statistics that add, and Thompson sampling on
+  Beta or Normal posteriors.
 """
 
 from __future__ import annotations

@@ -1,0 +1,184 @@
+"""The experiments this device takes part in, between the local API and the runtime.
+
+For a model name under an experiment, :meth:`DeviceExperiments.infer` picks the arm
+(``experiments.assign`` for splits, Thompson sampling on the local posterior for bandits),
+runs the arm's installed model, and answers with a fresh response id remembered with the
+arm and the predicted class. :meth:`DeviceExperiments.feedback` turns an app's report into
+a reward on that arm (clipped to the experiment's reward range, which the always-valid
+decision assumes). :meth:`DeviceExperiments.report` closes every experiment's interval into
+deltas for telemetry; :meth:`DeviceExperiments.receive` takes the server's merged posterior.
+
+Every learner is saved (atomically) after each change, so counts survive a restart and
+nothing learnt offline is lost. Models outside any experiment pass straight through.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.atomic import write_atomic
+from experiments.assign import device_arm, request_arm
+from experiments.errors import InvalidExperimentData
+from experiments.feedback import (
+    ResponseLog,
+    Served,
+    new_response_id,
+    parse_feedback,
+    reward_of,
+)
+from experiments.posterior import (
+    DeviceLearner,
+    Merged,
+    close_interval,
+    encode_delta,
+    learner_from_json,
+    learner_to_json,
+    local_posterior,
+    observe,
+    receive,
+)
+from experiments.spec import ExperimentSpec
+from stats.bandit import thompson_choose
+
+from .runtime import Runtime
+
+__all__ = ["DeviceExperiments"]
+
+log = logging.getLogger(__name__)
+
+
+class DeviceExperiments:
+    """Arm choice, response ids, feedback and local learning for one device."""
+
+    def __init__(self, device: str, state_dir: Path | None = None, *,
+                 clock: Callable[[], float] = time.time,
+                 rng: np.random.Generator | None = None,
+                 responses: ResponseLog | None = None) -> None:
+        self.device = device
+        self._dir = None if state_dir is None else state_dir / "experiments"
+        self._clock = clock
+        self._rng = rng or np.random.default_rng()
+        self._responses = responses or ResponseLog()
+        self._lock = threading.Lock()
+        self._specs: dict[str, ExperimentSpec] = {}      # by public model name
+        self._learners: dict[str, DeviceLearner] = {}    # by experiment name
+
+    def start(self, spec: ExperimentSpec) -> None:
+        """Take part in ``spec`` (resuming saved counts for it, if any)."""
+        with self._lock:
+            learner = self._load(spec) or DeviceLearner.start(spec.name, spec.arm_names)
+            self._specs[spec.model] = spec
+            self._learners[spec.name] = learner
+
+    def stop(self, model: str) -> None:
+        """Leave the experiment on ``model``; the model name is served directly again."""
+        with self._lock:
+            spec = self._specs.pop(model, None)
+            if spec is not None:
+                self._learners.pop(spec.name, None)
+
+    def infer(self, runtime: Runtime, model: str, inputs: Mapping[str, np.ndarray],
+              client_key: str | None = None) -> tuple[dict[str, np.ndarray], str]:
+        """Run ``model`` (through its experiment's arm, if any); outputs and a response id."""
+        spec = self._specs.get(model)
+        arm = None if spec is None else self._choose(spec, client_key)
+        outputs = runtime.infer(model if spec is None or arm is None
+                                else spec.served_model(arm), inputs)
+        response_id = new_response_id()
+        with self._lock:
+            self._responses.record(response_id, Served(model, arm, _predicted(outputs),
+                                                       self._clock()))
+        return outputs, response_id
+
+    def feedback(self, model: str, body: bytes) -> float:
+        """Learn from an app's outcome report; the reward learnt.
+
+        InvalidExperimentData (the adapter's 400) for a malformed report, UnknownResponse
+        (404) for an id not issued for ``model``, expired or already reported.
+        """
+        report = parse_feedback(body)
+        with self._lock:
+            served = self._responses.take(report.response_id, model, self._clock())
+            reward = reward_of(report, served)
+            spec = self._specs.get(model)
+            if spec is not None and served.arm is not None:
+                clipped = min(max(reward, spec.low), spec.high)
+                learner = observe(self._learners[spec.name], served.arm, clipped)
+                self._learners[spec.name] = learner
+                self._save(learner)
+        return reward
+
+    def report(self) -> list[dict[str, Any]]:
+        """Close every experiment's interval: the deltas to send with telemetry (saved
+        first, so a delta that is lost in transit is still pending and resent)."""
+        out = []
+        with self._lock:
+            for name, before in list(self._learners.items()):
+                after, delta = close_interval(before, self.device)
+                if delta is not None:
+                    self._learners[name] = after
+                    self._save(after)
+                    out.append(encode_delta(delta))
+        return out
+
+    def receive(self, merged: Merged) -> None:
+        """Take the server's merged posterior for one experiment."""
+        with self._lock:
+            learner = self._learners.get(merged.experiment)
+            if learner is not None:
+                learner = receive(learner, merged)
+                self._learners[merged.experiment] = learner
+                self._save(learner)
+
+    def posterior(self, experiment: str) -> DeviceLearner:
+        """The learner of ``experiment`` (for status and tests)."""
+        return self._learners[experiment]
+
+    def _choose(self, spec: ExperimentSpec, client_key: str | None) -> str:
+        if spec.strategy == "thompson":
+            with self._lock:
+                arms = local_posterior(self._learners[spec.name])
+            return thompson_choose(arms, self._rng, spec.family, low=spec.low, high=spec.high)
+        if spec.unit == "device":
+            return device_arm(spec.name, self.device, spec.split)
+        return request_arm(spec.name, spec.split, self._rng, client_key)
+
+    def _path(self, experiment: str) -> Path | None:
+        return None if self._dir is None else self._dir / f"{experiment}.json"
+
+    def _save(self, learner: DeviceLearner) -> None:
+        path = self._path(learner.experiment)
+        if path is not None:
+            write_atomic(path, json.dumps(learner_to_json(learner)).encode())
+
+    def _load(self, spec: ExperimentSpec) -> DeviceLearner | None:
+        path = self._path(spec.name)
+        if path is None or not path.is_file():
+            return None
+        try:
+            learner = learner_from_json(json.loads(path.read_bytes()), self.device)
+        except (ValueError, InvalidExperimentData) as exc:
+            # Bad state never stops serving: start the counts afresh and say so.
+            log.warning("experiment %s: %s; starting its local counts afresh", spec.name, exc)
+            return None
+        if set(learner.base) != set(spec.arm_names):
+            log.warning("experiment %s: saved arms %s differ from %s; starting afresh",
+                        spec.name, sorted(learner.base), list(spec.arm_names))
+            return None
+        return learner
+
+
+def _predicted(outputs: Mapping[str, np.ndarray]) -> int | None:
+    """The predicted class of a single-row classification answer, else None."""
+    first = next(iter(outputs.values()), None)
+    if first is None or first.ndim != 2 or first.shape[0] != 1 or first.shape[1] < 2:
+        return None
+    return int(np.argmax(first[0]))

@@ -1,0 +1,105 @@
+"""Per-arm sufficient statistics and Thompson sampling over K arms.
+
+An arm's rewards are summarised by ``(n, total, total_sq)``: the count, the sum and the sum
+of squares. The summary adds (two devices' counts, or two intervals', are their sum), which
+is what lets a fleet merge what its devices learnt (``experiments/posterior.py``), and it is
+enough for both posteriors used here:
+
+- ``beta``: Beta-Bernoulli, for rewards in ``[low, high]`` rescaled to ``[0, 1]``; a reward
+  ``r`` adds ``r`` to the successes and ``1 - r`` to the failures (the fractional update of
+  Agrawal and Goyal's bounded-reward Thompson sampling), so 0/1 rewards are the textbook case.
+- ``normal``: a Normal posterior on the mean, for bounded rewards whose variance is far from
+  the Bernoulli one (a latency-derived score): one pseudo-observation at the range's middle
+  with the range's largest variance, then the sample mean and variance.
+
+Thompson sampling draws one plausible mean per arm from its posterior and serves the arm with
+the best draw: arms that are clearly worse are drawn rarely, uncertain ones still get tried.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+__all__ = ["ArmStats", "Family", "probability_best", "sample_means", "thompson_choose"]
+
+Family = Literal["beta", "normal"]
+
+
+@dataclass(frozen=True)
+class ArmStats:
+    """Sufficient statistics of one arm's rewards; ``a + b`` merges two summaries."""
+
+    n: int = 0
+    total: float = 0.0
+    total_sq: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or self.n < 0:
+            raise ValueError(f"an arm's count must be a non-negative integer, not {self.n!r}")
+        if not (math.isfinite(self.total) and math.isfinite(self.total_sq)
+                and self.total_sq >= 0.0):
+            raise ValueError(f"an arm's sums must be finite (sum of squares >= 0), not "
+                             f"{self.total!r}, {self.total_sq!r}")
+
+    @property
+    def mean(self) -> float:
+        """The mean reward, 0.0 before any observation."""
+        return self.total / self.n if self.n else 0.0
+
+    def add(self, reward: float) -> ArmStats:
+        """These statistics with one more reward."""
+        return ArmStats(self.n + 1, self.total + reward, self.total_sq + reward * reward)
+
+    def __add__(self, other: ArmStats) -> ArmStats:
+        return ArmStats(self.n + other.n, self.total + other.total,
+                        self.total_sq + other.total_sq)
+
+
+def sample_means(arms: Mapping[str, ArmStats], rng: np.random.Generator, family: Family,
+                 *, low: float = 0.0, high: float = 1.0, draws: int = 1) -> dict[str, np.ndarray]:
+    """``draws`` samples of each arm's mean from its posterior, on the reward's own scale."""
+    if not high > low:
+        raise ValueError(f"reward bounds need low < high, not [{low}, {high}]")
+    span = high - low
+    out: dict[str, np.ndarray] = {}
+    for name, s in arms.items():
+        if family == "beta":
+            # Clamped: rewards outside the bounds must not make a Beta parameter negative.
+            successes = min(max((s.total - s.n * low) / span, 0.0), float(s.n))
+            out[name] = low + span * rng.beta(1.0 + successes, 1.0 + s.n - successes, draws)
+        elif family == "normal":
+            mid, prior_var = (low + high) / 2.0, (span / 2.0) ** 2
+            squares = max(s.total_sq - s.total * s.total / s.n, 0.0) if s.n else 0.0
+            count = s.n + 1
+            mean = (s.total + mid) / count
+            variance = (squares + prior_var) / count
+            out[name] = rng.normal(mean, math.sqrt(variance / count), draws)
+        else:
+            raise ValueError(f"unknown posterior family {family!r}; use 'beta' or 'normal'")
+    return out
+
+
+def thompson_choose(arms: Mapping[str, ArmStats], rng: np.random.Generator,
+                    family: Family = "beta", low: float = 0.0, high: float = 1.0) -> str:
+    """The arm to serve next: the one whose posterior draw is highest (ties: first by name)."""
+    if not arms:
+        raise ValueError("Thompson sampling needs at least one arm")
+    draws = sample_means(arms, rng, family, low=low, high=high)
+    return max(sorted(draws), key=lambda name: float(draws[name][0]))
+
+
+def probability_best(arms: Mapping[str, ArmStats], rng: np.random.Generator,
+                     family: Family = "beta", *, low: float = 0.0, high: float = 1.0,
+                     draws: int = 4000) -> dict[str, float]:
+    """Each arm's posterior probability of having the highest mean (Monte Carlo)."""
+    if not arms:
+        return {}
+    names = sorted(arms)
+    samples = sample_means(arms, rng, family, low=low, high=high, draws=draws)
+    best = np.argmax(np.stack([samples[n] for n in names]), axis=0)
+    return {name: float(np.mean(best == i)) for i, name in enumerate(names)}
