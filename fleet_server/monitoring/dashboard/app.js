@@ -15,7 +15,9 @@ const PAGES = [
   {id: "overview", title: "Fleet", nav: true, render: renderOverview},
   {id: "device", title: "Device", nav: false, render: renderDevice},
   {id: "alerts", title: "Alerts", nav: true, render: renderAlerts},
+  {id: "rollouts", title: "Rollouts", nav: true, render: renderRollouts},
   {id: "events", title: "Events", nav: true, render: renderEvents},
+  {id: "audit", title: "Audit", nav: true, render: renderAudit},
 ];
 
 // --- plumbing --------------------------------------------------------------------------
@@ -219,6 +221,48 @@ async function renderAlerts() {
   return el("div", {}, el("h1", {}, "Alerts"),
     table(["state", "kind", "key", "summary", "since", "raised", "resolved"], rows,
           "no alerts yet"));
+}
+
+async function renderRollouts() {
+  const listed = await api("/api/rollouts");
+  // The list leaves out per-step detail; the newest few are fetched whole.
+  const details = await Promise.all(listed.rollouts.slice(0, 10).map(
+    (r) => api("/api/rollouts/" + encodeURIComponent(r.id))));
+  return el("div", {}, el("h1", {}, "Rollouts"),
+    details.length ? details.map(renderRollout) : el("p", {class: "muted"}, "no rollouts yet"));
+}
+
+function renderRollout(r) {
+  const tone = r.state === "succeeded" ? "ok"
+    : (r.state === "halted" || r.state === "aborted") ? "bad" : "warn";
+  const steps = (r.steps || []).map((s) => [s.name, numCell(s.count), s.verdict || "-",
+    s.required === null || s.required === undefined ? "-"
+      : `${s.reporting ?? 0} of ${s.required} needed`]);
+  const gates = (r.gates || []).map((g) => [g.gate,
+    el("td", {class: g.status === "fail" ? "bad" : g.status === "pass" ? "ok" : "muted"},
+       g.status), num(g.value, 4), num(g.bound, 4), g.threshold, numCell(g.n)]);
+  return el("section", {"data-rollout": r.id},
+    el("h2", {}, `${r.id}: ${r.model} v${r.version} `, el("span", {class: tone}, r.state),
+       ` \u00b7 step ${r.step}`),
+    r.reason ? el("p", {class: "bad"}, r.reason.text || JSON.stringify(r.reason)) : null,
+    table(["step", "devices", "verdict", "reporting"], steps, "no steps"),
+    el("br"),
+    table(["gate", "status", "value", "bound", "threshold", "n"], gates,
+          "no gate judged yet"));
+}
+
+async function renderAudit() {
+  const first = await api("/api/audit?limit=1");
+  const since = Math.max(0, first.head.seq - 300);
+  const log = await api(`/api/audit?since=${since}&limit=300`);
+  const rows = log.entries.slice().reverse().map((e) => [numCell(e.seq),
+    new Date(e.at * 1000).toLocaleString(), e.actor, e.action, e.target, e.reason || "",
+    e.hash.slice(0, 16)]);
+  return el("div", {}, el("h1", {}, "Audit log"),
+    el("p", {"data-audit-head": log.head.hash},
+       `${log.head.seq} entries, hash-chained; head ${String(log.head.hash).slice(0, 16)}. `,
+       "`fleet audit verify` checks every link."),
+    table(["seq", "at", "who", "what", "target", "why", "hash"], rows, "no entries yet"));
 }
 
 async function renderEvents() {

@@ -6,6 +6,7 @@ events, live updates without a reload, sign-out. Screenshots of each page go to
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -20,6 +21,7 @@ from fleet_server.api import ApiServer, load_admin_token
 from fleet_server.monitoring.config import AlertRule, MonitoringConfig
 from fleet_server.service import FleetService, ServiceConfig
 from protocol import messages
+from tests.bundle.repo import Repo, spec
 from tests.fleet_server.monitoring.test_live_monitoring import drifting_metrics
 from tests.fleet_server.server_env import enroll, service_config, wait_until, write_keys
 
@@ -74,7 +76,7 @@ def populate(service: FleetService, tmp_path: Path) -> dict[str, Any]:
 
 
 def test_dashboard_pages_live_and_behind_the_token(
-        fleet: tuple[FleetService, ApiServer, str], tmp_path: Path) -> None:
+        fleet: tuple[FleetService, ApiServer, str], tmp_path: Path, repo: Repo) -> None:
     service, api, token = fleet
     shots = Path(os.environ.get("EDGEFLEET_SCREENSHOTS") or tmp_path / "shots")
     shots.mkdir(parents=True, exist_ok=True)
@@ -128,6 +130,35 @@ def test_dashboard_pages_live_and_behind_the_token(
             page.click("nav a:has-text('Events')")
             page.wait_for_selector("td:has-text('alert.firing')")
             page.screenshot(path=str(shots / "dashboard-events.png"), full_page=True)
+
+            # A rollout started through the API, as `fleet rollout start` does: its steps
+            # and gates on the Rollouts page, its start (and the upload) in the audit log.
+            auth = {"Authorization": f"Bearer {token}"}
+            stored = page.request.post(api.url + "/api/bundles", headers=auth,
+                                       data=repo.build(spec(version=2)))
+            assert stored.status == 201, stored.text()
+            started = page.request.post(
+                api.url + "/api/rollouts", headers={**auth, "Content-Type": "application/json"},
+                data=json.dumps({"bundle_sha256": stored.json()["sha256"], "group": "lab",
+                                 "bake_s": 600}))
+            assert started.status == 201, started.text()
+            rollout = started.json()["id"]
+            page.click("nav a:has-text('Rollouts')")
+            page.wait_for_selector(f"[data-rollout='{rollout}'] td:has-text('error_rate')")
+            assert "running" in page.inner_text(f"[data-rollout='{rollout}'] h2")
+            page.screenshot(path=str(shots / "dashboard-rollouts.png"), full_page=True)
+            paused = page.request.post(
+                api.url + f"/api/rollouts/{rollout}/pause",
+                headers={**auth, "Content-Type": "application/json"},
+                data=json.dumps({"reason": "dashboard test"}))
+            assert paused.status == 200, paused.text()
+            page.wait_for_selector(f"[data-rollout='{rollout}'] span:has-text('paused')")
+            page.click("nav a:has-text('Audit')")
+            page.wait_for_selector("td:has-text('bundle.upload')")
+            page.wait_for_selector("td:has-text('dashboard test')")
+            head = page.request.get(api.url + "/api/audit?limit=1", headers=auth).json()
+            page.wait_for_selector(f"[data-audit-head='{head['head']['hash']}']")
+            page.screenshot(path=str(shots / "dashboard-audit.png"), full_page=True)
 
             page.click("#logout")
             page.wait_for_selector("#login:not([hidden])")
