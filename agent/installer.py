@@ -19,7 +19,9 @@ use it to prove that ``kill -9`` in every state leaves a serving agent after res
 
 from __future__ import annotations
 
+import atexit
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -105,6 +107,7 @@ class Installer:
                  clock: Callable[[], float] = time.time,
                  verifier: Verifier | None = None) -> None:
         self.dirs = dirs
+        self._at_exit: Callable[[], None] | None = None
         self.profile = profile
         self.formats = formats
         self.clock = clock
@@ -356,11 +359,18 @@ class Installer:
             except OSError as exc:  # a full disk must not keep the agent from serving
                 log.warning("cannot write %s (%s): a crash before the next clean stop will "
                             "not count against an unfinished install", marker, exc.strerror)
+        # Any exit of the interpreter is clean, an error that ends a command included (a
+        # port in use): only a kill or a crash skips it.
+        self._at_exit = functools.partial(marker.unlink, missing_ok=True)
+        atexit.register(self._at_exit)
         return crashed
 
     def end_run(self) -> None:
         """The agent stops cleanly: its unfinished installs resume without blame."""
         (self.dirs.installs / _RUN_MARKER).unlink(missing_ok=True)
+        if self._at_exit is not None:
+            atexit.unregister(self._at_exit)
+            self._at_exit = None
 
     def sweep(self) -> list[Path]:
         """Delete what no unfinished install references: bundle files in ``incoming/``,

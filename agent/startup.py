@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 import ssl
 from pathlib import Path
-from typing import IO
 
-from common.instance_lock import LockHeld, hold_lock
+from common.instance_lock import DirectoryLock, LockHeld
 from transport.x509 import certificate_common_name
 
 from .config import FleetSettings
@@ -36,19 +35,25 @@ def usable_state_dir(path: Path) -> Path:
     return path
 
 
-def lock_state_dir(path: Path) -> IO[str]:
-    """Hold ``DIR/agent.lock`` while this agent serves from ``path`` (keep the file open):
-    a second agent would share the broker session (each taking it from the other), the
-    install records, the outbox and ``agent.json``. AgentError names the holder."""
+def lock_state_dir(path: Path) -> DirectoryLock:
+    """Hold a lock on ``path`` while this agent serves from it (keep the object): a second
+    agent would share the broker session (each taking it from the other), the install
+    records, the outbox and ``agent.json``. The directory itself is locked, with nothing
+    written, so a full disk does not keep the agent from starting. AgentError names the
+    agent that holds it when it can."""
     try:
-        return hold_lock(path / "agent.lock")
-    except LockHeld as held:
-        raise AgentError(f"another agent (pid {held.holder}) serves from {path}; stop it "
-                         f"first (edge-agent stop --state-dir {path}) or give this one "
-                         "another --state-dir") from None
+        return DirectoryLock(path)
+    except LockHeld:
+        from .daemon import find_running
+
+        running = find_running(path)
+        holder = f"pid {running.pid}" if running is not None else "starting or installing"
+        raise AgentError(f"another agent ({holder}) serves from {path}; stop it first "
+                         f"(edge-agent stop --state-dir {path}) or give this one another "
+                         "--state-dir") from None
     except OSError as exc:
         raise AgentError(f"cannot lock the state directory {path} ({exc.strerror}); pass a "
-                         "writable --state-dir") from exc
+                         "usable --state-dir") from exc
 
 
 def check_fleet_files(fleet: FleetSettings) -> None:

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import IO
 
-__all__ = ["LockHeld", "hold_lock"]
+__all__ = ["DirectoryLock", "LockHeld", "hold_lock"]
 
 
 class LockHeld(Exception):
@@ -43,3 +43,27 @@ def hold_lock(path: Path) -> IO[str]:
     lock.write(str(os.getpid()))
     lock.flush()
     return lock
+
+
+class DirectoryLock:
+    """An exclusive ``flock`` on a directory itself: nothing is written, so it can be taken
+    on a full disk (an agent must start and serve there). Released by :meth:`close`, when
+    the object is collected, or when the process ends. LockHeld (``holder`` "unknown") if
+    another process holds it; OSError if the directory cannot be opened."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd: int | None = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.close()
+            raise LockHeld(path, "unknown") from None
+
+    def close(self) -> None:
+        """Release the lock."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
