@@ -69,13 +69,11 @@ class FleetCollector(Collector):
                            ("dropped", notifier.dropped)):
             sent.add_metric([outcome], n)
         yield sent
-        states = self._monitor.registry.rollout_states()
-        if states is not None:
-            rollouts = GaugeMetricFamily("edgefleet_rollouts", "Rollouts per status",
-                                         labels=["status"])
-            for state, n in states.items():
-                rollouts.add_metric([state], n)
-            yield rollouts
+        rollouts = GaugeMetricFamily("edgefleet_rollouts", "Rollouts per status",
+                                     labels=["status"])
+        for state, n in self._monitor.registry.rollout_states().items():
+            rollouts.add_metric([state], n)
+        yield rollouts
 
     def _fleet(self) -> Iterator[GaugeMetricFamily]:
         view = self._monitor.overview()

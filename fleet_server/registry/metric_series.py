@@ -158,16 +158,7 @@ def _totals(key: dict[str, Any], row: Sequence[Any]) -> Totals:
                   last=None if last is None else float(last))
 
 
-def rollout_states(tx: Tx) -> dict[str, int] | None:
-    """Rollouts per status, if this database has the rollout controller's ``rollouts``
-    table (with its ``status`` column); None otherwise."""
-    if tx.dialect.name == "postgresql":
-        found = tx.one("SELECT 1 FROM information_schema.columns WHERE table_name = "
-                       "'rollouts' AND column_name = 'status' AND table_schema = "
-                       "current_schema()")
-    else:
-        found = tx.one("SELECT 1 FROM pragma_table_info('rollouts') WHERE name = 'status'")
-    if found is None:
-        return None
+def rollout_states(tx: Tx) -> dict[str, int]:
+    """Rollouts per status (schema v6's ``rollouts`` table)."""
     return {str(status): int(n) for status, n in
             tx.all("SELECT status, COUNT(*) FROM rollouts GROUP BY status ORDER BY status")}

@@ -434,8 +434,8 @@ class Registry:
             return metric_series.compact(tx, minutes_before=minutes_before,
                                          hours_before=hours_before)
 
-    def rollout_states(self) -> dict[str, int] | None:
-        """Rollouts per status, or None where the database has no rollouts table."""
+    def rollout_states(self) -> dict[str, int]:
+        """Rollouts per status."""
         with self._tx() as tx:
             return metric_series.rollout_states(tx)
 

@@ -110,13 +110,10 @@ def test_alerts_group_repeats_and_resolve(reg: Registry, clock: Clock) -> None:
     assert [a.key for a in reg.alerts(kind="drift")] == ["digits"]
 
 
-def test_rollout_states_only_with_a_rollouts_table(reg: Registry) -> None:
-    assert reg.rollout_states() is None
-    # The rollout controller's table (its migration lives on another branch): its columns
-    # that matter here.
+def test_rollout_states_count_rollouts_per_status(reg: Registry) -> None:
+    assert reg.rollout_states() == {}
     with reg._tx(write=True) as tx:
-        tx.run("CREATE TABLE rollouts (id TEXT PRIMARY KEY, status TEXT NOT NULL, "
-               "state TEXT NOT NULL)")
-        tx.many("INSERT INTO rollouts (id, status, state) VALUES (?, ?, '{}')",
+        tx.many("INSERT INTO rollouts (id, model, status, created_at, updated_at, revision, "
+                "state) VALUES (?, 'digits', ?, 0, 0, 1, '{}')",
                 [("r1", "running"), ("r2", "halted"), ("r3", "running")])
     assert reg.rollout_states() == {"halted": 1, "running": 2}
