@@ -552,6 +552,7 @@ class FleetService:
         """A one-time enrollment token for ``group``, valid ``ttl`` seconds, carrying the
         pins of the fleet CA and the current root.json (:mod:`protocol.enrollment`); with
         ``device``, for that device id only, which it may take over (re-enrollment)."""
+        _check_text("group", group)
         issued_at = time.time()  # the registry's clock is the wall clock too
         secret = self.registry.issue_token(group, ttl, device)
         token = EnrollmentToken(secret, self.ca_pin, pin_of(self.root_json()))
@@ -876,5 +877,6 @@ def _check_text(what: str, value: object) -> None:
     """The registry's rule for labels, checked before an enrollment uses its token."""
     if (not isinstance(value, str) or not value or value != value.strip()
             or len(value) > 128 or not value.isprintable()):
-        raise RegistryError(f"invalid {what} {value!r}: use 1-128 printable characters "
+        shown = repr(value)[:64] + ("..." if len(repr(value)) > 64 else "")
+        raise RegistryError(f"invalid {what} {shown}: use 1-128 printable characters "
                             "without leading or trailing spaces")

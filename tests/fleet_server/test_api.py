@@ -153,6 +153,8 @@ def test_malformed_requests_are_refused_with_reasons(call: Caller) -> None:
         ("POST", "/api/enroll-tokens", {"ttl_s": "soon"}, 400, '"ttl_s"'),
         ("POST", "/api/enroll-tokens", {"ttl_s": -1}, 400, "from 1 to"),
         ("POST", "/api/enroll-tokens", {"ttl_s": 1e308}, 400, "(30 days)"),
+        ("POST", "/api/enroll-tokens", {"group": ""}, 400, "invalid group ''"),
+        ("POST", "/api/enroll-tokens", {"group": " lab"}, 400, "1-128 printable"),
         ("POST", "/api/enroll", {"token": "t"}, 400, '"device_id"'),
         ("GET", "/api/events?limit=0", {}, 400, "outside 1..10000"),
         ("GET", "/api/events?since=x", {}, 400, "not an integer"),
@@ -161,6 +163,10 @@ def test_malformed_requests_are_refused_with_reasons(call: Caller) -> None:
     for method, path, body, status, message in cases:
         got, answer = call(method, path, body if method == "POST" else None)
         assert (got, message in answer["error"]) == (status, True), (path, answer)
+    # A long name is refused without being echoed whole.
+    status, answer = call("POST", "/api/enroll-tokens", {"group": "g" * 500_000})
+    assert status == 400
+    assert len(answer["error"]) < 300
     status, answer = call("POST", "/api/publish", data=b"{not json",
                           headers={"Content-Type": "application/json"})
     assert status == 400
