@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ __all__ = ["DEFAULT_UNIT_DIR", "ServiceRequest", "install_service", "uninstall_s
 
 DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
 _SYSTEMD_RUNNING = Path("/run/systemd/system")
+_UNIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9@._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class ServiceRequest:
 
 def unit_for(request: ServiceRequest, profile: Profile | None) -> str:
     """The unit text for ``request``; AgentError for a config or user that cannot work."""
+    _check_name(request.name)
     config_path = request.config.absolute()
     config = load_config(config_path)
     state_dir = config.state_dir.absolute()  # not resolved: a DynamicUser's is a symlink
@@ -81,9 +84,18 @@ def install_service(request: ServiceRequest, profile: Profile | None) -> str:
     return f"installed and started {unit} ({path}); follow it with: journalctl -u {unit} -f"
 
 
+def _check_name(name: str) -> None:
+    """A unit name systemd accepts, and never a path: ``--name ../x`` must not write outside
+    the unit directory."""
+    if not _UNIT_NAME.fullmatch(name):
+        raise AgentError(f"--name {name[:64]!r} is not a unit name: use 1 to 64 letters, "
+                         "digits, '-', '_', '.' or '@', starting with a letter or digit")
+
+
 def uninstall_service(unit_dir: Path, name: str, state_dir: Path) -> str:
     """Stop and disable the unit (under systemd) and remove its file; the state directory
     (models, keys, trust) is left, and the message says how to delete it."""
+    _check_name(name)
     path = unit_dir / f"{name}.service"
     if not path.exists():
         raise AgentError(f"no unit {path}; pass the --name or --unit-dir it was installed "

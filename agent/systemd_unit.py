@@ -32,6 +32,10 @@ _RUNTIME_ROOT = PurePosixPath("/run")
 _AGENT_BASE_MB = 256
 
 
+#: Directories PrivateTmp=yes hides from the service.
+_PRIVATE_TMP = (PurePosixPath("/tmp"), PurePosixPath("/var/tmp"))
+
+
 def memory_max_mb(ram_mb: int, model_budget_mb: int) -> int:
     """``MemoryMax`` for a device: the agent itself plus twice the model budget (during a
     hot-swap the old and the new model are loaded together), never more than its RAM."""
@@ -57,6 +61,10 @@ def render_unit(spec: UnitSpec) -> str:
     state = PurePosixPath(spec.state_dir)
     if not state.is_absolute():
         raise ValueError(f"state directory {spec.state_dir} must be an absolute path")
+    if any(state.is_relative_to(tmp) for tmp in _PRIVATE_TMP):
+        raise ValueError(f"state directory {state} is under a temporary directory, which the "
+                         "unit replaces with a private empty one (PrivateTmp=yes): the "
+                         "agent would not find it; use a state directory under /var/lib")
     in_var_lib = state.is_relative_to(_STATE_ROOT) and state != _STATE_ROOT
     if spec.user is None and not in_var_lib:
         raise ValueError(f"state directory {state} is not under /var/lib, so systemd cannot "

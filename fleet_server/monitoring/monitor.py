@@ -17,13 +17,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fleet_server.registry import Registry
-from fleet_server.registry.metric_series import HOUR
+from fleet_server.registry.metric_series import HOUR, MINUTE
 from protocol.messages import Telemetry
 
 from .alerts import Condition, DeviceSeen, FleetView, Notice, evaluate
@@ -167,14 +168,17 @@ class Monitor:
         drift: dict[float, list[Totals]] = {}
         errors: dict[float, list[Totals]] = {}
         for rule in self.config.rules:
+            # Points are whole minutes: the window starts at the minute holding
+            # now - window_s, so a sample stays in it for at least window_s (a window cut at
+            # now - window_s dropped a minute's point at the next minute boundary, and a
+            # condition that held resolved and fired again every minute).
+            since = math.floor((now - rule.window_s) / MINUTE) * MINUTE
             if rule.kind == "drift" and rule.window_s not in drift:
                 drift[rule.window_s] = self.registry.metric_totals(
-                    since=now - rule.window_s, until=now + _CLOCK_SLACK_S,
-                    by=("device", "group", "model"))
+                    since=since, until=now + _CLOCK_SLACK_S, by=("device", "group", "model"))
             elif rule.kind == "error_rate" and rule.window_s not in errors:
                 errors[rule.window_s] = self.registry.metric_totals(
-                    since=now - rule.window_s, until=now + _CLOCK_SLACK_S,
-                    by=("group", "model"))
+                    since=since, until=now + _CLOCK_SLACK_S, by=("group", "model"))
         return FleetView(now, [DeviceSeen(d.id, d.group, d.last_seen) for d in devices],
                          drift, errors)
 

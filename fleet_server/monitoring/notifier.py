@@ -13,6 +13,7 @@ import json
 import logging
 import queue
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 QUEUE = 1000
 #: The longest wait between two attempts.
 _MAX_BACKOFF_S = 60.0
+#: How long stopping waits for a webhook POST under way.
+_STOP_WAIT_S = 2.0
 
 
 class Notifier:
@@ -56,12 +59,18 @@ class Notifier:
             self._threads.append(thread)
 
     def stop(self) -> None:
-        """Stop after the notice being sent (its retries cut short). Idempotent."""
+        """Stop: retries are cut short, and a POST under way is waited for at most
+        :data:`_STOP_WAIT_S` (its thread is a daemon: a webhook that never answers must not
+        hold the server's shutdown). Idempotent."""
         self._stop.set()
         for _, inbox in self._queues:
             self._put(inbox, None)
+        deadline = time.monotonic() + _STOP_WAIT_S
         for thread in self._threads:
-            thread.join()
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.warning("%s is still waiting on its webhook; not waited for",
+                            thread.name)
         self._threads = []
 
     def send(self, notice: Notice) -> None:
@@ -126,5 +135,5 @@ class Notifier:
                 delay = min(delay * 2, _MAX_BACKOFF_S)
         log.warning("could not deliver alert %s/%s to %s after %d attempt(s) (%s); it is in "
                     "the event log", notice.alert.kind, notice.alert.key, hook.url,
-                    hook.retries + 1, why)
+                    attempt + 1, why)
         return False

@@ -146,6 +146,8 @@ def test_a_named_user_unit_verifies(tmp_path: Path) -> None:
 def test_units_systemd_cannot_express_are_refused() -> None:
     with pytest.raises(ValueError, match="not under /var/lib"):
         render_unit(UnitSpec(("/bin/true",), Path("/srv/agent")))
+    with pytest.raises(ValueError, match="temporary directory"):
+        render_unit(UnitSpec(("/bin/true",), Path("/var/tmp/agent"), user="daemon"))
     with pytest.raises(ValueError, match="line break"):
         render_unit(UnitSpec(("/bin/true",), Path("/srv/a\nb"), user="daemon"))
 
@@ -172,8 +174,13 @@ def test_install_and_uninstall(tmp_path: Path) -> None:
 def test_install_refuses_a_user_that_cannot_work(tmp_path: Path) -> None:
     config = tmp_path / "agent.toml"
     config.write_text(f'state_dir = "{tmp_path / "state"}"\n')
-    with pytest.raises(AgentError, match="not under /var/lib"):
+    # Under /tmp: the unit's PrivateTmp would hide it from the agent, whoever runs it.
+    with pytest.raises(AgentError, match="temporary directory"):
         unit_for(ServiceRequest(config), None)
+    with pytest.raises(AgentError, match="is not a unit name"):
+        unit_for(ServiceRequest(config, name="../evil"), None)
+    with pytest.raises(AgentError, match="is not a unit name"):
+        uninstall_service(tmp_path, "a/b", tmp_path)
     with pytest.raises(AgentError, match="no user 'no-such-user-x'"):
         unit_for(ServiceRequest(config, user="no-such-user-x"), None)
     with pytest.raises(AgentError, match="does not exist; create it owned by nobody"):

@@ -172,3 +172,27 @@ def test_compaction_prunes_samples_past_their_retention(reg: Registry, clock: Cl
     assert [t.sample.seq for t in reg.telemetry("gw-1")] == [2]
     # The series still hold both samples' sums.
     assert reg.metric_totals(since=clock.now - 7200, until=clock.now + 60)[0].samples == 2
+
+
+def test_a_sample_holds_its_alert_for_the_whole_window(reg: Registry, clock: Clock,
+                                                       hook: Receiver) -> None:
+    # Points are per minute; a window cut at now - window_s dropped a sample's minute at the
+    # next minute boundary, resolving an alert seconds after it fired.
+    enroll(reg, "gw-1")
+    monitor = make_monitor(reg, clock, hook, AlertRule("drift", psi=0.25, devices=1,
+                                                       window_s=60))
+    monitor.start()
+    try:
+        clock.now = 60 * (clock.now // 60) + 56  # 4 s before a minute boundary
+        ingest(reg, monitor, "gw-1", Telemetry(1, clock.now, metrics(0.9)))
+        monitor.evaluate_once()
+        fired_at = clock.now
+        for later in (5.0, 30.0, 59.0):  # past the boundary, up to window_s after it
+            clock.now = fired_at + later
+            monitor.evaluate_once()
+            assert [a.key for a in reg.alerts(firing_only=True)] == ["digits"], later
+        clock.now = fired_at + 125  # two minutes on: resolved
+        monitor.evaluate_once()
+        assert reg.alerts(firing_only=True) == []
+    finally:
+        monitor.stop()
