@@ -108,6 +108,7 @@ def load_config(path: Path) -> MonitoringConfig:
                               "the --config path") from exc
     except tomllib.TOMLDecodeError as exc:
         raise MonitoringError(f"{path} is not valid TOML ({exc}); fix it") from exc
+    _known(document, {"monitoring"}, f"{path}: the tables")  # a typo'd table is no default
     table = document.get("monitoring", {})
     if not isinstance(table, dict):
         raise MonitoringError(f"{path}: [monitoring] must be a table")
@@ -167,6 +168,9 @@ def _rule(table: Mapping[str, Any], where: str) -> AlertRule:
     if kind not in ALERT_KINDS:
         raise MonitoringError(f"{where}: kind must be one of {', '.join(ALERT_KINDS)}, got "
                               f"{kind!r}")
+    # A key another kind uses would be silently ignored here: refused, so a misplaced
+    # threshold does not leave the rule at its default.
+    _known(table, {"kind", *_KIND_KEYS[kind]}, f"{where} (kind {kind})")
     for name in ("model", "group"):
         if table.get(name) is not None and not isinstance(table[name], str):
             raise MonitoringError(f"{where}: {name} must be a string")
@@ -181,6 +185,15 @@ def _rule(table: Mapping[str, Any], where: str) -> AlertRule:
         window_s=_number(table, "window_s", d.window_s, 60, 7 * 86400, where=where),
         after_s=_number(table, "after_s", d.after_s, 10, 365 * 86400, where=where),
         model=table.get("model"), group=table.get("group"))
+
+
+#: The keys each kind of rule reads (besides ``kind``).
+_KIND_KEYS: dict[str, frozenset[str]] = {
+    "drift": frozenset({"psi", "devices", "window_s", "model", "group"}),
+    "error_rate": frozenset({"rate", "min_requests", "window_s", "model", "group"}),
+    "offline": frozenset({"after_s", "group"}),
+    "rollout_halted": frozenset(),
+}
 
 
 def _known(table: Mapping[str, Any], allowed: set[str], where: str) -> None:

@@ -60,6 +60,10 @@ def test_defaults_have_every_rule() -> None:
     ({"alert": [{"kind": "temperature"}]}, "kind must be one of"),
     ({"alert": [{"kind": "drift", "psi": "high"}]}, "psi must be a number"),
     ({"alert": [{"kind": "drift", "devices": 1.5}]}, "devices must be a number"),
+    # A key of another kind of rule would be ignored, the rule left at its default.
+    ({"alert": [{"kind": "error_rate", "psi": 0.3}]}, r"\(kind error_rate\).*psi"),
+    ({"alert": [{"kind": "offline", "after_s": 600, "model": "digits"}]}, "model"),
+    ({"alert": [{"kind": "rollout_halted", "window_s": 60}]}, "window_s"),
     ({"webhook": [{"url": "file:///etc/passwd"}]}, "http:// or https://"),
     ({"webhook": {"url": "http://x"}}, "array of tables"),
     ({"webhook": [{"url": "http://x", "timeout_s": 1e9}]}, "outside"),
@@ -76,6 +80,13 @@ def test_unreadable_file(tmp_path: Path) -> None:
     bad.write_text("[monitoring\n")
     with pytest.raises(MonitoringError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_a_misspelt_table_is_refused_not_ignored(tmp_path: Path) -> None:
+    typo = tmp_path / "server.toml"
+    typo.write_text("[monitorin]\nevaluate_every_s = 1\n")
+    with pytest.raises(MonitoringError, match=r"unknown key.*monitorin"):
+        load_config(typo)
 
 
 def test_scrape_token(tmp_path: Path) -> None:
