@@ -587,17 +587,23 @@ def _doctor(args: argparse.Namespace) -> int:
 
     path = args.config or args.state_dir / "agent.toml"
     checks = []
-    config = AgentConfig(args.state_dir)
+    config: AgentConfig | None = AgentConfig(args.state_dir)
     if args.config is not None or path.exists():
         try:
             config = load_config(path)
         except AgentError as exc:
+            config = None
             checks.append(Check("config", Verdict.FAIL, str(exc),
                                 "correct it (docs/agent-config.md lists every key)"))
         else:
             checks.append(Check("config", Verdict.OK, f"{path}"))
-    profile = resolve_profile(args.profile or config.profile)
-    checks += run_checks(config, profile)
+    if config is None:
+        # Checking defaults instead would report on a state directory and a fleet that are
+        # not this agent's.
+        checks.append(Check("others", Verdict.SKIP, "the state directory, fleet, certificate, "
+                            "broker, clock and runtime checks need the config: fix it first"))
+    else:
+        checks += run_checks(config, resolve_profile(args.profile or config.profile))
     if args.json:
         print(json.dumps([{"check": c.name, "verdict": c.verdict.value, "detail": c.detail,
                            "fix": c.fix} for c in checks], indent=2))

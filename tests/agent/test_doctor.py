@@ -288,3 +288,9 @@ def test_the_command_on_a_healthy_and_a_sick_device(fleet: TestFleet, broker: Br
     assert "expired" in checks["certificate"]["detail"]
     assert checks["broker"]["verdict"] == "FAIL"
     assert checks["clock"]["verdict"] == "warn"
+    # A config that does not load: nothing is checked as if the defaults were this agent's.
+    (tmp_path / "broken.toml").write_text(f'state_dir = "{state}"\n[api]\nport = 99999\n')
+    result = _doctor(tmp_path / "broken.toml")
+    assert result.returncode == 1
+    verdicts = {c["check"]: c["verdict"] for c in json.loads(result.stdout)}
+    assert verdicts == {"config": "FAIL", "others": "skip"}
