@@ -66,7 +66,8 @@ def test_a_shadow_candidate_is_fetched_run_reported_and_unloaded(
     # Classes 0 and 1 swapped: the candidate disagrees on every 0 and 1 predicted.
     assert 0 < agree < n
     assert sum(e["errors"] for e in shadow) == 0
-    assert requests + sum(e["dropped"] for e in shadow) <= 200
+    # Half of 400 requests sampled at random: Binomial(400, 0.5), 200 +- 10.
+    assert requests + sum(e["dropped"] for e in shadow) <= 260
     monitor = _entries(server, "monitor")
     assert sum(e["sampled"] for e in monitor) > 0
     assert {e["version"] for e in monitor} == {1}
