@@ -3,12 +3,11 @@ process reads the config the demo writes (DATA/server.toml), a device publishes 
 the contract's format over MQTT, and the drift alert reaches the demo's webhook within
 DRIFT_ALERT_S, names the device, and shows in ``fleet metrics`` and the overview.
 
-The whole demo (real agents whose monitor reports the drift of inverted images) needs the
-agent's monitor fields (MONITOR_CONTRACT.md); docs/monitoring.md says what it expects."""
+The whole demo with real agents (``fleet demo --drift``) runs in tests/fleet_server/
+test_demo.py."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import time
@@ -87,16 +86,3 @@ def test_drift_alert_within_the_stated_time(watched: tuple[Path, DriftWatch], tm
         assert "ALERT drift digits" in out
     finally:
         device.close()
-
-
-def test_the_whole_drift_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Real agents: needs their monitor (agent/monitor.py, the agent-monitor branch)."""
-    pytest.importorskip("agent.monitor", reason="the agents' monitor fields are needed")
-    assert main(["demo", "--drift", "--workdir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    found = re.search(r"webhook \S+ got after ([\d.]+) s: input drift on model digits: "
-                      r"1 device\(s\) above PSI 0.25 in the last 120 s: gw-1", out)
-    assert found is not None, out[-3000:]
-    assert float(found.group(1)) < DRIFT_ALERT_S
-    assert "alerts     none firing" in out  # after the steady traffic
-    assert "demo passed: 17 steps" in out  # 15 of the demo, 2 of monitoring
