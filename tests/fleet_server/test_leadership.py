@@ -43,11 +43,13 @@ def test_one_leader_and_a_take_over_when_it_stops_or_its_session_dies() -> None:
         assert not a.is_leader()
         # b's session dies as in a crash (the server terminates it): a takes over, and b,
         # at its next check, stops claiming.
+        # pg_locks shows a bigint advisory key as two unsigned 32-bit halves (oids); a key
+        # with its sign bit set does not fit one bigint comparison, so compare the halves.
+        unsigned = lock_key(fleet, "public") & 0xFFFFFFFFFFFFFFFF
         with postgres_schema() as (_, admin):
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE "
-                          "locktype = 'advisory' AND granted AND "
-                          "(classid::bigint << 32 | objid::bigint) = %s",
-                          (lock_key(fleet, "public") & 0xFFFFFFFFFFFFFFFF,))
+                          "locktype = 'advisory' AND granted AND classid::bigint = %s "
+                          "AND objid::bigint = %s", (unsigned >> 32, unsigned & 0xFFFFFFFF))
         _wait(a.is_leader, "a to take over")
         _wait(lambda: not b.is_leader(), "b to step down")
     finally:
