@@ -23,12 +23,11 @@ import json
 import logging
 import re
 import secrets
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -539,8 +538,7 @@ class ApiServer:
         self._actor = f"admin:{hashlib.sha256(self._token).hexdigest()[:12]}"
         self._host = host
         self._port = port
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._httpd: BoundedHTTPSServer | None = None
 
     @property
     def url(self) -> str:
@@ -565,10 +563,7 @@ class ApiServer:
             raise ApiError(f"cannot listen on {self._host}:{self._port} ({exc.strerror}); "
                            "choose another --port or stop what uses it") from exc
         self._httpd = httpd
-        # A short poll interval: stop() waits up to one for the serving loop to notice.
-        self._thread = threading.Thread(target=httpd.serve_forever, args=(0.05,),
-                                        name="fleet-api", daemon=True)
-        self._thread.start()
+        httpd.serve_in_background()
         log.info("operator API on %s", self.url)
 
     def stop(self) -> None:
@@ -576,10 +571,7 @@ class ApiServer:
         httpd, self._httpd = self._httpd, None
         if httpd is None:
             return
-        httpd.shutdown()
-        httpd.server_close()
-        if self._thread is not None:
-            self._thread.join()
+        httpd.stop()
 
     def __enter__(self) -> ApiServer:
         self.start()

@@ -28,9 +28,8 @@ import hashlib
 import logging
 import re
 import ssl
-import threading
 from collections.abc import Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from common.byte_range import RangeNotSatisfiableError, content_range, parse_range
@@ -79,8 +78,7 @@ class BundleHttpServer:
         self._context.verify_mode = ssl.CERT_REQUIRED
         self._host, self._port = host, port
         self._max, self._timeout = max_connections, timeout_s
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._httpd: BoundedHTTPSServer | None = None
         # (device, sha256) pairs known to be fetchable: was_desired only ever turns true
         # (until a reset, which also replaces the certificate, checked on every request).
         self._fetchable: set[tuple[str, str]] = set()
@@ -106,9 +104,7 @@ class BundleHttpServer:
             raise ApiError(f"cannot listen on {self._host or '*'}:{self._port} for bundle "
                            f"downloads ({exc.strerror}); choose another --bundle-port") from exc
         self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, args=(0.05,),
-                                        name="fleet-bundles", daemon=True)
-        self._thread.start()
+        httpd.serve_in_background()
         log.info("bundle downloads on port %d (client certificates of the fleet CA)",
                  self.port)
 
@@ -117,10 +113,7 @@ class BundleHttpServer:
         httpd, self._httpd = self._httpd, None
         if httpd is None:
             return
-        httpd.shutdown()
-        httpd.server_close()
-        if self._thread is not None:
-            self._thread.join()
+        httpd.stop()
 
     def __enter__(self) -> BundleHttpServer:
         self.start()

@@ -64,11 +64,26 @@ class BoundedHTTPSServer(ThreadingHTTPServer):
         self._timeout = timeout
         self._name = name
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._serving: threading.Thread | None = None
         self._lock = threading.Lock()
         #: Open connections: socket -> (busy with a request, since when: monotonic).
         self._open: dict[Any, tuple[bool, float]] = {}
         self._refused = 0
         self._refusal_logged = 0.0
+
+    def serve_in_background(self) -> None:
+        """Serve on a daemon thread named after this server until :meth:`stop`."""
+        # A short poll interval: stop() waits up to one for the serving loop to notice.
+        self._serving = threading.Thread(target=self.serve_forever, args=(0.05,),
+                                         name=self._name, daemon=True)
+        self._serving.start()
+
+    def stop(self) -> None:
+        """Stop serving, close the socket and wait for the serving thread."""
+        self.shutdown()
+        self.server_close()
+        if self._serving is not None:
+            self._serving.join()
 
     def mark(self, request: Any, busy: bool) -> None:
         """Record whether ``request``'s connection is serving a request or idle."""
