@@ -41,6 +41,7 @@ from . import __version__
 from .api_audit import AUDIT_ROUTES, AUDITED, audit_request, note_root
 from .api_rollouts import ROLLOUT_ROUTES
 from .api_spec import OPENAPI
+from .enroller import Enrollment, IssuedToken
 from .errors import (
     ApiError,
     CSRError,
@@ -53,6 +54,7 @@ from .errors import (
 )
 from .https_server import BoundedHTTPSServer, server_context
 from .monitoring import api_routes, dashboard
+from .publishing import PublishResult
 from .registry import (
     BundleRecord,
     DeltaRecord,
@@ -61,7 +63,7 @@ from .registry import (
     EventRecord,
     desired_json,
 )
-from .service import Enrollment, FleetService, IssuedToken, PublishResult
+from .service import FleetService
 
 __all__ = [
     "GENERIC_PROFILE",

@@ -15,7 +15,8 @@ from typing import Any
 from securesystemslib.signer import CryptoSigner
 
 from common.atomic import write_atomic
-from fleet_server.service import Enrollment, FleetService, ServiceConfig
+from fleet_server.enroller import Enrollment
+from fleet_server.service import FleetService, ServiceConfig
 from protocol import messages
 from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF, device_topic
 from tests.bundle.repo import Repo
