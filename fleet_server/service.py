@@ -34,7 +34,8 @@ from bundle.errors import InvalidRootError
 from bundle.root import check_root
 from transport.mqtt import BrokerAddress, TLSIdentity
 
-from .broker import SERVER_IDENTITY, Broker, BrokerConfig
+from .broker import Broker
+from .broker_config import SERVER_IDENTITY, BrokerConfig
 from .bundle_http import BundleHttpServer
 from .ca import FleetCA
 from .chunk_server import ChunkServer
