@@ -139,3 +139,24 @@ def request_chunk(recorder: Recorder, device: SimDevice, sha256: str, offset: in
     with recorder._changed:
         payload = [m.payload for m in recorder.messages if m.topic == topic][before]
     return messages.decode_chunk(bytes(payload))
+
+
+def connect_device(device: SimDevice, clients: list[Recorder], *leaves: str) -> Recorder:
+    recorder = device.client()
+    clients.append(recorder)
+    if leaves:
+        recorder.subscribe(*(device.topic(leaf) for leaf in leaves))
+    return recorder
+
+
+def wait_desired(recorder: Recorder, device: SimDevice, count: int) -> messages.Desired:
+    """Wait for the device's ``count``-th desired message; returns the newest."""
+    recorder.wait(lambda: len(desired_messages(recorder, device)) >= count,
+                  f"desired message #{count} of {device.id}")
+    return desired_messages(recorder, device)[-1]
+
+
+def reported_payload(sha: str | None, version: int, state: str = "committed") -> bytes:
+    return messages.encode(messages.Reported(
+        profile=PROFILE, agent_version="0.1.0",
+        models={"digits": messages.ModelReport(version, sha, state)}, at=1.0))
