@@ -142,6 +142,7 @@ def request_chunk(recorder: Recorder, device: SimDevice, sha256: str, offset: in
 
 
 def connect_device(device: SimDevice, clients: list[Recorder], *leaves: str) -> Recorder:
+    """Connect ``device`` (closed with ``clients``), subscribed to its own ``leaves``."""
     recorder = device.client()
     clients.append(recorder)
     if leaves:
@@ -157,6 +158,7 @@ def wait_desired(recorder: Recorder, device: SimDevice, count: int) -> messages.
 
 
 def reported_payload(sha: str | None, version: int, state: str = "committed") -> bytes:
+    """A device's ``reported`` message: digits at ``version`` (bundle ``sha``) in ``state``."""
     return messages.encode(messages.Reported(
         profile=PROFILE, agent_version="0.1.0",
         models={"digits": messages.ModelReport(version, sha, state)}, at=1.0))
