@@ -13,22 +13,18 @@ directory (all regenerated at every start, except the persistence database)::
 
 What those files say, and the security model they enforce, is :mod:`fleet_server.broker_config`
 (from one :class:`~fleet_server.broker_config.BrokerConfig`, re-exported here as the argument
-of :meth:`Broker.embedded`); this module runs and supervises the process.
+of :meth:`Broker.embedded`); one Mosquitto process (finding, probing and stopping it) is
+:mod:`fleet_server.mosquitto`'s; this module runs and supervises it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
-import socket
-import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
 from types import TracebackType
 
 from paho.mqtt.client import Client
@@ -39,15 +35,23 @@ from transport.mqtt import BrokerAddress, ClientSettings, TLSIdentity, create_cl
 
 from .broker_config import BrokerConfig, render_acl, render_config
 from .errors import BrokerError
+from .mosquitto import (
+    POLL_INTERVAL,
+    check_port_free,
+    death_signal_prefix,
+    find_mosquitto,
+    free_port,
+    local_host,
+    stop_orphan,
+    terminate,
+    wait_ready,
+)
 
-__all__ = ["Broker", "BrokerConfig", "find_mosquitto"]
+__all__ = ["Broker", "BrokerConfig"]
 
 log = logging.getLogger(__name__)
 
-#: Where distributions install mosquitto when it is not on PATH (Debian: /usr/sbin).
-_MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 _LOG_TAIL_LINES = 20
-_POLL_INTERVAL = 0.02
 #: A free port found by binding port 0 can be taken by someone else before mosquitto binds
 #: it; starting again on a fresh port resolves that race.
 _PORT_ATTEMPTS = 3
@@ -56,14 +60,6 @@ _PORT_ATTEMPTS = 3
 _RESTART_MIN_S = 1.0
 _RESTART_MAX_S = 30.0
 _RESTART_RESET_S = 60.0
-
-
-def find_mosquitto() -> str | None:
-    """The mosquitto executable: on PATH, else where distributions put it; None if absent."""
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    return next((c for c in _MOSQUITTO_CANDIDATES if os.access(c, os.X_OK)), None)
 
 
 class Broker:
@@ -179,7 +175,7 @@ class Broker:
             raise RuntimeError("the broker is already started; stop() it first")
         config = self._config
         self._write_files(config)
-        _stop_orphan(config)
+        stop_orphan(config)
         self._stopping.clear()
         started: list[BrokerError | None] = []
         ready = threading.Event()
@@ -213,7 +209,7 @@ class Broker:
         with self._lock:
             process, self._process = self._process, None
         if process is not None:
-            _terminate(process, timeout)
+            terminate(process, timeout)
         supervisor, self._supervisor = self._supervisor, None
         if supervisor is not None and supervisor is not threading.current_thread():
             supervisor.join()
@@ -250,7 +246,7 @@ class Broker:
                         return True
             except OSError:
                 pass
-            time.sleep(_POLL_INTERVAL)
+            time.sleep(POLL_INTERVAL)
         log.error("mosquitto did not log a reload within %.0f s of SIGHUP; revoked "
                   "certificates may still connect until it restarts", timeout)
         return False
@@ -269,7 +265,7 @@ class Broker:
                 return  # down already: the supervisor starts it, and it reads the CRL then
             self._process = None
             self._restarting.set()
-        _terminate(process, timeout)
+        terminate(process, timeout)
         if not self._restarted.wait(timeout * 2):
             raise BrokerError(f"mosquitto did not start again within {timeout * 2:.0f} s; "
                               f"its log:\n{self.log_tail()}")
@@ -300,20 +296,20 @@ class Broker:
         previous = self._address.port if self._address else None
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             fixed = config.port or (previous if attempt == 1 and previous else 0)
-            port = fixed or _free_port(config.bind_address)
+            port = fixed or free_port(config.bind_address)
             if fixed:
-                _check_port_free(config.bind_address, port)
-            address = BrokerAddress(_local_host(config.bind_address), port)
+                check_port_free(config.bind_address, port)
+            address = BrokerAddress(local_host(config.bind_address), port)
             self._address = address
             process = self._spawn(config, port)
             try:
-                _wait_ready(process, address, config.tls, timeout, self.log_tail)
+                wait_ready(process, address, config.tls, timeout, self.log_tail)
             except BrokerError:
                 in_use = "Address already in use" in self.log_tail()
                 with self._lock:
                     if self._process is process:
                         self._process = None
-                _terminate(process, 5.0)
+                terminate(process, 5.0)
                 if in_use and not fixed and attempt < _PORT_ATTEMPTS:
                     log.debug("port %d was taken before mosquitto bound it; retrying", port)
                     continue
@@ -387,7 +383,7 @@ class Broker:
                 # the child has its own copy of the descriptor, ours is closed at once.
                 with log_path.open("ab") as log_file:
                     process = subprocess.Popen(
-                        [*_death_signal_prefix(), str(self._mosquitto), "-c", str(conf)],
+                        [*death_signal_prefix(), str(self._mosquitto), "-c", str(conf)],
                         stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
             except OSError as exc:
                 raise BrokerError(f"cannot start {self._mosquitto} ({exc}); check that it is "
@@ -395,126 +391,3 @@ class Broker:
                                   "writable") from exc
             self._process = process
         return process
-
-
-def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("mosquitto did not exit %.0f s after SIGTERM; killing it", timeout)
-            process.kill()
-            process.wait()
-    log.debug("mosquitto exited with code %s", process.returncode)
-
-
-def _death_signal_prefix() -> list[str]:
-    """``setpriv --pdeathsig TERM``: Mosquitto gets SIGTERM when the thread that started
-    it dies, however it dies. Without setpriv (not Linux util-linux), the pid file check at
-    the next start stops a broker a killed server left behind."""
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "TERM"] if setpriv else []
-
-
-def _stop_orphan(config: BrokerConfig) -> None:
-    """Stop a Mosquitto that an earlier server on this data directory left running.
-
-    Only a process whose command line names this data directory's configuration is
-    touched: a stale pid file whose number now belongs to another process is ignored.
-    """
-    pid_file = config.data_dir / "mosquitto.pid"
-    try:
-        pid = int(pid_file.read_text(encoding="ascii").strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError):
-        return
-    conf = str(config.data_dir / "mosquitto.conf").encode()
-    if not any(part.endswith(b"mosquitto") for part in cmdline) or conf not in cmdline:
-        return
-    log.warning("stopping mosquitto (pid %d) left running by an earlier fleet server on %s",
-                pid, config.data_dir)
-    try:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 5.0
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(_POLL_INTERVAL)
-        if Path(f"/proc/{pid}").exists():
-            os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    except PermissionError as exc:
-        raise BrokerError(f"mosquitto (pid {pid}) of an earlier server still runs on "
-                          f"{config.data_dir} and cannot be stopped ({exc}); stop it "
-                          "yourself") from exc
-
-
-def _check_port_free(bind_address: str, port: int) -> None:
-    """Raise BrokerError if another process listens on ``port`` (as Mosquitto binds it)."""
-    family = socket.AF_INET6 if ":" in bind_address else socket.AF_INET
-    with socket.socket(family) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((bind_address, port))
-        except OSError as exc:
-            raise BrokerError(f"port {port} is in use by another process ({exc.strerror}); "
-                              "stop it, or give the broker another port (--mqtt-port)") from exc
-
-
-def _wait_ready(process: subprocess.Popen[bytes], address: BrokerAddress, tls: TLSIdentity,
-                timeout: float, log_tail: Callable[[], str]) -> None:
-    """Return once the broker completes a TLS handshake; raise BrokerError if it exits,
-    presents a certificate that does not verify, or is not ready within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        code = process.poll()
-        if code is not None:
-            raise BrokerError(f"mosquitto exited with code {code} at start; fix what its log "
-                              f"says:\n{log_tail()}")
-        try:
-            _tls_handshake(address, tls.ca_file)
-            if process.poll() is not None:
-                continue  # someone else answered; report why our process exited
-        except ssl.SSLCertVerificationError as exc:
-            raise BrokerError(
-                f"the broker's certificate {tls.cert_file} does not verify against "
-                f"{tls.ca_file} for host {address.host} ({exc.verify_message}); issue it "
-                "with the fleet CA (FleetCA.issue_server_cert) for that host") from exc
-        except OSError:
-            if time.monotonic() > deadline:
-                raise BrokerError(f"mosquitto did not accept TLS connections on {address.url} "
-                                  f"within {timeout:.0f} s; its log:\n{log_tail()}") from None
-            time.sleep(_POLL_INTERVAL)
-        else:
-            return
-
-
-def _tls_handshake(address: BrokerAddress, ca_file: Path) -> None:
-    """One TLS handshake with the broker, verifying its certificate.
-
-    No client certificate is sent, and TLS 1.3 is used so that the handshake completes on
-    our side before the broker checks for one; the broker then logs the probe as a client
-    that "did not return a certificate".
-    """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.load_verify_locations(cafile=ca_file)
-    with socket.create_connection((address.host, address.port), timeout=1.0) as sock, \
-            context.wrap_socket(sock, server_hostname=address.host):
-        pass
-
-
-def _free_port(bind_address: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in bind_address else socket.AF_INET) as sock:
-        sock.bind((bind_address, 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def _local_host(bind_address: str) -> str:
-    """The host a client on this machine uses to reach a listener on ``bind_address``."""
-    if bind_address in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if bind_address == "::":
-        return "::1"
-    return bind_address
