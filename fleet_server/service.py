@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from types import TracebackType
-from typing import IO
+from typing import IO, TypeVar
 
 from bundle.errors import InvalidRootError
 from bundle.root import check_root
@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 
 #: CN of the operator API's server certificate.
 API_IDENTITY = "edgefleet-api"
+
+_T = TypeVar("_T")
 
 
 class FleetService:
@@ -267,6 +269,8 @@ class FleetService:
             prefixes.append(f"https://{host}:{self._bundle_http.port}/bundles/")
         return tuple(prefixes)
 
+    # --- properties ---
+
     @property
     def client_name(self) -> str:
         """This process's MQTT identity (certificate CN and client id)."""
@@ -276,60 +280,42 @@ class FleetService:
     @property
     def leadership(self) -> Leadership:
         """Whether this process does the fleet's once-only work (while started)."""
-        if self._leadership is None:
-            raise RuntimeError("the fleet service is not started")
-        return self._leadership
-
-    # --- properties ---
+        return _started(self._leadership)
 
     @property
     def registry(self) -> Registry:
         """The registry (while started)."""
-        if self._registry is None:
-            raise RuntimeError("the fleet service is not started")
-        return self._registry
+        return _started(self._registry)
 
     @property
     def ingest(self) -> Ingest:
         """The ingest of device messages (while started): its queue depth, for one."""
-        if self._ingest is None:
-            raise RuntimeError("the fleet service is not started")
-        return self._ingest
+        return _started(self._ingest)
 
     @property
     def monitor(self) -> Monitor:
         """Time series, alerts (``monitor.raise_alert``) and fleet figures."""
-        if self._monitor is None:
-            raise RuntimeError("the fleet service is not started")
-        return self._monitor
+        return _started(self._monitor)
 
     @property
     def rollouts(self) -> RolloutRunner:
         """The rollouts (:mod:`fleet_server.rollouts`); RuntimeError before start()."""
-        if self._rollouts is None:
-            raise RuntimeError("the fleet service is not started")
-        return self._rollouts
+        return _started(self._rollouts)
 
     @property
     def releaser(self) -> Releaser:
         """Versions and re-releases (while started)."""
-        if self._releaser is None:
-            raise RuntimeError("the fleet service is not started")
-        return self._releaser
+        return _started(self._releaser)
 
     @property
     def ca(self) -> FleetCA:
         """The fleet CA (while started)."""
-        if self._ca is None:
-            raise RuntimeError("the fleet service is not started")
-        return self._ca
+        return _started(self._ca)
 
     @property
     def broker(self) -> Broker:
         """The broker (while started): embedded or external."""
-        if self._broker is None:
-            raise RuntimeError("the fleet service is not started")
-        return self._broker
+        return _started(self._broker)
 
     @property
     def fleet(self) -> str:
@@ -381,16 +367,12 @@ class FleetService:
     @property
     def publisher(self) -> Publisher:
         """Uploads, publish and rollback, and devices' desired state (while started)."""
-        if self._publisher is None:
-            raise RuntimeError("the fleet service is not started")
-        return self._publisher
+        return _started(self._publisher)
 
     @property
     def enroller(self) -> Enroller:
         """Enrollment tokens, enrollments and resets (while started)."""
-        if self._enroller is None:
-            raise RuntimeError("the fleet service is not started")
-        return self._enroller
+        return _started(self._enroller)
 
     def add_bundle(self, data: bytes) -> BundleRecord | DeltaRecord:
         """Verify and store an uploaded bundle (:meth:`Publisher.add_bundle`)."""
@@ -437,3 +419,10 @@ class FleetService:
     def reset_device(self, device_id: str) -> Device:
         """Revoke a device's certificate and free its id (:meth:`Enroller.reset_device`)."""
         return self.enroller.reset_device(device_id)
+
+
+def _started(part: _T | None) -> _T:
+    """``part`` of a started service; RuntimeError before start() or after stop()."""
+    if part is None:
+        raise RuntimeError("the fleet service is not started")
+    return part
