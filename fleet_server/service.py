@@ -185,7 +185,7 @@ class FleetService:
         link = self._link = DeviceLink(
             self._broker.client(identity, self.config.mqtt_protocol), self._ca.fleet,
             shared_subscriptions=self.config.shared_subscriptions,
-            protocol=self.config.mqtt_protocol, on_connected=self.republish_all)
+            protocol=self.config.mqtt_protocol, on_connected=self._on_connected)
         chunks = ChunkServer(self._registry, rate_bytes=self.config.chunk_rate_bytes,
                              burst_bytes=self.config.chunk_burst_bytes)
         self._monitor = Monitor(self._registry, self.config.monitoring,
@@ -212,6 +212,11 @@ class FleetService:
             online=lambda d, now: d.online_at(now, self.config.offline_after_s),
             tick_s=self.config.rollout_tick_s, check=publisher.check_rollout)
         self._rollouts.start()  # resumes the rollouts the registry holds
+
+    def _on_connected(self) -> None:
+        """After every connection to the broker (its network thread): send again what a
+        broker that crashed may have lost, the retained desired states."""
+        self.republish_all()
 
     def _start_broker(self, ca: FleetCA) -> Broker:
         if self.config.broker_url is not None:
