@@ -23,7 +23,7 @@ import pytest
 from paho.mqtt.client import Client, MQTTMessage
 
 from agent.config import FleetSettings
-from agent.fleet_link import FleetLink, install_events, next_fetch, wants_delta
+from agent.fleet_link import FleetLink, next_fetch, wants_delta
 from agent.install_state import InstallRecord, InstallState
 from agent.outbox import Outbox
 from agent.probation import ProbationPolicy
@@ -424,21 +424,6 @@ def test_transitions_persisted_while_no_link_listened_are_announced_once(
     wait(lambda: any(seq > after for seq in server.telemetry), "a sample from the restart")
     assert again.connected
     assert _install_log(server, record.install_id) == expected
-
-
-def test_install_events_cover_the_history_after_what_was_announced() -> None:
-    failed = InstallRecord("a1", "/b.efb", InstallState.FAILED, model="m", version=2,
-                           reason="rejected:BadSignature", history=(
-                               ("idle", 10.0), ("downloading", 11.0), ("verifying", 12.0),
-                               ("failed", 13.0)))
-    assert install_events(failed, 0) == install_events(failed, 1)  # idle is not announced
-    assert [(kind, at, detail["reason"]) for kind, at, detail in install_events(failed, 2)] == [
-        ("install.verifying", 12.0, None), ("install.failed", 13.0, "rejected:BadSignature")]
-    assert install_events(failed, 4) == []
-    long = InstallRecord("a2", "/b.efb", InstallState.FAILED, reason="load_failed",
-                         detail="x" * 100_000, history=(("idle", 1.0), ("failed", 2.0)))
-    [(_, _, detail)] = install_events(long, 0)
-    assert len(detail["detail"]) < 2100  # an event fits the server's limit whatever it says
 
 
 def _broker_process(broker_dir: Path) -> psutil.Process:
