@@ -291,7 +291,8 @@ def _add_config(subparsers: Subcommands[argparse.ArgumentParser]) -> None:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from .config import config_reference, config_to_toml, load_config
+    from .config_load import load_config
+    from .config_write import config_reference, config_to_toml
 
     if args.doc:
         print(config_reference(), end="")
@@ -321,7 +322,8 @@ def _add_doctor(subparsers: Subcommands[argparse.ArgumentParser]) -> None:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from .config import AgentConfig, load_config
+    from .config import AgentConfig
+    from .config_load import load_config
     from .daemon import resolve_profile
     from .doctor import Check, Verdict, exit_code, render
     from .doctor_probes import run_checks
@@ -387,7 +389,7 @@ def _add_service(subparsers: Subcommands[argparse.ArgumentParser]) -> None:
 
 
 def _install_service(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config_load import load_config
     from .daemon import resolve_profile
     from .service_install import ServiceRequest, install_service, unit_for
 

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import option_type
+from .config_load import option_type
 from .trust_store import TrustStore, resolve_root
 
 __all__ = ["DEFAULT_STATE_DIR", "option", "pin_root", "state_dir_option"]

@@ -65,7 +65,7 @@ def _detach(args: argparse.Namespace, state_dir: Path) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config_load import load_config
     from .daemon import AgentProcess, resolve_profile
     from .fleet_link import FleetLink
     from .http_api import ApiSettings
