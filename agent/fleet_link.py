@@ -5,11 +5,11 @@ worker thread. The worker compares the retained desired state with what the runt
 serves; for a model that differs it fetches the desired bundle in chunks
 (:class:`~agent.bundle_fetch.BundleFetch`, resumable) — or the smaller delta bundle the
 desired state offers for the version it runs, if that base is intact and no delta failed
-here before (:func:`wants_delta`; the full bundle otherwise) — installs it with the runtime (the
-same verified, self-tested hot-swap as a local install) and reports every install
-transition as an event plus a fresh ``reported`` state. A bundle that failed is not
-retried until the desired state names another one, so a bad bundle costs one attempt, not
-a loop.
+here before (:func:`~agent.fetch_plan.wants_delta`; the full bundle otherwise) — installs
+it with the runtime (the same verified, self-tested hot-swap as a local install) and
+reports every install transition as an event plus a fresh ``reported`` state. A bundle
+that failed is not retried until the desired state names another one, so a bad bundle
+costs one attempt, not a loop (:func:`~agent.fetch_plan.next_fetch`).
 
 Events and telemetry samples go through the durable :class:`~agent.outbox.Outbox`, which a
 :class:`~agent.publisher.Publisher` drains on its own thread; a
@@ -37,7 +37,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
@@ -49,7 +49,6 @@ from protocol.errors import ProtocolError
 from protocol.messages import (
     DEFAULT_CHUNK_BYTES,
     Desired,
-    DesiredModel,
     Event,
     InstallReport,
     ModelReport,
@@ -65,6 +64,7 @@ from . import __version__
 from .bundle_fetch import BundleFetch, FetchError
 from .config import FleetSettings
 from .errors import AgentError
+from .fetch_plan import next_fetch, wants_delta
 from .fleet_shadow import ShadowCandidates
 from .http_fetch import download_as_device
 from .install_announcements import InstallAnnouncer, clip
@@ -77,7 +77,7 @@ from .runtime import Runtime
 from .telemetry import TelemetrySampler, TelemetrySource
 from .watch_plan import WatchAction
 
-__all__ = ["FleetLink", "next_fetch", "wants_delta"]
+__all__ = ["FleetLink"]
 
 log = logging.getLogger(__name__)
 _TICK_S = 0.25
@@ -85,35 +85,6 @@ _TICK_S = 0.25
 _OFFLINE_TIMEOUT_S = 2.0
 #: Whole bundles that may arrive hashing wrong before the server is not asked again.
 _MAX_CORRUPT = 2
-
-
-def next_fetch(desired: Desired | None, served: Mapping[str, str | None],
-               given_up: Mapping[str, str],
-               busy: Collection[str] = ()) -> tuple[str, DesiredModel] | None:
-    """The model whose desired bundle to fetch next, or None when the device is in line.
-
-    ``served`` maps model names to the bundle sha256 serving now (None: not from the fleet
-    or not served); ``given_up`` maps them to a bundle that failed, which is not fetched
-    again until the desired state names another one; ``busy`` models have an install being
-    verified or activated, to be finished first. Models in name order, one at a time.
-    """
-    if desired is None:
-        return None
-    for name, want in sorted(desired.models.items()):
-        if name not in busy and want.bundle_sha256 not in (served.get(name),
-                                                            given_up.get(name)):
-            return name, want
-    return None
-
-
-def wants_delta(want: DesiredModel, failed: Collection[str],
-                base_intact: Callable[[int], bool]) -> bool:
-    """Whether to fetch the delta bundle ``want`` offers rather than the full bundle: only
-    if there is one, it has not failed here before (a damaged base, a rebuild that did not
-    match: the full bundle then) and the stored base version is intact."""
-    delta = want.delta
-    return (delta is not None and delta.bundle_sha256 not in failed
-            and base_intact(delta.base_version))
 
 
 class FleetLink:

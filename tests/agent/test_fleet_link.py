@@ -23,7 +23,7 @@ import pytest
 from paho.mqtt.client import Client, MQTTMessage
 
 from agent.config import FleetSettings
-from agent.fleet_link import FleetLink, next_fetch, wants_delta
+from agent.fleet_link import FleetLink
 from agent.install_state import InstallRecord, InstallState
 from agent.outbox import Outbox
 from agent.probation import ProbationPolicy
@@ -35,7 +35,6 @@ from firmware_profiles.model import Profile
 from fleet_server.broker import Broker
 from protocol.messages import (
     Chunk,
-    DeltaOffer,
     Desired,
     DesiredModel,
     DesiredShadow,
@@ -504,18 +503,6 @@ def test_sampling_keeps_its_schedule_while_the_reported_state_is_slow(
         release.set()
 
 
-def test_next_fetch_decides_without_a_broker() -> None:
-    a, b = ("a" * 64, "b" * 64)
-    desired = Desired({"zeta": DesiredModel(2, b, 10), "alpha": DesiredModel(1, a, 10)}, 0.0)
-    assert next_fetch(None, {}, {}) is None
-    assert next_fetch(desired, {}, {}) == ("alpha", desired.models["alpha"])  # name order
-    assert next_fetch(desired, {"alpha": a}, {}) == ("zeta", desired.models["zeta"])
-    assert next_fetch(desired, {"alpha": a, "zeta": b}, {}) is None  # in line
-    assert next_fetch(desired, {"alpha": a}, {"zeta": b}) is None  # failed: not again
-    newer = Desired({"zeta": DesiredModel(3, "c" * 64, 10)}, 1.0)
-    assert next_fetch(newer, {}, {"zeta": b}) == ("zeta", newer.models["zeta"])
-
-
 def test_a_disk_that_fills_during_a_fetch_fails_the_install_and_the_link_lives_on(
         server: FakeServer, repo: Repo, small_disk: Path,
         link_factory: Callable[..., FleetLink]) -> None:
@@ -565,13 +552,3 @@ def test_a_clean_stop_says_offline_at_once(
     wait(lambda: "offline" in server.events, "the offline event")
     offline = next(e for e in server.event_log if e.kind == "offline")
     assert offline.detail == {"clean": True}
-
-
-def test_the_delta_is_fetched_only_from_an_intact_base_and_never_after_it_failed() -> None:
-    offer = DeltaOffer("d" * 64, 10, 1)
-    want = DesiredModel(2, "f" * 64, 100, delta=offer)
-    intact = {1: True}
-    assert wants_delta(want, set(), lambda v: intact.get(v, False))
-    assert not wants_delta(want, {"d" * 64}, lambda v: True)  # it failed here: the full
-    assert not wants_delta(want, set(), lambda v: False)  # the base is damaged or gone
-    assert not wants_delta(DesiredModel(2, "f" * 64, 100), set(), lambda v: True)
