@@ -531,7 +531,8 @@ def test_a_disk_that_fills_during_a_fetch_fails_the_install_and_the_link_lives_o
             install.reason == "disk_full")
 
     wait(failed_disk_full, "the install to fail on the full disk")
-    assert server.events.count("install.failed") == 1
+    # The event and the reported state are separate messages: neither waits for the other.
+    wait(lambda: server.events.count("install.failed") == 1, "the install.failed event")
     assert link.connected
     assert link.runtime.model("digits").version == 1
     assert not list(link.installer.dirs.incoming.iterdir())  # the partial file reclaimed
