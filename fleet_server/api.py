@@ -39,6 +39,7 @@ from transport.mqtt import TLSIdentity
 
 from . import __version__
 from .api_audit import AUDIT_ROUTES, AUDITED, audit_request, note_root
+from .api_experiments import EXPERIMENT_ROUTES
 from .api_rollouts import ROLLOUT_ROUTES
 from .api_spec import OPENAPI
 from .errors import (
@@ -509,6 +510,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/dashboard/{file}", _dashboard, admin=False),
     *(Route(method, path, handler) for method, path, handler in (*ROLLOUT_ROUTES,
                                                                  *AUDIT_ROUTES)),
+    *(Route(method, path, handler) for method, path, handler in EXPERIMENT_ROUTES),
 )
 
 

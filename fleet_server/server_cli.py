@@ -37,6 +37,7 @@ from .api_client import (
     read_server_file,
 )
 from .errors import ApiError, BundleInputError, ServiceError
+from .experiment_cli import add_experiment_commands
 from .monitoring.config import MonitoringConfig, load_config, scrape_token
 from .monitoring.text import METRICS_HEADERS, alert_lines, device_lines, metrics_rows
 from .rollout_cli import add_rollout_commands
@@ -153,6 +154,7 @@ def add_server_commands(subparsers: argparse._SubParsersAction[argparse.Argument
                         help="then wait for new events and print them as they come")
     events.set_defaults(handler=_events)
     add_rollout_commands(subparsers, [where, as_json])
+    add_experiment_commands(subparsers, [where, as_json])
 
     metrics = subparsers.add_parser(
         "metrics", parents=[where, as_json], help="requests, errors, latency and drift per "

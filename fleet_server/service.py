@@ -71,6 +71,7 @@ from .delta_store import DeltaStore
 from .deltas import TransferPlan, offer_for, plan_transfers
 from .enrollment import check_token
 from .errors import BrokerError, EnrollmentError, RegistryError, ServiceError
+from .experiment_runner import ExperimentRunner
 from .housekeeping import Housekeeping, retention_job
 from .ingest import Inbound, Ingest
 from .leadership import Leadership, leadership_for
@@ -248,6 +249,7 @@ class FleetService:
         self._ingest: Ingest | None = None
         self._monitor: Monitor | None = None
         self._rollouts: RolloutRunner | None = None
+        self._experiments: ExperimentRunner | None = None
         self._chunks: ChunkServer | None = None
         self._bundle_http: BundleHttpServer | None = None
         self._bundle_prefixes: tuple[str, ...] = ()
@@ -366,7 +368,12 @@ class FleetService:
                                 offline_after_s=self.config.offline_after_s)
         self._monitor.start()
         self._start_bundle_http(self._ca, self._registry)
-        self._ingest = Ingest(self._registry, self._ack, on_samples=self._monitor.observe)
+        self._experiments = ExperimentRunner(
+            self._registry, publish=lambda ids: self._publish_selected([], ids, None),
+            send=lambda device, leaf, payload, retain: self._publish(device, leaf, payload,
+                                                                     retain=retain))
+        self._ingest = Ingest(self._registry, self._ack, on_samples=self._monitor.observe,
+                              experiments=self._experiments)
         self._ingest.start()
         client.loop_start()
         if not self._connected.wait(self.config.connect_timeout):
@@ -480,6 +487,14 @@ class FleetService:
         if self._rollouts is None:
             raise RuntimeError("the fleet service is not started")
         return self._rollouts
+
+    @property
+    def experiments(self) -> ExperimentRunner:
+        """The experiments (:mod:`fleet_server.experiment_runner`); RuntimeError before
+        start()."""
+        if self._experiments is None:
+            raise RuntimeError("the fleet service is not started")
+        return self._experiments
 
     def _check_rollout(self, bundle_sha256: str, devices: Sequence[Device]) -> None:
         record = self.registry.get_bundle(bundle_sha256)
@@ -766,7 +781,9 @@ class FleetService:
                                           self._deltas_of(want.bundle_sha256)),
                                 urls=bundle_urls(self._bundle_prefixes, want.bundle_sha256))
                   for name, want in sorted(device.desired.items())}
-        payload = messages.encode(messages.Desired(models=models, issued_at=time.time()))
+        payload = messages.encode(messages.Desired(
+            models=models, issued_at=time.time(),
+            experiments=self.experiments.declarations(device.id)))
         self._publish(device.id, "desired", payload, retain=True)
 
     def _publish(self, device_id: str, leaf: str, payload: bytes, *,
