@@ -13,7 +13,8 @@ the registry and MQTT:
   ingest batch's transaction, each once; :meth:`~ExperimentRunner.flush`, after the
   commit, pushes the merged posterior (retained, ``inbox/experiments/{experiment}``) to
   every device whose delta was applied, and to every device of the experiment at most
-  every ``fleet_push_s``;
+  every ``fleet_push_s`` (a change held back by that interval goes out with the first
+  batch after it);
 - :meth:`~ExperimentRunner.stop` ends it: the declaration leaves the desired states, the
   arms' models other than the public name (and the winner's, when promoted) stop being
   desired, and the retained pushes are cleared.
@@ -84,7 +85,9 @@ class ExperimentRunner:
         self._clock = clock
         self._lock = threading.Lock()
         self._touched: set[tuple[str, str]] = set()  # (experiment, device) since the flush
+        # Only the ingest thread (flush) reads and writes these two.
         self._pushed_at: dict[str, float] = {}       # experiment -> last fleet-wide push
+        self._unpushed: set[str] = set()             # changed since its fleet-wide push
 
     # -- operator actions ------------------------------------------------------------------
 
@@ -209,13 +212,16 @@ class ExperimentRunner:
         return refused
 
     def flush(self) -> None:
-        """Push the merged posteriors the last batch changed (after its commit)."""
+        """Push the merged posteriors the last batch changed (after its commit), and the
+        fleet-wide pushes now due."""
         with self._lock:
             touched, self._touched = self._touched, set()
+        self._unpushed |= {e for e, _ in touched}
         now = self._clock()
-        for experiment in sorted({e for e, _ in touched}):
+        for experiment in sorted(self._unpushed):
             if now - self._pushed_at.get(experiment, -self._fleet_push_s) >= self._fleet_push_s:
                 self._pushed_at[experiment] = now
+                self._unpushed.discard(experiment)
                 touched |= {(experiment, d)
                             for d in self.registry.experiment_devices(experiment)}
         for experiment, device in sorted(touched):
