@@ -15,8 +15,9 @@ from experiments.errors import InvalidExperimentData
 from experiments.spec import spec_from_json
 from fleet_server.errors import RegistryError, ReleaseError
 from fleet_server.experiment_runner import ExperimentRequest, ExperimentRunner
+from fleet_server.ingest import PROTOCOL_ERROR, Inbound, Ingest
 from fleet_server.registry import Registry, open_registry
-from protocol.messages import Telemetry, decode_posterior_push
+from protocol.messages import Telemetry, decode_posterior_push, encode
 from tests.fleet_server.registry.helpers import bundle, enroll
 
 DEVICES = [f"gw-{i}" for i in range(6)]
@@ -234,3 +235,24 @@ def test_stop_and_promote(reg: Registry, runner: ExperimentRunner, wire: Wire) -
     with pytest.raises(RegistryError, match="no experiment"):
         runner.get("nope")
     assert json.dumps(runner.status("ab2"))
+
+
+def test_the_ingest_thread_counts_deltas_records_refusals_and_pushes(
+        reg: Registry, runner: ExperimentRunner, wire: Wire) -> None:
+    runner.start(_ab(reg), "admin")
+    acked: list[int] = []
+    ingest = Ingest(reg, lambda inbound: acked.append(inbound.mid), experiments=runner)
+    ingest.start()
+    for mid, (seq, deltas) in enumerate([(1, [_delta(1)]), (1, [_delta(1)]),
+                                         (2, [_delta(3), _delta(2, (2, 2.0))])]):
+        ingest.put(Inbound("gw-0", "telemetry", encode(_sample(seq, *deltas)), mid, 1, 0))
+    ingest.stop()
+    assert sorted(acked) == [0, 1, 2]
+    assert [r.sample.seq for r in reg.telemetry("gw-0")] == [1, 2]
+    assert runner.status("ab1")["arms"][0]["n"] == 3  # deltas 1 and 2, once each
+    refused = [e.detail["error"] for e in reg.events(device="gw-0")
+               if e.kind == PROTOCOL_ERROR]
+    assert len(refused) == 1
+    assert "delta 3 from 'gw-0' arrived before 2" in refused[0]
+    pushed = [decode_posterior_push(p) for d, _, p, _ in wire.sent if d == "gw-0"]
+    assert (pushed[-1].version, pushed[-1].applied_seq) == (2, 2)
