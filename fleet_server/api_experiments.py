@@ -6,12 +6,12 @@ rollout controller (:class:`~fleet_server.rollouts.runner.RolloutRunner`). Wired
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from experiments.errors import ExperimentError
 
+from .api_rollouts import _is_number, _number
 from .errors import ApiError, RegistryError, RolloutError
 from .experiment_runner import ExperimentRequest
 from .rollouts.runner import RolloutOptions, Selection
@@ -142,18 +142,6 @@ def _str(body: Mapping[str, Any], key: str, default: str | None) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ApiError(f'"{key}" must be a string', 400)
     return value
-
-
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def _number(body: Mapping[str, Any], key: str, default: float) -> float:
-    value = body.get(key, default)
-    if not _is_number(value):
-        raise ApiError(f'"{key}" must be a number', 400)
-    return float(value)
 
 
 #: (method, path, handler) of each experiment operation.

@@ -5,14 +5,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-from .api_client import ServerClient, locate
+from .api_client import ServerClient
 from .errors import BundleInputError
-from .rollout_cli import parse_duration
+from .rollout_cli import _client, _print_json, parse_duration
 
 __all__ = ["add_experiment_commands", "experiment_text"]
 
@@ -116,14 +115,6 @@ def add_experiment_commands(subparsers: argparse._SubParsersAction[argparse.Argu
                          help="how long each step bakes (default 10m)")
     promote.add_argument("--reason", default="", help="why (kept in the audit log)")
     promote.set_defaults(handler=_promote)
-
-
-def _client(args: argparse.Namespace) -> ServerClient:
-    return locate(args.server, args.data)
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _bundle_sha(client: ServerClient, bundle: str) -> str:
