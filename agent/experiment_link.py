@@ -43,6 +43,9 @@ class ExperimentLink:
         self.experiments = experiments
         self._prefix = topic(EXPERIMENT_PUSH_LEAF) + "/"
         self._running: dict[str, ExperimentSpec] = {}  # by public model name
+        # The newest push of each experiment: a retained push may arrive before the desired
+        # state that declares its experiment, and is given to it when it starts.
+        self._pushes: dict[str, Merged] = {}
 
     def subscriptions(self) -> list[tuple[str, int]]:
         """The (topic filter, QoS) pairs to subscribe to on every connection."""
@@ -71,6 +74,8 @@ class ExperimentLink:
             if self._running.get(model) != spec:
                 self.experiments.stop(model)  # a changed one resumes its saved counts
                 self.experiments.start(spec)
+                if spec.name in self._pushes:
+                    self.experiments.receive(self._pushes[spec.name])
                 self._running[model] = spec
                 log.info("experiment %s on %s: arms %s (%s, %s)", spec.name, model,
                          dict(spec.arms), spec.unit, spec.strategy)
@@ -83,12 +88,18 @@ class ExperimentLink:
 
     def on_push(self, topic: str, payload: bytes) -> None:
         """Give a pushed posterior to its experiment's learner (ProtocolError if bad)."""
-        if self.experiments is None or not payload:
-            return  # an ended experiment's push, cleared
+        if self.experiments is None:
+            return
+        if not payload:  # an ended experiment's push, cleared
+            self._pushes.pop(topic.removeprefix(self._prefix), None)
+            return
         push = decode_posterior_push(payload)
         if push.experiment != topic.removeprefix(self._prefix):
             raise ProtocolError(f"push of experiment {push.experiment!r} arrived on {topic}")
-        self.experiments.receive(Merged(
-            push.experiment, push.version,
-            {arm: ArmStats(n, total, total_sq) for arm, (n, total, total_sq)
-             in push.arms.items()}, push.applied_seq))
+        merged = Merged(push.experiment, push.version,
+                        {arm: ArmStats(n, total, total_sq) for arm, (n, total, total_sq)
+                         in push.arms.items()}, push.applied_seq)
+        held = self._pushes.get(merged.experiment)
+        if held is None or merged.version > held.version:
+            self._pushes[merged.experiment] = merged
+        self.experiments.receive(merged)

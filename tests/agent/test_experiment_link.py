@@ -99,3 +99,20 @@ def test_pushes_reach_the_learner_and_older_ones_are_ignored(tmp_path: Path) -> 
     with pytest.raises(ProtocolError):
         link.on_push(topic, b"{not json")
     assert exp.posterior("ab1").base_version == 5
+
+
+def test_a_push_before_its_declaration_is_taken_when_the_experiment_starts(
+        tmp_path: Path) -> None:
+    exp = DeviceExperiments("dev1", tmp_path)
+    link = ExperimentLink(exp, _topic)
+    topic = PREFIX + "inbox/experiments/ab1"
+    link.on_push(topic, encode(PosteriorPush("ab1", 7, 0, {"a": (3, 2.0, 2.0)})))
+    link.on_push(topic, encode(PosteriorPush("ab1", 6, 0, {"a": (2, 2.0, 2.0)})))
+    link.follow(_desired(AB))
+    assert (exp.posterior("ab1").base_version, exp.posterior("ab1").base["a"].n) == (7, 3)
+    # Cleared (the experiment ended): a later declaration of that name starts afresh.
+    link.follow(_desired())
+    link.on_push(topic, b"")
+    (tmp_path / "experiments" / "ab1.json").unlink()
+    link.follow(_desired(AB))
+    assert exp.posterior("ab1").base_version == 0
