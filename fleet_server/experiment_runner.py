@@ -14,7 +14,8 @@ the registry and MQTT:
   commit, pushes the merged posterior (retained, ``inbox/experiments/{experiment}``) to
   every device whose delta was applied, and to every device of the experiment at most
   every ``fleet_push_s`` (a change held back by that interval goes out with the first
-  batch after it);
+  batch after it); :meth:`~ExperimentRunner.push_all` sends them all again on every
+  connection to the broker;
 - :meth:`~ExperimentRunner.stop` ends it: the declaration leaves the desired states, the
   arms' models other than the public name (and the winner's, when promoted) stop being
   desired, and the retained pushes are cleared.
@@ -225,10 +226,24 @@ class ExperimentRunner:
                 touched |= {(experiment, d)
                             for d in self.registry.experiment_devices(experiment)}
         for experiment, device in sorted(touched):
-            merged = self.registry.experiment_push(experiment, device)
-            if merged is not None:
-                self._send(device, f"{EXPERIMENT_PUSH_LEAF}/{experiment}",
-                           messages.encode(push_message(merged)), True)
+            self._push(experiment, device)
+
+    def push_all(self) -> int:
+        """Push every running experiment's merged posterior to each of its devices (on
+        every connection to the broker, which may have lost retained messages); how many
+        pushes were sent."""
+        sent = 0
+        for record in self.registry.list_experiments(status="running", limit=10_000):
+            sent += sum(self._push(record.name, device)
+                        for device in self.registry.experiment_devices(record.name))
+        return sent
+
+    def _push(self, experiment: str, device: str) -> bool:
+        merged = self.registry.experiment_push(experiment, device)
+        if merged is not None:
+            self._send(device, f"{EXPERIMENT_PUSH_LEAF}/{experiment}",
+                       messages.encode(push_message(merged)), True)
+        return merged is not None
 
     # -- helpers ---------------------------------------------------------------------------
 

@@ -824,6 +824,7 @@ class FleetService:
             client.subscribe([(topic, 1) for topic in topics])
         try:
             self.republish_all()
+            self.experiments.push_all()
         except Exception:
             # A database outage must not kill the network thread; the next connection
             # (or publish) sends the states again.

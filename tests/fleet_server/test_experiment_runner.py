@@ -193,6 +193,10 @@ def test_deltas_count_once_gaps_are_refused_and_pushes_follow(
     runner.flush()
     assert sorted(d for d, _, _, _ in wire.sent) == DEVICES
     assert {decode_posterior_push(p).version for _, _, p, _ in wire.sent} == {2}
+    # On a new broker connection every device of every running experiment gets it again.
+    wire.sent.clear()
+    assert runner.push_all() == len(DEVICES)
+    assert sorted(d for d, _, _, _ in wire.sent) == DEVICES
 
 
 def test_a_batch_that_fails_counts_nothing(reg: Registry, runner: ExperimentRunner) -> None:
