@@ -64,6 +64,8 @@ from . import __version__
 from .bundle_fetch import BundleFetch, FetchError
 from .config import FleetSettings
 from .errors import AgentError
+from .experiment_link import ExperimentLink
+from .experiments import DeviceExperiments
 from .fetch_plan import next_fetch, wants_delta
 from .fleet_shadow import ShadowCandidates
 from .http_fetch import download_as_device
@@ -93,13 +95,15 @@ class FleetLink:
     ``telemetry`` (a :class:`~agent.telemetry.TelemetryCollector`, say) is sampled every
     ``settings.telemetry_interval_s``; None sends no telemetry. ``outbox`` holds events and
     samples until the broker has them; by default the link opens (and closes) the one in
-    the runtime's state directory.
+    the runtime's state directory. ``experiments``: the device's experiments, driven by the
+    desired state and the server's posterior pushes (:mod:`agent.experiment_link`).
     """
 
     def __init__(self, runtime: Runtime, settings: FleetSettings, *,
                  telemetry: TelemetrySource | None = None, outbox: Outbox | None = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 experiments: DeviceExperiments | None = None) -> None:
         if runtime.installer is None:
             raise ValueError("the fleet link needs a runtime with a state directory")
         self.runtime = runtime
@@ -119,6 +123,7 @@ class FleetLink:
             on_sample=lambda sample: self._sampled())
         self._announcer = InstallAnnouncer(self.outbox, self._publisher.wake)
         self._identity = TLSIdentity(settings.ca_file, settings.cert_file, settings.key_file)
+        self.experiments = ExperimentLink(experiments, self._topic)
         self._client = create_client(ClientSettings(
             BrokerAddress.from_url(settings.broker_url), self._identity,
             protocol=MQTTProtocolVersion.MQTTv311 if settings.mqtt_version == "3.1.1"
@@ -218,7 +223,8 @@ class FleetLink:
             log.warning("broker refused the connection: %s", reason)
             return
         log.info("connected to %s as %s", self.settings.broker_url, self.settings.device_id)
-        client.subscribe([(self._topic("desired"), 1), (self._topic(CHUNK_LEAF), 1)])
+        client.subscribe([(self._topic("desired"), 1), (self._topic(CHUNK_LEAF), 1),
+                          *self.experiments.subscriptions()])
         with self._lock:
             if self._fetch is not None:
                 self._fetch.forget_requests()
@@ -244,8 +250,11 @@ class FleetLink:
                 with self._lock:
                     self._desired = desired
                 log.info("desired state: %s", {n: m.version for n, m in desired.models.items()})
+                self.experiments.follow(desired)
             elif message.topic == self._topic(CHUNK_LEAF):
                 self._on_chunk(bytes(message.payload))
+            elif self.experiments.is_push(message.topic):
+                self.experiments.on_push(message.topic, bytes(message.payload))
         except ProtocolError as exc:
             log.error("ignoring a bad message on %s: %s", message.topic, exc)
             self._event("protocol_error", {"topic": message.topic, "error": str(exc)})

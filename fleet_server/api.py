@@ -41,6 +41,7 @@ from .api_audit import AUDIT_ROUTES, AUDITED, audit_request, note_root
 from .api_bundles import BUNDLE_ROUTES
 from .api_devices import DEVICE_ROUTES
 from .api_enrollment import ENROLLMENT_ROUTES
+from .api_experiments import EXPERIMENT_ROUTES
 from .api_monitoring import MONITORING_ROUTES
 from .api_rollouts import ROLLOUT_ROUTES
 from .api_routing import HttpError, RawBody, Request, Route
@@ -108,6 +109,7 @@ ROUTES: tuple[Route, ...] = (
     *MONITORING_ROUTES,
     *(Route(method, path, handler) for method, path, handler in ROLLOUT_ROUTES),
     *(Route(method, path, handler) for method, path, handler in AUDIT_ROUTES),
+    *(Route(method, path, handler) for method, path, handler in EXPERIMENT_ROUTES),
 )
 
 

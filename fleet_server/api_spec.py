@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .api_experiments import EXPERIMENT_PATHS
+
 __all__ = ["OPENAPI"]
 
 
@@ -332,6 +334,7 @@ OPENAPI: dict[str, Any] = {
                                                 "seq": {"type": "integer"},
                                                 "hash": _SHA256}}}},
                                        "entries"), **_errors(400, 401)}}},
+        **EXPERIMENT_PATHS,
     },
     "components": {
         "securitySchemes": {"admin": {"type": "http", "scheme": "bearer",

@@ -201,5 +201,7 @@ class Publisher:
                                           self._deltas.of(want.bundle_sha256)),
                                 urls=bundle_urls(self._bundle_prefixes, want.bundle_sha256))
                   for name, want in sorted(device.desired.items())}
-        payload = messages.encode(messages.Desired(models=models, issued_at=time.time()))
+        payload = messages.encode(messages.Desired(
+            models=models, issued_at=time.time(),
+            experiments=tuple(self._registry.experiment_declarations(device.id))))
         self._link.publish(device.id, "desired", payload, retain=True)

@@ -2,7 +2,8 @@
 ``serve`` and ``stop`` (:mod:`fleet_server.serve_cli`); ``enroll-token``, ``devices``,
 ``device show|reset`` (:mod:`fleet_server.device_cli`); ``bundles``, ``publish``,
 ``rollback`` (:mod:`fleet_server.publish_cli`); ``events``, ``metrics``
-(:mod:`fleet_server.events_cli`); ``rollout``, ``audit`` (:mod:`fleet_server.rollout_cli`).
+(:mod:`fleet_server.events_cli`); ``rollout``, ``audit`` (:mod:`fleet_server.rollout_cli`);
+``experiment`` (:mod:`fleet_server.experiment_cli`).
 :mod:`fleet_server.cli` registers them all; what they print is :mod:`fleet_server.cli_text`.
 
 Every command but ``serve`` and ``stop`` finds the server with ``--server URL`` or ``--data
@@ -19,6 +20,7 @@ from protocol.defaults import SERVER_API_PORT
 
 from .device_cli import add_device_commands
 from .events_cli import add_event_commands
+from .experiment_cli import add_experiment_commands
 from .publish_cli import add_publish_commands
 from .rollout_cli import add_rollout_commands
 from .serve_cli import add_serve_commands
@@ -46,3 +48,4 @@ def add_server_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     add_publish_commands(subparsers, [where, as_json])
     add_event_commands(subparsers, [where, as_json])
     add_rollout_commands(subparsers, [where, as_json])
+    add_experiment_commands(subparsers, [where, as_json])

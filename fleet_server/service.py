@@ -50,6 +50,7 @@ from .delta_store import DeltaStore
 from .device_link import DeviceLink
 from .enroller import Enroller, Enrollment, IssuedToken
 from .errors import BrokerError, ServiceError
+from .experiment_runner import ExperimentRunner
 from .housekeeping import Housekeeping, retention_job
 from .ingest import Ingest
 from .leadership import Leadership, leadership_for
@@ -92,6 +93,7 @@ class FleetService:
         self._ingest: Ingest | None = None
         self._monitor: Monitor | None = None
         self._rollouts: RolloutRunner | None = None
+        self._experiments: ExperimentRunner | None = None
         self._bundle_http: BundleHttpServer | None = None
         self._leadership: Leadership | None = None
         self._housekeeping: Housekeeping | None = None
@@ -198,7 +200,12 @@ class FleetService:
         self._enroller = Enroller(self._registry, self._ca, self._broker, chunks,
                                   root=self.root_json, keys_dir=self.config.keys_dir,
                                   broker_url=self._broker_url, send_desired=publisher.send)
-        self._ingest = Ingest(self._registry, link.ack, on_samples=self._monitor.observe)
+        self._experiments = ExperimentRunner(
+            self._registry, publish=lambda ids: publisher.publish_selected([], ids, None),
+            send=lambda device, leaf, payload, retain: link.publish(device, leaf, payload,
+                                                                    retain=retain))
+        self._ingest = Ingest(self._registry, link.ack, on_samples=self._monitor.observe,
+                              experiments=self._experiments)
         self._ingest.start()
         if not link.start(self._ingest, chunks, self.config.connect_timeout):
             why = link.connect_failure or "no answer"
@@ -215,8 +222,11 @@ class FleetService:
 
     def _on_connected(self) -> None:
         """After every connection to the broker (its network thread): send again what a
-        broker that crashed may have lost, the retained desired states."""
+        broker that crashed may have lost, the retained desired states and the experiments'
+        posterior pushes."""
         self.republish_all()
+        if self._experiments is not None:
+            self._experiments.push_all()
 
     def _start_broker(self, ca: FleetCA) -> Broker:
         if self.config.broker_url is not None:
@@ -306,6 +316,12 @@ class FleetService:
     def rollouts(self) -> RolloutRunner:
         """The rollouts (:mod:`fleet_server.rollouts`); RuntimeError before start()."""
         return _started(self._rollouts)
+
+    @property
+    def experiments(self) -> ExperimentRunner:
+        """The experiments (:mod:`fleet_server.experiment_runner`); RuntimeError before
+        start()."""
+        return _started(self._experiments)
 
     @property
     def releaser(self) -> Releaser:
