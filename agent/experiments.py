@@ -85,18 +85,45 @@ class DeviceExperiments:
             if spec is not None:
                 self._learners.pop(spec.name, None)
 
-    def infer(self, runtime: Runtime, model: str, inputs: Mapping[str, np.ndarray],
-              client_key: str | None = None) -> tuple[dict[str, np.ndarray], str]:
-        """Run ``model`` (through its experiment's arm, if any); outputs and a response id."""
+    def has(self, model: str) -> bool:
+        """Whether ``model`` is the public name of an experiment this device takes part in."""
+        return model in self._specs
+
+    def representative(self, model: str) -> str:
+        """The installed model that stands for ``model`` in metadata and request checks:
+        its experiment's first arm's model, or ``model`` itself outside any experiment."""
         spec = self._specs.get(model)
-        arm = None if spec is None else self._choose(spec, client_key)
-        outputs = runtime.infer(model if spec is None or arm is None
-                                else spec.served_model(arm), inputs)
-        response_id = new_response_id()
+        return model if spec is None else spec.arms[0][1]
+
+    def route(self, model: str, client_key: str | None = None) -> tuple[str | None, str]:
+        """The arm (None outside any experiment) and the installed model to run for one
+        request to ``model``."""
+        spec = self._specs.get(model)
+        if spec is None:
+            return None, model
+        arm = self._choose(spec, client_key)
+        return arm, spec.served_model(arm)
+
+    def record(self, model: str, arm: str | None, outputs: Mapping[str, np.ndarray],
+               response_id: str | None = None) -> str:
+        """Remember one answer of ``model`` (served by ``arm``) for feedback; its id.
+
+        ``response_id`` is the request's own id when the app sent one (Open Inference
+        Protocol: the answer repeats it); otherwise a fresh one is made.
+        """
+        response_id = response_id or new_response_id()
         with self._lock:
             self._responses.record(response_id, Served(model, arm, _predicted(outputs),
                                                        self._clock()))
-        return outputs, response_id
+        return response_id
+
+    def infer(self, runtime: Runtime, model: str, inputs: Mapping[str, np.ndarray],
+              client_key: str | None = None, response_id: str | None = None,
+              ) -> tuple[dict[str, np.ndarray], str]:
+        """Run ``model`` (through its experiment's arm, if any); outputs and a response id."""
+        arm, served_model = self.route(model, client_key)
+        outputs = runtime.infer(served_model, inputs)
+        return outputs, self.record(model, arm, outputs, response_id)
 
     def feedback(self, model: str, body: bytes) -> float:
         """Learn from an app's outcome report; the reward learnt.
