@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import shutil
@@ -22,12 +23,23 @@ from agent.model_store import ModelStore
 from agent.probation import ProbationPolicy
 from agent.runtime import Runtime
 from agent.trust_store import TrustStore
+from bundle.composite import CompositeDecl
+from bundle.signing import ArtifactInput
 from bundle.trust import TrustedState
 from compressor.cli import main as edge_compress
 from experiments.composite import needs_expensive, probabilities
 from fleet_server.cli import main as fleet
-from tests.agent.bundles import DATA, DIGITS, PROFILE
+from tests.agent.bundles import (
+    DATA,
+    DIGITS,
+    PROFILE,
+    digits_spec,
+    samples,
+    swapped_digits,
+    write_bundle,
+)
 from tests.agent.conftest import profile
+from tests.bundle.repo import Repo
 
 TOKEN = "t0ken"
 pytestmark = pytest.mark.integration
@@ -117,3 +129,33 @@ def test_a_cascade_bundle_installs_and_answers_as_a_cascade(tmp_path: Path) -> N
     assert [m.path.name for m in stored.members] == ["model.onnx", "member-1.onnx"]
     assert stored.intact()
     assert stored.members[1].path.read_bytes() == DIGITS.read_bytes()
+
+
+def test_a_damaged_member_is_not_served_after_a_restart(state_dir: Path, repo: Repo,
+                                                       tmp_path: Path) -> None:
+    spec = digits_spec(1)
+    ensemble = dataclasses.replace(
+        spec, artifacts=(*spec.artifacts, ArtifactInput("swapped.onnx", swapped_digits(),
+                                                        "onnx", "fp32")),
+        self_test=(), composite=CompositeDecl(
+            "ensemble", ("artifacts/digits.onnx", "artifacts/swapped.onnx"), "logits",
+            combiner="mean"))
+    runtime = Runtime(state_dir, profile(), policy=ProbationPolicy(window_s=0))
+    record = runtime.install(write_bundle(repo, tmp_path, ensemble))
+    assert record.reason is None, record.detail
+    runtime.check_probation()
+    x = samples(4)
+    answer = runtime.infer("digits", {"input": x})["logits"]
+    one = probabilities(_run(DIGITS, x), "logits")
+    np.testing.assert_allclose(answer.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(answer[:, 2:], one[:, 2:], rtol=1e-5)  # classes both agree on
+    runtime.close()
+
+    stored = ModelStore(state_dir / "models").slot("digits", 1)
+    stored.members[1].path.write_bytes(b"damaged")
+    again = Runtime(state_dir, profile())
+    try:
+        assert [m.name for m in again.models()] == []
+        assert any("digits v1 cannot be served" in p and "sha256" in p for p in again.problems)
+    finally:
+        again.close()
