@@ -85,10 +85,6 @@ class DeviceExperiments:
             if spec is not None:
                 self._learners.pop(spec.name, None)
 
-    def has(self, model: str) -> bool:
-        """Whether ``model`` is the public name of an experiment this device takes part in."""
-        return model in self._specs
-
     def representative(self, model: str) -> str:
         """The installed model that stands for ``model`` in metadata and request checks:
         its experiment's first arm's model, or ``model`` itself outside any experiment."""

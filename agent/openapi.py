@@ -152,7 +152,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                               "fresh one: report the outcome with it (feedback)"},
                        "outputs": {"type": "array", "items": _ref("ResponseOutput")}}},
     "Feedback": {
-        "type": "object", "required": ["id"], "maxProperties": 2,
+        "type": "object", "required": ["id"],
+        "oneOf": [{"required": ["reward"]}, {"required": ["label"]}],
         "description": "exactly one of reward and label",
         "properties": {"id": {"type": "string", "minLength": 1, "maxLength": 64},
                        "reward": {"type": "number", "description": "clipped to the "
