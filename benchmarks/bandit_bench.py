@@ -9,8 +9,9 @@ flips of the rewards), averaged over ``--runs`` seeds (``--seed`` the first), wi
 standard error: one run's regret varies a lot (a run that trusts the second-best arm for
 long costs several times the mean), so a ratio from 20 runs is uncertain by about 0.02.
 
-1. **One device, 10,000 requests**: Thompson (Beta with Jeffreys' prior, as served; Beta
-   with the uniform prior it replaced; Normal posterior), a uniform split
+1. **One device, 10,000 requests**: Thompson (Beta posterior as served: Jeffreys' prior,
+   optimistic draws; plain draws; plain draws with the uniform prior, the earlier policy;
+   Normal posterior), a uniform split
    (the A/B test's allocation), epsilon-greedy (10% exploration). Ratios against the uniform
    split measured in the same run; the target is Thompson at most 0.30.
 2. **100 devices** (100 requests each, interleaved, 10,000 in all): every device runs
@@ -57,9 +58,11 @@ SCENARIOS = {
 Policy = Callable[[dict[str, ArmStats], np.random.Generator], str]
 
 
-def thompson(family: Family, beta_prior: float = BETA_PRIOR) -> Policy:
-    """Thompson sampling on the given posterior family (and Beta prior)."""
-    return lambda arms, rng: thompson_choose(arms, rng, family, beta_prior=beta_prior)
+def thompson(family: Family, beta_prior: float = BETA_PRIOR, optimistic: bool = True,
+             ) -> Policy:
+    """Thompson sampling on the given posterior family (Beta prior, optimistic or plain)."""
+    return lambda arms, rng: thompson_choose(arms, rng, family, beta_prior=beta_prior,
+                                             optimistic=optimistic)
 
 
 def uniform(arms: dict[str, ArmStats], rng: np.random.Generator) -> str:
@@ -140,7 +143,8 @@ def main() -> None:
     policies: dict[str, Policy] = {"uniform split": uniform,
                                    "epsilon-greedy (0.1)": epsilon_greedy,
                                    "Thompson (Beta)": thompson("beta"),
-                                   "Thompson (Beta(1,1))": thompson("beta", 1.0),
+                                   "Thompson, plain": thompson("beta", optimistic=False),
+                                   "Thompson, plain 1,1": thompson("beta", 1.0, False),
                                    "Thompson (Normal)": thompson("normal")}
     chosen = SCENARIOS.values() if args.scenario == "all" else [SCENARIOS[args.scenario]]
     for title, rates in chosen:

@@ -20,6 +20,9 @@ enough for both posteriors used here:
 
 Thompson sampling draws one plausible mean per arm from its posterior and serves the arm with
 the best draw: arms that are clearly worse are drawn rarely, uncertain ones still get tried.
+Draws below an arm's posterior mean count as the mean (optimistic sampling): with arms whose
+rates are close, plain sampling keeps passing over the best-known arm whenever its own draw
+comes out low, a cost the data do not call for (docs/experiments.md, "Multi-armed bandits").
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["BETA_PRIOR", "ArmStats", "Family", "probability_best", "sample_means",
-           "thompson_choose"]
+__all__ = ["BETA_PRIOR", "ArmStats", "Family", "posterior_means", "probability_best",
+           "sample_means", "thompson_choose"]
 
 Family = Literal["beta", "normal"]
 
@@ -77,36 +80,73 @@ def sample_means(arms: Mapping[str, ArmStats], rng: np.random.Generator, family:
 
     ``beta_prior``: the Beta prior's pseudo-successes and pseudo-failures (1.0 is the
     uniform prior; the benchmark compares it)."""
-    if not high > low:
-        raise ValueError(f"reward bounds need low < high, not [{low}, {high}]")
-    span = high - low
     out: dict[str, np.ndarray] = {}
     for name, s in arms.items():
         if family == "beta":
-            # Clamped: rewards outside the bounds must not make a Beta parameter negative.
-            successes = min(max((s.total - s.n * low) / span, 0.0), float(s.n))
-            out[name] = low + span * rng.beta(beta_prior + successes,
-                                              beta_prior + s.n - successes, draws)
-        elif family == "normal":
-            mid, prior_var = (low + high) / 2.0, (span / 2.0) ** 2
-            squares = max(s.total_sq - s.total * s.total / s.n, 0.0) if s.n else 0.0
-            count = s.n + 1
-            mean = (s.total + mid) / count
-            variance = (squares + prior_var) / count
-            out[name] = rng.normal(mean, math.sqrt(variance / count), draws)
+            a, b = _beta(s, low, high, beta_prior)
+            out[name] = low + (high - low) * rng.beta(a, b, draws)
         else:
-            raise ValueError(f"unknown posterior family {family!r}; use 'beta' or 'normal'")
+            mean, sd = _normal(s, low, high, family)
+            out[name] = rng.normal(mean, sd, draws)
     return out
+
+
+def posterior_means(arms: Mapping[str, ArmStats], family: Family, *, low: float = 0.0,
+                    high: float = 1.0, beta_prior: float = BETA_PRIOR) -> dict[str, float]:
+    """Each arm's posterior mean, on the reward's own scale."""
+    out: dict[str, float] = {}
+    for name, s in arms.items():
+        if family == "beta":
+            a, b = _beta(s, low, high, beta_prior)
+            out[name] = low + (high - low) * a / (a + b)
+        else:
+            out[name] = _normal(s, low, high, family)[0]
+    return out
+
+
+def _beta(s: ArmStats, low: float, high: float, prior: float) -> tuple[float, float]:
+    """The Beta posterior's parameters for rewards rescaled from ``[low, high]``."""
+    if not high > low:
+        raise ValueError(f"reward bounds need low < high, not [{low}, {high}]")
+    # Clamped: rewards outside the bounds must not make a Beta parameter negative.
+    successes = min(max((s.total - s.n * low) / (high - low), 0.0), float(s.n))
+    return prior + successes, prior + s.n - successes
+
+
+def _normal(s: ArmStats, low: float, high: float, family: str) -> tuple[float, float]:
+    """The Normal posterior's mean and standard deviation."""
+    if family != "normal":
+        raise ValueError(f"unknown posterior family {family!r}; use 'beta' or 'normal'")
+    if not high > low:
+        raise ValueError(f"reward bounds need low < high, not [{low}, {high}]")
+    mid, prior_var = (low + high) / 2.0, ((high - low) / 2.0) ** 2
+    squares = max(s.total_sq - s.total * s.total / s.n, 0.0) if s.n else 0.0
+    count = s.n + 1
+    variance = (squares + prior_var) / count
+    return (s.total + mid) / count, math.sqrt(variance / count)
 
 
 def thompson_choose(arms: Mapping[str, ArmStats], rng: np.random.Generator,
                     family: Family = "beta", low: float = 0.0, high: float = 1.0, *,
-                    beta_prior: float = BETA_PRIOR) -> str:
-    """The arm to serve next: the one whose posterior draw is highest (ties: first by name)."""
+                    beta_prior: float = BETA_PRIOR, optimistic: bool = True) -> str:
+    """The arm to serve next: the one whose posterior draw is highest (ties: at random).
+
+    ``optimistic`` (the default) raises a draw below its arm's posterior mean to the mean
+    (optimistic Bayesian sampling, May et al. 2012): a draw may still favour an uncertain
+    arm, but no arm is passed over because of an unluckily low draw of its own.
+    """
     if not arms:
         raise ValueError("Thompson sampling needs at least one arm")
-    draws = sample_means(arms, rng, family, low=low, high=high, beta_prior=beta_prior)
-    return max(sorted(draws), key=lambda name: float(draws[name][0]))
+    draws = {name: float(d[0]) for name, d in sample_means(
+        arms, rng, family, low=low, high=high, beta_prior=beta_prior).items()}
+    if optimistic:
+        means = posterior_means(arms, family, low=low, high=high, beta_prior=beta_prior)
+        draws = {name: max(d, means[name]) for name, d in draws.items()}
+    best = max(draws.values())
+    # Ties are common once draws are raised to equal means (arms not tried yet): a fixed
+    # order would hand every tie to the same arm.
+    tied = sorted(name for name, d in draws.items() if d == best)
+    return tied[0] if len(tied) == 1 else tied[int(rng.integers(len(tied)))]
 
 
 def probability_best(arms: Mapping[str, ArmStats], rng: np.random.Generator,
