@@ -166,13 +166,15 @@ class DeviceExperiments:
         return self._learners[experiment]
 
     def _choose(self, spec: ExperimentSpec, client_key: str | None) -> str:
-        if spec.strategy == "thompson":
-            with self._lock:
-                arms = local_posterior(self._learners[spec.name])
-            return thompson_choose(arms, self._rng, spec.family, low=spec.low, high=spec.high)
         if spec.unit == "device":
             return device_arm(spec.name, self.device, spec.split)
-        return request_arm(spec.name, spec.split, self._rng, client_key)
+        # Under the lock: the API's threads share one random generator, and numpy's
+        # generators are not thread-safe.
+        with self._lock:
+            if spec.strategy == "thompson":
+                return thompson_choose(local_posterior(self._learners[spec.name]), self._rng,
+                                       spec.family, low=spec.low, high=spec.high)
+            return request_arm(spec.name, spec.split, self._rng, client_key)
 
     def _path(self, experiment: str) -> Path | None:
         return None if self._dir is None else self._dir / f"{experiment}.json"
