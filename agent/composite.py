@@ -28,10 +28,11 @@ from bundle.composite import CompositeDecl
 from experiments.composite import cascade, combine, needs_expensive, probabilities
 
 from .errors import ModelLoadError
+from .served_model import ServedModel
 from .sessions import Session
 
 if TYPE_CHECKING:  # the runtime serves composites from installed bundles: it imports us
-    from .runtime import Runtime, ServedModel
+    from .runtime import Runtime
 
 __all__ = ["CompositeSession", "serve_composite"]
 
@@ -104,7 +105,6 @@ def serve_composite(runtime: Runtime, name: str, decl: CompositeDecl,
                     member_names: Sequence[str]) -> ServedModel:
     """Serve ``name`` as the composite of models the runtime already serves (by name, in the
     declaration's member order), with the runtime's usual atomic swap."""
-    from .runtime import ServedModel
     sessions = [runtime.served(m).session for m in member_names]
     served = ServedModel(name, None, CompositeSession(decl, sessions),
                          f"{decl.kind} of {', '.join(member_names)}")
