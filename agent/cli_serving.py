@@ -95,11 +95,13 @@ def _run(args: argparse.Namespace) -> int:
                                                 cors_origins=api.cors_origins,
                                                 grpc_port=api.grpc_port,
                                                 prometheus=config.monitor.prometheus),
-                           config.state_dir)
+                           config.state_dir,
+                           device=config.fleet.device_id if config.fleet else "local")
     process.start(token_file)
     link = None
     if config.fleet is not None:
-        link = FleetLink(runtime, config.fleet, telemetry=TelemetryCollector(runtime))
+        link = FleetLink(runtime, config.fleet, telemetry=TelemetryCollector(
+            runtime, experiments=process.experiments), experiments=process.experiments)
         link.start()
     # Serving already; interrupted installs resume behind it, reported through the link.
     runtime.resume_installs(wait=False)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,8 +28,11 @@ from bundle.composite import CompositeDecl
 from experiments.composite import cascade, combine, needs_expensive, probabilities
 
 from .errors import ModelLoadError
-from .runtime import Runtime, ServedModel
+from .served_model import ServedModel
 from .sessions import Session
+
+if TYPE_CHECKING:  # the runtime serves composites from installed bundles: it imports us
+    from .runtime import Runtime
 
 __all__ = ["CompositeSession", "serve_composite"]
 

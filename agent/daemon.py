@@ -26,6 +26,7 @@ from firmware_profiles.model import Profile
 
 from .client import AgentClient
 from .errors import AgentError
+from .experiments import DeviceExperiments
 from .http_api import ApiServer, ApiSettings, load_or_create_token
 from .runtime import Runtime
 from .sd_notify import Watchdog, notify, watchdog_interval
@@ -97,11 +98,15 @@ def _grpc_server(runtime: Runtime, settings: ApiSettings) -> GrpcServer:
 class AgentProcess:
     """The agent serving its models over the local API until stopped."""
 
-    def __init__(self, runtime: Runtime, settings: ApiSettings, state_dir: Path | None) -> None:
+    def __init__(self, runtime: Runtime, settings: ApiSettings, state_dir: Path | None,
+                 device: str = "local") -> None:
         self.runtime = runtime
         self.settings = settings
         self.state_dir = state_dir
-        self.server = ApiServer(runtime, settings)
+        #: The experiments this device takes part in: the API serves their arms and takes
+        #: feedback, telemetry carries their deltas, the fleet link starts and stops them.
+        self.experiments = DeviceExperiments(device, state_dir)
+        self.server = ApiServer(runtime, settings, self.experiments)
         self.grpc = None if settings.grpc_port is None else _grpc_server(runtime, settings)
         self._stop = threading.Event()
         self._watchdog: Watchdog | None = None

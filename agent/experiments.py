@@ -44,6 +44,7 @@ from experiments.posterior import (
     local_posterior,
     observe,
     receive,
+    take_resend,
 )
 from experiments.spec import ExperimentSpec
 from stats.bandit import thompson_choose
@@ -53,6 +54,10 @@ from .runtime import Runtime
 __all__ = ["DeviceExperiments"]
 
 log = logging.getLogger(__name__)
+
+# Pending deltas sent again per experiment and telemetry sample: with the new one, 4 per
+# experiment, so 16 experiments (the desired state's limit) fit the server's 64 per sample.
+RESEND_PER_REPORT = 3
 
 
 class DeviceExperiments:
@@ -85,18 +90,41 @@ class DeviceExperiments:
             if spec is not None:
                 self._learners.pop(spec.name, None)
 
-    def infer(self, runtime: Runtime, model: str, inputs: Mapping[str, np.ndarray],
-              client_key: str | None = None) -> tuple[dict[str, np.ndarray], str]:
-        """Run ``model`` (through its experiment's arm, if any); outputs and a response id."""
+    def representative(self, model: str) -> str:
+        """The installed model that stands for ``model`` in metadata and request checks:
+        its experiment's first arm's model, or ``model`` itself outside any experiment."""
         spec = self._specs.get(model)
-        arm = None if spec is None else self._choose(spec, client_key)
-        outputs = runtime.infer(model if spec is None or arm is None
-                                else spec.served_model(arm), inputs)
-        response_id = new_response_id()
+        return model if spec is None else spec.arms[0][1]
+
+    def route(self, model: str, client_key: str | None = None) -> tuple[str | None, str]:
+        """The arm (None outside any experiment) and the installed model to run for one
+        request to ``model``."""
+        spec = self._specs.get(model)
+        if spec is None:
+            return None, model
+        arm = self._choose(spec, client_key)
+        return arm, spec.served_model(arm)
+
+    def record(self, model: str, arm: str | None, outputs: Mapping[str, np.ndarray],
+               response_id: str | None = None) -> str:
+        """Remember one answer of ``model`` (served by ``arm``) for feedback; its id.
+
+        ``response_id`` is the request's own id when the app sent one (Open Inference
+        Protocol: the answer repeats it); otherwise a fresh one is made.
+        """
+        response_id = response_id or new_response_id()
         with self._lock:
             self._responses.record(response_id, Served(model, arm, _predicted(outputs),
                                                        self._clock()))
-        return outputs, response_id
+        return response_id
+
+    def infer(self, runtime: Runtime, model: str, inputs: Mapping[str, np.ndarray],
+              client_key: str | None = None, response_id: str | None = None,
+              ) -> tuple[dict[str, np.ndarray], str]:
+        """Run ``model`` (through its experiment's arm, if any); outputs and a response id."""
+        arm, served_model = self.route(model, client_key)
+        outputs = runtime.infer(served_model, inputs)
+        return outputs, self.record(model, arm, outputs, response_id)
 
     def feedback(self, model: str, body: bytes) -> float:
         """Learn from an app's outcome report; the reward learnt.
@@ -118,15 +146,19 @@ class DeviceExperiments:
 
     def report(self) -> list[dict[str, Any]]:
         """Close every experiment's interval: the deltas to send with telemetry (saved
-        first, so a delta that is lost in transit is still pending and resent)."""
-        out = []
+        first, so a delta that is lost in transit is still pending), preceded by pending
+        ones a push showed the server lacks (at most RESEND_PER_REPORT per experiment, so
+        that a long gap fills over a few samples without outgrowing one)."""
+        out: list[dict[str, Any]] = []
         with self._lock:
             for name, before in list(self._learners.items()):
-                after, delta = close_interval(before, self.device)
-                if delta is not None:
+                after, again = take_resend(before, RESEND_PER_REPORT)
+                after, delta = close_interval(after, self.device)
+                if after is not before:
                     self._learners[name] = after
                     self._save(after)
-                    out.append(encode_delta(delta))
+                out.extend(encode_delta(d) for d in (*again, *(() if delta is None
+                                                               else (delta,))))
         return out
 
     def receive(self, merged: Merged) -> None:
@@ -143,13 +175,15 @@ class DeviceExperiments:
         return self._learners[experiment]
 
     def _choose(self, spec: ExperimentSpec, client_key: str | None) -> str:
-        if spec.strategy == "thompson":
-            with self._lock:
-                arms = local_posterior(self._learners[spec.name])
-            return thompson_choose(arms, self._rng, spec.family, low=spec.low, high=spec.high)
         if spec.unit == "device":
             return device_arm(spec.name, self.device, spec.split)
-        return request_arm(spec.name, spec.split, self._rng, client_key)
+        # Under the lock: the API's threads share one random generator, and numpy's
+        # generators are not thread-safe.
+        with self._lock:
+            if spec.strategy == "thompson":
+                return thompson_choose(local_posterior(self._learners[spec.name]), self._rng,
+                                       spec.family, low=spec.low, high=spec.high)
+            return request_arm(spec.name, spec.split, self._rng, client_key)
 
     def _path(self, experiment: str) -> Path | None:
         return None if self._dir is None else self._dir / f"{experiment}.json"

@@ -12,6 +12,8 @@ Speaks what existing clients (``tritonclient.http``, KServe's own) expect:
     GET  /v2/models/{name}[/versions/{v}]/ready
     POST /v2/models/{name}[/versions/{v}]/infer     JSON tensors, or the binary tensor
                                                     extension (Inference-Header-Content-Length)
+    POST /v2/models/{name}[/versions/{v}]/feedback  an answer's outcome: {"id": ..., "reward":
+                                                    number} or {"id": ..., "label": class}
     GET  /v2/models/{name}[/versions/{v}]/stats     one model's statistics
     GET  /v2/edgefleet/status                       agent status (models, installs)
     GET  /metrics                                   Prometheus text format, when turned on
@@ -32,6 +34,11 @@ server. JSON output is always valid JSON: non-finite
 floats are written as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``, which
 numpy (and so tritonclient) reads back as numbers. Listens on localhost TCP and/or a Unix
 socket.
+
+Every inference answer carries an ``id`` (the request's own, else a fresh one) that the app
+can report an outcome for (:mod:`.experiments`, docs/experiments.md). A model name under an
+experiment is served by the arm :class:`~.experiments.DeviceExperiments` picks for the
+request (sticky per ``parameters.client_key`` when the app sends one).
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ from typing import Any
 import numpy as np
 
 from common.atomic import write_atomic
+from experiments.errors import InvalidExperimentData, UnknownResponse
 from protocol.defaults import AGENT_API_PORT
 
 from . import __version__
@@ -62,6 +70,7 @@ from .api_views import model_metadata, model_statistics, repository_index
 from .config import DEFAULT_API_HOST, ApiLimits
 from .cors import CorsPolicy
 from .errors import AgentError, InvalidInputError, ModelNotFoundError, RequestTooLargeError
+from .experiments import DeviceExperiments
 from .http_server import HttpError, HttpServer, Request, Response
 from .openapi import Operation, openapi_document
 from .prometheus import RuntimeCollector, exposition
@@ -125,9 +134,11 @@ def load_or_create_token(path: Path) -> str:
 class _Api:
     """The Open Inference Protocol routes over a runtime (an :class:`~.http_server.App`)."""
 
-    def __init__(self, runtime: Runtime, settings: ApiSettings) -> None:
+    def __init__(self, runtime: Runtime, settings: ApiSettings,
+                 experiments: DeviceExperiments) -> None:
         self.runtime = runtime
         self.settings = settings
+        self.experiments = experiments
         self._prometheus = RuntimeCollector(runtime) if settings.prometheus else None
 
     def admit(self, method: str, path: str, headers: Mapping[str, str], length: int) -> None:
@@ -173,9 +184,9 @@ class _Api:
             return self._route(request)
         except RequestTooLargeError as exc:
             return self.error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(exc))
-        except InvalidInputError as exc:
+        except (InvalidInputError, InvalidExperimentData) as exc:
             return self.error(HTTPStatus.BAD_REQUEST, str(exc))
-        except ModelNotFoundError as exc:
+        except (ModelNotFoundError, UnknownResponse) as exc:
             return self.error(HTTPStatus.NOT_FOUND, str(exc))
         except AgentError as exc:
             return self.error(HTTPStatus.INTERNAL_SERVER_ERROR, str(exc))
@@ -196,7 +207,8 @@ class _Api:
                                 "(GET /v2/openapi.json lists them)")
             methods = _BY_ACTION[match["action"] or ""]
             name, version = match["name"], match["version"]
-            served = self.runtime.served(name)
+            # An experiment's public name is checked against its first arm's model.
+            served = self.runtime.served(self.experiments.representative(name))
             if version is not None and version != str(served.version or 1):
                 raise ModelNotFoundError(f"model {name} serves version {served.version or 1}, "
                                          f"not {version}")
@@ -267,10 +279,24 @@ class _Api:
     def _infer(self, request: Request, served: ServedModel | None) -> Response:
         assert served is not None
         body, binary = _split_binary(request.body, request.headers.get(_BINARY_HEADER_LC))
+        name = _model_name(request)
+        client_key = _parameters(body, "the request").get("client_key")
+        if client_key is not None and not isinstance(client_key, str):
+            raise InvalidInputError("parameters.client_key must be a string (the app's user "
+                                    "or session key, to keep one arm per key)")
+        arm, model = self.experiments.route(name, client_key)
+        if model != served.name:
+            served = self.runtime.served(model)
         feeds = _decode_inputs(body, binary, served.session.inputs, self.settings.limits)
         wanted = _wanted_outputs(body, served.output_names)
         # The model object looked up for this request serves it, even if a swap lands now.
-        return _encode_response(body, served.name, served.version, served.run(feeds), wanted)
+        outputs = served.run(feeds)
+        response_id = self.experiments.record(name, arm, outputs, body.get("id"))
+        return _encode_response(response_id, served.name, served.version, outputs, wanted)
+
+    def _feedback(self, request: Request, served: ServedModel | None) -> Response:
+        reward = self.experiments.feedback(_model_name(request), bytes(request.body))
+        return Response(HTTPStatus.OK, _json({"reward": reward}))
 
     def _install(self, request: Request, served: ServedModel | None) -> Response:
         installer = self.runtime.installer
@@ -322,6 +348,9 @@ _ROUTES: tuple[tuple[Operation, _Handler], ...] = (
     (Operation("POST", "/infer", "run the model", "InferenceResponse",
                request="InferenceRequest", model=True, errors=(400, 404, 413, 500)),
      _Api._infer),
+    (Operation("POST", "/feedback", "report the outcome of an answer, by the answer's id "
+               "(docs/experiments.md)", "FeedbackResult", request="Feedback", model=True,
+               errors=(400, 404, 413)), _Api._feedback),
     (Operation("GET", "/stats", "statistics of this model (Triton's statistics extension)",
                "ModelStatistics", model=True, errors=(404,)), _Api._model_stats),
 )
@@ -445,7 +474,14 @@ def _wanted_outputs(request: Mapping[str, Any], names: list[str]) -> dict[str, b
     return binary_for
 
 
-def _encode_response(request: Mapping[str, Any], name: str, version: int | None,
+def _model_name(request: Request) -> str:
+    """The model name in a model route's path (an experiment's public name, or a model's)."""
+    match = _MODEL_PATH.fullmatch(request.path)
+    assert match is not None  # the router only dispatches model routes that match
+    return match["name"]
+
+
+def _encode_response(response_id: str, name: str, version: int | None,
                      outputs: Mapping[str, np.ndarray], binary_for: Mapping[str, bool],
                      ) -> Response:
     described, blobs = [], []
@@ -463,9 +499,7 @@ def _encode_response(request: Mapping[str, Any], name: str, version: int | None,
             entry["data"] = _json_values(array)
         described.append(entry)
     response: dict[str, Any] = {"model_name": name, "model_version": str(version or 1),
-                                "outputs": described}
-    if "id" in request:
-        response["id"] = request["id"]
+                                "id": response_id, "outputs": described}
     head = _json(response)
     if not blobs:
         return Response(HTTPStatus.OK, head)
@@ -484,15 +518,19 @@ def _json_values(array: np.ndarray) -> list[Any]:
 class ApiServer:
     """The API over ``runtime``, listening as ``settings`` say; start() and stop()."""
 
-    def __init__(self, runtime: Runtime, settings: ApiSettings) -> None:
+    def __init__(self, runtime: Runtime, settings: ApiSettings,
+                 experiments: DeviceExperiments | None = None) -> None:
         if settings.port is None and settings.unix_socket is None:
             raise AgentError("the API needs a TCP port or a Unix socket to listen on")
         self.runtime = runtime
         self.settings = settings
+        #: Arms, response ids and feedback; without a device's own, one kept in memory.
+        self.experiments = experiments or DeviceExperiments("local")
         limits = settings.limits
         try:
             self._http = HttpServer(
-                _Api(runtime, settings), server_name=f"edgefleet-agent/{__version__}",
+                _Api(runtime, settings, self.experiments),
+                server_name=f"edgefleet-agent/{__version__}",
                 tcp=None if settings.port is None else (settings.host, settings.port),
                 unix=settings.unix_socket, max_head_bytes=limits.max_head_bytes,
                 max_headers=limits.max_headers, idle_timeout_s=limits.idle_timeout_s,

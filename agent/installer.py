@@ -53,7 +53,7 @@ from .errors import AgentError, InstallError
 from .install_state import RECORD_VERSION, InstallRecord, InstallState, new_install
 from .model_store import ModelStore, StoredModel
 from .trust_store import TrustStore
-from .variants import choose_variant
+from .variants import choose_variant, composite_members
 
 __all__ = ["CRASH_ENV", "FLEET_SOURCE", "RESERVE_BYTES", "Installer", "StateDirs", "Verifier",
            "is_disk_full", "verify_in_child"]
@@ -273,6 +273,20 @@ class Installer:
             raise InstallError("rejected:unexpected_bundle", f"the bundle holds "
                                f"{manifest.name} v{manifest.version}, but the fleet asked for "
                                f"{record.model} v{record.version}; the desired state is wrong")
+        if manifest.composite is not None:
+            stored = self._stage_members(record, verified)
+        else:
+            stored = self._stage_variant(record, verified)
+        # The version floor rises once the bundle is verified and kept, so an older signed
+        # bundle cannot be replayed even if this install later rolls back.
+        if raise_floor:
+            self.trust.save(verified.trusted.with_installed(
+                manifest.name, manifest.version, verified.manifest_sha256))
+        return stored
+
+    def _stage_variant(self, record: InstallRecord, verified: VerifiedBundle) -> StoredModel:
+        """Stage the one artifact variant this device runs best (rebuilt from a delta)."""
+        manifest = verified.manifest
         variant = choose_variant(manifest, self.profile, self.formats)
         # A delta bundle's artifact is rebuilt into a file first: twice the room.
         rebuilt = 2 if verified.delta_base is not None else 1
@@ -290,12 +304,27 @@ class Installer:
             raise InstallError(f"rejected:{type(exc).__name__}", str(exc)) from exc
         finally:
             self.rebuilt_path(record).unlink(missing_ok=True)
-        # The version floor rises once the bundle is verified and kept, so an older signed
-        # bundle cannot be replayed even if this install later rolls back.
-        if raise_floor:
-            self.trust.save(verified.trusted.with_installed(
-                manifest.name, manifest.version, verified.manifest_sha256))
         return stored
+
+    def _stage_members(self, record: InstallRecord, verified: VerifiedBundle) -> StoredModel:
+        """Stage every member artifact of a composite bundle (served as one model)."""
+        manifest = verified.manifest
+        if verified.delta_base is not None:
+            # As a delta whose base is missing is answered: the full bundle is fetched.
+            raise InstallError("rejected:DeltaBaseError", f"{manifest.name} "
+                               f"v{manifest.version} is a composite; its members are "
+                               "installed from the full bundle")
+        members = composite_members(manifest, self.profile, self.formats)
+        self.check_space(sum(m.size for m in members),
+                         f"{manifest.name} v{manifest.version} ({len(members)} members)")
+        key = self._device_key()
+        try:
+            return self.store.stage_members(
+                manifest, [(m, open_artifact(manifest, m.path, verified.artifact_blocks(m.path),
+                                             key)) for m in members],
+                self.clock(), record.release_sha256 or record.bundle_sha256)
+        except BundleError as exc:
+            raise InstallError(f"rejected:{type(exc).__name__}", str(exc)) from exc
 
     def _rebuild(self, record: InstallRecord, verified: VerifiedBundle,
                  variant: ArtifactVariant) -> Iterator[bytes]:

@@ -3,6 +3,8 @@
 Layout under the store directory::
 
     {name}/{version}/model.onnx|model.tflite   the artifact this device runs (plaintext)
+    {name}/{version}/member-N.onnx|.tflite     a composite's members after the first
+                                               (the first is model.*; slot.json lists all)
     {name}/{version}/manifest.json             the verified bundle manifest
     {name}/{version}/slot.json                 which variant, its sha256, when installed
     {name}/active.json                         {"version": 3, "previous": 2}
@@ -20,7 +22,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from protocol.names import InvalidNameError, check_name
 
 from .errors import AgentError
 
-__all__ = ["ActivePointer", "ModelStore", "StoredModel", "sha256_file"]
+__all__ = ["ActivePointer", "MemberFile", "ModelStore", "StoredModel", "sha256_file"]
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,18 @@ class ActivePointer:
 
 
 @dataclass(frozen=True)
+class MemberFile:
+    """One member artifact of a composite's slot."""
+
+    path: Path
+    format: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class StoredModel:
-    """One complete slot."""
+    """One complete slot; a composite's has every member in ``members`` (the first is
+    ``path``), an ordinary one none."""
 
     name: str
     version: int
@@ -57,11 +69,13 @@ class StoredModel:
     manifest: Manifest
     manifest_sha256: str
     bundle_sha256: str | None = None  # of the bundle file it came from
+    members: tuple[MemberFile, ...] = ()
 
     def intact(self) -> bool:
-        """Whether the model file still hashes to what was installed (bit rot, tampering)."""
+        """Whether the model files still hash to what was installed (bit rot, tampering)."""
+        files = self.members or (MemberFile(self.path, self.format, self.sha256),)
         try:
-            return sha256_file(self.path) == self.sha256
+            return all(sha256_file(f.path) == f.sha256 for f in files)
         except OSError:
             return False
 
@@ -114,7 +128,9 @@ class ModelStore:
                 format=info["format"], dtype=info["dtype"], sha256=info["sha256"],
                 manifest=manifest_from_json(manifest_bytes),
                 manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
-                bundle_sha256=info.get("bundle_sha256"))
+                bundle_sha256=info.get("bundle_sha256"),
+                members=tuple(MemberFile(directory / m["file"], m["format"], m["sha256"])
+                              for m in info.get("members", ())))
         except (OSError, ValueError, KeyError, TypeError, BundleError) as exc:
             raise AgentError(f"slot {directory} is missing or corrupt ({exc}); reinstall "
                              f"{name} v{version}") from exc
@@ -127,6 +143,18 @@ class ModelStore:
         Replaces an earlier slot of the same version (a resumed install) unless it is the
         active one and intact: an active slot that no longer reads back is staged again.
         """
+        return self._stage(manifest, [(variant, model)], installed_at, bundle_sha256)
+
+    def stage_members(self, manifest: Manifest,
+                      members: Sequence[tuple[ArtifactVariant, Iterable[bytes]]],
+                      installed_at: float, bundle_sha256: str | None = None) -> StoredModel:
+        """Write the slot of a composite: every member artifact, in member order, as
+        :meth:`stage` writes one."""
+        return self._stage(manifest, members, installed_at, bundle_sha256, composite=True)
+
+    def _stage(self, manifest: Manifest,
+               parts: Sequence[tuple[ArtifactVariant, Iterable[bytes]]], installed_at: float,
+               bundle_sha256: str | None, composite: bool = False) -> StoredModel:
         name, version = _check_name(manifest.name), manifest.version
         try:
             pointer = self.active(name)
@@ -146,12 +174,17 @@ class ModelStore:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
-            file_name = f"model.{variant.format}"
-            digest, size = _write_blocks(staging / file_name, model)
-            info: dict[str, Any] = {
-                "file": file_name, "format": variant.format, "dtype": variant.dtype,
-                "variant": variant.path, "sha256": digest, "size": size,
-                "installed_at": installed_at, "bundle_sha256": bundle_sha256}
+            files = []
+            for index, (variant, blocks) in enumerate(parts):
+                file_name = f"{'member-' + str(index) if index else 'model'}.{variant.format}"
+                digest, size = _write_blocks(staging / file_name, blocks)
+                files.append({"file": file_name, "format": variant.format,
+                              "dtype": variant.dtype, "variant": variant.path,
+                              "sha256": digest, "size": size})
+            info: dict[str, Any] = {**files[0], "installed_at": installed_at,
+                                    "bundle_sha256": bundle_sha256}
+            if composite:
+                info["members"] = files
             _write_blocks(staging / "manifest.json", [manifest_to_json(manifest)])
             _write_blocks(staging / "slot.json", [json.dumps(info, indent=1).encode()])
             fsync_dir(staging)

@@ -26,7 +26,7 @@ _JSON = "application/json"
 _ERROR_MEANING = {
     400: "the request is malformed or does not fit the model's signature",
     401: "missing or wrong bearer token",
-    404: "no such model or version",
+    404: "no such model or version (feedback: no answer with that id awaits an outcome)",
     405: "method not allowed on this path",
     409: "this agent has no state directory, so it cannot install bundles",
     413: "the request is over one of the agent's limits (api.limits)",
@@ -135,7 +135,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "type": "object", "required": ["inputs"],
         "properties": {"id": {"type": "string"},
                        "parameters": {**_PARAMETERS, "properties": {
-                           "binary_data_output": {"type": "boolean"}}},
+                           "binary_data_output": {"type": "boolean"},
+                           "client_key": {"type": "string", "description":
+                                          "the app's user or session: one experiment arm "
+                                          "per key"}}},
                        "inputs": {"type": "array", "items": _ref("RequestInput")},
                        "outputs": {"type": "array", "items": _ref("RequestOutput")}}},
     "ResponseOutput": {
@@ -143,10 +146,22 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "properties": {"name": {"type": "string"}, "shape": _SHAPE, "datatype": _DATATYPE,
                        "parameters": _PARAMETERS, "data": {"type": "array"}}},
     "InferenceResponse": {
-        "type": "object", "required": ["model_name", "model_version", "outputs"],
+        "type": "object", "required": ["model_name", "model_version", "id", "outputs"],
         "properties": {"model_name": {"type": "string"}, "model_version": {"type": "string"},
-                       "id": {"type": "string"},
+                       "id": {"type": "string", "description": "the request's id, else a "
+                              "fresh one: report the outcome with it (feedback)"},
                        "outputs": {"type": "array", "items": _ref("ResponseOutput")}}},
+    "Feedback": {
+        "type": "object", "required": ["id"],
+        "oneOf": [{"required": ["reward"]}, {"required": ["label"]}],
+        "description": "exactly one of reward and label",
+        "properties": {"id": {"type": "string", "minLength": 1, "maxLength": 64},
+                       "reward": {"type": "number", "description": "clipped to the "
+                                  "experiment's reward range when learnt"},
+                       "label": {"type": "integer", "description": "the true class: reward "
+                                 "1 when the answer predicted it, else 0"}}},
+    "FeedbackResult": {"type": "object", "required": ["reward"],
+                       "properties": {"reward": {"type": "number"}}},
     "Status": {"type": "object", "required": ["models", "installs", "problems"],
                "properties": {"models": {"type": "array", "items": {"type": "object"}},
                               "installs": {"type": "array", "items": {"type": "object"}},

@@ -40,6 +40,7 @@ from firmware_profiles.model import Profile
 from firmware_profiles.runtimes import import_litert, onnxruntime_installed
 
 from .comparison import Comparison, compared_output
+from .composite import CompositeSession
 from .config import MonitorConfig
 from .errors import AgentError, InstallError, ModelLoadError, ModelNotFoundError
 from .install_driver import InstallDriver, ServedLike
@@ -320,8 +321,11 @@ class Runtime:
         if not stored.intact():
             raise ModelLoadError(f"{stored.path} no longer matches its sha256 {stored.sha256[:16]}"
                                  "; the file was damaged on disk")
-        session = self._open(stored.path, stored.format, stored.manifest,
-                             threads=1 if candidate else self.threads)
+        threads = 1 if candidate else self.threads
+        if stored.members:
+            session = self._open_composite(stored, threads)
+        else:
+            session = self._open(stored.path, stored.format, stored.manifest, threads=threads)
         return ServedModel(stored.name, stored.version, session,
                            f"{stored.name} v{stored.version} ({stored.dtype} {stored.format})",
                            stored)
@@ -356,9 +360,19 @@ class Runtime:
         accelerators = self.profile.accelerators if self.profile else ()
         session = open_session(path, fmt, accelerators,
                                self.threads if threads is None else threads)
-        feeds = self_test(session, manifest) if manifest is not None else None
-        warm_up(session, feeds, _WARMUP_RUNS)
-        return session
+        return _prove(session, manifest)
+
+    def _open_composite(self, stored: StoredModel, threads: int) -> Session:
+        """Open every member of a composite slot as one session, self-tested and warmed up
+        as a whole (the bundle's self-test is of what the composite answers)."""
+        decl = stored.manifest.composite
+        if decl is None:
+            raise ModelLoadError(f"{stored.name} v{stored.version} has member files but its "
+                                 "manifest declares no composite; reinstall its bundle")
+        accelerators = self.profile.accelerators if self.profile else ()
+        members = [open_session(m.path, m.format, accelerators, threads)
+                   for m in stored.members]
+        return _prove(CompositeSession(decl, members), stored.manifest)
 
     # -- installing ----------------------------------------------------------------------
 
@@ -494,3 +508,10 @@ class Runtime:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+
+def _prove(session: Session, manifest: Manifest | None) -> Session:
+    """``session`` once it passed the manifest's self-test (if any) and is warmed up."""
+    feeds = self_test(session, manifest) if manifest is not None else None
+    warm_up(session, feeds, _WARMUP_RUNS)
+    return session

@@ -43,6 +43,7 @@ from .outbox import Outbox, OutboxError
 from .system_probe import SystemProbe
 
 if TYPE_CHECKING:
+    from .experiments import DeviceExperiments
     from .runtime import RequestStats, Runtime
 
 __all__ = ["TelemetryCollector", "TelemetrySampler", "TelemetrySource", "next_slot"]
@@ -84,14 +85,18 @@ class TelemetryCollector:
     they go quiet, so requests still finishing on the old session are counted too.
 
     ``system`` reads the system (default: a :class:`~agent.system_probe.SystemProbe`);
-    tests pass a fake. Not thread-safe: call :meth:`collect` from one thread (the
-    sampler's).
+    tests pass a fake. With ``experiments``, each sample carries the deltas of what the
+    device learnt since the previous one (``experiments``; kept on disk by the outbox, so
+    feedback received offline reaches the server once it is back). Not thread-safe: call
+    :meth:`collect` from one thread (the sampler's).
     """
 
     def __init__(self, runtime: Runtime, *, system: Callable[[], SystemReading] | None = None,
                  buckets_ms: Sequence[float] = DEFAULT_BUCKETS_MS,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 experiments: DeviceExperiments | None = None) -> None:
         self.runtime = runtime
+        self.experiments = experiments
         self.buckets_ms = tuple(buckets_ms)
         self._monotonic = monotonic
         self._previous: float | None = None
@@ -139,8 +144,13 @@ class TelemetryCollector:
             if keep:
                 tracked[name] = (last, keep)
         self._tracked = tracked
-        return {"interval_s": interval, "system": system_metrics(self._system()),
-                "models": models, "latency_buckets_ms": list(self.buckets_ms)}
+        sample: dict[str, Any] = {"interval_s": interval, "system": system_metrics(self._system()),
+                                  "models": models,
+                                  "latency_buckets_ms": list(self.buckets_ms)}
+        deltas = [] if self.experiments is None else self.experiments.report()
+        if deltas:
+            sample["experiments"] = deltas
+        return sample
 
     def _read(self, current: RequestStats | None, previous: list[RequestStats],
               ) -> tuple[Counts, list[float], list[RequestStats]]:

@@ -1,4 +1,5 @@
-"""Which of a bundle's artifact variants this device runs: a pure ranking."""
+"""Which of a bundle's artifacts this device runs: a pure ranking of variants, or every
+member of a composite declaration."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from firmware_profiles.model import Profile
 
 from .errors import InstallError
 
-__all__ = ["choose_variant"]
+__all__ = ["choose_variant", "composite_members"]
 
 # Without a profile the device is a generic CPU: prefer what every CPU runs exactly.
 _GENERIC_FORMATS = ("onnx", "tflite")
@@ -42,3 +43,25 @@ def choose_variant(manifest: Manifest, profile: Profile | None,
                            f"{', '.join(sorted(formats)) or 'nothing'}); it offers {offered}")
     return min(candidates, key=lambda a: (a.profile != name, prefer_formats.index(a.format),
                                           prefer_dtypes.index(a.dtype)))
+
+
+def composite_members(manifest: Manifest, profile: Profile | None,
+                      formats: Collection[str]) -> tuple[ArtifactVariant, ...]:
+    """The artifacts of ``manifest``'s composite declaration, in member order.
+
+    Every member runs, so there is no choice to make, only a check: each must be made for
+    no profile or this device's, in a format it has a runtime for. InstallError
+    (``no_variant``) naming the first member that is not.
+    """
+    assert manifest.composite is not None
+    by_path = {a.path: a for a in manifest.artifacts}
+    name = profile.name if profile else None
+    members = tuple(by_path[path] for path in manifest.composite.members)
+    for member in members:
+        if member.profile not in (None, name) or member.format not in formats:
+            raise InstallError("no_variant", f"{manifest.name} v{manifest.version} is a "
+                               f"{manifest.composite.kind} whose member {member.path} "
+                               f"({member.format}, profile {member.profile or 'any'}) this "
+                               f"device cannot run (profile {name or 'none'}, runtimes for "
+                               f"{', '.join(sorted(formats)) or 'nothing'})")
+    return members

@@ -5,9 +5,13 @@ Simulated arms with known Bernoulli reward rates (no model runs; what is measure
 decision code: ``stats.bandit`` and ``experiments.posterior``). Regret is the expected
 reward lost against always serving the best arm, summed over requests (pseudo-regret:
 ``best rate - chosen arm's rate`` per request, so the figure does not depend on the coin
-flips of the rewards), averaged over ``--runs`` seeds.
+flips of the rewards), averaged over ``--runs`` seeds (``--seed`` the first), with the mean's
+standard error: one run's regret varies a lot (a run that trusts the second-best arm for
+long costs several times the mean), so a ratio from 20 runs is uncertain by about 0.02.
 
-1. **One device, 10,000 requests**: Thompson (Beta and Normal posteriors), a uniform split
+1. **One device, 10,000 requests**: Thompson (Beta posterior as served: Jeffreys' prior,
+   optimistic draws; plain draws; plain draws with the uniform prior, the earlier policy;
+   Normal posterior), a uniform split
    (the A/B test's allocation), epsilon-greedy (10% exploration). Ratios against the uniform
    split measured in the same run; the target is Thompson at most 0.30.
 2. **100 devices** (100 requests each, interleaved, 10,000 in all): every device runs
@@ -17,7 +21,8 @@ flips of the rewards), averaged over ``--runs`` seeds.
 
 Run::
 
-    .venv/bin/python benchmarks/bandit_bench.py [--runs 20] [--requests 10000]
+    .venv/bin/python benchmarks/bandit_bench.py [--runs 20] [--seed 0] [--requests 10000]
+        [--part one|fleet|all] [--scenario close|wide|all]
 """
 
 from __future__ import annotations
@@ -43,19 +48,21 @@ from experiments.posterior import (  # noqa: E402
     push_for,
     receive,
 )
-from stats.bandit import ArmStats, Family, thompson_choose  # noqa: E402
+from stats.bandit import BETA_PRIOR, ArmStats, Family, thompson_choose  # noqa: E402
 
 SCENARIOS = {
-    "3 arms 0.10/0.20/0.30": (0.10, 0.20, 0.30),
-    "4 arms 0.04/0.05/0.06/0.07 (click rates)": (0.04, 0.05, 0.06, 0.07),
+    "wide": ("3 arms 0.10/0.20/0.30", (0.10, 0.20, 0.30)),
+    "close": ("4 arms 0.04/0.05/0.06/0.07 (click rates)", (0.04, 0.05, 0.06, 0.07)),
 }
 
 Policy = Callable[[dict[str, ArmStats], np.random.Generator], str]
 
 
-def thompson(family: Family) -> Policy:
-    """Thompson sampling on the given posterior family."""
-    return lambda arms, rng: thompson_choose(arms, rng, family)
+def thompson(family: Family, beta_prior: float = BETA_PRIOR, optimistic: bool = True,
+             ) -> Policy:
+    """Thompson sampling on the given posterior family (Beta prior, optimistic or plain)."""
+    return lambda arms, rng: thompson_choose(arms, rng, family, beta_prior=beta_prior,
+                                             optimistic=optimistic)
 
 
 def uniform(arms: dict[str, ArmStats], rng: np.random.Generator) -> str:
@@ -113,37 +120,54 @@ def fleet(rates: tuple[float, ...], devices: int, requests: int, merge_every: in
     return regret
 
 
+def _mean(regrets: list[float]) -> tuple[float, float]:
+    """The mean and its standard error."""
+    values = np.asarray(regrets)
+    return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values)))
+
+
 def main() -> None:
-    """Run both parts and print regrets and ratios."""
+    """Run the parts asked for and print regrets and ratios."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0, help="the first run's seed")
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--devices", type=int, default=100)
+    parser.add_argument("--part", choices=["one", "fleet", "all"], default="all")
+    parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
     args = parser.parse_args()
     started = time.monotonic()
-    print(f"cumulative regret at {args.requests:,} requests, mean of {args.runs} runs")
+    seeds = range(args.seed, args.seed + args.runs)
+    print(f"cumulative regret at {args.requests:,} requests, mean ± standard error of "
+          f"{args.runs} runs (seeds {seeds.start}..{seeds.stop - 1})")
     policies: dict[str, Policy] = {"uniform split": uniform,
                                    "epsilon-greedy (0.1)": epsilon_greedy,
                                    "Thompson (Beta)": thompson("beta"),
+                                   "Thompson, plain": thompson("beta", optimistic=False),
+                                   "Thompson, plain 1,1": thompson("beta", 1.0, False),
                                    "Thompson (Normal)": thompson("normal")}
-    for title, rates in SCENARIOS.items():
-        print(f"\n1. one device, {title}")
-        results = {name: float(np.mean([one_device(rates, p, args.requests, seed)
-                                        for seed in range(args.runs)]))
-                   for name, p in policies.items()}
-        for name, regret in results.items():
-            print(f"   {name:22} regret {regret:8.1f}   vs uniform "
-                  f"{regret / results['uniform split']:.3f}")
-        print(f"\n2. {args.devices} devices, {args.requests // args.devices} requests each, "
-              f"{title}")
-        isolated = float(np.mean([fleet(rates, args.devices, args.requests, None, seed)
-                                  for seed in range(args.runs)]))
-        print(f"   {'isolated':22} regret {isolated:8.1f}   vs isolated 1.000")
-        for every in (1, 10, 50):
-            shared = float(np.mean([fleet(rates, args.devices, args.requests, every, seed)
-                                    for seed in range(args.runs)]))
-            print(f"   {f'shared, merge every {every}':22} regret {shared:8.1f}   vs isolated "
-                  f"{shared / isolated:.3f}")
+    chosen = SCENARIOS.values() if args.scenario == "all" else [SCENARIOS[args.scenario]]
+    for title, rates in chosen:
+        if args.part in ("one", "all"):
+            print(f"\n1. one device, {title}")
+            results = {name: _mean([one_device(rates, p, args.requests, seed)
+                                    for seed in seeds]) for name, p in policies.items()}
+            base = results["uniform split"][0]
+            for name, (regret, error) in results.items():
+                print(f"   {name:22} regret {regret:8.1f} ± {error:5.1f}   vs uniform "
+                      f"{regret / base:.3f} ± {error / base:.3f}")
+        if args.part in ("fleet", "all"):
+            print(f"\n2. {args.devices} devices, {args.requests // args.devices} requests "
+                  f"each, {title}")
+            isolated, error = _mean([fleet(rates, args.devices, args.requests, None, seed)
+                                     for seed in seeds])
+            print(f"   {'isolated':22} regret {isolated:8.1f} ± {error:5.1f}   vs isolated "
+                  "1.000")
+            for every in (1, 10, 50):
+                shared, error = _mean([fleet(rates, args.devices, args.requests, every, seed)
+                                       for seed in seeds])
+                print(f"   {f'shared, merge every {every}':22} regret {shared:8.1f} ± "
+                      f"{error:5.1f}   vs isolated {shared / isolated:.3f}")
     print(f"\n({time.monotonic() - started:.0f} s)")
 
 

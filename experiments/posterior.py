@@ -45,6 +45,7 @@ __all__ = [
     "observe",
     "push_for",
     "receive",
+    "take_resend",
     "total",
 ]
 
@@ -103,6 +104,11 @@ class DeviceLearner:
     pending: tuple[Delta, ...] = ()
     current: Mapping[str, ArmStats] = field(default_factory=dict)
     next_seq: int = 1
+    # The first pending number to send again (0: none). Set by a push that did not include
+    # every pending delta: one of them may have been lost, and the server refuses every
+    # later one until the gap is filled. A delta merely in transit is then sent twice,
+    # which the server ignores as a repeat.
+    resend_from: int = 0
 
     @classmethod
     def start(cls, experiment: str, arm_names: tuple[str, ...]) -> DeviceLearner:
@@ -144,15 +150,32 @@ def close_interval(learner: DeviceLearner, device: str) -> tuple[DeviceLearner, 
 
 def receive(learner: DeviceLearner, merged: Merged) -> DeviceLearner:
     """Take a pushed posterior: newer than the one held replaces it, and the deltas it
-    includes leave the local part; an older or equal version changes nothing."""
-    if merged.experiment != learner.experiment or merged.version <= learner.base_version:
+    includes leave the local part; an older version changes nothing. Pending deltas that a
+    newer or the same version does not include are marked to send again (take_resend)."""
+    if merged.experiment != learner.experiment or merged.version < learner.base_version:
         return learner
+    if merged.version == learner.base_version:
+        # The same state again (the server's periodic push): it has applied nothing since,
+        # so what is pending past its number has not reached it: send that again.
+        lacking = [d.seq for d in learner.pending if d.seq > merged.applied_seq]
+        return replace(learner, resend_from=lacking[0] if lacking else 0)
     pending = tuple(d for d in learner.pending if d.seq > merged.applied_seq)
     # The server applied numbers this device no longer has: its state was lost; continue
     # after them so that new deltas are not ignored as repeats.
     next_seq = max(learner.next_seq, merged.applied_seq + 1)
     return replace(learner, base=dict(merged.arms), base_version=merged.version,
-                   base_applied_seq=merged.applied_seq, pending=pending, next_seq=next_seq)
+                   base_applied_seq=merged.applied_seq, pending=pending, next_seq=next_seq,
+                   resend_from=pending[0].seq if pending else 0)
+
+
+def take_resend(learner: DeviceLearner, limit: int) -> tuple[DeviceLearner, tuple[Delta, ...]]:
+    """The pending deltas to send again (at most ``limit``, oldest first, so that the
+    server's gap fills in order), and the learner that remembers where to go on."""
+    if not learner.resend_from:
+        return learner, ()
+    due = tuple(d for d in learner.pending if d.seq >= learner.resend_from)[:limit]
+    rest = [d.seq for d in learner.pending if d.seq > (due[-1].seq if due else 0)]
+    return replace(learner, resend_from=rest[0] if due and rest else 0), due
 
 
 def local_posterior(learner: DeviceLearner) -> dict[str, ArmStats]:

@@ -12,6 +12,10 @@ above every bundle that server stores, re-releases included (:mod:`fleet_server.
 Recipients for encryption are X25519 public key files, or ``device:ID``, ``group:G``,
 ``profile:P`` selectors resolved with the server's list of devices.
 
+Composites (``--composite DECL.json``): the ``composite`` declaration ``edge-compress
+composite ... --declare`` prints goes into the manifest as it is; its members must be
+artifacts of the build (``artifacts/<file name>``), which signing checks.
+
 Deltas (``--delta-from OLD.efb``, repeatable): for each earlier bundle of the model, a
 delta bundle of the same release is written beside ``--out`` as ``STEM.from-vN.efb``; it
 carries, for every artifact whose file name the old bundle has too, the delta that
@@ -31,6 +35,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
+from bundle.composite import CompositeDecl, composite_from_obj
 from bundle.crypto import public_key_from_bytes
 from bundle.errors import BundleError
 from bundle.manifest import TensorSpec, self_tests_from_obj, tensor_specs_from_obj
@@ -69,6 +74,8 @@ class BuildRequest:
     server: ServerClient | None = None
     #: Earlier bundles of the model to write delta bundles from.
     delta_from: tuple[Path, ...] = ()
+    #: A composite declaration (JSON file) to serve the model as an ensemble or cascade.
+    composite: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -253,7 +260,20 @@ def _spec(request: BuildRequest, inputs: _Inputs) -> BundleSpec:
         raise BundleInputError(f"report.json: {exc}") from exc
     return BundleSpec(name=request.name, version=request.version, profiles=profiles,
                       artifacts=inputs.artifacts, inputs=signature[0], outputs=signature[1],
-                      self_test=self_test, baseline=baseline, compression_report=report)
+                      self_test=self_test, baseline=baseline, compression_report=report,
+                      composite=None if request.composite is None
+                      else _composite(request.composite))
+
+
+def _composite(path: Path) -> CompositeDecl:
+    """The composite declaration in ``path``; BundleInputError names what is wrong."""
+    try:
+        return composite_from_obj(json.loads(_read(path)))
+    except ValueError as exc:
+        raise BundleInputError(f"{path} is not JSON ({exc}); give the declaration "
+                               "`edge-compress composite ... --declare` prints") from exc
+    except BundleError as exc:
+        raise BundleInputError(f"{path}: {exc}") from exc
 
 
 def _onnx_signature(artifacts: Sequence[ArtifactInput],

@@ -145,6 +145,10 @@ def _add_bundle(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
                    help="an earlier bundle of the model (repeatable): also write the delta "
                    "bundle from it, OUT's name with .from-vN, which devices running that "
                    "version fetch instead (`fleet publish` uploads it)")
+    b.add_argument("--composite", type=Path, metavar="DECL.json",
+                   help="serve the model as an ensemble or cascade of the artifacts: the "
+                   "declaration `edge-compress composite ... --declare` prints (members are "
+                   "artifacts/<file name>)")
     b.add_argument("--valid-days", type=_valid_days, default=30, metavar="DAYS",
                    help="metadata validity, 1 to 3650 days; devices refuse the bundle after "
                    "it (default 30)")
@@ -164,7 +168,7 @@ def _bundle_build(args: argparse.Namespace) -> int:
         name=args.name, version=args.version, keys_dir=args.keys, out=args.out,
         artifacts_dir=args.artifacts, model=args.model, profiles=tuple(args.profile),
         encrypt_for=tuple(args.encrypt_for), valid_days=args.valid_days, server=server,
-        delta_from=tuple(args.delta_from)))
+        delta_from=tuple(args.delta_from), composite=args.composite))
     spec = built.spec
     print(f"built {args.out}: {spec.name} v{spec.version}, {len(spec.artifacts)} artifact(s) "
           f"for {', '.join(spec.profiles)}"

@@ -10,7 +10,7 @@ import pytest
 
 from agent.experiments import DeviceExperiments
 from agent.runtime import Runtime
-from experiments.errors import InvalidExperimentData, UnknownResponse
+from experiments.errors import InvalidExperimentData, OutOfOrderDelta, UnknownResponse
 from experiments.posterior import FleetPosterior, apply_delta, decode_delta, push_for
 from experiments.spec import ExperimentSpec
 
@@ -99,3 +99,25 @@ def test_damaged_state_starts_afresh(runtime: Runtime, tmp_path: Path) -> None:
     assert exp.posterior("bandit1").next_seq == 1
     outputs, _ = exp.infer(runtime, "digits", {"input": X[:1]})
     assert outputs["logits"].shape == (1, 10)
+
+
+def test_a_report_lost_on_the_way_is_sent_again_after_the_next_push(runtime: Runtime) -> None:
+    exp = DeviceExperiments("dev1", rng=np.random.default_rng(2))
+    exp.start(BANDIT)
+    server = FleetPosterior.start("bandit1", BANDIT.arm_names)
+    _serve_and_reward(exp, runtime, 5)
+    lost = exp.report()  # the sample carrying delta 1 is dropped
+    _serve_and_reward(exp, runtime, 5)
+    second = exp.report()
+    assert [d["seq"] for d in (*lost, *second)] == [1, 2]
+    with pytest.raises(OutOfOrderDelta):
+        apply_delta(server, decode_delta(second[0], "dev1"))
+    exp.receive(push_for(server, "dev1"))  # the server's periodic push: nothing applied
+    _serve_and_reward(exp, runtime, 5)
+    third = exp.report()
+    assert [d["seq"] for d in third] == [1, 2, 3]  # the lacking ones first, then the new one
+    for raw in third:
+        server, verdict = apply_delta(server, decode_delta(raw, "dev1"))
+        assert verdict == "applied"
+    assert sum(s.n for s in server.arms.values()) == 15
+    assert exp.report() == []  # nothing new, nothing asked for again

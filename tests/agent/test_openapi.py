@@ -54,9 +54,14 @@ def document(server: ApiServer) -> dict[str, Any]:
     return document
 
 
-def _body_for(path: str, method: str) -> bytes:
+def _body_for(server: ApiServer, path: str, method: str) -> bytes:
     if path.endswith("/infer"):
         return json.dumps(_INFER).encode()
+    if path.endswith("/feedback"):
+        # An outcome for a fresh answer, so the success answer is validated too.
+        _, answer = _call(server, "POST", path.removesuffix("/feedback") + "/infer",
+                          json.dumps({**_INFER, "id": ""}).encode())
+        return json.dumps({"id": json.loads(answer)["id"], "reward": 1}).encode()
     if path.endswith("/install"):
         return b"not a bundle"
     return b""
@@ -68,9 +73,10 @@ def test_every_documented_operation_answers_as_documented(server: ApiServer,
     for template, operations in document["paths"].items():
         path = template.replace("{model}", "digits").replace("{version}", "1")
         for method, operation in operations.items():
-            status, body = _call(server, method.upper(), path, _body_for(path, method))
+            status, body = _call(server, method.upper(), path, _body_for(server, path, method))
             documented = operation["responses"]
             assert str(status) in documented, (method, path, status, body)
+            assert status == 200 or not path.endswith(("/infer", "/feedback")), body
             schema = documented[str(status)].get("content", {}).get("application/json")
             if schema is not None:
                 jsonschema.validate(json.loads(body), {**schema["schema"],
@@ -80,8 +86,8 @@ def test_every_documented_operation_answers_as_documented(server: ApiServer,
                 assert unauthorised == 401, (method, path)
             checked += 1
     # live, ready, openapi, /v2, index x2, all stats, status, metrics (off here: 404),
-    # install, and 4 model routes x2
-    assert checked == 18
+    # install, and 5 model routes x2
+    assert checked == 20
 
 
 def test_other_methods_and_paths_are_refused(server: ApiServer,

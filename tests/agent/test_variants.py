@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from agent.errors import InstallError
-from agent.variants import choose_variant
+from agent.variants import choose_variant, composite_members
+from bundle.composite import CompositeDecl
 from bundle.manifest import ArtifactVariant, Manifest
 from tests.agent.conftest import profile
 
@@ -39,3 +42,18 @@ def test_nothing_fits_names_what_the_bundle_offers() -> None:
                        r"artifacts/0.onnx") as caught:
         choose_variant(BUNDLE, profile("coral-edgetpu"), {"onnx", "tflite"})
     assert caught.value.reason == "no_variant"
+
+
+def test_a_composite_runs_every_member_in_declared_order() -> None:
+    composite = dataclasses.replace(BUNDLE, composite=CompositeDecl(
+        "cascade", ("artifacts/3.tflite", "artifacts/0.onnx"), "logits", threshold=0.5))
+    members = composite_members(composite, profile("rpi4"), {"onnx", "tflite"})
+    assert [m.path for m in members] == ["artifacts/3.tflite", "artifacts/0.onnx"]
+    with pytest.raises(InstallError, match=r"member artifacts/3.tflite \(tflite, profile "
+                       r"any\) this device cannot run") as caught:
+        composite_members(composite, profile("rpi4"), {"onnx"})
+    assert caught.value.reason == "no_variant"
+    made_for_another = dataclasses.replace(composite, composite=CompositeDecl(
+        "ensemble", ("artifacts/0.onnx", "artifacts/2.onnx"), "logits", combiner="mean"))
+    with pytest.raises(InstallError, match=r"artifacts/2\.onnx \(onnx, profile x86-64-vnni\)"):
+        composite_members(made_for_another, profile("x86-64-avx2"), {"onnx"})

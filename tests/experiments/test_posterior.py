@@ -23,6 +23,7 @@ from experiments.posterior import (
     observe,
     push_for,
     receive,
+    take_resend,
     total,
 )
 from stats.bandit import ArmStats
@@ -209,3 +210,47 @@ def test_decode_refuses_garbage_with_its_own_error(obj: object) -> None:
         return
     assert delta.seq > 0
     assert all(s.n >= 0 for s in delta.arms.values())
+
+
+def test_a_lost_delta_is_sent_again_after_a_push_and_the_gap_fills() -> None:
+    """The uplink loses delta 1 (a sample the outbox dropped): the server refuses 2 and 3
+    as a gap; the next push shows it lacks them, and take_resend sends them again, oldest
+    first and a bounded number at a time, until the server holds everything."""
+    learner = DeviceLearner.start("exp", ARMS)
+    server = FleetPosterior.start("exp", ARMS)
+    sent: list[Delta] = []
+    for seq in range(1, 6):
+        learner = observe(learner, "a", 1.0)
+        learner, delta = close_interval(learner, "d0")
+        assert delta is not None
+        assert delta.seq == seq
+        sent.append(delta)
+    for delta in sent[1:]:  # delta 1 never arrives
+        with pytest.raises(OutOfOrderDelta):
+            server, _ = apply_delta(server, delta)
+    assert take_resend(learner, 2) == (learner, ())  # nothing said yet: nothing resent
+    learner = receive(learner, push_for(server, "d0"))  # applied_seq 0: all five lacking
+    rounds = 0
+    while learner.resend_from:
+        learner, again = take_resend(learner, 2)
+        assert 0 < len(again) <= 2
+        assert [d.seq for d in again] == sorted(d.seq for d in again)
+        for delta in again:
+            server, _ = apply_delta(server, delta)
+        rounds += 1
+    assert rounds == 3
+    assert server.applied["d0"] == 5
+    assert server.arms["a"].n == 5
+    learner = receive(learner, push_for(server, "d0"))
+    assert learner.pending == ()
+    assert learner.resend_from == 0
+    assert local_posterior(learner)["a"].n == 5
+
+
+def test_a_push_that_includes_everything_asks_for_nothing_again() -> None:
+    learner = observe(DeviceLearner.start("exp", ARMS), "b", 0.5)
+    learner, delta = close_interval(learner, "d0")
+    assert delta is not None
+    server, _ = apply_delta(FleetPosterior.start("exp", ARMS), delta)
+    learner = receive(learner, push_for(server, "d0"))
+    assert take_resend(learner, 3) == (learner, ())

@@ -298,3 +298,22 @@ def test_build_with_delta_from_writes_the_delta_bundle_beside(
                           "p", "--delta-from", v1, version=3)
     assert code == 1
     assert "deltas pair artifacts by name" in err
+
+
+@pytest.mark.parametrize(("declaration", "fragment"), [
+    ("not json", "is not JSON"),
+    ('{"kind": "cascade", "members": ["artifacts/model.bin"], "output": "y", '
+     '"threshold": 0.5}', "a cascade has two members"),
+    ('{"kind": "ensemble", "members": ["artifacts/model.bin", "artifacts/other.bin"], '
+     '"output": "y", "combiner": "mean"}', "artifacts/other.bin not among the bundle's"),
+])
+def test_build_composite_declaration_errors(keys: Path, model: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str], *,
+                                            declaration: str, fragment: str) -> None:
+    (tmp_path / "decl.json").write_text(declaration)
+    code, _, err = _build(capsys, keys, tmp_path / "b.efb", "--model", model, "--profile", "p",
+                          "--composite", tmp_path / "decl.json")
+    assert code == 1
+    assert err.count("\n") == 1
+    assert fragment in err
+    assert not (tmp_path / "b.efb").exists()

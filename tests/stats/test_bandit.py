@@ -7,7 +7,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stats.bandit import ArmStats, probability_best, sample_means, thompson_choose
+from stats.bandit import (
+    ArmStats,
+    posterior_means,
+    probability_best,
+    sample_means,
+    thompson_choose,
+)
 
 
 @given(st.lists(st.floats(-10, 10), max_size=30), st.lists(st.floats(-10, 10), max_size=30))
@@ -53,3 +59,29 @@ def test_bad_input_is_refused() -> None:
         sample_means({"a": ArmStats()}, np.random.default_rng(0), "gamma")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at least one arm"):
         thompson_choose({}, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("family", ["beta", "normal"])
+def test_optimistic_draws_pass_over_the_best_known_arm_less_often(family: str) -> None:
+    # The worse arm wins an optimistic draw only if its draw beats both the better arm's
+    # draw and its mean: a subset of the plain draws it wins.
+    arms = {"known": ArmStats(2000, 140.0, 140.0), "less": ArmStats(200, 10.0, 10.0)}
+    means = posterior_means(arms, family)  # type: ignore[arg-type]
+    assert means["known"] > means["less"]
+
+    def wins(optimistic: bool) -> int:
+        rng = np.random.default_rng(3)
+        return sum(thompson_choose(arms, rng, family,  # type: ignore[arg-type]
+                                   optimistic=optimistic) == "less" for _ in range(3000))
+
+    plain, optimistic = wins(False), wins(True)
+    assert 0 < optimistic < plain
+
+
+def test_posterior_means_use_the_prior() -> None:
+    fresh = {"a": ArmStats()}
+    assert posterior_means(fresh, "beta", low=-1.0, high=3.0)["a"] == pytest.approx(1.0)
+    seen = {"a": ArmStats(3, 1.0, 1.0)}
+    assert posterior_means(seen, "beta")["a"] == pytest.approx(1.5 / 4.0)
+    assert posterior_means(seen, "beta", beta_prior=1.0)["a"] == pytest.approx(2.0 / 5.0)
+    assert posterior_means(seen, "normal")["a"] == pytest.approx(1.5 / 4.0)
