@@ -44,7 +44,9 @@ EXTRAS = {
     # jsonschema: tests/agent/test_openapi.py checks answers against the agent's OpenAPI document.
     # bsdiff4: only benchmarks/delta_bench.py, which measures it against edgefleet's deltas.
     # playwright: the dashboard's browser tests, driving the system's Chromium (install.sh).
+    # pytest-xdist: the suite runs on every core (pyproject's addopts: -n auto).
     "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "mypy>=1.11", "pytest-timeout>=2.3",
+            "pytest-xdist>=3.5",
             "tritonclient[http,grpc]>=2.40", "h11>=0.14", "jsonschema>=4.18", "bsdiff4>=1.2",
             "playwright>=1.40"],
 }

@@ -26,6 +26,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 echo "== installing edgefleet[all] into .venv"
-.venv/bin/python -m pip install --quiet --upgrade pip
+# The venv's own pip (ensurepip's) installs the project editable as it is; upgrading pip
+# first cost every CI run a download and a reinstall.
 .venv/bin/python -m pip install --quiet -e '.[all]'
 echo "== installed: $(.venv/bin/edge-agent --version), $(.venv/bin/edge-compress --version), $(.venv/bin/fleet --version)"

@@ -82,7 +82,10 @@ def test_a_broker_killed_again_and_again_then_frozen(
     assert listed["broker_connected"] is False
     assert [d["online"] for d in listed["devices"]] == [None]  # unknown, not online
     refused = publish(fleet, v2, check=False)
-    assert time.time() - killed_at < 8.0, "the broker was back before the publish ended"
+    # The publish ended with the broker still down (a state, not a clock: under load the
+    # publish's own process start can take seconds).
+    restarts = _status(fleet)["broker"]["restarts"]  # type: ignore[index]
+    assert restarts == 3, "the broker was back before the publish ended"
     assert refused.returncode == 1, refused.stdout
     assert "stored but not delivered" in refused.stderr
     # The agents serve on meanwhile.

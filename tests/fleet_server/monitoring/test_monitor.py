@@ -4,6 +4,7 @@ halts become alerts, webhooks retry and never hold up the caller."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -125,7 +126,9 @@ def test_raise_alert_is_the_one_entry_for_other_components(reg: Registry, clock:
 def test_webhook_retries_with_backoff_and_never_blocks(reg: Registry, clock: Clock) -> None:
     with receiver(fail_first=2) as flaky:
         config = MonitoringConfig(
-            webhooks=(Webhook(flaky.url, timeout_s=2, retries=3, backoff_s=0.05),
+            # A time-out beyond the wait below: a caller that waited for this webhook
+            # could not return before its held request is answered.
+            webhooks=(Webhook(flaky.url, timeout_s=60, retries=3, backoff_s=0.05),
                       # Nothing listens there: every attempt fails.
                       Webhook("http://127.0.0.1:9/hook", timeout_s=0.5, retries=1,
                               backoff_s=0.05)),
@@ -133,9 +136,23 @@ def test_webhook_retries_with_backoff_and_never_blocks(reg: Registry, clock: Clo
         monitor = Monitor(reg, config, offline_after_s=180, clock=clock)
         monitor.start()
         try:
-            started = time.monotonic()
-            monitor.raise_alert("drift", "digits", "drift", {})
-            assert time.monotonic() - started < 1.0  # a DB write, no webhook wait
+            # The webhook holds its first request unanswered: raise_alert returns all the
+            # same (a DB write; delivery is the notifier thread's), which a caller waiting
+            # for the webhook could not.
+            flaky.answering.clear()
+            returned = threading.Event()
+
+            def raise_drift() -> None:
+                monitor.raise_alert("drift", "digits", "drift", {})
+                returned.set()
+
+            raising = threading.Thread(target=raise_drift)
+            raising.start()
+            flaky.wait_arrived(1)
+            assert returned.wait(30), "raise_alert waited for the webhook's answer"
+            assert flaky.attempts == 0  # the request is still held
+            flaky.answering.set()
+            raising.join()
             (body,) = flaky.wait_for(1)
             assert flaky.attempts == 3
             assert body["key"] == "digits"
