@@ -50,6 +50,7 @@ from .model_store import StoredModel
 from .monitor import ModelMonitor, MonitorPlan, monitor_plan
 from .probation import ProbationPolicy
 from .sessions import Session, TensorInfo, open_session, warm_up
+from .side_process import ProcessSession
 from .side_runner import SideChannel, SideRunner, SideTask
 from .tensors import check_feeds, from_manifest_tensor
 
@@ -445,12 +446,13 @@ class Runtime:
         """Load, self-test and warm up a stored model (checking its file's hash first).
 
         A ``candidate`` (a shadow, which only ever runs beside the served model) gets one
-        intra-op thread, so it takes at most one core from the model that serves."""
+        intra-op thread, so it takes at most one core from the model that serves, and runs
+        in a child process (:mod:`agent.side_process`), off this process's GIL."""
         if not stored.intact():
             raise ModelLoadError(f"{stored.path} no longer matches its sha256 {stored.sha256[:16]}"
                                  "; the file was damaged on disk")
         session = self._open(stored.path, stored.format, stored.manifest,
-                             threads=1 if candidate else self.threads)
+                             threads=1 if candidate else self.threads, side_process=candidate)
         return ServedModel(stored.name, stored.version, session,
                            f"{stored.name} v{stored.version} ({stored.dtype} {stored.format})",
                            stored)
@@ -480,11 +482,11 @@ class Runtime:
         return self.model(name)
 
     def _open(self, path: Path, fmt: str, manifest: Manifest | None, *,
-              threads: int | None = None) -> Session:
+              threads: int | None = None, side_process: bool = False) -> Session:
         """Open, self-test and warm up a model; raises ModelLoadError or InstallError."""
         accelerators = self.profile.accelerators if self.profile else ()
-        session = open_session(path, fmt, accelerators,
-                               self.threads if threads is None else threads)
+        opener = ProcessSession if side_process else open_session
+        session = opener(path, fmt, accelerators, self.threads if threads is None else threads)
         feeds = _self_test(session, manifest) if manifest is not None else None
         warm_up(session, feeds, _WARMUP_RUNS)
         return session

@@ -5,6 +5,7 @@ in telemetry samples (monitor, shadow and previous-version comparisons)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import shutil
 import subprocess
@@ -253,6 +254,8 @@ def test_a_shadow_candidate_is_compared_off_the_path(
         model = None if agreeing else swapped_digits()
         shadow_bundle = write_bundle(repo, tmp_path, digits_spec(2, model))
         shadow = runtime.load_shadow(shadow_bundle)
+        # Off this process's GIL: the candidate runs in a child (agent/side_process.py).
+        assert getattr(shadow.session, "pid", None) not in (None, os.getpid())
         runtime.attach("digits", "shadow", shadow, 0.5)
         _serve(runtime, 200)
         report = _collect(runtime)["shadow"]

@@ -1,0 +1,126 @@
+"""A model session in a child process (agent/side_process.py): same answers as in-process,
+one round trip per batch, a failure of the child reported per request, never raised into
+the side thread, and the child gone once the session is closed or dropped."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.errors import ModelLoadError
+from agent.sessions import open_session
+from agent.side_process import ProcessSession, run_many
+
+ROOT = Path(__file__).resolve().parents[2]
+DIGITS = ROOT / "models" / "digits_cnn.onnx"
+
+
+def _feeds(count: int) -> list[dict[str, np.ndarray]]:
+    x = np.load(ROOT / "models" / "digits_data.npz")["eval_x"].astype(np.float32)
+    return [{"input": x[i:i + 1]} for i in range(count)]
+
+
+def _gone(pid: int, within: float = 5.0) -> bool:
+    """Whether process ``pid`` ended (exited or a zombie) within ``within`` seconds."""
+    stat = Path(f"/proc/{pid}/stat")
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if stat.read_text().split()[2] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_batch_runs_in_the_child_and_answers_as_in_process() -> None:
+    local = open_session(DIGITS, "onnx", threads=1)
+    remote = ProcessSession(DIGITS, "onnx", threads=1)
+    try:
+        assert remote.pid is not None
+        assert remote.pid != os.getpid()
+        assert remote.inputs == local.inputs
+        assert remote.outputs == local.outputs
+        assert remote.backend == local.backend
+        feeds = _feeds(16)
+        results = run_many(remote, feeds)
+        assert len(results) == 16
+        for one, (outputs, error, took_ms) in zip(feeds, results, strict=True):
+            assert error is None
+            assert outputs is not None
+            np.testing.assert_allclose(outputs[0], local.run(one)[0], rtol=1e-5, atol=1e-6)
+            assert took_ms > 0
+        np.testing.assert_allclose(remote.run(feeds[0])[0], local.run(feeds[0])[0],
+                                   rtol=1e-5, atol=1e-6)
+    finally:
+        remote.close()
+
+
+def test_a_failed_request_is_reported_with_its_reason_and_the_others_run() -> None:
+    remote = ProcessSession(DIGITS, "onnx", threads=1)
+    try:
+        good = _feeds(1)[0]
+        bad = {"input": np.zeros((1, 3), np.float32)}
+        results = run_many(remote, [good, bad, good])
+        assert [r[1] is None for r in results] == [True, False, True]
+        assert results[1][0] is None
+        assert results[1][1]
+        with pytest.raises(ModelLoadError):
+            remote.run(bad)
+    finally:
+        remote.close()
+
+
+def test_a_model_the_child_cannot_open_is_a_load_error(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(ModelLoadError, match="cannot load the model"):
+        ProcessSession(broken, "onnx", threads=1)
+
+
+def test_a_dead_child_fails_each_run_without_raising() -> None:
+    remote = ProcessSession(DIGITS, "onnx", threads=1)
+    pid = remote.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    assert _gone(pid)
+    results = run_many(remote, _feeds(3))
+    assert len(results) == 3
+    assert all(outputs is None and error for outputs, error, _ in results)
+    remote.close()
+
+
+def test_a_silent_child_is_stopped_after_the_timeout() -> None:
+    remote = ProcessSession(DIGITS, "onnx", threads=1, timeout=30.0)
+    pid = remote.pid
+    assert pid is not None
+    remote._timeout = 0.5  # the model opened; now a child that never answers
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        results = run_many(remote, _feeds(2))
+        assert all(outputs is None and "within 0.5 s" in (error or "")
+                   for outputs, error, _ in results)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert _gone(pid)
+    remote.close()
+
+
+@pytest.mark.parametrize("how", ["close", "dropped"])
+def test_the_child_ends_with_the_session(how: str) -> None:
+    remote = ProcessSession(DIGITS, "onnx", threads=1)
+    pid = remote.pid
+    assert pid is not None
+    if how == "close":
+        remote.close()
+    else:
+        del remote
+        gc.collect()
+    assert _gone(pid)
