@@ -83,11 +83,14 @@ class Comparison:
     """
 
     def __init__(self, role: str, model: Candidate, output: str, position: int,
-                 metric: str, *, request_bytes: int = 0) -> None:
+                 metric: str, *, request_bytes: int = 0, session: Session | None = None,
+                 ) -> None:
         self.role = role
         self.model = model
         self.version = model.version
-        self.session = model.session
+        #: What runs the compared model: its own session unless another is given (the same
+        #: file in a side process, :class:`~agent.side_process.MovingSession`).
+        self.session = model.session if session is None else session
         self.output = output
         self.position = position
         self.metric = metric

@@ -50,7 +50,7 @@ from .model_store import StoredModel
 from .monitor import ModelMonitor, MonitorPlan, monitor_plan
 from .probation import ProbationPolicy
 from .sessions import Session, TensorInfo, open_session, warm_up
-from .side_process import ProcessSession
+from .side_process import MovingSession, ProcessSession, worth_moving
 from .side_runner import SideChannel, SideRunner, SideTask
 from .tensors import check_feeds, from_manifest_tensor
 
@@ -414,8 +414,12 @@ class Runtime:
         # The candidate's output of that name, else the one in the same place.
         if output in names:
             position = names.index(output)
+        stored = model.stored  # the kept previous version of a small model: runs move out
+        session = (MovingSession(model.session, stored.path, stored.format)
+                   if role == "previous" and stored is not None and worth_moving(stored.path)
+                   else None)
         return Comparison(role, model, output, position, metric,
-                          request_bytes=_request_bytes(model.session))
+                          request_bytes=_request_bytes(model.session), session=session)
 
     def _watch(self, model: ServedModel) -> None:
         if model.monitor is None and self.monitoring.sample_rate > 0:

@@ -1,4 +1,5 @@
-"""A model session in a child process: where a shadow candidate runs.
+"""A model session in a child process: where a shadow candidate and, for small models, the
+kept previous version run their comparisons.
 
 A shadow candidate run on the side thread of the agent's own process competes with the
 requests for the GIL: every one of its runs releases and takes the GIL back, and each
@@ -9,14 +10,17 @@ instead (its own interpreter and GIL) and runs a whole batch of sampled requests
 trip (:meth:`ProcessSession.run_many`): the side thread pickles the batch, waits on the
 pipe without the GIL, and unpickles the answers, once per batch. The child runs at a lower
 priority (:data:`SIDE_NICE`): when the CPU is busy the served model goes first, the
-candidate's runs wait (so its measured latency includes that wait) and more sampled
-requests find the queue full (counted as dropped, as before).
+candidate's runs wait and more sampled requests find the queue full (counted as dropped,
+as before). A run's time is measured in the child: its CPU time when it computes on one
+CPU thread (so the waits for a core that the lower priority adds are not counted against
+the candidate), else the wall clock.
 
 The child is spawned, not forked (the agent has threads, onnxruntime has a pool). It ends
 when the parent closes its end of the pipe (:meth:`ProcessSession.close`, or the session
-garbage-collected, or the agent gone) or is killed after :data:`ANSWER_TIMEOUT_S` without an
-answer. Once the child is gone every run fails with :class:`ModelLoadError`: for a
-comparison those are counted errors of the candidate, never a request's.
+garbage-collected, or the agent gone) or is killed after :data:`ANSWER_TIMEOUT_S` without
+an answer. Once the child is gone every run fails with :class:`ModelLoadError`: for a
+comparison those are counted errors of the candidate, never a request's. The kept previous
+version stays loaded in the agent too (:class:`MovingSession`): its runs fall back there.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -39,7 +43,8 @@ from firmware_profiles.model import Accelerator
 from .errors import ModelLoadError
 from .sessions import Session, TensorInfo, open_session
 
-__all__ = ["ANSWER_TIMEOUT_S", "SIDE_NICE", "ProcessSession", "RunResult", "run_many"]
+__all__ = ["ANSWER_TIMEOUT_S", "MOVE_BELOW_BYTES", "SIDE_NICE", "MovingSession", "ProcessSession",
+           "RunResult", "run_many", "worth_moving"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,11 @@ SIDE_NICE = 10
 
 #: How long the parent waits for the child to open the model, or to answer one batch.
 ANSWER_TIMEOUT_S = 60.0
+
+#: Model files below this size are compared in a child process when already loaded here
+#: (:class:`MovingSession`): a second copy costs little, and their own run time is too short
+#: to hide the side work's effect on the requests.
+MOVE_BELOW_BYTES = 16 << 20
 
 #: One request's result: its outputs (None if it failed), why it failed, run time in ms.
 RunResult = tuple[list[np.ndarray] | None, str | None, float]
@@ -64,13 +74,14 @@ def run_many(session: Session, feeds: Sequence[Mapping[str, np.ndarray]]) -> lis
     return [_timed(session, one) for one in feeds]
 
 
-def _timed(session: Session, feeds: Mapping[str, np.ndarray]) -> RunResult:
-    start = time.perf_counter()
+def _timed(session: Session, feeds: Mapping[str, np.ndarray],
+           clock: Callable[[], float] = time.perf_counter) -> RunResult:
+    start = clock()
     try:
         outputs = session.run(feeds)
     except Exception as exc:  # the model's failure, reported with the request
-        return None, str(exc) or type(exc).__name__, (time.perf_counter() - start) * 1e3
-    return list(outputs), None, (time.perf_counter() - start) * 1e3
+        return None, str(exc) or type(exc).__name__, (clock() - start) * 1e3
+    return list(outputs), None, (clock() - start) * 1e3
 
 
 class ProcessSession:
@@ -103,6 +114,11 @@ class ProcessSession:
     def pid(self) -> int | None:
         """The child's process id."""
         return self._process.pid
+
+    @property
+    def alive(self) -> bool:
+        """Whether the child process is running."""
+        return self._process.is_alive()
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """One request (raises ModelLoadError with the child's reason when it fails)."""
@@ -161,9 +177,79 @@ def _child(conn: Connection, path: str, fmt: str, accelerators: tuple[Accelerato
         return
     conn.send(("ready", session.inputs, session.outputs, session.backend, session.fallback,
                session.device))
+    # One thread on the CPU computes on this thread: its CPU time is the run's time without
+    # the waits for a core that the lower priority adds on a busy device (which would read
+    # as a slower candidate to the p99_ratio gate). Elsewhere the wall clock.
+    clock = time.thread_time if session.device == "cpu" and threads == 1 else time.perf_counter
     while True:
         try:
             feeds = conn.recv()
         except (EOFError, OSError):
             return
-        conn.send(("ran", [_timed(session, one) for one in feeds]))
+        conn.send(("ran", [_timed(session, one, clock) for one in feeds]))
+
+
+def worth_moving(path: Path) -> bool:
+    """Whether comparisons of the model file ``path`` should move to a side process."""
+    try:
+        return path.stat().st_size < MOVE_BELOW_BYTES
+    except OSError:
+        return False
+
+
+class MovingSession:
+    """A session loaded here whose side runs move to a child process once it is ready.
+
+    The kept previous version must stay loaded in this process (a switch back serves it at
+    once), but running its comparisons here slows a tiny served model's requests, which the
+    ``p99_ratio`` gate then blames on the candidate (docs/rollouts.md). This runs them here
+    only until a :class:`ProcessSession` of the same file has opened, in the background so
+    that nothing waits for the spawn; if the child cannot open or dies, they stay here.
+    """
+
+    def __init__(self, local: Session, path: Path, fmt: str) -> None:
+        self.local = local
+        self.inputs, self.outputs = local.inputs, local.outputs
+        self.backend, self.fallback, self.device = local.backend, local.fallback, local.device
+        self._remote: ProcessSession | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        threading.Thread(target=self._open, args=(path, fmt), name="edgefleet-side-open",
+                         daemon=True).start()
+
+    def _open(self, path: Path, fmt: str) -> None:
+        try:
+            remote = ProcessSession(path, fmt, threads=1)
+        except Exception as exc:  # comparisons go on here, as before
+            log.warning("%s: comparisons stay in the agent's process (%s)", path.name, exc)
+            return
+        with self._lock:
+            keep = not self._closed
+            if keep:
+                self._remote = remote
+        if not keep:
+            remote.close()
+
+    @property
+    def moved(self) -> bool:
+        """Whether runs go to the child process now."""
+        return self._remote is not None
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """One request, in this process (the served copy)."""
+        return self.local.run(feeds)
+
+    def run_many(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[RunResult]:
+        """Run ``feeds`` in the child when it is ready and alive, else here."""
+        remote = self._remote
+        if remote is not None and remote.alive:
+            return remote.run_many(feeds)
+        return [_timed(self.local, one) for one in feeds]
+
+    def close(self) -> None:
+        """End the child process, if any (runs go on here)."""
+        with self._lock:
+            self._closed = True
+            remote, self._remote = self._remote, None
+        if remote is not None:
+            remote.close()

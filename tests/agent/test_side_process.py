@@ -15,7 +15,7 @@ import pytest
 
 from agent.errors import ModelLoadError
 from agent.sessions import open_session
-from agent.side_process import ProcessSession, run_many
+from agent.side_process import MovingSession, ProcessSession, run_many
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "models" / "digits_cnn.onnx"
@@ -124,3 +124,43 @@ def test_the_child_ends_with_the_session(how: str) -> None:
         del remote
         gc.collect()
     assert _gone(pid)
+
+
+def _moved(session: MovingSession, within: float = 60.0) -> bool:
+    deadline = time.monotonic() + within
+    while not session.moved and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return session.moved
+
+
+def test_a_moving_session_runs_here_until_its_child_opened_then_there() -> None:
+    local = open_session(DIGITS, "onnx", threads=1)
+    moving = MovingSession(local, DIGITS, "onnx")
+    feeds = _feeds(4)
+    expected = [local.run(one)[0] for one in feeds]
+    for (outputs, error, _), want in zip(run_many(moving, feeds), expected, strict=True):
+        assert error is None  # here or there, the answers are the same
+        assert outputs is not None
+        np.testing.assert_allclose(outputs[0], want, rtol=1e-5, atol=1e-6)
+    assert _moved(moving)
+    remote = moving._remote
+    assert remote is not None
+    pid = remote.pid
+    assert pid is not None
+    for (outputs, _, _), want in zip(run_many(moving, feeds), expected, strict=True):
+        assert outputs is not None
+        np.testing.assert_allclose(outputs[0], want, rtol=1e-5, atol=1e-6)
+    os.kill(pid, signal.SIGKILL)  # the child dies: runs come back here
+    assert _gone(pid)
+    results = run_many(moving, feeds)
+    assert all(error is None for _, error, _ in results)
+    moving.close()
+
+
+def test_a_moving_session_whose_child_cannot_open_stays_here(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    moving = MovingSession(open_session(DIGITS, "onnx", threads=1), broken, "onnx")
+    time.sleep(3.0)  # long enough for the child to have failed (a success would show)
+    assert not moving.moved
+    assert all(error is None for _, error, _ in run_many(moving, _feeds(2)))
