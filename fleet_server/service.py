@@ -379,7 +379,8 @@ class FleetService:
         self._rollouts = RolloutRunner(
             self._registry, publish=lambda ids: self._publish_selected([], ids, None),
             online=lambda d, now: d.online_at(now, self.config.offline_after_s),
-            tick_s=self.config.rollout_tick_s, check=self._check_rollout)
+            tick_s=self.config.rollout_tick_s, check=self._check_rollout,
+            rerelease=lambda b: self.releaser.rerelease(b, rollback_of=b.version))
         self._rollouts.start()  # resumes the rollouts the registry holds
 
     def _start_broker(self, ca: FleetCA) -> Broker:
