@@ -187,11 +187,11 @@ def test_a_device_that_refuses_its_previous_version_gets_one_rerelease() -> None
     assert after.restoring == {refused: "switching"}
     assert actions == [Rerelease("digits", V1, (refused,))]
     v3 = DesiredModel(3, "c" * 64, 10)
-    after, actions = rereleased(after, V1.bundle_sha256, v3, [refused])
+    after, made = rereleased(after, V1.bundle_sha256, v3, [refused])
     assert after.restoring == {refused: "rereleased"}
-    assert actions[0] == SetDesired("digits", {refused: v3}, "rerelease")
-    assert isinstance(actions[1], Emit)
-    assert actions[1].kind == "rollout.rereleased"
+    assert made[0] == SetDesired("digits", {refused: v3}, "rerelease")
+    assert isinstance(made[1], Emit)
+    assert made[1].kind == "rollout.rereleased"
     assert state_from_json(state_to_json(after)) == replace(after, revision=0)
     # While it installs v3 nothing more is asked; once it runs v3 it is done.
     installing = {refused: Observation(refused, True, 2, 3, "downloading")}
