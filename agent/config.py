@@ -3,11 +3,13 @@
 Each TOML table is a frozen dataclass below and each key a field whose metadata gives its
 meaning and bounds beside its type and default. From that one definition:
 
-- :func:`load_config` reads a file, refusing an unknown key or a bad value with the key's
-  name and its line in the file;
-- :func:`write_config` writes one with a TOML writer (tomli-w), so any path round-trips;
-- :func:`config_reference` renders the reference that ``edge-agent config --doc`` prints and
-  docs/agent-config.md holds (a test checks that the committed file is its output).
+- :func:`agent.config_load.load_config` reads a file, refusing an unknown key or a bad value
+  with the key's name and its line in the file;
+- :func:`agent.config_write.write_config` writes one with a TOML writer (tomli-w), so any
+  path round-trips;
+- :func:`agent.config_write.config_reference` renders the reference that ``edge-agent
+  config --doc`` prints and docs/agent-config.md holds (a test checks that the committed
+  file is its output).
 
 An example (``edge-agent enroll`` writes one like it; every key but ``state_dir`` may be left
 out, and an agent without ``[fleet]`` runs offline)::
@@ -34,45 +36,28 @@ out, and an agent without ``[fleet]`` runs offline)::
 
 from __future__ import annotations
 
-import argparse
-import difflib
-import math
-import re
-import sys
-import textwrap
 import types
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
-import tomli_w
-
-from common.atomic import write_atomic
 from protocol.defaults import AGENT_API_PORT
 from protocol.names import check_name
-
-from .errors import AgentError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 __all__ = [
     "DEFAULT_API_HOST",
     "DEFAULT_MONITOR_RATE",
+    "TYPE_NAMES",
     "AgentConfig",
     "ApiConfig",
     "ApiLimits",
     "FleetSettings",
     "MonitorConfig",
-    "config_reference",
-    "config_to_toml",
-    "load_config",
-    "option_type",
-    "write_config",
+    "bound_text",
+    "dotted",
+    "field_kind",
 ]
 
 #: Where the local API listens unless told otherwise: apps on this device only.
@@ -80,8 +65,6 @@ DEFAULT_API_HOST = "127.0.0.1"
 #: Share of requests the monitor samples by default (docs/benchmarks.md, monitoring cost).
 DEFAULT_MONITOR_RATE = 0.05
 _KIB, _MIB, _GIB = 1 << 10, 1 << 20, 1 << 30
-#: A config file bigger than this is not a config file.
-_MAX_FILE_BYTES = _MIB
 _MAX_ORIGINS = 32
 
 
@@ -239,101 +222,7 @@ class AgentConfig:
         "monitoring of the served models"))
 
 
-# -- loading ----------------------------------------------------------------------------------
-
-_T = TypeVar("_T")
-
-
-def load_config(path: Path) -> AgentConfig:
-    """Read and check ``path``; AgentError names the file, the key and its line on a problem.
-
-    Relative paths in ``[fleet]`` are taken relative to ``state_dir``.
-    """
-    try:
-        with path.open("rb") as f:
-            data = f.read(_MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise AgentError(f"cannot read agent config {path} ({exc.strerror}); create it with "
-                         "`edge-agent enroll` or pass --config") from exc
-    if len(data) > _MAX_FILE_BYTES:
-        raise AgentError(f"{path} is over {_MAX_FILE_BYTES} bytes; it is not an agent config")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise AgentError(f"{path}, line {line}: not UTF-8 text (byte {data[exc.start]:#x}); "
-                         "save the file as UTF-8") from None
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise AgentError(f"{path}: not valid TOML ({exc}); fix that line") from None
-    source = _Source(path, text)
-    config = source.build(AgentConfig, raw, ())
-    if config.fleet is None:
-        return config
-    local = {f.name: config.state_dir / getattr(config.fleet, f.name)
-             for f in fields(FleetSettings) if f.metadata["in_state_dir"]}
-    return replace(config, fleet=replace(config.fleet, **local))
-
-
-@dataclass(frozen=True)
-class _Source:
-    """One config file's text, for errors that name the line of a key."""
-
-    path: Path
-    text: str
-
-    def error(self, keys: tuple[str, ...], message: str) -> AgentError:
-        line = _line_of(self.text, keys)
-        where = f"{self.path}, line {line}" if line else str(self.path)
-        return AgentError(f"{where}: {message}")
-
-    def build(self, cls: type[_T], table: Mapping[str, Any], at: tuple[str, ...]) -> _T:
-        """An instance of the table dataclass ``cls`` from the TOML table at ``at``."""
-        hints = get_type_hints(cls)
-        known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
-        for key in table:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = (f"did you mean {_dotted(*at, close[0])}?" if close
-                        else f"known keys{f' in [{_dotted(*at)}]' if at else ''}: "
-                        f"{', '.join(known)}")
-                raise self.error((*at, key), f"unknown key {_dotted(*at, key)}; {hint} "
-                                 "(docs/agent-config.md lists them all)")
-        values: dict[str, Any] = {}
-        for name, f in known.items():
-            if name in table:
-                values[name] = self._value(table[name], hints[name], f, (*at, name))
-            elif f.default is MISSING and f.default_factory is MISSING:
-                raise self.error(at, f"missing key {_dotted(*at, name)} "
-                                 f"({f.metadata['meaning']})")
-        return cls(**values)
-
-    def _value(self, value: Any, hint: Any, f: Field[Any], keys: tuple[str, ...]) -> Any:
-        kind = _kind(hint)
-        name = _dotted(*keys)
-        if is_dataclass(kind):
-            if not isinstance(value, dict):
-                raise self.error(keys, f"{name} must be a table [{name}], not {value!r}")
-            return self.build(kind, value, keys)  # type: ignore[arg-type]
-        try:
-            converted = _convert(value, kind)
-        except TypeError as exc:
-            raise self.error(keys, f"{name} must be {exc}, not {value!r}") from None
-        meta = f.metadata
-        low, high = meta["low"], meta["high"]
-        if (low is not None and converted < low) or (high is not None and converted > high):
-            raise self.error(keys, f"{name} = {value!r} is out of range; use "
-                             f"{_number(low)} to {_number(high)}")
-        if meta["check"] is not None:
-            try:
-                meta["check"](converted)
-            except ValueError as exc:
-                raise self.error(keys, f"{name}: {exc}") from None
-        return converted
-
-
-def _kind(hint: Any) -> Any:
+def field_kind(hint: Any) -> Any:
     """``X`` for a hint ``X`` or ``X | None``."""
     if get_origin(hint) in (Union, types.UnionType):
         (kind,) = (arg for arg in get_args(hint) if arg is not type(None))
@@ -341,72 +230,13 @@ def _kind(hint: Any) -> Any:
     return hint
 
 
-def _convert(value: Any, kind: Any) -> Any:
-    """``value`` as a ``kind`` (str, Path, bool, int, float, a tuple of one of them); TypeError
-    names what it must be."""
-    if get_origin(kind) is tuple:
-        item = get_args(kind)[0]
-        if not isinstance(value, list):
-            raise TypeError(f"a list of {_TYPE_NAMES[item]}s")
-        try:
-            return tuple(_convert(v, item) for v in value)
-        except TypeError as exc:
-            raise TypeError(f"a list, each {exc}") from None
-    if kind in (str, Path):
-        if not isinstance(value, str) or not value or "\0" in value:
-            raise TypeError("a non-empty string")
-        return Path(value) if kind is Path else value
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise TypeError("true or false")
-        return value
-    if kind is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError("an integer")
-        return value
-    if kind is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(
-                value):
-            raise TypeError("a number")
-        return float(value)
-    raise AssertionError(f"no conversion for {kind!r}")  # a key of a type added without one
-
-
-_BARE_KEY = r"[A-Za-z0-9_-]+"
-_KEY = rf"(?:{_BARE_KEY}|\"[^\"]*\"|'[^']*')"
-_TABLE_LINE = re.compile(rf"\[\[?\s*({_KEY}(?:\s*\.\s*{_KEY})*)\s*\]\]?")
-_KEY_LINE = re.compile(rf"({_KEY}(?:\s*\.\s*{_KEY})*)\s*=")
-_KEY_PART = re.compile(_KEY)
-
-
-def _line_of(text: str, keys: tuple[str, ...]) -> int | None:
-    """The line that sets ``keys`` (or the table or dotted key that holds it), or None."""
-    table: tuple[str, ...] = ()
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        header = _TABLE_LINE.match(stripped)
-        if header:
-            table = _key_parts(header.group(1))
-            if table == keys:
-                return number
-            continue
-        match = _KEY_LINE.match(stripped)
-        if match:
-            path = (*table, *_key_parts(match.group(1)))
-            if path == keys[:len(path)]:
-                return number
-    return None
-
-
-def _key_parts(dotted: str) -> tuple[str, ...]:
-    return tuple(part.strip("\"'") for part in _KEY_PART.findall(dotted))
-
-
-def _dotted(*keys: str) -> str:
+def dotted(*keys: str) -> str:
+    """A key's path as the file and the docs write it: ``api.limits.max_batch``."""
     return ".".join(keys)
 
 
-def _number(value: float | None) -> str:
+def bound_text(value: float | None) -> str:
+    """A key's bound as messages and the docs show it (None: no bound)."""
     if value is None:
         return "any"
     if not float(value).is_integer():
@@ -414,135 +244,8 @@ def _number(value: float | None) -> str:
     return f"{int(value):,}" if value >= 1_000_000 else str(int(value))
 
 
-def option_type(table: type[Any], key: str) -> tuple[Callable[[str], Any], Any, str]:
-    """For a command-line flag standing for ``key`` of ``table``: a converter for argparse's
-    ``type=`` that applies the key's type and bounds, the key's default and its meaning."""
-    (f,) = (f for f in fields(table) if f.name == key)
-    kind = _kind(get_type_hints(table)[key])
-    low, high = f.metadata["low"], f.metadata["high"]
-
-    def convert(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if kind is float and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if (low is not None and value < low) or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{text} is out of range; use {_number(low)} to "
-                                             f"{_number(high)}")
-        return value
-
-    return convert, f.default, f.metadata["meaning"]
+#: What the docs and error messages call each key type.
+TYPE_NAMES: dict[Any, str] = {str: "string", Path: "path", int: "integer",
+              float: "number", bool: "boolean", tuple[str, ...]: "list of strings"}
 
 
-# -- writing ------------------------------------------------------------------------------------
-
-def write_config(path: Path, config: AgentConfig) -> None:
-    """Write ``config`` as TOML, leaving out limits at their defaults (atomically; it holds
-    no secrets, the key is a file of its own). Raises OSError."""
-    write_atomic(path, config_to_toml(config, all_limits=False).encode("utf-8"))
-
-
-def config_to_toml(config: AgentConfig, *, all_limits: bool = True) -> str:
-    """``config`` as TOML text; ``all_limits=False`` leaves out ``[api.limits]`` keys that
-    have their default value, so a later agent's better defaults apply."""
-    return tomli_w.dumps(_table(config, all_limits))
-
-
-def _table(obj: Any, all_limits: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if value is None:
-            continue  # TOML has no null: an unset key is left out
-        if isinstance(value, ApiLimits) and not all_limits:
-            defaults = ApiLimits()
-            changed = {k: v for k, v in _table(value, True).items()
-                       if getattr(defaults, k) != v}
-            if changed:
-                out[f.name] = changed
-        elif is_dataclass(value):
-            out[f.name] = _table(value, all_limits)
-        elif isinstance(value, tuple):
-            out[f.name] = list(value)
-        else:
-            out[f.name] = str(value) if isinstance(value, Path) else value
-    return out
-
-
-# -- the reference ------------------------------------------------------------------------------
-
-def config_reference() -> str:
-    """docs/agent-config.md: every key with its type, default, allowed values and meaning."""
-    lines = [
-        "# Agent configuration (`agent.toml`)",
-        "",
-        "<!-- Generated from agent/config.py by `edge-agent config --doc`; do not edit. -->",
-        "",
-        *textwrap.wrap(
-            "`edge-agent enroll` writes `agent.toml` into the state directory; `edge-agent "
-            "run --config FILE` reads it (default `/var/lib/edgefleet/agent/agent.toml`). "
-            "Every key marked required here must be given (`state_dir`, and in a `[fleet]` "
-            "table the keys that say so); the others may be left out. A key the agent does "
-            "not know, or a "
-            "value of the wrong type or out of range, is refused at start with the key's "
-            "name and its line in the file. Relative paths in `[fleet]` are taken relative "
-            "to `state_dir`. `edge-agent config --config FILE` checks a file and prints its "
-            "values with every default filled in.", 92, break_on_hyphens=False),
-    ]
-    for at, cls in _tables(AgentConfig, ()):
-        heading = f"[{_dotted(*at)}]" if at else "top level"
-        lines += ["", f"## {heading}", "", str(cls.__doc__).replace("``", "`"), "",
-                  "| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
-        hints = get_type_hints(cls)
-        for f in fields(cls):
-            kind = _kind(hints[f.name])
-            if is_dataclass(kind):
-                continue
-            lines.append(f"| `{f.name}` | {_TYPE_NAMES[kind]} | {_default(f)} | "
-                         f"{_allowed(f)} | {f.metadata['meaning']} |")
-    return "\n".join(lines) + "\n"
-
-
-_TYPE_NAMES: dict[Any, str] = {str: "string", Path: "path", int: "integer",
-                               float: "number", bool: "boolean",
-                               tuple[str, ...]: "list of strings"}
-
-
-def _tables(cls: type[Any], at: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], type[Any]]]:
-    """Each table dataclass under ``cls`` with its key path, ``cls`` first."""
-    yield at, cls
-    hints = get_type_hints(cls)
-    for f in fields(cls):
-        kind = _kind(hints[f.name])
-        if is_dataclass(kind):
-            yield from _tables(kind, (*at, f.name))  # type: ignore[arg-type]
-
-
-def _default(f: Field[Any]) -> str:
-    if f.default is MISSING:
-        return "required"
-    if f.default is None:
-        return "unset"
-    if isinstance(f.default, bool):
-        return f"`{str(f.default).lower()}`"
-    if f.default == ():
-        return "`[]`"
-    if isinstance(f.default, int) and not isinstance(f.default, bool) and f.default >= _KIB:
-        return f"`{f.default}`" + (f" ({f.default // _MIB} MiB)" if f.default % _MIB == 0
-                                   else f" ({f.default // _KIB} KiB)" if f.default % _KIB == 0
-                                   else "")
-    return f"`{f.default}`"
-
-
-def _allowed(f: Field[Any]) -> str:
-    meta = f.metadata
-    if meta["allowed"]:
-        return str(meta["allowed"])
-    if meta["low"] is not None or meta["high"] is not None:
-        return f"{_number(meta['low'])} to {_number(meta['high'])}"
-    if meta["in_state_dir"]:
-        return "absolute, or relative to `state_dir`"
-    return ""

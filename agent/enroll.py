@@ -44,7 +44,8 @@ from protocol.enrollment import EnrollmentToken, TokenError, parse_token, pin_of
 from protocol.names import check_name
 from transport.x509 import certificate_fingerprint, make_device_key_and_csr
 
-from .config import AgentConfig, ApiConfig, FleetSettings, write_config
+from .config import AgentConfig, ApiConfig, FleetSettings
+from .config_write import write_config
 from .errors import AgentError
 from .installer import StateDirs
 from .trust_store import TrustStore

@@ -5,26 +5,26 @@ worker thread. The worker compares the retained desired state with what the runt
 serves; for a model that differs it fetches the desired bundle in chunks
 (:class:`~agent.bundle_fetch.BundleFetch`, resumable) — or the smaller delta bundle the
 desired state offers for the version it runs, if that base is intact and no delta failed
-here before (:func:`wants_delta`; the full bundle otherwise) — installs it with the runtime (the
-same verified, self-tested hot-swap as a local install) and reports every install
-transition as an event plus a fresh ``reported`` state. A bundle that failed is not
-retried until the desired state names another one, so a bad bundle costs one attempt, not
-a loop.
+here before (:func:`~agent.fetch_plan.wants_delta`; the full bundle otherwise) — installs
+it with the runtime (the same verified, self-tested hot-swap as a local install) and
+reports every install transition as an event plus a fresh ``reported`` state. A bundle
+that failed is not retried until the desired state names another one, so a bad bundle
+costs one attempt, not a loop (:func:`~agent.fetch_plan.next_fetch`).
 
 Events and telemetry samples go through the durable :class:`~agent.outbox.Outbox`, which a
 :class:`~agent.publisher.Publisher` drains on its own thread; a
 :class:`~agent.telemetry.TelemetrySampler` samples on its own schedule. Install transitions
-are announced from the install records themselves (each record's history, with a mark in
-the outbox of how far it was announced), so a transition persisted while the link was not
-listening (before it started, or just before a kill) is sent when it starts.
+are announced from the install records themselves
+(:class:`~agent.install_announcements.InstallAnnouncer`), so a transition persisted while
+the link was not listening (before it started, or just before a kill) is sent when it
+starts.
 
 Beside the served version a desired model may name a shadow candidate and a share of
-requests to compare with the previous version (rollouts, issue 14): the worker asks
-:func:`agent.watch_plan.watch_actions` what to do and does it with the runtime. A shadow
-bundle is fetched through the same chunked fetch once no install is due, then verified,
-staged, self-tested and loaded on the install worker without serving
-(:meth:`Runtime.load_candidate <agent.runtime.Runtime.load_candidate>`); a desired version
-still loaded beside the served one is switched back to at once, before anything else.
+requests to compare with the previous version (rollouts, issue 14): on every tick
+:class:`~agent.fleet_shadow.ShadowCandidates` does what the desired state asks there. A
+shadow bundle is fetched through the same chunked fetch once no install is due, then
+loaded beside the served model without serving; a desired version still loaded beside the
+served one is switched back to at once, before anything else.
 
 The broker being down changes nothing for apps on the device: the runtime and its local
 API do not depend on this link. paho reconnects with back-off; on every connect the link
@@ -37,8 +37,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
-from concurrent.futures import Future
+from collections.abc import Callable
 from typing import Any
 
 from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
@@ -50,7 +49,6 @@ from protocol.errors import ProtocolError
 from protocol.messages import (
     DEFAULT_CHUNK_BYTES,
     Desired,
-    DesiredModel,
     Event,
     InstallReport,
     ModelReport,
@@ -66,17 +64,22 @@ from . import __version__
 from .bundle_fetch import BundleFetch, FetchError
 from .config import FleetSettings
 from .errors import AgentError
-from .http_fetch import device_context, download
+from .experiment_link import ExperimentLink
+from .experiments import DeviceExperiments
+from .fetch_plan import next_fetch, wants_delta
+from .fleet_shadow import ShadowCandidates
+from .http_fetch import download_as_device
+from .install_announcements import InstallAnnouncer, clip
 from .install_state import InstallRecord, InstallState
-from .installer import FLEET_SOURCE, is_disk_full
+from .installer import is_disk_full
 from .loss_counter import Tally
 from .outbox import Outbox, OutboxError
 from .publisher import Publisher
 from .runtime import Runtime
 from .telemetry import TelemetrySampler, TelemetrySource
-from .watch_plan import WatchAction, Watched, watch_actions
+from .watch_plan import WatchAction
 
-__all__ = ["FleetLink", "install_events", "next_fetch"]
+__all__ = ["FleetLink"]
 
 log = logging.getLogger(__name__)
 _TICK_S = 0.25
@@ -84,64 +87,6 @@ _TICK_S = 0.25
 _OFFLINE_TIMEOUT_S = 2.0
 #: Whole bundles that may arrive hashing wrong before the server is not asked again.
 _MAX_CORRUPT = 2
-#: Outbox marks of install announcements: this prefix, then the install id.
-_INSTALL_MARK = "install/"
-#: Characters of a text kept in an event's detail (an error message can be long): a few
-#: of them stay well within the server's limit for an event (MAX_EVENT_BYTES).
-_MAX_TEXT = 2000
-
-
-def next_fetch(desired: Desired | None, served: Mapping[str, str | None],
-               given_up: Mapping[str, str],
-               busy: Collection[str] = ()) -> tuple[str, DesiredModel] | None:
-    """The model whose desired bundle to fetch next, or None when the device is in line.
-
-    ``served`` maps model names to the bundle sha256 serving now (None: not from the fleet
-    or not served); ``given_up`` maps them to a bundle that failed, which is not fetched
-    again until the desired state names another one; ``busy`` models have an install being
-    verified or activated, to be finished first. Models in name order, one at a time.
-    """
-    if desired is None:
-        return None
-    for name, want in sorted(desired.models.items()):
-        if name not in busy and want.bundle_sha256 not in (served.get(name),
-                                                            given_up.get(name)):
-            return name, want
-    return None
-
-
-def wants_delta(want: DesiredModel, failed: Collection[str],
-                base_intact: Callable[[int], bool]) -> bool:
-    """Whether to fetch the delta bundle ``want`` offers rather than the full bundle: only
-    if there is one, it has not failed here before (a damaged base, a rebuild that did not
-    match: the full bundle then) and the stored base version is intact."""
-    delta = want.delta
-    return (delta is not None and delta.bundle_sha256 not in failed
-            and base_intact(delta.base_version))
-
-
-def install_events(record: InstallRecord, announced: int,
-                   ) -> list[tuple[str, float, dict[str, Any]]]:
-    """The events announcing ``record``'s transitions after the first ``announced`` entries
-    of its history (the first entry, ``idle``, is never announced): ``(kind, at, detail)``,
-    oldest first, each at the time of its transition. Only the latest carries the record's
-    ``reason`` and ``detail``, which belong to its current state."""
-    events = []
-    last = len(record.history) - 1
-    for index in range(max(announced, 1), last + 1):
-        state, at = record.history[index]
-        events.append((f"install.{state}", at, {
-            "install_id": record.install_id, "model": record.model,
-            "version": record.version, "bundle_sha256": record.bundle_sha256,
-            # What was fetched: a delta bundle (of the release release_sha256) or the full.
-            "bundle_size": record.size, "release_sha256": record.release_sha256,
-            "reason": _clip(record.reason) if index == last else None,
-            "detail": _clip(record.detail) if index == last else None}))
-    return events
-
-
-def _clip(text: str | None) -> str | None:
-    return text if text is None or len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "..."
 
 
 class FleetLink:
@@ -150,13 +95,15 @@ class FleetLink:
     ``telemetry`` (a :class:`~agent.telemetry.TelemetryCollector`, say) is sampled every
     ``settings.telemetry_interval_s``; None sends no telemetry. ``outbox`` holds events and
     samples until the broker has them; by default the link opens (and closes) the one in
-    the runtime's state directory.
+    the runtime's state directory. ``experiments``: the device's experiments, driven by the
+    desired state and the server's posterior pushes (:mod:`agent.experiment_link`).
     """
 
     def __init__(self, runtime: Runtime, settings: FleetSettings, *,
                  telemetry: TelemetrySource | None = None, outbox: Outbox | None = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 experiments: DeviceExperiments | None = None) -> None:
         if runtime.installer is None:
             raise ValueError("the fleet link needs a runtime with a state directory")
         self.runtime = runtime
@@ -174,10 +121,11 @@ class FleetLink:
         self.sampler = None if telemetry is None else TelemetrySampler(
             telemetry, self.outbox, settings.telemetry_interval_s, clock=clock,
             on_sample=lambda sample: self._sampled())
-        self._announcing = threading.Lock()
+        self._announcer = InstallAnnouncer(self.outbox, self._publisher.wake)
+        self._identity = TLSIdentity(settings.ca_file, settings.cert_file, settings.key_file)
+        self.experiments = ExperimentLink(experiments, self._topic)
         self._client = create_client(ClientSettings(
-            BrokerAddress.from_url(settings.broker_url),
-            TLSIdentity(settings.ca_file, settings.cert_file, settings.key_file),
+            BrokerAddress.from_url(settings.broker_url), self._identity,
             protocol=MQTTProtocolVersion.MQTTv311 if settings.mqtt_version == "3.1.1"
             else MQTTProtocolVersion.MQTTv5))
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -197,13 +145,12 @@ class FleetLink:
         self._intact: dict[tuple[str, int], bool] = {}  # stored bases checked for deltas
         self._fetch: BundleFetch | None = None
         self._fetch_model: str | None = None
-        self._fetch_version: int | None = None
         self._fetch_install: str | None = None
-        # A shadow candidate's fetch (it has a record that is never persisted), the shadow
-        # bundles being loaded and those given up, by model.
+        # A shadow candidate's fetch (it has a record that is never persisted).
         self._fetch_shadow: tuple[InstallRecord, float] | None = None
-        self._shadow_loading: dict[str, str] = {}
-        self._shadow_given_up: dict[str, str] = {}
+        self.shadows = ShadowCandidates(runtime, desired=self._current_desired,
+                                        event=self._event, report=self._report,
+                                        wake=self._wake.set)
         #: URLs of the bundle being fetched not tried yet; emptied once tried (then chunks).
         self._fetch_urls: tuple[str, ...] = ()
         #: Set whenever the worker found nothing to fetch (the device is in line with its
@@ -221,7 +168,7 @@ class FleetLink:
         """Announce install transitions not sent yet, then connect (in the background,
         retrying), sample, publish and start the worker."""
         self.installs.fetcher = self
-        self._announce_installs()
+        self._announcer.announce_all(self.installer.records())
         self._publisher.start()
         if self.sampler is not None:
             self.sampler.start()
@@ -276,7 +223,8 @@ class FleetLink:
             log.warning("broker refused the connection: %s", reason)
             return
         log.info("connected to %s as %s", self.settings.broker_url, self.settings.device_id)
-        client.subscribe([(self._topic("desired"), 1), (self._topic(CHUNK_LEAF), 1)])
+        client.subscribe([(self._topic("desired"), 1), (self._topic(CHUNK_LEAF), 1),
+                          *self.experiments.subscriptions()])
         with self._lock:
             if self._fetch is not None:
                 self._fetch.forget_requests()
@@ -302,12 +250,19 @@ class FleetLink:
                 with self._lock:
                     self._desired = desired
                 log.info("desired state: %s", {n: m.version for n, m in desired.models.items()})
+                self.experiments.follow(desired)
             elif message.topic == self._topic(CHUNK_LEAF):
                 self._on_chunk(bytes(message.payload))
+            elif self.experiments.is_push(message.topic):
+                self.experiments.on_push(message.topic, bytes(message.payload))
         except ProtocolError as exc:
             log.error("ignoring a bad message on %s: %s", message.topic, exc)
             self._event("protocol_error", {"topic": message.topic, "error": str(exc)})
         self._wake.set()
+
+    def _current_desired(self) -> Desired | None:
+        with self._lock:
+            return self._desired
 
     def _on_chunk(self, payload: bytes) -> None:
         chunk = decode_chunk(payload)
@@ -342,7 +297,7 @@ class FleetLink:
                 log.exception("fleet link step failed")
 
     def _step(self) -> None:
-        self._watch(load=False)
+        self.shadows.watch(self._current_desired(), load=False)
         if not self._connected.is_set():
             return
         with self._lock:
@@ -360,16 +315,7 @@ class FleetLink:
         """Try the bundle's URLs (on this worker thread); what they do not deliver is asked
         for in chunks over MQTT, from where the download stopped."""
         urls, self._fetch_urls = self._fetch_urls, ()
-        s = self.settings
-        try:
-            context = device_context(str(s.ca_file), str(s.cert_file), str(s.key_file))
-            done = download(fetch, urls, context, stop=self._stop)
-        except OSError as exc:  # a full disk, unreadable key files
-            log.error("cannot download bundle %s: %s", fetch.sha256[:12], exc)
-            done = False
-        if not done and not self._stop.is_set():
-            log.info("bundle %s: %d of %d bytes over HTTP; asking for the rest over MQTT",
-                     fetch.sha256[:12], fetch.have, fetch.size)
+        download_as_device(fetch, urls, self._identity, self._stop)
         self._wake.set()
 
     def _start_next_fetch(self) -> None:
@@ -381,7 +327,8 @@ class FleetLink:
                 if r.model is not None and r.state in working}
         chosen = next_fetch(desired, served, self.installer.given_up(), busy)
         if chosen is None:
-            if self._watch(load=True):
+            shadow = self.shadows.watch(desired, load=True)
+            if shadow is not None and self._fetch_shadow_bundle(shadow):
                 self.in_line.clear()
             else:
                 self.in_line.set()
@@ -424,13 +371,13 @@ class FleetLink:
             if self._fetch_install == record.install_id:
                 return  # already under way
             if self._fetch_shadow is not None:  # an install comes first; the shadow later
-                self._shadow_loading.pop(self._fetch_shadow[0].model or "", None)
+                self.shadows.abandon(self._fetch_shadow[0].model or "")
                 self._fetch_shadow = None
             fetch = BundleFetch(self.installer.dirs.incoming, record.bundle_sha256,
                                 record.size, chunk_bytes=self.chunk_bytes,
                                 name=record.install_id)
             self._fetch, self._fetch_model = fetch, record.model
-            self._fetch_version, self._fetch_install = record.version, record.install_id
+            self._fetch_install = record.install_id
             want = self._desired.models.get(record.model) if self._desired else None
             self._fetch_urls = (want.urls if want is not None
                                 and want.bundle_sha256 == record.bundle_sha256 else ())
@@ -465,7 +412,7 @@ class FleetLink:
         if install_id is not None:
             self.installs.fetched(install_id)
         if shadow is not None:
-            self._load_shadow(*shadow)
+            self.shadows.load(*shadow)
         self._report()
 
     def _fetch_failed(self, error: FetchError | OSError) -> None:
@@ -474,7 +421,7 @@ class FleetLink:
             shadow = self._fetch_shadow
             self._fetch = self._fetch_model = self._fetch_install = self._fetch_shadow = None
         if fetch is not None and name is not None and shadow is not None:
-            self._shadow_failed(shadow[0], f"fetch failed: {error}")
+            self.shadows.failed(shadow[0], f"fetch failed: {error}")
             return
         if fetch is None or name is None or install_id is None:
             return
@@ -491,161 +438,30 @@ class FleetLink:
             self.installs.fail(install_id, "fetch_failed", str(error))
         self._report()
 
-    # -- shadow and previous versions ----------------------------------------------------------
-
-    def _watched(self, name: str) -> Watched:
-        runtime = self.runtime
-        try:
-            served: int | None = runtime.served(name).version
-        except Exception:  # not served (yet)
-            served = None
-        shadow = runtime.shadow_of(name)
-        sha, rate = None, 0.0
-        if shadow is not None:
-            stored = shadow[0].stored
-            sha, rate = (None if stored is None else stored.bundle_sha256), shadow[1]
-        with self._lock:
-            loading = self._shadow_loading.get(name)
-        if loading is not None:
-            sha = loading
-        return Watched(served, runtime.previous_version(name), runtime.keep_rate(name), sha,
-                       rate)
-
-    def _watch(self, *, load: bool) -> bool:
-        """Do what the desired state asks of the models beside the served ones; with
-        ``load`` also start a shadow fetch. True if a shadow fetch started."""
-        with self._lock:
-            desired = self._desired
-            given_up = dict(self._shadow_given_up)
-        if desired is None:
-            return False
-        watched = {name: self._watched(name) for name in desired.models}
-        for action in watch_actions(desired, watched, given_up):
-            if action.kind == "load_shadow":
-                if load:
-                    return self._fetch_shadow_bundle(action)
-                continue
-            self._perform_watch(action)
-        return False
-
-    def _perform_watch(self, action: WatchAction) -> None:
-        name = action.model
-        if action.kind == "keep_previous":
-            self.runtime.keep_previous(name, action.rate)
-        elif action.kind == "switch_back" and action.version is not None:
-            if self.runtime.switch_back(name, action.version):
-                log.info("%s: switched back to v%d", name, action.version)
-                self._event("model.switched_back", {"model": name, "version": action.version})
-                self._report()
-        elif action.kind == "unload_shadow":
-            with self._lock:
-                self._shadow_loading.pop(name, None)
-            model = self.runtime.detach(name, "shadow")
-            if model is not None:
-                self._event("shadow.unloaded", {"model": name, "version": model.version})
-        elif action.kind == "shadow_rate":
-            shadow = self.runtime.shadow_of(name)
-            if shadow is not None:
-                self.runtime.attach(name, "shadow", shadow[0], action.rate)
-
     def _fetch_shadow_bundle(self, action: WatchAction) -> bool:
-        shadow = action.shadow
-        assert shadow is not None
-        name, sha = action.model, shadow.bundle_sha256
-        record = self.runtime.candidate_record(name, shadow.version, FLEET_SOURCE + sha, sha,
-                                               shadow.size)
-        try:
-            self.installer.check_space(shadow.size, f"shadow bundle {sha[:12]}")
-        except Exception as exc:  # no room: reported, tried again when the desired state changes
-            self._shadow_failed(record, str(exc))
+        begun = self.shadows.begin(action, self.chunk_bytes)
+        if begun is None:
             return False
-        fetch = BundleFetch(self.installer.dirs.incoming, sha, shadow.size,
-                            chunk_bytes=self.chunk_bytes, name=record.install_id)
+        fetch, record, rate = begun
         with self._lock:
-            self._fetch, self._fetch_model = fetch, name
-            self._fetch_version, self._fetch_install = shadow.version, None
-            self._fetch_shadow = (record, shadow.sample_rate)
-            self._shadow_loading[name] = sha
-        log.info("fetching shadow candidate %s v%d (bundle %s, %d bytes)", name, shadow.version,
-                 sha[:12], shadow.size)
-        self._event("fetch.started", {"model": name, "version": shadow.version,
-                                      "bundle_sha256": sha, "shadow": True, "resume_at": 0})
+            self._fetch, self._fetch_model = fetch, action.model
+            self._fetch_install = None
+            self._fetch_shadow = (record, rate)
+        self._event("fetch.started", {"model": action.model, "version": record.version,
+                                      "bundle_sha256": fetch.sha256, "shadow": True,
+                                      "resume_at": 0})
         self._wake.set()
         return True
-
-    def _load_shadow(self, record: InstallRecord, rate: float) -> None:
-        """Verify, self-test and load the fetched shadow bundle on the install worker, then
-        run it beside the served model."""
-        def loaded(future: Future[Any]) -> None:
-            exc = future.exception()
-            if exc is not None:
-                self._shadow_failed(record, str(exc))
-                return
-            name = record.model
-            assert name is not None
-            with self._lock:
-                current = self._shadow_loading.get(name)
-                wanted = self._desired is not None and name in self._desired.models
-            if current != record.bundle_sha256 or not wanted:
-                return  # the desired state moved on while it loaded
-            self.runtime.attach(name, "shadow", future.result(), rate)
-            with self._lock:
-                self._shadow_loading.pop(name, None)
-            log.info("shadow candidate %s v%s runs on %.0f%% of the requests", name,
-                     record.version, rate * 100)
-            self._event("shadow.loaded", {"model": name, "version": record.version,
-                                          "bundle_sha256": record.bundle_sha256,
-                                          "sample_rate": rate})
-            self._wake.set()
-        self.runtime.load_candidate(record).add_done_callback(loaded)
-
-    def _shadow_failed(self, record: InstallRecord, reason: str) -> None:
-        name, sha = record.model, record.bundle_sha256
-        assert name is not None
-        assert sha is not None
-        log.error("shadow candidate %s v%s not loaded: %s", name, record.version, reason)
-        with self._lock:
-            self._shadow_loading.pop(name, None)
-            self._shadow_given_up[name] = sha
-        self._event("shadow.failed", {"model": name, "version": record.version,
-                                      "bundle_sha256": sha, "reason": reason})
-        self._wake.set()
 
     # -- reporting --------------------------------------------------------------------------
 
     def _on_install_change(self, record: InstallRecord) -> None:
-        self._announce_install(record)
+        self._announcer.announce(record)
         self._report()
-
-    def _announce_installs(self) -> None:
-        """Announce what every install record kept says and was not announced yet (oldest
-        first), and forget the marks of records that are gone."""
-        records = self.installer.records()
-        for record in reversed(records):
-            self._announce_install(record)
-        with self._announcing:
-            self.outbox.forget_marks(_INSTALL_MARK, keep={
-                _INSTALL_MARK + record.install_id for record in records})
-
-    def _announce_install(self, record: InstallRecord) -> None:
-        """Put ``record``'s transitions not yet announced into the outbox, with the mark
-        that says so, in one transaction. If that fails they are announced later, from
-        the record, with its next transition or at the next start."""
-        key = _INSTALL_MARK + record.install_id
-        with self._announcing:
-            try:
-                events = install_events(record, self.outbox.mark(key))
-                if events:
-                    self.outbox.add_events(events, mark=(key, len(record.history)))
-            except (OutboxError, ValueError) as exc:
-                log.error("install %s: cannot queue its events (%s); they are sent later, "
-                          "from its record", record.install_id, exc)
-                return
-        self._publisher.wake()
 
     def _event(self, kind: str, detail: dict[str, Any]) -> None:
         """Queue an event for the fleet; sent in order once the broker is reachable."""
-        clipped = {key: _clip(value) if isinstance(value, str) else value
+        clipped = {key: clip(value) if isinstance(value, str) else value
                    for key, value in detail.items()}
         try:
             self.outbox.add_event(kind, self.clock(), clipped)

@@ -33,10 +33,11 @@ from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 from common.byte_range import parse_content_range
+from transport.mqtt import TLSIdentity
 
 from .bundle_fetch import BundleFetch, CorruptFetchError, FetchError
 
-__all__ = ["HttpFetchError", "HttpSettings", "device_context", "download"]
+__all__ = ["HttpFetchError", "HttpSettings", "device_context", "download", "download_as_device"]
 
 log = logging.getLogger(__name__)
 _BLOCK = 256 * 1024
@@ -97,6 +98,26 @@ def download(fetch: BundleFetch, urls: Sequence[str], context: ssl.SSLContext | 
                 break  # no progress: this source is not going to deliver
             log.info("bundle from %s: resuming at byte %d", _show(url), fetch.have)
     return fetch.done
+
+
+def download_as_device(fetch: BundleFetch, urls: Sequence[str], identity: TLSIdentity,
+                       stop: threading.Event) -> bool:
+    """The fleet link's download: :func:`download` with the device's TLS ``identity``.
+
+    True once the bundle is complete; False leaves the rest to chunks over MQTT, from where
+    the partial file ends, also when the download cannot start or write (unreadable key
+    files, a full disk: logged)."""
+    try:
+        context = device_context(str(identity.ca_file), str(identity.cert_file),
+                                 str(identity.key_file))
+        done = download(fetch, urls, context, stop=stop)
+    except OSError as exc:
+        log.error("cannot download bundle %s: %s", fetch.sha256[:12], exc)
+        done = False
+    if not done and not stop.is_set():
+        log.info("bundle %s: %d of %d bytes over HTTP; asking for the rest over MQTT",
+                 fetch.sha256[:12], fetch.have, fetch.size)
+    return done
 
 
 def _download_once(fetch: BundleFetch, url: str, context: ssl.SSLContext | None, *,

@@ -19,6 +19,13 @@ desired bundle (``fleet:<sha256>``), the FETCH action hands it to the registered
 :class:`Fetcher` (the fleet link), which calls :meth:`InstallDriver.fetched` or
 :meth:`InstallDriver.fail` when it is done. After a restart such a record waits until a
 fetcher is registered, then resumes from its partial file.
+
+Why one module of about 560 lines: it is the one adapter of the install machine, and every
+method either performs one action or feeds its outcome back on the one worker thread that
+lets installs go without locks; the parts that stand alone are already apart (the
+decisions in :mod:`agent.install_state` and :mod:`agent.probation`, the disk work in
+:mod:`agent.installer`), and splitting the actions from the loop would share its private
+state (probations, stand-by models) across modules.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from pathlib import Path
 from common.atomic import write_atomic
 from firmware_profiles.model import Profile
 
-from .config import load_config
+from .config_load import load_config
 from .errors import AgentError
 from .systemd_unit import UnitSpec, memory_max_mb, render_unit
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from common.periodic import Periodic
 from protocol.messages import Telemetry
 
 from .errors import ModelNotFoundError
@@ -186,22 +186,17 @@ class TelemetrySampler:
         self.on_sample = on_sample
         self.clock = clock
         self.monotonic = monotonic
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._due = 0.0
+        self._periodic = Periodic("edgefleet-telemetry", self._slot, interval_s)
 
     def start(self) -> None:
         """Take the first sample now and then one every interval, until :meth:`stop`."""
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="edgefleet-telemetry",
-                                        daemon=True)
-        self._thread.start()
+        self._due = self.monotonic()
+        self._periodic.start()
 
     def stop(self) -> None:
         """Stop sampling; returns once a sample being taken is stored."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._periodic.stop()
 
     def sample(self) -> Telemetry | None:
         """Take one sample now; None if it was lost (logged and counted as dropped)."""
@@ -219,12 +214,12 @@ class TelemetrySampler:
             self.on_sample(sample)
         return sample
 
-    def _run(self) -> None:
-        due = self.monotonic()
-        while not self._stop.wait(max(0.0, due - self.monotonic())):
-            missed, due = next_slot(due, self.monotonic(), self.interval_s)
-            if missed:
-                log.warning("telemetry sampling was held up: %d sample(s) not taken, "
-                            "counted as dropped", missed)
-                self.outbox.count_lost(Tally(samples=missed))
-            self.sample()
+    def _slot(self) -> float:
+        """The sample due now, and the wait until the next slot of the grid."""
+        missed, self._due = next_slot(self._due, self.monotonic(), self.interval_s)
+        if missed:
+            log.warning("telemetry sampling was held up: %d sample(s) not taken, "
+                        "counted as dropped", missed)
+            self.outbox.count_lost(Tally(samples=missed))
+        self.sample()
+        return self._due - self.monotonic()

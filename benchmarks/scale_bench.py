@@ -5,7 +5,7 @@ two server processes against one (issue 16; docs/scale.md, docs/benchmarks.md).
 What runs, all on this machine:
 
 - **Mosquitto** (2.x) started here, TLS with required client certificates, the ACL of
-  ``fleet_server.broker.render_acl`` with two server identities (``fleet-server-a``,
+  ``fleet_server.broker_config.render_acl`` with two server identities (``fleet-server-a``,
   ``-b``): what an operator's external broker would be.
 - **Two server processes**, ``fleet serve --instance a|b --shared-subscriptions
   --bundle-port 0 --broker-url ... --db postgresql://...``, on one fresh PostgreSQL schema,

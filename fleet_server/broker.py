@@ -5,63 +5,53 @@ The embedded broker is a ``mosquitto -c CONFIG`` child process whose files live 
 directory (all regenerated at every start, except the persistence database)::
 
     DATA/
-      mosquitto.conf     the configuration (:func:`render_config`)
-      acl                the access control list (:func:`render_acl`)
+      mosquitto.conf     the configuration (:func:`~fleet_server.broker_config.render_config`)
+      acl                the access control list (:func:`~.broker_config.render_acl`)
       mosquitto.log      the broker's log (appended to by every run)
       mosquitto.pid      the running broker's process id
       persistence/       retained messages and persistent sessions (mosquitto.db)
 
-Security model (docs/transport.md): the only listener speaks TLS and requires a client
-certificate from the fleet CA; the certificate's CN becomes both the MQTT user name and the
-client id, so a device cannot pose as another one or take over its session; the ACL lets a
-device use only its own subtree and lets the fleet server's identity use the whole fleet.
-There is deliberately no plain-text listener, not even on localhost.
+What those files say, and the security model they enforce, is :mod:`fleet_server.broker_config`
+(from one :class:`~fleet_server.broker_config.BrokerConfig`, re-exported here as the argument
+of :meth:`Broker.embedded`); one Mosquitto process (finding, probing and stopping it) is
+:mod:`fleet_server.mosquitto`'s; this module runs and supervises it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pwd
-import shutil
 import signal
-import socket
-import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 
 from paho.mqtt.client import Client
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from protocol.names import check_name
-from protocol.topics import DEVICE_READS, DEVICE_WRITES, device_topic, fleet_topic_filter
 from transport.mqtt import BrokerAddress, ClientSettings, TLSIdentity, create_client
 
+from .broker_config import BrokerConfig, render_acl, render_config
 from .errors import BrokerError
+from .mosquitto import (
+    POLL_INTERVAL,
+    check_port_free,
+    death_signal_prefix,
+    find_mosquitto,
+    free_port,
+    local_host,
+    stop_orphan,
+    terminate,
+    wait_ready,
+)
 
-__all__ = [
-    "SERVER_IDENTITY",
-    "Broker",
-    "BrokerConfig",
-    "find_mosquitto",
-    "render_acl",
-    "render_config",
-]
+__all__ = ["Broker", "BrokerConfig"]
 
 log = logging.getLogger(__name__)
 
-#: Default CN of the fleet server's own MQTT identity: the one client the ACL grants the
-#: whole fleet subtree.
-SERVER_IDENTITY = "fleet-server"
-#: Where distributions install mosquitto when it is not on PATH (Debian: /usr/sbin).
-_MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 _LOG_TAIL_LINES = 20
-_POLL_INTERVAL = 0.02
 #: A free port found by binding port 0 can be taken by someone else before mosquitto binds
 #: it; starting again on a fresh port resolves that race.
 _PORT_ATTEMPTS = 3
@@ -70,147 +60,6 @@ _PORT_ATTEMPTS = 3
 _RESTART_MIN_S = 1.0
 _RESTART_MAX_S = 30.0
 _RESTART_RESET_S = 60.0
-
-
-@dataclass(frozen=True)
-class BrokerConfig:
-    """Settings of an embedded broker for one fleet."""
-
-    fleet: str
-    #: Holds the configuration, ACL, log and persistence database (module docstring).
-    data_dir: Path
-    #: The broker's files: ``ca_file`` is the fleet CA (client certificates are checked
-    #: against it), ``cert_file``/``key_file`` its server certificate
-    #: (:meth:`fleet_server.ca.FleetCA.issue_server_cert`).
-    tls: TLSIdentity
-    #: 0 picks a free port at start (tests, demos); devices need a fixed one, e.g. 8883.
-    port: int = 0
-    #: Address to listen on; "" listens on every interface, as devices are other machines.
-    bind_address: str = ""
-    #: CN of the fleet server's client certificate, granted the whole fleet subtree.
-    server_identity: str = SERVER_IDENTITY
-    #: CNs of further fleet server processes (``fleet serve --instance``), granted the same.
-    more_server_identities: tuple[str, ...] = ()
-    #: Seconds between saves of the persistence database (it is also saved on a clean
-    #: stop); a broker crash loses retained messages and queues changed since the last save.
-    autosave_interval: int = 60
-    #: QoS 1 messages queued per disconnected client before the broker drops new ones
-    #: (Mosquitto's default is 1000). The fleet server's own session queues the whole
-    #: fleet's telemetry while the server restarts, hence the larger bound.
-    max_queued_messages: int = 10_000
-    #: QoS 1 messages sent to a client and not yet acknowledged, at most (0: no limit;
-    #: Mosquitto's default is 20). Mosquitto 2.0.11 queues the messages beyond the limit
-    #: and may then deliver them out of order: a device's newer ``reported`` state could
-    #: reach the fleet server before an older one, which would then overwrite it. Without
-    #: a limit nothing is queued for a connected client and its messages arrive in order;
-    #: TCP's flow control still paces a slow reader.
-    max_inflight_messages: int = 0
-    #: Bytes of QoS 1 messages in flight to one client; beyond it they queue (next bound).
-    #: With no count limit above, this is what keeps a client that stops reading its
-    #: socket (while asking for chunks) from growing the broker without bound. Measured
-    #: (tests/fleet_server/test_broker.py): a stalled client costs the broker about twice
-    #: these two bounds, 77 MiB with 8 + 32 MiB, however much is sent to it (252 MiB for
-    #: 128 MiB sent without them). Large enough that the fleet server, which acknowledges
-    #: in batches, never reaches it in normal operation (reordering, above).
-    max_inflight_bytes: int = 8 * 1024 * 1024
-    #: Bytes queued for one client beyond those in flight; more are dropped. Bounds what a
-    #: disconnected or stalled client costs the broker in memory and persistence. The
-    #: fleet server's own backlog is bounded first by max_queued_messages for small
-    #: messages (telemetry, reports).
-    max_queued_bytes: int = 32 * 1024 * 1024
-    #: Largest MQTT packet anyone may send, in bytes: a bundle chunk frame (at most 4 MiB of
-    #: data, protocol.messages) plus headers. A client sending more is disconnected.
-    max_packet_size: int = 4 * 1024 * 1024 + 64 * 1024
-    #: The fleet CA's certificate revocation list (:attr:`fleet_server.ca.FleetCA.crl_path`):
-    #: client certificates it lists are refused at the TLS handshake. None: no CRL.
-    crl_file: Path | None = None
-
-
-def render_acl(fleet: str, server_identity: str = SERVER_IDENTITY,
-               more_server_identities: Sequence[str] = ()) -> str:
-    """The Mosquitto ACL file for ``fleet`` (usable on an external Mosquitto too).
-
-    ``%u`` is the client's user name, which the listener takes from its certificate CN.
-    Mosquitto applies ``pattern`` lines to every client and ``topic`` lines after ``user X``
-    to X only; anything not granted is denied.
-    """
-    lines = [f"# edgefleet ACL of fleet {fleet} (docs/transport.md). Generated by",
-             "# fleet_server/broker.py: change BrokerConfig, not this file.",
-             "",
-             "# Each device (user name = certificate CN = device id), its own subtree only:"]
-    lines += [f"pattern read {device_topic(fleet, '%u', leaf)}" for leaf in DEVICE_READS]
-    lines += [f"pattern write {device_topic(fleet, '%u', leaf)}" for leaf in DEVICE_WRITES]
-    lines += ["", "# The fleet server (each of its processes): the whole fleet."]
-    for identity in (server_identity, *more_server_identities):
-        lines += [f"user {identity}", f"topic readwrite {fleet_topic_filter(fleet)}"]
-    return "\n".join(lines) + "\n"
-
-
-def render_config(config: BrokerConfig, port: int) -> str:
-    """The ``mosquitto.conf`` (Mosquitto 2.x) of ``config``, listening on ``port``."""
-    data = config.data_dir.resolve()
-    paths = {"acl_file": data / "acl", "persistence_location": data / "persistence",
-             "pid_file": data / "mosquitto.pid",
-             "cafile": config.tls.ca_file.resolve(), "certfile": config.tls.cert_file.resolve(),
-             "keyfile": config.tls.key_file.resolve(),
-             **({"crlfile": config.crl_file.resolve()} if config.crl_file else {})}
-    for option, path in paths.items():
-        # The config format has no quoting: a line ends the value.
-        if "\n" in str(path) or "\r" in str(path):
-            raise BrokerError(f"the {option} path {str(path)!r} contains a line break, which "
-                              "a mosquitto configuration cannot express; use another path")
-    listener = f"listener {port} {config.bind_address}".rstrip()
-    return f"""\
-# edgefleet broker of fleet {config.fleet}. Generated by fleet_server/broker.py at every
-# start: change BrokerConfig, not this file.
-
-# Run as the user that started us (the owner of the key files), even when that is root;
-# Mosquitto would otherwise switch to the user "mosquitto", which cannot read them.
-user {pwd.getpwuid(os.geteuid()).pw_name}
-per_listener_settings false
-allow_anonymous false
-acl_file {paths["acl_file"]}
-
-# Retained messages (desired state) and persistent sessions survive a restart.
-persistence true
-persistence_location {paths["persistence_location"]}/
-autosave_interval {config.autosave_interval}
-pid_file {paths["pid_file"]}
-
-# Bounds on what one client can make the broker hold (a device that asks for chunks and
-# never reads them, a server that stalls): BrokerConfig says why each is set as it is.
-max_queued_messages {config.max_queued_messages}
-max_queued_bytes {config.max_queued_bytes}
-max_inflight_messages {config.max_inflight_messages}
-max_inflight_bytes {config.max_inflight_bytes}
-max_packet_size {config.max_packet_size}
-# Chunked transfers are request/response: Nagle's algorithm would delay each answer.
-set_tcp_nodelay true
-
-log_dest stderr
-log_timestamp_format %Y-%m-%dT%H:%M:%S
-
-# The only listener: TLS, a fleet CA certificate required, its CN is the user name and the
-# client id (so a device can neither pose as another nor take over another's session).
-{listener}
-protocol mqtt
-cafile {paths["cafile"]}
-certfile {paths["certfile"]}
-keyfile {paths["keyfile"]}
-{f"crlfile {paths['crlfile']}" if "crlfile" in paths else "# no crlfile"}
-tls_version tlsv1.2
-require_certificate true
-use_identity_as_username true
-use_username_as_clientid true
-"""
-
-
-def find_mosquitto() -> str | None:
-    """The mosquitto executable: on PATH, else where distributions put it; None if absent."""
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    return next((c for c in _MOSQUITTO_CANDIDATES if os.access(c, os.X_OK)), None)
 
 
 class Broker:
@@ -326,7 +175,7 @@ class Broker:
             raise RuntimeError("the broker is already started; stop() it first")
         config = self._config
         self._write_files(config)
-        _stop_orphan(config)
+        stop_orphan(config)
         self._stopping.clear()
         started: list[BrokerError | None] = []
         ready = threading.Event()
@@ -360,7 +209,7 @@ class Broker:
         with self._lock:
             process, self._process = self._process, None
         if process is not None:
-            _terminate(process, timeout)
+            terminate(process, timeout)
         supervisor, self._supervisor = self._supervisor, None
         if supervisor is not None and supervisor is not threading.current_thread():
             supervisor.join()
@@ -397,7 +246,7 @@ class Broker:
                         return True
             except OSError:
                 pass
-            time.sleep(_POLL_INTERVAL)
+            time.sleep(POLL_INTERVAL)
         log.error("mosquitto did not log a reload within %.0f s of SIGHUP; revoked "
                   "certificates may still connect until it restarts", timeout)
         return False
@@ -416,7 +265,7 @@ class Broker:
                 return  # down already: the supervisor starts it, and it reads the CRL then
             self._process = None
             self._restarting.set()
-        _terminate(process, timeout)
+        terminate(process, timeout)
         if not self._restarted.wait(timeout * 2):
             raise BrokerError(f"mosquitto did not start again within {timeout * 2:.0f} s; "
                               f"its log:\n{self.log_tail()}")
@@ -447,20 +296,20 @@ class Broker:
         previous = self._address.port if self._address else None
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             fixed = config.port or (previous if attempt == 1 and previous else 0)
-            port = fixed or _free_port(config.bind_address)
+            port = fixed or free_port(config.bind_address)
             if fixed:
-                _check_port_free(config.bind_address, port)
-            address = BrokerAddress(_local_host(config.bind_address), port)
+                check_port_free(config.bind_address, port)
+            address = BrokerAddress(local_host(config.bind_address), port)
             self._address = address
             process = self._spawn(config, port)
             try:
-                _wait_ready(process, address, config.tls, timeout, self.log_tail)
+                wait_ready(process, address, config.tls, timeout, self.log_tail)
             except BrokerError:
                 in_use = "Address already in use" in self.log_tail()
                 with self._lock:
                     if self._process is process:
                         self._process = None
-                _terminate(process, 5.0)
+                terminate(process, 5.0)
                 if in_use and not fixed and attempt < _PORT_ATTEMPTS:
                     log.debug("port %d was taken before mosquitto bound it; retrying", port)
                     continue
@@ -534,7 +383,7 @@ class Broker:
                 # the child has its own copy of the descriptor, ours is closed at once.
                 with log_path.open("ab") as log_file:
                     process = subprocess.Popen(
-                        [*_death_signal_prefix(), str(self._mosquitto), "-c", str(conf)],
+                        [*death_signal_prefix(), str(self._mosquitto), "-c", str(conf)],
                         stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
             except OSError as exc:
                 raise BrokerError(f"cannot start {self._mosquitto} ({exc}); check that it is "
@@ -542,126 +391,3 @@ class Broker:
                                   "writable") from exc
             self._process = process
         return process
-
-
-def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("mosquitto did not exit %.0f s after SIGTERM; killing it", timeout)
-            process.kill()
-            process.wait()
-    log.debug("mosquitto exited with code %s", process.returncode)
-
-
-def _death_signal_prefix() -> list[str]:
-    """``setpriv --pdeathsig TERM``: Mosquitto gets SIGTERM when the thread that started
-    it dies, however it dies. Without setpriv (not Linux util-linux), the pid file check at
-    the next start stops a broker a killed server left behind."""
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "TERM"] if setpriv else []
-
-
-def _stop_orphan(config: BrokerConfig) -> None:
-    """Stop a Mosquitto that an earlier server on this data directory left running.
-
-    Only a process whose command line names this data directory's configuration is
-    touched: a stale pid file whose number now belongs to another process is ignored.
-    """
-    pid_file = config.data_dir / "mosquitto.pid"
-    try:
-        pid = int(pid_file.read_text(encoding="ascii").strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError):
-        return
-    conf = str(config.data_dir / "mosquitto.conf").encode()
-    if not any(part.endswith(b"mosquitto") for part in cmdline) or conf not in cmdline:
-        return
-    log.warning("stopping mosquitto (pid %d) left running by an earlier fleet server on %s",
-                pid, config.data_dir)
-    try:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 5.0
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(_POLL_INTERVAL)
-        if Path(f"/proc/{pid}").exists():
-            os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    except PermissionError as exc:
-        raise BrokerError(f"mosquitto (pid {pid}) of an earlier server still runs on "
-                          f"{config.data_dir} and cannot be stopped ({exc}); stop it "
-                          "yourself") from exc
-
-
-def _check_port_free(bind_address: str, port: int) -> None:
-    """Raise BrokerError if another process listens on ``port`` (as Mosquitto binds it)."""
-    family = socket.AF_INET6 if ":" in bind_address else socket.AF_INET
-    with socket.socket(family) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((bind_address, port))
-        except OSError as exc:
-            raise BrokerError(f"port {port} is in use by another process ({exc.strerror}); "
-                              "stop it, or give the broker another port (--mqtt-port)") from exc
-
-
-def _wait_ready(process: subprocess.Popen[bytes], address: BrokerAddress, tls: TLSIdentity,
-                timeout: float, log_tail: Callable[[], str]) -> None:
-    """Return once the broker completes a TLS handshake; raise BrokerError if it exits,
-    presents a certificate that does not verify, or is not ready within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        code = process.poll()
-        if code is not None:
-            raise BrokerError(f"mosquitto exited with code {code} at start; fix what its log "
-                              f"says:\n{log_tail()}")
-        try:
-            _tls_handshake(address, tls.ca_file)
-            if process.poll() is not None:
-                continue  # someone else answered; report why our process exited
-        except ssl.SSLCertVerificationError as exc:
-            raise BrokerError(
-                f"the broker's certificate {tls.cert_file} does not verify against "
-                f"{tls.ca_file} for host {address.host} ({exc.verify_message}); issue it "
-                "with the fleet CA (FleetCA.issue_server_cert) for that host") from exc
-        except OSError:
-            if time.monotonic() > deadline:
-                raise BrokerError(f"mosquitto did not accept TLS connections on {address.url} "
-                                  f"within {timeout:.0f} s; its log:\n{log_tail()}") from None
-            time.sleep(_POLL_INTERVAL)
-        else:
-            return
-
-
-def _tls_handshake(address: BrokerAddress, ca_file: Path) -> None:
-    """One TLS handshake with the broker, verifying its certificate.
-
-    No client certificate is sent, and TLS 1.3 is used so that the handshake completes on
-    our side before the broker checks for one; the broker then logs the probe as a client
-    that "did not return a certificate".
-    """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.load_verify_locations(cafile=ca_file)
-    with socket.create_connection((address.host, address.port), timeout=1.0) as sock, \
-            context.wrap_socket(sock, server_hostname=address.host):
-        pass
-
-
-def _free_port(bind_address: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in bind_address else socket.AF_INET) as sock:
-        sock.bind((bind_address, 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def _local_host(bind_address: str) -> str:
-    """The host a client on this machine uses to reach a listener on ``bind_address``."""
-    if bind_address in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if bind_address == "::":
-        return "::1"
-    return bind_address

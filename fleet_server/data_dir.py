@@ -32,7 +32,7 @@ from common.atomic import write_atomic
 from common.instance_lock import LockHeld, hold_lock
 from transport.mqtt import TLSIdentity
 
-from .broker import SERVER_IDENTITY
+from .broker_config import SERVER_IDENTITY
 from .ca import FleetCA
 from .errors import ServiceError
 

@@ -10,10 +10,11 @@ statement, so two leaders overlapping for a moment delete nothing twice).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from common.periodic import Periodic
 
 from .leadership import Leadership
 from .registry import Registry
@@ -52,24 +53,17 @@ class Housekeeping:
         self.clock = clock
         #: Rounds run as leader, for tests and logs.
         self.rounds = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._periodic = Periodic("fleet-housekeeping", self._round, interval_s,
+                                  wait_first=True)
 
     def start(self) -> None:
         """Start the thread (nothing to do without jobs)."""
-        if not self.jobs:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="fleet-housekeeping",
-                                        daemon=True)
-        self._thread.start()
+        if self.jobs:
+            self._periodic.start()
 
     def stop(self) -> None:
         """Stop after the job under way. Idempotent."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._periodic.stop()
 
     def run_once(self) -> bool:
         """One round: the jobs, if this process leads; whether it did."""
@@ -83,6 +77,5 @@ class Housekeeping:
         self.rounds += 1
         return True
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.run_once()
+    def _round(self) -> None:
+        self.run_once()  # its answer is for callers; the next round comes in any case

@@ -31,6 +31,7 @@ from protocol.errors import ProtocolError
 from transport.mqtt import wait_published
 
 from .errors import RegistryError
+from .experiment_runner import ExperimentRunner
 from .registry import Registry
 
 __all__ = ["BATCH", "DEVICE_EVENT_PREFIX", "OFFLINE_EVENT", "PROTOCOL_ERROR", "QUEUE",
@@ -78,14 +79,17 @@ class Inbound:
 class Ingest:
     """The ingest thread and its bounded queue; ``ack`` acknowledges a stored message;
     ``on_samples`` (monitoring) is called with the new telemetry samples of each batch,
-    each (device, sample), in the batch's transaction."""
+    each (device, sample), in the batch's transaction; ``experiments`` counts the
+    experiment deltas of every telemetry message in the same transaction, and pushes the
+    merged posteriors once the batch is committed."""
 
     def __init__(self, registry: Registry, ack: Callable[[Inbound], None],
                  on_samples: Callable[[list[tuple[str, messages.Telemetry]]], None]
-                 | None = None) -> None:
+                 | None = None, experiments: ExperimentRunner | None = None) -> None:
         self._registry = registry
         self._ack = ack
         self._on_samples = on_samples
+        self._experiments = experiments
         #: Seconds from receipt to commit of the oldest message of the last batch stored.
         self.lag_s = 0.0
         self._inbox: queue.Queue[Inbound | None] = queue.Queue(QUEUE)
@@ -156,6 +160,8 @@ class Ingest:
             if item.clearing is None or wait_published(item.clearing):
                 self._ack(item)
             # else: unacknowledged, the broker delivers it again and it is cleared then
+        if self._experiments is not None:
+            self._experiments.flush()
 
     def _fold(self, new: list[tuple[str, messages.Telemetry]]) -> None:
         """Hand a sample stored alone to monitoring; its failure only costs the series."""
@@ -183,6 +189,10 @@ class Ingest:
                 # Only a new sample (not a re-delivery) is counted in the time series.
                 if self._registry.add_telemetry(device, [sample]):
                     new.append((device, sample))
+                # Every delivery, not only a new sample: each delta counts once anyway.
+                for refused in (self._experiments.take(device, sample)
+                                if self._experiments is not None else []):
+                    self._protocol_error(device, leaf, payload, refused, in_batch=in_batch)
             else:
                 raise ProtocolError(f"unexpected topic leaf {leaf!r}; this server answers "
                                     "outbox/chunks only")

@@ -34,6 +34,8 @@ from typing import Any, Protocol
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from common.periodic import Periodic
+
 __all__ = ["AdvisoryLeadership", "Leadership", "SoleLeadership", "leadership_for", "lock_key"]
 
 log = logging.getLogger(__name__)
@@ -93,9 +95,9 @@ class AdvisoryLeadership:
         self.interval_s = interval_s
         self._on_change = on_change
         self._leader = threading.Event()
-        self._stop = threading.Event()
         self._connection: psycopg.Connection[Any] | None = None
-        self._thread: threading.Thread | None = None
+        self._periodic = Periodic("fleet-leadership", self._round, interval_s,
+                                  on_exit=self._give_up)
 
     def is_leader(self) -> bool:
         """True while this process holds the lock (as of its last check)."""
@@ -103,22 +105,16 @@ class AdvisoryLeadership:
 
     def start(self) -> None:
         """Compete for the lock on a background thread."""
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="fleet-leadership",
-                                        daemon=True)
-        self._thread.start()
+        self._periodic.start()
 
     def stop(self) -> None:
         """Release the lock (closing the session) and stop. Idempotent."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._periodic.stop()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._set(self._check())
-            self._stop.wait(self.interval_s)
+    def _round(self) -> None:
+        self._set(self._check())
+
+    def _give_up(self) -> None:
         self._set(False)
         self._disconnect()
 

@@ -15,6 +15,9 @@ events         device -> server    :class:`Event`: one install transition, rejec
 telemetry      device -> server    :class:`Telemetry`: one sample; ``seq`` orders and dedupes
 outbox/chunks  device -> server    :class:`ChunkRequest`: bytes [offset, offset+length)
 inbox/chunks   server -> device    :class:`Chunk` frame: header + data, or an error
+inbox/experiments/{experiment}
+               server -> device    :class:`PosteriorPush` (retained): the fleet's merged
+                                   posterior of one experiment; empty when it ended
 =============  ==================  ========================================================
 
 Bundles travel by pull: the device asks for the chunks it lacks, a few at a time, and
@@ -42,7 +45,11 @@ __all__ = [
     "DEVICE_EVENT_KIND",
     "MAX_BUNDLE_URLS",
     "MAX_CHUNK_REQUEST_BYTES",
+    "MAX_DESIRED_EXPERIMENTS",
     "MAX_EVENT_BYTES",
+    "MAX_EXPERIMENT_ARMS",
+    "MAX_EXPERIMENT_BYTES",
+    "MAX_PUSH_BYTES",
     "MAX_REPORTED_BYTES",
     "MAX_TELEMETRY_BYTES",
     "MAX_URL_CHARS",
@@ -56,12 +63,14 @@ __all__ = [
     "Event",
     "InstallReport",
     "ModelReport",
+    "PosteriorPush",
     "Reported",
     "Telemetry",
     "decode_chunk",
     "decode_chunk_request",
     "decode_desired",
     "decode_event",
+    "decode_posterior_push",
     "decode_reported",
     "decode_telemetry",
     "encode",
@@ -89,6 +98,12 @@ DEVICE_EVENT_KIND = re.compile(
 #: Bounds on a desired model's ``urls``: how many, and how long each.
 MAX_BUNDLE_URLS = 8
 MAX_URL_CHARS = 2048
+#: Bounds on the experiments a desired state declares: how many, each one's JSON size, and
+#: the arms of one experiment (as ``experiments.assign.MAX_ARMS``); and a push's size.
+MAX_DESIRED_EXPERIMENTS = 16
+MAX_EXPERIMENT_BYTES = 4 * 1024
+MAX_EXPERIMENT_ARMS = 16
+MAX_PUSH_BYTES = 16 * 1024
 _URL = re.compile(r"https?://[^\s/?#]+(?:/[^\s]*)?")
 _MAGIC = b"EFC1"
 _HEADER = struct.Struct(">4sI")
@@ -149,6 +164,24 @@ class Desired:
 
     models: Mapping[str, DesiredModel]
     issued_at: float
+    #: The experiments the device takes part in, each the JSON object of
+    #: ``experiments.spec.spec_to_json`` (checked here for size and names only: the agent
+    #: parses it with ``spec_from_json``). Every arm's model is among ``models``. An
+    #: experiment absent here is over on the device.
+    experiments: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class PosteriorPush:
+    """The fleet's merged posterior of one experiment, as pushed to one device
+    (``experiments.posterior.Merged``): per arm ``(n, sum, sum of squares)``; ``version``
+    grows with every delta the server applies; ``applied_seq`` is the last of this
+    device's own delta numbers included."""
+
+    experiment: str
+    version: int
+    applied_seq: int
+    arms: Mapping[str, tuple[int, float, float]]
 
 
 @dataclass(frozen=True)
@@ -227,10 +260,13 @@ class Chunk:
     error: str | None = None
 
 
-def encode(message: Desired | Reported | Event | Telemetry | ChunkRequest) -> bytes:
+def encode(message: Desired | Reported | Event | Telemetry | ChunkRequest
+           | PosteriorPush) -> bytes:
     """The JSON payload of any message but a chunk."""
     obj = asdict(message)
     if isinstance(message, Desired):
+        if not obj["experiments"]:
+            del obj["experiments"]
         # The optional parts only when set: an older agent sees the message it knows, and
         # the retained message is what the registry's desired_json shows.
         for model in obj["models"].values():
@@ -281,7 +317,58 @@ def decode_desired(payload: bytes) -> Desired:
     models = _dict(obj, "models")
     return Desired(models={_name(name): _desired_model(_as_dict(m, f"models.{name}"), name)
                            for name, m in models.items()},
-                   issued_at=_float(obj, "issued_at"))
+                   issued_at=_float(obj, "issued_at"),
+                   experiments=_experiments(obj.get("experiments")))
+
+
+def _experiments(value: Any) -> tuple[dict[str, Any], ...]:
+    """The desired state's experiment declarations: bounded JSON objects with valid,
+    distinct ``name`` and ``model`` (one experiment per public model name)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_DESIRED_EXPERIMENTS:
+        raise ProtocolError(f"experiments must be a list of at most "
+                            f"{MAX_DESIRED_EXPERIMENTS} objects")
+    names: set[str] = set()
+    models: set[str] = set()
+    for i, raw in enumerate(value):
+        spec = _as_dict(raw, f"experiments[{i}]")
+        if len(json.dumps(spec, separators=(",", ":"))) > MAX_EXPERIMENT_BYTES:
+            raise ProtocolError(f"experiments[{i}] exceeds {MAX_EXPERIMENT_BYTES} bytes")
+        name, model = spec.get("name"), spec.get("model")
+        if not is_valid_name(name) or not is_valid_name(model):
+            raise ProtocolError(f"experiments[{i}] needs a valid 'name' and 'model', not "
+                                f"{name!r}, {model!r}"[:200])
+        if name in names or model in models:
+            raise ProtocolError(f"experiments[{i}] repeats experiment {name!r} or model "
+                                f"{model!r}: one experiment per name and per model")
+        names.add(str(name))
+        models.add(str(model))
+    return tuple(value)
+
+
+def decode_posterior_push(payload: bytes) -> PosteriorPush:
+    """Parse a posterior push (``inbox/experiments/{experiment}``)."""
+    obj = _message(payload, "posterior push", MAX_PUSH_BYTES)
+    experiment = obj.get("experiment")
+    if not is_valid_name(experiment):
+        raise ProtocolError(f"push 'experiment' {str(experiment)[:80]!r} is not a valid name")
+    arms = _dict(obj, "arms")
+    if not 0 < len(arms) <= MAX_EXPERIMENT_ARMS:
+        raise ProtocolError(f"push 'arms' must map 1 to {MAX_EXPERIMENT_ARMS} arms to "
+                            "[n, sum, sum_sq]")
+    parsed: dict[str, tuple[int, float, float]] = {}
+    for arm, value in arms.items():
+        if not isinstance(value, list) or len(value) != 3:
+            raise ProtocolError(f"push arm {arm[:80]!r} must be [n, sum, sum_sq]")
+        sums = dict(zip(("n", "sum", "sum_sq"), value, strict=True))
+        if _float(sums, "sum_sq") < 0.0:
+            raise ProtocolError(f"push arm {arm[:80]!r}: sum_sq must not be negative")
+        if not is_valid_name(arm):
+            raise ProtocolError(f"push arm name {arm[:80]!r} is not valid")
+        parsed[arm] = (_int(sums, "n"), _float(sums, "sum"), _float(sums, "sum_sq"))
+    return PosteriorPush(experiment=str(experiment), version=_int(obj, "version"),
+                         applied_seq=_int(obj, "applied_seq"), arms=parsed)
 
 
 def _desired_model(m: Mapping[str, Any], name: str) -> DesiredModel:

@@ -13,6 +13,7 @@ __all__ = [
     "CHUNK_REQUEST_LEAF",
     "DEVICE_READS",
     "DEVICE_WRITES",
+    "EXPERIMENT_PUSH_LEAF",
     "device_topic",
     "fleet_topic_filter",
 ]
@@ -24,6 +25,9 @@ DEVICE_WRITES = ("reported", "telemetry", "events", "outbox/#")
 #: Where bundle chunks are answered (server -> device) and requested (device -> server).
 CHUNK_LEAF = "inbox/chunks"
 CHUNK_REQUEST_LEAF = "outbox/chunks"
+#: Under it, one retained posterior push per experiment: ``inbox/experiments/{experiment}``
+#: (server -> device; within ``inbox/#``, so the ACL already lets the device read it).
+EXPERIMENT_PUSH_LEAF = "inbox/experiments"
 
 
 def device_topic(fleet: str, device_id: str, leaf: str) -> str:

@@ -23,8 +23,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from common.atomic import write_atomic
-from fleet_server.broker import Broker, BrokerConfig, find_mosquitto
+from fleet_server.broker import Broker, BrokerConfig
 from fleet_server.ca import FleetCA
+from fleet_server.mosquitto import find_mosquitto
 from protocol.topics import device_topic
 from transport.mqtt import TLSIdentity, close_client
 from transport.x509 import make_device_key_and_csr

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .config import ALERT_KINDS
 from .monitor import Monitor
 from .series import QUANTILES
 
@@ -56,7 +57,9 @@ class FleetCollector(Collector):
                                 value=ingest.lag_s)
         firing = GaugeMetricFamily("edgefleet_alerts_firing", "Alerts firing, per kind",
                                    labels=["kind"])
-        counts: dict[str, int] = {}
+        # Every kind gets a sample, 0 when quiet: an absent series cannot be told from a
+        # scrape that failed, and `edgefleet_alerts_firing > 0` alert rules need the zero.
+        counts = dict.fromkeys(ALERT_KINDS, 0)
         for alert in self._monitor.registry.alerts(firing_only=True):
             counts[alert.kind] = counts.get(alert.kind, 0) + 1
         for kind, n in sorted(counts.items()):

@@ -1,4 +1,6 @@
-"""The agent's config file: one definition for loader, writer and docs (agent/config.py)."""
+"""The agent's config file: one definition (agent/config.py) for the loader
+(agent/config_load.py), the writer and the docs (agent/config_write.py), tested together
+because what one writes the other must read back."""
 
 from __future__ import annotations
 
@@ -18,11 +20,9 @@ from agent.config import (
     ApiLimits,
     FleetSettings,
     MonitorConfig,
-    config_reference,
-    config_to_toml,
-    load_config,
-    write_config,
 )
+from agent.config_load import load_config
+from agent.config_write import config_reference, config_to_toml, write_config
 from agent.errors import AgentError
 
 if sys.version_info >= (3, 11):

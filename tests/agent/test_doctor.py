@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.config import AgentConfig, FleetSettings, write_config
+from agent.config import AgentConfig, FleetSettings
+from agent.config_write import write_config
 from agent.doctor import (
     AcceleratorFact,
     BrokerOutcome,

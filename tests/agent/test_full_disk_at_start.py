@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig, ApiConfig, write_config
+from agent.config import AgentConfig, ApiConfig
+from agent.config_write import write_config
 from tests.agent.bundles import DIGITS
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.config import AgentConfig, FleetSettings, write_config
+from agent.config import AgentConfig, FleetSettings
+from agent.config_write import write_config
 from agent.trust_store import TrustStore
 from bundle.trust import TrustedState
 from tests.agent.bundles import DIGITS, PROFILE, digits_spec, write_bundle

@@ -15,6 +15,7 @@ from tests.fleet_server.server_env import (
     service_config,
     write_keys,
 )
+from tests.mqtt_broker import Recorder
 from tests.postgres import postgres_schema
 
 
@@ -58,3 +59,12 @@ def service(config: ServiceConfig) -> Iterator[FleetService]:
     """A started service (broker included), stopped after the test."""
     with FleetService(config) as started:
         yield started
+
+
+@pytest.fixture
+def clients() -> Iterator[list[Recorder]]:
+    """Recorders to close at the end of the test (append them)."""
+    made: list[Recorder] = []
+    yield made
+    for recorder in made:
+        recorder.close()

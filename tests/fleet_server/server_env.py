@@ -15,7 +15,8 @@ from typing import Any
 from securesystemslib.signer import CryptoSigner
 
 from common.atomic import write_atomic
-from fleet_server.service import Enrollment, FleetService, ServiceConfig
+from fleet_server.enroller import Enrollment
+from fleet_server.service import FleetService, ServiceConfig
 from protocol import messages
 from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF, device_topic
 from tests.bundle.repo import Repo
@@ -138,3 +139,26 @@ def request_chunk(recorder: Recorder, device: SimDevice, sha256: str, offset: in
     with recorder._changed:
         payload = [m.payload for m in recorder.messages if m.topic == topic][before]
     return messages.decode_chunk(bytes(payload))
+
+
+def connect_device(device: SimDevice, clients: list[Recorder], *leaves: str) -> Recorder:
+    """Connect ``device`` (closed with ``clients``), subscribed to its own ``leaves``."""
+    recorder = device.client()
+    clients.append(recorder)
+    if leaves:
+        recorder.subscribe(*(device.topic(leaf) for leaf in leaves))
+    return recorder
+
+
+def wait_desired(recorder: Recorder, device: SimDevice, count: int) -> messages.Desired:
+    """Wait for the device's ``count``-th desired message; returns the newest."""
+    recorder.wait(lambda: len(desired_messages(recorder, device)) >= count,
+                  f"desired message #{count} of {device.id}")
+    return desired_messages(recorder, device)[-1]
+
+
+def reported_payload(sha: str | None, version: int, state: str = "committed") -> bytes:
+    """A device's ``reported`` message: digits at ``version`` (bundle ``sha``) in ``state``."""
+    return messages.encode(messages.Reported(
+        profile=PROFILE, agent_version="0.1.0",
+        models={"digits": messages.ModelReport(version, sha, state)}, at=1.0))

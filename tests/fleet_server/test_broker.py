@@ -24,7 +24,8 @@ import pytest
 from paho.mqtt.client import Client
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from fleet_server.broker import Broker, BrokerConfig, render_acl, render_config
+from fleet_server.broker import Broker, BrokerConfig
+from fleet_server.broker_config import render_config
 from fleet_server.ca import FleetCA
 from fleet_server.errors import BrokerError
 from protocol.topics import fleet_topic_filter
@@ -339,21 +340,6 @@ def test_invalid_fleet_name_is_refused(fleet: TestFleet, tmp_path: Path) -> None
     config = replace(fleet.broker_config(tmp_path / "broker"), fleet="a/b")
     with pytest.raises(BrokerError, match="invalid fleet name"):
         Broker.embedded(config, mosquitto="mosquitto")
-
-
-def test_acl_grants_devices_only_their_subtree() -> None:
-    acl = render_acl("f1", "fleet-server").splitlines()
-    grants = [line for line in acl if line and not line.startswith("#")]
-    assert grants == [
-        "pattern read edgefleet/f1/devices/%u/desired",
-        "pattern read edgefleet/f1/devices/%u/inbox/#",
-        "pattern write edgefleet/f1/devices/%u/reported",
-        "pattern write edgefleet/f1/devices/%u/telemetry",
-        "pattern write edgefleet/f1/devices/%u/events",
-        "pattern write edgefleet/f1/devices/%u/outbox/#",
-        "user fleet-server",
-        "topic readwrite edgefleet/f1/#",
-    ]
 
 
 def test_config_is_written_for_tls_only(broker: Broker, tmp_path: Path) -> None:

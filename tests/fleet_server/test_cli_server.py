@@ -21,7 +21,6 @@ import pytest
 from common.atomic import write_atomic
 from fleet_server.api_client import ServerClient
 from fleet_server.cli import main
-from fleet_server.server_cli import _reported_text
 from protocol import messages
 from protocol.topics import device_topic
 from tests.bundle.repo import Repo
@@ -311,11 +310,3 @@ def test_bad_state_at_start_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == 1
     assert err.count("\n") == 1, err
     assert "root.json is not TUF metadata" in err
-
-
-def test_an_install_without_a_version_reads_without_one() -> None:
-    """Issue 10 item 9: `fleet devices` printed 'vNone downloading 47%'."""
-    reported = {"models": {"digits": {"version": 1, "state": "committed"}},
-                "installs": {"digits": {"version": None, "state": "downloading",
-                                        "progress": 0.47}}}
-    assert _reported_text(reported) == "digits v1 committed [downloading 47%]"

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from fleet_server.broker import find_mosquitto
+from fleet_server.mosquitto import find_mosquitto
 from protocol.topics import DEVICE_READS, DEVICE_WRITES, device_topic
 from tests.mqtt_broker import FLEET, Recorder, TestFleet
 from transport.mqtt import BrokerAddress, ClientSettings, TLSIdentity, create_client

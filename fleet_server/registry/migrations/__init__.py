@@ -23,7 +23,15 @@ from collections.abc import Callable
 from fleet_server.errors import RegistryError
 from fleet_server.registry.database import Database, Tx
 
-from . import v1_initial, v2_typed_state, v3_trust, v4_delta, v5_monitoring, v6_rollouts
+from . import (
+    v1_initial,
+    v2_typed_state,
+    v3_trust,
+    v4_delta,
+    v5_monitoring,
+    v6_rollouts,
+    v7_experiments,
+)
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate"]
 
@@ -37,6 +45,7 @@ MIGRATIONS: tuple[Callable[[Tx], None], ...] = (
     v4_delta.upgrade,
     v5_monitoring.upgrade,
     v6_rollouts.upgrade,
+    v7_experiments.upgrade,
 )
 #: The version this code reads and writes.
 SCHEMA_VERSION = len(MIGRATIONS)

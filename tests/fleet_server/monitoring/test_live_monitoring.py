@@ -150,7 +150,8 @@ def test_drift_alert_reaches_webhook_cli_api_and_prometheus(
         assert families["edgefleet_devices"].samples[0].value == 2
         # Enrolled, never reported: not converged.
         assert families["edgefleet_convergence_ratio"].samples[0].value == 0
-        assert families["edgefleet_alerts_firing"].samples[0].labels == {"kind": "drift"}
+        firing = {s.labels["kind"]: s.value for s in families["edgefleet_alerts_firing"].samples}
+        assert firing == {"drift": 1, "error_rate": 0, "offline": 0, "rollout_halted": 0}
         assert families["edgefleet_rollouts"].samples == []  # no rollout yet
         promtool = shutil.which("promtool")
         if promtool is not None:

@@ -3,7 +3,7 @@ process reads the config the demo writes (DATA/server.toml), a device publishes 
 the contract's format over MQTT, and the drift alert reaches the demo's webhook within
 DRIFT_ALERT_S, names the device, and shows in ``fleet metrics`` and the overview.
 
-The whole demo with real agents (``fleet demo --drift``) runs in tests/fleet_server/
+The whole demo with real agents (``fleet demo --drift``) runs in tests/fleet_server/demo/
 test_demo.py."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from fleet_server.api_client import locate
 from fleet_server.cli import main
-from fleet_server.demo import DRIFT_ALERT_S, DriftWatch
+from fleet_server.demo.drift import DRIFT_ALERT_S, DriftWatch
 from protocol import messages
 from tests.bundle.repo import Repo
 from tests.fleet_server.monitoring.test_live_monitoring import drifting_metrics

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fleet_server.cli import main
-from fleet_server.demo import DRIFT_ALERT_S
+from fleet_server.demo.drift import DRIFT_ALERT_S
 
 pytestmark = pytest.mark.integration
 

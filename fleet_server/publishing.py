@@ -1,0 +1,207 @@
+"""Desired state: the operator's uploads, publishes and rollbacks, and sending each device
+its desired state, retained, over the :class:`~fleet_server.device_link.DeviceLink`.
+
+A device's desired state is sent whenever it changes (:meth:`Publisher.publish`,
+:meth:`Publisher.rollback`, an enrollment, a rollout's step) and after every connection to
+the broker (:meth:`Publisher.republish_all`). Each message carries, per model, the delta
+from the version the device runs when the release has one (:mod:`fleet_server.deltas`) and
+where the full bundle can be downloaded over HTTPS (:mod:`fleet_server.bundle_http`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+
+from bundle.trust import TrustedState, verify_bundle
+from protocol import messages
+
+from .bundle_http import bundle_urls
+from .delta_store import DeltaStore
+from .deltas import TransferPlan, offer_for, plan_transfers
+from .device_link import DeviceLink
+from .errors import RegistryError
+from .recipients import Candidate, Recipients, select_recipients
+from .registry import BundleRecord, DeltaRecord, DesiredChange, Device, Registry
+from .releases import Releaser, check_publishable
+
+__all__ = ["PublishResult", "Publisher"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """The desired-state changes made, and every device whose desired state was published
+    (all selected devices: those already at the target are re-sent theirs, harmlessly)."""
+
+    changes: tuple[DesiredChange, ...]
+    devices: tuple[str, ...]
+    #: False if the server had no broker connection: the desired states are stored and
+    #: will be sent when the connection returns, but nobody has them yet.
+    delivered: bool = True
+    #: Bundles the server signed for this (re-releases), to show the operator.
+    released: tuple[BundleRecord, ...] = ()
+    #: For a publish: which devices get a delta and the bytes that saves.
+    transfer: TransferPlan | None = None
+
+
+class Publisher:
+    """The operations on desired state, and their messages (module docstring).
+
+    Thread-safe: the HTTP API, the rollout runner and the MQTT network thread call it.
+    ``root`` returns the fleet's current root.json, which uploads are verified against;
+    ``bundle_prefixes`` are the URL prefixes devices download bundle files from.
+    """
+
+    def __init__(self, registry: Registry, releaser: Releaser, deltas: DeltaStore,
+                 link: DeviceLink, *, root: Callable[[], bytes],
+                 bundle_prefixes: Sequence[str] = ()) -> None:
+        self._registry = registry
+        self._releaser = releaser
+        self._deltas = deltas
+        self._link = link
+        self._root = root
+        self._bundle_prefixes = tuple(bundle_prefixes)
+        # Held from reading a device's desired state to queueing its message, so the last
+        # message queued for a device is always the newest state (paho sends in order).
+        self._desired_lock = threading.Lock()
+
+    def add_bundle(self, data: bytes) -> BundleRecord | DeltaRecord:
+        """Verify an uploaded bundle against the fleet's root and store it under the name
+        and version of its signed manifest (with its metadata version); a delta bundle is
+        stored with the full bundle of its release (:mod:`fleet_server.delta_store`).
+
+        Raises a ``bundle.errors.BundleError`` subclass naming why the bundle is refused (bad
+        signature, tampered, expired, ...), RegistryError if another bundle has that name and
+        version. Idempotent for the same bytes."""
+        verified = verify_bundle(data, TrustedState(root=self._root()),
+                                 now=datetime.now(timezone.utc), profile=None)
+        manifest = verified.manifest
+        if verified.delta_base is not None:
+            delta = self._deltas.add(data, verified)
+            log.info("stored the delta bundle of %s v%d from v%d (%s, %d bytes)",
+                     manifest.name, manifest.version, delta.base_version, delta.sha256[:12],
+                     delta.size)
+            return delta
+        record = self._registry.put_bundle(data, manifest.name, manifest.version,
+                                           metadata_version=verified.metadata_version,
+                                           rollback_of=manifest.rollback_of)
+        log.info("stored bundle %s v%d (%s)", record.name, record.version, record.sha256[:12])
+        return record
+
+    def publish(self, bundle_sha256: str, *, devices: Sequence[str] | None = None,
+                group: str | None = None, encrypt_for: Sequence[str] = ()) -> PublishResult:
+        """Make a stored bundle desired for ``devices`` or every device of ``group`` and
+        publish their desired state. With ``encrypt_for`` (selectors, see
+        :mod:`fleet_server.recipients`) the bundle's artifacts are first encrypted for those
+        devices in a re-release (the next version), and that is published.
+
+        Nothing changes, and ReleaseError says why, if a selected device would refuse the
+        bundle (an older version than it has, older metadata than it trusts). RegistryError
+        for an unknown bundle, device or group."""
+        record = self._registry.get_bundle(bundle_sha256)
+        if record is None:
+            raise RegistryError(f"no stored bundle has sha256 {bundle_sha256!r}; upload it "
+                                "first")
+        # Checked before a re-release uses up a version: if devices would take the bundle,
+        # they take its re-release (a higher version, newer metadata) too.
+        check_publishable(record, self._selected(devices, group), self._registry.get_bundle)
+        released: tuple[BundleRecord, ...] = ()
+        if encrypt_for:
+            recipients = self.recipients(encrypt_for)
+            record = self._releaser.rerelease(record, recipients=recipients.keys)
+            released = (record,)
+        transfer = plan_transfers(record.desired, record.name, self._selected(devices, group),
+                                  self._deltas.of(record.sha256))
+        changes = self._registry.set_desired(record.sha256, devices=devices, group=group)
+        return replace(self.publish_selected(changes, devices, group), released=released,
+                       transfer=transfer)
+
+    def rollback(self, *, devices: Sequence[str] | None = None, group: str | None = None,
+                 model: str | None = None) -> PublishResult:
+        """Undo the last desired-state change (of ``model``, if given) of the devices or the
+        group, and publish their desired state. The bundle each goes back to is
+        re-released first as the next version of its model (devices refuse lower
+        versions), signed here (:class:`~fleet_server.releases.Releaser`). RegistryError if
+        nothing can be undone, ReleaseError if this server cannot sign."""
+        plan = self._registry.rollback(devices=devices, group=group, model=model,
+                                       dry_run=True)
+        substitute: dict[str, messages.DesiredModel] = {}
+        released = []
+        for sha in sorted({c.after.bundle_sha256 for c in plan if c.after is not None}):
+            source = self._registry.get_bundle(sha)
+            if source is None:  # desired states only name stored bundles
+                raise RegistryError(f"bundle {sha} to roll back to is not stored")
+            record = self._releaser.rerelease(source, rollback_of=source.version)
+            released.append(record)
+            substitute[sha] = record.desired
+        changes = self._registry.rollback(devices=devices, group=group, model=model,
+                                          substitute=substitute)
+        return replace(self.publish_selected(changes, devices, group),
+                       released=tuple(released))
+
+    def recipients(self, selectors: Sequence[str]) -> Recipients:
+        """The devices ``selectors`` choose and their encryption keys (ReleaseError if one
+        matches nothing or a device has no key)."""
+        return select_recipients(selectors, (
+            Candidate(d.id, d.group, d.profile, d.encryption_key)
+            for d in self._registry.list_devices()))
+
+    def check_rollout(self, bundle_sha256: str, devices: Sequence[Device]) -> None:
+        """ReleaseError if one of ``devices`` would refuse the stored bundle (the rollout
+        runner's check before it starts a rollout)."""
+        record = self._registry.get_bundle(bundle_sha256)
+        if record is not None:
+            check_publishable(record, devices, self._registry.get_bundle)
+
+    def republish_all(self) -> int:
+        """Publish every device's desired state (retained); returns how many."""
+        with self._desired_lock:
+            devices = self._registry.list_devices()
+            for device in devices:
+                self._send_desired(device)
+        log.info("published the desired state of %d device(s)", len(devices))
+        return len(devices)
+
+    def send(self, device: Device) -> None:
+        """Publish ``device``'s desired state (retained), as just read from the registry."""
+        with self._desired_lock:
+            self._send_desired(device)
+
+    def publish_selected(self, changes: Sequence[DesiredChange],
+                         devices: Sequence[str] | None, group: str | None) -> PublishResult:
+        """Publish the desired state of ``devices`` or every device of ``group``, after
+        ``changes`` were made to it."""
+        with self._desired_lock:
+            selected = self._selected(devices, group)
+            for device in selected:
+                self._send_desired(device)
+        delivered = self._link.connected
+        if not delivered:
+            log.warning("desired state of %d device(s) stored but not sent: no broker "
+                        "connection; it is sent when the connection returns", len(selected))
+        return PublishResult(tuple(changes), tuple(d.id for d in selected), delivered)
+
+    def _selected(self, devices: Sequence[str] | None, group: str | None) -> list[Device]:
+        if group is not None:
+            return self._registry.list_devices(group=group)
+        found = (self._registry.get_device(d) for d in sorted(set(devices or ())))
+        return [d for d in found if d is not None]
+
+    def _send_desired(self, device: Device) -> None:
+        """Queue ``device``'s desired state, retained (call with _desired_lock held)."""
+        # The delta from the version the device runs, if the release has one, and where
+        # the full bundle can be downloaded over HTTP(S).
+        models = {name: replace(offer_for(want, device.running.get(name),
+                                          self._deltas.of(want.bundle_sha256)),
+                                urls=bundle_urls(self._bundle_prefixes, want.bundle_sha256))
+                  for name, want in sorted(device.desired.items())}
+        payload = messages.encode(messages.Desired(
+            models=models, issued_at=time.time(),
+            experiments=tuple(self._registry.experiment_declarations(device.id))))
+        self._link.publish(device.id, "desired", payload, retain=True)
