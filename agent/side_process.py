@@ -98,6 +98,7 @@ class ProcessSession:
             name=f"edgefleet-side-{path.name}", daemon=True)
         self._process.start()
         child_end.close()
+        _lower_priority(self._process.pid)
         self._lock = threading.Lock()
         # The child ends with the last reference to this session, as an in-process session's
         # memory would be freed.
@@ -158,6 +159,19 @@ class ProcessSession:
         return ("error", f"{silence} within {self._timeout:g} s; it was stopped")
 
 
+def _lower_priority(pid: int | None) -> None:
+    """Give the child :data:`SIDE_NICE` more than this process from its start: the
+    interpreter's and onnxruntime's imports (about a second of CPU) must not compete with
+    the requests either, and an install's probation may be judging their latency then."""
+    if pid is None:
+        return
+    try:
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        os.setpriority(os.PRIO_PROCESS, pid, min(19, own + SIDE_NICE))
+    except OSError as exc:  # it ended already, or a sandbox forbids it: it runs anyway
+        log.debug("could not lower the priority of process %d: %s", pid, exc)
+
+
 def _stop(conn: Connection, process: multiprocessing.process.BaseProcess) -> None:
     conn.close()  # the child's recv sees EOF and returns
     process.join(2.0)
@@ -169,7 +183,6 @@ def _stop(conn: Connection, process: multiprocessing.process.BaseProcess) -> Non
 def _child(conn: Connection, path: str, fmt: str, accelerators: tuple[Accelerator, ...],
            threads: int) -> None:
     """The child's loop: open the model, then answer batches until the pipe closes."""
-    os.nice(SIDE_NICE)
     try:
         session = open_session(Path(path), fmt, accelerators, threads)
     except Exception as exc:  # told to the parent, which raises it as a load failure

@@ -164,3 +164,16 @@ def test_a_moving_session_whose_child_cannot_open_stays_here(tmp_path: Path) -> 
     time.sleep(3.0)  # long enough for the child to have failed (a success would show)
     assert not moving.moved
     assert all(error is None for _, error, _ in run_many(moving, _feeds(2)))
+
+
+def test_the_child_runs_at_the_side_priority_from_its_start() -> None:
+    from agent.side_process import SIDE_NICE
+
+    remote = ProcessSession(DIGITS, "onnx", threads=1)
+    try:
+        assert remote.pid is not None
+        # Field 19 of /proc/PID/stat is the nice value (after the command in parentheses).
+        fields = Path(f"/proc/{remote.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        assert int(fields[16]) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + SIDE_NICE)
+    finally:
+        remote.close()
