@@ -102,9 +102,13 @@ def rollouts(demo: Demo, api: ServerClient, fleet: list[str], agents: list[Agent
             return
         _halted_at_canary(demo, api, view, agents)
         demo.title("Roll out v6: shadow on the canary, then canary, then 100%")
+        # The latency gate is off for this act: the digits model answers in ~25 us, so its
+        # p99 on a machine running three agents, their traffic and the server is scheduling
+        # noise: an identical model read 0.16x and 1.95x in two runs (docs/rollouts.md,
+        # "Limits").
         rollout = demo.run([tool("fleet"), "rollout", "start", str(bundles[6]), "--group",
                             GROUP, "--shadow", "10s", "--steps", "34,100", "--bake", "8s",
-                            *fleet], show=False).stdout.strip()
+                            "--gate", "p99_ratio=off", *fleet], show=False).stdout.strip()
         view = _rollout_end(demo, api, rollout)
         if view is None or view["state"] != "succeeded":
             raise DemoError(f"rollout {rollout} of a good version did not succeed: "
