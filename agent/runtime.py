@@ -286,7 +286,8 @@ class Runtime:
         if output in names:
             position = names.index(output)
         stored = model.stored  # the kept previous version of a small model: runs move out
-        session = (MovingSession(model.session, stored.path, stored.format)
+        session = (MovingSession(model.session, stored.path, stored.format,
+                                 delay_s=self.policy.window_s)
                    if role == "previous" and stored is not None and worth_moving(stored.path)
                    else None)
         return Comparison(role, model, output, position, metric,

@@ -217,27 +217,31 @@ class MovingSession:
     once), but running its comparisons here slows a tiny served model's requests, which the
     ``p99_ratio`` gate then blames on the candidate (docs/rollouts.md). This runs them here
     only until a :class:`ProcessSession` of the same file has opened, in the background so
-    that nothing waits for the spawn; if the child cannot open or dies, they stay here.
+    that nothing waits for the spawn, after ``delay_s`` (the runtime gives its probation
+    window: the install that just kept this version is judged on its p99 meanwhile, and a
+    spawn costs about a second of CPU); if the child cannot open or dies, they stay here.
     """
 
-    def __init__(self, local: Session, path: Path, fmt: str) -> None:
+    def __init__(self, local: Session, path: Path, fmt: str, *, delay_s: float = 0.0) -> None:
         self.local = local
         self.inputs, self.outputs = local.inputs, local.outputs
         self.backend, self.fallback, self.device = local.backend, local.fallback, local.device
         self._remote: ProcessSession | None = None
-        self._closed = False
+        self._closed = threading.Event()
         self._lock = threading.Lock()
-        threading.Thread(target=self._open, args=(path, fmt), name="edgefleet-side-open",
-                         daemon=True).start()
+        threading.Thread(target=self._open, args=(path, fmt, delay_s),
+                         name="edgefleet-side-open", daemon=True).start()
 
-    def _open(self, path: Path, fmt: str) -> None:
+    def _open(self, path: Path, fmt: str, delay_s: float) -> None:
+        if self._closed.wait(delay_s):
+            return
         try:
             remote = ProcessSession(path, fmt, threads=1)
         except Exception as exc:  # comparisons go on here, as before
             log.warning("%s: comparisons stay in the agent's process (%s)", path.name, exc)
             return
         with self._lock:
-            keep = not self._closed
+            keep = not self._closed.is_set()
             if keep:
                 self._remote = remote
         if not keep:
@@ -262,7 +266,7 @@ class MovingSession:
     def close(self) -> None:
         """End the child process, if any (runs go on here)."""
         with self._lock:
-            self._closed = True
+            self._closed.set()
             remote, self._remote = self._remote, None
         if remote is not None:
             remote.close()

@@ -177,3 +177,18 @@ def test_the_child_runs_at_the_side_priority_from_its_start() -> None:
         assert int(fields[16]) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + SIDE_NICE)
     finally:
         remote.close()
+
+
+def test_a_moving_session_waits_its_delay_and_a_close_meanwhile_spawns_nothing() -> None:
+    local = open_session(DIGITS, "onnx", threads=1)
+    waiting = MovingSession(local, DIGITS, "onnx", delay_s=3600.0)
+    time.sleep(1.0)
+    assert not waiting.moved  # still waiting out an install's probation: runs stay here
+    assert all(error is None for _, error, _ in run_many(waiting, _feeds(2)))
+    waiting.close()
+    assert not waiting.moved
+    delayed = MovingSession(local, DIGITS, "onnx", delay_s=0.5)
+    try:
+        assert _moved(delayed)
+    finally:
+        delayed.close()
