@@ -14,7 +14,6 @@ tallies into the telemetry entry, docs/telemetry.md).
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import numpy as np
 from stats.outputs import AGREE_COSINE, confidence, cosine_similarity, top1_agreement
 
 from .sessions import Session
+from .side_process import run_many
 from .side_runner import Request, batch_size
 
 __all__ = ["COMPARE_BATCH", "Candidate", "Comparison", "Tally", "compared_output",
@@ -83,11 +83,14 @@ class Comparison:
     """
 
     def __init__(self, role: str, model: Candidate, output: str, position: int,
-                 metric: str, *, request_bytes: int = 0) -> None:
+                 metric: str, *, request_bytes: int = 0, session: Session | None = None,
+                 ) -> None:
         self.role = role
         self.model = model
         self.version = model.version
-        self.session = model.session
+        #: What runs the compared model: its own session unless another is given (the same
+        #: file in a side process, :class:`~agent.side_process.MovingSession`).
+        self.session = model.session if session is None else session
         self.output = output
         self.position = position
         self.metric = metric
@@ -97,19 +100,18 @@ class Comparison:
         self._tally = Tally()
 
     def handle(self, requests: Sequence[Request]) -> None:
-        """Run the candidate on each request's inputs, then compare its answers with the
-        served ones all at once (the kernels' cost per call is paid once per batch)."""
+        """Run the candidate on each request's inputs (in one round trip when it runs in a
+        side process), then compare its answers with the served ones all at once (the
+        kernels' cost per call is paid once per batch)."""
         pairs: list[tuple[np.ndarray, np.ndarray]] = []
         latencies, errors = [], 0
-        for inputs, outputs in requests:
+        results = run_many(self.session, [inputs for inputs, _ in requests])
+        for (_, outputs), (answers, _, took_ms) in zip(requests, results, strict=True):
             served = outputs.get(self.output)
-            start = time.perf_counter()
-            try:
-                answers: Sequence[np.ndarray] = self.session.run(inputs)
-            except Exception:  # the candidate's fault, counted: it never reaches an app
+            if answers is None:  # the candidate's fault, counted: it never reaches an app
                 errors += 1
                 continue
-            latencies.append((time.perf_counter() - start) * 1e3)
+            latencies.append(took_ms)
             answer = answers[self.position] if self.position < len(answers) else None
             if (served is None or answer is None or answer.shape != served.shape
                     or answer.size == 0):

@@ -58,6 +58,7 @@ from .served_model import (
     self_test,
 )
 from .sessions import Session, open_session, warm_up
+from .side_process import MovingSession, ProcessSession, worth_moving
 from .side_runner import SideChannel, SideRunner, SideTask
 
 # The served model's records are re-exported: they are the runtime's public vocabulary.
@@ -285,8 +286,13 @@ class Runtime:
         # The candidate's output of that name, else the one in the same place.
         if output in names:
             position = names.index(output)
+        stored = model.stored  # the kept previous version of a small model: runs move out
+        session = (MovingSession(model.session, stored.path, stored.format,
+                                 delay_s=self.policy.window_s)
+                   if role == "previous" and stored is not None and worth_moving(stored.path)
+                   else None)
         return Comparison(role, model, output, position, metric,
-                          request_bytes=request_bytes(model.session))
+                          request_bytes=request_bytes(model.session), session=session)
 
     def _watch(self, model: ServedModel) -> None:
         if model.monitor is None and self.monitoring.sample_rate > 0:
@@ -317,15 +323,17 @@ class Runtime:
         """Load, self-test and warm up a stored model (checking its file's hash first).
 
         A ``candidate`` (a shadow, which only ever runs beside the served model) gets one
-        intra-op thread, so it takes at most one core from the model that serves."""
+        intra-op thread, so it takes at most one core from the model that serves, and runs
+        in a child process (:mod:`agent.side_process`), off this process's GIL."""
         if not stored.intact():
             raise ModelLoadError(f"{stored.path} no longer matches its sha256 {stored.sha256[:16]}"
                                  "; the file was damaged on disk")
         threads = 1 if candidate else self.threads
-        if stored.members:
+        if stored.members:  # a composite candidate runs in the agent: its members share it
             session = self._open_composite(stored, threads)
         else:
-            session = self._open(stored.path, stored.format, stored.manifest, threads=threads)
+            session = self._open(stored.path, stored.format, stored.manifest, threads=threads,
+                                 side_process=candidate)
         return ServedModel(stored.name, stored.version, session,
                            f"{stored.name} v{stored.version} ({stored.dtype} {stored.format})",
                            stored)
@@ -355,11 +363,11 @@ class Runtime:
         return self.model(name)
 
     def _open(self, path: Path, fmt: str, manifest: Manifest | None, *,
-              threads: int | None = None) -> Session:
+              threads: int | None = None, side_process: bool = False) -> Session:
         """Open, self-test and warm up a model; raises ModelLoadError or InstallError."""
         accelerators = self.profile.accelerators if self.profile else ()
-        session = open_session(path, fmt, accelerators,
-                               self.threads if threads is None else threads)
+        opener = ProcessSession if side_process else open_session
+        session = opener(path, fmt, accelerators, self.threads if threads is None else threads)
         return _prove(session, manifest)
 
     def _open_composite(self, stored: StoredModel, threads: int) -> Session:

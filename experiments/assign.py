@@ -3,18 +3,19 @@
 Assignment by hash makes the choice a pure function of the experiment and the unit: the
 device, the server's status page and a test all compute the same arm without talking to
 each other, a restart does not move a device to another arm, and a client that sends the
-same key gets the same arm on every request. The hash is SHA-256 of ``experiment/unit``,
-so two experiments split the same fleet independently.
+same key gets the same arm on every request. The hash is :func:`common.unit_hash.unit_hash`
+of the experiment and the unit (as rollout plans use it), so two experiments split the same
+fleet independently.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 
 import numpy as np
 
+from common.unit_hash import unit_hash
 from experiments.errors import InvalidExperimentData
 
 __all__ = ["arm_for_key", "check_split", "device_arm", "request_arm"]
@@ -40,8 +41,7 @@ def check_split(split: Sequence[tuple[str, float]]) -> tuple[tuple[str, float], 
 
 def arm_for_key(experiment: str, key: str, split: Sequence[tuple[str, float]]) -> str:
     """The arm of ``key`` in ``experiment``: the same every time, in proportion to the split."""
-    digest = hashlib.sha256(f"{experiment}/{key}".encode()).digest()
-    return _pick(check_split(split), int.from_bytes(digest[:8], "big") / 2.0**64)
+    return _pick(check_split(split), unit_hash(experiment, key))
 
 
 def device_arm(experiment: str, device: str, split: Sequence[tuple[str, float]]) -> str:

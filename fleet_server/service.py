@@ -217,7 +217,8 @@ class FleetService:
         self._rollouts = RolloutRunner(
             self._registry, publish=lambda ids: publisher.publish_selected([], ids, None),
             online=lambda d, now: d.online_at(now, self.config.offline_after_s),
-            tick_s=self.config.rollout_tick_s, check=publisher.check_rollout)
+            tick_s=self.config.rollout_tick_s, check=publisher.check_rollout,
+            rerelease=lambda b: self.releaser.rerelease(b, rollback_of=b.version))
         self._rollouts.start()  # resumes the rollouts the registry holds
 
     def _on_connected(self) -> None:

@@ -104,8 +104,8 @@ def rollouts(demo: Demo, api: ServerClient, fleet: list[str], agents: list[Agent
         demo.title("Roll out v6: shadow on the canary, then canary, then 100%")
         # The latency gate is off for this act: the digits model answers in ~25 us, so its
         # p99 on a machine running three agents, their traffic and the server is scheduling
-        # noise, and the comparison with the kept previous version (on the side thread)
-        # adds to the candidate's own p99 (docs/rollouts.md, "Limits").
+        # noise: an identical model read 0.16x and 1.95x in two runs (docs/rollouts.md,
+        # "Limits").
         rollout = demo.run([tool("fleet"), "rollout", "start", str(bundles[6]), "--group",
                             GROUP, "--shadow", "10s", "--steps", "34,100", "--bake", "8s",
                             "--gate", "p99_ratio=off", *fleet], show=False).stdout.strip()

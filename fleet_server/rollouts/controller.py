@@ -20,6 +20,11 @@ The life of a rollout::
     abort: back to the previous version, like a halt, by the operator;
     promote: every target gets the candidate now; succeeded.
 
+After a halt or abort :func:`restore` watches the devices sent back until they run their
+previous version: one whose agent no longer had it loaded (restarted since) refuses it as
+a downgrade, and gets a re-release of it instead (:class:`~.model.Rerelease`, the next
+version with the same contents, as ``fleet rollback`` does).
+
 While steps run, the candidate is desired with ``compare_previous`` so each device keeps its
 previous version loaded, compares answers, and switches back at once on a halt.
 """
@@ -40,6 +45,7 @@ from .model import (
     Emit,
     Observation,
     Reason,
+    Rerelease,
     RolloutSpec,
     RolloutState,
     SetDesired,
@@ -47,9 +53,12 @@ from .model import (
 )
 from .plan import plan_steps
 
-__all__ = ["COMMANDS", "Actions", "command", "observe", "phase_devices", "start", "tick"]
+__all__ = ["COMMANDS", "RESTORE_WATCH_S", "Actions", "command", "observe", "phase_devices",
+           "rereleased", "restore", "start", "tick"]
 
 Actions = list[SetDesired | Emit]
+#: How long after a halt or abort the devices sent back are watched (offline ones return).
+RESTORE_WATCH_S = 86400.0
 COMMANDS = ("pause", "resume", "abort", "promote")
 _FAILED = {InstallState.FAILED.value, InstallState.ROLLED_BACK.value}
 
@@ -203,7 +212,9 @@ def _stop(state: RolloutState, status: str, reason: Reason, now: float, *,
         outcomes = dict.fromkeys(last.outcomes, "restored")
         state = state.with_result(replace(last, verdict=verdict, ended_at=now,
                                           outcomes=outcomes))
-    stopped = replace(state, status=status, reason=reason, updated_at=now)
+    stopped = replace(state, status=status, reason=reason, updated_at=now,
+                      restoring={d: "switching" for d, p in restore.items() if p is not None},
+                      restore_until=now + RESTORE_WATCH_S)
     kind = "rollout.halted" if status == "halted" else "rollout.aborted"
     actions: Actions = []
     if restore:
@@ -221,6 +232,71 @@ def _halt_reason(state: RolloutState, failed: GateResult) -> Reason:
             f"one-sided 95% bound {failed.bound:.4g}")
     return Reason(text, state.phase_name(), str(gate), failed.value, gate.threshold,
                   failed.bound, failed.n)
+
+
+# --- after a halt or abort -----------------------------------------------------------------
+
+def restore(state: RolloutState, observations: Mapping[str, Observation],
+            now: float) -> tuple[RolloutState, list[SetDesired | Emit | Rerelease]]:
+    """Watch the devices a halt or abort sent back (``state.restoring``). A device is done
+    once it runs its previous version (or its re-release) or anything but the candidate.
+    One that refused its previous version (a failed install of that version: devices
+    refuse older versions unless they still hold them loaded) gets the re-release already
+    made for that bundle, or a :class:`~.model.Rerelease` asks the runner to make one.
+    Devices are let go at ``restore_until`` (still on the candidate: `fleet devices`
+    shows them)."""
+    spec = state.spec
+    if not state.restoring:
+        return state, []
+    if state.restore_until is not None and now >= state.restore_until:
+        return replace(state, restoring={}), []
+    left: dict[str, str] = {}
+    refused: dict[str, list[str]] = {}  # source sha256 -> devices
+    for device, how in sorted(state.restoring.items()):
+        previous = spec.previous.get(device)
+        obs = observations.get(device)
+        if previous is None or obs is None:
+            left[device] = how if previous is not None else ""
+            continue
+        again = state.rereleased.get(previous.bundle_sha256)
+        if obs.version is not None and obs.version != spec.candidate.version:
+            continue  # back on the previous version, its re-release, or moved on since
+        failed = obs.install_state in _FAILED
+        if how == "switching" and failed and obs.install_version == previous.version:
+            refused.setdefault(previous.bundle_sha256, []).append(device)
+            left[device] = how  # "rereleased" once the runner made it
+        elif how == "rereleased" and failed and again is not None and (
+                obs.install_version == again.version):
+            continue  # refused its re-release too: nothing more to try
+        else:
+            left[device] = how
+    state = replace(state, restoring={d: how for d, how in left.items() if how})
+    actions: list[SetDesired | Emit | Rerelease] = []
+    for sha, devices in sorted(refused.items()):
+        again = state.rereleased.get(sha)
+        if again is None:
+            source = spec.previous[devices[0]]
+            assert source is not None  # only devices with a previous version are restoring
+            actions.append(Rerelease(spec.model, source, tuple(devices)))
+        else:
+            state, more = rereleased(state, sha, again, devices)
+            actions += more
+    return state, actions
+
+
+def rereleased(state: RolloutState, source_sha256: str, release: DesiredModel,
+               devices: Iterable[str]) -> tuple[RolloutState, Actions]:
+    """The state and actions once ``release`` re-releases the bundle ``source_sha256`` for
+    ``devices`` (the runner's answer to a :class:`~.model.Rerelease`)."""
+    devices = sorted(devices)
+    state = replace(state, rereleased={**state.rereleased, source_sha256: release},
+                    restoring={**state.restoring, **dict.fromkeys(devices, "rereleased")})
+    return state, [SetDesired(state.spec.model, dict.fromkeys(devices, release), "rerelease"),
+                   Emit("rollout.rereleased", {"rollout": state.spec.id,
+                                               "devices": devices,
+                                               "version": release.version,
+                                               "bundle_sha256": release.bundle_sha256,
+                                               "source_sha256": source_sha256})]
 
 
 # --- judging -----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from .evidence import Health
 from .gates import DEFAULT_GATES, Gate, GateResult
 from .plan import Target
 
-__all__ = ["FINAL", "STATUSES", "Emit", "Observation", "Reason", "RolloutSpec",
+__all__ = ["FINAL", "STATUSES", "Emit", "Observation", "Reason", "Rerelease", "RolloutSpec",
            "RolloutState", "SetDesired", "StepResult", "gate_result_json", "spec_to_json",
            "state_from_json", "state_to_json"]
 
@@ -108,6 +108,13 @@ class RolloutState:
     results: tuple[StepResult, ...] = ()
     reason: Reason | None = None
     revision: int = 0
+    #: After a halt or abort: devices sent back to their previous version that have not
+    #: shown it yet, each ``switching`` (asked for the previous bundle) or ``rereleased``
+    #: (asked for its re-release), watched until ``restore_until``.
+    restoring: Mapping[str, str] = field(default_factory=dict)
+    restore_until: float | None = None
+    #: Re-releases made for this rollout's devices: source bundle sha256 -> re-release.
+    rereleased: Mapping[str, DesiredModel] = field(default_factory=dict)
 
     @property
     def final(self) -> bool:
@@ -145,6 +152,17 @@ class SetDesired:
     model: str
     targets: Mapping[str, DesiredModel | None]
     why: str
+
+
+@dataclass(frozen=True)
+class Rerelease:
+    """Re-release ``source`` (a previous version devices refused as a downgrade) as the
+    next version of ``model``, and ask ``devices`` for it (the runner signs it, then asks
+    :func:`~.controller.rereleased` for the actions)."""
+
+    model: str
+    source: DesiredModel
+    devices: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -240,7 +258,9 @@ def state_to_json(state: RolloutState) -> dict[str, Any]:
             "created_at": state.created_at, "updated_at": state.updated_at,
             "exposed": dict(state.exposed), "results": [_result_to(x) for x in state.results],
             "reason": None if r is None else {"text": r.text, **r.detail(), "phase": r.phase},
-            "revision": state.revision}
+            "revision": state.revision, "restoring": dict(state.restoring),
+            "restore_until": state.restore_until,
+            "rereleased": {sha: _desired_to(d) for sha, d in state.rereleased.items()}}
 
 
 def state_from_json(obj: Mapping[str, Any]) -> RolloutState:
@@ -254,4 +274,10 @@ def state_from_json(obj: Mapping[str, Any]) -> RolloutState:
         created_at=float(obj["created_at"]), updated_at=float(obj["updated_at"]),
         exposed={str(d): float(t) for d, t in obj["exposed"].items()},
         results=tuple(_result_from(x) for x in obj["results"]), reason=reason,
-        revision=int(obj["revision"]))
+        revision=int(obj["revision"]),
+        # States stored before re-releases existed have none of these.
+        restoring={str(d): str(how) for d, how in obj.get("restoring", {}).items()},
+        restore_until=(None if obj.get("restore_until") is None
+                       else float(obj["restore_until"])),
+        rereleased={str(sha): d for sha, x in obj.get("rereleased", {}).items()
+                    if (d := _desired_from(x)) is not None})

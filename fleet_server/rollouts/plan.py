@@ -1,8 +1,9 @@
 """Which devices each rollout step takes: deterministic, stratified by firmware profile.
 
-Each device's place in line is the SHA-256 of ``rollout id / device id``: the same rollout
-always picks the same devices (a restarted server picks exactly what it picked before),
-and another rollout picks others. Devices are lined up per firmware profile and each step
+Each device's place in line is :func:`common.unit_hash.unit_hash` of the rollout id and the
+device id (SHA-256, as experiments assign arms): the same rollout always picks the same
+devices (a restarted server picks exactly what it picked before), and another rollout
+picks others. Devices are lined up per firmware profile and each step
 takes the first ``ceil(share x count)`` of every profile, at least one: so every kind of
 device is in the first step, where a model that fails on one kind is caught while few
 devices have it.
@@ -10,12 +11,12 @@ devices have it.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from common.unit_hash import unit_hash
 from fleet_server.errors import RolloutError
 
 __all__ = ["Target", "allowed", "check_steps", "plan_steps"]
@@ -46,10 +47,6 @@ def check_steps(steps: Sequence[float]) -> tuple[float, ...]:
     return got
 
 
-def _rank(rollout_id: str, device: str) -> bytes:
-    return hashlib.sha256(f"{rollout_id}/{device}".encode()).digest()
-
-
 def _count(share: float, size: int) -> int:
     """How many of ``size`` devices of one profile a step of ``share`` percent takes."""
     if share >= 100.0:
@@ -66,7 +63,7 @@ def plan_steps(rollout_id: str, targets: Sequence[Target],
         by_profile.setdefault(target.profile, []).append(target.device)
     added: list[list[str]] = [[] for _ in steps]
     for profile in sorted(by_profile):
-        line = sorted(by_profile[profile], key=lambda d: (_rank(rollout_id, d), d))
+        line = sorted(by_profile[profile], key=lambda d: (unit_hash(rollout_id, d), d))
         taken = 0
         for k, share in enumerate(steps):
             upto = _count(share, len(line))

@@ -10,6 +10,11 @@ changes the desired state. Only after that commit are the changed devices' desir
 published over MQTT (``publish``); a server killed before that publishes every device's
 desired state when it connects again, so a rollout resumes on restart exactly where its
 last committed state left it.
+
+After a halt or abort the runner goes on ticking the rollout while devices it sent back
+have not shown their previous version (:func:`~.controller.restore`); a device that refused
+it as a downgrade (its agent restarted since, so it no longer held it loaded) gets a
+re-release of it, signed here with ``rerelease`` as ``fleet rollback`` does.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fleet_server.errors import RegistryError, RolloutError
-from fleet_server.registry import Device, Registry
+from fleet_server.errors import RegistryError, ReleaseError, RolloutError
+from fleet_server.registry import BundleRecord, Device, Registry
 from fleet_server.registry.rollouts import RolloutRecord
 from protocol.messages import Telemetry
 
@@ -32,6 +37,7 @@ from .gates import merge_gates
 from .model import (
     Emit,
     Observation,
+    Rerelease,
     RolloutSpec,
     RolloutState,
     SetDesired,
@@ -52,6 +58,9 @@ _SLACK_S = 300.0
 #: Samples kept per device and rollout (the newest): bounds memory on long rollouts.
 _MAX_SAMPLES = 2000
 _ACTIVE = ("running", "paused")
+_STOPPED = ("halted", "aborted")
+#: Halted or aborted rollouts looked at for devices still to restore, newest first.
+_RESTORE_SCAN = 20
 #: Bounds on options: a rollout of a week at most per step.
 _MAX_DURATION_S = 7 * 86400.0
 
@@ -97,13 +106,18 @@ class RolloutRunner:
     def __init__(self, registry: Registry, *, publish: Callable[[Sequence[str]], object],
                  online: Callable[[Device, float], bool], tick_s: float = 5.0,
                  clock: Callable[[], float] = time.time,
-                 check: Callable[[str, Sequence[Device]], None] | None = None) -> None:
+                 check: Callable[[str, Sequence[Device]], None] | None = None,
+                 rerelease: Callable[[BundleRecord], BundleRecord] | None = None) -> None:
         """``check(bundle_sha256, devices)`` raises if the devices would refuse the bundle
-        (the publish check); ``clock`` gives the time."""
+        (the publish check); ``clock`` gives the time; ``rerelease(bundle)`` signs and
+        stores a re-release of a stored bundle as the next version (ReleaseError if this
+        server cannot sign; without it devices that refuse their previous version stay
+        where they are)."""
         self.registry = registry
         self._publish = publish
         self._online = online
         self._check = check
+        self._rerelease = rerelease
         self.tick_s = tick_s
         self._clock = clock
         self._samples: dict[str, dict[str, dict[int, Telemetry]]] = {}
@@ -204,6 +218,15 @@ class RolloutRunner:
                 except RegistryError as exc:
                     # Another server saved first (or a device vanished): next tick.
                     log.info("rollout %s not ticked: %s", record.id, exc)
+        for record in self.registry.list_rollouts(statuses=_STOPPED, limit=_RESTORE_SCAN):
+            state = _state(record)
+            if not state.restoring:
+                continue
+            with self._lock:
+                try:
+                    moved += self._restore(state)
+                except RegistryError as exc:
+                    log.info("rollout %s: restoring not ticked: %s", record.id, exc)
         return moved
 
     # --- internals ---
@@ -219,6 +242,48 @@ class RolloutRunner:
             # Only the judgement changed: save it for `fleet rollout status`.
             self._commit(new, [], "", "", "")
         return 0
+
+    def _restore(self, state: RolloutState) -> int:
+        """One look at the devices a halt or abort sent back; re-releases what they
+        refused."""
+        now = self._clock()
+        observed = self._observe(state, now, devices=tuple(state.restoring), samples=False)
+        new, wanted = controller.restore(state, observed, now)
+        actions: list[SetDesired | Emit] = []
+        for action in wanted:
+            if isinstance(action, Rerelease):
+                new, more = self._rereleased(new, action)
+                actions += more
+            else:
+                actions.append(action)
+        if new == state and not actions:
+            return 0
+        self._commit(new, actions, "controller", "rollout.restore", "")
+        return 1 if actions else 0
+
+    def _rereleased(self, state: RolloutState,
+                    action: Rerelease) -> tuple[RolloutState, list[SetDesired | Emit]]:
+        """Sign the re-release ``action`` asks for; the state and actions that follow."""
+        source = self.registry.get_bundle(action.source.bundle_sha256)
+        try:
+            if self._rerelease is None:
+                raise ReleaseError("this server signs no re-releases")
+            if source is None:
+                raise ReleaseError(f"bundle {action.source.bundle_sha256} is not stored")
+            release = self._rerelease(source)
+        except ReleaseError as exc:
+            # Nothing more this server can do for them: they stay on the candidate, with a
+            # failed install of the previous version, which `fleet devices` shows.
+            log.warning("rollout %s: %s refused v%d as a downgrade and cannot get a "
+                        "re-release (%s); `fleet rollback` them once the server can sign",
+                        state.spec.id, ", ".join(action.devices), action.source.version, exc)
+            left = {d: how for d, how in state.restoring.items() if d not in action.devices}
+            return replace(state, restoring=left), []
+        log.info("rollout %s: v%d re-released as v%d for %s (refused as a downgrade)",
+                 state.spec.id, action.source.version, release.version,
+                 ", ".join(action.devices))
+        return controller.rereleased(state, action.source.bundle_sha256, release.desired,
+                                     action.devices)
 
     def _commit(self, state: RolloutState, actions: list[SetDesired | Emit], actor: str,
                 action: str, reason: str) -> None:
@@ -247,6 +312,8 @@ class RolloutRunner:
         rollout = str(detail.get("rollout", ""))
         if event.kind == "rollout.halted":
             who, why = "controller", str(detail.get("reason", ""))
+        elif event.kind == "rollout.rereleased":
+            who, why = "controller", "devices refused their previous version as a downgrade"
         elif event.kind in ("rollout.step", "rollout.succeeded"):
             who, why = "controller", "gates passed"
         else:
@@ -282,9 +349,13 @@ class RolloutRunner:
         return {t.device: r.id for r in self.registry.list_rollouts(statuses=_ACTIVE)
                 if r.model == model for t in _state(r).spec.targets}
 
-    def _observe(self, state: RolloutState, now: float) -> dict[str, Observation]:
-        devices = controller.phase_devices(state)
-        samples = self._read_samples(state, devices)
+    def _observe(self, state: RolloutState, now: float, *,
+                 devices: Sequence[str] | None = None,
+                 samples: bool = True) -> dict[str, Observation]:
+        """What the registry holds of the current phase's devices (or ``devices``), with
+        their telemetry unless ``samples`` is False."""
+        devices = controller.phase_devices(state) if devices is None else devices
+        read = self._read_samples(state, devices) if samples else {}
         model = state.spec.model
         wanted = set(devices)
         # One query for the fleet rather than one per device.
@@ -300,7 +371,7 @@ class RolloutRunner:
                 state, device_id, online=self._online(device, now),
                 version=None if running is None else running.version,
                 install_version=install[0], install_state=install[1],
-                samples=samples.get(device_id, {}).values())
+                samples=read.get(device_id, {}).values())
         return observations
 
     def _read_samples(self, state: RolloutState,

@@ -156,6 +156,7 @@ def test_blue_green_keeps_the_previous_version_and_switches_back_at_once(
     assert server.served_bytes == fetched  # no fetch
     wait(lambda: server.last_report() == {"digits": (1, sha1, "committed")},
          "the switch reported")
-    assert "model.switched_back" in server.events
+    # The event and the report are two messages with no order between them.
+    wait(lambda: "model.switched_back" in server.events, "the switched_back event")
     # Blue-green the other way round: v2 is now the one kept beside.
     assert runtime.previous_version("digits") == 2

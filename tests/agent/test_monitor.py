@@ -5,10 +5,12 @@ in telemetry samples (monitor, shadow and previous-version comparisons)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import shutil
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -27,6 +29,7 @@ from agent.monitor import ModelMonitor, monitor_plan
 from agent.probation import ProbationPolicy
 from agent.runtime import Runtime
 from agent.sessions import TensorInfo
+from agent.side_process import MovingSession
 from agent.side_runner import Request, SideChannel, SideRunner, due_after
 from agent.telemetry import TelemetryCollector
 from firmware_profiles.model import Profile
@@ -253,6 +256,8 @@ def test_a_shadow_candidate_is_compared_off_the_path(
         model = None if agreeing else swapped_digits()
         shadow_bundle = write_bundle(repo, tmp_path, digits_spec(2, model))
         shadow = runtime.load_shadow(shadow_bundle)
+        # Off this process's GIL: the candidate runs in a child (agent/side_process.py).
+        assert getattr(shadow.session, "pid", None) not in (None, os.getpid())
         runtime.attach("digits", "shadow", shadow, 0.5)
         _serve(runtime, 200)
         report = _collect(runtime)["shadow"]
@@ -381,6 +386,18 @@ def test_keep_previous_compares_and_switches_both_ways(
         assert previous["version"] == 1
         assert previous["agreement"]["n"] == previous["requests"] > 0
         assert previous["agreement"]["agree"] == previous["agreement"]["n"]  # same model
+        # A small model's previous version is compared in a side process once one opened
+        # (agent/side_process.py), and answers there as here.
+        moving = runtime.comparisons("digits")["previous"].session
+        assert isinstance(moving, MovingSession)
+        deadline = time.monotonic() + 60
+        while not moving.moved and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert moving.moved
+        _serve(runtime, 40)
+        moved = _collect(runtime)["previous"]
+        assert moved["requests"] > 0
+        assert moved["agreement"]["agree"] == moved["agreement"]["n"] == moved["requests"]
         v2 = runtime.served("digits")
         assert runtime.switch_back("digits", 1)
         assert runtime.served("digits") is v1

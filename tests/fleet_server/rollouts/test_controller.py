@@ -8,11 +8,20 @@ from typing import Any
 import pytest
 
 from fleet_server.errors import RolloutError
-from fleet_server.rollouts.controller import command, phase_devices, start, tick
+from fleet_server.rollouts.controller import (
+    RESTORE_WATCH_S,
+    command,
+    phase_devices,
+    rereleased,
+    restore,
+    start,
+    tick,
+)
 from fleet_server.rollouts.evidence import Health
 from fleet_server.rollouts.model import (
     Emit,
     Observation,
+    Rerelease,
     RolloutSpec,
     SetDesired,
     state_from_json,
@@ -160,3 +169,58 @@ def test_state_round_trips_through_json() -> None:
     state, _ = start(_spec(shadow_s=10.0), T0)
     state, _ = tick(state, _healthy(phase_devices(state)), T0 + 5)
     assert state_from_json(state_to_json(state)) == state
+
+
+# --- after a halt: devices that refuse their previous version get a re-release ----------
+
+def test_a_device_that_refuses_its_previous_version_gets_one_rerelease() -> None:
+    state, _ = start(_spec(), T0)
+    canary = tuple(sorted(state.exposed))
+    halted, _ = command(state, "abort", T0 + 10, "alice")
+    assert halted.restoring == dict.fromkeys(canary, "switching")
+    assert halted.restore_until == T0 + 10 + RESTORE_WATCH_S
+    switched, refused = canary
+    observations = {
+        switched: Observation(switched, True, 1, 1, "committed"),  # switched back at once
+        refused: Observation(refused, True, 2, 1, "failed")}  # refused v1: a downgrade
+    after, actions = restore(halted, observations, T0 + 20)
+    assert after.restoring == {refused: "switching"}
+    assert actions == [Rerelease("digits", V1, (refused,))]
+    v3 = DesiredModel(3, "c" * 64, 10)
+    after, made = rereleased(after, V1.bundle_sha256, v3, [refused])
+    assert after.restoring == {refused: "rereleased"}
+    assert made[0] == SetDesired("digits", {refused: v3}, "rerelease")
+    assert isinstance(made[1], Emit)
+    assert made[1].kind == "rollout.rereleased"
+    assert state_from_json(state_to_json(after)) == replace(after, revision=0)
+    # While it installs v3 nothing more is asked; once it runs v3 it is done.
+    installing = {refused: Observation(refused, True, 2, 3, "downloading")}
+    assert restore(after, installing, T0 + 30) == (after, [])
+    done, actions = restore(after, {refused: Observation(refused, True, 3, 3, "probation")},
+                            T0 + 40)
+    assert (done.restoring, actions) == ({}, [])
+
+
+def test_a_second_refusal_reuses_the_rerelease_and_watching_ends() -> None:
+    state, _ = start(_spec(), T0)
+    first, second = sorted(state.exposed)
+    halted, _ = command(state, "abort", T0, "alice")
+    v3 = DesiredModel(3, "c" * 64, 10)
+    halted, _ = rereleased(halted, V1.bundle_sha256, v3, [first])
+    later, actions = restore(halted, {second: Observation(second, True, 2, 1, "failed")},
+                             T0 + 60)
+    assert not any(isinstance(a, Rerelease) for a in actions)
+    assert actions[0] == SetDesired("digits", {second: v3}, "rerelease")
+    assert later.restoring == {first: "rereleased", second: "rereleased"}
+    # A device that refuses the re-release too is let go; the rest at restore_until.
+    gone, _ = restore(later, {first: Observation(first, True, 2, 3, "failed")}, T0 + 70)
+    assert gone.restoring == {second: "rereleased"}
+    assert restore(gone, {}, T0 + RESTORE_WATCH_S)[0].restoring == {}
+
+
+def test_states_stored_before_rereleases_existed_still_load() -> None:
+    state, _ = start(_spec(), T0)
+    old = state_to_json(state)
+    for key in ("restoring", "restore_until", "rereleased"):
+        del old[key]
+    assert state_from_json(old) == replace(state, revision=0)
