@@ -84,10 +84,17 @@ class ResponseLog:
         if served is not None and now - served.at > self.ttl_s:
             del self._served[response_id]
             served = None
-        if served is None or served.model != model:
+        if served is not None and served.model != model:
+            # Under an experiment the answer names the arm's model, but the outcome
+            # belongs to the name the app asked for: say which.
+            raise UnknownResponse(f"response {response_id!r} was answered under model "
+                                  f"{served.model!r}: post its feedback to "
+                                  f"/v2/models/{served.model}/feedback")
+        if served is None:
             raise UnknownResponse(f"no response {response_id!r} of model {model!r} awaits "
-                                  f"feedback: ids are kept {self.ttl_s:g} s and take one "
-                                  "report; send the id from the inference answer")
+                                  f"feedback: ids are kept {self.ttl_s:g} s, in memory (an "
+                                  "agent restart forgets them), and take one report; send "
+                                  "the id from the inference answer")
         del self._served[response_id]
         return served
 

@@ -112,6 +112,13 @@ def _promote(service: FleetService, request: Request) -> tuple[int, Any]:
     options = RolloutOptions(steps=tuple(float(s) for s in steps),
                              bake_s=_number(body, "bake_s", defaults.bake_s))
     devices = tuple(service.registry.experiment_devices(name))
+    if record.status == "running":  # stop() refuses the others with its own message
+        # Everything the rollout would refuse, before the experiment ends: all or nothing.
+        try:
+            service.rollouts.precheck(sha, Selection(devices=devices), options)
+        except (RolloutError, RegistryError) as exc:
+            raise ApiError(f"experiment {name} is still running: the rollout of {winner} "
+                           f"would be refused: {exc}", 409) from exc
     runner.stop(name, request.actor, winner=winner, reason=_reason(body))
     try:
         rollout = service.rollouts.create(sha, Selection(devices=devices), options,

@@ -203,7 +203,10 @@ def experiment_text(view: dict[str, Any]) -> str:
               for r in rows]
     verdict = (f"winner: {view['winner']} (its interval clears every other arm's)"
                if view["verdict"] == "winner"
-               else "running: no arm's interval clears the others yet")
+               else "running: no arm's interval clears the others yet"
+               if view["verdict"] == "running"
+               else f"undecided: it was {view['status']} before any arm's interval cleared "
+                    "the others")
     lines.append(f"verdict: {verdict}")
     if view.get("promoted"):
         lines.append(f"promoted: {view['promoted']}")

@@ -24,6 +24,7 @@ the registry and MQTT:
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -74,14 +75,18 @@ class ExperimentRequest:
 
 class ExperimentRunner:
     """The server's experiments (module docstring). ``publish(devices)`` publishes those
-    devices' desired states; ``send(device, leaf, payload, retain)`` publishes one message."""
+    devices' desired states; ``send(device, leaf, payload, retain)`` publishes one message;
+    ``rollouts(model)`` maps the devices in a running rollout of ``model`` to its id (an
+    experiment must not start under a rollout that may halt and change an arm)."""
 
     def __init__(self, registry: Registry, *, publish: Callable[[Sequence[str]], object],
                  send: Callable[[str, str, bytes, bool], None], fleet_push_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 rollouts: Callable[[str], Mapping[str, str]] | None = None) -> None:
         self.registry = registry
         self._publish = publish
         self._send = send
+        self._rollouts = rollouts
         self._fleet_push_s = fleet_push_s
         self._clock = clock
         self._lock = threading.Lock()
@@ -96,6 +101,11 @@ class ExperimentRunner:
         """Start an experiment. InvalidExperimentData for a declaration that does not make
         sense, RegistryError for unknown bundles or devices or a name used before,
         ReleaseError if devices would refuse an arm's bundle. Nothing changes then."""
+        arms = [arm for arm, _ in request.bundles]
+        twice = sorted({arm for arm in arms if arms.count(arm) > 1})
+        if twice:
+            raise InvalidExperimentData(f"arm {twice[0]!r} is given twice: name each variant "
+                                        "once (--variant a=BUNDLE --variant b=BUNDLE)")
         bundles = {arm: self._bundle(sha) for arm, sha in request.bundles}
         model = request.model or bundles[request.bundles[0][0]].name
         shares = request.split or tuple(1.0 / len(bundles) for _ in bundles)
@@ -103,6 +113,12 @@ class ExperimentRunner:
             raise InvalidExperimentData(f"--split gives {len(shares)} shares for "
                                         f"{len(bundles)} variants: give one per variant")
         total = sum(shares)
+        if request.split is not None and not any(math.isclose(total, whole, rel_tol=1e-6)
+                                                 for whole in (1.0, 100.0)):
+            # Shares that add up to something else are almost always a typo; rescaling
+            # them silently would run a split nobody asked for.
+            raise InvalidExperimentData(f"--split adds up to {total:g}: give percentages "
+                                        "that add up to 100 (or fractions adding up to 1)")
         spec = ExperimentSpec(
             name=request.name, model=model,
             arms=tuple((arm, b.name) for arm, b in bundles.items()),
@@ -271,16 +287,40 @@ class ExperimentRunner:
         return chosen
 
     def _check_free(self, spec: ExperimentSpec, devices: Sequence[Device]) -> None:
-        """One running experiment per public model on a device."""
-        ids = {d.id for d in devices}
-        for other in self.registry.list_experiments(status="running", limit=10_000):
-            if other.model != spec.model:
-                continue
-            clash = sorted(ids & set(self.registry.experiment_devices(other.name)))
-            if clash:
+        """A model a device serves in one running experiment (its public name or an arm's
+        model) is in no other, and in no running rollout: either would change an arm under
+        the experiment and mix its data."""
+        ids = [d.id for d in devices]
+        mine = _models(spec)
+        for model in sorted(mine):
+            running = self.running_on(model, ids)
+            if running:
+                name = running[min(running)]
                 raise InvalidExperimentData(
-                    f"{', '.join(clash[:5])} already take part in experiment {other.name} on "
-                    f"{spec.model}; stop it first (`fleet experiment stop {other.name}`)")
+                    f"{', '.join(sorted(running)[:5])} already serve {model} in experiment "
+                    f"{name}; stop it first (`fleet experiment stop {name}`)")
+            busy = {d: r for d, r in (self._rollouts(model) if self._rollouts else {}).items()
+                    if d in set(ids)}
+            if busy:
+                rollout = busy[min(busy)]
+                raise InvalidExperimentData(
+                    f"{', '.join(sorted(busy)[:5])} take part in rollout {rollout} of {model}; "
+                    f"wait for it to end (`fleet rollout status {rollout} --wait`) or abort it")
+
+    def running_on(self, model: str, devices: Sequence[str]) -> dict[str, str]:
+        """Which of ``devices`` serve ``model`` in a running experiment, and its name."""
+        wanted = set(devices)
+        out: dict[str, str] = {}
+        for other in self.registry.list_experiments(status="running", limit=10_000):
+            if model in _models(spec_from_json(other.spec)):
+                for device in wanted.intersection(self.registry.experiment_devices(other.name)):
+                    out[device] = other.name
+        return out
+
+
+def _models(spec: ExperimentSpec) -> set[str]:
+    """Every model name an experiment serves on its devices."""
+    return {spec.model, *(m for _, m in spec.arms)}
 
 
 def push_message(merged: Merged) -> messages.PosteriorPush:
@@ -304,6 +344,8 @@ def experiment_json(record: ExperimentRecord, arms: Mapping[str, Any],
     for arm in status["arms"]:
         arm["model"] = served[arm["arm"]]
         arm["bundle_sha256"] = bundles.get(arm["arm"])
+    if record.status != "running" and status["verdict"] == "running":
+        status["verdict"] = "undecided"  # it ended before any arm's interval cleared
     return {**status, "status": record.status, "model": record.model, "unit": spec.unit,
             "strategy": spec.strategy, "metric": record.detail.get("metric", "reward"),
             "selection": record.detail.get("selection"), "devices": devices,

@@ -203,7 +203,8 @@ class FleetService:
         self._experiments = ExperimentRunner(
             self._registry, publish=lambda ids: publisher.publish_selected([], ids, None),
             send=lambda device, leaf, payload, retain: link.publish(device, leaf, payload,
-                                                                    retain=retain))
+                                                                    retain=retain),
+            rollouts=lambda model: {} if self._rollouts is None else self._rollouts.busy(model))
         self._ingest = Ingest(self._registry, link.ack, on_samples=self._monitor.observe,
                               experiments=self._experiments)
         self._ingest.start()
@@ -218,7 +219,8 @@ class FleetService:
             self._registry, publish=lambda ids: publisher.publish_selected([], ids, None),
             online=lambda d, now: d.online_at(now, self.config.offline_after_s),
             tick_s=self.config.rollout_tick_s, check=publisher.check_rollout,
-            rerelease=lambda b: self.releaser.rerelease(b, rollback_of=b.version))
+            rerelease=lambda b: self.releaser.rerelease(b, rollback_of=b.version),
+            experiments=self._experiments.running_on)
         self._rollouts.start()  # resumes the rollouts the registry holds
 
     def _on_connected(self) -> None:

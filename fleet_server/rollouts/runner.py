@@ -107,9 +107,13 @@ class RolloutRunner:
                  online: Callable[[Device, float], bool], tick_s: float = 5.0,
                  clock: Callable[[], float] = time.time,
                  check: Callable[[str, Sequence[Device]], None] | None = None,
-                 rerelease: Callable[[BundleRecord], BundleRecord] | None = None) -> None:
+                 rerelease: Callable[[BundleRecord], BundleRecord] | None = None,
+                 experiments: Callable[[str, Sequence[str]], Mapping[str, str]] | None = None,
+                 ) -> None:
         """``check(bundle_sha256, devices)`` raises if the devices would refuse the bundle
-        (the publish check); ``clock`` gives the time; ``rerelease(bundle)`` signs and
+        (the publish check); ``experiments(model, device_ids)`` names the running
+        experiment each of those devices serves ``model`` in (a rollout would change an
+        arm under it); ``clock`` gives the time; ``rerelease(bundle)`` signs and
         stores a re-release of a stored bundle as the next version (ReleaseError if this
         server cannot sign; without it devices that refuse their previous version stay
         where they are)."""
@@ -118,6 +122,7 @@ class RolloutRunner:
         self._online = online
         self._check = check
         self._rerelease = rerelease
+        self._experiments = experiments
         self.tick_s = tick_s
         self._clock = clock
         self._samples: dict[str, dict[str, dict[int, Telemetry]]] = {}
@@ -154,22 +159,17 @@ class RolloutRunner:
     def create(self, bundle_sha256: str, selection: Selection, options: RolloutOptions,
                actor: str) -> RolloutState:
         """Start a rollout of a stored bundle to the selected devices. RolloutError for
-        bad options or a selection that matches nothing or overlaps a running rollout of
-        the same model; RegistryError for an unknown bundle."""
-        record = self.registry.get_bundle(bundle_sha256)
-        if record is None:
-            raise RegistryError(f"no stored bundle has sha256 {bundle_sha256!r}; upload it "
-                                "first")
-        _check_options(options)
-        devices = self._select(selection)
-        busy = self._busy(record.name)
-        clash = sorted(d.id for d in devices if d.id in busy)
-        if clash:
-            raise RolloutError(f"{', '.join(clash[:5])} already take part in rollout "
-                               f"{busy[clash[0]]} of {record.name}; wait for it to end, or "
-                               "pause and abort it")
-        if self._check is not None:
-            self._check(bundle_sha256, devices)
+        bad options or a selection that matches nothing or overlaps a running rollout or
+        experiment on the same model; RegistryError for an unknown bundle."""
+        record, devices = self.precheck(bundle_sha256, selection, options)
+        running = self._experiments(record.name, [d.id for d in devices]) \
+            if self._experiments is not None else {}
+        if running:
+            device, name = sorted(running.items())[0]
+            raise RolloutError(f"{', '.join(sorted(running)[:5])} serve {record.name} in "
+                               f"running experiment {name}; a rollout would change an arm "
+                               f"under it: `fleet experiment promote {name} ARM` rolls out "
+                               f"its winner, or stop it first ({device} is one)")
         spec = RolloutSpec(
             id=f"r-{secrets.token_hex(4)}", model=record.name, candidate=record.desired,
             targets=tuple(Target(d.id, d.profile) for d in devices),
@@ -344,7 +344,30 @@ class RolloutRunner:
                                "(`fleet devices` lists them)")
         return devices
 
-    def _busy(self, model: str) -> dict[str, str]:
+    def precheck(self, bundle_sha256: str, selection: Selection,
+                 options: RolloutOptions) -> tuple[BundleRecord, list[Device]]:
+        """What create() checks before it starts anything but the experiments: the bundle,
+        the options, the selection, running rollouts of its model and whether the devices
+        would take it. Raises as create() does; a promotion checks this before it ends
+        its experiment, so that a refused rollout leaves the experiment running."""
+        record = self.registry.get_bundle(bundle_sha256)
+        if record is None:
+            raise RegistryError(f"no stored bundle has sha256 {bundle_sha256!r}; upload it "
+                                "first")
+        _check_options(options)
+        check_steps(options.steps)
+        devices = self._select(selection)
+        busy = self.busy(record.name)
+        clash = sorted(d.id for d in devices if d.id in busy)
+        if clash:
+            raise RolloutError(f"{', '.join(clash[:5])} already take part in rollout "
+                               f"{busy[clash[0]]} of {record.name}; wait for it to end, or "
+                               "pause and abort it")
+        if self._check is not None:
+            self._check(bundle_sha256, devices)
+        return record, list(devices)
+
+    def busy(self, model: str) -> dict[str, str]:
         """Devices in a running or paused rollout of ``model``, and its id."""
         return {t.device: r.id for r in self.registry.list_rollouts(statuses=_ACTIVE)
                 if r.model == model for t in _state(r).spec.targets}

@@ -36,7 +36,7 @@ def test_experiments_over_the_api(call: Caller, bundles: dict[str, bytes]) -> No
         status, answer = call("POST", "/api/experiments", body)
         assert (status, message in answer["error"]) == (code, True), answer
     status, view = call("POST", "/api/experiments", {"name": "ab1", "variants": variants,
-                                                     "group": "lab", "split": [1, 3]})
+                                                     "group": "lab", "split": [25, 75]})
     assert status == 201, view
     assert (view["status"], view["unit"], view["devices"]) == ("running", "device", 2)
     assert [(a["arm"], a["n"], a["bundle_sha256"]) for a in view["arms"]] == [
@@ -51,6 +51,14 @@ def test_experiments_over_the_api(call: Caller, bundles: dict[str, bytes]) -> No
 
     status, answer = call("POST", "/api/experiments/ab1/promote", {"winner": "c"})
     assert (status, "not an arm" in answer["error"]) == (400, True)
+    # A rollout of a model under a running experiment would change an arm under it.
+    status, answer = call("POST", "/api/rollouts", {"bundle_sha256": v2, "group": "lab"})
+    assert (status, "in running experiment ab1" in answer["error"]) == (400, True), answer
+    # A promotion whose rollout would be refused changes nothing: all or nothing.
+    status, answer = call("POST", "/api/experiments/ab1/promote",
+                          {"winner": "b", "steps": [0]})
+    assert (status, "ab1 is still running" in answer["error"]) == (409, True), answer
+    assert call("GET", "/api/experiments/ab1")[1]["status"] == "running"
     status, answer = call("POST", "/api/experiments/ab1/promote",
                           {"winner": "b", "reason": "b converts better"})
     assert status == 200, answer

@@ -139,8 +139,15 @@ def test_clashes_are_refused(reg: Registry, runner: ExperimentRunner) -> None:
     runner.start(_ab(reg), "admin")
     with pytest.raises(RegistryError, match="exists already"):
         runner.start(_ab(reg, group=None, devices=("other",)), "admin")
-    with pytest.raises(InvalidExperimentData, match="already take part in experiment ab1"):
+    with pytest.raises(InvalidExperimentData, match="already serve digits in experiment ab1"):
         runner.start(_ab(reg, name="ab2"), "admin")
+    # An arm's model is taken too: another experiment on it would change that arm under ab1.
+    b2 = bundle(reg, "digits-b", 2)
+    with pytest.raises(InvalidExperimentData, match="already serve digits-b in experiment ab1"):
+        runner.start(ExperimentRequest("ab5", (("a", bundle(reg, "digits-b", 1)), ("b", b2)),
+                                       group="lab"), "admin")
+    assert runner.running_on("digits-b", ["gw-0", "other"]) == {"gw-0": "ab1"}
+    assert runner.running_on("speech", ["gw-0"]) == {}
     same = bundle(reg, "digits", 1)
     with pytest.raises(InvalidExperimentData, match="distinct model names"):
         runner.start(ExperimentRequest("ab3", (("a", same), ("b", same)), group="elsewhere",
@@ -260,3 +267,32 @@ def test_the_ingest_thread_counts_deltas_records_refusals_and_pushes(
     assert "delta 3 from 'gw-0' arrived before 2" in refused[0]
     pushed = [decode_posterior_push(p) for d, _, p, _ in wire.sent if d == "gw-0"]
     assert (pushed[-1].version, pushed[-1].applied_seq) == (2, 2)
+
+
+def test_a_running_rollout_of_an_arm_model_refuses_the_start(reg: Registry, wire: Wire,
+                                                             clock: Clock) -> None:
+    rollouts = {"digits-b": {"gw-1": "r-1234"}}
+    runner = ExperimentRunner(reg, publish=wire.publish, send=wire.send, clock=clock,
+                              rollouts=lambda model: rollouts.get(model, {}))
+    with pytest.raises(InvalidExperimentData, match="gw-1 take part in rollout r-1234 of "
+                                                    "digits-b"):
+        runner.start(_ab(reg), "admin")
+    assert reg.list_experiments() == []
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"split": (50.0, 60.0)}, "adds up to 110"),
+    ({"split": (1.0, 3.0)}, "adds up to 4"),
+])
+def test_a_split_that_does_not_add_up_is_refused(reg: Registry, runner: ExperimentRunner,
+                                                 change: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidExperimentData, match=message):
+        runner.start(_ab(reg, **change), "admin")
+    runner.start(_ab(reg, split=(0.25, 0.75)), "admin")  # fractions are fine too
+
+
+def test_an_arm_named_twice_is_named_in_the_refusal(reg: Registry,
+                                                    runner: ExperimentRunner) -> None:
+    a = bundle(reg, "digits", 1)
+    with pytest.raises(InvalidExperimentData, match="arm 'a' is given twice"):
+        runner.start(ExperimentRequest("ab1", (("a", a), ("a", a)), group="lab"), "admin")
