@@ -49,7 +49,7 @@ _STREAM_ZDICT_FROM = 1024 * 1024
 _SPARSE_BATCH = 512
 _NONE = np.zeros(0, np.int64)
 
-Chunk = bytes | bytearray
+Chunk = bytes | bytearray | memoryview
 
 
 def apply_delta(delta: Iterable[bytes], delta_size: int, base: BaseFile, out: BinaryIO, *,
@@ -126,7 +126,8 @@ def _check_base(base: BaseFile, base_size: int, base_sha256: str) -> None:
 
 
 class _Rebuild:
-    """The target's bytes, op by op; each block is handed on before the next is made."""
+    """The target's bytes, op by op; each block must be used before the next is asked for
+    (streaming ops reuse one buffer)."""
 
     def __init__(self, header: DeltaHeader, delta: Reader, base: BaseFile,
                  plain: zstandard.ZstdDecompressor) -> None:
@@ -191,7 +192,7 @@ class _Rebuild:
                 elements[:, k] += plane
         return rebuilt
 
-    def _sparse(self, op: DeltaOp) -> Iterator[bytearray]:
+    def _sparse(self, op: DeltaOp) -> Iterator[memoryview]:
         """The base range with the listed bytes changed, block by block."""
         batches = _sparse_changes(op, self._payload(op), self._plain)
         positions, values = next(batches, (_NONE, _NONE))
@@ -283,11 +284,13 @@ def _sparse_changes(op: DeltaOp, payload: bytes, decompressor: zstandard.ZstdDec
         at, done, last = at + int(ends[-1]) + 1, done + n, int(positions[-1])
 
 
-def _base_blocks(base: BaseFile, offset: int, length: int) -> Iterator[bytearray]:
-    """``length`` bytes of the base from ``offset``, in fresh blocks of STREAM_BLOCK."""
+def _base_blocks(base: BaseFile, offset: int, length: int) -> Iterator[memoryview]:
+    """``length`` bytes of the base from ``offset``, in blocks of STREAM_BLOCK read into one
+    buffer: each block is valid until the next is asked for."""
     base.seek(offset)
+    buffer = memoryview(bytearray(min(STREAM_BLOCK, length)))
     while length:
-        block = bytearray(min(STREAM_BLOCK, length))
+        block = buffer[:min(len(buffer), length)]
         if base.readinto(block) != len(block):
             raise _base_changed()
         length -= len(block)
