@@ -24,7 +24,8 @@ Cases: the ViT (``models/build_delta_pairs.py`` builds them into ``models/genera
 on first use, with torch): only the last layer fine-tuned, all layers fine-tuned a few
 steps, re-quantized (int8, recalibrated), pruned (half the weights zeroed); and the digits
 CNN as ONNX and as TFLite with its last layer nudged (no training: the committed files,
-the head's weights plus noise of 1% of their spread).
+the head's weights plus noise of 1% of their spread); and the committed 2 MB sentence
+encoder with every float tensor nudged (``encoder_all_layers``: 0.1% of each one's spread).
 
     nice .venv/bin/python benchmarks/delta_bench.py [--cases last_layer,pruned] [--json F]
 """
@@ -67,6 +68,7 @@ from tests.bundle.repo import ONLINE, VALID, Repo  # noqa: E402
 PAIRS = ROOT / "models" / "generated" / "delta"
 VIT_CASES = ("last_layer", "all_layers", "requantized", "pruned")
 CNN_CASES = ("cnn_onnx_last_layer", "cnn_tflite_last_layer")
+ENCODER_CASES = ("encoder_all_layers",)
 METHODS = ("edgefleet", "bsdiff", "zstd_patch_from", "gzip_full")
 
 
@@ -93,9 +95,26 @@ def _pair(case: str) -> tuple[bytes, bytes, str]:
                            check=True)
         return ((PAIRS / case / "base.onnx").read_bytes(),
                 (PAIRS / case / "target.onnx").read_bytes(), "onnx")
+    if case in ENCODER_CASES:
+        base = (ROOT / "models" / "text_encoder.onnx").read_bytes()
+        return base, _nudge_all_layers(base, "onnx"), "onnx"
     fmt = "onnx" if "onnx" in case else "tflite"
     base = (ROOT / "models" / f"digits_cnn.{fmt}").read_bytes()
     return base, _nudge_last_layer(base, fmt), fmt
+
+
+def _nudge_all_layers(data: bytes, fmt: str) -> bytes:
+    """Every float tensor of at least 1 KiB plus noise of 0.1% of its spread (a few
+    fine-tuning steps: sign, exponent and high mantissa bits stay)."""
+    rng = np.random.default_rng(0)
+    out = bytearray(data)
+    for span in tensor_index(data, fmt):
+        if span.elem_size != 4 or span.length < 1024:
+            continue
+        values = np.frombuffer(data, np.float32, span.length // 4, span.offset)
+        noise = rng.normal(0, 1e-3 * float(values.std()), values.shape).astype(np.float32)
+        out[span.offset:span.offset + span.length] = (values + noise).tobytes()
+    return bytes(out)
 
 
 def _nudge_last_layer(data: bytes, fmt: str) -> bytes:
@@ -245,7 +264,7 @@ def run_case(case: str, work: Path) -> tuple[list[Result], tuple[int, int]]:
 def main() -> None:
     """Run the cases, print the table with its ratios, optionally write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cases", default=",".join(VIT_CASES + CNN_CASES))
+    parser.add_argument("--cases", default=",".join(VIT_CASES + CNN_CASES + ENCODER_CASES))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--apply", nargs=5, metavar=("METHOD", "BASE", "PATCH", "OUT", "SHA"),
                         help=argparse.SUPPRESS)

@@ -10,7 +10,7 @@ is produced. What is held at once, besides one delta block:
 - the skeleton (when there is one): its bytes and its dictionary, for the whole apply.
 
 So the peak is about twice the largest tensor (plus the skeleton), with no fixed cost
-that matters on a 150 KB model: blocks are 64 KiB, and one zstd context (about 64 KiB)
+that matters on a 150 KB model: blocks are 64 KiB, and one zstd context (under 100 KiB)
 serves every frame without a dictionary.
 """
 
@@ -32,6 +32,7 @@ from ._header import MAX_SPARSE, DeltaHeader, DeltaOp, Reader, bad, check_declar
 #: Bytes a streaming op (and the base check) holds at once. Small enough to vanish beside
 #: a 150 KB artifact, large enough that the per-block Python cost does not show on 100 MB.
 STREAM_BLOCK = 64 * 1024
+
 
 class BaseFile(Protocol):
     """The stored base artifact, read by ranges (an open file, or BytesIO in tests)."""
