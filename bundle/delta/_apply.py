@@ -92,22 +92,29 @@ def apply_delta(delta: Iterable[bytes], delta_size: int, base: BaseFile, out: Bi
 
 
 class _Blocks:
-    """``read(n)`` over an iterable of blocks, holding at most one block besides."""
+    """``read(n)`` over an iterable of blocks, holding the current block and no copy of it
+    (the agent's blocks are 1 MiB: a buffer they are appended to would hold two)."""
 
     def __init__(self, blocks: Iterable[bytes]) -> None:
         self._blocks = iter(blocks)
-        self._buffer = bytearray()
+        self._block = memoryview(b"")
 
     def read(self, n: int) -> bytes:
-        while len(self._buffer) < n:
-            block = next(self._blocks, b"")
-            if not block:
-                break
-            self._buffer += block
-        with memoryview(self._buffer) as view:
-            data = bytes(view[:n])
-        del self._buffer[:n]
-        return data
+        if n <= len(self._block):  # the usual case: within the current block
+            data = bytes(self._block[:n])
+            self._block = self._block[n:]
+            return data
+        out = bytearray()
+        while len(out) < n:
+            if not self._block:
+                self._block = memoryview(b"")  # let the spent block go before the next
+                self._block = memoryview(next(self._blocks, b""))
+                if not self._block:
+                    break
+            k = min(n - len(out), len(self._block))
+            out += self._block[:k]
+            self._block = self._block[k:]
+        return bytes(out)
 
 
 def _check_base(base: BaseFile, base_size: int, base_sha256: str) -> None:
