@@ -11,7 +11,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 # Shared by every part: the bundle format and device profiles are pure Python on top of these.
-# zstandard: weight-level deltas (bundle/delta.py), made on the server, applied on devices.
+# zstandard: weight-level deltas (bundle/delta/), made on the server, applied on devices.
 _CORE = ["numpy>=1.26", "cryptography>=42", "tuf>=6,<8", "zstandard>=0.22",
          "tomli>=2; python_version < '3.11'"]
 # ai-edge-litert is the maintained LiteRT runtime; tflite-runtime is only an import fallback

@@ -147,6 +147,18 @@ def test_a_few_scattered_changes_are_listed_byte_by_byte_and_applied_in_blocks()
     assert rebuild(base, delta, bytes(target)) == bytes(target)
 
 
+def test_thousands_of_scattered_changes_are_applied_across_batches_and_blocks() -> None:
+    # Decoded 512 changes at a time and applied in 64 KiB blocks: both boundaries crossed.
+    base = bytes(np.random.default_rng(4).integers(0, 256, 1_000_000, dtype=np.uint8))
+    target = bytearray(base)
+    rng = np.random.default_rng(5)
+    for i in sorted(rng.choice(len(base), 5000, replace=False)):
+        target[i] ^= int(rng.integers(1, 256))
+    delta = make_delta(base, bytes(target), "bin")
+    assert [o.op for o in read_header(io.BytesIO(delta), len(delta)).ops] == ["sparse"]
+    assert rebuild(base, delta, bytes(target)) == bytes(target)
+
+
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_a_damaged_sparse_delta_raises_a_bundle_error_or_rebuilds_the_target(
