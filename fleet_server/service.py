@@ -363,7 +363,8 @@ class FleetService:
         self._chunks = ChunkServer(self._registry, rate_bytes=self.config.chunk_rate_bytes,
                                    burst_bytes=self.config.chunk_burst_bytes)
         self._monitor = Monitor(self._registry, self.config.monitoring,
-                                offline_after_s=self.config.offline_after_s)
+                                offline_after_s=self.config.offline_after_s,
+                                is_leader=self.leadership.is_leader)
         self._monitor.start()
         self._start_bundle_http(self._ca, self._registry)
         self._ingest = Ingest(self._registry, self._ack, on_samples=self._monitor.observe)
