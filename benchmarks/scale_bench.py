@@ -10,15 +10,15 @@ What runs, all on this machine:
 - **Two server processes**, ``fleet serve --instance a|b --shared-subscriptions
   --bundle-port 0 --broker-url ... --db postgresql://...``, on one fresh PostgreSQL schema,
   sharing one fleet CA (copied) and the keys directory.
-- **The devices**: the load generator of ``benchmarks/fleet_bench.py`` (many devices per
-  worker process in one selector loop, mutual TLS with each device's own certificate, MQTT
-  5, the agent's chunk fetch and reports), extended here: a device of the ``http`` group
-  downloads the bundle from the first URL of its desired state (the server's endpoint,
-  with its client certificate; range requests to resume), on a small thread pool per
-  worker, and falls back to chunks as the agent does; a device of the ``mqtt`` group ignores
-  the URLs. Certificates are pre-issued (key and CSR made as the agent makes them, signed
-  by the fleet CA, recorded with a one-time token in the registry), which is enrollment
-  minus its HTTP round trip.
+- **The devices**: the fleet simulator (``benchmarks/fleet_sim/``: many devices per worker
+  process in one selector loop, mutual TLS with each device's own certificate, MQTT 5, the
+  agent's chunk fetch, back-off and reports). A device of the ``http``, ``base`` and
+  ``fleet`` groups downloads the bundle from the first URL of its desired state (the
+  server's endpoint, with its client certificate; range requests to resume) on a small
+  thread pool per worker, and falls back to chunks as the agent does; a device of the
+  ``mqtt`` group ignores the URLs. Certificates are pre-issued (key and CSR made as the
+  agent makes them, signed by the fleet CA, recorded with a one-time token in the
+  registry), which is enrollment minus its HTTP round trip.
 
 Measured: devices connected and how long it took; server and broker resident memory and
 CPU per 1,000 connected devices (idle for ``--idle`` seconds, server ``a`` alone);
@@ -26,12 +26,20 @@ telemetry ingest: every device sends ``--telemetry`` samples at once, timed unti
 PostgreSQL holds all, with server ``a`` alone, then with ``b`` too; then a
 ``--bundle-bytes`` bundle rolled out to ``--rollout`` devices over MQTT chunks, then to as
 many others over HTTP (time to the registry showing all converged, bytes re-requested, CPU
-of broker and servers).
+of broker and servers). With ``--fleet-rollout`` instead: the bundle over HTTP to a
+``--baseline`` group (1,000), then to the fleet of ``--devices`` (10,000; the target: every
+device's converged report stored within 120 s of ``fleet publish``), each with the time to
+50%, 90% and 100% of the converged reports stored in the registry, when the last device
+sent its report, device errors, bytes, CPU seconds of the broker, each server, the
+PostgreSQL backends serving the servers and the device workers, the whole machine's busy
+CPU and load average, and peak resident memory.
 
 Run::
 
     .venv/bin/python benchmarks/scale_bench.py --devices 10000
     .venv/bin/python benchmarks/scale_bench.py --devices 50 --rollout 5 --bundle-bytes 65536
+    .venv/bin/python benchmarks/scale_bench.py --fleet-rollout --devices 10000 \
+        --baseline 1000 --bundle-bytes 1048576 --telemetry 0
 
 Exit status 0 when every device connected and both rollouts converged.
 """
