@@ -103,6 +103,11 @@ class Ingest:
         self._error_budget: dict[str, tuple[float, int]] = {}
 
     @property
+    def workers(self) -> int:
+        """Ingest threads."""
+        return len(self._inboxes)
+
+    @property
     def depth(self) -> int:
         """Messages waiting to be stored."""
         return sum(inbox.qsize() for inbox in self._inboxes)
