@@ -10,15 +10,15 @@ What runs, all on this machine:
 - **Two server processes**, ``fleet serve --instance a|b --shared-subscriptions
   --bundle-port 0 --broker-url ... --db postgresql://...``, on one fresh PostgreSQL schema,
   sharing one fleet CA (copied) and the keys directory.
-- **The devices**: the load generator of ``benchmarks/fleet_bench.py`` (many devices per
-  worker process in one selector loop, mutual TLS with each device's own certificate, MQTT
-  5, the agent's chunk fetch and reports), extended here: a device of the ``http`` group
-  downloads the bundle from the first URL of its desired state (the server's endpoint,
-  with its client certificate; range requests to resume), on a small thread pool per
-  worker, and falls back to chunks as the agent does; a device of the ``mqtt`` group ignores
-  the URLs. Certificates are pre-issued (key and CSR made as the agent makes them, signed
-  by the fleet CA, recorded with a one-time token in the registry), which is enrollment
-  minus its HTTP round trip.
+- **The devices**: the fleet simulator (``benchmarks/fleet_sim/``: many devices per worker
+  process in one selector loop, mutual TLS with each device's own certificate, MQTT 5, the
+  agent's chunk fetch, back-off and reports). A device of the ``http``, ``base`` and
+  ``fleet`` groups downloads the bundle from the first URL of its desired state (the
+  server's endpoint, with its client certificate; range requests to resume) on a small
+  thread pool per worker, and falls back to chunks as the agent does; a device of the
+  ``mqtt`` group ignores the URLs. Certificates are pre-issued (key and CSR made as the
+  agent makes them, signed by the fleet CA, recorded with a one-time token in the
+  registry), which is enrollment minus its HTTP round trip.
 
 Measured: devices connected and how long it took; server and broker resident memory and
 CPU per 1,000 connected devices (idle for ``--idle`` seconds, server ``a`` alone);
@@ -26,12 +26,20 @@ telemetry ingest: every device sends ``--telemetry`` samples at once, timed unti
 PostgreSQL holds all, with server ``a`` alone, then with ``b`` too; then a
 ``--bundle-bytes`` bundle rolled out to ``--rollout`` devices over MQTT chunks, then to as
 many others over HTTP (time to the registry showing all converged, bytes re-requested, CPU
-of broker and servers).
+of broker and servers). With ``--fleet-rollout`` instead: the bundle over HTTP to a
+``--baseline`` group (1,000), then to the fleet of ``--devices`` (10,000; the target: every
+device's converged report stored within 120 s of ``fleet publish``), each with the time to
+50%, 90% and 100% of the converged reports stored in the registry, when the last device
+sent its report, device errors, bytes, CPU seconds of the broker, each server, the
+PostgreSQL backends serving the servers and the device workers, the whole machine's busy
+CPU and load average, and peak resident memory.
 
 Run::
 
     .venv/bin/python benchmarks/scale_bench.py --devices 10000
     .venv/bin/python benchmarks/scale_bench.py --devices 50 --rollout 5 --bundle-bytes 65536
+    .venv/bin/python benchmarks/scale_bench.py --fleet-rollout --devices 10000 \
+        --baseline 1000 --bundle-bytes 1048576 --telemetry 0
 
 Exit status 0 when every device connected and both rollouts converged.
 """
@@ -39,46 +47,37 @@ Exit status 0 when every device connected and both rollouts converged.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import hashlib
-import http.client
+import math
 import os
 import secrets
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import psutil
 import psycopg
-from fleet_bench import (
-    PROFILE,
-    Device,
-    DeviceSpec,
-    Fetch,
-    Worker,
-    WorkerConfig,
-    WorkerPool,
+from fleet_sim.device import PROFILE
+from fleet_sim.fixtures import (
     device_specs,
     make_bundle,
     percentile,
     raise_open_files,
     work_dir,
 )
+from fleet_sim.worker import WorkerConfig, WorkerPool
 
 from fleet_server.broker import Broker, BrokerConfig
 from fleet_server.ca import FleetCA
 from fleet_server.registry import open_registry
-from protocol import messages
 from transport.x509 import certificate_fingerprint, make_device_key_and_csr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,143 +85,75 @@ FLEET = "bench"
 PG_URL = os.environ.get("EDGEFLEET_TEST_POSTGRES_URL",
                         "postgresql://postgres@127.0.0.1:5432/test")
 INSTANCES = ("a", "b")
-HTTP_THREADS = 8
-HTTP_ATTEMPTS = 5
-
-
-# --- devices: the fleet_bench load generator, with HTTP downloads ---------------------------
-
-def http_download(url: str, context: ssl.SSLContext, size: int,
-                  ) -> tuple[Any, int, int]:
-    """GET ``url`` whole, resuming with Range after a broken connection: (sha256 hasher,
-    body bytes received, bytes received again). Bounded by ``size``; raises OSError or
-    HTTPException when it cannot finish."""
-    parts = urlsplit(url)
-    hasher = hashlib.sha256()
-    have = received = 0
-    for attempt in range(HTTP_ATTEMPTS):
-        connection = http.client.HTTPSConnection(parts.hostname or "", parts.port,
-                                                 context=context, timeout=60)
-        try:
-            connection.request("GET", parts.path,
-                               headers={"Range": f"bytes={have}-"} if have else {})
-            response = connection.getresponse()
-            if response.status not in (200, 206):
-                raise http.client.HTTPException(f"answered {response.status}")
-            while have < size:
-                data = response.read1(min(1 << 18, size - have))
-                if not data:
-                    break
-                hasher.update(data)
-                have += len(data)
-                received += len(data)
-            if have >= size:
-                return hasher, received, received - size
-        except (OSError, http.client.HTTPException):
-            if attempt == HTTP_ATTEMPTS - 1:
-                raise
-        finally:
-            connection.close()
-    raise http.client.HTTPException(f"stopped at byte {have} of {size}")
-
-
-class HttpDevice(Device):
-    """A device that downloads its bundle over HTTP when its group says so."""
-
-    worker: ScaleWorker
-
-    def __init__(self, spec: DeviceSpec, worker: Worker) -> None:
-        super().__init__(spec, worker)
-        self.download: concurrent.futures.Future[tuple[Any, int, int]] | None = None
-        self.http_failed: set[str] = set()
-
-    def _urls(self, fetch: Fetch) -> tuple[str, ...]:
-        if not self.id.startswith("http-") or self.desired is None:
-            return ()
-        want = self.desired.models.get(fetch.model)
-        return want.urls if want is not None and want.bundle_sha256 == fetch.sha256 else ()
-
-    def request_chunks(self) -> None:
-        fetch = self.fetch
-        if fetch is None or self.download is not None:
-            return
-        urls = self._urls(fetch)
-        if urls and fetch.sha256 not in self.http_failed:
-            self.download = self.worker.pool.submit(
-                http_download, urls[0], self.worker.context(self.spec), fetch.size)
-            return
-        super().request_chunks()
-
-    def tick(self, now: float) -> None:
-        download, fetch = self.download, self.fetch
-        if download is not None and download.done() and fetch is not None:
-            self.download = None
-            try:
-                hasher, received, again = download.result()
-            except (OSError, http.client.HTTPException) as exc:
-                self.http_failed.add(fetch.sha256)
-                self.error = f"HTTP download failed, chunks instead: {exc}"
-            else:
-                fetch.hasher, fetch.have = hasher, fetch.size
-                fetch.chunk_bytes, fetch.refetched = received, again
-                self._finish(fetch)
-        super().tick(now)
-
-
-class ScaleWorker(Worker):
-    """fleet_bench's worker with HTTP devices and a ``telemetry`` command."""
-
-    device_class = HttpDevice
-
-    def __init__(self, config: WorkerConfig, pipe: Connection) -> None:
-        super().__init__(config, pipe)
-        self.pool = concurrent.futures.ThreadPoolExecutor(HTTP_THREADS)
-
-    def command(self, command: str, args: list[Any]) -> None:
-        if command != "telemetry":
-            super().command(command, args)
-            return
-        count, first_seq = args
-        sent = 0
-        for device in self.devices:
-            if device.state != "ready":
-                continue
-            for seq in range(first_seq, first_seq + count):
-                device.publish("telemetry", messages.encode(messages.Telemetry(
-                    seq, time.time(), {"cpu_percent": 12.5, "requests": seq})))
-                sent += 1
-        self.pipe.send(("telemetry", sent))
-
-
-def scale_worker_main(config: WorkerConfig, pipe: Connection) -> None:
-    """Entry point of a worker process."""
-    with suppress(KeyboardInterrupt):
-        ScaleWorker(config, pipe).run()
+#: Groups whose devices download over HTTP from the desired state's URLs (the ``mqtt``
+#: group fetches chunks over MQTT).
+HTTP_GROUPS = ("http-", "base-", "fleet-")
+TARGET_FLEET = 10_000
+TARGET_ROLLOUT_S = 120.0
+#: This Mosquitto stands for the operator's broker, sized for a rollout's burst: with the
+#: embedded broker's defaults (10,000 messages, 32 MiB per client) it dropped messages for
+#: a server process as a 10,000-device rollout started (docs/benchmarks.md, run B).
+BROKER_QUEUED_MESSAGES = 500_000
+BROKER_QUEUED_BYTES = 512 * 2**20
 
 
 # --- the servers ------------------------------------------------------------------------------
 
 @dataclass
 class Usage:
-    """CPU seconds and resident memory of the broker and each server process."""
+    """CPU seconds and resident memory (MiB) of each role's processes, and the whole
+    machine's busy CPU seconds, at one moment."""
 
+    at: float
     cpu: dict[str, float]
     rss: dict[str, float]
+    machine_busy: float
 
     @classmethod
-    def take(cls, processes: dict[str, psutil.Process]) -> Usage:
+    def take(cls, processes: dict[str, list[psutil.Process]]) -> Usage:
         cpu, rss = {}, {}
-        for name, process in processes.items():
-            try:
-                times = process.cpu_times()
-                cpu[name] = times.user + times.system
-                rss[name] = process.memory_info().rss / 2**20
-            except psutil.NoSuchProcess:
-                cpu[name] = rss[name] = 0.0
-        return cls(cpu, rss)
+        for name, group in processes.items():
+            cpu[name] = rss[name] = 0.0
+            for process in group:
+                with suppress(psutil.NoSuchProcess):
+                    times = process.cpu_times()
+                    cpu[name] += times.user + times.system
+                    rss[name] += process.memory_info().rss / 2**20
+        machine = psutil.cpu_times()
+        busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+        return cls(time.monotonic(), cpu, rss, busy)
 
     def minus(self, before: Usage) -> dict[str, float]:
         return {n: self.cpu[n] - before.cpu.get(n, 0.0) for n in self.cpu}
+
+
+@dataclass
+class RolloutResult:
+    """One rollout: when each device's converged report was stored (seconds from the
+    publish command's start, sorted), what the devices saw, and what it cost."""
+
+    group: str
+    devices: int
+    converged: int
+    publish_s: float
+    stored: list[float]
+    reported: list[float]
+    bundle_bytes: int
+    refetched: int
+    over_http: int
+    errors: list[tuple[str, str]]
+    cpu: dict[str, float]
+    peak_rss: dict[str, float]
+    wall: float
+    load_before: float
+    load_after: float
+    machine_busy: float
+
+    def time_to(self, share: float) -> float:
+        """Seconds until ``share`` of the devices had their converged report stored (inf
+        if that many never did)."""
+        needed = max(1, math.ceil(share * self.devices))
+        return self.stored[needed - 1] if len(self.stored) >= needed else float("inf")
 
 
 class Cluster:
@@ -250,7 +181,9 @@ class Cluster:
         config = BrokerConfig(FLEET, self.home / "broker", tls, bind_address="127.0.0.1",
                               server_identity="fleet-server-a",
                               more_server_identities=("fleet-server-b",),
-                              crl_file=self.ca.crl_path)
+                              crl_file=self.ca.crl_path,
+                              max_queued_messages=BROKER_QUEUED_MESSAGES,
+                              max_queued_bytes=BROKER_QUEUED_BYTES)
         try:
             with Broker.embedded(config) as broker:
                 self.broker = broker
@@ -294,10 +227,32 @@ class Cluster:
             process.kill()
             process.wait()
 
-    def processes(self) -> dict[str, psutil.Process]:
-        found = {"broker": self.broker_process}
-        found.update({f"server-{n}": psutil.Process(p.pid) for n, p in self.servers.items()})
+    def processes(self) -> dict[str, list[psutil.Process]]:
+        """The processes whose CPU and memory are reported, by role: the broker, each
+        server, the PostgreSQL backends serving the servers, the device workers."""
+        found = {"broker": [self.broker_process]}
+        servers = {f"server-{n}": psutil.Process(p.pid) for n, p in self.servers.items()}
+        found.update({n: [p] for n, p in servers.items()})
+        found["postgres"] = self.postgres_backends(servers.values())
+        found["devices"] = self.pool.processes()
         return found
+
+    def postgres_backends(self, servers: Iterable[psutil.Process]) -> list[psutil.Process]:
+        """The PostgreSQL backend processes of the servers' connections (found by their
+        client ports in pg_stat_activity)."""
+        ports = {c.laddr.port for server in servers
+                 for c in server.net_connections("tcp")
+                 if c.raddr and c.raddr.port == (urlsplit(PG_URL).port or 5432)}
+        if not ports:
+            return []
+        with psycopg.connect(PG_URL, autocommit=True) as db:
+            rows = db.execute("SELECT pid FROM pg_stat_activity WHERE client_port = ANY(%s)",
+                              (list(ports),)).fetchall()
+        backends = []
+        for (pid,) in rows:
+            with suppress(psutil.NoSuchProcess):
+                backends.append(psutil.Process(pid))
+        return backends
 
     def fleet_cli(self, *args: str) -> str:
         done = subprocess.run([sys.executable, "-m", "fleet_server", *args, "--data",
@@ -305,12 +260,19 @@ class Cluster:
                               text=True, check=True, timeout=600)
         return done.stdout
 
+    def group_sizes(self) -> dict[str, int]:
+        """Devices per group: with ``--fleet-rollout`` a baseline group and the fleet, else
+        the two rollout groups (HTTP and MQTT chunks) and the idle rest."""
+        args = self.args
+        if args.fleet_rollout:
+            return {"base": args.baseline, "fleet": args.devices}
+        return {"http": args.rollout, "mqtt": args.rollout,
+                "idle": args.devices - 2 * args.rollout}
+
     def enroll(self) -> float:
         """Pre-issue every device's certificate and record it in the registry."""
-        sizes = {"http": self.args.rollout, "mqtt": self.args.rollout,
-                 "idle": self.args.devices - 2 * self.args.rollout}
         started = time.perf_counter()
-        for group, count in sizes.items():
+        for group, count in self.group_sizes().items():
             ids = [f"{group}-{i:05d}" for i in range(count)]
             for device_id in ids:
                 key_pem, csr_pem = make_device_key_and_csr(device_id)
@@ -333,33 +295,56 @@ class Cluster:
         address = self.broker.address
         self.pool.start([WorkerConfig(address.host, address.port, FLEET,
                                       device_specs(self.home, ids[w::count]), b"",
-                                      connect_concurrency=self.args.connect_concurrency)
-                         for w in range(count)], scale_worker_main, "scale-bench-worker")
+                                      connect_concurrency=self.args.connect_concurrency,
+                                      http_prefixes=HTTP_GROUPS)
+                         for w in range(count)], "scale-bench-worker")
 
-    def rollout(self, group: str, sha: str) -> dict[str, Any]:
-        """Publish the bundle to ``group``; wait for the registry to show it converged."""
-        before = Usage.take(self.processes())
+    def rollout(self, group: str) -> RolloutResult:
+        """``fleet publish`` the bundle to ``group``; wait until the devices say they have
+        installed it and the registry shows every one converged."""
+        sha = hashlib.sha256(self.bundle.read_bytes()).hexdigest()
+        members = self.groups[group]
+        pipes = self.pool.pipes
+        for pipe in pipes:
+            pipe.send(("watch", f"{group}-", sha))
+        load = os.getloadavg()[0]
+        processes = self.processes()
+        before = Usage.take(processes)
+        peak = dict(before.rss)
         started = time.time()
         self.fleet_cli("publish", str(self.bundle), "--group", group)
+        published = time.time() - started
         deadline = time.monotonic() + self.args.timeout
-        left = len(self.groups[group])
+        pending = set(pipes)
+        left = len(members)
         while time.monotonic() < deadline:
-            left = len(self.registry.unconverged(group=group))
-            if not left:
-                break
-            time.sleep(1.0)
-        polled = time.time() - started
-        cpu = Usage.take(self.processes()).minus(before)
-        done = [d.reported_at - started for d in self.registry.list_devices(group=group)
-                if d.converged and d.reported_at is not None]
-        results, _ = self.pool.collect()
-        members = set(self.groups[group])
-        mine = [r for r in results if r["device"] in members and r["sha256"] == sha]
-        return {"group": group, "devices": len(members), "converged": len(members) - left,
-                "seconds": max(done) if len(done) == len(members) else float("inf"),
-                "polled": polled, "p50": percentile(done, 50), "p95": percentile(done, 95),
-                "bytes": sum(r["chunk_bytes"] for r in mine),
-                "refetched": sum(r["refetched"] for r in mine), "cpu": cpu}
+            if pending:
+                for ready in wait(list(pending), 1.0):
+                    assert isinstance(ready, Connection)
+                    message = ready.recv()
+                    assert message[0] == "finished", message
+                    pending.discard(ready)
+            else:
+                left = len(self.registry.unconverged(group=group))
+                if not left:
+                    break
+                time.sleep(0.5)
+            now = Usage.take(processes)
+            peak = {n: max(v, now.rss.get(n, 0.0)) for n, v in peak.items()}
+        after = Usage.take(processes)
+        done = sorted(d.reported_at - started for d in self.registry.list_devices(group=group)
+                      if d.converged and d.reported_at is not None)
+        results, errors = self.pool.collect()
+        member_set = set(members)
+        mine = [r for r in results if r["device"] in member_set and r["sha256"] == sha]
+        return RolloutResult(
+            group, len(members), len(members) - left, published, done,
+            sorted(r["reported_at"] - started for r in mine),
+            sum(r["chunk_bytes"] for r in mine), sum(r["refetched"] for r in mine),
+            sum(1 for r in mine if r["http"]),
+            [e for e in errors if e[0] in member_set and e[1] != "closed"],
+            after.minus(before), peak, after.at - before.at, load, os.getloadavg()[0],
+            after.machine_busy - before.machine_busy)
 
     def telemetry(self, count: int, first_seq: int) -> dict[str, float]:
         """Every connected device sends ``count`` samples at once; seconds until all are in
@@ -395,25 +380,41 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
-def print_rollout(r: dict[str, Any], label: str) -> None:
-    cpu = r["cpu"]
-    print(f"  rollout over {label}: {r['converged']}/{r['devices']} converged in "
-          f"{r['seconds']:.2f} s (p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s); bundle bytes "
-          f"{_mb(r['bytes'])}, re-requested {_mb(r['refetched'])}")
-    print("    CPU seconds: " + ", ".join(f"{n} {v:.1f}" for n, v in cpu.items()))
+def print_rollout(r: RolloutResult, label: str) -> None:
+    print(f"  rollout over {label}: {r.converged}/{r.devices} converged; reports stored: "
+          f"50% {r.time_to(0.5):.2f} s, 90% {r.time_to(0.9):.2f} s, 100% "
+          f"{r.time_to(1.0):.2f} s (p50 {percentile(r.stored, 50):.2f} s, p95 "
+          f"{percentile(r.stored, 95):.2f} s); `fleet publish` returned after "
+          f"{r.publish_s:.2f} s; the last device sent its report at "
+          f"{max(r.reported, default=float('nan')):.2f} s")
+    print(f"    {r.over_http}/{len(r.reported)} fetched over HTTP; bundle bytes "
+          f"{_mb(r.bundle_bytes)}, re-requested {_mb(r.refetched)}; device errors "
+          f"{len(r.errors)}" + "".join(f"; {d}: {why}" for d, why in r.errors[:3]))
+    print(f"    CPU seconds over {r.wall:.1f} s: " + ", ".join(
+        f"{n} {v:.1f}" for n, v in r.cpu.items()) + f"; whole machine busy "
+        f"{r.machine_busy:.1f} of {r.wall * (os.cpu_count() or 1):.1f}; load average "
+        f"{r.load_before:.1f} -> {r.load_after:.1f}")
+    print("    peak resident memory: " + ", ".join(
+        f"{n} {v:.0f} MB" for n, v in r.peak_rss.items() if n != "postgres"))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=10_000,
-                        help="simulated devices in all (default %(default)s)")
+                        help="simulated devices (default %(default)s); with --fleet-rollout, "
+                        "the devices of the fleet rollout, the baseline group besides")
     parser.add_argument("--rollout", type=int, default=500,
                         help="devices in each rollout group, http and mqtt (default "
-                        "%(default)s)")
+                        "%(default)s; not with --fleet-rollout)")
+    parser.add_argument("--fleet-rollout", action="store_true",
+                        help="instead of the HTTP/MQTT comparison: roll the bundle out over "
+                        "HTTP to --baseline devices, then to all --devices")
+    parser.add_argument("--baseline", type=int, default=1000,
+                        help="devices of the baseline rollout (--fleet-rollout)")
     parser.add_argument("--bundle-bytes", type=int, default=5 * 2**20,
                         help="size of the bundle's artifact (default 5 MiB)")
     parser.add_argument("--telemetry", type=int, default=2,
-                        help="samples each device sends at once, per measurement")
+                        help="samples each device sends at once, per measurement (0: skip)")
     parser.add_argument("--idle", type=float, default=10.0,
                         help="seconds to measure the connected, idle fleet")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
@@ -421,68 +422,99 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--keep", type=Path, metavar="DIR")
     args = parser.parse_args(argv)
-    if args.devices < 2 * args.rollout:
+    if not args.fleet_rollout and args.devices < 2 * args.rollout:
         parser.error("--devices must be at least twice --rollout")
     return args
 
 
+def measure_telemetry(cluster: Cluster, args: argparse.Namespace) -> None:
+    """Ingest with server ``a`` alone, then with ``b`` too (``b`` is started here)."""
+    # One server process first, then two: a stopped member of a shared subscription keeps
+    # its share queued on Mosquitto (docs/scale.md), so "one" is measured before the
+    # second joins, not after it leaves.
+    if not args.telemetry:
+        cluster.start_server(INSTANCES[1])
+        return
+    one = cluster.telemetry(args.telemetry, 1)
+    print(f"  telemetry, 1 server process:  {one['stored']:,}/{one['sent']:,} samples "
+          f"stored in {one['seconds']:.1f} s = {one['per_s']:,.0f}/s")
+    cluster.start_server(INSTANCES[1])
+    two = cluster.telemetry(args.telemetry, 1 + args.telemetry)
+    print(f"  telemetry, 2 server processes: {two['stored']:,}/{two['sent']:,} samples "
+          f"stored in {two['seconds']:.1f} s = {two['per_s']:,.0f}/s; 2 / 1 = "
+          f"{two['per_s'] / max(one['per_s'], 1e-9):.2f}")
+    for label, t in (("1 server", one), ("2 servers", two)):
+        print(f"    CPU seconds with {label}: " + ", ".join(
+            f"{k[4:]} {v:.1f}" for k, v in t.items() if k.startswith("cpu_")))
+
+
+def measure_rollouts(cluster: Cluster, args: argparse.Namespace) -> bool:
+    """The rollouts; True if every one converged."""
+    if args.fleet_rollout:
+        base = cluster.rollout("base")
+        print_rollout(base, f"HTTP, baseline group of {base.devices:,}")
+        fleet = cluster.rollout("fleet")
+        print_rollout(fleet, f"HTTP, fleet of {fleet.devices:,}")
+        per_device = {n: fleet.cpu[n] / fleet.devices / max(base.cpu[n] / base.devices, 1e-9)
+                      for n in fleet.cpu if base.cpu[n] > 0.05}
+        print(f"    {fleet.devices:,} / {base.devices:,} devices: 100% after "
+              f"{fleet.time_to(1.0) / base.time_to(1.0):.2f}x the time; CPU per device "
+              + ", ".join(f"{n} {v:.2f}x" for n, v in per_device.items()))
+        seconds = fleet.time_to(1.0)
+        verdict = ("not measured (fewer devices)" if fleet.devices < TARGET_FLEET
+                   else "OK" if seconds < TARGET_ROLLOUT_S else "MISSED")
+        print(f"\ntarget: rollout of a {args.bundle_bytes:,}-byte artifact to "
+              f"{fleet.devices:,} devices: {seconds:.1f} s (target < {TARGET_ROLLOUT_S:.0f} s "
+              f"for {TARGET_FLEET:,}) {verdict}; CPU seconds in all "
+              f"{sum(fleet.cpu.values()):.0f} (broker, servers, PostgreSQL, devices)")
+        return base.converged == base.devices and fleet.converged == fleet.devices
+    over_mqtt = cluster.rollout("mqtt")
+    print_rollout(over_mqtt, "MQTT chunks")
+    over_http = cluster.rollout("http")
+    print_rollout(over_http, "HTTP (the servers' bundle endpoints)")
+    ratio = over_http.time_to(1.0) / over_mqtt.time_to(1.0)
+    print(f"    HTTP / MQTT rollout time: {ratio:.2f}")
+    return (over_mqtt.converged == over_mqtt.devices
+            and over_http.converged == over_http.devices)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    _before, soft, hard = raise_open_files(args.devices + 256)
-    print(f"scale-out benchmark: {args.devices:,} devices, 2 server processes on PostgreSQL, "
-          f"one Mosquitto; bundle {args.bundle_bytes:,} bytes to {args.rollout} devices over "
-          f"MQTT chunks and {args.rollout} over HTTP; {os.cpu_count()} cores, load average "
+    total = args.devices + (args.baseline if args.fleet_rollout else 0)
+    _before, soft, hard = raise_open_files(total + 256)
+    what = (f"bundle {args.bundle_bytes:,} bytes over HTTP to {args.baseline:,} devices, then "
+            f"to {args.devices:,}" if args.fleet_rollout else
+            f"bundle {args.bundle_bytes:,} bytes to {args.rollout} devices over MQTT chunks and "
+            f"{args.rollout} over HTTP")
+    print(f"scale-out benchmark: {total:,} devices, 2 server processes on PostgreSQL, one "
+          f"Mosquitto; {what}; {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.2f} at start; open files {soft} (hard {hard})")
     with work_dir(args.keep) as home, Cluster(args, home).running() as cluster:
         enroll_s = cluster.enroll()
-        print(f"  pre-issued and recorded {args.devices:,} device certificates in "
-              f"{enroll_s:.1f} s")
+        print(f"  pre-issued and recorded {total:,} device certificates in {enroll_s:.1f} s")
         cluster.start_workers()
         empty = Usage.take(cluster.processes())
         connect_s, ready, failed = cluster.pool.connect()
-        print(f"  connected {ready:,}/{args.devices:,} devices (mutual TLS, MQTT 5, "
-              f"subscribed) in {connect_s:.1f} s; failures {len(failed)}")
+        print(f"  connected {ready:,}/{total:,} devices (mutual TLS, MQTT 5, subscribed) in "
+              f"{connect_s:.1f} s; failures {len(failed)}; load average "
+              f"{os.getloadavg()[0]:.1f}")
         for device_id, why in failed[:3]:
             print(f"    {device_id}: {why}")
         idle_before = Usage.take(cluster.processes())
         time.sleep(args.idle)
         idle = Usage.take(cluster.processes())
         per_k = max(ready, 1) / 1000
+        shown = ("broker", "server-a")
         print(f"  idle for {args.idle:.0f} s with {ready:,} devices connected, per 1,000 "
               "devices: " + "; ".join(
                   f"{n} +{(idle.rss[n] - empty.rss[n]) / per_k:.1f} MB RSS, "
                   f"{(idle.cpu[n] - idle_before.cpu[n]) / args.idle / per_k:.2%} of a core"
-                  for n in idle.rss))
+                  for n in shown))
         print("  resident memory, before the devices connected -> with them: " + ", ".join(
-            f"{n} {empty.rss[n]:.0f} -> {v:.0f} MB" for n, v in idle.rss.items()))
-        # One server process first, then two: a stopped member of a shared subscription
-        # keeps its share queued on Mosquitto (docs/scale.md), so "one" is measured before
-        # the second joins, not after it leaves.
-        one = cluster.telemetry(args.telemetry, 1)
-        print(f"  telemetry, 1 server process:  {one['stored']:,}/{one['sent']:,} samples "
-              f"stored in {one['seconds']:.1f} s = {one['per_s']:,.0f}/s")
-        cluster.start_server(INSTANCES[1])
-        two = cluster.telemetry(args.telemetry, 1 + args.telemetry)
-        print(f"  telemetry, 2 server processes: {two['stored']:,}/{two['sent']:,} samples "
-              f"stored in {two['seconds']:.1f} s = {two['per_s']:,.0f}/s; 2 / 1 = "
-              f"{two['per_s'] / max(one['per_s'], 1e-9):.2f}")
-        for label, t in (("1 server", one), ("2 servers", two)):
-            print(f"    CPU seconds with {label}: " + ", ".join(
-                f"{k[4:]} {v:.1f}" for k, v in t.items() if k.startswith("cpu_")))
-        sha = hashlib.sha256(cluster.bundle.read_bytes()).hexdigest()
-        over_mqtt = cluster.rollout("mqtt", sha)
-        print_rollout(over_mqtt, "MQTT chunks")
-        over_http = cluster.rollout("http", sha)
-        print_rollout(over_http, "HTTP (the servers' bundle endpoints)")
-        if over_mqtt["seconds"] and over_http["seconds"] not in (0, float("inf")):
-            ratio = over_http["seconds"] / over_mqtt["seconds"]
-            print(f"    HTTP / MQTT rollout time: {ratio:.2f}")
-        _, errors = cluster.pool.collect()
-        for device_id, why in [e for e in errors if e[1] != "closed"][:3]:
-            print(f"    device {device_id}: {why}")
-    ok = (ready == args.devices and over_mqtt["converged"] == args.rollout
-          and over_http["converged"] == args.rollout)
-    return 0 if ok else 1
+            f"{n} {empty.rss[n]:.0f} -> {idle.rss[n]:.0f} MB" for n in shown))
+        measure_telemetry(cluster, args)
+        converged = measure_rollouts(cluster, args)
+    return 0 if ready == total and converged else 1
 
 
 if __name__ == "__main__":

@@ -91,7 +91,9 @@ class ExperimentRunner:
         self._clock = clock
         self._lock = threading.Lock()
         self._touched: set[tuple[str, str]] = set()  # (experiment, device) since the flush
-        # Only the ingest thread (flush) reads and writes these two.
+        # Only flush() reads and writes these two, one ingest thread at a time (PostgreSQL
+        # runs several).
+        self._flushing = threading.Lock()
         self._pushed_at: dict[str, float] = {}       # experiment -> last fleet-wide push
         self._unpushed: set[str] = set()             # changed since its fleet-wide push
 
@@ -231,6 +233,10 @@ class ExperimentRunner:
     def flush(self) -> None:
         """Push the merged posteriors the last batch changed (after its commit), and the
         fleet-wide pushes now due."""
+        with self._flushing:
+            self._flush()
+
+    def _flush(self) -> None:
         with self._lock:
             touched, self._touched = self._touched, set()
         self._unpushed |= {e for e, _ in touched}

@@ -1,13 +1,17 @@
 """Storing what devices send: reports, events and telemetry, in batches, acknowledged once
 committed.
 
-The MQTT network thread hands every device message to :meth:`Ingest.put`; one ingest thread
+The MQTT network thread hands every device message to :meth:`Ingest.put`; an ingest thread
 writes up to :data:`BATCH` messages per transaction (one commit, on SQLite one fsync,
 instead of one per message) and only then acknowledges them to the broker, so a message is
 never lost between receipt and storage (the broker delivers an unacknowledged one again).
-The queue is bounded (:data:`QUEUE`): when the database falls behind, the network thread
-waits for room, and the broker holds (and bounds, with its per-client limits) what would
-otherwise pile up in this process's memory.
+On PostgreSQL :data:`WORKERS` ingest threads write at once, each with its own transaction
+and the devices whose id hashes to it, so one device's messages keep their order: storing
+a message is a few round trips to the database, and one thread spent 95% of its time
+waiting for them (profiled at 10,000 devices, docs/scale.md). SQLite takes one writer at a
+time: one thread. The queues are bounded (:data:`QUEUE` in all): when the database falls
+behind, the network thread waits for room, and the broker holds (and bounds, with its
+per-client limits) what would otherwise pile up in this process's memory.
 
 A malformed message is logged and recorded as a ``protocol_error`` event (at most
 :data:`PROTOCOL_ERRORS_PER_MINUTE` per device and minute; beyond that they are counted and
@@ -20,6 +24,7 @@ import logging
 import queue
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,14 +40,16 @@ from .experiment_runner import ExperimentRunner
 from .registry import Registry
 
 __all__ = ["BATCH", "DEVICE_EVENT_PREFIX", "OFFLINE_EVENT", "PROTOCOL_ERROR", "QUEUE",
-           "Inbound", "Ingest"]
+           "WORKERS", "Inbound", "Ingest"]
 
 log = logging.getLogger(__name__)
 
 #: Messages stored per transaction, at most.
 BATCH = 200
-#: Device messages waiting for the ingest thread, at most.
+#: Device messages waiting for the ingest threads, at most (all threads together).
 QUEUE = 10_000
+#: Ingest threads on a database that takes concurrent writers (PostgreSQL).
+WORKERS = 4
 #: Event kind recorded for a message a device sent that could not be used.
 PROTOCOL_ERROR = "protocol_error"
 #: An ``events`` message of this kind (the agent's MQTT will, or a clean stop) marks the
@@ -85,49 +92,65 @@ class Ingest:
 
     def __init__(self, registry: Registry, ack: Callable[[Inbound], None],
                  on_samples: Callable[[list[tuple[str, messages.Telemetry]]], None]
-                 | None = None, experiments: ExperimentRunner | None = None) -> None:
+                 | None = None, experiments: ExperimentRunner | None = None, *,
+                 workers: int | None = None) -> None:
         self._registry = registry
         self._ack = ack
         self._on_samples = on_samples
         self._experiments = experiments
         #: Seconds from receipt to commit of the oldest message of the last batch stored.
         self.lag_s = 0.0
-        self._inbox: queue.Queue[Inbound | None] = queue.Queue(QUEUE)
-        self._thread: threading.Thread | None = None
+        if workers is None:
+            workers = WORKERS if registry.concurrent_writers else 1
+        self._inboxes: list[queue.Queue[Inbound | None]] = [
+            queue.Queue(max(1, QUEUE // workers)) for _ in range(workers)]
+        self._threads: list[threading.Thread] = []
         self._error_budget: dict[str, tuple[float, int]] = {}
+
+    @property
+    def workers(self) -> int:
+        """Ingest threads."""
+        return len(self._inboxes)
 
     @property
     def depth(self) -> int:
         """Messages waiting to be stored."""
-        return self._inbox.qsize()
+        return sum(inbox.qsize() for inbox in self._inboxes)
 
     def start(self) -> None:
-        """Start the ingest thread."""
-        self._thread = threading.Thread(target=self._loop, name="fleet-ingest", daemon=True)
-        self._thread.start()
+        """Start the ingest threads."""
+        self._threads = [threading.Thread(target=self._loop, args=(inbox,), daemon=True,
+                                          name=f"fleet-ingest-{n}")
+                         for n, inbox in enumerate(self._inboxes)]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         """Store and acknowledge what was received so far, then stop. Idempotent."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            self._inbox.put(None)
+        threads, self._threads = self._threads, []
+        for inbox in self._inboxes if threads else ():
+            inbox.put(None)
+        for thread in threads:
             thread.join()
 
     def put(self, inbound: Inbound) -> None:
-        """Queue ``inbound`` for storage; waits while the queue is full (back-pressure)."""
-        self._inbox.put(inbound)
+        """Queue ``inbound`` for storage; waits while its queue is full (back-pressure).
+        A device's messages always go to the same thread, in the order they came."""
+        inboxes = self._inboxes
+        index = zlib.crc32(inbound.device.encode()) % len(inboxes) if len(inboxes) > 1 else 0
+        inboxes[index].put(inbound)
 
-    def _loop(self) -> None:
+    def _loop(self, inbox: queue.Queue[Inbound | None]) -> None:
         """Store what devices send, in batches, until None arrives."""
         while True:
-            item = self._inbox.get()
+            item = inbox.get()
             batch: list[Inbound] = []
             while item is not None:
                 batch.append(item)
                 if len(batch) >= BATCH:
                     break
                 try:
-                    item = self._inbox.get_nowait()
+                    item = inbox.get_nowait()
                 except queue.Empty:
                     break
             if batch:

@@ -191,7 +191,8 @@ class FleetService:
         chunks = ChunkServer(self._registry, rate_bytes=self.config.chunk_rate_bytes,
                              burst_bytes=self.config.chunk_burst_bytes)
         self._monitor = Monitor(self._registry, self.config.monitoring,
-                                offline_after_s=self.config.offline_after_s)
+                                offline_after_s=self.config.offline_after_s,
+                                is_leader=self.leadership.is_leader)
         self._monitor.start()
         publisher = self._publisher = Publisher(
             self._registry, self._releaser, DeltaStore(self._registry), link,

@@ -4,7 +4,8 @@
 
 - folds each new telemetry sample into the registry's time series, inside the ingest
   thread's transaction (:meth:`observe`: parsing only, no waiting);
-- on its own thread, every ``evaluate_every_s``: evaluates the alert rules
+- on its own thread, every ``evaluate_every_s`` and only while this process leads
+  (docs/scale.md): evaluates the alert rules
   (:func:`~.alerts.evaluate`), follows the event log for ``rollout.*`` events, and (every
   few minutes) compacts the time series (minute points into hour points, expired points
   out) and deletes stored samples past their retention;
@@ -54,8 +55,12 @@ class Monitor:
     """Time series, alerts and fleet figures of one server (module docstring)."""
 
     def __init__(self, registry: Registry, config: MonitoringConfig, *,
-                 offline_after_s: float, clock: Callable[[], float] = time.time) -> None:
+                 offline_after_s: float, clock: Callable[[], float] = time.time,
+                 is_leader: Callable[[], bool] = lambda: True) -> None:
         self.registry = registry
+        #: Alerts are evaluated by the leader of several server processes only
+        #: (docs/scale.md): the others would read the same fleet and raise the same alerts.
+        self.is_leader = is_leader
         self.config = config
         self.offline_after_s = offline_after_s
         self._clock = clock
@@ -91,7 +96,10 @@ class Monitor:
     def _loop(self) -> None:
         while not self._stop.wait(self.config.evaluate_every_s):
             try:
-                self.evaluate_once()
+                if self.is_leader():
+                    self.evaluate_once()
+                else:
+                    self._skip_events()
             except Exception:
                 # The database is down, or a bug: log it and try again next round.
                 log.exception("monitoring: evaluating the alert rules failed")
@@ -164,7 +172,7 @@ class Monitor:
                     self.resolve_alert(alert.kind, alert.key)
 
     def _view(self, now: float) -> FleetView:
-        devices = self.registry.list_devices()
+        devices = self.registry.device_presence()
         drift: dict[float, list[Totals]] = {}
         errors: dict[float, list[Totals]] = {}
         for rule in self.config.rules:
@@ -179,8 +187,15 @@ class Monitor:
             elif rule.kind == "error_rate" and rule.window_s not in errors:
                 errors[rule.window_s] = self.registry.metric_totals(
                     since=since, until=now + _CLOCK_SLACK_S, by=("group", "model"))
-        return FleetView(now, [DeviceSeen(d.id, d.group, d.last_seen) for d in devices],
+        return FleetView(now, [DeviceSeen(*d) for d in devices],
                          drift, errors)
+
+    def _skip_events(self) -> None:
+        """Not leading: the leader follows the events; should this process take over, it
+        goes on from here rather than alert what the old leader already did."""
+        newest = self.registry.events(limit=1, newest=True)
+        if newest:
+            self._event_cursor = newest[0].id
 
     def _follow_events(self) -> None:
         if not any(r.kind == "rollout_halted" for r in self.config.rules):

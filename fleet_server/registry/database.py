@@ -34,7 +34,8 @@ __all__ = ["DEFAULT_MAX_CONNECTIONS", "POSTGRES", "SQLITE", "Backend", "Database
 #: Connections one registry keeps per database, at most. The fleet server's threads (MQTT
 #: network, ingest, a few HTTP requests at a time) rarely need more than three at once;
 #: beyond this a call waits for a free one.
-DEFAULT_MAX_CONNECTIONS = 4
+#: Per process: the ingest threads (fleet_server/ingest.py WORKERS) and the rest.
+DEFAULT_MAX_CONNECTIONS = 8
 
 
 @dataclass(frozen=True)

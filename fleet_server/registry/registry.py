@@ -162,6 +162,19 @@ class Registry:
         with self._tx() as tx:
             return devices.load_devices(tx, where, params)
 
+    @property
+    def concurrent_writers(self) -> bool:
+        """Whether transactions on several connections write at once (PostgreSQL), rather
+        than one after another under one database lock (SQLite)."""
+        return self._db.dialect.name == "postgresql"
+
+    def device_presence(self) -> list[tuple[str, str, float | None]]:
+        """(id, group, last_seen) of every device, in id order: what the offline alert
+        reads, without loading and decoding whole devices (at 10,000 devices that cost every
+        server process a second of CPU per alert evaluation)."""
+        with self._tx() as tx:
+            return devices.presence(tx)
+
     def unconverged(self, *, group: str | None = None) -> list[Device]:
         """Devices whose reported state does not (yet) match their desired state."""
         return [d for d in self.list_devices(group=group) if not d.converged]

@@ -213,3 +213,43 @@ def test_a_sample_holds_its_alert_for_the_whole_window(reg: Registry, clock: Clo
         assert reg.alerts(firing_only=True) == []
     finally:
         monitor.stop()
+
+
+def test_only_the_leader_evaluates(reg: Registry, clock: Clock, hook: Receiver) -> None:
+    # Several server processes share one registry (docs/scale.md): one evaluates the rules.
+    enroll(reg, "gw-1")
+    reg.set_online("gw-1", True)
+    leading = [False]
+    config = MonitoringConfig(webhooks=(Webhook(hook.url, timeout_s=2, backoff_s=0.05),),
+                              rules=(AlertRule("offline", after_s=600),
+                                     AlertRule("rollout_halted")),
+                              evaluate_every_s=0.05)
+    monitor = Monitor(reg, config, offline_after_s=180, clock=clock,
+                      is_leader=lambda: leading[0])
+    monitor.start()
+    try:
+        reg.add_event("rollout.halted", detail={"rollout": "r1", "reason": "gate"})
+        clock.now += 3600  # gw-1 long offline
+        time.sleep(0.5)
+        assert (monitor.evaluations, reg.alerts()) == (0, [])
+        # Taking over, it alerts the fleet as it is now, not the events the old leader
+        # had already followed.
+        leading[0] = True
+        deadline = time.monotonic() + 10
+        while monitor.evaluations == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [a.kind for a in reg.alerts(firing_only=True)] == ["offline"]
+    finally:
+        monitor.stop()
+
+
+def test_device_presence_reads_what_the_offline_rule_needs(reg: Registry) -> None:
+    enroll(reg, "gw-2", group="south")
+    enroll(reg, "gw-1")
+    reg.set_online("gw-2", True)
+    (one, two) = reg.device_presence()
+    assert one == ("gw-1", "lab", None)
+    seen = reg.get_device("gw-2")
+    assert seen is not None
+    assert two == ("gw-2", "south", seen.last_seen)
+    assert seen.last_seen is not None
