@@ -91,6 +91,7 @@ class ProcessSession:
     def __init__(self, path: Path, fmt: str, accelerators: Sequence[Accelerator] = (),
                  threads: int = 0, *, timeout: float = ANSWER_TIMEOUT_S) -> None:
         self._timeout = timeout
+        self._ended = False
         context = multiprocessing.get_context("spawn")
         self._conn, child_end = context.Pipe()
         self._process = context.Process(
@@ -119,7 +120,9 @@ class ProcessSession:
     @property
     def alive(self) -> bool:
         """Whether the child process is running."""
-        return self._process.is_alive()
+        # Its pipe breaking is the sure sign: is_alive() says True for ever once another
+        # wait in this process has reaped the child.
+        return not self._ended and self._process.is_alive()
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """One request (raises ModelLoadError with the child's reason when it fails)."""
@@ -131,12 +134,13 @@ class ProcessSession:
     def run_many(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[RunResult]:
         """Run every request of ``feeds`` in the child, in one round trip."""
         with self._lock:
-            if not self._process.is_alive():
+            if not self.alive:
                 return [(None, "the side process has ended", 0.0)] * len(feeds)
             try:
                 self._conn.send([dict(one) for one in feeds])
                 answer = self._answer(f"{self._process.name} gave no answer")
             except (OSError, EOFError, ValueError) as exc:
+                self._ended = True
                 answer = ("error", f"{self._process.name} failed ({exc})")
         if answer[0] != "ran":
             return [(None, str(answer[1]), 0.0)] * len(feeds)
@@ -154,7 +158,9 @@ class ProcessSession:
                 message: tuple[Any, ...] = self._conn.recv()
                 return message
         except (OSError, EOFError) as exc:
+            self._ended = True
             return ("error", f"{silence}: it ended ({exc})")
+        self._ended = True
         self._process.kill()
         return ("error", f"{silence} within {self._timeout:g} s; it was stopped")
 
@@ -260,7 +266,15 @@ class MovingSession:
         """Run ``feeds`` in the child when it is ready and alive, else here."""
         remote = self._remote
         if remote is not None and remote.alive:
-            return remote.run_many(feeds)
+            results = remote.run_many(feeds)
+            if remote.alive:
+                return results
+            # It died before or while answering: this batch runs here, and so do the next
+            # (a dead child's runs are not the model's errors, and must not read as such).
+            with self._lock:
+                if self._remote is remote:
+                    self._remote = None
+            remote.close()
         return [_timed(self.local, one) for one in feeds]
 
     def close(self) -> None:
