@@ -114,8 +114,9 @@ class DeviceExperiments:
         """
         response_id = response_id or new_response_id()
         with self._lock:
-            self._responses.record(response_id, Served(model, arm, _predicted(outputs),
-                                                       self._clock()))
+            predicted, classes = _predicted(outputs)
+            self._responses.record(response_id, Served(model, arm, predicted, self._clock(),
+                                                       classes))
         return response_id
 
     def infer(self, runtime: Runtime, model: str, inputs: Mapping[str, np.ndarray],
@@ -135,7 +136,12 @@ class DeviceExperiments:
         report = parse_feedback(body)
         with self._lock:
             served = self._responses.take(report.response_id, model, self._clock())
-            reward = reward_of(report, served)
+            try:
+                reward = reward_of(report, served)
+            except InvalidExperimentData:
+                # A report that does not fit the answer does not use up its id.
+                self._responses.record(report.response_id, served)
+                raise
             spec = self._specs.get(model)
             if spec is not None and served.arm is not None:
                 clipped = min(max(reward, spec.low), spec.high)
@@ -210,9 +216,10 @@ class DeviceExperiments:
         return learner
 
 
-def _predicted(outputs: Mapping[str, np.ndarray]) -> int | None:
-    """The predicted class of a single-row classification answer, else None."""
+def _predicted(outputs: Mapping[str, np.ndarray]) -> tuple[int | None, int | None]:
+    """The predicted class of a single-row classification answer and the number of
+    classes, else (None, None)."""
     first = next(iter(outputs.values()), None)
     if first is None or first.ndim != 2 or first.shape[0] != 1 or first.shape[1] < 2:
-        return None
-    return int(np.argmax(first[0]))
+        return None, None
+    return int(np.argmax(first[0])), int(first.shape[1])

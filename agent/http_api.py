@@ -47,19 +47,14 @@ import errno
 import hmac
 import json
 import logging
-import math
 import os
 import re
 import secrets
-import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from common.atomic import write_atomic
 from experiments.errors import InvalidExperimentData, UnknownResponse
@@ -72,23 +67,26 @@ from .cors import CorsPolicy
 from .errors import AgentError, InvalidInputError, ModelNotFoundError, RequestTooLargeError
 from .experiments import DeviceExperiments
 from .http_server import HttpError, HttpServer, Request, Response
+from .inference_codec import (
+    BINARY_HEADER,
+    BINARY_HEADER_LC,
+    decode_inputs,
+    encode_response,
+    json_bytes,
+    json_length,
+    parameters_of,
+    split_binary,
+    wanted_outputs,
+)
 from .openapi import Operation, openapi_document
 from .prometheus import RuntimeCollector, exposition
 from .runtime import Runtime, ServedModel
-from .sessions import TensorInfo
-from .tensors import DATATYPE_OF, DTYPE_OF, declared_tensor
 
 __all__ = ["ApiServer", "ApiSettings", "load_or_create_token"]
 
 log = logging.getLogger(__name__)
 
-BINARY_HEADER = "Inference-Header-Content-Length"
-_BINARY_HEADER_LC = BINARY_HEADER.lower()
 _INSTALL_PATH = "/v2/edgefleet/install"
-_LITTLE = {name: np.dtype(name).newbyteorder("<") for name in DTYPE_OF.values()}
-_DATATYPE_BY_DTYPE = {np.dtype(name): datatype for name, datatype in DATATYPE_OF.items()}
-_LITTLE_ENDIAN_HOST = sys.byteorder == "little"
-_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
 @dataclass(frozen=True)
@@ -166,18 +164,18 @@ class _Api:
         limits = self.settings.limits
         if path == _INSTALL_PATH:
             return limits.max_bundle_bytes, "a bundle (api.limits.max_bundle_bytes)"
-        json_length = headers.get(_BINARY_HEADER_LC)
-        if json_length is None:
+        declared = headers.get(BINARY_HEADER_LC)
+        if declared is None:
             return (min(limits.max_json_bytes, limits.max_body_bytes), "a JSON body (api."
                     "limits.max_json_bytes; send large tensors with the binary extension)")
-        if _json_length(json_length) > limits.max_json_bytes:
+        if json_length(declared) > limits.max_json_bytes:
             raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{BINARY_HEADER} "
-                            f"{json_length} is over the limit of {limits.max_json_bytes} for "
+                            f"{declared} is over the limit of {limits.max_json_bytes} for "
                             "the JSON part (api.limits.max_json_bytes); it was not read")
         return limits.max_body_bytes, "a request (api.limits.max_body_bytes)"
 
     def error(self, status: HTTPStatus, message: str) -> Response:
-        return Response(status, _json({"error": message}))
+        return Response(status, json_bytes({"error": message}))
 
     def handle(self, request: Request) -> Response:
         try:
@@ -229,13 +227,15 @@ class _Api:
         return Response(HTTPStatus.OK, _OPENAPI)
 
     def _server_metadata(self, request: Request, served: ServedModel | None) -> Response:
-        return Response(HTTPStatus.OK, _json({"name": "edgefleet-agent", "version": __version__,
-                                              "extensions": ["binary_tensor_data",
-                                                             "model_repository",
-                                                             "statistics", "edgefleet"]}))
+        return Response(HTTPStatus.OK, json_bytes({"name": "edgefleet-agent",
+                                                   "version": __version__,
+                                                   "extensions": ["binary_tensor_data",
+                                                                  "model_repository",
+                                                                  "statistics",
+                                                                  "edgefleet"]}))
 
     def _index(self, request: Request, served: ServedModel | None) -> Response:
-        return Response(HTTPStatus.OK, _json({"models": self._index_entries()}))
+        return Response(HTTPStatus.OK, json_bytes({"models": self._index_entries()}))
 
     def _repository_index(self, request: Request, served: ServedModel | None) -> Response:
         if request.body.strip():
@@ -246,28 +246,28 @@ class _Api:
             if not isinstance(body, dict):
                 raise InvalidInputError("the repository index request must be empty or a "
                                         "JSON object such as {\"ready\": true}")
-        return Response(HTTPStatus.OK, _json(self._index_entries()))
+        return Response(HTTPStatus.OK, json_bytes(self._index_entries()))
 
     def _index_entries(self) -> list[dict[str, str]]:
         return repository_index(self.runtime)
 
     def _all_stats(self, request: Request, served: ServedModel | None) -> Response:
-        return Response(HTTPStatus.OK, _json({"model_stats": [
+        return Response(HTTPStatus.OK, json_bytes({"model_stats": [
             model_statistics(self.runtime.served(info.name)) for info in self.runtime.models()]}))
 
     def _model_stats(self, request: Request, served: ServedModel | None) -> Response:
         assert served is not None
-        return Response(HTTPStatus.OK, _json({"model_stats": [model_statistics(served)]}))
+        return Response(HTTPStatus.OK, json_bytes({"model_stats": [model_statistics(served)]}))
 
     def _model_metadata(self, request: Request, served: ServedModel | None) -> Response:
         assert served is not None
-        return Response(HTTPStatus.OK, _json(model_metadata(self.runtime, served.name)))
+        return Response(HTTPStatus.OK, json_bytes(model_metadata(self.runtime, served.name)))
 
     def _model_ready(self, request: Request, served: ServedModel | None) -> Response:
         return Response(HTTPStatus.OK)
 
     def _status(self, request: Request, served: ServedModel | None) -> Response:
-        return Response(HTTPStatus.OK, _json(self.runtime.status()))
+        return Response(HTTPStatus.OK, json_bytes(self.runtime.status()))
 
     def _metrics(self, request: Request, served: ServedModel | None) -> Response:
         if self._prometheus is None:
@@ -278,25 +278,25 @@ class _Api:
 
     def _infer(self, request: Request, served: ServedModel | None) -> Response:
         assert served is not None
-        body, binary = _split_binary(request.body, request.headers.get(_BINARY_HEADER_LC))
+        body, binary = split_binary(request.body, request.headers.get(BINARY_HEADER_LC))
         name = _model_name(request)
-        client_key = _parameters(body, "the request").get("client_key")
+        client_key = parameters_of(body, "the request").get("client_key")
         if client_key is not None and not isinstance(client_key, str):
             raise InvalidInputError("parameters.client_key must be a string (the app's user "
                                     "or session key, to keep one arm per key)")
         arm, model = self.experiments.route(name, client_key)
         if model != served.name:
             served = self.runtime.served(model)
-        feeds = _decode_inputs(body, binary, served.session.inputs, self.settings.limits)
-        wanted = _wanted_outputs(body, served.output_names)
+        feeds = decode_inputs(body, binary, served.session.inputs, self.settings.limits)
+        wanted = wanted_outputs(body, served.output_names)
         # The model object looked up for this request serves it, even if a swap lands now.
         outputs = served.run(feeds)
         response_id = self.experiments.record(name, arm, outputs, body.get("id"))
-        return _encode_response(response_id, served.name, served.version, outputs, wanted)
+        return encode_response(response_id, served.name, served.version, outputs, wanted)
 
     def _feedback(self, request: Request, served: ServedModel | None) -> Response:
         reward = self.experiments.feedback(_model_name(request), bytes(request.body))
-        return Response(HTTPStatus.OK, _json({"reward": reward}))
+        return Response(HTTPStatus.OK, json_bytes({"reward": reward}))
 
     def _install(self, request: Request, served: ServedModel | None) -> Response:
         installer = self.runtime.installer
@@ -311,7 +311,7 @@ class _Api:
         finally:
             Path(tmp).unlink(missing_ok=True)
         status = HTTPStatus.OK if record.reason is None else HTTPStatus.UNPROCESSABLE_ENTITY
-        return Response(status, _json(record.summary()))
+        return Response(status, json_bytes(record.summary()))
 
 
 _Handler = Callable[[_Api, Request, "ServedModel | None"], Response]
@@ -365,154 +365,11 @@ _OPENAPI = json.dumps(openapi_document((op for op, _ in _ROUTES), __version__),
                       indent=1).encode()
 
 
-def _json(obj: Any) -> bytes:
-    # allow_nan=False: bare NaN is not JSON; outputs spell non-finite floats as strings.
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
-
-
-def _json_length(value: str) -> int:
-    if not (value.isascii() and value.isdigit()) or len(value) > 18:
-        raise HttpError(HTTPStatus.BAD_REQUEST, f"{BINARY_HEADER} {value[:30]!r} is not a "
-                        "number of bytes")
-    return int(value)
-
-
-def _split_binary(body: bytes | bytearray, header_length: str | None,
-                  ) -> tuple[dict[str, Any], memoryview]:
-    """The JSON request and the binary tensor data after it (binary tensor extension)."""
-    json_length = len(body) if header_length is None else _json_length(header_length)
-    if json_length > len(body):
-        raise HttpError(HTTPStatus.BAD_REQUEST, f"{BINARY_HEADER} {json_length} is outside "
-                        f"the body of {len(body)} bytes")
-    try:
-        request = json.loads(body[:json_length])
-    except (ValueError, RecursionError) as exc:
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        raise HttpError(HTTPStatus.BAD_REQUEST, f"request body is not JSON ({reason})") from None
-    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
-        raise HttpError(HTTPStatus.BAD_REQUEST, "request must be a JSON object with an "
-                        "'inputs' list (Open Inference Protocol v2)")
-    if not isinstance(request.get("id", ""), str):
-        raise InvalidInputError("'id' must be a string (Open Inference Protocol v2)")
-    _parameters(request, "the request")
-    # A view, not a copy: the binary part may be most of a 64 MiB body.
-    return request, memoryview(body)[json_length:]
-
-
-def _parameters(obj: Mapping[str, Any], where: str) -> Mapping[str, Any]:
-    """The ``parameters`` object of ``obj`` (empty if absent); 400 if it is not an object."""
-    parameters = obj.get("parameters")
-    if parameters is None:
-        return {}
-    if not isinstance(parameters, dict):
-        raise InvalidInputError(f"{where}: 'parameters' must be a JSON object, not "
-                                f"{type(parameters).__name__}")
-    return parameters
-
-
-def _decode_inputs(request: Mapping[str, Any], binary: memoryview,
-                   expected: tuple[TensorInfo, ...], limits: ApiLimits,
-                   ) -> dict[str, np.ndarray]:
-    """Arrays from the request. Each tensor's batch and the inputs' total size are checked
-    against ``limits`` from the declared shapes before any array is made (413); shape and
-    dtype against the model are checked by the runtime. InvalidInputError (400) for tensors
-    that do not even describe themselves."""
-    feeds: dict[str, np.ndarray] = {}
-    offset = 0
-    total = 0
-    for number, tensor in enumerate(request["inputs"]):
-        if not isinstance(tensor, dict):
-            raise InvalidInputError(f"inputs[{number}] is not an object")
-        name = tensor.get("name")
-        where = f"input {name!r}" if isinstance(name, str) else f"inputs[{number}]"
-        declared = declared_tensor(where, name, tensor.get("datatype"), tensor.get("shape"),
-                                   expected=expected, limits=limits, total=total)
-        total += declared.nbytes
-        size = _parameters(tensor, where).get("binary_data_size")
-        if size is not None:
-            if (type(size) is not int or size != declared.nbytes
-                    or offset + size > len(binary)):
-                raise InvalidInputError(f"{where}: binary_data_size {size!r} does not fit "
-                                        f"shape {declared.shape} of {tensor['datatype']} or "
-                                        "the data sent")
-            # The protocol's binary data is little-endian, as numpy's native order is on
-            # every platform the agent runs on; "<" keeps a big-endian host correct.
-            array = np.frombuffer(binary, dtype=_LITTLE[declared.dtype], count=declared.count,
-                                  offset=offset)
-            offset += size
-        else:
-            try:
-                array = np.asarray(tensor.get("data"), dtype=declared.dtype)
-            except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-                raise InvalidInputError(f"{where}: 'data' is not {tensor['datatype']} "
-                                        f"({exc})") from None
-            if array.size != declared.count:
-                raise InvalidInputError(f"{where}: {array.size} values for shape "
-                                        f"{declared.shape}")
-        feeds[declared.name] = array.reshape(declared.shape)
-    return feeds
-
-
-def _wanted_outputs(request: Mapping[str, Any], names: list[str]) -> dict[str, bool]:
-    """The outputs to send, each with whether it goes as binary data, checked before the
-    model runs."""
-    default_binary = bool(_parameters(request, "the request").get("binary_data_output",
-                                                                     False))
-    wanted = request.get("outputs")
-    if wanted is None or wanted == []:
-        return dict.fromkeys(names, default_binary)
-    if not isinstance(wanted, list):
-        raise InvalidInputError("'outputs' must be a list of {\"name\": ...} objects")
-    binary_for = {}
-    for number, out in enumerate(wanted):
-        out_name = out.get("name") if isinstance(out, dict) else None
-        if not isinstance(out_name, str) or out_name not in names:
-            raise InvalidInputError(f"requested output {out_name!r} does not exist; the "
-                                    f"model outputs {', '.join(names)}")
-        parameters = _parameters(out, f"outputs[{number}]")
-        binary_for[out_name] = bool(parameters.get("binary_data", default_binary))
-    return binary_for
-
-
 def _model_name(request: Request) -> str:
     """The model name in a model route's path (an experiment's public name, or a model's)."""
     match = _MODEL_PATH.fullmatch(request.path)
     assert match is not None  # the router only dispatches model routes that match
     return match["name"]
-
-
-def _encode_response(response_id: str, name: str, version: int | None,
-                     outputs: Mapping[str, np.ndarray], binary_for: Mapping[str, bool],
-                     ) -> Response:
-    described, blobs = [], []
-    for out_name, binary in binary_for.items():
-        array = outputs[out_name]
-        # Keyed by dtype object: dtype.name is computed in Python, slow on this hot path.
-        entry: dict[str, Any] = {"name": out_name, "datatype": _DATATYPE_BY_DTYPE[array.dtype],
-                                 "shape": list(array.shape)}
-        if binary:
-            blob = (array.tobytes() if _LITTLE_ENDIAN_HOST
-                    else array.astype(array.dtype.newbyteorder("<")).tobytes())
-            entry["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            entry["data"] = _json_values(array)
-        described.append(entry)
-    response: dict[str, Any] = {"model_name": name, "model_version": str(version or 1),
-                                "id": response_id, "outputs": described}
-    head = _json(response)
-    if not blobs:
-        return Response(HTTPStatus.OK, head)
-    return Response(HTTPStatus.OK, head + b"".join(blobs), "application/octet-stream",
-                    {BINARY_HEADER: str(len(head))})
-
-
-def _json_values(array: np.ndarray) -> list[Any]:
-    """The array's values in row-major order for JSON; non-finite floats as strings."""
-    values: list[Any] = array.ravel().tolist()
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        values = [_NON_FINITE[repr(v)] if not math.isfinite(v) else v for v in values]
-    return values
 
 
 class ApiServer:

@@ -30,12 +30,14 @@ MAX_ID = 64
 @dataclass(frozen=True)
 class Served:
     """What answered one request: the model name, the experiment arm (None outside an
-    experiment), the predicted class (None if the output is not a classification)."""
+    experiment), the predicted class (None if the output is not a classification) and how
+    many classes there were."""
 
     model: str
     arm: str | None
     predicted: int | None
     at: float
+    classes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -133,4 +135,8 @@ def reward_of(feedback: Feedback, served: Served) -> float:
     if served.predicted is None:
         raise InvalidExperimentData(f"model {served.model!r} did not answer with a class; "
                                     "report a 'reward' instead of a 'label'")
+    if served.classes is not None and not 0 <= (feedback.label or 0) < served.classes:
+        raise InvalidExperimentData(f"label {feedback.label} is not a class of model "
+                                    f"{served.model!r}: give a class index 0 to "
+                                    f"{served.classes - 1}")
     return 1.0 if feedback.label == served.predicted else 0.0

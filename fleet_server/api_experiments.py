@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from experiments.errors import ExperimentError
 
-from .api_rollouts import _is_number, _number
+from .api_rollouts import _is_number, _number, gate_list
 from .errors import ApiError, RegistryError, RolloutError
 from .experiment_runner import ExperimentRequest
 from .rollouts.runner import RolloutOptions, Selection
@@ -109,7 +109,7 @@ def _promote(service: FleetService, request: Request) -> tuple[int, Any]:
     steps = body.get("steps", list(defaults.steps))
     if not isinstance(steps, list) or not all(_is_number(s) for s in steps):
         raise ApiError('"steps" must be a list of percentages (5, 25, 100)', 400)
-    options = RolloutOptions(steps=tuple(float(s) for s in steps),
+    options = RolloutOptions(steps=tuple(float(s) for s in steps), gates=gate_list(body),
                              bake_s=_number(body, "bake_s", defaults.bake_s))
     devices = tuple(service.registry.experiment_devices(name))
     if record.status == "running":  # stop() refuses the others with its own message

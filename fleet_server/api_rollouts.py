@@ -47,16 +47,13 @@ def _start(service: FleetService, request: Request) -> tuple[int, Any]:
         raise RolloutError('"devices" must be a list of device ids')
     selection = Selection(group=_opt_str(body, "group"), devices=tuple(devices),
                           tag=_opt_str(body, "tag"), profile=_opt_str(body, "profile"))
-    gates = body.get("gates", [])
-    if (not isinstance(gates, list) or len(gates) > _MAX_GATES
-            or not all(isinstance(g, str) for g in gates)):
-        raise RolloutError('"gates" must be a list of gate expressions (agreement>=0.98)')
+    gates = gate_list(body)
     steps = body.get("steps", list(RolloutOptions.steps))
     if not isinstance(steps, list) or not all(_is_number(s) for s in steps):
         raise RolloutError('"steps" must be a list of percentages (5, 25, 100)')
     defaults = RolloutOptions()
     options = RolloutOptions(
-        steps=tuple(float(s) for s in steps), gates=tuple(gates),
+        steps=tuple(float(s) for s in steps), gates=gates,
         bake_s=_number(body, "bake_s", defaults.bake_s),
         shadow_s=_number(body, "shadow_s", defaults.shadow_s),
         shadow_rate=_number(body, "shadow_rate", defaults.shadow_rate),
@@ -87,6 +84,15 @@ def _opt_str(body: Mapping[str, Any], key: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise RolloutError(f'"{key}" must be a string')
     return value
+
+
+def gate_list(body: Mapping[str, Any]) -> tuple[str, ...]:
+    """The request's ``gates``: gate expressions (RolloutError names what is wrong)."""
+    gates = body.get("gates", [])
+    if (not isinstance(gates, list) or len(gates) > _MAX_GATES
+            or not all(isinstance(g, str) for g in gates)):
+        raise RolloutError('"gates" must be a list of gate expressions (agreement>=0.98)')
+    return tuple(gates)
 
 
 def _is_number(value: Any) -> bool:

@@ -113,6 +113,9 @@ def add_experiment_commands(subparsers: argparse._SubParsersAction[argparse.Argu
                          help="the rollout's step percentages (default 100)")
     promote.add_argument("--bake", type=parse_duration, default=600.0, metavar="DURATION",
                          help="how long each step bakes (default 10m)")
+    promote.add_argument("--gate", action="append", default=[], metavar="EXPR", dest="gates",
+                         help="a rollout gate, e.g. agreement>=0.99 or agreement=off, as for "
+                         "`fleet rollout start`; repeatable")
     promote.add_argument("--reason", default="", help="why (kept in the audit log)")
     promote.set_defaults(handler=_promote)
 
@@ -176,7 +179,7 @@ def _stop(args: argparse.Namespace) -> int:
 def _promote(args: argparse.Namespace) -> int:
     answer = _client(args).post(f"/api/experiments/{args.name}/promote", {
         "winner": args.winner, "steps": args.steps, "bake_s": args.bake,
-        "reason": args.reason})
+        "gates": args.gates, "reason": args.reason})
     if args.json:
         _print_json(answer)
     else:

@@ -356,6 +356,7 @@ class RolloutRunner:
                                 "first")
         _check_options(options)
         check_steps(options.steps)
+        merge_gates(options.gates)
         devices = self._select(selection)
         busy = self.busy(record.name)
         clash = sorted(d.id for d in devices if d.id in busy)

@@ -116,12 +116,14 @@ def test_bad_feedback_is_400_and_unknown_ids_are_404(agent: AgentProcess) -> Non
         assert "feedback" in body["error"]
     # The malformed reports did not use the id up.
     assert _feedback(agent, "digits", {"id": answer["id"], "reward": 2.5})[0] == 200
-    for model, response_id in (("digits", answer["id"]),        # already reported
-                               ("digits", "0" * 24),             # never issued
-                               ("plain", _infer(agent, "digits")["id"])):  # another model's
+    for model, response_id, says in (
+            ("digits", answer["id"], "awaits feedback"),         # already reported
+            ("digits", "0" * 24, "awaits feedback"),              # never issued
+            ("plain", _infer(agent, "digits")["id"],              # another model's: where to
+             "post its feedback to /v2/models/digits/feedback")):  # post it instead
         status, body = _feedback(agent, model, {"id": response_id, "reward": 1})
         assert status == 404
-        assert "awaits feedback" in body["error"]
+        assert says in body["error"]
     status, body = _post(agent, "/v2/models/digits/infer", {
         "parameters": {"client_key": 7}, "inputs": []})
     assert status == 400

@@ -65,6 +65,12 @@ def test_label_feedback_and_its_errors(runtime: Runtime) -> None:
         exp.feedback("digits", json.dumps({"id": rid, "label": label}).encode())
     with pytest.raises(InvalidExperimentData):
         exp.feedback("digits", b'{"id": 3}')
+    # A label that is no class of the model is refused, and the id can still be reported.
+    _, rid = exp.infer(runtime, "digits", {"input": X[:1]})
+    for bad in (10, -1):
+        with pytest.raises(InvalidExperimentData, match="class index 0 to 9"):
+            exp.feedback("digits", json.dumps({"id": rid, "label": bad}).encode())
+    assert exp.feedback("digits", json.dumps({"id": rid, "reward": 0.25}).encode()) == 0.25
     # A model outside any experiment still answers with an id and takes feedback.
     _, plain = exp.infer(runtime, "digits-a", {"input": X[:1]})
     assert exp.feedback("digits-a", json.dumps({"id": plain, "reward": 0.5}).encode()) == 0.5

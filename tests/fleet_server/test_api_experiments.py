@@ -58,9 +58,13 @@ def test_experiments_over_the_api(call: Caller, bundles: dict[str, bytes]) -> No
     status, answer = call("POST", "/api/experiments/ab1/promote",
                           {"winner": "b", "steps": [0]})
     assert (status, "ab1 is still running" in answer["error"]) == (409, True), answer
+    status, answer = call("POST", "/api/experiments/ab1/promote",
+                          {"winner": "b", "gates": ["speed>=2"]})
+    assert status in (400, 409), answer
     assert call("GET", "/api/experiments/ab1")[1]["status"] == "running"
     status, answer = call("POST", "/api/experiments/ab1/promote",
-                          {"winner": "b", "reason": "b converts better"})
+                          {"winner": "b", "reason": "b converts better",
+                           "gates": ["agreement=off"]})
     assert status == 200, answer
     assert (answer["experiment"]["status"], answer["experiment"]["promoted"]) == (
         "promoted", "b")
