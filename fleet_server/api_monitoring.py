@@ -56,5 +56,6 @@ MONITORING_ROUTES = (
     Route("GET", "/metrics", _prometheus, scrape=True),
     # The page and its files hold no data; what they show comes from the routes above.
     Route("GET", "/dashboard", _dashboard, admin=False),
+    Route("GET", "/dashboard/", _dashboard, admin=False),
     Route("GET", "/dashboard/{file}", _dashboard, admin=False),
 )

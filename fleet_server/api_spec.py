@@ -266,6 +266,12 @@ OPENAPI: dict[str, Any] = {
             "security": [],
             "responses": {"200": {"description": "the page", "content": {
                 "text/html": {"schema": {"type": "string"}}}}}}},
+        "/dashboard/": {"get": {
+            "summary": "The web dashboard, as at /dashboard (a bookmark or proxy adds the "
+            "slash)",
+            "security": [],
+            "responses": {"200": {"description": "the page", "content": {
+                "text/html": {"schema": {"type": "string"}}}}}}},
         "/dashboard/{file}": {"get": {
             "summary": "The dashboard's script and style sheet (no fleet data)",
             "security": [],

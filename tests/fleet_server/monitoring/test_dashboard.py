@@ -168,6 +168,9 @@ def test_dashboard_pages_live_and_behind_the_token(
             response = page.request.get(api.url + "/dashboard")
             assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
             assert page.request.get(api.url + "/dashboard/..%2Fapi.py").status == 404
+            # With the slash a bookmark or a proxy adds: the same page.
+            slashed = page.request.get(api.url + "/dashboard/")
+            assert (slashed.status, slashed.body()) == (200, response.body())
             assert page.request.get(api.url + "/api/overview").status == 401
         finally:
             browser.close()
