@@ -171,9 +171,11 @@ class FleetService:
                                "choose a writable --data directory") from exc
         self._lock_file = lock_data_dir(data)
         self.root_json()  # fail at start, not at the first enrollment
-        self._ca = load_ca(data, self.config.fleet)
+        # The registry first: one that does not open (an empty file, a wrong database
+        # URL) must leave the data directory as it was, not with a new fleet CA in it.
         self._registry = open_registry(self.config.db_url or data / "fleet.db",
                                        blob_dir=data / "bundles")
+        self._ca = load_ca(data, self.config.fleet)
         self._releaser = Releaser(self._registry, self.config.keys_dir,
                                   valid_days=self.config.release_valid_days,
                                   root=self.root_json)

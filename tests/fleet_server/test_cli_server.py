@@ -304,6 +304,7 @@ def test_bad_state_at_start_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     assert err.count("\n") == 1, err
     assert "fleet.db is an empty file (0 bytes), not a database" in err
     assert (data / "fleet.db").stat().st_size == 0
+    assert not (data / "ca").exists()  # nothing made for a registry that did not open
     (data / "fleet.db").unlink()
     (keys / "root.json").write_text("garbage\n")
     code, _, err = _run(capsys, *serve)
