@@ -6,6 +6,7 @@ running agent if there is one (its API), the state directory otherwise."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from datetime import datetime, timezone
@@ -71,14 +72,23 @@ def _enroll(args: argparse.Namespace) -> int:
     from .enroll import CONFIG_NAME, EnrollRequest, default_device_id, enroll
     from .startup import usable_state_dir
 
-    state_dir = usable_state_dir(args.state_dir)
-    profile = resolve_profile(args.profile)
-    config = enroll(EnrollRequest(
-        server_url=args.server, token=args.token,
-        device_id=args.device_id or default_device_id(), state_dir=state_dir,
-        profile=profile.name if profile else None, tags=tuple(args.tag),
-        api_port=args.port, probation_s=args.probation,
-        telemetry_interval_s=args.telemetry_interval))
+    created = not args.state_dir.exists()
+    try:
+        state_dir = usable_state_dir(args.state_dir)
+        profile = resolve_profile(args.profile)
+        config = enroll(EnrollRequest(
+            server_url=args.server, token=args.token,
+            device_id=args.device_id or default_device_id(), state_dir=state_dir,
+            profile=profile.name if profile else None, tags=tuple(args.tag),
+            api_port=args.port, probation_s=args.probation,
+            telemetry_interval_s=args.telemetry_interval))
+    except BaseException:
+        # A refused enrollment writes nothing; the directory made for it goes too, so a
+        # retry (or `doctor`) does not find an empty state directory that looks provisioned.
+        if created:
+            with contextlib.suppress(OSError):
+                args.state_dir.rmdir()
+        raise
     assert config.fleet is not None
     print(f"enrolled {config.fleet.device_id} in fleet {config.fleet.name} "
           f"(broker {config.fleet.broker_url}, profile {config.profile or 'generic CPU'}); "

@@ -211,6 +211,7 @@ def test_enroll_refuses_plain_http_and_non_tokens(tmp_path: Path) -> None:
                    str(tmp_path / "s"))
     assert done.returncode == 1
     assert "not an enrollment token" in done.stderr
+    assert not (tmp_path / "s").exists()  # refused: no state directory left behind
 
 
 def test_a_token_for_another_root_is_refused_by_the_server(tmp_path: Path,
