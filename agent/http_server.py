@@ -417,8 +417,10 @@ def _listen_unix(path: Path) -> socket.socket:
 def _encode(response: Response, server_name: str, *, close: bool) -> bytes:
     lines = [f"HTTP/1.1 {response.status.value} {response.status.phrase}",
              f"Server: {server_name}",
-             f"Content-Type: {response.content_type}",
-             f"Content-Length: {len(response.body)}",
+             # A 204 has no content, so neither a type nor a length (RFC 9110 8.6, 15.3.5).
+             *(() if response.status == HTTPStatus.NO_CONTENT else (
+                 f"Content-Type: {response.content_type}",
+                 f"Content-Length: {len(response.body)}")),
              *(f"{key}: {value}" for key, value in response.headers.items())]
     if close:
         lines.append("Connection: close")

@@ -96,6 +96,8 @@ def _call(server: ApiServer, method: str, path: str, headers: dict[str, str],
 def test_a_listed_origin_passes_preflight_and_reads_answers(allowed: ApiServer) -> None:
     status, headers, body = _call(allowed, "OPTIONS", "/v2/models/digits/infer", _PREFLIGHT)
     assert status == 204, body
+    assert (body, "Content-Type" in headers, "Content-Length" in headers) == (
+        b"", False, False)  # no content, so no type and no length
     assert headers["Access-Control-Allow-Origin"] == APP
     assert "POST" in headers["Access-Control-Allow-Methods"]
     assert "authorization" in headers["Access-Control-Allow-Headers"]
