@@ -162,3 +162,31 @@ def reported_payload(sha: str | None, version: int, state: str = "committed") ->
     return messages.encode(messages.Reported(
         profile=PROFILE, agent_version="0.1.0",
         models={"digits": messages.ModelReport(version, sha, state)}, at=1.0))
+
+
+def check_device_round_trip(service: FleetService, directory: Path, bundle: bytes,
+                            model: str, protocol: Any) -> None:
+    """A device enrolled on ``service``'s (external) broker gets its desired state, its
+    event sent twice is stored once, and it fetches ``bundle`` (of ``model``) in chunks:
+    what every broker the fleet runs on must carry."""
+    device = enroll(service, directory, "gw-1")
+    record = service.add_bundle(bundle)
+    service.publish(record.sha256, devices=["gw-1"])
+    recorder = Recorder(create_client(ClientSettings(
+        BrokerAddress.from_url(device.enrollment.broker_url), device.identity,
+        protocol=protocol)))
+    try:
+        recorder.connect()
+        recorder.subscribe(device.topic("desired"))
+        desired = recorder.wait_message(device.topic("desired"))
+        assert model in messages.decode_desired(bytes(desired.payload)).models
+        for _ in range(2):  # the same event twice: stored once
+            recorder.publish(device.topic("events"), messages.encode(messages.Event(
+                "fetch.started", time.time(), {"model": model}, seq=7)))
+        wait_until(lambda: [e for e in service.registry.events(device="gw-1")
+                            if e.kind == "agent.fetch.started"], "the event stored")
+        assert fetch_bundle(recorder, device, record.sha256, record.size) == bundle
+        assert len([e for e in service.registry.events(device="gw-1")
+                    if e.kind == "agent.fetch.started"]) == 1
+    finally:
+        recorder.close()

@@ -18,8 +18,7 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from fleet_server.ca import FleetCA
 from fleet_server.data_dir import server_identity
 from fleet_server.service import FleetService, ServiceConfig
-from protocol import messages
-from tests.fleet_server.server_env import enroll, fetch_bundle, wait_until
+from tests.fleet_server.server_env import check_device_round_trip
 from tests.mqtt_broker import FLEET, Recorder, TestFleet
 from tests.rabbitmq_broker import RabbitMqtt, rabbitmq_mqtt
 from transport.mqtt import BrokerAddress, ClientSettings, TLSIdentity, create_client
@@ -151,20 +150,4 @@ def test_the_fleet_service_runs_on_rabbitmq(tmp_path: Path, rabbit: RabbitMqtt, 
     rabbit.allow("fleet-server", server=True)
     rabbit.allow("gw-1")
     with FleetService(config) as service:
-        device = enroll(service, tmp_path, "gw-1")
-        record = service.add_bundle(bundles["big"])
-        service.publish(record.sha256, devices=["gw-1"])
-        recorder = _recorder(device.enrollment.broker_url, device.identity)
-        recorder.connect()
-        recorder.subscribe(device.topic("desired"))
-        desired = recorder.wait_message(device.topic("desired"))
-        assert "speech" in messages.decode_desired(bytes(desired.payload)).models
-        for _ in range(2):  # the same event twice: stored once
-            recorder.publish(device.topic("events"), messages.encode(
-                messages.Event("fetch.started", time.time(), {"model": "speech"}, seq=7)))
-        wait_until(lambda: [e for e in service.registry.events(device="gw-1")
-                            if e.kind == "agent.fetch.started"], "the event stored")
-        assert fetch_bundle(recorder, device, record.sha256, record.size) == bundles["big"]
-        assert len([e for e in service.registry.events(device="gw-1")
-                    if e.kind == "agent.fetch.started"]) == 1
-        recorder.close()
+        check_device_round_trip(service, tmp_path, bundles["big"], "speech", V311)
