@@ -297,9 +297,9 @@ class ExperimentRunner:
         model) is in no other, and in no running rollout: either would change an arm under
         the experiment and mix its data."""
         ids = [d.id for d in devices]
-        mine = _models(spec)
-        for model in sorted(mine):
-            running = self.running_on(model, ids)
+        serving = self._serving(ids)  # one read of the running experiments for all models
+        for model in sorted(_models(spec)):
+            running = serving.get(model, {})
             if running:
                 name = running[min(running)]
                 raise InvalidExperimentData(
@@ -315,12 +315,17 @@ class ExperimentRunner:
 
     def running_on(self, model: str, devices: Sequence[str]) -> dict[str, str]:
         """Which of ``devices`` serve ``model`` in a running experiment, and its name."""
+        return self._serving(devices).get(model, {})
+
+    def _serving(self, devices: Sequence[str]) -> dict[str, dict[str, str]]:
+        """Per model served in a running experiment: which of ``devices`` serve it there,
+        and the experiment's name."""
         wanted = set(devices)
-        out: dict[str, str] = {}
+        out: dict[str, dict[str, str]] = {}
         for other in self.registry.list_experiments(status="running", limit=10_000):
-            if model in _models(spec_from_json(other.spec)):
-                for device in wanted.intersection(self.registry.experiment_devices(other.name)):
-                    out[device] = other.name
+            taking_part = wanted.intersection(self.registry.experiment_devices(other.name))
+            for model in _models(spec_from_json(other.spec)):
+                out.setdefault(model, {}).update(dict.fromkeys(taking_part, other.name))
         return out
 
 
