@@ -11,7 +11,10 @@ topic leaf     direction           payload
 desired        server -> device    :class:`Desired` (retained): per model, the bundle to run
 reported       device -> server    :class:`Reported`: what runs, and each model's last install
 events         device -> server    :class:`Event`: one install transition, rejection, error;
-                                   ``seq`` (if set) orders and dedupes, as for telemetry
+                                   ``seq`` (if set) orders and dedupes, as for telemetry;
+                                   or an :class:`EventBatch` of several, oldest first, to a
+                                   server whose desired state lists
+                                   :data:`FEATURE_EVENT_BATCH`
 telemetry      device -> server    :class:`Telemetry`: one sample; ``seq`` orders and dedupes
 outbox/chunks  device -> server    :class:`ChunkRequest`: bytes [offset, offset+length)
 inbox/chunks   server -> device    :class:`Chunk` frame: header + data, or an error
@@ -43,12 +46,16 @@ from .names import is_valid_name
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEVICE_EVENT_KIND",
+    "FEATURE_EVENT_BATCH",
     "MAX_BUNDLE_URLS",
     "MAX_CHUNK_REQUEST_BYTES",
     "MAX_DESIRED_EXPERIMENTS",
+    "MAX_EVENTS_PER_MESSAGE",
+    "MAX_EVENT_BATCH_BYTES",
     "MAX_EVENT_BYTES",
     "MAX_EXPERIMENT_ARMS",
     "MAX_EXPERIMENT_BYTES",
+    "MAX_FEATURES",
     "MAX_PUSH_BYTES",
     "MAX_REPORTED_BYTES",
     "MAX_TELEMETRY_BYTES",
@@ -61,6 +68,7 @@ __all__ = [
     "DesiredModel",
     "DesiredShadow",
     "Event",
+    "EventBatch",
     "InstallReport",
     "ModelReport",
     "PosteriorPush",
@@ -70,6 +78,7 @@ __all__ = [
     "decode_chunk_request",
     "decode_desired",
     "decode_event",
+    "decode_events",
     "decode_posterior_push",
     "decode_reported",
     "decode_telemetry",
@@ -85,6 +94,10 @@ _MAX_CHUNK_BYTES = 4 * 1024 * 1024
 #: telemetry carries histograms (a few KiB per model); a chunk request is one line.
 MAX_REPORTED_BYTES = 64 * 1024
 MAX_EVENT_BYTES = 16 * 1024
+#: An :class:`EventBatch`: at most this many events, this many bytes in all (each event's
+#: ``detail`` still within MAX_EVENT_BYTES).
+MAX_EVENTS_PER_MESSAGE = 32
+MAX_EVENT_BATCH_BYTES = 64 * 1024
 MAX_TELEMETRY_BYTES = 256 * 1024
 MAX_CHUNK_REQUEST_BYTES = 4 * 1024
 #: Integers travel as JSON numbers and are stored as SQL BIGINT: at most 2**63 - 1.
@@ -104,6 +117,11 @@ MAX_DESIRED_EXPERIMENTS = 16
 MAX_EXPERIMENT_BYTES = 4 * 1024
 MAX_EXPERIMENT_ARMS = 16
 MAX_PUSH_BYTES = 16 * 1024
+#: Features a desired state may list (:attr:`Desired.features`), at most, each a short name.
+MAX_FEATURES = 16
+_MAX_FEATURE_CHARS = 64
+#: The server stores ``events`` messages carrying an :class:`EventBatch`.
+FEATURE_EVENT_BATCH = "events.batch"
 _URL = re.compile(r"https?://[^\s/?#]+(?:/[^\s]*)?")
 _MAGIC = b"EFC1"
 _HEADER = struct.Struct(">4sI")
@@ -169,6 +187,10 @@ class Desired:
     #: parses it with ``spec_from_json``). Every arm's model is among ``models``. An
     #: experiment absent here is over on the device.
     experiments: tuple[Mapping[str, Any], ...] = ()
+    #: What the server accepts beyond this protocol's base messages (:data:`FEATURE_EVENT_BATCH`),
+    #: so that a newer agent sends them only to a server that understands them. Names this
+    #: side does not know are kept and ignored.
+    features: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -232,6 +254,14 @@ class Event:
 
 
 @dataclass(frozen=True)
+class EventBatch:
+    """Several events in one ``events`` message, oldest first: fewer messages for the broker
+    and the server when a device has several to send at once (an install's transitions)."""
+
+    events: tuple[Event, ...]
+
+
+@dataclass(frozen=True)
 class Telemetry:
     """One telemetry sample; ``seq`` is unique per device and increases with time."""
 
@@ -260,13 +290,14 @@ class Chunk:
     error: str | None = None
 
 
-def encode(message: Desired | Reported | Event | Telemetry | ChunkRequest
+def encode(message: Desired | Reported | Event | EventBatch | Telemetry | ChunkRequest
            | PosteriorPush) -> bytes:
     """The JSON payload of any message but a chunk."""
     obj = asdict(message)
     if isinstance(message, Desired):
-        if not obj["experiments"]:
-            del obj["experiments"]
+        for key in ("experiments", "features"):
+            if not obj[key]:
+                del obj[key]
         # The optional parts only when set: an older agent sees the message it knows, and
         # the retained message is what the registry's desired_json shows.
         for model in obj["models"].values():
@@ -318,7 +349,19 @@ def decode_desired(payload: bytes) -> Desired:
     return Desired(models={_name(name): _desired_model(_as_dict(m, f"models.{name}"), name)
                            for name, m in models.items()},
                    issued_at=_float(obj, "issued_at"),
-                   experiments=_experiments(obj.get("experiments")))
+                   experiments=_experiments(obj.get("experiments")),
+                   features=_features(obj.get("features")))
+
+
+def _features(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if (not isinstance(value, list) or len(value) > MAX_FEATURES
+            or not all(isinstance(v, str) and 0 < len(v) <= _MAX_FEATURE_CHARS
+                       for v in value)):
+        raise ProtocolError(f"desired 'features' must be a list of at most {MAX_FEATURES} "
+                            f"names of 1 to {_MAX_FEATURE_CHARS} characters")
+    return tuple(value)
 
 
 def _experiments(value: Any) -> tuple[dict[str, Any], ...]:
@@ -433,7 +476,30 @@ def decode_reported(payload: bytes) -> Reported:
 def decode_event(payload: bytes) -> Event:
     """Parse an ``events`` message; its kind must be one a device may send
     (:data:`DEVICE_EVENT_KIND`)."""
-    obj = _message(payload, "event", MAX_EVENT_BYTES)
+    return _event(_message(payload, "event", MAX_EVENT_BYTES))
+
+
+def decode_events(payload: bytes) -> tuple[Event, ...]:
+    """Parse an ``events`` message, one :class:`Event` or an :class:`EventBatch` of 1 to
+    :data:`MAX_EVENTS_PER_MESSAGE` (each as :func:`decode_event` checks it)."""
+    obj = _message(payload, "events", MAX_EVENT_BATCH_BYTES)
+    if "events" not in obj:
+        if len(payload) > MAX_EVENT_BYTES:
+            raise ProtocolError(f"event of {len(payload)} bytes exceeds the "
+                                f"{MAX_EVENT_BYTES // 1024} KiB limit of its kind")
+        return (_event(obj),)
+    items = obj["events"]
+    if not isinstance(items, list) or not 0 < len(items) <= MAX_EVENTS_PER_MESSAGE:
+        raise ProtocolError(f"'events' must be a list of 1 to {MAX_EVENTS_PER_MESSAGE} events")
+    events = tuple(_event(_as_dict(item, f"events[{i}]")) for i, item in enumerate(items))
+    for i, event in enumerate(events):
+        if len(json.dumps(event.detail, separators=(",", ":"))) > MAX_EVENT_BYTES:
+            raise ProtocolError(f"events[{i}]'s detail exceeds the "
+                                f"{MAX_EVENT_BYTES // 1024} KiB limit of an event")
+    return events
+
+
+def _event(obj: Mapping[str, Any]) -> Event:
     kind = _str(obj, "kind")
     if not DEVICE_EVENT_KIND.fullmatch(kind):
         raise ProtocolError(f"event kind {kind[:64]!r} is not one a device may send")

@@ -13,8 +13,11 @@ from hypothesis import strategies as st
 
 from protocol.errors import ProtocolError
 from protocol.messages import (
+    FEATURE_EVENT_BATCH,
     MAX_CHUNK_REQUEST_BYTES,
     MAX_EVENT_BYTES,
+    MAX_EVENTS_PER_MESSAGE,
+    MAX_FEATURES,
     MAX_REPORTED_BYTES,
     MAX_TELEMETRY_BYTES,
     Chunk,
@@ -23,6 +26,7 @@ from protocol.messages import (
     DesiredModel,
     DesiredShadow,
     Event,
+    EventBatch,
     InstallReport,
     ModelReport,
     Reported,
@@ -31,6 +35,7 @@ from protocol.messages import (
     decode_chunk_request,
     decode_desired,
     decode_event,
+    decode_events,
     decode_reported,
     decode_telemetry,
     encode,
@@ -117,13 +122,13 @@ def test_an_event_seq_is_optional_and_must_fit_a_signed_64_bit_integer() -> None
 
 @given(st.binary(max_size=200))
 def test_decoders_raise_only_protocol_errors(payload: bytes) -> None:
-    for decode in (decode_desired, decode_reported, decode_event, decode_telemetry,
-                   decode_chunk_request, decode_chunk):
+    for decode in (decode_desired, decode_reported, decode_event, decode_events,
+                   decode_telemetry, decode_chunk_request, decode_chunk):
         with contextlib.suppress(ProtocolError):
             decode(payload)
 
 
-_DECODERS = (decode_desired, decode_reported, decode_event, decode_telemetry,
+_DECODERS = (decode_desired, decode_reported, decode_event, decode_events, decode_telemetry,
              decode_chunk_request)
 
 
@@ -207,3 +212,61 @@ def test_desired_urls_are_optional_bounded_http_urls() -> None:
         payload["models"]["m"]["urls"] = bad
         with pytest.raises(ProtocolError):
             decode_desired(json.dumps(payload).encode())
+
+
+def _install_event(i: int) -> Event:
+    return Event(f"install.s{chr(97 + i % 26)}", 1_700_000_000.0 + i, {"install_id": "gw-1-1", "n": i},
+                 seq=100 + i)
+
+
+@given(st.integers(1, MAX_EVENTS_PER_MESSAGE))
+def test_an_event_batch_round_trips_in_order(count: int) -> None:
+    events = tuple(_install_event(i) for i in range(count))
+    assert decode_events(encode(EventBatch(events))) == events
+
+
+def test_a_single_event_is_a_batch_of_one_to_decode_events() -> None:
+    event = _install_event(0)
+    assert decode_events(encode(event)) == (event,)
+    assert decode_event(encode(event)) == event
+
+
+@pytest.mark.parametrize(("events", "message"), [
+    ([], "1 to 32 events"),
+    ([{"kind": "install.x", "at": 1.0, "detail": {}}] * (MAX_EVENTS_PER_MESSAGE + 1),
+     "1 to 32 events"),
+    ({"kind": "install.x"}, "1 to 32 events"),
+    ([{"kind": "install.x", "at": 1.0, "detail": {}}, {"kind": "server.x", "at": 1.0,
+                                                        "detail": {}}],
+     "not one a device may send"),
+    (["install.x"], "events[0]"),
+    ([{"kind": "install.x", "at": 1.0, "detail": {"text": "x" * MAX_EVENT_BYTES}}],
+     "events[0]'s detail exceeds"),
+])
+def test_bad_event_batches_are_refused(events: object, message: str) -> None:
+    payload = json.dumps({"protocol": 1, "events": events}).encode()
+    with pytest.raises(ProtocolError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        decode_events(payload)
+
+
+def test_an_event_batch_has_a_size_limit_and_a_single_event_keeps_its_own() -> None:
+    big = {"kind": "install.x", "at": 1.0, "detail": {"text": "x" * (MAX_EVENT_BYTES - 100)}}
+    with pytest.raises(ProtocolError, match="64 KiB"):
+        decode_events(json.dumps({"protocol": 1, "events": [big] * 5}).encode())
+    alone = {"protocol": 1, **big, "detail": {"text": "x" * MAX_EVENT_BYTES}}
+    with pytest.raises(ProtocolError, match="16 KiB"):
+        decode_events(json.dumps(alone).encode())
+
+
+def test_desired_features_are_optional_bounded_names_kept_as_sent() -> None:
+    plain = Desired(models={}, issued_at=1.0)
+    assert b"features" not in encode(plain)
+    assert decode_desired(encode(plain)).features == ()
+    listed = Desired(models={}, issued_at=1.0,
+                     features=(FEATURE_EVENT_BATCH, "some.future.feature"))
+    assert decode_desired(encode(listed)) == listed
+    for bad in (["x"] * (MAX_FEATURES + 1), [""], ["x" * 65], "events.batch", [3]):
+        payload = json.dumps({"protocol": 1, "models": {}, "issued_at": 1.0,
+                              "features": bad}).encode()
+        with pytest.raises(ProtocolError, match="'features' must be a list"):
+            decode_desired(payload)
