@@ -22,7 +22,8 @@ from experiments.errors import InvalidExperimentData
 from experiments.posterior import Merged
 from experiments.spec import ExperimentSpec, spec_from_json
 from protocol.errors import ProtocolError
-from protocol.messages import Desired, decode_posterior_push
+from protocol.experiment_messages import decode_posterior_push
+from protocol.messages import Desired
 from protocol.topics import EXPERIMENT_PUSH_LEAF
 from stats.bandit import ArmStats
 

@@ -37,6 +37,7 @@ from experiments.posterior import Merged, decode_delta
 from experiments.spec import ExperimentSpec, spec_from_json, spec_to_json
 from experiments.status import StatusOptions, experiment_status
 from protocol import messages
+from protocol.experiment_messages import PosteriorPush
 from protocol.topics import EXPERIMENT_PUSH_LEAF
 
 from .errors import RegistryError
@@ -334,9 +335,9 @@ def _models(spec: ExperimentSpec) -> set[str]:
     return {spec.model, *(m for _, m in spec.arms)}
 
 
-def push_message(merged: Merged) -> messages.PosteriorPush:
+def push_message(merged: Merged) -> PosteriorPush:
     """The wire form of a merged posterior."""
-    return messages.PosteriorPush(merged.experiment, merged.version, merged.applied_seq,
+    return PosteriorPush(merged.experiment, merged.version, merged.applied_seq,
                                   {arm: (s.n, s.total, s.total_sq)
                                    for arm, s in merged.arms.items()})
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import struct
 from collections.abc import Mapping
@@ -41,7 +40,23 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import ProtocolError
-from .names import is_valid_name
+from .experiment_messages import PosteriorPush, experiment_declarations
+from .fields import (
+    PROTOCOL_VERSION,
+    as_dict,
+    dict_field,
+    float_field,
+    int_field,
+    message_object,
+    model_name,
+    object_of,
+    opt_int,
+    opt_sha,
+    opt_str,
+    sha_field,
+    share_field,
+    str_field,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -49,14 +64,10 @@ __all__ = [
     "FEATURE_EVENT_BATCH",
     "MAX_BUNDLE_URLS",
     "MAX_CHUNK_REQUEST_BYTES",
-    "MAX_DESIRED_EXPERIMENTS",
     "MAX_EVENTS_PER_MESSAGE",
     "MAX_EVENT_BATCH_BYTES",
     "MAX_EVENT_BYTES",
-    "MAX_EXPERIMENT_ARMS",
-    "MAX_EXPERIMENT_BYTES",
     "MAX_FEATURES",
-    "MAX_PUSH_BYTES",
     "MAX_REPORTED_BYTES",
     "MAX_TELEMETRY_BYTES",
     "MAX_URL_CHARS",
@@ -71,7 +82,6 @@ __all__ = [
     "EventBatch",
     "InstallReport",
     "ModelReport",
-    "PosteriorPush",
     "Reported",
     "Telemetry",
     "decode_chunk",
@@ -79,14 +89,12 @@ __all__ = [
     "decode_desired",
     "decode_event",
     "decode_events",
-    "decode_posterior_push",
     "decode_reported",
     "decode_telemetry",
     "encode",
     "encode_chunk",
 ]
 
-PROTOCOL_VERSION = 1
 DEFAULT_CHUNK_BYTES = 256 * 1024
 _MAX_CHUNK_BYTES = 4 * 1024 * 1024
 #: The largest payload each device -> server message may have; decoders refuse bigger ones
@@ -100,8 +108,6 @@ MAX_EVENTS_PER_MESSAGE = 32
 MAX_EVENT_BATCH_BYTES = 64 * 1024
 MAX_TELEMETRY_BYTES = 256 * 1024
 MAX_CHUNK_REQUEST_BYTES = 4 * 1024
-#: Integers travel as JSON numbers and are stored as SQL BIGINT: at most 2**63 - 1.
-_MAX_INT = 2**63 - 1
 #: Kinds of event a device may send (docs/transport.md). The server stores them under its
 #: own ``agent.`` namespace, so a device can never write an event that reads as the
 #: server's (``device.enrolled``, ``desired.set``).
@@ -111,12 +117,6 @@ DEVICE_EVENT_KIND = re.compile(
 #: Bounds on a desired model's ``urls``: how many, and how long each.
 MAX_BUNDLE_URLS = 8
 MAX_URL_CHARS = 2048
-#: Bounds on the experiments a desired state declares: how many, each one's JSON size, and
-#: the arms of one experiment (as ``experiments.assign.MAX_ARMS``); and a push's size.
-MAX_DESIRED_EXPERIMENTS = 16
-MAX_EXPERIMENT_BYTES = 4 * 1024
-MAX_EXPERIMENT_ARMS = 16
-MAX_PUSH_BYTES = 16 * 1024
 #: Features a desired state may list (:attr:`Desired.features`), at most, each a short name.
 MAX_FEATURES = 16
 _MAX_FEATURE_CHARS = 64
@@ -125,7 +125,6 @@ FEATURE_EVENT_BATCH = "events.batch"
 _URL = re.compile(r"https?://[^\s/?#]+(?:/[^\s]*)?")
 _MAGIC = b"EFC1"
 _HEADER = struct.Struct(">4sI")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -191,19 +190,6 @@ class Desired:
     #: so that a newer agent sends them only to a server that understands them. Names this
     #: side does not know are kept and ignored.
     features: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class PosteriorPush:
-    """The fleet's merged posterior of one experiment, as pushed to one device
-    (``experiments.posterior.Merged``): per arm ``(n, sum, sum of squares)``; ``version``
-    grows with every delta the server applies; ``applied_seq`` is the last of this
-    device's own delta numbers included."""
-
-    experiment: str
-    version: int
-    applied_seq: int
-    arms: Mapping[str, tuple[int, float, float]]
 
 
 @dataclass(frozen=True)
@@ -325,15 +311,16 @@ def decode_chunk(payload: bytes) -> Chunk:
     magic, length = _HEADER.unpack_from(payload)
     if magic != _MAGIC or _HEADER.size + length > len(payload):
         raise ProtocolError("not a chunk frame (bad magic or header length)")
-    header = _object(payload[_HEADER.size:_HEADER.size + length], "chunk header")
+    header = object_of(payload[_HEADER.size:_HEADER.size + length], "chunk header")
     data = payload[_HEADER.size + length:]
-    chunk = Chunk(bundle_sha256=_sha(header, "bundle_sha256"), offset=_int(header, "offset"),
-                  total=_int(header, "total"), data=data, error=_opt_str(header, "error"))
+    chunk = Chunk(bundle_sha256=sha_field(header, "bundle_sha256"),
+                  offset=int_field(header, "offset"), total=int_field(header, "total"),
+                  data=data, error=opt_str(header, "error"))
     if chunk.error is None:
-        if _int(header, "length") != len(data):
+        if int_field(header, "length") != len(data):
             raise ProtocolError(f"chunk at {chunk.offset} carries {len(data)} bytes, its "
                                 f"header says {header['length']}")
-        if hashlib.sha256(data).hexdigest() != _sha(header, "sha256"):
+        if hashlib.sha256(data).hexdigest() != sha_field(header, "sha256"):
             raise ProtocolError(f"chunk at {chunk.offset} does not match its sha256 "
                                 "(corrupted in transit)")
         if chunk.offset + len(data) > chunk.total:
@@ -344,12 +331,12 @@ def decode_chunk(payload: bytes) -> Chunk:
 
 def decode_desired(payload: bytes) -> Desired:
     """Parse a ``desired`` message."""
-    obj = _message(payload, "desired")
-    models = _dict(obj, "models")
-    return Desired(models={_name(name): _desired_model(_as_dict(m, f"models.{name}"), name)
+    obj = message_object(payload, "desired")
+    models = dict_field(obj, "models")
+    return Desired(models={model_name(name): _desired_model(as_dict(m, f"models.{name}"), name)
                            for name, m in models.items()},
-                   issued_at=_float(obj, "issued_at"),
-                   experiments=_experiments(obj.get("experiments")),
+                   issued_at=float_field(obj, "issued_at"),
+                   experiments=experiment_declarations(obj.get("experiments")),
                    features=_features(obj.get("features")))
 
 
@@ -364,69 +351,21 @@ def _features(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _experiments(value: Any) -> tuple[dict[str, Any], ...]:
-    """The desired state's experiment declarations: bounded JSON objects with valid,
-    distinct ``name`` and ``model`` (one experiment per public model name)."""
-    if value is None:
-        return ()
-    if not isinstance(value, list) or len(value) > MAX_DESIRED_EXPERIMENTS:
-        raise ProtocolError(f"experiments must be a list of at most "
-                            f"{MAX_DESIRED_EXPERIMENTS} objects")
-    names: set[str] = set()
-    models: set[str] = set()
-    for i, raw in enumerate(value):
-        spec = _as_dict(raw, f"experiments[{i}]")
-        if len(json.dumps(spec, separators=(",", ":"))) > MAX_EXPERIMENT_BYTES:
-            raise ProtocolError(f"experiments[{i}] exceeds {MAX_EXPERIMENT_BYTES} bytes")
-        name, model = spec.get("name"), spec.get("model")
-        if not is_valid_name(name) or not is_valid_name(model):
-            raise ProtocolError(f"experiments[{i}] needs a valid 'name' and 'model', not "
-                                f"{name!r}, {model!r}"[:200])
-        if name in names or model in models:
-            raise ProtocolError(f"experiments[{i}] repeats experiment {name!r} or model "
-                                f"{model!r}: one experiment per name and per model")
-        names.add(str(name))
-        models.add(str(model))
-    return tuple(value)
-
-
-def decode_posterior_push(payload: bytes) -> PosteriorPush:
-    """Parse a posterior push (``inbox/experiments/{experiment}``)."""
-    obj = _message(payload, "posterior push", MAX_PUSH_BYTES)
-    experiment = obj.get("experiment")
-    if not is_valid_name(experiment):
-        raise ProtocolError(f"push 'experiment' {str(experiment)[:80]!r} is not a valid name")
-    arms = _dict(obj, "arms")
-    if not 0 < len(arms) <= MAX_EXPERIMENT_ARMS:
-        raise ProtocolError(f"push 'arms' must map 1 to {MAX_EXPERIMENT_ARMS} arms to "
-                            "[n, sum, sum_sq]")
-    parsed: dict[str, tuple[int, float, float]] = {}
-    for arm, value in arms.items():
-        if not isinstance(value, list) or len(value) != 3:
-            raise ProtocolError(f"push arm {arm[:80]!r} must be [n, sum, sum_sq]")
-        sums = dict(zip(("n", "sum", "sum_sq"), value, strict=True))
-        if _float(sums, "sum_sq") < 0.0:
-            raise ProtocolError(f"push arm {arm[:80]!r}: sum_sq must not be negative")
-        if not is_valid_name(arm):
-            raise ProtocolError(f"push arm name {arm[:80]!r} is not valid")
-        parsed[arm] = (_int(sums, "n"), _float(sums, "sum"), _float(sums, "sum_sq"))
-    return PosteriorPush(experiment=str(experiment), version=_int(obj, "version"),
-                         applied_seq=_int(obj, "applied_seq"), arms=parsed)
-
-
 def _desired_model(m: Mapping[str, Any], name: str) -> DesiredModel:
     shadow = m.get("shadow")
     if shadow is not None:
-        s = _as_dict(shadow, f"models.{name}.shadow")
-        rate = _share(s, "sample_rate")
+        s = as_dict(shadow, f"models.{name}.shadow")
+        rate = share_field(s, "sample_rate")
         if rate == 0.0:
             raise ProtocolError(f"models.{name}.shadow.sample_rate must be above 0")
-        shadow = DesiredShadow(version=_int(s, "version"), bundle_sha256=_sha(s, "bundle_sha256"),
-                               size=_int(s, "size"), sample_rate=rate)
-    return DesiredModel(version=_int(m, "version"), bundle_sha256=_sha(m, "bundle_sha256"),
-                        size=_int(m, "size"), shadow=shadow,
-                        compare_previous=_share(m, "compare_previous") if "compare_previous" in m
-                        else 0.0,
+        shadow = DesiredShadow(version=int_field(s, "version"),
+                               bundle_sha256=sha_field(s, "bundle_sha256"),
+                               size=int_field(s, "size"), sample_rate=rate)
+    return DesiredModel(version=int_field(m, "version"),
+                        bundle_sha256=sha_field(m, "bundle_sha256"),
+                        size=int_field(m, "size"), shadow=shadow,
+                        compare_previous=share_field(m, "compare_previous")
+                        if "compare_previous" in m else 0.0,
                         delta=_delta_offer(m.get("delta"), f"models.{name}.delta"),
                         urls=_urls(m, f"models.{name}.urls"))
 
@@ -434,9 +373,9 @@ def _desired_model(m: Mapping[str, Any], name: str) -> DesiredModel:
 def _delta_offer(obj: Any, where: str) -> DeltaOffer | None:
     if obj is None:
         return None
-    d = _as_dict(obj, where)
-    return DeltaOffer(bundle_sha256=_sha(d, "bundle_sha256"), size=_int(d, "size"),
-                      base_version=_int(d, "base_version"))
+    d = as_dict(obj, where)
+    return DeltaOffer(bundle_sha256=sha_field(d, "bundle_sha256"), size=int_field(d, "size"),
+                      base_version=int_field(d, "base_version"))
 
 
 def _urls(m: Mapping[str, Any], where: str) -> tuple[str, ...]:
@@ -455,34 +394,34 @@ def _urls(m: Mapping[str, Any], where: str) -> tuple[str, ...]:
 
 def decode_reported(payload: bytes) -> Reported:
     """Parse a ``reported`` message."""
-    obj = _message(payload, "reported", MAX_REPORTED_BYTES)
-    models = {_name(n): ModelReport(
-        version=_int(_as_dict(m, f"models.{n}"), "version"),
-        bundle_sha256=_opt_sha(m, "bundle_sha256"), state=_str(m, "state"))
-        for n, m in _dict(obj, "models").items()}
+    obj = message_object(payload, "reported", MAX_REPORTED_BYTES)
+    models = {model_name(n): ModelReport(
+        version=int_field(as_dict(m, f"models.{n}"), "version"),
+        bundle_sha256=opt_sha(m, "bundle_sha256"), state=str_field(m, "state"))
+        for n, m in dict_field(obj, "models").items()}
     installs = {}
-    for n, raw in _dict(obj, "installs").items():
-        i = _as_dict(raw, f"installs.{n}")
+    for n, raw in dict_field(obj, "installs").items():
+        i = as_dict(raw, f"installs.{n}")
         progress = i.get("progress")
-        installs[_name(n)] = InstallReport(
-            version=_opt_int(i, "version"), bundle_sha256=_opt_sha(i, "bundle_sha256"),
-            state=_str(i, "state"), reason=_opt_str(i, "reason"),
-            detail=_opt_str(i, "detail"),
-            progress=None if progress is None else _float(i, "progress"))
-    return Reported(profile=_opt_str(obj, "profile"), agent_version=_str(obj, "agent_version"),
-                    models=models, installs=installs, at=_float(obj, "at"))
+        installs[model_name(n)] = InstallReport(
+            version=opt_int(i, "version"), bundle_sha256=opt_sha(i, "bundle_sha256"),
+            state=str_field(i, "state"), reason=opt_str(i, "reason"),
+            detail=opt_str(i, "detail"),
+            progress=None if progress is None else float_field(i, "progress"))
+    return Reported(profile=opt_str(obj, "profile"), agent_version=str_field(obj, "agent_version"),
+                    models=models, installs=installs, at=float_field(obj, "at"))
 
 
 def decode_event(payload: bytes) -> Event:
     """Parse an ``events`` message; its kind must be one a device may send
     (:data:`DEVICE_EVENT_KIND`)."""
-    return _event(_message(payload, "event", MAX_EVENT_BYTES))
+    return _event(message_object(payload, "event", MAX_EVENT_BYTES))
 
 
 def decode_events(payload: bytes) -> tuple[Event, ...]:
     """Parse an ``events`` message, one :class:`Event` or an :class:`EventBatch` of 1 to
     :data:`MAX_EVENTS_PER_MESSAGE` (each as :func:`decode_event` checks it)."""
-    obj = _message(payload, "events", MAX_EVENT_BATCH_BYTES)
+    obj = message_object(payload, "events", MAX_EVENT_BATCH_BYTES)
     if "events" not in obj:
         if len(payload) > MAX_EVENT_BYTES:
             raise ProtocolError(f"event of {len(payload)} bytes exceeds the "
@@ -491,7 +430,7 @@ def decode_events(payload: bytes) -> tuple[Event, ...]:
     items = obj["events"]
     if not isinstance(items, list) or not 0 < len(items) <= MAX_EVENTS_PER_MESSAGE:
         raise ProtocolError(f"'events' must be a list of 1 to {MAX_EVENTS_PER_MESSAGE} events")
-    events = tuple(_event(_as_dict(item, f"events[{i}]")) for i, item in enumerate(items))
+    events = tuple(_event(as_dict(item, f"events[{i}]")) for i, item in enumerate(items))
     for i, event in enumerate(events):
         if len(json.dumps(event.detail, separators=(",", ":"))) > MAX_EVENT_BYTES:
             raise ProtocolError(f"events[{i}]'s detail exceeds the "
@@ -500,115 +439,25 @@ def decode_events(payload: bytes) -> tuple[Event, ...]:
 
 
 def _event(obj: Mapping[str, Any]) -> Event:
-    kind = _str(obj, "kind")
+    kind = str_field(obj, "kind")
     if not DEVICE_EVENT_KIND.fullmatch(kind):
         raise ProtocolError(f"event kind {kind[:64]!r} is not one a device may send")
-    return Event(kind=kind, at=_float(obj, "at"), detail=_dict(obj, "detail"),
-                 seq=_opt_int(obj, "seq"))
+    return Event(kind=kind, at=float_field(obj, "at"), detail=dict_field(obj, "detail"),
+                 seq=opt_int(obj, "seq"))
 
 
 def decode_telemetry(payload: bytes) -> Telemetry:
     """Parse a ``telemetry`` message."""
-    obj = _message(payload, "telemetry", MAX_TELEMETRY_BYTES)
-    return Telemetry(seq=_int(obj, "seq"), at=_float(obj, "at"), metrics=_dict(obj, "metrics"))
+    obj = message_object(payload, "telemetry", MAX_TELEMETRY_BYTES)
+    return Telemetry(seq=int_field(obj, "seq"), at=float_field(obj, "at"),
+                     metrics=dict_field(obj, "metrics"))
 
 
 def decode_chunk_request(payload: bytes) -> ChunkRequest:
     """Parse a chunk request; the length must be 1 byte to 4 MiB."""
-    obj = _message(payload, "chunk request", MAX_CHUNK_REQUEST_BYTES)
-    request = ChunkRequest(bundle_sha256=_sha(obj, "bundle_sha256"),
-                           offset=_int(obj, "offset"), length=_int(obj, "length"))
+    obj = message_object(payload, "chunk request", MAX_CHUNK_REQUEST_BYTES)
+    request = ChunkRequest(bundle_sha256=sha_field(obj, "bundle_sha256"),
+                           offset=int_field(obj, "offset"), length=int_field(obj, "length"))
     if not 0 < request.length <= _MAX_CHUNK_BYTES:
         raise ProtocolError(f"chunk length {request.length} is outside 1..{_MAX_CHUNK_BYTES}")
     return request
-
-
-def _message(payload: bytes, what: str, max_bytes: int | None = None) -> dict[str, Any]:
-    if max_bytes is not None and len(payload) > max_bytes:
-        raise ProtocolError(f"{what} of {len(payload)} bytes exceeds the {max_bytes // 1024} "
-                            "KiB limit of its kind")
-    obj = _object(payload, what)
-    version = obj.get("protocol")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"{what} has protocol version {version!r}; this side speaks "
-                            f"{PROTOCOL_VERSION}: upgrade the older of agent and server")
-    return obj
-
-
-def _object(payload: bytes, what: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"{what} is not JSON ({exc})") from None
-    except RecursionError:
-        raise ProtocolError(f"{what} nests JSON too deeply") from None
-    return _as_dict(obj, what)
-
-
-def _as_dict(obj: Any, where: str) -> dict[str, Any]:
-    if not isinstance(obj, dict):
-        raise ProtocolError(f"{where} must be a JSON object")
-    return obj
-
-
-def _dict(obj: Mapping[str, Any], key: str) -> dict[str, Any]:
-    return _as_dict(obj.get(key, {}), key)
-
-
-def _int(obj: Mapping[str, Any], key: str) -> int:
-    value = obj.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_INT:
-        raise ProtocolError(f"field {key!r} must be an integer from 0 to 2**63 - 1, not "
-                            f"{value!r}"[:200])
-    return value
-
-
-def _opt_int(obj: Mapping[str, Any], key: str) -> int | None:
-    return None if obj.get(key) is None else _int(obj, key)
-
-
-def _float(obj: Mapping[str, Any], key: str) -> float:
-    value = obj.get(key)
-    try:
-        number = float(value) if isinstance(value, (int, float)) and not isinstance(
-            value, bool) else math.nan
-    except OverflowError:
-        number = math.nan
-    if not math.isfinite(number):
-        raise ProtocolError(f"field {key!r} must be a finite number, not {value!r}"[:200])
-    return number
-
-
-def _share(obj: Mapping[str, Any], key: str) -> float:
-    value = _float(obj, key)
-    if not 0.0 <= value <= 1.0:
-        raise ProtocolError(f"field {key!r} must be a share between 0 and 1, not {value}")
-    return value
-
-
-def _str(obj: Mapping[str, Any], key: str) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str) or not value:
-        raise ProtocolError(f"field {key!r} must be a non-empty string, not {value!r}")
-    return value
-
-
-def _opt_str(obj: Mapping[str, Any], key: str) -> str | None:
-    return None if obj.get(key) is None else _str(obj, key)
-
-
-def _sha(obj: Mapping[str, Any], key: str) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str) or not _SHA256.fullmatch(value):
-        raise ProtocolError(f"field {key!r} must be 64 lowercase hex digits")
-    return value
-
-
-def _opt_sha(obj: Mapping[str, Any], key: str) -> str | None:
-    return None if obj.get(key) is None else _sha(obj, key)
-
-
-def _name(name: str) -> str:
-    if not is_valid_name(name):
-        raise ProtocolError(f"model name {name!r} is not valid")
-    return name

@@ -14,7 +14,8 @@ from agent.experiments import DeviceExperiments
 from agent.runtime import Runtime
 from experiments.spec import ExperimentSpec, spec_to_json
 from protocol.errors import ProtocolError
-from protocol.messages import Desired, PosteriorPush, encode
+from protocol.experiment_messages import PosteriorPush
+from protocol.messages import Desired, encode
 
 ROOT = Path(__file__).resolve().parents[2]
 X = np.load(ROOT / "models" / "digits_data.npz")["eval_x"]

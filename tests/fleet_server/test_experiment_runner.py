@@ -17,7 +17,8 @@ from fleet_server.errors import RegistryError, ReleaseError
 from fleet_server.experiment_runner import ExperimentRequest, ExperimentRunner
 from fleet_server.ingest import PROTOCOL_ERROR, Inbound, Ingest
 from fleet_server.registry import Registry, open_registry
-from protocol.messages import Telemetry, decode_posterior_push, encode
+from protocol.experiment_messages import decode_posterior_push
+from protocol.messages import Telemetry, encode
 from tests.fleet_server.registry.helpers import bundle, enroll
 
 DEVICES = [f"gw-{i}" for i in range(6)]

@@ -14,15 +14,17 @@ from hypothesis import strategies as st
 from experiments.posterior import FleetPosterior, apply_delta, decode_delta, push_for
 from experiments.spec import ExperimentSpec, spec_from_json, spec_to_json
 from protocol.errors import ProtocolError
-from protocol.messages import (
+from protocol.experiment_messages import (
     MAX_DESIRED_EXPERIMENTS,
     MAX_EXPERIMENT_BYTES,
     MAX_PUSH_BYTES,
+    PosteriorPush,
+    decode_posterior_push,
+)
+from protocol.messages import (
     Desired,
     DesiredModel,
-    PosteriorPush,
     decode_desired,
-    decode_posterior_push,
     encode,
 )
 from protocol.names import NAME_PATTERN

@@ -215,8 +215,8 @@ def test_desired_urls_are_optional_bounded_http_urls() -> None:
 
 
 def _install_event(i: int) -> Event:
-    return Event(f"install.s{chr(97 + i % 26)}", 1_700_000_000.0 + i, {"install_id": "gw-1-1", "n": i},
-                 seq=100 + i)
+    return Event(f"install.s{chr(97 + i % 26)}", 1_700_000_000.0 + i,
+                 {"install_id": "gw-1-1", "n": i}, seq=100 + i)
 
 
 @given(st.integers(1, MAX_EVENTS_PER_MESSAGE))
