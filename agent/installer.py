@@ -25,7 +25,6 @@ import functools
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import signal
@@ -34,7 +33,6 @@ import uuid
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import BinaryIO
 
@@ -45,10 +43,11 @@ from bundle.crypto import open_artifact
 from bundle.delta import apply_delta
 from bundle.errors import BundleError, DeltaBaseError
 from bundle.manifest import ArtifactVariant
-from bundle.trust import TrustedState, VerifiedBundle, verify_bundle
+from bundle.trust import TrustedState, VerifiedBundle
 from common.atomic import write_atomic
 from firmware_profiles.model import Profile
 
+from .bundle_verifier import verify_in_child
 from .errors import AgentError, InstallError
 from .install_state import RECORD_VERSION, InstallRecord, InstallState, new_install
 from .model_store import ModelStore, StoredModel
@@ -56,7 +55,7 @@ from .trust_store import TrustStore
 from .variants import choose_variant, composite_members
 
 __all__ = ["CRASH_ENV", "FLEET_SOURCE", "RESERVE_BYTES", "Installer", "StateDirs", "Verifier",
-           "is_disk_full", "verify_in_child"]
+           "is_disk_full"]
 
 log = logging.getLogger(__name__)
 CRASH_ENV = "EDGEFLEET_AGENT_CRASH_AFTER"
@@ -69,7 +68,6 @@ _KEEP_RECORDS = 50
 _RUN_MARKER = "running"
 #: Verifies the bundle file at a path for the trusted state, time and profile.
 Verifier = Callable[[Path, TrustedState, datetime, "str | None"], VerifiedBundle]
-_VERIFIER_NICE = 10
 
 
 @dataclass(frozen=True)
@@ -469,54 +467,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-
-
-def verify_in_child(path: Path, trusted: TrustedState, now: datetime,
-                    profile: str | None) -> VerifiedBundle:
-    """verify_bundle of the file at ``path`` in a short-lived child process at low priority.
-
-    Verification is pure Python for the most part (TUF metadata, canonical JSON): run in
-    the agent's own process it holds the GIL in 0.5 ms slices for tens of milliseconds,
-    and every request served meanwhile waits for it. In a child process it costs the
-    serving threads nothing but CPU, which the child yields (nice 10). The child gets the
-    path and reads the file in bounded blocks; what comes back is the manifest and the
-    entry index, never the artifacts. It is a daemon process: an agent that stops takes it
-    down at once, and an install cut short is resumed at the next start.
-    """
-    context = multiprocessing.get_context("spawn")
-    receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_verifier_main, args=(send, path, trusted, now, profile),
-                            name="edgefleet-verifier", daemon=True)
-    child.start()
-    send.close()
-    try:
-        ok, result = receive.recv()
-    except EOFError:
-        child.join()
-        raise InstallError("verify_failed", f"the verifier process died (exit code "
-                           f"{child.exitcode}) while checking {path.name}; the bundle may "
-                           "be too big for this device's memory") from None
-    finally:
-        receive.close()
-    child.join()
-    if not ok:
-        raise result
-    assert isinstance(result, VerifiedBundle)
-    return result
-
-
-def _verifier_main(send: Connection, path: Path, trusted: TrustedState, now: datetime,
-                   profile: str | None) -> None:
-    os.nice(_VERIFIER_NICE)
-    try:
-        result: object = (True, verify_bundle(path, trusted, now=now, profile=profile))
-    except BundleError as exc:
-        result = (False, exc)
-    except Exception as exc:  # anything else is a bug in a reader: report it, typed
-        result = (False, InstallError("verify_failed", f"verifying {path.name} raised "
-                                      f"{type(exc).__name__}: {exc}"))
-    send.send(result)
-    send.close()
 
 
 def _load_record(path: Path) -> InstallRecord:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
+from agent.bundle_verifier import verify_in_child
 from agent.install_state import InstallRecord, InstallState
-from agent.installer import verify_in_child
 from agent.probation import ProbationPolicy
 from agent.runtime import Runtime
 from bundle.archive import frame
