@@ -20,6 +20,11 @@ shadow candidate or the kept previous version runs them for comparison
 (:mod:`agent.comparison`). With ``compare_previous`` set for a name (:meth:`keep_previous`)
 the model an install replaces stays loaded after probation too (blue-green), so
 :meth:`switch_back` to it is one swap.
+
+Why one class of some 500 lines: the serving table, the kept previous versions and the
+watchers of each name change together under one lock (a swap re-wires the comparisons,
+a switch back swaps and keeps the other version), so they stay in one object; loading and
+opening sessions are :mod:`agent.served_model`'s and :mod:`agent.sessions`'.
 """
 
 from __future__ import annotations
