@@ -19,6 +19,7 @@ Failures of the database itself are the driver's own errors (``sqlite3.Error``,
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -73,6 +74,13 @@ class Cursor(Protocol):
     def fetchall(self) -> list[Any]: ...
 
 
+#: The row of an INSERT that :meth:`Tx.insert_rows` repeats.
+_ONE_ROW = re.compile(r"VALUES (\([?, ]+\))")
+#: Parameters per statement of :meth:`Tx.insert_rows`, at most: SQLite builds before 3.32
+#: take 999.
+_MAX_PARAMS = 999
+
+
 class Tx:
     """One open transaction. SQL is written once with ``?`` placeholders."""
 
@@ -115,6 +123,28 @@ class Tx:
             return 0
         self._cur.executemany(self._sql(sql), batch)
         return self._cur.rowcount
+
+    def insert_rows(self, sql: str, rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
+        """Insert many rows with few statements: ``sql`` is an INSERT of one row
+        (``VALUES (?, ?)``), sent with as many rows as a statement takes. Returns what its
+        RETURNING clause returned for all of them (none without one).
+
+        One statement of many rows costs the database a fraction of one statement per row
+        (one parse, one executor start, one round trip)."""
+        if not rows:
+            return []
+        found = _ONE_ROW.search(sql)
+        assert found is not None, f"not an INSERT of one row: {sql}"
+        row = found.group(1)
+        per_statement = max(1, _MAX_PARAMS // row.count("?"))
+        returned: list[tuple[Any, ...]] = []
+        for start in range(0, len(rows), per_statement):
+            chunk = rows[start:start + per_statement]
+            text = sql[:found.start(1)] + ", ".join([row] * len(chunk)) + sql[found.end(1):]
+            self._cur.execute(self._sql(text), tuple(v for r in chunk for v in r))
+            if " RETURNING " in sql:
+                returned += [tuple(r) for r in self._cur.fetchall()]
+        return returned
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
         """The first row of a query, or None."""
