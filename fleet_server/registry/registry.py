@@ -203,6 +203,8 @@ class Registry:
         before (same device and seq) is skipped. A message the registry refuses (an
         unknown device, a value it does not take) changes nothing: it is returned, with
         why, and the others are stored. Returns the new samples too."""
+        if not messages:
+            return StoredBatch([], {})
         now = self._clock()
         with self._tx(write=True) as tx:
             return device_messages.store_messages(tx, now, messages)
