@@ -140,7 +140,7 @@ def test_a_bad_message_in_the_middle_of_a_batch_is_recorded_and_the_others_store
         running = {d.id: d.running["m"].version for d in registry.list_devices()}
         assert running == {"gw-0": 2, "gw-1": 5}
         assert [r.sample.seq for r in registry.telemetry("gw-0")] == [7]
-        errors = {e.device: e.detail for e in registry.events() if e.kind == PROTOCOL_ERROR}
+        errors = {str(e.device): e.detail for e in registry.events() if e.kind == PROTOCOL_ERROR}
         assert sorted(errors) == ["gw-0", "gw-9"]
         assert errors["gw-0"]["topic"] == "events"
         assert "unknown device 'gw-9'" in errors["gw-9"]["error"]
