@@ -12,10 +12,11 @@ time waiting for them: docs/scale.md):
    each has stored;
 2. the decisions, pure (:func:`plan_batch`): which messages are refused, which report of
    each device is kept (:func:`is_overtaken`), which devices come online or go offline;
-3. the writes: the numbered events' (device, seq) claimed in one multi-row INSERT that
-   returns the new ones, the events in one, the samples in one (returning the new ones),
-   the reported models of the devices whose models changed (one read, one delete, one
-   upsert), and one UPDATE of each device (one statement sent for all, pipelined).
+3. the writes, each one statement over the rows of the whole batch (``Tx.with_rows``: on
+   PostgreSQL one array per column): the numbered events' (device, seq) claimed,
+   returning the new ones; the events; the samples, returning the new ones; the reported
+   models of the devices whose models changed (one read, one delete, one upsert); and
+   one UPDATE of all the devices.
 
 A refused message (an unknown device, an event kind or a value the registry does not
 take) changes nothing and is returned with its reason; the others are stored.
@@ -32,7 +33,6 @@ from protocol.errors import ProtocolError
 from protocol.messages import Reported, Telemetry, decode_reported
 
 from .database import Tx
-from .events import EVENT_INSERT
 from .values import check_label, dumps
 
 __all__ = ["REORDER_WINDOW_S", "BatchPlan", "DeviceEvent", "DeviceMessage", "DeviceReport",
@@ -43,20 +43,34 @@ __all__ = ["REORDER_WINDOW_S", "BatchPlan", "DeviceEvent", "DeviceMessage", "Dev
 #: device's own clock) is taken for a message overtaken on the way and not stored; one sent
 #: further back is believed (the device's clock was set back).
 REORDER_WINDOW_S = 60.0
-#: Device ids per IN (...) list: well below SQLite's host parameter limit.
-_IN_CHUNK = 500
 
-_DEVICE_UPDATE = ("UPDATE devices SET online = ?, last_seen = COALESCE(?, last_seen), "
-                  "reported = COALESCE(?, reported), reported_at = COALESCE(?, reported_at), "
-                  "reported_device_at = COALESCE(?, reported_device_at) WHERE id = ?")
-_SEQ_CLAIM = ("INSERT INTO device_event_seqs (device_id, seq) VALUES (?, ?) "
-              "ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq")
-_SAMPLE_INSERT = ("INSERT INTO telemetry (device_id, seq, at, payload) VALUES (?, ?, ?, ?) "
+# Each over a relation of rows (Tx.with_rows): one statement for the whole batch.
+_LOCK = ("SELECT id, online, reported_device_at FROM devices "
+         "WHERE id IN (SELECT column1 FROM {rows}) ORDER BY id")
+_SEQ_CLAIM = ("INSERT INTO device_event_seqs (device_id, seq) SELECT column1, column2 "
+              "FROM {rows} WHERE true ON CONFLICT (device_id, seq) DO NOTHING "
+              "RETURNING device_id, seq")
+_EVENT_INSERT = ("INSERT INTO events (at, device_id, kind, detail) "
+                 "SELECT column1, column2, column3, column4 FROM {rows}")
+_SAMPLE_INSERT = ("INSERT INTO telemetry (device_id, seq, at, payload) "
+                  "SELECT column1, column2, column3, column4 FROM {rows} WHERE true "
                   "ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq")
+_MODELS = ("SELECT device_id, model, version, bundle_sha256, state FROM reported_models "
+           "WHERE device_id IN (SELECT column1 FROM {rows})")
+_MODEL_DELETE = ("DELETE FROM reported_models "
+                 "WHERE (device_id, model) IN (SELECT column1, column2 FROM {rows})")
 _MODEL_UPSERT = ("INSERT INTO reported_models (device_id, model, version, bundle_sha256, "
-                 "state) VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id, model) DO UPDATE SET "
+                 "state) SELECT column1, column2, column3, column4, column5 FROM {rows} "
+                 "WHERE true ON CONFLICT (device_id, model) DO UPDATE SET "
                  "version = excluded.version, bundle_sha256 = excluded.bundle_sha256, "
                  "state = excluded.state")
+_DEVICE_UPDATE = ("UPDATE devices SET online = v.column2, "
+                  "last_seen = COALESCE(v.column3, devices.last_seen), "
+                  "reported = COALESCE(v.column4, devices.reported), "
+                  "reported_at = COALESCE(v.column5, devices.reported_at), "
+                  "reported_device_at = COALESCE(v.column6, devices.reported_device_at) "
+                  "FROM {rows} WHERE devices.id = v.column1")
+_TEXT, _BIGINT, _FLOAT, _BOOL = "TEXT", "BIGINT", "DOUBLE PRECISION", "BOOLEAN"
 
 
 @dataclass(frozen=True)
@@ -234,48 +248,32 @@ def model_changes(stored: Mapping[tuple[str, str], tuple[Any, ...]],
 
 def store_messages(tx: Tx, now: float, messages: Sequence[DeviceMessage]) -> StoredBatch:
     """Store a batch of device messages (module docstring)."""
-    states = _lock_devices(tx, sorted({m.device for m in messages}))
+    states = {device: DeviceState(bool(online), None if at is None else float(at))
+              for device, online, at in tx.with_rows(
+                  _LOCK + tx.dialect.for_update, (_TEXT,),
+                  [(d,) for d in sorted({m.device for m in messages})])}
     plan = plan_batch(messages, states)
     numbered = [(device, seq) for device, _, _, seq in plan.events if seq is not None]
-    new_seqs = {(r[0], int(r[1])) for r in tx.insert_rows(_SEQ_CLAIM, numbered)}
-    tx.insert_rows(EVENT_INSERT, [(now, device, kind, detail)
-                                  for device, kind, detail, seq in plan.events
-                                  if seq is None or (device, seq) in new_seqs])
-    new = {(r[0], int(r[1])) for r in tx.insert_rows(
-        _SAMPLE_INSERT, [row[:4] for row in plan.samples])}
+    new_seqs = {(r[0], int(r[1])) for r in tx.with_rows(_SEQ_CLAIM, (_TEXT, _BIGINT),
+                                                       numbered)}
+    tx.with_rows(_EVENT_INSERT, (_FLOAT, _TEXT, _TEXT, _TEXT),
+                 [(now, device, kind, detail) for device, kind, detail, seq in plan.events
+                  if seq is None or (device, seq) in new_seqs])
+    new = {(r[0], int(r[1])) for r in tx.with_rows(
+        _SAMPLE_INSERT, (_TEXT, _BIGINT, _FLOAT, _TEXT), [row[:4] for row in plan.samples])}
     reports = plan.reports
     if reports:
-        gone, changed = model_changes(_reported_models(tx, sorted(reports)), reports)
-        tx.many("DELETE FROM reported_models WHERE device_id = ? AND model = ?", gone)
-        tx.insert_rows(_MODEL_UPSERT, changed)
-    tx.many(_DEVICE_UPDATE, [
-        (change.online, now if change.seen else None,
+        stored = {(device, model): (int(version), sha, state)
+                  for device, model, version, sha, state in tx.with_rows(
+                      _MODELS, (_TEXT,), [(d,) for d in sorted(reports)])}
+        gone, changed = model_changes(stored, reports)
+        tx.with_rows(_MODEL_DELETE, (_TEXT, _TEXT), gone)
+        tx.with_rows(_MODEL_UPSERT, (_TEXT, _TEXT, _BIGINT, _TEXT, _TEXT), changed)
+    tx.with_rows(_DEVICE_UPDATE, (_TEXT, _BOOL, _FLOAT, _TEXT, _FLOAT, _FLOAT), [
+        (device, change.online, now if change.seen else None,
          None if change.report is None else change.report.document,
          None if change.report is None else now,
-         None if change.report is None else change.report.report.at, device)
+         None if change.report is None else change.report.report.at)
         for device, change in sorted(plan.devices.items())])
     return StoredBatch([(device, sample) for device, seq, _, _, sample in plan.samples
                         if (device, seq) in new], plan.refused)
-
-
-def _lock_devices(tx: Tx, device_ids: list[str]) -> dict[str, DeviceState]:
-    states: dict[str, DeviceState] = {}
-    for start in range(0, len(device_ids), _IN_CHUNK):
-        chunk = device_ids[start:start + _IN_CHUNK]
-        for device, online, at in tx.all(
-                "SELECT id, online, reported_device_at FROM devices "
-                f"WHERE id IN ({', '.join('?' * len(chunk))}) ORDER BY id"
-                f"{tx.dialect.for_update}", chunk):
-            states[device] = DeviceState(bool(online), None if at is None else float(at))
-    return states
-
-
-def _reported_models(tx: Tx, device_ids: list[str]) -> dict[tuple[str, str], tuple[Any, ...]]:
-    stored: dict[tuple[str, str], tuple[Any, ...]] = {}
-    for start in range(0, len(device_ids), _IN_CHUNK):
-        chunk = device_ids[start:start + _IN_CHUNK]
-        for device, model, version, sha, state in tx.all(
-                "SELECT device_id, model, version, bundle_sha256, state FROM reported_models "
-                f"WHERE device_id IN ({', '.join('?' * len(chunk))})", chunk):
-            stored[(device, model)] = (int(version), sha, state)
-    return stored
