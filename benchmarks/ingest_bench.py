@@ -209,8 +209,8 @@ def _spawn(src: Path, url: str, devices: int, batched: bool) -> dict[str, Any]:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _, _, src, url, devices, batched = sys.argv
-        print(json.dumps(child(src, url, int(devices), batched == "1")))
+        _, _, code, url, devices, in_batches = sys.argv
+        print(json.dumps(child(code, url, int(devices), in_batches == "1")))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=1000)
