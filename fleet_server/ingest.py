@@ -164,9 +164,8 @@ class Ingest:
     def _store_batch(self, batch: list[Inbound]) -> None:
         """Store ``batch`` in one transaction, then acknowledge it. Should the transaction
         fail (the database, not a message, is at fault), each message is handled alone."""
-        # By device (stable: each device's messages keep their order).
-        decoded = [(item, self._decode(item)) for item in
-                   sorted(batch, key=lambda item: item.device)]
+        # Decoded before the transaction opens: it holds the devices' row locks meanwhile.
+        decoded = [(item, self._decode(item)) for item in batch]
         try:
             with self._registry.batch():
                 self._store(decoded)
