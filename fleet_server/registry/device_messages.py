@@ -36,7 +36,8 @@ from .database import Tx
 from .values import check_label, dumps
 
 __all__ = ["REORDER_WINDOW_S", "BatchPlan", "DeviceEvent", "DeviceMessage", "DeviceReport",
-           "DeviceSample", "DeviceState", "StoredBatch", "is_overtaken", "plan_batch",
+           "DeviceSample", "DeviceState", "StoredBatch", "is_overtaken", "model_changes",
+           "plan_batch",
            "report_from_payload", "store_messages"]
 
 #: Device-clock seconds: a report sent less than this before the stored one (by the
