@@ -37,8 +37,7 @@ from .values import check_label, dumps
 
 __all__ = ["REORDER_WINDOW_S", "BatchPlan", "DeviceEvent", "DeviceMessage", "DeviceReport",
            "DeviceSample", "DeviceState", "StoredBatch", "is_overtaken", "model_changes",
-           "plan_batch",
-           "report_from_payload", "store_messages"]
+           "plan_batch", "report_from_payload", "store_messages"]
 
 #: Device-clock seconds: a report sent less than this before the stored one (by the
 #: device's own clock) is taken for a message overtaken on the way and not stored; one sent
