@@ -218,6 +218,10 @@ class _SqlAlchemyCursor:
     def rowcount(self) -> int:
         return int(self._result.rowcount)
 
+    @property
+    def description(self) -> Any:
+        return True if self._result.returns_rows else None
+
     def fetchone(self) -> Any:
         return self._result.fetchone()
 

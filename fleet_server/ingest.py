@@ -2,16 +2,19 @@
 committed.
 
 The MQTT network thread hands every device message to :meth:`Ingest.put`; an ingest thread
-writes up to :data:`BATCH` messages per transaction (one commit, on SQLite one fsync,
-instead of one per message) and only then acknowledges them to the broker, so a message is
-never lost between receipt and storage (the broker delivers an unacknowledged one again).
-On PostgreSQL :data:`WORKERS` ingest threads write at once, each with its own transaction
-and the devices whose id hashes to it, so one device's messages keep their order: storing
-a message is a few round trips to the database, and one thread spent 95% of its time
-waiting for them (profiled at 10,000 devices, docs/scale.md). SQLite takes one writer at a
-time: one thread. The queues are bounded (:data:`QUEUE` in all): when the database falls
-behind, the network thread waits for room, and the broker holds (and bounds, with its
-per-client limits) what would otherwise pile up in this process's memory.
+takes up to :data:`BATCH` messages, decodes them (outside any transaction) and stores them
+with one registry call, a few statements for the whole batch
+(``registry/device_messages.py``), in one transaction (one commit, on SQLite one fsync),
+and only then acknowledges them to the broker, so a message is never lost between receipt
+and storage (the broker delivers an unacknowledged one again). An ``events`` message may
+carry a batch of events (``protocol.messages.EventBatch``, which the server advertises in
+every desired state); each is stored once per (device, seq). On PostgreSQL :data:`WORKERS`
+ingest threads write at once, each with its own transaction and the devices whose id
+hashes to it, so one device's messages keep their order (a thread waits on the database
+for most of a batch: docs/scale.md). SQLite takes one writer at a time: one thread. The
+queues are bounded (:data:`QUEUE` in all): when the database falls behind, the network
+thread waits for room, and the broker holds (and bounds, with its per-client limits) what
+would otherwise pile up in this process's memory.
 
 A malformed message is logged and recorded as a ``protocol_error`` event (at most
 :data:`PROTOCOL_ERRORS_PER_MINUTE` per device and minute; beyond that they are counted and
@@ -27,7 +30,6 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from paho.mqtt.client import MQTTMessageInfo
 
@@ -37,7 +39,8 @@ from transport.mqtt import wait_published
 
 from .errors import RegistryError
 from .experiment_runner import ExperimentRunner
-from .registry import Registry
+from .registry import DeviceEvent, DeviceMessage, DeviceSample, Registry
+from .registry.device_messages import report_from_payload
 
 __all__ = ["BATCH", "DEVICE_EVENT_PREFIX", "OFFLINE_EVENT", "PROTOCOL_ERROR", "QUEUE",
            "WORKERS", "Inbound", "Ingest"]
@@ -161,23 +164,20 @@ class Ingest:
     def _store_batch(self, batch: list[Inbound]) -> None:
         """Store ``batch`` in one transaction, then acknowledge it. Should the transaction
         fail (the database, not a message, is at fault), each message is handled alone."""
-        # By device (stable: each device's messages keep their order), so rows are locked
-        # in id order as everywhere else in the registry.
-        batch = sorted(batch, key=lambda item: item.device)
+        # Decoded before the transaction opens: it holds the devices' row locks meanwhile.
+        decoded = [(item, self._decode(item)) for item in batch]
         try:
             with self._registry.batch():
-                new: list[tuple[str, messages.Telemetry]] = []
-                for item in batch:
-                    self._store(item, new, in_batch=True)
-                if new and self._on_samples is not None:
-                    self._on_samples(new)
+                self._store(decoded)
         except Exception:
             log.warning("could not store %d device message(s) in one transaction; storing "
                         "them one by one", len(batch), exc_info=True)
-            for item in batch:
-                new = []
-                self._store(item, new, in_batch=False)
-                self._fold(new)
+            for one in decoded:
+                try:
+                    self._store([one])
+                except Exception:
+                    # The database is down, or a bug: log it and keep serving the others.
+                    log.exception("failed to handle %s from %s", one[0].leaf, one[0].device)
         self.lag_s = time.monotonic() - min(item.received for item in batch)
         for item in batch:
             if item.clearing is None or wait_published(item.clearing):
@@ -186,56 +186,57 @@ class Ingest:
         if self._experiments is not None:
             self._experiments.flush()
 
-    def _fold(self, new: list[tuple[str, messages.Telemetry]]) -> None:
-        """Hand a sample stored alone to monitoring; its failure only costs the series."""
-        if new and self._on_samples is not None:
-            try:
-                self._on_samples(new)
-            except Exception:
-                log.exception("could not add a sample of %s to the time series", new[0][0])
-
-    def _store(self, item: Inbound, new: list[tuple[str, messages.Telemetry]], *,
-               in_batch: bool) -> None:
-        """Store one message; a new telemetry sample is added to ``new``. A bad message is
-        recorded as a protocol error; any other failure is raised in a batch (which is then
-        undone), else logged."""
+    @staticmethod
+    def _decode(item: Inbound) -> list[DeviceMessage] | Exception:
+        """The records of a message, or why it cannot be used."""
         device, leaf, payload = item.device, item.leaf, item.payload
         try:
             if item.error is not None:
-                raise item.error
+                return item.error
             if leaf == "reported":
-                self._registry.set_reported(device, payload)  # parsed there, once
-            elif leaf == "events":
-                self._store_event(device, payload)
-            elif leaf == "telemetry":
-                sample = messages.decode_telemetry(payload)
-                # Only a new sample (not a re-delivery) is counted in the time series.
-                if self._registry.add_telemetry(device, [sample]):
-                    new.append((device, sample))
-                # Every delivery, not only a new sample: each delta counts once anyway.
-                for refused in (self._experiments.take(device, sample)
-                                if self._experiments is not None else []):
-                    self._protocol_error(device, leaf, payload, refused, in_batch=in_batch)
-            else:
-                raise ProtocolError(f"unexpected topic leaf {leaf!r}; this server answers "
-                                    "outbox/chunks only")
+                return [report_from_payload(device, payload)]
+            if leaf == "events":
+                return [DeviceEvent(device, DEVICE_EVENT_PREFIX + event.kind,
+                                    {**event.detail, "device_at": event.at}, event.seq,
+                                    online=event.kind != OFFLINE_EVENT)
+                        for event in messages.decode_events(payload)]
+            if leaf == "telemetry":
+                return [DeviceSample(device, messages.decode_telemetry(payload))]
+            raise ProtocolError(f"unexpected topic leaf {leaf!r}; this server answers "
+                                "outbox/chunks only")
         except (ProtocolError, RegistryError) as exc:
-            self._protocol_error(device, leaf, payload, exc, in_batch=in_batch)
-        except Exception:
-            if in_batch:
-                raise
-            # The database is down, or a bug: log it and keep serving the other devices.
-            log.exception("failed to handle %s from %s", leaf, device)
+            return exc
 
-    def _store_event(self, device: str, payload: bytes) -> None:
-        event = messages.decode_event(payload)
-        detail: dict[str, Any] = {**event.detail, "device_at": event.at}
-        self._registry.add_event(DEVICE_EVENT_PREFIX + event.kind, device=device,
-                                 detail=detail, seq=event.seq)
-        self._registry.set_online(device, event.kind != OFFLINE_EVENT)
+    def _store(self, decoded: list[tuple[Inbound, list[DeviceMessage] | Exception]]) -> None:
+        """Store the decoded messages with one registry call, record the unusable ones as
+        protocol errors, count the experiment deltas of the samples and hand the new
+        samples to monitoring. Inside a batch, all of it is one transaction."""
+        records: list[DeviceMessage] = []
+        owners: list[Inbound] = []
+        errors: dict[int, Exception] = {}
+        for item, found in decoded:
+            if isinstance(found, Exception):
+                errors[id(item)] = found
+            else:
+                records += found
+                owners += [item] * len(found)
+        stored = self._registry.store_messages(records)
+        for index, error in sorted(stored.refused.items()):
+            errors.setdefault(id(owners[index]), error)  # one per message
+        for item, _ in decoded:
+            if id(item) in errors:
+                self._protocol_error(item, errors[id(item)])
+        if self._experiments is not None:
+            for index, record in enumerate(records):
+                # Every delivery, not only a new sample: each delta counts once anyway.
+                if isinstance(record, DeviceSample) and index not in stored.refused:
+                    for refused in self._experiments.take(record.device, record.sample):
+                        self._protocol_error(owners[index], refused)
+        if stored.new_samples and self._on_samples is not None:
+            self._on_samples(stored.new_samples)
 
-    def _protocol_error(self, device: str, leaf: str, payload: bytes,
-                        exc: Exception, *, in_batch: bool = False) -> None:
+    def _protocol_error(self, item: Inbound, exc: Exception) -> None:
+        device, leaf, payload = item.device, item.leaf, item.payload
         now = time.monotonic()
         start, count = self._error_budget.get(device, (now, 0))
         if now - start >= 60:
@@ -255,9 +256,4 @@ class Ingest:
                     if count + 1 == PROTOCOL_ERRORS_PER_MINUTE else "")
         detail = {"topic": leaf, "error": str(exc), "size": len(payload),
                   "head": payload[:64].decode("utf-8", errors="replace")}
-        try:
-            self._registry.add_event(PROTOCOL_ERROR, device=device, detail=detail)
-        except Exception:
-            if in_batch:
-                raise  # the batch is undone and its messages handled one by one
-            log.exception("could not record a protocol error of %s", device)
+        self._registry.add_event(PROTOCOL_ERROR, device=device, detail=detail)

@@ -203,5 +203,6 @@ class Publisher:
                   for name, want in sorted(device.desired.items())}
         payload = messages.encode(messages.Desired(
             models=models, issued_at=time.time(),
-            experiments=tuple(self._registry.experiment_declarations(device.id))))
+            experiments=tuple(self._registry.experiment_declarations(device.id)),
+            features=(messages.FEATURE_EVENT_BATCH,)))
         self._link.publish(device.id, "desired", payload, retain=True)

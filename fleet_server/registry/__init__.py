@@ -9,7 +9,8 @@ and the concurrency guarantees are in docs/registry.md. Modules, by concept:
 ==================  ==========================================================================
 ``registry``        :func:`open_registry`, :class:`Registry`: one transaction per call
 ``records``         what calls return, and :func:`is_converged`
-``devices``         enrollment, group and tags, online state, reports
+``devices``         enrollment, group and tags, online state
+``device_messages`` what devices send (reports, events, samples), stored a batch at a time
 ``tokens``          one-time enrollment tokens
 ``bundles``         bundle records; ``bundle_store``: the bundle files themselves
 ``desired``         desired state, its history and rollback
@@ -23,6 +24,7 @@ and the concurrency guarantees are in docs/registry.md. Modules, by concept:
 
 from __future__ import annotations
 
+from .device_messages import DeviceEvent, DeviceMessage, DeviceReport, DeviceSample, StoredBatch
 from .migrations import SCHEMA_VERSION
 from .records import (
     BundleRecord,
@@ -43,9 +45,14 @@ __all__ = [
     "DeltaRecord",
     "DesiredChange",
     "Device",
+    "DeviceEvent",
+    "DeviceMessage",
+    "DeviceReport",
+    "DeviceSample",
     "Enrolled",
     "EventRecord",
     "Registry",
+    "StoredBatch",
     "TelemetryRecord",
     "desired_json",
     "is_converged",

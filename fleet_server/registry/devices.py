@@ -1,8 +1,8 @@
 """Devices: enrollment, group and tags, online state, and what each one reports running.
 
-A device's report is parsed once, here, by the protocol's decoder: the models it runs go to
-``reported_models`` (typed: what convergence reads), and the report itself, the JSON object
-the device sent, to ``devices.reported`` for display.
+A device's report is stored by :mod:`.device_messages` with the rest of what devices send:
+the models it runs go to ``reported_models`` (typed: what convergence reads), the report
+itself, the JSON object the device sent, to ``devices.reported`` for display.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from fleet_server.errors import RegistryError
-from protocol.errors import ProtocolError
-from protocol.messages import DesiredModel, ModelReport, decode_reported
+from protocol.messages import DesiredModel, ModelReport
 
 from .database import Tx
 from .events import log_event
@@ -23,8 +22,8 @@ from .tokens import TokenClaim
 from .values import SHA256_HEX, check_device_id, check_label, clean_tags
 
 __all__ = ["desired_by_device", "device_filter", "enroll_device", "enroll_with_token",
-           "load_device", "load_devices", "lock_device", "mark_seen", "presence", "reset_device",
-           "set_online", "set_reported", "update_device"]
+           "load_device", "load_devices", "lock_device", "presence", "reset_device",
+           "set_online", "update_device"]
 
 _COLUMNS = ("id, group_name, profile, cert_fingerprint, enrolled_at, last_seen, online, "
             "reported, reported_at, encryption_key, reset_at")
@@ -144,56 +143,6 @@ def set_online(tx: Tx, now: float, device_id: str, online: bool) -> None:
         tx.run("UPDATE devices SET online = ? WHERE id = ?", (False, device_id))
     if was != online:
         log_event(tx, now, device_id, "device.online" if online else "device.offline", {})
-
-
-def mark_seen(tx: Tx, now: float, device_id: str) -> None:
-    """The device just sent something: it is online and was seen now."""
-    set_online(tx, now, device_id, True)
-
-
-def set_reported(tx: Tx, now: float, device_id: str, payload: bytes) -> None:
-    """Replace the device's report with ``payload`` (its ``reported`` message); it is online
-    and seen now. RegistryError if the payload is not a valid report."""
-    try:
-        report = decode_reported(payload)
-        # Kept as sent, for display: a JSON object (decode_reported checked it) in UTF-8.
-        document = payload.decode()
-    except (ProtocolError, UnicodeDecodeError) as exc:
-        raise RegistryError(f"the report of device {device_id!r} is refused: {exc}") from exc
-    if not lock_device(tx, device_id):
-        log_event(tx, now, device_id, "device.online", {})
-    if _is_overtaken(tx, now, device_id, report.at):
-        tx.run("UPDATE devices SET online = ?, last_seen = ? WHERE id = ?",
-               (True, now, device_id))
-        return
-    tx.run("UPDATE devices SET online = ?, last_seen = ?, reported = ?, reported_at = ? "
-           "WHERE id = ?", (True, now, document, now, device_id))
-    tx.run("DELETE FROM reported_models WHERE device_id = ?", (device_id,))
-    tx.many("INSERT INTO reported_models (device_id, model, version, bundle_sha256, state) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [(device_id, name, m.version, m.bundle_sha256, m.state)
-             for name, m in sorted(report.models.items())])
-
-
-#: Seconds after storing a report during which an older one (by the device's clock) that
-#: arrives is taken for a message overtaken on the way and not stored.
-REORDER_WINDOW_S = 60.0
-
-
-def _is_overtaken(tx: Tx, now: float, device_id: str, at: float) -> bool:
-    """Whether the stored report is newer, by the device's own clock, than one sent at
-    ``at`` and was stored within :data:`REORDER_WINDOW_S`. Several server processes
-    (shared subscriptions, docs/scale.md) take one device's messages in turn, so its
-    reports can be stored out of order. Beyond the window a report is stored whatever its
-    time, so a device whose clock was set back is not ignored for long."""
-    row = tx.one("SELECT reported, reported_at FROM devices WHERE id = ?", (device_id,))
-    if row is None or row[0] is None or row[1] is None or now - float(row[1]) > REORDER_WINDOW_S:
-        return False
-    try:
-        stored_at = float(json.loads(row[0]).get("at", 0.0))
-    except (ValueError, TypeError, AttributeError):
-        return False
-    return stored_at > at
 
 
 def lock_device(tx: Tx, device_id: str) -> bool:

@@ -35,6 +35,7 @@ from . import (
     bundles,
     deltas,
     desired,
+    device_messages,
     devices,
     events,
     experiments,
@@ -45,6 +46,7 @@ from . import (
 )
 from .bundle_store import BundleStore
 from .database import DEFAULT_MAX_CONNECTIONS, Database, Tx, open_database
+from .device_messages import DeviceMessage, DeviceSample, StoredBatch
 from .experiments import ExperimentRecord
 from .migrations import migrate
 from .records import (
@@ -187,11 +189,34 @@ class Registry:
 
     def set_reported(self, device_id: str, payload: bytes) -> None:
         """Store the report the device sent (its ``reported`` message, parsed here once by
-        ``protocol.messages``), replacing the previous one, and mark the device seen and
-        online. RegistryError for an unknown device or a payload that is not a report."""
+        ``protocol.messages``), replacing the previous one unless that one is newer by the
+        device's clock within the reorder window (``device_messages.is_overtaken``), and
+        mark the device seen and online. RegistryError for an unknown device or a payload
+        that is not a report."""
+        self._store_all([device_messages.report_from_payload(device_id, payload)])
+
+    def store_messages(self, messages: Sequence[DeviceMessage]) -> StoredBatch:
+        """Store what devices sent (reports, events, telemetry samples, in the order they
+        came) with a few statements for all of them (registry/device_messages.py). Each
+        device that sent something is marked seen and online (offline by its offline
+        event); a report overtaken on the way is not stored; an event or sample stored
+        before (same device and seq) is skipped. A message the registry refuses (an
+        unknown device, a value it does not take) changes nothing: it is returned, with
+        why, and the others are stored. Returns the new samples too."""
+        if not messages:
+            return StoredBatch([], {})
         now = self._clock()
         with self._tx(write=True) as tx:
-            devices.set_reported(tx, now, device_id, payload)
+            return device_messages.store_messages(tx, now, messages)
+
+    def _store_all(self, messages: Sequence[DeviceMessage]) -> StoredBatch:
+        """Store ``messages``, or none of them if one is refused (RegistryError)."""
+        now = self._clock()
+        with self._tx(write=True) as tx:
+            stored = device_messages.store_messages(tx, now, messages)
+            for error in stored.refused.values():
+                raise error  # undoes the transaction
+        return stored
 
     def enroll_device(self, token: str, device_id: str, *, profile: str,
                       cert_fingerprint: str, tags: Iterable[str] = (),
@@ -396,10 +421,9 @@ class Registry:
     def add_telemetry(self, device_id: str, samples: Iterable[Telemetry]) -> int:
         """Store a batch of a device's telemetry and mark it seen; returns how many samples
         were new. A sample whose seq is already stored is skipped (the device re-sent its
-        buffer after a lost acknowledgement), so re-sending a batch never duplicates rows."""
-        now = self._clock()
-        with self._tx(write=True) as tx:
-            return telemetry.add_telemetry(tx, now, device_id, samples)
+        buffer after a lost acknowledgement), so re-sending a batch never duplicates rows.
+        RegistryError, and nothing stored, for an unknown device or unstorable metrics."""
+        return len(self._store_all([DeviceSample(device_id, s) for s in samples]).new_samples)
 
     def telemetry(self, device_id: str, *, since_seq: int = 0,
                   limit: int = 1000) -> list[TelemetryRecord]:

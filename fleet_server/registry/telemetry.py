@@ -1,31 +1,22 @@
-"""Telemetry samples: stored once per (device, seq), read per device, pruned by age."""
+"""Telemetry samples: read per device, pruned by age (stored once per (device, seq) by
+:mod:`.device_messages`)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from protocol.messages import Telemetry
 
 from .database import Tx
-from .devices import mark_seen
 from .records import TelemetryRecord
-from .values import dumps
 
 #: Device ids per IN (...) list: well below SQLite's host parameter limit.
 _IN_CHUNK = 500
 
-__all__ = ["add_telemetry", "latest_telemetry", "list_telemetry", "prune_telemetry",
+__all__ = ["latest_telemetry", "list_telemetry", "prune_telemetry",
            "telemetry_since"]
-
-
-def add_telemetry(tx: Tx, now: float, device_id: str, samples: Iterable[Telemetry]) -> int:
-    """Store the samples a device has not sent before; returns how many were new."""
-    rows = [(device_id, s.seq, s.at, dumps(s.metrics, "telemetry metrics")) for s in samples]
-    mark_seen(tx, now, device_id)
-    return tx.many("INSERT INTO telemetry (device_id, seq, at, payload) VALUES (?, ?, ?, ?) "
-                   "ON CONFLICT (device_id, seq) DO NOTHING", rows)
 
 
 def list_telemetry(tx: Tx, device_id: str, since_seq: int, limit: int) -> list[TelemetryRecord]:

@@ -1,5 +1,6 @@
 """The ingest threads on a real registry: a device looping on bad messages; on PostgreSQL,
-several threads keeping each device's messages in order."""
+several threads keeping each device's messages in order; event batches; a bad message
+among good ones."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from fleet_server.ingest import (
     Inbound,
     Ingest,
 )
-from fleet_server.registry import open_registry
+from fleet_server.registry import Registry, open_registry
 from protocol import messages
 
 
@@ -78,3 +79,94 @@ def test_a_device_s_messages_keep_their_order_across_ingest_threads(db_url: str)
             ticks = [e.detail["device_at"] for e in registry.events(device=device)
                      if e.kind == "agent.install.tick"]
             assert ticks == [1000.0 + seq for seq in range(1, 21)]
+
+
+def _enrolled(db_url: str, *devices: str) -> Registry:
+    registry = open_registry(db_url)
+    for device in devices:
+        registry.upsert_device(device, group="lab", profile="x86-64-avx2",
+                               cert_fingerprint="ab" * 32)
+    return registry
+
+
+def _run(registry: Registry, batch: list[Inbound]) -> list[int]:
+    """Store ``batch`` (queued before the threads start: one batch per thread); the mids
+    acknowledged."""
+    acked: list[int] = []
+    ingest = Ingest(registry, lambda inbound: acked.append(inbound.mid))
+    for inbound in batch:
+        ingest.put(inbound)
+    ingest.start()
+    ingest.stop()
+    return sorted(acked)
+
+
+def test_an_event_batch_is_stored_whole_each_event_once(db_url: str) -> None:
+    events = tuple(messages.Event(f"install.{state}", 100.0 + n, {"n": n}, seq=n + 1)
+                   for n, state in enumerate(("staged", "verifying", "committed")))
+    batch = messages.encode(messages.EventBatch(events))
+    single = messages.encode(messages.Event("install.staged", 100.0, {"n": 0}, seq=1))
+    with _enrolled(db_url, "gw-0") as registry:
+        # The batch, a re-delivery of it, and one of its events sent alone again.
+        assert _run(registry, [Inbound("gw-0", "events", batch, 1, 1, 0),
+                               Inbound("gw-0", "events", batch, 2, 1, 0),
+                               Inbound("gw-0", "events", single, 3, 1, 0)]) == [1, 2, 3]
+        assert _run(registry, [Inbound("gw-0", "events", batch, 4, 1, 0)]) == [4]
+        stored = [(e.kind, e.detail) for e in registry.events(device="gw-0")
+                  if e.kind.startswith("agent.")]
+        assert stored == [(f"agent.{e.kind}", {"n": n, "device_at": 100.0 + n})
+                          for n, e in enumerate(events)]
+        device = registry.get_device("gw-0")
+        assert device is not None
+        assert device.online
+
+
+def test_a_bad_message_in_the_middle_of_a_batch_is_recorded_and_the_others_stored(
+        db_url: str) -> None:
+    def report(version: int, at: float) -> bytes:
+        return messages.encode(messages.Reported("x86-64-avx2", "test", {
+            "m": messages.ModelReport(version, "ab" * 32, "committed")}, {}, at=at))
+
+    sample = messages.encode(messages.Telemetry(7, 100.0, {"cpu_percent": 1.0}))
+    with _enrolled(db_url, "gw-0", "gw-1") as registry:
+        acked = _run(registry, [
+            Inbound("gw-0", "reported", report(1, 100.0), 1, 1, 0),
+            Inbound("gw-0", "events", b'{"kind": "install.staged"', 2, 1, 0),  # cut short
+            Inbound("gw-1", "reported", report(5, 100.0), 3, 1, 0),
+            Inbound("gw-0", "telemetry", sample, 4, 1, 0),
+            Inbound("gw-9", "reported", report(1, 100.0), 5, 1, 0),  # never enrolled
+            Inbound("gw-0", "reported", report(2, 101.0), 6, 1, 0)])  # the newest wins
+        assert acked == [1, 2, 3, 4, 5, 6]
+        running = {d.id: d.running["m"].version for d in registry.list_devices()}
+        assert running == {"gw-0": 2, "gw-1": 5}
+        assert [r.sample.seq for r in registry.telemetry("gw-0")] == [7]
+        errors = {str(e.device): e.detail for e in registry.events() if e.kind == PROTOCOL_ERROR}
+        assert sorted(errors) == ["gw-0", "gw-9"]
+        assert errors["gw-0"]["topic"] == "events"
+        assert "unknown device 'gw-9'" in errors["gw-9"]["error"]
+
+
+def test_a_failed_batch_is_stored_message_by_message(
+        db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Monitoring failing fails the batch's transaction: each message is then stored on its
+    # own, and the failure costs only the time series.
+    def broken(samples: list[tuple[str, messages.Telemetry]]) -> None:
+        raise RuntimeError("the time series are broken")
+
+    with _enrolled(db_url, "gw-0") as registry:
+        acked: list[int] = []
+        ingest = Ingest(registry, lambda inbound: acked.append(inbound.mid), broken)
+        for seq in (1, 2):
+            ingest.put(Inbound("gw-0", "telemetry", messages.encode(
+                messages.Telemetry(seq, 100.0, {"n": seq})), seq, 1, 0))
+        ingest.put(Inbound("gw-0", "events", b"[]", 3, 1, 0))
+        with caplog.at_level(logging.WARNING, logger="fleet_server.ingest"):
+            ingest.start()
+            ingest.stop()
+        assert sorted(acked) == [1, 2, 3]
+        assert [r.sample.seq for r in registry.telemetry("gw-0")] == [1, 2]
+        assert [e.detail["topic"] for e in registry.events(device="gw-0")
+                if e.kind == PROTOCOL_ERROR] == ["events"]
+        logged = [r.getMessage() for r in caplog.records]
+        assert any("storing them one by one" in m for m in logged)
+        assert sum("failed to handle telemetry from gw-0" in m for m in logged) == 2

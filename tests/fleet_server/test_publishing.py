@@ -50,7 +50,10 @@ def test_publish_to_group_reaches_exactly_that_group(
     assert result.devices == ("a1", "a2")
     assert [c.device for c in result.changes] == ["a1", "a2"]
     want = {"digits": messages.DesiredModel(1, record.sha256, len(bundles["v1"]))}
-    assert wait_desired(r_a1, a1, 2).models == want
+    desired = wait_desired(r_a1, a1, 2)
+    assert desired.models == want
+    # The server stores batched events: devices may send them (docs/transport.md).
+    assert desired.features == (messages.FEATURE_EVENT_BATCH,)
     # a2 connects afterwards: the retained message is there for it.
     r_a2 = connect_device(a2, clients, "desired")
     assert wait_desired(r_a2, a2, 1).models == want

@@ -31,6 +31,7 @@ from . import (
     v5_monitoring,
     v6_rollouts,
     v7_experiments,
+    v8_reported_at,
 )
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate"]
@@ -46,6 +47,7 @@ MIGRATIONS: tuple[Callable[[Tx], None], ...] = (
     v5_monitoring.upgrade,
     v6_rollouts.upgrade,
     v7_experiments.upgrade,
+    v8_reported_at.upgrade,
 )
 #: The version this code reads and writes.
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -241,3 +241,30 @@ def test_postgres_replaces_a_connection_it_lost() -> None:
         assert [d.id for d in reg.list_devices()] == ["gw-0"]  # the pool replaced it
         enroll(reg, "gw-1")
         assert [d.id for d in reg.list_devices()] == ["gw-0", "gw-1"]
+
+
+def test_with_rows_runs_one_statement_over_many_rows(db_url: str) -> None:
+    """Tx.with_rows on both databases: every row, in order, typed as its column; on SQLite
+    split into statements within its parameter limit (10,000 rows of 4 are 40,000)."""
+    from fleet_server.registry.database import open_database
+
+    rows = [(f"d-{n}", n, n / 2 if n % 3 else None, n % 2 == 0) for n in range(10_000)]
+    rows[1] = ("d-1", 1, 7, False)  # an int where floats go: stored as a float
+    database = open_database(db_url)
+    try:
+        with database.transaction(write=True) as tx:
+            tx.run("CREATE TABLE t (id TEXT PRIMARY KEY, n BIGINT, x DOUBLE PRECISION, "
+                   "b BOOLEAN)")
+            returned = tx.with_rows(
+                "INSERT INTO t (id, n, x, b) SELECT column1, column2, column3, column4 "
+                "FROM {rows} WHERE true ON CONFLICT (id) DO NOTHING RETURNING id",
+                ("TEXT", "BIGINT", "DOUBLE PRECISION", "BOOLEAN"), rows + rows[:5])
+            assert [r[0] for r in returned] == [r[0] for r in rows]  # the repeats skipped
+            assert tx.with_rows("SELECT id FROM t WHERE id IN (SELECT column1 FROM {rows})",
+                                ("TEXT",), []) == []
+            stored = tx.all("SELECT id, n, x, b FROM t ORDER BY n")
+            assert [(i, n, x, bool(b)) for i, n, x, b in stored] == [
+                (i, n, None if x is None else float(x), b) for i, n, x, b in rows]
+            tx.run("DROP TABLE t")
+    finally:
+        database.close()
