@@ -12,7 +12,8 @@ the agent (without ``chatter``: the last report only).
 What the agent sends per install, and the simulator with it: counted in a real
 ``edge-agent run`` against ``fleet serve`` (``benchmarks/agent_messages.py``; docs/
 benchmarks.md, "Simulator and agent messages per install (issue 16)"): 7 events and 9
-reports, each its own MQTT message. The agent publishes each as it happens (its publisher
+reports (8 when two report requests fall into one publisher pass; the simulator sends 9),
+each its own MQTT message. The agent publishes each as it happens (its publisher
 wakes for every one; only reports requested while a pass is under way are coalesced), and
 its install's transitions are milliseconds to seconds apart (verification, loading, the
 probation period), so even to a server that takes event batches (``events.batch``) a live
