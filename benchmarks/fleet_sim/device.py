@@ -21,18 +21,15 @@ install's events go one per message: the agent batches only events that wait tog
 its outbox (after an outage, or behind a full window). The simulator's steps, with the
 agent's code that sends each (agent/fleet_link.py unless named):
 
-================================  =====================================================
-simulator                          agent
-================================  =====================================================
-desired state in: report           ``_start_next_fetch`` -> ``_report``
-event ``install.downloading``,     the install record created (downloading):
-report                             ``InstallAnnouncer.announce``, ``_on_install_change``
-event ``fetch.started``, report    ``start_fetch`` -> ``_event``; the record updated
-bundle whole: report               ``_install_fetched`` -> ``_report``
-event and report per transition:   the install worker's transitions, each through
-verifying, staged, activating,     ``_on_install_change`` (announce and report); the
-probation, committed               last report shows the model committed
-================================  =====================================================
+- the desired state arrives: a report (``_start_next_fetch`` -> ``_report``);
+- event ``install.downloading`` and a report (the install record created in downloading:
+  ``InstallAnnouncer.announce`` and ``_report`` from ``_on_install_change``);
+- event ``fetch.started`` and a report (``start_fetch`` -> ``_event``; the count shows a
+  report with it every time, its request not traced to one line);
+- the bundle is whole: a report (``_install_fetched`` -> ``_report``);
+- per transition, verifying, staged, activating, probation, committed: its event and a
+  report (the install worker's transitions, each through ``_on_install_change``); the
+  last report shows the model committed.
 """
 
 from __future__ import annotations
