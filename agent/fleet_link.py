@@ -12,7 +12,8 @@ that failed is not retried until the desired state names another one, so a bad b
 costs one attempt, not a loop (:func:`~agent.fetch_plan.next_fetch`).
 
 Events and telemetry samples go through the durable :class:`~agent.outbox.Outbox`, which a
-:class:`~agent.publisher.Publisher` drains on its own thread; a
+:class:`~agent.publisher.Publisher` drains on its own thread (events batched when the
+latest desired state lists the server's ``events.batch`` feature); a
 :class:`~agent.telemetry.TelemetrySampler` samples on its own schedule. Install transitions
 are announced from the install records themselves
 (:class:`~agent.install_announcements.InstallAnnouncer`), so a transition persisted while
@@ -48,6 +49,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from protocol.errors import ProtocolError
 from protocol.messages import (
     DEFAULT_CHUNK_BYTES,
+    FEATURE_EVENT_BATCH,
     Desired,
     Event,
     InstallReport,
@@ -164,6 +166,15 @@ class FleetLink:
         """Whether the broker connection is up."""
         return self._connected.is_set()
 
+    @property
+    def desired(self) -> Desired | None:
+        """The latest desired state received (None before the first)."""
+        return self._current_desired()
+
+    def in_flight(self) -> int:
+        """Outbox messages handed to the broker and not acknowledged yet."""
+        return self._publisher.in_flight()
+
     def start(self) -> None:
         """Announce install transitions not sent yet, then connect (in the background,
         retrying), sample, publish and start the worker."""
@@ -249,6 +260,7 @@ class FleetLink:
                 desired = decode_desired(bytes(message.payload))
                 with self._lock:
                     self._desired = desired
+                self._publisher.batch_events(FEATURE_EVENT_BATCH in desired.features)
                 log.info("desired state: %s", {n: m.version for n, m in desired.models.items()})
                 self.experiments.follow(desired)
             elif message.topic == self._topic(CHUNK_LEAF):

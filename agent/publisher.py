@@ -13,6 +13,15 @@ over stay in flight: the MQTT client keeps them and sends them again when it rec
 (paho does for QoS 1, before anything newer), and the outbox keeps them until their PUBACK,
 so a restart of the agent sends them again too. The server ignores a seq it already has.
 
+To a server whose last desired state lists :data:`~protocol.messages.FEATURE_EVENT_BATCH`
+(:meth:`Publisher.batch_events`), events waiting next to each other in the outbox go as one
+:class:`~protocol.messages.EventBatch` message (at most
+:data:`~protocol.messages.MAX_EVENTS_PER_MESSAGE` events and
+:data:`~protocol.messages.MAX_EVENT_BATCH_BYTES`, oldest first, each with its seq): one
+PUBACK acknowledges them all, and a batch not acknowledged is sent again whole, so the
+server dedupes by seq as for single events. To any other server, one event per message
+(:func:`plan_messages` decides).
+
 The ``reported`` state is not queued: only the newest matters, so :meth:`request_report`
 marks it wanted, and the thread builds and publishes it once connected (on every connect
 too).
@@ -22,14 +31,22 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import cast
 
-from protocol.messages import Telemetry, encode
+from protocol.messages import (
+    MAX_EVENT_BATCH_BYTES,
+    MAX_EVENTS_PER_MESSAGE,
+    Event,
+    EventBatch,
+    Telemetry,
+    encode,
+)
 
 from .outbox import Message, Outbox, OutboxError
 
-__all__ = ["DEFAULT_WINDOW", "Publisher", "Send"]
+__all__ = ["DEFAULT_WINDOW", "Outgoing", "Publisher", "Send", "plan_messages"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +57,64 @@ _RETRY_S = 5.0
 #: Publish ``payload`` on the device's topic ``leaf`` at QoS 1; returns the message id the
 #: client will acknowledge it with, or None if the client did not take it.
 Send = Callable[[str, bytes], int | None]
+# What a batch adds around its events (``{"events":[...],"protocol":N}``), rounded up; each
+# event is counted as encoded alone, which is longer than inside the batch.
+_BATCH_ENVELOPE = 64
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One MQTT message to publish: its topic leaf, payload and the outbox seqs it carries."""
+
+    leaf: str
+    payload: bytes
+    seqs: tuple[int, ...]
+
+
+def plan_messages(pending: Sequence[Message], limit: int, *, batch: bool,
+                  more: bool) -> list[Outgoing]:
+    """The messages that send ``pending`` (oldest first, as the outbox hands them out), at
+    most ``limit`` of them.
+
+    With ``batch``, consecutive events go as one :class:`EventBatch` of at most
+    MAX_EVENTS_PER_MESSAGE events and MAX_EVENT_BATCH_BYTES (one event alone goes as a
+    plain event, as to an older server). ``more``: the outbox may hold more after
+    ``pending``; a batch still open at its end is then left for the next call, which
+    reads it with what follows, rather than sent short. Samples always go one each."""
+    planned: list[Outgoing] = []
+    run: list[tuple[Event, bytes]] = []  # consecutive events not yet planned
+    run_bytes = _BATCH_ENVELOPE
+
+    def close_run() -> None:
+        nonlocal run_bytes
+        if len(run) == 1:
+            planned.append(Outgoing("events", run[0][1], (_seq(run[0][0]),)))
+        elif run:
+            planned.append(Outgoing("events", encode(EventBatch(tuple(e for e, _ in run))),
+                                    tuple(_seq(e) for e, _ in run)))
+        run.clear()
+        run_bytes = _BATCH_ENVELOPE
+
+    for message in pending:
+        if len(planned) >= limit:
+            return planned
+        payload = encode(message)
+        if not batch or isinstance(message, Telemetry):
+            close_run()
+            if len(planned) >= limit:
+                return planned
+            planned.append(Outgoing(_leaf(message), payload, (_seq(message),)))
+            continue
+        if run and (len(run) == MAX_EVENTS_PER_MESSAGE
+                    or run_bytes + len(payload) + 1 > MAX_EVENT_BATCH_BYTES):
+            close_run()
+            if len(planned) >= limit:
+                return planned
+        run.append((message, payload))
+        run_bytes += len(payload) + 1
+    if run and not (more and len(run) < MAX_EVENTS_PER_MESSAGE):
+        close_run()
+    return planned
 
 
 class Publisher:
@@ -65,8 +140,9 @@ class Publisher:
         self._lock = threading.Lock()  # guards _acks and _report_wanted only
         self._acks: list[tuple[int, bool]] = []  # (message id, refused) as they arrive
         self._report_wanted = False
+        self._batch = False  # the server takes event batches
         # Only the publishing thread touches these.
-        self._in_flight: dict[int, int] = {}  # message id -> seq
+        self._in_flight: dict[int, tuple[int, ...]] = {}  # message id -> seqs it carries
         self._cursor: int | None = None  # the highest seq handed to the client
         self._thread: threading.Thread | None = None
 
@@ -90,6 +166,11 @@ class Publisher:
         with self._lock:
             self._acks.append((mid, refused))
         self._wake.set()
+
+    def batch_events(self, on: bool) -> None:
+        """Whether the server takes :class:`EventBatch` messages (its latest desired state
+        lists FEATURE_EVENT_BATCH); from the next message on."""
+        self._batch = on
 
     def request_report(self) -> None:
         """Publish the reported state soon (once, however often asked meanwhile)."""
@@ -142,9 +223,8 @@ class Publisher:
         delivered: list[int] = []
         refused: list[int] = []
         for mid, failed in acks:
-            seq = self._in_flight.pop(mid, None)
-            if seq is not None:
-                (refused if failed else delivered).append(seq)
+            seqs = self._in_flight.pop(mid, ())
+            (refused if failed else delivered).extend(seqs)
         if refused:
             log.warning("the broker refused %d outbox message(s); dropping them (counted)",
                         len(refused))
@@ -161,17 +241,26 @@ class Publisher:
 
     def _fill_window(self) -> None:
         while len(self._in_flight) < self.window and self._connected.is_set():
-            batch = self.outbox.pending(self.window - len(self._in_flight),
-                                        after=self._cursor)
-            if not batch:
+            room = self.window - len(self._in_flight)
+            batch = self._batch
+            # Batching, read a batch's worth more than the room: a batch open at the end
+            # is held back (plan_messages), and the room must still fill.
+            limit = room + MAX_EVENTS_PER_MESSAGE if batch else room
+            pending = self.outbox.pending(limit, after=self._cursor)
+            planned = plan_messages(pending, room, batch=batch, more=len(pending) == limit)
+            if not planned:
                 return
-            for message in batch:
-                mid = self.send(_leaf(message), encode(message))
+            for message in planned:
+                mid = self.send(message.leaf, message.payload)
                 if mid is None:
                     return  # the client did not take it: the connection is going down
-                seq = cast("int", message.seq)  # the outbox numbers every message
-                self._in_flight[mid] = self._cursor = seq
+                self._in_flight[mid] = message.seqs
+                self._cursor = message.seqs[-1]
 
 
 def _leaf(message: Message) -> str:
     return "telemetry" if isinstance(message, Telemetry) else "events"
+
+
+def _seq(message: Message) -> int:
+    return cast("int", message.seq)  # the outbox numbers every message

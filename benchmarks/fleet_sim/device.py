@@ -7,9 +7,29 @@ thread pool per worker, falling back to chunks as the agent does), else in 256 K
 over MQTT, at most ``window`` outstanding, re-asking a chunk unanswered for the request
 timeout (the wait doubling, up to a minute, while answers are late). It checks every
 chunk's sha256 (``protocol.messages.decode_chunk``) and the whole bundle's, and reports like
-the agent: a ``fetch.started`` event and a "downloading" report, then one event and one
-report per install transition, and a last report with the model committed (without
-``chatter``: the last report only).
+the agent (without ``chatter``: the last report only).
+
+What the agent sends per install, and the simulator with it: counted in a real
+``edge-agent run`` against ``fleet serve`` (``benchmarks/agent_messages.py``; docs/
+benchmarks.md, "Simulator and agent messages per install (issue 16)"): 7 events and 9
+reports (8 when two report requests fall into one publisher pass; the simulator sends 9),
+each its own MQTT message. The agent publishes each as it happens (its publisher
+wakes for every one; only reports requested while a pass is under way are coalesced), and
+its install's transitions are milliseconds to seconds apart (verification, loading, the
+probation period), so even to a server that takes event batches (``events.batch``) a live
+install's events go one per message: the agent batches only events that wait together in
+its outbox (after an outage, or behind a full window). The simulator's steps, with the
+agent's code that sends each (agent/fleet_link.py unless named):
+
+- the desired state arrives: a report (``_start_next_fetch`` -> ``_report``);
+- event ``install.downloading`` and a report (the install record created in downloading:
+  ``InstallAnnouncer.announce`` and ``_report`` from ``_on_install_change``);
+- event ``fetch.started`` and a report (``start_fetch`` -> ``_event``; the count shows a
+  report with it every time, its request not traced to one line);
+- the bundle is whole: a report (``_install_fetched`` -> ``_report``);
+- per transition, verifying, staged, activating, probation, committed: its event and a
+  report (the install worker's transitions, each through ``_on_install_change``); the
+  last report shows the model committed.
 """
 
 from __future__ import annotations
@@ -59,8 +79,7 @@ WINDOW = 4
 REQUEST_TIMEOUT_S = 5.0
 MAX_REQUEST_TIMEOUT_S = 60.0
 #: Install transitions the agent reports after a fetch, each as an event and a report.
-INSTALL_STATES = ("downloading", "verifying", "staged", "activating", "probation",
-                  "committed")
+INSTALL_STATES = ("verifying", "staged", "activating", "probation", "committed")
 
 
 @dataclass
@@ -157,7 +176,6 @@ class Device:
         self.desired: messages.Desired | None = None
         self.fetch: Fetch | None = None
         self.results: list[dict[str, Any]] = []
-        self.install_seq = 0
         self.topic_desired = self.topic("desired")
         self.topic_chunks = self.topic(CHUNK_LEAF)
         self.use_http = spec.id.startswith(worker.http_prefixes)
@@ -399,11 +417,15 @@ class Device:
                 fetch.kept = []
             self.fetch = fetch
             if self.worker.chatter:
+                downloading = {name: messages.InstallReport(
+                    None, want.bundle_sha256, "downloading", progress=0.0)}
+                self._report(installs=downloading)
+                self._event("install.downloading", self._install_detail(fetch))
+                self._report(installs=downloading)
                 self._event("fetch.started", {"model": name, "version": want.version,
                                               "bundle_sha256": want.bundle_sha256,
                                               "resume_at": 0})
-                self._report(installs={name: messages.InstallReport(
-                    None, want.bundle_sha256, "downloading", progress=0.0)})
+                self._report(installs=downloading)
             self.request_chunks()
             return
 
@@ -448,19 +470,18 @@ class Device:
                           now=datetime.now(timezone.utc), profile=PROFILE)
         self.fetch = None
         name, sha, version = fetch.model, fetch.sha256, fetch.version
-        self.install_seq += 1
-        install_id = f"{self.id}-{self.install_seq}"
         if self.worker.chatter:
-            for state in INSTALL_STATES:
-                serving = {}
-                if state in ("probation", "committed"):
-                    serving = {name: messages.ModelReport(
-                        version, sha, "probation" if state == "probation" else "committed")}
-                self._event(f"install.{state}", {
-                    "install_id": install_id, "model": name, "version": version,
-                    "bundle_sha256": sha, "reason": None, "detail": None})
-                self._report(models=serving, installs={
-                    name: messages.InstallReport(version, sha, state)})
+            self._report(installs={name: messages.InstallReport(version, sha, "downloading")})
+            detail = self._install_detail(fetch)
+            for state in INSTALL_STATES[:-1]:
+                self._event(f"install.{state}", detail)
+                # The previous version serves until the swap; then the new one, in probation.
+                serving = None if state != "probation" else {
+                    **self._running_models(), name: messages.ModelReport(version, sha,
+                                                                         "probation")}
+                self._report(models=serving,
+                             installs={name: messages.InstallReport(version, sha, state)})
+            self._event("install.committed", detail)
         self.running[name] = (version, sha)
         self._report(installs={name: messages.InstallReport(version, sha, "committed")})
         self.results.append({
@@ -472,14 +493,23 @@ class Device:
         self.worker.on_finished(self, sha)
         self._start_next_fetch()
 
+    def _install_detail(self, fetch: Fetch) -> dict[str, Any]:
+        """An install event's detail as the agent's (agent/install_announcements.py)."""
+        return {"install_id": f"{self.id}-{fetch.started:.6f}", "model": fetch.model,
+                "version": fetch.version, "bundle_sha256": fetch.sha256,
+                "bundle_size": fetch.size, "release_sha256": None, "reason": None,
+                "detail": None}
+
     def _event(self, kind: str, detail: dict[str, Any]) -> None:
         self.publish("events", messages.encode(messages.Event(kind, time.time(), detail)))
+
+    def _running_models(self) -> dict[str, messages.ModelReport]:
+        return {n: messages.ModelReport(v, s, "committed") for n, (v, s) in self.running.items()}
 
     def _report(self, *, models: dict[str, messages.ModelReport] | None = None,
                 installs: dict[str, messages.InstallReport] | None = None) -> None:
         if models is None:
-            models = {n: messages.ModelReport(v, s, "committed")
-                      for n, (v, s) in self.running.items()}
+            models = self._running_models()
         self.publish("reported", messages.encode(messages.Reported(
             PROFILE, AGENT_VERSION, models, installs or {}, at=time.time())))
 

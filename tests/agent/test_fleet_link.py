@@ -9,12 +9,13 @@ with SIGSTOP), restarts, and installs or reports that hold a thread up.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from bundle.trust import TrustedState
 from firmware_profiles.model import Profile
 from fleet_server.broker import Broker
 from protocol.messages import (
+    FEATURE_EVENT_BATCH,
     Chunk,
     Desired,
     DesiredModel,
@@ -41,7 +43,7 @@ from protocol.messages import (
     Event,
     Telemetry,
     decode_chunk_request,
-    decode_event,
+    decode_events,
     decode_reported,
     decode_telemetry,
     encode,
@@ -72,6 +74,10 @@ class FakeServer:
     reports: list[bytes] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
     event_log: list[Event] = field(default_factory=list)
+    #: Per ``events`` message, the seqs it carried (several: a batch).
+    event_messages: list[tuple[int | None, ...]] = field(default_factory=list)
+    #: What the desired states this server publishes advertise (Desired.features).
+    features: tuple[str, ...] = ()
     telemetry: list[int] = field(default_factory=list)
     samples: list[Telemetry] = field(default_factory=list)
     answer: Callable[[int], bool] = lambda offset: True
@@ -96,9 +102,10 @@ class FakeServer:
         elif message.topic == self.topic("reported"):
             self.reports.append(bytes(message.payload))
         elif message.topic == self.topic("events"):
-            event = decode_event(bytes(message.payload))
-            self.event_log.append(event)
-            self.events.append(event.kind)
+            events = decode_events(bytes(message.payload))
+            self.event_messages.append(tuple(e.seq for e in events))
+            self.event_log.extend(events)
+            self.events.extend(e.kind for e in events)
         elif message.topic == self.topic("telemetry"):
             sample = decode_telemetry(bytes(message.payload))
             self.telemetry.append(sample.seq)
@@ -116,10 +123,14 @@ class FakeServer:
             shadow_sha = hashlib.sha256(shadow[1]).hexdigest()
             self.bundles[shadow_sha] = shadow[1]
             candidate = DesiredShadow(shadow[0], shadow_sha, len(shadow[1]), shadow[2])
-        desired = Desired({"digits": DesiredModel(version, sha, len(data), candidate,
-                                                  compare_previous)}, time.time())
-        self.client.publish(self.topic("desired"), encode(desired), qos=1, retain=True)
+        self.publish_desired(Desired({"digits": DesiredModel(
+            version, sha, len(data), candidate, compare_previous)}, time.time()))
         return sha
+
+    def publish_desired(self, desired: Desired) -> None:
+        """Publish ``desired`` (retained) with this server's features."""
+        desired = replace(desired, features=self.features)
+        self.client.publish(self.topic("desired"), encode(desired), qos=1, retain=True)
 
     def last_report(self) -> dict[str, object] | None:
         if not self.reports:
@@ -366,28 +377,95 @@ def _bundle_file(repo: Repo, tmp_path: Path, version: int) -> Path:
     return path
 
 
-def test_events_while_the_broker_is_down_arrive_in_order_once_it_is_back(
-        server: FakeServer, broker: Broker, repo: Repo, tmp_path: Path,
-        link_factory: Callable[..., FleetLink]) -> None:
-    """Issue 9 item 17: events were published only while connected, so an install done
-    during an outage (here a local one) left the server without its transitions."""
-    link = link_factory()
+def _install_during_an_outage(server: FakeServer, broker: Broker, repo: Repo, tmp_path: Path,
+                               link: FleetLink) -> tuple[InstallRecord, list[int | None]]:
+    """A local install while the broker is down, then the broker back: the install's record
+    and the seqs of its events once the server has them all."""
     wait(lambda: server.reports, "the link to report")
+    server.publish_desired(Desired({}, time.time()))
+    wait(lambda: link.desired is not None, "the desired state")
     broker.stop()
     wait(lambda: not link.connected, "the link to notice")
     record = link.runtime.install(_bundle_file(repo, tmp_path, 1))
     wait(lambda: link.runtime.model("digits").state == "serving", "v1 committed")
     broker.start()
     [final] = [r for r in link.installer.records() if r.install_id == record.install_id]
-    assert final.state is InstallState.COMMITTED
     wait(lambda: ("install.committed", final.history[-1][1])
          in _install_log(server, record.install_id), "the install's events")
-    assert _install_log(server, record.install_id) == [
+    seqs = [e.seq for e in server.event_log if e.detail.get("install_id") == record.install_id]
+    return final, seqs
+
+
+def test_events_while_the_broker_is_down_arrive_in_order_once_it_is_back(
+        server: FakeServer, broker: Broker, repo: Repo, tmp_path: Path,
+        link_factory: Callable[..., FleetLink]) -> None:
+    """Issue 9 item 17: events were published only while connected, so an install done
+    during an outage (here a local one) left the server without its transitions."""
+    final, _ = _install_during_an_outage(server, broker, repo, tmp_path, link_factory())
+    assert final.state is InstallState.COMMITTED
+    assert _install_log(server, final.install_id) == [
         (f"install.{state}", at) for state, at in final.history[1:]]
     # Every event but the MQTT will (sent by the broker) is numbered, in order.
     seqs = [e.seq for e in server.event_log if e.kind != "offline"]
     assert None not in seqs
     assert seqs == sorted(seqs)  # type: ignore[type-var]
+
+
+def test_with_the_feature_an_install_s_waiting_events_arrive_in_one_batch_message(
+        server: FakeServer, broker: Broker, repo: Repo, tmp_path: Path,
+        link_factory: Callable[..., FleetLink]) -> None:
+    server.features = (FEATURE_EVENT_BATCH,)
+    final, seqs = _install_during_an_outage(server, broker, repo, tmp_path, link_factory())
+    assert _install_log(server, final.install_id) == [
+        (f"install.{state}", at) for state, at in final.history[1:]]
+    assert len(seqs) >= 4  # verifying, staged, activating, probation, committed...
+    assert tuple(seqs) in server.event_messages  # all of them in one message
+
+
+def test_without_the_feature_every_event_is_a_message_of_its_own(
+        server: FakeServer, broker: Broker, repo: Repo, tmp_path: Path,
+        link_factory: Callable[..., FleetLink]) -> None:
+    _, seqs = _install_during_an_outage(server, broker, repo, tmp_path, link_factory())
+    assert len(seqs) >= 4
+    assert all(len(message) == 1 for message in server.event_messages)
+
+
+def test_a_batch_unacknowledged_when_the_broker_died_is_sent_again_whole(
+        server: FakeServer, broker: Broker, tmp_path: Path,
+        link_factory: Callable[..., FleetLink]) -> None:
+    """The broker is stopped (SIGSTOP) while a batch is in flight, then killed and started
+    again: the client sends the batch again on reconnect, the outbox keeps it until then,
+    and the server (deduping by seq, as here) has every event once."""
+    server.features = (FEATURE_EVENT_BATCH,)
+    # A clean restart saves the sessions (the server's subscription among them) in the
+    # broker's persistence: the killed broker starts from there, and keeps what the link
+    # sends again for the server even if the server's client reconnects later.
+    broker.restart()
+    link = link_factory()
+    wait(lambda: server.reports, "the link to report")
+    server.publish_desired(Desired({}, time.time()))
+    wait(lambda: link.desired is not None, "the desired state")
+    mosquitto = _broker_process(tmp_path / "broker")
+    mosquitto.send_signal(signal.SIGSTOP)
+    try:
+        # Added at once, as an install's transitions are when the link was not listening;
+        # the publisher finds them on its next pass (at the latest its retry, 5 s).
+        added = [e.seq for e in link.outbox.add_events(
+            [(f"install.{state}", time.time(), {"install_id": "i-1"})
+             for state in ("verifying", "staged", "activating", "probation")])]
+        wait(lambda: link.in_flight() == 1, "the batch handed to the client")
+    finally:
+        broker.stop(timeout=0.5)  # SIGKILL: the stopped broker cannot take SIGTERM
+        with contextlib.suppress(psutil.NoSuchProcess):  # if stop() did not get to kill it
+            mosquitto.send_signal(signal.SIGCONT)
+    assert [m.seq for m in link.outbox.pending(10)] == added  # kept until acknowledged
+    broker.start()
+    wait(lambda: len(link.outbox) == 0, "the batch acknowledged")
+    assert tuple(added) in server.event_messages  # the same batch, sent again
+    log = [(e.seq, e.kind) for e in server.event_log if e.detail.get("install_id") == "i-1"]
+    assert list(dict.fromkeys(log)) == [
+        (seq, f"install.{state}") for seq, state in
+        zip(added, ("verifying", "staged", "activating", "probation"), strict=True)]
 
 
 @pytest.fixture

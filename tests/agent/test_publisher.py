@@ -1,6 +1,7 @@
 """The publisher against a fake transport (the MQTT client is the outside world here; the
 fleet link's tests drive it through a real Mosquitto): order, the in-flight window,
-acknowledgement by message id, refusals, outages and the reported state."""
+acknowledgement by message id, refusals, outages, the reported state, and event batches
+(:func:`~agent.publisher.plan_messages`)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,16 @@ from pathlib import Path
 import pytest
 
 from agent.loss_counter import Tally
-from agent.outbox import Outbox
-from agent.publisher import Publisher
-from protocol.messages import decode_event, decode_telemetry
+from agent.outbox import Message, Outbox
+from agent.publisher import Publisher, plan_messages
+from protocol.messages import (
+    MAX_EVENT_BATCH_BYTES,
+    MAX_EVENTS_PER_MESSAGE,
+    Event,
+    Telemetry,
+    decode_events,
+    decode_telemetry,
+)
 
 T0 = 1_700_000_000.0
 
@@ -50,8 +58,13 @@ class FakeClient:
                 self.changed.wait(0.02)
 
     def seqs(self) -> list[int | None]:
-        """The seqs of the outbox messages sent, in the order sent."""
-        return [decode_telemetry(p).seq if leaf == "telemetry" else decode_event(p).seq
+        """The seqs of the outbox messages sent, in the order sent (a batch's in order)."""
+        return [seq for message in self.carried() for seq in message]
+
+    def carried(self) -> list[list[int | None]]:
+        """Per outbox message sent, the seqs it carried."""
+        return [[decode_telemetry(p).seq] if leaf == "telemetry"
+                else [e.seq for e in decode_events(p)]
                 for _, leaf, p in self.sent if leaf != "reported"]
 
 
@@ -184,3 +197,83 @@ def test_acknowledgements_that_arrived_are_applied_on_stop(outbox: Outbox) -> No
     publisher.acknowledged(client.sent[0][0])
     publisher.stop()
     assert len(outbox) == 0
+
+
+def _event(seq: int, size: int = 0) -> Event:
+    return Event("install.verifying", T0 + seq, {"pad": "x" * size}, seq=seq)
+
+
+def test_plan_batches_consecutive_events_and_sends_samples_alone() -> None:
+    pending: list[Message] = [_event(1), _event(2), Telemetry(3, T0, {}), _event(4),
+                              _event(5), _event(6)]
+    planned = plan_messages(pending, 10, batch=True, more=False)
+    assert [(m.leaf, m.seqs) for m in planned] == [
+        ("events", (1, 2)), ("telemetry", (3,)), ("events", (4, 5, 6))]
+    assert [e.seq for e in decode_events(planned[2].payload)] == [4, 5, 6]
+    # Without the server's feature: one event per message, as a plain event.
+    single = plan_messages(pending, 10, batch=False, more=False)
+    assert [m.seqs for m in single] == [(1,), (2,), (3,), (4,), (5,), (6,)]
+    assert b'"events"' not in single[0].payload
+
+
+def test_plan_bounds_a_batch_by_count_bytes_and_the_room() -> None:
+    many = [_event(i) for i in range(1, 2 * MAX_EVENTS_PER_MESSAGE + 2)]
+    planned = plan_messages(many, 10, batch=True, more=False)
+    assert [len(m.seqs) for m in planned] == [MAX_EVENTS_PER_MESSAGE] * 2 + [1]
+    big = [_event(i, 15_000) for i in range(1, 11)]
+    planned = plan_messages(big, 10, batch=True, more=False)
+    assert all(len(m.payload) <= MAX_EVENT_BATCH_BYTES for m in planned)
+    assert [s for m in planned for s in m.seqs] == list(range(1, 11))
+    assert len(planned) == 3  # four of about 15 KiB fill a batch
+    assert len(plan_messages(many, 1, batch=True, more=False)) == 1
+
+
+def test_plan_holds_back_a_batch_open_at_the_end_of_what_was_read() -> None:
+    pending: list[Message] = [Telemetry(1, T0, {}), _event(2), _event(3)]
+    assert [m.seqs for m in plan_messages(pending, 10, batch=True, more=True)] == [(1,)]
+    assert [m.seqs for m in plan_messages(pending, 10, batch=True, more=False)] == [
+        (1,), (2, 3)]
+
+
+def test_with_the_feature_waiting_events_go_as_one_batch_acknowledged_together(
+        outbox: Outbox) -> None:
+    client = FakeClient()
+    added = [outbox.add_event(f"install.{state}", T0 + i, {}).seq
+             for i, state in enumerate(("verifying", "staged", "activating"))]
+    sample = outbox.add_sample(T0 + 5, {}).seq
+    with _running(outbox, client) as publisher:
+        publisher.batch_events(True)
+        publisher.connected()
+        client.wait_for(lambda: len(client.sent) == 2, "the batch and the sample")
+        assert client.carried() == [added, [sample]]
+        assert publisher.in_flight() == 2
+        publisher.acknowledged(client.sent[0][0])
+        client.wait_for(lambda: len(outbox) == 1, "the batch's three deleted")
+        assert [m.seq for m in outbox.pending(10)] == [sample]
+
+
+def test_a_refused_batch_drops_all_its_events(outbox: Outbox) -> None:
+    client = FakeClient()
+    for i in range(3):
+        outbox.add_event("protocol_error", T0 + i, {})
+    with _running(outbox, client) as publisher:
+        publisher.batch_events(True)
+        publisher.connected()
+        client.wait_for(lambda: len(client.sent) == 1, "the batch")
+        publisher.acknowledged(client.sent[0][0], refused=True)
+        client.wait_for(lambda: len(outbox) == 0, "the batch dropped")
+        assert outbox.dropped() == Tally(0, 3)
+
+
+def test_a_window_of_batches_sends_every_event_once_in_order(outbox: Outbox) -> None:
+    client = FakeClient()
+    added = [outbox.add_event("protocol_error", T0 + i, {}).seq for i in range(100)]
+    with _running(outbox, client, window=2) as publisher:
+        publisher.batch_events(True)
+        publisher.connected()
+        for i in range(4):  # acknowledge each as it comes: the window refills
+            client.wait_for(lambda i=i: len(client.sent) > i, f"message {i + 1}")  # type: ignore[misc]
+            publisher.acknowledged(client.sent[i][0])
+        client.wait_for(lambda: len(outbox) == 0, "every event acknowledged")
+        assert client.seqs() == added
+        assert [len(m) for m in client.carried()] == [32, 32, 32, 4]
