@@ -76,8 +76,9 @@ def outbox(tmp_path: Path) -> Iterator[Outbox]:
 
 @contextmanager
 def _running(outbox: Outbox, client: FakeClient, window: int = 100,
-             report: Callable[[], bytes] | None = None) -> Iterator[Publisher]:
-    publisher = Publisher(outbox, client.send, report, window=window)
+             report: Callable[[], bytes] | None = None,
+             linger_s: float = 0.0) -> Iterator[Publisher]:
+    publisher = Publisher(outbox, client.send, report, window=window, linger_s=linger_s)
     publisher.start()
     try:
         yield publisher
@@ -185,6 +186,38 @@ def test_the_reported_state_goes_out_on_connect_and_when_asked_once_per_burst(
         publisher.stop()
         assert 2 <= len(built) <= 6  # a burst of requests is coalesced, none is lost
         assert client.sent[-1][2] == b'{"state": %d}' % len(built)
+
+
+def test_an_idle_publisher_lingers_so_a_burst_goes_in_one_pass(outbox: Outbox) -> None:
+    """An install's transitions come milliseconds apart, each with an event and a report
+    request: woken while idle, the publisher waits for the rest (here a long linger, so
+    the burst is surely inside it) and sends one batch and one report."""
+    client = FakeClient()
+    built = []
+
+    def report() -> bytes:
+        built.append(1)
+        return b'{"state": %d}' % len(built)
+
+    with _running(outbox, client, report=report, linger_s=2.0) as publisher:
+        publisher.batch_events(True)
+        publisher.connected()
+        client.wait_for(lambda: len(client.sent) == 1, "the report on connect")
+        publisher.acknowledged(client.sent[0][0])
+        added = []
+        for state in ("staged", "activating", "probation"):
+            added.append(outbox.add_event(f"install.{state}", T0, {}).seq)
+            publisher.wake()
+            publisher.request_report()
+        client.wait_for(lambda: len(client.sent) == 3, "one report and one batch")
+        assert sorted(leaf for _, leaf, _ in client.sent[1:]) == ["events", "reported"]
+        assert client.carried() == [added]
+        assert len(built) == 2
+
+
+def test_a_linger_outside_its_bounds_is_refused(outbox: Outbox) -> None:
+    with pytest.raises(ValueError, match="linger_s must be 0 to 5 seconds"):
+        Publisher(outbox, FakeClient().send, linger_s=6.0)
 
 
 def test_acknowledgements_that_arrived_are_applied_on_stop(outbox: Outbox) -> None:
