@@ -50,9 +50,11 @@ import argparse
 import hashlib
 import math
 import os
+import pwd
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -372,6 +374,78 @@ class Cluster:
         return {"sent": sent, "stored": have, "seconds": seconds,
                 "per_s": have / seconds if seconds else 0.0, **{f"cpu_{k}": v
                                                                 for k, v in cpu.items()}}
+
+
+# --- the nginx mirror (--mirror nginx) ---------------------------------------------------------
+
+#: An untrusted mirror as a CDN would serve it: static files, sendfile, keep-alive; devices
+#: check each bundle's sha256 and signatures, so plain HTTP is enough (docs/scale.md).
+NGINX_CONF = """\
+daemon off;
+user {user};
+worker_processes 1;
+pid {home}/nginx.pid;
+error_log {home}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000;
+    client_body_temp_path {home}/tmp; proxy_temp_path {home}/tmp;
+    fastcgi_temp_path {home}/tmp; uwsgi_temp_path {home}/tmp; scgi_temp_path {home}/tmp;
+    types {{ application/octet-stream efb; }}
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location / {{ try_files $uri =404; }}
+    }}
+}}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def start_nginx(root: Path, home: Path) -> Iterator[tuple[int, psutil.Process]]:
+    """nginx serving the files of ``root`` over plain HTTP on a free port, with its own
+    config, logs and pid file under ``home``; yields the port and its master process (the
+    worker is its child). RuntimeError if nginx is not installed or does not start."""
+    binary = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
+    if binary is None:
+        raise RuntimeError("--mirror nginx needs nginx (apt-get install nginx-light)")
+    (home / "tmp").mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    conf = home / "nginx.conf"
+    # The worker runs as this benchmark's user (as root, nginx would switch to nobody, who
+    # cannot read the private work directory).
+    conf.write_text(NGINX_CONF.format(home=home, port=port, root=root.resolve(),
+                                      user=pwd.getpwuid(os.geteuid()).pw_name))
+    with (home / "nginx.log").open("ab") as log:
+        process = subprocess.Popen([binary, "-p", str(home), "-c", str(conf)],
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("nginx did not start: "
+                                   f"{(home / 'error.log').read_text(errors='replace')[-2000:]}")
+            time.sleep(0.05)
+        yield port, psutil.Process(process.pid)
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 # --- output -----------------------------------------------------------------------------------
