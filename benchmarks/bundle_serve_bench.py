@@ -110,14 +110,14 @@ class _Client:
             else:
                 connection = http.client.HTTPConnection("127.0.0.1", job.port, timeout=60)
             try:
-                connection.connect()
                 if job.resume and identity.cert_file in self.sessions:
-                    # http.client has no session parameter: wrap the socket ourselves.
-                    connection.sock.close()
+                    # http.client has no session parameter: connect the socket ourselves.
                     raw = socket.create_connection(("127.0.0.1", job.port), timeout=60)
                     connection.sock = self.context(identity).wrap_socket(
                         raw, server_hostname="127.0.0.1",
                         session=self.sessions[identity.cert_file])
+                else:
+                    connection.connect()
                 connection.request(job.method, job.path)
                 sock: Any = connection.sock  # getresponse() drops it on "Connection: close"
                 response = connection.getresponse()
