@@ -102,3 +102,27 @@ def test_only_the_enrolled_certificate_of_the_fleet_ca_gets_in(
     assert again.enrollment.certificate_pem != device.enrollment.certificate_pem
     assert _get(bundle_service, device.identity, path)[0] == 403
     assert _get(bundle_service, again.identity, path)[0] == 200
+
+
+def test_each_download_is_authorized_against_the_registry_of_now(
+        bundle_service: FleetService, bundles: dict[str, bytes], tmp_path: Path) -> None:
+    """Whatever the endpoint keeps between requests, it never serves a bundle before it is
+    desired, nor to a certificate that was replaced since the last download."""
+    device = enroll(bundle_service, tmp_path, "gw-1")
+    first = bundle_service.add_bundle(bundles["v1"])
+    second = bundle_service.add_bundle(bundles["v2"])
+    bundle_service.publish(first.sha256, devices=["gw-1"])
+    path = f"/bundles/{second.sha256}.efb"
+    assert _get(bundle_service, device.identity, path)[0] == 404  # stored, not desired
+    bundle_service.publish(second.sha256, devices=["gw-1"])
+    status, _, body = _get(bundle_service, device.identity, path)
+    assert (status, body) == (200, bundles["v2"])
+    # v1 is no longer desired but was: it stays fetchable (as over MQTT).
+    assert _get(bundle_service, device.identity, f"/bundles/{first.sha256}.efb")[0] == 200
+    # Downloads just succeeded; the device is reset and enrolled again: the very next
+    # request with the old certificate is refused, the new one gets both bundles.
+    bundle_service.reset_device("gw-1")
+    again = enroll(bundle_service, tmp_path / "again", "gw-1")
+    assert _get(bundle_service, device.identity, path)[0] == 403
+    assert _get(bundle_service, again.identity, path)[0] == 200
+    assert _get(bundle_service, again.identity, f"/bundles/{first.sha256}.efb")[0] == 200
