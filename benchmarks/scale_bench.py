@@ -166,6 +166,9 @@ class Cluster:
         self.servers: dict[str, subprocess.Popen[bytes]] = {}
         self.pool = WorkerPool()
         self.groups: dict[str, list[str]] = {}
+        #: ``--mirror nginx``: the mirror's URL prefix and processes (master and worker).
+        self.mirror_url: str | None = None
+        self.nginx: list[psutil.Process] = []
 
     @contextmanager
     def running(self) -> Iterator[Cluster]:
@@ -187,7 +190,7 @@ class Cluster:
                               max_queued_messages=BROKER_QUEUED_MESSAGES,
                               max_queued_bytes=BROKER_QUEUED_BYTES)
         try:
-            with Broker.embedded(config) as broker:
+            with Broker.embedded(config) as broker, self.mirror():
                 self.broker = broker
                 self.broker_process = next(p for p in psutil.Process().children()
                                            if p.name() == "mosquitto")
@@ -204,12 +207,26 @@ class Cluster:
             admin.execute(f"DROP SCHEMA {schema} CASCADE")
             admin.close()
 
+    @contextmanager
+    def mirror(self) -> Iterator[None]:
+        """With ``--mirror nginx``, nginx serving server ``a``'s bundle directory (where
+        ``fleet publish --data a`` stores the bundle) as the servers' ``--bundle-mirror``."""
+        if self.args.mirror != "nginx":
+            yield
+            return
+        with start_nginx(self.home / "a" / "bundles", self.home / "nginx") as (port, master):
+            self.mirror_url = f"http://127.0.0.1:{port}/"
+            self.nginx = [master, *master.children()]
+            yield
+
     def start_server(self, name: str) -> None:
         data = self.home / name
         argv = [sys.executable, "-m", "fleet_server", "serve", "--data", str(data), "--keys",
                 str(self.keys), "--db", self.db_url, "--fleet", FLEET, "--broker-url",
                 self.broker.address.url, "--instance", name, "--shared-subscriptions",
                 "--bundle-port", "0", "--port", "0", "--host", "127.0.0.1"]
+        if self.mirror_url is not None:
+            argv += ["--bundle-mirror", self.mirror_url]
         with (self.home / f"server-{name}.log").open("ab") as log:
             process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         self.servers[name] = process
@@ -237,6 +254,8 @@ class Cluster:
         found.update({n: [p] for n, p in servers.items()})
         found["postgres"] = self.postgres_backends(servers.values())
         found["devices"] = self.pool.processes()
+        if self.nginx:
+            found["nginx"] = self.nginx
         return found
 
     def postgres_backends(self, servers: Iterable[psutil.Process]) -> list[psutil.Process]:
@@ -495,7 +514,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connect-concurrency", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--keep", type=Path, metavar="DIR")
+    parser.add_argument("--mirror", choices=("nginx",),
+                        help="serve the bundles from an nginx mirror over plain HTTP (its "
+                        "URL first in each desired state; needs nginx installed)")
     args = parser.parse_args(argv)
+    if args.mirror == "nginx" and shutil.which("nginx") is None and not Path(
+            "/usr/sbin/nginx").exists():
+        parser.error("--mirror nginx: nginx is not installed (apt-get install nginx-light); "
+                     "run without --mirror to measure the servers' endpoint")
     if not args.fleet_rollout and args.devices < 2 * args.rollout:
         parser.error("--devices must be at least twice --rollout")
     return args
