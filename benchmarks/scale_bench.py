@@ -450,14 +450,17 @@ def start_nginx(root: Path, home: Path) -> Iterator[tuple[int, psutil.Process]]:
                                    stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 10
+        master = psutil.Process(process.pid)
         while True:
+            # Listening is not enough: the worker (whose CPU is counted) must exist too.
             with suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-                break
+                if master.children():
+                    break
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("nginx did not start: "
                                    f"{(home / 'error.log').read_text(errors='replace')[-2000:]}")
             time.sleep(0.05)
-        yield port, psutil.Process(process.pid)
+        yield port, master
     finally:
         process.terminate()
         try:
