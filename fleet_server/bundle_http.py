@@ -79,8 +79,9 @@ class BundleHttpServer:
         self._context.load_verify_locations(tls.ca_file)
         self._context.verify_mode = ssl.CERT_REQUIRED
         # One TLS 1.3 session ticket per full handshake, not OpenSSL's two: a device resumes
-        # with one, and each costs the server about 0.5 ms (the session, client certificate
-        # included, serialized and encrypted; docs/benchmarks.md "Bundle bytes").
+        # with one, and each costs the server some tenths of a millisecond (the session,
+        # client certificate included, serialized and encrypted; docs/benchmarks.md
+        # "Bundle bytes").
         self._context.num_tickets = 1
         self._host, self._port = host, port
         self._max, self._timeout = max_connections, timeout_s
