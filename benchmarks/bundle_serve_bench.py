@@ -42,7 +42,6 @@ import http.client
 import multiprocessing
 import os
 import secrets
-import shutil
 import socket
 import ssl
 import statistics
@@ -58,6 +57,7 @@ from typing import Any
 import psutil
 import psycopg
 from fleet_sim.fixtures import make_bundle, work_dir
+from scale_bench import nginx_binary, start_nginx  # one mirror recipe for both
 
 from fleet_server.bundle_http import BundleHttpServer, bundle_path
 from fleet_server.ca import FleetCA
@@ -213,16 +213,6 @@ class FloorServer:
 
     def stop(self) -> None:
         self._listener.close()
-
-
-@contextmanager
-def nginx_mirror(directory: Path, home: Path) -> Iterator[tuple[int, psutil.Process]]:
-    """nginx serving ``directory`` over plain HTTP with sendfile on a free port; yields the
-    port and its master process (whose children are the workers)."""
-    from scale_bench import start_nginx  # one recipe for both benchmarks
-
-    with start_nginx(directory, home) as (port, master):
-        yield port, master
 
 
 # --- TLS handshakes, in memory ---------------------------------------------------------------
@@ -473,11 +463,11 @@ def run_phases(args: argparse.Namespace, registry: Registry, tls: TLSIdentity, s
     finally:
         floor.stop()
     if args.mirror == "nginx":
-        if shutil.which("nginx") is None:
+        if nginx_binary() is None:
             print("--mirror nginx: nginx is not installed here (apt-get install nginx-light); "
                   "skipped")
         else:
-            with nginx_mirror(blob.parent, home / "nginx") as (port, master):
+            with start_nginx(blob.parent, home / "nginx") as (port, master):
                 workers = [master, *master.children()]
                 phases.append(measure("nginx GET (plain HTTP)", lambda: clients.run(
                     port, f"/{bundle_path(sha)}", "GET", downloads, tls=False), workers, [],

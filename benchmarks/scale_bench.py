@@ -34,6 +34,10 @@ sent its report, device errors, bytes, CPU seconds of the broker, each server, t
 PostgreSQL backends serving the servers and the device workers, the whole machine's busy
 CPU and load average, and peak resident memory.
 
+With ``--mirror nginx``: nginx (if installed) on a free port, its config and logs in the
+work directory, serves server ``a``'s bundle directory over plain HTTP as both servers'
+``--bundle-mirror``, so devices download from it first; its CPU is reported as ``nginx``.
+
 Run::
 
     .venv/bin/python benchmarks/scale_bench.py --devices 10000
@@ -429,13 +433,18 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def nginx_binary() -> str | None:
+    """nginx's path (on PATH, or in sbin, which is not on every user's PATH), or None."""
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
+
+
 @contextmanager
 def start_nginx(root: Path, home: Path) -> Iterator[tuple[int, psutil.Process]]:
     """nginx serving the files of ``root`` over plain HTTP on a free port, with its own
     config, logs and pid file under ``home``; yields the port and its master process (the
     worker is its child). RuntimeError if nginx is not installed or does not start."""
-    binary = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
+    binary = nginx_binary()
     if binary is None:
         raise RuntimeError("--mirror nginx needs nginx (apt-get install nginx-light)")
     (home / "tmp").mkdir(parents=True, exist_ok=True)
@@ -521,8 +530,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="serve the bundles from an nginx mirror over plain HTTP (its "
                         "URL first in each desired state; needs nginx installed)")
     args = parser.parse_args(argv)
-    if args.mirror == "nginx" and shutil.which("nginx") is None and not Path(
-            "/usr/sbin/nginx").exists():
+    if args.mirror == "nginx" and nginx_binary() is None:
         parser.error("--mirror nginx: nginx is not installed (apt-get install nginx-light); "
                      "run without --mirror to measure the servers' endpoint")
     if not args.fleet_rollout and args.devices < 2 * args.rollout:
