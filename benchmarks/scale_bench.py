@@ -411,7 +411,7 @@ pid {home}/nginx.pid;
 error_log {home}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-    access_log off;
+    access_log {home}/access.log;
     sendfile on;
     tcp_nopush on;
     keepalive_requests 1000;
