@@ -19,11 +19,15 @@ What runs, all on this machine:
 - **nginx** (``--mirror nginx``, when installed): the bundle directory served as an
   untrusted mirror over plain HTTP with ``sendfile`` as a CDN would, its CPU counted.
 
-Phases: ``authorize`` (the endpoint's authorization of one download, called in-process
-for every device: registry reads and caches), ``requests`` (``HEAD`` on a new connection per
-device: handshake, authorization, HTTP), ``resumed`` (the same, resuming each device's TLS
-session), ``bytes`` (``--downloads`` whole downloads). Server CPU is this process's (the
-endpoint's threads) plus the PostgreSQL backends serving it; per GB counts body bytes.
+Phases, one line each: ``authorize`` (the endpoint's authorization of one download, called
+in-process for every device: its registry reads), ``endpoint HEAD, new session`` (a new
+connection per device: handshake, authorization, HTTP), ``endpoint HEAD, resumed`` (the
+same, resuming each device's TLS session), ``endpoint GET`` (``--downloads`` whole
+downloads), the floor's ``HEAD`` and ``GET``, nginx's ``GET``. Server CPU is this process's
+(the endpoint's threads) plus the PostgreSQL backends serving it; per GB divides all of a
+phase's CPU by the body bytes. Then ``handshake`` lines: the server side's CPU per TLS
+handshake over memory buffers, with the endpoint's settings and with one changed (session
+tickets 2 / 1 / 0, no client certificate), full and resumed.
 
 Run (load average printed; the machine has 2 cores)::
 
