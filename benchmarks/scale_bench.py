@@ -35,6 +35,10 @@ sent its report, device errors, bytes, CPU seconds of the broker, each server, t
 PostgreSQL backends serving the servers and the device workers, the whole machine's busy
 CPU and load average, and peak resident memory.
 
+With ``--mirror nginx``: nginx (if installed) on a free port, its config and logs in the
+work directory, serves server ``a``'s bundle directory over plain HTTP as both servers'
+``--bundle-mirror``, so devices download from it first; its CPU is reported as ``nginx``.
+
 Run::
 
     .venv/bin/python benchmarks/scale_bench.py --devices 10000
@@ -53,9 +57,11 @@ import hashlib
 import math
 import multiprocessing
 import os
+import pwd
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -167,6 +173,9 @@ class Cluster:
         self.servers: dict[str, subprocess.Popen[bytes]] = {}
         self.pool = WorkerPool()
         self.groups: dict[str, list[str]] = {}
+        #: ``--mirror nginx``: the mirror's URL prefix and processes (master and worker).
+        self.mirror_url: str | None = None
+        self.nginx: list[psutil.Process] = []
 
     @contextmanager
     def running(self) -> Iterator[Cluster]:
@@ -188,7 +197,7 @@ class Cluster:
                               max_queued_messages=BROKER_QUEUED_MESSAGES,
                               max_queued_bytes=BROKER_QUEUED_BYTES)
         try:
-            with Broker.embedded(config) as broker:
+            with Broker.embedded(config) as broker, self.mirror():
                 self.broker = broker
                 self.broker_process = next(p for p in psutil.Process().children()
                                            if p.name() == "mosquitto")
@@ -205,12 +214,26 @@ class Cluster:
             admin.execute(f"DROP SCHEMA {schema} CASCADE")
             admin.close()
 
+    @contextmanager
+    def mirror(self) -> Iterator[None]:
+        """With ``--mirror nginx``, nginx serving server ``a``'s bundle directory (where
+        ``fleet publish --data a`` stores the bundle) as the servers' ``--bundle-mirror``."""
+        if self.args.mirror != "nginx":
+            yield
+            return
+        with start_nginx(self.home / "a" / "bundles", self.home / "nginx") as (port, master):
+            self.mirror_url = f"http://127.0.0.1:{port}/"
+            self.nginx = [master, *master.children()]
+            yield
+
     def start_server(self, name: str) -> None:
         data = self.home / name
         argv = [sys.executable, "-m", "fleet_server", "serve", "--data", str(data), "--keys",
                 str(self.keys), "--db", self.db_url, "--fleet", FLEET, "--broker-url",
                 self.broker.address.url, "--instance", name, "--shared-subscriptions",
                 "--bundle-port", "0", "--port", "0", "--host", "127.0.0.1"]
+        if self.mirror_url is not None:
+            argv += ["--bundle-mirror", self.mirror_url]
         with (self.home / f"server-{name}.log").open("ab") as log:
             process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         self.servers[name] = process
@@ -238,6 +261,8 @@ class Cluster:
         found.update({n: [p] for n, p in servers.items()})
         found["postgres"] = self.postgres_backends(servers.values())
         found["devices"] = self.pool.processes()
+        if self.nginx:
+            found["nginx"] = self.nginx
         return found
 
     def postgres_backends(self, servers: Iterable[psutil.Process]) -> list[psutil.Process]:
@@ -422,6 +447,85 @@ def record_devices(registry: Registry, group: str, issued: Sequence[tuple[str, s
                 registry.upsert_device(device_id, group=group, profile=PROFILE,
                                        cert_fingerprint=fingerprint)
 
+# --- the nginx mirror (--mirror nginx) ---------------------------------------------------------
+
+#: An untrusted mirror as a CDN would serve it: static files, sendfile, keep-alive; devices
+#: check each bundle's sha256 and signatures, so plain HTTP is enough (docs/scale.md).
+NGINX_CONF = """\
+daemon off;
+user {user};
+worker_processes 1;
+pid {home}/nginx.pid;
+error_log {home}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log {home}/access.log;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000;
+    client_body_temp_path {home}/tmp; proxy_temp_path {home}/tmp;
+    fastcgi_temp_path {home}/tmp; uwsgi_temp_path {home}/tmp; scgi_temp_path {home}/tmp;
+    types {{ application/octet-stream efb; }}
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location / {{ try_files $uri =404; }}
+    }}
+}}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def nginx_binary() -> str | None:
+    """nginx's path (on PATH, or in sbin, which is not on every user's PATH), or None."""
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
+
+
+@contextmanager
+def start_nginx(root: Path, home: Path) -> Iterator[tuple[int, psutil.Process]]:
+    """nginx serving the files of ``root`` over plain HTTP on a free port, with its own
+    config, logs and pid file under ``home``; yields the port and its master process (the
+    worker is its child). RuntimeError if nginx is not installed or does not start."""
+    binary = nginx_binary()
+    if binary is None:
+        raise RuntimeError("--mirror nginx needs nginx (apt-get install nginx-light)")
+    (home / "tmp").mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    conf = home / "nginx.conf"
+    # The worker runs as this benchmark's user (as root, nginx would switch to nobody, who
+    # cannot read the private work directory).
+    conf.write_text(NGINX_CONF.format(home=home, port=port, root=root.resolve(),
+                                      user=pwd.getpwuid(os.geteuid()).pw_name))
+    with (home / "nginx.log").open("ab") as log:
+        process = subprocess.Popen([binary, "-p", str(home), "-c", str(conf)],
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        master = psutil.Process(process.pid)
+        while True:
+            # Listening is not enough: the worker (whose CPU is counted) must exist too.
+            with suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+                if master.children():
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("nginx did not start: "
+                                   f"{(home / 'error.log').read_text(errors='replace')[-2000:]}")
+            time.sleep(0.05)
+        yield port, master
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
 
 # --- output -----------------------------------------------------------------------------------
 
@@ -470,7 +574,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connect-concurrency", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--keep", type=Path, metavar="DIR")
+    parser.add_argument("--mirror", choices=("nginx",),
+                        help="serve the bundles from an nginx mirror over plain HTTP (its "
+                        "URL first in each desired state; needs nginx installed)")
     args = parser.parse_args(argv)
+    if args.mirror == "nginx" and nginx_binary() is None:
+        parser.error("--mirror nginx: nginx is not installed (apt-get install nginx-light); "
+                     "run without --mirror to measure the servers' endpoint")
     if not args.fleet_rollout and args.devices < 2 * args.rollout:
         parser.error("--devices must be at least twice --rollout")
     return args

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 #: MQTT). Each holds one thread and one 256 KiB buffer.
 MAX_CONNECTIONS = 256
 _BLOCK = 256 * 1024
+#: Bundle records kept in memory (a few hundred bytes each).
+_MAX_CACHED_BUNDLES = 1024
 _TIMEOUT_S = 30.0
 _PATH = re.compile(r"/bundles/([0-9a-f]{64})\.efb")
 
@@ -76,12 +78,17 @@ class BundleHttpServer:
         self._context = server_context(tls)
         self._context.load_verify_locations(tls.ca_file)
         self._context.verify_mode = ssl.CERT_REQUIRED
+        # One TLS 1.3 session ticket per full handshake, not OpenSSL's two: a device resumes
+        # with one, and each costs the server some tenths of a millisecond (the session,
+        # client certificate included, serialized and encrypted; docs/benchmarks.md
+        # "Bundle bytes").
+        self._context.num_tickets = 1
         self._host, self._port = host, port
         self._max, self._timeout = max_connections, timeout_s
         self._httpd: BoundedHTTPSServer | None = None
-        # (device, sha256) pairs known to be fetchable: was_desired only ever turns true
-        # (until a reset, which also replaces the certificate, checked on every request).
-        self._fetchable: set[tuple[str, str]] = set()
+        # Bundle records by content hash: a stored bundle's record never changes and is
+        # never deleted, so one registry read per bundle serves every device.
+        self._bundles: dict[str, BundleRecord] = {}
         #: Bytes of bundle bodies sent, for benchmarks and logs.
         self.bytes_sent = 0
 
@@ -126,15 +133,23 @@ class BundleHttpServer:
         """The bundle ``device`` (presenting ``cert_der``) may download; None when it may
         not or it does not exist (the same answer). PermissionError when the certificate
         is not the one the registry holds for that device."""
-        record = self.registry.get_device(device)
-        if record is None or record.cert_fingerprint != hashlib.sha256(cert_der).hexdigest():
+        # One registry read per request, not cached: the certificate must be refused the
+        # moment the device is enrolled again, whichever server process enrolled it, and a
+        # rollout asks once per device, so a per-device cache would seldom be hit anyway.
+        access = self.registry.bundle_access(device, sha256)
+        if access is None or access[0] != hashlib.sha256(cert_der).hexdigest():
             raise PermissionError(f"certificate of {device!r} is not the one enrolled; "
                                   "enroll the device again")
-        if (device, sha256) not in self._fetchable:
-            if not self.registry.was_desired(device, sha256):
-                return None
-            self._fetchable.add((device, sha256))
-        return self.registry.get_bundle(sha256)
+        if not access[1]:
+            return None
+        record = self._bundles.get(sha256)
+        if record is None:
+            record = self.registry.get_bundle(sha256)
+            if record is not None:
+                if len(self._bundles) >= _MAX_CACHED_BUNDLES:
+                    self._bundles.clear()  # rare (that many bundles in use): start over
+                self._bundles[sha256] = record
+        return record
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -143,6 +158,7 @@ class _Handler(BaseHTTPRequestHandler):
     endpoint: BundleHttpServer
     server_version = f"edgefleet/{__version__}"
     protocol_version = "HTTP/1.1"  # keep-alive: a device resumes on the same connection
+    _buffer: memoryview | None = None
 
     def do_GET(self) -> None:
         self._serve(body=True)
@@ -196,17 +212,23 @@ class _Handler(BaseHTTPRequestHandler):
                 self._copy(blob, start, length)
 
     def _copy(self, blob: Any, start: int, length: int) -> None:
+        # One buffer per connection, read into and written from in place: no new bytes
+        # object (and its allocation, page faults and copy) per block. sendfile would save
+        # the copy too, but it needs a plain socket: Python's ssl (3.11) writes through
+        # OpenSSL, and this kernel offers no kernel TLS (docs/scale.md "Bundles").
+        if self._buffer is None:
+            self._buffer = memoryview(bytearray(_BLOCK))
         blob.seek(start)
         left = length
         while left:
-            data = blob.read(min(_BLOCK, left))
-            if not data:  # the blob shrank: close rather than send a short body silently
+            n = blob.readinto(self._buffer[:min(_BLOCK, left)])
+            if not n:  # the blob shrank: close rather than send a short body silently
                 log.error("bundle blob %s ended %d bytes early", blob.name, left)
                 self.close_connection = True
                 return
-            self.wfile.write(data)
-            left -= len(data)
-            self.endpoint.bytes_sent += len(data)
+            self.wfile.write(self._buffer[:n])
+            left -= n
+            self.endpoint.bytes_sent += n
 
     def _client(self) -> tuple[str, bytes]:
         """The device id (certificate CN) and DER certificate of the client."""

@@ -111,6 +111,16 @@ def was_desired(tx: Tx, device_id: str, bundle_sha256: str) -> bool:
                   (device_id, sha)) is not None
 
 
+def bundle_access(tx: Tx, device_id: str, bundle_sha256: str) -> tuple[str, bool] | None:
+    """(the fingerprint of the device's enrolled certificate, whether this bundle is or was
+    in its desired state) in one query; None for an unknown device."""
+    sha = bundle_sha256.lower()
+    row = tx.one("SELECT cert_fingerprint, EXISTS (SELECT 1 FROM ever_desired WHERE "
+                 "device_id = devices.id AND bundle_sha256 = ?) FROM devices WHERE id = ?",
+                 (sha if SHA256_HEX.fullmatch(sha) else "", device_id))
+    return None if row is None else (str(row[0]), bool(row[1]))
+
+
 def _lock_targets(tx: Tx, devices: Sequence[str] | None, group: str | None) -> _Targets:
     """(id, desired) of the selected devices, rows locked, in id order."""
     lock = tx.dialect.for_update

@@ -397,6 +397,13 @@ class Registry:
         with self._tx() as tx:
             return desired.was_desired(tx, device_id, bundle_sha256)
 
+    def bundle_access(self, device_id: str, bundle_sha256: str) -> tuple[str, bool] | None:
+        """What the bundle endpoint checks for one download, in one query: the fingerprint
+        of the device's enrolled certificate and whether the bundle is or was in its desired
+        state (:meth:`was_desired`); None for an unknown device."""
+        with self._tx() as tx:
+            return desired.bundle_access(tx, device_id, bundle_sha256)
+
     # --- events ---
 
     def add_event(self, kind: str, *, device: str | None = None,

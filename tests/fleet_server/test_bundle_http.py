@@ -4,6 +4,7 @@ requests, only the bundles in a device's desired state, and their URLs in ``desi
 from __future__ import annotations
 
 import http.client
+import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import replace
@@ -102,3 +103,63 @@ def test_only_the_enrolled_certificate_of_the_fleet_ca_gets_in(
     assert again.enrollment.certificate_pem != device.enrollment.certificate_pem
     assert _get(bundle_service, device.identity, path)[0] == 403
     assert _get(bundle_service, again.identity, path)[0] == 200
+
+
+def test_each_download_is_authorized_against_the_registry_of_now(
+        bundle_service: FleetService, bundles: dict[str, bytes], tmp_path: Path) -> None:
+    """Whatever the endpoint keeps between requests, it never serves a bundle before it is
+    desired, nor to a certificate that was replaced since the last download."""
+    device = enroll(bundle_service, tmp_path, "gw-1")
+    first = bundle_service.add_bundle(bundles["v1"])
+    second = bundle_service.add_bundle(bundles["v2"])
+    bundle_service.publish(first.sha256, devices=["gw-1"])
+    path = f"/bundles/{second.sha256}.efb"
+    assert _get(bundle_service, device.identity, path)[0] == 404  # stored, not desired
+    bundle_service.publish(second.sha256, devices=["gw-1"])
+    status, _, body = _get(bundle_service, device.identity, path)
+    assert (status, body) == (200, bundles["v2"])
+    # v1 is no longer desired but was: it stays fetchable (as over MQTT).
+    assert _get(bundle_service, device.identity, f"/bundles/{first.sha256}.efb")[0] == 200
+    # Downloads just succeeded; the device is reset and enrolled again: the very next
+    # request with the old certificate is refused, the new one gets both bundles.
+    bundle_service.reset_device("gw-1")
+    again = enroll(bundle_service, tmp_path / "again", "gw-1")
+    assert _get(bundle_service, device.identity, path)[0] == 403
+    assert _get(bundle_service, again.identity, path)[0] == 200
+    assert _get(bundle_service, again.identity, f"/bundles/{first.sha256}.efb")[0] == 200
+
+
+def _session_get(service: FleetService, context: ssl.SSLContext, path: str,
+                 session: ssl.SSLSession | None) -> tuple[int, ssl.SSLSession | None, bool]:
+    """GET on a new connection offering ``session`` (made with ``context``): (status, the
+    session to resume next time, whether this one was resumed)."""
+    assert service._bundle_http is not None
+    raw = socket.create_connection(("127.0.0.1", service._bundle_http.port), timeout=10)
+    with context.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while data := sock.recv(65536):
+            answer += data
+        return int(answer.split()[1]), sock.session, bool(sock.session_reused)
+
+
+def test_a_device_resumes_its_tls_session_and_is_still_checked(
+        bundle_service: FleetService, bundles: dict[str, bytes], tmp_path: Path) -> None:
+    """A device reconnecting after a cut skips the full handshake with its session ticket;
+    the registry check still applies to the certificate the session carries."""
+    device = enroll(bundle_service, tmp_path, "gw-1")
+    record = bundle_service.add_bundle(bundles["v1"])
+    bundle_service.publish(record.sha256, devices=["gw-1"])
+    path = f"/bundles/{record.sha256}.efb"
+    context = ssl.create_default_context(cadata=bundle_service.ca.cert_pem.decode())
+    context.load_cert_chain(device.identity.cert_file, device.identity.key_file)
+    status, session, resumed = _session_get(bundle_service, context, path, None)
+    assert (status, resumed) == (200, False)
+    assert session is not None
+    status, again, resumed = _session_get(bundle_service, context, path, session)
+    assert (status, resumed) == (200, True)
+    # Reset and enrolled again: the old certificate's session resumes, and is refused.
+    bundle_service.reset_device("gw-1")
+    enroll(bundle_service, tmp_path / "again", "gw-1")
+    status, _, resumed = _session_get(bundle_service, context, path, again)
+    assert (status, resumed) == (403, True)

@@ -149,7 +149,16 @@ def test_v1_fetch_permissions_are_kept_but_not_a_forged_one(upgraded: Registry) 
     for pair, allowed in expected.items():
         device, sha = pair.split()
         assert upgraded.was_desired(device, sha) is allowed, pair
+        # The bundle endpoint's one-query check says the same, with the fingerprint.
+        record = upgraded.get_device(device)
+        assert record is not None
+        assert upgraded.bundle_access(device, sha) == (record.cert_fingerprint, allowed), pair
     assert upgraded.was_desired("gw-1", vit) is False
+    gw1 = upgraded.get_device("gw-1")
+    assert gw1 is not None
+    assert upgraded.bundle_access("gw-1", vit) == (gw1.cert_fingerprint, False)
+    assert upgraded.bundle_access("gw-1", "../" + vit) == (gw1.cert_fingerprint, False)
+    assert upgraded.bundle_access("nobody", vit) is None
 
 
 def test_v1_state_behaves_as_it_did(upgraded: Registry) -> None:
