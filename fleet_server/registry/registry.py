@@ -51,6 +51,7 @@ from .records import (
     BundleRecord,
     DeltaRecord,
     DesiredChange,
+    DesiredState,
     Device,
     Enrolled,
     EventRecord,
@@ -363,6 +364,19 @@ class Registry:
         with self._tx(write=not dry_run) as tx:
             return desired.roll_back(tx, now, devices, group, model, dry_run=dry_run,
                                      substitute=substitute)
+
+    def desired_states(self, device_ids: Sequence[str]) -> list[DesiredState]:
+        """What the desired-state messages of the enrolled devices among ``device_ids``
+        are made of, in id order: a few queries for all of them."""
+        with self._tx() as tx:
+            return desired.desired_states_of(tx, device_ids)
+
+    def desired_states_page(self, *, group: str | None = None, after: str = "",
+                            limit: int = 2000) -> list[DesiredState]:
+        """The same for ``group``'s devices (None: all) after id ``after``, ``limit`` at
+        most, in id order: page through a fleet with bounded memory (empty: the end)."""
+        with self._tx() as tx:
+            return desired.desired_states_page(tx, group, after, limit)
 
     def was_desired(self, device_id: str, bundle_sha256: str) -> bool:
         """Whether this bundle is, or at some time was, in the device's desired state.
