@@ -62,13 +62,35 @@ def _settled(broker: Any) -> None:
         last = now
 
 
+def _populate(service: Any, v1: bytes, devices: int, group: int) -> None:
+    """``devices`` devices, the first ``group`` in group ``fleet``, desired and running v1."""
+    from protocol import messages
+
+    registry = service.registry
+    first = service.add_bundle(v1)
+    ids = [f"gw-{i:05}" for i in range(devices)]
+    for start in range(0, len(ids), 1000):
+        with registry.batch():
+            for i, device in enumerate(ids[start:start + 1000], start):
+                registry.upsert_device(device, group="fleet" if i < group else "rest",
+                                       profile="x86_64-avx2", cert_fingerprint="ab" * 32,
+                                       tags=["eu"])
+    registry.set_desired(first.sha256, group="fleet")
+    report = messages.encode(messages.Reported(
+        "x86_64-avx2", "0.1.0", {"digits": messages.ModelReport(1, first.sha256, "committed")},
+        {}, time.time()))
+    for start in range(0, len(ids), 1000):
+        with registry.batch():
+            for device in ids[start:start + 1000]:
+                registry.set_reported(device, report)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     sys.path.insert(0, str(args.code.resolve()))
     import psutil
 
     from fleet_server.service import FleetService
-    from protocol import messages
     from protocol.topics import device_topic
     from tests.bundle.repo import Repo, spec
     from tests.fleet_server.server_env import service_config, write_keys
@@ -79,27 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     v1, v2 = repo.build(spec("digits", 1)), repo.build(spec("digits", 2))
     with tempfile.TemporaryDirectory() as tmp, postgres_schema() as (url, admin):
         keys = write_keys(Path(tmp) / "keys", repo)
-        service = FleetService(service_config(Path(tmp) / "server", keys, url))
+        service: Any = FleetService(service_config(Path(tmp) / "server", keys, url))
         service.start()
         try:
-            registry = service.registry
-            first = service.add_bundle(v1)
-            ids = [f"gw-{i:05}" for i in range(args.devices)]
-            for start in range(0, len(ids), 1000):
-                with registry.batch():
-                    for i, device in enumerate(ids[start:start + 1000], start):
-                        registry.upsert_device(device, group="fleet" if i < args.group
-                                               else "rest", profile="x86_64-avx2",
-                                               cert_fingerprint="ab" * 32, tags=["eu"])
-            registry.set_desired(first.sha256, group="fleet")
-            report = messages.encode(messages.Reported(
-                "x86_64-avx2", "0.1.0", {"digits": messages.ModelReport(1, first.sha256,
-                                                                        "committed")},
-                {}, time.time()))
-            for start in range(0, len(ids), 1000):
-                with registry.batch():
-                    for device in ids[start:start + 1000]:
-                        registry.set_reported(device, report)
+            _populate(service, v1, args.devices, args.group)
             second = service.add_bundle(v2)
             me = psutil.Process()
             broker = next(p for p in me.children(recursive=True) if "mosquitto" in p.name())
@@ -122,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 wall = time.perf_counter() - wall0
                 # paho sends queued messages in order as PUBACKs free its in-flight window:
                 # once a sentinel published now is acknowledged, the broker has them all.
-                link = service._link
-                assert link is not None and link._client is not None
-                client = link._client
+                client = service._link._client
                 client.publish(device_topic(service.fleet, "sentinel", "desired"), b"",
                                qos=1).wait_for_publish(600)
                 sent = time.perf_counter() - wall0
