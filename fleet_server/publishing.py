@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 from bundle.trust import TrustedState, verify_bundle
@@ -225,27 +225,40 @@ class Publisher:
     def _send_states(self, states: Sequence[DesiredState]) -> list[str]:
         """Queue each device's desired state, retained (call with _desired_lock held, from
         reading ``states`` on); the ids."""
-        # One timestamp for the batch, and each bundle's download URLs built once.
-        issued_at = time.time()
-        urls: dict[str, tuple[str, ...]] = {}
+        batch = _Batch(time.time())
         for state in states:
-            self._send_desired(state, issued_at, urls)
+            self._send_desired(state, batch)
         return [s.id for s in states]
 
-    def _send_desired(self, device: DesiredState, issued_at: float,
-                      urls: dict[str, tuple[str, ...]]) -> None:
-        """Queue ``device``'s desired state, retained (call with _desired_lock held);
-        ``urls`` caches each bundle's download URLs across a batch."""
+    def _send_desired(self, device: DesiredState, batch: _Batch) -> None:
+        """Queue ``device``'s desired state, retained (call with _desired_lock held)."""
         # The delta from the version the device runs, if the release has one, and where
         # the full bundle can be downloaded over HTTP(S).
         models = {}
         for name, want in sorted(device.desired.items()):
             sha = want.bundle_sha256
-            if sha not in urls:
-                urls[sha] = bundle_urls(self._bundle_prefixes, sha)
+            if sha not in batch.urls:
+                batch.urls[sha] = bundle_urls(self._bundle_prefixes, sha)
             models[name] = replace(offer_for(want, device.running.get(name),
-                                             self._deltas.of(sha)), urls=urls[sha])
-        payload = messages.encode(messages.Desired(
-            models=models, issued_at=issued_at,
-            experiments=tuple(device.experiments)))
+                                             self._deltas.of(sha)), urls=batch.urls[sha])
+        # The experiments by identity: the devices of one page share their decoded
+        # declarations (Registry.desired_states_page), and ``states`` holds them for the
+        # whole batch, so no id is reused meanwhile.
+        key = (tuple(models.items()), tuple(id(e) for e in device.experiments))
+        payload = batch.payloads.get(key)
+        if payload is None:
+            payload = batch.payloads[key] = messages.encode(messages.Desired(
+                models=models, issued_at=batch.issued_at,
+                experiments=tuple(device.experiments)))
         self._link.publish(device.id, "desired", payload, retain=True)
+
+
+@dataclass
+class _Batch:
+    """What the messages of one batch share: one ``issued_at``, each bundle's download
+    URLs, and each distinct message, encoded once (in a group publish most devices get
+    the same bytes)."""
+
+    issued_at: float
+    urls: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    payloads: dict[tuple[object, ...], bytes] = field(default_factory=dict)
