@@ -5,7 +5,8 @@ commands, and every ``tick_s`` ticks each running or paused rollout (:meth:`tick
 on its own thread once :meth:`start`-ed), **on the leader only** (``is_leader``,
 :mod:`fleet_server.leadership`): with several server processes on one PostgreSQL one
 controller acts, not one per process racing for each revision. Commands and new rollouts
-are taken by every process (they write the registry; the leader's next tick acts on them),
+are taken by every process (they write the registry; the leader's next tick acts on them;
+one that finds the rollout saved by the leader since it read it is applied again to that),
 and a process that becomes leader finds the running rollouts in the registry at its next
 tick, reading their telemetry afresh from the rollout's start.
 
@@ -67,6 +68,9 @@ _ACTIVE = ("running", "paused")
 _STOPPED = ("halted", "aborted")
 #: Halted or aborted rollouts looked at for devices still to restore, newest first.
 _RESTORE_SCAN = 20
+#: Tries of an operator's command that finds the rollout saved meanwhile by another
+#: process's tick (a tick saves at most once per ``tick_s``).
+_COMMAND_TRIES = 3
 #: Bounds on options: a rollout of a week at most per step.
 _MAX_DURATION_S = 7 * 86400.0
 
@@ -202,10 +206,20 @@ class RolloutRunner:
     def command(self, rollout_id: str, action: str, actor: str,
                 reason: str = "") -> RolloutState:
         """The operator's pause, resume, abort or promote."""
-        with self._lock:
-            state = self.get(rollout_id)
-            new, actions = controller.command(state, action, self._clock(), actor)
-            self._commit(new, actions, actor, f"rollout.{action}", reason or action)
+        for attempt in range(1, _COMMAND_TRIES + 1):
+            with self._lock:
+                state = self.get(rollout_id)
+                new, actions = controller.command(state, action, self._clock(), actor)
+                try:
+                    self._commit(new, actions, actor, f"rollout.{action}", reason or action)
+                except RegistryError as exc:
+                    # The leader's tick (another process) saved the rollout since it was
+                    # read: apply the command again to what it saved; nothing was written.
+                    if attempt == _COMMAND_TRIES:
+                        raise
+                    log.info("rollout %s: %s tried again: %s", rollout_id, action, exc)
+                    continue
+            break
         log.info("rollout %s: %s by %s", rollout_id, action, actor)
         return new
 

@@ -185,6 +185,31 @@ def test_a_save_from_a_stale_revision_is_refused(reg: Registry, clock: Clock, db
         assert second.tick_all() == 0  # paused: nothing moves, and no error escapes
 
 
+def test_a_command_applies_again_to_what_another_process_saved_meanwhile(
+        reg: Registry, clock: Clock, db_url: str, tmp_path: Path) -> None:
+    """An operator's abort through one process while the leader (another process) saves
+    the rollout between the abort's read and its save: the abort is applied again to
+    what the leader saved, not refused."""
+    fleet = Bridge(reg, clock, 10, None)
+    leader = _runner(reg, clock, [])
+    state = leader.create(fleet.v2.bundle_sha256, Selection(group="lab"),
+                          RolloutOptions(bake_s=60.0), actor="alice")
+    moved: list[str] = []
+
+    def clock_of_a_race() -> float:
+        if not moved:  # between the follower's read and its save, once
+            moved.append(leader.command(state.spec.id, "pause", "alice").status)
+        return clock.now
+
+    with open_registry(db_url, blob_dir=tmp_path / "blobs", clock=clock) as other:
+        follower = RolloutRunner(other, publish=lambda ids: None,
+                                 online=lambda d, now: True, clock=clock_of_a_race)
+        aborted = follower.command(state.spec.id, "abort", "bob", "wrong bundle")
+    assert moved == ["paused"]
+    assert aborted.status == "aborted"
+    assert [e.action for e in reg.audit_log()][-2:] == ["rollout.paused", "rollout.aborted"]
+
+
 class _CountingClock:
     """The test clock, counting reads: a runner reads it once per rollout it ticks."""
 
