@@ -2,10 +2,16 @@
 its desired state, retained, over the :class:`~fleet_server.device_link.DeviceLink`.
 
 A device's desired state is sent whenever it changes (:meth:`Publisher.publish`,
-:meth:`Publisher.rollback`, an enrollment, a rollout's step) and after every connection to
-the broker (:meth:`Publisher.republish_all`). Each message carries, per model, the delta
-from the version the device runs when the release has one (:mod:`fleet_server.deltas`) and
-where the full bundle can be downloaded over HTTPS (:mod:`fleet_server.bundle_http`).
+:meth:`Publisher.rollback`, an enrollment, a rollout's step) and after connections to the
+broker (:meth:`Publisher.republish_all`; which ones: ``FleetService._on_connected``). Each
+message carries, per model, the delta from the version the device runs when the release
+has one (:mod:`fleet_server.deltas`) and where the full bundle can be downloaded over HTTPS
+(:mod:`fleet_server.bundle_http`).
+
+Many devices' messages are made in batches: what they are made of is read set-based, a
+page of devices at a time (:meth:`Registry.desired_states_page`), and each distinct message
+of a batch is encoded once, so a publish to 10,000 devices is a few dozen queries and one
+paho publish per device.
 """
 
 from __future__ import annotations
