@@ -51,10 +51,17 @@ class BrokerConfig:
     #: Seconds between saves of the persistence database (it is also saved on a clean
     #: stop); a broker crash loses retained messages and queues changed since the last save.
     autosave_interval: int = 60
-    #: QoS 1 messages queued per disconnected client before the broker drops new ones
-    #: (Mosquitto's default is 1000). The fleet server's own session queues the whole
-    #: fleet's telemetry while the server restarts, hence the larger bound.
-    max_queued_messages: int = 10_000
+    #: QoS 1 messages queued per client beyond those in flight before the broker drops new
+    #: ones (Mosquitto's default is 1000). Sized for the fleet server's own session, which
+    #: queues the fleet's reports while the server restarts or falls behind in a rollout:
+    #: about 14 messages per device per rollout (install events and reports, 330 bytes on
+    #: average), 140,000 at 10,000 devices if a server stored none of them meanwhile
+    #: (docs/scale.md, "Broker queues"). Mosquitto 2.0's limits are global, not per client:
+    #: this count does not bound what a device costs the broker, its byte bound does
+    #: (max_queued_bytes), since what is queued for a device is few and large (chunk
+    #: frames, desired states). 10,000 until issue 16: a rollout to 10,000 devices lost 350
+    #: reports to it.
+    max_queued_messages: int = 200_000
     #: QoS 1 messages sent to a client and not yet acknowledged, at most (0: no limit;
     #: Mosquitto's default is 20). Mosquitto 2.0.11 queues the messages beyond the limit
     #: and may then deliver them out of order: a device's newer ``reported`` state could
@@ -71,9 +78,11 @@ class BrokerConfig:
     #: in batches, never reaches it in normal operation (reordering, above).
     max_inflight_bytes: int = 8 * 1024 * 1024
     #: Bytes queued for one client beyond those in flight; more are dropped. Bounds what a
-    #: disconnected or stalled client costs the broker in memory and persistence. The
-    #: fleet server's own backlog is bounded first by max_queued_messages for small
-    #: messages (telemetry, reports).
+    #: disconnected or stalled client costs the broker in memory and persistence: a
+    #: device's queue (2 x (8 + 32) MiB of broker memory at most, measured). The fleet
+    #: server's backlog of small messages fits too: 140,000 reports and events of a
+    #: 10,000-device rollout are 46 MB, of which a server session holds 8 MiB in flight
+    #: and 32 MiB queued; two processes (shared subscriptions) hold twice that.
     max_queued_bytes: int = 32 * 1024 * 1024
     #: Largest MQTT packet anyone may send, in bytes: a bundle chunk frame (at most 4 MiB of
     #: data, protocol.messages) plus headers. A client sending more is disconnected.

@@ -18,7 +18,7 @@ from typing import Any
 
 from protocol.messages import DeltaOffer, DesiredModel, ModelReport
 
-from .registry import DeltaRecord, Device
+from .registry import DeltaRecord, DeviceModels
 
 __all__ = ["TransferPlan", "offer_for", "plan_transfers"]
 
@@ -61,7 +61,7 @@ class TransferPlan:
                 "wire_bytes": self.wire_bytes, "saved_bytes": self.saved_bytes}
 
 
-def plan_transfers(desired: DesiredModel, model: str, devices: Iterable[Device],
+def plan_transfers(desired: DesiredModel, model: str, devices: Iterable[DeviceModels],
                    deltas: Sequence[DeltaRecord]) -> TransferPlan:
     """What sending ``desired`` (model ``model``) to ``devices`` costs, given the
     release's ``deltas``: devices already running it are not counted."""

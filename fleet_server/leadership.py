@@ -1,5 +1,6 @@
 """Which of several ``fleet serve`` processes on one PostgreSQL does the work that must
-happen once: retention today, the rollout controller and alert evaluation as they come.
+happen once: retention, alert evaluation, the rollout controller, and the re-publish of
+every desired state when a process reconnects to the broker.
 
 The leader is the process holding a PostgreSQL **session-level advisory lock**
 (``pg_try_advisory_lock``), keyed by the fleet's name and the registry's schema, on a
@@ -166,8 +167,10 @@ class AdvisoryLeadership:
                 connection.close()
 
 
-def leadership_for(db_url: str | None, fleet: str, *, interval_s: float = 1.0) -> Leadership:
-    """Advisory-lock leadership on PostgreSQL, sole leadership otherwise (SQLite)."""
+def leadership_for(db_url: str | None, fleet: str, *, interval_s: float = 1.0,
+                   on_change: Callable[[bool], None] | None = None) -> Leadership:
+    """Advisory-lock leadership on PostgreSQL, sole leadership otherwise (SQLite, where
+    ``on_change`` is never called: the process leads from the start)."""
     if db_url is not None and db_url.startswith(("postgresql://", "postgres://")):
-        return AdvisoryLeadership(db_url, fleet, interval_s=interval_s)
+        return AdvisoryLeadership(db_url, fleet, interval_s=interval_s, on_change=on_change)
     return SoleLeadership()

@@ -2,10 +2,16 @@
 its desired state, retained, over the :class:`~fleet_server.device_link.DeviceLink`.
 
 A device's desired state is sent whenever it changes (:meth:`Publisher.publish`,
-:meth:`Publisher.rollback`, an enrollment, a rollout's step) and after every connection to
-the broker (:meth:`Publisher.republish_all`). Each message carries, per model, the delta
-from the version the device runs when the release has one (:mod:`fleet_server.deltas`) and
-where the full bundle can be downloaded over HTTPS (:mod:`fleet_server.bundle_http`).
+:meth:`Publisher.rollback`, an enrollment, a rollout's step) and after connections to the
+broker (:meth:`Publisher.republish_all`; which ones: ``FleetService._on_connected``). Each
+message carries, per model, the delta from the version the device runs when the release
+has one (:mod:`fleet_server.deltas`) and where the full bundle can be downloaded over HTTPS
+(:mod:`fleet_server.bundle_http`).
+
+Many devices' messages are made in batches: what they are made of is read set-based, a
+page of devices at a time (:meth:`Registry.desired_states_page`), and each distinct message
+of a batch is encoded once, so a publish to 10,000 devices is a few dozen queries and one
+paho publish per device.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 from bundle.trust import TrustedState, verify_bundle
@@ -26,12 +32,16 @@ from .deltas import TransferPlan, offer_for, plan_transfers
 from .device_link import DeviceLink
 from .errors import RegistryError
 from .recipients import Candidate, Recipients, select_recipients
-from .registry import BundleRecord, DeltaRecord, DesiredChange, Device, Registry
+from .registry import BundleRecord, DeltaRecord, DesiredChange, DesiredState, Device, Registry
 from .releases import Releaser, check_publishable
 
 __all__ = ["PublishResult", "Publisher"]
 
 log = logging.getLogger(__name__)
+
+#: Devices whose desired states are read and queued at a time (a group, republish_all):
+#: a few set-based queries per page, and memory bounded however large the fleet.
+_PAGE = 2000
 
 
 @dataclass(frozen=True)
@@ -108,15 +118,18 @@ class Publisher:
         if record is None:
             raise RegistryError(f"no stored bundle has sha256 {bundle_sha256!r}; upload it "
                                 "first")
+        # Read once, set-based: the check, the transfer plan and (after the change) the
+        # messages need each selected device's desired and running models.
+        selected = self._selected(devices, group)
         # Checked before a re-release uses up a version: if devices would take the bundle,
         # they take its re-release (a higher version, newer metadata) too.
-        check_publishable(record, self._selected(devices, group), self._registry.get_bundle)
+        check_publishable(record, selected, self._registry.get_bundle)
         released: tuple[BundleRecord, ...] = ()
         if encrypt_for:
             recipients = self.recipients(encrypt_for)
             record = self._releaser.rerelease(record, recipients=recipients.keys)
             released = (record,)
-        transfer = plan_transfers(record.desired, record.name, self._selected(devices, group),
+        transfer = plan_transfers(record.desired, record.name, selected,
                                   self._deltas.of(record.sha256))
         changes = self._registry.set_desired(record.sha256, devices=devices, group=group)
         return replace(self.publish_selected(changes, devices, group), released=released,
@@ -160,49 +173,99 @@ class Publisher:
             check_publishable(record, devices, self._registry.get_bundle)
 
     def republish_all(self) -> int:
-        """Publish every device's desired state (retained); returns how many."""
-        with self._desired_lock:
-            devices = self._registry.list_devices()
-            for device in devices:
-                self._send_desired(device)
-        log.info("published the desired state of %d device(s)", len(devices))
-        return len(devices)
+        """Publish every device's desired state (retained); returns how many. Read and sent
+        a page of devices at a time: memory stays bounded however large the fleet."""
+        count = len(self._send_pages(None))
+        log.info("published the desired state of %d device(s)", count)
+        return count
 
     def send(self, device: Device) -> None:
         """Publish ``device``'s desired state (retained), as just read from the registry."""
         with self._desired_lock:
-            self._send_desired(device)
+            self._send_states(self._registry.desired_states([device.id]))
 
     def publish_selected(self, changes: Sequence[DesiredChange],
                          devices: Sequence[str] | None, group: str | None) -> PublishResult:
         """Publish the desired state of ``devices`` or every device of ``group``, after
         ``changes`` were made to it."""
-        with self._desired_lock:
-            selected = self._selected(devices, group)
-            for device in selected:
-                self._send_desired(device)
+        if group is not None:
+            sent = self._send_pages(group)
+        else:
+            with self._desired_lock:
+                sent = self._send_states(self._registry.desired_states(devices or ()))
         delivered = self._link.connected
         if not delivered:
             log.warning("desired state of %d device(s) stored but not sent: no broker "
-                        "connection; it is sent when the connection returns", len(selected))
-        return PublishResult(tuple(changes), tuple(d.id for d in selected), delivered)
+                        "connection; it is sent when the connection returns", len(sent))
+        return PublishResult(tuple(changes), tuple(sent), delivered)
 
-    def _selected(self, devices: Sequence[str] | None, group: str | None) -> list[Device]:
-        if group is not None:
-            return self._registry.list_devices(group=group)
-        found = (self._registry.get_device(d) for d in sorted(set(devices or ())))
-        return [d for d in found if d is not None]
+    def _selected(self, devices: Sequence[str] | None,
+                  group: str | None) -> list[DesiredState]:
+        if group is None:
+            return self._registry.desired_states(devices or ())
+        found: list[DesiredState] = []
+        self._each_page(group, found.extend)
+        return found
 
-    def _send_desired(self, device: Device) -> None:
+    def _send_pages(self, group: str | None) -> list[str]:
+        """Send the desired state of ``group``'s devices (None: all); the ids sent."""
+        sent: list[str] = []
+        self._each_page(group, lambda page: sent.extend(self._send_states(page)))
+        return sent
+
+    def _each_page(self, group: str | None,
+                   handle: Callable[[list[DesiredState]], object]) -> None:
+        """Read the desired states of ``group``'s devices (None: all) a page at a time and
+        ``handle`` each page, under the lock from the read on. Taken per page, so a
+        publish to a few devices need not wait for a fleet-wide one."""
+        after = ""
+        while True:
+            with self._desired_lock:
+                page = self._registry.desired_states_page(group=group, after=after,
+                                                          limit=_PAGE)
+                handle(page)
+            if not page:
+                return
+            after = page[-1].id
+
+    def _send_states(self, states: Sequence[DesiredState]) -> list[str]:
+        """Queue each device's desired state, retained (call with _desired_lock held, from
+        reading ``states`` on); the ids."""
+        batch = _Batch(time.time())
+        for state in states:
+            self._send_desired(state, batch)
+        return [s.id for s in states]
+
+    def _send_desired(self, device: DesiredState, batch: _Batch) -> None:
         """Queue ``device``'s desired state, retained (call with _desired_lock held)."""
         # The delta from the version the device runs, if the release has one, and where
         # the full bundle can be downloaded over HTTP(S).
-        models = {name: replace(offer_for(want, device.running.get(name),
-                                          self._deltas.of(want.bundle_sha256)),
-                                urls=bundle_urls(self._bundle_prefixes, want.bundle_sha256))
-                  for name, want in sorted(device.desired.items())}
-        payload = messages.encode(messages.Desired(
-            models=models, issued_at=time.time(),
-            experiments=tuple(self._registry.experiment_declarations(device.id)),
-            features=(messages.FEATURE_EVENT_BATCH,)))
+        models = {}
+        for name, want in sorted(device.desired.items()):
+            sha = want.bundle_sha256
+            if sha not in batch.urls:
+                batch.urls[sha] = bundle_urls(self._bundle_prefixes, sha)
+            models[name] = replace(offer_for(want, device.running.get(name),
+                                             self._deltas.of(sha)), urls=batch.urls[sha])
+        # The experiments by identity: the devices of one page share their decoded
+        # declarations (Registry.desired_states_page), and ``states`` holds them for the
+        # whole batch, so no id is reused meanwhile.
+        key = (tuple(models.items()), tuple(id(e) for e in device.experiments))
+        payload = batch.payloads.get(key)
+        if payload is None:
+            payload = batch.payloads[key] = messages.encode(messages.Desired(
+                models=models, issued_at=batch.issued_at,
+                experiments=tuple(device.experiments),
+                features=(messages.FEATURE_EVENT_BATCH,)))
         self._link.publish(device.id, "desired", payload, retain=True)
+
+
+@dataclass
+class _Batch:
+    """What the messages of one batch share: one ``issued_at``, each bundle's download
+    URLs, and each distinct message, encoded once (in a group publish most devices get
+    the same bytes)."""
+
+    issued_at: float
+    urls: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    payloads: dict[tuple[object, ...], bytes] = field(default_factory=dict)

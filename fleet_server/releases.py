@@ -22,6 +22,7 @@ than what it trusted (docs/security.md). So:
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -36,7 +37,7 @@ from bundle.trust import TrustedState, verify_bundle
 
 from .errors import KeyStoreError, ReleaseError
 from .keys import KeyStore, RepositoryState
-from .registry import BundleRecord, Device, Registry
+from .registry import BundleRecord, DeviceModels, Registry
 
 __all__ = ["Releaser", "check_publishable"]
 
@@ -45,10 +46,11 @@ log = logging.getLogger(__name__)
 _ONLINE = ("targets", "snapshot", "timestamp")
 
 
-def check_publishable(bundle: BundleRecord, devices: Sequence[Device],
+def check_publishable(bundle: BundleRecord, devices: Sequence[DeviceModels],
                       bundle_of: Callable[[str], BundleRecord | None]) -> None:
     """ReleaseError if any of ``devices`` would refuse ``bundle`` (pure: ``bundle_of`` looks
-    up stored bundles by sha256)."""
+    up stored bundles by sha256, once per bundle however many devices name it)."""
+    bundle_of = functools.cache(bundle_of)
     for device in devices:
         have = _versions_of(device, bundle.name)
         if have and bundle.version < max(have):
@@ -70,13 +72,13 @@ def check_publishable(bundle: BundleRecord, devices: Sequence[Device],
                 f"gets newer metadata)")
 
 
-def _versions_of(device: Device, model: str) -> list[int]:
+def _versions_of(device: DeviceModels, model: str) -> list[int]:
     """Versions of ``model`` the device is asked to run or reports running."""
     return [m.version for m in (device.desired.get(model), device.running.get(model))
             if m is not None]
 
 
-def _bundles_of(device: Device) -> set[str]:
+def _bundles_of(device: DeviceModels) -> set[str]:
     """Bundles (sha256) the device is asked to run or reports running, of any model."""
     return ({d.bundle_sha256 for d in device.desired.values()}
             | {r.bundle_sha256 for r in device.running.values() if r.bundle_sha256})

@@ -26,6 +26,7 @@ parts' own, offered here so the API and tests have one object to hold. The confi
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from types import TracebackType
 from typing import IO, TypeVar
@@ -98,6 +99,8 @@ class FleetService:
         self._leadership: Leadership | None = None
         self._housekeeping: Housekeeping | None = None
         self._lock_file: IO[str] | None = None
+        #: Whether the desired states were sent after a connection of this start's.
+        self._republished = False
 
     # --- life cycle ---
 
@@ -170,6 +173,7 @@ class FleetService:
             raise ServiceError(f"cannot create the data directory {data} ({exc.strerror}); "
                                "choose a writable --data directory") from exc
         self._lock_file = lock_data_dir(data)
+        self._republished = False
         self.root_json()  # fail at start, not at the first enrollment
         # The registry first: one that does not open (an empty file, a wrong database
         # URL) must leave the data directory as it was, not with a new fleet CA in it.
@@ -223,16 +227,43 @@ class FleetService:
             online=lambda d, now: d.online_at(now, self.config.offline_after_s),
             tick_s=self.config.rollout_tick_s, check=publisher.check_rollout,
             rerelease=lambda b: self.releaser.rerelease(b, rollback_of=b.version),
-            experiments=self._experiments.running_on)
-        self._rollouts.start()  # resumes the rollouts the registry holds
+            experiments=self._experiments.running_on, is_leader=self.leadership.is_leader)
+        # The leader's runner resumes the rollouts the registry holds.
+        self._rollouts.start()
 
     def _on_connected(self) -> None:
         """After every connection to the broker (its network thread): send again what a
         broker that crashed may have lost, the retained desired states and the experiments'
-        posterior pushes."""
-        self.republish_all()
+        posterior pushes.
+
+        The desired states: on this process's first connection (what it committed and had
+        not sent when it was killed is sent now), and on a reconnection by the leader only.
+        A broker that lost its retained messages is reconnected to by every process, the
+        leader among them; one copy of each device's state is enough (they are retained
+        and idempotent), not one per process: with two processes and 10,000 devices that
+        halves a reconnection's burst to 10,000 messages. A process that becomes leader
+        sends them too (:meth:`_on_leadership`), in case the leader went away before it
+        reconnected."""
+        first, self._republished = not self._republished, True
+        if first or self.leadership.is_leader():
+            self.republish_all()
         if self._experiments is not None:
             self._experiments.push_all()
+
+    def _on_leadership(self, leader: bool) -> None:
+        """Leadership moved (its thread). A new leader sends every desired state, on a
+        thread of its own so the leadership checks go on meanwhile: the old leader may
+        have gone before it reconnected to a broker that lost them (:meth:`_on_connected`).
+        Not at start: the first connection sends them anyway."""
+        if leader and self._republished and self.connected:
+            threading.Thread(target=self._republish_quietly, name="republish",
+                             daemon=True).start()
+
+    def _republish_quietly(self) -> None:
+        try:
+            self.republish_all()
+        except Exception:  # stopped meanwhile, or the database away: the next one sends
+            log.exception("re-publishing the desired states as the new leader failed")
 
     def _start_broker(self, ca: FleetCA) -> Broker:
         if self.config.broker_url is not None:
@@ -268,7 +299,8 @@ class FleetService:
     def _start_leadership(self, fleet: str, registry: Registry) -> None:
         """Compete for the fleet's once-only work (:mod:`fleet_server.leadership`)."""
         self._leadership = leadership_for(self.config.db_url, fleet,
-                                          interval_s=self.config.leader_interval_s)
+                                          interval_s=self.config.leader_interval_s,
+                                          on_change=self._on_leadership)
         self._leadership.start()
         keep = self.config.telemetry_retention_s
         jobs = [] if keep is None else [retention_job(registry, keep)]

@@ -4,23 +4,30 @@ Each change of one device's model pushes the previous value onto ``desired_histo
 rollback pops it. ``ever_desired`` remembers every bundle a device was ever asked to run:
 the bundles the server lets it fetch. Rows of a selection are locked in id order, so two
 concurrent changes of overlapping groups on PostgreSQL neither lose an update nor deadlock.
+
+What the desired-state messages of many devices are made of is read set-based
+(:func:`desired_states_of`, :func:`desired_states_page`): three queries for a page of
+devices, not a few per device, so publishing to 10,000 devices is a few dozen queries.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fleet_server.errors import RegistryError
-from protocol.messages import DesiredModel
+from protocol.messages import DesiredModel, ModelReport
 
 from .bundles import require_bundle
 from .database import Tx
 from .devices import desired_by_device
 from .events import EVENT_INSERT
-from .records import DesiredChange, desired_extras, desired_json
+from .records import DesiredChange, DesiredState, desired_extras, desired_json
 from .values import SHA256_HEX, dumps
 
-__all__ = ["clear_desired", "roll_back", "set_desired", "set_models", "was_desired"]
+__all__ = ["clear_desired", "desired_states_of", "desired_states_page", "roll_back",
+           "set_desired", "set_models", "was_desired"]
 
 #: SQLite allows 32766 host parameters per statement (999 before 3.32); stay well below.
 _IN_CHUNK = 500
@@ -119,6 +126,59 @@ def bundle_access(tx: Tx, device_id: str, bundle_sha256: str) -> tuple[str, bool
                  "device_id = devices.id AND bundle_sha256 = ?) FROM devices WHERE id = ?",
                  (sha if SHA256_HEX.fullmatch(sha) else "", device_id))
     return None if row is None else (str(row[0]), bool(row[1]))
+
+
+def desired_states_of(tx: Tx, device_ids: Sequence[str]) -> list[DesiredState]:
+    """The desired states of the enrolled devices among ``device_ids``, in id order
+    (unknown ids are left out)."""
+    wanted = sorted(set(device_ids))
+    states: list[DesiredState] = []
+    for start in range(0, len(wanted), _IN_CHUNK):
+        chunk = wanted[start:start + _IN_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        ids = [r[0] for r in tx.all(f"SELECT id FROM devices WHERE id IN ({marks}) "
+                                    "ORDER BY id", chunk)]
+        states += _states(tx, ids, f"IN ({marks})", chunk)
+    return states
+
+
+def desired_states_page(tx: Tx, group: str | None, after: str,
+                        limit: int) -> list[DesiredState]:
+    """The desired states of ``group``'s devices (None: every device) with ids after
+    ``after``, the first ``limit`` in id order: a page (the next one is after the last id
+    of this one; an empty page is the end)."""
+    in_group = "" if group is None else " AND group_name = ?"
+    params: tuple[Any, ...] = (after,) if group is None else (after, group)
+    ids = [r[0] for r in tx.all(f"SELECT id FROM devices WHERE id > ?{in_group} "
+                                "ORDER BY id LIMIT ?", (*params, limit))]
+    if not ids:
+        return []
+    # A range of the primary keys rather than a list of ids: no bound on parameters, and
+    # rows of other groups' devices in the range are dropped by _states.
+    return _states(tx, ids, "BETWEEN ? AND ?", (ids[0], ids[-1]))
+
+
+def _states(tx: Tx, ids: Sequence[str], where: str,
+            params: Sequence[Any]) -> list[DesiredState]:
+    """The desired states of ``ids``; ``where`` (with ``params``) selects at least their
+    rows by device id in the other tables."""
+    desired = desired_by_device(tx, f"WHERE device_id {where}", params)
+    running: dict[str, dict[str, ModelReport]] = {}
+    for device_id, model, version, sha, state in tx.all(
+            "SELECT device_id, model, version, bundle_sha256, state FROM reported_models "
+            f"WHERE device_id {where}", params):
+        running.setdefault(device_id, {})[model] = ModelReport(int(version), sha, state)
+    experiments: dict[str, list[Mapping[str, Any]]] = {}
+    specs: dict[str, Mapping[str, Any]] = {}  # decoded once: many devices share one
+    for device_id, spec in tx.all(
+            "SELECT d.device, e.spec FROM experiment_devices d JOIN experiments e "
+            f"ON e.name = d.experiment WHERE e.status = 'running' AND d.device {where} "
+            "ORDER BY d.device, e.name", params):
+        if spec not in specs:
+            specs[spec] = json.loads(spec)
+        experiments.setdefault(device_id, []).append(specs[spec])
+    return [DesiredState(i, desired.get(i, {}), running.get(i, {}),
+                         tuple(experiments.get(i, ()))) for i in ids]
 
 
 def _lock_targets(tx: Tx, devices: Sequence[str] | None, group: str | None) -> _Targets:

@@ -13,14 +13,14 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from protocol.install_states import InstallState
 from protocol.messages import DesiredModel, DesiredShadow, ModelReport, Telemetry
 
-__all__ = ["BundleRecord", "DeltaRecord", "DesiredChange", "Device", "Enrolled", "EventRecord",
-           "TelemetryRecord", "desired_extras", "desired_from_row", "desired_json",
-           "is_converged"]
+__all__ = ["BundleRecord", "DeltaRecord", "DesiredChange", "DesiredState", "Device",
+           "DeviceModels", "Enrolled", "EventRecord", "TelemetryRecord", "desired_extras",
+           "desired_from_row", "desired_json", "is_converged"]
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,38 @@ def desired_extras(model: DesiredModel) -> str | None:
     extras = {k: v for k, v in desired_json(model).items()
               if k not in ("version", "bundle_sha256", "size")}
     return json.dumps(extras, sort_keys=True) if extras else None
+
+
+class DeviceModels(Protocol):
+    """What checks of a publish read of a device: a :class:`Device` or a
+    :class:`DesiredState`."""
+
+    @property
+    def id(self) -> str:
+        """The device id."""
+        ...
+
+    @property
+    def desired(self) -> Mapping[str, DesiredModel]:
+        """What it should run, by model."""
+        ...
+
+    @property
+    def running(self) -> Mapping[str, ModelReport]:
+        """What it reports running, by model."""
+        ...
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """What a device's desired-state message is made of, read for many devices at once
+    (:meth:`Registry.desired_states`): what it should run, what it reports running (the
+    base of a delta) and the declarations of the running experiments it takes part in."""
+
+    id: str
+    desired: Mapping[str, DesiredModel]
+    running: Mapping[str, ModelReport]
+    experiments: tuple[Mapping[str, Any], ...] = ()
 
 
 def desired_from_row(version: int, sha256: str, size: int, extras: str | None) -> DesiredModel:

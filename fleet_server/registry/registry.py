@@ -53,6 +53,7 @@ from .records import (
     BundleRecord,
     DeltaRecord,
     DesiredChange,
+    DesiredState,
     Device,
     Enrolled,
     EventRecord,
@@ -61,6 +62,10 @@ from .records import (
 from .rollouts import RolloutRecord
 
 __all__ = ["Registry", "open_registry"]
+
+#: Ids per ``IN (...)`` list: SQLite allows 32766 host parameters per statement (999
+#: before 3.32), and each of load_devices' queries names them once.
+_IDS_PER_QUERY = 500
 
 
 def open_registry(url: str | Path, *, blob_dir: Path | None = None,
@@ -163,6 +168,23 @@ class Registry:
         where, params = devices.device_filter(group=group, tag=tag, online=online)
         with self._tx() as tx:
             return devices.load_devices(tx, where, params)
+
+    def get_devices(self, device_ids: Sequence[str]) -> list[Device]:
+        """The enrolled devices among ``device_ids``, in id order (unknown ids left out):
+        a few queries per 500 ids, or for a quarter of the fleet or more one pass over it
+        (measured at 10,000 devices: 130 ms of CPU for all of them, 340 ms by id lists)."""
+        wanted = sorted(set(device_ids))
+        found: list[Device] = []
+        with self._tx() as tx:
+            fleet = tx.one("SELECT count(*) FROM devices")
+            if fleet is not None and len(wanted) * 4 >= int(fleet[0]):
+                keep = set(wanted)
+                return [d for d in devices.load_devices(tx, "", ()) if d.id in keep]
+            for start in range(0, len(wanted), _IDS_PER_QUERY):
+                chunk = wanted[start:start + _IDS_PER_QUERY]
+                found += devices.load_devices(
+                    tx, f"WHERE id IN ({', '.join('?' * len(chunk))})", chunk)
+        return found
 
     @property
     def concurrent_writers(self) -> bool:
@@ -388,6 +410,19 @@ class Registry:
         with self._tx(write=not dry_run) as tx:
             return desired.roll_back(tx, now, devices, group, model, dry_run=dry_run,
                                      substitute=substitute)
+
+    def desired_states(self, device_ids: Sequence[str]) -> list[DesiredState]:
+        """What the desired-state messages of the enrolled devices among ``device_ids``
+        are made of, in id order: a few queries for all of them."""
+        with self._tx() as tx:
+            return desired.desired_states_of(tx, device_ids)
+
+    def desired_states_page(self, *, group: str | None = None, after: str = "",
+                            limit: int = 2000) -> list[DesiredState]:
+        """The same for ``group``'s devices (None: all) after id ``after``, ``limit`` at
+        most, in id order: page through a fleet with bounded memory (empty: the end)."""
+        with self._tx() as tx:
+            return desired.desired_states_page(tx, group, after, limit)
 
     def was_desired(self, device_id: str, bundle_sha256: str) -> bool:
         """Whether this bundle is, or at some time was, in the device's desired state.

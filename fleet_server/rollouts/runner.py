@@ -2,14 +2,21 @@
 
 :class:`RolloutRunner` starts rollouts (:meth:`~RolloutRunner.create`), takes operator
 commands, and every ``tick_s`` ticks each running or paused rollout (:meth:`tick_all`,
-on its own thread once :meth:`start`-ed). A tick reads what the registry holds of the
-rollout's devices (reported state, last install, telemetry samples), calls the pure
-controller, and then, in **one registry transaction**, saves the new state (by revision:
-a second server cannot move the same rollout), writes its events and audit entries and
-changes the desired state. Only after that commit are the changed devices' desired states
-published over MQTT (``publish``); a server killed before that publishes every device's
-desired state when it connects again, so a rollout resumes on restart exactly where its
-last committed state left it.
+on its own thread once :meth:`start`-ed), **on the leader only** (``is_leader``,
+:mod:`fleet_server.leadership`): with several server processes on one PostgreSQL one
+controller acts, not one per process racing for each revision. Commands and new rollouts
+are taken by every process (they write the registry; the leader's next tick acts on them;
+one that finds the rollout saved by the leader since it read it is applied again to that),
+and a process that becomes leader finds the running rollouts in the registry at its next
+tick, reading their telemetry afresh from the rollout's start.
+
+A tick reads what the registry holds of the rollout's devices (reported state, last install,
+telemetry samples), calls the pure controller, and then, in **one registry transaction**,
+saves the new state (by revision: a second server cannot move the same rollout), writes its
+events and audit entries and changes the desired state. Only after that commit are the
+changed devices' desired states published over MQTT (``publish``); a server killed before
+that publishes every device's desired state when it connects again, so a rollout resumes on
+restart exactly where its last committed state left it.
 
 After a halt or abort the runner goes on ticking the rollout while devices it sent back
 have not shown their previous version (:func:`~.controller.restore`); a device that refused
@@ -61,6 +68,9 @@ _ACTIVE = ("running", "paused")
 _STOPPED = ("halted", "aborted")
 #: Halted or aborted rollouts looked at for devices still to restore, newest first.
 _RESTORE_SCAN = 20
+#: Tries of an operator's command that finds the rollout saved meanwhile by another
+#: process's tick (a tick saves at most once per ``tick_s``).
+_COMMAND_TRIES = 3
 #: Bounds on options: a rollout of a week at most per step.
 _MAX_DURATION_S = 7 * 86400.0
 
@@ -109,20 +119,21 @@ class RolloutRunner:
                  check: Callable[[str, Sequence[Device]], None] | None = None,
                  rerelease: Callable[[BundleRecord], BundleRecord] | None = None,
                  experiments: Callable[[str, Sequence[str]], Mapping[str, str]] | None = None,
-                 ) -> None:
+                 is_leader: Callable[[], bool] = lambda: True) -> None:
         """``check(bundle_sha256, devices)`` raises if the devices would refuse the bundle
         (the publish check); ``experiments(model, device_ids)`` names the running
         experiment each of those devices serves ``model`` in (a rollout would change an
         arm under it); ``clock`` gives the time; ``rerelease(bundle)`` signs and
         stores a re-release of a stored bundle as the next version (ReleaseError if this
         server cannot sign; without it devices that refuse their previous version stay
-        where they are)."""
+        where they are); ``is_leader()`` says whether this process's thread ticks."""
         self.registry = registry
         self._publish = publish
         self._online = online
         self._check = check
         self._rerelease = rerelease
         self._experiments = experiments
+        self._is_leader = is_leader
         self.tick_s = tick_s
         self._clock = clock
         self._samples: dict[str, dict[str, dict[int, Telemetry]]] = {}
@@ -134,7 +145,7 @@ class RolloutRunner:
     # --- life cycle ---
 
     def start(self) -> None:
-        """Tick every ``tick_s`` on a thread until :meth:`stop`."""
+        """Tick every ``tick_s`` on a thread until :meth:`stop`, while leader."""
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="rollouts", daemon=True)
         self._thread.start()
@@ -148,6 +159,12 @@ class RolloutRunner:
 
     def _run(self) -> None:
         while not self._stop.wait(self.tick_s):
+            if not self._is_leader():
+                with self._lock:
+                    # Samples read while leading would have a gap once this process leads
+                    # again: it reads them afresh from each rollout's start then.
+                    self._samples.clear()
+                continue
             try:
                 self.tick_all()
             except Exception:
@@ -189,10 +206,20 @@ class RolloutRunner:
     def command(self, rollout_id: str, action: str, actor: str,
                 reason: str = "") -> RolloutState:
         """The operator's pause, resume, abort or promote."""
-        with self._lock:
-            state = self.get(rollout_id)
-            new, actions = controller.command(state, action, self._clock(), actor)
-            self._commit(new, actions, actor, f"rollout.{action}", reason or action)
+        for attempt in range(1, _COMMAND_TRIES + 1):
+            with self._lock:
+                state = self.get(rollout_id)
+                new, actions = controller.command(state, action, self._clock(), actor)
+                try:
+                    self._commit(new, actions, actor, f"rollout.{action}", reason or action)
+                except RegistryError as exc:
+                    # The leader's tick (another process) saved the rollout since it was
+                    # read: apply the command again to what it saved; nothing was written.
+                    if attempt == _COMMAND_TRIES:
+                        raise
+                    log.info("rollout %s: %s tried again: %s", rollout_id, action, exc)
+                    continue
+            break
         log.info("rollout %s: %s by %s", rollout_id, action, actor)
         return new
 
@@ -381,9 +408,9 @@ class RolloutRunner:
         devices = controller.phase_devices(state) if devices is None else devices
         read = self._read_samples(state, devices) if samples else {}
         model = state.spec.model
-        wanted = set(devices)
-        # One query for the fleet rather than one per device.
-        known = {d.id: d for d in self.registry.list_devices() if d.id in wanted}
+        # The phase's devices only, a few queries per 500: at 10,000 devices a canary
+        # step's tick read every device of the fleet otherwise.
+        known = {d.id: d for d in self.registry.get_devices(devices)}
         observations = {}
         for device_id in devices:
             device = known.get(device_id)

@@ -6,6 +6,7 @@ would, and takes the messages its persistent session holds)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,12 +23,13 @@ import pytest
 from fleet_server.broker import Broker, BrokerConfig
 from fleet_server.ca import FleetCA
 from fleet_server.registry import Registry, open_registry
+from fleet_server.service import FleetService, ServiceConfig
 from protocol import messages
 from protocol.topics import device_topic
 from tests.bundle.repo import Repo
 from tests.fleet_server.live_fleet import DIGITS, GROUP, converged, live_fleet
 from tests.fleet_server.server_env import wait_until, write_keys
-from tests.mqtt_broker import require_mosquitto
+from tests.mqtt_broker import recorders, require_mosquitto
 from tests.postgres import postgres_schema
 from transport.mqtt import BrokerAddress, ClientSettings, TLSIdentity, create_client, wait_published
 from transport.x509 import certificate_fingerprint, make_device_key_and_csr
@@ -210,3 +212,56 @@ def test_a_server_killed_mid_rollout_every_agent_converges_and_no_event_is_doubl
     assert installs, "no install event stored"
     assert len(installs) == len(set(installs)), "an install transition was stored twice"
     assert {d for d, _, _ in installs} == {"gw-1", "gw-2", "gw-3"}
+
+
+def test_desired_states_are_re_published_once_per_reconnection_by_the_leader(
+        fleet: tuple[Servers, Registry, FleetCA, Broker], tmp_path: Path) -> None:
+    """Two services (in this process) on one PostgreSQL schema and one broker: each sends
+    every desired state on its first connection; on a reconnection only the leader does
+    (one copy per device, not one per process); the other, once it becomes leader, sends
+    them too."""
+    servers, registry, ca, broker = fleet
+    services = {}
+    for name in ("a", "b"):
+        data = tmp_path / f"service-{name}"
+        shutil.copytree(tmp_path / "a" / "ca", data / "ca")
+        services[name] = FleetService(ServiceConfig(
+            data_dir=data, keys_dir=servers.keys, fleet=FLEET, db_url=servers.db_url,
+            broker_url=broker.address.url, instance=name, shared_subscriptions=True,
+            leader_interval_s=0.1))
+    identity = _device(registry, ca, tmp_path, "gw-1")
+    topic = device_topic(FLEET, "gw-1", "desired")
+    with contextlib.ExitStack() as stack, recorders(broker) as connect:
+        for service in services.values():
+            stack.enter_context(service)
+        device = connect(identity)
+        device.subscribe(topic)
+        wait_until(lambda: services["a"].leadership.is_leader()
+                   != services["b"].leadership.is_leader(), "one leader")
+        leader, other = sorted(services, key=lambda n: not services[n].leadership.is_leader())
+        def copies() -> int:
+            return sum(m.topic == topic and not m.payload.startswith(b"sentinel")
+                       for m in device.messages)
+
+        def flush() -> int:
+            """The desired states received once a sentinel sent through each connected
+            service after them is in (one connection delivers in order)."""
+            marks = []
+            for name, service in services.items():
+                if service.connected:
+                    mark = f"sentinel {name} {time.monotonic_ns()}".encode()
+                    service._link.publish("gw-1", "desired", mark)  # type: ignore[union-attr]
+                    marks.append(mark)
+            for mark in marks:
+                device.wait_message(topic, mark)
+            return copies()
+
+        time.sleep(1.0)  # a start's re-publish by a leader elected after connecting
+        before = flush()
+        for service in services.values():  # both reconnected (the broker restarted)
+            service._on_connected()
+        assert flush() == before + 1  # the leader's copy, not the other's too
+
+        services[leader].stop()
+        wait_until(services[other].leadership.is_leader, f"{other} to take over")
+        wait_until(lambda: copies() >= before + 2, "the new leader's copy")

@@ -10,9 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleet_server.errors import RegistryError
-from fleet_server.registry import DesiredChange, Registry
+from fleet_server.registry import DesiredChange, DesiredState, Registry
+from fleet_server.registry.experiments import ExperimentRecord
 from protocol.messages import DesiredModel
-from tests.fleet_server.registry.helpers import FINGERPRINT, bundle, enroll, kinds
+from tests.fleet_server.registry.helpers import FINGERPRINT, bundle, enroll, kinds, report
 
 
 def _model(reg: Registry, sha: str) -> DesiredModel:
@@ -233,3 +234,40 @@ def test_desired_and_rollback_follow_the_stack_model(
             device = reg.get_device(d)
             assert device is not None
             assert dict(device.desired) == spec.desired[d]
+
+
+def test_desired_states_read_set_based_match_the_per_device_reads(reg: Registry) -> None:
+    """What a publish reads for many devices at once (Registry.desired_states and its
+    pages) is what reading each device alone gives: desired and running models and the
+    running experiments it takes part in, none of another device's."""
+    for i in range(7):  # groups interleaved in id order: a page's id range spans both
+        enroll(reg, f"gw-{i}", group="lab" if i % 2 else "field")
+    v1, v2 = bundle(reg, version=1), bundle(reg, version=2)
+    reg.set_desired(v1, group="lab")
+    reg.set_desired(v2, devices=["gw-3", "gw-4"])
+    reg.set_reported("gw-3", report(1, v1))
+    spec = {"name": "speed", "model": "digits", "arms": ["a", "b"]}
+    reg.create_experiment(ExperimentRecord("speed", "digits", "running", 0.0, 0.0, 0, spec,
+                                           {}), ["a", "b"], ["gw-1", "gw-4"])
+    reg.create_experiment(ExperimentRecord("old", "digits", "stopped", 0.0, 0.0, 0, spec, {}),
+                          ["a", "b"], ["gw-1"])
+
+    def alone(device_id: str) -> DesiredState:
+        device = reg.get_device(device_id)
+        assert device is not None
+        return DesiredState(device_id, device.desired, device.running,
+                            tuple(reg.experiment_declarations(device_id)))
+
+    lab = [alone(f"gw-{i}") for i in (1, 3, 5)]
+    assert [s.experiments for s in lab] == [(spec,), (), ()]
+    assert lab[1].running["digits"].version == 1
+    assert lab[1].desired["digits"].version == 2
+    assert reg.desired_states(["gw-5", "nobody", "gw-3", "gw-1", "gw-3"]) == lab
+    pages, after = [], ""
+    while page := reg.desired_states_page(group="lab", after=after, limit=2):
+        pages.append(page)
+        after = page[-1].id
+    assert pages == [lab[:2], lab[2:]]
+    everyone = reg.desired_states_page(limit=100)
+    assert everyone == [alone(f"gw-{i}") for i in range(7)]
+    assert reg.desired_states_page(after="gw-6") == []

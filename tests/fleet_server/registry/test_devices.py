@@ -201,3 +201,23 @@ def test_a_report_overtaken_on_the_way_is_not_stored_over_a_newer_one(
     assert device is not None
     assert device.running["digits"].version == 1
     assert device.reported_at == clock.now
+
+
+
+def test_get_devices_reads_the_listed_devices_only(reg: Registry) -> None:
+    """More ids than one IN (...) list, and most of the fleet (read in one pass); unknown
+    and repeated ids left out; the same records as listing the fleet gives."""
+    with reg._tx(write=True) as tx:  # white-box bulk insert: 2,600 enrollments one by one
+        tx.many("INSERT INTO devices (id, group_name, profile, cert_fingerprint, enrolled_at, "
+                "online, reported) VALUES (?, 'lab', 'p', ?, 0, ?, '{}')",
+                [(f"gw-{i:04}", FINGERPRINT, False) for i in range(2600)])
+    reg.update_device("gw-0005", tags=["eu"])
+    reg.set_reported("gw-0005", report(1))
+    everyone = reg.list_devices()
+    for step in (5, 1):  # 520 of 2,600 by id lists; all of them
+        wanted = [f"gw-{i:04}" for i in range(0, 2600, step)]
+        found = reg.get_devices([*reversed(wanted), "gw-0000", "nobody"])
+        assert found == [d for d in everyone if d.id in set(wanted)]
+        assert [d.id for d in found] == wanted
+    assert reg.get_devices(["gw-0005"])[0].tags == ("eu",)
+    assert reg.get_devices([]) == []

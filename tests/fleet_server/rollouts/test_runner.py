@@ -3,19 +3,23 @@ the registry, the runner reads it, and a second runner on a fresh connection tak
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from fleet_server.audit import verify_chain
 from fleet_server.errors import RegistryError, RolloutError
+from fleet_server.leadership import AdvisoryLeadership
 from fleet_server.registry import Registry, open_registry
 from fleet_server.rollouts.runner import RolloutOptions, RolloutRunner, Selection
 from fleet_server.rollouts.simulator import Behaviour, SimFleet
 from fleet_server.rollouts.views import rollout_json, rollout_text
 from protocol.messages import DesiredModel, InstallReport, ModelReport, Reported, encode
 from tests.fleet_server.registry.helpers import Clock
+from tests.postgres import postgres_schema
 
 PROFILES = ("x86-64-avx2", "arm64-neon")
 
@@ -179,3 +183,99 @@ def test_a_save_from_a_stale_revision_is_refused(reg: Registry, clock: Clock, db
             second._commit(stale, [], "bob", "rollout.pause", "")
         assert second.get(state.spec.id).status == "paused"
         assert second.tick_all() == 0  # paused: nothing moves, and no error escapes
+
+
+def test_a_command_applies_again_to_what_another_process_saved_meanwhile(
+        reg: Registry, clock: Clock, db_url: str, tmp_path: Path) -> None:
+    """An operator's abort through one process while the leader (another process) saves
+    the rollout between the abort's read and its save: the abort is applied again to
+    what the leader saved, not refused."""
+    fleet = Bridge(reg, clock, 10, None)
+    leader = _runner(reg, clock, [])
+    state = leader.create(fleet.v2.bundle_sha256, Selection(group="lab"),
+                          RolloutOptions(bake_s=60.0), actor="alice")
+    moved: list[str] = []
+
+    def clock_of_a_race() -> float:
+        if not moved:  # between the follower's read and its save, once
+            moved.append(leader.command(state.spec.id, "pause", "alice").status)
+        return clock.now
+
+    with open_registry(db_url, blob_dir=tmp_path / "blobs", clock=clock) as other:
+        follower = RolloutRunner(other, publish=lambda ids: None,
+                                 online=lambda d, now: True, clock=clock_of_a_race)
+        aborted = follower.command(state.spec.id, "abort", "bob", "wrong bundle")
+    assert moved == ["paused"]
+    assert aborted.status == "aborted"
+    assert [e.action for e in reg.audit_log()][-2:] == ["rollout.paused", "rollout.aborted"]
+
+
+class _CountingClock:
+    """The test clock, counting reads: a runner reads it once per rollout it ticks."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock, self.reads = clock, 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return self.clock.now
+
+
+def _wait(condition: Callable[[], object], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.mark.integration
+def test_only_the_leader_ticks_commands_work_anywhere_and_the_other_takes_over(
+        clock: Clock, tmp_path: Path) -> None:
+    """Two server processes (two registries, leaderships and runners on one PostgreSQL
+    schema): only the leader's runner ticks the rollout; a rollout started and paused
+    through the other works (it writes the registry; the leader acts on it); when the
+    leader stops, the other takes over the running rollout from the registry."""
+    fleet_name = f"f{time.monotonic_ns()}"  # a leadership lock of this test's own
+    with postgres_schema() as (url, _), contextlib.ExitStack() as stack:
+        registries = [stack.enter_context(open_registry(url, blob_dir=tmp_path / "blobs",
+                                                        clock=clock)) for _ in "ab"]
+        fleet = Bridge(registries[0], clock, 6, None)
+        leaders = [AdvisoryLeadership(url, fleet_name, interval_s=0.05) for _ in "ab"]
+        clocks = [_CountingClock(clock) for _ in "ab"]
+        published: list[list[str]] = [[], []]
+        runners = [RolloutRunner(reg, publish=sent.extend, online=lambda d, now: True,
+                                 clock=counting, tick_s=0.05, is_leader=leader.is_leader)
+                   for reg, sent, counting, leader in zip(registries, published, clocks,
+                                                          leaders, strict=True)]
+        for leader, runner in zip(leaders, runners, strict=True):
+            stack.callback(leader.stop)
+            stack.callback(runner.stop)
+        leaders[0].start()
+        _wait(leaders[0].is_leader, "a to lead")
+        leaders[1].start()
+        for runner in runners:
+            runner.start()
+        a, b = runners
+
+        state = b.create(fleet.v2.bundle_sha256, Selection(group="lab"),
+                         RolloutOptions(bake_s=3600.0), actor="alice")
+        assert published[1] == sorted(state.exposed)  # the command's own step, sent by b
+        b_reads = clocks[1].reads
+        a_reads = clocks[0].reads
+        _wait(lambda: clocks[0].reads >= a_reads + 10, "a to tick the rollout")
+        assert clocks[1].reads == b_reads  # b did not tick
+        assert not leaders[1].is_leader()
+
+        assert b.command(state.spec.id, "pause", "bob").status == "paused"
+        assert a.get(state.spec.id).status == "paused"
+        b.command(state.spec.id, "resume", "bob")
+
+        leaders[0].stop()  # a clean stop hands over
+        _wait(leaders[1].is_leader, "b to take over")
+        b_reads = clocks[1].reads
+        _wait(lambda: clocks[1].reads >= b_reads + 10, "b to tick the rollout")
+        a_reads = clocks[0].reads
+        _wait(lambda: clocks[1].reads >= b_reads + 20, "b to go on ticking")
+        assert clocks[0].reads == a_reads  # a no longer ticks
+        assert b.get(state.spec.id).status == "running"
+        assert published[0] == []  # a's ticks changed no device (a bake of an hour)
