@@ -5,19 +5,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages whose binary is missing: mosquitto (the embedded broker), chromium (the
-# dashboard's browser tests, driven by Playwright), prometheus (promtool checks /metrics).
+# dashboard's browser tests, driven by Playwright), prometheus (promtool checks /metrics),
+# nginx (the static bundle mirror of the scale benchmark's --mirror nginx and its test).
 MISSING=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || MISSING+=(mosquitto)
 command -v chromium >/dev/null 2>&1 || MISSING+=(chromium)
 command -v promtool >/dev/null 2>&1 || MISSING+=(prometheus)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || MISSING+=(nginx-light)
 if [ "${#MISSING[@]}" -gt 0 ]; then
     echo "== installing ${MISSING[*]} (apt-get)"
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${MISSING[@]}"
-    # The packages enable system-wide services (a broker, a Prometheus); edgefleet's tests
-    # start their own instances and only use promtool.
+    # The packages enable system-wide services (a broker, a Prometheus, a web server);
+    # edgefleet's tests start their own instances and only use promtool.
 fi
 
 PYTHON="${PYTHON:-python3}"
