@@ -1,6 +1,7 @@
 """The ingest threads on a real registry: a device looping on bad messages; on PostgreSQL,
 several threads keeping each device's messages in order; event batches; a bad message
-among good ones."""
+among good ones; PostgreSQL going away while messages flow; with the service and a real
+Mosquitto, a flooding device held to its allowance."""
 
 from __future__ import annotations
 
@@ -15,12 +16,23 @@ import pytest
 from fleet_server.ingest import (
     PROTOCOL_ERROR,
     PROTOCOL_ERRORS_PER_MINUTE,
+    RATE_LIMITED,
     WORKERS,
     Inbound,
     Ingest,
 )
 from fleet_server.registry import Registry, open_registry
+from fleet_server.service import FleetService
 from protocol import messages
+from tests.bundle.repo import Repo
+from tests.fleet_server.server_env import (
+    connect_device,
+    enroll,
+    service_config,
+    wait_until,
+    write_keys,
+)
+from tests.mqtt_broker import Recorder
 from tests.postgres import postgres_schema
 from tests.tcp_proxy import tcp_proxy
 
@@ -236,3 +248,34 @@ def test_nothing_is_acknowledged_before_it_is_stored_while_postgresql_goes_away(
     logged = [r.getMessage() for r in caplog.records]
     assert sum("database is unavailable" in m for m in logged) == 1
     assert sum("database is back" in m for m in logged) == 1
+
+
+@pytest.mark.integration
+def test_a_flooding_device_is_bounded_while_another_s_messages_flow(
+        tmp_path: Path, db_url: str, repo: Repo, clients: list[Recorder]) -> None:
+    rate, burst = 5.0, 20.0
+    config = service_config(tmp_path / "server", write_keys(tmp_path / "keys", repo), db_url,
+                            telemetry_rate=rate, telemetry_burst=burst)
+    flood = 600
+    with FleetService(config) as service:
+        flooder, calm = (enroll(service, tmp_path, name) for name in ("flooder", "calm"))
+        r_flood, r_calm = connect_device(flooder, clients), connect_device(calm, clients)
+        started = time.monotonic()
+        mids = [r_flood.client.publish(flooder.topic("telemetry"), messages.encode(
+            messages.Telemetry(seq, 100.0 + seq, {"n": seq})), qos=1).mid
+            for seq in range(1, flood + 1)]
+        for seq in range(1, 11):  # meanwhile, within its allowance
+            r_calm.publish(calm.topic("telemetry"), messages.encode(
+                messages.Telemetry(seq, 100.0 + seq, {"n": seq})))
+        # Every message of the flood is acknowledged: dropped, not held on the broker.
+        r_flood.wait(lambda: all(mid in r_flood._pubacks for mid in mids), "every PUBACK")
+        elapsed = time.monotonic() - started
+        registry = service.registry
+        wait_until(lambda: len(registry.telemetry("calm")) == 10, "the calm device's samples")
+        stored = len(registry.telemetry("flooder", limit=flood))
+        assert stored <= burst + rate * elapsed + 1
+        assert service.ingest.dropped == flood - stored
+    with open_registry(db_url) as registry:
+        limited = [e for e in registry.events(device="flooder") if e.kind == RATE_LIMITED]
+        assert [e.detail for e in limited] == [{"dropped": {"telemetry": flood - stored}}]
+        assert not [e for e in registry.events(device="calm") if e.kind == RATE_LIMITED]
