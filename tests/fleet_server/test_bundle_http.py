@@ -208,6 +208,6 @@ def test_clients_that_drop_mid_download_cost_no_traceback(
         raise RuntimeError("a bug")
     except RuntimeError:
         httpd.handle_error(None, ("127.0.0.1", 1))
-    [record] = caplog.records
-    assert record.levelno == logging.ERROR
-    assert record.exc_info is not None
+    [logged] = caplog.records
+    assert logged.levelno == logging.ERROR
+    assert logged.exc_info is not None
