@@ -361,7 +361,7 @@ OPENAPI: dict[str, Any] = {
                                           "running": {"type": "boolean"},
                                           "restarts": {"type": "integer"},
                                           "down_since": _SINCE}},
-                                      "instance": {"type": ["string", "null"],
+                                      "instance": {"type": "string", "nullable": True,
                                                    "description": "fleet serve --instance"},
                                       "leader": {"type": "boolean", "description":
                                                  "whether this process does the fleet's "
