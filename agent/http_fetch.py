@@ -3,7 +3,8 @@
 The desired state may list URLs for a bundle (the fleet server's bundle endpoint, a mirror,
 a CDN; :attr:`protocol.messages.DesiredModel.urls`). :func:`download` tries them in order,
 asking each for the bytes the partial file lacks (``Range: bytes=N-``), so a download cut
-off resumes where it broke, on the same URL while it makes progress, else on the next.
+off resumes where it broke, on the same URL while it makes progress and its deadline
+allows, else on the next.
 When every URL fails the caller asks for chunks over MQTT, from the same partial file.
 
 None of the URLs is trusted: the bytes must hash to the desired sha256 (checked by
@@ -13,8 +14,10 @@ its TUF checks. What a hostile or broken server can do is bounded:
 - a ``Content-Length`` or ``Content-Range`` that does not fit the bytes asked for is
   refused before any body is read;
 - no more than the bundle's missing bytes are ever read, however long the body runs;
-- every read has a timeout, and the whole download a deadline (``deadline_s``, plus one
-  second per ``min_rate`` bytes), so a trickling server is left for the next source;
+- every read has a timeout, and each URL a deadline covering all its attempts
+  (``deadline_s``, plus one second per ``min_rate`` bytes missing when it was first
+  tried), so a trickling server is left for the next source once the deadline passes,
+  however many bytes each attempt brought;
 - at most ``max_redirects`` redirects, to http(s) URLs only.
 
 TLS is verified against the system's CAs and the fleet CA, and the device's certificate is
@@ -55,10 +58,12 @@ class HttpSettings:
 
     #: Seconds any one connect or read may take.
     timeout_s: float = 20.0
-    #: Seconds the whole download of one URL may take, plus ``size / min_rate``.
+    #: Seconds one URL may take, all its attempts together, plus one per ``min_rate``
+    #: bytes missing when it is first tried.
     deadline_s: float = 60.0
     min_rate: float = 32 * 1024
-    #: Attempts on one URL while each makes progress (a cut connection resumes).
+    #: Attempts on one URL while each makes progress (a cut connection resumes) and the
+    #: URL's deadline has not passed.
     attempts: int = 5
     max_redirects: int = 3
 
@@ -81,13 +86,18 @@ def download(fetch: BundleFetch, urls: Sequence[str], context: ssl.SSLContext | 
     verified, False when every URL failed (each failure is logged; the partial file stays
     for the next source). ``stop`` set ends the download between blocks."""
     for url in urls:
-        for _attempt in range(settings.attempts):
+        deadline = clock() + settings.deadline_s + (fetch.size - fetch.have) / settings.min_rate
+        for attempt in range(settings.attempts):
             if stop is not None and stop.is_set():
                 return False
+            if attempt and clock() > deadline:
+                log.warning("bundle from %s: too slow, %d of %d bytes by its deadline; "
+                            "trying the next source", _show(url), fetch.have, fetch.size)
+                break
             before = fetch.have
             try:
-                if _download_once(fetch, url, context, settings=settings,
-                                  stop=stop, clock=clock):
+                if _download_once(fetch, url, context, settings=settings, stop=stop,
+                                  clock=clock, deadline=deadline):
                     return True
             except CorruptFetchError as exc:
                 log.warning("bundle from %s: %s; trying the next source", _show(url), exc)
@@ -122,9 +132,9 @@ def download_as_device(fetch: BundleFetch, urls: Sequence[str], identity: TLSIde
 
 def _download_once(fetch: BundleFetch, url: str, context: ssl.SSLContext | None, *,
                    settings: HttpSettings, stop: threading.Event | None,
-                   clock: Callable[[], float]) -> bool:
-    """One GET (following redirects) of the bytes ``fetch`` lacks; True when complete."""
-    deadline = clock() + settings.deadline_s + (fetch.size - fetch.have) / settings.min_rate
+                   clock: Callable[[], float], deadline: float) -> bool:
+    """One GET (following redirects) of the bytes ``fetch`` lacks, until ``deadline``;
+    True when complete."""
     for _ in range(settings.max_redirects + 1):
         connection, response = _get(url, fetch, context, settings)
         try:

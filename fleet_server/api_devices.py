@@ -21,12 +21,16 @@ _MAX_EVENTS = 10_000
 
 
 def _status(service: FleetService, _request: Request) -> tuple[int, Any]:
-    broker = service.broker
+    broker, ingest = service.broker, service.ingest
     return 200, {"fleet": service.fleet, "broker_url": service.broker_url,
                  "mqtt_connected": service.connected,
                  "disconnected_since": service.disconnected_since,
                  "broker": {"embedded": broker.embedded_process, "running": broker.running,
                             "restarts": broker.restarts, "down_since": broker.down_since},
+                 "instance": service.config.instance,
+                 "leader": service.leadership.is_leader(),
+                 "ingest": {"queued": ingest.depth, "rate_limited": ingest.dropped,
+                            "database_unavailable": ingest.outage},
                  "version": __version__, "devices": len(service.registry.list_devices())}
 
 

@@ -361,6 +361,17 @@ OPENAPI: dict[str, Any] = {
                                           "running": {"type": "boolean"},
                                           "restarts": {"type": "integer"},
                                           "down_since": _SINCE}},
+                                      "instance": {"type": "string", "nullable": True,
+                                                   "description": "fleet serve --instance"},
+                                      "leader": {"type": "boolean", "description":
+                                                 "whether this process does the fleet's "
+                                                 "once-only work (docs/scale.md)"},
+                                      "ingest": {"type": "object", "properties": {
+                                          "queued": {"type": "integer"},
+                                          "rate_limited": {"type": "integer",
+                                                           "description": "device messages "
+                                                           "dropped since start"},
+                                          "database_unavailable": {"type": "boolean"}}},
                                       "version": {"type": "string"},
                                       "devices": {"type": "integer"}}},
             "Device": {"type": "object", "properties": {

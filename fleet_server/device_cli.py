@@ -1,5 +1,5 @@
-"""``fleet enroll-token``, ``fleet devices`` and ``fleet device show|reset``: enrolling
-devices and looking at them, over the operator API. Registered by
+"""``fleet status``, ``fleet enroll-token``, ``fleet devices`` and ``fleet device
+show|reset``: the server process and its devices, over the operator API. Registered by
 :func:`fleet_server.server_cli.add_server_commands`."""
 
 from __future__ import annotations
@@ -29,8 +29,15 @@ _DEVICE_WINDOW_S = 3600
 
 def add_device_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
                         parents: list[argparse.ArgumentParser]) -> None:
-    """Add ``enroll-token``, ``devices`` and ``device`` (``parents``: the server location
-    and ``--json``)."""
+    """Add ``status``, ``enroll-token``, ``devices`` and ``device`` (``parents``: the
+    server location and ``--json``)."""
+    status = subparsers.add_parser(
+        "status", parents=parents, help="the server process: broker, leadership, ingest",
+        description="What the server process answering the API sees: its broker connection, "
+        "whether it is the leader of several processes (docs/scale.md), its ingest queue, "
+        "the messages it dropped over devices' rate limits, and whether its database is "
+        "reachable.")
+    status.set_defaults(handler=_status)
     token = subparsers.add_parser(
         "enroll-token", parents=parents, help="issue a one-time enrollment token",
         description="Issue a one-time enrollment token for a group and print it (alone, so "
@@ -68,6 +75,28 @@ def add_device_commands(subparsers: argparse._SubParsersAction[argparse.Argument
         "Its group, tags and desired state stay for the device that enrolls next.")
     reset.add_argument("device_id", metavar="ID")
     reset.set_defaults(handler=_device_reset)
+
+
+def _status(args: argparse.Namespace) -> int:
+    status = locate(args.server, args.data).get("/api/status")
+    if args.json:
+        print_json(status)
+        return 0
+    now = time.time()
+    broker = ("connected" if status["mqtt_connected"] else
+              f"disconnected since {ago(status.get('disconnected_since'), now)}")
+    ingest = status.get("ingest", {})
+    name = status.get("instance")
+    print(f"fleet {status['fleet']}: server {status['version']}"
+          + (f", instance {name}" if name else "")
+          + f", {'leader' if status.get('leader') else 'follower (not the leader)'}")
+    print(f"broker {status['broker_url']}: {broker}")
+    print(f"ingest: {ingest.get('queued', 0)} queued, {ingest.get('rate_limited', 0)} "
+          "dropped over rate limits"
+          + ("; DATABASE UNAVAILABLE (messages held)" if ingest.get("database_unavailable")
+             else ""))
+    print(f"devices: {status['devices']}")
+    return 0
 
 
 def _enroll_token(args: argparse.Namespace) -> int:

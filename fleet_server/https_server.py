@@ -8,6 +8,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 _HANDSHAKE_TIMEOUT_S = 5.0
 #: How long a new connection waits for the slot of an idle one closed for it.
 _EVICTION_WAIT_S = 1.0
+#: What a client going away mid-request raises (ssl.SSLError after the handshake is a
+#: TLS stream the client broke: SSLEOFError, SSLZeroReturnError, a bad record).
+_CLIENT_GONE = (ConnectionError, TimeoutError, ssl.SSLError)
 #: Refused connections are logged at most this often, with their count.
 _REFUSAL_LOG_INTERVAL_S = 10.0
 
@@ -120,6 +124,17 @@ class BoundedHTTPSServer(ThreadingHTTPServer):
             with self._lock:
                 self._open.pop(request, None)
             self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A request that raised: a client that went away (reset, broken pipe, TLS cut
+        short, timed out: a slow or dropped download, a slowloris) is one debug line; only
+        a real error gets a traceback, logged (socketserver would print it to stderr)."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, _CLIENT_GONE):
+            log.debug("%s: connection from %s ended: %s", self._name, client_address,
+                      exc.__class__.__name__ + (f" ({exc})" if str(exc) else ""))
+            return
+        log.error("%s: request from %s failed", self._name, client_address, exc_info=exc)
 
     def _evict_idlest(self) -> None:
         with self._lock:

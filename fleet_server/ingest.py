@@ -16,9 +16,26 @@ queues are bounded (:data:`QUEUE` in all): when the database falls behind, the n
 thread waits for room, and the broker holds (and bounds, with its per-client limits) what
 would otherwise pile up in this process's memory.
 
+When the database is unavailable (a lost or refused connection, SQLite's lock timeout:
+:func:`~fleet_server.registry.is_outage`), nothing is acknowledged: the thread keeps its
+batch and tries again after a wait that doubles from :data:`OUTAGE_FIRST_WAIT_S` to
+:data:`OUTAGE_MAX_WAIT_S` (logged once when the outage starts and once when it ends). It
+takes nothing more from its queue meanwhile, so the queue fills, the network thread waits
+for room and the broker holds the rest. Messages a failed batch transaction had stored
+one by one before the database went are acknowledged; the rest wait. A message whose
+storage fails for any other reason (a bug: the database answered) is logged and
+acknowledged, so it cannot block its device's later messages forever.
+
 A malformed message is logged and recorded as a ``protocol_error`` event (at most
 :data:`PROTOCOL_ERRORS_PER_MINUTE` per device and minute; beyond that they are counted and
 the count logged once); nothing a device sends stops the service.
+
+Each device may send so many messages per second (:class:`~fleet_server.rate_limit.
+MessageLimits`, checked by :meth:`Ingest.put` on the network thread before queueing: one
+device's flood must not delay everyone's storage). A message over its device's allowance
+is acknowledged and dropped; what a device had dropped is counted per kind and recorded as
+one ``rate_limited`` event (and one log line) per device and minute (docs/scale.md, "Rate
+limits", for the defaults and why they pass an agent's back-fill after an outage).
 """
 
 from __future__ import annotations
@@ -39,11 +56,14 @@ from transport.mqtt import wait_published
 
 from .errors import RegistryError
 from .experiment_runner import ExperimentRunner
-from .registry import DeviceEvent, DeviceMessage, DeviceSample, Registry
+from .rate_limit import MessageLimits
+from .registry import DeviceEvent, DeviceMessage, DeviceSample, Registry, is_outage
+from .registry.database import one_line
 from .registry.device_messages import report_from_payload
 
-__all__ = ["BATCH", "DEVICE_EVENT_PREFIX", "OFFLINE_EVENT", "PROTOCOL_ERROR", "QUEUE",
-           "WORKERS", "Inbound", "Ingest"]
+__all__ = ["BATCH", "DEVICE_EVENT_PREFIX", "MESSAGES", "OFFLINE_EVENT", "OUTAGE_FIRST_WAIT_S",
+           "OUTAGE_MAX_WAIT_S", "PROTOCOL_ERROR", "QUEUE", "RATE_LIMITED", "TELEMETRY",
+           "WORKERS", "Inbound", "Ingest", "limit_kind"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +83,18 @@ OFFLINE_EVENT = "offline"
 DEVICE_EVENT_PREFIX = "agent."
 #: A device stuck in a loop of bad messages must fill neither the event log nor the log file.
 PROTOCOL_ERRORS_PER_MINUTE = 10
+#: Event kind recorded, once a minute at most, for a device whose messages went over its
+#: allowance; its detail counts the dropped messages per kind.
+RATE_LIMITED = "rate_limited"
+#: The kinds of :func:`limit_kind`: telemetry, and every other message (events, reports).
+TELEMETRY = "telemetry"
+MESSAGES = "messages"
+#: Waits between two tries of a batch while the database is unavailable: the first, and
+#: the longest (each doubles the one before).
+OUTAGE_FIRST_WAIT_S = 0.5
+OUTAGE_MAX_WAIT_S = 10.0
+#: An idle ingest thread looks this often for rate-limit windows to record.
+_IDLE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -86,23 +118,35 @@ class Inbound:
     received: float = field(default_factory=time.monotonic)
 
 
+def limit_kind(leaf: str) -> str:
+    """The allowance a message on topic ``leaf`` counts against (:class:`MessageLimits`)."""
+    return TELEMETRY if leaf == "telemetry" else MESSAGES
+
+
 class Ingest:
     """The ingest thread and its bounded queue; ``ack`` acknowledges a stored message;
     ``on_samples`` (monitoring) is called with the new telemetry samples of each batch,
     each (device, sample), in the batch's transaction; ``experiments`` counts the
     experiment deltas of every telemetry message in the same transaction, and pushes the
-    merged posteriors once the batch is committed."""
+    merged posteriors once the batch is committed; ``limits`` (keyed by
+    :func:`limit_kind`) bounds what each device may send, None nothing."""
 
     def __init__(self, registry: Registry, ack: Callable[[Inbound], None],
                  on_samples: Callable[[list[tuple[str, messages.Telemetry]]], None]
                  | None = None, experiments: ExperimentRunner | None = None, *,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, limits: MessageLimits | None = None) -> None:
         self._registry = registry
         self._ack = ack
         self._on_samples = on_samples
         self._experiments = experiments
+        self._limits = limits
         #: Seconds from receipt to commit of the oldest message of the last batch stored.
         self.lag_s = 0.0
+        #: Messages acknowledged and dropped for going over their device's allowance.
+        self.dropped = 0
+        self._stopping = threading.Event()
+        self._outage_lock = threading.Lock()
+        self._outage_since: float | None = None
         if workers is None:
             workers = WORKERS if registry.concurrent_writers else 1
         self._inboxes: list[queue.Queue[Inbound | None]] = [
@@ -120,8 +164,14 @@ class Ingest:
         """Messages waiting to be stored."""
         return sum(inbox.qsize() for inbox in self._inboxes)
 
+    @property
+    def outage(self) -> bool:
+        """Whether the last try to store found the database unavailable."""
+        return self._outage_since is not None
+
     def start(self) -> None:
         """Start the ingest threads."""
+        self._stopping.clear()
         self._threads = [threading.Thread(target=self._loop, args=(inbox,), daemon=True,
                                           name=f"fleet-ingest-{n}")
                          for n, inbox in enumerate(self._inboxes)]
@@ -129,16 +179,29 @@ class Ingest:
             thread.start()
 
     def stop(self) -> None:
-        """Store and acknowledge what was received so far, then stop. Idempotent."""
+        """Store and acknowledge what was received so far, then stop. Idempotent. While
+        the database is unavailable, what is left is not acknowledged (the broker delivers
+        it again, to this process or another)."""
         threads, self._threads = self._threads, []
+        self._stopping.set()  # a thread waiting out an outage gives up
         for inbox in self._inboxes if threads else ():
             inbox.put(None)
         for thread in threads:
             thread.join()
+        if threads:
+            self._record_dropped(every=True)
 
     def put(self, inbound: Inbound) -> None:
         """Queue ``inbound`` for storage; waits while its queue is full (back-pressure).
-        A device's messages always go to the same thread, in the order they came."""
+        A device's messages always go to the same thread, in the order they came. A
+        message over its device's allowance is acknowledged and dropped instead."""
+        limits = self._limits
+        if (limits is not None and inbound.error is None
+                and not limits.admit(inbound.device, limit_kind(inbound.leaf),
+                                     time.monotonic())):
+            self.dropped += 1
+            self._ack(inbound)
+            return
         inboxes = self._inboxes
         index = zlib.crc32(inbound.device.encode()) % len(inboxes) if len(inboxes) > 1 else 0
         inboxes[index].put(inbound)
@@ -146,7 +209,11 @@ class Ingest:
     def _loop(self, inbox: queue.Queue[Inbound | None]) -> None:
         """Store what devices send, in batches, until None arrives."""
         while True:
-            item = inbox.get()
+            try:
+                item = inbox.get(timeout=_IDLE_S)
+            except queue.Empty:
+                self._record_dropped()
+                continue
             batch: list[Inbound] = []
             while item is not None:
                 batch.append(item)
@@ -158,33 +225,108 @@ class Ingest:
                     break
             if batch:
                 self._store_batch(batch)
+                self._record_dropped()
             if item is None:
                 return
 
     def _store_batch(self, batch: list[Inbound]) -> None:
-        """Store ``batch`` in one transaction, then acknowledge it. Should the transaction
-        fail (the database, not a message, is at fault), each message is handled alone."""
+        """Store ``batch`` and acknowledge what was stored, waiting out an outage of the
+        database (:meth:`_attempt` does one try)."""
         # Decoded before the transaction opens: it holds the devices' row locks meanwhile.
         decoded = [(item, self._decode(item)) for item in batch]
+        wait = OUTAGE_FIRST_WAIT_S
+        while decoded:
+            if self._stopping.is_set() and self.outage:
+                log.warning("stopping while the database is unavailable: %d device "
+                            "message(s) left unacknowledged, the broker delivers them again",
+                            len(decoded))
+                return
+            decoded, outage = self._attempt(decoded)
+            if outage is None:
+                self._recovered()
+                break
+            self._note_outage(outage, wait)
+            self._stopping.wait(wait)
+            wait = min(OUTAGE_MAX_WAIT_S, wait * 2)
+        self.lag_s = time.monotonic() - min(item.received for item in batch)
+        if self._experiments is not None:
+            self._experiments.flush()
+
+    def _attempt(self, decoded: list[tuple[Inbound, list[DeviceMessage] | Exception]]
+                 ) -> tuple[list[tuple[Inbound, list[DeviceMessage] | Exception]],
+                            Exception | None]:
+        """Store ``decoded`` in one transaction and acknowledge it. Should the transaction
+        fail for another reason than an outage (a bug, monitoring failing), each message is
+        stored and acknowledged alone. Returns what is left to store, and the outage that
+        stopped it (None: nothing is left)."""
         try:
             with self._registry.batch():
                 self._store(decoded)
-        except Exception:
+        except Exception as exc:
+            if is_outage(exc):
+                return decoded, exc
             log.warning("could not store %d device message(s) in one transaction; storing "
-                        "them one by one", len(batch), exc_info=True)
-            for one in decoded:
-                try:
-                    self._store([one])
-                except Exception:
-                    # The database is down, or a bug: log it and keep serving the others.
-                    log.exception("failed to handle %s from %s", one[0].leaf, one[0].device)
-        self.lag_s = time.monotonic() - min(item.received for item in batch)
-        for item in batch:
+                        "them one by one", len(decoded), exc_info=True)
+        else:
+            self._acknowledge(decoded)
+            return [], None
+        for index, one in enumerate(decoded):
+            try:
+                self._store([one])
+            except Exception as exc:
+                if is_outage(exc):
+                    return decoded[index:], exc
+                # A bug (the database answered, the message decoded): trying again cannot
+                # help, and would hold the device's later messages back for good.
+                log.exception("failed to handle %s from %s", one[0].leaf, one[0].device)
+            self._acknowledge([one])
+        return [], None
+
+    def _acknowledge(self, decoded: list[tuple[Inbound, list[DeviceMessage] | Exception]]
+                     ) -> None:
+        for item, _ in decoded:
             if item.clearing is None or wait_published(item.clearing):
                 self._ack(item)
             # else: unacknowledged, the broker delivers it again and it is cleared then
-        if self._experiments is not None:
-            self._experiments.flush()
+
+    def _note_outage(self, exc: Exception, wait: float) -> None:
+        with self._outage_lock:
+            first = self._outage_since is None
+            if first:
+                self._outage_since = time.monotonic()
+        if first:
+            log.warning("the registry's database is unavailable (%s); device messages stay "
+                        "unacknowledged (the broker holds them) and are stored when it is "
+                        "back; trying again every %g-%g s", one_line(exc),
+                        OUTAGE_FIRST_WAIT_S, OUTAGE_MAX_WAIT_S)
+        else:
+            log.debug("the registry's database is still unavailable (%s); next try in %g s",
+                      one_line(exc), wait)
+
+    def _recovered(self) -> None:
+        if self._outage_since is None:
+            return  # the common case, without the lock
+        with self._outage_lock:
+            since, self._outage_since = self._outage_since, None
+        if since is not None:
+            log.warning("the registry's database is back after %.1f s; storing the device "
+                        "messages held meanwhile", time.monotonic() - since)
+
+    def _record_dropped(self, *, every: bool = False) -> None:
+        """Record the rate-limit windows that ended: one event and one log line each."""
+        if self._limits is None:
+            return
+        for window in self._limits.closed(time.monotonic(), every=every):
+            counts = ", ".join(f"{n} {kind}" for kind, n in sorted(window.counts.items()))
+            log.warning("%s sent over its allowance: dropped %s message(s) in %.0f s",
+                        window.device, counts,
+                        min(self._limits.window_s, time.monotonic() - window.since))
+            try:
+                self._registry.add_event(RATE_LIMITED, device=window.device,
+                                         detail={"dropped": window.counts})
+            except Exception as exc:  # the counts are logged above; the thread goes on
+                log.warning("could not record the rate limit of %s (%s)", window.device,
+                            one_line(exc), exc_info=not is_outage(exc))
 
     @staticmethod
     def _decode(item: Inbound) -> list[DeviceMessage] | Exception:

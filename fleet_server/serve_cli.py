@@ -49,8 +49,10 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                        help="data directory (default $EDGEFLEET_SERVER_DIR or "
                        "~/.local/share/edgefleet/server)")
     serve.add_argument("--keys", type=Path, metavar="KEYS",
-                       help="the fleet's keys directory; only KEYS/root.json is read "
-                       "(default DIR/keys)")
+                       help="the fleet's keys directory: KEYS/root.json (what uploads are "
+                       "verified against) and, when present, the online keys in "
+                       "KEYS/online, with which the server signs re-releases (rollback, "
+                       "encryption at publish); default DIR/keys")
     serve.add_argument("--db", metavar="URL", help="registry database: a SQLite path or "
                        "postgresql://... (default DIR/fleet.db)")
     serve.add_argument("--fleet", metavar="NAME", help="fleet name, fixed when the data "
@@ -97,6 +99,19 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     scale.add_argument("--telemetry-retention-days", type=float, metavar="DAYS",
                        help="delete telemetry older than this (the leader does, hourly; "
                        "default: keep all)")
+    limits = serve.add_argument_group(
+        "device message limits (docs/scale.md, \"Rate limits\"): beyond them a device's "
+        "messages are acknowledged and dropped, counted in a rate_limited event a minute")
+    defaults = ServiceConfig(Path(), Path())
+    for name, what in (("telemetry", "telemetry samples"),
+                       ("message", "other messages (events, reports)")):
+        rate, burst = (getattr(defaults, f"{name}_{k}") for k in ("rate", "burst"))
+        limits.add_argument(f"--{name}-rate", type=_positive, default=rate, metavar="N",
+                            help=f"{what} one device may send per second, sustained (default "
+                            f"{rate:g})")
+        limits.add_argument(f"--{name}-burst", type=_positive, default=burst, metavar="N",
+                            help=f"... and at once, before that rate applies (default "
+                            f"{burst:g})")
     serve.add_argument("--offline-after", type=_seconds, default=180.0, metavar="SECONDS",
                        help="a device not heard from for this long shows offline (default "
                        "180; agents send telemetry every 30 s by default)")
@@ -111,6 +126,16 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                        help="run in the background (output to DIR/server.log) and return "
                        "once the API answers, or fail with the reason")
     serve.set_defaults(handler=_serve)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
 
 
 def _seconds(text: str) -> float:
@@ -138,6 +163,8 @@ def _serve(args: argparse.Namespace) -> int:
         mqtt_protocol=MQTTProtocolVersion.MQTTv5 if args.mqtt_version == "5"
         else MQTTProtocolVersion.MQTTv311,
         instance=args.instance, shared_subscriptions=args.shared_subscriptions,
+        telemetry_rate=args.telemetry_rate, telemetry_burst=max(1.0, args.telemetry_burst),
+        message_rate=args.message_rate, message_burst=max(1.0, args.message_burst),
         telemetry_retention_s=None if args.telemetry_retention_days is None
         else args.telemetry_retention_days * 86400)
     stop = threading.Event()

@@ -1,5 +1,5 @@
 """The ``fleet`` commands of a running fleet, one module per group, registered here:
-``serve`` and ``stop`` (:mod:`fleet_server.serve_cli`); ``enroll-token``, ``devices``,
+``serve`` and ``stop`` (:mod:`fleet_server.serve_cli`); ``status``, ``enroll-token``, ``devices``,
 ``device show|reset`` (:mod:`fleet_server.device_cli`); ``bundles``, ``publish``,
 ``rollback`` (:mod:`fleet_server.publish_cli`); ``events``, ``metrics``
 (:mod:`fleet_server.events_cli`); ``rollout``, ``audit`` (:mod:`fleet_server.rollout_cli`);

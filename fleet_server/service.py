@@ -53,10 +53,11 @@ from .enroller import Enroller, Enrollment, IssuedToken
 from .errors import BrokerError, ServiceError
 from .experiment_runner import ExperimentRunner
 from .housekeeping import Housekeeping, retention_job
-from .ingest import Ingest
+from .ingest import MESSAGES, TELEMETRY, Ingest
 from .leadership import Leadership, leadership_for
 from .monitoring.monitor import Monitor
 from .publishing import Publisher, PublishResult
+from .rate_limit import Allowance, MessageLimits
 from .recipients import Recipients
 from .registry import BundleRecord, DeltaRecord, Device, Registry, open_registry
 from .releases import Releaser
@@ -212,8 +213,13 @@ class FleetService:
             send=lambda device, leaf, payload, retain: link.publish(device, leaf, payload,
                                                                     retain=retain),
             rollouts=lambda model: {} if self._rollouts is None else self._rollouts.busy(model))
+        config = self.config
         self._ingest = Ingest(self._registry, link.ack, on_samples=self._monitor.observe,
-                              experiments=self._experiments)
+                              experiments=self._experiments, limits=MessageLimits({
+                                  TELEMETRY: Allowance(config.telemetry_rate,
+                                                       config.telemetry_burst),
+                                  MESSAGES: Allowance(config.message_rate,
+                                                      config.message_burst)}))
         self._ingest.start()
         if not link.start(self._ingest, chunks, self.config.connect_timeout):
             why = link.connect_failure or "no answer"

@@ -51,6 +51,16 @@ class ServiceConfig:
     #: a device asking for chunks faster than it reads them cannot flood the broker.
     chunk_rate_bytes: float = 8 * 1024 * 1024
     chunk_burst_bytes: float = 32 * 1024 * 1024
+    #: Device messages one device may send (fleet_server/ingest.py; docs/scale.md, "Rate
+    #: limits"): telemetry samples per second sustained, after a burst of
+    #: ``telemetry_burst``, and the same for every other message (events, reports). Beyond
+    #: it a message is acknowledged and dropped, and counted. The bursts let an agent's
+    #: back-fill after an outage through: a day of samples at the default 30 s interval is
+    #: 2,880 messages.
+    telemetry_rate: float = 1.0
+    telemetry_burst: float = 3000.0
+    message_rate: float = 2.0
+    message_burst: float = 600.0
     #: Days the metadata of a re-release the server signs stays valid (as ``fleet bundle
     #: build --valid-days``).
     release_valid_days: int = 30

@@ -24,6 +24,7 @@ and the concurrency guarantees are in docs/registry.md. Modules, by concept:
 
 from __future__ import annotations
 
+from .database import is_outage
 from .device_messages import DeviceEvent, DeviceMessage, DeviceReport, DeviceSample, StoredBatch
 from .migrations import SCHEMA_VERSION
 from .records import (
@@ -60,5 +61,6 @@ __all__ = [
     "TelemetryRecord",
     "desired_json",
     "is_converged",
+    "is_outage",
     "open_registry",
 ]

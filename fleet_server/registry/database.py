@@ -19,6 +19,8 @@ Failures of the database itself are the driver's own errors (``sqlite3.Error``,
 from __future__ import annotations
 
 import contextlib
+import sqlite3
+import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from urllib.parse import urlsplit, urlunsplit
 from fleet_server.errors import RegistryError
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "POSTGRES", "SQLITE", "Backend", "Database", "Dialect",
-           "Tx", "one_line", "open_database", "redact"]
+           "Tx", "is_outage", "one_line", "open_database", "redact"]
 
 #: Connections one registry keeps per database, at most. The fleet server's threads (MQTT
 #: network, ingest, a few HTTP requests at a time) rarely need more than three at once;
@@ -277,6 +279,23 @@ def open_database(url: str | Path, *,
         return Database(SqliteBackend(Path(rest[1:]), max_connections=max_connections))
     raise RegistryError(f"unsupported database URL scheme {scheme!r} in {redact(url)!r}; use "
                         "postgresql://... or sqlite:///... or a plain file path")
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database itself is unavailable (a lost or refused
+    connection, a pool that found no connection in time, a PostgreSQL shutting down or
+    cancelling, a deadlock, SQLite's lock timeout or a full disk), not that the data of one
+    call was refused: the same call can succeed later, so a caller that must not lose what
+    it holds keeps it and tries again."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return True
+    # psycopg is imported only with a PostgreSQL registry: without it, no error is its own.
+    psycopg = sys.modules.get("psycopg")
+    # OperationalError covers connection failures, AdminShutdown, QueryCanceled, deadlocks
+    # and serialization failures, and psycopg_pool's PoolTimeout; InterfaceError is a
+    # connection the pool handed out closed under it.
+    return psycopg is not None and isinstance(exc, (psycopg.OperationalError,
+                                                    psycopg.InterfaceError))
 
 
 def redact(url: str) -> str:

@@ -211,3 +211,28 @@ def test_chunks_after_a_download_start_at_a_whole_chunk(tmp_path: Path) -> None:
     fetch.append(DATA[:100_000])
     assert [r.offset for r in fetch.requests()][:1] == [65536]
     assert fetch.part.stat().st_size == 65536
+
+
+def test_a_trickle_that_makes_progress_earns_no_retry_past_the_url_s_deadline(
+        tmp_path: Path, mirrors: Callable[[Behaviour], Mirror]) -> None:
+    # Each answer brings a few bytes, then the connection ends: progress every time, but
+    # far too slow. The URL's deadline covers all its attempts, so the attempts stop once
+    # it has passed (before the fix, each attempt had a deadline of its own: 5 of them).
+    def trickle(h: BaseHTTPRequestHandler, start: int) -> None:
+        h.send_response(206)
+        h.send_header("Content-Range", f"bytes {start}-{len(DATA) - 1}/{len(DATA)}")
+        h.send_header("Content-Length", str(len(DATA) - start))
+        h.end_headers()
+        h.wfile.write(DATA[start:start + 9])
+        h.wfile.flush()
+        time.sleep(0.6)
+        h.close_connection = True
+
+    slow, good = mirrors(trickle), mirrors(honest)
+    fetch = _fetch(tmp_path)
+    fetch.append(DATA[:1])  # asks for a range from the start
+    settings = HttpSettings(timeout_s=2.0, deadline_s=1.0, min_rate=10**9, attempts=5)
+    assert download(fetch, [slow.url, good.url], None, settings=settings)
+    assert len(slow.starts) <= 2  # at 0 s and about 0.6 s; none past the 1 s deadline
+    assert slow.starts[0] == 1
+    assert fetch.path.read_bytes() == DATA

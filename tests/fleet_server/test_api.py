@@ -140,6 +140,8 @@ def test_operator_routes_need_the_admin_token(call: Caller, service: FleetServic
     assert body["fleet"] == "testfleet"
     assert body["mqtt_connected"] is True
     assert body["broker_url"] == service.broker_url
+    assert body["leader"] is True  # the only process
+    assert body["ingest"] == {"queued": 0, "rate_limited": 0, "database_unavailable": False}
 
 
 def test_malformed_requests_are_refused_with_reasons(call: Caller) -> None:

@@ -4,8 +4,10 @@ requests, only the bundles in a device's desired state, and their URLs in ``desi
 from __future__ import annotations
 
 import http.client
+import logging
 import socket
 import ssl
+import struct
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 
 from fleet_server.ca import FleetCA
 from fleet_server.service import FleetService, ServiceConfig
-from tests.fleet_server.server_env import desired_messages, enroll
+from tests.fleet_server.server_env import desired_messages, enroll, wait_until
 from transport.mqtt import TLSIdentity
 
 MIRROR = "https://cdn.example.com/fleet/"
@@ -163,3 +165,49 @@ def test_a_device_resumes_its_tls_session_and_is_still_checked(
     enroll(bundle_service, tmp_path / "again", "gw-1")
     status, _, resumed = _session_get(bundle_service, context, path, again)
     assert (status, resumed) == (403, True)
+
+
+def test_clients_that_drop_mid_download_cost_no_traceback(
+        bundle_service: FleetService, bundles: dict[str, bytes], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    device = enroll(bundle_service, tmp_path, "gw-1")
+    record = bundle_service.add_bundle(bundles["big"])
+    bundle_service.publish(record.sha256, devices=["gw-1"])
+    context = ssl.create_default_context(cadata=bundle_service.ca.cert_pem.decode())
+    context.load_cert_chain(device.identity.cert_file, device.identity.key_file)
+    assert bundle_service._bundle_http is not None
+    port = bundle_service._bundle_http.port
+    request = (f"GET /bundles/{record.sha256}.efb HTTP/1.1\r\nHost: x\r\n\r\n").encode()
+    capfd.readouterr()
+    with caplog.at_level(logging.DEBUG):
+        for n in range(8):
+            raw = socket.create_connection(("127.0.0.1", port))
+            # Closed with a reset, and without TLS's close_notify: the server's next write
+            # fails (broken pipe, reset, or a TLS EOF).
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            tls = context.wrap_socket(raw, server_hostname="127.0.0.1")
+            tls.sendall(request if n % 2 else request[:20])  # some cut short mid-request
+            if n % 2:
+                tls.recv(1024)
+            tls.close()  # wrap_socket took raw's descriptor
+        # Every dropped connection has ended by the time a whole download is served (a
+        # thread per connection; wait for them to be gone).
+        wait_until(lambda: not bundle_service._bundle_http._httpd._open,  # type: ignore[union-attr]
+                   "the dropped connections closed")
+        assert _get(bundle_service, device.identity,
+                    f"/bundles/{record.sha256}.efb")[::2] == (200, bundles["big"])
+    assert "Traceback" not in capfd.readouterr().err
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert any("ended" in r.getMessage() for r in caplog.records)  # one debug line each
+    # A real error keeps its traceback, in the log.
+    caplog.clear()
+    httpd = bundle_service._bundle_http._httpd
+    assert httpd is not None
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError:
+        httpd.handle_error(None, ("127.0.0.1", 1))
+    [logged] = caplog.records
+    assert logged.levelno == logging.ERROR
+    assert logged.exc_info is not None

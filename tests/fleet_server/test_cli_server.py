@@ -19,6 +19,7 @@ from typing import IO, Any
 import pytest
 
 from common.atomic import write_atomic
+from fleet_server import __version__
 from fleet_server.api_client import ServerClient
 from fleet_server.cli import main
 from protocol import messages
@@ -32,8 +33,8 @@ from transport.x509 import make_device_key_and_csr
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ["serve", "stop", "enroll-token", "devices", "device show", "bundles", "publish",
-            "rollback", "events"]
+COMMANDS = ["serve", "stop", "status", "enroll-token", "devices", "device show", "bundles",
+            "publish", "rollback", "events"]
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
@@ -112,6 +113,13 @@ def test_serve_and_operate_a_fleet(server: tuple[Path, subprocess.Popen[bytes]],
         recorder.wait(lambda: len(recorder.messages) == 2, "the published desired state")
         want = messages.decode_desired(bytes(recorder.messages[1].payload)).models["digits"]
         assert (want.version, want.size) == (1, len(bundles["v1"]))
+
+        code, out, _ = _run(capsys, "status", *where)
+        assert code == 0
+        assert out.splitlines()[:2] == [
+            f"fleet clifleet: server {__version__}, leader",
+            f"broker {info['broker_url']}: connected"]
+        assert "ingest: 0 queued, 0 dropped over rate limits" in out
 
         code, out, _ = _run(capsys, "devices", *where)
         assert code == 0

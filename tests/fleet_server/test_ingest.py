@@ -1,24 +1,40 @@
 """The ingest threads on a real registry: a device looping on bad messages; on PostgreSQL,
 several threads keeping each device's messages in order; event batches; a bad message
-among good ones."""
+among good ones; PostgreSQL going away while messages flow; with the service and a real
+Mosquitto, a flooding device held to its allowance."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from fleet_server.ingest import (
     PROTOCOL_ERROR,
     PROTOCOL_ERRORS_PER_MINUTE,
+    RATE_LIMITED,
     WORKERS,
     Inbound,
     Ingest,
 )
 from fleet_server.registry import Registry, open_registry
+from fleet_server.service import FleetService
 from protocol import messages
+from tests.bundle.repo import Repo
+from tests.fleet_server.server_env import (
+    connect_device,
+    enroll,
+    service_config,
+    wait_until,
+    write_keys,
+)
+from tests.mqtt_broker import Recorder
+from tests.postgres import postgres_schema
+from tests.tcp_proxy import tcp_proxy
 
 
 def test_a_flood_of_bad_messages_is_recorded_and_logged_within_a_budget(
@@ -170,3 +186,101 @@ def test_a_failed_batch_is_stored_message_by_message(
         logged = [r.getMessage() for r in caplog.records]
         assert any("storing them one by one" in m for m in logged)
         assert sum("failed to handle telemetry from gw-0" in m for m in logged) == 2
+
+
+@pytest.mark.integration
+def test_nothing_is_acknowledged_before_it_is_stored_while_postgresql_goes_away(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The registry reaches PostgreSQL through a proxy cut for 3 s while one device
+    # sends numbered telemetry and events: every message must be stored exactly once, and
+    # each acknowledged only once it is in the database (checked, at each acknowledgement,
+    # on a connection that does not go through the proxy).
+    with postgres_schema() as (direct_url, _):
+        parts = urlsplit(direct_url)
+        with _enrolled(direct_url, "gw-0") as direct, \
+                tcp_proxy((parts.hostname or "127.0.0.1", parts.port or 5432)) as proxy:
+            proxied = urlunsplit(parts._replace(netloc=f"postgres@127.0.0.1:{proxy.port}"))
+            unstored: list[int] = []
+            acked: list[int] = []
+
+            def ack(inbound: Inbound) -> None:
+                seq = inbound.mid
+                if inbound.leaf == "telemetry":
+                    stored = [r.sample.seq for r in direct.telemetry("gw-0", since_seq=seq - 1,
+                                                                     limit=1)] == [seq]
+                else:
+                    stored = any(e.detail.get("n") == seq
+                                 for e in direct.events(device="gw-0", newest=True, limit=50))
+                if not stored:
+                    unstored.append(seq)
+                acked.append(seq)
+
+            with open_registry(proxied) as registry, \
+                    caplog.at_level(logging.WARNING, logger="fleet_server.ingest"):
+                ingest = Ingest(registry, ack)
+                ingest.start()
+                sent = 0
+                for seq in range(1, 121):
+                    # 1.5 s of connections killed as they are used (as pg_terminate_backend
+                    # in a loop), then 1.5 s of refused connections.
+                    if 20 <= seq < 80:
+                        proxy.cut()
+                    if seq < 50 or seq == 80:
+                        proxy.restore()
+                    if seq % 3:
+                        payload = messages.encode(messages.Telemetry(seq, 100.0 + seq,
+                                                                     {"n": seq}))
+                        ingest.put(Inbound("gw-0", "telemetry", payload, seq, 1, 0))
+                    else:
+                        payload = messages.encode(messages.Event("install.tick", 100.0 + seq,
+                                                                 {"n": seq}, seq=seq))
+                        ingest.put(Inbound("gw-0", "events", payload, seq, 1, 0))
+                    sent += 1
+                    time.sleep(0.05)
+                # The next try after the outage may be up to OUTAGE_MAX_WAIT_S away.
+                wait_until(lambda: len(acked) == sent, "every message stored", timeout=60)
+                ingest.stop()
+            assert unstored == []
+            assert sorted(acked) == list(range(1, sent + 1))
+            samples = [r.sample.seq for r in direct.telemetry("gw-0")]
+            assert samples == [seq for seq in range(1, sent + 1) if seq % 3]
+            ticks = [e.detail["n"] for e in direct.events(device="gw-0")
+                     if e.kind == "agent.install.tick"]
+            assert ticks == [seq for seq in range(1, sent + 1) if not seq % 3]
+    logged = [r.getMessage() for r in caplog.records]
+    assert sum("database is unavailable" in m for m in logged) == 1
+    assert sum("database is back" in m for m in logged) == 1
+
+
+@pytest.mark.integration
+def test_a_flooding_device_is_bounded_while_another_s_messages_flow(
+        tmp_path: Path, db_url: str, repo: Repo, clients: list[Recorder]) -> None:
+    rate, burst = 5.0, 20.0
+    config = service_config(tmp_path / "server", write_keys(tmp_path / "keys", repo), db_url,
+                            telemetry_rate=rate, telemetry_burst=burst)
+    flood = 600
+    with FleetService(config) as service:
+        flooder, calm = (enroll(service, tmp_path, name) for name in ("flooder", "calm"))
+        r_flood, r_calm = connect_device(flooder, clients), connect_device(calm, clients)
+        started = time.monotonic()
+        mids = [r_flood.client.publish(flooder.topic("telemetry"), messages.encode(
+            messages.Telemetry(seq, 100.0 + seq, {"n": seq})), qos=1).mid
+            for seq in range(1, flood + 1)]
+        for seq in range(1, 11):  # meanwhile, within its allowance
+            r_calm.publish(calm.topic("telemetry"), messages.encode(
+                messages.Telemetry(seq, 100.0 + seq, {"n": seq})))
+        r_flood.wait(lambda: all(mid in r_flood._pubacks for mid in mids), "every PUBACK")
+        registry = service.registry
+        wait_until(lambda: len(registry.telemetry("calm")) == 10, "the calm device's samples")
+        # Each message of the flood is either stored or dropped (and acknowledged, so the
+        # broker holds none of it for the server).
+        wait_until(lambda: len(registry.telemetry("flooder", limit=flood))
+                   + service.ingest.dropped == flood, "the flood stored or dropped")
+        elapsed = time.monotonic() - started
+        stored = len(registry.telemetry("flooder", limit=flood))
+        assert stored <= burst + rate * elapsed + 1
+        assert service.ingest.dropped > 0
+    with open_registry(db_url) as registry:
+        limited = [e for e in registry.events(device="flooder") if e.kind == RATE_LIMITED]
+        assert [e.detail for e in limited] == [{"dropped": {"telemetry": flood - stored}}]
+        assert not [e for e in registry.events(device="calm") if e.kind == RATE_LIMITED]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import socket
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -13,7 +14,7 @@ import psycopg
 import pytest
 
 from fleet_server.errors import RegistryError
-from fleet_server.registry import Registry, open_registry
+from fleet_server.registry import Registry, is_outage, open_registry
 from protocol.messages import Telemetry
 from tests.fleet_server.registry.helpers import DAY, bundle, enroll, kinds, report
 from tests.postgres import postgres_schema
@@ -268,3 +269,27 @@ def test_with_rows_runs_one_statement_over_many_rows(db_url: str) -> None:
             tx.run("DROP TABLE t")
     finally:
         database.close()
+
+
+def test_an_outage_is_told_from_a_refusal(tmp_path: Path) -> None:
+    # What the ingest keeps and retries (the database is unavailable) against what it
+    # records as the message's fault: real errors of both drivers.
+    path = tmp_path / "locked.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN IMMEDIATE")
+    waiter = sqlite3.connect(path, timeout=0, isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError, match="locked") as locked:
+        waiter.execute("INSERT INTO t VALUES (1)")
+    holder.close()
+    waiter.close()
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    with pytest.raises(psycopg.OperationalError) as refused:
+        psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/x", connect_timeout=2)
+    assert is_outage(locked.value)
+    assert is_outage(refused.value)
+    assert not is_outage(RegistryError("unknown device 'gw-9'"))
+    assert not is_outage(psycopg.errors.NumericValueOutOfRange("out of range"))
+    assert not is_outage(sqlite3.IntegrityError("UNIQUE constraint failed"))
+    assert not is_outage(ValueError("a bug"))
