@@ -435,7 +435,7 @@ class Registry:
     def bundle_access(self, device_id: str, bundle_sha256: str) -> tuple[str, bool] | None:
         """What the bundle endpoint checks for one download, in one query: the fingerprint
         of the device's enrolled certificate and whether the bundle is or was in its desired
-        state (:meth:`was_desired`); None for an unknown device."""
+        state (:meth:`was_desired`); None for an unknown or reset device."""
         with self._tx() as tx:
             return desired.bundle_access(tx, device_id, bundle_sha256)
 
