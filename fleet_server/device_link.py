@@ -24,6 +24,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from protocol.errors import ProtocolError
+from protocol.messages import MAX_DEVICE_MESSAGE_BYTES
 from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF, device_topic
 from transport.mqtt import close_client, wait_published
 
@@ -31,7 +32,7 @@ from .chunk_server import ChunkServer
 from .errors import RegistryError
 from .ingest import Inbound, Ingest
 
-__all__ = ["DeviceLink"]
+__all__ = ["MAX_INBOUND_PACKET_BYTES", "DeviceLink"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,12 @@ log = logging.getLogger(__name__)
 #: ``outbox/#``, not only chunk requests, so a request this server does not know (a newer
 #: agent) is recorded as a protocol error instead of vanishing.
 _INGEST_LEAVES = ("reported", "events", "telemetry", "outbox/#")
+#: The largest MQTT packet the service's client accepts (announced in its CONNECT, MQTT 5):
+#: the largest device message plus room for its topic (fleet and device ids are at most 64
+#: characters each) and properties. The broker drops a bigger message instead of handing
+#: it on, so a device publishing 200 MB costs the broker, not every server process; one
+#: that is too big by less than the room reaches the ingest, which records it refused.
+MAX_INBOUND_PACKET_BYTES = MAX_DEVICE_MESSAGE_BYTES + 16 * 1024
 _RECONNECT_MIN_S = 1
 _RECONNECT_MAX_S = 30
 

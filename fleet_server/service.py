@@ -48,7 +48,7 @@ from .data_dir import (
     server_identity,
 )
 from .delta_store import DeltaStore
-from .device_link import DeviceLink
+from .device_link import MAX_INBOUND_PACKET_BYTES, DeviceLink
 from .enroller import Enroller, Enrollment, IssuedToken
 from .errors import BrokerError, ServiceError
 from .experiment_runner import ExperimentRunner
@@ -191,7 +191,8 @@ class FleetService:
         self._start_leadership(self._ca.fleet, self._registry)
         self._broker = self._start_broker(self._ca)
         link = self._link = DeviceLink(
-            self._broker.client(identity, self.config.mqtt_protocol), self._ca.fleet,
+            self._broker.client(identity, self.config.mqtt_protocol,
+                                max_packet_size=MAX_INBOUND_PACKET_BYTES), self._ca.fleet,
             shared_subscriptions=self.config.shared_subscriptions,
             protocol=self.config.mqtt_protocol, on_connected=self._on_connected)
         chunks = ChunkServer(self._registry, rate_bytes=self.config.chunk_rate_bytes,
