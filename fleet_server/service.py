@@ -54,6 +54,7 @@ from .errors import BrokerError, ServiceError
 from .experiment_runner import ExperimentRunner
 from .housekeeping import Housekeeping, retention_job
 from .ingest import Ingest
+from .instance_claim import InstanceClaim
 from .leadership import Leadership, leadership_for
 from .monitoring.monitor import Monitor
 from .publishing import Publisher, PublishResult
@@ -99,6 +100,7 @@ class FleetService:
         self._leadership: Leadership | None = None
         self._housekeeping: Housekeeping | None = None
         self._lock_file: IO[str] | None = None
+        self._claim: InstanceClaim | None = None
         #: Whether the desired states were sent after a connection of this start's.
         self._republished = False
 
@@ -119,12 +121,16 @@ class FleetService:
     def stop(self) -> None:
         """Disconnect, stop an embedded broker and close the registry. Idempotent.
 
-        Messages received so far are stored and acknowledged first; any arriving meanwhile
-        stay unacknowledged, and the broker delivers them again on the next start."""
+        With shared subscriptions this process first leaves the shared subscription, so
+        the other processes take every device message from then on (docs/scale.md,
+        "Removing an instance"). Messages received so far are stored and acknowledged
+        first; any arriving meanwhile stay unacknowledged, and the broker delivers them
+        again on the next start."""
         rollouts, self._rollouts = self._rollouts, None
         if rollouts is not None:
             rollouts.stop()
         if self._link is not None:
+            self._link.release_share()
             self._link.detach()
         ingest, self._ingest = self._ingest, None
         if ingest is not None:
@@ -144,6 +150,9 @@ class FleetService:
         link, self._link = self._link, None
         if link is not None:
             link.close()
+        claim, self._claim = self._claim, None
+        if claim is not None:
+            claim.release()
         broker, self._broker = self._broker, None
         if broker is not None:
             broker.stop()
@@ -188,12 +197,15 @@ class FleetService:
                  if self._releaser.can_sign else "no online keys: rollback and encryption "
                  "at publish need them (fleet serve --keys KEYS)")
         identity = server_identity(data, self._ca, self.client_name)
+        db_url = self.config.db_url
+        if db_url is not None and db_url.startswith(("postgresql://", "postgres://")):
+            self._claim = InstanceClaim.take(db_url, self._ca.fleet, self.client_name)
         self._start_leadership(self._ca.fleet, self._registry)
         self._broker = self._start_broker(self._ca)
         link = self._link = DeviceLink(
             self._broker.client(identity, self.config.mqtt_protocol,
                                 max_packet_size=MAX_INBOUND_PACKET_BYTES), self._ca.fleet,
-            shared_subscriptions=self.config.shared_subscriptions,
+            name=self.client_name, shared_subscriptions=self.config.shared_subscriptions,
             protocol=self.config.mqtt_protocol, on_connected=self._on_connected)
         chunks = ChunkServer(self._registry, rate_bytes=self.config.chunk_rate_bytes,
                              burst_bytes=self.config.chunk_burst_bytes)

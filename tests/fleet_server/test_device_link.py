@@ -341,7 +341,8 @@ def test_a_message_past_the_servers_packet_size_is_dropped_by_the_broker(
                      messages.encode(messages.Telemetry(1, 1.0, {"ok": True})))
     wait_until(lambda: service.registry.telemetry("gw-1"), "the genuine sample")
     assert _protocol_errors(service, "gw-1") == []
-    assert service.connected and service.disconnected_since is None
+    assert service.connected
+    assert service.disconnected_since is None
     assert (f"Dropping too large outgoing PUBLISH for {service.client_name}"
             in service.broker.log_tail(200))
 
