@@ -29,10 +29,11 @@ import logging
 import threading
 from collections.abc import Sequence
 from types import TracebackType
-from typing import IO, TypeVar
+from typing import IO, Protocol, TypeVar
 
 from bundle.errors import InvalidRootError
 from bundle.root import check_root
+from common.periodic import Periodic
 from transport.mqtt import BrokerAddress, TLSIdentity
 
 from .broker import Broker
@@ -71,7 +72,18 @@ log = logging.getLogger(__name__)
 #: CN of the operator API's server certificate.
 API_IDENTITY = "edgefleet-api"
 
+#: Seconds between two looks at the registry's revocations: how long a certificate another
+#: server process revoked stays on this process's CRL file unlisted at most.
+_CRL_REFRESH_S = 10.0
 _T = TypeVar("_T")
+
+
+class _Stoppable(Protocol):
+    """A part of the service running on a thread of its own."""
+
+    def stop(self) -> None:
+        """Stop it (idempotent)."""
+        ...
 
 
 class FleetService:
@@ -101,6 +113,7 @@ class FleetService:
         self._housekeeping: Housekeeping | None = None
         self._lock_file: IO[str] | None = None
         self._claim: InstanceClaim | None = None
+        self._crl_refresh: Periodic | None = None
         #: Whether the desired states were sent after a connection of this start's.
         self._republished = False
 
@@ -135,15 +148,12 @@ class FleetService:
         ingest, self._ingest = self._ingest, None
         if ingest is not None:
             ingest.stop()
-        monitor, self._monitor = self._monitor, None
-        if monitor is not None:
-            monitor.stop()
-        housekeeping, self._housekeeping = self._housekeeping, None
-        if housekeeping is not None:
-            housekeeping.stop()
-        leadership, self._leadership = self._leadership, None
-        if leadership is not None:
-            leadership.stop()
+        threads: tuple[_Stoppable | None, ...] = (
+            self._monitor, self._housekeeping, self._leadership, self._crl_refresh)
+        self._monitor = self._housekeeping = self._leadership = self._crl_refresh = None
+        for thread in threads:
+            if thread is not None:
+                thread.stop()
         bundle_http, self._bundle_http = self._bundle_http, None
         if bundle_http is not None:
             bundle_http.stop()
@@ -189,6 +199,9 @@ class FleetService:
         self._registry = open_registry(self.config.db_url or data / "fleet.db",
                                        blob_dir=data / "bundles")
         self._ca = load_ca(data, self.config.fleet)
+        # Issued and revoked certificates in the registry, which every server process of
+        # the fleet shares (fleet_server.ca, "Shared records").
+        self._ca.share_records(self._registry)
         self._releaser = Releaser(self._registry, self.config.keys_dir,
                                   valid_days=self.config.release_valid_days,
                                   root=self.root_json)
@@ -202,6 +215,9 @@ class FleetService:
             self._claim = InstanceClaim.take(db_url, self._ca.fleet, self.client_name)
         self._start_leadership(self._ca.fleet, self._registry)
         self._broker = self._start_broker(self._ca)
+        self._crl_refresh = Periodic("fleet-crl", self._refresh_crl, _CRL_REFRESH_S,
+                                     wait_first=True)
+        self._crl_refresh.start()
         link = self._link = DeviceLink(
             self._broker.client(identity, self.config.mqtt_protocol,
                                 max_packet_size=MAX_INBOUND_PACKET_BYTES), self._ca.fleet,
@@ -271,6 +287,16 @@ class FleetService:
         if leader and self._republished and self.connected:
             threading.Thread(target=self._republish_quietly, name="republish",
                              daemon=True).start()
+
+    def _refresh_crl(self) -> None:
+        """Take in the revocations other server processes made (its thread): write the
+        CRL again and have the broker re-read it (an external broker's operator is told to
+        copy it)."""
+        ca, broker = self._ca, self._broker
+        if ca is not None and broker is not None and ca.refresh_crl():
+            log.info("the fleet CA's revocation list changed in the registry (another "
+                     "server process revoked a certificate); %s written again", ca.crl_path)
+            broker.reload_crl()
 
     def _republish_quietly(self) -> None:
         try:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from cryptography import x509
 
 from fleet_server.broker import Broker, BrokerConfig
 from fleet_server.ca import FleetCA
@@ -318,3 +319,27 @@ def test_refusals_are_logged_and_a_second_process_of_one_identity_refused(
     with _service(servers, tmp_path, "a1", "a"), pytest.raises(
             ServiceError, match="already runs as fleet-server-a on this registry"):
         second.start()
+
+
+def test_a_device_enrolled_through_one_process_is_revoked_by_a_reset_through_the_other(
+        fleet: tuple[Servers, Registry, FleetCA, Broker], tmp_path: Path) -> None:
+    """Each process has its own copy of the CA directory; the issued and revoked
+    certificates live in the shared registry, so b's reset revokes what a issued (the
+    message is true), and a's CRL lists it too once a looks again (every 10 s)."""
+    servers, registry, _, _ = fleet
+    a, b = _service(servers, tmp_path, "a", "a"), _service(servers, tmp_path, "b", "b")
+    with a, b:
+        _, csr = make_device_key_and_csr("gw-1")
+        enrollment = a.enroll(a.issue_token("lab", 600).token, "gw-1", csr, "x86-avx2")
+        serial = x509.load_pem_x509_certificate(enrollment.certificate_pem).serial_number
+        b.reset_device("gw-1")
+        kinds = [e.kind for e in registry.events(device="gw-1")]
+        assert "certificate.revoked" in kinds
+        assert "certificate.not_revoked" not in kinds
+
+        def listed(service: FleetService) -> bool:
+            crl = x509.load_pem_x509_crl(service.ca.crl_path.read_bytes())
+            return crl.get_revoked_certificate_by_serial_number(serial) is not None
+
+        assert listed(b)
+        wait_until(lambda: listed(a), "a's CRL to list the certificate b revoked", 15)
