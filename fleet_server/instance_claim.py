@@ -8,7 +8,10 @@ without saying why (newer brokers send DISCONNECT "Session taken over", which
 before it connects: a session-level advisory lock keyed by the registry's schema, the
 fleet and the identity, held on a connection of its own for as long as the process runs.
 A second process with the same identity is refused at start, naming the cause. PostgreSQL
-releases the lock when the holder's session ends (a clean stop, a crash, ``kill -9``).
+releases the lock when the holder's session ends (a clean stop, a crash, ``kill -9``); a
+holder whose machine vanished keeps it until PostgreSQL's TCP keepalive gives up on the
+session (``tcp_keepalives_idle`` on the database server), and the refusal says how to end
+that session at once.
 On SQLite the data directory's lock already allows one process per registry.
 """
 
@@ -22,7 +25,13 @@ import psycopg
 
 from .errors import ServiceError
 
-__all__ = ["InstanceClaim", "claim_key"]
+__all__ = ["InstanceClaim", "application_name", "claim_key"]
+
+
+def application_name(identity: str) -> str:
+    """The claim's connection shows under this name in ``pg_stat_activity``, so an
+    operator can end the claim of a process that is gone."""
+    return f"edgefleet claim {identity}"
 
 
 def claim_key(schema: str, fleet: str, identity: str) -> int:
@@ -44,7 +53,8 @@ class InstanceClaim:
         """Claim ``identity``; ServiceError if another process holds it, or the database
         cannot be reached."""
         try:
-            connection = psycopg.connect(url, autocommit=True, connect_timeout=10)
+            connection = psycopg.connect(url, autocommit=True, connect_timeout=10,
+                                         application_name=application_name(identity))
         except psycopg.Error as exc:
             raise ServiceError(f"cannot connect to the registry database to claim the "
                                f"identity {identity} ({exc}); check --db") from exc
@@ -62,7 +72,10 @@ class InstanceClaim:
                 f"another fleet server process of fleet {fleet} already runs as {identity} "
                 "on this registry; two processes with one identity would take the broker "
                 "session from each other over and over. Give this one its own --instance "
-                "name, or stop the other first")
+                "name, or stop the other first. If the other is gone (its machine lost), "
+                "PostgreSQL frees the claim once it notices; to free it now: SELECT "
+                "pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = "
+                f"'{application_name(identity)}'")
         return cls(connection)
 
     def release(self) -> None:
