@@ -47,9 +47,11 @@ _INGEST_LEAVES = ("reported", "events", "telemetry", "outbox/#")
 #: that is too big by less than the room reaches the ingest, which records it refused.
 MAX_INBOUND_PACKET_BYTES = MAX_DEVICE_MESSAGE_BYTES + 16 * 1024
 _RECONNECT_MIN_S = 1
-#: MQTT 5 DISCONNECT reason "Session taken over": a client with the same id connected.
-_SESSION_TAKEN_OVER = 0x8E
 _RECONNECT_MAX_S = 30
+#: MQTT 5 DISCONNECT reason "Session taken over": a client with the same id connected.
+#: Newer brokers send it (EMQX, Mosquitto after 2.0.11); 2.0.11 only closes the socket,
+#: hence also the registry's claim on the identity (fleet_server.instance_claim).
+_SESSION_TAKEN_OVER = 0x8E
 
 
 class DeviceLink:
