@@ -151,11 +151,13 @@ class Broker:
         return process.pid if process is not None and process.poll() is None else None
 
     def client(self, identity: TLSIdentity,
-               protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5) -> Client:
-        """A paho-mqtt client of this broker for ``identity`` (``create_client``),
-        not connected yet."""
+               protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5, *,
+               max_packet_size: int | None = None) -> Client:
+        """A paho-mqtt client of this broker for ``identity`` (``create_client``; with
+        MQTT 5 it announces ``max_packet_size``), not connected yet."""
         try:
-            return create_client(ClientSettings(self.address, identity, protocol=protocol))
+            return create_client(ClientSettings(self.address, identity, protocol=protocol,
+                                                max_packet_size=max_packet_size))
         except (OSError, ValueError) as exc:
             raise BrokerError(f"cannot set up an MQTT client from {identity.cert_file} and "
                               f"{identity.key_file} ({exc}); check that both files exist "

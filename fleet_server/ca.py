@@ -10,8 +10,18 @@ Layout of a CA directory (mode 0700)::
       issued/    every device certificate issued, <fingerprint>.crt: revocation needs a
                  certificate's serial number, and the registry knows devices by fingerprint
       revoked.json  the revoked device certificates (serial, fingerprint, device, when)
-      crl.pem    the certificate revocation list made from revoked.json, signed by the CA;
-                 the broker refuses the certificates it lists (docs/transport.md)
+      crl.pem    the certificate revocation list made from revoked.json (and the shared
+                 records, below), signed by the CA; the broker refuses the certificates it
+                 lists (docs/transport.md)
+
+**Shared records.** Several server processes hold copies of one CA directory
+(docs/scale.md); each copy's ``issued/`` and ``revoked.json`` would know only what that
+process did, so a process could not revoke what another issued, and their CRLs would
+differ. A service therefore gives its CA the registry as :class:`CARecords`
+(:meth:`FleetCA.share_records`): every certificate issued is recorded there too, a
+revocation is recorded only there, and the CRL is rendered from the union of the
+directory's and the registry's revocations, by every process alike
+(:meth:`FleetCA.refresh_crl` picks up what the others revoked).
 
 What the CA issues (docs/transport.md, "TLS identity"):
 
@@ -49,6 +59,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -68,7 +79,9 @@ __all__ = [
     "CRL_NAME",
     "DEVICE_VALIDITY_DAYS",
     "SERVICE_VALIDITY_DAYS",
+    "CARecords",
     "FleetCA",
+    "IssuedCertificate",
     "IssuedIdentity",
     "RevokedCertificate",
     "certificate_fingerprint",
@@ -108,7 +121,7 @@ class IssuedIdentity:
 
 @dataclass(frozen=True)
 class RevokedCertificate:
-    """One entry of the revocation list (``revoked.json``)."""
+    """One revocation (in ``revoked.json``, or the shared :class:`CARecords`)."""
 
     serial: int
     fingerprint: str
@@ -118,8 +131,42 @@ class RevokedCertificate:
     reason: str
 
 
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A device certificate the CA issued, kept so it can be revoked by fingerprint."""
+
+    fingerprint: str
+    #: The CN it was issued to.
+    device: str
+    serial: int
+    cert_pem: bytes = field(repr=False)
+    issued_at: float
+
+
+class CARecords(Protocol):
+    """The CA's records shared by every server process: the registry
+    (:class:`fleet_server.registry.Registry`; module docstring)."""
+
+    def record_issued_certificate(self, record: IssuedCertificate) -> None:
+        """Keep ``record``."""
+        ...
+
+    def issued_certificate(self, fingerprint: str) -> IssuedCertificate | None:
+        """The certificate issued with ``fingerprint``; None if not recorded."""
+        ...
+
+    def record_revocation(self, record: RevokedCertificate) -> bool:
+        """Keep ``record``; False if that certificate was revoked already."""
+        ...
+
+    def revocations(self) -> list[RevokedCertificate]:
+        """Every revocation recorded, oldest first."""
+        ...
+
+
 class FleetCA:
-    """One fleet's certificate authority, backed by a CA directory."""
+    """One fleet's certificate authority, backed by a CA directory (and, shared by several
+    server processes, by :class:`CARecords`)."""
 
     def __init__(self, directory: Path, fleet: str, key: ec.EllipticCurvePrivateKey,
                  certificate: x509.Certificate, service_identities: Iterable[str]) -> None:
@@ -131,6 +178,9 @@ class FleetCA:
         self._services = set(service_identities)
         # Enrollments run on the API's threads: revocations must not lose one another.
         self._lock = threading.Lock()
+        self._records: CARecords | None = None
+        # The serials of the CRL last written, so refresh_crl() rewrites it only on change.
+        self._crl_serials: frozenset[int] | None = None
 
     @classmethod
     def create(cls, directory: Path, fleet_name: str, *,
@@ -324,8 +374,34 @@ class FleetCA:
                           f"{self.directory / _ISSUED_DIR} ({exc}); without it the "
                           "certificate could never be revoked: make the CA directory "
                           "writable and enroll again") from exc
+        if self._records is not None:
+            self._records.record_issued_certificate(IssuedCertificate(
+                fingerprint, device_id, x509.load_pem_x509_certificate(certificate)
+                .serial_number, certificate, time.time()))
         log.info("issued a device certificate for %s (%s)", device_id, fingerprint[:16])
         return certificate
+
+    def share_records(self, records: CARecords) -> None:
+        """Keep the CA's records in ``records`` too, shared with the fleet's other server
+        processes (module docstring), and write the CRL from both. Raises CAError if the
+        CRL cannot be written."""
+        self._records = records
+        self.refresh_crl()
+
+    def refresh_crl(self) -> bool:
+        """Write ``crl.pem`` again if the revocations (the directory's and the shared
+        records') changed since it was last written: True if it did, and the broker must
+        then re-read it. Raises CAError if it cannot be written."""
+        with self._lock:
+            revoked = self._revoked()
+            if frozenset(e.serial for e in revoked) == self._crl_serials:
+                return False
+            try:
+                self._write_crl(revoked)
+            except OSError as exc:
+                raise CAError(f"cannot write {self.crl_path} ({exc}); make the CA directory "
+                              "writable") from exc
+        return True
 
     def revoke(self, fingerprint: str, reason: str) -> bool:
         """Put the device certificate with this fingerprint on the CRL (``crl.pem``).
@@ -340,10 +416,8 @@ class FleetCA:
             revoked = self._revoked()
             if any(entry.fingerprint == fingerprint for entry in revoked):
                 return True
-            try:
-                pem = (self.directory / _ISSUED_DIR / f"{fingerprint}.crt").read_bytes()
-                certificate = x509.load_pem_x509_certificate(pem)
-            except (OSError, ValueError):
+            certificate = self._issued(fingerprint)
+            if certificate is None:
                 log.warning("cannot revoke certificate %s: %s has no record of it (issued "
                             "before revocation was kept, or by another CA)", fingerprint[:16],
                             self.directory / _ISSUED_DIR)
@@ -354,8 +428,13 @@ class FleetCA:
                                        reason)
             revoked.append(entry)
             try:
-                write_atomic(self.directory / _REVOKED_NAME, json.dumps(
-                    [asdict(e) for e in revoked], indent=1, sort_keys=True).encode("utf-8"))
+                if self._records is not None:
+                    self._records.record_revocation(entry)
+                else:
+                    local = [e for e in self._local_revoked() if e.fingerprint != fingerprint]
+                    write_atomic(self.directory / _REVOKED_NAME, json.dumps(
+                        [asdict(e) for e in [*local, entry]], indent=1,
+                        sort_keys=True).encode("utf-8"))
                 self._write_crl(revoked)
             except OSError as exc:
                 raise CAError(f"cannot write the revocation list in {self.directory} ({exc}); "
@@ -369,7 +448,31 @@ class FleetCA:
         with self._lock:
             return self._revoked()
 
+    def _issued(self, fingerprint: str) -> x509.Certificate | None:
+        """The certificate issued with ``fingerprint``: from the directory, else the shared
+        records; None if neither has it."""
+        try:
+            pem = (self.directory / _ISSUED_DIR / f"{fingerprint}.crt").read_bytes()
+        except OSError:
+            record = None if self._records is None else self._records.issued_certificate(
+                fingerprint)
+            if record is None:
+                return None
+            pem = record.cert_pem
+        try:
+            return x509.load_pem_x509_certificate(pem)
+        except ValueError:
+            return None
+
     def _revoked(self) -> list[RevokedCertificate]:
+        """The directory's revocations and the shared records', each certificate once."""
+        revoked = self._local_revoked()
+        if self._records is not None:
+            seen = {e.fingerprint for e in revoked}
+            revoked += [e for e in self._records.revocations() if e.fingerprint not in seen]
+        return revoked
+
+    def _local_revoked(self) -> list[RevokedCertificate]:
         path = self.directory / _REVOKED_NAME
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
@@ -395,6 +498,7 @@ class FleetCA:
                 .build())
         crl = builder.sign(self._key, hashes.SHA256())
         write_atomic(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
+        self._crl_serials = frozenset(e.serial for e in revoked)
 
     def write_identity(self, identity: IssuedIdentity, directory: Path,
                        name: str | None = None) -> TLSIdentity:

@@ -24,6 +24,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from protocol.errors import ProtocolError
+from protocol.messages import MAX_DEVICE_MESSAGE_BYTES
 from protocol.topics import CHUNK_LEAF, CHUNK_REQUEST_LEAF, device_topic
 from transport.mqtt import close_client, wait_published
 
@@ -31,7 +32,7 @@ from .chunk_server import ChunkServer
 from .errors import RegistryError
 from .ingest import Inbound, Ingest
 
-__all__ = ["DeviceLink"]
+__all__ = ["MAX_INBOUND_PACKET_BYTES", "DeviceLink"]
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,18 @@ log = logging.getLogger(__name__)
 #: ``outbox/#``, not only chunk requests, so a request this server does not know (a newer
 #: agent) is recorded as a protocol error instead of vanishing.
 _INGEST_LEAVES = ("reported", "events", "telemetry", "outbox/#")
+#: The largest MQTT packet the service's client accepts (announced in its CONNECT, MQTT 5):
+#: the largest device message plus room for its topic (fleet and device ids are at most 64
+#: characters each) and properties. The broker drops a bigger message instead of handing
+#: it on, so a device publishing 200 MB costs the broker, not every server process; one
+#: that is too big by less than the room reaches the ingest, which records it refused.
+MAX_INBOUND_PACKET_BYTES = MAX_DEVICE_MESSAGE_BYTES + 16 * 1024
 _RECONNECT_MIN_S = 1
 _RECONNECT_MAX_S = 30
+#: MQTT 5 DISCONNECT reason "Session taken over": a client with the same id connected.
+#: Newer brokers send it (EMQX, Mosquitto after 2.0.11); 2.0.11 only closes the socket,
+#: hence also the registry's claim on the identity (fleet_server.instance_claim).
+_SESSION_TAKEN_OVER = 0x8E
 
 
 class DeviceLink:
@@ -50,11 +61,13 @@ class DeviceLink:
     :meth:`publish` is called from any thread, :meth:`ack` from the ingest thread.
     """
 
-    def __init__(self, client: Client, fleet: str, *, shared_subscriptions: bool,
+    def __init__(self, client: Client, fleet: str, *, name: str, shared_subscriptions: bool,
                  protocol: MQTTProtocolVersion, on_connected: Callable[[], object]) -> None:
-        """``on_connected`` runs on the network thread after every connection (an exception
+        """``name`` is the client's identity (its certificate's CN), for the log;
+        ``on_connected`` runs on the network thread after every connection (an exception
         it raises is logged)."""
         self._fleet = fleet
+        self._name = name
         self._shared = shared_subscriptions
         self._protocol = protocol
         self._on_connected = on_connected
@@ -67,10 +80,23 @@ class DeviceLink:
         # Counts connections, so a message is not acknowledged on a later connection than
         # the one it came on (the broker re-sends unacknowledged ones after a reconnect).
         self._generation = 0
+        # Publishes in flight, by message id: their leaf, to name what the broker refused.
+        # A PUBACK may be read before publish() returns (the network thread is faster);
+        # its refusal then waits in _early_refusals for publish() to report it.
+        self._leaves: dict[int, str] = {}
+        self._early_refusals: dict[int, ReasonCode] = {}
+        self._leaves_lock = threading.Lock()
+        #: Kinds of refusal already logged ("publish desired", "subscribe events"): each is
+        #: logged once, loudly, not once per message.
+        self._refusals_logged: set[str] = set()
+        self._unsubscribed = threading.Event()
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
+        client.on_publish = self._on_publish
         client.reconnect_delay_set(_RECONNECT_MIN_S, _RECONNECT_MAX_S)
         # Stored messages are acknowledged by the ingest thread once committed.
         client.manual_ack_set(True)
@@ -90,6 +116,26 @@ class DeviceLink:
         """Stop handing on device messages: any arriving from now on stay unacknowledged,
         and the broker delivers them again on the next start."""
         self._ingest = self._chunks = None
+
+    def release_share(self, timeout: float = 5.0) -> None:
+        """Leave the shared subscription (a clean stop): the broker then gives every device
+        message to the other server processes, instead of queueing this one's turn in its
+        persistent session until it comes back, which a retired instance never does. Call
+        before :meth:`detach`, so what arrived before the broker's answer is still stored.
+        Nothing happens without shared subscriptions or while disconnected (a killed
+        process keeps its share until it starts again: docs/scale.md)."""
+        client = self._client
+        if client is None or not self._shared or not client.is_connected():
+            return
+        self._unsubscribed.clear()
+        result, _ = client.unsubscribe(self._topics())
+        if result == 0 and not self._unsubscribed.wait(timeout):
+            log.warning("the broker did not answer the unsubscription from the shared "
+                        "subscription within %.0f s; this instance may keep its share of "
+                        "device messages until it starts again", timeout)
+        elif result == 0:
+            log.info("left the shared subscription: the other server processes take every "
+                     "device message now")
 
     def close(self) -> None:
         """Disconnect and stop the network thread. Idempotent."""
@@ -122,8 +168,14 @@ class DeviceLink:
             raise RuntimeError("the fleet service is not started")
         # While disconnected paho keeps QoS 1 messages and sends them on reconnect; desired
         # states are re-published on every connection anyway.
-        client.publish(device_topic(self._fleet, device_id, leaf), payload, qos=1,
-                       retain=retain)
+        info = client.publish(device_topic(self._fleet, device_id, leaf), payload, qos=1,
+                              retain=retain)
+        with self._leaves_lock:
+            refused = self._early_refusals.pop(info.mid, None)
+            if refused is None:
+                self._leaves[info.mid] = leaf
+        if refused is not None:
+            self._log_refusal(f"publish {leaf}", refused)
 
     def ack(self, inbound: Inbound) -> None:
         """Acknowledge a device message to the broker (if it came on this connection)."""
@@ -148,10 +200,8 @@ class DeviceLink:
         # already, so it can be refused (_refuse_retained).
         # A shared subscription may not ask for no-local (MQTT 5, 3.8.3.1); the server's
         # own clearing publishes (empty) are then dropped in _on_message.
-        shared = self._shared
-        options = SubscribeOptions(qos=1, noLocal=not shared, retainAsPublished=True)
-        prefix = f"$share/edgefleet-{self._fleet}/" if shared else ""
-        topics = [prefix + device_topic(self._fleet, "+", leaf) for leaf in _INGEST_LEAVES]
+        options = SubscribeOptions(qos=1, noLocal=not self._shared, retainAsPublished=True)
+        topics = self._topics()
         if self._protocol == MQTTProtocolVersion.MQTTv5:
             client.subscribe([(topic, options) for topic in topics])
         else:  # 3.1.1 has QoS only; a device's retained message then arrives retained only
@@ -176,8 +226,53 @@ class DeviceLink:
         self._connected.clear()
         if was:
             self.disconnected_since = time.time()
-        if was and self._client is not None:
+        if reason.value == _SESSION_TAKEN_OVER:
+            # Another client connected with this identity, and the broker dropped this one;
+            # the two will keep taking the session from each other, each reconnecting.
+            log.error("the broker dropped this connection because another client connected "
+                      "as %s (session taken over): two server processes run with the same "
+                      "identity (the same --instance name, or none, on two data "
+                      "directories). Give each process its own --instance name, or stop "
+                      "one; reconnecting meanwhile", self._name)
+        elif was and self._client is not None:
             log.warning("lost the broker connection (%s); reconnecting", reason)
+
+    def _on_subscribe(self, _client: Client, _userdata: object, _mid: int,
+                      reasons: list[ReasonCode], _properties: Properties | None) -> None:
+        for leaf, reason in zip(_INGEST_LEAVES, reasons, strict=False):
+            if reason.is_failure:
+                self._log_refusal(f"subscribe {leaf}", reason)
+
+    def _on_unsubscribe(self, _client: Client, _userdata: object, _mid: int,
+                        _reasons: list[ReasonCode], _properties: Properties | None) -> None:
+        self._unsubscribed.set()
+
+    def _on_publish(self, _client: Client, _userdata: object, mid: int, reason: ReasonCode,
+                    _properties: Properties | None) -> None:
+        with self._leaves_lock:
+            leaf = self._leaves.pop(mid, None)
+            if leaf is None and reason.is_failure:
+                self._early_refusals[mid] = reason
+        if leaf is not None and reason.is_failure:
+            self._log_refusal(f"publish {leaf}", reason)
+
+    def _log_refusal(self, kind: str, reason: ReasonCode) -> None:
+        """The broker refused a subscription or a publish (its ACL does not grant this
+        identity the topic, most likely): log it once per kind, as an error."""
+        if kind in self._refusals_logged:
+            return
+        self._refusals_logged.add(kind)
+        action, _, leaf = kind.partition(" ")
+        log.error("the broker refused to let %s %s device topics (%s: %s): messages of that "
+                  "kind are lost. Grant this identity the fleet's topics%s in the broker's "
+                  "ACL (docs/scale.md, 'External brokers'); logged once", self._name, action,
+                  leaf, reason, " and the shared subscription" if self._shared else "")
+
+    def _topics(self) -> list[str]:
+        """The filters the service subscribes to (through the shared subscription if
+        enabled), in the order of _INGEST_LEAVES."""
+        prefix = f"$share/edgefleet-{self._fleet}/" if self._shared else ""
+        return [prefix + device_topic(self._fleet, "+", leaf) for leaf in _INGEST_LEAVES]
 
     def _on_message(self, _client: Client, _userdata: object, message: MQTTMessage) -> None:
         prefix = device_topic(self._fleet, "", "")[:-1]  # "edgefleet/{fleet}/devices/"

@@ -29,10 +29,11 @@ import logging
 import threading
 from collections.abc import Sequence
 from types import TracebackType
-from typing import IO, TypeVar
+from typing import IO, Protocol, TypeVar
 
 from bundle.errors import InvalidRootError
 from bundle.root import check_root
+from common.periodic import Periodic
 from transport.mqtt import BrokerAddress, TLSIdentity
 
 from .broker import Broker
@@ -48,12 +49,13 @@ from .data_dir import (
     server_identity,
 )
 from .delta_store import DeltaStore
-from .device_link import DeviceLink
+from .device_link import MAX_INBOUND_PACKET_BYTES, DeviceLink
 from .enroller import Enroller, Enrollment, IssuedToken
 from .errors import BrokerError, ServiceError
 from .experiment_runner import ExperimentRunner
 from .housekeeping import Housekeeping, retention_job
 from .ingest import MESSAGES, TELEMETRY, Ingest
+from .instance_claim import InstanceClaim
 from .leadership import Leadership, leadership_for
 from .monitoring.monitor import Monitor
 from .publishing import Publisher, PublishResult
@@ -71,7 +73,18 @@ log = logging.getLogger(__name__)
 #: CN of the operator API's server certificate.
 API_IDENTITY = "edgefleet-api"
 
+#: Seconds between two looks at the registry's revocations: how long a certificate another
+#: server process revoked stays on this process's CRL file unlisted at most.
+_CRL_REFRESH_S = 10.0
 _T = TypeVar("_T")
+
+
+class _Stoppable(Protocol):
+    """A part of the service running on a thread of its own."""
+
+    def stop(self) -> None:
+        """Stop it (idempotent)."""
+        ...
 
 
 class FleetService:
@@ -100,6 +113,8 @@ class FleetService:
         self._leadership: Leadership | None = None
         self._housekeeping: Housekeeping | None = None
         self._lock_file: IO[str] | None = None
+        self._claim: InstanceClaim | None = None
+        self._crl_refresh: Periodic | None = None
         #: Whether the desired states were sent after a connection of this start's.
         self._republished = False
 
@@ -120,31 +135,35 @@ class FleetService:
     def stop(self) -> None:
         """Disconnect, stop an embedded broker and close the registry. Idempotent.
 
-        Messages received so far are stored and acknowledged first; any arriving meanwhile
-        stay unacknowledged, and the broker delivers them again on the next start."""
+        With shared subscriptions this process first leaves the shared subscription, so
+        the other processes take every device message from then on (docs/scale.md,
+        "Removing an instance"). Messages received so far are stored and acknowledged
+        first; any arriving meanwhile stay unacknowledged, and the broker delivers them
+        again on the next start."""
         rollouts, self._rollouts = self._rollouts, None
         if rollouts is not None:
             rollouts.stop()
         if self._link is not None:
+            self._link.release_share()
             self._link.detach()
         ingest, self._ingest = self._ingest, None
         if ingest is not None:
             ingest.stop()
-        monitor, self._monitor = self._monitor, None
-        if monitor is not None:
-            monitor.stop()
-        housekeeping, self._housekeeping = self._housekeeping, None
-        if housekeeping is not None:
-            housekeeping.stop()
-        leadership, self._leadership = self._leadership, None
-        if leadership is not None:
-            leadership.stop()
+        threads: tuple[_Stoppable | None, ...] = (
+            self._monitor, self._housekeeping, self._leadership, self._crl_refresh)
+        self._monitor = self._housekeeping = self._leadership = self._crl_refresh = None
+        for thread in threads:
+            if thread is not None:
+                thread.stop()
         bundle_http, self._bundle_http = self._bundle_http, None
         if bundle_http is not None:
             bundle_http.stop()
         link, self._link = self._link, None
         if link is not None:
             link.close()
+        claim, self._claim = self._claim, None
+        if claim is not None:
+            claim.release()
         broker, self._broker = self._broker, None
         if broker is not None:
             broker.stop()
@@ -181,6 +200,9 @@ class FleetService:
         self._registry = open_registry(self.config.db_url or data / "fleet.db",
                                        blob_dir=data / "bundles")
         self._ca = load_ca(data, self.config.fleet)
+        # Issued and revoked certificates in the registry, which every server process of
+        # the fleet shares (fleet_server.ca, "Shared records").
+        self._ca.share_records(self._registry)
         self._releaser = Releaser(self._registry, self.config.keys_dir,
                                   valid_days=self.config.release_valid_days,
                                   root=self.root_json)
@@ -189,11 +211,18 @@ class FleetService:
                  if self._releaser.can_sign else "no online keys: rollback and encryption "
                  "at publish need them (fleet serve --keys KEYS)")
         identity = server_identity(data, self._ca, self.client_name)
+        db_url = self.config.db_url
+        if db_url is not None and db_url.startswith(("postgresql://", "postgres://")):
+            self._claim = InstanceClaim.take(db_url, self._ca.fleet, self.client_name)
         self._start_leadership(self._ca.fleet, self._registry)
         self._broker = self._start_broker(self._ca)
+        self._crl_refresh = Periodic("fleet-crl", self._refresh_crl, _CRL_REFRESH_S,
+                                     wait_first=True)
+        self._crl_refresh.start()
         link = self._link = DeviceLink(
-            self._broker.client(identity, self.config.mqtt_protocol), self._ca.fleet,
-            shared_subscriptions=self.config.shared_subscriptions,
+            self._broker.client(identity, self.config.mqtt_protocol,
+                                max_packet_size=MAX_INBOUND_PACKET_BYTES), self._ca.fleet,
+            name=self.client_name, shared_subscriptions=self.config.shared_subscriptions,
             protocol=self.config.mqtt_protocol, on_connected=self._on_connected)
         chunks = ChunkServer(self._registry, rate_bytes=self.config.chunk_rate_bytes,
                              burst_bytes=self.config.chunk_burst_bytes)
@@ -264,6 +293,16 @@ class FleetService:
         if leader and self._republished and self.connected:
             threading.Thread(target=self._republish_quietly, name="republish",
                              daemon=True).start()
+
+    def _refresh_crl(self) -> None:
+        """Take in the revocations other server processes made (its thread): write the
+        CRL again and have the broker re-read it (an external broker's operator is told to
+        copy it)."""
+        ca, broker = self._ca, self._broker
+        if ca is not None and broker is not None and ca.refresh_crl():
+            log.info("the fleet CA's revocation list changed in the registry (another "
+                     "server process revoked a certificate); %s written again", ca.crl_path)
+            broker.reload_crl()
 
     def _republish_quietly(self) -> None:
         try:

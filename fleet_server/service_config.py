@@ -11,6 +11,7 @@ from paho.mqtt.enums import MQTTProtocolVersion
 
 from protocol.defaults import MQTTS_PORT
 
+from .errors import ServiceError
 from .monitoring.config import MonitoringConfig
 
 __all__ = ["ServiceConfig"]
@@ -96,3 +97,21 @@ class ServiceConfig:
     #: (NATS, RabbitMQ before 3.13; docs/scale.md): no shared subscriptions then, and no
     #: reason codes on refused publishes.
     mqtt_protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5
+
+    def __post_init__(self) -> None:
+        """ServiceError for options that cannot work together."""
+        if not self.shared_subscriptions:
+            return
+        if self.mqtt_protocol != MQTTProtocolVersion.MQTTv5:
+            raise ServiceError("shared subscriptions need MQTT 5 ($share/... is an MQTT 5 "
+                               "feature; a 3.1.1 broker would take it for an ordinary "
+                               "topic): drop --mqtt-version 3.1.1, or run one server "
+                               "process without --shared-subscriptions")
+        if self.broker_url is None:
+            # The embedded broker's ACL grants one server identity, so no other process
+            # could join the share; and a device could (docs/scale.md, "External brokers").
+            raise ServiceError("shared subscriptions need an external broker (--broker-url) "
+                               "that every server process connects to and that refuses "
+                               "devices the shared subscription (docs/scale.md); the "
+                               "embedded broker serves one server process: drop "
+                               "--shared-subscriptions")

@@ -64,6 +64,7 @@ __all__ = [
     "FEATURE_EVENT_BATCH",
     "MAX_BUNDLE_URLS",
     "MAX_CHUNK_REQUEST_BYTES",
+    "MAX_DEVICE_MESSAGE_BYTES",
     "MAX_EVENTS_PER_MESSAGE",
     "MAX_EVENT_BATCH_BYTES",
     "MAX_EVENT_BYTES",
@@ -108,6 +109,11 @@ MAX_EVENTS_PER_MESSAGE = 32
 MAX_EVENT_BATCH_BYTES = 64 * 1024
 MAX_TELEMETRY_BYTES = 256 * 1024
 MAX_CHUNK_REQUEST_BYTES = 4 * 1024
+#: The largest payload of any device -> server message (the bound above that is largest):
+#: what the fleet server's MQTT client needs to receive, and so what it announces to the
+#: broker as its maximum packet size (with room for the topic and properties).
+MAX_DEVICE_MESSAGE_BYTES = max(MAX_REPORTED_BYTES, MAX_EVENT_BATCH_BYTES, MAX_TELEMETRY_BYTES,
+                               MAX_CHUNK_REQUEST_BYTES)
 #: Kinds of event a device may send (docs/transport.md). The server stores them under its
 #: own ``agent.`` namespace, so a device can never write an event that reads as the
 #: server's (``device.enrolled``, ``desired.set``).

@@ -104,6 +104,10 @@ class ClientSettings:
     #: allows). A week covers a weekend outage without keeping dead devices' queues forever.
     session_expiry: int = 7 * 24 * 3600
     keepalive: int = 60
+    #: Largest MQTT packet this client accepts, announced in its CONNECT (MQTT 5 only): the
+    #: broker drops a message bigger than that instead of sending it (MQTT 5, 3.1.2.11.4),
+    #: so a peer's oversized publish never reaches this process's memory. None: no limit.
+    max_packet_size: int | None = None
 
 
 def tls_context(identity: TLSIdentity) -> ssl.SSLContext:
@@ -143,6 +147,8 @@ def create_client(settings: ClientSettings) -> Client:
         # paho's Properties has no annotations on __init__.
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = settings.session_expiry
+        if settings.max_packet_size is not None:
+            properties.MaximumPacketSize = settings.max_packet_size
         client.connect_async(address.host, address.port, settings.keepalive,
                              clean_start=False, properties=properties)
     else:

@@ -120,10 +120,13 @@ def was_desired(tx: Tx, device_id: str, bundle_sha256: str) -> bool:
 
 def bundle_access(tx: Tx, device_id: str, bundle_sha256: str) -> tuple[str, bool] | None:
     """(the fingerprint of the device's enrolled certificate, whether this bundle is or was
-    in its desired state) in one query; None for an unknown device."""
+    in its desired state) in one query; None for an unknown device and for a reset one: a
+    reset keeps the old fingerprint (for the record) until the id is enrolled again, and
+    that certificate must be refused from the moment of the reset."""
     sha = bundle_sha256.lower()
     row = tx.one("SELECT cert_fingerprint, EXISTS (SELECT 1 FROM ever_desired WHERE "
-                 "device_id = devices.id AND bundle_sha256 = ?) FROM devices WHERE id = ?",
+                 "device_id = devices.id AND bundle_sha256 = ?) FROM devices WHERE id = ? "
+                 "AND reset_at IS NULL",
                  (sha if SHA256_HEX.fullmatch(sha) else "", device_id))
     return None if row is None else (str(row[0]), bool(row[1]))
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from experiments.posterior import Delta, DeltaVerdict, Merged
 from fleet_server.audit import AuditEntry
+from fleet_server.ca import IssuedCertificate, RevokedCertificate
 from fleet_server.errors import RegistryError
 from fleet_server.monitoring.alerts import Alert, Notice
 from fleet_server.monitoring.samples import Observation
@@ -33,6 +34,7 @@ from . import (
     alerts,
     audit,
     bundles,
+    ca_records,
     deltas,
     desired,
     device_messages,
@@ -435,9 +437,31 @@ class Registry:
     def bundle_access(self, device_id: str, bundle_sha256: str) -> tuple[str, bool] | None:
         """What the bundle endpoint checks for one download, in one query: the fingerprint
         of the device's enrolled certificate and whether the bundle is or was in its desired
-        state (:meth:`was_desired`); None for an unknown device."""
+        state (:meth:`was_desired`); None for an unknown or reset device."""
         with self._tx() as tx:
             return desired.bundle_access(tx, device_id, bundle_sha256)
+
+    # --- the fleet CA's shared records (fleet_server.ca.CARecords) ---
+
+    def record_issued_certificate(self, record: IssuedCertificate) -> None:
+        """Keep a device certificate the CA issued, so any server process can revoke it."""
+        with self._tx(write=True) as tx:
+            ca_records.add_issued(tx, record)
+
+    def issued_certificate(self, fingerprint: str) -> IssuedCertificate | None:
+        """The device certificate issued with ``fingerprint``; None if not recorded."""
+        with self._tx() as tx:
+            return ca_records.issued(tx, fingerprint.lower())
+
+    def record_revocation(self, record: RevokedCertificate) -> bool:
+        """Keep a revocation; False if that certificate was revoked already."""
+        with self._tx(write=True) as tx:
+            return ca_records.add_revoked(tx, record)
+
+    def revocations(self) -> list[RevokedCertificate]:
+        """Every revocation recorded, oldest first: what each process's CRL lists."""
+        with self._tx() as tx:
+            return ca_records.revoked(tx)
 
     # --- events ---
 

@@ -107,6 +107,19 @@ def test_only_the_enrolled_certificate_of_the_fleet_ca_gets_in(
     assert _get(bundle_service, again.identity, path)[0] == 200
 
 
+def test_a_reset_device_is_refused_at_once_before_any_re_enrolment(
+        bundle_service: FleetService, bundles: dict[str, bytes], tmp_path: Path) -> None:
+    """The reset alone refuses the old certificate, not only a later enrolment that
+    replaces its fingerprint: the endpoint does not read the CRL, only the registry."""
+    device = enroll(bundle_service, tmp_path, "gw-1")
+    record = bundle_service.add_bundle(bundles["v1"])
+    bundle_service.publish(record.sha256, devices=["gw-1"])
+    path = f"/bundles/{record.sha256}.efb"
+    assert _get(bundle_service, device.identity, path)[0] == 200
+    bundle_service.reset_device("gw-1")
+    assert _get(bundle_service, device.identity, path)[0] == 403
+
+
 def test_each_download_is_authorized_against_the_registry_of_now(
         bundle_service: FleetService, bundles: dict[str, bytes], tmp_path: Path) -> None:
     """Whatever the endpoint keeps between requests, it never serves a bundle before it is

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
+import shutil
 import stat
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fleet_server.ca import FleetCA, IssuedIdentity
 from fleet_server.errors import CAError, CSRError
+from fleet_server.registry import open_registry
 from transport.x509 import certificate_common_name, certificate_fingerprint, make_device_key_and_csr
 
 
@@ -233,3 +235,32 @@ def test_device_key_and_csr() -> None:
     assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "gw-0042"
     with pytest.raises(ValueError, match="invalid device id"):
         make_device_key_and_csr("gw/0042")
+
+
+def _crl_serials(ca: FleetCA) -> set[int]:
+    return {r.serial_number for r in x509.load_pem_x509_crl(ca.crl_path.read_bytes())}
+
+
+def test_copies_sharing_the_registry_revoke_what_the_other_issued(
+        tmp_path: Path, db_url: str) -> None:
+    """Two server processes hold copies of one CA directory: a certificate issued by one
+    is revoked by the other, and both CRLs list it (docs/scale.md)."""
+    FleetCA.create(tmp_path / "a", "testfleet")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    with open_registry(db_url) as registry_a, open_registry(db_url) as registry_b:
+        ca_a, ca_b = FleetCA.load(tmp_path / "a"), FleetCA.load(tmp_path / "b")
+        ca_a.share_records(registry_a)
+        ca_b.share_records(registry_b)
+        pem = ca_a.sign_device_csr(make_device_key_and_csr("gw-1")[1], "gw-1")
+        serial = _cert(pem).serial_number
+        assert ca_b.revoke(certificate_fingerprint(pem), "device reset by the operator")
+        assert serial in _crl_serials(ca_b)
+        assert serial not in _crl_serials(ca_a)  # until it looks at the registry again
+        assert ca_a.refresh_crl()
+        assert serial in _crl_serials(ca_a)
+        assert not ca_a.refresh_crl()  # nothing new: the file is left alone
+        assert [e.serial for e in ca_a.revoked()] == [serial]
+        # A revocation by a, later, is no un-revocation of b's: both stay listed.
+        other = ca_b.sign_device_csr(make_device_key_and_csr("gw-2")[1], "gw-2")
+        assert ca_a.revoke(certificate_fingerprint(other), "replaced")
+        assert _crl_serials(ca_a) == {serial, _cert(other).serial_number}

@@ -250,6 +250,11 @@ def test_commands_without_a_server(tmp_path: Path, capsys: pytest.CaptureFixture
                         "--port", "0", "--mqtt-port", "0")
     assert code == 1
     assert "fleet keys init" in err
+    code, _, err = _run(capsys, "serve", "--data", tmp_path / "d", "--keys", tmp_path / "no",
+                        "--broker-url", "mqtts://127.0.0.1:9", "--shared-subscriptions",
+                        "--mqtt-version", "3.1.1")
+    assert code == 1
+    assert "shared subscriptions need MQTT 5" in err
     with pytest.raises(SystemExit) as exit_info:
         main(["rollback", "--data", str(tmp_path)])
     assert exit_info.value.code == 2  # neither --group nor --device

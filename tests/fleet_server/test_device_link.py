@@ -327,6 +327,26 @@ def test_oversized_and_forged_messages_are_refused(
     assert record.reported == {}
 
 
+def test_a_message_past_the_servers_packet_size_is_dropped_by_the_broker(
+        service: FleetService, tmp_path: Path, clients: list[Recorder]) -> None:
+    """The service announces its maximum packet size (MQTT 5): a device's 3 MiB publish,
+    which the broker itself accepts (its own limit is a chunk frame's 4 MiB), is dropped
+    by the broker instead of being sent to the server. The server never sees it (no
+    protocol error recorded, as one for a message it read would be), stays connected, and
+    stores the device's next sample."""
+    device = enroll(service, tmp_path, "gw-1")
+    recorder = connect_device(device, clients)
+    recorder.publish(device.topic("telemetry"), b"x" * (3 * 1024 * 1024))
+    recorder.publish(device.topic("telemetry"),
+                     messages.encode(messages.Telemetry(1, 1.0, {"ok": True})))
+    wait_until(lambda: service.registry.telemetry("gw-1"), "the genuine sample")
+    assert _protocol_errors(service, "gw-1") == []
+    assert service.connected
+    assert service.disconnected_since is None
+    assert (f"Dropping too large outgoing PUBLISH for {service.client_name}"
+            in service.broker.log_tail(200))
+
+
 def test_chunk_requests_beyond_a_devices_rate_go_unanswered(
         config: ServiceConfig, tmp_path: Path, bundles: dict[str, bytes],
         clients: list[Recorder]) -> None:

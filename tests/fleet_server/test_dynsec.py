@@ -1,8 +1,8 @@
 """The per-device ACL for Mosquitto's dynamic security plugin that docs/scale.md documents,
 against a real Mosquitto with the plugin, certificates from the fleet CA as identities: a
 device gets its own leaves and nothing else, a server process the fleet's tree and its
-shared subscription. Also what the plugin of Mosquitto 2.0.11 does not do: substitute
-``%u`` in an ACL."""
+shared subscription, and a device refused that shared subscription. Also what Mosquitto
+2.0.11 does not do: substitute ``%u`` in a dynsec ACL, refuse a SUBSCRIBE with acl_file."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 
+from fleet_server.broker import Broker
 from fleet_server.mosquitto import find_mosquitto
 from protocol.topics import DEVICE_READS, DEVICE_WRITES, device_topic
-from tests.mqtt_broker import FLEET, Recorder, TestFleet
+from tests.mqtt_broker import FLEET, Recorder, TestFleet, recorders
 from transport.mqtt import BrokerAddress, ClientSettings, TLSIdentity, create_client
 
 pytestmark = pytest.mark.integration
@@ -157,3 +158,65 @@ def test_mosquitto_2_0_dynsec_does_not_substitute_the_user_name(fleet: TestFleet
         assert device.subscribe(device_topic(FLEET, "gw-1", "desired"))[0].is_failure
         assert device.publish(device_topic(FLEET, "gw-1", "events"), b"E").is_failure
         device.close()
+
+
+SHARE = f"$share/edgefleet-{FLEET}/{device_topic(FLEET, '+', 'events')}"
+SENT = 12
+
+
+def _share_outcome(servers: list[Recorder], thief: Recorder, sender: Recorder,
+                   sender_id: str) -> tuple[bool, int, int]:
+    """``thief`` (a device) asks for the servers' shared subscription, then ``sender``
+    publishes SENT events: (whether the thief's SUBACK granted it, how many distinct events
+    the servers got, how many the thief got)."""
+    for server in servers:
+        assert not server.subscribe(SHARE)[0].is_failure
+    granted = not thief.subscribe(SHARE)[0].is_failure
+    for n in range(SENT):
+        assert not sender.publish(device_topic(FLEET, sender_id, "events"),
+                                  f"E{n}".encode()).is_failure
+    marker = b"last"
+    sender.publish(device_topic(FLEET, sender_id, "events"), marker)
+    # Round robin: whichever member gets the marker, the messages before it are handed out.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any(
+            m.payload == marker for s in servers for m in s.messages):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    got = {m.payload for s in servers for m in s.messages if m.payload.startswith(b"E")}
+    return granted, len(got), len(thief.messages)
+
+
+def test_the_dynsec_roles_refuse_a_device_the_shared_subscription(fleet: TestFleet,
+                                                                  tmp_path: Path) -> None:
+    """A device asking for the servers' ``$share`` group is refused at SUBSCRIBE, so it
+    takes no turn of the round robin: the two server processes get every event."""
+    config = dynsec_config(["gw-1", "gw-2"])
+    config["clients"].append({"username": "fleet-server-b",
+                              "roles": [{"rolename": "fleet-server"}]})
+    with _start(fleet, tmp_path / "broker", config) as url:
+        servers = [_client(url, fleet.server_identity(n)) for n in (SERVER, "fleet-server-b")]
+        thief, sender = (_client(url, fleet.device_identity(d)) for d in ("gw-2", "gw-1"))
+        granted, stored, stolen = _share_outcome(servers, thief, sender, "gw-1")
+        for client in (*servers, thief, sender):
+            client.close()
+    assert (granted, stored, stolen) == (False, SENT, 0)
+
+
+def test_mosquitto_2_0_acl_file_cannot_refuse_a_device_the_shared_subscription(
+        fleet: TestFleet, tmp_path: Path) -> None:
+    """Why docs/scale.md requires the dynamic security plugin for shared subscriptions on
+    Mosquitto 2.0, and why the embedded broker refuses them: its acl_file plugin grants
+    every SUBSCRIBE (src/security_default.c: "FIXME - implement ACL subscription strings")
+    and checks read access only on delivery, so a device joins the group, is given its
+    turn, and the ACL then drops that message: neither server gets it."""
+    config = fleet.broker_config(tmp_path / "broker", server_identity=SERVER,
+                                 more_server_identities=("fleet-server-b",))
+    with Broker.embedded(config) as broker, recorders(broker) as connect:
+        servers = [connect(fleet.server_identity(n)) for n in (SERVER, "fleet-server-b")]
+        thief, sender = connect(fleet.device_identity("gw-2")), connect(
+            fleet.device_identity("gw-1"))
+        granted, stored, stolen = _share_outcome(servers, thief, sender, "gw-1")
+    assert granted
+    assert stolen == 0
+    assert stored < SENT  # the thief's turns are lost for good

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from cryptography import x509
 
 from fleet_server.broker import Broker, BrokerConfig
 from fleet_server.ca import FleetCA
+from fleet_server.errors import ServiceError
 from fleet_server.registry import Registry, open_registry
 from fleet_server.service import FleetService, ServiceConfig
 from protocol import messages
@@ -265,3 +267,79 @@ def test_desired_states_are_re_published_once_per_reconnection_by_the_leader(
         services[leader].stop()
         wait_until(services[other].leadership.is_leader, f"{other} to take over")
         wait_until(lambda: copies() >= before + 2, "the new leader's copy")
+
+
+def _service(servers: Servers, tmp_path: Path, directory: str, instance: str,
+             **options: object) -> FleetService:
+    """A service (in this process) on the fixture's schema and broker, with a copy of the
+    fleet CA in a data directory of its own."""
+    data = tmp_path / f"service-{directory}"
+    shutil.copytree(tmp_path / "a" / "ca", data / "ca")
+    return FleetService(ServiceConfig(
+        data_dir=data, keys_dir=servers.keys, fleet=FLEET, db_url=servers.db_url,
+        broker_url=servers.broker_url, instance=instance, shared_subscriptions=True,
+        leader_interval_s=0.1, **options))  # type: ignore[arg-type]
+
+
+def test_a_cleanly_stopped_instance_leaves_the_shared_subscription(
+        fleet: tuple[Servers, Registry, FleetCA, Broker], tmp_path: Path) -> None:
+    """b stops cleanly (retired): its persistent session no longer holds a share, so a,
+    the one left, gets and stores every event sent afterwards, not every other one."""
+    servers, registry, ca, broker = fleet
+    identity = _device(registry, ca, tmp_path, "gw-1")
+    a, b = _service(servers, tmp_path, "a", "a"), _service(servers, tmp_path, "b", "b")
+    with contextlib.ExitStack() as stack, recorders(broker) as connect:
+        stack.enter_context(a)
+        with b:
+            pass  # connected, subscribed to the share, stopped cleanly
+        device = connect(identity)
+        for seq in range(1, EVENTS + 1):
+            device.publish(device_topic(FLEET, "gw-1", "events"), messages.encode(
+                messages.Event("fetch.started", float(seq), {"n": seq}, seq)))
+        wait_until(lambda: len([e for e in registry.events(device="gw-1")
+                                if e.kind == "agent.fetch.started"]) == EVENTS,
+                   "every event stored by a", 15)
+
+
+def test_refusals_are_logged_and_a_second_process_of_one_identity_refused(
+        fleet: tuple[Servers, Registry, FleetCA, Broker], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An instance the broker's ACL does not grant (c) says so when its publishes are
+    refused; a second process started with an --instance name already running is refused
+    at start, before it takes the first one's broker session (Mosquitto 2.0.11 would drop
+    the older connection without a reason, over and over)."""
+    servers, registry, ca, _ = fleet
+    _device(registry, ca, tmp_path, "gw-1")  # its desired state is sent at every start
+    caplog.set_level("ERROR", logger="fleet_server.device_link")
+    with _service(servers, tmp_path, "c", "c"):
+        wait_until(lambda: "refused to let fleet-server-c publish device topics (desired"
+                   in caplog.text, "the refusal logged")
+    assert caplog.text.count("refused to let") == 1  # once per kind, not per message
+    second = _service(servers, tmp_path, "a2", "a")
+    with _service(servers, tmp_path, "a1", "a"), pytest.raises(
+            ServiceError, match="already runs as fleet-server-a on this registry"):
+        second.start()
+
+
+def test_a_device_enrolled_through_one_process_is_revoked_by_a_reset_through_the_other(
+        fleet: tuple[Servers, Registry, FleetCA, Broker], tmp_path: Path) -> None:
+    """Each process has its own copy of the CA directory; the issued and revoked
+    certificates live in the shared registry, so b's reset revokes what a issued (the
+    message is true), and a's CRL lists it too once a looks again (every 10 s)."""
+    servers, registry, _, _ = fleet
+    a, b = _service(servers, tmp_path, "a", "a"), _service(servers, tmp_path, "b", "b")
+    with a, b:
+        _, csr = make_device_key_and_csr("gw-1")
+        enrollment = a.enroll(a.issue_token("lab", 600).token, "gw-1", csr, "x86-avx2")
+        serial = x509.load_pem_x509_certificate(enrollment.certificate_pem).serial_number
+        b.reset_device("gw-1")
+        kinds = [e.kind for e in registry.events(device="gw-1")]
+        assert "certificate.revoked" in kinds
+        assert "certificate.not_revoked" not in kinds
+
+        def listed(service: FleetService) -> bool:
+            crl = x509.load_pem_x509_crl(service.ca.crl_path.read_bytes())
+            return crl.get_revoked_certificate_by_serial_number(serial) is not None
+
+        assert listed(b)
+        wait_until(lambda: listed(a), "a's CRL to list the certificate b revoked", 15)

@@ -134,6 +134,19 @@ def test_a_second_server_on_the_same_data_directory_is_refused(
     assert service.connected  # the first one is untouched
 
 
+def test_shared_subscriptions_need_mqtt_5_and_an_external_broker(tmp_path: Path) -> None:
+    """A 3.1.1 broker takes ``$share/...`` for an ordinary topic; the embedded broker
+    serves one server process, and its acl_file cannot refuse a device the share."""
+    from paho.mqtt.enums import MQTTProtocolVersion
+    base = ServiceConfig(data_dir=tmp_path, keys_dir=tmp_path, shared_subscriptions=True,
+                         broker_url="mqtts://broker.example:8883")
+    with pytest.raises(ServiceError, match="shared subscriptions need MQTT 5"):
+        replace(base, mqtt_protocol=MQTTProtocolVersion.MQTTv311)
+    with pytest.raises(ServiceError, match="need an external broker"):
+        replace(base, broker_url=None)
+    assert replace(base, shared_subscriptions=False, broker_url=None).broker_url is None
+
+
 @pytest.mark.parametrize(("content", "message"), [
     (b"garbage", "is not TUF metadata"),
     (b"", "is not TUF metadata"),

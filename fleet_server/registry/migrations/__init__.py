@@ -32,6 +32,7 @@ from . import (
     v6_rollouts,
     v7_experiments,
     v8_reported_at,
+    v9_ca_records,
 )
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate"]
@@ -48,6 +49,7 @@ MIGRATIONS: tuple[Callable[[Tx], None], ...] = (
     v6_rollouts.upgrade,
     v7_experiments.upgrade,
     v8_reported_at.upgrade,
+    v9_ca_records.upgrade,
 )
 #: The version this code reads and writes.
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,86 @@
+"""One ``fleet serve`` process per MQTT identity on a shared registry.
+
+Two processes started with the same ``--instance`` name (on two data directories, or two
+machines) connect to the broker with the same client id: each connection takes the
+session from the other, over and over, and Mosquitto 2.0.11 closes the older connection
+without saying why (newer brokers send DISCONNECT "Session taken over", which
+:mod:`fleet_server.device_link` logs). So on PostgreSQL a process claims its identity
+before it connects: a session-level advisory lock keyed by the registry's schema, the
+fleet and the identity, held on a connection of its own for as long as the process runs.
+A second process with the same identity is refused at start, naming the cause. PostgreSQL
+releases the lock when the holder's session ends (a clean stop, a crash, ``kill -9``); a
+holder whose machine vanished keeps it until PostgreSQL's TCP keepalive gives up on the
+session (``tcp_keepalives_idle`` on the database server), and the refusal says how to end
+that session at once.
+On SQLite the data directory's lock already allows one process per registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from typing import Any
+
+import psycopg
+
+from .errors import ServiceError
+
+__all__ = ["InstanceClaim", "application_name", "claim_key"]
+
+
+def application_name(identity: str) -> str:
+    """The claim's connection shows under this name in ``pg_stat_activity``, so an
+    operator can end the claim of a process that is gone."""
+    return f"edgefleet claim {identity}"
+
+
+def claim_key(schema: str, fleet: str, identity: str) -> int:
+    """The advisory lock's key of ``identity`` in ``fleet`` with its registry in
+    ``schema``: a signed 64-bit number (distinct from the leadership's key)."""
+    digest = hashlib.sha256(f"edgefleet-instance/{schema}/{fleet}/{identity}".encode())
+    return int.from_bytes(digest.digest()[:8], "big", signed=True)
+
+
+class InstanceClaim:
+    """This process's claim on its MQTT identity (module docstring)."""
+
+    def __init__(self, connection: psycopg.Connection[Any]) -> None:
+        """Use :meth:`take`."""
+        self._connection: psycopg.Connection[Any] | None = connection
+
+    @classmethod
+    def take(cls, url: str, fleet: str, identity: str) -> InstanceClaim:
+        """Claim ``identity``; ServiceError if another process holds it, or the database
+        cannot be reached."""
+        try:
+            connection = psycopg.connect(url, autocommit=True, connect_timeout=10,
+                                         application_name=application_name(identity))
+        except psycopg.Error as exc:
+            raise ServiceError(f"cannot connect to the registry database to claim the "
+                               f"identity {identity} ({exc}); check --db") from exc
+        try:
+            row = connection.execute("SELECT current_schema()").fetchone()
+            key = claim_key(str(row[0]) if row else "", fleet, identity)
+            taken = connection.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+        except psycopg.Error as exc:
+            connection.close()
+            raise ServiceError(f"cannot claim the identity {identity} in the registry "
+                               f"database ({exc}); check --db") from exc
+        if not (taken and taken[0]):
+            connection.close()
+            raise ServiceError(
+                f"another fleet server process of fleet {fleet} already runs as {identity} "
+                "on this registry; two processes with one identity would take the broker "
+                "session from each other over and over. Give this one its own --instance "
+                "name, or stop the other first. If the other is gone (its machine lost), "
+                "PostgreSQL frees the claim once it notices; to free it now: SELECT "
+                "pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = "
+                f"'{application_name(identity)}'")
+        return cls(connection)
+
+    def release(self) -> None:
+        """Give the identity up (ends the session). Idempotent."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(psycopg.Error):
+                connection.close()
