@@ -25,7 +25,7 @@ import psycopg
 
 from .errors import ServiceError
 
-__all__ = ["InstanceClaim", "application_name", "claim_key"]
+__all__ = ["InstanceClaim", "application_name", "claim_key", "presence_key"]
 
 
 def application_name(identity: str) -> str:
@@ -41,12 +41,28 @@ def claim_key(schema: str, fleet: str, identity: str) -> int:
     return int.from_bytes(digest.digest()[:8], "big", signed=True)
 
 
-class InstanceClaim:
-    """This process's claim on its MQTT identity (module docstring)."""
+def presence_key(schema: str, fleet: str) -> int:
+    """The advisory lock every process of ``fleet`` (registry in ``schema``) holds in shared
+    mode while it runs: how many hold it is how many server processes of the fleet run."""
+    digest = hashlib.sha256(f"edgefleet-presence/{schema}/{fleet}".encode())
+    return int.from_bytes(digest.digest()[:8], "big", signed=True)
 
-    def __init__(self, connection: psycopg.Connection[Any]) -> None:
+
+# pg_locks shows a bigint advisory key as its high and low 32 bits (classid, objid) with
+# objsubid 1.
+_PEERS = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND "
+          "objsubid = 1 AND classid = %s::oid AND objid = %s::oid AND "
+          "pid <> pg_backend_pid()")
+
+
+class InstanceClaim:
+    """This process's claim on its MQTT identity (module docstring), and its presence
+    among the fleet's server processes (:meth:`others_running`)."""
+
+    def __init__(self, connection: psycopg.Connection[Any], presence: int) -> None:
         """Use :meth:`take`."""
         self._connection: psycopg.Connection[Any] | None = connection
+        self._presence = presence
 
     @classmethod
     def take(cls, url: str, fleet: str, identity: str) -> InstanceClaim:
@@ -60,8 +76,12 @@ class InstanceClaim:
                                f"identity {identity} ({exc}); check --db") from exc
         try:
             row = connection.execute("SELECT current_schema()").fetchone()
-            key = claim_key(str(row[0]) if row else "", fleet, identity)
+            schema = str(row[0]) if row else ""
+            key = claim_key(schema, fleet, identity)
             taken = connection.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+            presence = presence_key(schema, fleet)
+            if taken and taken[0]:
+                connection.execute("SELECT pg_advisory_lock_shared(%s)", (presence,))
         except psycopg.Error as exc:
             connection.close()
             raise ServiceError(f"cannot claim the identity {identity} in the registry "
@@ -76,7 +96,20 @@ class InstanceClaim:
                 "PostgreSQL frees the claim once it notices; to free it now: SELECT "
                 "pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = "
                 f"'{application_name(identity)}'")
-        return cls(connection)
+        return cls(connection, presence)
+
+    def others_running(self) -> bool | None:
+        """Whether another server process of this fleet runs now (holds its presence);
+        None if the database cannot tell."""
+        connection = self._connection
+        if connection is None:
+            return None
+        bits = self._presence & 0xFFFF_FFFF_FFFF_FFFF
+        try:
+            row = connection.execute(_PEERS, (bits >> 32, bits & 0xFFFF_FFFF)).fetchone()
+        except psycopg.Error:
+            return None
+        return bool(row and row[0])
 
     def release(self) -> None:
         """Give the identity up (ends the session). Idempotent."""

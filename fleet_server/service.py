@@ -132,19 +132,30 @@ class FleetService:
             self.stop()
             raise
 
+    def _leave_share(self, link: DeviceLink) -> None:
+        """Leave the shared subscription if another process of the fleet runs (stop())."""
+        if self._claim is not None and self._claim.others_running():
+            link.release_share()
+        elif self.config.shared_subscriptions:
+            log.info("no other server process of the fleet runs: keeping the shared "
+                     "subscription, so the broker queues device messages until one starts "
+                     "again")
+
     def stop(self) -> None:
         """Disconnect, stop an embedded broker and close the registry. Idempotent.
 
-        With shared subscriptions this process first leaves the shared subscription, so
-        the other processes take every device message from then on (docs/scale.md,
-        "Removing an instance"). Messages received so far are stored and acknowledged
-        first; any arriving meanwhile stay unacknowledged, and the broker delivers them
-        again on the next start."""
+        With shared subscriptions, while another server process of the fleet runs, this
+        one first leaves the shared subscription, so the others take every device message
+        from then on (docs/scale.md, "Removing an instance"); the last one keeps it, so the
+        broker queues device messages for its session until a process starts again
+        (leaving it, nobody would be subscribed and the broker would drop them). Messages
+        received so far are stored and acknowledged first; any arriving meanwhile stay
+        unacknowledged, and the broker delivers them again on the next start."""
         rollouts, self._rollouts = self._rollouts, None
         if rollouts is not None:
             rollouts.stop()
         if self._link is not None:
-            self._link.release_share()
+            self._leave_share(self._link)
             self._link.detach()
         ingest, self._ingest = self._ingest, None
         if ingest is not None:

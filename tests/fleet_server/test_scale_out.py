@@ -301,6 +301,27 @@ def test_a_cleanly_stopped_instance_leaves_the_shared_subscription(
                    "every event stored by a", 15)
 
 
+def test_the_last_instance_keeps_the_shared_subscription_when_it_stops(
+        fleet: tuple[Servers, Registry, FleetCA, Broker], tmp_path: Path) -> None:
+    """With no other process of the fleet running, a clean stop keeps the share: the broker
+    queues what devices send meanwhile for a's session, and a stores it all when it starts
+    again (had it left, nobody would have been subscribed and the broker would have dropped
+    every message)."""
+    servers, registry, ca, broker = fleet
+    identity = _device(registry, ca, tmp_path, "gw-1")
+    with _service(servers, tmp_path, "a", "a"):
+        pass  # connected, subscribed to the share, stopped cleanly as the only one
+    with recorders(broker) as connect:
+        device = connect(identity)
+        for seq in range(1, EVENTS + 1):
+            device.publish(device_topic(FLEET, "gw-1", "events"), messages.encode(
+                messages.Event("fetch.started", float(seq), {"n": seq}, seq)))
+        with _service(servers, tmp_path, "a-again", "a"):  # a restarted (same identity)
+            wait_until(lambda: len([e for e in registry.events(device="gw-1")
+                                    if e.kind == "agent.fetch.started"]) == EVENTS,
+                       "every event queued while a was stopped, stored", 15)
+
+
 def test_refusals_are_logged_and_a_second_process_of_one_identity_refused(
         fleet: tuple[Servers, Registry, FleetCA, Broker], tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
