@@ -60,14 +60,13 @@ from typing import Any
 
 import psutil
 import psycopg
-from fleet_sim.fixtures import make_bundle, work_dir
+from fleet_sim.fixtures import issue_device, make_bundle, work_dir
 from scale_bench import nginx_binary, start_nginx  # one mirror recipe for both
 
 from fleet_server.bundle_http import BundleHttpServer, bundle_path
 from fleet_server.ca import FleetCA
 from fleet_server.registry import Registry, open_registry
 from transport.mqtt import TLSIdentity
-from transport.x509 import certificate_fingerprint, make_device_key_and_csr
 
 PG_URL = os.environ.get("EDGEFLEET_TEST_POSTGRES_URL",
                         "postgresql://postgres@127.0.0.1:5432/test")
@@ -361,17 +360,10 @@ def enroll(registry: Registry, ca: FleetCA, home: Path, count: int) -> list[TLSI
     identities = []
     for i in range(count):
         device = f"dev-{i:05d}"
-        key_pem, csr_pem = make_device_key_and_csr(device)
-        cert = ca.sign_device_csr(csr_pem, device)
+        identity, fingerprint = issue_device(ca, home / "devices", device)
         registry.enroll_device(registry.issue_token("bench", 3600), device, profile="bench",
-                               cert_fingerprint=certificate_fingerprint(cert))
-        directory = home / "devices" / device
-        directory.mkdir(parents=True)
-        (directory / "device.key").write_bytes(key_pem)
-        (directory / "device.crt").write_bytes(cert)
-        (directory / "ca.crt").write_bytes(ca.cert_pem)
-        identities.append(TLSIdentity(directory / "ca.crt", directory / "device.crt",
-                                      directory / "device.key"))
+                               cert_fingerprint=fingerprint)
+        identities.append(identity)
     return identities
 
 

@@ -77,6 +77,7 @@ import psycopg
 from fleet_sim.device import PROFILE
 from fleet_sim.fixtures import (
     device_specs,
+    issue_device,
     make_bundle,
     percentile,
     raise_open_files,
@@ -87,7 +88,6 @@ from fleet_sim.worker import WorkerConfig, WorkerPool
 from fleet_server.broker import Broker, BrokerConfig
 from fleet_server.ca import FleetCA
 from fleet_server.registry import Registry, open_registry
-from transport.x509 import certificate_fingerprint, make_device_key_and_csr
 
 ROOT = Path(__file__).resolve().parents[1]
 FLEET = "bench"
@@ -423,18 +423,7 @@ def issue_identities(ca_dir: Path, devices_dir: Path, ids: Sequence[str],
 
 def _issue_chunk(ca_dir: Path, devices_dir: Path, ids: list[str]) -> list[tuple[str, str]]:
     ca = FleetCA.load(ca_dir)
-    issued = []
-    for device_id in ids:
-        key_pem, csr_pem = make_device_key_and_csr(device_id)
-        cert = ca.sign_device_csr(csr_pem, device_id)
-        home = devices_dir / device_id
-        home.mkdir(parents=True)
-        (home / "device.key").write_bytes(key_pem)
-        os.chmod(home / "device.key", 0o600)
-        (home / "device.crt").write_bytes(cert)
-        (home / "ca.crt").write_bytes(ca.cert_pem)
-        issued.append((device_id, certificate_fingerprint(cert)))
-    return issued
+    return [(device_id, issue_device(ca, devices_dir, device_id)[1]) for device_id in ids]
 
 
 def record_devices(registry: Registry, group: str, issued: Sequence[tuple[str, str]]) -> None:

@@ -4,6 +4,7 @@ directory; and the percentile its reports use."""
 
 from __future__ import annotations
 
+import os
 import resource
 import secrets
 import tempfile
@@ -14,10 +15,28 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bundle.signing import ArtifactInput, BundleSpec, build_bundle
+from fleet_server.ca import FleetCA
 from fleet_sim.device import PROFILE, DeviceSpec
 from transport.mqtt import TLSIdentity
+from transport.x509 import certificate_fingerprint, make_device_key_and_csr
 
 MODEL = "bench"
+
+
+def issue_device(ca: FleetCA, devices_dir: Path, device_id: str) -> tuple[TLSIdentity, str]:
+    """A device's key and CSR made as the agent makes them, signed by ``ca``, written to
+    ``devices_dir/ID/`` (device.key, device.crt, ca.crt): its identity and its
+    certificate's fingerprint (what the registry records at enrollment)."""
+    key_pem, csr_pem = make_device_key_and_csr(device_id)
+    cert = ca.sign_device_csr(csr_pem, device_id)
+    home = devices_dir / device_id
+    home.mkdir(parents=True)
+    (home / "device.key").write_bytes(key_pem)
+    os.chmod(home / "device.key", 0o600)
+    (home / "device.crt").write_bytes(cert)
+    (home / "ca.crt").write_bytes(ca.cert_pem)
+    return (TLSIdentity(home / "ca.crt", home / "device.crt", home / "device.key"),
+            certificate_fingerprint(cert))
 
 
 def raise_open_files(needed: int) -> tuple[int, int, int]:
