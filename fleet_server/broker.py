@@ -119,7 +119,7 @@ class Broker:
     def external(cls, url: str) -> Broker:
         """A broker someone else runs, at ``mqtts://host[:port]``; no process is managed.
 
-        It must enforce what the embedded one does (docs/transport.md, "External broker").
+        It must enforce what the embedded one does (docs/transport.md, "Using an external broker").
         """
         try:
             return cls(BrokerAddress.from_url(url))
@@ -229,7 +229,7 @@ class Broker:
         (docs/transport.md)."""
         if self._config is None:
             log.warning("the fleet CA's revocation list changed: copy it to the external "
-                        "broker and make it reload (docs/transport.md, 'External broker')")
+                        "broker and make it reload (docs/transport.md, 'Using an external broker')")
             return False
         with self._lock:
             process = self._process

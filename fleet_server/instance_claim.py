@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+import threading
 from typing import Any
 
 import psycopg
@@ -26,6 +28,8 @@ import psycopg
 from .errors import ServiceError
 
 __all__ = ["InstanceClaim", "application_name", "claim_key", "presence_key"]
+
+log = logging.getLogger(__name__)
 
 
 def application_name(identity: str) -> str:
@@ -55,65 +59,105 @@ _PEERS = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
           "pid <> pg_backend_pid()")
 
 
+def _claim(url: str, fleet: str, identity: str) -> tuple[psycopg.Connection[Any], int]:
+    """A session holding the claim on ``identity`` and the fleet's presence (shared), and
+    the presence key; ServiceError if another process holds it or the database cannot be
+    reached."""
+    try:
+        connection = psycopg.connect(url, autocommit=True, connect_timeout=10,
+                                     application_name=application_name(identity))
+    except psycopg.Error as exc:
+        raise ServiceError(f"cannot connect to the registry database to claim the "
+                           f"identity {identity} ({exc}); check --db") from exc
+    try:
+        row = connection.execute("SELECT current_schema()").fetchone()
+        schema = str(row[0]) if row else ""
+        key = claim_key(schema, fleet, identity)
+        taken = connection.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+        presence = presence_key(schema, fleet)
+        if taken and taken[0]:
+            connection.execute("SELECT pg_advisory_lock_shared(%s)", (presence,))
+    except psycopg.Error as exc:
+        connection.close()
+        raise ServiceError(f"cannot claim the identity {identity} in the registry "
+                           f"database ({exc}); check --db") from exc
+    if not (taken and taken[0]):
+        connection.close()
+        raise ServiceError(
+            f"another fleet server process of fleet {fleet} already runs as {identity} "
+            "on this registry; two processes with one identity would take the broker "
+            "session from each other over and over. Give this one its own --instance "
+            "name, or stop the other first. If the other is gone (its machine lost), "
+            "PostgreSQL frees the claim once it notices; to free it now: SELECT "
+            "pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = "
+            f"'{application_name(identity)}'")
+    return connection, presence
+
+
 class InstanceClaim:
     """This process's claim on its MQTT identity (module docstring), and its presence
     among the fleet's server processes (:meth:`others_running`)."""
 
-    def __init__(self, connection: psycopg.Connection[Any], presence: int) -> None:
+    def __init__(self, url: str, fleet: str, identity: str,
+                 connection: psycopg.Connection[Any], presence: int) -> None:
         """Use :meth:`take`."""
+        self._url, self._fleet, self._identity = url, fleet, identity
         self._connection: psycopg.Connection[Any] | None = connection
         self._presence = presence
+        self._lock = threading.Lock()
 
     @classmethod
     def take(cls, url: str, fleet: str, identity: str) -> InstanceClaim:
         """Claim ``identity``; ServiceError if another process holds it, or the database
         cannot be reached."""
-        try:
-            connection = psycopg.connect(url, autocommit=True, connect_timeout=10,
-                                         application_name=application_name(identity))
-        except psycopg.Error as exc:
-            raise ServiceError(f"cannot connect to the registry database to claim the "
-                               f"identity {identity} ({exc}); check --db") from exc
-        try:
-            row = connection.execute("SELECT current_schema()").fetchone()
-            schema = str(row[0]) if row else ""
-            key = claim_key(schema, fleet, identity)
-            taken = connection.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
-            presence = presence_key(schema, fleet)
-            if taken and taken[0]:
-                connection.execute("SELECT pg_advisory_lock_shared(%s)", (presence,))
-        except psycopg.Error as exc:
-            connection.close()
-            raise ServiceError(f"cannot claim the identity {identity} in the registry "
-                               f"database ({exc}); check --db") from exc
-        if not (taken and taken[0]):
-            connection.close()
-            raise ServiceError(
-                f"another fleet server process of fleet {fleet} already runs as {identity} "
-                "on this registry; two processes with one identity would take the broker "
-                "session from each other over and over. Give this one its own --instance "
-                "name, or stop the other first. If the other is gone (its machine lost), "
-                "PostgreSQL frees the claim once it notices; to free it now: SELECT "
-                "pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = "
-                f"'{application_name(identity)}'")
-        return cls(connection, presence)
+        connection, presence = _claim(url, fleet, identity)
+        return cls(url, fleet, identity, connection, presence)
+
+    def keep(self) -> None:
+        """Take the claim again if its session ended (call every few seconds): a database
+        outage or restart ends the session, and PostgreSQL frees its locks with it, so
+        without this a second process of the same identity could start, and this one
+        would count for no other process's :meth:`others_running`. Logs, never raises."""
+        with self._lock:
+            connection = self._connection
+            if connection is None:
+                return
+            try:
+                connection.execute("SELECT 1")
+                return
+            except psycopg.Error:
+                pass
+            with contextlib.suppress(psycopg.Error):
+                connection.close()
+            try:
+                self._connection, self._presence = _claim(self._url, self._fleet,
+                                                          self._identity)
+            except ServiceError as exc:
+                log.error("the claim on %s was lost with its database session and cannot "
+                          "be taken again: %s", self._identity, exc)
+                return
+        log.info("the claim on %s was lost with its database session (an outage?) and is "
+                 "taken again", self._identity)
 
     def others_running(self) -> bool | None:
         """Whether another server process of this fleet runs now (holds its presence);
         None if the database cannot tell."""
-        connection = self._connection
-        if connection is None:
-            return None
-        bits = self._presence & 0xFFFF_FFFF_FFFF_FFFF
-        try:
-            row = connection.execute(_PEERS, (bits >> 32, bits & 0xFFFF_FFFF)).fetchone()
-        except psycopg.Error:
-            return None
+        self.keep()  # a session lost in an outage holds no presence: take it again first
+        with self._lock:
+            connection = self._connection
+            if connection is None:
+                return None
+            bits = self._presence & 0xFFFF_FFFF_FFFF_FFFF
+            try:
+                row = connection.execute(_PEERS, (bits >> 32, bits & 0xFFFF_FFFF)).fetchone()
+            except psycopg.Error:
+                return None
         return bool(row and row[0])
 
     def release(self) -> None:
         """Give the identity up (ends the session). Idempotent."""
-        connection, self._connection = self._connection, None
+        with self._lock:
+            connection, self._connection = self._connection, None
         if connection is not None:
             with contextlib.suppress(psycopg.Error):
                 connection.close()

@@ -75,6 +75,9 @@ API_IDENTITY = "edgefleet-api"
 
 #: Seconds between two looks at the registry's revocations: how long a certificate another
 #: server process revoked stays on this process's CRL file unlisted at most.
+#: Seconds between checks that this process still holds its instance claim (an outage
+#: ends the claim's database session).
+_CLAIM_CHECK_S = 5.0
 _CRL_REFRESH_S = 10.0
 _T = TypeVar("_T")
 
@@ -115,6 +118,7 @@ class FleetService:
         self._lock_file: IO[str] | None = None
         self._claim: InstanceClaim | None = None
         self._crl_refresh: Periodic | None = None
+        self._claim_keeper: Periodic | None = None
         #: Whether the desired states were sent after a connection of this start's.
         self._republished = False
 
@@ -134,12 +138,14 @@ class FleetService:
 
     def _leave_share(self, link: DeviceLink) -> None:
         """Leave the shared subscription if another process of the fleet runs (stop())."""
-        if self._claim is not None and self._claim.others_running():
+        others = None if self._claim is None else self._claim.others_running()
+        if others:
             link.release_share()
         elif self.config.shared_subscriptions:
-            log.info("no other server process of the fleet runs: keeping the shared "
-                     "subscription, so the broker queues device messages until one starts "
-                     "again")
+            log.info("%s: keeping the shared subscription, so the broker queues device "
+                     "messages for this process until it starts again",
+                     "no other server process of the fleet runs" if others is False else
+                     "the registry cannot tell whether another server process runs")
 
     def stop(self) -> None:
         """Disconnect, stop an embedded broker and close the registry. Idempotent.
@@ -161,8 +167,10 @@ class FleetService:
         if ingest is not None:
             ingest.stop()
         threads: tuple[_Stoppable | None, ...] = (
-            self._monitor, self._housekeeping, self._leadership, self._crl_refresh)
+            self._monitor, self._housekeeping, self._leadership, self._crl_refresh,
+            self._claim_keeper)
         self._monitor = self._housekeeping = self._leadership = self._crl_refresh = None
+        self._claim_keeper = None
         for thread in threads:
             if thread is not None:
                 thread.stop()
@@ -225,6 +233,9 @@ class FleetService:
         db_url = self.config.db_url
         if db_url is not None and db_url.startswith(("postgresql://", "postgres://")):
             self._claim = InstanceClaim.take(db_url, self._ca.fleet, self.client_name)
+            self._claim_keeper = Periodic("fleet-claim", self._claim.keep, _CLAIM_CHECK_S,
+                                          wait_first=True)
+            self._claim_keeper.start()
         self._start_leadership(self._ca.fleet, self._registry)
         self._broker = self._start_broker(self._ca)
         self._crl_refresh = Periodic("fleet-crl", self._refresh_crl, _CRL_REFRESH_S,
