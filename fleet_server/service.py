@@ -21,6 +21,10 @@ Its operations (:meth:`FleetService.publish`, :meth:`FleetService.enroll`, ...) 
 parts' own, offered here so the API and tests have one object to hold. The configuration is
 :class:`~fleet_server.service_config.ServiceConfig`; the data directory's layout is
 :mod:`fleet_server.data_dir`'s.
+
+Why one module of some 550 lines: it is the composition root, the one place that knows the
+order in which the parts start and stop (registry before CA, claim before the broker
+session, the share left before the ingest stops); each part's logic is in its own module.
 """
 
 from __future__ import annotations
